@@ -1,0 +1,68 @@
+"""Request operations on ``u/{me}/req``: ``{"rid","op","args"}`` -> one ``res`` item.
+
+Each op is an async function of (caller, args) returning a JSON-able result or
+raising ``OpError``; the table maps op names to them. Later features (presence,
+keys, groups) add their ops to the same table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from client_sdk.protocol import ErrorCode, is_device_id
+
+
+class TokenIssuer(Protocol):
+    async def issue_token(self, user: str, device: str) -> str: ...
+
+    async def revoke_tokens(self, user: str, device: str | None) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user: str
+    device: str
+
+    @property
+    def client_id(self) -> str:
+        return f"{self.user}.{self.device}"
+
+
+class OpError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+Op = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
+
+
+def _no_args(args: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(args) - allowed
+    if unknown:
+        raise OpError(ErrorCode.BAD_ENVELOPE, f"unknown argument(s): {', '.join(sorted(unknown))}")
+
+
+def build_ops(tokens: TokenIssuer, clock_ms: Callable[[], int] | None = None) -> dict[str, Op]:
+    now_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    async def ping(caller: Caller, args: dict[str, Any]) -> Any:
+        _no_args(args, set())
+        return {"pong": now_ms()}
+
+    async def auth_token(caller: Caller, args: dict[str, Any]) -> Any:
+        _no_args(args, set())
+        return {"token": await tokens.issue_token(caller.user, caller.device), "device": caller.device}
+
+    async def auth_revoke(caller: Caller, args: dict[str, Any]) -> Any:
+        _no_args(args, {"device"})
+        device = args.get("device", caller.device)
+        if not is_device_id(device):
+            raise OpError(ErrorCode.BAD_ENVELOPE, "'device' must be a device id")
+        return {"revoked": await tokens.revoke_tokens(caller.user, device)}
+
+    return {"ping": ping, "auth.token": auth_token, "auth.revoke": auth_revoke}

@@ -1,0 +1,127 @@
+"""The bridge: the chat protocol's server side, fed by the broker.
+
+The broker hands every publish on a ``u/{me}/...`` uplink topic to
+``on_uplink`` (after the ACL), and tells the bridge when a device subscribes to
+or leaves its inbox. The bridge answers through ``DeviceLink.send``; it never
+goes through amqtt's subscription matching, so the cost of a message does not
+grow with the number of connected users.
+
+``on_uplink`` never awaits: work that must wait (the database) runs in tasks,
+so one slow request cannot stall the sender's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from bridge.links import DeviceLink, LinkRegistry
+from bridge.requests import Caller, Op, OpError
+from client_sdk.protocol import (
+    DecodeError,
+    ErrorCode,
+    dumps,
+    error_item,
+    failure_item,
+    loads_object,
+    parse_request,
+    result_item,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    def __init__(self, ops: dict[str, Op], max_body_bytes: int, max_request_bytes: int) -> None:
+        self.links = LinkRegistry()
+        self._ops = ops
+        self._max_body = max_body_bytes
+        self._max_request = max_request_bytes
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- device lifecycle (called by the broker) ------------------------------
+
+    def device_online(self, user: str, link: DeviceLink) -> None:
+        self.links.attach(user, link)
+
+    def device_offline(self, user: str, link: DeviceLink) -> None:
+        self.links.detach(user, link)
+
+    # --- uplink ------------------------------------------------------------
+
+    def on_uplink(self, caller: Caller, kind: str, payload: bytes) -> None:
+        """A publish by ``caller`` on ``u/{caller.user}/{kind}``; never raises."""
+        try:
+            if kind == "req":
+                self._on_request(caller, payload)
+            else:
+                self._on_not_yet(caller, kind, payload)
+        except Exception:  # a bug must cost one item, never the broker
+            log.exception("uplink %s from %s failed", kind, caller.client_id)
+            self.send(caller.client_id, error_item(ErrorCode.INTERNAL, "the server failed to handle this item"))
+
+    def refuse_topic(self, caller: Caller, topic: str) -> None:
+        """A publish to a topic the caller may not use: answer, never drop silently."""
+        self.send(
+            caller.client_id,
+            error_item(ErrorCode.FORBIDDEN, f"publishing to {topic!r} is not allowed; see docs/PROTOCOL.md"),
+        )
+
+    def _on_request(self, caller: Caller, payload: bytes) -> None:
+        try:
+            request = parse_request(payload, self._max_request)
+        except DecodeError as exc:
+            self.send(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            return
+        op = self._ops.get(request.op)
+        if op is None:
+            self.send(caller.client_id, failure_item(request.rid, ErrorCode.UNKNOWN_OP, f"unknown op {request.op!r}"))
+            return
+        self._spawn(self._run_op(caller, request.rid, request.op, op, request.args))
+
+    async def _run_op(self, caller: Caller, rid: str, name: str, op: Op, args: dict[str, Any]) -> None:
+        try:
+            item = result_item(rid, await op(caller, args))
+        except OpError as exc:
+            item = failure_item(rid, exc.code, exc.detail)
+        except Exception:
+            log.exception("op %s for %s failed", name, caller.client_id)
+            item = failure_item(rid, ErrorCode.INTERNAL, f"the server failed to run {name!r}")
+        self.send(caller.client_id, item)
+
+    def _on_not_yet(self, caller: Caller, kind: str, payload: bytes) -> None:
+        # Messaging (out/ack/seen) and presence (hb) arrive in later releases;
+        # until then every such publish is answered, never dropped silently.
+        limit = self._max_body * 2 if kind == "out" else self._max_request
+        try:
+            obj = loads_object(payload, limit)
+        except DecodeError as exc:
+            self.send(caller.client_id, error_item(exc.code, exc.detail))
+            return
+        ref = obj.get("id") if isinstance(obj.get("id"), str) else None
+        self.send(
+            caller.client_id,
+            error_item(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported by this server version", ref),
+        )
+
+    # --- downlink -------------------------------------------------------------
+
+    def send(self, client_id: str, item: dict[str, Any]) -> bool:
+        """Send an ephemeral item to one connected device; False if it is not connected."""
+        link = self.links.get(client_id)
+        if link is None:
+            log.debug("dropping ephemeral %s item for offline %s", item.get("kind"), client_id)
+            return False
+        link.send(dumps(item))
+        return True
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Finish running requests (the broker has stopped accepting input)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)

@@ -1,0 +1,145 @@
+"""Who may connect: CONNECT credentials -> an accept/refuse decision.
+
+Order of checks (each refusal is final and touches no session):
+1. a username that is a valid user id (no anonymous access) -> else 0x05;
+2. client id ``{username}.{device}`` with a valid device id -> else 0x02;
+3. the login throttle for the user and the remote address -> else 0x05, unchecked;
+4. a device token (fast keyed hash) or the password (scrypt in a worker
+   thread, at most ``hash_concurrency`` at once) -> else 0x05.
+Unknown users cost the same scrypt work as known ones, so timing does not
+tell which user names exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from broker import credentials
+from broker.login_guard import LoginGuard
+from broker.users import UserStore
+from client_sdk.protocol import is_user_id, split_client_id
+
+log = logging.getLogger(__name__)
+
+ACCEPTED: Final = 0x00
+IDENTIFIER_REJECTED: Final = 0x02
+BAD_CREDENTIALS: Final = 0x05
+
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A real hash to verify against for unknown users (made once, lazily)."""
+    return credentials.hash_password("timing equaliser for unknown users")
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    code: int
+    user: str | None = None
+    device: str | None = None
+    reason: str = ""
+    new_device: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.code == ACCEPTED
+
+
+class Authenticator:
+    """Checks CONNECT credentials and issues/revokes device tokens."""
+
+    def __init__(
+        self,
+        store: UserStore,
+        guard: LoginGuard,
+        server_secret: bytes,
+        hash_concurrency: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._guard = guard
+        self._secret = server_secret
+        self._hash_slots = asyncio.Semaphore(hash_concurrency)
+        self._clock = clock
+
+    async def login(
+        self, username: str | None, password: bytes | str | None, client_id: str, address: str
+    ) -> LoginResult:
+        if username is None or not is_user_id(username):
+            return self._refuse(BAD_CREDENTIALS, "missing or malformed username", username, address)
+        parts = split_client_id(client_id)
+        if parts is None or parts[0] != username:
+            return self._refuse(
+                IDENTIFIER_REJECTED, f"client id {client_id!r} is not '{username}.<device>'", username, address
+            )
+        device = parts[1]
+        keys = [f"user:{username}", f"addr:{address}"]
+        wait = self._guard.retry_after(keys, self._clock())
+        if wait > 0:
+            return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address)
+        secret = _as_text(password)
+        if secret is None:
+            return self._fail(keys, "no password", username, address)
+        if credentials.looks_like_token(secret) and await self._token_ok(username, device, secret):
+            return await self._accept(username, device, keys, "device token")
+        if await self._password_ok(username, secret):
+            return await self._accept(username, device, keys, "password")
+        return self._fail(keys, "wrong password or token", username, address)
+
+    async def _token_ok(self, user: str, device: str, token: str) -> bool:
+        info = await self._store.device(user, device)
+        if info is None or info.token_digest is None:
+            return False
+        return credentials.token_matches(self._secret, user, device, token, info.token_digest)
+
+    async def _password_ok(self, user: str, password: str) -> bool:
+        stored = await self._store.password_hash(user)
+        async with self._hash_slots:
+            ok = await asyncio.to_thread(credentials.verify_password, password, stored or _dummy_hash())
+        return ok and stored is not None
+
+    async def _accept(self, user: str, device: str, keys: list[str], how: str) -> LoginResult:
+        self._guard.succeeded(keys[:1])  # the address keeps its record: one good account must not unlock guessing
+        new_device = await self._store.record_login(user, device)
+        log.info("login ok: %s.%s by %s%s", user, device, how, " (new device)" if new_device else "")
+        return LoginResult(ACCEPTED, user, device, how, new_device)
+
+    def _fail(self, keys: list[str], reason: str, user: str, address: str) -> LoginResult:
+        wait = self._guard.failed(keys, self._clock())
+        suffix = f"; further attempts refused for {wait:.1f}s" if wait > 0 else ""
+        log.warning("login failed: user %r from %s: %s%s", user, address, reason, suffix)
+        return LoginResult(BAD_CREDENTIALS, user, None, reason)
+
+    def _refuse(self, code: int, reason: str, user: str | None, address: str) -> LoginResult:
+        log.warning("login refused: user %r from %s: %s", user, address, reason)
+        return LoginResult(code, user, None, reason)
+
+    async def issue_token(self, user: str, device: str) -> str:
+        """A new device token for ``user.device``, replacing any previous one."""
+        token = credentials.new_device_token()
+        await self._store.set_token_digest(user, device, credentials.token_digest(self._secret, user, device, token))
+        log.info("device token issued for %s.%s", user, device)
+        return token
+
+    async def revoke_tokens(self, user: str, device: str | None) -> int:
+        count = await self._store.revoke_tokens(user, device)
+        log.info("device token(s) revoked for %s.%s: %d", user, device or "*", count)
+        return count
+
+
+def _as_text(password: bytes | str | None) -> str | None:
+    if password is None:
+        return None
+    if isinstance(password, str):
+        return password
+    try:
+        return password.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

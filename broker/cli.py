@@ -1,0 +1,154 @@
+"""``chat-broker``: run the broker, manage users. Errors are one line, exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from broker import user_admin
+from broker.config import ConfigError, Settings, load_settings
+from broker.logs import setup_logging
+from broker.server import ListenerError
+from broker.sqlite import StoreError
+
+log = logging.getLogger("chat-broker")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, help="YAML config file (default: embedded defaults)")
+    parser.add_argument("--data-dir", help="directory of the databases (overrides data_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chat-broker", description="Self-hosted chat broker (MQTT).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the broker")
+    _common(run)
+    run.add_argument("--bind", metavar="HOST:PORT", help="plain MQTT listener (overrides listeners.tcp.bind)")
+
+    user = commands.add_parser("user", help="manage users")
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    for action, text in (("add", "create a user"), ("passwd", "change a password (revokes device tokens)")):
+        sub = user_commands.add_parser(action, help=text)
+        _common(sub)
+        sub.add_argument("name")
+        sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    delete = user_commands.add_parser("del", help="delete a user and their devices")
+    _common(delete)
+    delete.add_argument("name")
+    listing = user_commands.add_parser("list", help="list users")
+    _common(listing)
+    imp = user_commands.add_parser("import", help="create users from name:password lines ('-' = stdin)")
+    _common(imp)
+    imp.add_argument("file")
+    revoke = user_commands.add_parser("revoke", help="revoke device tokens of a user")
+    _common(revoke)
+    revoke.add_argument("name")
+    revoke.add_argument("--device", help="only this device (default: all)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if getattr(args, "bind", None) is not None:
+        overrides["listeners.tcp.bind"] = args.bind
+    return load_settings(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        if args.command == "run":
+            return _run(settings)
+        return _user(args, settings)
+    except (ConfigError, ListenerError, StoreError, user_admin.AdminError) as exc:
+        print(f"chat-broker: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _user(args: argparse.Namespace, settings: Settings) -> int:
+    data_dir = settings.data_path
+    action = args.user_command
+    if action == "add":
+        name = user_admin.check_name(args.name)
+        asyncio.run(user_admin.add(data_dir, name, user_admin.read_password(args.password_stdin)))
+        print(f"user {name} added")
+    elif action == "passwd":
+        asyncio.run(user_admin.passwd(data_dir, args.name, user_admin.read_password(args.password_stdin)))
+        print(f"password of {args.name} changed; its device tokens are revoked")
+    elif action == "del":
+        asyncio.run(user_admin.delete(data_dir, args.name))
+        print(f"user {args.name} deleted")
+    elif action == "list":
+        asyncio.run(user_admin.list_users(data_dir, sys.stdout))
+    elif action == "revoke":
+        count = asyncio.run(user_admin.revoke(data_dir, args.name, args.device))
+        print(f"{count} device token(s) of {args.name} revoked")
+    elif action == "import":
+        return _import(args.file, data_dir)
+    return EXIT_OK
+
+
+def _import(file: str, data_dir: Path) -> int:
+    try:
+        source = sys.stdin if file == "-" else open(file, encoding="utf-8")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise user_admin.AdminError(f"cannot read {file}: {exc.strerror or exc}") from None
+    try:
+        report = asyncio.run(user_admin.import_users(data_dir, source, show_progress=sys.stderr.isatty()))
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    for problem in report.bad_lines:
+        print(f"skipped {problem}", file=sys.stderr)
+    if report.existing:
+        print(f"skipped {len(report.existing)} existing user(s): {', '.join(report.existing[:10])}"
+              + (" ..." if len(report.existing) > 10 else ""), file=sys.stderr)
+    print(f"{report.added} user(s) imported")
+    return EXIT_FAILURE if report.bad_lines else EXIT_OK
+
+
+def _run(settings: Settings) -> int:
+    setup_logging(settings.log.level, settings.log.json_lines)
+    try:
+        import uvloop  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return asyncio.run(_serve(settings))
+    return uvloop.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    from broker.app import BrokerApp  # noqa: PLC0415 (imported here: amqtt is slow to import, user commands don't need it)
+
+    app = BrokerApp(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    where = " ".join(f"{name}={host}:{port}" for name, (host, port) in app.addresses().items())
+    print(f"chat-broker ready: {where} data_dir={settings.data_path.resolve()}", flush=True)
+    try:
+        await stop.wait()
+        log.info("shutting down: no new connections, closing sessions")
+    finally:
+        with contextlib.suppress(Exception):
+            await app.stop()
+    log.info("stopped")
+    return EXIT_OK

@@ -1,0 +1,159 @@
+"""Broker settings: one typed tree, loaded from YAML, with the embedded defaults.
+
+Every key is checked (unknown keys and wrong types are refused with the key's
+dotted path), so a typo in a config file fails loudly instead of silently
+running on a default. pydantic does the checking; ``ConfigError`` carries a
+one-line message for the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
+
+
+def parse_bind(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:1883"`` -> ``("127.0.0.1", 1883)``; ``[::1]:1883`` works too."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host.strip("[]"), port
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` is a one-line message for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ListenerSettings(_Section):
+    bind: str | None = None
+    """``HOST:PORT`` to listen on; the listener is off when unset."""
+    max_connections: int = Field(default=0, ge=0)
+    """0 means no limit."""
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bind(value)
+        return value
+
+
+class TlsListenerSettings(ListenerSettings):
+    certfile: str | None = None
+    keyfile: str | None = None
+
+
+class ListenersSettings(_Section):
+    tcp: ListenerSettings = ListenerSettings(bind="127.0.0.1:1883")
+    tls: TlsListenerSettings = TlsListenerSettings()
+    ws: ListenerSettings = ListenerSettings()
+    """MQTT over WebSocket, served on the path ``/mqtt``."""
+    wss: TlsListenerSettings = TlsListenerSettings()
+    """MQTT over WebSocket with TLS, path ``/mqtt``."""
+
+
+class AuthSettings(_Section):
+    free_failures: int = Field(default=3, ge=0)
+    """Failed logins per user (and per address) allowed before attempts are slowed."""
+    base_delay_s: float = Field(default=1.0, gt=0)
+    """First enforced wait after ``free_failures``; doubles with each further failure."""
+    max_delay_s: float = Field(default=300.0, gt=0)
+    """Longest refusal period."""
+    forget_after_s: float = Field(default=900.0, gt=0)
+    """Failures older than this are forgotten."""
+    hash_concurrency: int = Field(default=2, ge=1)
+    """Password hashes computed at once (each scrypt uses 16 MiB and ~50 ms of a core)."""
+
+
+class LimitsSettings(_Section):
+    max_body_bytes: int = Field(default=65536, ge=1)
+    max_request_bytes: int = Field(default=16384, ge=64)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection must send CONNECT within this time."""
+
+
+class LogSettings(_Section):
+    level: str = "info"
+    json_lines: bool = False
+
+    @field_validator("level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+
+class Settings(_Section):
+    data_dir: str = "chat-data"
+    listeners: ListenersSettings = ListenersSettings()
+    auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    extra = f" ({len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    return f"{key}: {message}{extra}"
+
+
+def build_settings(data: dict[str, Any], source: str = "config") -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read ``path`` (YAML) if given, apply ``overrides`` (dotted keys), validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return build_settings(data, source)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value

@@ -1,0 +1,61 @@
+"""Opening SQLite databases the one way this project wants them.
+
+WAL (readers never block the writer), ``secure_delete`` (deleted rows are
+overwritten, not left in free pages: the server keeps nothing once delivered),
+foreign keys on, and schema migrations tracked in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """A database could not be opened, migrated or written."""
+
+
+async def open_database(path: Path, migrations: Sequence[str], *, synchronous: str = "FULL") -> aiosqlite.Connection:
+    """Open (creating if needed) and migrate ``path``; ``migrations[i]`` moves version i to i+1."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+    except (OSError, aiosqlite.Error) as exc:
+        raise StoreError(f"cannot open database {path}: {exc}") from exc
+    try:
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA secure_delete=ON")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute(f"PRAGMA synchronous={synchronous}")
+        await db.execute("PRAGMA busy_timeout=5000")
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(migrations):
+            raise StoreError(
+                f"database {path} has schema version {version}, newer than this program knows "
+                f"({len(migrations)}); upgrade chat-broker or use another data directory"
+            )
+        for target, script in enumerate(migrations[version:], start=version + 1):
+            await db.execute("BEGIN IMMEDIATE")
+            for statement in _statements(script):
+                await db.execute(statement)
+            await db.execute(f"PRAGMA user_version={target}")
+            await db.execute("COMMIT")
+            log.info("migrated %s to schema version %d", path.name, target)
+    except aiosqlite.Error as exc:
+        await db.close()
+        raise StoreError(f"cannot prepare database {path}: {exc}") from exc
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+def _statements(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]

@@ -1,0 +1,162 @@
+"""``chat-broker user ...``: the operator's user management, against the users database."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from broker import credentials
+from broker.users import UserStore
+from client_sdk.protocol import is_user_id
+
+IMPORT_BATCH = 500
+
+
+class AdminError(Exception):
+    """A user command cannot be carried out; the message says why and what to do."""
+
+
+def check_name(name: str) -> str:
+    if not is_user_id(name):
+        raise AdminError(f"invalid user name {name!r}: use 1-32 of a-z, 0-9 and _")
+    return name
+
+
+def check_password(password: str) -> str:
+    if not password:
+        raise AdminError("empty password refused")
+    if len(password.encode("utf-8")) > credentials.MAX_PASSWORD_BYTES:
+        raise AdminError(f"password longer than {credentials.MAX_PASSWORD_BYTES} bytes refused")
+    return password
+
+
+def read_password(from_stdin: bool, stdin: TextIO = sys.stdin) -> str:
+    """One password: the first line of stdin with ``--password-stdin``, else a prompt (twice)."""
+    if from_stdin:
+        return check_password(stdin.readline().rstrip("\r\n"))
+    if not stdin.isatty():
+        raise AdminError("no terminal to prompt for the password: pipe it in and pass --password-stdin")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise AdminError("the passwords did not match")
+    return check_password(first)
+
+
+async def add(data_dir: Path, name: str, password: str) -> None:
+    pw_hash = await asyncio.to_thread(credentials.hash_password, password)
+    store = await UserStore.open(data_dir)
+    try:
+        await store.add_user(check_name(name), pw_hash)
+    finally:
+        await store.close()
+
+
+async def passwd(data_dir: Path, name: str, password: str) -> None:
+    pw_hash = await asyncio.to_thread(credentials.hash_password, password)
+    store = await UserStore.open(data_dir)
+    try:
+        await store.set_password(name, pw_hash)
+    finally:
+        await store.close()
+
+
+async def delete(data_dir: Path, name: str) -> None:
+    store = await UserStore.open(data_dir)
+    try:
+        await store.delete_user(name)
+    finally:
+        await store.close()
+
+
+async def revoke(data_dir: Path, name: str, device: str | None) -> int:
+    store = await UserStore.open(data_dir)
+    try:
+        if not await store.user_exists(name):
+            raise AdminError(f"no user {name!r}")
+        return await store.revoke_tokens(name, device)
+    finally:
+        await store.close()
+
+
+async def list_users(data_dir: Path, out: TextIO) -> int:
+    store = await UserStore.open(data_dir)
+    try:
+        users = await store.list_users()
+    finally:
+        await store.close()
+    for user in users:
+        out.write(f"{user.name}\t{user.devices} device(s)\n")
+    return len(users)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    added: int
+    existing: list[str]
+    bad_lines: list[str]
+
+
+def parse_import_lines(lines: Iterator[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """``name:password`` lines -> (pairs, problems); blank and ``#`` lines are skipped."""
+    pairs: list[tuple[str, str]] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, password = line.partition(":")
+        if not sep:
+            problems.append(f"line {number}: expected name:password")
+        elif not is_user_id(name):
+            problems.append(f"line {number}: invalid user name {name!r}")
+        elif not password or len(password.encode("utf-8")) > credentials.MAX_PASSWORD_BYTES:
+            problems.append(f"line {number}: empty or over-long password for {name!r}")
+        elif name in seen:
+            problems.append(f"line {number}: {name!r} appears twice; the first one is used")
+        else:
+            seen.add(name)
+            pairs.append((name, password))
+    return pairs, problems
+
+
+async def import_users(data_dir: Path, source: TextIO, show_progress: bool, workers: int = 2) -> ImportReport:
+    pairs, problems = parse_import_lines(iter(source))
+    store = await UserStore.open(data_dir)
+    added = 0
+    existing: list[str] = []
+    loop = asyncio.get_running_loop()
+    progress = Progress(
+        TextColumn("importing users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not show_progress, transient=False,
+    )
+    try:
+        with progress, ThreadPoolExecutor(max_workers=workers) as pool:
+            task = progress.add_task("import", total=len(pairs))
+            for start in range(0, len(pairs), IMPORT_BATCH):
+                batch = pairs[start:start + IMPORT_BATCH]
+                todo = [n for n, _ in batch if not await store.user_exists(n)]
+                wanted = set(todo)
+                existing.extend(n for n, _ in batch if n not in wanted)
+                futures = [
+                    loop.run_in_executor(pool, credentials.hash_password, pw) for n, pw in batch if n in wanted
+                ]
+                hashed: list[str] = []
+                for future in futures:
+                    hashed.append(await future)
+                    progress.advance(task)
+                progress.advance(task, len(batch) - len(futures))
+                count, raced = await store.add_users(zip(todo, hashed, strict=True))
+                added += count
+                existing.extend(raced)
+    finally:
+        await store.close()
+    return ImportReport(added, existing, problems)

@@ -1,0 +1,218 @@
+"""Users and their devices, in SQLite (aiosqlite).
+
+A user row holds the scrypt password hash; a device row is created on the
+device's first successful login and may hold the keyed digest of a device
+token (never the token itself). See ``credentials`` for the formats.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from broker.sqlite import StoreError, open_database
+
+USERS_DB = "users.db"
+SECRET_FILE = "server.key"  # noqa: S105 (a file name, not a secret)
+
+MIGRATIONS = (
+    """
+    CREATE TABLE users (
+        name        TEXT PRIMARY KEY,
+        pw_hash     TEXT NOT NULL,
+        created_ms  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE devices (
+        user          TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        device        TEXT NOT NULL,
+        token_digest  TEXT,
+        created_ms    INTEGER NOT NULL,
+        last_login_ms INTEGER NOT NULL,
+        PRIMARY KEY (user, device)
+    ) WITHOUT ROWID
+    """,
+)
+
+
+class UserExistsError(StoreError):
+    pass
+
+
+class UnknownUserError(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    name: str
+    created_ms: int
+    devices: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    user: str
+    device: str
+    token_digest: str | None
+    created_ms: int
+    last_login_ms: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The server's HMAC key for device tokens, created (mode 0600) on first use."""
+    path = data_dir / SECRET_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secret)
+    return secret
+
+
+class UserStore:
+    """All user and device queries; one method, one transaction."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> UserStore:
+        return cls(await open_database(data_dir / USERS_DB, MIGRATIONS))
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def add_user(self, name: str, pw_hash: str) -> None:
+        try:
+            await self._db.execute(
+                "INSERT INTO users (name, pw_hash, created_ms) VALUES (?, ?, ?)", (name, pw_hash, now_ms())
+            )
+        except aiosqlite.IntegrityError:
+            raise UserExistsError(f"user {name!r} already exists") from None
+
+    async def add_users(self, rows: Iterable[tuple[str, str]]) -> tuple[int, list[str]]:
+        """Insert many users in one transaction; returns (added, names that already existed)."""
+        created = now_ms()
+        existing: list[str] = []
+        added = 0
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, pw_hash in rows:
+                cursor = await self._db.execute(
+                    "INSERT OR IGNORE INTO users (name, pw_hash, created_ms) VALUES (?, ?, ?)",
+                    (name, pw_hash, created),
+                )
+                if cursor.rowcount == 1:
+                    added += 1
+                else:
+                    existing.append(name)
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        return added, existing
+
+    async def user_exists(self, name: str) -> bool:
+        async with self._db.execute("SELECT 1 FROM users WHERE name = ?", (name,)) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def set_password(self, name: str, pw_hash: str) -> None:
+        """Change the password and revoke every device token of the user."""
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = await self._db.execute("UPDATE users SET pw_hash = ? WHERE name = ?", (pw_hash, name))
+            if cursor.rowcount == 0:
+                raise UnknownUserError(f"no user {name!r}")
+            await self._db.execute("UPDATE devices SET token_digest = NULL WHERE user = ?", (name,))
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+
+    async def delete_user(self, name: str) -> None:
+        cursor = await self._db.execute("DELETE FROM users WHERE name = ?", (name,))
+        if cursor.rowcount == 0:
+            raise UnknownUserError(f"no user {name!r}")
+
+    async def list_users(self) -> list[UserInfo]:
+        query = (
+            "SELECT u.name, u.created_ms, COUNT(d.device) FROM users u "
+            "LEFT JOIN devices d ON d.user = u.name GROUP BY u.name ORDER BY u.name"
+        )
+        async with self._db.execute(query) as cursor:
+            return [UserInfo(str(r[0]), int(r[1]), int(r[2])) async for r in cursor]
+
+    async def password_hash(self, name: str) -> str | None:
+        async with self._db.execute("SELECT pw_hash FROM users WHERE name = ?", (name,)) as cursor:
+            row = await cursor.fetchone()
+        return str(row[0]) if row else None
+
+    async def device(self, user: str, device: str) -> DeviceInfo | None:
+        query = (
+            "SELECT user, device, token_digest, created_ms, last_login_ms FROM devices "
+            "WHERE user = ? AND device = ?"
+        )
+        async with self._db.execute(query, (user, device)) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return DeviceInfo(str(row[0]), str(row[1]), row[2], int(row[3]), int(row[4]))
+
+    async def devices(self, user: str) -> list[DeviceInfo]:
+        query = (
+            "SELECT user, device, token_digest, created_ms, last_login_ms FROM devices "
+            "WHERE user = ? ORDER BY device"
+        )
+        async with self._db.execute(query, (user,)) as cursor:
+            return [DeviceInfo(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4])) async for r in cursor]
+
+    async def record_login(self, user: str, device: str) -> bool:
+        """Note a successful login; returns True when the device is new (its first login)."""
+        stamp = now_ms()
+        cursor = await self._db.execute(
+            "INSERT OR IGNORE INTO devices (user, device, token_digest, created_ms, last_login_ms) "
+            "VALUES (?, ?, NULL, ?, ?)",
+            (user, device, stamp, stamp),
+        )
+        if cursor.rowcount == 1:
+            return True
+        await self._db.execute(
+            "UPDATE devices SET last_login_ms = ? WHERE user = ? AND device = ?", (stamp, user, device)
+        )
+        return False
+
+    async def set_token_digest(self, user: str, device: str, digest: str) -> None:
+        cursor = await self._db.execute(
+            "UPDATE devices SET token_digest = ? WHERE user = ? AND device = ?", (digest, user, device)
+        )
+        if cursor.rowcount == 0:
+            raise UnknownUserError(f"no device {user}.{device}")
+
+    async def revoke_tokens(self, user: str, device: str | None = None) -> int:
+        """Clear the token of one device (or all of the user's); returns how many were set."""
+        if device is None:
+            cursor = await self._db.execute(
+                "UPDATE devices SET token_digest = NULL WHERE user = ? AND token_digest IS NOT NULL", (user,)
+            )
+        else:
+            cursor = await self._db.execute(
+                "UPDATE devices SET token_digest = NULL WHERE user = ? AND device = ? AND token_digest IS NOT NULL",
+                (user, device),
+            )
+        return int(cursor.rowcount)

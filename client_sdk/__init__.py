@@ -1,0 +1,1 @@
+"""Client SDK for the chat broker. ``protocol`` is the wire contract shared with the server."""

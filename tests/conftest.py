@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import BrokerThread, Peer
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerThread]:
+    """A running ChatBroker on 127.0.0.1:<free port> with users alice, bob and mallory."""
+    running = BrokerThread(tmp_path / "data").start()
+    for name in ("alice", "bob", "mallory"):
+        running.add_user(name, f"{name}-pw")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def peers(broker: BrokerThread) -> Iterator[list[Peer]]:
+    """Collects Peers made by a test and closes them afterwards."""
+    made: list[Peer] = []
+    yield made
+    for peer in made:
+        peer.close()

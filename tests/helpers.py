@@ -1,0 +1,184 @@
+"""Test helpers: a real broker on 127.0.0.1:0 in a background thread, and paho clients.
+
+The broker runs in its own thread with its own event loop, exactly as in
+production (same ChatBroker, same sockets); tests talk to it only over TCP.
+``BrokerThread.call`` runs a coroutine on the broker's loop for set-up (users)
+and for inspecting internals in the amqtt-fault tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker import credentials
+from broker.app import BrokerApp
+from broker.config import Settings, build_settings
+
+T = TypeVar("T")
+WAIT_S = 10.0
+
+
+class BrokerThread:
+    def __init__(self, data_dir: Path, overrides: dict[str, Any] | None = None) -> None:
+        config: dict[str, Any] = {"data_dir": str(data_dir), "listeners": {"tcp": {"bind": "127.0.0.1:0"}}}
+        for key, value in (overrides or {}).items():
+            node = config
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        self.settings: Settings = build_settings(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="broker", daemon=True)
+        self.app = BrokerApp(self.settings)
+
+    def start(self) -> BrokerThread:
+        self._thread.start()
+        self.call(self.app.start())
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = WAIT_S) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.address("tcp")[1]
+
+    def address(self, listener: str) -> tuple[str, int]:
+        return self.call(_addresses(self.app))[listener]
+
+    def add_user(self, name: str, password: str) -> None:
+        self.call(self.app.users.add_user(name, credentials.hash_password(password)))
+
+    def stop(self) -> None:
+        try:
+            self.call(self.app.stop(), timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+async def _addresses(app: BrokerApp) -> dict[str, tuple[str, int]]:
+    return app.addresses()
+
+
+class Peer:
+    """A paho client that records what arrives, for tests."""
+
+    def __init__(
+        self, port: int, user: str | None, password: str | None, device: str = "phone",
+        client_id: str | None = None, clean_session: bool = True, keepalive: int = 60,
+        host: str = "127.0.0.1", transport: str = "tcp",
+    ) -> None:
+        self.user = user
+        self.client_id = client_id if client_id is not None else f"{user}.{device}"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=clean_session,
+            transport=transport,  # type: ignore[arg-type]
+        )
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        self.host, self.port, self.keepalive = host, port, keepalive
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self.connack: queue.Queue[int] = queue.Queue()
+        self.subacks: queue.Queue[list[int]] = queue.Queue()
+        self.disconnected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connack.put(int(reason.value) if hasattr(reason, "value") else int(reason))
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.messages.put((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        self.subacks.put([int(c.value) for c in codes])
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.disconnected.set()
+
+    def connect(self) -> int:
+        """Connect and return the CONNACK code (0 = accepted); the network loop keeps running."""
+        self.client.reconnect_delay_set(60, 120)  # tests decide when to reconnect
+        self.client.connect(self.host, self.port, self.keepalive)
+        self.client.loop_start()
+        try:
+            return self.connack.get(timeout=WAIT_S)
+        except queue.Empty:
+            return -1
+
+    def subscribe(self, topic: str | None = None) -> list[int]:
+        self.client.subscribe(topic or f"u/{self.user}/in", qos=1)
+        return self.subacks.get(timeout=WAIT_S)
+
+    def publish(self, topic: str, payload: bytes | str | dict[str, Any], retain: bool = False) -> None:
+        data = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+        info = self.client.publish(topic, data, qos=1, retain=retain)
+        info.wait_for_publish(WAIT_S)
+
+    def request(self, op: str, args: dict[str, Any] | None = None, rid: str | None = None) -> dict[str, Any]:
+        rid = rid or uuid.uuid4().hex[:12]
+        body: dict[str, Any] = {"rid": rid, "op": op}
+        if args is not None:
+            body["args"] = args
+        self.publish(f"u/{self.user}/req", body)
+        return self.expect(lambda item: item.get("kind") == "res" and item.get("rid") == rid)
+
+    def items(self, timeout: float = WAIT_S) -> dict[str, Any]:
+        _topic, payload, _ = self.messages.get(timeout=timeout)
+        return dict(json.loads(payload))
+
+    def expect(self, predicate: Any, timeout: float = WAIT_S) -> dict[str, Any]:
+        """The first arriving item matching ``predicate`` (others are discarded)."""
+        deadline = threading.Event()
+        timer = threading.Timer(timeout, deadline.set)
+        timer.start()
+        try:
+            while not deadline.is_set():
+                try:
+                    item = self.items(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if predicate(item):
+                    return item
+        finally:
+            timer.cancel()
+        raise AssertionError(f"{self.client_id}: no matching item within {timeout}s")
+
+    def nothing_arrives(self, within: float = 1.0) -> bool:
+        try:
+            self.messages.get(timeout=within)
+        except queue.Empty:
+            return True
+        return False
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
