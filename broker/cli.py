@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,9 @@ def _import(file: str, data_dir: Path) -> int:
         raise user_admin.AdminError(f"cannot read {file}: {exc.strerror or exc}") from None
     try:
         report = asyncio.run(user_admin.import_users(data_dir, source, show_progress=sys.stderr.isatty()))
+    except UnicodeDecodeError as exc:
+        # Was a traceback: a file in another encoding is an operator error, said in one line.
+        raise user_admin.AdminError(f"{file}: not UTF-8 text ({exc.reason})") from None
     finally:
         if source is not sys.stdin:
             source.close()
@@ -133,6 +138,35 @@ def _run(settings: Settings) -> int:
     return uvloop.run(_serve(settings))
 
 
+@contextlib.asynccontextmanager
+async def _startup_logs_held() -> AsyncIterator[None]:
+    """Hold log records until start-up succeeds, so a bad config ends in ONE stderr line.
+
+    Without this, "listening: tcp ..." and migration lines were printed before
+    the error of a later listener (tests/test_cli.py). On an error the CLI
+    reports (config, listener, store) the held records are dropped: the error
+    line says what failed. On any other error they are written out, as usual.
+    """
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    held = logging.handlers.BufferingHandler(capacity=1_000_000)
+    root.handlers[:] = [held]
+    replay = True
+    try:
+        yield
+    except (ConfigError, ListenerError, StoreError):
+        replay = False
+        raise
+    finally:
+        root.handlers[:] = handlers
+        if replay:
+            for record in held.buffer:
+                for handler in handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+        held.close()
+
+
 async def _serve(settings: Settings) -> int:
     from broker.app import BrokerApp  # noqa: PLC0415 (imported here: amqtt is slow to import, user commands don't need it)
 
@@ -141,7 +175,8 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await app.start()
+    async with _startup_logs_held():
+        await app.start()
     where = " ".join(f"{name}={host}:{port}" for name, (host, port) in app.addresses().items())
     print(f"chat-broker ready: {where} data_dir={settings.data_path.resolve()}", flush=True)
     try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from broker import credentials
@@ -134,9 +135,12 @@ async def import_users(data_dir: Path, source: TextIO, show_progress: bool, work
     added = 0
     existing: list[str] = []
     loop = asyncio.get_running_loop()
+    # The bar goes to stderr, the terminal the caller checked (``show_progress``):
+    # rich's default console is stdout, which put the bar into redirected output
+    # and showed nothing on the terminal (tests/test_cli.py).
     progress = Progress(
         TextColumn("importing users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not show_progress, transient=False,
+        console=Console(stderr=True), disable=not show_progress, transient=False,
     )
     try:
         with progress, ThreadPoolExecutor(max_workers=workers) as pool:

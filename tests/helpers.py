@@ -66,10 +66,24 @@ class BrokerThread:
     def stop(self) -> None:
         try:
             self.call(self.app.stop(), timeout=30)
+        except TimeoutError:
+            self.dump_tasks()
+            raise
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+    def dump_tasks(self) -> None:
+        """Print every pending task of the broker loop (a hung shutdown shows where it waits)."""
+        import io  # noqa: PLC0415
+        import sys  # noqa: PLC0415
+
+        for task in asyncio.all_tasks(self.loop):
+            buffer = io.StringIO()
+            task.print_stack(file=buffer)
+            print(f"--- {task!r}\n{buffer.getvalue()}", file=sys.stderr)
 
 
 async def _addresses(app: BrokerApp) -> dict[str, tuple[str, int]]:
@@ -103,6 +117,7 @@ class Peer:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_socket_open = _no_delay
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.connack.put(int(reason.value) if hasattr(reason, "value") else int(reason))
@@ -176,6 +191,12 @@ class Peer:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    """paho leaves Nagle on: a PUBACK then an ack publish would wait for a delayed TCP ACK (~40 ms)."""
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def free_port() -> int:

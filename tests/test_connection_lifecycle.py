@@ -1,0 +1,196 @@
+"""A connection's life on the ChatBroker, over real sockets: takeover by a second login of
+the same device, keepalive enforcement, the CONNECT deadline, and what the bridge knows
+about a device after it leaves (cleanly or not)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.stock_amqtt import PINGREQ, PINGRESP, RawClient, connect_packet, subscribe_packet
+
+T = TypeVar("T")
+
+
+def inspect(broker: BrokerThread, fn: Callable[[Any], T]) -> T:
+    """Run ``fn(chat_broker)`` on the broker's own event loop."""
+
+    async def run() -> T:
+        return fn(broker.app.broker)
+
+    return broker.call(run())
+
+
+def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
+    """Wait (polling) until ``check()`` holds; fail after ``timeout``."""
+    done = threading.Event()
+    deadline = threading.Timer(timeout, done.set)
+    deadline.start()
+    try:
+        while not done.is_set():
+            if check():
+                return
+            done.wait(0.02)
+    finally:
+        deadline.cancel()
+    raise AssertionError(f"{what}: not reached within {timeout}s")
+
+
+def linked(broker: BrokerThread, client_id: str) -> bool:
+    """The bridge holds a link to this device (it subscribed to its inbox and is connected)."""
+    return inspect(broker, lambda b: b.bridge.links.get(client_id) is not None)
+
+
+@pytest.fixture
+def raws() -> Iterator[list[RawClient]]:
+    made: list[RawClient] = []
+    yield made
+    for raw in made:
+        raw.close()
+
+
+def raw_login(port: int, raws: list[RawClient], device: str, keepalive: int, **kw: Any) -> RawClient:
+    raw = RawClient(port)
+    raws.append(raw)
+    raw.send(connect_packet(f"alice.{device}", "alice", "alice-pw", keepalive=keepalive, **kw))
+    assert raw.connack() == 0
+    return raw
+
+
+# --- takeover ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clean_session", [True, False], ids=["clean_session=1", "clean_session=0"])
+def test_second_login_takes_over(broker: BrokerThread, peers: list[Peer], clean_session: bool) -> None:
+    """A second good login of the same device closes the first connection (MQTT 3.1.1
+    section 3.1.4, MQTT-3.1.4-2) and the new one is served; the bridge links the new one only."""
+    old = Peer(broker.port, "alice", "alice-pw", clean_session=clean_session)
+    old.client._reconnect_on_failure = False  # paho has no setter; Peer does not pass the constructor flag
+    peers.append(old)
+    assert old.connect() == 0
+    assert old.subscribe() == [1]
+    assert old.request("ping")["ok"] is True
+    old_link = inspect(broker, lambda b: b.bridge.links.get("alice.phone"))
+
+    new = Peer(broker.port, "alice", "alice-pw", clean_session=clean_session)
+    peers.append(new)
+    assert new.connect() == 0
+    assert old.disconnected.wait(WAIT_S), "the old connection is closed"
+    assert new.subscribe() == [1]
+    assert new.request("ping")["ok"] is True
+
+    link = inspect(broker, lambda b: b.bridge.links.get("alice.phone"))
+    assert link is not None and link is not old_link
+    assert inspect(broker, lambda b: len(b.bridge.links.of_user("alice"))) == 1
+    assert old.messages.empty(), "nothing meant for the new connection reached the old one"
+
+
+def test_session_present_resumes_without_resubscribe(broker: BrokerThread, peers: list[Peer]) -> None:
+    """A device that reconnects with clean_session=0 and gets "session present" is served
+    without subscribing again: its subscription is part of the session (MQTT 3.1.1
+    section 3.1.2.4, MQTT-3.1.2-4; section 3.2.2.2, MQTT-3.2.2-2)."""
+    first = Peer(broker.port, "alice", "alice-pw", clean_session=False)
+    peers.append(first)
+    assert first.connect() == 0
+    assert first.subscribe() == [1]
+    first.close()
+    eventually(lambda: not linked(broker, "alice.phone"), what="first connection gone")
+
+    again = Peer(broker.port, "alice", "alice-pw", clean_session=False)
+    peers.append(again)
+    session_present = threading.Event()
+    record_connack = again.client.on_connect
+
+    def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if flags.session_present:
+            session_present.set()
+        record_connack(client, userdata, flags, reason, props)
+
+    again.client.on_connect = on_connect
+    assert again.connect() == 0
+    assert session_present.is_set()
+    assert again.request("ping")["ok"] is True  # no SUBSCRIBE sent on this connection
+
+
+# --- keepalive (broker/handler.py) -----------------------------------------------------------
+
+
+def test_silent_client_is_dropped_after_keepalive(broker: BrokerThread, raws: list[RawClient]) -> None:
+    """A client silent for 1.5 x its keepalive is disconnected (MQTT 3.1.1 section 3.1.2.10,
+    MQTT-3.1.2-24), taking the abnormal path: the bridge no longer links the device. Its
+    will (on u/alice/hb) goes to the bridge; presence will make that observable."""
+    raw = raw_login(broker.port, raws, "raw", keepalive=1, will=("u/alice/hb", b'{"state":"away"}', 1, False))
+    raw.send(subscribe_packet(1, "u/alice/in"))
+    silent_since = time.monotonic()
+    assert raw.read_exact(5) == b"\x90\x03\x00\x01\x01"  # SUBACK, QoS 1 granted
+    assert linked(broker, "alice.raw")
+
+    assert not raw.closed_within(1.0), "closed before 1.5 x keepalive"
+    assert raw.closed_within(5.0 - (time.monotonic() - silent_since)), "still open 5 s after its last packet"
+    eventually(lambda: not linked(broker, "alice.raw"), what="bridge link removed")
+
+
+def test_pinging_client_stays_connected(broker: BrokerThread, raws: list[RawClient]) -> None:
+    """PINGREQ every 0.5 s keeps a keepalive=1 connection open well past 1.5 s
+    (MQTT 3.1.1 section 3.1.2.10; PINGREQ/PINGRESP sections 3.12, 3.13, MQTT-3.12.4-1)."""
+    raw = raw_login(broker.port, raws, "raw", keepalive=1)
+    started = time.monotonic()
+    while time.monotonic() - started < 3.2:
+        raw.send(PINGREQ)
+        assert raw.read_exact(2) == PINGRESP
+        assert not raw.closed_within(0.5), f"closed {time.monotonic() - started:.1f}s in, while pinging"
+    raw.send(PINGREQ)
+    assert raw.read_exact(2) == PINGRESP
+
+
+# --- the CONNECT deadline -----------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_broker(tmp_path: Path) -> Iterator[BrokerThread]:
+    running = BrokerThread(tmp_path / "data", {"limits.connect_timeout_s": 0.5}).start()
+    running.add_user("alice", "alice-pw")
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("sent", [b"", connect_packet("alice.phone", "alice", "alice-pw")[:6]],
+                         ids=["nothing", "half-a-connect"])
+def test_no_connect_is_closed_after_timeout(quick_broker: BrokerThread, raws: list[RawClient], sent: bytes) -> None:
+    """A connection that does not complete CONNECT within limits.connect_timeout_s is closed.
+
+    MQTT 3.1.1 section 3.1 (MQTT-3.1.0-1): the first packet must be CONNECT; the
+    non-normative comment in section 3.1.2.10: a server that receives no CONNECT within a
+    reasonable time SHOULD close the connection. A client that sends half a CONNECT and
+    stalls is held to the same deadline."""
+    opened = time.monotonic()  # before connecting: the broker's clock can only start later
+    raw = RawClient(quick_broker.port)
+    raws.append(raw)
+    raw.send(sent)
+    assert raw.closed_within(WAIT_S)
+    assert 0.45 <= time.monotonic() - opened < 5.0
+    # The connection slot is given back, and the listener still serves good logins.
+    eventually(lambda: inspect(quick_broker, lambda b: b._servers["tcp"].conn_count) == 0, what="slot released")
+    late = raw_login(quick_broker.port, raws, "phone", keepalive=60)
+    assert not late.closed_within(0.7), "a logged-in connection is not subject to the CONNECT deadline"
+
+
+# --- leaving --------------------------------------------------------------------------------
+
+
+def test_clean_disconnect_unlinks_device(broker: BrokerThread, peers: list[Peer]) -> None:
+    """DISCONNECT (MQTT 3.1.1 section 3.14) removes the device from the bridge's links."""
+    alice = Peer(broker.port, "alice", "alice-pw")
+    peers.append(alice)
+    assert alice.connect() == 0
+    assert alice.subscribe() == [1]
+    assert linked(broker, "alice.phone")
+    alice.close()
+    eventually(lambda: not linked(broker, "alice.phone"), what="bridge link removed")
+    assert inspect(broker, lambda b: len(b.bridge.links)) == 0

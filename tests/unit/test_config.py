@@ -1,0 +1,53 @@
+"""Settings: embedded defaults, the shipped YAML, and one-line errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import ConfigError, Settings, load_settings, parse_bind
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_equals_embedded_defaults() -> None:
+    assert load_settings(ROOT / "config" / "broker.yaml") == Settings()
+    assert Settings().listeners.tcp.bind == "127.0.0.1:1883"
+
+
+def test_overrides_apply() -> None:
+    s = load_settings(None, {"data_dir": "/tmp/x", "listeners.tcp.bind": "127.0.0.1:0"})
+    assert s.data_dir == "/tmp/x" and s.listeners.tcp.bind == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("listeners:\n  tcp:\n    bnd: 1\n", "listeners.tcp.bnd: unknown key"),
+        ("auth:\n  free_failures: '3'\n", "auth.free_failures: Input should be a valid integer"),
+        ("limits:\n  max_body_bytes: true\n", "limits.max_body_bytes: Input should be a valid integer"),
+        ("listeners:\n  tcp:\n    bind: nope\n", "listeners.tcp.bind:"),
+        ("log:\n  level: loud\n", "log.level:"),
+        ("- a\n- b\n", "the top level must be a mapping"),
+        ("a: [\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_parse_bind() -> None:
+    assert parse_bind("127.0.0.1:1883") == ("127.0.0.1", 1883)
+    assert parse_bind("[::1]:8883") == ("::1", 8883)
+    for bad in ("1883", ":1883", "host:", "host:70000", "host:x"):
+        with pytest.raises(ValueError):
+            parse_bind(bad)
