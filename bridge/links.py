@@ -6,7 +6,12 @@ only ever calls ``send``, which must not block and must keep call order.
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+from typing import Any, Protocol
+
+from client_sdk.protocol import dumps
+
+log = logging.getLogger(__name__)
 
 
 class DeviceLink(Protocol):
@@ -45,6 +50,15 @@ class LinkRegistry:
 
     def of_user(self, user: str) -> list[DeviceLink]:
         return list(self._by_user.get(user, {}).values())
+
+    def send(self, client_id: str, item: dict[str, Any]) -> bool:
+        """Send an ephemeral item to one connected device; False if it is not connected."""
+        link = self._by_client.get(client_id)
+        if link is None:
+            log.debug("no link to %s: ephemeral %s item dropped", client_id, item.get("kind"))
+            return False
+        link.send(dumps(item))
+        return True
 
     def __len__(self) -> int:
         return len(self._by_client)

@@ -2,9 +2,10 @@
 
 The broker hands every publish on a ``u/{me}/...`` uplink topic to
 ``on_uplink`` (after the ACL), and tells the bridge when a device subscribes to
-or leaves its inbox. The bridge answers through ``DeviceLink.send``; it never
-goes through amqtt's subscription matching, so the cost of a message does not
-grow with the number of connected users.
+or leaves its inbox, and when a device logs in for the first time. The bridge
+answers through ``DeviceLink.send``; it never goes through amqtt's subscription
+matching, so the cost of a message does not grow with the number of connected
+users.
 
 ``on_uplink`` never awaits: work that must wait (the database) runs in tasks,
 so one slow request cannot stall the sender's connection.
@@ -17,11 +18,11 @@ import logging
 from typing import Any
 
 from bridge.links import DeviceLink, LinkRegistry
+from bridge.messaging import Messaging
 from bridge.requests import Caller, Op, OpError
 from client_sdk.protocol import (
     DecodeError,
     ErrorCode,
-    dumps,
     error_item,
     failure_item,
     loads_object,
@@ -33,27 +34,38 @@ log = logging.getLogger(__name__)
 
 
 class Bridge:
-    def __init__(self, ops: dict[str, Op], max_body_bytes: int, max_request_bytes: int) -> None:
-        self.links = LinkRegistry()
+    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: Messaging, max_request_bytes: int) -> None:
+        self.links = links
+        self.messaging = messaging
         self._ops = ops
-        self._max_body = max_body_bytes
         self._max_request = max_request_bytes
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- device lifecycle (called by the broker) ------------------------------
 
+    def device_registered(self, user: str, device: str) -> None:
+        self.messaging.device_registered(user, device)
+
     def device_online(self, user: str, link: DeviceLink) -> None:
         self.links.attach(user, link)
+        self.messaging.device_online(link.client_id)
 
     def device_offline(self, user: str, link: DeviceLink) -> None:
-        self.links.detach(user, link)
+        if self.links.detach(user, link):
+            self.messaging.device_offline(link.client_id)
 
     # --- uplink ------------------------------------------------------------
 
     def on_uplink(self, caller: Caller, kind: str, payload: bytes) -> None:
         """A publish by ``caller`` on ``u/{caller.user}/{kind}``; never raises."""
         try:
-            if kind == "req":
+            if kind == "out":
+                self.messaging.on_out(caller, payload)
+            elif kind == "ack":
+                self.messaging.on_ack(caller, payload)
+            elif kind == "seen":
+                self.messaging.on_seen(caller, payload)
+            elif kind == "req":
                 self._on_request(caller, payload)
             else:
                 self._on_not_yet(caller, kind, payload)
@@ -91,30 +103,20 @@ class Bridge:
         self.send(caller.client_id, item)
 
     def _on_not_yet(self, caller: Caller, kind: str, payload: bytes) -> None:
-        # Messaging (out/ack/seen) and presence (hb) arrive in later releases;
-        # until then every such publish is answered, never dropped silently.
-        limit = self._max_body * 2 if kind == "out" else self._max_request
+        # Presence (hb) arrives in a later release; until then a heartbeat is
+        # answered, never dropped silently.
         try:
-            obj = loads_object(payload, limit)
+            loads_object(payload, self._max_request)
         except DecodeError as exc:
             self.send(caller.client_id, error_item(exc.code, exc.detail))
             return
-        ref = obj.get("id") if isinstance(obj.get("id"), str) else None
-        self.send(
-            caller.client_id,
-            error_item(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported by this server version", ref),
-        )
+        self.send(caller.client_id, error_item(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported by this server yet"))
 
     # --- downlink -------------------------------------------------------------
 
     def send(self, client_id: str, item: dict[str, Any]) -> bool:
         """Send an ephemeral item to one connected device; False if it is not connected."""
-        link = self.links.get(client_id)
-        if link is None:
-            log.debug("dropping ephemeral %s item for offline %s", item.get("kind"), client_id)
-            return False
-        link.send(dumps(item))
-        return True
+        return self.links.send(client_id, item)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -122,6 +124,7 @@ class Bridge:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Finish running requests (the broker has stopped accepting input)."""
+        """Finish running requests, then write what is staged only in memory."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        await self.messaging.close()

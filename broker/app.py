@@ -1,11 +1,18 @@
-"""Wiring: settings -> stores, authenticator, bridge, broker. Used by the CLI and the tests."""
+"""Wiring: settings -> stores, authenticator, messaging, bridge, broker. Used by the CLI and the tests."""
 
 from __future__ import annotations
 
 import logging
+import time
 
+from bridge.directory import Directory
+from bridge.limits import RateLimiter, RecentIds
+from bridge.links import LinkRegistry
+from bridge.messaging import Messaging
 from bridge.requests import build_ops
 from bridge.service import Bridge
+from bridge.staging import Rules, Staging
+from bridge.store import SqliteStagingStore
 from broker.auth import Authenticator
 from broker.config import Settings
 from broker.login_guard import LoginGuard
@@ -15,12 +22,17 @@ from broker.users import UserStore, load_or_create_secret
 log = logging.getLogger(__name__)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class BrokerApp:
     """One running chat broker. ``await start()``, then ``await stop()``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._users: UserStore | None = None
+        self._staging_store: SqliteStagingStore | None = None
         self._broker: ChatBroker | None = None
 
     @property
@@ -37,8 +49,9 @@ class BrokerApp:
 
     async def start(self) -> None:
         settings = self.settings
-        self._users = await UserStore.open(settings.data_path)
         try:
+            self._users = await UserStore.open(settings.data_path)
+            self._staging_store = await SqliteStagingStore.open(settings.data_path)
             auth = settings.auth
             authenticator = Authenticator(
                 self._users,
@@ -46,23 +59,55 @@ class BrokerApp:
                 load_or_create_secret(settings.data_path),
                 auth.hash_concurrency,
             )
-            bridge = Bridge(build_ops(authenticator), settings.limits.max_body_bytes, settings.limits.max_request_bytes)
+            messaging = await self._start_messaging(self._users, self._staging_store)
+            bridge = Bridge(messaging.links, build_ops(authenticator), messaging, settings.limits.max_request_bytes)
             self._broker = ChatBroker(settings, authenticator, bridge)
             await self._broker.start()
         except BaseException:
-            await self._users.close()
-            self._users = None
+            await self._close_stores()
             self._broker = None
             raise
+
+    async def _start_messaging(self, users: UserStore, store: SqliteStagingStore) -> Messaging:
+        settings = self.settings
+        rules = Rules(
+            flush_s=settings.staging.flush_ms / 1000,
+            ttl_ms=int(settings.staging.ttl_days * 86_400_000),
+            window=settings.delivery.window,
+            redeliver_after_s=settings.delivery.redeliver_after_s,
+            max_queue=settings.delivery.max_queue,
+            dedup_window_ms=int(settings.dedup.window_s * 1000),
+        )
+        directory = Directory()
+        directory.load(await users.all_devices())
+        staging = Staging(
+            rules, await store.next_boot(), directory,
+            RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst),
+            RecentIds(settings.dedup.max_entries),
+        )
+        messages, items, remembered = await store.load(_now_ms())
+        staging.restore(messages, items)
+        staging.remember_ids(remembered)
+        log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
+        links = LinkRegistry()
+        messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
+                              settings.staging.checkpoint_idle_s, settings.staging.sweep_s)
+        await messaging.start()
+        return messaging
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         return self.broker.bound_addresses()
 
     async def stop(self) -> None:
-        """Stop accepting, close every session, drain the bridge, close the stores."""
+        """Stop accepting, close every session, write what is staged in memory, close the stores."""
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None
-        if self._users is not None:
-            await self._users.close()
-            self._users = None
+        await self._close_stores()
+
+    async def _close_stores(self) -> None:
+        for store in (self._staging_store, self._users):
+            if store is not None:
+                await store.close()
+        self._staging_store = None
+        self._users = None

@@ -82,6 +82,37 @@ class LimitsSettings(_Section):
     max_request_bytes: int = Field(default=16384, ge=64)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """A connection must send CONNECT within this time."""
+    send_rate_per_s: float = Field(default=20.0, gt=0)
+    """Sustained messages per second per user; beyond it senders get ``rate_limited``."""
+    send_burst: int = Field(default=200, ge=1)
+    """Messages a user may send at once before the rate applies."""
+
+
+class StagingSettings(_Section):
+    flush_ms: int = Field(default=50, ge=0)
+    """An item not acked this long after it was staged is written to disk (group commit)."""
+    ttl_days: float = Field(default=30.0, gt=0)
+    """Staged items older than this are deleted; the sender gets ``receipt expired``."""
+    sweep_s: float = Field(default=60.0, gt=0)
+    """How often expired items are looked for."""
+    checkpoint_idle_s: float = Field(default=1.0, gt=0)
+    """After deletions, the WAL is checkpointed and truncated once the store is idle this long."""
+
+
+class DeliverySettings(_Section):
+    window: int = Field(default=64, ge=1)
+    """Unacked items in flight per device."""
+    redeliver_after_s: float = Field(default=30.0, gt=0)
+    """An item unacked this long on a live connection is sent again."""
+    max_queue: int = Field(default=10000, ge=1)
+    """Items staged per device; beyond it senders get ``queue_full``."""
+
+
+class DedupSettings(_Section):
+    window_s: float = Field(default=7 * 86400.0, gt=0)
+    """A re-published (from, id) within this time is recognised and answered ``sent`` again."""
+    max_entries: int = Field(default=200_000, ge=1)
+    """Remembered ids beyond the staged messages; the oldest are forgotten first."""
 
 
 class LogSettings(_Section):
@@ -101,6 +132,9 @@ class Settings(_Section):
     listeners: ListenersSettings = ListenersSettings()
     auth: AuthSettings = AuthSettings()
     limits: LimitsSettings = LimitsSettings()
+    staging: StagingSettings = StagingSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    dedup: DedupSettings = DedupSettings()
     log: LogSettings = LogSettings()
 
     @property

@@ -180,7 +180,10 @@ class ChatBroker(Broker):
                          self.settings.limits.connect_timeout_s)
                 await _close_quietly(writer)
                 return
-            except (LoginRefusedError, AMQTTError, MQTTError, NoDataError, ConnectionError, ValueError) as exc:
+            # OSError, not just ConnectionError: amqtt's own refusals (protocol
+            # level, id-less persistent session) close the socket unguarded, and a
+            # client that already reset it raises ENOTCONN there (tests/test_auth.py).
+            except (LoginRefusedError, AMQTTError, MQTTError, NoDataError, OSError, ValueError) as exc:
                 log.debug("connection from %s:%d refused: %r", peer[0], peer[1], exc)
                 await _close_quietly(writer)
                 return
@@ -208,6 +211,8 @@ class ChatBroker(Broker):
             # refused connection is never registered.
             await ConnackPacket.build(0, result.code).to_stream(writer)
             raise LoginRefusedError(result.reason)
+        if result.new_device and result.user and result.device:
+            self.bridge.device_registered(result.user, result.device)
         await self._take_over(client_id)
         return handler, self._session_for(incoming)
 
@@ -262,9 +267,17 @@ class ChatBroker(Broker):
             await handler.mqtt_connack_authorize(True)
             await handler.start()
             await self._publish_session_retained_messages(session)
+            caller = _chat_identity(session)
             for topic_filter, subscribers in list(self._subscriptions.items()):
                 for subscriber, qos in subscribers:
-                    if subscriber is session:  # fault 2: only this session's own filters
+                    if subscriber is not session:  # fault 2: only this session's own filters
+                        continue
+                    if caller is not None and topic_filter == inbox_topic(caller.user):
+                        # A resumed session (clean_session=0, "session present") keeps
+                        # its inbox subscription [MQTT-3.1.2-4]; the client need not
+                        # SUBSCRIBE again, so link it now (tests/test_connection_lifecycle.py).
+                        self._link_device(caller, topic_filter, handler)
+                    else:
                         await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
             await self._client_message_loop(session, handler)
         finally:
@@ -324,11 +337,14 @@ class ChatBroker(Broker):
             if code == SUBACK_FAILURE or caller is None:
                 continue
             if topic_filter == inbox_topic(caller.user):
-                link = SessionLink(caller.client_id, topic_filter, handler)
-                self._links[caller.client_id] = link
-                self.bridge.device_online(caller.user, link)
+                self._link_device(caller, topic_filter, handler)
             else:
                 await self._publish_retained_messages_for_subscription((topic_filter, qos), client_session)
+
+    def _link_device(self, caller: Caller, inbox: str, handler: ChatProtocolHandler) -> None:
+        link = SessionLink(caller.client_id, inbox, handler)
+        self._links[caller.client_id] = link
+        self.bridge.device_online(caller.user, link)
 
     async def _handle_unsubscription(self, client_session: Session, handler: Any, unsubscribe_waiter: Any) -> None:
         caller = _chat_identity(client_session)
@@ -353,7 +369,11 @@ class ChatBroker(Broker):
         topic = message.topic
         if not topic or "#" in topic or "+" in topic:
             log.warning("%s published to invalid topic %r: closing [MQTT-3.3.2-2]", client_session.client_id, topic)
-            return False
+            # Returning False (amqtt's way) only left the message loop: the socket
+            # stayed open and the session "connected" and linked until the process
+            # ended (tests/test_fuzz_uplink.py). End it as an abnormal disconnect.
+            await handler.handle_connection_closed()
+            return True
         retain = bool(message.publish_packet and message.publish_packet.retain_flag)
         await self._dispatch(client_session, topic, bytes(message.data), message.qos, retain)
         return True
@@ -403,6 +423,14 @@ def _only_mqtt_path(connection: ServerConnection, request: Request) -> Response 
 def _tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
     if not certfile or not keyfile:
         raise ListenerError(f"listeners.{listener}: certfile and keyfile are both required for TLS")
+    # ssl's FileNotFoundError carries no file name (the CLI said "cannot read None"):
+    # open each file first, so the message names the key and the file (tests/test_cli.py).
+    for key, path in (("certfile", certfile), ("keyfile", keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ListenerError(f"listeners.{listener}.{key}: cannot read {path}: {exc.strerror or exc}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(certfile, keyfile)

@@ -182,6 +182,18 @@ class UserStore:
         async with self._db.execute(query, (user,)) as cursor:
             return [DeviceInfo(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4])) async for r in cursor]
 
+    async def user_devices(self, name: str) -> list[str] | None:
+        """Device ids of ``name`` (maybe none yet); None if there is no such user."""
+        if not await self.user_exists(name):
+            return None
+        return [d.device for d in await self.devices(name)]
+
+    async def all_devices(self) -> list[tuple[str, str | None]]:
+        """Every user with each of their devices; (user, None) for a user without one."""
+        query = "SELECT u.name, d.device FROM users u LEFT JOIN devices d ON d.user = u.name ORDER BY u.name"
+        async with self._db.execute(query) as cursor:
+            return [(str(r[0]), None if r[1] is None else str(r[1])) async for r in cursor]
+
     async def record_login(self, user: str, device: str) -> bool:
         """Note a successful login; returns True when the device is new (its first login)."""
         stamp = now_ms()

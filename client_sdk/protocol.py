@@ -26,6 +26,8 @@ MESSAGE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 OP_RE: Final = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 
+MAX_JSON_DEPTH: Final = 32  # deepest nesting of arrays/objects accepted in a payload
+
 TOPIC_PREFIX: Final = "u/"
 DOWNLINK: Final = "in"
 UPLINKS: Final = frozenset({"out", "ack", "seen", "hb", "req"})
@@ -126,12 +128,31 @@ def loads_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise DecodeError(ErrorCode.BAD_JSON, f"payload is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(value, dict):
         raise DecodeError(ErrorCode.BAD_JSON, "payload must be a JSON object")
+    # Fuzzing found that whether deep nesting parses depended on the interpreter's
+    # recursion limit (raised by test tools, debuggers): refuse it explicitly.
+    if _nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise DecodeError(ErrorCode.BAD_JSON, f"payload is nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _nested_deeper_than(value: dict[str, Any], limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]  # containers only, with their depth
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def dumps(item: dict[str, Any]) -> bytes:
     """Compact, UTF-8 JSON; the one encoder for every item on the wire."""
-    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # "backslashreplace": a lone surrogate (valid as a JSON escape in client input,
+    # e.g. "\ud800" in a body or an echoed id) cannot be encoded as UTF-8 and used
+    # to turn the answer into an "internal" error (found by fuzzing); it becomes
+    # the same \udxxx escape again, so the item stays valid UTF-8 JSON.
+    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 # --- requests (u/{me}/req) ---------------------------------------------------
@@ -178,3 +199,225 @@ def result_item(rid: str, result: Any) -> dict[str, Any]:
 
 def failure_item(rid: str, code: str, detail: str) -> dict[str, Any]:
     return {"kind": "res", "rid": rid, "ok": False, "error": {"code": code, "detail": detail}}
+
+
+# --- chat messages (u/{me}/out) ---------------------------------------------------
+
+TYPE_RE: Final = re.compile(r"[a-z0-9_.-]{1,32}")
+GROUP_PREFIX: Final = "g:"
+MAX_IDS_PER_ITEM: Final = 1000
+MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "type", "ts"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """A message as the sender published it (``from`` is added by the server)."""
+
+    id: str
+    to: str
+    body: str
+    type: str = "text"
+    ts: int | None = None
+
+
+def parse_chat_message(payload: bytes, max_body_bytes: int) -> ChatMessage:
+    """Validate an uplink chat message; DecodeError.ref is the message id once known."""
+    # The envelope may exceed the body limit by a little (fields, escaping).
+    obj = loads_object(payload, max_body_bytes * 6 + 1024)
+    msg_id = obj.get("id")
+    if not isinstance(msg_id, str) or MESSAGE_ID_RE.fullmatch(msg_id) is None:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'id' must be a string of 1-64 of [A-Za-z0-9_-]")
+    unknown = set(obj) - MESSAGE_FIELDS
+    if unknown:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, f"unknown field(s): {', '.join(sorted(unknown))}", msg_id)
+    to = obj.get("to")
+    if not isinstance(to, str) or not (is_user_id(to) or to.startswith(GROUP_PREFIX)):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id", msg_id)
+    body = obj.get("body")
+    if not isinstance(body, str):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'body' must be a string", msg_id)
+    size = len(body.encode("utf-8"))
+    if size > max_body_bytes:
+        raise DecodeError(ErrorCode.TOO_LARGE, f"body is {size} bytes, limit is {max_body_bytes}", msg_id)
+    kind = obj.get("type", "text")
+    if not isinstance(kind, str) or TYPE_RE.fullmatch(kind) is None:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'type' must be 1-32 of [a-z0-9_.-]", msg_id)
+    ts = obj.get("ts")
+    if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'ts' must be a non-negative integer (ms)", msg_id)
+    return ChatMessage(msg_id, to, body, kind, ts)
+
+
+def chat_message_payload(message: ChatMessage) -> bytes:
+    obj: dict[str, Any] = {"id": message.id, "to": message.to, "body": message.body, "type": message.type}
+    if message.ts is not None:
+        obj["ts"] = message.ts
+    return dumps(obj)
+
+
+# --- acks, seen, heartbeats ---------------------------------------------------------
+
+
+def _int_list(value: object, field: str, limit: int = MAX_IDS_PER_ITEM) -> list[int]:
+    if (
+        not isinstance(value, list) or not value or len(value) > limit
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, f"'{field}' must be a list of 1-{limit} positive integers")
+    return value
+
+
+def _id_list(value: object, field: str, limit: int = MAX_IDS_PER_ITEM) -> list[str]:
+    if (
+        not isinstance(value, list) or not value or len(value) > limit
+        or not all(isinstance(v, str) and MESSAGE_ID_RE.fullmatch(v) for v in value)
+    ):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, f"'{field}' must be a list of 1-{limit} message ids")
+    return value
+
+
+def parse_ack(payload: bytes) -> list[int]:
+    """``{"seqs":[17,18]}`` -> ``[17, 18]``."""
+    obj = loads_object(payload, 64 * 1024)
+    if set(obj) != {"seqs"}:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "an ack is exactly {\"seqs\": [...]}")
+    return _int_list(obj["seqs"], "seqs")
+
+
+def ack_payload(seqs: list[int]) -> bytes:
+    return dumps({"seqs": seqs})
+
+
+def parse_seen(payload: bytes) -> tuple[str, list[str]]:
+    """``{"to":"alice","ids":["m1"]}`` -> ``("alice", ["m1"])``."""
+    obj = loads_object(payload, 128 * 1024)
+    if set(obj) != {"to", "ids"}:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "a seen report is exactly {\"to\": user, \"ids\": [...]}")
+    to = obj["to"]
+    if not is_user_id(to):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id")
+    return to, _id_list(obj["ids"], "ids")
+
+
+def seen_payload(to: str, ids: list[str]) -> bytes:
+    return dumps({"to": to, "ids": ids})
+
+
+HB_ACTIVE: Final = "active"
+HB_AWAY: Final = "away"
+
+
+def parse_heartbeat(payload: bytes) -> str:
+    """``{}`` -> ``"active"``; ``{"state":"away"}`` -> ``"away"``."""
+    obj = loads_object(payload, 1024)
+    state = obj.get("state", HB_ACTIVE)
+    if set(obj) - {"state"} or state not in (HB_ACTIVE, HB_AWAY):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "a heartbeat is {} or {\"state\":\"away\"}")
+    return str(state)
+
+
+# --- downlink items ------------------------------------------------------------------
+
+RECEIPT_SENT: Final = "sent"
+RECEIPT_DELIVERED: Final = "delivered"
+RECEIPT_SEEN: Final = "seen"
+RECEIPT_EXPIRED: Final = "expired"
+STAGED_RECEIPTS: Final = frozenset({RECEIPT_DELIVERED, RECEIPT_SEEN, RECEIPT_EXPIRED})
+
+
+def msg_item(
+    seq: int, msg_id: str, sender: str, to: str, kind: str, body: str, ts: int
+) -> dict[str, Any]:
+    return {"kind": "msg", "seq": seq, "id": msg_id, "from": sender, "to": to, "type": kind, "body": body, "ts": ts}
+
+
+def receipt_item(status: str, ids: list[str], peer: str, ts: int, seq: int | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"kind": "receipt", "status": status, "ids": ids, "peer": peer, "ts": ts}
+    if seq is not None:
+        item["seq"] = seq
+    return item
+
+
+def presence_item(user: str, online: bool | None, last_seen: int | None) -> dict[str, Any]:
+    return {"kind": "presence", "user": user, "online": online, "last_seen": last_seen}
+
+
+@dataclass(frozen=True, slots=True)
+class MsgItem:
+    seq: int
+    id: str
+    sender: str
+    to: str
+    type: str
+    body: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptItem:
+    status: str
+    ids: tuple[str, ...]
+    peer: str
+    ts: int
+    seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceItem:
+    user: str
+    online: bool | None
+    last_seen: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResItem:
+    rid: str
+    ok: bool
+    result: Any
+    error_code: str | None
+    error_detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorItem:
+    code: str
+    detail: str
+    ref: str | None
+
+
+DownlinkItem = MsgItem | ReceiptItem | PresenceItem | ResItem | ErrorItem
+
+
+def _need(obj: dict[str, Any], key: str, kind: type) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, f"downlink item field {key!r} missing or of the wrong type")
+    return value
+
+
+def parse_downlink(payload: bytes) -> DownlinkItem:
+    """Read one item from ``u/{me}/in`` (used by clients); DecodeError if it is not one."""
+    obj = loads_object(payload, 16 * 1024 * 1024)
+    kind = obj.get("kind")
+    if kind == "msg":
+        return MsgItem(
+            _need(obj, "seq", int), _need(obj, "id", str), _need(obj, "from", str), _need(obj, "to", str),
+            str(obj.get("type", "text")), _need(obj, "body", str), _need(obj, "ts", int),
+        )
+    if kind == "receipt":
+        seq = obj.get("seq")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "receipt 'seq' must be an integer")
+        ids = _need(obj, "ids", list)
+        return ReceiptItem(_need(obj, "status", str), tuple(str(i) for i in ids), _need(obj, "peer", str),
+                           _need(obj, "ts", int), seq)
+    if kind == "presence":
+        return PresenceItem(_need(obj, "user", str), obj.get("online"), obj.get("last_seen"))
+    if kind == "res":
+        raw_error = obj.get("error")
+        error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+        return ResItem(_need(obj, "rid", str), bool(obj.get("ok")), obj.get("result"),
+                       error.get("code"), error.get("detail"))
+    if kind == "error":
+        return ErrorItem(_need(obj, "code", str), str(obj.get("detail", "")), obj.get("ref"))
+    raise DecodeError(ErrorCode.BAD_ENVELOPE, f"unknown downlink kind {kind!r}")

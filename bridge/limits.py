@@ -1,0 +1,63 @@
+"""Small pure limiters: a per-user token bucket and a bounded, expiring set of recent ids."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimiter:
+    """``rate`` per second sustained after a burst of ``burst``; buckets are dropped once full again."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def allow(self, key: str, now: float) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = _Bucket(self._burst, now)
+        else:
+            bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.stamp) * self._rate)
+            bucket.stamp = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        self._buckets[key] = bucket
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return True
+
+
+class RecentIds:
+    """(sender, id) pairs remembered until their expiry, at most ``max_entries`` (oldest forgotten)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def add(self, key: tuple[str, str], expires_ms: int) -> None:
+        self._entries[key] = expires_ms
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def contains(self, key: tuple[str, str], now_ms: int) -> bool:
+        expires = self._entries.get(key)
+        return expires is not None and expires > now_ms
+
+    def prune(self, now_ms: int) -> None:
+        for key in [k for k, exp in self._entries.items() if exp <= now_ms]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,271 @@
+"""One-to-one messaging: the thin shell around the staging core.
+
+It feeds ``Staging`` with uplinks and the time, carries out each ``Outcome``
+(items to devices, notices, body reads), and runs three background jobs: the
+group-commit flusher, a one-second ticker (redelivery, TTL expiry, WAL
+checkpoints) and body reads. Uplinks are handled synchronously; when a
+recipient is not in the in-memory directory yet, that device's later uplinks
+wait in a lane behind the lookup so its messages keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from bridge.links import LinkRegistry
+from bridge.requests import Caller
+from bridge.staging import Outcome, Staging
+from bridge.store import StagingStore
+from broker.sqlite import StoreError
+from client_sdk.protocol import DecodeError, dumps, error_item, parse_ack, parse_chat_message, parse_seen
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+CHECKPOINT_MAX_DELAY_S = 30.0
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+
+
+class UserLookup(Protocol):
+    async def user_devices(self, name: str) -> list[str] | None:
+        """Device ids of ``name`` (possibly none); None if there is no such user."""
+
+
+class Messaging:
+    def __init__(
+        self,
+        staging: Staging,
+        store: StagingStore,
+        links: LinkRegistry,
+        notify: Callable[[str, dict[str, Any]], bool],
+        users: UserLookup,
+        max_body_bytes: int,
+        checkpoint_idle_s: float,
+        sweep_s: float = 60.0,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.staging = staging
+        self.links = links
+        self._store = store
+        self._links = links
+        self._notify = notify
+        self._users = users
+        self._max_body = max_body_bytes
+        self._checkpoint_idle = checkpoint_idle_s
+        self._sweep_s = sweep_s
+        self._now_ms = clock_ms
+        self._now = monotonic
+        self._wake = asyncio.Event()
+        self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._flushing = False
+        self._closing = False
+        self._deleted_since_checkpoint = False
+        self._last_write = 0.0
+        self._last_checkpoint = 0.0
+
+    async def start(self) -> None:
+        self._loops = [asyncio.ensure_future(self._flush_loop()), asyncio.ensure_future(self._tick_loop())]
+
+    # --- uplinks ---------------------------------------------------------------------
+
+    def on_out(self, caller: Caller, payload: bytes) -> None:
+        self._enter_lane("out", caller, payload)
+
+    def on_seen(self, caller: Caller, payload: bytes) -> None:
+        self._enter_lane("seen", caller, payload)
+
+    def on_ack(self, caller: Caller, payload: bytes) -> None:
+        try:
+            seqs = parse_ack(payload)
+        except DecodeError as exc:
+            self._notify(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            return
+        self._apply(self.staging.ack(caller.client_id, seqs, self._now_ms(), self._now()))
+
+    def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
+        lane = self._lanes.get(caller.client_id)
+        if lane is not None:
+            lane.append((kind, caller, payload))
+            return
+        peer = self._handle_now(kind, caller, payload)
+        if peer is not None:  # unknown recipient: look it up, keep later uplinks of this device behind it
+            self._lanes[caller.client_id] = deque([(kind, caller, payload)])
+            self._spawn(self._run_lane(caller.client_id))
+
+    def _handle_now(self, kind: str, caller: Caller, payload: bytes, looked_up: bool = False) -> str | None:
+        """Handle an out/seen uplink; returns the peer to look up first, if it is not in the directory."""
+        try:
+            if kind == "out":
+                message = parse_chat_message(payload, self._max_body)
+                peer = message.to
+            else:
+                peer, ids = parse_seen(payload)
+        except DecodeError as exc:
+            self._notify(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            return None
+        if not looked_up and not self.staging.directory.exists(peer) and not peer.startswith("g:"):
+            return peer
+        if kind == "out":
+            outcome = self.staging.submit(caller.client_id, caller.user, message, self._now_ms(), self._now())
+        else:
+            outcome = self.staging.seen(caller.user, peer, ids, caller.client_id, self._now_ms(), self._now())
+        self._apply(outcome)
+        return None
+
+    async def _run_lane(self, client_id: str) -> None:
+        lane = self._lanes[client_id]
+        try:
+            while lane:
+                kind, caller, payload = lane[0]
+                peer = self._handle_now(kind, caller, payload)
+                if peer is not None:
+                    devices = await self._users.user_devices(peer)
+                    if devices is not None:
+                        self.staging.directory.add_user(peer, devices)
+                    self._handle_now(kind, caller, payload, looked_up=True)
+                lane.popleft()
+        except Exception:
+            log.exception("lane of %s failed", client_id)
+            for _, caller, _payload in lane:
+                self._notify(caller.client_id, error_item("internal", "the server failed to handle this item"))
+        finally:
+            del self._lanes[client_id]
+
+    # --- devices --------------------------------------------------------------------------
+
+    def device_online(self, client_id: str) -> None:
+        self._apply(self.staging.device_online(client_id, self._now()))
+
+    def device_offline(self, client_id: str) -> None:
+        self.staging.device_offline(client_id)
+
+    def device_registered(self, user: str, device: str) -> None:
+        """A device logged in for the first time: known from now on; a first device takes held items."""
+        directory = self.staging.directory
+        if not directory.exists(user):
+            directory.add_user(user)
+        if directory.add_device(user, device):
+            self._apply(self.staging.adopt_placeholder(user, f"{user}.{device}", self._now()))
+
+    # --- carrying out outcomes -----------------------------------------------------------
+
+    def _apply(self, out: Outcome) -> None:
+        # Notices first: when the recipient acks before the flush, one outcome
+        # holds both 'sent' (a notice) and 'delivered' (a delivery) for the
+        # sender, who must see them in that order (found by tests/sdk).
+        for client_id, item in out.notices:
+            self._notify(client_id, item)
+        for device, item in out.deliveries:
+            link = self._links.get(device)
+            if link is not None:
+                link.send(dumps(item))
+        if out.need_bodies:
+            self._spawn(self._load_bodies(out.need_bodies))
+        if out.flush_due:
+            self._wake.set()
+
+    async def _load_bodies(self, mids: list[int]) -> None:
+        try:
+            bodies = await self._store.bodies(mids)
+        except StoreError:
+            log.exception("cannot read %d staged bodies; retrying on the next tick", len(mids))
+            self.staging.bodies_loaded({}, self._now())  # clears the waiting marks; the next pump asks again
+            return
+        for mid in set(mids) - set(bodies):
+            log.error("staged message %d has no body on disk: dropping its items", mid)
+            self._apply(self.staging.body_missing(mid, self._now_ms(), self._now()))
+        self._apply(self.staging.bodies_loaded(bodies, self._now()))
+
+    # --- background jobs ---------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        retry = RETRY_MIN_S
+        while not self._closing:
+            due = self.staging.next_flush_at(self._now())
+            if due is None or due > self._now():
+                self._wake.clear()
+                timeout = None if due is None else max(0.0, due - self._now())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            if await self._flush_once(self._now()):
+                retry = RETRY_MIN_S
+            else:
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_S)
+
+    async def _flush_once(self, now: float) -> bool:
+        batch = self.staging.take_flush(now)
+        if batch is None:
+            return True
+        self._flushing = True
+        try:
+            await self._store.commit(batch)
+        except StoreError as exc:
+            log.error("staging commit of %d item(s) failed, will retry: %s", len(batch.items), exc)
+            self._apply(self.staging.flush_failed(batch))
+            return False
+        finally:
+            self._flushing = False
+        self._last_write = self._now()
+        if batch.deleted_items or batch.deleted_bodies:
+            self._deleted_since_checkpoint = True
+        self._apply(self.staging.flush_done(batch))
+        return True
+
+    async def _tick_loop(self) -> None:
+        last_expire = self._now()
+        tick = min(TICK_S, self._sweep_s)
+        while not self._closing:
+            await asyncio.sleep(tick)
+            try:
+                now = self._now()
+                self._apply(self.staging.redeliver(now))
+                if now - last_expire >= self._sweep_s:
+                    last_expire = now
+                    self._apply(self.staging.expire(self._now_ms(), now))
+                    await self._store.prune(self._now_ms())
+                await self._maybe_checkpoint(now)
+            except StoreError as exc:
+                log.warning("staging maintenance failed: %s", exc)
+            except Exception:
+                log.exception("staging maintenance failed")
+
+    async def _maybe_checkpoint(self, now: float) -> None:
+        if not self._deleted_since_checkpoint or self._flushing:
+            return
+        idle = now - self._last_write >= self._checkpoint_idle
+        overdue = now - self._last_checkpoint >= CHECKPOINT_MAX_DELAY_S
+        if idle or overdue:
+            self._deleted_since_checkpoint = False
+            self._last_checkpoint = now
+            await self._store.checkpoint()
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop the jobs and write everything still only in memory (graceful shutdown)."""
+        self._closing = True
+        self._wake.set()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        for _ in range(3):
+            if await self._flush_once(float("inf")):
+                break
+        with contextlib.suppress(StoreError):
+            await self._store.checkpoint()

@@ -1,0 +1,542 @@
+"""The staging core: messages and receipts waiting for devices. Pure: no I/O,
+the caller passes the time; every method returns an ``Outcome`` saying what to
+send, and ``take_flush`` / ``flush_done`` say what to write.
+
+Rules (PROTOCOL.md "Delivery rules"):
+1. An accepted message gets one item per target device, each with that
+   device's next ``seq``. Items start in memory only (volatile).
+2. An item still unacked ``flush_ms`` after it was staged is written to disk
+   with everything else that is due (one transaction: group commit).
+3. ``receipt sent`` goes to the publishing device once every item of the
+   message is written or acked (it then survives a crash). A repeat of a
+   known (from, id) is not staged again; it is answered ``sent`` once settled.
+4. The first ack of a message by a device of the recipient stages a
+   ``receipt delivered`` for each device of the sender.
+5. When every target device acked, the message is forgotten: memory now, and
+   its rows in the next commit (the store then truncates its WAL).
+6. A device receives its items in ``seq`` order, at most ``window`` unacked at
+   a time; an item unacked for ``redeliver_after`` while connected is sent again.
+7. Items older than the TTL are dropped; the sender of an expired message gets
+   ``receipt expired``.
+Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
+boots, so seqs increase across restarts without a disk write per seq.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.directory import Directory, is_placeholder, placeholder
+from bridge.limits import RateLimiter, RecentIds
+from client_sdk.protocol import (
+    RECEIPT_DELIVERED,
+    RECEIPT_EXPIRED,
+    RECEIPT_SEEN,
+    RECEIPT_SENT,
+    ChatMessage,
+    ErrorCode,
+    error_item,
+    msg_item,
+    receipt_item,
+)
+
+SEQ_SPAN = 1_000_000_000
+VOLATILE, WRITING, DURABLE = 0, 1, 2
+BODY_PREFETCH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    flush_s: float
+    ttl_ms: int
+    window: int
+    redeliver_after_s: float
+    max_queue: int
+    dedup_window_ms: int
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    mid: int
+    sender: str
+    msg_id: str
+    recipient: str
+    type: str
+    body: str | None
+    ts: int
+    expires_ms: int
+    origin: str
+    targets: set[str] = field(default_factory=set)
+    unsettled: int = 0
+    writing: int = 0
+    state: int = VOLATILE
+    delivered: bool = False
+    sent_notified: bool = False
+    expired_notified: bool = False
+    store_failed: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Item:
+    device: str
+    seq: int
+    expires_ms: int
+    due: float
+    message: Message | None = None
+    receipt: dict[str, Any] | None = None
+    state: int = VOLATILE
+    acked: bool = False
+    settled: bool = False
+
+
+@dataclass(slots=True)
+class DeviceBox:
+    items: OrderedDict[int, Item] = field(default_factory=OrderedDict)
+    online: bool = False
+    unsent: deque[int] = field(default_factory=deque)
+    inflight: OrderedDict[int, float] = field(default_factory=OrderedDict)
+
+
+@dataclass(slots=True)
+class Outcome:
+    deliveries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    need_bodies: list[int] = field(default_factory=list)
+    flush_due: bool = False
+
+    def merge(self, other: Outcome) -> Outcome:
+        self.deliveries += other.deliveries
+        self.notices += other.notices
+        self.need_bodies += other.need_bodies
+        self.flush_due = self.flush_due or other.flush_due
+        return self
+
+
+@dataclass(slots=True)
+class FlushBatch:
+    bodies: list[Message] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+    deleted_items: list[tuple[str, int]] = field(default_factory=list)
+    deleted_bodies: list[int] = field(default_factory=list)
+    delivered: list[int] = field(default_factory=list)
+    dedup: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.bodies or self.items or self.deleted_items or self.deleted_bodies
+                    or self.delivered or self.dedup)
+
+
+class Staging:
+    def __init__(self, rules: Rules, boot: int, directory: Directory, rate: RateLimiter, recent: RecentIds) -> None:
+        self.rules = rules
+        self.directory = directory
+        self._rate = rate
+        self._recent = recent
+        self._seq_base = boot * SEQ_SPAN
+        self._next_mid = boot * SEQ_SPAN
+        self.boxes: dict[str, DeviceBox] = {}
+        self._counters: dict[str, int] = {}  # per device, for this boot; never reset (seqs must not repeat)
+        self.live: dict[tuple[str, str], Message] = {}
+        self._by_mid: dict[int, Message] = {}
+        self._waiting_bodies: set[str] = set()
+        self._volatile: deque[Item] = deque()  # in creation order: flush deadlines ascend
+        self._pending = FlushBatch()  # deletions and flags waiting for the next commit
+        self._pending_due: float | None = None
+
+    # --- restore -----------------------------------------------------------------
+
+    def restore(self, messages: Iterable[Message], items: Iterable[Item]) -> None:
+        """Load what the store holds (all durable) after a restart."""
+        by_mid = {}
+        for message in messages:
+            message.state, message.sent_notified = DURABLE, True
+            by_mid[message.mid] = message
+            self._remember(message)
+        for item in items:
+            item.state, item.settled = DURABLE, True
+            if item.message is not None:
+                item.message = by_mid.get(item.message.mid, item.message)
+                item.message.targets.add(item.device)
+            self._box(item.device).items[item.seq] = item
+
+    def remember_ids(self, rows: Iterable[tuple[str, str, int]]) -> None:
+        for sender, msg_id, expires in rows:
+            self._recent.add((sender, msg_id), expires)
+
+    def _box(self, device: str) -> DeviceBox:
+        box = self.boxes.get(device)
+        if box is None:
+            box = self.boxes[device] = DeviceBox()
+        return box
+
+    def _new_seq(self, device: str) -> int:
+        count = self._counters.get(device, 0) + 1
+        self._counters[device] = count
+        return self._seq_base + count
+
+    def _remember(self, message: Message) -> None:
+        self.live[(message.sender, message.msg_id)] = message
+        self._by_mid[message.mid] = message
+
+    # --- messages ------------------------------------------------------------------
+
+    def submit(self, origin: str, sender: str, message: ChatMessage, now_ms: int, now: float) -> Outcome:
+        """A chat message published by ``origin`` (client id) of ``sender``."""
+        out = Outcome()
+        key = (sender, message.id)
+        known = self.live.get(key)
+        if known is not None:
+            known.origin = origin
+            if known.sent_notified:
+                out.notices.append((origin, self._sent_item(known, now_ms)))
+            return out  # not settled yet: 'sent' goes to the new origin when it is
+        if self._recent.contains(key, now_ms):
+            out.notices.append((origin, receipt_item(RECEIPT_SENT, [message.id], message.to, now_ms)))
+            return out
+        if not self.directory.exists(message.to):
+            out.notices.append((origin, error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}",
+                                                   message.id)))
+            return out
+        targets = self.directory.targets(message.to)
+        full = [t for t in targets if len(self._box(t).items) >= self.rules.max_queue]
+        if full:
+            out.notices.append((origin, error_item(ErrorCode.QUEUE_FULL,
+                                                   f"{message.to} has too many undelivered items", message.id)))
+            return out
+        if not self._rate.allow(sender, now):
+            out.notices.append((origin, error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later",
+                                                   message.id)))
+            return out
+        self._next_mid += 1
+        staged = Message(self._next_mid, sender, message.id, message.to, message.type, message.body, now_ms,
+                         now_ms + self.rules.ttl_ms, origin)
+        self._remember(staged)
+        for device in targets:
+            staged.targets.add(device)
+            staged.unsettled += 1
+            self._stage(device, Item(device, 0, staged.expires_ms, now + self.rules.flush_s, message=staged),
+                        now, out)
+        out.flush_due = True
+        return out
+
+    def _stage(self, device: str, item: Item, now: float, out: Outcome) -> None:
+        box = self._box(device)
+        item.seq = self._new_seq(device)
+        box.items[item.seq] = item
+        self._volatile.append(item)
+        if box.online:
+            box.unsent.append(item.seq)
+            self._pump(device, box, now, out)
+
+    def _stage_receipt(self, user: str, status: str, ids: list[str], peer: str, now_ms: int, now: float,
+                       out: Outcome) -> None:
+        receipt = {"status": status, "ids": ids, "peer": peer, "ts": now_ms}
+        for device in self.directory.targets(user):
+            self._stage(device, Item(device, 0, now_ms + self.rules.ttl_ms, now + self.rules.flush_s,
+                                     receipt=receipt), now, out)
+        out.flush_due = True
+
+    def seen(self, by_user: str, to_user: str, ids: list[str], origin: str, now_ms: int, now: float) -> Outcome:
+        """``by_user`` displayed ``ids`` from ``to_user``: a staged ``receipt seen`` for ``to_user``."""
+        out = Outcome()
+        if not self.directory.exists(to_user):
+            out.notices.append((origin, error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}")))
+            return out
+        self._stage_receipt(to_user, RECEIPT_SEEN, ids, by_user, now_ms, now, out)
+        return out
+
+    # --- acks ------------------------------------------------------------------------
+
+    def ack(self, device: str, seqs: Iterable[int], now_ms: int, now: float) -> Outcome:
+        out = Outcome()
+        box = self.boxes.get(device)
+        if box is None:
+            return out
+        delivered: dict[tuple[str, str], list[str]] = {}
+        for seq in seqs:
+            item = box.items.pop(seq, None)
+            if item is None:
+                continue  # a repeated ack, or not this device's item
+            box.inflight.pop(seq, None)
+            self._drop_item(item, out)
+            message = item.message
+            if message is not None and not message.delivered and not is_placeholder(device):
+                message.delivered = True
+                if message.state == DURABLE:
+                    self._pending.delivered.append(message.mid)
+                delivered.setdefault((message.sender, message.recipient), []).append(message.msg_id)
+        for (sender, recipient), ids in delivered.items():
+            self._stage_receipt(sender, RECEIPT_DELIVERED, ids, recipient, now_ms, now, out)
+        self._pump(device, box, now, out)
+        return out
+
+    def _drop_item(self, item: Item, out: Outcome) -> None:
+        """The item leaves its device's queue (acked or expired)."""
+        item.acked = True
+        if item.state == DURABLE:
+            self._pending.deleted_items.append((item.device, item.seq))
+            out.flush_due = True
+        self._settle(item, out)
+        message = item.message
+        if message is not None:
+            message.targets.discard(item.device)
+            self._maybe_forget(message, out)
+
+    def _settle(self, item: Item, out: Outcome) -> None:
+        if item.settled:
+            return
+        item.settled = True
+        message = item.message
+        if message is None:
+            return
+        message.unsettled -= 1
+        if message.unsettled == 0 and not message.sent_notified:
+            message.sent_notified = True
+            out.notices.append((message.origin, self._sent_item(message, None)))
+
+    def _sent_item(self, message: Message, now_ms: int | None) -> dict[str, Any]:
+        return receipt_item(RECEIPT_SENT, [message.msg_id], message.recipient,
+                            now_ms if now_ms is not None else message.ts)
+
+    def _maybe_forget(self, message: Message, out: Outcome) -> None:
+        if message.targets or message.writing:
+            return
+        if self.live.get((message.sender, message.msg_id)) is message:
+            del self.live[(message.sender, message.msg_id)]
+        self._by_mid.pop(message.mid, None)
+        expires = message.ts + self.rules.dedup_window_ms
+        self._recent.add((message.sender, message.msg_id), expires)
+        self._pending.dedup.append((message.sender, message.msg_id, expires))
+        if message.state == DURABLE:
+            self._pending.deleted_bodies.append(message.mid)
+        message.body = None
+        out.flush_due = True
+
+    # --- devices ---------------------------------------------------------------------
+
+    def device_online(self, device: str, now: float) -> Outcome:
+        """The device subscribed to its inbox: everything unacked goes out again, in seq order."""
+        out = Outcome()
+        box = self._box(device)
+        box.online = True
+        box.unsent = deque(box.items.keys())
+        box.inflight.clear()
+        self._pump(device, box, now, out)
+        return out
+
+    def device_offline(self, device: str) -> None:
+        box = self.boxes.get(device)
+        if box is None:
+            return
+        box.online = False
+        box.unsent.clear()
+        box.inflight.clear()
+        for item in box.items.values():  # free bodies that are safe on disk and wanted by no live device
+            message = item.message
+            if message is not None and message.state == DURABLE and message.body is not None and not any(
+                self.boxes[t].online for t in message.targets if t in self.boxes
+            ):
+                message.body = None
+        if not box.items:
+            del self.boxes[device]
+
+    def adopt_placeholder(self, user: str, device: str, now: float) -> Outcome:
+        """A user's first device takes over what was held for them (new seqs, written at once)."""
+        out = Outcome()
+        held = self.boxes.pop(placeholder(user), None)
+        if held is None:
+            return out
+        for old in held.items.values():
+            if old.state == DURABLE:
+                self._pending.deleted_items.append((old.device, old.seq))
+            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt)
+            item.settled = old.settled
+            if old.message is not None:
+                old.message.targets.discard(old.device)
+                old.message.targets.add(device)
+            self._stage(device, item, now, out)
+        out.flush_due = True
+        return out
+
+    def _pump(self, device: str, box: DeviceBox, now: float, out: Outcome) -> None:
+        if not box.online:
+            return
+        while box.unsent and len(box.inflight) < self.rules.window:
+            seq = box.unsent[0]
+            item = box.items.get(seq)
+            if item is None:
+                box.unsent.popleft()
+                continue
+            if item.message is not None and item.message.body is None:
+                if device not in self._waiting_bodies:
+                    self._waiting_bodies.add(device)
+                    out.need_bodies += self._missing_bodies(box)
+                return
+            box.unsent.popleft()
+            box.inflight[seq] = now
+            out.deliveries.append((device, self._wire(item)))
+
+    def _missing_bodies(self, box: DeviceBox) -> list[int]:
+        missing: list[int] = []
+        for seq in list(box.unsent)[:BODY_PREFETCH]:
+            item = box.items.get(seq)
+            if item is not None and item.message is not None and item.message.body is None:
+                missing.append(item.message.mid)
+        return missing
+
+    def bodies_loaded(self, bodies: dict[int, str], now: float) -> Outcome:
+        """Bodies read back from the store; pumps every device that was waiting for one."""
+        out = Outcome()
+        for mid, body in bodies.items():
+            message = self._by_mid.get(mid)
+            if message is not None and message.body is None:
+                message.body = body
+        waiting, self._waiting_bodies = self._waiting_bodies, set()
+        for device in waiting:
+            box = self.boxes.get(device)
+            if box is not None:
+                self._pump(device, box, now, out)
+        return out
+
+    def body_missing(self, mid: int, now_ms: int, now: float) -> Outcome:
+        """The store has no body for a staged message (should not happen): drop its items."""
+        out = Outcome()
+        for device, box in list(self.boxes.items()):
+            for seq, item in list(box.items.items()):
+                if item.message is not None and item.message.mid == mid:
+                    del box.items[seq]
+                    self._drop_item(item, out)
+            self._pump(device, box, now, out)
+        return out
+
+    def _wire(self, item: Item) -> dict[str, Any]:
+        message = item.message
+        if message is not None:
+            return msg_item(item.seq, message.msg_id, message.sender, message.recipient, message.type,
+                            message.body or "", message.ts)
+        receipt = item.receipt or {}
+        return receipt_item(receipt["status"], receipt["ids"], receipt["peer"], receipt["ts"], item.seq)
+
+    # --- time-driven -------------------------------------------------------------------
+
+    def redeliver(self, now: float) -> Outcome:
+        out = Outcome()
+        for device, box in self.boxes.items():
+            if not box.online:
+                continue
+            stale = [seq for seq, sent in box.inflight.items() if now - sent >= self.rules.redeliver_after_s]
+            for seq in stale:
+                item = box.items.get(seq)
+                if item is None:
+                    del box.inflight[seq]
+                    continue
+                box.inflight[seq] = now
+                box.inflight.move_to_end(seq)
+                out.deliveries.append((device, self._wire(item)))
+        return out
+
+    def expire(self, now_ms: int, now: float) -> Outcome:
+        """Drop items past their TTL (rule 7) and forget old remembered ids."""
+        out = Outcome()
+        expired: dict[tuple[str, str], list[str]] = {}
+        for device, box in list(self.boxes.items()):
+            while box.items:
+                seq, item = next(iter(box.items.items()))
+                if item.expires_ms > now_ms:
+                    break
+                del box.items[seq]
+                box.inflight.pop(seq, None)
+                message = item.message
+                if message is not None and not message.expired_notified:
+                    message.expired_notified = True
+                    expired.setdefault((message.sender, message.recipient), []).append(message.msg_id)
+                self._drop_item(item, out)
+            if not box.items and not box.online:
+                del self.boxes[device]
+        for (sender, recipient), ids in expired.items():
+            self._stage_receipt(sender, RECEIPT_EXPIRED, ids, recipient, now_ms, now, out)
+        self._recent.prune(now_ms)
+        return out
+
+    def next_flush_at(self, now: float) -> float | None:
+        """When the next commit is due (None: nothing waits). Deletions wait up to ``flush_s`` too,
+        so that acks are deleted in groups rather than one commit each."""
+        while self._volatile and (self._volatile[0].acked or self._volatile[0].state != VOLATILE):
+            self._volatile.popleft()
+        due = self._volatile[0].due if self._volatile else None
+        if not self._pending.empty():
+            if self._pending_due is None:
+                self._pending_due = now + self.rules.flush_s
+            due = self._pending_due if due is None else min(due, self._pending_due)
+        return due
+
+    # --- flushing ----------------------------------------------------------------------
+
+    def take_flush(self, now: float) -> FlushBatch | None:
+        """Everything due for the disk now (all of it if ``now`` is infinite)."""
+        batch, self._pending = self._pending, FlushBatch()
+        self._pending_due = None
+        keep: deque[Item] = deque()
+        # Scan them all: an adopted item is due at once although staged behind
+        # others, and must commit with the deletion of the row it replaces.
+        for item in self._volatile:
+            if item.acked or item.state != VOLATILE:
+                continue
+            if item.due > now:
+                keep.append(item)
+                continue
+            item.state = WRITING
+            batch.items.append(item)
+            message = item.message
+            if message is not None:
+                message.writing += 1
+                if message.state == VOLATILE:
+                    message.state = WRITING
+                    batch.bodies.append(message)
+        self._volatile = keep
+        return None if batch.empty() else batch
+
+    def flush_done(self, batch: FlushBatch) -> Outcome:
+        out = Outcome()
+        for message in batch.bodies:
+            message.state = DURABLE
+        for item in batch.items:
+            item.state = DURABLE
+            if item.acked:
+                self._pending.deleted_items.append((item.device, item.seq))
+                out.flush_due = True
+            self._settle(item, out)
+            if item.message is not None:
+                item.message.writing -= 1
+                self._maybe_forget(item.message, out)
+        return out
+
+    def flush_failed(self, batch: FlushBatch) -> Outcome:
+        """The commit failed: everything in it is pending again; senders hear why."""
+        out = Outcome()
+        for message in batch.bodies:
+            message.state = VOLATILE
+            if not message.store_failed:
+                message.store_failed = True
+                out.notices.append((message.origin, error_item(
+                    ErrorCode.INTERNAL, "the server cannot store messages right now; it keeps retrying",
+                    message.msg_id)))
+        for item in batch.items:
+            item.state = VOLATILE
+            if item.message is not None:
+                item.message.writing -= 1
+                self._maybe_forget(item.message, out)
+        self._volatile = deque(sorted([*batch.items, *self._volatile], key=lambda i: i.due))
+        self._pending.deleted_items[:0] = batch.deleted_items
+        self._pending.deleted_bodies[:0] = batch.deleted_bodies
+        self._pending.delivered[:0] = batch.delivered
+        self._pending.dedup[:0] = batch.dedup
+        return out
+
+    # --- figures --------------------------------------------------------------------------
+
+    def staged_count(self) -> int:
+        return sum(len(box.items) for box in self.boxes.values())

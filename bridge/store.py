@@ -1,0 +1,203 @@
+"""The staging store: where items wait on disk. One interface, one SQLite implementation.
+
+The interface is in terms of per-device queue operations (see DESIGN.md, "Scale
+beyond one machine"), so another backend can replace SQLite without touching
+the core. Bodies are stored once per message; each target device has its own
+item row. ``secure_delete`` overwrites deleted rows and ``checkpoint`` truncates
+the WAL, so a delivered body leaves neither file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import aiosqlite
+
+from bridge.staging import FlushBatch, Item, Message
+from broker.sqlite import StoreError, open_database
+
+log = logging.getLogger(__name__)
+
+STAGING_DB = "staging.db"
+
+MIGRATIONS = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE bodies (
+        mid         INTEGER PRIMARY KEY,
+        sender      TEXT NOT NULL,
+        msg_id      TEXT NOT NULL,
+        recipient   TEXT NOT NULL,
+        type        TEXT NOT NULL,
+        body        TEXT NOT NULL,
+        ts          INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        delivered   INTEGER NOT NULL,
+        origin      TEXT NOT NULL
+    );
+    CREATE TABLE items (
+        device      TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        mid         INTEGER,
+        receipt     TEXT,
+        expires_ms  INTEGER NOT NULL,
+        PRIMARY KEY (device, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE dedup (
+        sender      TEXT NOT NULL,
+        msg_id      TEXT NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        PRIMARY KEY (sender, msg_id)
+    ) WITHOUT ROWID
+    """,
+)
+
+
+class StagingStore(Protocol):
+    async def next_boot(self) -> int:
+        """A number larger than every earlier call's, across restarts."""
+
+    async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
+        """Staged messages (bodies not loaded), items in (device, seq) order, remembered ids."""
+
+    async def commit(self, batch: FlushBatch) -> None:
+        """Write one batch atomically; raises StoreError (nothing written) on failure."""
+
+    async def bodies(self, mids: list[int]) -> dict[int, str]: ...
+
+    async def prune(self, now_ms: int) -> None:
+        """Forget remembered ids that expired."""
+
+    async def checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it."""
+
+    async def close(self) -> None: ...
+
+
+class SqliteStagingStore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> SqliteStagingStore:
+        return cls(await open_database(data_dir / STAGING_DB, MIGRATIONS))
+
+    async def next_boot(self) -> int:
+        async with self._transaction("next_boot"):
+            await self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('boot', 1) "
+                "ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            )
+            async with self._db.execute("SELECT value FROM meta WHERE key = 'boot'") as cursor:
+                row = await cursor.fetchone()
+        return int(row[0]) if row else 1
+
+    async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
+        messages: dict[int, Message] = {}
+        query = "SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin FROM bodies"
+        async with self._db.execute(query) as cursor:
+            async for r in cursor:
+                messages[int(r[0])] = Message(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), None,
+                                              int(r[5]), int(r[6]), str(r[8]), delivered=bool(r[7]))
+        items: list[Item] = []
+        query = "SELECT device, seq, mid, receipt, expires_ms FROM items ORDER BY device, seq"
+        async with self._db.execute(query) as cursor:
+            async for r in cursor:
+                message = messages.get(int(r[2])) if r[2] is not None else None
+                receipt = json.loads(r[3]) if r[3] is not None else None
+                if message is None and receipt is None:
+                    log.error("staged item %s/%s has no message: skipped", r[0], r[1])
+                    continue
+                items.append(Item(str(r[0]), int(r[1]), int(r[4]), 0.0, message=message, receipt=receipt))
+        query = "SELECT sender, msg_id, expires_ms FROM dedup WHERE expires_ms > ?"
+        async with self._db.execute(query, (now_ms,)) as cursor:
+            remembered = [(str(r[0]), str(r[1]), int(r[2])) async for r in cursor]
+        return list(messages.values()), items, remembered
+
+    async def commit(self, batch: FlushBatch) -> None:
+        async with self._transaction("commit"):
+            db = self._db
+            if batch.bodies:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO bodies (mid, sender, msg_id, recipient, type, body, ts, expires_ms, "
+                    "delivered, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(m.mid, m.sender, m.msg_id, m.recipient, m.type, m.body or "", m.ts, m.expires_ms,
+                      int(m.delivered), m.origin) for m in batch.bodies],
+                )
+            if batch.items:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO items (device, seq, mid, receipt, expires_ms) VALUES (?, ?, ?, ?, ?)",
+                    [(i.device, i.seq, i.message.mid if i.message else None,
+                      json.dumps(i.receipt) if i.receipt is not None else None, i.expires_ms) for i in batch.items],
+                )
+            if batch.deleted_items:
+                await db.executemany("DELETE FROM items WHERE device = ? AND seq = ?", batch.deleted_items)
+            if batch.delivered:
+                await db.executemany("UPDATE bodies SET delivered = 1 WHERE mid = ?", [(m,) for m in batch.delivered])
+            if batch.deleted_bodies:
+                await db.executemany("DELETE FROM bodies WHERE mid = ?", [(m,) for m in batch.deleted_bodies])
+            if batch.dedup:
+                await db.executemany("INSERT OR REPLACE INTO dedup (sender, msg_id, expires_ms) VALUES (?, ?, ?)",
+                                     batch.dedup)
+
+    async def bodies(self, mids: list[int]) -> dict[int, str]:
+        found: dict[int, str] = {}
+        for chunk in _chunks(mids, 500):
+            marks = ",".join("?" * len(chunk))
+            async with self._db.execute(f"SELECT mid, body FROM bodies WHERE mid IN ({marks})", chunk) as cursor:  # noqa: S608 (placeholders only)
+                async for r in cursor:
+                    found[int(r[0])] = str(r[1])
+        return found
+
+    async def prune(self, now_ms: int) -> None:
+        async with self._transaction("prune"):
+            await self._db.execute("DELETE FROM dedup WHERE expires_ms <= ?", (now_ms,))
+
+    async def checkpoint(self) -> None:
+        try:
+            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except aiosqlite.Error as exc:
+            raise StoreError(f"checkpoint failed: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    def _transaction(self, name: str) -> _Transaction:
+        return _Transaction(self._db, name)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; any database error rolls back and becomes StoreError."""
+
+    def __init__(self, db: aiosqlite.Connection, name: str) -> None:
+        self._db = db
+        self._name = name
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except aiosqlite.Error as exc:
+            raise StoreError(f"{self._name}: cannot start a transaction: {exc}") from exc
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            try:
+                await self._db.execute("COMMIT")
+                return False
+            except aiosqlite.Error as commit_error:
+                exc = commit_error
+        with contextlib.suppress(aiosqlite.Error):
+            await self._db.execute("ROLLBACK")
+        if isinstance(exc, aiosqlite.Error):
+            raise StoreError(f"{self._name}: {exc}") from exc
+        return False
+
+
+def _chunks(values: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
