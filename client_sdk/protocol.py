@@ -14,6 +14,7 @@ Rules (see docs/PROTOCOL.md):
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -118,12 +119,19 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 parses to infinity, which JSON cannot carry back out
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def loads_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     """Parse a JSON object, refusing oversized, non-UTF-8, NaN and non-object input."""
     if len(payload) > max_bytes:
         raise DecodeError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
     try:
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DecodeError(ErrorCode.BAD_JSON, f"payload is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(value, dict):

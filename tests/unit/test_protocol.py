@@ -57,6 +57,8 @@ def test_request_roundtrip() -> None:
         (b'{"rid":"r","op":"ping","args":"x"}', "bad_envelope", "r"),
         (b'{"rid":"r","op":"ping","extra":1}', "bad_envelope", "r"),
         (b'{"rid":"r","op":"ping","n":NaN}', "bad_json", None),
+        (b'{"rid":"r","op":"ping","n":1e999}', "bad_json", None),
+        (b'{"rid":"r","op":"ping","args":' + b'{"a":' * 40 + b"1" + b"}" * 40 + b"}", "bad_json", None),
         (b"[" * 100_000 + b"]" * 100_000, "bad_json", None),
         (b'{"rid":"' + b"x" * 2000 + b'"}', "too_large", None),
     ],
