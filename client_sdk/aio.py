@@ -1,0 +1,210 @@
+"""``AsyncClient``: the asyncio face of the SDK, over the same engine as ``Client``.
+
+In the style of aiomqtt: paho's network thread and the dispatcher thread hand
+work to the event loop with ``loop.call_soon_threadsafe``; each request waits
+on a future kept in ``_pending`` under its ``rid`` and removed in a
+``finally``; ``async with`` connects and closes; ``async for event in
+client.events()`` reads ``Message``, ``Receipt``, ``Presence`` and
+``ErrorEvent`` in arrival order.
+
+An event counts as handed over when the ``async for`` body has finished with
+it (the loop asks for the next one, or leaves the loop): only then is a
+message acked to the server. Events wait for you while you are not iterating
+(nothing is acked meanwhile), so iterate ``events()`` in one task for the
+client's whole life. It ends when the client is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from client_sdk.client import result_of
+from client_sdk.engine import Engine
+from client_sdk.errors import ConnectTimeout, RequestTimeout
+from client_sdk.events import Event
+from client_sdk.protocol import ResItem
+
+T = TypeVar("T")
+_Entry = tuple[Event, threading.Event] | None
+
+
+def _settle(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class AsyncClient:
+    """Same arguments as ``Client``; see there. Use ``async with AsyncClient(...) as c:``."""
+
+    def __init__(
+        self,
+        user: str,
+        password: str | None,
+        device: str = "default",
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        keepalive: int = 60,
+        resend_interval: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        transport: Literal["tcp", "websockets"] = "tcp",
+        reconnect_delay: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future[ResItem | BaseException]] = {}
+        # One worker: blocking calls (store writes, joins) keep the order they were made in.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-aio-{user}.{device}")
+        self._engine = Engine(
+            user, password, device, host, port, store, self._deliver,
+            keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
+            reconnect_delay=reconnect_delay,
+        )
+
+    @property
+    def user(self) -> str:
+        return self._engine.user
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    @property
+    def connected(self) -> bool:
+        return self._engine.connected
+
+    def outbox(self) -> list[str]:
+        """Ids of messages not yet confirmed ``sent``, oldest first."""
+        return self._engine.outbox.ids()
+
+    async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
+        self._engine.check_open()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def connect(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (same API as Client)
+        """Connect and return once subscribed; raises like ``Client.connect``."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        future: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def outcome(error: BaseException | None) -> None:  # any thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, future, error)
+
+        await self._blocking(self._engine.connect_async, outcome)
+        try:
+            error = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            last = await asyncio.shield(self._blocking(self._engine.cancel_connect, outcome))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise ConnectTimeout(f"not connected within {timeout:.1f}s (last error: {last})") from last
+        if error is not None:
+            raise error
+
+    async def close(self) -> None:
+        """Disconnect and stop; idempotent. ``events()`` iterators end."""
+        if self._engine.closing.is_set():
+            return
+        await self._blocking(self._engine.close)
+        self._queue.put_nowait(None)
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncClient:
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()  # nobody can close a client ``async with`` never handed out
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- events --------------------------------------------------------------------
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """Events in arrival order until the client is closed; iterate it from one task."""
+        while True:
+            entry = await self._queue.get()
+            if entry is None:
+                self._queue.put_nowait(None)  # let any other iterator end too
+                return
+            event, handed = entry
+            try:
+                yield event
+            finally:
+                handed.set()
+
+    def _deliver(self, event: Event) -> bool:
+        """Dispatcher thread: queue the event on the loop, wait until the app is done with it."""
+        loop = self._loop
+        if loop is None:
+            return False
+        handed = threading.Event()
+        try:
+            loop.call_soon_threadsafe(self._queue.put_nowait, (event, handed))
+        except RuntimeError:  # the loop is closed
+            return False
+        while not handed.wait(0.1):
+            if self._engine.closing.is_set():
+                return handed.is_set()
+        return True
+
+    # --- messaging -----------------------------------------------------------------
+
+    async def send(self, to: str, body: str, type: str = "text") -> str:
+        """Store a message in the outbox and return its id (see ``Client.send``)."""
+        return await self._blocking(self._engine.send, to, body, type)
+
+    async def mark_seen(self, peer: str, ids: list[str]) -> None:
+        """Tell ``peer`` that these messages from them were displayed."""
+        self._engine.mark_seen(peer, list(ids))
+
+    async def heartbeat(self, away: bool = False) -> None:
+        self._engine.heartbeat(away)
+
+    # --- requests ------------------------------------------------------------------
+
+    async def request(
+        self, op: str, args: dict[str, Any] | None = None,
+        timeout: float = 10.0,  # noqa: ASYNC109 (the issue's API: request(op, args, timeout), as in Client)
+    ) -> Any:
+        """Run a request and return its ``result``; raises like ``Client.request``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ResItem | BaseException] = loop.create_future()
+
+        def answer(value: ResItem | BaseException) -> None:  # paho's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(_settle, future, value)
+
+        rid = self._engine.request_async(op, args, answer)
+        self._pending[rid] = future
+        try:
+            value = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"{op}: no answer within {timeout:.1f}s") from None
+        finally:
+            del self._pending[rid]
+            self._engine.forget(rid)
+        return result_of(op, value)
+
+    async def ping(self, timeout: float = 10.0) -> float:  # noqa: ASYNC109 (same API as Client)
+        """Round-trip time of a ``ping`` request, in seconds."""
+        start = time.monotonic()
+        await self.request("ping", None, timeout)
+        return time.monotonic() - start

@@ -1,0 +1,212 @@
+"""``Client``: the thread-and-callback face of the SDK.
+
+Set the callbacks, then ``connect()``; events are handed to the callbacks in
+the dispatcher thread (one at a time, in arrival order), never in paho's
+network thread. A callback may call ``send``, ``mark_seen`` and ``request``.
+A message is acked to the server only after ``on_message`` returns; if the
+callback raises, the exception is logged and the message counts as handed
+over (one bad message must not block the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from types import TracebackType
+from typing import Any, Literal
+
+from client_sdk.engine import Engine
+from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
+from client_sdk.events import ErrorEvent, Event, Message, Presence, Receipt
+from client_sdk.protocol import ResItem
+
+log = logging.getLogger(__name__)
+
+
+def result_of(op: str, answer: ResItem | BaseException) -> Any:
+    """The ``result`` of a request, or the exception for its failure (raised)."""
+    if isinstance(answer, BaseException):
+        raise answer
+    if not answer.ok:
+        raise RequestError(op, answer.error_code or "unknown", answer.error_detail or "")
+    return answer.result
+
+
+class Client:
+    """A chat client for one device of one user.
+
+    ``password`` may be None once the store holds a device token. ``store`` is
+    the path of the local SQLite file (None: in memory, nothing survives).
+    ``resend_interval``: seconds before a message without ``sent`` is
+    published again. ``reconnect_delay``: (first, longest) wait between
+    reconnect attempts. ``tls``: an ``ssl.SSLContext`` for TLS listeners;
+    ``transport="websockets"`` for MQTT over WebSocket (path ``/mqtt``).
+
+    Raises ``IdentifierRejected`` for malformed ids and ``StoreError`` if the
+    store belongs to another user or device. Call ``close()`` when done (or
+    use ``with Client(...) as c:``, which connects and closes).
+    """
+
+    def __init__(
+        self,
+        user: str,
+        password: str | None,
+        device: str = "default",
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        keepalive: int = 60,
+        resend_interval: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        transport: Literal["tcp", "websockets"] = "tcp",
+        reconnect_delay: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.on_message: Callable[[Message], None] | None = None
+        self.on_receipt: Callable[[Receipt], None] | None = None
+        self.on_presence: Callable[[Presence], None] | None = None
+        self.on_error: Callable[[ErrorEvent], None] | None = None
+        self._engine = Engine(
+            user, password, device, host, port, store, self._deliver,
+            keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
+            reconnect_delay=reconnect_delay,
+        )
+
+    @property
+    def user(self) -> str:
+        return self._engine.user
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is up (subscribed); False while reconnecting or closed."""
+        return self._engine.connected
+
+    def outbox(self) -> list[str]:
+        """Ids of messages not yet confirmed ``sent``, oldest first."""
+        return self._engine.outbox.ids()
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def connect(self, timeout: float = 30.0) -> None:
+        """Connect and return once subscribed; later drops are retried with backoff.
+
+        Set the callbacks first: stored events from an earlier run are handed
+        over as soon as this is called. Raises ``AuthError`` (bad password or
+        token), ``IdentifierRejected``, ``ConnectError``, or ``ConnectTimeout``
+        if the server could not be reached within ``timeout`` seconds
+        (``__cause__`` is the last network error); it does not retry those.
+        """
+        done = threading.Event()
+        box: list[BaseException | None] = []
+
+        def outcome(error: BaseException | None) -> None:
+            box.append(error)
+            done.set()
+
+        self._engine.connect_async(outcome)
+        if not done.wait(timeout):
+            last = self._engine.cancel_connect(outcome)
+            if not done.is_set():
+                raise ConnectTimeout(f"not connected within {timeout:.1f}s (last error: {last})") from last
+        if box[0] is not None:
+            raise box[0]
+
+    def close(self) -> None:
+        """Disconnect and stop the threads; idempotent. The outbox and unhanded items stay stored.
+
+        Do not call it from inside a callback if you can avoid it: the event
+        being handed over is then handed over again by the next run.
+        """
+        self._engine.close()
+
+    def __enter__(self) -> Client:
+        try:
+            self.connect()
+        except BaseException:
+            self.close()  # nobody can call close() on a client the with-statement never handed out
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- messaging -----------------------------------------------------------------
+
+    def send(self, to: str, body: str, type: str = "text") -> str:
+        """Store a message in the outbox and return its id; it is published when connected.
+
+        Works offline. The message is re-published (same id) until the server
+        confirms ``sent``; a permanent refusal arrives as an ``ErrorEvent``
+        with ``ref`` = the id. Raises ValueError for a malformed ``to``/``type``.
+        """
+        return self._engine.send(to, body, type)
+
+    def mark_seen(self, peer: str, ids: list[str]) -> None:
+        """Tell ``peer`` that these messages from them were displayed."""
+        self._engine.mark_seen(peer, list(ids))
+
+    def heartbeat(self, away: bool = False) -> None:
+        """Say the app is in the foreground (call at least every 30 s) or went ``away``; dropped while offline."""
+        self._engine.heartbeat(away)
+
+    # --- requests ------------------------------------------------------------------
+
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """Run a request (``u/{me}/req``) and return its ``result``.
+
+        Waits for the connection if it is down. Raises ``RequestError`` (the
+        server said ``ok: false``; see ``.code``), ``RequestTimeout``,
+        ``NotConnected`` (connect() never called) or ``ClientClosed``.
+        """
+        future: Future[ResItem | BaseException] = Future()
+
+        def answer(value: ResItem | BaseException) -> None:
+            if not future.done():
+                future.set_result(value)
+
+        rid = self._engine.request_async(op, args, answer)
+        try:
+            value = future.result(timeout)
+        except FutureTimeout:
+            raise RequestTimeout(f"{op}: no answer within {timeout:.1f}s") from None
+        finally:
+            self._engine.forget(rid)
+        return result_of(op, value)
+
+    def ping(self, timeout: float = 10.0) -> float:
+        """Round-trip time of a ``ping`` request, in seconds."""
+        start = time.monotonic()
+        self.request("ping", None, timeout)
+        return time.monotonic() - start
+
+    # --- hand-over (dispatcher thread) -------------------------------------------------
+
+    def _deliver(self, event: Event) -> bool:
+        try:
+            if isinstance(event, Message):
+                if self.on_message is not None:
+                    self.on_message(event)
+            elif isinstance(event, Receipt):
+                if self.on_receipt is not None:
+                    self.on_receipt(event)
+            elif isinstance(event, Presence):
+                if self.on_presence is not None:
+                    self.on_presence(event)
+            elif self.on_error is not None:
+                self.on_error(event)
+        except Exception:
+            log.exception("%s: the %s callback raised; the event counts as handed over",
+                          self._engine.cid, type(event).__name__)
+        return True

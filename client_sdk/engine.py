@@ -1,0 +1,432 @@
+"""The engine shared by ``Client`` and ``AsyncClient``: store, inbox, outbox,
+connection, dispatcher and the outbox thread, wired together.
+
+Threads (all daemon threads, named after the client id):
+- ``chat-net-*``: paho's network loop and reconnects (``Connection``); it
+  stores arriving items and answers requests, and never waits on the app;
+- ``chat-dispatch-*``: hands events to the app through ``deliver`` and acks
+  (``Dispatcher``);
+- ``chat-outbox-*``: publishes due outbox messages, in order, and prunes the
+  dedup memory.
+
+The facades pass ``deliver(event) -> bool``: it returns once the app is done
+with the event (True), or False if the client is closing and the event could
+not be handed over. Requests are answered through callbacks keyed by ``rid``;
+the facades wrap them in futures and always remove them in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sqlite3
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from client_sdk.backoff import Backoff
+from client_sdk.connection import Connection, State
+from client_sdk.dispatch import Dispatcher
+from client_sdk.errors import (
+    AuthError,
+    ClientClosed,
+    ConnectError,
+    IdentifierRejected,
+    NotConnected,
+    RequestTimeout,
+    StoreError,
+)
+from client_sdk.events import AUTH_FAILED, CONNECT_FAILED, ErrorEvent, Event, error_from, presence_from, receipt_from
+from client_sdk.inbox import Arrival, Inbox, read_downlink
+from client_sdk.localstore import LocalStore
+from client_sdk.login import LoginPlan, Secret
+from client_sdk.outbox import ErrorVerdict, Outbox
+from client_sdk.protocol import (
+    MAX_IDS_PER_ITEM,
+    MESSAGE_ID_RE,
+    ChatMessage,
+    ErrorItem,
+    PresenceItem,
+    ReceiptItem,
+    ResItem,
+    ack_payload,
+    chat_message_payload,
+    client_id,
+    dumps,
+    is_device_id,
+    is_user_id,
+    seen_payload,
+    uplink_topic,
+)
+
+log = logging.getLogger(__name__)
+
+Outcome = Callable[[BaseException | None], None]
+"""Called once when a connect attempt ends: None (connected) or the error."""
+Answer = Callable[[ResItem | BaseException], None]
+"""Called once with a request's ``res`` item, or the exception that ended the wait."""
+
+PRUNE_EVERY_S = 600.0
+
+
+def validate_identity(user: str, device: str) -> None:
+    """Raise IdentifierRejected for ids the server would refuse (PROTOCOL.md, Identity)."""
+    if not is_user_id(user):
+        raise IdentifierRejected(f"user id {user!r} is not 1-32 of [a-z0-9_]")
+    if not is_device_id(device):
+        raise IdentifierRejected(f"device id {device!r} is not 1-32 of [A-Za-z0-9_-]")
+
+
+class Engine:
+    """Everything a client does; see ``client.Client`` for the options."""
+
+    def __init__(
+        self,
+        user: str,
+        password: str | None,
+        device: str,
+        host: str,
+        port: int,
+        store: str | os.PathLike[str] | None,
+        deliver: Callable[[Event], bool],
+        *,
+        keepalive: int = 60,
+        resend_interval: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        transport: Literal["tcp", "websockets"] = "tcp",
+        reconnect_delay: tuple[float, float] = (0.5, 30.0),
+        handed_ids_keep: int = 10_000,
+        handed_ids_max_age_s: float = 7 * 86400,
+    ) -> None:
+        validate_identity(user, device)
+        self.user, self.device = user, device
+        self.cid = client_id(user, device)
+        self.store = LocalStore(store, user, device)
+        self.inbox = Inbox(self.store)
+        self.outbox = Outbox(self.store, resend_interval=resend_interval)
+        self._plan = LoginPlan(password, self.store.token())
+        self._conn = Connection(
+            user, device, self._plan, self, host, port, keepalive, tls, transport,
+            Backoff(reconnect_delay[0], reconnect_delay[1]),
+        )
+        self._dispatcher = Dispatcher(self.inbox, deliver, self._publish_acks, name=f"chat-dispatch-{self.cid}")
+        self._keep_ids = handed_ids_keep
+        self._ids_max_age_ms = int(handed_ids_max_age_s * 1000)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._woken = False
+        self._answers: dict[str, Answer] = {}
+        self._deferred: list[tuple[str, bytes]] = []
+        self._waiters: list[Outcome] = []
+        self._ever_ready = False
+        self._token_pending = False
+        self._started = False
+        self._session_lock = threading.Lock()
+        self._session = 0
+        self._outbox_live = False
+        self.closing = threading.Event()
+        self._sender = threading.Thread(target=self._send_loop, name=f"chat-outbox-{self.cid}", daemon=True)
+
+    # --- state -------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._conn.ready
+
+    @property
+    def dispatcher_thread(self) -> threading.Thread | None:
+        return self._dispatcher.thread
+
+    def check_open(self) -> None:
+        """Raise ClientClosed once close() has begun."""
+        if self.closing.is_set():
+            raise ClientClosed(f"{self.cid}: the client is closed")
+
+    # --- connecting ----------------------------------------------------------------
+
+    def connect_async(self, outcome: Outcome) -> None:
+        """Start connecting (if not already) and call ``outcome`` once it succeeds or fails for good.
+
+        Success means: subscribed to the inbox and, after a password login, the
+        new device token stored (or its request failed). Network errors are
+        retried; the caller bounds the wait and then calls ``cancel_connect``.
+        """
+        with self._lock:
+            self.check_open()
+            if not self._started:
+                self._started = True
+                self._dispatcher.start()
+                self._sender.start()
+            if self._conn.ready and not self._token_pending:
+                done = True
+            else:
+                done = False
+                self._waiters.append(outcome)
+        if done:
+            outcome(None)
+        else:
+            self._conn.start()
+
+    def cancel_connect(self, outcome: Outcome) -> BaseException | None:
+        """Give up waiting; stops connecting if never connected. Returns the last network error."""
+        with self._lock:
+            if outcome in self._waiters:
+                self._waiters.remove(outcome)
+            never = not self._ever_ready and not self._waiters
+        if never:
+            self._conn.stop()
+        return self._conn.last_error
+
+    def _resolve(self, error: BaseException | None) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for outcome in waiters:
+            try:
+                outcome(error)
+            except Exception:
+                log.exception("%s: a connect waiter failed", self.cid)
+
+    # --- ConnectionListener (network thread) -------------------------------------------
+
+    def on_ready(self, secret: Secret) -> None:
+        need_token = self._plan.accepted(secret)  # a password login: get a device token for next time
+        with self._lock:
+            self._ever_ready = True
+            self._token_pending = need_token
+            deferred, self._deferred = self._deferred, []
+            for rid, payload in deferred:
+                if rid in self._answers:
+                    self._conn.publish(uplink_topic(self.user, "req"), payload, hold=False)
+        log.info("%s: connected (%s)", self.cid, secret.kind)
+        with self._session_lock:  # the whole outbox is due, in order, before anything else goes out
+            self.outbox.connected()
+            self._session += 1
+            self._outbox_live = True
+        self._kick()
+        if need_token:
+            self.request_async("auth.token", {}, self._token_answer)
+        else:
+            self._resolve(None)
+
+    def _token_answer(self, answer: ResItem | BaseException) -> None:
+        self._token_pending = False
+        if self.closing.is_set():
+            return  # close() answers the waiters
+        token = answer.result.get("token") if isinstance(answer, ResItem) and isinstance(answer.result, dict) else None
+        if isinstance(token, str) and token:
+            self.store.set_token(token)
+            self._plan.token_issued(token)
+            log.info("%s: device token stored", self.cid)
+        else:
+            log.warning("%s: no device token (%r); the password will be used again", self.cid, answer)
+            if isinstance(answer, BaseException) and not self._conn.ready:
+                return  # the connection dropped: waiters wait for the next session
+        self._resolve(None)
+
+    def on_down(self) -> None:
+        with self._session_lock:  # a publish loop of the old session stops here
+            self._session += 1
+            self._outbox_live = False
+        with self._lock:
+            deferred = {rid for rid, _ in self._deferred}
+            answers = {rid: a for rid, a in self._answers.items() if rid not in deferred}
+            for rid in answers:
+                del self._answers[rid]
+        for answer in answers.values():
+            _call(answer, RequestTimeout("the connection dropped before the answer arrived"))
+
+    def on_failed(self, error: ConnectError) -> None:
+        self._resolve(error)
+        if self._ever_ready and not self.closing.is_set():
+            code = AUTH_FAILED if isinstance(error, AuthError) else CONNECT_FAILED
+            self._dispatcher.event(ErrorEvent(code, f"{error}; not reconnecting", None))
+
+    def on_token_refused(self) -> None:
+        self.store.set_token(None)
+
+    def on_payload(self, payload: bytes) -> None:
+        found = read_downlink(payload)
+        item = found.item
+        if isinstance(item, ReceiptItem):
+            self.outbox.confirmed(item.ids)  # any receipt means the server has (had) it
+        if found.seq is not None:
+            verdict = self.inbox.stage(found.seq, payload)
+            if verdict is Arrival.STORE:
+                self._dispatcher.stored(found.seq)
+            elif verdict is Arrival.DUPLICATE:
+                self._dispatcher.duplicate(found.seq)
+            return
+        if item is None:
+            log.warning("%s: dropping an unreadable downlink item: %s", self.cid, found.problem)
+        elif isinstance(item, ResItem):
+            self._answer(item.rid, item)
+        elif isinstance(item, ReceiptItem):
+            self._dispatcher.event(receipt_from(item))
+        elif isinstance(item, PresenceItem):
+            self._dispatcher.event(presence_from(item))
+        elif isinstance(item, ErrorItem):
+            self._on_error(item)
+
+    def _on_error(self, item: ErrorItem) -> None:
+        if item.ref is not None and item.ref in self._answers:  # a request the server could not read
+            self._answer(item.ref, ResItem(item.ref, False, None, item.code, item.detail))
+            return
+        verdict = self.outbox.on_error(item.ref, item.code)
+        if verdict is ErrorVerdict.RETRY:
+            log.info("%s: message %s: %s (%s); retrying later", self.cid, item.ref, item.code, item.detail)
+        else:
+            self._dispatcher.event(error_from(item))
+        if verdict is not ErrorVerdict.NOT_OURS:
+            self._kick()
+
+    # --- requests --------------------------------------------------------------------
+
+    def request_async(self, op: str, args: dict[str, Any] | None, answer: Answer) -> str:
+        """Publish a request (now, or once connected); ``answer`` gets the ``res``. Returns the rid.
+
+        The caller must call ``forget(rid)`` when it stops waiting.
+        """
+        rid = secrets.token_hex(8)
+        payload = dumps({"rid": rid, "op": op, "args": args or {}})
+        with self._lock:
+            self.check_open()
+            if not self._started:
+                raise NotConnected(f"{self.cid}: call connect() before request()")
+            self._answers[rid] = answer
+            if self._conn.ready:
+                self._conn.publish(uplink_topic(self.user, "req"), payload, hold=False)
+            else:
+                self._deferred.append((rid, payload))
+        return rid
+
+    def forget(self, rid: str) -> None:
+        with self._lock:
+            self._answers.pop(rid, None)
+            self._deferred = [(r, p) for r, p in self._deferred if r != rid]
+
+    def _answer(self, rid: str, item: ResItem | BaseException) -> None:
+        with self._lock:
+            answer = self._answers.pop(rid, None)
+        if answer is not None:
+            _call(answer, item)
+
+    # --- uplink ----------------------------------------------------------------------
+
+    def send(self, to: str, body: str, kind: str = "text") -> str:
+        """Store the message in the outbox (works offline) and return its id."""
+        self.check_open()
+        try:
+            message = self.outbox.add(to, body, kind)
+        except sqlite3.Error as exc:
+            self.check_open()
+            raise StoreError(f"{self.cid}: cannot store the message: {exc}") from exc
+        self._kick()
+        return message.id
+
+    def mark_seen(self, peer: str, ids: list[str]) -> None:
+        """Tell ``peer`` these of their messages were displayed.
+
+        Published by the dispatcher after the acks of everything handed over
+        so far (so ``seen`` cannot overtake ``delivered``); held in memory while offline.
+        """
+        self.check_open()
+        if not is_user_id(peer):
+            raise ValueError(f"peer must be a user id, not {peer!r}")
+        bad = [i for i in ids if not isinstance(i, str) or MESSAGE_ID_RE.fullmatch(i) is None]
+        if bad:
+            raise ValueError(f"not message ids: {bad[:3]!r}")
+        topic = uplink_topic(self.user, "seen")
+        payloads = [seen_payload(peer, ids[i:i + MAX_IDS_PER_ITEM]) for i in range(0, len(ids), MAX_IDS_PER_ITEM)]
+
+        def publish() -> None:
+            for payload in payloads:
+                self._conn.publish(topic, payload, hold=True)
+
+        self._dispatcher.after_acks(publish)
+
+    def heartbeat(self, away: bool = False) -> None:
+        """Publish ``u/{me}/hb``: ``{}`` (app in the foreground) or ``{"state":"away"}``; dropped while offline."""
+        self.check_open()
+        self._conn.publish(uplink_topic(self.user, "hb"), dumps({"state": "away"} if away else {}), hold=False)
+
+    def _publish_acks(self, seqs: list[int]) -> None:
+        self._conn.publish(uplink_topic(self.user, "ack"), ack_payload(seqs), hold=True)
+
+    # --- the outbox thread -------------------------------------------------------------
+
+    def _kick(self) -> None:
+        with self._wake:
+            self._woken = True
+            self._wake.notify()
+
+    def _publish_due(self) -> None:
+        """Publish due outbox messages, in order, within one session.
+
+        Only after ``on_ready`` made the whole outbox due for the session (so a
+        message sent meanwhile cannot overtake older unconfirmed ones), and
+        never a message of an earlier session's round into a new session.
+        """
+        with self._session_lock:
+            if not self._outbox_live:
+                return
+            session = self._session
+            due = self.outbox.take_due()
+        topic = uplink_topic(self.user, "out")
+        for message in due:
+            payload = chat_message_payload(ChatMessage(message.id, message.to, message.body, message.type, message.ts))
+            with self._session_lock:
+                if self._session != session:
+                    return
+                self._conn.publish(topic, payload, hold=False)
+
+    def _send_loop(self) -> None:
+        next_prune = 0.0
+        while not self.closing.is_set():
+            try:
+                self._publish_due()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
+                    self.store.prune_handed_ids(int(time.time() * 1000) - self._ids_max_age_ms, self._keep_ids)
+            except Exception:
+                if self.closing.is_set():
+                    return
+                log.exception("%s: the outbox thread failed a round", self.cid)
+            due = self.outbox.next_due() if self._outbox_live else None
+            wait = PRUNE_EVERY_S if due is None else max(0.0, due - time.monotonic())
+            with self._wake:
+                if not self._woken:
+                    self._wake.wait(min(wait, PRUNE_EVERY_S))
+                self._woken = False
+
+    # --- closing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop everything; idempotent. Unhanded staged items and the outbox stay in the store."""
+        with self._lock:
+            if self.closing.is_set():
+                return
+            self.closing.set()
+        self._dispatcher.stop()
+        self._kick()
+        if self._sender.is_alive() and self._sender is not threading.current_thread():
+            self._sender.join(10)
+        with self._lock:
+            answers, self._answers = self._answers, {}
+        for answer in answers.values():
+            _call(answer, ClientClosed(f"{self.cid}: closed while waiting for an answer"))
+        self._resolve(ClientClosed(f"{self.cid}: closed while connecting"))
+        if self._conn.state is not State.IDLE:
+            self._conn.stop()
+        dispatcher = self._dispatcher.thread
+        if dispatcher is None or dispatcher is not threading.current_thread():
+            self.store.close()
+
+
+def _call(answer: Answer, value: ResItem | BaseException) -> None:
+    try:
+        answer(value)
+    except Exception:
+        log.exception("a request callback failed")

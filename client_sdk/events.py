@@ -1,0 +1,82 @@
+"""What the SDK hands to the app: four frozen dataclasses.
+
+- ``Message``: a chat message for this user (handed over once, in ``seq`` order).
+- ``Receipt``: news about messages *this user* sent: ``sent`` (the server has
+  it durably), ``delivered`` (a device of ``peer`` stored it), ``seen``
+  (``peer`` displayed it), ``expired`` (the server gave up after its TTL).
+- ``Presence``: ``user`` went online/offline (after ``presence.subscribe``).
+- ``ErrorEvent``: the server refused something (``ref`` names the message id
+  when there is one), or the SDK stopped reconnecting (``code`` ``auth_failed`` or
+  ``connect_failed``, ``ref`` None).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from client_sdk.protocol import ErrorItem, MsgItem, PresenceItem, ReceiptItem
+
+# ErrorEvent codes made by the SDK itself (server codes are protocol.ErrorCode values).
+AUTH_FAILED: Final = "auth_failed"
+"""A reconnect was refused for bad credentials: the client stopped reconnecting."""
+CONNECT_FAILED: Final = "connect_failed"
+"""A reconnect was refused for another final reason: the client stopped reconnecting."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    sender: str
+    to: str
+    body: str
+    type: str
+    ts: int
+    """Server time (ms) when the server took the message."""
+    seq: int
+    """This device's downlink sequence number (strictly increasing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    status: str
+    """``sent``, ``delivered``, ``seen`` or ``expired``."""
+    ids: tuple[str, ...]
+    """Ids of messages this user sent to ``peer``."""
+    peer: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    user: str
+    online: bool | None
+    """None: the user does not share presence with you."""
+    last_seen: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    code: str
+    detail: str
+    ref: str | None
+    """The id of the message (or request) the error is about, if any."""
+
+
+Event = Message | Receipt | Presence | ErrorEvent
+
+
+def message_from(item: MsgItem) -> Message:
+    return Message(item.id, item.sender, item.to, item.body, item.type, item.ts, item.seq)
+
+
+def receipt_from(item: ReceiptItem) -> Receipt:
+    return Receipt(item.status, item.ids, item.peer, item.ts)
+
+
+def presence_from(item: PresenceItem) -> Presence:
+    return Presence(item.user, item.online, item.last_seen)
+
+
+def error_from(item: ErrorItem) -> ErrorEvent:
+    return ErrorEvent(item.code, item.detail, item.ref)

@@ -1,0 +1,272 @@
+"""The device's local SQLite store: outbox, staged downlink items, dedup memory, token.
+
+One file per (user, device); it records whose it is and refuses to be opened
+for anyone else. Schema changes are numbered migrations tracked in
+``PRAGMA user_version``. Every method takes ``lock`` (the SDK calls it from
+paho's thread, the dispatcher thread and app threads); ``transaction()`` lets
+a caller group several calls atomically.
+
+Tables:
+- ``outbox``: messages written by ``send()`` and not yet confirmed ``sent``,
+  in the order they were sent (``pos``).
+- ``inbox``: staged downlink items (with a ``seq``) stored but not yet handed
+  to the app. Handing an item over removes its row, raises ``last_seq`` and
+  remembers ``(from, id)`` of a message in ``handed_ids``, in one transaction.
+- ``handed_ids``: (sender, id) of messages handed over recently, to drop
+  repeats the server may send under another ``seq``; bounded by count and age.
+- ``meta``: identity, ``last_seq`` (highest seq handed over) and the device token.
+
+The file holds the device token: it is created readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from client_sdk.errors import StoreError
+
+MEMORY: Final = ":memory:"
+
+MIGRATIONS: Final = (
+    """
+    CREATE TABLE meta (
+        key    TEXT PRIMARY KEY,
+        value  TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        pos        INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         TEXT NOT NULL UNIQUE,
+        recipient  TEXT NOT NULL,
+        body       TEXT NOT NULL,
+        type       TEXT NOT NULL,
+        ts         INTEGER NOT NULL
+    );
+    CREATE TABLE inbox (
+        seq          INTEGER PRIMARY KEY,
+        item         TEXT NOT NULL,
+        received_ms  INTEGER NOT NULL
+    );
+    CREATE TABLE handed_ids (
+        sender     TEXT NOT NULL,
+        id         TEXT NOT NULL,
+        handed_ms  INTEGER NOT NULL,
+        PRIMARY KEY (sender, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX handed_ids_by_age ON handed_ids (handed_ms);
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutMessage:
+    """A message in the outbox, as it will be published."""
+
+    id: str
+    to: str
+    body: str
+    type: str
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagedItem:
+    seq: int
+    item: str
+    """The downlink item's JSON text, exactly as it arrived."""
+
+
+class LocalStore:
+    """Open (creating and migrating if needed) the store at ``path`` for ``user.device``.
+
+    ``path`` None or ``":memory:"`` keeps everything in memory (nothing survives
+    the process). Raises ``StoreError`` if the file belongs to another identity,
+    was written by a newer SDK, or cannot be opened. Call ``close()`` when done.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, user: str, device: str) -> None:
+        self.path = MEMORY if path is None else str(path)
+        self.lock = threading.RLock()
+        self._depth = 0
+        try:
+            if self.path != MEMORY:
+                _create_private(Path(self.path))
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the local store {self.path}: {exc}") from exc
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # the outbox must survive a power cut too
+            self._migrate()
+            self._claim(f"{user}.{device}")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot use the local store {self.path}: {exc}") from exc
+        except StoreError:
+            self._db.close()
+            raise
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the local store {self.path} has schema version {version}; this SDK knows up to "
+                f"{len(MIGRATIONS)}: upgrade the SDK")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first; the version bump is part of the same script.
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{script};\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    def _claim(self, identity: str) -> None:
+        with self.transaction():
+            owner = self._meta("identity")
+            if owner is None:
+                self._set_meta("identity", identity)
+            elif owner != identity:
+                raise StoreError(f"the local store {self.path} belongs to {owner}, not {identity}")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the lock and run the body in one SQLite transaction (nesting joins the outer one)."""
+        with self.lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+    # --- meta ---------------------------------------------------------------------
+
+    def identity(self) -> str:
+        with self.lock:
+            return self._meta("identity") or ""
+
+    def token(self) -> str | None:
+        """The device token kept from the last ``auth.token``, if any."""
+        with self.lock:
+            return self._meta("token")
+
+    def set_token(self, token: str | None) -> None:
+        with self.lock:
+            self._set_meta("token", token)
+
+    def last_seq(self) -> int:
+        """The highest ``seq`` handed to the app (0 before the first)."""
+        with self.lock:
+            value = self._meta("last_seq")
+            return int(value) if value is not None else 0
+
+    # --- outbox -----------------------------------------------------------------------
+
+    def outbox_add(self, message: OutMessage) -> None:
+        with self.lock:
+            self._db.execute(
+                "INSERT INTO outbox (id, recipient, body, type, ts) VALUES (?, ?, ?, ?, ?)",
+                (message.id, message.to, message.body, message.type, message.ts))
+
+    def outbox_all(self) -> list[OutMessage]:
+        """Every message in the outbox, oldest first."""
+        with self.lock:
+            rows = self._db.execute("SELECT id, recipient, body, type, ts FROM outbox ORDER BY pos").fetchall()
+        return [OutMessage(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
+
+    def outbox_remove(self, ids: list[str]) -> None:
+        with self.transaction():
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    # --- inbox ------------------------------------------------------------------------
+
+    def is_staged(self, seq: int) -> bool:
+        with self.lock:
+            return self._db.execute("SELECT 1 FROM inbox WHERE seq = ?", (seq,)).fetchone() is not None
+
+    def stage(self, seq: int, item: str, now_ms: int) -> None:
+        with self.lock:
+            self._db.execute("INSERT INTO inbox (seq, item, received_ms) VALUES (?, ?, ?)", (seq, item, now_ms))
+
+    def highest_staged(self) -> int:
+        with self.lock:
+            return int(self._db.execute("SELECT coalesce(max(seq), 0) FROM inbox").fetchone()[0])
+
+    def staged(self, upto_seq: int | None = None, limit: int = 100) -> list[StagedItem]:
+        """Stored items not yet handed over, lowest ``seq`` first."""
+        with self.lock:
+            if upto_seq is None:
+                rows = self._db.execute("SELECT seq, item FROM inbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT seq, item FROM inbox WHERE seq <= ? ORDER BY seq LIMIT ?", (upto_seq, limit)).fetchall()
+        return [StagedItem(int(r[0]), str(r[1])) for r in rows]
+
+    def mark_handed(self, seq: int, message_key: tuple[str, str] | None, now_ms: int) -> None:
+        """Record that item ``seq`` was handed over (or skipped): one transaction."""
+        with self.transaction():
+            self._db.execute("DELETE FROM inbox WHERE seq = ?", (seq,))
+            last = self._meta("last_seq")
+            if last is None or int(last) < seq:
+                self._set_meta("last_seq", str(seq))
+            if message_key is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO handed_ids (sender, id, handed_ms) VALUES (?, ?, ?)",
+                    (message_key[0], message_key[1], now_ms))
+
+    def was_handed(self, sender: str, msg_id: str) -> bool:
+        with self.lock:
+            row = self._db.execute(
+                "SELECT 1 FROM handed_ids WHERE sender = ? AND id = ?", (sender, msg_id)).fetchone()
+            return row is not None
+
+    def prune_handed_ids(self, older_than_ms: int, keep: int) -> int:
+        """Forget ids handed before ``older_than_ms`` and all but the newest ``keep``."""
+        with self.transaction():
+            cursor = self._db.execute("DELETE FROM handed_ids WHERE handed_ms < ?", (older_than_ms,))
+            removed = cursor.rowcount
+            cursor = self._db.execute(
+                "DELETE FROM handed_ids WHERE (sender, id) IN (SELECT sender, id FROM handed_ids "
+                "ORDER BY handed_ms DESC LIMIT -1 OFFSET ?)", (keep,))
+            return removed + max(cursor.rowcount, 0)
+
+    def handed_id_count(self) -> int:
+        with self.lock:
+            return int(self._db.execute("SELECT count(*) FROM handed_ids").fetchone()[0])
+
+
+def _create_private(path: Path) -> None:
+    """Create the store file readable by its owner only (it holds the device token)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)

@@ -1,0 +1,193 @@
+"""The outbox: messages from ``send()`` until the server confirms them ``sent``.
+
+Rules:
+1. ``send()`` stores the message, with a new random id, before anything is
+   published, and returns the id. Works offline.
+2. Messages are published in outbox order (the order of ``send()`` calls).
+3. A message leaves the outbox when a receipt naming its id arrives: ``sent``,
+   or ``delivered``/``seen``/``expired`` (which imply the server had it).
+4. On every (re)connect the whole outbox is due again, in order, same ids.
+5. While connected, a message without ``sent`` for ``resend_interval``
+   seconds is published again (the server recognises the repeat).
+6. An ``error`` item whose ``ref`` is an outbox id: a permanent code removes
+   the message and is reported to the app; a transient code keeps it and
+   retries after an exponential backoff with jitter; a code this SDK does not
+   know is handled like a transient one, and reported.
+
+Consequence of 5 and 6: a message retried after an error or a lost publish may
+reach the server after later ones; order holds for messages that go through
+on their first publish, which is the normal case.
+
+``Outbox`` keeps timing in memory and messages in a ``LocalStore``; it needs
+no network and takes its clock as an argument.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from client_sdk.backoff import backoff_delay
+from client_sdk.localstore import LocalStore, OutMessage
+from client_sdk.protocol import GROUP_PREFIX, MESSAGE_ID_RE, TYPE_RE, ErrorCode, is_user_id
+
+PERMANENT_CODES: Final = frozenset({
+    ErrorCode.BAD_ENVELOPE, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.FORBIDDEN,
+    ErrorCode.BAD_JSON,
+})
+TRANSIENT_CODES: Final = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUEUE_FULL, ErrorCode.INTERNAL})
+
+_NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def new_message_id() -> str:
+    """A random message id (16 of ``[A-Za-z0-9_-]``, 96 bits)."""
+    while True:
+        candidate = _NOT_ID_CHARS.sub("", secrets.token_urlsafe(12))
+        if MESSAGE_ID_RE.fullmatch(candidate):
+            return candidate
+
+
+def check_message(to: str, body: str, kind: str) -> None:
+    """Raise ValueError for a message the server would refuse for its shape."""
+    if not isinstance(to, str) or not (is_user_id(to) or to.startswith(GROUP_PREFIX)):
+        raise ValueError(f"'to' must be a user id (or 'g:<group>'), not {to!r}")
+    if not isinstance(body, str):
+        raise TypeError("'body' must be a str (encode binary content first)")
+    if not isinstance(kind, str) or TYPE_RE.fullmatch(kind) is None:
+        raise ValueError(f"'type' must be 1-32 of [a-z0-9_.-], not {kind!r}")
+
+
+class ErrorVerdict(enum.Enum):
+    NOT_OURS = "not_ours"
+    """``ref`` is not an outbox id: report the error to the app."""
+    DROPPED = "dropped"
+    """Permanent: the message left the outbox; report the error to the app."""
+    RETRY = "retry"
+    """Transient: kept, retried after a backoff; nothing to report."""
+    RETRY_REPORTED = "retry_reported"
+    """Unknown code: kept and retried like a transient one, and reported."""
+
+
+def error_verdict(code: str, in_outbox: bool) -> ErrorVerdict:
+    """Rule 6 for an error item about an outbox message (``in_outbox``) or not."""
+    if not in_outbox:
+        return ErrorVerdict.NOT_OURS
+    if code in PERMANENT_CODES:
+        return ErrorVerdict.DROPPED
+    if code in TRANSIENT_CODES:
+        return ErrorVerdict.RETRY
+    return ErrorVerdict.RETRY_REPORTED
+
+
+@dataclass(slots=True)
+class _Entry:
+    message: OutMessage
+    due: float
+    failures: int = 0
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Outbox:
+    """The outbox of one device. Thread-safe; every method returns quickly."""
+
+    def __init__(
+        self,
+        store: LocalStore,
+        resend_interval: float = 10.0,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        clock_ms: Callable[[], int] = wall_ms,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._store = store
+        self._resend = resend_interval
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._clock_ms = clock_ms
+        self._rng = rng
+        self._lock = threading.Lock()
+        now = clock()
+        # Insertion order of this dict is outbox order (rule 2).
+        self._entries: dict[str, _Entry] = {m.id: _Entry(m, now) for m in store.outbox_all()}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def ids(self) -> list[str]:
+        """Ids in the outbox, oldest first."""
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, msg_id: object) -> bool:
+        with self._lock:
+            return msg_id in self._entries
+
+    def add(self, to: str, body: str, kind: str = "text") -> OutMessage:
+        """Rule 1: store a new message; it is due for publishing at once."""
+        check_message(to, body, kind)
+        with self._lock:
+            message = OutMessage(new_message_id(), to, body, kind, self._clock_ms())
+            self._store.outbox_add(message)
+            self._entries[message.id] = _Entry(message, self._clock())
+        return message
+
+    def connected(self) -> None:
+        """Rule 4: everything is due now."""
+        now = self._clock()
+        with self._lock:
+            for entry in self._entries.values():
+                entry.due = now
+
+    def take_due(self) -> list[OutMessage]:
+        """Messages to publish now, in outbox order; each is then due again after ``resend_interval``."""
+        now = self._clock()
+        with self._lock:
+            due = [e for e in self._entries.values() if e.due <= now]
+            for entry in due:
+                entry.due = now + self._resend
+        return [e.message for e in due]
+
+    def next_due(self) -> float | None:
+        """The clock time when the next message becomes due (None if the outbox is empty)."""
+        with self._lock:
+            return min((e.due for e in self._entries.values()), default=None)
+
+    def confirmed(self, ids: tuple[str, ...] | list[str]) -> list[str]:
+        """Rule 3: remove these ids (those in the outbox); returns the ones removed."""
+        with self._lock:
+            removed = [i for i in ids if i in self._entries]
+            if removed:
+                self._store.outbox_remove(removed)
+                for msg_id in removed:
+                    del self._entries[msg_id]
+        return removed
+
+    def on_error(self, ref: str | None, code: str) -> ErrorVerdict:
+        """Rule 6 for an error item; see ``ErrorVerdict`` for what the caller reports."""
+        with self._lock:
+            entry = self._entries.get(ref) if ref is not None else None
+            verdict = error_verdict(code, entry is not None)
+            if entry is None or ref is None:
+                return verdict
+            if verdict is ErrorVerdict.DROPPED:
+                self._store.outbox_remove([ref])
+                del self._entries[ref]
+            else:
+                wait = backoff_delay(entry.failures, self._retry_initial, self._retry_max, rng=self._rng)
+                entry.failures += 1
+                entry.due = self._clock() + wait
+        return verdict
