@@ -46,6 +46,7 @@ from client_sdk.protocol import (
 SEQ_SPAN = 1_000_000_000
 VOLATILE, WRITING, DURABLE = 0, 1, 2
 BODY_PREFETCH = 64
+HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,9 @@ class Staging:
         self._volatile: deque[Item] = deque()  # in creation order: flush deadlines ascend
         self._pending = FlushBatch()  # deletions and flags waiting for the next commit
         self._pending_due: float | None = None
+        # origin -> (id of its message refused for a transient reason, until): later messages of that
+        # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
+        self._held: dict[str, tuple[str, str, float]] = {}
 
     # --- restore -----------------------------------------------------------------
 
@@ -200,15 +204,22 @@ class Staging:
             out.notices.append((origin, error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}",
                                                    message.id)))
             return out
+        held = self._held.get(origin)
+        if held is not None:
+            if held[0] != message.id and now < held[2]:
+                out.notices.append((origin, error_item(
+                    held[1], f"message {held[0]!r} was refused first; re-send it before later ones", message.id)))
+                return out
+            del self._held[origin]
         targets = self.directory.targets(message.to)
-        full = [t for t in targets if len(self._box(t).items) >= self.rules.max_queue]
-        if full:
-            out.notices.append((origin, error_item(ErrorCode.QUEUE_FULL,
-                                                   f"{message.to} has too many undelivered items", message.id)))
-            return out
-        if not self._rate.allow(sender, now):
-            out.notices.append((origin, error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later",
-                                                   message.id)))
+        refusal: tuple[str, str] | None = None
+        if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
+            refusal = (ErrorCode.QUEUE_FULL, f"{message.to} has too many undelivered items")
+        elif not self._rate.allow(sender, now):
+            refusal = (ErrorCode.RATE_LIMITED, "sending too fast; retry later")
+        if refusal is not None:
+            self._held[origin] = (message.id, refusal[0], now + HOLD_S)
+            out.notices.append((origin, error_item(refusal[0], refusal[1], message.id)))
             return out
         self._next_mid += 1
         staged = Message(self._next_mid, sender, message.id, message.to, message.type, message.body, now_ms,

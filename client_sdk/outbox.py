@@ -92,6 +92,8 @@ class _Entry:
     message: OutMessage
     due: float
     failures: int = 0
+    refused: bool = False
+    """Refused for a transient reason and not re-sent yet: later messages wait behind it."""
 
 
 def wall_ms() -> int:
@@ -155,10 +157,15 @@ class Outbox:
     def take_due(self) -> list[OutMessage]:
         """Messages to publish now, in outbox order; each is then due again after ``resend_interval``."""
         now = self._clock()
+        due: list[_Entry] = []
         with self._lock:
-            due = [e for e in self._entries.values() if e.due <= now]
-            for entry in due:
-                entry.due = now + self._resend
+            for entry in self._entries.values():
+                if entry.due <= now:
+                    entry.due = now + self._resend
+                    entry.refused = False
+                    due.append(entry)
+                elif entry.refused:
+                    break  # nothing may overtake a refused message waiting for its retry (order, rule 4)
         return [e.message for e in due]
 
     def next_due(self) -> float | None:
@@ -190,4 +197,5 @@ class Outbox:
                 wait = backoff_delay(entry.failures, self._retry_initial, self._retry_max, rng=self._rng)
                 entry.failures += 1
                 entry.due = self._clock() + wait
+                entry.refused = True
         return verdict

@@ -242,12 +242,20 @@ def test_queue_full_and_rate_limited_are_errors_not_silent_drops(tmp_path: Path,
         for i in range(4):
             send(alice, "bob", f"q{i}")
         assert alice.expect(is_error("queue_full", "q3"))  # refused before it costs a token
-        for i in range(3):
-            send(alice, "carol", f"r{i}")
-        assert alice.expect(is_error("rate_limited", "r2"))  # burst 5 = q0-q2, r0, r1
+        send(alice, "carol", "r0")  # a later message waits for q3: it may not overtake it
+        assert alice.expect(is_error("queue_full", "r0"))
         bob = online(broker, made, "bob")
+        first = bob.expect(is_msg("q0"))
+        ack(bob, first["seq"])
+        alice.expect(receipt("delivered", "q0"))
+        send(alice, "bob", "q3")  # the re-send of the refused message is taken (token 4 of 5)
+        send(alice, "carol", "r0")  # token 5
+        send(alice, "carol", "r1")
+        assert alice.expect(is_error("rate_limited", "r1"))
         got = [bob.expect(lambda i: i.get("kind") == "msg")["id"] for _ in range(3)]
-        assert got == ["q0", "q1", "q2"] and bob.nothing_arrives(0.3)
+        assert got == ["q1", "q2", "q3"] and bob.nothing_arrives(0.3)
+        carol = online(broker, made, "carol")
+        assert carol.expect(lambda i: i.get("kind") == "msg")["id"] == "r0" and carol.nothing_arrives(0.3)
     finally:
         broker.stop()
 

@@ -146,3 +146,16 @@ def test_malformed_messages_are_refused_before_storing(store: LocalStore, to: st
 
 def test_group_recipient_is_accepted(store: LocalStore) -> None:
     assert make(store, Clock()).add("g:team", "hi").to == "g:team"
+
+
+def test_a_refused_message_holds_back_later_ones_until_its_retry(store: LocalStore) -> None:
+    """Rule 4 across retries: after a transient refusal nothing may overtake the refused message."""
+    clock = Clock()
+    outbox = make(store, clock)
+    first, second = outbox.add("bob", "one").id, outbox.add("bob", "two").id
+    assert [m.id for m in outbox.take_due()] == [first, second]
+    outbox.on_error(first, "rate_limited")  # retry after 1 s (rng 0: no jitter)
+    third = outbox.add("bob", "three").id
+    assert outbox.take_due() == [], "the new message waits behind the refused one"
+    clock.now += 1.0
+    assert [m.id for m in outbox.take_due()] == [first, third]  # second is published, awaiting its receipt
