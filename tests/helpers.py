@@ -13,6 +13,7 @@ import json
 import queue
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -191,6 +192,25 @@ class Peer:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+
+def connack_code(client: mqtt.Client, port: int) -> int:
+    """One CONNECT with a prepared paho client, driven in this thread; paho's CONNACK reason code value.
+
+    Driving paho's loop here (no network thread) avoids paho's reconnect wait when a refused client is closed.
+    """
+    codes: list[int] = []
+    client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(int(reason.value))
+    client.connect("127.0.0.1", port, 60)
+    deadline = time.monotonic() + WAIT_S
+    try:
+        while not codes:
+            assert time.monotonic() < deadline, "no CONNACK"
+            client.loop(timeout=0.05)
+    finally:
+        client.disconnect()
+        client.loop(timeout=0.01)
+    return codes[0]
 
 
 def _no_delay(client: Any, userdata: Any, sock: Any) -> None:

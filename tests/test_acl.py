@@ -15,7 +15,6 @@ arrives every earlier item for that device has arrived too.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -23,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import BrokerThread, Peer, connack_code
 
 SUBACK_FAILURE = 0x80
 PAHO_NOT_AUTHORIZED = 135  # CONNACK 0x05 as paho 2.x reports it (see test_auth.py)
@@ -163,18 +162,7 @@ def _refused_will_login(port: int, topic: str) -> int:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alice.willy")
     client.username_pw_set("alice", "alice-pw")
     client.will_set(topic, json.dumps({"body": MARKER}), qos=1)
-    codes: list[int] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(int(reason.value))
-    client.connect("127.0.0.1", port, 60)
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while not codes:
-            assert time.monotonic() < deadline, "no CONNACK"
-            client.loop(timeout=0.05)
-    finally:
-        client.disconnect()
-        client.loop(timeout=0.01)
-    return codes[0]
+    return connack_code(client, port)
 
 
 @pytest.mark.parametrize("topic", ["u/bob/in", "u/bob/hb", "u/alice/in", "u/alice/bogus", "other/topic"])

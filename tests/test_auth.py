@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import WAIT_S, BrokerThread, Peer, connack_code
 
 # paho 2.x reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code:
 # 0x05 "not authorised" -> 135, 0x02 "identifier rejected" -> 133.
@@ -114,18 +114,7 @@ def paho_login(port: int, user: str | None, password: str | None, client_id: str
                          else f"{user}.{device}", clean_session=clean_session)
     if user is not None:
         client.username_pw_set(user, password)
-    codes: list[int] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(int(reason.value))
-    client.connect("127.0.0.1", port, 60)
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while not codes:
-            assert time.monotonic() < deadline, "no CONNACK"
-            client.loop(timeout=0.05)
-    finally:
-        client.disconnect()
-        client.loop(timeout=0.01)
-    return codes[0]
+    return connack_code(client, port)
 
 
 # --- good and bad credentials -----------------------------------------------------

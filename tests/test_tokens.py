@@ -11,7 +11,6 @@ directory in clear.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import credentials
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import BrokerThread, Peer, connack_code
 
 PAHO_NOT_AUTHORIZED = 135  # CONNACK 0x05 as paho 2.x reports it (see test_auth.py)
 PAHO_BAD_CLIENT_ID = 133  # CONNACK 0x02
@@ -41,18 +40,7 @@ def login(port: int, user: str, password: str, device: str = "phone", client_id:
     """One CONNECT with paho, driven in this thread; returns paho's CONNACK reason code value."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"{user}.{device}")
     client.username_pw_set(user, password)
-    codes: list[int] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(int(reason.value))
-    client.connect("127.0.0.1", port, 60)
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while not codes:
-            assert time.monotonic() < deadline, "no CONNACK"
-            client.loop(timeout=0.05)
-    finally:
-        client.disconnect()
-        client.loop(timeout=0.01)
-    return codes[0]
+    return connack_code(client, port)
 
 
 class Devices:
