@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +33,7 @@ from broker.config import Settings, build_settings
 
 T = TypeVar("T")
 WAIT_S = 10.0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class BrokerThread:
@@ -85,6 +90,73 @@ class BrokerThread:
             buffer = io.StringIO()
             task.print_stack(file=buffer)
             print(f"--- {task!r}\n{buffer.getvalue()}", file=sys.stderr)
+
+
+    def add_users(self, passwords: dict[str, str]) -> None:
+        for name, password in passwords.items():
+            self.add_user(name, password)
+
+
+class BrokerProcess:
+    """The broker as its own process (``python -m broker run``), exactly as an operator runs it.
+
+    Same face as ``BrokerThread`` for the tests that need no internals: ``port``, ``add_users``, ``stop``.
+    """
+
+    def __init__(self, data_dir: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.data_dir = data_dir
+        self.config = data_dir.parent / f"{data_dir.name}.yaml"
+        config: dict[str, Any] = {}
+        for key, value in (overrides or {}).items():
+            node = config
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        self.config.write_text(json.dumps(config))  # JSON is YAML
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> BrokerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
+             "--data-dir", str(self.data_dir)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        ready: queue.Queue[str] = queue.Queue()
+
+        def watch(stream: Any) -> None:
+            for line in stream:
+                if line.startswith("chat-broker ready"):
+                    ready.put(line)
+
+        threading.Thread(target=watch, args=(self.proc.stdout,), daemon=True).start()
+        try:
+            line = ready.get(timeout=30)
+        except queue.Empty:
+            self.proc.kill()
+            raise AssertionError("the broker process did not become ready within 30 s") from None
+        self.port = int(re.search(r"tcp=[^ ]+:(\d+)", line).group(1))  # type: ignore[union-attr]
+        return self
+
+    def add_users(self, passwords: dict[str, str]) -> None:
+        lines = "".join(f"{name}:{password}\n" for name, password in passwords.items())
+        subprocess.run([sys.executable, "-m", "broker", "user", "import", "-", "--data-dir", str(self.data_dir)],
+                       input=lines, text=True, check=True, cwd=ROOT, capture_output=True, timeout=120)
+
+    def add_user(self, name: str, password: str) -> None:
+        self.add_users({name: password})
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("the broker did not stop within 30 s of SIGTERM") from None
+        assert code == 0, f"the broker exited with {code}"
 
 
 async def _addresses(app: BrokerApp) -> dict[str, tuple[str, int]]:

@@ -13,14 +13,16 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import BrokerThread, Peer
+from tests.helpers import BrokerProcess, Peer
 
 USERS = ("alice", "bob", "carol")
 
 
-def start(path: Path, **overrides: Any) -> BrokerThread:
-    broker = BrokerThread(path, {k.replace("__", "."): v for k, v in overrides.items()}).start()
-    return broker
+def start(path: Path, **overrides: Any) -> BrokerProcess:
+    """The broker in its own process, as in production, with users alice, bob and carol."""
+    broker = BrokerProcess(path, {k.replace("__", "."): v for k, v in overrides.items()})
+    broker.add_users({name: f"{name}-pw" for name in USERS})
+    return broker.start()
 
 
 @pytest.fixture
@@ -32,15 +34,13 @@ def made() -> Iterator[list[Peer]]:
 
 
 @pytest.fixture
-def chat(tmp_path: Path) -> Iterator[BrokerThread]:
+def chat(tmp_path: Path) -> Iterator[BrokerProcess]:
     broker = start(tmp_path / "data", limits__send_burst=5000)
-    for name in USERS:
-        broker.add_user(name, f"{name}-pw")
     yield broker
     broker.stop()
 
 
-def online(broker: BrokerThread, made: list[Peer], user: str, device: str = "phone") -> Peer:
+def online(broker: BrokerProcess, made: list[Peer], user: str, device: str = "phone") -> Peer:
     peer = Peer(broker.port, user, f"{user}-pw", device=device)
     made.append(peer)
     assert peer.connect() == 0
@@ -68,7 +68,7 @@ def is_msg(msg_id: str) -> Any:
     return lambda i: i.get("kind") == "msg" and i.get("id") == msg_id
 
 
-def test_online_message_then_sent_delivered_seen(chat: BrokerThread, made: list[Peer]) -> None:
+def test_online_message_then_sent_delivered_seen(chat: BrokerProcess, made: list[Peer]) -> None:
     alice, bob = online(chat, made, "alice"), online(chat, made, "bob")
     before = int(time.time() * 1000)
     send(alice, "bob", "m1", "hi bob", type="text", ts=5)
@@ -86,7 +86,7 @@ def test_online_message_then_sent_delivered_seen(chat: BrokerThread, made: list[
 
 
 def test_offline_backlog_arrives_once_in_order_and_receipts_wait_for_offline_sender(
-    chat: BrokerThread, made: list[Peer]
+    chat: BrokerProcess, made: list[Peer]
 ) -> None:
     alice = online(chat, made, "alice")
     ids = [f"m{i}" for i in range(1000)]
@@ -129,7 +129,7 @@ def test_offline_backlog_arrives_once_in_order_and_receipts_wait_for_offline_sen
     ],
 )
 def test_refused_messages_get_a_clear_error_and_reach_no_one(
-    chat: BrokerThread, made: list[Peer], payload: bytes, code: str, ref: str | None
+    chat: BrokerProcess, made: list[Peer], payload: bytes, code: str, ref: str | None
 ) -> None:
     alice, bob = online(chat, made, "alice"), online(chat, made, "bob")
     alice.publish("u/alice/out", payload)
@@ -140,7 +140,7 @@ def test_refused_messages_get_a_clear_error_and_reach_no_one(
     assert bob.expect(is_msg("after"))
 
 
-def test_repeated_id_is_delivered_once_and_answered_sent_again(chat: BrokerThread, made: list[Peer]) -> None:
+def test_repeated_id_is_delivered_once_and_answered_sent_again(chat: BrokerProcess, made: list[Peer]) -> None:
     alice, bob = online(chat, made, "alice"), online(chat, made, "bob")
     send(alice, "bob", "dup")
     item = bob.expect(is_msg("dup"))
@@ -157,8 +157,6 @@ def test_repeated_id_is_delivered_once_and_answered_sent_again(chat: BrokerThrea
 def test_two_devices_each_get_every_message_and_the_body_goes_after_both_ack(tmp_path: Path, made: list[Peer]) -> None:
     broker = start(tmp_path / "d", staging__flush_ms=0, staging__checkpoint_idle_s=0.2)
     try:
-        for name in USERS:
-            broker.add_user(name, f"{name}-pw")
         alice = online(broker, made, "alice")
         phone, laptop = online(broker, made, "bob", "phone"), online(broker, made, "bob", "laptop")
         marker = "MARKER-7f3a9c-secret-body"
@@ -182,8 +180,6 @@ def test_two_devices_each_get_every_message_and_the_body_goes_after_both_ack(tmp
 def test_quickly_acked_message_never_touches_the_disk(tmp_path: Path, made: list[Peer]) -> None:
     broker = start(tmp_path / "d", staging__flush_ms=20_000)  # generous: a loaded CI machine is slow to ack
     try:
-        for name in USERS:
-            broker.add_user(name, f"{name}-pw")
         alice, bob = online(broker, made, "alice"), online(broker, made, "bob")
         marker = "MARKER-never-written"
         send(alice, "bob", "m1", marker)
@@ -195,7 +191,7 @@ def test_quickly_acked_message_never_touches_the_disk(tmp_path: Path, made: list
         broker.stop()
 
 
-def test_first_device_gets_what_was_held_later_devices_do_not(chat: BrokerThread, made: list[Peer]) -> None:
+def test_first_device_gets_what_was_held_later_devices_do_not(chat: BrokerProcess, made: list[Peer]) -> None:
     alice = online(chat, made, "alice")
     send(alice, "carol", "early")  # carol has never connected: held for her first device
     alice.expect(receipt("sent", "early"))
@@ -211,8 +207,6 @@ def test_first_device_gets_what_was_held_later_devices_do_not(chat: BrokerThread
 def test_window_and_redelivery(tmp_path: Path, made: list[Peer]) -> None:
     broker = start(tmp_path / "d", delivery__window=5, delivery__redeliver_after_s=0.5)
     try:
-        for name in USERS:
-            broker.add_user(name, f"{name}-pw")
         alice = online(broker, made, "alice")
         for i in range(12):
             send(alice, "bob", f"w{i}")
@@ -236,8 +230,6 @@ def test_window_and_redelivery(tmp_path: Path, made: list[Peer]) -> None:
 def test_queue_full_and_rate_limited_are_errors_not_silent_drops(tmp_path: Path, made: list[Peer]) -> None:
     broker = start(tmp_path / "d", delivery__max_queue=3, limits__send_burst=5, limits__send_rate_per_s=0.01)
     try:
-        for name in USERS:
-            broker.add_user(name, f"{name}-pw")
         alice = online(broker, made, "alice")
         for i in range(4):
             send(alice, "bob", f"q{i}")
@@ -263,8 +255,6 @@ def test_queue_full_and_rate_limited_are_errors_not_silent_drops(tmp_path: Path,
 def test_ttl_expiry_tells_the_sender(tmp_path: Path, made: list[Peer]) -> None:
     broker = start(tmp_path / "d", staging__ttl_days=1.5 / 86400, staging__sweep_s=0.2)
     try:
-        for name in USERS:
-            broker.add_user(name, f"{name}-pw")
         alice = online(broker, made, "alice")
         send(alice, "bob", "old")
         alice.expect(receipt("sent", "old"))
@@ -290,8 +280,6 @@ def drain(peer: Peer, within: float) -> list[dict[str, Any]]:
 def test_staged_items_survive_a_graceful_restart_and_seqs_keep_increasing(tmp_path: Path, made: list[Peer]) -> None:
     data = tmp_path / "d"
     broker = start(data, staging__flush_ms=60_000)  # everything stays in memory until shutdown flushes it
-    for name in USERS:
-        broker.add_user(name, f"{name}-pw")
     alice = online(broker, made, "alice")
     bob = online(broker, made, "bob")
     send(alice, "bob", "seen-before")

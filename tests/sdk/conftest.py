@@ -13,7 +13,7 @@ import pytest
 
 from client_sdk import Client
 from client_sdk.events import Event, Message
-from tests.helpers import WAIT_S, BrokerThread
+from tests.helpers import WAIT_S, BrokerProcess, BrokerThread
 
 
 class Collector:
@@ -107,7 +107,7 @@ Factory = Callable[..., Client]
 
 
 @pytest.fixture
-def make_client(broker: BrokerThread, tmp_path: Path) -> Iterator[Factory]:
+def make_client(broker: BrokerThread | BrokerProcess, tmp_path: Path) -> Iterator[Factory]:
     """make_client("alice", device="phone", store="name.db", **options) -> an unconnected Client.
 
     The password defaults to the conftest one ("<user>-pw"); ``store`` names a

@@ -12,15 +12,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from client_sdk import AsyncClient, Client, ErrorEvent, Message, Receipt
 from client_sdk.events import Event
-from tests.helpers import BrokerThread
+from tests.helpers import BrokerProcess
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
 WAIT_S = 15.0
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+    """These tests need no broker internals: the broker runs as its own process, as in production."""
+    running = BrokerProcess(tmp_path / "data")
+    running.add_users({name: f"{name}-pw" for name in ("alice", "bob", "mallory")})
+    running.start()
+    yield running
+    running.stop()
 
 
 def receipts_for(events: Collector, msg_id: str, count: int) -> list[str]:
@@ -150,7 +163,7 @@ async def next_of(events: AsyncIterator[Event], kind: type[Any], where: Any = la
 
 
 async def test_item_not_finished_by_the_app_is_handed_over_again_once(
-    broker: BrokerThread, make_client: Factory, tmp_path: Any
+    broker: BrokerProcess, make_client: Factory, tmp_path: Any
 ) -> None:
     crashing = AsyncClient("bob", "bob-pw", device="phone", port=broker.port, store=tmp_path / "bob.db")
     await crashing.connect(timeout=10)
@@ -203,7 +216,7 @@ class Reader:
         return await asyncio.wait_for(find(), WAIT_S)
 
 
-async def test_async_clients_chat_both_ways(broker: BrokerThread) -> None:
+async def test_async_clients_chat_both_ways(broker: BrokerProcess) -> None:
     async with AsyncClient("alice", "alice-pw", device="phone", port=broker.port) as alice, \
             AsyncClient("bob", "bob-pw", device="laptop", port=broker.port) as bob:
         at_alice, at_bob = Reader(alice), Reader(bob)
@@ -225,11 +238,11 @@ async def test_async_clients_chat_both_ways(broker: BrokerThread) -> None:
 def test_rate_limited_messages_are_retried_until_sent(tmp_path: Any) -> None:
     # A server that takes 5 messages at once and 50/s after: most of a quick
     # burst of 30 is refused 'rate_limited' (transient), and the SDK retries.
-    server = BrokerThread(tmp_path / "data", {"limits.send_burst": 5, "limits.send_rate_per_s": 50.0}).start()
+    server = BrokerProcess(tmp_path / "data", {"limits.send_burst": 5, "limits.send_rate_per_s": 50.0})
+    server.add_users({"alice": "alice-pw", "bob": "bob-pw"})
+    server.start()
     clients: list[Client] = []
     try:
-        for name in ("alice", "bob"):
-            server.add_user(name, f"{name}-pw")
         bob = Client("bob", "bob-pw", device="phone", port=server.port)
         alice = Client("alice", "alice-pw", device="phone", port=server.port)
         clients += [bob, alice]
