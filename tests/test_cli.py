@@ -19,11 +19,13 @@ import pty
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -54,10 +56,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m broker ARGS`` to completion; stdin is /dev/null unless given."""
+def cli(
+    *args: str, cwd: Path, stdin: str | None = None, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python -m broker ARGS`` to completion; stdin is /dev/null unless given; ``prefix`` wraps the command."""
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args], cwd=cwd, env=_env(), text=True, capture_output=True,
+        [*prefix, sys.executable, "-m", "broker", *args], cwd=cwd, env=_env(), text=True, capture_output=True,
         input=stdin, stdin=subprocess.DEVNULL if stdin is None else None, timeout=CMD_S, check=False,
     )
 
@@ -280,10 +284,9 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fault", ["missing-cert", "missing-key", "cert-is-a-directory", "garbage-cert",
                                    "unreadable-cert", "no-keyfile"])
-def test_bad_tls_files_are_one_line_naming_the_file(tmp_path: Path, fault: str) -> None:
-    if fault == "unreadable-cert" and os.geteuid() == 0:
-        pytest.skip("root reads files whatever their mode; cert-is-a-directory covers unreadable here")
+def test_bad_tls_files_are_one_line_naming_the_file(tmp_path: Path, fault: str, request: pytest.FixtureRequest) -> None:
     cert, key = make_cert(tmp_path)
+    as_user: tuple[str, ...] = ()
     named: str
     if fault == "missing-cert":
         config, named = _tls_config(tmp_path, tmp_path / "gone.pem", key), "gone.pem"
@@ -296,14 +299,24 @@ def test_bad_tls_files_are_one_line_naming_the_file(tmp_path: Path, fault: str) 
         (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n")
         config, named = _tls_config(tmp_path, tmp_path / "garbage.pem", key), "garbage.pem"
     elif fault == "unreadable-cert":
+        if os.geteuid() == 0:
+            # Root reads any file: run this broker as nobody (setpriv, util-linux), from a directory
+            # nobody can reach (pytest's own temporary directories are private to root).
+            as_user = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+            tmp_path = Path(tempfile.mkdtemp(prefix="chat-cli-"))
+            request.addfinalizer(lambda: shutil.rmtree(tmp_path, ignore_errors=True))
+            tmp_path.chmod(0o777)
+            cert, key = make_cert(tmp_path)
+            key.chmod(0o644)
         cert.chmod(0)
         config, named = _tls_config(tmp_path, cert, key), cert.name
+        Path(config).chmod(0o644)
     else:
         path = tmp_path / "half.yaml"
         path.write_text('listeners:\n  tls:\n    bind: "127.0.0.1:0"\n')
         config, named = str(path), "listeners.tls"
     # A plain listener opens first: its start-up log lines must not reach stderr either.
-    result = cli("run", "-c", config, "--bind", "127.0.0.1:0", "--data-dir", "d", cwd=tmp_path)
+    result = cli("run", "-c", config, "--bind", "127.0.0.1:0", "--data-dir", "d", cwd=tmp_path, prefix=as_user)
     line = one_line_error(result)
     assert named in line
     assert "listeners.tls" in line
