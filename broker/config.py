@@ -9,10 +9,10 @@ one-line message for the CLI.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
 
@@ -115,6 +115,65 @@ class DedupSettings(_Section):
     """Remembered ids beyond the staged messages; the oldest are forgotten first."""
 
 
+def chat_packet_bytes(limits: LimitsSettings) -> int:
+    """Largest MQTT packet a valid chat uplink can need (the envelope limit of
+    ``client_sdk.protocol.parse_chat_message``: body x 6 for JSON escapes + 1 KiB,
+    or a request), plus the PUBLISH headers (fixed header, topic, packet id)."""
+    return max(limits.max_body_bytes * 6 + 1024, limits.max_request_bytes) + 64
+
+
+class AclRule(_Section):
+    """One line of the generic-topic ACL, as in a mosquitto ACL file."""
+
+    topic: str
+    """An MQTT topic filter; ``%u`` stands for the user name, ``%c`` for the client id."""
+    access: Literal["read", "write", "readwrite"] = "readwrite"
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        levels = value.split("/")
+        if not value or "\x00" in value:
+            raise ValueError("must be a non-empty topic filter")
+        if any(("#" in level and (level != "#" or i != len(levels) - 1)) for i, level in enumerate(levels)):
+            raise ValueError("'#' must be the whole last level [MQTT-4.7.1-2]")
+        if any("+" in level and level != "+" for level in levels):
+            raise ValueError("'+' must be a whole level [MQTT-4.7.1-3]")
+        if levels[0] == "u":
+            raise ValueError("u/... topics are the chat protocol's (PROTOCOL.md); no rule can grant them")
+        return value
+
+
+class MqttSettings(_Section):
+    """MQTT 3.1.1 limits and the generic (non-chat) topics; see docs/MQTT.md."""
+
+    max_packet_bytes: int = Field(default=4_194_304, ge=1024, le=268_435_456)
+    """Largest packet (fixed header included) a client may send; a larger one closes
+    the connection before its body is read. Must carry a full chat message (about
+    385 KiB with the default body limit); the default leaves room above that, so a
+    chat message a few times too large still gets a ``too_large`` error item."""
+    keepalive_min_s: int = Field(default=0, ge=0, le=65535)
+    """Smallest non-zero CONNECT keepalive accepted (0: no minimum). Outside the
+    bounds, CONNACK 0x02: MQTT 3.1.1 has no way to impose another value."""
+    keepalive_max_s: int = Field(default=65535, ge=1, le=65535)
+    """Largest CONNECT keepalive accepted; below 65535, keepalive 0 (never time out) is refused too."""
+    max_queued_messages: int = Field(default=1000, ge=1)
+    """QoS 1/2 messages on generic topics held per session (in flight + queued while
+    offline); beyond it further messages for that session are dropped."""
+    allow_anonymous: bool = False
+    """Accept CONNECTs without user name; such clients may use only topics ``anonymous_acl`` grants."""
+    acl: list[AclRule] = Field(default_factory=list)
+    """Generic topics authenticated users may read/write (chat topics follow PROTOCOL.md only)."""
+    anonymous_acl: list[AclRule] = Field(default_factory=list)
+    """Generic topics anonymous clients may read/write (``%u`` rules never apply to them)."""
+
+    @model_validator(mode="after")
+    def _check_keepalive(self) -> MqttSettings:
+        if self.keepalive_min_s > self.keepalive_max_s:
+            raise ValueError("keepalive_min_s must not exceed keepalive_max_s")
+        return self
+
+
 class LogSettings(_Section):
     level: str = "info"
     json_lines: bool = False
@@ -127,6 +186,21 @@ class LogSettings(_Section):
         return value.lower()
 
 
+class PresenceSettings(_Section):
+    """Online / last seen (docs/PROTOCOL.md, "Presence")."""
+
+    online_window_s: float = Field(default=30.0, gt=0)
+    """A user is online while a device heartbeats at least this often (the SDK sends every 10 s)."""
+    coalesce_ms: int = Field(default=1000, ge=0)
+    """At most one presence item per watcher device and watched user within this time (the latest state)."""
+    persist_s: float = Field(default=5.0, gt=0)
+    """Changed last-seen times are written to disk in one batch this often (and on shutdown)."""
+    max_contacts: int = Field(default=5000, ge=1)
+    """Contacts per user (``contacts.add``)."""
+    max_watched: int = Field(default=1000, ge=1)
+    """Users one connected device may watch with ``presence.subscribe``."""
+
+
 class Settings(_Section):
     data_dir: str = "chat-data"
     listeners: ListenersSettings = ListenersSettings()
@@ -135,7 +209,20 @@ class Settings(_Section):
     staging: StagingSettings = StagingSettings()
     delivery: DeliverySettings = DeliverySettings()
     dedup: DedupSettings = DedupSettings()
+    presence: PresenceSettings = PresenceSettings()
     log: LogSettings = LogSettings()
+    mqtt: MqttSettings = MqttSettings()
+
+    @model_validator(mode="after")
+    def _check_packet_size(self) -> Settings:
+        need = chat_packet_bytes(self.limits)
+        if self.mqtt.max_packet_bytes < need:
+            # A limit below a valid chat message would silently cut chat clients off.
+            raise ValueError(
+                f"mqtt.max_packet_bytes ({self.mqtt.max_packet_bytes}) must be at least {need} "
+                "to carry a chat message of limits.max_body_bytes"
+            )
+        return self
 
     @property
     def data_path(self) -> Path:
@@ -147,6 +234,9 @@ def _describe(error: ValidationError) -> str:
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     extra = f" ({len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    if not first["loc"] and first["type"] == "value_error":
+        # A check across sections (Settings._check_packet_size) names its keys itself.
+        return str(first["ctx"]["error"]) + extra
     return f"{key}: {message}{extra}"
 
 

@@ -7,6 +7,18 @@ section 3.1.2.10 says the server must disconnect a client that sends nothing
 for one and a half times its keepalive; ``keepalive_deadline`` gives that
 figure and ``handle_read_timeout`` ends the connection, which then takes the
 abnormal-disconnect path (will published, bridge told the device left).
+
+It also keeps outgoing QoS 1/2 messages in the session until they are
+acknowledged (MQTT 3.1.1 section 4.4). amqtt waits 5 s for PUBACK/PUBREC/PUBCOMP,
+then forgets the message, and drops it when the connection ends; a slow phone
+that acks after 6 s, or reconnects, never gets it again. Here the wait still
+ends after ``ACK_WAIT_S`` (no task is held per message), but the message stays
+in ``session.inflight_out``: an acknowledgement that arrives later completes it
+(``handle_puback`` ...), and on a resumed session ``_retry_deliveries`` re-sends
+every unacknowledged PUBLISH with DUP=1 and its packet id, and every PUBREL,
+in the original order [MQTT-4.4.0-1, MQTT-3.3.1-1, MQTT-4.6.0-1]. Chat topics
+(``u/...``) are the exception: the bridge's staging store redelivers those
+(PROTOCOL.md), so a chat message is forgotten as before.
 """
 
 from __future__ import annotations
@@ -15,7 +27,18 @@ import asyncio
 import contextlib
 import math
 
+from amqtt.errors import AMQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from client_sdk.protocol import is_chat_topic
+
+ACK_WAIT_S = 5.0
+"""How long a publish task waits for its acknowledgement (amqtt's figure); a later ack still completes it."""
 
 
 def keepalive_deadline(keepalive_s: int) -> int:
@@ -80,3 +103,144 @@ class ChatProtocolHandler(BrokerProtocolHandler):
     def connected(self) -> bool:
         return self._reader_task is not None and not self._reader_task.done()
 
+    # --- outgoing QoS 1/2: kept until acknowledged (MQTT 3.1.1 section 4.4) ----------
+
+    def _own_session(self) -> Session:
+        if self.session is None:
+            raise AMQTTError("Session is not initialized.")
+        return self.session
+
+    def _forget_unacked(self, message: OutgoingApplicationMessage) -> bool:
+        """Chat downlink is redelivered by the bridge (new packet id); MQTT keeps the rest."""
+        return is_chat_topic(message.topic)
+
+    async def _handle_qos1_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction != OUTGOING or not isinstance(app_message, OutgoingApplicationMessage):
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        session = self._own_session()
+        packet_id = app_message.packet_id
+        if packet_id is None:
+            raise ValueError("Packet ID is not set")
+        session.inflight_out[packet_id] = app_message
+        # Registered before PUBLISH goes out: amqtt registered it after the write, so a
+        # fast PUBACK could find no waiter and the message then "timed out".
+        waiter: asyncio.Future[PubackPacket] = self._loop.create_future()
+        self._puback_waiters[packet_id] = waiter
+        acked = False
+        try:
+            packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)  # [MQTT-3.3.1-1]
+            await self._send_packet(packet)
+            app_message.publish_packet = packet
+            app_message.puback_packet = await asyncio.wait_for(waiter, ACK_WAIT_S)
+            acked = True
+        finally:
+            if self._puback_waiters.get(packet_id) is waiter:
+                del self._puback_waiters[packet_id]
+            if acked or self._forget_unacked(app_message):
+                session.inflight_out.pop(packet_id, None)
+
+    async def _handle_qos2_message_flow(
+        self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage
+    ) -> None:
+        if app_message.direction != OUTGOING or not isinstance(app_message, OutgoingApplicationMessage):
+            await super()._handle_qos2_message_flow(app_message)
+            return
+        session = self._own_session()
+        packet_id = app_message.packet_id
+        if packet_id is None:
+            raise ValueError("Packet ID is not set")
+        session.inflight_out[packet_id] = app_message
+        completed = False
+        try:
+            if app_message.pubrec_packet is None:
+                pubrec: asyncio.Future[PubrecPacket] = self._loop.create_future()
+                self._pubrec_waiters[packet_id] = pubrec
+                try:
+                    packet = app_message.build_publish_packet(dup=app_message.publish_packet is not None)
+                    await self._send_packet(packet)
+                    app_message.publish_packet = packet
+                    app_message.pubrec_packet = await asyncio.wait_for(pubrec, ACK_WAIT_S)
+                finally:
+                    if self._pubrec_waiters.get(packet_id) is pubrec:
+                        del self._pubrec_waiters[packet_id]
+            pubcomp: asyncio.Future[PubcompPacket] = self._loop.create_future()
+            self._pubcomp_waiters[packet_id] = pubcomp
+            try:
+                app_message.pubrel_packet = PubrelPacket.build(packet_id)
+                await self._send_packet(app_message.pubrel_packet)
+                app_message.pubcomp_packet = await asyncio.wait_for(pubcomp, ACK_WAIT_S)
+                completed = True
+            finally:
+                if self._pubcomp_waiters.get(packet_id) is pubcomp:
+                    del self._pubcomp_waiters[packet_id]
+        finally:
+            if completed or self._forget_unacked(app_message):
+                session.inflight_out.pop(packet_id, None)
+
+    async def handle_puback(self, puback: PubackPacket) -> None:
+        packet_id = puback.variable_header.packet_id if puback.variable_header else None
+        if packet_id is not None and packet_id not in self._puback_waiters:
+            message = self._own_session().inflight_out.get(packet_id)
+            if message is not None and message.qos == 1:
+                del self._own_session().inflight_out[packet_id]  # acknowledged after the wait [MQTT-4.3.2-1]
+                return
+        await super().handle_puback(puback)
+
+    async def handle_pubrec(self, pubrec: PubrecPacket) -> None:
+        packet_id = pubrec.packet_id
+        if packet_id not in self._pubrec_waiters:
+            message = self._own_session().inflight_out.get(packet_id)
+            if message is not None and message.qos == 2:
+                # Late, or after a re-sent PUBLISH: the sender answers PUBREC with PUBREL [MQTT-4.3.3-1].
+                message.pubrec_packet = pubrec
+                message.pubrel_packet = PubrelPacket.build(packet_id)
+                await self._send_packet(message.pubrel_packet)
+                return
+        await super().handle_pubrec(pubrec)
+
+    async def handle_pubcomp(self, pubcomp: PubcompPacket) -> None:
+        packet_id = pubcomp.packet_id
+        if packet_id not in self._pubcomp_waiters:
+            message = self._own_session().inflight_out.get(packet_id)
+            if message is not None and message.qos == 2 and message.pubrec_packet is not None:
+                del self._own_session().inflight_out[packet_id]  # the QoS 2 flow is complete [MQTT-4.3.3-1]
+                return
+        await super().handle_pubcomp(pubcomp)
+
+    async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
+        packet_id = pubrel.packet_id
+        waiter = self._pubrel_waiters.get(packet_id)
+        if waiter is not None and not waiter.done():
+            await super().handle_pubrel(pubrel)
+            return
+        # No flow is waiting: the client re-sent PUBREL after a reconnect [MQTT-4.4.0-1]
+        # (amqtt ignored it, so the message was never delivered and the client waited
+        # forever), or repeats it because our PUBCOMP was lost. Release the message
+        # once, and always answer PUBCOMP [MQTT-4.3.3-2].
+        session = self._own_session()
+        message = session.inflight_in.pop(packet_id, None)
+        if message is not None:
+            message.pubrel_packet = pubrel
+            await session.delivered_message_queue.put(message)
+        await self._send_packet(PubcompPacket.build(packet_id))
+
+    async def _retry_deliveries(self) -> None:
+        """On a resumed session, re-send what the client has not acknowledged [MQTT-4.4.0-1].
+
+        amqtt re-ran each flow and waited (up to 10 s) for all the acks before the
+        connection was served, then dropped what was still unacked. Here each
+        PUBLISH goes out again with DUP=1 and its packet id, each PUBREL again, in
+        the original order [MQTT-4.6.0-1]; the acks complete them as they come.
+        """
+        session = self._own_session()
+        for message in list(session.inflight_out.values()):
+            if message.qos == 2 and message.pubrec_packet is not None:
+                message.pubrel_packet = PubrelPacket.build(message.packet_id or 0)
+                await self._send_packet(message.pubrel_packet)
+            else:
+                packet = message.build_publish_packet(dup=True)  # [MQTT-3.3.1-1]
+                await self._send_packet(packet)
+                message.publish_packet = packet

@@ -16,6 +16,17 @@ Each override says which amqtt 0.12.1 fault it fixes (see
   the ACL (fault 2).
 - ``_handle_message_delivery`` / ``_handle_disconnect``: publishes (and wills)
   on chat topics go to the bridge, not through amqtt's broadcast loop.
+
+MQTT 3.1.1 conformance (docs/MQTT.md; tests/mqtt/), with the layers below:
+- every packet passes ``broker.wire.PacketGate`` before amqtt parses it
+  (malformed input, packet size, first packet CONNECT, keepalive bounds);
+- ``broker.handler``: keepalive [MQTT-3.1.2-24], unacked QoS 1/2 kept [MQTT-4.4.0-1];
+- ``broker.conformant``: delivered QoS, offline queue, subscriptions;
+- here: takeover [MQTT-3.1.4-2], clean sessions discarded at disconnect
+  [MQTT-3.1.2-6], and generic (non-chat) topics opened by ``mqtt.acl`` /
+  ``mqtt.anonymous_acl`` (``broker.acl``), with anonymous clients only if
+  ``mqtt.allow_anonymous``. Chat topics keep the PROTOCOL.md rules whatever the
+  config says.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from typing import Any, cast
 
 import websockets
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker, Server
+from amqtt.broker import Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
@@ -42,16 +53,19 @@ from websockets.http11 import Request, Response
 
 from bridge.requests import Caller
 from bridge.service import Bridge
-from broker.auth import Authenticator
+from broker.acl import NO_ACCESS, TopicAcl
+from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
 from broker.config import Settings, parse_bind
+from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.handler import ChatProtocolHandler, keepalive_deadline
+from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
 log = logging.getLogger(__name__)
 
 WS_PATH = "/mqtt"
-SUBACK_FAILURE = 0x80
 TAKEOVER_WAIT_S = 5.0
+ACL = "broker.acl"  # Session.attributes key: the session's TopicAcl, built once per connection
 
 
 class ListenerError(Exception):
@@ -63,12 +77,18 @@ class LoginRefusedError(Exception):
 
 
 class SessionLink:
-    """``bridge.links.DeviceLink`` over an amqtt connection (QoS 1, in call order)."""
+    """``bridge.links.DeviceLink`` over an amqtt connection (QoS 1, in call order).
 
-    def __init__(self, client_id: str, topic: str, handler: ChatProtocolHandler) -> None:
+    ``qos`` is min(1, the QoS granted to the inbox subscription) [MQTT-3.8.4-6]: a
+    device that subscribed at QoS 0 gets its items at QoS 0 (the chat protocol's own
+    ack and redelivery still apply).
+    """
+
+    def __init__(self, client_id: str, topic: str, handler: ChatProtocolHandler, qos: int = QOS_1) -> None:
         self._client_id = client_id
         self._topic = topic
         self._handler = handler
+        self._qos = min(qos, QOS_1)
         self._pending: set[asyncio.Task[Any]] = set()
 
     @property
@@ -78,7 +98,7 @@ class SessionLink:
     def send(self, payload: bytes) -> None:
         # mqtt_publish reaches the handler's FIFO write lock without awaiting
         # first, so tasks created in order write in order.
-        task = asyncio.ensure_future(self._handler.mqtt_publish(self._topic, payload, QOS_1, retain=False))
+        task = asyncio.ensure_future(self._handler.mqtt_publish(self._topic, payload, self._qos, retain=False))
         self._pending.add(task)
         task.add_done_callback(self._done)
 
@@ -95,13 +115,16 @@ def _chat_identity(session: Session) -> Caller | None:
     return Caller(parts[0], parts[1])
 
 
-class ChatBroker(Broker):
+class ChatBroker(ConformantBroker):
     def __init__(self, settings: Settings, authenticator: Authenticator, bridge: Bridge) -> None:
         # Listeners are started by _start_listeners below; amqtt's own listener
         # table only needs its mandatory "default" entry, unbound. No plugins:
         # auth and ACL are methods of this class, not options to forget.
-        super().__init__({"listeners": {"default": {"bind": None}}, "plugins": {}})
+        super().__init__({"listeners": {"default": {"bind": None}}, "plugins": {}},
+                         settings.mqtt.max_queued_messages)
         self.settings = settings
+        mqtt = settings.mqtt
+        self._wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
@@ -170,6 +193,8 @@ class ChatBroker(Broker):
             if peer is None:
                 await writer.close()
                 return
+            # Every packet is checked whole before amqtt parses it (broker/wire.py).
+            reader = PacketGate(reader, self._wire, f"{peer[0]}:{peer[1]}")
             try:
                 handler, session = await asyncio.wait_for(
                     self._accept_connect(reader, writer, peer[0], peer[1]),
@@ -180,10 +205,17 @@ class ChatBroker(Broker):
                          self.settings.limits.connect_timeout_s)
                 await _close_quietly(writer)
                 return
+            except ConnectRefused as exc:
+                # Section 3.2.2.3: a return code the spec names, then close [MQTT-3.2.2-5].
+                with contextlib.suppress(OSError, ConnectionError):
+                    await ConnackPacket.build(0, exc.code).to_stream(writer)
+                await _close_quietly(writer)
+                return
             # OSError, not just ConnectionError: amqtt's own refusals (protocol
             # level, id-less persistent session) close the socket unguarded, and a
             # client that already reset it raises ENOTCONN there (tests/test_auth.py).
-            except (LoginRefusedError, AMQTTError, MQTTError, NoDataError, OSError, ValueError) as exc:
+            except (LoginRefusedError, ProtocolViolation, AMQTTError, MQTTError, NoDataError, OSError,
+                    ValueError) as exc:
                 log.debug("connection from %s:%d refused: %r", peer[0], peer[1], exc)
                 await _close_quietly(writer)
                 return
@@ -201,11 +233,14 @@ class ChatBroker(Broker):
         parsed, incoming = await ChatProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         handler = cast("ChatProtocolHandler", parsed)  # init_from_connect builds cls(...)
         client_id = incoming.client_id or ""
-        result = await self._auth.login(incoming.username, incoming.password, client_id, address)
+        if incoming.username is None and self.settings.mqtt.allow_anonymous:
+            result = _anonymous_login(client_id, address)
+        else:
+            result = await self._auth.login(incoming.username, incoming.password, client_id, address)
         if result.ok and incoming.will_flag and not self._may_publish(incoming, incoming.will_topic or ""):
             log.warning("login refused: %s set a will on %r, which it may not publish to", client_id,
                         incoming.will_topic)
-            result = type(result)(0x05, result.user, None, "will topic not allowed")
+            result = LoginResult(BAD_CREDENTIALS, result.user, None, "will topic not allowed")
         if not result.ok:
             # Fault 1 and 3: nothing of any session was read or changed, and the
             # refused connection is never registered.
@@ -231,79 +266,107 @@ class ChatBroker(Broker):
         """amqtt's session cache logic (MQTT-3.1.2-4..6), run only after authentication."""
         client_id = incoming.client_id or ""
         existing = self._sessions.get(client_id)
-        if incoming.clean_session or existing is None or existing[0].transitions.is_connected():
+        # A clean session is never resumed, even if it has not been discarded yet
+        # [MQTT-3.1.2-6] (amqtt resumed it: session present=1 and its subscriptions).
+        if (incoming.clean_session or existing is None or existing[0].clean_session
+                or existing[0].transitions.is_connected()):
             if existing is not None:
-                self._sessions.pop(client_id, None)
-                self._drop_subscriptions(existing[0])
-                existing[0].clear_queues()
-            incoming.parent = 0
+                self._discard_session(existing[0])
+            incoming.parent = 0  # session present = 0 [MQTT-3.2.2-1, MQTT-3.2.2-3]
             session = incoming
         else:
             session = existing[0]
             for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password", "remote_address", "remote_port"):
                 setattr(session, attr, getattr(incoming, attr))
-            session.parent = 1
+            session.parent = 1  # session present = 1 [MQTT-3.2.2-2]
         session.keep_alive = keepalive_deadline(incoming.keep_alive)
+        session.attributes.pop(ACL, None)
         return session
 
-    def _drop_subscriptions(self, session: Session) -> None:
-        for topic_filter in [f for f, subs in self._subscriptions.items() if any(s is session for s, _ in subs)]:
-            remaining = [(s, q) for s, q in self._subscriptions[topic_filter] if s is not session]
-            if remaining:
-                self._subscriptions[topic_filter] = remaining
-            else:
-                del self._subscriptions[topic_filter]
+    def _discard_session(self, session: Session) -> None:
+        """Forget a session: subscriptions, queues, in-flight messages [MQTT-3.1.2-6]."""
+        client_id = session.client_id or ""
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0] is session:
+            del self._sessions[client_id]
+        self._drop_subscriptions(session)
+        session.clear_queues()
+        session.inflight_out.clear()
+        session.inflight_in.clear()
 
     async def _serve_client(
         self, reader: ReaderAdapter, writer: WriterAdapter, session: Session, handler: ChatProtocolHandler
     ) -> None:
         client_id = session.client_id or ""
+        # Until its backlog is handed over, messages for this session queue behind it.
+        session.attributes[RESUMING] = True
         session.transitions.connect()
         handler.attach(session, reader, writer)
         self._sessions[client_id] = (session, handler)
         self._live[client_id] = asyncio.current_task()  # type: ignore[assignment]
         try:
             await handler.mqtt_connack_authorize(True)
-            await handler.start()
-            await self._publish_session_retained_messages(session)
+            await handler.start()  # re-sends unacknowledged in-flight messages [MQTT-4.4.0-1]
+            self._resume_deliveries(session, handler)  # then the offline queue, RETAIN=0 [MQTT-3.3.1-9]
+            # Retained messages are not sent again for the filters a resumed session
+            # already had: only a new subscription gets them [MQTT-3.3.1-6] (amqtt sent
+            # them at every reconnect, for every client's filters: fault 2).
             caller = _chat_identity(session)
-            for topic_filter, subscribers in list(self._subscriptions.items()):
-                for subscriber, qos in subscribers:
-                    if subscriber is not session:  # fault 2: only this session's own filters
-                        continue
-                    if caller is not None and topic_filter == inbox_topic(caller.user):
-                        # A resumed session (clean_session=0, "session present") keeps
-                        # its inbox subscription [MQTT-3.1.2-4]; the client need not
-                        # SUBSCRIBE again, so link it now (tests/test_connection_lifecycle.py).
-                        self._link_device(caller, topic_filter, handler)
-                    else:
-                        await self._publish_retained_messages_for_subscription((topic_filter, qos), session)
+            inbox = inbox_topic(caller.user) if caller is not None else None
+            if caller is not None and inbox is not None and inbox in self._filters_of(session):
+                # A resumed session (clean_session=0, "session present") keeps
+                # its inbox subscription [MQTT-3.1.2-4]; the client need not
+                # SUBSCRIBE again, so link it now (tests/test_connection_lifecycle.py).
+                granted = next((q for s, q in self._subscriptions.get(inbox, []) if s is session), QOS_1)
+                self._link_device(caller, inbox, handler, granted)
             await self._client_message_loop(session, handler)
         finally:
+            session.attributes.pop(RESUMING, None)
             if self._live.get(client_id) is asyncio.current_task():
                 del self._live[client_id]
 
     # --- ACL -------------------------------------------------------------------
 
+    # Chat topics (u/...): PROTOCOL.md, in code, whatever the config says. Other
+    # topics: the generic ACL (broker/acl.py), empty unless the config opens some.
+
+    def _acl(self, session: Session) -> TopicAcl:
+        acl = session.attributes.get(ACL)
+        if acl is None:
+            mqtt = self.settings.mqtt
+            rules = mqtt.anonymous_acl if session.username is None else mqtt.acl
+            acl = TopicAcl.build(rules, session.username, session.client_id or "") if rules else NO_ACCESS
+            session.attributes[ACL] = acl
+        return cast("TopicAcl", acl)
+
     def _may_publish(self, session: Session, topic: str) -> bool:
-        caller = _chat_identity(session)
-        return caller is not None and uplink_kind(caller.user, topic) is not None
+        if is_chat_topic(topic):
+            caller = _chat_identity(session)
+            return caller is not None and uplink_kind(caller.user, topic) is not None
+        return self._acl(session).may_publish(topic)
+
+    def _may_subscribe(self, session: Session, topic_filter: str) -> bool:
+        if topic_filter.split("/", 1)[0] == "u":
+            # A device reads its own inbox, nothing else under u/.
+            caller = _chat_identity(session)
+            return caller is not None and may_subscribe(caller.user, topic_filter)
+        # Wildcard filters such as "#" are generic: chat traffic never reaches them,
+        # since it is not routed through subscriptions and nothing under u/ is retained.
+        return self._acl(session).may_subscribe(topic_filter)
+
+    def _may_receive(self, session: Session, topic: str) -> bool:
+        if is_chat_topic(topic):
+            caller = _chat_identity(session)
+            return caller is not None and topic == inbox_topic(caller.user)
+        return self._acl(session).may_receive(topic)
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
-        caller = _chat_identity(session)
-        if caller is None:
-            return False
         if action == Action.PUBLISH:
-            return uplink_kind(caller.user, topic) is not None
-        # SUBSCRIBE and RECEIVE: a device reads its own inbox, nothing else.
-        return may_subscribe(caller.user, topic)
-
-    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        if not await self._topic_filtering(session, subscription[0], Action.SUBSCRIBE):
-            log.info("%s may not subscribe to %r", session.client_id, subscription[0])
-            return SUBACK_FAILURE
-        return await super().add_subscription(subscription, session)
+            return self._may_publish(session, topic)
+        if action == Action.SUBSCRIBE:
+            return self._may_subscribe(session, topic)
+        return self._may_receive(session, topic)
 
     # --- retained messages (fault 2) ---------------------------------------------
 
@@ -315,16 +378,7 @@ class ChatBroker(Broker):
             return  # PROTOCOL.md: retained messages are never kept on u/... topics
         await super().retain_message(source_session, topic_name, data, qos)
 
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Session
-    ) -> None:
-        handler = self._get_handler(session)
-        if handler is None:
-            return
-        topic_filter, qos = subscription
-        for topic, retained in list(self._retained_messages.items()):
-            if self._matches(topic, topic_filter) and await self._topic_filtering(session, topic, Action.RECEIVE):
-                await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+    # Retained messages for a new subscription: ConformantBroker, through _may_receive.
 
     # --- subscriptions tell the bridge who is online -----------------------------
 
@@ -333,16 +387,17 @@ class ChatBroker(Broker):
         codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
         await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
         caller = _chat_identity(client_session)
-        for (topic_filter, qos), code in zip(subscriptions.topics, codes, strict=True):
-            if code == SUBACK_FAILURE or caller is None:
+        for (topic_filter, _), code in zip(subscriptions.topics, codes, strict=True):
+            if code == SUBACK_FAILURE:
                 continue
-            if topic_filter == inbox_topic(caller.user):
-                self._link_device(caller, topic_filter, handler)
+            if caller is not None and topic_filter == inbox_topic(caller.user):
+                self._link_device(caller, topic_filter, handler, code)
             else:
-                await self._publish_retained_messages_for_subscription((topic_filter, qos), client_session)
+                # At the granted QoS (the code), for anonymous clients too [MQTT-3.3.1-6].
+                await self._publish_retained_messages_for_subscription((topic_filter, code), client_session)
 
-    def _link_device(self, caller: Caller, inbox: str, handler: ChatProtocolHandler) -> None:
-        link = SessionLink(caller.client_id, inbox, handler)
+    def _link_device(self, caller: Caller, inbox: str, handler: ChatProtocolHandler, granted: int) -> None:
+        link = SessionLink(caller.client_id, inbox, handler, granted)
         self._links[caller.client_id] = link
         self.bridge.device_online(caller.user, link)
 
@@ -380,13 +435,20 @@ class ChatBroker(Broker):
 
     async def _dispatch(self, session: Session, topic: str, data: bytes, qos: int | None, retain: bool) -> None:
         caller = _chat_identity(session)
-        if caller is None:
+        if is_chat_topic(topic):
+            kind = uplink_kind(caller.user, topic) if caller is not None else None
+            if caller is not None and kind is not None:
+                self.bridge.on_uplink(caller, kind, data)
+                return
+        elif self._acl(session).may_publish(topic):
+            # A generic topic the ACL opens: amqtt's broadcast path; each subscriber gets
+            # it at min(qos, its granted QoS) (ConformantBroker._run_broadcast).
+            await self._broadcast_message(session, topic, data, qos)
+            if retain:
+                await self.retain_message(session, topic, data, qos)  # [MQTT-3.3.1-5, -10, -11]
             return
-        kind = uplink_kind(caller.user, topic)
-        if kind is not None:
-            self.bridge.on_uplink(caller, kind, data)
-        else:
-            log.info("%s may not publish to %r", caller.client_id, topic)
+        log.info("%s may not publish to %r", session.client_id, topic)
+        if caller is not None:
             self.bridge.refuse_topic(caller, topic)
 
     async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
@@ -401,6 +463,11 @@ class ChatBroker(Broker):
                                  client_session.will_qos, bool(client_session.will_retain))
         await self._stop_handler(handler)
         client_session.transitions.disconnect()
+        if client_session.clean_session:
+            # [MQTT-3.1.2-6]: the session ends with the connection. amqtt left it for
+            # its once-a-second monitor, and a quick CONNECT with clean_session=0 got
+            # it back with "session present" and its subscriptions.
+            self._discard_session(client_session)
 
     # --- shutdown ------------------------------------------------------------------
 
@@ -412,6 +479,20 @@ class ChatBroker(Broker):
                 instance.close()
         await super().shutdown()
         await self.bridge.close()
+
+
+def _anonymous_login(client_id: str, address: str) -> LoginResult:
+    """``mqtt.allow_anonymous``: a CONNECT without user name, for generic topics only.
+
+    Client ids of the form ``{user}.{device}`` belong to chat devices, existing or
+    not: an anonymous client with one could take over (and, with clean_session=0,
+    resume) a device's session, so it is refused with 0x02 (identifier rejected).
+    """
+    if split_client_id(client_id) is not None:
+        log.warning("anonymous login refused from %s: client id %r has the form of a chat device", address, client_id)
+        return LoginResult(IDENTIFIER_REJECTED, None, None, "client id reserved for chat devices")
+    log.info("anonymous login: %s from %s", client_id, address)
+    return LoginResult(ACCEPTED, None, None, "anonymous")
 
 
 def _only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:
