@@ -1,8 +1,8 @@
 """Request operations on ``u/{me}/req``: ``{"rid","op","args"}`` -> one ``res`` item.
 
 Each op is an async function of (caller, args) returning a JSON-able result or
-raising ``OpError``; the table maps op names to them. Later features (presence,
-keys, groups) add their ops to the same table.
+raising ``OpError``; the table maps op names to them. Other features add their
+ops to the same table (presence: ``bridge/presence_service.py``; see broker/app.py).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class OpError(Exception):
 Op = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
 
 
-def _no_args(args: dict[str, Any], allowed: set[str]) -> None:
+def check_args(args: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse (``bad_envelope``) any argument not in ``allowed``."""
     unknown = set(args) - allowed
     if unknown:
         raise OpError(ErrorCode.BAD_ENVELOPE, f"unknown argument(s): {', '.join(sorted(unknown))}")
@@ -51,15 +52,15 @@ def build_ops(tokens: TokenIssuer, clock_ms: Callable[[], int] | None = None) ->
     now_ms = clock_ms or (lambda: int(time.time() * 1000))
 
     async def ping(caller: Caller, args: dict[str, Any]) -> Any:
-        _no_args(args, set())
+        check_args(args, set())
         return {"pong": now_ms()}
 
     async def auth_token(caller: Caller, args: dict[str, Any]) -> Any:
-        _no_args(args, set())
+        check_args(args, set())
         return {"token": await tokens.issue_token(caller.user, caller.device), "device": caller.device}
 
     async def auth_revoke(caller: Caller, args: dict[str, Any]) -> Any:
-        _no_args(args, {"device"})
+        check_args(args, {"device"})
         device = args.get("device", caller.device)
         if not is_device_id(device):
             raise OpError(ErrorCode.BAD_ENVELOPE, "'device' must be a device id")

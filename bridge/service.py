@@ -2,7 +2,8 @@
 
 The broker hands every publish on a ``u/{me}/...`` uplink topic to
 ``on_uplink`` (after the ACL), and tells the bridge when a device subscribes to
-or leaves its inbox, and when a device logs in for the first time. The bridge
+or leaves its inbox, and when a device logs in for the first time. Chat items
+go to messaging, heartbeats to presence, requests to the ops table. The bridge
 answers through ``DeviceLink.send``; it never goes through amqtt's subscription
 matching, so the cost of a message does not grow with the number of connected
 users.
@@ -19,13 +20,13 @@ from typing import Any
 
 from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging import Messaging
+from bridge.presence_service import PresenceService
 from bridge.requests import Caller, Op, OpError
 from client_sdk.protocol import (
     DecodeError,
     ErrorCode,
     error_item,
     failure_item,
-    loads_object,
     parse_request,
     result_item,
 )
@@ -34,9 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class Bridge:
-    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: Messaging, max_request_bytes: int) -> None:
+    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: Messaging, presence: PresenceService,
+                 max_request_bytes: int) -> None:
         self.links = links
         self.messaging = messaging
+        self.presence = presence
         self._ops = ops
         self._max_request = max_request_bytes
         self._tasks: set[asyncio.Task[None]] = set()
@@ -53,6 +56,9 @@ class Bridge:
     def device_offline(self, user: str, link: DeviceLink) -> None:
         if self.links.detach(user, link):
             self.messaging.device_offline(link.client_id)
+            # The disconnect of a foreground device ends its part in "online" at once
+            # (also a keepalive timeout: broker/handler.py); its watch list ends too.
+            self.presence.device_offline(user, link.client_id)
 
     # --- uplink ------------------------------------------------------------
 
@@ -65,10 +71,12 @@ class Bridge:
                 self.messaging.on_ack(caller, payload)
             elif kind == "seen":
                 self.messaging.on_seen(caller, payload)
+            elif kind == "hb":
+                self.presence.on_heartbeat(caller, payload)
             elif kind == "req":
                 self._on_request(caller, payload)
-            else:
-                self._on_not_yet(caller, kind, payload)
+            else:  # the broker passes only the five uplink kinds
+                self.send(caller.client_id, error_item(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported"))
         except Exception:  # a bug must cost one item, never the broker
             log.exception("uplink %s from %s failed", kind, caller.client_id)
             self.send(caller.client_id, error_item(ErrorCode.INTERNAL, "the server failed to handle this item"))
@@ -102,16 +110,6 @@ class Bridge:
             item = failure_item(rid, ErrorCode.INTERNAL, f"the server failed to run {name!r}")
         self.send(caller.client_id, item)
 
-    def _on_not_yet(self, caller: Caller, kind: str, payload: bytes) -> None:
-        # Presence (hb) arrives in a later release; until then a heartbeat is
-        # answered, never dropped silently.
-        try:
-            loads_object(payload, self._max_request)
-        except DecodeError as exc:
-            self.send(caller.client_id, error_item(exc.code, exc.detail))
-            return
-        self.send(caller.client_id, error_item(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported by this server yet"))
-
     # --- downlink -------------------------------------------------------------
 
     def send(self, client_id: str, item: dict[str, Any]) -> bool:
@@ -124,7 +122,8 @@ class Bridge:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Finish running requests, then write what is staged only in memory."""
+        """Finish running requests, then write what is staged only in memory and the last-seen times."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         await self.messaging.close()
+        await self.presence.close()

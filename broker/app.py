@@ -1,4 +1,4 @@
-"""Wiring: settings -> stores, authenticator, messaging, bridge, broker. Used by the CLI and the tests."""
+"""Wiring: settings -> stores, authenticator, messaging, presence, bridge, broker. Used by the CLI and the tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from bridge.directory import Directory
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
 from bridge.messaging import Messaging
+from bridge.presence import PresenceCore, PresenceRules
+from bridge.presence_service import PresenceService
+from bridge.presence_store import SqlitePresenceStore
 from bridge.requests import build_ops
 from bridge.service import Bridge
 from bridge.staging import Rules, Staging
@@ -33,6 +36,8 @@ class BrokerApp:
         self.settings = settings
         self._users: UserStore | None = None
         self._staging_store: SqliteStagingStore | None = None
+        self._presence_store: SqlitePresenceStore | None = None
+        self._presence: PresenceService | None = None
         self._broker: ChatBroker | None = None
 
     @property
@@ -40,6 +45,12 @@ class BrokerApp:
         if self._broker is None:
             raise RuntimeError("the broker is not started")
         return self._broker
+
+    @property
+    def presence(self) -> PresenceService:
+        if self._presence is None:
+            raise RuntimeError("the broker is not started")
+        return self._presence
 
     @property
     def users(self) -> UserStore:
@@ -52,6 +63,7 @@ class BrokerApp:
         try:
             self._users = await UserStore.open(settings.data_path)
             self._staging_store = await SqliteStagingStore.open(settings.data_path)
+            self._presence_store = await SqlitePresenceStore.open(settings.data_path)
             auth = settings.auth
             authenticator = Authenticator(
                 self._users,
@@ -60,10 +72,14 @@ class BrokerApp:
                 auth.hash_concurrency,
             )
             messaging = await self._start_messaging(self._users, self._staging_store)
-            bridge = Bridge(messaging.links, build_ops(authenticator), messaging, settings.limits.max_request_bytes)
+            presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
+            ops = {**build_ops(authenticator), **presence.ops()}
+            bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(settings, authenticator, bridge)
             await self._broker.start()
         except BaseException:
+            if self._presence is not None:
+                await self._presence.close()
             await self._close_stores()
             self._broker = None
             raise
@@ -95,6 +111,18 @@ class BrokerApp:
         await messaging.start()
         return messaging
 
+    async def _start_presence(self, links: LinkRegistry, store: SqlitePresenceStore) -> PresenceService:
+        config = self.settings.presence
+        core = PresenceCore(PresenceRules(
+            online_window_ms=int(config.online_window_s * 1000),
+            coalesce_ms=config.coalesce_ms,
+            max_contacts=config.max_contacts,
+            max_watched=config.max_watched,
+        ))
+        presence = PresenceService(core, store, links, config.persist_s)
+        await presence.start()
+        return presence
+
     def addresses(self) -> dict[str, tuple[str, int]]:
         return self.broker.bound_addresses()
 
@@ -106,8 +134,10 @@ class BrokerApp:
         await self._close_stores()
 
     async def _close_stores(self) -> None:
-        for store in (self._staging_store, self._users):
+        for store in (self._presence_store, self._staging_store, self._users):
             if store is not None:
                 await store.close()
+        self._presence_store = None
+        self._presence = None
         self._staging_store = None
         self._users = None

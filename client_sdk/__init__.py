@@ -21,6 +21,7 @@ from client_sdk.errors import (
     StoreError,
 )
 from client_sdk.events import ErrorEvent, Event, Message, Presence, Receipt
+from client_sdk.presence import Privacy
 
 __all__ = [
     "AsyncClient",
@@ -37,6 +38,7 @@ __all__ = [
     "Message",
     "NotConnected",
     "Presence",
+    "Privacy",
     "Receipt",
     "RequestError",
     "RequestTimeout",

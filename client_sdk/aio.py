@@ -22,15 +22,25 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from client_sdk.client import result_of
 from client_sdk.engine import Engine
-from client_sdk.errors import ConnectTimeout, RequestTimeout
-from client_sdk.events import Event
+from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
+from client_sdk.events import Event, Presence
+from client_sdk.presence import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    Privacy,
+    check_privacy,
+    chunks,
+    count_from,
+    presences_from,
+    privacy_from,
+    user_list,
+)
 from client_sdk.protocol import ResItem
 
 T = TypeVar("T")
@@ -59,6 +69,7 @@ class AsyncClient:
         tls: ssl.SSLContext | None = None,
         transport: Literal["tcp", "websockets"] = "tcp",
         reconnect_delay: tuple[float, float] = (0.5, 30.0),
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
@@ -68,7 +79,7 @@ class AsyncClient:
         self._engine = Engine(
             user, password, device, host, port, store, self._deliver,
             keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
-            reconnect_delay=reconnect_delay,
+            reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
         )
 
     @property
@@ -177,6 +188,58 @@ class AsyncClient:
 
     async def heartbeat(self, away: bool = False) -> None:
         self._engine.heartbeat(away)
+
+    # --- presence (see Client for the details) -------------------------------------
+
+    async def set_foreground(self, foreground: bool = True) -> None:
+        """Foreground: heartbeats every ``heartbeat_interval`` while connected; background: ``away`` once."""
+        self._engine.set_foreground(foreground)
+
+    async def presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:  # noqa: ASYNC109
+        found: dict[str, Presence] = {}
+        for args in chunks(user_list(users)):
+            found.update(presences_from(await self.request("presence.get", args, timeout)))
+        return found
+
+    async def watch_presence(
+        self, users: Iterable[str], timeout: float = 10.0,  # noqa: ASYNC109 (same API as Client)
+    ) -> dict[str, Presence]:
+        """Current presence of ``users``; later changes arrive as ``Presence`` events (also after reconnects)."""
+        names = user_list(users)
+        self._engine.watch(names)
+        found: dict[str, Presence] = {}
+        for args in chunks(names):
+            try:
+                found.update(presences_from(await self.request("presence.subscribe", args, timeout)))
+            except RequestError:
+                self._engine.unwatch(args["users"])
+                raise
+        return found
+
+    async def unwatch_presence(self, users: Iterable[str], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        names = user_list(users)
+        self._engine.unwatch(names)
+        for args in chunks(names):
+            await self.request("presence.unsubscribe", args, timeout)
+
+    async def set_privacy(self, last_seen: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        check_privacy(last_seen)
+        await self.request("privacy.set", {"last_seen": last_seen}, timeout)
+
+    async def privacy(self, timeout: float = 10.0) -> Privacy:  # noqa: ASYNC109
+        return privacy_from(await self.request("privacy.get", None, timeout))
+
+    async def add_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
+        size = 0
+        for args in chunks(user_list(users)):
+            size = count_from(await self.request("contacts.add", args, timeout), "contacts")
+        return size
+
+    async def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
+        size = 0
+        for args in chunks(user_list(users)):
+            size = count_from(await self.request("contacts.remove", args, timeout), "contacts")
+        return size
 
     # --- requests ------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from types import TracebackType
@@ -24,6 +24,16 @@ from typing import Any, Literal
 from client_sdk.engine import Engine
 from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
 from client_sdk.events import ErrorEvent, Event, Message, Presence, Receipt
+from client_sdk.presence import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    Privacy,
+    check_privacy,
+    chunks,
+    count_from,
+    presences_from,
+    privacy_from,
+    user_list,
+)
 from client_sdk.protocol import ResItem
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,8 @@ class Client:
     published again. ``reconnect_delay``: (first, longest) wait between
     reconnect attempts. ``tls``: an ``ssl.SSLContext`` for TLS listeners;
     ``transport="websockets"`` for MQTT over WebSocket (path ``/mqtt``).
+    ``heartbeat_interval``: seconds between heartbeats while in the foreground
+    (``set_foreground``); keep it well under the server's ``presence.online_window_s``.
 
     Raises ``IdentifierRejected`` for malformed ids and ``StoreError`` if the
     store belongs to another user or device. Call ``close()`` when done (or
@@ -67,6 +79,7 @@ class Client:
         tls: ssl.SSLContext | None = None,
         transport: Literal["tcp", "websockets"] = "tcp",
         reconnect_delay: tuple[float, float] = (0.5, 30.0),
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
     ) -> None:
         self.on_message: Callable[[Message], None] | None = None
         self.on_receipt: Callable[[Receipt], None] | None = None
@@ -75,7 +88,7 @@ class Client:
         self._engine = Engine(
             user, password, device, host, port, store, self._deliver,
             keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
-            reconnect_delay=reconnect_delay,
+            reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
         )
 
     @property
@@ -160,6 +173,69 @@ class Client:
     def heartbeat(self, away: bool = False) -> None:
         """Say the app is in the foreground (call at least every 30 s) or went ``away``; dropped while offline."""
         self._engine.heartbeat(away)
+
+    # --- presence ------------------------------------------------------------------
+
+    def set_foreground(self, foreground: bool = True) -> None:
+        """The app came to the foreground (True: heartbeats now and every ``heartbeat_interval``
+        while connected, so this user shows online) or went to the background (False: one
+        ``{"state":"away"}``, then none). Starts in the background."""
+        self._engine.set_foreground(foreground)
+
+    def presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:
+        """The current presence of ``users`` as this user may see it (``online``/``last_seen`` None: hidden)."""
+        found: dict[str, Presence] = {}
+        for args in chunks(user_list(users)):
+            found.update(presences_from(self.request("presence.get", args, timeout)))
+        return found
+
+    def watch_presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:
+        """Watch ``users``: returns their current presence; each later change arrives at ``on_presence``.
+
+        The watch list is kept by this client and sent again after every reconnect (the
+        server forgets it with the connection); the states found then arrive at ``on_presence``.
+        Raises ``RequestError`` (``too_large``) past the server's limit of watched users.
+        """
+        names = user_list(users)
+        self._engine.watch(names)
+        found: dict[str, Presence] = {}
+        for args in chunks(names):
+            try:
+                found.update(presences_from(self.request("presence.subscribe", args, timeout)))
+            except RequestError:
+                self._engine.unwatch(args["users"])
+                raise
+        return found
+
+    def unwatch_presence(self, users: Iterable[str], timeout: float = 10.0) -> None:
+        names = user_list(users)
+        self._engine.unwatch(names)
+        for args in chunks(names):
+            self.request("presence.unsubscribe", args, timeout)
+
+    def set_privacy(self, last_seen: str, timeout: float = 10.0) -> None:
+        """Who sees this user's online and last seen: ``"everyone"``, ``"contacts"`` (the default:
+        users in this user's contact list) or ``"nobody"``. Hiding it from someone also hides
+        their last seen from you (reciprocity)."""
+        check_privacy(last_seen)
+        self.request("privacy.set", {"last_seen": last_seen}, timeout)
+
+    def privacy(self, timeout: float = 10.0) -> Privacy:
+        """This user's privacy setting and contact list, as the server keeps them."""
+        return privacy_from(self.request("privacy.get", None, timeout))
+
+    def add_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
+        """Add to this user's contact list (who ``"contacts"`` shows presence to); returns its size."""
+        size = 0
+        for args in chunks(user_list(users)):
+            size = count_from(self.request("contacts.add", args, timeout), "contacts")
+        return size
+
+    def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
+        size = 0
+        for args in chunks(user_list(users)):
+            size = count_from(self.request("contacts.remove", args, timeout), "contacts")
+        return size
 
     # --- requests ------------------------------------------------------------------
 

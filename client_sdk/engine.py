@@ -6,8 +6,8 @@ Threads (all daemon threads, named after the client id):
   stores arriving items and answers requests, and never waits on the app;
 - ``chat-dispatch-*``: hands events to the app through ``deliver`` and acks
   (``Dispatcher``);
-- ``chat-outbox-*``: publishes due outbox messages, in order, and prunes the
-  dedup memory.
+- ``chat-outbox-*``: publishes due outbox messages, in order, sends the
+  heartbeats while the app is in the foreground, and prunes the dedup memory.
 
 The facades pass ``deliver(event) -> bool``: it returns once the app is done
 with the event (True), or False if the client is closing and the event could
@@ -44,6 +44,7 @@ from client_sdk.inbox import Arrival, Inbox, read_downlink
 from client_sdk.localstore import LocalStore
 from client_sdk.login import LoginPlan, Secret
 from client_sdk.outbox import ErrorVerdict, Outbox
+from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S, chunks, presences_from
 from client_sdk.protocol import (
     MAX_IDS_PER_ITEM,
     MESSAGE_ID_RE,
@@ -56,6 +57,7 @@ from client_sdk.protocol import (
     chat_message_payload,
     client_id,
     dumps,
+    heartbeat_payload,
     is_device_id,
     is_user_id,
     seen_payload,
@@ -100,8 +102,11 @@ class Engine:
         reconnect_delay: tuple[float, float] = (0.5, 30.0),
         handed_ids_keep: int = 10_000,
         handed_ids_max_age_s: float = 7 * 86400,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
     ) -> None:
         validate_identity(user, device)
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
         self.user, self.device = user, device
         self.cid = client_id(user, device)
         self.store = LocalStore(store, user, device)
@@ -127,6 +132,10 @@ class Engine:
         self._session_lock = threading.Lock()
         self._session = 0
         self._outbox_live = False
+        self._hb_interval = heartbeat_interval
+        self._foreground = False
+        self._next_hb: float | None = None  # monotonic time of the next heartbeat while in the foreground
+        self._watched: dict[str, None] = {}  # users this device watches (ordered set), re-watched on every reconnect
         self.closing = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name=f"chat-outbox-{self.cid}", daemon=True)
 
@@ -196,6 +205,9 @@ class Engine:
         with self._lock:
             self._ever_ready = True
             self._token_pending = need_token
+            if self._foreground:
+                self._next_hb = time.monotonic()  # tell the server at once that this device is in the foreground
+            watched = list(self._watched)
             deferred, self._deferred = self._deferred, []
             for rid, payload in deferred:
                 if rid in self._answers:
@@ -206,10 +218,20 @@ class Engine:
             self._session += 1
             self._outbox_live = True
         self._kick()
+        # Watch lists end with the connection on the server: watch again, and hand the current states over.
+        for args in chunks(watched):
+            self.request_async("presence.subscribe", args, self._rewatched)
         if need_token:
             self.request_async("auth.token", {}, self._token_answer)
         else:
             self._resolve(None)
+
+    def _rewatched(self, answer: ResItem | BaseException) -> None:
+        if isinstance(answer, ResItem) and answer.ok:
+            for presence in presences_from(answer.result).values():
+                self._dispatcher.event(presence)
+        elif isinstance(answer, ResItem):
+            log.warning("%s: watching presence again failed: %s %s", self.cid, answer.error_code, answer.error_detail)
 
     def _token_answer(self, answer: ResItem | BaseException) -> None:
         self._token_pending = False
@@ -350,7 +372,55 @@ class Engine:
     def heartbeat(self, away: bool = False) -> None:
         """Publish ``u/{me}/hb``: ``{}`` (app in the foreground) or ``{"state":"away"}``; dropped while offline."""
         self.check_open()
-        self._conn.publish(uplink_topic(self.user, "hb"), dumps({"state": "away"} if away else {}), hold=False)
+        self._conn.publish(uplink_topic(self.user, "hb"), heartbeat_payload(away), hold=False)
+
+    # --- presence -----------------------------------------------------------------------
+
+    def set_foreground(self, foreground: bool) -> None:
+        """In the foreground: a heartbeat now and every ``heartbeat_interval`` while connected
+        (and at once after each reconnect). Back to the background: ``{"state":"away"}`` once."""
+        self.check_open()
+        with self._lock:
+            leaving = self._foreground and not foreground
+            self._foreground = foreground
+            self._next_hb = time.monotonic() + self._hb_interval if foreground else None
+            now = foreground and self._conn.ready
+        # Published in the caller's thread, so it goes out before anything the caller does next.
+        if now:
+            self.heartbeat(False)
+        elif leaving:
+            self.heartbeat(away=True)
+        self._kick()
+
+    @property
+    def foreground(self) -> bool:
+        return self._foreground
+
+    def watch(self, users: list[str]) -> None:
+        with self._lock:
+            self._watched.update(dict.fromkeys(users))
+
+    def unwatch(self, users: list[str]) -> None:
+        with self._lock:
+            for user in users:
+                self._watched.pop(user, None)
+
+    def watched(self) -> list[str]:
+        with self._lock:
+            return list(self._watched)
+
+    def _beat(self) -> float | None:
+        """Send the heartbeat if it is due; when the next one is due (monotonic), or None."""
+        with self._lock:
+            due = self._next_hb
+            if due is None or not self._conn.ready:
+                return None  # on_ready makes it due again
+            now = time.monotonic()
+            if now < due:
+                return due
+            self._next_hb = now + self._hb_interval
+        self.heartbeat(False)
+        return now + self._hb_interval
 
     def _publish_acks(self, seqs: list[int]) -> None:
         self._conn.publish(uplink_topic(self.user, "ack"), ack_payload(seqs), hold=True)
@@ -385,8 +455,10 @@ class Engine:
     def _send_loop(self) -> None:
         next_prune = 0.0
         while not self.closing.is_set():
+            beat: float | None = None
             try:
                 self._publish_due()
+                beat = self._beat()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY_S
                     self.store.prune_handed_ids(int(time.time() * 1000) - self._ids_max_age_ms, self._keep_ids)
@@ -396,6 +468,8 @@ class Engine:
                 log.exception("%s: the outbox thread failed a round", self.cid)
             due = self.outbox.next_due() if self._outbox_live else None
             wait = PRUNE_EVERY_S if due is None else max(0.0, due - time.monotonic())
+            if beat is not None:
+                wait = min(wait, max(0.0, beat - time.monotonic()))
             with self._wake:
                 if not self._woken:
                     self._wake.wait(min(wait, PRUNE_EVERY_S))

@@ -324,6 +324,32 @@ def parse_heartbeat(payload: bytes) -> str:
     return str(state)
 
 
+def heartbeat_payload(away: bool = False) -> bytes:
+    return dumps({"state": HB_AWAY} if away else {})
+
+
+# --- presence requests (docs/PROTOCOL.md, "Presence") ----------------------------------
+
+PRIVACY_EVERYONE: Final = "everyone"
+PRIVACY_CONTACTS: Final = "contacts"
+PRIVACY_NOBODY: Final = "nobody"
+PRIVACY_CHOICES: Final = (PRIVACY_EVERYONE, PRIVACY_CONTACTS, PRIVACY_NOBODY)
+PRIVACY_DEFAULT: Final = PRIVACY_CONTACTS
+MAX_USERS_PER_REQUEST: Final = 256
+"""Users named in one presence.get/subscribe/unsubscribe or contacts.add/remove request."""
+
+
+def parse_user_list(args: dict[str, Any]) -> list[str]:
+    """``{"users": [...]}`` (1-256 user ids, repeats collapsed, order kept); DecodeError otherwise."""
+    users = args.get("users")
+    if (
+        not isinstance(users, list) or not users or len(users) > MAX_USERS_PER_REQUEST
+        or not all(is_user_id(u) for u in users)
+    ):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, f"'users' must be a list of 1-{MAX_USERS_PER_REQUEST} user ids")
+    return list(dict.fromkeys(users))
+
+
 # --- downlink items ------------------------------------------------------------------
 
 RECEIPT_SENT: Final = "sent"

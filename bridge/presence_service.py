@@ -1,0 +1,243 @@
+"""Presence: the thin shell around the presence core (``bridge/presence.py``).
+
+It reads heartbeats, runs the presence and privacy requests, sends the core's
+``presence`` items through the link registry, keeps one timer armed at the
+core's next deadline (window expiry, coalesced items), and writes changed
+``last_seen`` times in batches every ``persist_s`` (and on shutdown). Privacy
+settings and contacts are written before their request is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bridge.links import LinkRegistry
+from bridge.presence import LimitExceeded, Outcome, PresenceCore
+from bridge.presence_store import PresenceStore
+from bridge.requests import Caller, Op, OpError, check_args
+from broker.sqlite import StoreError
+from client_sdk.protocol import (
+    HB_AWAY,
+    PRIVACY_CHOICES,
+    DecodeError,
+    ErrorCode,
+    error_item,
+    parse_heartbeat,
+    parse_user_list,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SteadyClock:
+    """Wall-clock milliseconds that never go backwards: the wall time at start plus monotonic time since.
+
+    The core's windows and coalescing need a clock that does not jump; ``last_seen``
+    needs wall time. This is both, to within the drift of the monotonic clock.
+    """
+
+    def __init__(self) -> None:
+        self._wall0 = time.time() * 1000
+        self._mono0 = time.monotonic()
+
+    def __call__(self) -> int:
+        return int(self._wall0 + (time.monotonic() - self._mono0) * 1000)
+
+
+class PresenceService:
+    def __init__(
+        self,
+        core: PresenceCore,
+        store: PresenceStore,
+        links: LinkRegistry,
+        persist_s: float,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.core = core
+        self._store = store
+        self._links = links
+        self._persist_s = persist_s
+        self._now = clock_ms or SteadyClock()
+        self._write_lock = asyncio.Lock()  # one transaction at a time on the store's connection
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.rows_written = 0
+        self.batches_written = 0
+
+    async def start(self) -> None:
+        snapshot = await self._store.load()
+        self.core.load(snapshot.last_seen, snapshot.settings, snapshot.contacts)
+        log.info("presence: %d last-seen time(s), %d privacy setting(s), %d contact(s) loaded",
+                 len(snapshot.last_seen), len(snapshot.settings), len(snapshot.contacts))
+        self._loop_task = asyncio.ensure_future(self._persist_loop())
+
+    # --- heartbeats and devices ---------------------------------------------------------------
+
+    def on_heartbeat(self, caller: Caller, payload: bytes) -> None:
+        try:
+            state = parse_heartbeat(payload)
+        except DecodeError as exc:
+            self._links.send(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            return
+        self._apply(self.core.heartbeat(caller.user, caller.client_id, state == HB_AWAY, self._now()))
+
+    def device_offline(self, user: str, client_id: str) -> None:
+        """The device's connection ended (or it left its inbox): its foreground and watch list end."""
+        self._apply(self.core.device_offline(user, client_id, self._now()))
+
+    # --- carrying out outcomes; the timer -------------------------------------------------------
+
+    def _apply(self, out: Outcome) -> None:
+        for client_id, item in out.items:
+            self._links.send(client_id, item)
+        self._arm()
+
+    def _arm(self) -> None:
+        due = self.core.next_deadline()
+        if due is None or self._closed or (self._timer is not None and self._timer_at <= due):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0, due - self._now() + 1) / 1000  # +1 ms: never wake before the deadline's millisecond
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        self._timer_at = due
+
+    def _fire(self) -> None:
+        self._timer = None
+        try:
+            self._apply(self.core.tick(self._now()))
+        except Exception:  # a bug must not stop the timer for good
+            log.exception("presence tick failed")
+            self._arm()
+
+    # --- persistence ------------------------------------------------------------------------
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._persist_s)
+            await self._persist_once()
+
+    async def _persist_once(self) -> bool:
+        async with self._write_lock:
+            rows = self.core.take_dirty()
+            if not rows:
+                return True
+            try:
+                await self._store.save_last_seen(rows)
+            except StoreError as exc:
+                log.warning("presence: writing %d last-seen time(s) failed, will retry: %s", len(rows), exc)
+                self.core.write_failed(rows)
+                return False
+        self.rows_written += len(rows)
+        self.batches_written += 1
+        return True
+
+    async def close(self) -> None:
+        """Stop the timer and the batch writer, then write every changed ``last_seen``."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for _ in range(3):
+            if await self._persist_once():
+                break
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def ops(self) -> dict[str, Op]:
+        return {
+            "presence.get": self._get,
+            "presence.subscribe": self._subscribe,
+            "presence.unsubscribe": self._unsubscribe,
+            "privacy.get": self._privacy_get,
+            "privacy.set": self._privacy_set,
+            "contacts.add": self._contacts_add,
+            "contacts.remove": self._contacts_remove,
+        }
+
+    @staticmethod
+    def _users(args: dict[str, Any]) -> list[str]:
+        check_args(args, {"users"})
+        try:
+            return parse_user_list(args)
+        except DecodeError as exc:
+            raise OpError(exc.code, exc.detail) from None
+
+    async def _get(self, caller: Caller, args: dict[str, Any]) -> Any:
+        views, out = self.core.get(caller.user, self._users(args), self._now())
+        self._apply(out)
+        return {"users": {user: view.as_dict() for user, view in views.items()}}
+
+    async def _subscribe(self, caller: Caller, args: dict[str, Any]) -> Any:
+        users = self._users(args)
+        now = self._now()
+        if self._links.get(caller.client_id) is None:
+            # Gone before its request ran: answer (the answer is lost anyway), keep no watch list.
+            views, out = self.core.get(caller.user, users, now)
+        else:
+            try:
+                views, out = self.core.subscribe(caller.client_id, caller.user, users, now)
+            except LimitExceeded as exc:
+                raise OpError(ErrorCode.TOO_LARGE, str(exc)) from None
+        self._apply(out)
+        return {"users": {user: view.as_dict() for user, view in views.items()}}
+
+    async def _unsubscribe(self, caller: Caller, args: dict[str, Any]) -> Any:
+        return {"watching": self.core.unsubscribe(caller.client_id, self._users(args))}
+
+    async def _privacy_get(self, caller: Caller, args: dict[str, Any]) -> Any:
+        check_args(args, set())
+        return {"last_seen": self.core.setting(caller.user), "contacts": sorted(self.core.contacts(caller.user))}
+
+    async def _privacy_set(self, caller: Caller, args: dict[str, Any]) -> Any:
+        check_args(args, {"last_seen"})
+        setting = args.get("last_seen")
+        if setting not in PRIVACY_CHOICES:
+            raise OpError(ErrorCode.BAD_ENVELOPE, f"'last_seen' must be one of {', '.join(PRIVACY_CHOICES)}")
+        async with self._write_lock:
+            await self._write(self._store.set_privacy(caller.user, str(setting)))
+            self._apply(self.core.set_privacy(caller.user, str(setting), self._now()))
+        return {"last_seen": setting}
+
+    async def _contacts_add(self, caller: Caller, args: dict[str, Any]) -> Any:
+        users = self._users(args)
+        async with self._write_lock:
+            try:
+                new = self.core.check_add_contacts(caller.user, users)
+            except LimitExceeded as exc:
+                raise OpError(ErrorCode.TOO_LARGE, str(exc)) from None
+            if new:
+                await self._write(self._store.add_contacts(caller.user, new))
+                self._apply(self.core.add_contacts(caller.user, new, self._now()))
+        return {"contacts": len(self.core.contacts(caller.user))}
+
+    async def _contacts_remove(self, caller: Caller, args: dict[str, Any]) -> Any:
+        users = self._users(args)
+        async with self._write_lock:
+            gone = sorted(self.core.contacts(caller.user).intersection(users))
+            if gone:
+                await self._write(self._store.remove_contacts(caller.user, gone))
+                self._apply(self.core.remove_contacts(caller.user, gone, self._now()))
+        return {"contacts": len(self.core.contacts(caller.user))}
+
+    @staticmethod
+    async def _write(write: Awaitable[None]) -> None:
+        try:
+            await write
+        except StoreError as exc:
+            log.error("presence: %s", exc)
+            raise OpError(ErrorCode.INTERNAL, "the server could not save this change; try again") from None
+
+    def stats(self) -> dict[str, int]:
+        return {**self.core.stats(), "rows_written": self.rows_written, "batches_written": self.batches_written}

@@ -1,0 +1,135 @@
+"""The presence store: last seen times, privacy settings and contact lists, on disk.
+
+One interface, one SQLite implementation (``presence.db`` in the data
+directory). ``last_seen`` is written in batches by the presence service (never
+per heartbeat); privacy settings and contacts are written by the request that
+changes them, before it is answered. Each operation is one named transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosqlite
+
+from broker.sqlite import StoreError, open_database
+
+PRESENCE_DB = "presence.db"
+
+MIGRATIONS = (
+    """
+    CREATE TABLE last_seen (user TEXT PRIMARY KEY, ms INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE privacy (user TEXT PRIMARY KEY, last_seen TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE contacts (
+        owner   TEXT NOT NULL,
+        contact TEXT NOT NULL,
+        PRIMARY KEY (owner, contact)
+    ) WITHOUT ROWID
+    """,
+)
+
+
+@dataclass(slots=True)
+class PresenceSnapshot:
+    last_seen: list[tuple[str, int]]
+    settings: list[tuple[str, str]]
+    contacts: list[tuple[str, str]]
+
+
+class PresenceStore(Protocol):
+    async def load(self) -> PresenceSnapshot: ...
+
+    async def save_last_seen(self, rows: list[tuple[str, int]]) -> None:
+        """Write ``(user, ms)`` rows in one transaction; raises StoreError (nothing written)."""
+
+    async def set_privacy(self, user: str, setting: str) -> None: ...
+
+    async def add_contacts(self, owner: str, users: list[str]) -> None: ...
+
+    async def remove_contacts(self, owner: str, users: list[str]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SqlitePresenceStore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self.commits = 0
+        """Transactions committed (benchmarks and tests read it)."""
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> SqlitePresenceStore:
+        return cls(await open_database(data_dir / PRESENCE_DB, MIGRATIONS))
+
+    async def load(self) -> PresenceSnapshot:
+        try:
+            async with self._db.execute("SELECT user, ms FROM last_seen") as cursor:
+                last_seen = [(str(r[0]), int(r[1])) async for r in cursor]
+            async with self._db.execute("SELECT user, last_seen FROM privacy") as cursor:
+                settings = [(str(r[0]), str(r[1])) async for r in cursor]
+            async with self._db.execute("SELECT owner, contact FROM contacts") as cursor:
+                contacts = [(str(r[0]), str(r[1])) async for r in cursor]
+        except aiosqlite.Error as exc:
+            raise StoreError(f"cannot read {PRESENCE_DB}: {exc}") from exc
+        return PresenceSnapshot(last_seen, settings, contacts)
+
+    async def save_last_seen(self, rows: list[tuple[str, int]]) -> None:
+        async with self._transaction("save_last_seen"):
+            # max(): a batch written late (after a failed attempt) never moves a time backwards.
+            await self._db.executemany(
+                "INSERT INTO last_seen (user, ms) VALUES (?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET ms = max(ms, excluded.ms)", rows)
+
+    async def set_privacy(self, user: str, setting: str) -> None:
+        async with self._transaction("set_privacy"):
+            await self._db.execute(
+                "INSERT INTO privacy (user, last_seen) VALUES (?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET last_seen = excluded.last_seen", (user, setting))
+
+    async def add_contacts(self, owner: str, users: list[str]) -> None:
+        async with self._transaction("add_contacts"):
+            await self._db.executemany("INSERT OR IGNORE INTO contacts (owner, contact) VALUES (?, ?)",
+                                       [(owner, user) for user in users])
+
+    async def remove_contacts(self, owner: str, users: list[str]) -> None:
+        async with self._transaction("remove_contacts"):
+            await self._db.executemany("DELETE FROM contacts WHERE owner = ? AND contact = ?",
+                                       [(owner, user) for user in users])
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    def _transaction(self, name: str) -> _Transaction:
+        return _Transaction(self, name)
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; any database error rolls back and becomes StoreError."""
+
+    def __init__(self, store: SqlitePresenceStore, name: str) -> None:
+        self._store = store
+        self._db = store._db
+        self._name = name
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except aiosqlite.Error as exc:
+            raise StoreError(f"{self._name}: cannot start a transaction: {exc}") from exc
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None:
+            try:
+                await self._db.execute("COMMIT")
+                self._store.commits += 1
+                return False
+            except aiosqlite.Error as commit_error:
+                exc = commit_error
+        with contextlib.suppress(aiosqlite.Error):
+            await self._db.execute("ROLLBACK")
+        if isinstance(exc, aiosqlite.Error):
+            raise StoreError(f"{self._name}: {exc}") from exc
+        return False
