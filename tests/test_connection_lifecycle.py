@@ -124,7 +124,7 @@ def test_session_present_resumes_without_resubscribe(broker: BrokerThread, peers
 def test_silent_client_is_dropped_after_keepalive(broker: BrokerThread, raws: list[RawClient]) -> None:
     """A client silent for 1.5 x its keepalive is disconnected (MQTT 3.1.1 section 3.1.2.10,
     MQTT-3.1.2-24), taking the abnormal path: the bridge no longer links the device. Its
-    will (on u/alice/hb) goes to the bridge; presence will make that observable."""
+    will (on u/alice/hb) goes to the bridge (tests/test_presence.py shows the offline state it causes)."""
     raw = raw_login(broker.port, raws, "raw", keepalive=1, will=("u/alice/hb", b'{"state":"away"}', 1, False))
     raw.send(subscribe_packet(1, "u/alice/in"))
     silent_since = time.monotonic()
