@@ -39,7 +39,16 @@ from client_sdk.errors import (
     RequestTimeout,
     StoreError,
 )
-from client_sdk.events import AUTH_FAILED, CONNECT_FAILED, ErrorEvent, Event, error_from, presence_from, receipt_from
+from client_sdk.events import (
+    AUTH_FAILED,
+    CONNECT_FAILED,
+    ErrorEvent,
+    Event,
+    Receipt,
+    error_from,
+    presence_from,
+    receipt_from,
+)
 from client_sdk.inbox import Arrival, Inbox, read_downlink
 from client_sdk.localstore import LocalStore
 from client_sdk.login import LoginPlan, Secret
@@ -48,6 +57,7 @@ from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S, chunks, presences_
 from client_sdk.protocol import (
     MAX_IDS_PER_ITEM,
     MESSAGE_ID_RE,
+    RECEIPT_SENT,
     ChatMessage,
     ErrorItem,
     PresenceItem,
@@ -273,7 +283,11 @@ class Engine:
         found = read_downlink(payload)
         item = found.item
         if isinstance(item, ReceiptItem):
-            self.outbox.confirmed(item.ids)  # any receipt means the server has (had) it
+            confirmed = self.outbox.confirmed(item.ids)  # any receipt means the server has (had) it
+            if confirmed and item.status != RECEIPT_SENT:
+                # The ephemeral 'sent' for these was lost (with a cut connection, say) and 'delivered' or
+                # 'seen' came first: the app still sees 'sent' before them, as for every other message.
+                self._dispatcher.event(Receipt(RECEIPT_SENT, tuple(confirmed), item.peer, item.ts))
         if found.seq is not None:
             verdict = self.inbox.stage(found.seq, payload)
             if verdict is Arrival.STORE:
