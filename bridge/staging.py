@@ -24,6 +24,7 @@ boots, so seqs increase across restarts without a disk write per seq.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from client_sdk.protocol import (
 
 SEQ_SPAN = 1_000_000_000
 VOLATILE, WRITING, DURABLE = 0, 1, 2
-BODY_PREFETCH = 64
+BODY_PREFETCH = 256  # bodies read back per store query when a device drains a backlog
 HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
 
 
@@ -347,9 +348,7 @@ class Staging:
         box.inflight.clear()
         for item in box.items.values():  # free bodies that are safe on disk and wanted by no live device
             message = item.message
-            if message is not None and message.state == DURABLE and message.body is not None and not any(
-                self.boxes[t].online for t in message.targets if t in self.boxes
-            ):
+            if message is not None and message.state == DURABLE and not self._wanted_online(message):
                 message.body = None
         if not box.items:
             del self.boxes[device]
@@ -372,6 +371,9 @@ class Staging:
         out.flush_due = True
         return out
 
+    def _wanted_online(self, message: Message) -> bool:
+        return any(box.online for box in (self.boxes.get(t) for t in message.targets) if box is not None)
+
     def _pump(self, device: str, box: DeviceBox, now: float, out: Outcome) -> None:
         if not box.online:
             return
@@ -392,7 +394,7 @@ class Staging:
 
     def _missing_bodies(self, box: DeviceBox) -> list[int]:
         missing: list[int] = []
-        for seq in list(box.unsent)[:BODY_PREFETCH]:
+        for seq in itertools.islice(box.unsent, BODY_PREFETCH):
             item = box.items.get(seq)
             if item is not None and item.message is not None and item.message.body is None:
                 missing.append(item.message.mid)
@@ -514,6 +516,8 @@ class Staging:
         out = Outcome()
         for message in batch.bodies:
             message.state = DURABLE
+            if not self._wanted_online(message):
+                message.body = None  # safe on disk and no live device waits for it: read back on connect
         for item in batch.items:
             item.state = DURABLE
             if item.acked:

@@ -179,3 +179,16 @@ def test_transient_refusal_holds_later_messages_of_that_device() -> None:
     assert kinds(s.submit("alice.phone", "alice", msg("m3", to="carol"), 1000, 0.0)) == [
         ("alice.phone", "queue_full", "m3")]
     assert kinds(s.submit("alice.laptop", "alice", msg("m4", to="carol"), 1000, 0.0)) == [], "other devices go on"
+
+
+def test_written_bodies_for_offline_devices_leave_memory_and_are_read_back_on_connect() -> None:
+    s = core()
+    s.submit("alice.phone", "alice", msg("m1", body="x" * 100), 1000, 0.0)
+    batch = s.take_flush(1.0)
+    assert batch is not None
+    s.flush_done(batch)
+    assert s.live[("alice", "m1")].body is None, "safe on disk, no device online: not kept in memory"
+    out = s.device_online("bob.phone", 2.0)
+    assert out.deliveries == [] and out.need_bodies == [s.live[("alice", "m1")].mid]
+    out = s.bodies_loaded({out.need_bodies[0]: "x" * 100}, 2.1)
+    assert [(d, i["id"], i["body"]) for d, i in out.deliveries] == [("bob.phone", "m1", "x" * 100)]
