@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import gc
-import importlib.metadata
 import json
 import os
-import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -40,9 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-READY = "chat-broker ready:"
+from bench.common import READY, REPO, RESULTS, BenchError, CpuMeter, machine_info, raise_fd_limit, write_results
+from bench.common import mqtt_str as _str
+from bench.common import packet as _packet
+from bench.common import rss_kib as _rss_kib
+
 START_TIMEOUT_S = 60.0
 REPLY_TIMEOUT_S = 30.0  # CONNACK waits for scrypt; many logins queue behind each other
 REQUEST_TIMEOUT_S = 10.0
@@ -56,28 +54,7 @@ DEVICE = "bench"
 CONNACK, PUBLISH, SUBACK = 2, 3, 9
 
 
-class BenchError(Exception):
-    """The benchmark could not run; the message says why."""
-
-
-# --- a minimal MQTT 3.1.1 client ------------------------------------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+# --- a minimal MQTT 3.1.1 client (packet encoding: bench.common) ------------------------
 
 
 async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
@@ -267,13 +244,7 @@ class BrokerProcess:
         return self._proc is not None and self._proc.returncode is None
 
     def rss_kib(self) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return None
+        return _rss_kib(self.pid)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -300,47 +271,6 @@ class BrokerProcess:
 
 
 # --- the benchmark ------------------------------------------------------------------------
-
-
-class CpuMeter:
-    """CPU time over a window, from /proc: the broker's, and everyone else's but ours (Linux)."""
-
-    def __init__(self, broker_pid: int) -> None:
-        self._pid = broker_pid
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self._start = self._sample()
-
-    def _sample(self) -> tuple[float, float, float, float] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = (sum(fields[:8]) - fields[3] - fields[4]) / self._tick  # all but idle and iowait
-            stat = Path(f"/proc/{self._pid}/stat").read_text().rsplit(")", 1)[1].split()
-            broker = (int(stat[11]) + int(stat[12])) / self._tick  # utime + stime
-        except (OSError, ValueError, IndexError):
-            return None
-        mine = os.times()
-        return time.monotonic(), busy, broker, mine.user + mine.system
-
-    def cores(self) -> tuple[float | None, float | None]:
-        """(broker, others) in cores since construction; None where /proc is unreadable."""
-        end = self._sample()
-        if self._start is None or end is None:
-            return None, None
-        wall, busy, broker, mine = (b - a for a, b in zip(self._start, end, strict=True))
-        if wall <= 0:
-            return None, None
-        return round(broker / wall, 3), round(max(0.0, busy - broker - mine) / wall, 3)
-
-
-
-def raise_fd_limit(needed: int) -> int:
-    """Raise the soft RLIMIT_NOFILE (inherited by the broker) to cover ``needed`` sockets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        raise BenchError(f"RLIMIT_NOFILE hard limit {hard} < {needed} needed; raise it (ulimit -Hn) or lower --idle")
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def idle_name(index: int) -> str:
@@ -405,9 +335,10 @@ async def run(idle_counts: list[int], pings: int, password: str, data_dir: Path,
             for _ in range(WARMUP_PINGS):
                 await pinger.ping()
             print(f"measuring {pings} pings with {count} idle clients ...", flush=True)
-            cpu = CpuMeter(broker.pid)
+            cpu = CpuMeter({"broker": [broker.pid]})
             samples = [await pinger.ping() for _ in range(pings)]
-            broker_cores, other_cores = cpu.cores()
+            cores = cpu.cores()
+            broker_cores, other_cores = cores["broker"], cores["others"]
             stats = summarise(samples)
             phases.append({"idle_clients": count, "connect_s": round(took, 1), "broker_rss_kib": broker.rss_kib(),
                            # CPU used during the measurement, in cores: by the broker, and by
@@ -428,37 +359,6 @@ async def run(idle_counts: list[int], pings: int, password: str, data_dir: Path,
                              return_exceptions=True)
         code = await broker.stop()
         print(f"broker stopped (exit code {code})", flush=True)
-
-
-def machine_info() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory_kib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        memory_kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu,
-        "memory_mib": memory_kib // 1024 if memory_kib else None,
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "amqtt": version("amqtt"),
-        "uvloop": version("uvloop"),  # the broker CLI runs on uvloop when it is installed
-        "paho_mqtt": version("paho-mqtt"),
-    }
 
 
 def _cores(value: float | None) -> str:
@@ -494,18 +394,6 @@ def markdown(result: dict[str, Any]) -> str:
         if ratio.get("rss_kib_per_client") is not None:
             lines.append(f"Broker memory: about {ratio['rss_kib_per_client']:.0f} KiB per idle client.")
     return "\n".join(lines) + "\n"
-
-
-def write_results(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in (("ping_idle.json", json.dumps(result, indent=2) + "\n"), ("ping_idle.md", markdown(result))):
-        target = out_dir / name
-        temporary = target.with_suffix(target.suffix + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(target)
-        written.append(target)
-    return written[0], written[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"ratio N={high['idle_clients']} / N={low['idle_clients']}: p50 x{result['ratio']['p50']:.2f}  "
               f"p99 x{result['ratio']['p99']:.2f}  mean x{result['ratio']['mean']:.2f}")
-    json_path, md_path = write_results(result, args.out)
+    json_path, md_path = write_results("ping_idle", result, markdown(result), args.out)
     print(f"results: {json_path} {md_path}")
     return 0
 

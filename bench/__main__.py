@@ -1,0 +1,133 @@
+"""``python -m bench``: speed, latency, scale and memory of the chat broker, next to plain amqtt and mosquitto.
+
+    python -m bench all                 # every scenario, full sizes (about 30-40 minutes on 2 cores)
+    python -m bench all --quick         # smaller sizes, a few minutes
+    python -m bench compare --targets chat,mosquitto
+    python -m bench drain --profile     # with a py-spy profile of the broker
+    python -m bench summary             # rebuild bench/results/summary.md from the JSON files
+
+Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
+latency, baselines), idle (memory per connection, CPU at rest), drain (offline
+drain), restart (SIGKILL with staged items), clientcost (paho vs asyncio for the
+generator). Results: bench/results/{scenario}.json and .md, and summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.common import RESULTS, BenchError, fd_hard_limit, machine_info, raise_fd_limit, write_results
+from bench.suite import SIZES, TARGETS, Suite, sizes_dict
+from bench.targets import mosquitto_available
+
+SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost")
+MARKDOWN: dict[str, Callable[[dict[str, Any]], str]] = {
+    "compare": report.compare_md, "idle": report.idle_md, "drain": report.drain_md,
+    "restart": report.restart_md, "clientcost": report.clientcost_md,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=["all", *SCENARIOS, "summary"], help="what to run")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers meaningless)")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)})")
+    parser.add_argument("--profile", action="store_true", help="sample our broker with py-spy during the runs")
+    parser.add_argument("--pairs", type=int, help="override the number of online pairs")
+    parser.add_argument("--inflight", type=int, help="override the messages each pair keeps on the way (max runs)")
+    parser.add_argument("--idle-levels", help="override the idle levels of compare, e.g. 0,10000")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep data directories and broker logs")
+    args = parser.parse_args(argv)
+
+    out_dir: Path = args.out
+    if args.scenario == "summary":
+        print(write_summary(out_dir))
+        return 0
+    sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    overrides: dict[str, Any] = {}
+    if args.pairs:
+        overrides["pairs"] = args.pairs
+    if args.inflight:
+        overrides["inflight"] = args.inflight
+    if args.idle_levels:
+        overrides["idle_levels"] = [int(v) for v in args.idle_levels.split(",")]
+    if overrides:
+        sizes = dataclasses.replace(sizes, **overrides)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    if "mosquitto" in targets and not mosquitto_available():
+        print("mosquitto is not installed: leaving it out (apt-get install mosquitto)", file=sys.stderr)
+        targets.remove("mosquitto")
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    # SIGTERM (e.g. from `timeout`) ends the run like Ctrl-C: brokers and workers are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    suite = Suite(sizes, workdir, out_dir, targets, args.profile)
+    started = time.monotonic()
+    try:
+        raise_fd_limit(fd_hard_limit())
+        print(f"bench: sizes {sizes.name}, targets {', '.join(targets)}, workdir {workdir}", flush=True)
+        for scenario in scenarios:
+            began = time.monotonic()
+            machine = machine_info()
+            if scenario == "clientcost":
+                from bench import clientcost  # noqa: PLC0415
+
+                data = clientcost.run(sizes.name, workdir, print)
+            else:
+                data = getattr(suite, scenario)()
+            result = {"benchmark": scenario, "command": command, "sizes": sizes_dict(sizes), "machine": machine,
+                      "profiled": args.profile, "rlimit_nofile_hard": fd_hard_limit(),
+                      "seconds": round(time.monotonic() - began, 1), **data}
+            json_path, md_path = write_results(scenario, result, MARKDOWN[scenario](result), out_dir)
+            print(f"[{scenario}] done in {result['seconds']:.0f} s: {json_path} {md_path}", flush=True)
+        print(write_summary(out_dir))
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        suite.close()
+        if args.keep_workdir:
+            print(f"workdir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"bench: finished in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def write_summary(out_dir: Path) -> str:
+    text = report.summary_md(out_dir)
+    target = out_dir / "summary.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Markdown for each scenario's result, and the summary that checks the targets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import fmt, machine_line, md_table
+
+TARGET_RATIO_AMQTT = 5.0
+TARGET_RATIO_MOSQUITTO = 0.25
+TARGET_P99_MS = 50.0
+TARGET_P99_RATE = 500
+TARGET_KIB_PER_CONN = 20.0
+TARGET_DRAIN_S = 15.0
+TARGET_IDLE = 10_000
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def header(result: dict[str, Any], title: str, what: str) -> list[str]:
+    return [f"# {title}", "", f"`{result['command']}` (sizes: {result['sizes']['name']}) on"
+            f" {machine_line(result['machine'])}.", "", what, ""]
+
+
+def _ack(phase: dict[str, Any]) -> dict[str, Any]:
+    chosen: dict[str, Any] = phase["sent"] if phase["sent"].get("count") else phase["puback"]
+    return chosen
+
+
+def compare_md(result: dict[str, Any]) -> str:
+    sizes = result["sizes"]
+    targets = result["targets"]
+    lines = header(result, "1:1 throughput and latency, with idle users, against plain amqtt and mosquitto", (
+        f"{sizes['pairs']} online pairs (one sender, one recipient each; {sizes['body_bytes']}-byte body), the same"
+        " load generator for every broker. **ours**: PROTOCOL.md, durable one-to-one delivery: the recipient acks"
+        " each item's seq, the sender gets `sent` and a staged `delivered` receipt (and acks it). **plain amqtt /"
+        " mosquitto**: the same JSON bytes published with QoS 1 to the recipient's own topic `bench/{user}`, PUBACKed"
+        " by the recipient: QoS 1 forwarding between online clients, nothing stored. Idle users are connected and"
+        " subscribed to their own topic (ours: `u/{me}/in`), keepalive 60 s. *Max*: closed loop, each pair keeps"
+        f" {sizes['inflight']} messages on the way; warm-up {sizes['warmup_s']} s, then {sizes['measure_s']} s"
+        " measured. Latency: publish -> recipient's receipt of the message; ack: publish -> `sent` (ours) or PUBACK"
+        " (baselines). CPU in cores during the measured window: broker, load generator (4 processes + coordinator),"
+        " other processes (noise)."))
+    rows = []
+    for _name, t in targets.items():
+        for p in t["phases"]:
+            if p["mode"] != "max":
+                continue
+            d, a, c = p["deliver"], _ack(p), p["cpu_cores"]
+            rows.append([t["label"], p["idle"], p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"), d.get("p999_ms"),
+                         a.get("p50_ms"), a.get("p99_ms"), c.get("broker"), c.get("generator"), c.get("others"),
+                         _mib(p.get("broker_rss_kib")), _flags(p)])
+    lines += ["## Highest sustained rate (closed loop)", ""]
+    lines += md_table(["broker", "idle users", "msg/s", "deliver p50 ms", "p99 ms", "p99.9 ms", "ack p50 ms",
+                       "ack p99 ms", "broker CPU", "generator CPU", "other CPU", "broker RSS MiB", "notes"], rows,
+                      "lrrrrrrrrrrrl")
+    ratios = ratio_rows(result)
+    if ratios:
+        lines += ["", "## Ours against the baselines (same run, same generator)", ""]
+        lines += md_table(["idle users", "ours msg/s", "plain amqtt msg/s", "mosquitto msg/s", "ours / amqtt",
+                           "ours / mosquitto"], ratios)
+    rows = []
+    for _name, t in targets.items():
+        for p in t["phases"]:
+            if p["mode"] != "rate":
+                continue
+            if "not_run" in p:
+                rows.append([t["label"], p["idle"], p["offered_per_s"], None, None, None, None, None, None, None,
+                             "not run: " + p["not_run"]])
+                continue
+            d, a, c = p["deliver"], _ack(p), p["cpu_cores"]
+            lag = (p.get("generator_lag") or {}).get("p99_ms")
+            rows.append([t["label"], p["idle"], p["offered_per_s"], p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"),
+                         d.get("p999_ms"), a.get("p99_ms"), lag, c.get("broker"), _flags(p)])
+    if rows:
+        lines += ["", "## Latency at a fixed offered load (open loop)", ""]
+        lines += md_table(["broker", "idle users", "offered msg/s", "achieved msg/s", "deliver p50 ms", "p99 ms",
+                           "p99.9 ms", "ack p99 ms", "generator lag p99 ms", "broker CPU", "notes"], rows,
+                          "lrrrrrrrrrl")
+    lines += log_problems_md({t["label"]: t.get("broker_log_problems") for t in targets.values()})
+    return "\n".join(lines) + "\n"
+
+
+def log_problems_md(by_label: dict[str, dict[str, Any] | None]) -> list[str]:
+    """The brokers' logged warnings and errors, if any (they may explain a number)."""
+    lines: list[str] = []
+    for label, problems in by_label.items():
+        if problems and problems.get("count"):
+            lines += ["", f"**{label} logged {problems['count']} warning/error line(s)**, the first:", "", "```",
+                      *problems["first"], "```"]
+    return lines
+
+
+def _flags(p: dict[str, Any]) -> str:
+    notes = []
+    if p.get("saturated"):
+        notes.append(f"saturated ({p['skipped']} not sent)")
+    if p.get("errors"):
+        notes.append(f"{p['errors']} error items")
+    if p.get("lost_or_late"):
+        notes.append(f"{p['lost_or_late']} not delivered within 20 s")
+    if p.get("duplicates"):
+        notes.append(f"{p['duplicates']} duplicates")
+    others = (p.get("cpu_cores") or {}).get("others")
+    if others is not None and others > 0.3:
+        notes.append("noisy")
+    return "; ".join(notes)
+
+
+def ratio_rows(result: dict[str, Any]) -> list[list[Any]]:
+    targets = result["targets"]
+
+    def top(name: str) -> dict[int, float]:
+        return {p["idle"]: p["msgs_per_s"] for p in targets.get(name, {}).get("phases", []) if p["mode"] == "max"}
+
+    ours, amqtt, mosq = top("chat"), top("amqtt"), top("mosquitto")
+    rows = []
+    for level in sorted(ours):
+        a, m = amqtt.get(level), mosq.get(level)
+        rows.append([level, ours[level], a, m, ours[level] / a if a else None, ours[level] / m if m else None])
+    return rows
+
+
+def idle_md(result: dict[str, Any]) -> str:
+    lines = header(result, "Idle connections: memory and CPU at rest", (
+        "Idle users connect (ours: device-token login, then SUBSCRIBE `u/{me}/in`; baselines: anonymous CONNECT,"
+        f" SUBSCRIBE `bench/{{user}}` QoS 1), keepalive {result['sizes']['keepalive']} s with a PINGREQ after a"
+        " keepalive period of silence (as paho does). RSS per connection = (RSS with N connected - RSS at start) / N."
+        f" CPU at rest: the broker's CPU over {result['sizes']['rest_s']} s with all N connected and nothing sent."
+        f" The ceiling is the descriptor limit of one process (hard RLIMIT_NOFILE {result['rlimit_nofile_hard']})."))
+    rows = []
+    for _name, t in result["targets"].items():
+        rows.append([t["label"], 0, None, _mib(t["base_rss_kib"]), None, (t.get("base_cpu") or {}).get("broker")])
+        for s in t["steps"]:
+            rows.append([t["label"], s["idle"], s["connect_per_s"], _mib(s["rss_kib"]), s["kib_per_connection"],
+                         s["cpu_rest"].get("broker")])
+    lines += md_table(["broker", "idle connections", "connects/s", "broker RSS MiB", "KiB per connection",
+                       "broker CPU at rest (cores)"], rows)
+    lines += log_problems_md({t["label"]: t.get("broker_log_problems") for t in result["targets"].values()})
+    return "\n".join(lines) + "\n"
+
+
+def drain_md(result: dict[str, Any]) -> str:
+    d, s = result["drain"], result["stage"]
+    lines = header(result, "Offline drain", (
+        f"{result['messages']:,} messages ({result['body_bytes']}-byte body) are sent to one user whose only device"
+        " is offline; the sender keeps up to 1,000 messages waiting for `sent` (the message is durable). Then the"
+        " device connects, subscribes, and acks what it receives (one `u/{me}/ack` per read); the time runs from the"
+        " start of its TCP connect until it has received and acked every message. The sender stays connected: it"
+        " gets a staged `delivered` receipt for each ack and acks it, as a phone would (so the broker sends two"
+        " items per message)."))
+    lines += md_table(["measure", "value"], [
+        ["staging: time until all `sent`", f"{s['seconds']:.1f} s ({s['rate']:,.0f} msg/s)"],
+        ["broker RSS with all staged", f"{fmt(_mib(s['broker_rss_kib']))} MiB"],
+        ["drain: connect + subscribe", f"{d['connect_s'] * 1000:.1f} ms"],
+        ["drain: first item", f"{d['first_item_s'] * 1000:.1f} ms"],
+        ["drain: all received and acked", f"{d['all_acked_s']:.2f} s ({d['rate']:,.0f} msg/s)"],
+        ["order errors / duplicates", f"{d['order_errors']} / {d['duplicates']}"],
+        ["CPU during drain (broker / generator / other)",
+         f"{d['cpu_cores'].get('broker')} / {d['cpu_cores'].get('generator')} / {d['cpu_cores'].get('others')}"],
+    ], "lr")
+    lines += log_problems_md({"chat-broker": result.get("broker_log_problems")})
+    return "\n".join(lines) + "\n"
+
+
+def restart_md(result: dict[str, Any]) -> str:
+    d = result["drain"]
+    lines = header(result, "Restart with staged items", (
+        f"{result['messages']:,} messages are staged for an offline device (all `sent`, so all on disk), the broker"
+        " is killed with SIGKILL and started again on the same port and data directory; the device connects"
+        " (retrying until the port accepts) and drains. The sender's connection died with the broker and it does"
+        " not reconnect: its `delivered` receipts stay staged for it, so this drain sends one item per message"
+        " (drain.md: two)."))
+    lines += md_table(["measure", "value"], [
+        ["staging.db + WAL before the kill", f"{fmt(result['staging_db_kib'])} KiB"],
+        ["SIGKILL -> ready line", f"{result['kill_to_ready_s']:.2f} s"],
+        ["SIGKILL -> first staged item delivered", f"{result['kill_to_first_item_s']:.2f} s"],
+        ["drain from disk after connect", f"{d['all_acked_s']:.2f} s ({d['rate']:,.0f} msg/s)"],
+        ["SIGKILL -> everything delivered", f"{result['kill_to_all_delivered_s']:.2f} s"],
+        ["order errors / duplicates", f"{d['order_errors']} / {d['duplicates']}"],
+        ["broker RSS at ready", f"{fmt(_mib(result['rss_at_ready_kib']))} MiB"],
+    ], "lr")
+    lines += log_problems_md({"chat-broker": result.get("broker_log_problems")})
+    return "\n".join(lines) + "\n"
+
+
+def clientcost_md(result: dict[str, Any]) -> str:
+    lines = header(result, "Which client is cheaper for the load generator", (
+        "The same traffic through mosquitto (so that the broker is not the limit), generated once by paho-mqtt"
+        " clients (one network thread each, `loop_start`) and once by this suite's asyncio protocol clients (one"
+        " event loop, uvloop), each in its own process. CPU and memory are the generator process's."))
+    rows = [[r["client"], r["connections"], r["messages"], r["seconds"], r["msgs_per_s"], r["cpu_us_per_msg"],
+             r["rss_kib_per_connection"]] for r in result["runs"]]
+    lines += md_table(["client", "connections", "messages", "seconds", "msg/s", "generator CPU µs per message",
+                       "generator KiB per connection"], rows)
+    return "\n".join(lines) + "\n"
+
+
+# --- the targets --------------------------------------------------------------------------------------
+
+
+def _load(out_dir: Path, name: str) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((out_dir / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def targets_rows(out_dir: Path) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    compare = _load(out_dir, "compare")
+    if compare:
+        for level, ours, amqtt, mosq, r_a, r_m in ratio_rows(compare):
+            if level != max(p for p, *_ in ratio_rows(compare)):
+                continue
+            if r_a is not None:
+                rows.append([f"1:1 rate with {level:,} idle >= 5x plain amqtt QoS 1",
+                             f"{ours:,.0f} vs {amqtt:,.0f} msg/s = {r_a:.1f}x", _met(r_a >= TARGET_RATIO_AMQTT)])
+            if r_m is not None:
+                rows.append([f"1:1 rate with {level:,} idle >= 25% of mosquitto", f"{ours:,.0f} vs {mosq:,.0f} msg/s"
+                             f" = {100 * r_m:.0f}%", _met(r_m >= TARGET_RATIO_MOSQUITTO)])
+        chat = compare["targets"].get("chat")
+        for p in (chat or {}).get("phases", []):
+            if p["mode"] == "rate" and p.get("offered_per_s") == TARGET_P99_RATE and "deliver" in p:
+                p99 = p["deliver"].get("p99_ms")
+                if p99 is not None:
+                    rows.append([f"p99 publish -> recipient <= 50 ms at 500 msg/s ({p['idle']:,} idle)",
+                                 f"{p99:.1f} ms", _met(p99 <= TARGET_P99_MS)])
+    idle = _load(out_dir, "idle")
+    if idle and "chat" in idle["targets"]:
+        steps = idle["targets"]["chat"]["steps"]
+        near = [s for s in steps if s["idle"] >= TARGET_IDLE] or steps
+        if near:
+            s = near[0]
+            rows.append([f"broker memory per idle connection <= 20 KiB ({s['idle']:,} connected)",
+                         f"{s['kib_per_connection']:.1f} KiB", _met(s["kib_per_connection"] <= TARGET_KIB_PER_CONN)])
+    drain = _load(out_dir, "drain")
+    if drain:
+        seconds = drain["drain"]["all_acked_s"]
+        rows.append([f"offline drain of {drain['messages']:,} staged messages <= 15 s", f"{seconds:.1f} s",
+                     _met(seconds <= TARGET_DRAIN_S) + ("" if drain["messages"] >= 100_000 else " (smaller size)")])
+    return rows
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def summary_md(out_dir: Path) -> str:
+    lines = ["# Benchmark summary", ""]
+    sources = []
+    for name in ("compare", "idle", "drain", "restart", "clientcost"):
+        data = _load(out_dir, name)
+        if data:
+            sources.append(f"- [{name}.md]({name}.md): `{data['command']}`, {machine_line(data['machine'])}"
+                           f" (sizes: {data['sizes']['name']})")
+    lines += ["Sources:", "", *sources, "", "## Targets", ""]
+    lines += md_table(["target", "measured", "verdict"], targets_rows(out_dir), "lll")
+    compare = _load(out_dir, "compare")
+    if compare and ratio_rows(compare):
+        lines += ["", "## Throughput, ours and theirs", ""]
+        lines += md_table(["idle users", "ours msg/s", "plain amqtt msg/s", "mosquitto msg/s", "ours / amqtt",
+                           "ours / mosquitto"], ratio_rows(compare))
+    idle = _load(out_dir, "idle")
+    if idle:
+        rows = []
+        for t in idle["targets"].values():
+            for s in t["steps"]:
+                rows.append([t["label"], s["idle"], s["kib_per_connection"], s["cpu_rest"].get("broker")])
+        lines += ["", "## Idle connections", ""]
+        lines += md_table(["broker", "connections", "KiB per connection", "CPU at rest (cores)"], rows)
+    restart = _load(out_dir, "restart")
+    if restart:
+        lines += ["", "## Restart", "", f"SIGKILL with {restart['messages']:,} staged: ready after"
+                  f" {restart['kill_to_ready_s']:.2f} s, first item delivered after"
+                  f" {restart['kill_to_first_item_s']:.2f} s, all delivered after"
+                  f" {restart['kill_to_all_delivered_s']:.2f} s."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,41 @@
+"""The benchmark suite still runs: ``python -m bench compare --tiny --targets chat`` against a real broker
+subprocess on 127.0.0.1, and its JSON and Markdown carry the fields the README and summary rely on.
+
+No performance assertion: only that messages flowed end to end (publish -> recipient -> ack -> ``sent``)
+without error items, and that the results have their shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_compare_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "compare", "--tiny", "--targets", "chat", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=100, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "compare.json").read_text(encoding="utf-8"))
+    assert result["benchmark"] == "compare"
+    assert result["sizes"]["name"] == "tiny"
+    assert {"date", "nproc", "python", "amqtt"} <= set(result["machine"])
+    chat = result["targets"]["chat"]
+    assert chat["dialect"] == "chat"
+    modes = {(p["idle"], p["mode"]) for p in chat["phases"]}
+    assert modes == {(0, "max"), (0, "rate"), (20, "max"), (20, "rate")}
+    for phase in chat["phases"]:
+        assert {"msgs_per_s", "deliver", "sent", "puback", "cpu_cores", "errors", "lost_or_late"} <= set(phase)
+        assert phase["errors"] == 0, phase["error_samples"]
+        assert phase["deliver"]["count"] > 0
+        assert phase["sent"]["count"] > 0  # 'sent' receipts came back for measured messages
+        assert {"p50_ms", "p99_ms", "p999_ms"} <= set(phase["deliver"])
+    table = (out / "compare.md").read_text(encoding="utf-8")
+    assert "| chat-broker | 0 |" in table
+    assert (out / "summary.md").exists()
