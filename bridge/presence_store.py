@@ -9,13 +9,14 @@ changes them, before it is answered. Each operation is one named transaction.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import aiosqlite
 
-from broker.sqlite import StoreError, open_database
+from broker.sqlite import StoreError, open_database, transaction
 
 PRESENCE_DB = "presence.db"
 
@@ -102,34 +103,9 @@ class SqlitePresenceStore:
     async def close(self) -> None:
         await self._db.close()
 
-    def _transaction(self, name: str) -> _Transaction:
-        return _Transaction(self, name)
+    @contextlib.asynccontextmanager
+    async def _transaction(self, name: str) -> AsyncIterator[None]:
+        async with transaction(self._db, name):
+            yield
+        self.commits += 1
 
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``; any database error rolls back and becomes StoreError."""
-
-    def __init__(self, store: SqlitePresenceStore, name: str) -> None:
-        self._store = store
-        self._db = store._db
-        self._name = name
-
-    async def __aenter__(self) -> None:
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-        except aiosqlite.Error as exc:
-            raise StoreError(f"{self._name}: cannot start a transaction: {exc}") from exc
-
-    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
-        if exc is None:
-            try:
-                await self._db.execute("COMMIT")
-                self._store.commits += 1
-                return False
-            except aiosqlite.Error as commit_error:
-                exc = commit_error
-        with contextlib.suppress(aiosqlite.Error):
-            await self._db.execute("ROLLBACK")
-        if isinstance(exc, aiosqlite.Error):
-            raise StoreError(f"{self._name}: {exc}") from exc
-        return False

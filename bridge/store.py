@@ -19,7 +19,7 @@ from typing import Protocol
 import aiosqlite
 
 from bridge.staging import FlushBatch, Item, Message
-from broker.sqlite import StoreError, open_database
+from broker.sqlite import StoreError, open_database, transaction
 
 log = logging.getLogger(__name__)
 
@@ -167,35 +167,8 @@ class SqliteStagingStore:
     async def close(self) -> None:
         await self._db.close()
 
-    def _transaction(self, name: str) -> _Transaction:
-        return _Transaction(self._db, name)
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``; any database error rolls back and becomes StoreError."""
-
-    def __init__(self, db: aiosqlite.Connection, name: str) -> None:
-        self._db = db
-        self._name = name
-
-    async def __aenter__(self) -> None:
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-        except aiosqlite.Error as exc:
-            raise StoreError(f"{self._name}: cannot start a transaction: {exc}") from exc
-
-    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
-        if exc is None:
-            try:
-                await self._db.execute("COMMIT")
-                return False
-            except aiosqlite.Error as commit_error:
-                exc = commit_error
-        with contextlib.suppress(aiosqlite.Error):
-            await self._db.execute("ROLLBACK")
-        if isinstance(exc, aiosqlite.Error):
-            raise StoreError(f"{self._name}: {exc}") from exc
-        return False
+    def _transaction(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return transaction(self._db, name)
 
 
 def _chunks(values: list[int], size: int) -> Iterable[list[int]]:

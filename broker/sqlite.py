@@ -7,8 +7,9 @@ foreign keys on, and schema migrations tracked in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiosqlite
@@ -55,6 +56,24 @@ async def open_database(path: Path, migrations: Sequence[str], *, synchronous: s
         await db.close()
         raise
     return db
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: aiosqlite.Connection, name: str) -> AsyncIterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; a database error rolls back and becomes StoreError naming ``name``."""
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+    except aiosqlite.Error as exc:
+        raise StoreError(f"{name}: cannot start a transaction: {exc}") from exc
+    try:
+        yield
+        await db.execute("COMMIT")
+    except BaseException as exc:
+        with contextlib.suppress(aiosqlite.Error):
+            await db.execute("ROLLBACK")
+        if isinstance(exc, aiosqlite.Error):
+            raise StoreError(f"{name}: {exc}") from exc
+        raise
 
 
 def _statements(script: str) -> list[str]:
