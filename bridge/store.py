@@ -19,7 +19,7 @@ from typing import Protocol
 import aiosqlite
 
 from bridge.staging import FlushBatch, Item, Message
-from broker.sqlite import StoreError, open_database, transaction
+from broker.sqlite import StoreError, open_database, transaction, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,11 @@ class SqliteStagingStore:
             await self._db.execute("DELETE FROM dedup WHERE expires_ms <= ?", (now_ms,))
 
     async def checkpoint(self) -> None:
-        try:
-            await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except aiosqlite.Error as exc:
-            raise StoreError(f"checkpoint failed: {exc}") from exc
+        async with writer_lock(self._db):  # never inside another operation's transaction
+            try:
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except aiosqlite.Error as exc:
+                raise StoreError(f"checkpoint failed: {exc}") from exc
 
     async def close(self) -> None:
         await self._db.close()

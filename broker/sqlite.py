@@ -7,8 +7,10 @@ foreign keys on, and schema migrations tracked in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -58,22 +60,39 @@ async def open_database(path: Path, migrations: Sequence[str], *, synchronous: s
     return db
 
 
+_writers: weakref.WeakKeyDictionary[aiosqlite.Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def writer_lock(db: aiosqlite.Connection) -> asyncio.Lock:
+    """One transaction (or checkpoint) at a time per connection.
+
+    A connection has one transaction; aiosqlite lets two coroutines interleave
+    their statements on it, so without this a prune started during a group
+    commit made the commit fail ("cannot start a transaction within a transaction").
+    """
+    lock = _writers.get(db)
+    if lock is None:
+        lock = _writers[db] = asyncio.Lock()
+    return lock
+
+
 @contextlib.asynccontextmanager
 async def transaction(db: aiosqlite.Connection, name: str) -> AsyncIterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; a database error rolls back and becomes StoreError naming ``name``."""
-    try:
-        await db.execute("BEGIN IMMEDIATE")
-    except aiosqlite.Error as exc:
-        raise StoreError(f"{name}: cannot start a transaction: {exc}") from exc
-    try:
-        yield
-        await db.execute("COMMIT")
-    except BaseException as exc:
-        with contextlib.suppress(aiosqlite.Error):
-            await db.execute("ROLLBACK")
-        if isinstance(exc, aiosqlite.Error):
-            raise StoreError(f"{name}: {exc}") from exc
-        raise
+    async with writer_lock(db):
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+        except aiosqlite.Error as exc:
+            raise StoreError(f"{name}: cannot start a transaction: {exc}") from exc
+        try:
+            yield
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(aiosqlite.Error):
+                await db.execute("ROLLBACK")
+            if isinstance(exc, aiosqlite.Error):
+                raise StoreError(f"{name}: {exc}") from exc
+            raise
 
 
 def _statements(script: str) -> list[str]:
