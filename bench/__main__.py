@@ -4,7 +4,7 @@
     python -m bench all --quick         # smaller sizes, a few minutes
     python -m bench compare --targets chat,mosquitto
     python -m bench drain --profile     # with a py-spy profile of the broker
-    python -m bench summary             # rebuild bench/results/summary.md from the JSON files
+    python -m bench summary             # re-render the tables and summary.md from the JSON files
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
 latency, baselines), idle (memory per connection, CPU at rest), drain (offline
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import shutil
 import signal
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir: Path = args.out
     if args.scenario == "summary":
+        for name in SCENARIOS:  # re-render each scenario's table from its JSON (the wording may have changed)
+            path = out_dir / f"{name}.json"
+            if path.exists():
+                result = json.loads(path.read_text(encoding="utf-8"))
+                (out_dir / f"{name}.md").write_text(MARKDOWN[name](result), encoding="utf-8")
         print(write_summary(out_dir))
         return 0
     sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]

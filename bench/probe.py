@@ -15,8 +15,10 @@ or of this project. tracemalloc slows the broker: only bytes count here.
 Python allocations only; RSS per connection (``python -m bench idle``) is larger.
 
 gc: 1:1 pairs at the highest rate (as ``python -m bench compare``) with 0 idle
-users, then with ``--idle`` idle users; for each run, the broker's collections
-per generation, their total and longest pause, and the share of the run they took.
+users, then with ``--idle`` idle users, then the same after ``gc.freeze()`` in
+the broker (an experiment: ``freeze-NAME`` -> ``frozen-NAME``); for each run,
+the broker's collections per generation, their total and longest pause, and the
+share of the run they took.
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def serve(argv: list[str], control: Path, trace_frames: int) -> int:
                 tracemalloc.take_snapshot().dump(str(control / f"snap-{name}.tmp"))
                 (control / f"snap-{name}.tmp").replace(control / f"snap-{name}")
                 request.unlink()
+            for request in sorted(control.glob("freeze-*")):
+                # Experiment only (what a fix would gain): move every object that exists now
+                # (the idle sessions) to the permanent generation, out of the collector's scans.
+                gc.freeze()
+                name = request.name.split("-", 1)[1]
+                (control / f"frozen-{name}").write_text(str(gc.get_freeze_count()), encoding="utf-8")
+                request.unlink()
             for request in sorted(control.glob("gc-*")):
                 name = request.name.split("-", 1)[1]
                 (control / f"gcstats-{name}.tmp").write_text(json.dumps(timer.stats()), encoding="utf-8")
@@ -121,8 +130,11 @@ class ProbedChatServer(ChatServer):
         super().__init__(workdir, template)
         self.control = workdir / "probe"
         self.control.mkdir(exist_ok=True)
-        self.launcher = [sys.executable, "-m", "bench.probe", "--serve", str(self.control), "--trace",
-                         str(trace_frames), "--"]
+        self._trace_frames = trace_frames
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.probe", "--serve", str(self.control), "--trace", str(self._trace_frames),
+                "--", "run", *self.run_args()]
 
     def _ask(self, request: str, answer: str, timeout: float) -> Path:
         (self.control / request).touch()
@@ -136,6 +148,9 @@ class ProbedChatServer(ChatServer):
 
     def snapshot(self, name: str) -> tracemalloc.Snapshot:
         return tracemalloc.Snapshot.load(str(self._ask(f"take-{name}", f"snap-{name}", 300)))
+
+    def freeze(self, name: str) -> int:
+        return int(self._ask(f"freeze-{name}", f"frozen-{name}", 60).read_text())
 
     def gc_stats(self, name: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self._ask(f"gc-{name}", f"gcstats-{name}", 60).read_text())
@@ -243,18 +258,20 @@ def run_gc(idle: int, workdir: Path, size: str) -> dict[str, Any]:
     try:
         server.start()
         suite.connect_pairs(server)
-        for level in (0, idle):
-            if level:
+        for level, freeze in ((0, False), (idle, False), (idle, True)):
+            if level and not freeze:
                 suite.connect_idle(server, 0, level)
-            server.gc_stats(f"reset{level}")
+            frozen = server.freeze(f"idle{level}") if freeze else 0
+            server.gc_stats(f"reset{level}{freeze}")
             phase = suite.run_pairs(server, "max")
-            stats = server.gc_stats(f"idle{level}")
-            runs.append({"idle": level, "msgs_per_s": phase["msgs_per_s"], "broker_cpu": phase["cpu_cores"],
-                         "deliver_p99_ms": phase["deliver"].get("p99_ms"), "gc": stats})
+            stats = server.gc_stats(f"idle{level}{freeze}")
+            runs.append({"idle": level, "frozen": frozen, "msgs_per_s": phase["msgs_per_s"],
+                         "broker_cpu": phase["cpu_cores"], "deliver_p99_ms": phase["deliver"].get("p99_ms"),
+                         "gc": stats})
             share = sum(stats["total_s"]) / stats["seconds"]
-            print(f"  idle {level:,}: {phase['msgs_per_s']:,.0f} msg/s; GC {100 * share:.1f}% of the run; gen2"
-                  f" {stats['count'][2]} x, max {1000 * stats['max_s'][2]:.0f} ms; {stats['objects']:,} objects",
-                  flush=True)
+            print(f"  idle {level:,}{' after gc.freeze()' if freeze else ''}: {phase['msgs_per_s']:,.0f} msg/s;"
+                  f" GC {100 * share:.1f}% of the run; gen2 {stats['count'][2]} x, max"
+                  f" {1000 * stats['max_s'][2]:.0f} ms; {stats['objects']:,} objects", flush=True)
     finally:
         suite.disconnect_all()
         suite.close()
@@ -267,11 +284,14 @@ def gc_md(result: dict[str, Any]) -> str:
              f"`{result['command']}` on {machine_line(result['machine'])}.", "",
              f"{result['pairs']} pairs at the highest rate (closed loop), first with no idle users, then with idle"
              " users connected. Collections timed in the broker process with `gc.callbacks` over the whole run"
-             " (warm-up, measurement and drain).", ""]
+             " (warm-up, measurement and drain). The last row is an experiment, not the product: the probe called"
+             " `gc.freeze()` in the broker once the idle users were connected, moving their objects out of the"
+             " collector's scans; it shows what a fix of the collector's cost would gain.", ""]
     rows = []
     for r in result["runs"]:
         g = r["gc"]
-        rows.append([r["idle"], r["msgs_per_s"], (r["broker_cpu"] or {}).get("broker"), r["deliver_p99_ms"],
+        rows.append([f"{r['idle']:,}" + (f" + gc.freeze() ({r['frozen']:,} objects frozen)" if r.get("frozen") else ""),
+                     r["msgs_per_s"], (r["broker_cpu"] or {}).get("broker"), r["deliver_p99_ms"],
                      g["objects"], g["count"][0], g["count"][1], g["count"][2], 1000 * g["total_s"][2],
                      1000 * g["max_s"][2], 100 * sum(g["total_s"]) / g["seconds"]])
     lines += md_table(["idle users", "msg/s", "broker CPU", "deliver p99 ms", "tracked objects", "gen0 runs",

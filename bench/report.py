@@ -151,8 +151,7 @@ def drain_md(result: dict[str, Any]) -> str:
         " is offline; the sender keeps up to 1,000 messages waiting for `sent` (the message is durable). Then the"
         " device connects, subscribes, and acks what it receives (one `u/{me}/ack` per read); the time runs from the"
         " start of its TCP connect until it has received and acked every message. The sender stays connected: it"
-        " gets a staged `delivered` receipt for each ack and acks it, as a phone would (so the broker sends two"
-        " items per message)."))
+        " gets a staged `delivered` receipt for each ack of the recipient and acks it, as a phone would."))
     lines += md_table(["measure", "value"], [
         ["staging: time until all `sent`", f"{s['seconds']:.1f} s ({s['rate']:,.0f} msg/s)"],
         ["broker RSS with all staged", f"{fmt(_mib(s['broker_rss_kib']))} MiB"],
@@ -173,8 +172,8 @@ def restart_md(result: dict[str, Any]) -> str:
         f"{result['messages']:,} messages are staged for an offline device (all `sent`, so all on disk), the broker"
         " is killed with SIGKILL and started again on the same port and data directory; the device connects"
         " (retrying until the port accepts) and drains. The sender's connection died with the broker and it does"
-        " not reconnect: its `delivered` receipts stay staged for it, so this drain sends one item per message"
-        " (drain.md: two)."))
+        " not reconnect: its `delivered` receipts are staged for it (written to disk), not sent and acked as in"
+        " drain.md."))
     lines += md_table(["measure", "value"], [
         ["staging.db + WAL before the kill", f"{fmt(result['staging_db_kib'])} KiB"],
         ["SIGKILL -> ready line", f"{result['kill_to_ready_s']:.2f} s"],

@@ -178,13 +178,16 @@ class ChatServer(Server):
         self.config_path = workdir / "chat-broker.yaml"
         self.config_path.write_text(CHAT_CONFIG + extra_config, encoding="utf-8")
         self._template = template
-        self.launcher = [sys.executable, "-m", "broker"]  # then: run -c ... (bench/probe.py wraps it)
+        self.python = [sys.executable]  # a wrapper may replace it: [*python, "-m", "broker", "run", ...]
 
     def fresh_data(self) -> None:
         copy_template(self._template, self.data_dir)
 
     def command(self) -> list[str]:
-        return [*self.launcher, "run", "-c", str(self.config_path), "--bind",
+        return [*self.python, "-m", "broker", "run", *self.run_args()]
+
+    def run_args(self) -> list[str]:
+        return ["-c", str(self.config_path), "--bind",
                 f"{self.host}:{self.port}", "--data-dir", str(self.data_dir)]
 
     def ready_line(self) -> str:
