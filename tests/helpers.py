@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -264,6 +264,16 @@ class Peer:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+
+def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
+    """Wait (polling) until ``check()`` holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not reached within {timeout}s")
 
 
 def connack_code(client: mqtt.Client, port: int) -> int:

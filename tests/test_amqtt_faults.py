@@ -10,7 +10,6 @@ the fix regressed (or if a new amqtt release changed the internals the fix relie
 from __future__ import annotations
 
 import queue
-import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 from amqtt.broker import Broker, RetainedApplicationMessage
 
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.stock_amqtt import RawClient, StockBroker, connect_packet, file_auth_plugins, password_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock $SYS plugin
@@ -30,20 +29,6 @@ USERS = {name: f"{name}-pw" for name in ("alice", "bob", "mallory")}
 REFUSED = 0x05  # CONNACK "not authorized" (MQTT 3.1.1 section 3.2.2.3), what both brokers answer
 StockConfig = Literal["default", "passwords", "passwords+acl"]
 
-
-def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    """Wait (polling) until ``check()`` holds; fail after ``timeout``."""
-    done = threading.Event()
-    deadline = threading.Timer(timeout, done.set)
-    deadline.start()
-    try:
-        while not done.is_set():
-            if check():
-                return
-            done.wait(0.02)
-    finally:
-        deadline.cancel()
-    raise AssertionError(f"{what}: not reached within {timeout}s")
 
 
 @dataclass

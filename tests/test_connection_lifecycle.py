@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.stock_amqtt import PINGREQ, PINGRESP, RawClient, connect_packet, subscribe_packet
 
 T = TypeVar("T")
@@ -26,20 +26,6 @@ def inspect(broker: BrokerThread, fn: Callable[[Any], T]) -> T:
 
     return broker.call(run())
 
-
-def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    """Wait (polling) until ``check()`` holds; fail after ``timeout``."""
-    done = threading.Event()
-    deadline = threading.Timer(timeout, done.set)
-    deadline.start()
-    try:
-        while not done.is_set():
-            if check():
-                return
-            done.wait(0.02)
-    finally:
-        deadline.cancel()
-    raise AssertionError(f"{what}: not reached within {timeout}s")
 
 
 def linked(broker: BrokerThread, client_id: str) -> bool:

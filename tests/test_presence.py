@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.mqtt.packets import RawClient, connect_packet, subscribe_packet
 
 USERS = ("alice", "bob", "carol", "mallory")
@@ -112,19 +111,6 @@ def everyone(*peers: Peer) -> None:
     for peer in peers:
         ok(peer, "privacy.set", {"last_seen": "everyone"})
 
-
-def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    done = threading.Event()
-    timer = threading.Timer(timeout, done.set)
-    timer.start()
-    try:
-        while not done.is_set():
-            if check():
-                return
-            done.wait(0.02)
-    finally:
-        timer.cancel()
-    raise AssertionError(f"{what}: not reached within {timeout}s")
 
 
 # --- online and offline ----------------------------------------------------------------------
