@@ -35,6 +35,7 @@ from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from broker.downlink import DownlinkWriter, PacketIds, encode_publish, streams_bytes
 from client_sdk.protocol import is_chat_topic
 
 ACK_WAIT_S = 5.0
@@ -48,6 +49,26 @@ def keepalive_deadline(keepalive_s: int) -> int:
 
 class ChatProtocolHandler(BrokerProtocolHandler):
     _stopping: asyncio.Future[None] | None = None
+    _chat_ids: PacketIds | None = None
+    _downlink: DownlinkWriter | None = None
+
+    def send_chat(self, topic: bytes, payload: bytes, qos: int) -> bool:
+        """Queue a chat downlink PUBLISH without a task (broker/downlink.py), in call order.
+
+        False when this connection cannot take that path (a WebSocket, or not
+        attached): the caller then uses ``mqtt_publish``.
+        """
+        session = self.session
+        if session is None or not streams_bytes(self.writer):
+            return False
+        if self._downlink is None or not self._downlink.writes_to(self.writer):
+            assert self.writer is not None  # streams_bytes() said so; for mypy
+            self._downlink = DownlinkWriter(self.writer, self._loop)
+        if self._chat_ids is None:
+            self._chat_ids = PacketIds(lambda: session.next_packet_id)
+        packet_id = self._chat_ids.take() if qos else None
+        self._downlink.write(encode_publish(topic, payload, qos, packet_id))
+        return True
 
     async def start(self) -> None:
         self._stopping = None
@@ -182,6 +203,8 @@ class ChatProtocolHandler(BrokerProtocolHandler):
 
     async def handle_puback(self, puback: PubackPacket) -> None:
         packet_id = puback.variable_header.packet_id if puback.variable_header else None
+        if packet_id is not None and self._chat_ids is not None and self._chat_ids.release(packet_id):
+            return  # a chat downlink: the bridge tracks delivery by the chat ack, not by PUBACK
         if packet_id is not None and packet_id not in self._puback_waiters:
             message = self._own_session().inflight_out.get(packet_id)
             if message is not None and message.qos == 1:

@@ -89,6 +89,7 @@ class SessionLink:
         self._topic = topic
         self._handler = handler
         self._qos = min(qos, QOS_1)
+        self._topic_bytes = topic.encode()
         self._pending: set[asyncio.Task[Any]] = set()
 
     @property
@@ -96,7 +97,9 @@ class SessionLink:
         return self._client_id
 
     def send(self, payload: bytes) -> None:
-        # mqtt_publish reaches the handler's FIFO write lock without awaiting
+        if self._handler.send_chat(self._topic_bytes, payload, self._qos):
+            return
+        # A WebSocket connection: amqtt's path. mqtt_publish reaches the handler's FIFO write lock without awaiting
         # first, so tasks created in order write in order.
         task = asyncio.ensure_future(self._handler.mqtt_publish(self._topic, payload, self._qos, retain=False))
         self._pending.add(task)
