@@ -18,7 +18,11 @@ nothing of chat, users or the bridge. It fixes, each at the rule cited:
   the session's filters at each reconnect; they are sent only for a new
   subscription [MQTT-3.3.1-6] (and never without the RECEIVE check);
 - subscriptions are indexed per session, so dropping a session's subscriptions
-  costs its own filters, not a scan of every filter of every client.
+  costs its own filters, not a scan of every filter of every client;
+- amqtt logs ``repr(self._subscriptions)`` after every SUBSCRIBE, with debug
+  logging off too: every login cost the repr of every client's subscriptions
+  (quadratic login storms, bench/results/analysis.md section 3). The table's
+  repr is now its size.
 
 Sending is done by tasks created in order: each reaches the handler's FIFO write
 lock without awaiting first, so the order on the wire is the order of creation.
@@ -44,9 +48,17 @@ FILTERS = "broker.filters"  # Session.attributes key: the session's topic filter
 RESUMING = "broker.resuming"  # Session.attributes key: set while a resumed session's backlog is queued
 
 
+class SubscriptionTable(dict[str, list[tuple[Session, int]]]):
+    """amqtt's filter -> subscribers table with an O(1) ``repr`` (amqtt builds it per SUBSCRIBE)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} topic filters>"
+
+
 class ConformantBroker(Broker):
     def __init__(self, config: dict[str, Any], max_queued_messages: int) -> None:
         super().__init__(config)
+        self._subscriptions = SubscriptionTable(self._subscriptions)
         self._max_queued = max_queued_messages
         self._sending: set[asyncio.Task[Any]] = set()
 

@@ -320,3 +320,23 @@ def test_anonymous_connect_and_marking(launch: Callable[..., Target]) -> None:
     assert target.inspect(lambda b: b.sessions["alice.phone"][0].is_anonymous) is target.expect(
         fixed=False, vulnerable=True
     )
+
+
+# --- found by the benchmarks: quadratic login storms -----------------------------------
+
+
+def test_subscribe_cost_does_not_grow_with_clients(launch: Callable[..., Target]) -> None:
+    """amqtt runs ``logger.debug(repr(self._subscriptions))`` after every SUBSCRIBE, debug
+    logging off or not: each login renders every client's subscriptions, so logging in
+    10,000 phones is quadratic (bench/results/analysis.md section 3: 71% of the CPU of a
+    login storm). The fixed table renders its size, whatever the number of clients.
+    """
+    target = launch(stock="passwords")
+    for n, user in enumerate(USERS):
+        target.connected(user, f"dev{n}", subscribe=f"u/{user}/in")
+
+    def rendered(broker: Broker) -> int:
+        return len(repr(broker._subscriptions))  # what amqtt builds per SUBSCRIBE
+
+    size = target.inspect(rendered)
+    assert (size < 40) == target.fixed, size
