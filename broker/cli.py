@@ -15,6 +15,7 @@ from typing import Any
 
 from broker import user_admin
 from broker.config import ConfigError, Settings, load_settings
+from broker.gc_policy import GcTuner
 from broker.logs import setup_logging
 from broker.server import ListenerError
 from broker.sqlite import StoreError
@@ -177,12 +178,17 @@ async def _serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with _startup_logs_held():
         await app.start()
+    tuner = GcTuner(settings.gc.check_s) if settings.gc.freeze else None
+    if tuner is not None:
+        tuner.start()  # after start-up: users, staged items and listeners are long-lived
     where = " ".join(f"{name}={host}:{port}" for name, (host, port) in app.addresses().items())
     print(f"chat-broker ready: {where} data_dir={settings.data_path.resolve()}", flush=True)
     try:
         await stop.wait()
         log.info("shutting down: no new connections, closing sessions")
     finally:
+        if tuner is not None:
+            await tuner.stop()
         with contextlib.suppress(Exception):
             await app.stop()
     log.info("stopped")

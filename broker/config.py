@@ -201,6 +201,15 @@ class PresenceSettings(_Section):
     """Users one connected device may watch with ``presence.subscribe``."""
 
 
+class GcSettings(_Section):
+    """The garbage collector and long-lived connection objects (broker/gc_policy.py)."""
+
+    freeze: bool = True
+    """Move surviving objects out of the collector's way (``chat-broker run`` only: the GC is process-wide)."""
+    check_s: float = Field(default=5.0, gt=0)
+    """How often survivors are frozen, and the need for a full collection is checked."""
+
+
 class Settings(_Section):
     data_dir: str = "chat-data"
     listeners: ListenersSettings = ListenersSettings()
@@ -212,6 +221,7 @@ class Settings(_Section):
     presence: PresenceSettings = PresenceSettings()
     log: LogSettings = LogSettings()
     mqtt: MqttSettings = MqttSettings()
+    gc: GcSettings = GcSettings()
 
     @model_validator(mode="after")
     def _check_packet_size(self) -> Settings:

@@ -1,0 +1,101 @@
+"""Keep the cyclic garbage collector off the long-lived connection objects.
+
+Each connected phone holds ~340 GC-tracked objects (amqtt's session, handler,
+queues, tasks). With 10,000 connected, every full collection walks 3.5 million
+objects: 1.4-1.6 s during which nothing is served, and a third of the CPU
+(bench/results/analysis.md section 2). Those objects live as long as their
+connection; the garbage a message makes is young and dies by reference count.
+
+So, as CPython's docs suggest for long-lived objects (``gc.freeze``): objects
+that survived into the oldest generation are moved, every ``check_s``, to the
+permanent generation, which collections skip. Objects there are still freed by
+reference counting; only *cycles* among them (a closed connection's task and
+protocol objects) wait. They are reclaimed by a full collection (unfreeze,
+collect, freeze) once the frozen set has grown by a quarter since the last one,
+the same proportion CPython uses to schedule its own full collections: the pause
+is then paid once per that much growth, not every few seconds.
+
+``decide`` is the rule (pure); ``GcTuner`` applies it to the interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from enum import Enum
+
+log = logging.getLogger(__name__)
+
+FREEZE_MIN_OBJECTS = 2_000  # survivors worth a freeze; fewer cost nothing to scan
+FULL_GROWTH = 0.25  # CPython's own ratio for full collections (gcmodule.c, long_lived_pending)
+FULL_FLOOR = 100_000  # below this many frozen objects a full collection is cheap anyway
+
+
+class Action(Enum):
+    NOTHING = "nothing"
+    FREEZE = "freeze"
+    COLLECT = "collect"
+
+
+@dataclass(frozen=True, slots=True)
+class Heap:
+    old: int  # objects in the oldest collected generation (survivors since the last freeze)
+    frozen: int  # objects in the permanent generation
+    frozen_after_collect: int  # frozen objects right after the last full collection
+
+
+def decide(heap: Heap, floor: int = FULL_FLOOR) -> Action:
+    """What to do now: a full collection when the frozen set grew by a quarter, else freeze survivors."""
+    if heap.frozen > max(floor, heap.frozen_after_collect) * (1 + FULL_GROWTH):
+        return Action.COLLECT
+    if heap.old >= FREEZE_MIN_OBJECTS:
+        return Action.FREEZE
+    return Action.NOTHING
+
+
+class GcTuner:
+    """Applies ``decide`` every ``check_s`` seconds. One per process: the GC is process-wide."""
+
+    def __init__(self, check_s: float = 5.0, full_floor: int = FULL_FLOOR) -> None:
+        self._check_s = check_s
+        self._full_floor = full_floor
+        self._frozen_after_collect = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.collect_and_freeze()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        gc.unfreeze()
+
+    def step(self) -> Action:
+        action = decide(Heap(len(gc.get_objects(generation=2)), gc.get_freeze_count(), self._frozen_after_collect),
+                        self._full_floor)
+        if action is Action.FREEZE:
+            gc.freeze()
+        elif action is Action.COLLECT:
+            self.collect_and_freeze()
+        return action
+
+    def collect_and_freeze(self) -> None:
+        """One full collection over everything, then freeze what survived."""
+        started = time.perf_counter()
+        gc.unfreeze()
+        found = gc.collect()
+        gc.freeze()
+        self._frozen_after_collect = gc.get_freeze_count()
+        log.info("full garbage collection: %d unreachable, %d objects kept, %.0f ms",
+                 found, self._frozen_after_collect, (time.perf_counter() - started) * 1000)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_s)
+            self.step()
