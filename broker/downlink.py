@@ -21,6 +21,7 @@ from collections.abc import Callable
 from amqtt.adapters import StreamWriterAdapter, WriterAdapter
 
 PUBLISH = 0x30
+PUBACK = 0x40
 MAX_PACKET_ID = 65535
 
 
@@ -42,6 +43,10 @@ def encode_publish(topic: bytes, payload: bytes, qos: int, packet_id: int | None
             raise ValueError("a QoS 1/2 PUBLISH needs a packet id")
         variable += packet_id.to_bytes(2, "big")
     return bytes((PUBLISH | qos << 1,)) + remaining_length(len(variable) + len(payload)) + variable + payload
+
+
+def encode_puback(packet_id: int) -> bytes:
+    return bytes((PUBACK, 2)) + packet_id.to_bytes(2, "big")
 
 
 def streams_bytes(writer: WriterAdapter | None) -> bool:

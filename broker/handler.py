@@ -26,16 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+from collections.abc import Callable
 
 from amqtt.errors import AMQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
-from broker.downlink import DownlinkWriter, PacketIds, encode_publish, streams_bytes
+from broker.downlink import DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
 from client_sdk.protocol import is_chat_topic
 
 ACK_WAIT_S = 5.0
@@ -51,6 +53,25 @@ class ChatProtocolHandler(BrokerProtocolHandler):
     _stopping: asyncio.Future[None] | None = None
     _chat_ids: PacketIds | None = None
     _downlink: DownlinkWriter | None = None
+    chat_uplink: Callable[[str, bytes], None] | None = None
+    """Set by the broker for an authenticated chat device: takes its QoS 0/1 publishes on ``u/...``."""
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        # A chat publish goes straight to the bridge (in arrival order: the reader
+        # starts these tasks in order and nothing here awaits first) and is
+        # acknowledged at once. amqtt's path costs an IncomingApplicationMessage,
+        # a queue hop and a Task + asyncio.wait in its message loop per publish.
+        # Anything else, and wildcard/empty topics (which close the connection),
+        # keep amqtt's path.
+        uplink, topic, data = self.chat_uplink, publish_packet.topic_name, publish_packet.data
+        if (uplink is None or (publish_packet.qos or 0) > 1 or not topic or data is None or not is_chat_topic(topic)
+                or "+" in topic or "#" in topic or not streams_bytes(self.writer)):
+            await super().handle_publish(publish_packet)
+            return
+        uplink(topic, bytes(data))
+        if publish_packet.qos == 1 and self.writer is not None and publish_packet.variable_header is not None:
+            # Written now, not buffered: PUBACKs leave in the order the PUBLISHes came [MQTT-4.6.0-2].
+            self.writer.write(encode_puback(publish_packet.variable_header.packet_id or 0))
 
     def send_chat(self, topic: bytes, payload: bytes, qos: int) -> bool:
         """Queue a chat downlink PUBLISH without a task (broker/downlink.py), in call order.

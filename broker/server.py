@@ -308,6 +308,10 @@ class ChatBroker(ConformantBroker):
         handler.attach(session, reader, writer)
         self._sessions[client_id] = (session, handler)
         self._live[client_id] = asyncio.current_task()  # type: ignore[assignment]
+        caller = _chat_identity(session)
+        if caller is not None:
+            # Before the reader starts, so that every chat publish takes the same path (order).
+            handler.chat_uplink = partial(self._chat_uplink, session, caller)
         try:
             await handler.mqtt_connack_authorize(True)
             await handler.start()  # re-sends unacknowledged in-flight messages [MQTT-4.4.0-1]
@@ -315,7 +319,6 @@ class ChatBroker(ConformantBroker):
             # Retained messages are not sent again for the filters a resumed session
             # already had: only a new subscription gets them [MQTT-3.3.1-6] (amqtt sent
             # them at every reconnect, for every client's filters: fault 2).
-            caller = _chat_identity(session)
             inbox = inbox_topic(caller.user) if caller is not None else None
             if caller is not None and inbox is not None and inbox in self._filters_of(session):
                 # A resumed session (clean_session=0, "session present") keeps
@@ -435,6 +438,15 @@ class ChatBroker(ConformantBroker):
         retain = bool(message.publish_packet and message.publish_packet.retain_flag)
         await self._dispatch(client_session, topic, bytes(message.data), message.qos, retain)
         return True
+
+    def _chat_uplink(self, session: Session, caller: Caller, topic: str, data: bytes) -> None:
+        """A chat device's publish on ``u/...`` (ChatProtocolHandler.handle_publish's fast path)."""
+        kind = uplink_kind(caller.user, topic)
+        if kind is not None:
+            self.bridge.on_uplink(caller, kind, data)
+            return
+        log.info("%s may not publish to %r", session.client_id, topic)
+        self.bridge.refuse_topic(caller, topic)
 
     async def _dispatch(self, session: Session, topic: str, data: bytes, qos: int | None, retain: bool) -> None:
         caller = _chat_identity(session)

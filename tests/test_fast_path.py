@@ -1,0 +1,94 @@
+"""The task-free chat path (broker/downlink.py, ChatProtocolHandler.handle_publish) over a
+raw socket: PUBACKs in the order of the PUBLISHes [MQTT-4.6.0-2], downlink items in call
+order with packet ids never reused while in flight [MQTT-2.3.1-2], and an unacked
+downlink (no PUBACK) does not stop later items."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import BrokerThread
+from tests.mqtt.packets import (
+    PUBACK,
+    PUBLISH,
+    Publish,
+    RawClient,
+    ack_packet,
+    connect_packet,
+    parse_publish,
+    publish_packet,
+    subscribe_packet,
+)
+
+REQUESTS = 40
+
+
+def _online(broker: BrokerThread, user: str = "alice") -> RawClient:
+    raw = RawClient(broker.port)
+    raw.send(connect_packet(f"{user}.raw", user, f"{user}-pw"))
+    assert raw.connack() == 0
+    raw.send(subscribe_packet(1, f"u/{user}/in", 1))
+    assert raw.suback(1) == [1]
+    return raw
+
+
+def _pings(first_id: int) -> bytes:
+    return b"".join(
+        publish_packet("u/alice/req", json.dumps({"rid": f"r{n}", "op": "ping"}).encode(), 1, first_id + n)
+        for n in range(REQUESTS)
+    )
+
+
+def _publishes(raw: RawClient, count: int) -> list[Publish]:
+    """The next ``count`` PUBLISHes, not acknowledged; the PUBACKs of our own publishes are skipped."""
+    got: list[Publish] = []
+    while len(got) < count:
+        packet = raw.read_packet()
+        if packet.kind == PUBLISH:
+            got.append(parse_publish(packet))
+        else:
+            assert packet.kind == PUBACK
+    return got
+
+
+def test_pubacks_and_answers_keep_their_order(broker: BrokerThread) -> None:
+    raw = _online(broker)
+    try:
+        raw.send(_pings(100))  # pipelined: one segment, forty PUBLISHes
+        acks: list[int] = []
+        answers: list[str] = []
+        packet_ids: set[int] = set()
+        while len(acks) < REQUESTS or len(answers) < REQUESTS:
+            got = raw.read_packet()
+            if got.kind == PUBACK:
+                acks.append(got.packet_id)
+            else:
+                assert got.kind == PUBLISH
+                publish = parse_publish(got)
+                assert publish.topic == "u/alice/in" and publish.qos == 1 and publish.packet_id is not None
+                answers.append(json.loads(publish.payload)["rid"])
+                packet_ids.add(publish.packet_id)
+        assert acks == list(range(100, 100 + REQUESTS))
+        assert answers == [f"r{n}" for n in range(REQUESTS)]
+        assert len(packet_ids) == REQUESTS  # none acknowledged yet: every id distinct
+    finally:
+        raw.close()
+
+
+def test_unacked_downlink_ids_are_not_reused(broker: BrokerThread) -> None:
+    raw = _online(broker)
+    try:
+        raw.send(_pings(1))
+        first = _publishes(raw, REQUESTS)  # no PUBACK: all forty stay in flight
+        in_flight = {p.packet_id for p in first}
+        assert len(in_flight) == REQUESTS
+        raw.send(_pings(1000))
+        again = {p.packet_id for p in _publishes(raw, REQUESTS)}
+        assert not again & in_flight, "a packet id still in flight was handed out again"
+        for packet_id in in_flight:  # late PUBACKs free the ids and are not an error
+            raw.send(ack_packet(PUBACK, packet_id))
+        raw.send(publish_packet("u/alice/req", b'{"rid":"last","op":"ping"}', 1, 7))
+        while b'"last"' not in _publishes(raw, 1)[0].payload:
+            pass
+    finally:
+        raw.close()
