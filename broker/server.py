@@ -58,6 +58,7 @@ from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenti
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.handler import ChatProtocolHandler, keepalive_deadline
+from broker.session_states import lighten
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
@@ -276,7 +277,7 @@ class ChatBroker(ConformantBroker):
             if existing is not None:
                 self._discard_session(existing[0])
             incoming.parent = 0  # session present = 0 [MQTT-3.2.2-1, MQTT-3.2.2-3]
-            session = incoming
+            session = lighten(incoming)
         else:
             session = existing[0]
             for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
