@@ -18,8 +18,11 @@ from bridge.staging import Rules, Staging
 from bridge.store import SqliteStagingStore
 from broker.auth import Authenticator
 from broker.config import Settings
+from broker.http import OpsServer
 from broker.login_guard import LoginGuard
-from broker.server import ChatBroker
+from broker.metrics import LoopLag, Sources, build_registry
+from broker.server import ChatBroker, ListenerError
+from broker.sqlite import StoreError
 from broker.users import UserStore, load_or_create_secret
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class BrokerApp:
         self._presence_store: SqlitePresenceStore | None = None
         self._presence: PresenceService | None = None
         self._broker: ChatBroker | None = None
+        self._ops: OpsServer | None = None
+        self._lag: LoopLag | None = None
 
     @property
     def broker(self) -> ChatBroker:
@@ -76,8 +81,11 @@ class BrokerApp:
             ops = {**build_ops(authenticator), **presence.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(settings, authenticator, bridge)
+            if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
+                await self._start_ops(settings.metrics.bind, authenticator, messaging)
             await self._broker.start()
         except BaseException:
+            await self._stop_ops()
             if self._presence is not None:
                 await self._presence.close()
             await self._close_stores()
@@ -105,7 +113,7 @@ class BrokerApp:
         staging.restore(messages, items)
         staging.remember_ids(remembered)
         log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
-        links = LinkRegistry()
+        links = LinkRegistry(staging.counters)
         messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
                               settings.staging.checkpoint_idle_s, settings.staging.sweep_s)
         await messaging.start()
@@ -123,11 +131,50 @@ class BrokerApp:
         await presence.start()
         return presence
 
+    async def _start_ops(self, bind: str, authenticator: Authenticator, messaging: Messaging) -> None:
+        self._lag = LoopLag()
+        registry = build_registry(Sources(self.broker, authenticator, messaging.staging, messaging.links, self._lag))
+        ops = OpsServer(bind, registry, self.readiness)
+        try:
+            await ops.start()
+        except OSError as exc:
+            raise ListenerError(f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}") from None
+        self._ops = ops
+        self._lag.start()
+        log.info("metrics: http://%s:%d/metrics (and /healthz, /readyz)", *ops.address)
+
+    async def _stop_ops(self) -> None:
+        if self._ops is not None:
+            await self._ops.close()
+            self._ops = None
+        if self._lag is not None:
+            await self._lag.stop()
+            self._lag = None
+
+    async def readiness(self) -> list[str]:
+        """What keeps the broker from serving now (empty: ready): listeners, and a write to the staging store."""
+        broker, store = self._broker, self._staging_store
+        if broker is None or store is None:
+            return ["not started"]
+        serving = broker.listeners_serving()
+        problems = [f"listener {name} is not accepting" for name, ok in serving.items() if not ok]
+        if not serving:
+            problems.append("no MQTT listener is open")
+        try:
+            await store.probe()
+        except StoreError as exc:
+            problems.append(f"the staging store cannot be written ({exc})")
+        return problems
+
     def addresses(self) -> dict[str, tuple[str, int]]:
-        return self.broker.bound_addresses()
+        addresses = self.broker.bound_addresses()
+        if self._ops is not None:
+            addresses["metrics"] = self._ops.address
+        return addresses
 
     async def stop(self) -> None:
         """Stop accepting, close every session, write what is staged in memory, close the stores."""
+        await self._stop_ops()
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None

@@ -57,7 +57,9 @@ from broker.acl import NO_ACCESS, TopicAcl
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
+from broker.counters import BrokerCounters
 from broker.handler import ChatProtocolHandler, keepalive_deadline
+from broker.logs import bind_client, bind_connection
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
@@ -129,6 +131,7 @@ class ChatBroker(ConformantBroker):
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
         self._links: dict[str, SessionLink] = {}
+        self.counters = BrokerCounters()  # read by broker.metrics at scrape time
 
     # --- listeners --------------------------------------------------------------
 
@@ -170,6 +173,14 @@ class ChatBroker(ConformantBroker):
             self._servers[name] = Server(name, instance, max_connections)
             log.info("listening: %s on %s", name, self.bound_addresses()[name])
 
+    def open_connections(self) -> dict[str, int]:
+        """Listener name -> connections open now (accepted, not yet closed)."""
+        return {name: server.conn_count for name, server in self._servers.items()}
+
+    def listeners_serving(self) -> dict[str, bool]:
+        """Listener name -> whether it accepts connections now."""
+        return {name: _serving(server.instance) for name, server in self._servers.items()}
+
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> the (host, port) actually bound (port 0 resolves here)."""
         result: dict[str, tuple[str, int]] = {}
@@ -188,6 +199,8 @@ class ChatBroker(ConformantBroker):
             await writer.close()
             return
         await server.acquire_connection()
+        self.counters.connection(listener_name)
+        bind_connection(f"{listener_name}-{sum(self.counters.accepted.values())}")  # log lines of this connection
         try:
             peer = writer.get_peer_info()
             if peer is None:
@@ -235,12 +248,14 @@ class ChatBroker(ConformantBroker):
         client_id = incoming.client_id or ""
         if incoming.username is None and self.settings.mqtt.allow_anonymous:
             result = _anonymous_login(client_id, address)
+            self._auth.count("anonymous" if result.ok else "bad_client_id")
         else:
             result = await self._auth.login(incoming.username, incoming.password, client_id, address)
         if result.ok and incoming.will_flag and not self._may_publish(incoming, incoming.will_topic or ""):
             log.warning("login refused: %s set a will on %r, which it may not publish to", client_id,
                         incoming.will_topic)
             result = LoginResult(BAD_CREDENTIALS, result.user, None, "will topic not allowed")
+            self._auth.count("bad_will")
         if not result.ok:
             # Fault 1 and 3: nothing of any session was read or changed, and the
             # refused connection is never registered.
@@ -248,6 +263,7 @@ class ChatBroker(ConformantBroker):
             raise LoginRefusedError(result.reason)
         if result.new_device and result.user and result.device:
             self.bridge.device_registered(result.user, result.device)
+        bind_client(client_id)
         await self._take_over(client_id)
         return handler, self._session_for(incoming)
 
@@ -438,15 +454,18 @@ class ChatBroker(ConformantBroker):
         if is_chat_topic(topic):
             kind = uplink_kind(caller.user, topic) if caller is not None else None
             if caller is not None and kind is not None:
+                self.counters.publish(kind)
                 self.bridge.on_uplink(caller, kind, data)
                 return
         elif self._acl(session).may_publish(topic):
+            self.counters.publish("generic")
             # A generic topic the ACL opens: amqtt's broadcast path; each subscriber gets
             # it at min(qos, its granted QoS) (ConformantBroker._run_broadcast).
             await self._broadcast_message(session, topic, data, qos)
             if retain:
                 await self.retain_message(session, topic, data, qos)  # [MQTT-3.3.1-5, -10, -11]
             return
+        self.counters.publish("forbidden")
         log.info("%s may not publish to %r", session.client_id, topic)
         if caller is not None:
             self.bridge.refuse_topic(caller, topic)
@@ -493,6 +512,12 @@ def _anonymous_login(client_id: str, address: str) -> LoginResult:
         return LoginResult(IDENTIFIER_REJECTED, None, None, "client id reserved for chat devices")
     log.info("anonymous login: %s from %s", client_id, address)
     return LoginResult(ACCEPTED, None, None, "anonymous")
+
+
+def _serving(instance: Any) -> bool:
+    # asyncio.Server and websockets' Server both have is_serving().
+    is_serving = getattr(instance, "is_serving", None)
+    return bool(is_serving()) if callable(is_serving) else False
 
 
 def _only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:
