@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -27,6 +28,9 @@ from broker.users import UserStore, load_or_create_secret
 
 log = logging.getLogger(__name__)
 
+PROBE_WAIT_S = 1.0  # /readyz answers within this (the listener's own deadline is longer)
+PROBE_END_S = 6.0  # longer than SQLite's busy_timeout (5 s, broker/sqlite.py): a probe always ends by then
+
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
@@ -44,6 +48,8 @@ class BrokerApp:
         self._broker: ChatBroker | None = None
         self._ops: OpsServer | None = None
         self._lag: LoopLag | None = None
+        self._probe: asyncio.Future[None] | None = None
+        self._probe_started = 0.0
 
     @property
     def broker(self) -> ChatBroker:
@@ -147,6 +153,9 @@ class BrokerApp:
         if self._ops is not None:
             await self._ops.close()
             self._ops = None
+        if self._probe is not None:  # let a pending probe end before its store is closed
+            await asyncio.wait({self._probe}, timeout=PROBE_END_S)
+            self._probe = None
         if self._lag is not None:
             await self._lag.stop()
             self._lag = None
@@ -160,11 +169,27 @@ class BrokerApp:
         problems = [f"listener {name} is not accepting" for name, ok in serving.items() if not ok]
         if not serving:
             problems.append("no MQTT listener is open")
-        try:
-            await store.probe()
-        except StoreError as exc:
-            problems.append(f"the staging store cannot be written ({exc})")
-        return problems
+        problem = await self._probe_store(store)
+        return problems + ([problem] if problem else [])
+
+    async def _probe_store(self, store: SqliteStagingStore) -> str | None:
+        # One probe at a time, never cancelled: a write cancelled while SQLite still runs it
+        # could leave the connection inside a transaction. A probe still waiting (the write
+        # lock is held elsewhere, the disk hangs) is reported and awaited again next time.
+        task = self._probe
+        if task is None or task.done():
+            task = self._probe = asyncio.ensure_future(store.probe())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or never: no warning
+            self._probe_started = time.monotonic()
+        done, _ = await asyncio.wait({task}, timeout=PROBE_WAIT_S)
+        if not done:
+            return f"a write to the staging store has been waiting for {time.monotonic() - self._probe_started:.0f}s"
+        exc = task.exception()
+        if isinstance(exc, StoreError):
+            return f"the staging store cannot be written ({exc})"
+        if exc is not None:
+            return f"the staging store probe failed: {exc!r}"
+        return None
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         addresses = self.broker.bound_addresses()

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help=f"metrics URL (default: from --config, else {DEFAULT_URL})")
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    status.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -154,7 +155,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     url = args.url or status.url_from_settings(settings)
     if args.interval <= 0:
         raise ConfigError("--interval must be positive")
-    status.show(url, args.watch, args.interval, Console())
+    status.show(url, args.watch, args.interval, Console(), args.count)
     return EXIT_OK
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 8192
 READ_TIMEOUT_S = 5.0
-READY_TIMEOUT_S = 2.0
+READY_TIMEOUT_S = 5.0  # a guard: BrokerApp.readiness answers within ~1 s
 TEXT = "text/plain; charset=utf-8"
 
 # Problems that make the broker not ready (empty: ready). Must not raise.

@@ -142,9 +142,10 @@ def render(now: Snapshot, before: Snapshot | None = None, source: str = "") -> G
     return Group(overview, "", _traffic(now, before), "", staging, "", latency)
 
 
-def show(url: str, watch: bool, interval: float, console: Console,
+def show(url: str, watch: bool, interval: float, console: Console, count: int | None = None,
          clock: Callable[[], float] = time.monotonic) -> None:
-    """Print the figures once, or refresh them every ``interval`` s until interrupted (raises StatusError)."""
+    """Print the figures once, or refresh them every ``interval`` s until interrupted or ``count``
+    refreshes are done (raises StatusError)."""
     now = Snapshot.parse(fetch(url), clock())
     if not watch:
         console.print(render(now, source=url))
@@ -152,7 +153,8 @@ def show(url: str, watch: bool, interval: float, console: Console,
     from rich.live import Live  # noqa: PLC0415 (only the watch mode needs it)
 
     with Live(render(now, source=url), console=console, auto_refresh=False) as live:
-        while True:
+        while count is None or count > 0:
+            count = None if count is None else count - 1
             time.sleep(interval)
             before, now = now, Snapshot.parse(fetch(url), clock())
             live.update(render(now, before, url), refresh=True)
