@@ -1,9 +1,10 @@
 """Log set-up: plain text or JSON lines, on stderr, with the connection each line is about.
 
 Never logs message bodies, passwords or tokens: our own log calls carry ids,
-topics and reasons only (tests/test_logs.py checks a real chat), and amqtt is
-kept at INFO or above, because its DEBUG output prints whole packets (CONNECT
-passwords, PUBLISH payloads).
+topics and reasons only (tests/test_logs.py checks a real chat at level
+debug). Two libraries would leak at DEBUG and are held above it whatever the
+level: amqtt prints whole packets (CONNECT passwords, PUBLISH payloads), and
+aiosqlite every SQL statement with its parameters (staged bodies).
 
 Connection ids: ``bind_connection`` / ``bind_client`` set context variables
 in the task that serves one connection; asyncio copies the context into tasks
@@ -78,5 +79,7 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     # amqtt logs every connection at INFO and whole packets at DEBUG (passwords,
     # bodies): problems only, or INFO when the operator asked for debug output.
     logging.getLogger("amqtt").setLevel(logging.INFO if level == "debug" else logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG: staged bodies, token digests.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)

@@ -232,6 +232,7 @@ class ChatBroker(ConformantBroker):
                 log.debug("connection from %s:%d refused: %r", peer[0], peer[1], exc)
                 await _close_quietly(writer)
                 return
+            bind_client(session.client_id or "")  # here: wait_for ran _accept_connect in a task of its own
             try:
                 await self._serve_client(reader, writer, session, handler)
             except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
@@ -263,7 +264,6 @@ class ChatBroker(ConformantBroker):
             raise LoginRefusedError(result.reason)
         if result.new_device and result.user and result.device:
             self.bridge.device_registered(result.user, result.device)
-        bind_client(client_id)
         await self._take_over(client_id)
         return handler, self._session_for(incoming)
 
@@ -472,6 +472,8 @@ class ChatBroker(ConformantBroker):
 
     async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
         result = disconnect_waiter.result()
+        log.info("disconnected: %s%s", client_session.client_id,
+                 "" if isinstance(result, DisconnectPacket) else " (without DISCONNECT)")
         caller = _chat_identity(client_session)
         if caller is not None:
             self._bridge_offline(caller)
