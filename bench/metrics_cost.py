@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 import timeit
 import urllib.request
 from typing import Any
 
-from bench.common import free_port, md_table
+from bench.common import free_port, md_table, summarise
 from bench.suite import Suite
 from bridge.counters import BridgeCounters
 from broker.counters import BrokerCounters
 
 SCRAPE_S = 1.0
-ROUNDS = {"tiny": 1, "quick": 3, "full": 5}
+ROUNDS = {"tiny": 1, "quick": 4, "full": 6}  # even: each arm runs first in half the rounds
 # Per chat message on the bench path: uplinks out + 2 acks; downlinks msg, sent, delivered; two latencies,
 # commit figures when written (mostly not: acked within flush_ms).
 UPLINKS_PER_MESSAGE = 3
@@ -40,6 +41,7 @@ class Scraper:
         self.scrapes = 0
         self.bytes = 0
         self.failures = 0
+        self.seconds: list[float] = []  # each scrape's round trip: an upper bound of the broker's time on it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -53,10 +55,12 @@ class Scraper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
+            started = time.perf_counter()
             try:
                 with urllib.request.urlopen(self.url, timeout=5) as reply:
                     self.bytes += len(reply.read())
                 self.scrapes += 1
+                self.seconds.append(time.perf_counter() - started)
             except OSError:
                 self.failures += 1
 
@@ -86,6 +90,7 @@ def _one_run(suite: Suite, metrics: bool) -> dict[str, Any]:
                 phase = suite.run_pairs(server, "max")
             phase["scrapes"], phase["scrape_bytes"] = scraper.scrapes, scraper.bytes
             phase["scrape_failures"] = scraper.failures
+            phase["scrape_ms"] = summarise([s * 1000 for s in scraper.seconds]) if scraper.seconds else None
         else:
             phase = suite.run_pairs(server, "max")
     finally:
@@ -114,6 +119,7 @@ def run(suite: Suite) -> dict[str, Any]:
     msgs = statistics.median(on + off) if on + off else 0
     us_per_message = (statistics.median(broker_cpu) / msgs * 1e6) if broker_cpu and msgs else None
     counters = counter_cost()
+    scrape_ms = [p["scrape_ms"]["p50_ms"] for p in runs if p.get("scrape_ms")]
     result: dict[str, Any] = {
         "pairs": suite.sizes.pairs, "inflight": suite.sizes.inflight, "rounds": rounds, "scrape_every_s": SCRAPE_S,
         "runs": runs, "median_on": statistics.median(on) if on else None,
@@ -123,6 +129,7 @@ def run(suite: Suite) -> dict[str, Any]:
         "median_paired_ratio": round(statistics.median(paired), 4) if paired else None,
         "broker_cpu_us_per_message": round(us_per_message, 1) if us_per_message else None,
         "counters": counters,
+        "scrape_p50_ms": round(statistics.median(scrape_ms), 2) if scrape_ms else None,
         "counters_share_of_cpu": (round(counters["per_message_ns"] / 1000 / us_per_message, 5)
                                   if us_per_message else None),
     }
@@ -148,13 +155,19 @@ def markdown(result: dict[str, Any]) -> str:
              f" users), {result['rounds']} round(s) in ABBA order, a fresh broker per run; with metrics on,"
              f" `/metrics` scraped every {result['scrape_every_s']:g} s.", ""]
     rows = [[i + 1, "on" if p["metrics"] else "off", p["msgs_per_s"], p["cpu_cores"].get("broker"),
-             p["cpu_cores"].get("others"), p.get("scrapes", "-"), p["errors"]] for i, p in enumerate(result["runs"])]
-    lines += md_table(["run", "metrics", "msg/s", "broker CPU (cores)", "other CPU (cores)", "scrapes", "errors"],
-                      rows)
+             p["cpu_cores"].get("others"), p.get("scrapes", "-"),
+             p["scrape_ms"]["p50_ms"] if p.get("scrape_ms") else "-", p["errors"]]
+            for i, p in enumerate(result["runs"])]
+    lines += md_table(["run", "metrics", "msg/s", "broker CPU (cores)", "other CPU (cores)", "scrapes",
+                       "scrape p50 (ms)", "errors"], rows)
     ratio = result["ratio_on_off"]
     lines += ["", f"- median msg/s: on {result['median_on']}, off {result['median_off']}: **on / off ="
               f" {ratio}** ({'-' if ratio is None else f'{100 * (1 - ratio):.1f} %'} cost; the target is < 5 %)",
               f"- per-round on/off ratios: {result['paired_ratios']} (median {result['median_paired_ratio']})"]
+    if result.get("scrape_p50_ms") is not None:
+        lines += [f"- one scrape took {result['scrape_p50_ms']} ms (median round trip, under load): at one scrape per"
+                  f" {result['scrape_every_s']:g} s that bounds the endpoint's share of the broker's time by"
+                  f" {result['scrape_p50_ms'] / 10 / result['scrape_every_s']:.2f} %"]
     c = result["counters"]
     lines += [f"- hot-path counters, always on (also in the 'off' arm): {c['uplink_ns']} ns per uplink count,"
               f" {c['downlink_ns']} ns per downlink count, {c['latency_ns']} ns per histogram observation; about"

@@ -567,8 +567,7 @@ class Staging:
         # A queue's head is its oldest item (seq order), but for items a first device adopted.
         heads = [next(iter(box.items.values())).expires_ms for box in self.boxes.values() if box.items]
         oldest = min(heads) - self.rules.ttl_ms if heads else None
-        return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths,
-                       sum(1 for box in self.boxes.values() if box.online))
+        return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,7 +579,6 @@ class Figures:
     """Server time (ms) at which the oldest queued item was staged; None when nothing is staged."""
     depths: list[int]
     """Items queued per device (devices with a queue or online)."""
-    online_devices: int
 
 
 def _utf8_len(text: str) -> int:

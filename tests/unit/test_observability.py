@@ -41,7 +41,6 @@ def test_figures_count_items_bytes_age_and_depths() -> None:
     assert (f.items, f.messages, f.body_bytes) == (3, 2, len("héllo".encode()) + 3)
     assert f.oldest_ms == 1_000
     assert sorted(f.depths) == [1, 1, 1]
-    assert f.online_devices == 0
 
 
 def test_delivered_latency_and_redeliveries_are_counted_by_the_core() -> None:
