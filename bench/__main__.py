@@ -5,11 +5,13 @@
     python -m bench compare --targets chat,mosquitto
     python -m bench drain --profile     # with a py-spy profile of the broker
     python -m bench summary             # re-render the tables and summary.md from the JSON files
+    python -m bench metrics-cost --quick  # 1:1 throughput with the metrics endpoint on vs off
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
 latency, baselines), idle (memory per connection, CPU at rest), drain (offline
 drain), restart (SIGKILL with staged items), clientcost (paho vs asyncio for the
-generator). Results: bench/results/{scenario}.json and .md, and summary.md.
+generator), metrics-cost (the metrics endpoint on vs off). Results:
+bench/results/{scenario}.json and .md (metrics_cost.*), and summary.md.
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import metrics_cost, report
 from bench.common import RESULTS, BenchError, fd_hard_limit, machine_info, raise_fd_limit, write_results
 from bench.suite import SIZES, TARGETS, Suite, sizes_dict
 from bench.targets import mosquitto_available
 
-SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost")
+SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost")
 MARKDOWN: dict[str, Callable[[dict[str, Any]], str]] = {
     "compare": report.compare_md, "idle": report.idle_md, "drain": report.drain_md,
-    "restart": report.restart_md, "clientcost": report.clientcost_md,
+    "restart": report.restart_md, "clientcost": report.clientcost_md, "metrics-cost": metrics_cost.markdown,
 }
+
+
+def result_name(scenario: str) -> str:
+    """The results file stem of a scenario (``metrics-cost`` -> ``metrics_cost``)."""
+    return scenario.replace("-", "_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out
     if args.scenario == "summary":
         for name in SCENARIOS:  # re-render each scenario's table from its JSON (the wording may have changed)
-            path = out_dir / f"{name}.json"
+            path = out_dir / f"{result_name(name)}.json"
             if path.exists():
                 result = json.loads(path.read_text(encoding="utf-8"))
-                (out_dir / f"{name}.md").write_text(MARKDOWN[name](result), encoding="utf-8")
+                (out_dir / f"{result_name(name)}.md").write_text(MARKDOWN[name](result), encoding="utf-8")
         print(write_summary(out_dir))
         return 0
     sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -99,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import clientcost  # noqa: PLC0415
 
                 data = clientcost.run(sizes.name, workdir, print)
+            elif scenario == "metrics-cost":
+                data = metrics_cost.run(suite)
             else:
                 data = getattr(suite, scenario)()
             result = {"benchmark": scenario, "command": command, "sizes": sizes_dict(sizes), "machine": machine,
                       "profiled": args.profile, "rlimit_nofile_hard": fd_hard_limit(),
                       "seconds": round(time.monotonic() - began, 1), **data}
-            json_path, md_path = write_results(scenario, result, MARKDOWN[scenario](result), out_dir)
+            json_path, md_path = write_results(result_name(scenario), result, MARKDOWN[scenario](result), out_dir)
             print(f"[{scenario}] done in {result['seconds']:.0f} s: {json_path} {md_path}", flush=True)
         print(write_summary(out_dir))
     except BenchError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from bridge.counters import BridgeCounters
 from client_sdk.protocol import dumps
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ class DeviceLink(Protocol):
 class LinkRegistry:
     """Connected devices that subscribed to their inbox, by client id and by user."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: BridgeCounters | None = None) -> None:
+        self.counters = counters if counters is not None else BridgeCounters()
         self._by_client: dict[str, DeviceLink] = {}
         self._by_user: dict[str, dict[str, DeviceLink]] = {}
 
@@ -57,6 +59,7 @@ class LinkRegistry:
         if link is None:
             log.debug("no link to %s: ephemeral %s item dropped", client_id, item.get("kind"))
             return False
+        self.counters.count_downlink(item)
         link.send(dumps(item))
         return True
 

@@ -163,10 +163,13 @@ class Messaging:
         # holds both 'sent' (a notice) and 'delivered' (a delivery) for the
         # sender, who must see them in that order (found by tests/sdk).
         for client_id, item in out.notices:
+            if item.get("status") == "sent":  # metrics: staged (item ts) -> 'sent'
+                self.staging.counters.sent_latency.observe(max(0, self._now_ms() - item["ts"]) / 1000)
             self._notify(client_id, item)
         for device, item in out.deliveries:
             link = self._links.get(device)
             if link is not None:
+                self.staging.counters.count_downlink(item)
                 link.send(dumps(item))
         if out.need_bodies:
             self._spawn(self._load_bodies(out.need_bodies))
@@ -208,14 +211,19 @@ class Messaging:
         if batch is None:
             return True
         self._flushing = True
+        counters = self.staging.counters
+        started = time.perf_counter()
         try:
             await self._store.commit(batch)
         except StoreError as exc:
+            counters.commit_failures += 1
             log.error("staging commit of %d item(s) failed, will retry: %s", len(batch.items), exc)
             self._apply(self.staging.flush_failed(batch))
             return False
         finally:
             self._flushing = False
+        counters.commit_seconds.observe(time.perf_counter() - started)
+        counters.commit_rows.observe(len(batch.items) + len(batch.deleted_items))
         self._last_write = self._now()
         if batch.deleted_items or batch.deleted_bodies:
             self._deleted_since_checkpoint = True

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
 from bridge.limits import RateLimiter, RecentIds
 from client_sdk.protocol import (
@@ -79,6 +80,7 @@ class Message:
     sent_notified: bool = False
     expired_notified: bool = False
     store_failed: bool = False
+    size: int = 0  # body bytes (UTF-8), for the metrics
 
 
 @dataclass(slots=True, eq=False)
@@ -150,6 +152,7 @@ class Staging:
         # origin -> (id of its message refused for a transient reason, until): later messages of that
         # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
         self._held: dict[str, tuple[str, str, float]] = {}
+        self.counters = BridgeCounters()  # read by broker.metrics at scrape time
 
     # --- restore -----------------------------------------------------------------
 
@@ -224,7 +227,7 @@ class Staging:
             return out
         self._next_mid += 1
         staged = Message(self._next_mid, sender, message.id, message.to, message.type, message.body, now_ms,
-                         now_ms + self.rules.ttl_ms, origin)
+                         now_ms + self.rules.ttl_ms, origin, size=_utf8_len(message.body))
         self._remember(staged)
         for device in targets:
             staged.targets.add(device)
@@ -277,6 +280,7 @@ class Staging:
             message = item.message
             if message is not None and not message.delivered and not is_placeholder(device):
                 message.delivered = True
+                self.counters.delivered_latency.observe(max(0, now_ms - message.ts) / 1000)
                 if message.state == DURABLE:
                     self._pending.delivered.append(message.mid)
                 delivered.setdefault((message.sender, message.recipient), []).append(message.msg_id)
@@ -448,6 +452,7 @@ class Staging:
                     continue
                 box.inflight[seq] = now
                 box.inflight.move_to_end(seq)
+                self.counters.redeliveries += 1
                 out.deliveries.append((device, self._wire(item)))
         return out
 
@@ -555,3 +560,26 @@ class Staging:
 
     def staged_count(self) -> int:
         return sum(len(box.items) for box in self.boxes.values())
+
+    def figures(self) -> Figures:
+        """What is staged now, for the metrics: O(devices + messages), read at scrape time only."""
+        depths = [len(box.items) for box in self.boxes.values()]
+        # A queue's head is its oldest item (seq order), but for items a first device adopted.
+        heads = [next(iter(box.items.values())).expires_ms for box in self.boxes.values() if box.items]
+        oldest = min(heads) - self.rules.ttl_ms if heads else None
+        return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths)
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    items: int
+    messages: int
+    body_bytes: int
+    oldest_ms: int | None
+    """Server time (ms) at which the oldest queued item was staged; None when nothing is staged."""
+    depths: list[int]
+    """Items queued per device (devices with a queue or online)."""
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))

@@ -99,11 +99,12 @@ class SqliteStagingStore:
 
     async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
         messages: dict[int, Message] = {}
-        query = "SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin FROM bodies"
+        query = ("SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin, "
+                 "length(CAST(body AS BLOB)) FROM bodies")
         async with self._db.execute(query) as cursor:
             async for r in cursor:
                 messages[int(r[0])] = Message(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), None,
-                                              int(r[5]), int(r[6]), str(r[8]), delivered=bool(r[7]))
+                                              int(r[5]), int(r[6]), str(r[8]), delivered=bool(r[7]), size=int(r[9]))
         items: list[Item] = []
         query = "SELECT device, seq, mid, receipt, expires_ms FROM items ORDER BY device, seq"
         async with self._db.execute(query) as cursor:
@@ -157,6 +158,13 @@ class SqliteStagingStore:
     async def prune(self, now_ms: int) -> None:
         async with self._transaction("prune"):
             await self._db.execute("DELETE FROM dedup WHERE expires_ms <= ?", (now_ms,))
+
+    async def probe(self) -> None:
+        """A tiny write transaction (readiness check); raises StoreError when the store cannot be written."""
+        async with self._transaction("probe"):
+            await self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('probe', 1) ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            )
 
     async def checkpoint(self) -> None:
         async with writer_lock(self._db):  # never inside another operation's transaction

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -18,11 +19,17 @@ from bridge.staging import Rules, Staging
 from bridge.store import SqliteStagingStore
 from broker.auth import Authenticator
 from broker.config import Settings
+from broker.http import OpsServer
 from broker.login_guard import LoginGuard
-from broker.server import ChatBroker
+from broker.metrics import LoopLag, Sources, build_registry
+from broker.server import ChatBroker, ListenerError
+from broker.sqlite import StoreError
 from broker.users import UserStore, load_or_create_secret
 
 log = logging.getLogger(__name__)
+
+PROBE_WAIT_S = 1.0  # /readyz answers within this (the listener's own deadline is longer)
+PROBE_END_S = 6.0  # longer than SQLite's busy_timeout (5 s, broker/sqlite.py): a probe always ends by then
 
 
 def _now_ms() -> int:
@@ -39,6 +46,10 @@ class BrokerApp:
         self._presence_store: SqlitePresenceStore | None = None
         self._presence: PresenceService | None = None
         self._broker: ChatBroker | None = None
+        self._ops: OpsServer | None = None
+        self._lag: LoopLag | None = None
+        self._probe: asyncio.Future[None] | None = None
+        self._probe_started = 0.0
 
     @property
     def broker(self) -> ChatBroker:
@@ -76,8 +87,11 @@ class BrokerApp:
             ops = {**build_ops(authenticator), **presence.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(settings, authenticator, bridge)
+            if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
+                await self._start_ops(settings.metrics.bind, authenticator, messaging)
             await self._broker.start()
         except BaseException:
+            await self._stop_ops()
             if self._presence is not None:
                 await self._presence.close()
             await self._close_stores()
@@ -105,7 +119,7 @@ class BrokerApp:
         staging.restore(messages, items)
         staging.remember_ids(remembered)
         log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
-        links = LinkRegistry()
+        links = LinkRegistry(staging.counters)
         messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
                               settings.staging.checkpoint_idle_s, settings.staging.sweep_s)
         await messaging.start()
@@ -123,11 +137,69 @@ class BrokerApp:
         await presence.start()
         return presence
 
+    async def _start_ops(self, bind: str, authenticator: Authenticator, messaging: Messaging) -> None:
+        self._lag = LoopLag()
+        registry = build_registry(Sources(self.broker, authenticator, messaging.staging, messaging.links, self._lag))
+        ops = OpsServer(bind, registry, self.readiness)
+        try:
+            await ops.start()
+        except OSError as exc:
+            raise ListenerError(f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}") from None
+        self._ops = ops
+        self._lag.start()
+        log.info("metrics: http://%s:%d/metrics (and /healthz, /readyz)", *ops.address)
+
+    async def _stop_ops(self) -> None:
+        if self._ops is not None:
+            await self._ops.close()
+            self._ops = None
+        if self._probe is not None:  # let a pending probe end before its store is closed
+            await asyncio.wait({self._probe}, timeout=PROBE_END_S)
+            self._probe = None
+        if self._lag is not None:
+            await self._lag.stop()
+            self._lag = None
+
+    async def readiness(self) -> list[str]:
+        """What keeps the broker from serving now (empty: ready): listeners, and a write to the staging store."""
+        broker, store = self._broker, self._staging_store
+        if broker is None or store is None:
+            return ["not started"]
+        serving = broker.listeners_serving()
+        problems = [f"listener {name} is not accepting" for name, ok in serving.items() if not ok]
+        if not serving:
+            problems.append("no MQTT listener is open")
+        problem = await self._probe_store(store)
+        return problems + ([problem] if problem else [])
+
+    async def _probe_store(self, store: SqliteStagingStore) -> str | None:
+        # One probe at a time, never cancelled: a write cancelled while SQLite still runs it
+        # could leave the connection inside a transaction. A probe still waiting (the write
+        # lock is held elsewhere, the disk hangs) is reported and awaited again next time.
+        task = self._probe
+        if task is None or task.done():
+            task = self._probe = asyncio.ensure_future(store.probe())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or never: no warning
+            self._probe_started = time.monotonic()
+        done, _ = await asyncio.wait({task}, timeout=PROBE_WAIT_S)
+        if not done:
+            return f"a write to the staging store has been waiting for {time.monotonic() - self._probe_started:.0f}s"
+        exc = task.exception()
+        if isinstance(exc, StoreError):
+            return f"the staging store cannot be written ({exc})"
+        if exc is not None:
+            return f"the staging store probe failed: {exc!r}"
+        return None
+
     def addresses(self) -> dict[str, tuple[str, int]]:
-        return self.broker.bound_addresses()
+        addresses = self.broker.bound_addresses()
+        if self._ops is not None:
+            addresses["metrics"] = self._ops.address
+        return addresses
 
     async def stop(self) -> None:
         """Stop accepting, close every session, write what is staged in memory, close the stores."""
+        await self._stop_ops()
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None

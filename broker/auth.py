@@ -68,22 +68,26 @@ class Authenticator:
         self._secret = server_secret
         self._hash_slots = asyncio.Semaphore(hash_concurrency)
         self._clock = clock
+        self.logins: dict[str, int] = {}  # result -> count (broker.counters.LOGIN_RESULTS), for the metrics
 
     async def login(
         self, username: str | None, password: bytes | str | None, client_id: str, address: str
     ) -> LoginResult:
         if username is None or not is_user_id(username):
-            return self._refuse(BAD_CREDENTIALS, "missing or malformed username", username, address)
+            # Not logged: a malformed user name is often a password typed into the wrong field.
+            return self._refuse(BAD_CREDENTIALS, "missing or malformed username", None, address, "bad_username")
         parts = split_client_id(client_id)
         if parts is None or parts[0] != username:
             return self._refuse(
-                IDENTIFIER_REJECTED, f"client id {client_id!r} is not '{username}.<device>'", username, address
+                IDENTIFIER_REJECTED, f"client id {client_id!r} is not '{username}.<device>'", username, address,
+                "bad_client_id",
             )
         device = parts[1]
         keys = [f"user:{username}", f"addr:{address}"]
         wait = self._guard.retry_after(keys, self._clock())
         if wait > 0:
-            return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address)
+            return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address,
+                                "throttled")
         secret = _as_text(password)
         if secret is None:
             return self._fail(keys, "no password", username, address)
@@ -108,18 +112,25 @@ class Authenticator:
     async def _accept(self, user: str, device: str, keys: list[str], how: str) -> LoginResult:
         self._guard.succeeded(keys[:1])  # the address keeps its record: one good account must not unlock guessing
         new_device = await self._store.record_login(user, device)
+        self.count("ok")
         log.info("login ok: %s.%s by %s%s", user, device, how, " (new device)" if new_device else "")
         return LoginResult(ACCEPTED, user, device, how, new_device)
 
     def _fail(self, keys: list[str], reason: str, user: str, address: str) -> LoginResult:
         wait = self._guard.failed(keys, self._clock())
         suffix = f"; further attempts refused for {wait:.1f}s" if wait > 0 else ""
+        self.count("bad_password")
         log.warning("login failed: user %r from %s: %s%s", user, address, reason, suffix)
         return LoginResult(BAD_CREDENTIALS, user, None, reason)
 
-    def _refuse(self, code: int, reason: str, user: str | None, address: str) -> LoginResult:
+    def _refuse(self, code: int, reason: str, user: str | None, address: str, result: str) -> LoginResult:
+        self.count(result)
         log.warning("login refused: user %r from %s: %s", user, address, reason)
         return LoginResult(code, user, None, reason)
+
+    def count(self, result: str) -> None:
+        """One login attempt ended with ``result`` (one of ``broker.counters.LOGIN_RESULTS``)."""
+        self.logins[result] = self.logins.get(result, 0) + 1
 
     async def issue_token(self, user: str, device: str) -> str:
         """A new device token for ``user.device``, replacing any previous one."""

@@ -19,6 +19,7 @@ from broker.gc_policy import GcTuner
 from broker.logs import setup_logging
 from broker.server import ListenerError
 from broker.sqlite import StoreError
+from broker.status import DEFAULT_URL, StatusError
 
 log = logging.getLogger("chat-broker")
 
@@ -39,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the broker")
     _common(run)
     run.add_argument("--bind", metavar="HOST:PORT", help="plain MQTT listener (overrides listeners.tcp.bind)")
+    run.add_argument("--metrics-bind", metavar="HOST:PORT",
+                     help="HTTP listener for /metrics, /healthz, /readyz (overrides metrics.bind)")
+    run.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (overrides log.format)")
+
+    status = commands.add_parser("status", help="show the running broker's figures (from its metrics endpoint)")
+    status.add_argument("-c", "--config", type=Path, help="YAML config file: its metrics.bind gives the URL")
+    status.add_argument("--url", help=f"metrics URL (default: from --config, else {DEFAULT_URL})")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    status.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -64,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    if args.data_dir is not None:
+    if getattr(args, "metrics_bind", None) is not None:
+        overrides["metrics.bind"] = args.metrics_bind
+    if getattr(args, "log_format", None) is not None:
+        overrides["log.format"] = args.log_format
+        overrides["log.json_lines"] = False  # the flag wins over the deprecated key
+    if getattr(args, "data_dir", None) is not None:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "bind", None) is not None:
         overrides["listeners.tcp.bind"] = args.bind
@@ -77,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "run":
             return _run(settings)
+        if args.command == "status":
+            return _status(args, settings)
         return _user(args, settings)
-    except (ConfigError, ListenerError, StoreError, user_admin.AdminError) as exc:
+    except (ConfigError, ListenerError, StoreError, user_admin.AdminError, StatusError) as exc:
         print(f"chat-broker: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILURE
     except KeyboardInterrupt:
@@ -130,8 +148,20 @@ def _import(file: str, data_dir: Path) -> int:
     return EXIT_FAILURE if report.bad_lines else EXIT_OK
 
 
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console  # noqa: PLC0415 (only this command needs it)
+
+    from broker import status  # noqa: PLC0415
+
+    url = args.url or status.url_from_settings(settings)
+    if args.interval <= 0:
+        raise ConfigError("--interval must be positive")
+    status.show(url, args.watch, args.interval, Console(), args.count)
+    return EXIT_OK
+
+
 def _run(settings: Settings) -> int:
-    setup_logging(settings.log.level, settings.log.json_lines)
+    setup_logging(settings.log.level, settings.log.effective_format)
     try:
         import uvloop  # noqa: PLC0415 (optional dependency)
     except ImportError:

@@ -176,7 +176,14 @@ class MqttSettings(_Section):
 
 class LogSettings(_Section):
     level: str = "info"
+    format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (ts, level, logger, msg, conn, client)."""
     json_lines: bool = False
+    """Deprecated: the same as ``format: json``."""
+
+    @property
+    def effective_format(self) -> str:
+        return "json" if self.json_lines else self.format
 
     @field_validator("level")
     @classmethod
@@ -184,6 +191,20 @@ class LogSettings(_Section):
         if value.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
+
+
+class MetricsSettings(_Section):
+    """The HTTP listener for Prometheus (``/metrics``) and probes (``/healthz``, ``/readyz``); docs/OPERATIONS.md."""
+
+    bind: str | None = None
+    """``HOST:PORT``, e.g. ``127.0.0.1:9100``; off when unset. It has no authentication: keep it private."""
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bind(value)
+        return value
 
 
 class PresenceSettings(_Section):
@@ -220,6 +241,7 @@ class Settings(_Section):
     dedup: DedupSettings = DedupSettings()
     presence: PresenceSettings = PresenceSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
     mqtt: MqttSettings = MqttSettings()
     gc: GcSettings = GcSettings()
 

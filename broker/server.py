@@ -57,7 +57,9 @@ from broker.acl import NO_ACCESS, TopicAcl
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
+from broker.counters import BrokerCounters
 from broker.handler import ChatProtocolHandler, keepalive_deadline
+from broker.logs import bind_client, bind_connection
 from broker.session_states import lighten
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
@@ -133,6 +135,7 @@ class ChatBroker(ConformantBroker):
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
         self._links: dict[str, SessionLink] = {}
+        self.counters = BrokerCounters()  # read by broker.metrics at scrape time
 
     # --- listeners --------------------------------------------------------------
 
@@ -174,6 +177,14 @@ class ChatBroker(ConformantBroker):
             self._servers[name] = Server(name, instance, max_connections)
             log.info("listening: %s on %s", name, self.bound_addresses()[name])
 
+    def open_connections(self) -> dict[str, int]:
+        """Listener name -> connections open now (accepted, not yet closed)."""
+        return {name: server.conn_count for name, server in self._servers.items()}
+
+    def listeners_serving(self) -> dict[str, bool]:
+        """Listener name -> whether it accepts connections now."""
+        return {name: _serving(server.instance) for name, server in self._servers.items()}
+
     def bound_addresses(self) -> dict[str, tuple[str, int]]:
         """Listener name -> the (host, port) actually bound (port 0 resolves here)."""
         result: dict[str, tuple[str, int]] = {}
@@ -192,6 +203,8 @@ class ChatBroker(ConformantBroker):
             await writer.close()
             return
         await server.acquire_connection()
+        self.counters.connection(listener_name)
+        bind_connection(f"{listener_name}-{sum(self.counters.accepted.values())}")  # log lines of this connection
         try:
             peer = writer.get_peer_info()
             if peer is None:
@@ -223,6 +236,7 @@ class ChatBroker(ConformantBroker):
                 log.debug("connection from %s:%d refused: %r", peer[0], peer[1], exc)
                 await _close_quietly(writer)
                 return
+            bind_client(session.client_id or "")  # here: wait_for ran _accept_connect in a task of its own
             try:
                 await self._serve_client(reader, writer, session, handler)
             except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
@@ -239,12 +253,14 @@ class ChatBroker(ConformantBroker):
         client_id = incoming.client_id or ""
         if incoming.username is None and self.settings.mqtt.allow_anonymous:
             result = _anonymous_login(client_id, address)
+            self._auth.count("anonymous" if result.ok else "bad_client_id")
         else:
             result = await self._auth.login(incoming.username, incoming.password, client_id, address)
         if result.ok and incoming.will_flag and not self._may_publish(incoming, incoming.will_topic or ""):
             log.warning("login refused: %s set a will on %r, which it may not publish to", client_id,
                         incoming.will_topic)
             result = LoginResult(BAD_CREDENTIALS, result.user, None, "will topic not allowed")
+            self._auth.count("bad_will")
         if not result.ok:
             # Fault 1 and 3: nothing of any session was read or changed, and the
             # refused connection is never registered.
@@ -441,34 +457,40 @@ class ChatBroker(ConformantBroker):
         return True
 
     def _chat_uplink(self, session: Session, caller: Caller, topic: str, data: bytes) -> None:
-        """A chat device's publish on ``u/...`` (ChatProtocolHandler.handle_publish's fast path)."""
+        """A chat device's publish on ``u/...`` (also ChatProtocolHandler.handle_publish's fast path)."""
         kind = uplink_kind(caller.user, topic)
-        if kind is not None:
-            self.bridge.on_uplink(caller, kind, data)
+        if kind is None:
+            self._refuse_publish(session, caller, topic)
             return
+        self.counters.publish(kind)
+        self.bridge.on_uplink(caller, kind, data)
+
+    def _refuse_publish(self, session: Session, caller: Caller | None, topic: str) -> None:
+        self.counters.publish("forbidden")
         log.info("%s may not publish to %r", session.client_id, topic)
-        self.bridge.refuse_topic(caller, topic)
+        if caller is not None:
+            self.bridge.refuse_topic(caller, topic)
 
     async def _dispatch(self, session: Session, topic: str, data: bytes, qos: int | None, retain: bool) -> None:
         caller = _chat_identity(session)
         if is_chat_topic(topic):
-            kind = uplink_kind(caller.user, topic) if caller is not None else None
-            if caller is not None and kind is not None:
-                self.bridge.on_uplink(caller, kind, data)
+            if caller is not None:
+                self._chat_uplink(session, caller, topic, data)
                 return
         elif self._acl(session).may_publish(topic):
+            self.counters.publish("generic")
             # A generic topic the ACL opens: amqtt's broadcast path; each subscriber gets
             # it at min(qos, its granted QoS) (ConformantBroker._run_broadcast).
             await self._broadcast_message(session, topic, data, qos)
             if retain:
                 await self.retain_message(session, topic, data, qos)  # [MQTT-3.3.1-5, -10, -11]
             return
-        log.info("%s may not publish to %r", session.client_id, topic)
-        if caller is not None:
-            self.bridge.refuse_topic(caller, topic)
+        self._refuse_publish(session, caller, topic)
 
     async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
         result = disconnect_waiter.result()
+        log.info("disconnected: %s%s", client_session.client_id,
+                 "" if isinstance(result, DisconnectPacket) else " (without DISCONNECT)")
         caller = _chat_identity(client_session)
         if caller is not None:
             self._bridge_offline(caller)
@@ -509,6 +531,12 @@ def _anonymous_login(client_id: str, address: str) -> LoginResult:
         return LoginResult(IDENTIFIER_REJECTED, None, None, "client id reserved for chat devices")
     log.info("anonymous login: %s from %s", client_id, address)
     return LoginResult(ACCEPTED, None, None, "anonymous")
+
+
+def _serving(instance: Any) -> bool:
+    # asyncio.Server and websockets' Server both have is_serving().
+    is_serving = getattr(instance, "is_serving", None)
+    return bool(is_serving()) if callable(is_serving) else False
 
 
 def _only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:

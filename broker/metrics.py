@@ -1,0 +1,160 @@
+"""Prometheus metrics of one broker, computed when scraped (docs/OPERATIONS.md lists each).
+
+The hot path only bumps plain ints (``broker.counters``, ``bridge.counters``);
+``ChatCollector.collect`` reads them, and the staging core's ``figures()``,
+at scrape time, on the broker's event loop (``broker.http`` serves it there),
+so a scrape sees one consistent moment and needs no locks. Each ``BrokerApp``
+has its own ``CollectorRegistry``: several brokers can run in one process.
+Labels are small fixed sets; nothing per user (queue depth is a histogram).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from bridge.counters import LATENCY_BUCKETS, Histogram
+from bridge.links import LinkRegistry
+from bridge.staging import Staging
+from broker.auth import Authenticator
+from broker.counters import LOGIN_RESULTS
+from broker.server import ChatBroker
+from client_sdk.protocol import UPLINKS, ErrorCode
+
+DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10000, 100000)
+DOWNLINK_KINDS = ("msg", "receipt", "presence", "res", "error")
+UPLINK_KINDS = (*sorted(UPLINKS), "forbidden", "generic")
+ERROR_CODES = tuple(sorted(v for k, v in vars(ErrorCode).items() if k.isupper()))
+LAG_INTERVAL_S = 0.5
+
+
+class LoopLag:
+    """Measures event-loop lag: how late a timer of ``interval`` fires. Start on the broker's loop."""
+
+    def __init__(self, interval: float = LAG_INTERVAL_S) -> None:
+        self.interval = interval
+        self.histogram = Histogram(LATENCY_BUCKETS)
+        self.last = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.interval)
+            self.last = max(0.0, loop.time() - before - self.interval)
+            self.histogram.observe(self.last)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the figures come from; the collector only reads them."""
+
+    broker: ChatBroker
+    auth: Authenticator
+    staging: Staging
+    links: LinkRegistry
+    lag: LoopLag
+    clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+
+
+class ChatCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self._s = sources
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._s
+        yield from self._connections()
+        yield _counter("chat_logins", "Login attempts, by result (ok, anonymous, or why refused).", "result",
+                       LOGIN_RESULTS, s.auth.logins)
+        yield _counter("chat_uplink", "Publishes received, by uplink kind (forbidden: a topic the client may not use).",
+                       "kind", UPLINK_KINDS, s.broker.counters.uplink)
+        counters = s.staging.counters
+        yield _counter("chat_downlink", "Items sent to devices, by kind.", "kind", DOWNLINK_KINDS, counters.downlink)
+        yield _counter("chat_errors", "error items and failed res items sent to devices, by code.", "code",
+                       ERROR_CODES, counters.errors)
+        yield CounterMetricFamily("chat_redeliveries", "Items sent again after delivery.redeliver_after_s unacked.",
+                                  counters.redeliveries)
+        yield _histogram("chat_sent_latency_seconds", "Staging of a message -> its receipt 'sent'.",
+                         counters.sent_latency)
+        yield _histogram("chat_delivered_latency_seconds",
+                         "Staging of a message -> first ack by a device of the recipient.", counters.delivered_latency)
+        yield from self._staged()
+        yield _histogram("chat_store_commit_seconds", "Duration of a staging group commit.", counters.commit_seconds)
+        yield _histogram("chat_store_commit_rows", "Item rows written + deleted per group commit.",
+                         counters.commit_rows)
+        yield CounterMetricFamily("chat_store_commit_failures", "Group commits that failed (retried).",
+                                  counters.commit_failures)
+        yield _histogram("chat_event_loop_lag_seconds", f"How late a {s.lag.interval}s timer fires on the broker loop.",
+                         s.lag.histogram)
+        yield GaugeMetricFamily("chat_event_loop_lag_last_seconds", "The last event-loop lag measured.", s.lag.last)
+
+    def _connections(self) -> Iterable[Metric]:
+        broker = self._s.broker
+        open_now = GaugeMetricFamily("chat_connections", "Open connections, by listener.", labels=["listener"])
+        for name, count in sorted(broker.open_connections().items()):
+            open_now.add_metric([name], count)
+        yield open_now
+        yield _counter("chat_connections_accepted", "Connections accepted, by listener.", "listener",
+                       sorted(broker.open_connections()), broker.counters.accepted)
+        yield GaugeMetricFamily("chat_devices_online", "Devices subscribed to their inbox now.", len(self._s.links))
+
+    def _staged(self) -> Iterable[Metric]:
+        figures = self._s.staging.figures()
+        yield GaugeMetricFamily("chat_staged_items", "Items (messages and receipts, one per target device) staged.",
+                                figures.items)
+        yield GaugeMetricFamily("chat_staged_messages", "Messages staged (a body each).", figures.messages)
+        yield GaugeMetricFamily("chat_staged_bytes", "UTF-8 bytes of the staged message bodies.", figures.body_bytes)
+        age = 0.0 if figures.oldest_ms is None else max(0, self._s.clock_ms() - figures.oldest_ms) / 1000
+        yield GaugeMetricFamily("chat_staged_oldest_age_seconds",
+                                "Age of the oldest staged item (0 when nothing is staged).", age)
+        depth = Histogram(DEPTH_BUCKETS)
+        for n in figures.depths:
+            depth.observe(n)
+        yield GaugeHistogramMetricFamily("chat_device_queue_depth", "Devices by number of items queued for them.",
+                                         buckets=depth.cumulative(), gsum_value=depth.sum)
+        yield GaugeMetricFamily("chat_device_queue_depth_max", "The longest queue of one device.",
+                                max(figures.depths, default=0))
+
+
+def _counter(name: str, doc: str, label: str, known: Iterable[str], values: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with every known label value (0 until it happens), plus any other seen."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key in sorted({*known, *values}):
+        family.add_metric([key], values.get(key, 0))
+    return family
+
+
+def _histogram(name: str, doc: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, buckets=histogram.cumulative(), sum_value=histogram.sum)
+
+
+def build_registry(sources: Sources) -> CollectorRegistry:
+    """A registry of its own for one broker: the chat figures and the process' (CPU, memory, descriptors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ChatCollector(sources))
+    ProcessCollector(registry=registry)
+    return registry

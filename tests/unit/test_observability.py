@@ -1,0 +1,122 @@
+"""The pure parts of observability: histogram buckets, the staging core's figures and counters,
+the metrics listener's request parsing, and the status view's parsing of a scrape."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from rich.console import Console
+
+from bridge.counters import BridgeCounters, Histogram
+from broker.config import build_settings
+from broker.http import HttpError, parse_head, response
+from broker.status import DEFAULT_URL, Snapshot, render, url_from_settings
+from tests.unit.test_staging import core, msg
+
+
+def test_histogram_buckets_follow_prometheus_le() -> None:
+    h = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        h.observe(value)
+    assert h.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
+    assert h.count == 5 and math.isclose(h.sum, 8.65)
+
+
+def test_downlink_counting_by_kind_and_error_code() -> None:
+    c = BridgeCounters()
+    for item in ({"kind": "msg"}, {"kind": "error", "code": "too_large"},
+                 {"kind": "res", "ok": False, "error": {"code": "unknown_op"}}, {"kind": "res", "ok": True}):
+        c.count_downlink(item)
+    assert c.downlink == {"msg": 1, "error": 1, "res": 2}
+    assert c.errors == {"too_large": 1, "unknown_op": 1}
+
+
+def test_figures_count_items_bytes_age_and_depths() -> None:
+    s = core()
+    s.submit("alice.phone", "alice", msg("m1", body="héllo"), 1_000, 0.0)  # bob has two devices, both offline
+    s.submit("alice.phone", "alice", msg("m2", to="alice", body="abc"), 4_000, 0.0)
+    f = s.figures()
+    assert (f.items, f.messages, f.body_bytes) == (3, 2, len("héllo".encode()) + 3)
+    assert f.oldest_ms == 1_000
+    assert sorted(f.depths) == [1, 1, 1]
+
+
+def test_delivered_latency_and_redeliveries_are_counted_by_the_core() -> None:
+    s = core()
+    s.device_online("bob.phone", 0.0)
+    out = s.submit("alice.phone", "alice", msg("m1"), 1_000, 0.0)
+    s.redeliver(10.0)
+    assert s.counters.redeliveries == 1
+    s.ack("bob.phone", [out.deliveries[0][1]["seq"]], 1_250, 10.1)
+    latency = s.counters.delivered_latency
+    assert latency.count == 1 and math.isclose(latency.sum, 0.25)
+    assert s.figures().items == 2  # bob.laptop's copy and alice's 'delivered' receipt
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", ("GET", "/metrics")),
+    (b"HEAD /readyz?x=1 HTTP/1.0\r\n\r\n", ("HEAD", "/readyz")),
+])
+def test_parse_head(head: bytes, expected: tuple[str, str]) -> None:
+    request = parse_head(head)
+    assert (request.method, request.path) == expected
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"POST /metrics HTTP/1.1\r\n\r\n", 405), (b"GET /metrics\r\n\r\n", 400), (b"\xff\xfe HTTP/1.1\r\n\r\n", 400),
+])
+def test_parse_head_refusals(head: bytes, status: int) -> None:
+    with pytest.raises(HttpError) as info:
+        parse_head(head)
+    assert info.value.status == status
+
+
+def test_response_has_length_and_closes() -> None:
+    raw = response(503, b"not ready\n")
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Content-Length: 10\r\n" in raw and b"Connection: close\r\n" in raw and raw.endswith(b"\r\n\r\nnot ready\n")
+    assert response(200, b"abc", head_only=True).endswith(b"\r\n\r\n")
+
+
+SCRAPE = """\
+# TYPE chat_connections gauge
+chat_connections{listener="tcp"} 2.0
+# TYPE chat_uplink_total counter
+chat_uplink_total{kind="out"} 10.0
+# TYPE chat_sent_latency_seconds histogram
+chat_sent_latency_seconds_bucket{le="0.01"} 5.0
+chat_sent_latency_seconds_bucket{le="0.1"} 9.0
+chat_sent_latency_seconds_bucket{le="+Inf"} 10.0
+chat_sent_latency_seconds_count 10.0
+chat_sent_latency_seconds_sum 0.5
+"""
+
+
+def test_snapshot_values_quantiles_and_rates() -> None:
+    before = Snapshot.parse(SCRAPE, at=0.0)
+    now = Snapshot.parse(SCRAPE.replace('kind="out"} 10.0', 'kind="out"} 30.0'), at=2.0)
+    assert now.by("chat_connections", "listener") == {"tcp": 2.0}
+    assert now.quantile("chat_sent_latency_seconds", 0.5) == 0.01
+    assert now.quantile("chat_sent_latency_seconds", 0.9) == 0.1
+    assert now.quantile("chat_sent_latency_seconds", 0.99) == math.inf
+    assert now.quantile("chat_delivered_latency_seconds", 0.5) is None
+    console = Console(width=100, record=True)
+    console.print(render(now, before))
+    text = console.export_text()
+    assert "tcp 2" in text
+    assert ["in", "out", "30", "10.0"] in [line.split() for line in text.splitlines()], text  # 20 in 2 s
+
+
+def test_status_url_from_config() -> None:
+    assert url_from_settings(build_settings({})) == DEFAULT_URL
+    assert url_from_settings(build_settings({"metrics": {"bind": "0.0.0.0:9200"}})) == "http://127.0.0.1:9200/metrics"
+    assert url_from_settings(build_settings({"metrics": {"bind": "[::1]:9200"}})) == "http://[::1]:9200/metrics"
+
+
+def test_log_format_and_deprecated_json_lines() -> None:
+    assert build_settings({"log": {"format": "json"}}).log.effective_format == "json"
+    assert build_settings({"log": {"json_lines": True}}).log.effective_format == "json"
+    assert build_settings({}).log.effective_format == "text"
+    json.dumps(build_settings({"metrics": {"bind": "127.0.0.1:9100"}}).model_dump())
