@@ -429,7 +429,7 @@ class Staging:
         message = item.message
         if message is not None:
             return msg_item(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                            message.body or "", message.ts)
+                            message.body or "", message.ts, message.origin.partition(".")[2])
         receipt = item.receipt or {}
         return receipt_item(receipt["status"], receipt["ids"], receipt["peer"], receipt["ts"], item.seq)
 

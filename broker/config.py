@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from client_sdk.protocol import chat_envelope_bytes
+
 DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
 
 
@@ -119,7 +121,7 @@ def chat_packet_bytes(limits: LimitsSettings) -> int:
     """Largest MQTT packet a valid chat uplink can need (the envelope limit of
     ``client_sdk.protocol.parse_chat_message``: body x 6 for JSON escapes + 1 KiB,
     or a request), plus the PUBLISH headers (fixed header, topic, packet id)."""
-    return max(limits.max_body_bytes * 6 + 1024, limits.max_request_bytes) + 64
+    return max(chat_envelope_bytes(limits.max_body_bytes), limits.max_request_bytes) + 64
 
 
 class AclRule(_Section):
