@@ -14,7 +14,7 @@ from typing import Any
 from bridge.directory import Directory
 from bridge.keys import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staging import Outcome, Rules, Staging
+from bridge.staging import FlushBatch, Outcome, Rules, Staging
 from bridge.store import STAGING_DB, SqliteStagingStore
 from client_sdk.protocol import OLM_TYPE, ChatMessage
 
@@ -117,12 +117,18 @@ def test_ack_drops_that_devices_ciphertext_and_the_rest_stays() -> None:
     assert [m.body for m in batch.bodies] == [""], "no plaintext-like body is kept for an olm message"
 
 
-def test_evicted_ciphertexts_are_read_back_per_device() -> None:
-    s = core()
+def on_disk(s: Staging) -> FlushBatch:
+    """Submit FOR_BOB as m1 while nobody is online, and write it."""
     s.submit("alice.phone", "alice", olm("m1", FOR_BOB), 1000, 0.0)
     batch = s.take_flush(1.0)
     assert batch is not None
     s.flush_done(batch)
+    return batch
+
+
+def test_evicted_ciphertexts_are_read_back_per_device() -> None:
+    s = core()
+    batch = on_disk(s)
     assert all(i.body is None for i in batch.items if i.message), "nobody online: evicted once on disk"
     out = s.device_online("bob.laptop", 2.0)
     assert not out.deliveries and out.need_bodies == []
@@ -136,10 +142,7 @@ def test_evicted_ciphertexts_are_read_back_per_device() -> None:
 
 def test_missing_ciphertext_drops_only_that_item() -> None:
     s = core()
-    s.submit("alice.phone", "alice", olm("m1", FOR_BOB), 1000, 0.0)
-    batch = s.take_flush(1.0)
-    assert batch is not None
-    s.flush_done(batch)
+    on_disk(s)
     [(device, seq)] = s.device_online("bob.phone", 2.0).need_item_bodies
     s.item_body_missing(device, seq, 2.1)
     assert not s.boxes["bob.phone"].items and s.boxes["bob.laptop"].items
