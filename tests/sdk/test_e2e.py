@@ -7,14 +7,16 @@ not verify are refused; the server only ever carries ciphertext."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client_sdk import AsyncClient, StoreError
 from client_sdk.crypto import Account, Ciphertext
 from client_sdk.events import ErrorEvent, IdentityChanged, Message, Receipt
 from client_sdk.protocol import OLM_TYPE
-from tests.helpers import BrokerThread, Peer
+from tests.helpers import BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
 
@@ -153,3 +155,43 @@ def test_server_only_carries_ciphertext_each_device_its_own(
     inner = json.loads(plaintext)
     assert (inner["body"], inner["recipient"], inner["recipient_ed25519"], inner["sender_device"]) == \
         ("secret words", "bob", account.ed25519, "phone")
+
+
+def test_one_time_keys_are_topped_up_after_peers_use_them(
+    make_client: Factory, peers: list[Peer], broker: BrokerThread,
+) -> None:
+    bob = online(make_client, "bob", "phone")
+    assert bob.client.request("keys.count") == {"one_time_keys": 50, "fallback_key": True}
+    claimer = Peer(broker.port, "mallory", "mallory-pw", device="x")
+    peers.append(claimer)
+    assert claimer.connect() == 0
+    claimer.subscribe()
+    for _ in range(30):  # someone drains bob's one-time keys
+        assert claimer.request("keys.claim", {"user": "bob"})["ok"]
+    assert bob.client.request("keys.count")["one_time_keys"] == 20
+    alice = online(make_client, "alice", "phone")
+    alice.client.send("bob", "uses one more", "text")
+    assert bob.next(Message).body == "uses one more"  # an inbound session used a key: bob tops up
+    eventually(lambda: bob.client.request("keys.count")["one_time_keys"] == 50, what="one-time keys topped up")
+
+
+async def test_async_client_encrypts_and_both_sides_agree_on_the_safety_number(
+    make_client: Factory, broker: BrokerThread, tmp_path: Path,
+) -> None:
+    bob = online(make_client, "bob", "phone")
+    async with AsyncClient("alice", "alice-pw", device="tablet", port=broker.port,
+                           store=tmp_path / "alice.db", store_secret="correct horse") as alice:
+        mid = await alice.send("bob", "from asyncio", "text")
+        assert bob.next(Message).id == mid
+        bob.client.send("alice", "back to asyncio", "text")
+        async for event in alice.events():
+            if isinstance(event, Message):
+                assert (event.body, event.encrypted, event.device) == ("back to asyncio", True, "phone")
+                break
+        assert await alice.fingerprint("bob", "phone") == bob.client.fingerprint()
+        number = await alice.safety_number("bob")
+        assert number == bob.client.safety_number("alice")
+        assert len(number.split()) == 12
+    with pytest.raises(StoreError, match="another key"):
+        AsyncClient("alice", "alice-pw", device="tablet", port=broker.port, store=tmp_path / "alice.db",
+                    store_secret="wrong")

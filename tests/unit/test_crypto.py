@@ -14,6 +14,7 @@ from client_sdk import keys as K
 from client_sdk.crypto import Account, Ciphertext, CryptoError, verify
 from client_sdk.errors import StoreError
 from client_sdk.localstore import DeviceRecord, LocalStore
+from client_sdk.outbox import MAX_MISMATCHES, ErrorVerdict, error_verdict
 from client_sdk.securestore import Sealer, derive_key
 
 
@@ -133,3 +134,10 @@ def test_store_refuses_a_wrong_secret_and_keeps_a_private_key_file(tmp_path: Pat
     keyed.close()
     mode = os.stat(tmp_path / "carol.db.key").st_mode
     assert stat.S_IMODE(mode) == 0o600
+
+
+def test_devices_mismatch_is_rebuilt_a_bounded_number_of_times() -> None:
+    verdicts = [error_verdict("devices_mismatch", True, n) for n in range(MAX_MISMATCHES + 1)]
+    assert verdicts == [ErrorVerdict.REBUILD] * MAX_MISMATCHES + [ErrorVerdict.DROPPED]
+    assert error_verdict("no_keys", True) is ErrorVerdict.DROPPED
+    assert error_verdict("devices_mismatch", False) is ErrorVerdict.NOT_OURS
