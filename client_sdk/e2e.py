@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from client_sdk import keys as K
 from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session
-from client_sdk.errors import StoreError, UnknownDevice
+from client_sdk.errors import RequestError, StoreError, UnknownDevice
 from client_sdk.events import Event, IdentityChanged
 from client_sdk.inbox import opened_item, stored_event, undecryptable_item
 from client_sdk.localstore import DeviceRecord, LocalStore, OutMessage, SessionRecord
@@ -302,8 +302,10 @@ class E2E:
         if record is None or (curve25519 is not None and record.curve25519 != curve25519):
             try:
                 record = self.refresh(user).devices.get(device)
-            except Exception as exc:  # offline or refused: decide with what is cached
+            except RequestError as exc:  # refused: decide with what is cached
                 log.warning("%s: cannot fetch the devices of %s: %s", self.user, user, exc)
+            # A timeout or a close propagates: the item stays stored and is opened at the next hand-over,
+            # rather than being marked undecryptable for good.
         return record
 
     def _check(self, item: MsgItem, record: DeviceRecord, plaintext: bytes) -> tuple[str, dict[str, Any] | None]:
