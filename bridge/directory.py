@@ -46,6 +46,12 @@ class Directory:
         devices.append(client_id)
         return len(devices) == 1
 
+    def remove_device(self, user: str, device: str) -> None:
+        """``devices.remove``: the device leaves the recipient set (the user stays known)."""
+        devices = self._devices.get(user)
+        if devices is not None and f"{user}.{device}" in devices:
+            devices.remove(f"{user}.{device}")
+
     def targets(self, user: str) -> list[str]:
         """The devices a message to ``user`` goes to: every known one, or the placeholder."""
         return list(self._devices.get(user) or [placeholder(user)])

@@ -23,7 +23,15 @@ from bridge.requests import Caller
 from bridge.staging import Outcome, Staging
 from bridge.store import StagingStore
 from broker.sqlite import StoreError
-from client_sdk.protocol import DecodeError, dumps, error_item, parse_ack, parse_chat_message, parse_seen
+from client_sdk.protocol import (
+    DEFAULT_MAX_DEVICES_PER_MESSAGE,
+    DecodeError,
+    dumps,
+    error_item,
+    parse_ack,
+    parse_chat_message,
+    parse_seen,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,7 @@ class Messaging:
         max_body_bytes: int,
         checkpoint_idle_s: float,
         sweep_s: float = 60.0,
+        max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -58,6 +67,7 @@ class Messaging:
         self._notify = notify
         self._users = users
         self._max_body = max_body_bytes
+        self._max_devices = max_devices_per_message
         self._checkpoint_idle = checkpoint_idle_s
         self._sweep_s = sweep_s
         self._now_ms = clock_ms
@@ -105,7 +115,7 @@ class Messaging:
         """Handle an out/seen uplink; returns the peer to look up first, if it is not in the directory."""
         try:
             if kind == "out":
-                message = parse_chat_message(payload, self._max_body)
+                message = parse_chat_message(payload, self._max_body, self._max_devices)
                 peer = message.to
             else:
                 peer, ids = parse_seen(payload)
@@ -148,6 +158,10 @@ class Messaging:
     def device_offline(self, client_id: str) -> None:
         self.staging.device_offline(client_id)
 
+    def remove_device(self, user: str, device: str) -> None:
+        """``devices.remove``: drop what is staged for the device; it is no target any more."""
+        self._apply(self.staging.remove_device(f"{user}.{device}"))
+
     def device_registered(self, user: str, device: str) -> None:
         """A device logged in for the first time: known from now on; a first device takes held items."""
         directory = self.staging.directory
@@ -171,22 +185,26 @@ class Messaging:
             if link is not None:
                 self.staging.counters.count_downlink(item)
                 link.send(dumps(item))
-        if out.need_bodies:
-            self._spawn(self._load_bodies(out.need_bodies))
+        if out.need_bodies or out.need_item_bodies:
+            self._spawn(self._load_bodies(out.need_bodies, out.need_item_bodies))
         if out.flush_due:
             self._wake.set()
 
-    async def _load_bodies(self, mids: list[int]) -> None:
+    async def _load_bodies(self, mids: list[int], keys: list[tuple[str, int]]) -> None:
         try:
-            bodies = await self._store.bodies(mids)
+            bodies = await self._store.bodies(mids) if mids else {}
+            item_bodies = await self._store.item_bodies(keys) if keys else {}
         except StoreError:
-            log.exception("cannot read %d staged bodies; retrying on the next tick", len(mids))
+            log.exception("cannot read %d staged bodies; retrying on the next tick", len(mids) + len(keys))
             self.staging.bodies_loaded({}, self._now())  # clears the waiting marks; the next pump asks again
             return
         for mid in set(mids) - set(bodies):
             log.error("staged message %d has no body on disk: dropping its items", mid)
             self._apply(self.staging.body_missing(mid, self._now_ms(), self._now()))
-        self._apply(self.staging.bodies_loaded(bodies, self._now()))
+        for device, seq in set(keys) - set(item_bodies):
+            log.error("staged olm item %s/%d has no ciphertext on disk: dropping it", device, seq)
+            self._apply(self.staging.item_body_missing(device, seq, self._now()))
+        self._apply(self.staging.bodies_loaded(bodies, self._now(), item_bodies))
 
     # --- background jobs ---------------------------------------------------------------------
 

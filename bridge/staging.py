@@ -18,6 +18,13 @@ Rules (PROTOCOL.md "Delivery rules"):
    a time; an item unacked for ``redeliver_after`` while connected is sent again.
 7. Items older than the TTL are dropped; the sender of an expired message gets
    ``receipt expired``.
+8. An olm message (``bodies``) must carry exactly one ciphertext for each device
+   in ``required_devices``: the recipient's devices with published keys and the
+   sender's other such devices (history sync). Each of them gets an item with
+   only its own ciphertext, kept on that item (memory and disk) and gone with
+   it when that device acks. Only a device of the recipient triggers
+   ``delivered``. A mismatch is refused and holds the device's later messages
+   like ``queue_full``; a recipient without keys gets ``no_keys``.
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
@@ -32,6 +39,7 @@ from typing import Any
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
+from bridge.keys import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
 from client_sdk.protocol import (
     RECEIPT_DELIVERED,
@@ -59,6 +67,7 @@ class Rules:
     redeliver_after_s: float
     max_queue: int
     dedup_window_ms: int
+    require_encryption: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -72,6 +81,8 @@ class Message:
     ts: int
     expires_ms: int
     origin: str
+    dev: str = ""  # the sending device's id (origin may change on a re-send; the ciphertexts may not)
+    olm: bool = False  # the body is per device, on each Item
     targets: set[str] = field(default_factory=set)
     unsettled: int = 0
     writing: int = 0
@@ -91,6 +102,7 @@ class Item:
     due: float
     message: Message | None = None
     receipt: dict[str, Any] | None = None
+    body: str | None = None  # this device's ciphertext of an olm message (None: not in memory)
     state: int = VOLATILE
     acked: bool = False
     settled: bool = False
@@ -109,12 +121,14 @@ class Outcome:
     deliveries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     need_bodies: list[int] = field(default_factory=list)
+    need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
     flush_due: bool = False
 
     def merge(self, other: Outcome) -> Outcome:
         self.deliveries += other.deliveries
         self.notices += other.notices
         self.need_bodies += other.need_bodies
+        self.need_item_bodies += other.need_item_bodies
         self.flush_due = self.flush_due or other.flush_due
         return self
 
@@ -134,9 +148,11 @@ class FlushBatch:
 
 
 class Staging:
-    def __init__(self, rules: Rules, boot: int, directory: Directory, rate: RateLimiter, recent: RecentIds) -> None:
+    def __init__(self, rules: Rules, boot: int, directory: Directory, rate: RateLimiter, recent: RecentIds,
+                 keyed: KeyedDevices | None = None) -> None:
         self.rules = rules
         self.directory = directory
+        self.keyed = keyed if keyed is not None else KeyedDevices()
         self._rate = rate
         self._recent = recent
         self._seq_base = boot * SEQ_SPAN
@@ -204,38 +220,73 @@ class Staging:
         if self._recent.contains(key, now_ms):
             out.notices.append((origin, receipt_item(RECEIPT_SENT, [message.id], message.to, now_ms)))
             return out
-        if not self.directory.exists(message.to):
-            out.notices.append((origin, error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}",
-                                                   message.id)))
+        admitted = self._admit(origin, sender, message, now)
+        if isinstance(admitted, dict):
+            out.notices.append((origin, admitted))
             return out
-        held = self._held.get(origin)
-        if held is not None:
-            if held[0] != message.id and now < held[2]:
-                out.notices.append((origin, error_item(
-                    held[1], f"message {held[0]!r} was refused first; re-send it before later ones", message.id)))
-                return out
-            del self._held[origin]
-        targets = self.directory.targets(message.to)
-        refusal: tuple[str, str] | None = None
-        if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
-            refusal = (ErrorCode.QUEUE_FULL, f"{message.to} has too many undelivered items")
-        elif not self._rate.allow(sender, now):
-            refusal = (ErrorCode.RATE_LIMITED, "sending too fast; retry later")
-        if refusal is not None:
-            self._held[origin] = (message.id, refusal[0], now + HOLD_S)
-            out.notices.append((origin, error_item(refusal[0], refusal[1], message.id)))
-            return out
+        targets = admitted
         self._next_mid += 1
-        staged = Message(self._next_mid, sender, message.id, message.to, message.type, message.body, now_ms,
-                         now_ms + self.rules.ttl_ms, origin, size=_utf8_len(message.body))
+        bodies = message.bodies
+        size = sum(map(_utf8_len, bodies.values())) if bodies is not None else _utf8_len(message.body)
+        staged = Message(self._next_mid, sender, message.id, message.to, message.type,
+                         "" if bodies is not None else message.body, now_ms, now_ms + self.rules.ttl_ms,
+                         origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size)
         self._remember(staged)
         for device in targets:
             staged.targets.add(device)
             staged.unsettled += 1
-            self._stage(device, Item(device, 0, staged.expires_ms, now + self.rules.flush_s, message=staged),
-                        now, out)
+            body = message.bodies[device] if message.bodies is not None else None
+            self._stage(device, Item(device, 0, staged.expires_ms, now + self.rules.flush_s, message=staged,
+                                     body=body), now, out)
         out.flush_due = True
         return out
+
+    def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str] | dict[str, Any]:
+        """The target devices of a new message, or the error item refusing it (a transient
+        refusal holds the device's later messages until it re-sends this one)."""
+        if not self.directory.exists(message.to):
+            return error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id)
+        held = self._held.get(origin)
+        if held is not None:
+            if held[0] != message.id and now < held[2]:
+                return error_item(held[1], f"message {held[0]!r} was refused first; re-send it before later ones",
+                                  message.id)
+            del self._held[origin]
+        if message.bodies is None and self.rules.require_encryption:
+            return error_item(ErrorCode.ENCRYPTION_REQUIRED,
+                              "this server accepts only end-to-end encrypted messages ('bodies')", message.id)
+        if message.bodies is None:
+            targets = self.directory.targets(message.to)
+        else:
+            olm = self._olm_targets(origin, sender, message)
+            if isinstance(olm, dict):
+                if olm["code"] == ErrorCode.DEVICES_MISMATCH:
+                    self._held[origin] = (message.id, ErrorCode.DEVICES_MISMATCH, now + HOLD_S)
+                return olm
+            targets = olm
+        if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
+            refusal = error_item(ErrorCode.QUEUE_FULL, f"{message.to} has too many undelivered items", message.id)
+        elif not self._rate.allow(sender, now):
+            refusal = error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later", message.id)
+        else:
+            return targets
+        self._held[origin] = (message.id, refusal["code"], now + HOLD_S)
+        return refusal
+
+    def required_devices(self, origin: str, sender: str, to: str) -> frozenset[str]:
+        """Client ids an olm message from ``origin`` to ``to`` must carry a ciphertext for."""
+        return (self.keyed.of_user(to) | self.keyed.of_user(sender)) - {origin}
+
+    def _olm_targets(self, origin: str, sender: str, message: ChatMessage) -> list[str] | dict[str, Any]:
+        """The devices of an olm message, or the error item refusing it."""
+        bodies = set(message.bodies or {})
+        if not self.keyed.of_user(message.to) - {origin}:
+            return error_item(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys", message.id)
+        required = self.required_devices(origin, sender, message.to)
+        if bodies != required:
+            return error_item(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with published keys",
+                              message.id, missing=sorted(required - bodies), extra=sorted(bodies - required))
+        return sorted(required)
 
     def _stage(self, device: str, item: Item, now: float, out: Outcome) -> None:
         box = self._box(device)
@@ -278,7 +329,8 @@ class Staging:
             box.inflight.pop(seq, None)
             self._drop_item(item, out)
             message = item.message
-            if message is not None and not message.delivered and not is_placeholder(device):
+            if (message is not None and not message.delivered and not is_placeholder(device)
+                    and _user_of(device) == message.recipient):
                 message.delivered = True
                 self.counters.delivered_latency.observe(max(0, now_ms - message.ts) / 1000)
                 if message.state == DURABLE:
@@ -290,8 +342,9 @@ class Staging:
         return out
 
     def _drop_item(self, item: Item, out: Outcome) -> None:
-        """The item leaves its device's queue (acked or expired)."""
+        """The item leaves its device's queue (acked, expired or removed); an olm ciphertext goes with it."""
         item.acked = True
+        item.body = None
         if item.state == DURABLE:
             self._pending.deleted_items.append((item.device, item.seq))
             out.flush_due = True
@@ -352,10 +405,26 @@ class Staging:
         box.inflight.clear()
         for item in box.items.values():  # free bodies that are safe on disk and wanted by no live device
             message = item.message
-            if message is not None and message.state == DURABLE and not self._wanted_online(message):
+            if message is not None and message.olm:
+                if item.state == DURABLE:
+                    item.body = None  # wanted by this device only
+            elif message is not None and message.state == DURABLE and not self._wanted_online(message):
                 message.body = None
         if not box.items:
             del self.boxes[device]
+
+    def remove_device(self, device: str) -> Outcome:
+        """``devices.remove``: the device's items go (as if acked, without ``delivered``), it stops
+        being a target, and a message it was held on is forgotten. Its keys are gone already."""
+        out = Outcome()
+        self._held.pop(device, None)
+        self._waiting_bodies.discard(device)
+        user, _, device_id = device.partition(".")
+        self.directory.remove_device(user, device_id)
+        box = self.boxes.pop(device, None)
+        for item in box.items.values() if box is not None else ():
+            self._drop_item(item, out)
+        return out
 
     def adopt_placeholder(self, user: str, device: str, now: float) -> Outcome:
         """A user's first device takes over what was held for them (new seqs, written at once)."""
@@ -366,7 +435,7 @@ class Staging:
         for old in held.items.values():
             if old.state == DURABLE:
                 self._pending.deleted_items.append((old.device, old.seq))
-            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt)
+            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt, body=old.body)
             item.settled = old.settled
             if old.message is not None:
                 old.message.targets.discard(old.device)
@@ -374,6 +443,10 @@ class Staging:
             self._stage(device, item, now, out)
         out.flush_due = True
         return out
+
+    def _online(self, device: str) -> bool:
+        box = self.boxes.get(device)
+        return box is not None and box.online
 
     def _wanted_online(self, message: Message) -> bool:
         return any(box.online for box in (self.boxes.get(t) for t in message.targets) if box is not None)
@@ -387,30 +460,39 @@ class Staging:
             if item is None:
                 box.unsent.popleft()
                 continue
-            if item.message is not None and item.message.body is None:
+            if _needs_body(item):
                 if device not in self._waiting_bodies:
                     self._waiting_bodies.add(device)
-                    out.need_bodies += self._missing_bodies(box)
+                    self._missing_bodies(box, out)
                 return
             box.unsent.popleft()
             box.inflight[seq] = now
             out.deliveries.append((device, self._wire(item)))
 
-    def _missing_bodies(self, box: DeviceBox) -> list[int]:
-        missing: list[int] = []
+    def _missing_bodies(self, box: DeviceBox, out: Outcome) -> None:
         for seq in itertools.islice(box.unsent, BODY_PREFETCH):
             item = box.items.get(seq)
-            if item is not None and item.message is not None and item.message.body is None:
-                missing.append(item.message.mid)
-        return missing
+            if item is None or item.message is None or not _needs_body(item):
+                continue
+            if item.message.olm:
+                out.need_item_bodies.append((item.device, item.seq))
+            else:
+                out.need_bodies.append(item.message.mid)
 
-    def bodies_loaded(self, bodies: dict[int, str], now: float) -> Outcome:
-        """Bodies read back from the store; pumps every device that was waiting for one."""
+    def bodies_loaded(self, bodies: dict[int, str], now: float,
+                      item_bodies: dict[tuple[str, int], str] | None = None) -> Outcome:
+        """Bodies (by mid) and olm ciphertexts (by device, seq) read back from the store;
+        pumps every device that was waiting for one."""
         out = Outcome()
         for mid, body in bodies.items():
             message = self._by_mid.get(mid)
             if message is not None and message.body is None:
                 message.body = body
+        for (device, seq), body in (item_bodies or {}).items():
+            box = self.boxes.get(device)
+            item = box.items.get(seq) if box is not None else None
+            if item is not None and item.body is None:
+                item.body = body
         waiting, self._waiting_bodies = self._waiting_bodies, set()
         for device in waiting:
             box = self.boxes.get(device)
@@ -429,11 +511,22 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
+    def item_body_missing(self, device: str, seq: int, now: float) -> Outcome:
+        """The store has no ciphertext for a staged olm item (should not happen): drop that item."""
+        out = Outcome()
+        box = self.boxes.get(device)
+        item = box.items.pop(seq, None) if box is not None else None
+        if box is not None and item is not None:
+            self._drop_item(item, out)
+            self._pump(device, box, now, out)
+        return out
+
     def _wire(self, item: Item) -> dict[str, Any]:
         message = item.message
         if message is not None:
+            body = item.body if message.olm else message.body
             return msg_item(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                            message.body or "", message.ts)
+                            body or "", message.ts, message.dev)
         receipt = item.receipt or {}
         return receipt_item(receipt["status"], receipt["ids"], receipt["peer"], receipt["ts"], item.seq)
 
@@ -521,10 +614,12 @@ class Staging:
         out = Outcome()
         for message in batch.bodies:
             message.state = DURABLE
-            if not self._wanted_online(message):
+            if not message.olm and not self._wanted_online(message):
                 message.body = None  # safe on disk and no live device waits for it: read back on connect
         for item in batch.items:
             item.state = DURABLE
+            if item.message is not None and item.message.olm and not self._online(item.device):
+                item.body = None  # an olm ciphertext is wanted by its own device only
             if item.acked:
                 self._pending.deleted_items.append((item.device, item.seq))
                 out.flush_due = True
@@ -583,3 +678,15 @@ class Figures:
 
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _user_of(device: str) -> str:
+    return device.partition(".")[0]
+
+
+def _needs_body(item: Item) -> bool:
+    """True if the item is a message whose body (olm: this device's ciphertext) is not in memory."""
+    message = item.message
+    if message is None:
+        return False
+    return item.body is None if message.olm else message.body is None

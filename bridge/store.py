@@ -3,8 +3,9 @@
 The interface is in terms of per-device queue operations (see DESIGN.md, "Scale
 beyond one machine"), so another backend can replace SQLite without touching
 the core. Bodies are stored once per message; each target device has its own
-item row. ``secure_delete`` overwrites deleted rows and ``checkpoint`` truncates
-the WAL, so a delivered body leaves neither file.
+item row (which holds that device's ciphertext of an olm message).
+``secure_delete`` overwrites deleted rows and ``checkpoint`` truncates the WAL,
+so a delivered body leaves neither file.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ MIGRATIONS = (
         PRIMARY KEY (sender, msg_id)
     ) WITHOUT ROWID
     """,
+    # 2: end-to-end encryption. An olm message keeps body '' in `bodies`; each
+    # target device's ciphertext is on its own item row, deleted with it on ack.
+    """
+    ALTER TABLE bodies ADD COLUMN olm INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE bodies ADD COLUMN dev TEXT;
+    ALTER TABLE items ADD COLUMN body TEXT
+    """,
 )
 
 
@@ -69,6 +77,9 @@ class StagingStore(Protocol):
         """Write one batch atomically; raises StoreError (nothing written) on failure."""
 
     async def bodies(self, mids: list[int]) -> dict[int, str]: ...
+
+    async def item_bodies(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """The olm ciphertexts of the items (device, seq) that have one."""
 
     async def prune(self, now_ms: int) -> None:
         """Forget remembered ids that expired."""
@@ -99,14 +110,18 @@ class SqliteStagingStore:
 
     async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
         messages: dict[int, Message] = {}
-        query = ("SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin, "
+        query = ("SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin, dev, olm, "
                  "length(CAST(body AS BLOB)) FROM bodies")
         async with self._db.execute(query) as cursor:
             async for r in cursor:
+                origin = str(r[8])
+                dev = str(r[9]) if r[9] is not None else origin.partition(".")[2]  # rows from schema 1
                 messages[int(r[0])] = Message(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), None,
-                                              int(r[5]), int(r[6]), str(r[8]), delivered=bool(r[7]), size=int(r[9]))
+                                              int(r[5]), int(r[6]), origin, dev=dev, olm=bool(r[10]),
+                                              delivered=bool(r[7]), size=int(r[11] or 0))
         items: list[Item] = []
-        query = "SELECT device, seq, mid, receipt, expires_ms FROM items ORDER BY device, seq"
+        query = ("SELECT device, seq, mid, receipt, expires_ms, length(CAST(body AS BLOB)) FROM items "
+                 "ORDER BY device, seq")
         async with self._db.execute(query) as cursor:
             async for r in cursor:
                 message = messages.get(int(r[2])) if r[2] is not None else None
@@ -114,6 +129,8 @@ class SqliteStagingStore:
                 if message is None and receipt is None:
                     log.error("staged item %s/%s has no message: skipped", r[0], r[1])
                     continue
+                if message is not None and message.olm:
+                    message.size += int(r[5] or 0)  # an olm message's bytes are its devices' ciphertexts
                 items.append(Item(str(r[0]), int(r[1]), int(r[4]), 0.0, message=message, receipt=receipt))
         query = "SELECT sender, msg_id, expires_ms FROM dedup WHERE expires_ms > ?"
         async with self._db.execute(query, (now_ms,)) as cursor:
@@ -126,15 +143,17 @@ class SqliteStagingStore:
             if batch.bodies:
                 await db.executemany(
                     "INSERT OR REPLACE INTO bodies (mid, sender, msg_id, recipient, type, body, ts, expires_ms, "
-                    "delivered, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "delivered, origin, dev, olm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(m.mid, m.sender, m.msg_id, m.recipient, m.type, m.body or "", m.ts, m.expires_ms,
-                      int(m.delivered), m.origin) for m in batch.bodies],
+                      int(m.delivered), m.origin, m.dev, int(m.olm)) for m in batch.bodies],
                 )
             if batch.items:
                 await db.executemany(
-                    "INSERT OR REPLACE INTO items (device, seq, mid, receipt, expires_ms) VALUES (?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO items (device, seq, mid, receipt, expires_ms, body) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     [(i.device, i.seq, i.message.mid if i.message else None,
-                      json.dumps(i.receipt) if i.receipt is not None else None, i.expires_ms) for i in batch.items],
+                      json.dumps(i.receipt) if i.receipt is not None else None, i.expires_ms, i.body)
+                     for i in batch.items],
                 )
             if batch.deleted_items:
                 await db.executemany("DELETE FROM items WHERE device = ? AND seq = ?", batch.deleted_items)
@@ -153,6 +172,20 @@ class SqliteStagingStore:
             async with self._db.execute(f"SELECT mid, body FROM bodies WHERE mid IN ({marks})", chunk) as cursor:  # noqa: S608 (placeholders only)
                 async for r in cursor:
                     found[int(r[0])] = str(r[1])
+        return found
+
+    async def item_bodies(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        by_device: dict[str, list[int]] = {}
+        for device, seq in keys:
+            by_device.setdefault(device, []).append(seq)
+        found: dict[tuple[str, int], str] = {}
+        for device, seqs in by_device.items():
+            for chunk in _chunks(seqs, 500):
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT seq, body FROM items WHERE device = ? AND seq IN ({marks}) AND body IS NOT NULL"  # noqa: S608 (placeholders only)
+                async with self._db.execute(query, [device, *chunk]) as cursor:
+                    async for r in cursor:
+                        found[(device, int(r[0]))] = str(r[1])
         return found
 
     async def prune(self, now_ms: int) -> None:

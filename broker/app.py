@@ -7,6 +7,9 @@ import logging
 import time
 
 from bridge.directory import Directory
+from bridge.key_service import KeyService
+from bridge.key_store import SqliteKeyStore
+from bridge.keys import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
 from bridge.messaging import Messaging
@@ -44,6 +47,7 @@ class BrokerApp:
         self._users: UserStore | None = None
         self._staging_store: SqliteStagingStore | None = None
         self._presence_store: SqlitePresenceStore | None = None
+        self._key_store: SqliteKeyStore | None = None
         self._presence: PresenceService | None = None
         self._broker: ChatBroker | None = None
         self._ops: OpsServer | None = None
@@ -75,6 +79,7 @@ class BrokerApp:
             self._users = await UserStore.open(settings.data_path)
             self._staging_store = await SqliteStagingStore.open(settings.data_path)
             self._presence_store = await SqlitePresenceStore.open(settings.data_path)
+            self._key_store = await SqliteKeyStore.open(settings.data_path)
             auth = settings.auth
             authenticator = Authenticator(
                 self._users,
@@ -82,9 +87,11 @@ class BrokerApp:
                 load_or_create_secret(settings.data_path),
                 auth.hash_concurrency,
             )
-            messaging = await self._start_messaging(self._users, self._staging_store)
+            keyed = KeyedDevices(await self._key_store.keyed_devices())
+            messaging = await self._start_messaging(self._users, self._staging_store, keyed)
             presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
-            ops = {**build_ops(authenticator), **presence.ops()}
+            keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session)
+            ops = {**build_ops(authenticator), **presence.ops(), **keys.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(settings, authenticator, bridge)
             if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
@@ -98,7 +105,11 @@ class BrokerApp:
             self._broker = None
             raise
 
-    async def _start_messaging(self, users: UserStore, store: SqliteStagingStore) -> Messaging:
+    async def _close_session(self, client_id: str) -> None:
+        if self._broker is not None:
+            await self._broker.close_session(client_id)
+
+    async def _start_messaging(self, users: UserStore, store: SqliteStagingStore, keyed: KeyedDevices) -> Messaging:
         settings = self.settings
         rules = Rules(
             flush_s=settings.staging.flush_ms / 1000,
@@ -107,6 +118,7 @@ class BrokerApp:
             redeliver_after_s=settings.delivery.redeliver_after_s,
             max_queue=settings.delivery.max_queue,
             dedup_window_ms=int(settings.dedup.window_s * 1000),
+            require_encryption=settings.limits.require_encryption,
         )
         directory = Directory()
         directory.load(await users.all_devices())
@@ -114,6 +126,7 @@ class BrokerApp:
             rules, await store.next_boot(), directory,
             RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst),
             RecentIds(settings.dedup.max_entries),
+            keyed,
         )
         messages, items, remembered = await store.load(_now_ms())
         staging.restore(messages, items)
@@ -121,7 +134,8 @@ class BrokerApp:
         log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
         links = LinkRegistry(staging.counters)
         messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
-                              settings.staging.checkpoint_idle_s, settings.staging.sweep_s)
+                              settings.staging.checkpoint_idle_s, settings.staging.sweep_s,
+                              settings.limits.max_devices_per_message)
         await messaging.start()
         return messaging
 
@@ -206,9 +220,10 @@ class BrokerApp:
         await self._close_stores()
 
     async def _close_stores(self) -> None:
-        for store in (self._presence_store, self._staging_store, self._users):
+        for store in (self._key_store, self._presence_store, self._staging_store, self._users):
             if store is not None:
                 await store.close()
+        self._key_store = None
         self._presence_store = None
         self._presence = None
         self._staging_store = None

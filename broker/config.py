@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from client_sdk.protocol import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
+
 DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
 
 
@@ -79,13 +81,18 @@ class AuthSettings(_Section):
 
 class LimitsSettings(_Section):
     max_body_bytes: int = Field(default=65536, ge=1)
-    max_request_bytes: int = Field(default=16384, ge=64)
+    max_request_bytes: int = Field(default=65536, ge=64)
+    """Largest ``u/{me}/req`` payload; a keys.publish of 100 one-time keys needs about 17 KiB."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """A connection must send CONNECT within this time."""
     send_rate_per_s: float = Field(default=20.0, gt=0)
     """Sustained messages per second per user; beyond it senders get ``rate_limited``."""
     send_burst: int = Field(default=200, ge=1)
     """Messages a user may send at once before the rate applies."""
+    max_devices_per_message: int = Field(default=DEFAULT_MAX_DEVICES_PER_MESSAGE, ge=1)
+    """Entries allowed in an olm message's ``bodies`` (recipient's plus sender's other devices)."""
+    require_encryption: bool = False
+    """Refuse plain ``body`` messages (``encryption_required``): only olm messages are carried."""
 
 
 class StagingSettings(_Section):
@@ -119,7 +126,7 @@ def chat_packet_bytes(limits: LimitsSettings) -> int:
     """Largest MQTT packet a valid chat uplink can need (the envelope limit of
     ``client_sdk.protocol.parse_chat_message``: body x 6 for JSON escapes + 1 KiB,
     or a request), plus the PUBLISH headers (fixed header, topic, packet id)."""
-    return max(limits.max_body_bytes * 6 + 1024, limits.max_request_bytes) + 64
+    return max(chat_envelope_bytes(limits.max_body_bytes), limits.max_request_bytes) + 64
 
 
 class AclRule(_Section):

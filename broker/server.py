@@ -282,6 +282,17 @@ class ChatBroker(ConformantBroker):
             await old[1].handle_connection_closed()
         await asyncio.wait({old_task}, timeout=TAKEOVER_WAIT_S)
 
+    async def close_session(self, client_id: str) -> None:
+        """Disconnect ``client_id`` if it is connected (``devices.remove``); its session is discarded."""
+        entry = self._sessions.get(client_id)
+        task = self._live.get(client_id)
+        if entry is None or task is None or task.done():
+            return
+        log.info("%s was removed: closing its connection", client_id)
+        entry[0].clean_session = True  # nothing of a removed device is resumed
+        await entry[1].handle_connection_closed()
+        await asyncio.wait({task}, timeout=TAKEOVER_WAIT_S)
+
     def _session_for(self, incoming: Session) -> Session:
         """amqtt's session cache logic (MQTT-3.1.2-4..6), run only after authentication."""
         client_id = incoming.client_id or ""

@@ -216,6 +216,12 @@ class UserStore:
         if cursor.rowcount == 0:
             raise UnknownUserError(f"no device {user}.{device}")
 
+    async def delete_device(self, user: str, device: str) -> bool:
+        """Forget a device and its token (``devices.remove``); True if it existed. Its next
+        login, if it still has the password, makes it a new device."""
+        cursor = await self._db.execute("DELETE FROM devices WHERE user = ? AND device = ?", (user, device))
+        return int(cursor.rowcount) == 1
+
     async def revoke_tokens(self, user: str, device: str | None = None) -> int:
         """Clear the token of one device (or all of the user's); returns how many were set."""
         if device is None:

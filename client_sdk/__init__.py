@@ -1,5 +1,6 @@
 """Client SDK for the chat server: ``Client`` (threads and callbacks) and
-``AsyncClient`` (asyncio). Depends on paho-mqtt and the standard library only.
+``AsyncClient`` (asyncio). Depends on paho-mqtt, vodozemac (end-to-end
+encryption, on by default) and cryptography (the local store sealed at rest).
 
 ``protocol`` is the wire contract shared with the server; see docs/SDK.md for
 the guide and docs/PROTOCOL.md for the wire format.
@@ -19,8 +20,9 @@ from client_sdk.errors import (
     RequestError,
     RequestTimeout,
     StoreError,
+    UnknownDevice,
 )
-from client_sdk.events import ErrorEvent, Event, Message, Presence, Receipt
+from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
 from client_sdk.presence import Privacy
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "ErrorEvent",
     "Event",
     "IdentifierRejected",
+    "IdentityChanged",
     "Message",
     "NotConnected",
     "Presence",
@@ -43,4 +46,6 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "StoreError",
+    "Undecryptable",
+    "UnknownDevice",
 ]

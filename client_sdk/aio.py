@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
-from client_sdk.client import result_of
-from client_sdk.engine import Engine
+from client_sdk.client import _e2e
+from client_sdk.engine import Engine, result_of
 from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
 from client_sdk.events import Event, Presence
 from client_sdk.presence import (
@@ -41,7 +41,7 @@ from client_sdk.presence import (
     privacy_from,
     user_list,
 )
-from client_sdk.protocol import ResItem
+from client_sdk.protocol import OP_DEVICES_REMOVE, ResItem
 
 T = TypeVar("T")
 _Entry = tuple[Event, threading.Event] | None
@@ -70,6 +70,8 @@ class AsyncClient:
         transport: Literal["tcp", "websockets"] = "tcp",
         reconnect_delay: tuple[float, float] = (0.5, 30.0),
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        encryption: bool = True,
+        store_secret: str | bytes | None = None,
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
@@ -80,6 +82,7 @@ class AsyncClient:
             user, password, device, host, port, store, self._deliver,
             keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
             reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
+            encryption=encryption, store_secret=store_secret,
         )
 
     @property
@@ -271,3 +274,17 @@ class AsyncClient:
         start = time.monotonic()
         await self.request("ping", None, timeout)
         return time.monotonic() - start
+
+    # --- end-to-end encryption (see Client) ----------------------------------------
+
+    async def fingerprint(self, user: str | None = None, device: str | None = None) -> str:
+        """This device's fingerprint, or ``user``'s ``device`` as trusted here (see ``Client.fingerprint``)."""
+        return await self._blocking(_e2e(self._engine).fingerprint, user, device)
+
+    async def safety_number(self, user: str) -> str:
+        """The safety number of this user and ``user`` (see ``Client.safety_number``)."""
+        return await self._blocking(_e2e(self._engine).safety_number, user)
+
+    async def remove_device(self, device: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Forget one of this user's devices on the server (see ``Client.remove_device``)."""
+        await self.request(OP_DEVICES_REMOVE, {"device": device}, timeout)

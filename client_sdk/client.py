@@ -16,14 +16,13 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from types import TracebackType
 from typing import Any, Literal
 
-from client_sdk.engine import Engine
-from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
-from client_sdk.events import ErrorEvent, Event, Message, Presence, Receipt
+from client_sdk.e2e import E2E
+from client_sdk.engine import Engine, result_of
+from client_sdk.errors import ChatError, ConnectTimeout, RequestError
+from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
 from client_sdk.presence import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Privacy,
@@ -34,18 +33,13 @@ from client_sdk.presence import (
     privacy_from,
     user_list,
 )
-from client_sdk.protocol import ResItem
+from client_sdk.protocol import OP_DEVICES_REMOVE
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Client", "result_of"]
 
-def result_of(op: str, answer: ResItem | BaseException) -> Any:
-    """The ``result`` of a request, or the exception for its failure (raised)."""
-    if isinstance(answer, BaseException):
-        raise answer
-    if not answer.ok:
-        raise RequestError(op, answer.error_code or "unknown", answer.error_detail or "")
-    return answer.result
+SecurityWarning = Undecryptable | IdentityChanged
 
 
 class Client:
@@ -59,10 +53,14 @@ class Client:
     ``transport="websockets"`` for MQTT over WebSocket (path ``/mqtt``).
     ``heartbeat_interval``: seconds between heartbeats while in the foreground
     (``set_foreground``); keep it well under the server's ``presence.online_window_s``.
+    ``encryption``: end-to-end encryption (on by default; False sends plain
+    messages, and encrypted ones arrive as ``Undecryptable``). ``store_secret``:
+    the secret the local store is sealed with (see docs/SECURITY.md); None keeps
+    a random key in ``<store>.key`` beside the store file.
 
     Raises ``IdentifierRejected`` for malformed ids and ``StoreError`` if the
-    store belongs to another user or device. Call ``close()`` when done (or
-    use ``with Client(...) as c:``, which connects and closes).
+    store belongs to another user or device or the secret is wrong. Call
+    ``close()`` when done (or use ``with Client(...) as c:``, which connects and closes).
     """
 
     def __init__(
@@ -80,15 +78,20 @@ class Client:
         transport: Literal["tcp", "websockets"] = "tcp",
         reconnect_delay: tuple[float, float] = (0.5, 30.0),
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        encryption: bool = True,
+        store_secret: str | bytes | None = None,
     ) -> None:
         self.on_message: Callable[[Message], None] | None = None
         self.on_receipt: Callable[[Receipt], None] | None = None
         self.on_presence: Callable[[Presence], None] | None = None
         self.on_error: Callable[[ErrorEvent], None] | None = None
+        self.on_warning: Callable[[SecurityWarning], None] | None = None
+        """``Undecryptable`` messages and ``IdentityChanged`` warnings (logged if None)."""
         self._engine = Engine(
             user, password, device, host, port, store, self._deliver,
             keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
             reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
+            encryption=encryption, store_secret=store_secret,
         )
 
     @property
@@ -246,20 +249,27 @@ class Client:
         server said ``ok: false``; see ``.code``), ``RequestTimeout``,
         ``NotConnected`` (connect() never called) or ``ClientClosed``.
         """
-        future: Future[ResItem | BaseException] = Future()
+        return self._engine.call(op, args, timeout)
 
-        def answer(value: ResItem | BaseException) -> None:
-            if not future.done():
-                future.set_result(value)
+    # --- end-to-end encryption -------------------------------------------------------
 
-        rid = self._engine.request_async(op, args, answer)
-        try:
-            value = future.result(timeout)
-        except FutureTimeout:
-            raise RequestTimeout(f"{op}: no answer within {timeout:.1f}s") from None
-        finally:
-            self._engine.forget(rid)
-        return result_of(op, value)
+    def fingerprint(self, user: str | None = None, device: str | None = None) -> str:
+        """The fingerprint (Ed25519 key, in groups of four) of this device, or of ``user``'s ``device``
+        as this device trusts it (fetched if not known yet). Compare it with what that device shows.
+
+        Raises ``UnknownDevice`` if that device has no published keys, ``ChatError`` if encryption is off.
+        """
+        return _e2e(self._engine).fingerprint(user, device)
+
+    def safety_number(self, user: str) -> str:
+        """60 digits over both users' device keys, the same on both sides: compare them to verify
+        ``user``; it changes when either adds a device or reinstalls. Fetches both device lists."""
+        return _e2e(self._engine).safety_number(user)
+
+    def remove_device(self, device: str, timeout: float = 10.0) -> None:
+        """Forget one of this user's devices on the server (a lost or replaced phone): its keys,
+        its queued items and tokens; it no longer receives (or can decrypt) new messages."""
+        self.request(OP_DEVICES_REMOVE, {"device": device}, timeout)
 
     def ping(self, timeout: float = 10.0) -> float:
         """Round-trip time of a ``ping`` request, in seconds."""
@@ -280,9 +290,21 @@ class Client:
             elif isinstance(event, Presence):
                 if self.on_presence is not None:
                     self.on_presence(event)
-            elif self.on_error is not None:
-                self.on_error(event)
+            elif isinstance(event, ErrorEvent):
+                if self.on_error is not None:
+                    self.on_error(event)
+            elif self.on_warning is not None:
+                self.on_warning(event)
+            else:
+                log.warning("%s: %s", self._engine.cid, event)
         except Exception:
             log.exception("%s: the %s callback raised; the event counts as handed over",
                           self._engine.cid, type(event).__name__)
         return True
+
+
+def _e2e(engine: Engine) -> E2E:
+    """The engine's E2E state; raises ChatError when encryption is off."""
+    if engine.e2e is None:
+        raise ChatError(f"{engine.cid}: end-to-end encryption is off on this client")
+    return engine.e2e

@@ -6,8 +6,12 @@ Threads (all daemon threads, named after the client id):
   stores arriving items and answers requests, and never waits on the app;
 - ``chat-dispatch-*``: hands events to the app through ``deliver`` and acks
   (``Dispatcher``);
-- ``chat-outbox-*``: publishes due outbox messages, in order, sends the
-  heartbeats while the app is in the foreground, and prunes the dedup memory.
+- ``chat-outbox-*``: publishes due outbox messages, in order (encrypting them
+  first, which may claim keys), publishes and tops up this device's keys, sends
+  the heartbeats while the app is in the foreground, and prunes the dedup memory.
+
+End-to-end encryption (``e2e.E2E``) is on unless ``encryption=False``; the
+local store is sealed with a key from ``store_secret`` (see ``securestore``).
 
 The facades pass ``deliver(event) -> bool``: it returns once the app is done
 with the event (True), or False if the client is closing and the event could
@@ -25,23 +29,28 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Final, Literal
 
 from client_sdk.backoff import Backoff
 from client_sdk.connection import Connection, State
 from client_sdk.dispatch import Dispatcher
+from client_sdk.e2e import E2E, SendRefused
 from client_sdk.errors import (
     AuthError,
     ClientClosed,
     ConnectError,
     IdentifierRejected,
     NotConnected,
+    RequestError,
     RequestTimeout,
     StoreError,
 )
 from client_sdk.events import (
     AUTH_FAILED,
     CONNECT_FAILED,
+    KEYS_FAILED,
     ErrorEvent,
     Event,
     Receipt,
@@ -50,16 +59,18 @@ from client_sdk.events import (
     receipt_from,
 )
 from client_sdk.inbox import Arrival, Inbox, read_downlink
-from client_sdk.localstore import LocalStore
+from client_sdk.localstore import LocalStore, OutMessage
 from client_sdk.login import LoginPlan, Secret
-from client_sdk.outbox import ErrorVerdict, Outbox
+from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox
 from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S, chunks, presences_from
 from client_sdk.protocol import (
     MAX_IDS_PER_ITEM,
     MESSAGE_ID_RE,
+    OLM_TYPE,
     RECEIPT_SENT,
     ChatMessage,
     ErrorItem,
+    MsgItem,
     PresenceItem,
     ReceiptItem,
     ResItem,
@@ -73,6 +84,7 @@ from client_sdk.protocol import (
     seen_payload,
     uplink_topic,
 )
+from client_sdk.securestore import as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +94,17 @@ Answer = Callable[[ResItem | BaseException], None]
 """Called once with a request's ``res`` item, or the exception that ended the wait."""
 
 PRUNE_EVERY_S = 600.0
+KEYS = "keys"
+TOKEN = "token"  # noqa: S105 (the name of a step connect() waits for, not a secret)
+
+
+def result_of(op: str, answer: ResItem | BaseException) -> Any:
+    """The ``result`` of a request, or the exception for its failure (raised)."""
+    if isinstance(answer, BaseException):
+        raise answer
+    if not answer.ok:
+        raise RequestError(op, answer.error_code or "unknown", answer.error_detail or "")
+    return answer.result
 
 
 def validate_identity(user: str, device: str) -> None:
@@ -113,6 +136,8 @@ class Engine:
         handed_ids_keep: int = 10_000,
         handed_ids_max_age_s: float = 7 * 86400,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        encryption: bool = True,
+        store_secret: str | bytes | None = None,
     ) -> None:
         validate_identity(user, device)
         if heartbeat_interval <= 0:
@@ -120,7 +145,15 @@ class Engine:
         self.user, self.device = user, device
         self.cid = client_id(user, device)
         self.store = LocalStore(store, user, device)
-        self.inbox = Inbox(self.store)
+        try:
+            sealer = self.store.unlock(None if store_secret is None else as_bytes(store_secret))
+            self.e2e = E2E(self.store, user, device, sealer.subkey("olm-pickle"), self.call,
+                           lambda event: self._dispatcher.event(event),  # noqa: PLW0108 (made below)
+                           ) if encryption else None
+        except BaseException:
+            self.store.close()
+            raise
+        self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None)
         self.outbox = Outbox(self.store, resend_interval=resend_interval)
         self._plan = LoginPlan(password, self.store.token())
         self._conn = Connection(
@@ -138,6 +171,7 @@ class Engine:
         self._waiters: list[Outcome] = []
         self._ever_ready = False
         self._token_pending = False
+        self._pending_parts: set[str] = set()  # what on_ready still waits for before connect() returns
         self._started = False
         self._session_lock = threading.Lock()
         self._session = 0
@@ -179,7 +213,7 @@ class Engine:
                 self._started = True
                 self._dispatcher.start()
                 self._sender.start()
-            if self._conn.ready and not self._token_pending:
+            if self._conn.ready and not self._token_pending and not self._pending_parts:
                 done = True
             else:
                 done = False
@@ -215,6 +249,9 @@ class Engine:
         with self._lock:
             self._ever_ready = True
             self._token_pending = need_token
+            self._pending_parts = ({TOKEN} if need_token else set()) | ({KEYS} if self.e2e is not None else set())
+            if self.e2e is not None:
+                self.e2e.keys_wanted.set()  # publish and top up this device's keys (the outbox thread)
             if self._foreground:
                 self._next_hb = time.monotonic()  # tell the server at once that this device is in the foreground
             watched = list(self._watched)
@@ -233,7 +270,17 @@ class Engine:
             self.request_async("presence.subscribe", args, self._rewatched)
         if need_token:
             self.request_async("auth.token", {}, self._token_answer)
-        else:
+        elif not self._pending_parts:
+            self._resolve(None)
+
+    def _part_done(self, part: str) -> None:
+        """One thing connect() waits for is done; resolve the waiters when nothing is left."""
+        with self._lock:
+            if part not in self._pending_parts:
+                return
+            self._pending_parts.discard(part)
+            left = bool(self._pending_parts)
+        if not left:
             self._resolve(None)
 
     def _rewatched(self, answer: ResItem | BaseException) -> None:
@@ -256,7 +303,7 @@ class Engine:
             log.warning("%s: no device token (%r); the password will be used again", self.cid, answer)
             if isinstance(answer, BaseException) and not self._conn.ready:
                 return  # the connection dropped: waiters wait for the next session
-        self._resolve(None)
+        self._part_done(TOKEN)
 
     def on_down(self) -> None:
         with self._session_lock:  # a publish loop of the old session stops here
@@ -313,6 +360,10 @@ class Engine:
         verdict = self.outbox.on_error(item.ref, item.code)
         if verdict is ErrorVerdict.RETRY:
             log.info("%s: message %s: %s (%s); retrying later", self.cid, item.ref, item.code, item.detail)
+        elif verdict is ErrorVerdict.REBUILD and self.e2e is not None and item.ref is not None:
+            log.info("%s: message %s: devices changed (missing %s, extra %s); encrypting again",
+                     self.cid, item.ref, item.missing, item.extra)
+            self.e2e.on_mismatch(item.ref, item.missing, item.extra)
         else:
             self._dispatcher.event(error_from(item))
         if verdict is not ErrorVerdict.NOT_OURS:
@@ -337,6 +388,26 @@ class Engine:
             else:
                 self._deferred.append((rid, payload))
         return rid
+
+    def call(self, op: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """Run a request and return its ``result``, blocking (never from paho's thread).
+
+        Raises ``RequestError``, ``RequestTimeout``, ``NotConnected`` or ``ClientClosed``.
+        """
+        future: Future[ResItem | BaseException] = Future()
+
+        def answer(value: ResItem | BaseException) -> None:
+            if not future.done():
+                future.set_result(value)
+
+        rid = self.request_async(op, args, answer)
+        try:
+            value = future.result(timeout)
+        except FutureTimeout:
+            raise RequestTimeout(f"{op}: no answer within {timeout:.1f}s") from None
+        finally:
+            self.forget(rid)
+        return result_of(op, value)
 
     def forget(self, rid: str) -> None:
         with self._lock:
@@ -459,18 +530,74 @@ class Engine:
             session = self._session
             due = self.outbox.take_due()
         topic = uplink_topic(self.user, "out")
-        for message in due:
-            payload = chat_message_payload(ChatMessage(message.id, message.to, message.body, message.type, message.ts))
+        for index, message in enumerate(due):
+            chat = self._encrypted(message) if self.e2e is not None else ChatMessage(
+                message.id, message.to, message.body, message.type, message.ts)
+            if chat is None:
+                continue  # refused for good and reported
+            if chat is _LATER:
+                self.outbox.retry_later([m.id for m in due[index:]])
+                return
+            payload = chat_message_payload(chat)
             with self._session_lock:
                 if self._session != session:
                     return
                 self._conn.publish(topic, payload, hold=False)
+
+    def _encrypted(self, message: OutMessage) -> ChatMessage | None:
+        """The olm form of ``message``; None if it cannot be sent (dropped, reported); ``_LATER`` to retry."""
+        assert self.e2e is not None
+        try:
+            bodies = self.e2e.bodies_for(message)
+        except SendRefused as exc:
+            self._refuse(message.id, exc.code, exc.detail)
+            return None
+        except RequestError as exc:
+            if exc.code in TRANSIENT_CODES:
+                log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
+                return _LATER
+            self._refuse(message.id, exc.code, f"cannot encrypt for {message.to}: {exc.detail}")
+            return None
+        except (RequestTimeout, ClientClosed, NotConnected) as exc:
+            log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
+            return _LATER
+        return ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, bodies)
+
+    def _refuse(self, msg_id: str, code: str, detail: str) -> None:
+        if self.outbox.confirmed([msg_id]):
+            log.warning("%s: message %s not sent: %s: %s", self.cid, msg_id, code, detail)
+            self._dispatcher.event(ErrorEvent(code, detail, msg_id))
+
+    def _open(self, seq: int, item: MsgItem) -> Event:
+        """Dispatcher thread: decrypt a staged message (``Inbox`` rule 8)."""
+        assert self.e2e is not None
+        event = self.e2e.open_message(seq, item)
+        if self.e2e.keys_wanted.is_set():
+            self._kick()  # a one-time key was used: top up from the outbox thread
+        return event
+
+    def _sync_keys(self) -> None:
+        """Outbox thread: publish/top up this device's keys when asked to, while connected."""
+        e2e = self.e2e
+        if e2e is None or not e2e.keys_wanted.is_set() or not self._conn.ready:
+            return
+        e2e.keys_wanted.clear()
+        try:
+            e2e.sync_keys()
+        except (RequestTimeout, NotConnected) as exc:
+            if not self._conn.ready:
+                return  # on_ready asks again
+            self._dispatcher.event(ErrorEvent(KEYS_FAILED, f"publishing this device's keys: {exc}", None))
+        except RequestError as exc:
+            self._dispatcher.event(ErrorEvent(KEYS_FAILED, f"publishing this device's keys: {exc}", None))
+        self._part_done(KEYS)
 
     def _send_loop(self) -> None:
         next_prune = 0.0
         while not self.closing.is_set():
             beat: float | None = None
             try:
+                self._sync_keys()
                 self._publish_due()
                 beat = self._beat()
                 if time.monotonic() >= next_prune:
@@ -511,6 +638,10 @@ class Engine:
         dispatcher = self._dispatcher.thread
         if dispatcher is None or dispatcher is not threading.current_thread():
             self.store.close()
+
+
+_LATER: Final = ChatMessage("later", "later", "")
+"""Marker from ``Engine._encrypted``: the keys could not be fetched now; retry the message later."""
 
 
 def _call(answer: Answer, value: ResItem | BaseException) -> None:

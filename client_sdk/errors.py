@@ -13,7 +13,8 @@
     ├── RequestError              the server answered a request with ``ok: false``
     ├── NotConnected              request() before connect() was ever called
     ├── ClientClosed              the client was closed (before or during the call)
-    └── StoreError                the local store cannot be used
+    ├── StoreError                the local store cannot be used
+    └── UnknownDevice             no published keys for that device (fingerprints, safety numbers)
 
 Foreign errors (``OSError``, ``sqlite3.Error``) are mapped at the boundary with
 ``raise ... from exc``, so the original stays available as ``__cause__``.
@@ -75,7 +76,11 @@ class ClientClosed(ChatError):
 
 
 class StoreError(ChatError):
-    """The local SQLite store cannot be used (another identity, a newer schema, I/O)."""
+    """The local SQLite store cannot be used (another identity, a newer schema, a wrong secret, I/O)."""
+
+
+class UnknownDevice(ChatError, LookupError):
+    """No trusted keys are known (or published) for that user or device."""
 
 
 # MQTT 3.1.1 CONNACK return codes, and the MQTT 5 reason codes paho reports for them.

@@ -1,4 +1,4 @@
-"""What the SDK hands to the app: four frozen dataclasses.
+"""What the SDK hands to the app: frozen dataclasses.
 
 - ``Message``: a chat message for this user (handed over once, in ``seq`` order).
 - ``Receipt``: news about messages *this user* sent: ``sent`` (the server has
@@ -8,6 +8,10 @@
 - ``ErrorEvent``: the server refused something (``ref`` names the message id
   when there is one), or the SDK stopped reconnecting (``code`` ``auth_failed`` or
   ``connect_failed``, ``ref`` None).
+- ``Undecryptable``: a message arrived that this device cannot decrypt (it is
+  acked all the same: the server cannot do better by sending it again).
+- ``IdentityChanged``: a peer device's identity key changed (a reinstall, or
+  someone in the middle): compare fingerprints before trusting it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ AUTH_FAILED: Final = "auth_failed"
 """A reconnect was refused for bad credentials: the client stopped reconnecting."""
 CONNECT_FAILED: Final = "connect_failed"
 """A reconnect was refused for another final reason: the client stopped reconnecting."""
+KEYS_FAILED: Final = "keys_failed"
+"""This device's keys could not be published; peers cannot encrypt to it yet (retried at the next connect)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,33 @@ class Message:
     """Server time (ms) when the server took the message."""
     seq: int
     """This device's downlink sequence number (strictly increasing)."""
+    device: str | None = None
+    """The sending device. ``sender`` == your own user id: you sent it from that other device."""
+    encrypted: bool = False
+    """True if it arrived end-to-end encrypted (and decrypted and checked here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Undecryptable:
+    """A message that could not be decrypted: shown to the user as such, never silently dropped."""
+
+    id: str
+    sender: str
+    device: str | None
+    to: str
+    reason: str
+    ts: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChanged:
+    """``user``'s device ``device`` now has other identity keys than this device trusted before."""
+
+    user: str
+    device: str
+    old_fingerprint: str
+    new_fingerprint: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +96,11 @@ class ErrorEvent:
     """The id of the message (or request) the error is about, if any."""
 
 
-Event = Message | Receipt | Presence | ErrorEvent
+Event = Message | Receipt | Presence | ErrorEvent | Undecryptable | IdentityChanged
 
 
 def message_from(item: MsgItem) -> Message:
-    return Message(item.id, item.sender, item.to, item.body, item.type, item.ts, item.seq)
+    return Message(item.id, item.sender, item.to, item.body, item.type, item.ts, item.seq, item.dev)
 
 
 def receipt_from(item: ReceiptItem) -> Receipt:

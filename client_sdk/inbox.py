@@ -17,6 +17,12 @@ Rules (PROTOCOL.md delivery rules 4 and 5, and the SDK's promise to the app):
    row removed, ``last_seq`` raised, (``from``, ``id``) remembered), then acked.
 7. On start, items stored but not handed over are handed over first: the app
    gets each item at least once across crashes, exactly once otherwise.
+8. An end-to-end encrypted message (``type`` "olm") is decrypted at hand-over,
+   once: the ``decrypt`` hook replaces its row with the opened form (or an
+   "undecryptable" form) in the same transaction as the Olm session update, so
+   a crash after that hands over the opened row, never a ciphertext whose keys
+   are used up. A message that cannot be decrypted is handed over as an
+   ``Undecryptable`` event and acked like any other.
 
 ``classify_arrival`` and ``dedup_key`` are pure; ``Inbox`` applies them to a
 ``LocalStore`` and needs no network.
@@ -29,10 +35,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Final
 
-from client_sdk.events import Event, message_from, receipt_from
-from client_sdk.localstore import LocalStore
-from client_sdk.protocol import DecodeError, DownlinkItem, MsgItem, ReceiptItem, parse_downlink
+from client_sdk.events import Event, Message, Undecryptable, message_from, receipt_from
+from client_sdk.localstore import LocalStore, StagedItem
+from client_sdk.protocol import OLM_TYPE, DecodeError, DownlinkItem, MsgItem, ReceiptItem, parse_downlink
 
 MAX_ACK_SEQS = 1000  # protocol.MAX_IDS_PER_ITEM: the most seqs one ack may name
 
@@ -114,6 +121,43 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# --- the SDK's own row forms for decrypted messages (rule 8) --------------------------------
+
+OPENED: Final = "opened"
+UNDECRYPTABLE: Final = "undecryptable"
+
+
+def opened_item(item: MsgItem, payload: dict[str, Any]) -> str:
+    """The inbox row of a decrypted message: the envelope with the inner type and body."""
+    return json.dumps({"kind": OPENED, "seq": item.seq, "id": item.id, "from": item.sender, "to": item.to,
+                       "dev": item.dev, "type": payload["type"], "body": payload["body"], "ts": item.ts})
+
+
+def undecryptable_item(item: MsgItem, reason: str) -> str:
+    return json.dumps({"kind": UNDECRYPTABLE, "seq": item.seq, "id": item.id, "from": item.sender, "to": item.to,
+                       "dev": item.dev, "reason": reason, "ts": item.ts})
+
+
+def stored_event(text: str) -> Message | Undecryptable | None:
+    """The event for a row written by ``opened_item``/``undecryptable_item``; None for any other row."""
+    if not text.startswith('{"kind": "'):
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if obj.get("kind") == OPENED:
+        return Message(obj["id"], obj["from"], obj["to"], obj["body"], obj["type"], obj["ts"], obj["seq"],
+                       obj["dev"], True)
+    if obj.get("kind") == UNDECRYPTABLE:
+        return Undecryptable(obj["id"], obj["from"], obj["dev"], obj["to"], obj["reason"], obj["ts"], obj["seq"])
+    return None
+
+
+Decrypt = Callable[[int, MsgItem], Event]
+"""Rule 8: decrypt staged message ``seq`` and restage its row; returns the event to hand over."""
+
+
 class Inbox:
     """Staged downlink items on their way to the app, kept in ``store``.
 
@@ -121,9 +165,10 @@ class Inbox:
     the one thread that talks to the app. Both are safe to call concurrently.
     """
 
-    def __init__(self, store: LocalStore, clock_ms: Callable[[], int] = now_ms) -> None:
+    def __init__(self, store: LocalStore, clock_ms: Callable[[], int] = now_ms, decrypt: Decrypt | None = None) -> None:
         self._store = store
         self._clock_ms = clock_ms
+        self._decrypt = decrypt
 
     def stage(self, seq: int, payload: bytes) -> Arrival:
         """Apply rules 2-4 atomically; on ``STORE`` the item is in the store when this returns."""
@@ -153,11 +198,26 @@ class Inbox:
             if not batch:
                 return True
             for staged in batch:
-                found = read_downlink(staged.item.encode("utf-8"))
-                key = dedup_key(found.item)
-                event = event_for(found.item)
-                fresh = key is None or not self._store.was_handed(*key)
-                if event is not None and fresh and not deliver(event):
+                key, event = self._open(staged)
+                if event is not None and not deliver(event):
                     return False
                 self._store.mark_handed(staged.seq, key, self._clock_ms())
                 on_done(staged.seq)
+
+    def _open(self, staged: StagedItem) -> tuple[tuple[str, str] | None, Event | None]:
+        """The dedup key and the event for a stored item (None: skip it, rules 2 and 5)."""
+        opened = stored_event(staged.item)
+        if opened is not None:
+            mine = (opened.sender, opened.id)
+            return mine, None if self._store.was_handed(*mine) else opened
+        found = read_downlink(staged.item.encode("utf-8"))
+        key = dedup_key(found.item)
+        if key is not None and self._store.was_handed(*key):
+            return key, None  # before decrypting: a repeat's keys are used up
+        if isinstance(found.item, MsgItem) and found.item.type == OLM_TYPE:
+            if self._decrypt is not None:
+                return key, self._decrypt(staged.seq, found.item)
+            text = undecryptable_item(found.item, "end-to-end encryption is off on this client")
+            self._store.restage(staged.seq, text)
+            return key, stored_event(text)
+        return key, event_for(found.item)

@@ -14,15 +14,23 @@ Tables:
   remembers ``(from, id)`` of a message in ``handed_ids``, in one transaction.
 - ``handed_ids``: (sender, id) of messages handed over recently, to drop
   repeats the server may send under another ``seq``; bounded by count and age.
-- ``meta``: identity, ``last_seq`` (highest seq handed over) and the device token.
+- ``meta``: identity, ``last_seq`` (highest seq handed over), the device token,
+  the Olm account pickle and the store-key salt and check value.
+- ``olm_sessions``: one Olm session pickle per (peer user, device, session id).
+- ``devices``: the identity keys of peers' devices as first seen (trust on first
+  use) and ``device_lists``: whose device lists were fetched and are still fresh.
 
-The file holds the device token: it is created readable by its owner only.
+After ``unlock`` (the SDK always calls it), outbox bodies, staged items and
+the device token are sealed with the store key (``securestore``); Olm pickles
+are encrypted by vodozemac with a key derived from it. The file is created
+readable by its owner only all the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import Final
 
 from client_sdk.errors import StoreError
+from client_sdk.securestore import CHECK_TEXT, KEY_BYTES, Sealer, derive_key, key_file_key
 
 MEMORY: Final = ":memory:"
 
@@ -61,6 +70,28 @@ MIGRATIONS: Final = (
     ) WITHOUT ROWID;
     CREATE INDEX handed_ids_by_age ON handed_ids (handed_ms);
     """,
+    """
+    ALTER TABLE outbox ADD COLUMN bodies TEXT;
+    CREATE TABLE olm_sessions (
+        user        TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        pickle      TEXT NOT NULL,
+        used_ms     INTEGER NOT NULL,
+        PRIMARY KEY (user, device, session_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE devices (
+        user        TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        curve25519  TEXT NOT NULL,
+        ed25519     TEXT NOT NULL,
+        PRIMARY KEY (user, device)
+    ) WITHOUT ROWID;
+    CREATE TABLE device_lists (
+        user        TEXT PRIMARY KEY,
+        fresh       INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -73,6 +104,24 @@ class OutMessage:
     body: str
     type: str
     ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A peer device's identity keys as this device trusts them (base64)."""
+
+    user: str
+    device: str
+    curve25519: str
+    ed25519: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    user: str
+    device: str
+    session_id: str
+    pickle: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +143,7 @@ class LocalStore:
         self.path = MEMORY if path is None else str(path)
         self.lock = threading.RLock()
         self._depth = 0
+        self._sealer: Sealer | None = None
         try:
             if self.path != MEMORY:
                 _create_private(Path(self.path))
@@ -169,6 +219,57 @@ class LocalStore:
         with self.lock:
             self._db.close()
 
+    # --- encryption at rest (securestore) ----------------------------------------------
+
+    def unlock(self, secret: bytes | None) -> Sealer:
+        """Load the store key (see ``securestore``) and seal everything written from now on.
+
+        ``secret`` None: a random key in ``<store>.key`` (in memory for an
+        in-memory store). Raises StoreError if the store was sealed with
+        another key (a different secret, or none). Call once, before use.
+        """
+        with self.transaction():
+            if secret is not None:
+                salt = self._meta("kdf_salt")
+                if salt is None:
+                    salt = secrets.token_hex(16)
+                    self._set_meta("kdf_salt", salt)
+                key = derive_key(secret, bytes.fromhex(salt))
+            elif self.path == MEMORY:
+                key = secrets.token_bytes(KEY_BYTES)
+            else:
+                key = key_file_key(Path(self.path + ".key"))
+            sealer = Sealer(key)
+            check = self._meta("key_check")
+            if check is None:
+                self._seal_existing(sealer)
+                self._set_meta("key_check", sealer.seal(CHECK_TEXT, "meta:key_check"))
+            else:
+                try:
+                    sealer.open(check, "meta:key_check")
+                except StoreError:
+                    raise StoreError(
+                        f"the local store {self.path} was sealed with another key: a different store_secret "
+                        "(or none, or the key file was lost)") from None
+            self._sealer = sealer
+        return sealer
+
+    def _seal_existing(self, sealer: Sealer) -> None:
+        """Seal what a store written before sealing existed holds (the first unlock only)."""
+        for msg_id, body in self._db.execute("SELECT id, body FROM outbox").fetchall():
+            self._db.execute("UPDATE outbox SET body = ? WHERE id = ?", (sealer.seal(body, f"outbox:{msg_id}"), msg_id))
+        for seq, item in self._db.execute("SELECT seq, item FROM inbox").fetchall():
+            self._db.execute("UPDATE inbox SET item = ? WHERE seq = ?", (sealer.seal(item, f"inbox:{seq}"), seq))
+        token = self._meta("token")
+        if token is not None:
+            self._set_meta("token", sealer.seal(token, "meta:token"))
+
+    def _seal(self, text: str, where: str) -> str:
+        return text if self._sealer is None else self._sealer.seal(text, where)
+
+    def _open(self, value: str, where: str) -> str:
+        return value if self._sealer is None else self._sealer.open(value, where)
+
     # --- meta ---------------------------------------------------------------------
 
     def identity(self) -> str:
@@ -178,11 +279,29 @@ class LocalStore:
     def token(self) -> str | None:
         """The device token kept from the last ``auth.token``, if any."""
         with self.lock:
-            return self._meta("token")
+            value = self._meta("token")
+            return None if value is None else self._open(value, "meta:token")
 
     def set_token(self, token: str | None) -> None:
         with self.lock:
-            self._set_meta("token", token)
+            self._set_meta("token", None if token is None else self._seal(token, "meta:token"))
+
+    def olm_account(self) -> str | None:
+        """The Olm account pickle (encrypted by vodozemac), if one was made."""
+        with self.lock:
+            return self._meta("olm_account")
+
+    def set_olm_account(self, pickle: str) -> None:
+        with self.lock:
+            self._set_meta("olm_account", pickle)
+
+    def get_meta(self, key: str) -> str | None:
+        with self.lock:
+            return self._meta(key)
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.lock:
+            self._set_meta(key, value)
 
     def last_seq(self) -> int:
         """The highest ``seq`` handed to the app (0 before the first)."""
@@ -196,13 +315,24 @@ class LocalStore:
         with self.lock:
             self._db.execute(
                 "INSERT INTO outbox (id, recipient, body, type, ts) VALUES (?, ?, ?, ?, ?)",
-                (message.id, message.to, message.body, message.type, message.ts))
+                (message.id, message.to, self._seal(message.body, f"outbox:{message.id}"), message.type, message.ts))
 
     def outbox_all(self) -> list[OutMessage]:
         """Every message in the outbox, oldest first."""
         with self.lock:
             rows = self._db.execute("SELECT id, recipient, body, type, ts FROM outbox ORDER BY pos").fetchall()
-        return [OutMessage(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
+            return [OutMessage(str(r[0]), str(r[1]), self._open(str(r[2]), f"outbox:{r[0]}"), str(r[3]), int(r[4]))
+                    for r in rows]
+
+    def outbox_bodies(self, msg_id: str) -> str | None:
+        """The encrypted ``bodies`` (JSON) made for this message, if it was encrypted already."""
+        with self.lock:
+            row = self._db.execute("SELECT bodies FROM outbox WHERE id = ?", (msg_id,)).fetchone()
+            return None if row is None or row[0] is None else str(row[0])
+
+    def set_outbox_bodies(self, msg_id: str, bodies: str | None) -> None:
+        with self.lock:
+            self._db.execute("UPDATE outbox SET bodies = ? WHERE id = ?", (bodies, msg_id))
 
     def outbox_remove(self, ids: list[str]) -> None:
         with self.transaction():
@@ -216,7 +346,13 @@ class LocalStore:
 
     def stage(self, seq: int, item: str, now_ms: int) -> None:
         with self.lock:
-            self._db.execute("INSERT INTO inbox (seq, item, received_ms) VALUES (?, ?, ?)", (seq, item, now_ms))
+            self._db.execute("INSERT INTO inbox (seq, item, received_ms) VALUES (?, ?, ?)",
+                             (seq, self._seal(item, f"inbox:{seq}"), now_ms))
+
+    def restage(self, seq: int, item: str) -> None:
+        """Replace a staged item (with its decrypted form); callers group it with the session update."""
+        with self.lock:
+            self._db.execute("UPDATE inbox SET item = ? WHERE seq = ?", (self._seal(item, f"inbox:{seq}"), seq))
 
     def highest_staged(self) -> int:
         with self.lock:
@@ -230,7 +366,7 @@ class LocalStore:
             else:
                 rows = self._db.execute(
                     "SELECT seq, item FROM inbox WHERE seq <= ? ORDER BY seq LIMIT ?", (upto_seq, limit)).fetchall()
-        return [StagedItem(int(r[0]), str(r[1])) for r in rows]
+            return [StagedItem(int(r[0]), self._open(str(r[1]), f"inbox:{r[0]}")) for r in rows]
 
     def mark_handed(self, seq: int, message_key: tuple[str, str] | None, now_ms: int) -> None:
         """Record that item ``seq`` was handed over (or skipped): one transaction."""
@@ -263,6 +399,50 @@ class LocalStore:
     def handed_id_count(self) -> int:
         with self.lock:
             return int(self._db.execute("SELECT count(*) FROM handed_ids").fetchone()[0])
+
+    # --- peers' devices and Olm sessions ----------------------------------------------------
+
+    def devices_of(self, user: str) -> dict[str, DeviceRecord]:
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT device, curve25519, ed25519 FROM devices WHERE user = ?", (user,)).fetchall()
+        return {str(r[0]): DeviceRecord(user, str(r[0]), str(r[1]), str(r[2])) for r in rows}
+
+    def put_device(self, record: DeviceRecord) -> None:
+        with self.lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO devices (user, device, curve25519, ed25519) VALUES (?, ?, ?, ?)",
+                (record.user, record.device, record.curve25519, record.ed25519))
+
+    def forget_device(self, user: str, device: str) -> None:
+        """Drop a device and its sessions."""
+        with self.transaction():
+            self._db.execute("DELETE FROM devices WHERE user = ? AND device = ?", (user, device))
+            self._db.execute("DELETE FROM olm_sessions WHERE user = ? AND device = ?", (user, device))
+
+    def list_is_fresh(self, user: str) -> bool:
+        with self.lock:
+            row = self._db.execute("SELECT fresh FROM device_lists WHERE user = ?", (user,)).fetchone()
+            return row is not None and bool(row[0])
+
+    def set_list_fresh(self, user: str, fresh: bool) -> None:
+        with self.lock:
+            self._db.execute("INSERT OR REPLACE INTO device_lists (user, fresh) VALUES (?, ?)", (user, int(fresh)))
+
+    def sessions_of(self, user: str, device: str) -> list[SessionRecord]:
+        """Olm sessions with one device, most recently used first."""
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT session_id, pickle FROM olm_sessions WHERE user = ? AND device = ? ORDER BY used_ms DESC",
+                (user, device)).fetchall()
+        return [SessionRecord(user, device, str(r[0]), str(r[1])) for r in rows]
+
+    def put_session(self, record: SessionRecord, used_ms: int) -> None:
+        with self.lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO olm_sessions (user, device, session_id, pickle, used_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (record.user, record.device, record.session_id, record.pickle, used_ms))
 
 
 def _create_private(path: Path) -> None:

@@ -13,6 +13,10 @@ Rules:
    the message and is reported to the app; a transient code keeps it and
    retries after an exponential backoff with jitter; a code this SDK does not
    know is handled like a transient one, and reported.
+7. ``devices_mismatch`` (the recipient or this user has other devices than the
+   message was encrypted for): the message is encrypted again for the fresh
+   device lists and re-sent at once, same id, keeping its place; after
+   ``MAX_MISMATCHES`` in a row it is dropped and reported.
 
 Consequence of 5 and 6: a message retried after an error or a lost publish may
 reach the server after later ones; order holds for messages that go through
@@ -40,8 +44,9 @@ from client_sdk.protocol import GROUP_PREFIX, MESSAGE_ID_RE, TYPE_RE, ErrorCode,
 
 PERMANENT_CODES: Final = frozenset({
     ErrorCode.BAD_ENVELOPE, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.FORBIDDEN,
-    ErrorCode.BAD_JSON,
+    ErrorCode.BAD_JSON, ErrorCode.NO_KEYS, ErrorCode.ENCRYPTION_REQUIRED,
 })
+MAX_MISMATCHES: Final = 3
 TRANSIENT_CODES: Final = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUEUE_FULL, ErrorCode.INTERNAL})
 
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -74,12 +79,19 @@ class ErrorVerdict(enum.Enum):
     """Transient: kept, retried after a backoff; nothing to report."""
     RETRY_REPORTED = "retry_reported"
     """Unknown code: kept and retried like a transient one, and reported."""
+    REBUILD = "rebuild"
+    """Rule 7: encrypt again for the fresh device lists and re-send now; nothing to report."""
 
 
-def error_verdict(code: str, in_outbox: bool) -> ErrorVerdict:
-    """Rule 6 for an error item about an outbox message (``in_outbox``) or not."""
+def error_verdict(code: str, in_outbox: bool, mismatches: int = 0) -> ErrorVerdict:
+    """Rules 6 and 7 for an error item about an outbox message (``in_outbox``) or not.
+
+    ``mismatches``: how many ``devices_mismatch`` refusals this message had before this one.
+    """
     if not in_outbox:
         return ErrorVerdict.NOT_OURS
+    if code == ErrorCode.DEVICES_MISMATCH:
+        return ErrorVerdict.REBUILD if mismatches < MAX_MISMATCHES else ErrorVerdict.DROPPED
     if code in PERMANENT_CODES:
         return ErrorVerdict.DROPPED
     if code in TRANSIENT_CODES:
@@ -92,6 +104,7 @@ class _Entry:
     message: OutMessage
     due: float
     failures: int = 0
+    mismatches: int = 0
     refused: bool = False
     """Refused for a transient reason and not re-sent yet: later messages wait behind it."""
 
@@ -187,15 +200,35 @@ class Outbox:
         """Rule 6 for an error item; see ``ErrorVerdict`` for what the caller reports."""
         with self._lock:
             entry = self._entries.get(ref) if ref is not None else None
-            verdict = error_verdict(code, entry is not None)
+            verdict = error_verdict(code, entry is not None, entry.mismatches if entry is not None else 0)
             if entry is None or ref is None:
                 return verdict
             if verdict is ErrorVerdict.DROPPED:
                 self._store.outbox_remove([ref])
                 del self._entries[ref]
+            elif verdict is ErrorVerdict.REBUILD:
+                entry.mismatches += 1
+                entry.due = self._clock()
+                entry.refused = True
             else:
                 wait = backoff_delay(entry.failures, self._retry_initial, self._retry_max, rng=self._rng)
                 entry.failures += 1
                 entry.due = self._clock() + wait
                 entry.refused = True
         return verdict
+
+    def retry_later(self, ids: list[str]) -> None:
+        """The first of ``ids`` could not be prepared (keys unreachable): back it off like a
+        transient refusal, and keep the others behind it (due no earlier than it)."""
+        with self._lock:
+            first = self._entries.get(ids[0]) if ids else None
+            if first is None:
+                return
+            first.due = self._clock() + backoff_delay(first.failures, self._retry_initial, self._retry_max,
+                                                      rng=self._rng)
+            first.failures += 1
+            first.refused = True
+            for msg_id in ids[1:]:
+                entry = self._entries.get(msg_id)
+                if entry is not None:
+                    entry.due = min(entry.due, first.due)

@@ -47,6 +47,9 @@ class ErrorCode:
     INTERNAL: Final = "internal"
     UNKNOWN_OP: Final = "unknown_op"
     UNSUPPORTED: Final = "unsupported"
+    DEVICES_MISMATCH: Final = "devices_mismatch"
+    NO_KEYS: Final = "no_keys"
+    ENCRYPTION_REQUIRED: Final = "encryption_required"
 
 
 # --- identities -----------------------------------------------------------
@@ -194,10 +197,12 @@ def parse_request(payload: bytes, max_bytes: int) -> Request:
 # --- downlink items ----------------------------------------------------------
 
 
-def error_item(code: str, detail: str, ref: str | None = None) -> dict[str, Any]:
+def error_item(code: str, detail: str, ref: str | None = None, **fields: Any) -> dict[str, Any]:
+    """An ``error`` item; ``fields`` adds code-specific fields (``missing``/``extra`` of devices_mismatch)."""
     item: dict[str, Any] = {"kind": "error", "code": code, "detail": detail}
     if ref is not None:
         item["ref"] = ref
+    item.update(fields)
     return item
 
 
@@ -214,24 +219,60 @@ def failure_item(rid: str, code: str, detail: str) -> dict[str, Any]:
 TYPE_RE: Final = re.compile(r"[a-z0-9_.-]{1,32}")
 GROUP_PREFIX: Final = "g:"
 MAX_IDS_PER_ITEM: Final = 1000
-MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "type", "ts"})
+MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "bodies", "type", "ts"})
+OLM_TYPE: Final = "olm"
+"""``type`` of an end-to-end encrypted message: uplink with ``bodies``, downlink ``body`` = this device's ciphertext."""
+DEFAULT_MAX_DEVICES_PER_MESSAGE: Final = 64
+"""Default of ``limits.max_devices_per_message``: entries allowed in one message's ``bodies``."""
+
+
+def chat_envelope_bytes(max_body_bytes: int) -> int:
+    """Largest accepted ``u/{me}/out`` payload: a body of ``max_body_bytes`` JSON-escaped
+    (x 6) plus 1 KiB of fields. It bounds an olm message's ``bodies`` all together too."""
+    return max_body_bytes * 6 + 1024
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """A message as the sender published it (``from`` is added by the server)."""
+    """A message as the sender published it (``from`` is added by the server).
+
+    Exactly one of two forms: plain ``body``, or ``bodies`` (client id
+    ``user.device`` -> that device's ciphertext, ``type`` "olm") with ``body`` "".
+    """
 
     id: str
     to: str
     body: str
     type: str = "text"
     ts: int | None = None
+    bodies: dict[str, str] | None = None
 
 
-def parse_chat_message(payload: bytes, max_body_bytes: int) -> ChatMessage:
+def _body_size(body: str, max_body_bytes: int, msg_id: str, what: str) -> None:
+    size = len(body.encode("utf-8", "surrogatepass"))
+    if size > max_body_bytes:
+        raise DecodeError(ErrorCode.TOO_LARGE, f"{what} is {size} bytes, limit is {max_body_bytes}", msg_id)
+
+
+def _parse_bodies(value: object, max_body_bytes: int, max_devices: int, msg_id: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not value:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'bodies' must be an object of client id -> ciphertext", msg_id)
+    if len(value) > max_devices:
+        raise DecodeError(ErrorCode.TOO_LARGE, f"'bodies' has {len(value)} devices, limit is {max_devices}", msg_id)
+    for key, body in value.items():
+        if split_client_id(key) is None or not isinstance(body, str):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE,
+                              "'bodies' keys must be client ids 'user.device' and values strings", msg_id)
+        _body_size(body, max_body_bytes, msg_id, f"ciphertext for {key}")
+    return dict(value)
+
+
+def parse_chat_message(
+    payload: bytes, max_body_bytes: int, max_devices: int = DEFAULT_MAX_DEVICES_PER_MESSAGE
+) -> ChatMessage:
     """Validate an uplink chat message; DecodeError.ref is the message id once known."""
     # The envelope may exceed the body limit by a little (fields, escaping).
-    obj = loads_object(payload, max_body_bytes * 6 + 1024)
+    obj = loads_object(payload, chat_envelope_bytes(max_body_bytes))
     msg_id = obj.get("id")
     if not isinstance(msg_id, str) or MESSAGE_ID_RE.fullmatch(msg_id) is None:
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'id' must be a string of 1-64 of [A-Za-z0-9_-]")
@@ -241,26 +282,43 @@ def parse_chat_message(payload: bytes, max_body_bytes: int) -> ChatMessage:
     to = obj.get("to")
     if not isinstance(to, str) or not (is_user_id(to) or to.startswith(GROUP_PREFIX)):
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id", msg_id)
-    body = obj.get("body")
-    if not isinstance(body, str):
+    if ("body" in obj) == ("bodies" in obj):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "a message has exactly one of 'body' and 'bodies'", msg_id)
+    bodies: dict[str, str] | None = None
+    body = obj.get("body", "")
+    if "bodies" in obj:
+        bodies = _parse_bodies(obj["bodies"], max_body_bytes, max_devices, msg_id)
+    elif not isinstance(body, str):
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'body' must be a string", msg_id)
-    size = len(body.encode("utf-8"))
-    if size > max_body_bytes:
-        raise DecodeError(ErrorCode.TOO_LARGE, f"body is {size} bytes, limit is {max_body_bytes}", msg_id)
-    kind = obj.get("type", "text")
+    else:
+        _body_size(body, max_body_bytes, msg_id, "body")
+    kind = obj.get("type", OLM_TYPE if bodies is not None else "text")
     if not isinstance(kind, str) or TYPE_RE.fullmatch(kind) is None:
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'type' must be 1-32 of [a-z0-9_.-]", msg_id)
+    if (kind == OLM_TYPE) != (bodies is not None):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'bodies' goes with type 'olm', and type 'olm' with 'bodies'",
+                          msg_id)
     ts = obj.get("ts")
     if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'ts' must be a non-negative integer (ms)", msg_id)
-    return ChatMessage(msg_id, to, body, kind, ts)
+    return ChatMessage(msg_id, to, body, kind, ts, bodies)
 
 
 def chat_message_payload(message: ChatMessage) -> bytes:
-    obj: dict[str, Any] = {"id": message.id, "to": message.to, "body": message.body, "type": message.type}
+    obj: dict[str, Any] = {"id": message.id, "to": message.to, "type": message.type}
+    if message.bodies is not None:
+        obj["bodies"] = message.bodies
+    else:
+        obj["body"] = message.body
     if message.ts is not None:
         obj["ts"] = message.ts
     return dumps(obj)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes a key signature covers: sorted keys, no spaces, UTF-8 (the signed object
+    without its ``signature`` field). Both the publishing and the verifying SDK use this."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 # --- acks, seen, heartbeats ---------------------------------------------------------
@@ -350,6 +408,18 @@ def parse_user_list(args: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(users))
 
 
+# --- end-to-end keys and devices (docs/PROTOCOL.md, "End-to-end encryption") -----------
+
+OP_KEYS_PUBLISH: Final = "keys.publish"
+OP_KEYS_COUNT: Final = "keys.count"
+OP_KEYS_LIST: Final = "keys.list"
+OP_KEYS_CLAIM: Final = "keys.claim"
+OP_DEVICES_REMOVE: Final = "devices.remove"
+MAX_ONE_TIME_KEYS_PER_PUBLISH: Final = 100
+MAX_ONE_TIME_KEYS_STORED: Final = 200
+"""Unclaimed one-time keys the server keeps per device; a publish beyond it is refused."""
+
+
 # --- downlink items ------------------------------------------------------------------
 
 RECEIPT_SENT: Final = "sent"
@@ -360,9 +430,14 @@ STAGED_RECEIPTS: Final = frozenset({RECEIPT_DELIVERED, RECEIPT_SEEN, RECEIPT_EXP
 
 
 def msg_item(
-    seq: int, msg_id: str, sender: str, to: str, kind: str, body: str, ts: int
+    seq: int, msg_id: str, sender: str, to: str, kind: str, body: str, ts: int, dev: str | None = None
 ) -> dict[str, Any]:
-    return {"kind": "msg", "seq": seq, "id": msg_id, "from": sender, "to": to, "type": kind, "body": body, "ts": ts}
+    """A ``msg`` downlink item; the server always passes ``dev``, the sending device's id."""
+    item: dict[str, Any] = {"kind": "msg", "seq": seq, "id": msg_id, "from": sender, "to": to, "type": kind,
+                            "body": body, "ts": ts}
+    if dev is not None:
+        item["dev"] = dev
+    return item
 
 
 def receipt_item(status: str, ids: list[str], peer: str, ts: int, seq: int | None = None) -> dict[str, Any]:
@@ -378,6 +453,9 @@ def presence_item(user: str, online: bool | None, last_seen: int | None) -> dict
 
 @dataclass(frozen=True, slots=True)
 class MsgItem:
+    """A received message. ``dev`` is the sending device (None only from a server
+    older than the e2e protocol); for ``type`` "olm", ``body`` is this device's ciphertext."""
+
     seq: int
     id: str
     sender: str
@@ -385,6 +463,7 @@ class MsgItem:
     type: str
     body: str
     ts: int
+    dev: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,9 +493,13 @@ class ResItem:
 
 @dataclass(frozen=True, slots=True)
 class ErrorItem:
+    """``missing``/``extra``: the client ids a ``devices_mismatch`` names (empty otherwise)."""
+
     code: str
     detail: str
     ref: str | None
+    missing: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
 
 
 DownlinkItem = MsgItem | ReceiptItem | PresenceItem | ResItem | ErrorItem
@@ -429,14 +512,24 @@ def _need(obj: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+def _str_tuple(obj: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = obj.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, f"downlink item field {key!r} must be a list of strings")
+    return tuple(value)
+
+
 def parse_downlink(payload: bytes) -> DownlinkItem:
     """Read one item from ``u/{me}/in`` (used by clients); DecodeError if it is not one."""
     obj = loads_object(payload, 16 * 1024 * 1024)
     kind = obj.get("kind")
     if kind == "msg":
+        dev = obj.get("dev")
+        if dev is not None and not is_device_id(dev):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "msg 'dev' must be a device id")
         return MsgItem(
             _need(obj, "seq", int), _need(obj, "id", str), _need(obj, "from", str), _need(obj, "to", str),
-            str(obj.get("type", "text")), _need(obj, "body", str), _need(obj, "ts", int),
+            str(obj.get("type", "text")), _need(obj, "body", str), _need(obj, "ts", int), dev,
         )
     if kind == "receipt":
         seq = obj.get("seq")
@@ -453,5 +546,6 @@ def parse_downlink(payload: bytes) -> DownlinkItem:
         return ResItem(_need(obj, "rid", str), bool(obj.get("ok")), obj.get("result"),
                        error.get("code"), error.get("detail"))
     if kind == "error":
-        return ErrorItem(_need(obj, "code", str), str(obj.get("detail", "")), obj.get("ref"))
+        return ErrorItem(_need(obj, "code", str), str(obj.get("detail", "")), obj.get("ref"),
+                         _str_tuple(obj, "missing"), _str_tuple(obj, "extra"))
     raise DecodeError(ErrorCode.BAD_ENVELOPE, f"unknown downlink kind {kind!r}")

@@ -6,7 +6,6 @@ for good (stops and reports), and the asyncio face."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -25,14 +24,19 @@ from client_sdk import (
     NotConnected,
     RequestError,
 )
+from client_sdk.localstore import LocalStore
 from tests.helpers import BrokerThread, Peer, free_port
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
 
-def stored_token(path: Path) -> str | None:
-    with sqlite3.connect(path) as db:
-        row = db.execute("SELECT value FROM meta WHERE key = 'token'").fetchone()
-    return None if row is None else str(row[0])
+def stored_token(path: Path, identity: tuple[str, str] = ("alice", "phone")) -> str | None:
+    """The device token in a closed client's store (sealed at rest: opened with the store's key file)."""
+    store = LocalStore(path, *identity)
+    try:
+        store.unlock(None)
+        return store.token()
+    finally:
+        store.close()
 
 
 def net_thread(cid: str) -> threading.Thread | None:

@@ -1,0 +1,97 @@
+"""The ``keys.*`` and ``devices.remove`` requests: the thin shell around the key rules and store.
+
+Each op checks its arguments with ``bridge.keys``, runs one store transaction,
+and keeps the in-memory ``KeyedDevices`` (used by the olm mismatch check of
+the staging core) in step with the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from bridge.key_store import KeyStore
+from bridge.keys import KeyedDevices, parse_claim, parse_device, parse_publish, parse_user
+from bridge.requests import Caller, Op, OpError, check_args
+from client_sdk.protocol import (
+    OP_DEVICES_REMOVE,
+    OP_KEYS_CLAIM,
+    OP_KEYS_COUNT,
+    OP_KEYS_LIST,
+    OP_KEYS_PUBLISH,
+    ErrorCode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Accounts(Protocol):
+    async def user_devices(self, name: str) -> list[str] | None:
+        """Device ids of ``name`` (possibly none); None if there is no such user."""
+
+    async def delete_device(self, user: str, device: str) -> bool:
+        """Forget the device and its token; True if it existed."""
+
+
+class StagedDevices(Protocol):
+    def remove_device(self, user: str, device: str) -> None:
+        """Drop the device's staged items and take it out of the recipient set."""
+
+
+class KeyService:
+    def __init__(self, store: KeyStore, keyed: KeyedDevices, accounts: Accounts, staged: StagedDevices,
+                 close_session: Callable[[str], Awaitable[None]]) -> None:
+        self._store = store
+        self._keyed = keyed
+        self._accounts = accounts
+        self._staged = staged
+        self._close_session = close_session
+
+    def ops(self) -> dict[str, Op]:
+        return {
+            OP_KEYS_PUBLISH: self._publish,
+            OP_KEYS_COUNT: self._count,
+            OP_KEYS_LIST: self._list,
+            OP_KEYS_CLAIM: self._claim,
+            OP_DEVICES_REMOVE: self._remove_device,
+        }
+
+    async def _publish(self, caller: Caller, args: dict[str, Any]) -> Any:
+        publish = parse_publish(caller.user, caller.device, args)
+        remaining, keyed = await self._store.publish(caller.user, caller.device, publish)
+        if keyed:
+            self._keyed.add(caller.user, caller.device)
+        return {"one_time_keys": remaining}
+
+    async def _count(self, caller: Caller, args: dict[str, Any]) -> Any:
+        check_args(args, set())
+        remaining, fallback = await self._store.count(caller.user, caller.device)
+        return {"one_time_keys": remaining, "fallback_key": fallback}
+
+    async def _list(self, caller: Caller, args: dict[str, Any]) -> Any:
+        user = await self._known(parse_user(args, {"user"}))
+        return {"user": user, "devices": await self._store.device_keys(user)}
+
+    async def _claim(self, caller: Caller, args: dict[str, Any]) -> Any:
+        user, devices = parse_claim(args)
+        return {"user": await self._known(user), "devices": await self._store.claim(user, devices)}
+
+    async def _known(self, user: str) -> str:
+        if await self._accounts.user_devices(user) is None:
+            raise OpError(ErrorCode.UNKNOWN_RECIPIENT, f"no user {user!r}")
+        return user
+
+    async def _remove_device(self, caller: Caller, args: dict[str, Any]) -> Any:
+        device = parse_device(args)
+        if device == caller.device:
+            raise OpError(ErrorCode.FORBIDDEN, "a device cannot remove itself; remove it from another device")
+        # Keys first: once they are gone no new olm message can name the device.
+        await self._store.remove_device(caller.user, device)
+        self._keyed.remove(caller.user, device)
+        existed = await self._accounts.delete_device(caller.user, device)
+        self._staged.remove_device(caller.user, device)
+        await self._close_session(f"{caller.user}.{device}")
+        log.info("device %s.%s removed by %s.%s (%s)", caller.user, device, caller.user, caller.device,
+                 "it was known" if existed else "it was not known")
+        return {}

@@ -1,0 +1,348 @@
+"""End-to-end encryption for one device: its Olm account, its sessions with peer
+devices, the device-list cache, and the steps the engine calls.
+
+Who calls what (threads of the engine):
+- the outbox thread: ``sync_keys`` (publish/top up keys; after each connect and
+  after a peer used up a one-time key) and ``bodies_for`` (encrypt a message for
+  every required device, claiming keys and making sessions as needed);
+- paho's thread: ``on_mismatch`` (a ``devices_mismatch`` refusal);
+- the dispatcher thread: ``open_message`` (decrypt a staged message and replace
+  its inbox row with the opened form, in one transaction with the session
+  update, so a crash never loses a message whose keys were already used);
+- app threads: ``fingerprint``, ``safety_number``.
+
+Network requests go through ``call`` (blocking, raises ``RequestError``/
+``RequestTimeout``) and are never made while holding ``_lock``, which guards
+the account and the sessions (vodozemac objects are not thread-safe).
+
+What goes inside each ciphertext (checked on decrypt, as Matrix does, so a
+ciphertext cannot be passed off as another message, sender or recipient):
+``{"v","id","to","type","body","sender","sender_device","sender_ed25519",
+"recipient","recipient_ed25519"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from client_sdk import keys as K
+from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session
+from client_sdk.errors import RequestError, StoreError, UnknownDevice
+from client_sdk.events import Event, IdentityChanged
+from client_sdk.inbox import opened_item, stored_event, undecryptable_item
+from client_sdk.localstore import DeviceRecord, LocalStore, OutMessage, SessionRecord
+from client_sdk.protocol import (
+    OP_KEYS_CLAIM,
+    OP_KEYS_COUNT,
+    OP_KEYS_LIST,
+    OP_KEYS_PUBLISH,
+    ErrorCode,
+    MsgItem,
+    client_id,
+    split_client_id,
+)
+
+log = logging.getLogger(__name__)
+
+Call = Callable[[str, dict[str, Any]], Any]
+"""Run a request and return its result (blocking); raises RequestError / RequestTimeout."""
+
+PAYLOAD_VERSION: Final = 1
+BAD_KEYS: Final = "bad_keys"
+"""ErrorEvent code: a required device's keys did not verify, so the message was not sent."""
+
+
+class SendRefused(Exception):
+    """The message cannot be encrypted for its recipients; report ``code`` and drop it."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class E2E:
+    """The crypto state of ``user.device``, kept in ``store`` (pickles sealed with ``pickle_key``)."""
+
+    def __init__(self, store: LocalStore, user: str, device: str, pickle_key: bytes, call: Call,
+                 warn: Callable[[Event], None]) -> None:
+        self._store, self.user, self.device = store, user, device
+        self._key = pickle_key
+        self._call = call
+        self._warn = warn
+        self._lock = threading.RLock()
+        self.keys_wanted = threading.Event()
+        """Set when this device should check its one-time keys on the server (the engine clears it)."""
+        pickle = store.olm_account()
+        if pickle is None:
+            self._account = Account()
+            store.set_olm_account(self._account.pickle(self._key))
+        else:
+            try:
+                self._account = Account.from_pickle(pickle, self._key)
+            except CryptoError as exc:
+                raise StoreError(f"the Olm account in the store does not open: {exc}") from exc
+
+    @property
+    def ed25519(self) -> str:
+        return self._account.ed25519
+
+    @property
+    def curve25519(self) -> str:
+        return self._account.curve25519
+
+    def _save_account(self) -> None:
+        self._store.set_olm_account(self._account.pickle(self._key))
+
+    # --- this device's keys --------------------------------------------------------------
+
+    def sync_keys(self) -> None:
+        """Publish this device's keys and top up its one-time keys (rule 4 of ``keys``). Blocking."""
+        count = self._call(OP_KEYS_COUNT, {})
+        on_server = int(count.get("one_time_keys", 0)) if isinstance(count, dict) else 0
+        has_fallback = bool(count.get("fallback_key")) if isinstance(count, dict) else False
+        with self._lock:
+            unpublished = len(self._account.unpublished_one_time_keys())
+            self._account.generate_one_time_keys(
+                K.keys_to_generate(on_server, unpublished, self._account.max_one_time_keys))
+            if not has_fallback and self._account.unpublished_fallback_key() is None:
+                self._account.generate_fallback_key()
+            one_time = self._account.unpublished_one_time_keys()
+            fallback = self._account.unpublished_fallback_key()
+            device_keys = self._account.device_keys(self.user, self.device)
+            published = self._store.get_meta("keys_published") == self._account.curve25519
+            self._save_account()
+        if published and not one_time and fallback is None:
+            return
+        self._call(OP_KEYS_PUBLISH, K.publish_args(device_keys, one_time, fallback))
+        with self._lock:
+            self._account.mark_published()
+            with self._store.transaction():
+                self._save_account()
+                self._store.set_meta("keys_published", self._account.curve25519)
+        log.info("%s.%s: published keys (%d one-time, fallback %s)", self.user, self.device, len(one_time),
+                 fallback is not None)
+
+    # --- device lists --------------------------------------------------------------------
+
+    def refresh(self, user: str) -> K.ListedDevices:
+        """Fetch ``user``'s device list, apply it to the cache (rule 3); the trusted and refused devices."""
+        listed = K.read_device_list(user, self._call(OP_KEYS_LIST, {"user": user}))
+        for device in listed.refused:
+            log.warning("%s: refusing the keys of %s.%s: the signature does not verify", self.user, user, device)
+        warnings: list[IdentityChanged] = []
+        with self._lock, self._store.transaction():
+            cached = self._store.devices_of(user)
+            diff = K.diff_devices(cached, listed.devices)
+            for record in diff.added:
+                self._store.put_device(record)
+            for device in diff.removed:
+                self._store.forget_device(user, device)
+            for old, new in diff.changed:
+                self._store.forget_device(user, new.device)
+                self._store.put_device(new)
+                warnings.append(IdentityChanged(user, new.device, K.fingerprint(old.ed25519),
+                                                K.fingerprint(new.ed25519)))
+            self._store.set_list_fresh(user, True)
+        for warning in warnings:
+            log.warning("%s: the identity key of %s.%s changed", self.user, warning.user, warning.device)
+            self._warn(warning)
+        return listed
+
+    def devices(self, user: str, refresh: bool = False) -> K.ListedDevices:
+        """The trusted devices of ``user`` (fetched when not known or marked stale) and, if
+        fetched now, the ones refused."""
+        if refresh or not self._store.list_is_fresh(user):
+            return self.refresh(user)
+        return K.ListedDevices(self._store.devices_of(user), ())
+
+    def on_mismatch(self, msg_id: str, missing: tuple[str, ...], extra: tuple[str, ...]) -> None:
+        """The server's device set differs: refetch the lists it names and encrypt the message again."""
+        for cid in missing + extra:
+            parts = split_client_id(cid)
+            if parts is not None:
+                self._store.set_list_fresh(parts[0], False)
+        self._store.set_outbox_bodies(msg_id, None)
+
+    # --- sending -------------------------------------------------------------------------
+
+    def bodies_for(self, message: OutMessage) -> dict[str, str]:
+        """``bodies`` for the message (made once and kept in the outbox, so a re-send is identical).
+
+        Raises SendRefused (no device of the recipient has keys, or a required
+        device's keys do not verify), RequestError or RequestTimeout (retry later).
+        """
+        kept = self._store.outbox_bodies(message.id)
+        if kept is not None:
+            return dict(json.loads(kept))
+        targets: list[DeviceRecord] = []
+        for user in dict.fromkeys((message.to, self.user)):
+            found = self.devices(user)
+            if found.refused:
+                raise SendRefused(BAD_KEYS, f"the keys of {', '.join(f'{user}.{d}' for d in found.refused)} "
+                                            "do not verify; not sending to a device that cannot be trusted")
+            targets.extend(r for r in found.devices.values() if (r.user, r.device) != (self.user, self.device))
+        if not any(r.user == message.to for r in targets):
+            raise SendRefused(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys")
+        self._claim_sessions([r for r in targets if not self._store.sessions_of(r.user, r.device)])
+        bodies: dict[str, str] = {}
+        with self._lock, self._store.transaction():
+            for record in targets:
+                saved = self._store.sessions_of(record.user, record.device)
+                if not saved:
+                    continue  # no key to be had: the server names it missing, and the lists are fetched again
+                session = Session.from_pickle(saved[0].pickle, self._key)
+                plaintext = self._payload(message, record)
+                bodies[client_id(record.user, record.device)] = session.encrypt(plaintext, self.curve25519).to_wire()
+                self._store.put_session(SessionRecord(record.user, record.device, session.id,
+                                                      session.pickle(self._key)), now_ms())
+            self._store.set_outbox_bodies(message.id, json.dumps(bodies))
+        return bodies
+
+    def _payload(self, message: OutMessage, record: DeviceRecord) -> bytes:
+        return json.dumps({
+            "v": PAYLOAD_VERSION, "id": message.id, "to": message.to, "type": message.type, "body": message.body,
+            "sender": self.user, "sender_device": self.device, "sender_ed25519": self.ed25519,
+            "recipient": record.user, "recipient_ed25519": record.ed25519,
+        }, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+    def _claim_sessions(self, records: list[DeviceRecord]) -> None:
+        by_user: dict[str, dict[str, DeviceRecord]] = {}
+        for record in records:
+            by_user.setdefault(record.user, {})[record.device] = record
+        for user, wanted in by_user.items():
+            result = self._call(OP_KEYS_CLAIM, {"user": user, "devices": sorted(wanted)})
+            claimed = result.get("devices") if isinstance(result, dict) else None
+            for device, record in wanted.items():
+                offered = claimed.get(device) if isinstance(claimed, dict) else None
+                if offered is None:
+                    continue
+                key = K.check_claimed_key(record, offered)
+                if key is None:
+                    raise SendRefused(BAD_KEYS, f"the one-time key of {user}.{device} does not verify; refused")
+                with self._lock:
+                    session = self._account.outbound(record.curve25519, key)
+                    self._store.put_session(SessionRecord(user, device, session.id, session.pickle(self._key)),
+                                            now_ms())
+
+    # --- receiving -----------------------------------------------------------------------
+
+    def open_message(self, seq: int, item: MsgItem) -> Event:
+        """Decrypt a staged olm message; its inbox row becomes the opened (or undecryptable) form
+        in the same transaction as the session and account updates."""
+        message: Ciphertext | None = None
+        record: DeviceRecord | None = None
+        reason = "the server did not say which device sent it"
+        if item.dev is not None:
+            try:
+                message = Ciphertext.from_wire(item.body)
+            except CryptoError as exc:
+                reason = str(exc)
+            else:
+                record = self._sender(item.sender, item.dev, message.sender_key if message.type == PRE_KEY else None)
+                reason = f"{item.sender}.{item.dev} is not a device with published keys"
+        try:
+            with self._lock, self._store.transaction():
+                payload: dict[str, Any] | None = None
+                if message is not None and record is not None:
+                    reason, payload = self._decrypt(item, record, message)
+                text = opened_item(item, payload) if payload is not None else undecryptable_item(item, reason)
+                self._store.restage(seq, text)
+        except BaseException:
+            with self._lock:  # the account may have used a one-time key the store still has
+                pickle = self._store.olm_account()
+                if pickle is not None:
+                    self._account = Account.from_pickle(pickle, self._key)
+            raise
+        event = stored_event(text)
+        assert event is not None
+        return event
+
+    def _decrypt(self, item: MsgItem, record: DeviceRecord, message: Ciphertext) -> tuple[str, dict[str, Any] | None]:
+        """Under the lock, in the caller's transaction: decrypt, keep the session, check the payload."""
+        opened = self._with_sessions(record, message)
+        if opened is None and message.type == PRE_KEY:
+            if message.sender_key != record.curve25519:
+                return "the sender's identity key is not the one its device published", None
+            try:
+                opened = self._account.inbound(message)
+            except CryptoError as exc:
+                return f"no session for it ({exc})", None
+            self._save_account()
+            self.keys_wanted.set()  # a one-time key was used up: top up
+        if opened is None:
+            return "no session with the sending device decrypts it", None
+        session, plaintext = opened
+        self._store.put_session(SessionRecord(record.user, record.device, session.id, session.pickle(self._key)),
+                                now_ms())
+        return self._check(item, record, plaintext)
+
+    def _with_sessions(self, record: DeviceRecord, message: Ciphertext) -> tuple[Session, bytes] | None:
+        for saved in self._store.sessions_of(record.user, record.device):
+            session = Session.from_pickle(saved.pickle, self._key)
+            if message.type == PRE_KEY and not session.matches(message):
+                continue
+            try:
+                return session, session.decrypt(message)
+            except CryptoError:
+                continue
+        return None
+
+    def _sender(self, user: str, device: str, curve25519: str | None) -> DeviceRecord | None:
+        record = self._store.devices_of(user).get(device)
+        if record is None or (curve25519 is not None and record.curve25519 != curve25519):
+            try:
+                record = self.refresh(user).devices.get(device)
+            except RequestError as exc:  # refused: decide with what is cached
+                log.warning("%s: cannot fetch the devices of %s: %s", self.user, user, exc)
+            # A timeout or a close propagates: the item stays stored and is opened at the next hand-over,
+            # rather than being marked undecryptable for good.
+        return record
+
+    def _check(self, item: MsgItem, record: DeviceRecord, plaintext: bytes) -> tuple[str, dict[str, Any] | None]:
+        try:
+            payload = json.loads(plaintext.decode("utf-8", "surrogatepass"))
+        except ValueError:
+            return "the decrypted payload is not JSON", None
+        expected = {
+            "id": item.id, "to": item.to, "sender": item.sender, "sender_device": item.dev,
+            "sender_ed25519": record.ed25519, "recipient": self.user, "recipient_ed25519": self.ed25519,
+        }
+        if not isinstance(payload, dict):
+            return "the decrypted payload is not an object", None
+        wrong = sorted(k for k, v in expected.items() if payload.get(k) != v)
+        if wrong:
+            return f"the encrypted payload does not match the envelope ({', '.join(wrong)})", None
+        if not isinstance(payload.get("body"), str) or not isinstance(payload.get("type"), str):
+            return "the decrypted payload has no body or type", None
+        return "", payload
+
+    # --- verification ------------------------------------------------------------------
+
+    def fingerprint(self, user: str | None = None, device: str | None = None) -> str:
+        """This device's fingerprint, or that of ``user``'s ``device`` as trusted here."""
+        if user is None or (user, device) == (self.user, self.device):
+            return K.fingerprint(self.ed25519)
+        record = self._store.devices_of(user).get(device or "") if device else None
+        if record is None:
+            record = self.devices(user, refresh=True).devices.get(device or "")
+        if record is None:
+            raise UnknownDevice(f"{user}.{device} has no published keys")
+        return K.fingerprint(record.ed25519)
+
+    def safety_number(self, peer: str) -> str:
+        """The safety number of this user and ``peer`` over all devices' keys (see ``keys.safety_number``)."""
+        mine = [r.ed25519 for r in self.devices(self.user, refresh=True).devices.values() if r.device != self.device]
+        theirs = [r.ed25519 for r in self.devices(peer, refresh=True).devices.values()]
+        if not theirs:
+            raise UnknownDevice(f"{peer} has no device with published keys")
+        return K.safety_number(self.user, [self.ed25519, *mine], peer, theirs)

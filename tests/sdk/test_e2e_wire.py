@@ -1,0 +1,90 @@
+"""The Olm ratchet as the SDK uses it, over the real broker: messages encrypted with the
+SDK's crypto layer and published in shuffled order with some omitted are all decrypted by
+bob's SDK in the order they arrive; a ciphertext whose inner envelope names another message
+or recipient becomes an ``Undecryptable`` event (acked, not a crash); bob's device added
+later gets what is sent after it published keys."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+from client_sdk.crypto import Account, Ciphertext, Session
+from client_sdk.events import Message, Undecryptable
+from client_sdk.protocol import OLM_TYPE
+from tests.helpers import BrokerThread, Peer
+from tests.sdk.conftest import Collector, Factory
+from tests.sdk.test_e2e import online, publish, raw_device
+
+
+def session_to(sender: Peer, account: Account, user: str, device: str) -> tuple[Session, dict[str, Any]]:
+    """An outbound Olm session from a raw device to ``user.device``, from its listed and claimed keys."""
+    listed = sender.request("keys.list", {"user": user})["result"]["devices"][device]
+    claimed = sender.request("keys.claim", {"user": user, "devices": [device]})["result"]["devices"][device]
+    return account.outbound(listed["curve25519"], claimed["key"]), listed
+
+
+def envelope(sender: Peer, account: Account, session: Session, keys: dict[str, Any], msg_id: str, body: str,
+             **override: Any) -> dict[str, Any]:
+    inner = {"v": 1, "id": msg_id, "to": keys["user"], "type": "text", "body": body, "sender": "alice",
+             "sender_device": sender.client_id.split(".")[1], "sender_ed25519": account.ed25519,
+             "recipient": keys["user"], "recipient_ed25519": keys["ed25519"], **override}
+    ciphertext = session.encrypt(json.dumps(inner).encode(), account.curve25519).to_wire()
+    target = f"{keys['user']}.{keys['device']}"
+    return {"id": msg_id, "to": keys["user"], "type": OLM_TYPE, "bodies": {target: ciphertext}}
+
+
+def test_ratchet_recovers_from_reordered_and_dropped_messages(
+    make_client: Factory, peers: list[Peer], broker: BrokerThread,
+) -> None:
+    bob = online(make_client, "bob", "phone")
+    sender, account = raw_device(broker, peers, "alice", "raw")
+    publish(sender, {"device_keys": account.device_keys("alice", "raw")})
+    session, keys = session_to(sender, account, "bob", "phone")
+    envelopes = [envelope(sender, account, session, keys, f"m{i}", f"body {i}") for i in range(12)]
+    rng = random.Random(7)
+    rng.shuffle(envelopes)
+    kept = envelopes[:8]  # four are lost on the way
+    for item in kept:
+        sender.publish("u/alice/out", item)
+    got = [bob.next(Message) for _ in kept]
+    assert [m.id for m in got] == [e["id"] for e in kept]  # in arrival order, each decrypted
+    assert all(m.body == f"body {m.id[1:]}" and m.encrypted and m.device == "raw" for m in got)
+    # The ratchet turns: bob replies, alice's raw device decrypts with the same session.
+    reply = bob.client.send("alice", "got them", "text")
+    item = sender.expect(lambda i: i.get("kind") == "msg" and i.get("id") == reply)
+    assert json.loads(session.decrypt(Ciphertext.from_wire(item["body"])))["body"] == "got them"
+
+
+def test_a_ciphertext_relabelled_by_the_server_is_undecryptable_not_a_crash(
+    make_client: Factory, peers: list[Peer], broker: BrokerThread,
+) -> None:
+    bob = online(make_client, "bob", "phone")
+    sender, account = raw_device(broker, peers, "alice", "raw")
+    publish(sender, {"device_keys": account.device_keys("alice", "raw")})
+    session, keys = session_to(sender, account, "bob", "phone")
+    sender.publish("u/alice/out", envelope(sender, account, session, keys, "real", "ok"))
+    sender.publish("u/alice/out", envelope(sender, account, session, keys, "swapped", "x", id="other"))
+    sender.publish("u/alice/out", envelope(sender, account, session, keys, "other-rcpt", "x", recipient="carol"))
+    sender.publish("u/alice/out", {"id": "garbage", "to": "bob", "type": OLM_TYPE, "bodies": {"bob.phone": "1.1..!!"}})
+    sender.publish("u/alice/out", envelope(sender, account, session, keys, "after", "still fine"))
+    assert bob.next(Message).id == "real"
+    bad = [bob.next(Undecryptable) for _ in range(3)]
+    assert [(u.id, u.sender, u.device) for u in bad] == \
+        [("swapped", "alice", "raw"), ("other-rcpt", "alice", "raw"), ("garbage", "alice", "raw")]
+    assert "id" in bad[0].reason and "recipient" in bad[1].reason
+    assert bob.next(Message).body == "still fine"
+
+
+def test_a_new_device_receives_what_is_sent_after_it_published_keys(make_client: Factory) -> None:
+    alice = online(make_client, "alice", "phone")
+    bob = online(make_client, "bob", "phone")
+    alice.client.send("bob", "before the laptop", "text")
+    assert bob.next(Message).body == "before the laptop"
+    laptop: Collector = online(make_client, "bob", "laptop")  # connect() returns once its keys are published
+    for n in range(3):
+        alice.client.send("bob", f"after {n}", "text")
+    assert [m.body for m in laptop.messages(3)] == ["after 0", "after 1", "after 2"]
+    assert [m.body for m in bob.messages(3)] == ["after 0", "after 1", "after 2"]
+    assert not [m for m in laptop.all_now() if isinstance(m, Message) and m.body == "before the laptop"]

@@ -1,0 +1,89 @@
+"""The wire module's end-to-end additions: the olm message form (``bodies``), ``dev`` on
+``msg`` items, ``devices_mismatch`` fields on error items and canonical JSON, without a network."""
+
+import json
+
+import pytest
+
+from client_sdk import protocol as p
+
+
+def olm(bodies: object, **fields: object) -> bytes:
+    return json.dumps({"id": "m1", "to": "bob", "type": "olm", "bodies": bodies, **fields}).encode()
+
+
+def test_olm_message_round_trip() -> None:
+    bodies = {"bob.phone": "Y3Qx", "bob.laptop": "Y3Qy", "alice.tablet": "Y3Qz"}
+    message = p.parse_chat_message(olm(bodies, ts=5), 100)
+    assert message == p.ChatMessage("m1", "bob", "", p.OLM_TYPE, 5, bodies)
+    assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
+    assert "body" not in json.loads(p.chat_message_payload(message))
+
+
+def test_olm_type_is_implied_by_bodies() -> None:
+    payload = json.dumps({"id": "m1", "to": "bob", "bodies": {"bob.phone": "x"}}).encode()
+    assert p.parse_chat_message(payload, 100).type == p.OLM_TYPE
+
+
+def test_plain_message_round_trip_is_unchanged() -> None:
+    message = p.ChatMessage("m2", "bob", "hi", "text", None)
+    assert json.loads(p.chat_message_payload(message)) == {"id": "m2", "to": "bob", "body": "hi", "type": "text"}
+    assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (olm({}), "bad_envelope"),
+        (olm(["bob.phone"]), "bad_envelope"),
+        (olm({"bob": "x"}), "bad_envelope"),  # not a client id
+        (olm({"Bob.phone": "x"}), "bad_envelope"),
+        (olm({"bob.phone": 5}), "bad_envelope"),
+        (olm({"bob.phone": "x"}, body="also"), "bad_envelope"),  # both forms
+        (json.dumps({"id": "m1", "to": "bob", "type": "olm", "body": "x"}).encode(), "bad_envelope"),
+        (json.dumps({"id": "m1", "to": "bob", "type": "text", "bodies": {"bob.a": "x"}}).encode(), "bad_envelope"),
+        (json.dumps({"id": "m1", "to": "bob"}).encode(), "bad_envelope"),  # neither form
+        (olm({"bob.phone": "x" * 101}), "too_large"),
+        (olm({f"bob.d{i}": "x" for i in range(4)}), "too_large"),  # more devices than allowed
+    ],
+)
+def test_bad_olm_messages_name_their_fault(payload: bytes, code: str) -> None:
+    with pytest.raises(p.DecodeError) as info:
+        p.parse_chat_message(payload, 100, max_devices=3)
+    assert (info.value.code, info.value.ref) == (code, "m1")
+
+
+def test_lone_surrogate_ciphertext_is_measured_not_crashed() -> None:
+    payload = b'{"id":"m1","to":"bob","bodies":{"bob.a":"\\ud800"}}'
+    assert p.parse_chat_message(payload, 100).bodies == {"bob.a": "\ud800"}
+
+
+def test_msg_items_carry_the_sending_device() -> None:
+    item = p.msg_item(7, "m1", "alice", "bob", "olm", "Y3Q=", 99, dev="phone")
+    assert item["dev"] == "phone"
+    parsed = p.parse_downlink(p.dumps(item))
+    assert parsed == p.MsgItem(7, "m1", "alice", "bob", "olm", "Y3Q=", 99, "phone")
+    assert p.parse_downlink(p.dumps(p.msg_item(7, "m1", "alice", "bob", "text", "x", 99))).dev is None  # type: ignore[union-attr]
+    with pytest.raises(p.DecodeError):
+        p.parse_downlink(p.dumps({**item, "dev": "no.dots"}))
+
+
+def test_error_items_keep_mismatch_fields() -> None:
+    item = p.error_item(p.ErrorCode.DEVICES_MISMATCH, "x", "m1", missing=["bob.a"], extra=["bob.b", "bob.c"])
+    assert item["missing"] == ["bob.a"] and item["extra"] == ["bob.b", "bob.c"]
+    assert p.parse_downlink(p.dumps(item)) == p.ErrorItem("devices_mismatch", "x", "m1", ("bob.a",), ("bob.b", "bob.c"))
+    assert p.parse_downlink(p.dumps(p.error_item("no_keys", "y", "m2"))) == p.ErrorItem("no_keys", "y", "m2")
+    with pytest.raises(p.DecodeError):
+        p.parse_downlink(p.dumps({**item, "missing": "bob.a"}))
+
+
+def test_canonical_json_is_sorted_compact_utf8() -> None:
+    assert p.canonical_json({"b": 1, "a": {"d": "é", "c": [1, 2]}}) == '{"a":{"c":[1,2],"d":"é"},"b":1}'.encode()
+    assert p.canonical_json({"x": 1, "y": 2}) == p.canonical_json({"y": 2, "x": 1})
+
+
+def test_new_codes_and_ops_are_valid_names() -> None:
+    assert {p.ErrorCode.DEVICES_MISMATCH, p.ErrorCode.NO_KEYS, p.ErrorCode.ENCRYPTION_REQUIRED} == {
+        "devices_mismatch", "no_keys", "encryption_required"}
+    for op in (p.OP_KEYS_PUBLISH, p.OP_KEYS_COUNT, p.OP_KEYS_LIST, p.OP_KEYS_CLAIM, p.OP_DEVICES_REMOVE):
+        assert p.OP_RE.fullmatch(op)
