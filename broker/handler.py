@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from amqtt.errors import AMQTTError
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -35,13 +36,34 @@ from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING, IncomingApplicationMessage, OutgoingApplicationMessage, Session
+from amqtt.mqtt.subscribe import SubscribePacket
+from amqtt.mqtt.unsubscribe import UnsubscribePacket
+from amqtt.session import (
+    INCOMING,
+    OUTGOING,
+    ApplicationMessage,
+    IncomingApplicationMessage,
+    OutgoingApplicationMessage,
+    Session,
+)
 
 from broker.downlink import DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
+from broker.lazy_queue import LazyQueue
 from client_sdk.protocol import is_chat_topic
 
+T = TypeVar("T")
 ACK_WAIT_S = 5.0
 """How long a publish task waits for its acknowledgement (amqtt's figure); a later ack still completes it."""
+
+
+def _next(queue: asyncio.Queue[T]) -> T | None:
+    """The queue's next item, or None; a lazy queue emptied gives its memory back."""
+    if queue.empty():
+        return None
+    item = queue.get_nowait()
+    if isinstance(queue, LazyQueue) and queue.empty():
+        queue.shrink()
+    return item
 
 
 def keepalive_deadline(keepalive_s: int) -> int:
@@ -55,6 +77,71 @@ class ChatProtocolHandler(BrokerProtocolHandler):
     _downlink: DownlinkWriter | None = None
     chat_uplink: Callable[[str, bytes], None] | None = None
     """Set by the broker for an authenticated chat device: takes its QoS 0/1 publishes on ``u/...``."""
+    _wake: asyncio.Future[None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An idle connection never uses these (broker/lazy_queue.py).
+        self._pending_subscriptions = LazyQueue()
+        self._pending_unsubscriptions = LazyQueue()
+
+    # --- events for the broker's message loop (ChatBroker._client_message_loop) ---------------
+    # amqtt's loop keeps four Tasks per connection waiting on three queues and the
+    # disconnect future, and builds an asyncio.wait over them per event. Here the
+    # loop polls those and, when all are empty, waits on one future that every
+    # producer below resolves.
+
+    def _notify(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def disconnect_future(self) -> asyncio.Future[Any]:
+        """The future the connection's end resolves (a done one if the handler has none: amqtt's wait_disconnect)."""
+        waiter = self._disconnect_waiter
+        if waiter is None:
+            waiter = self._loop.create_future()
+            waiter.set_result(None)
+        return waiter
+
+    def next_subscription(self) -> Any:
+        return _next(self._pending_subscriptions)
+
+    def next_unsubscription(self) -> Any:
+        return _next(self._pending_unsubscriptions)
+
+    def next_delivery(self) -> ApplicationMessage | None:
+        session = self.session
+        if session is None or not self._is_attached():
+            return None
+        return _next(session.delivered_message_queue)
+
+    async def wait_event(self, disconnect: asyncio.Future[Any]) -> None:
+        """Until a producer calls _notify or ``disconnect`` is resolved; the caller then polls again."""
+        wake = self._wake = self._loop.create_future()
+
+        def woken(_: asyncio.Future[Any]) -> None:
+            self._notify()
+
+        disconnect.add_done_callback(woken)
+        try:
+            await wake
+        finally:
+            disconnect.remove_done_callback(woken)
+            self._wake = None
+
+    async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
+        await super().handle_subscribe(subscribe)
+        self._notify()
+
+    async def handle_unsubscribe(self, unsubscribe: UnsubscribePacket) -> None:
+        await super().handle_unsubscribe(unsubscribe)
+        self._notify()
+
+    async def _handle_message_flow(self, app_message: IncomingApplicationMessage | OutgoingApplicationMessage) -> None:
+        await super()._handle_message_flow(app_message)
+        if app_message.direction == INCOMING:
+            self._notify()  # the message is in session.delivered_message_queue now
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
         # A chat publish goes straight to the bridge (in arrival order: the reader
@@ -269,6 +356,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         if message is not None:
             message.pubrel_packet = pubrel
             await session.delivered_message_queue.put(message)
+            self._notify()
         await self._send_packet(PubcompPacket.build(packet_id))
 
     async def _retry_deliveries(self) -> None:

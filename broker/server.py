@@ -114,6 +114,13 @@ class SessionLink:
             log.debug("downlink to %s not acknowledged: %r", self._client_id, task.exception())
 
 
+def _resolved(value: Any) -> asyncio.Future[Any]:
+    """A done future holding ``value``: amqtt's _handle_* methods take the waiter that produced it."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
 def _chat_identity(session: Session) -> Caller | None:
     parts = split_client_id(session.client_id or "")
     if parts is None or parts[0] != session.username:
@@ -413,6 +420,33 @@ class ChatBroker(ConformantBroker):
         await super().retain_message(source_session, topic_name, data, qos)
 
     # Retained messages for a new subscription: ConformantBroker, through _may_receive.
+
+    # --- the per-connection message loop -------------------------------------------
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        """amqtt's loop, without its four waiter Tasks and an asyncio.wait per event.
+
+        The same events in the same order of checks (disconnect, subscriptions,
+        unsubscriptions, deliveries), polled from the handler; when none is
+        pending, one future that the handler resolves (ChatProtocolHandler.wait_event).
+        """
+        disconnect = handler.disconnect_future()
+        try:
+            while True:
+                if disconnect.done():
+                    await self._handle_disconnect(client_session, handler, disconnect)
+                    return
+                if (subscription := handler.next_subscription()) is not None:
+                    await self._handle_subscription(client_session, handler, _resolved(subscription))
+                elif (unsubscription := handler.next_unsubscription()) is not None:
+                    await self._handle_unsubscription(client_session, handler, _resolved(unsubscription))
+                elif (message := handler.next_delivery()) is not None:
+                    if not await self._handle_message_delivery(client_session, handler, _resolved(message)):
+                        return
+                else:
+                    await handler.wait_event(disconnect)
+        except asyncio.CancelledError:
+            log.debug("%s: message loop cancelled", client_session.client_id)  # amqtt ends the loop quietly too
 
     # --- subscriptions tell the bridge who is online -----------------------------
 

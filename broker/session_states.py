@@ -7,12 +7,17 @@ states and two triggers; ``SessionStates`` is that, with the same face amqtt and
 this broker use (``state``, ``connect``, ``disconnect``, ``is_*``), the same
 refusal (``MachineError`` for connect while connected) and the same callbacks
 (the session's connect/disconnect times).
+
+``lighten`` also gives a new session queues that are made on first use
+(broker/lazy_queue.py): an idle chat session never uses them.
 """
 
 from __future__ import annotations
 
 from amqtt.session import Session
 from transitions import MachineError
+
+from broker.lazy_queue import LazyQueue
 
 NEW, CONNECTED, DISCONNECTED = "new", "connected", "disconnected"
 
@@ -47,7 +52,10 @@ class SessionStates:
 
 
 def lighten(session: Session) -> Session:
-    """Replace ``session``'s Machine with ``SessionStates`` in the same state."""
+    """Replace a new ``session``'s Machine with ``SessionStates`` in the same state, its queues with lazy ones."""
+    if session.retained_messages.empty() and session.delivered_message_queue.empty():
+        session.retained_messages = LazyQueue()
+        session.delivered_message_queue = LazyQueue()
     # Duck-typed: amqtt and this broker only use the members SessionStates has.
     session.transitions = SessionStates(session, session.transitions.state)  # type: ignore[assignment]
     return session
