@@ -132,15 +132,16 @@ class E2E:
         """Publish this device's keys and top up its one-time keys (rule 4 of ``keys``). Blocking."""
         with self._lock:
             first = self._store.get_meta("keys_published") != self._account.curve25519
-            device_keys = self._account.device_keys(self.user, self.device)
         if first:
-            # Identity keys alone first: after a reinstall under this device id the server still
-            # holds the old install's one-time and fallback keys until new identity keys replace
-            # them, and counting those would leave this install with none published.
-            self._call(OP_KEYS_PUBLISH, K.publish_args(device_keys, {}, None))
-        count = self._call(OP_KEYS_COUNT, {})
-        on_server = int(count.get("one_time_keys", 0)) if isinstance(count, dict) else 0
-        has_fallback = bool(count.get("fallback_key")) if isinstance(count, dict) else False
+            # Not counted: after a reinstall under this device id the server still holds the old
+            # install's one-time and fallback keys, which this publish drops. Counting them would
+            # leave this install with none. Zero is safe: nothing of this account was ever marked
+            # published, so whatever of it the server may hold is still unpublished here.
+            on_server, has_fallback = 0, False
+        else:
+            count = self._call(OP_KEYS_COUNT, {})
+            on_server = int(count.get("one_time_keys", 0)) if isinstance(count, dict) else 0
+            has_fallback = bool(count.get("fallback_key")) if isinstance(count, dict) else False
         with self._lock:
             unpublished = len(self._account.unpublished_one_time_keys())
             self._account.generate_one_time_keys(
@@ -149,6 +150,7 @@ class E2E:
                 self._account.generate_fallback_key()
             one_time = self._account.unpublished_one_time_keys()
             fallback = self._account.unpublished_fallback_key()
+            device_keys = self._account.device_keys(self.user, self.device)
             self._save_account()
         if not first and not one_time and fallback is None:
             return
