@@ -1,8 +1,8 @@
 """The ``keys.*`` and ``devices.remove`` requests: the thin shell around the key rules and store.
 
 Each op checks its arguments with ``bridge.keys``, runs one store transaction,
-and keeps the in-memory ``KeyedDevices`` (used by the olm mismatch check of
-the staging core) in step with the store.
+and keeps the in-memory ``KeyedDevices`` (each keyed device's current identity
+key, used by the olm mismatch check of the staging core) in step with the store.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ class KeyService:
 
     async def _publish(self, caller: Caller, args: dict[str, Any]) -> Any:
         publish = parse_publish(caller.user, caller.device, args)
-        remaining, keyed = await self._store.publish(caller.user, caller.device, publish)
-        if keyed:
-            self._keyed.add(caller.user, caller.device)
+        remaining, _ = await self._store.publish(caller.user, caller.device, publish)
+        if publish.device_keys is not None:  # stored: new (a reinstall) or the same again
+            self._keyed.add(caller.user, caller.device, publish.device_keys.curve25519)
         return {"one_time_keys": remaining}
 
     async def _count(self, caller: Caller, args: dict[str, Any]) -> Any:

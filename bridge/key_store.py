@@ -80,8 +80,8 @@ class KeyStore(Protocol):
 
     async def remove_device(self, user: str, device: str) -> None: ...
 
-    async def keyed_devices(self) -> list[tuple[str, str]]:
-        """(user, device) of every device with published device keys."""
+    async def keyed_devices(self) -> list[tuple[str, str, str]]:
+        """(user, device, Curve25519 identity key) of every device with published device keys."""
 
     async def close(self) -> None: ...
 
@@ -178,9 +178,9 @@ class SqliteKeyStore:
             await self._forget_keys(user, device)
             await self._db.execute("DELETE FROM device_keys WHERE user = ? AND device = ?", (user, device))
 
-    async def keyed_devices(self) -> list[tuple[str, str]]:
-        async with self._db.execute("SELECT user, device FROM device_keys") as cursor:
-            return [(str(r[0]), str(r[1])) async for r in cursor]
+    async def keyed_devices(self) -> list[tuple[str, str, str]]:
+        async with self._db.execute("SELECT user, device, curve25519 FROM device_keys") as cursor:
+            return [(str(r[0]), str(r[1]), str(r[2])) async for r in cursor]
 
     async def _forget_keys(self, user: str, device: str) -> None:
         for table in _DEVICE_TABLES:

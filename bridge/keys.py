@@ -18,7 +18,7 @@ Rules (docs/PROTOCOL.md, "End-to-end encryption"):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,13 +26,12 @@ from bridge.requests import OpError
 from client_sdk.protocol import (
     MAX_ONE_TIME_KEYS_PER_PUBLISH,
     MAX_USERS_PER_REQUEST,
+    PUBLIC_KEY_RE,
     ErrorCode,
     is_device_id,
     is_user_id,
 )
 
-KEY_RE: Final = re.compile(r"[A-Za-z0-9+/=_-]{1,256}")
-"""A public key or a signature: base64 (standard or URL-safe, padded or not)."""
 KEY_ID_RE: Final = re.compile(r"[A-Za-z0-9+/=_:.-]{1,64}")
 DEVICE_KEY_FIELDS: Final = frozenset({"user", "device", "curve25519", "ed25519", "signature"})
 ONE_TIME_KEY_FIELDS: Final = frozenset({"key", "signature"})
@@ -76,7 +75,7 @@ def _exact(obj: object, fields: frozenset[str], what: str) -> dict[str, Any]:
 
 
 def _key(value: object, what: str) -> str:
-    if not isinstance(value, str) or KEY_RE.fullmatch(value) is None:
+    if not isinstance(value, str) or PUBLIC_KEY_RE.fullmatch(value) is None:
         raise _bad(f"{what} must be base64, 1-256 characters")
     return value
 
@@ -155,20 +154,27 @@ def claimed_item(key: OneTimeKey, fallback: bool) -> dict[str, Any]:
 
 
 class KeyedDevices:
-    """Which devices have published keys, by user, in memory (the olm mismatch check
-    runs per message and must not query the database). Loaded at boot from the key
-    store, updated on publish and on device removal."""
+    """Which devices have published keys, and each one's current Curve25519 identity key,
+    in memory (the olm mismatch check runs per message and must not query the database).
+    Loaded at boot from the key store, updated on publish (a reinstall replaces the key)
+    and on device removal."""
 
-    def __init__(self, client_ids: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(self, devices: Iterable[tuple[str, str, str]] = ()) -> None:
         self._by_user: dict[str, frozenset[str]] = {}
-        for user, device in client_ids:
-            self.add(user, device)
+        self._keys: dict[str, str] = {}  # client id -> Curve25519 identity key
+        for user, device, curve25519 in devices:
+            self.add(user, device, curve25519)
 
-    def add(self, user: str, device: str) -> None:
-        self._by_user[user] = self.of_user(user) | {f"{user}.{device}"}
+    def add(self, user: str, device: str, curve25519: str) -> None:
+        """``user.device`` published (possibly new) identity keys."""
+        cid = f"{user}.{device}"
+        self._keys[cid] = curve25519
+        self._by_user[user] = self.of_user(user) | {cid}
 
     def remove(self, user: str, device: str) -> None:
-        remaining = self.of_user(user) - {f"{user}.{device}"}
+        cid = f"{user}.{device}"
+        self._keys.pop(cid, None)
+        remaining = self.of_user(user) - {cid}
         if remaining:
             self._by_user[user] = remaining
         else:
@@ -177,3 +183,12 @@ class KeyedDevices:
     def of_user(self, user: str) -> frozenset[str]:
         """Client ids (``user.device``) of ``user``'s devices with published keys."""
         return self._by_user.get(user, frozenset())
+
+    def key_of(self, cid: str) -> str | None:
+        """The current Curve25519 identity key of client id ``cid``; None if it has no keys."""
+        return self._keys.get(cid)
+
+    def stale(self, stated: Mapping[str, str], among: Iterable[str]) -> list[str]:
+        """Client ids of ``among`` whose ``stated`` identity key is not their current one
+        (the sender encrypted to an install that has been replaced), sorted."""
+        return sorted(cid for cid in among if cid in stated and stated[cid] != self._keys.get(cid))

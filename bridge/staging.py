@@ -23,8 +23,10 @@ Rules (PROTOCOL.md "Delivery rules"):
    sender's other such devices (history sync). Each of them gets an item with
    only its own ciphertext, kept on that item (memory and disk) and gone with
    it when that device acks. Only a device of the recipient triggers
-   ``delivered``. A mismatch is refused and holds the device's later messages
-   like ``queue_full``; a recipient without keys gets ``no_keys``.
+   ``delivered``. A mismatch (a device missing, extra, or -- when the message
+   states ``keys`` -- encrypted to an identity key the device has since
+   replaced: ``stale``) is refused and holds the device's later messages like
+   ``queue_full``; a recipient without keys gets ``no_keys``.
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
@@ -283,9 +285,12 @@ class Staging:
         if not self.keyed.of_user(message.to) - {origin}:
             return error_item(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys", message.id)
         required = self.required_devices(origin, sender, message.to)
-        if bodies != required:
-            return error_item(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with published keys",
-                              message.id, missing=sorted(required - bodies), extra=sorted(bodies - required))
+        # Without 'keys' (an SDK older than them) only the ids are checked.
+        stale = self.keyed.stale(message.keys, bodies & required) if message.keys is not None else []
+        if bodies != required or stale:
+            return error_item(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with published "
+                              "keys, encrypted to their current identity keys", message.id,
+                              missing=sorted(required - bodies), extra=sorted(bodies - required), stale=stale)
         return sorted(required)
 
     def _stage(self, device: str, item: Item, now: float, out: Outcome) -> None:

@@ -5,7 +5,8 @@ Who calls what (threads of the engine):
 - the outbox thread: ``sync_keys`` (publish/top up keys; after each connect and
   after a peer used up a one-time key) and ``bodies_for`` (encrypt a message for
   every required device, claiming keys and making sessions as needed);
-- paho's thread: ``on_mismatch`` (a ``devices_mismatch`` refusal);
+- paho's thread: ``on_mismatch`` (a ``devices_mismatch`` refusal, which also
+  names devices reinstalled since the message was encrypted: ``stale``);
 - the dispatcher thread: ``open_message`` (decrypt a staged message and replace
   its inbox row with the opened form, in one transaction with the session
   update, so a crash never loses a message whose keys were already used);
@@ -28,6 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from client_sdk import keys as K
@@ -64,6 +66,27 @@ class SendRefused(Exception):
         super().__init__(detail)
         self.code = code
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A message encrypted for its devices: ``bodies`` (client id -> ciphertext) and ``keys``
+    (client id -> the Curve25519 identity key each was encrypted to; the server refuses a
+    replaced one as ``stale``). Kept in the outbox so that a re-send is identical."""
+
+    bodies: dict[str, str]
+    keys: dict[str, str] | None
+    """None only for a message sealed by an SDK older than ``keys`` (sent without them)."""
+
+    def to_json(self) -> str:
+        return json.dumps({"bodies": self.bodies, "keys": self.keys})
+
+    @classmethod
+    def from_json(cls, text: str) -> Sealed:
+        obj = json.loads(text)
+        if isinstance(obj.get("bodies"), dict):  # a client id always has a dot: never "bodies"
+            return cls(dict(obj["bodies"]), dict(obj["keys"]) if isinstance(obj.get("keys"), dict) else None)
+        return cls(dict(obj), None)  # the older form: the bodies alone
 
 
 def now_ms() -> int:
@@ -107,9 +130,18 @@ class E2E:
 
     def sync_keys(self) -> None:
         """Publish this device's keys and top up its one-time keys (rule 4 of ``keys``). Blocking."""
-        count = self._call(OP_KEYS_COUNT, {})
-        on_server = int(count.get("one_time_keys", 0)) if isinstance(count, dict) else 0
-        has_fallback = bool(count.get("fallback_key")) if isinstance(count, dict) else False
+        with self._lock:
+            first = self._store.get_meta("keys_published") != self._account.curve25519
+        if first:
+            # Not counted: after a reinstall under this device id the server still holds the old
+            # install's one-time and fallback keys, which this publish drops. Counting them would
+            # leave this install with none. Zero is safe: nothing of this account was ever marked
+            # published, so whatever of it the server may hold is still unpublished here.
+            on_server, has_fallback = 0, False
+        else:
+            count = self._call(OP_KEYS_COUNT, {})
+            on_server = int(count.get("one_time_keys", 0)) if isinstance(count, dict) else 0
+            has_fallback = bool(count.get("fallback_key")) if isinstance(count, dict) else False
         with self._lock:
             unpublished = len(self._account.unpublished_one_time_keys())
             self._account.generate_one_time_keys(
@@ -119,9 +151,8 @@ class E2E:
             one_time = self._account.unpublished_one_time_keys()
             fallback = self._account.unpublished_fallback_key()
             device_keys = self._account.device_keys(self.user, self.device)
-            published = self._store.get_meta("keys_published") == self._account.curve25519
             self._save_account()
-        if published and not one_time and fallback is None:
+        if not first and not one_time and fallback is None:
             return
         self._call(OP_KEYS_PUBLISH, K.publish_args(device_keys, one_time, fallback))
         with self._lock:
@@ -165,9 +196,17 @@ class E2E:
             return self.refresh(user)
         return K.ListedDevices(self._store.devices_of(user), ())
 
-    def on_mismatch(self, msg_id: str, missing: tuple[str, ...], extra: tuple[str, ...]) -> None:
-        """The server's device set differs: refetch the lists it names and encrypt the message again."""
-        for cid in missing + extra:
+    def on_mismatch(self, msg_id: str, missing: tuple[str, ...], extra: tuple[str, ...],
+                    stale: tuple[str, ...] = ()) -> None:
+        """The server's device set differs, or a device was reinstalled (``stale``): refetch the
+        lists it names and encrypt the message again.
+
+        A stale device's new identity key shows up in the refetched list as an identity
+        change: ``refresh`` warns (``IdentityChanged``) and drops the old install's
+        sessions, and ``bodies_for`` claims a one-time key for a new session. Nothing is
+        dropped here (paho's thread): an encryption running now must not find the device
+        without sessions while its cached keys are still the old ones."""
+        for cid in missing + extra + stale:
             parts = split_client_id(cid)
             if parts is not None:
                 self._store.set_list_fresh(parts[0], False)
@@ -175,15 +214,16 @@ class E2E:
 
     # --- sending -------------------------------------------------------------------------
 
-    def bodies_for(self, message: OutMessage) -> dict[str, str]:
-        """``bodies`` for the message (made once and kept in the outbox, so a re-send is identical).
+    def bodies_for(self, message: OutMessage) -> Sealed:
+        """The message sealed for every required device (made once and kept in the outbox,
+        so a re-send is identical).
 
         Raises SendRefused (no device of the recipient has keys, or a required
         device's keys do not verify), RequestError or RequestTimeout (retry later).
         """
         kept = self._store.outbox_bodies(message.id)
         if kept is not None:
-            return dict(json.loads(kept))
+            return Sealed.from_json(kept)
         targets: list[DeviceRecord] = []
         for user in dict.fromkeys((message.to, self.user)):
             found = self.devices(user)
@@ -195,18 +235,24 @@ class E2E:
             raise SendRefused(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys")
         self._claim_sessions([r for r in targets if not self._store.sessions_of(r.user, r.device)])
         bodies: dict[str, str] = {}
+        keys: dict[str, str] = {}
         with self._lock, self._store.transaction():
             for record in targets:
                 saved = self._store.sessions_of(record.user, record.device)
-                if not saved:
-                    continue  # no key to be had: the server names it missing, and the lists are fetched again
+                if not saved or self._store.devices_of(record.user).get(record.device) != record:
+                    # No key to be had, or its keys changed meanwhile (and its sessions went with
+                    # them): the server names it missing, and the lists are fetched again.
+                    continue
                 session = Session.from_pickle(saved[0].pickle, self._key)
                 plaintext = self._payload(message, record)
-                bodies[client_id(record.user, record.device)] = session.encrypt(plaintext, self.curve25519).to_wire()
+                cid = client_id(record.user, record.device)
+                bodies[cid] = session.encrypt(plaintext, self.curve25519).to_wire()
+                keys[cid] = record.curve25519
                 self._store.put_session(SessionRecord(record.user, record.device, session.id,
                                                       session.pickle(self._key)), now_ms())
-            self._store.set_outbox_bodies(message.id, json.dumps(bodies))
-        return bodies
+            sealed = Sealed(bodies, keys)
+            self._store.set_outbox_bodies(message.id, sealed.to_json())
+        return sealed
 
     def _payload(self, message: OutMessage, record: DeviceRecord) -> bytes:
         return json.dumps({
@@ -230,6 +276,8 @@ class E2E:
                 if key is None:
                     raise SendRefused(BAD_KEYS, f"the one-time key of {user}.{device} does not verify; refused")
                 with self._lock:
+                    if self._store.devices_of(user).get(device) != record:
+                        continue  # replaced meanwhile (a reinstall): a session with the old keys is no use
                     session = self._account.outbound(record.curve25519, key)
                     self._store.put_session(SessionRecord(user, device, session.id, session.pickle(self._key)),
                                             now_ms())

@@ -361,9 +361,9 @@ class Engine:
         if verdict is ErrorVerdict.RETRY:
             log.info("%s: message %s: %s (%s); retrying later", self.cid, item.ref, item.code, item.detail)
         elif verdict is ErrorVerdict.REBUILD and self.e2e is not None and item.ref is not None:
-            log.info("%s: message %s: devices changed (missing %s, extra %s); encrypting again",
-                     self.cid, item.ref, item.missing, item.extra)
-            self.e2e.on_mismatch(item.ref, item.missing, item.extra)
+            log.info("%s: message %s: devices changed (missing %s, extra %s, stale %s); encrypting again",
+                     self.cid, item.ref, item.missing, item.extra, item.stale)
+            self.e2e.on_mismatch(item.ref, item.missing, item.extra, item.stale)
         else:
             self._dispatcher.event(error_from(item))
         if verdict is not ErrorVerdict.NOT_OURS:
@@ -548,7 +548,7 @@ class Engine:
         """The olm form of ``message``; None if it cannot be sent (dropped, reported); ``_LATER`` to retry."""
         assert self.e2e is not None
         try:
-            bodies = self.e2e.bodies_for(message)
+            sealed = self.e2e.bodies_for(message)
         except SendRefused as exc:
             self._refuse(message.id, exc.code, exc.detail)
             return None
@@ -561,7 +561,7 @@ class Engine:
         except (RequestTimeout, ClientClosed, NotConnected) as exc:
             log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
             return _LATER
-        return ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, bodies)
+        return ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)
 
     def _refuse(self, msg_id: str, code: str, detail: str) -> None:
         if self.outbox.confirmed([msg_id]):

@@ -198,7 +198,7 @@ def parse_request(payload: bytes, max_bytes: int) -> Request:
 
 
 def error_item(code: str, detail: str, ref: str | None = None, **fields: Any) -> dict[str, Any]:
-    """An ``error`` item; ``fields`` adds code-specific fields (``missing``/``extra`` of devices_mismatch)."""
+    """An ``error`` item; ``fields`` adds code-specific fields (``missing``/``extra``/``stale`` of devices_mismatch)."""
     item: dict[str, Any] = {"kind": "error", "code": code, "detail": detail}
     if ref is not None:
         item["ref"] = ref
@@ -219,9 +219,11 @@ def failure_item(rid: str, code: str, detail: str) -> dict[str, Any]:
 TYPE_RE: Final = re.compile(r"[a-z0-9_.-]{1,32}")
 GROUP_PREFIX: Final = "g:"
 MAX_IDS_PER_ITEM: Final = 1000
-MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "bodies", "type", "ts"})
+MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "bodies", "keys", "type", "ts"})
 OLM_TYPE: Final = "olm"
 """``type`` of an end-to-end encrypted message: uplink with ``bodies``, downlink ``body`` = this device's ciphertext."""
+PUBLIC_KEY_RE: Final = re.compile(r"[A-Za-z0-9+/=_-]{1,256}")
+"""A public key or a signature on the wire: base64 (standard or URL-safe, padded or not)."""
 DEFAULT_MAX_DEVICES_PER_MESSAGE: Final = 64
 """Default of ``limits.max_devices_per_message``: entries allowed in one message's ``bodies``."""
 
@@ -238,6 +240,9 @@ class ChatMessage:
 
     Exactly one of two forms: plain ``body``, or ``bodies`` (client id
     ``user.device`` -> that device's ciphertext, ``type`` "olm") with ``body`` "".
+    ``keys`` (olm only, optional on the wire): client id -> the Curve25519 identity
+    key that device's ciphertext was encrypted to, for exactly the ids of ``bodies``;
+    the server refuses a message whose key for a device is not its current one.
     """
 
     id: str
@@ -246,6 +251,7 @@ class ChatMessage:
     type: str = "text"
     ts: int | None = None
     bodies: dict[str, str] | None = None
+    keys: dict[str, str] | None = None
 
 
 def _body_size(body: str, max_body_bytes: int, msg_id: str, what: str) -> None:
@@ -264,6 +270,16 @@ def _parse_bodies(value: object, max_body_bytes: int, max_devices: int, msg_id: 
             raise DecodeError(ErrorCode.BAD_ENVELOPE,
                               "'bodies' keys must be client ids 'user.device' and values strings", msg_id)
         _body_size(body, max_body_bytes, msg_id, f"ciphertext for {key}")
+    return dict(value)
+
+
+def _parse_keys(value: object, bodies: dict[str, str] | None, msg_id: str) -> dict[str, str]:
+    if bodies is None:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'keys' goes with 'bodies' only", msg_id)
+    if (not isinstance(value, dict) or set(value) != set(bodies)
+            or not all(isinstance(k, str) and PUBLIC_KEY_RE.fullmatch(k) for k in value.values())):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'keys' must map exactly the client ids of 'bodies' to "
+                                                  "Curve25519 keys (base64, 1-256 characters)", msg_id)
     return dict(value)
 
 
@@ -301,13 +317,16 @@ def parse_chat_message(
     ts = obj.get("ts")
     if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'ts' must be a non-negative integer (ms)", msg_id)
-    return ChatMessage(msg_id, to, body, kind, ts, bodies)
+    keys = _parse_keys(obj["keys"], bodies, msg_id) if "keys" in obj else None
+    return ChatMessage(msg_id, to, body, kind, ts, bodies, keys)
 
 
 def chat_message_payload(message: ChatMessage) -> bytes:
     obj: dict[str, Any] = {"id": message.id, "to": message.to, "type": message.type}
     if message.bodies is not None:
         obj["bodies"] = message.bodies
+        if message.keys is not None:
+            obj["keys"] = message.keys
     else:
         obj["body"] = message.body
     if message.ts is not None:
@@ -493,13 +512,15 @@ class ResItem:
 
 @dataclass(frozen=True, slots=True)
 class ErrorItem:
-    """``missing``/``extra``: the client ids a ``devices_mismatch`` names (empty otherwise)."""
+    """``missing``/``extra``/``stale``: the client ids a ``devices_mismatch`` names (empty otherwise);
+    ``stale``: devices whose stated identity key is not their current one (a reinstall)."""
 
     code: str
     detail: str
     ref: str | None
     missing: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
+    stale: tuple[str, ...] = ()
 
 
 DownlinkItem = MsgItem | ReceiptItem | PresenceItem | ResItem | ErrorItem
@@ -547,5 +568,5 @@ def parse_downlink(payload: bytes) -> DownlinkItem:
                        error.get("code"), error.get("detail"))
     if kind == "error":
         return ErrorItem(_need(obj, "code", str), str(obj.get("detail", "")), obj.get("ref"),
-                         _str_tuple(obj, "missing"), _str_tuple(obj, "extra"))
+                         _str_tuple(obj, "missing"), _str_tuple(obj, "extra"), _str_tuple(obj, "stale"))
     raise DecodeError(ErrorCode.BAD_ENVELOPE, f"unknown downlink kind {kind!r}")

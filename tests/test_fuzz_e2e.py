@@ -1,8 +1,9 @@
 """Fuzzing the end-to-end additions through the real broker (Hypothesis): olm messages with
-arbitrary ``bodies``/``body``/``type`` and keys.* / devices.remove requests with arbitrary
-arguments. Each gets exactly one answer -- an ``error``/failed ``res`` naming an input fault
-(never ``internal``), or ``sent``/a result when it happens to be valid -- and the broker keeps
-serving: a ping fence follows every example, and a fresh client pings after every test."""
+arbitrary ``bodies``/``body``/``type``/``keys`` (stated identity keys) and keys.* /
+devices.remove requests with arbitrary arguments. Each gets exactly one answer -- an
+``error``/failed ``res`` naming an input fault (never ``internal``), or ``sent``/a result when
+it happens to be valid -- and the broker keeps serving: a ping fence follows every example,
+and a fresh client pings after every test."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ FUZZ = settings(max_examples=120, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MESSAGE_FAULTS = {"bad_json", "bad_envelope", "too_large", "devices_mismatch", "no_keys", "unknown_recipient"}
 REQUEST_FAULTS = {"bad_envelope", "forbidden", "unknown_recipient"}
+BOB_KEY = "Q1"  # bob.phone's Curve25519 identity key, as the fixture publishes it
 OPS = ("keys.publish", "keys.count", "keys.list", "keys.claim", "devices.remove")
 
 
@@ -40,7 +42,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Peer
             peer = made[name] = Peer(broker.port, name, f"{name}-pw")
             assert peer.connect() == 0
             assert peer.subscribe() == [1]
-        keys = {"user": "bob", "device": "phone", "curve25519": "Q1", "ed25519": "RU", "signature": "U0"}
+        keys = {"user": "bob", "device": "phone", "curve25519": BOB_KEY, "ed25519": "RU", "signature": "U0"}
         assert made["bob"].request("keys.publish", {"device_keys": keys})["ok"]
         yield made
     finally:
@@ -85,28 +87,42 @@ bodies = (st.dictionaries(texts, texts | values, max_size=10) | values
           | st.just({"bob.phone": "Y3Q"}) | st.just({"bob.phone": "x" * 300}))
 
 
+ABSENT = "<no keys field>"
+stated_keys = (st.just(ABSENT) | st.just({"bob.phone": BOB_KEY}) | st.just({"bob.phone": "Q2"})
+               | st.dictionaries(texts, texts | values, max_size=3) | values)
+
+
 @FUZZ
 @given(bodies=bodies, kind=st.sampled_from(["olm", "text", None, 5]), body=st.sampled_from([None, "hi", 3]),
-       to=st.sampled_from(["bob", "alice", "nobody", "mallory"]))
-@example(bodies={"bob.phone": "Y3Q"}, kind="olm", body=None, to="bob")
-@example(bodies={f"bob.d{n}": "x" for n in range(9)}, kind="olm", body=None, to="bob")
-def test_olm_envelopes(running: dict[str, Peer], bodies: Any, kind: Any, body: Any, to: str) -> None:
+       to=st.sampled_from(["bob", "alice", "nobody", "mallory"]), keys=stated_keys)
+@example(bodies={"bob.phone": "Y3Q"}, kind="olm", body=None, to="bob", keys=ABSENT)
+@example(bodies={"bob.phone": "Y3Q"}, kind="olm", body=None, to="bob", keys={"bob.phone": BOB_KEY})
+@example(bodies={"bob.phone": "Y3Q"}, kind="olm", body=None, to="bob", keys={"bob.phone": "Q2"})
+@example(bodies={"bob.phone": "Y3Q"}, kind="olm", body=None, to="bob", keys={"bob.phone": "\ud800"})
+@example(bodies={f"bob.d{n}": "x" for n in range(9)}, kind="olm", body=None, to="bob", keys=ABSENT)
+def test_olm_envelopes(running: dict[str, Peer], bodies: Any, kind: Any, body: Any, to: str, keys: Any) -> None:
     msg_id = uuid.uuid4().hex
     obj: dict[str, Any] = {"id": msg_id, "to": to, "bodies": bodies}
     if kind is not None:
         obj["type"] = kind
     if body is not None:
         obj["body"] = body
+    if keys != ABSENT:
+        obj["keys"] = keys
     mallory = running["mallory"]
     mallory.publish("u/mallory/out", json.dumps(obj).encode())
     [answer] = answers_until_fence(mallory, lambda i: i.get("ref") == msg_id or msg_id in i.get("ids", []))
     if answer["kind"] == "receipt":
         assert answer["status"] == "sent"
         assert obj.get("bodies") == {"bob.phone": "Y3Q"} and to == "bob", "only a valid message is taken"
+        assert keys in (ABSENT, {"bob.phone": BOB_KEY}), "only the current identity key, or none stated"
     else:
         assert answer["kind"] == "error" and answer["code"] in MESSAGE_FAULTS, answer
         if answer["code"] == "devices_mismatch" and "missing" in answer:
             assert answer["missing"] in ([], ["bob.phone"]), answer
+            assert answer["stale"] in ([], ["bob.phone"]), answer
+            if answer["stale"]:
+                assert keys["bob.phone"] != BOB_KEY, answer
 
 
 @FUZZ

@@ -1,7 +1,8 @@
 """End-to-end encrypted (olm) messages through the real broker, as raw MQTT clients see them:
 each device receives only its own ciphertext with the sending device as ``dev``; the sender's
 other devices get the history copy; ``delivered`` comes only from a recipient device; a wrong
-device set is refused with the exact missing/extra devices and holds later messages; a recipient
+device set is refused with the exact missing/extra devices and holds later messages; so is a
+ciphertext whose stated identity key a reinstall replaced (``stale``); a recipient
 without keys gets ``no_keys``; ``limits.require_encryption`` refuses plain bodies; staged
 ciphertexts survive a broker restart; ``devices.remove`` changes the required set, drops the
 device's staged items, revokes its token and closes its connection."""
@@ -31,17 +32,25 @@ def connect(port: int, peers: list[Peer], user: str, device: str = "phone", pass
     return peer
 
 
-def publish_keys(peer: Peer) -> None:
+def curve_of(cid: str, install: str = "") -> str:
+    """The (fake) Curve25519 identity key ``publish_keys`` gives device ``cid``'s ``install``."""
+    return f"Q1{cid.partition('.')[2]}{install}"
+
+
+def publish_keys(peer: Peer, install: str = "") -> None:
     device = peer.client_id.partition(".")[2]
-    keys = {"user": peer.user, "device": device, "curve25519": f"Q1{device}", "ed25519": f"RU{device}",
-            "signature": "U0lH"}
+    keys = {"user": peer.user, "device": device, "curve25519": curve_of(peer.client_id, install),
+            "ed25519": f"RU{device}{install}", "signature": "U0lH"}
     res = peer.request("keys.publish", {"device_keys": keys, "one_time_keys": {"k1": {"key": "a2V5",
                                                                                       "signature": "c2ln"}}})
     assert res["ok"] is True, res
 
 
-def send_olm(peer: Peer, to: str, msg_id: str, bodies: dict[str, str]) -> None:
-    peer.publish(f"u/{peer.user}/out", {"id": msg_id, "to": to, "type": "olm", "bodies": bodies})
+def send_olm(peer: Peer, to: str, msg_id: str, bodies: dict[str, str], keys: dict[str, str] | None = None) -> None:
+    message: dict[str, Any] = {"id": msg_id, "to": to, "type": "olm", "bodies": bodies}
+    if keys is not None:
+        message["keys"] = keys
+    peer.publish(f"u/{peer.user}/out", message)
 
 
 def is_msg(msg_id: str) -> Any:
@@ -127,6 +136,30 @@ def test_device_mismatch_is_exact_and_holds_later_messages(broker: BrokerThread,
     send_olm(alice, "bob", "m2", FOR_BOB)
     assert alice.expect(is_receipt("sent", "m2"))
     assert [p["bob.phone"].expect(is_msg(m))["id"] for m in ("m1", "m2")] == ["m1", "m2"]
+
+
+def test_stale_identity_key_is_refused_and_holds_later_messages(broker: BrokerThread, peers: list[Peer]) -> None:
+    p = everyone(broker.port, peers)
+    alice, laptop = p["alice.phone"], p["bob.laptop"]
+    old_keys = {cid: curve_of(cid) for cid in FOR_BOB}
+    send_olm(alice, "bob", "m1", FOR_BOB, old_keys)
+    assert alice.expect(is_receipt("sent", "m1")), "the keys alice states are the current ones"
+    ack(laptop, laptop.expect(is_msg("m1"))["seq"])
+    publish_keys(laptop, install="new")  # bob reinstalls the laptop: same device id, new identity keys
+    send_olm(alice, "bob", "m2", FOR_BOB, old_keys)
+    error = alice.expect(is_error("m2"))
+    assert error["code"] == "devices_mismatch"
+    assert (error["missing"], error["extra"], error["stale"]) == ([], [], ["bob.laptop"])
+    new_keys = {**old_keys, "bob.laptop": curve_of("bob.laptop", "new")}
+    send_olm(alice, "bob", "m3", FOR_BOB, new_keys)
+    held = alice.expect(is_error("m3"))
+    assert held["code"] == "devices_mismatch" and "m2" in held["detail"], "held behind m2"
+    send_olm(alice, "bob", "m2", FOR_BOB, new_keys)  # re-encrypted for the new install, same id
+    assert alice.expect(is_receipt("sent", "m2"))
+    send_olm(alice, "bob", "m3", FOR_BOB)  # without 'keys': the device ids alone are checked
+    assert alice.expect(is_receipt("sent", "m3"))
+    got = [item["id"] for item in until_fence(laptop) if item.get("kind") == "msg"]
+    assert got == ["m2", "m3"], "in order, and nothing of the refused attempt"
 
 
 def test_recipient_without_keys_gets_no_keys(broker: BrokerThread, peers: list[Peer]) -> None:

@@ -1,7 +1,9 @@
 """End-to-end encryption through the real broker with SDK clients: alice and bob (two
 devices) chat encrypted both ways and history copies reach the sender's other device; a
 stale device list is healed by one automatic re-send; a new device gets what is sent after
-it published keys; a reinstall raises an identity-change warning; keys whose signatures do
+it published keys; a reinstall raises an identity-change warning, and what alice sends after it
+is re-encrypted for the new install (one automatic re-send) while a message staged for the wiped
+install is lost to the new one; keys whose signatures do
 not verify are refused; the server only ever carries ciphertext."""
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 
 from client_sdk import AsyncClient, StoreError
 from client_sdk.crypto import Account, Ciphertext
-from client_sdk.events import ErrorEvent, IdentityChanged, Message, Receipt
+from client_sdk.events import ErrorEvent, IdentityChanged, Message, Receipt, Undecryptable
 from client_sdk.protocol import OLM_TYPE
 from tests.helpers import BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector, Factory, LogWatch
@@ -95,6 +97,48 @@ def test_identity_change_warns_and_messages_still_flow(make_client: Factory) -> 
     assert alice.client.fingerprint("bob", "phone") == warning.new_fingerprint
     alice.client.send("bob", "after", "text")  # over the new session, not the old install's
     assert reinstalled.next(Message).body == "after"
+
+
+def test_reinstall_is_healed_by_one_automatic_resend(make_client: Factory) -> None:
+    alice = online(make_client, "alice", "phone")
+    bob = online(make_client, "bob", "phone", store="bob-old.db")
+    first = alice.client.send("bob", "before", "text")
+    assert bob.next(Message).body == "before"  # alice now has a session with bob's old install
+    assert alice.next(Receipt, where=lambda r: r.status == "delivered" and first in r.ids), "acked: nothing in flight"
+    old = alice.client.fingerprint("bob", "phone")
+    bob.client.close()
+    reinstalled = online(make_client, "bob", "phone", store="bob-new.db")  # same device id, new keys published
+    assert reinstalled.client.request("keys.count") == {"one_time_keys": 50, "fallback_key": True}, \
+        "the new install's own keys, not a count of the old install's"
+    with LogWatch("client_sdk.engine", "stale ('bob.phone',)") as watch:
+        sent = {alice.client.send("bob", f"after {n}", "text"): f"after {n}" for n in range(3)}
+        got = reinstalled.messages(len(sent))
+        assert {m.id: m.body for m in got} == sent, "every one decrypted by the new install"
+        assert watch.count == 1, "one stale refusal, one re-send encrypted for the new install"
+    warning = alice.next(IdentityChanged)
+    assert (warning.user, warning.device, warning.old_fingerprint) == ("bob", "phone", old)
+    assert warning.new_fingerprint == reinstalled.client.fingerprint()
+    for mid in sent:
+        assert alice.next(Receipt, where=lambda r, mid=mid: r.status == "sent" and mid in r.ids)
+    assert not [e for e in reinstalled.all_now() if isinstance(e, Undecryptable | Message)], "each exactly once"
+    assert not [e for e in alice.all_now() if isinstance(e, ErrorEvent | IdentityChanged)], "one warning, no error"
+
+
+def test_message_staged_for_a_wiped_install_is_lost_to_the_new_one(make_client: Factory) -> None:
+    """What the stale check cannot cover (docs/SECURITY.md): a message accepted while bob's old
+    install was current, and still staged when it was wiped, reaches the new install as
+    ``Undecryptable``; what alice sends after the reinstall is readable."""
+    alice = online(make_client, "alice", "phone")
+    bob = online(make_client, "bob", "phone", store="bob-old.db")
+    alice.client.send("bob", "before", "text")
+    assert bob.next(Message).body == "before"
+    bob.client.close()
+    lost = alice.client.send("bob", "while bob was away", "text")
+    assert alice.next(Receipt, where=lambda r: r.status == "sent" and lost in r.ids)
+    reinstalled = online(make_client, "bob", "phone", store="bob-new.db")
+    assert reinstalled.next(Undecryptable, where=lambda u: u.id == lost).sender == "alice"
+    later = alice.client.send("bob", "after", "text")
+    assert reinstalled.next(Message, where=lambda m: m.id == later).body == "after"
 
 
 def raw_device(broker: BrokerThread, peers: list[Peer], user: str, device: str,

@@ -70,13 +70,25 @@ def test_claim_and_remove_arguments() -> None:
 
 
 def test_keyed_devices() -> None:
-    keyed = KeyedDevices([("bob", "phone"), ("bob", "tab"), ("alice", "phone")])
+    keyed = KeyedDevices([("bob", "phone", "K1"), ("bob", "tab", "K2"), ("alice", "phone", "K3")])
     assert keyed.of_user("bob") == {"bob.phone", "bob.tab"}
     keyed.remove("bob", "phone")
     keyed.remove("alice", "phone")
-    keyed.add("carol", "x")
+    keyed.add("carol", "x", "K4")
     assert keyed.of_user("bob") == {"bob.tab"} and keyed.of_user("alice") == frozenset()
     assert keyed.of_user("carol") == {"carol.x"}
+    assert (keyed.key_of("carol.x"), keyed.key_of("bob.phone")) == ("K4", None), "a removed device has no key"
+
+
+def test_keyed_devices_name_stale_identity_keys() -> None:
+    keyed = KeyedDevices([("bob", "phone", "OLD"), ("bob", "tab", "T")])
+    stated = {"bob.phone": "OLD", "bob.tab": "T", "carol.x": "C"}
+    assert keyed.stale(stated, ["bob.phone", "bob.tab"]) == []
+    keyed.add("bob", "phone", "NEW")  # a reinstall under the same device id
+    assert keyed.of_user("bob") == {"bob.phone", "bob.tab"}
+    assert keyed.stale(stated, ["bob.tab", "bob.phone"]) == ["bob.phone"]
+    assert keyed.stale(stated, ["bob.tab"]) == [], "only the devices asked about"
+    assert keyed.stale({"bob.tab": "T"}, ["bob.phone", "bob.tab"]) == [], "a device without a stated key is not stale"
 
 
 # --- the SQLite store ------------------------------------------------------------------------
@@ -101,7 +113,7 @@ async def test_one_time_keys_need_device_keys_first(store: SqliteKeyStore) -> No
     assert await publish(store, {"device_keys": device_keys(), "one_time_keys": otks(0, 3)}) == (3, True)
     assert await publish(store, {"one_time_keys": otks(3, 2)}) == (5, True)
     assert await store.count("bob", "phone") == (5, False)
-    assert await store.keyed_devices() == [("bob", "phone")]
+    assert await store.keyed_devices() == [("bob", "phone", "Q1VSVkU")]
 
 
 async def test_claims_take_each_key_once_then_the_fallback(store: SqliteKeyStore) -> None:
@@ -152,13 +164,14 @@ async def test_new_identity_keys_drop_the_old_keys(store: SqliteKeyStore) -> Non
     assert await publish(store, {"device_keys": device_keys(curve="TkVX"), "one_time_keys": otks(0, 1)}) == (1, True)
     assert await store.count("bob", "phone") == (1, False)
     assert (await store.claim("bob", None))["phone"]["id"] == "AAA0", "claimed ids are forgotten on a reinstall"
+    assert await store.keyed_devices() == [("bob", "phone", "TkVX")], "the new identity key is what boot loads"
 
 
 async def test_remove_device_forgets_everything(store: SqliteKeyStore) -> None:
     await publish(store, {"device_keys": device_keys(), "one_time_keys": otks(0, 3)})
     await publish(store, {"device_keys": device_keys(device="tab"), "one_time_keys": otks(0, 1)}, device="tab")
     await store.remove_device("bob", "phone")
-    assert await store.keyed_devices() == [("bob", "tab")]
+    assert await store.keyed_devices() == [("bob", "tab", "Q1VSVkU")]
     assert await store.count("bob", "phone") == (0, False)
     assert set(await store.claim("bob", None)) == {"tab"}
 

@@ -1,5 +1,6 @@
-"""The wire module's end-to-end additions: the olm message form (``bodies``), ``dev`` on
-``msg`` items, ``devices_mismatch`` fields on error items and canonical JSON, without a network."""
+"""The wire module's end-to-end additions: the olm message form (``bodies``) and its stated
+identity keys (``keys``), ``dev`` on ``msg`` items, ``devices_mismatch`` fields on error items
+(``missing``/``extra``/``stale``) and canonical JSON, without a network."""
 
 import json
 
@@ -18,6 +19,15 @@ def test_olm_message_round_trip() -> None:
     assert message == p.ChatMessage("m1", "bob", "", p.OLM_TYPE, 5, bodies)
     assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
     assert "body" not in json.loads(p.chat_message_payload(message))
+
+
+def test_olm_message_with_keys_round_trip() -> None:
+    bodies, keys = {"bob.phone": "Y3Qx", "alice.tab": "Y3Qz"}, {"bob.phone": "Q1+/=", "alice.tab": "Q2-_"}
+    message = p.parse_chat_message(olm(bodies, keys=keys), 100)
+    assert message == p.ChatMessage("m1", "bob", "", p.OLM_TYPE, None, bodies, keys)
+    assert json.loads(p.chat_message_payload(message))["keys"] == keys
+    assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
+    assert "keys" not in json.loads(p.chat_message_payload(p.ChatMessage("m1", "bob", "", p.OLM_TYPE, None, bodies)))
 
 
 def test_olm_type_is_implied_by_bodies() -> None:
@@ -45,6 +55,15 @@ def test_plain_message_round_trip_is_unchanged() -> None:
         (json.dumps({"id": "m1", "to": "bob"}).encode(), "bad_envelope"),  # neither form
         (olm({"bob.phone": "x" * 101}), "too_large"),
         (olm({f"bob.d{i}": "x" for i in range(4)}), "too_large"),  # more devices than allowed
+        (olm({"bob.phone": "x"}, keys={}), "bad_envelope"),  # 'keys' must name the ids of 'bodies' exactly
+        (olm({"bob.phone": "x"}, keys={"bob.phone": "Q1", "bob.tab": "Q2"}), "bad_envelope"),
+        (olm({"bob.phone": "x", "bob.tab": "y"}, keys={"bob.phone": "Q1"}), "bad_envelope"),
+        (olm({"bob.phone": "x"}, keys={"bob.phone": 5}), "bad_envelope"),
+        (olm({"bob.phone": "x"}, keys={"bob.phone": ""}), "bad_envelope"),
+        (olm({"bob.phone": "x"}, keys={"bob.phone": "not base64!"}), "bad_envelope"),
+        (olm({"bob.phone": "x"}, keys={"bob.phone": "Q" * 257}), "bad_envelope"),
+        (olm({"bob.phone": "x"}, keys=["Q1"]), "bad_envelope"),
+        (json.dumps({"id": "m1", "to": "bob", "body": "x", "keys": {}}).encode(), "bad_envelope"),  # plain
     ],
 )
 def test_bad_olm_messages_name_their_fault(payload: bytes, code: str) -> None:
@@ -73,8 +92,11 @@ def test_error_items_keep_mismatch_fields() -> None:
     assert item["missing"] == ["bob.a"] and item["extra"] == ["bob.b", "bob.c"]
     assert p.parse_downlink(p.dumps(item)) == p.ErrorItem("devices_mismatch", "x", "m1", ("bob.a",), ("bob.b", "bob.c"))
     assert p.parse_downlink(p.dumps(p.error_item("no_keys", "y", "m2"))) == p.ErrorItem("no_keys", "y", "m2")
-    with pytest.raises(p.DecodeError):
-        p.parse_downlink(p.dumps({**item, "missing": "bob.a"}))
+    stale = p.parse_downlink(p.dumps({**item, "stale": ["bob.d", "bob.e"]}))
+    assert isinstance(stale, p.ErrorItem) and stale.stale == ("bob.d", "bob.e")
+    for field in ("missing", "stale"):
+        with pytest.raises(p.DecodeError):
+            p.parse_downlink(p.dumps({**item, field: "bob.a"}))
 
 
 def test_canonical_json_is_sorted_compact_utf8() -> None:

@@ -1,8 +1,9 @@
 """Olm messages in the staging core and store, without a network: each device gets only its own
 ciphertext (and the sender's device as ``dev``), the required device set and its refusals
-(devices_mismatch holds later messages, no_keys, encryption_required), ``delivered`` only from the
-recipient, a ciphertext leaves memory and disk with its item, eviction and reload after a flush,
-devices.remove, and the upgrade of a staging.db written by schema 1."""
+(devices_mismatch holds later messages, no_keys, encryption_required), stated identity keys that a
+reinstall replaced (``stale``), ``delivered`` only from the recipient, a ciphertext leaves memory and
+disk with its item, eviction and reload after a flush, devices.remove, and the upgrade of a
+staging.db written by schema 1."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from client_sdk.protocol import OLM_TYPE, ChatMessage
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
 DEVICES = [("alice", "phone"), ("alice", "tab"), ("bob", "phone"), ("bob", "laptop"), ("bob", "old"), ("carol", "x")]
-KEYED = [("alice", "phone"), ("alice", "tab"), ("bob", "phone"), ("bob", "laptop")]  # bob.old has no keys
+KEYED = [("alice", "phone", "K-ap"), ("alice", "tab", "K-at"), ("bob", "phone", "K-bp"), ("bob", "laptop", "K-bl")]
+# bob.old has no keys
 FOR_BOB = {"bob.phone": "ct-bp", "bob.laptop": "ct-bl", "alice.tab": "ct-at"}
+KEYS_FOR_BOB = {"bob.phone": "K-bp", "bob.laptop": "K-bl", "alice.tab": "K-at"}
 
 
 def core(rules: Rules = RULES) -> Staging:
@@ -30,8 +33,8 @@ def core(rules: Rules = RULES) -> Staging:
     return Staging(rules, 1, directory, RateLimiter(1.0, 1000), RecentIds(1000), KeyedDevices(KEYED))
 
 
-def olm(msg_id: str, bodies: dict[str, str], to: str = "bob") -> ChatMessage:
-    return ChatMessage(msg_id, to, "", OLM_TYPE, None, bodies)
+def olm(msg_id: str, bodies: dict[str, str], to: str = "bob", keys: dict[str, str] | None = None) -> ChatMessage:
+    return ChatMessage(msg_id, to, "", OLM_TYPE, None, bodies, keys)
 
 
 def sent_to(out: Outcome) -> dict[str, dict[str, Any]]:
@@ -74,12 +77,38 @@ def test_mismatch_names_missing_and_extra_and_holds_later_messages() -> None:
     [error] = errors(out)
     assert (error["code"], error["ref"]) == ("devices_mismatch", "m1")
     assert error["missing"] == ["alice.tab", "bob.laptop"] and error["extra"] == ["bob.old", "carol.x"]
+    assert error["stale"] == []
     [held] = errors(s.submit("alice.phone", "alice", olm("m2", FOR_BOB), 1000, 0.1))
     assert (held["code"], held["ref"]) == ("devices_mismatch", "m2")
     assert errors(s.submit("alice.tab", "alice", ChatMessage("t1", "bob", "plain"), 1000, 0.1)) == [], \
         "only the refused device is held"
     assert not errors(s.submit("alice.phone", "alice", olm("m1", FOR_BOB), 1000, 0.2)), "the re-send is taken"
     assert not errors(s.submit("alice.phone", "alice", olm("m2", FOR_BOB), 1000, 0.3))
+
+
+def test_stated_identity_keys_must_be_current() -> None:
+    s = core()
+    assert not errors(s.submit("alice.phone", "alice", olm("m1", FOR_BOB, keys=KEYS_FOR_BOB), 1000, 0.0))
+    s.keyed.add("bob", "laptop", "K-bl-new")  # bob reinstalled his laptop (what keys.publish does)
+    [error] = errors(s.submit("alice.phone", "alice", olm("m2", FOR_BOB, keys=KEYS_FOR_BOB), 1000, 0.1))
+    assert (error["code"], error["ref"]) == ("devices_mismatch", "m2")
+    assert (error["missing"], error["extra"], error["stale"]) == ([], [], ["bob.laptop"])
+    [held] = errors(s.submit("alice.phone", "alice", olm("m3", FOR_BOB), 1000, 0.2))
+    assert (held["code"], held["ref"]) == ("devices_mismatch", "m3"), "held behind m2"
+    assert ("alice", "m2") not in s.live, "nothing of the refused message is staged"
+    fresh = {**KEYS_FOR_BOB, "bob.laptop": "K-bl-new"}
+    assert not errors(s.submit("alice.phone", "alice", olm("m2", FOR_BOB, keys=fresh), 1000, 0.3))
+    assert not errors(s.submit("alice.phone", "alice", olm("m3", FOR_BOB), 1000, 0.4)), \
+        "without 'keys' only the device ids are checked (an older SDK)"
+
+
+def test_stale_is_reported_with_missing_and_extra() -> None:
+    s = core()
+    s.keyed.add("bob", "phone", "K-bp-new")
+    bodies = {"bob.phone": "a", "bob.old": "b", "alice.tab": "c"}
+    keys = {"bob.phone": "K-bp", "bob.old": "whatever", "alice.tab": "K-at"}
+    [error] = errors(s.submit("alice.phone", "alice", olm("m1", bodies, keys=keys), 1000, 0.0))
+    assert (error["missing"], error["extra"], error["stale"]) == (["bob.laptop"], ["bob.old"], ["bob.phone"])
 
 
 def test_no_keys_is_not_held() -> None:
