@@ -1,0 +1,56 @@
+"""Regressions for the bugs the chaos harness (bench/chaos) found, each pinned without sockets.
+
+1. A ``delivered`` receipt went out when the FIRST device of the recipient acked,
+   before the message was safe for the others. The SDK drops a message from its
+   outbox on ``delivered`` (it implies ``sent``), so a broker crash in the next
+   ``staging.flush_ms`` lost the message for every device that had not acked yet
+   (found by ``run_kill``: a tablet missed a message its user's phone had).
+"""
+
+from __future__ import annotations
+
+from bridge.directory import Directory
+from bridge.limits import RateLimiter, RecentIds
+from bridge.staging import Rules, Staging
+from client_sdk.protocol import ChatMessage
+
+RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
+
+
+def statuses(out: object, client_id: str) -> list[str]:
+    items = [*out.notices, *out.deliveries]  # type: ignore[attr-defined]
+    return [item.get("status") or item["kind"] for cid, item in items if cid == client_id]
+
+
+def test_delivered_waits_until_the_message_is_safe_for_every_device() -> None:
+    directory = Directory()
+    directory.load([("alice", "phone"), ("bob", "phone"), ("bob", "tablet")])
+    s = Staging(RULES, 1, directory, RateLimiter(1.0, 1000), RecentIds(1000))
+    s.device_online("alice.phone", 0.0)
+    s.device_online("bob.phone", 0.0)  # bob.tablet is offline: its copy lives only in memory for now
+    out = s.submit("alice.phone", "alice", ChatMessage("m1", "bob", "hi"), 1000, 0.0)
+    seq = next(item["seq"] for cid, item in out.deliveries if cid == "bob.phone")
+
+    out = s.ack("bob.phone", [seq], 1001, 0.01)
+    assert statuses(out, "alice.phone") == [], "nothing that lets alice's SDK forget m1 before it is safe"
+
+    batch = s.take_flush(1.0)
+    assert batch is not None
+    out = s.flush_done(batch)  # now the tablet's copy is on disk: sent, then the held 'delivered'
+    assert statuses(out, "alice.phone") == ["sent", "delivered"]
+    delivered = [item for cid, item in out.deliveries if cid == "alice.phone"]
+    assert [(d["status"], d["ids"]) for d in delivered] == [("delivered", ["m1"])]
+
+
+def test_delivered_is_immediate_once_sent_was_given() -> None:
+    directory = Directory()
+    directory.load([("alice", "phone"), ("bob", "phone")])
+    s = Staging(RULES, 1, directory, RateLimiter(1.0, 1000), RecentIds(1000))
+    s.device_online("alice.phone", 0.0)
+    s.device_online("bob.phone", 0.0)
+    out = s.submit("alice.phone", "alice", ChatMessage("m1", "bob", "hi"), 1000, 0.0)
+    seq = out.deliveries[0][1]["seq"]
+    batch = s.take_flush(1.0)  # bob's phone is slow to ack: the copy is written first
+    assert batch is not None
+    assert statuses(s.flush_done(batch), "alice.phone") == ["sent"]
+    assert statuses(s.ack("bob.phone", [seq], 3000, 3.0), "alice.phone") == ["delivered"]
