@@ -65,13 +65,17 @@ class ChaosBroker:
             for line in proc.stdout:
                 if line.startswith(READY):
                     ready.put(line)
+            ready.put("")  # exited without becoming ready
 
         threading.Thread(target=watch, daemon=True).start()
         try:
-            ready.get(timeout=timeout)
+            line = ready.get(timeout=timeout)
         except queue.Empty:
+            line = ""
+        if not line:
             self.kill()
-            raise BenchError(f"the broker did not become ready within {timeout:.0f} s; see {self.log_path}") from None
+            raise BenchError(f"the broker did not become ready within {timeout:.0f} s (exit code "
+                             f"{self.proc.poll()}); see {self.log_path}")
         self.starts += 1
         return self
 

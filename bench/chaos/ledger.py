@@ -25,12 +25,13 @@ from typing import Any
 from bench.common import percentile
 
 
-def body_of(sender: str, n: int) -> str:
-    return f"{sender}:{n}"
+def body_of(sender: str, n: int, pad: int = 0) -> str:
+    """The body of message ``n`` of ``sender``; ``pad`` filler bytes make it bigger (disk scenarios)."""
+    return f"{sender}:{n}" + ("|" + "x" * pad if pad else "")
 
 
 def parse_body(body: str) -> tuple[str, int] | None:
-    sender, _, number = body.rpartition(":")
+    sender, _, number = body.split("|", 1)[0].rpartition(":")
     if not sender or not number.isdigit():
         return None
     return sender, int(number)
@@ -88,11 +89,11 @@ class Ledger:
 
     # --- sender side ---------------------------------------------------------------------
 
-    def intend(self, sender: str, n: int, to: str, targets: tuple[str, ...]) -> str:
+    def intend(self, sender: str, n: int, to: str, targets: tuple[str, ...], pad: int = 0) -> str:
         """Call just before ``send()``; returns the body to send."""
         with self._lock:
             self._sent[(sender, n)] = Sent(sender, n, to, targets, self._clock())
-        return body_of(sender, n)
+        return body_of(sender, n, pad)
 
     def accepted(self, sender: str, n: int, mid: str) -> None:
         """``send()`` returned ``mid``: from now on the message must arrive."""
@@ -169,7 +170,7 @@ class Ledger:
                 for sender, n, at in got:
                     first.setdefault((device, sender, n), at)
             out = []
-            for (device, sender, n), at in first.items():
+            for (_device, sender, n), at in first.items():
                 entry = self._sent[(sender, n)]
                 if since <= entry.at < until:
                     out.append(at - entry.at)

@@ -18,7 +18,8 @@ from typing import Any
 
 from bench.chaos.broker import ChaosBroker
 from bench.chaos.workload import Plan, Progress, Workload, password
-from tests.proxy import DOWN, PUBLISH, UP, MqttProxy
+from bench.common import BenchError
+from tests.proxy import DOWN, PUBLISH, UP, MqttProxy, Packet
 
 Row = dict[str, Any]
 
@@ -104,15 +105,10 @@ def run_network(size: str, workdir: Path, progress: Progress) -> Row:
                 counts["slow"] += 1
                 time.sleep(1.5)
                 proxy.delay_s = 0.0
-                before = proxy.cuts
-                proxy.cut_after(lambda p: p.direction == UP and p.kind == PUBLISH and p.topic is not None
-                                and p.topic.endswith("/out"))
-                _wait(lambda: proxy.cuts > before, 5)
-                counts["cut_after_publish"] += proxy.cuts - before
-                before = proxy.cuts
-                proxy.cut_after(lambda p: p.direction == DOWN and p.kind == PUBLISH and b'"kind":"msg"' in p.data)
-                _wait(lambda: proxy.cuts > before, 5)
-                counts["cut_after_delivery"] += proxy.cuts - before
+                counts["cut_after_publish"] += _cut_once(proxy, lambda p: p.direction == UP and p.kind == PUBLISH
+                                                         and p.topic is not None and p.topic.endswith("/out"))
+                counts["cut_after_delivery"] += _cut_once(proxy, lambda p: p.direction == DOWN and p.kind == PUBLISH
+                                                          and b'"kind":"msg"' in p.data)
                 progress(f"  network round {r + 1}/{rounds}: {counts}")
             work.wait_senders(180)
             t1 = time.monotonic()
@@ -123,13 +119,15 @@ def run_network(size: str, workdir: Path, progress: Progress) -> Row:
             proxy.stop()
 
 
-def _wait(check: Callable[[], bool], timeout: float) -> bool:
+def _cut_once(proxy: MqttProxy, rule: Callable[[Packet], bool], timeout: float = 5.0) -> int:
+    """Install a cut-after rule and wait (up to ``timeout``) until it fired; returns the cuts made."""
+    before = proxy.cuts
+    proxy.cut_after(rule)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
+    while proxy.cuts == before and time.monotonic() < deadline:
         time.sleep(0.02)
-    return False
+    proxy.rule = None
+    return proxy.cuts - before
 
 
 # --- 3. clients killed with unsent outboxes -------------------------------------------------------
@@ -214,9 +212,10 @@ def fill(path: Path) -> int:
 
 
 def run_disk(size: str, workdir: Path, progress: Progress) -> Row:
-    hold = 3.0 if ci(size) else 10.0
+    hold = 4.0 if ci(size) else 10.0
     rounds = 1 if ci(size) else 3
-    plan = Plan(pairs=2 if ci(size) else 4, per_sender=150 if ci(size) else 700, rate=10.0)
+    plan = Plan(pairs=2 if ci(size) else 4, per_sender=150 if ci(size) else 700, rate=10.0, pad_bytes=30000,
+                offline_s=(2.0, 5.0))
     began = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     disk = workdir / "disk"
@@ -241,11 +240,21 @@ def run_disk(size: str, workdir: Path, progress: Progress) -> Row:
             faults += 2
             progress(f"  round {r + 1}: space back, killed and restarted")
             time.sleep(1.5)
+            # A file system cannot turn read-only under a process that has files open for writing
+            # (EBUSY), so: crash, come back read-only, then writable again.
+            broker.kill()
             subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
-            progress(f"  round {r + 1}: read-only")
-            time.sleep(hold)
-            figures.setdefault("alive_while_ro", []).append(broker.alive)
+            progress(f"  round {r + 1}: killed; data dir read-only")
+            try:
+                broker.start(timeout=30)
+                figures.setdefault("started_read_only", []).append(True)
+                time.sleep(hold)
+                figures.setdefault("alive_while_ro", []).append(broker.alive)
+                broker.kill()
+            except BenchError:
+                figures.setdefault("started_read_only", []).append(False)  # refused to start: reported, no harm
             subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True, capture_output=True)
+            broker.start()
             faults += 1
             progress(f"  round {r + 1}: writable again")
         work.wait_senders(180)

@@ -15,7 +15,9 @@ that a scenario may SIGKILL and ``restart_child`` later from their local store.
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -44,11 +46,42 @@ class Plan:
     child_senders: int = 0  # extra send-only users c{i} whose SDK runs in a killable process
     keepalive: int = 60
     resend_interval: float = 2.0
+    pad_bytes: int = 0  # filler per body (the disk scenario needs the WAL to grow)
     settle_s: float = 90.0  # after the fault: how long everything may take to arrive
 
 
 def password(user: str) -> str:
     return f"{user}-chaos-pw"
+
+
+class RefusalWatch(logging.Handler):
+    """Counts the SDK's transient refusals by code (``internal``, ``queue_full``, ``rate_limited``).
+
+    The SDK retries those silently (no ``on_error``) and only logs them, at INFO.
+    """
+
+    PATTERN = re.compile(r"^(\S+): message \S+: (\w+) \(")
+
+    def __init__(self, counts: Counter[str]) -> None:
+        super().__init__(logging.INFO)
+        self.counts = counts
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self.PATTERN.match(record.getMessage())
+        if found:
+            self.counts[found.group(2)] += 1
+
+    def __enter__(self) -> RefusalWatch:
+        logger = logging.getLogger("client_sdk.engine")
+        logger.addHandler(self)
+        self._old = logger.level
+        logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("client_sdk.engine")
+        logger.removeHandler(self)
+        logger.setLevel(self._old)
 
 
 class Device:
@@ -155,7 +188,8 @@ class Workload:
         self.plan, self.workdir, self.connect_port, self.progress = plan, workdir, connect_port, progress
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger()
-        self.errors: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()  # permanent refusals (on_error) and transient ones (logged)
+        self._watch = RefusalWatch(self.errors).__enter__()
         self.rng = random.Random(seed)
         self.users = [f"{side}{i}" for i in range(plan.pairs) for side in "ab"]
         self.devices: dict[str, list[Device]] = {}
@@ -210,7 +244,7 @@ class Workload:
         for n in range(self.plan.per_sender):
             if self._stop.is_set():
                 return
-            body = self.ledger.intend(user, n, to, targets)
+            body = self.ledger.intend(user, n, to, targets, self.plan.pad_bytes)
             assert phone.client is not None
             self.ledger.accepted(user, n, phone.client.send(to, body))
             due += interval * self.rng.uniform(0.5, 1.5)
@@ -264,6 +298,7 @@ class Workload:
 
     def close(self) -> None:
         self._stop.set()
+        self._watch.__exit__()
         for child in self.children:
             child.stop()
         for devices in self.devices.values():

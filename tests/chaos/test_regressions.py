@@ -5,13 +5,20 @@
    outbox on ``delivered`` (it implies ``sent``), so a broker crash in the next
    ``staging.flush_ms`` lost the message for every device that had not acked yet
    (found by ``run_kill``: a tablet missed a message its user's phone had).
+2. A known device could not log in while the disk was full (below).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
 from bridge.directory import Directory
 from bridge.limits import RateLimiter, RecentIds
 from bridge.staging import Rules, Staging
+from broker.users import UserStore
 from client_sdk.protocol import ChatMessage
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
@@ -54,3 +61,18 @@ def test_delivered_is_immediate_once_sent_was_given() -> None:
     assert batch is not None
     assert statuses(s.flush_done(batch), "alice.phone") == ["sent"]
     assert statuses(s.ack("bob.phone", [seq], 3000, 3.0), "alice.phone") == ["delivered"]
+
+
+async def test_a_known_device_logs_in_while_the_users_db_cannot_be_written(tmp_path: Path) -> None:
+    """2. A login of a KNOWN device failed (traceback, connection dropped) while the disk was full,
+    because its last-login time could not be written (found by ``run_disk``)."""
+    store = await UserStore.open(tmp_path)
+    try:
+        await store.add_user("alice", "hash")
+        assert await store.record_login("alice", "phone") is True
+        await store._db.execute("PRAGMA query_only = ON")  # every write now fails, as on a full disk
+        assert await store.record_login("alice", "phone") is False, "known: logs in, time not updated"
+        with pytest.raises(aiosqlite.Error):
+            await store.record_login("alice", "tablet")  # new: cannot be registered, so no login
+    finally:
+        await store.close()
