@@ -269,3 +269,10 @@ def run_disk(size: str, workdir: Path, progress: Progress) -> Row:
 SCENARIOS: dict[str, Callable[[str, Path, Progress], Row]] = {
     "kill": run_kill, "network": run_network, "clients": run_clients, "disk": run_disk,
 }
+
+
+def all_scenarios() -> dict[str, Callable[[str, Path, Progress], Row]]:
+    """Every scenario by name, in the order of docs/RELIABILITY.md."""
+    from bench.chaos import abuse  # noqa: PLC0415 (abuse imports this module)
+
+    return {**SCENARIOS, "slow": abuse.run_slow, "flood": abuse.run_flood, "hostile": abuse.run_hostile}

@@ -5,7 +5,8 @@
    outbox on ``delivered`` (it implies ``sent``), so a broker crash in the next
    ``staging.flush_ms`` lost the message for every device that had not acked yet
    (found by ``run_kill``: a tablet missed a message its user's phone had).
-2. A known device could not log in while the disk was full (below).
+2. A known device could not log in while the disk was full.
+3. A stranger's bad passwords locked the user's own devices (device tokens) out.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiosqlite
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.directory import Directory
 from bridge.limits import RateLimiter, RecentIds
 from bridge.staging import Rules, Staging
 from broker.users import UserStore
+from client_sdk import Client
 from client_sdk.protocol import ChatMessage
+from tests.helpers import WAIT_S, BrokerThread, connack_code
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
 
@@ -76,3 +81,24 @@ async def test_a_known_device_logs_in_while_the_users_db_cannot_be_written(tmp_p
             await store.record_login("alice", "tablet")  # new: cannot be registered, so no login
     finally:
         await store.close()
+
+
+def test_bad_passwords_from_a_stranger_do_not_lock_out_the_users_devices(tmp_path: Path) -> None:
+    """3. Failed logins throttled the user name for everyone, device tokens included: a stranger's
+    bad passwords kept the victim's own devices from reconnecting (found by ``run_flood``)."""
+    broker = BrokerThread(tmp_path / "data", {"auth.free_failures": 1, "auth.base_delay_s": 60.0}).start()
+    try:
+        broker.add_user("alice", "alice-pw")
+        with Client("alice", "alice-pw", device="phone", port=broker.port, store=tmp_path / "a.db"):
+            pass  # logged in with the password once: the store now holds a device token
+        for guess in ("guess-1", "guess-2", "guess-3"):
+            stranger = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alice.evil")
+            stranger.username_pw_set("alice", guess)
+            assert connack_code(stranger, broker.port) != 0
+        wrong = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alice.phone")
+        wrong.username_pw_set("alice", "alice-pw")
+        assert connack_code(wrong, broker.port) != 0, "the password is still throttled"
+        with Client("alice", None, device="phone", port=broker.port, store=tmp_path / "a.db") as phone:
+            assert phone.ping() < WAIT_S, "the device token still logs in"
+    finally:
+        broker.stop()
