@@ -148,9 +148,9 @@ async def big(port: int, seconds: float, user: str, password: str) -> dict[str, 
     while time.monotonic() < deadline:
         raw, _code = await Raw.login(port, user, password, "big")
         try:
+            sent += 1
             raw.publish(f"u/{user}/out", payload)
             await raw.writer.drain()
-            sent += 1
             await asyncio.wait_for(raw.pump(), 10)
             closed += 1
         except (ConnectionError, OSError, TimeoutError):
