@@ -38,13 +38,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--doc", type=Path, default=report.DOC, help="the document whose table is regenerated")
     parser.add_argument("--note", action="append", default=[], help="a note printed under the table (repeatable)")
     parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only re-render chaos.md and the table from chaos.json")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((args.out / "chaos.json").read_text(encoding="utf-8"))
+        write_results("chaos", result, report.details(result), args.out)
+        return 0 if report.update_doc(result, args.doc) else 1
     names = list(scenarios) if args.scenario == "all" else [n.strip() for n in args.scenario.split(",")]
     unknown = set(names) - set(scenarios)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     size = "full" if args.full else "ci"
-    command = "python -m bench chaos " + " ".join(shlex.quote(a) for a in argv)
+    shown = [a for a, before in zip(argv, ["", *argv], strict=True) if a != "--note" and before != "--note"]
+    command = "python -m bench chaos " + " ".join(shlex.quote(a) for a in shown)
     workdir = Path(tempfile.mkdtemp(prefix="chat-chaos-"))
     began = time.monotonic()
     rows: list[dict[str, Any]] = []

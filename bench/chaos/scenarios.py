@@ -260,8 +260,9 @@ def run_disk(size: str, workdir: Path, progress: Progress) -> Row:
         work.wait_senders(180)
         t1 = time.monotonic()
         result = row("disk full / read-only", work, broker, faults,
-                     f"tmpfs data dir filled {rounds}x for {hold:.0f} s (then SIGKILL), read-only {rounds}x for "
-                     f"{hold:.0f} s", (t0, t1), began, **figures)
+                     f"tmpfs data dir filled {rounds}x for {hold:.0f} s (then SIGKILL, space back, restart); "
+                     f"{rounds}x killed and started on the data dir remounted read-only, then read-write",
+                     (t0, t1), began, **figures)
         broker.kill()
         return result
 
