@@ -6,6 +6,7 @@
     python -m bench drain --profile     # with a py-spy profile of the broker
     python -m bench summary             # re-render the tables and summary.md from the JSON files
     python -m bench metrics-cost --quick  # 1:1 throughput with the metrics endpoint on vs off
+    python -m bench chaos [--scenario X] [--full]   # faults, floods, hostile input (bench/chaos)
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
 latency, baselines), idle (memory per connection, CPU at rest), drain (offline
@@ -47,6 +48,11 @@ def result_name(scenario: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["chaos"]:  # its own options; see bench/chaos/cli.py
+        from bench.chaos.cli import main as chaos_main  # noqa: PLC0415
+
+        return chaos_main(args_in[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["all", *SCENARIOS, "summary"], help="what to run")
     size = parser.add_mutually_exclusive_group()

@@ -94,6 +94,10 @@ class Message:
     expired_notified: bool = False
     store_failed: bool = False
     size: int = 0  # body bytes (UTF-8), for the metrics
+    # A 'delivered' receipt held back until 'sent' (found by tests/chaos): the SDK drops a message from
+    # its outbox on 'delivered', so sending it before the message is safe for every target loses it
+    # for a device that has not acked yet if the server crashes in between. (ms, time) of the first ack.
+    delivered_held: tuple[int, float] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -340,7 +344,10 @@ class Staging:
                 self.counters.delivered_latency.observe(max(0, now_ms - message.ts) / 1000)
                 if message.state == DURABLE:
                     self._pending.delivered.append(message.mid)
-                delivered.setdefault((message.sender, message.recipient), []).append(message.msg_id)
+                if message.sent_notified:
+                    delivered.setdefault((message.sender, message.recipient), []).append(message.msg_id)
+                else:  # rule 1 before rule 2: _settle stages it once the message is safe
+                    message.delivered_held = (now_ms, now)
         for (sender, recipient), ids in delivered.items():
             self._stage_receipt(sender, RECEIPT_DELIVERED, ids, recipient, now_ms, now, out)
         self._pump(device, box, now, out)
@@ -370,6 +377,11 @@ class Staging:
         if message.unsettled == 0 and not message.sent_notified:
             message.sent_notified = True
             out.notices.append((message.origin, self._sent_item(message, None)))
+            if message.delivered_held is not None:
+                now_ms, now = message.delivered_held
+                message.delivered_held = None
+                self._stage_receipt(message.sender, RECEIPT_DELIVERED, [message.msg_id], message.recipient,
+                                    now_ms, now, out)
 
     def _sent_item(self, message: Message, now_ms: int | None) -> dict[str, Any]:
         return receipt_item(RECEIPT_SENT, [message.msg_id], message.recipient,

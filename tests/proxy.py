@@ -5,6 +5,11 @@ a *rule*: a function of (direction, packet type, topic) that, when it returns
 True, makes the proxy forward that packet and then cut the connection before any
 further byte passes in either direction — exactly "between PUBLISH and its
 answer". ``cut_all()`` drops every live connection at once.
+
+Also (for tests/chaos and bench/chaos): ``stall()`` stops forwarding on every
+live connection without closing it (half-open: no FIN, no RST; new connections
+still flow) until ``resume()``; ``delay_s`` holds every packet that long (a slow
+link); ``target_port`` may be changed while running (new connections go there).
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class MqttProxy:
         self._thread = threading.Thread(target=self.loop.run_forever, name="proxy", daemon=True)
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.StreamWriter] = set()
+        self._flowing: set[asyncio.Event] = set()  # one per live connection; cleared = stalled
+        self.delay_s = 0.0
+        self.stalls = 0
         self.port = 0
 
     def start(self) -> MqttProxy:
@@ -89,11 +97,17 @@ class MqttProxy:
             return
         self._live.update({client_writer, broker_writer})
         cut = asyncio.Event()
+        flowing = asyncio.Event()
+        flowing.set()
+        self._flowing.add(flowing)
 
         async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
             try:
                 while not cut.is_set():
                     data = await _read_packet(reader)
+                    if self.delay_s:
+                        await asyncio.sleep(self.delay_s)
+                    await flowing.wait()  # stalled: hold the bytes, keep the socket open
                     if cut.is_set():
                         return
                     writer.write(data)
@@ -111,6 +125,7 @@ class MqttProxy:
         tasks = [asyncio.ensure_future(pump(client_reader, broker_writer, UP)),
                  asyncio.ensure_future(pump(broker_reader, client_writer, DOWN))]
         await cut.wait()
+        self._flowing.discard(flowing)
         for task in tasks:
             task.cancel()
         for writer in (client_writer, broker_writer):
@@ -127,6 +142,20 @@ class MqttProxy:
                 _abort(writer)
             self._live.clear()
         self.loop.call_soon_threadsafe(cut)
+
+    def stall(self) -> None:
+        """Stop forwarding on every live connection, without closing it (half-open), until ``resume()``."""
+        def stall() -> None:
+            for flowing in self._flowing:
+                flowing.clear()
+            self.stalls += 1
+        self.loop.call_soon_threadsafe(stall)
+
+    def resume(self) -> None:
+        def resume() -> None:
+            for flowing in self._flowing:
+                flowing.set()
+        self.loop.call_soon_threadsafe(resume)
 
     def stop(self) -> None:
         async def close() -> int:

@@ -40,12 +40,14 @@ def test_online_delivery_is_immediate_and_sent_waits_for_the_ack_or_the_disk() -
     seq = out.deliveries[0][1]["seq"]
     assert seq == SEQ_SPAN + 1
     out = s.ack("bob.phone", [seq], 1001, 0.01)
-    assert ("alice.phone", "delivered", ["m1"]) in kinds(out)
     assert not any(label == "sent" for _, label, _ in kinds(out)), "bob.laptop has neither acked nor been written"
+    # 'delivered' waits for 'sent' (tests/chaos found the loss when it did not: see test_regressions.py)
+    assert not any(label == "delivered" for _, label, _ in kinds(out))
     batch = s.take_flush(1.0)
-    assert batch is not None and [i.device for i in batch.items] == ["bob.laptop", "alice.phone"]
+    assert batch is not None and [i.device for i in batch.items] == ["bob.laptop"]
     assert [m.msg_id for m in batch.bodies] == ["m1"]
-    assert ("alice.phone", "sent", ["m1"]) in kinds(s.flush_done(batch))
+    done = kinds(s.flush_done(batch))  # notices ('sent') go out before deliveries ('delivered')
+    assert ("alice.phone", "sent", ["m1"]) in done and ("alice.phone", "delivered", ["m1"]) in done
 
 
 def test_everything_acked_before_the_deadline_is_never_written() -> None:

@@ -66,7 +66,11 @@ def test_delivered_only_after_a_recipient_device_acks() -> None:
     out = sent_to(s.submit("alice.phone", "alice", olm("m1", FOR_BOB), 1000, 0.0))
     history = s.ack("alice.tab", [out["alice.tab"]["seq"]], 1001, 0.01)
     assert not history.deliveries, "the sender's own device acking is no delivery"
-    delivered = s.ack("bob.phone", [out["bob.phone"]["seq"]], 1002, 0.02)
+    acked = s.ack("bob.phone", [out["bob.phone"]["seq"]], 1002, 0.02)
+    assert not acked.deliveries, "held until the message is safe: bob.laptop's copy is in memory only"
+    batch = s.take_flush(1.0)
+    assert batch is not None
+    delivered = s.flush_done(batch)
     assert {(d, i.get("status")) for d, i in delivered.deliveries} == {("alice.tab", "delivered")}
 
 

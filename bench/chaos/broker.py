@@ -1,0 +1,116 @@
+"""The broker under test as its own process on a FIXED port, so it can be SIGKILLed and restarted in place.
+
+``tests.helpers.BrokerProcess`` binds port 0 (a new port per start); SDK clients
+keep one host:port for life, so a restart must come back on the same port, as an
+operator's broker does. The log goes to a file (kept for the report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from bench.common import READY, REPO, BenchError, free_port, rss_kib
+
+# The honest workload and the SDK's resends must not be rate limited by the defaults
+# (20 msg/s per user); the flood scenario sets its own limits back to the defaults.
+FAST = {"limits": {"send_burst": 1000000, "send_rate_per_s": 1000000.0}, "staging": {"flush_ms": 20}}
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+class ChaosBroker:
+    """``python -m broker run`` on ``127.0.0.1:<port>``; ``kill()`` is SIGKILL, ``start()`` brings it back."""
+
+    def __init__(self, workdir: Path, data_dir: Path, config: dict[str, Any] | None = None) -> None:
+        self.data_dir = data_dir
+        self.config_path = workdir / "broker.json"
+        self.config_path.write_text(json.dumps(deep_merge(FAST, config or {})))  # JSON is YAML
+        self.log_path = workdir / "broker.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[str] | None = None
+        self.starts = 0
+
+    def add_users(self, passwords: dict[str, str]) -> None:
+        lines = "".join(f"{name}:{password}\n" for name, password in passwords.items())
+        subprocess.run([sys.executable, "-m", "broker", "user", "import", "-", "--data-dir", str(self.data_dir)],
+                       input=lines, text=True, check=True, cwd=REPO, capture_output=True, timeout=300)
+
+    def start(self, timeout: float = 60.0) -> ChaosBroker:
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "run", "-c", str(self.config_path), "--bind", f"127.0.0.1:{self.port}",
+             "--data-dir", str(self.data_dir)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+        )
+        log.close()
+        ready: queue.Queue[str] = queue.Queue()
+        proc = self.proc
+
+        def watch() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(READY):
+                    ready.put(line)
+            ready.put("")  # exited without becoming ready
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            line = ready.get(timeout=timeout)
+        except queue.Empty:
+            line = ""
+        if not line:
+            self.kill()
+            raise BenchError(f"the broker did not become ready within {timeout:.0f} s (exit code "
+                             f"{self.proc.poll()}); see {self.log_path}")
+        self.starts += 1
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_kib(self) -> int | None:
+        return rss_kib(self.pid) if self.alive else None
+
+    def kill(self) -> None:
+        """SIGKILL, no goodbye: what a crash or the OOM killer does."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> int | None:
+        """SIGTERM (graceful); returns the exit code, or None if it was not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def log_problems(self) -> list[str]:
+        """Warning, error and traceback lines of the broker's log (all starts)."""
+        if not self.log_path.exists():
+            return []
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if any(word in line for word in ("ERROR", "CRITICAL", "Traceback"))]

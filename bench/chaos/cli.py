@@ -1,0 +1,104 @@
+"""``python -m bench chaos [--scenario X[,Y]] [--full]``: run the fault scenarios, write and publish the figures.
+
+Writes bench/results/chaos.json (every figure) and chaos.md, and regenerates the
+table in docs/RELIABILITY.md. Running a subset replaces those scenarios' rows and
+keeps the others from the last run. Exits 1 if any message was lost, duplicated,
+reordered, misrouted, or got a false ``sent``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench.chaos import report
+from bench.chaos.scenarios import MountFailed, all_scenarios
+from bench.common import RESULTS, BenchError, machine_info, write_results
+
+BAD = ("lost", "duplicated", "reordered", "false_sent", "misrouted", "unknown")
+
+
+def main(argv: list[str]) -> int:
+    scenarios = all_scenarios()
+    parser = argparse.ArgumentParser(prog="python -m bench chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", default="all",
+                        help=f"comma-separated, from: {', '.join(scenarios)} (default all)")
+    parser.add_argument("--full", action="store_true", help="full sizes (20 broker kills, ...; ~20 min), "
+                        "else the CI sizes (~3 min)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    parser.add_argument("--doc", type=Path, default=report.DOC, help="the document whose table is regenerated")
+    parser.add_argument("--note", action="append", default=[], help="a note printed under the table (repeatable)")
+    parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only re-render chaos.md and the table from chaos.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((args.out / "chaos.json").read_text(encoding="utf-8"))
+        write_results("chaos", result, report.details(result), args.out)
+        return 0 if report.update_doc(result, args.doc) else 1
+    names = list(scenarios) if args.scenario == "all" else [n.strip() for n in args.scenario.split(",")]
+    unknown = set(names) - set(scenarios)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    size = "full" if args.full else "ci"
+    shown = [a for a, before in zip(argv, ["", *argv[:-1]], strict=True) if a != "--note" and before != "--note"]
+    command = "python -m bench chaos " + " ".join(shlex.quote(a) for a in shown)
+    workdir = Path(tempfile.mkdtemp(prefix="chat-chaos-"))
+    began = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in names:
+            print(f"[chaos {name}] {size} size ...", flush=True)
+            try:
+                r = scenarios[name](size, workdir / name, lambda line: print(line, flush=True))
+            except MountFailed as exc:
+                print(f"[chaos {name}] skipped: {exc}", flush=True)
+                continue
+            except (BenchError, OSError, AssertionError) as exc:
+                traceback.print_exc()
+                r = {"scenario": name, "failed": str(exc)}
+            r["key"] = name
+            rows.append(r)
+            print(f"[chaos {name}] " + ", ".join(f"{k} {r.get(k)}" for k in ("messages", *BAD, "honest_p99_ms",
+                                                                            "seconds")), flush=True)
+    except KeyboardInterrupt:
+        print("chaos: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep_workdir:
+            print(f"workdir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = merge(args.out / "chaos.json", rows, names)
+    result.update({"benchmark": "chaos", "command": command, "size": size, "machine": machine_info(),
+                   "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                   "seconds": round(time.monotonic() - began, 1), "notes": args.note})
+    complete = [r for r in result["rows"] if "failed" not in r]
+    json_path, md_path = write_results("chaos", {**result, "rows": complete}, report.details(
+        {**result, "rows": complete}), args.out)
+    if report.update_doc({**result, "rows": complete}, args.doc):
+        print(f"table regenerated in {args.doc}")
+    print(f"chaos: {json_path} {md_path}; {time.monotonic() - began:.0f} s")
+    failed = [r["key"] for r in rows if "failed" in r or any(r.get(k) for k in BAD)]
+    if failed:
+        print(f"chaos: FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def merge(path: Path, rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """The last run's rows with the scenarios just run replaced, in the canonical order."""
+    old: list[dict[str, Any]] = []
+    if path.exists():
+        old = [r for r in json.loads(path.read_text(encoding="utf-8")).get("rows", []) if r.get("key") not in names]
+    order = list(all_scenarios())
+    merged = sorted([*old, *rows], key=lambda r: order.index(r["key"]) if r.get("key") in order else 99)
+    return {"rows": merged}

@@ -1,0 +1,85 @@
+"""The chaos results as Markdown: bench/results/chaos.md and the table in docs/RELIABILITY.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, fmt, machine_line, md_table, write_text_atomic
+
+DOC = REPO / "docs" / "RELIABILITY.md"
+START, END = "<!-- chaos-table:start -->", "<!-- chaos-table:end -->"
+COLUMNS = ("scenario", "messages", "faults injected", "lost", "duplicated", "reordered", "false `sent`",
+           "misrouted", "honest p99 during fault (ms)")
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = []
+    for r in result["rows"]:
+        rows.append([r["scenario"], r["messages"], f'{r["faults"]}: {r["fault"]}', r["lost"], r["duplicated"],
+                     r["reordered"], r["false_sent"], r["misrouted"] + r["unknown"], fmt(r["honest_p99_ms"])])
+    m = result["machine"]
+    lines = [f"Run {result['date']} with `{result['command']}` ({result['size']} sizes), "
+             f"{result['seconds']:.0f} s, on {machine_line(m)}.", "",
+             *md_table(COLUMNS, rows, "lrlrrrrrr"), ""]
+    found = [line for line in (highlight(r) for r in result["rows"]) if line]
+    if found:
+        lines += ["Figures of the scenarios:", "", *(f"- {line}" for line in found), ""]
+    notes = result.get("notes", [])
+    if notes:
+        lines += ["Notes on this run:", "", *(f"- {n}" for n in notes), ""]
+    return "\n".join(lines)
+
+
+def details(result: dict[str, Any]) -> str:
+    """chaos.md: the table, then each scenario's own figures."""
+    out = ["# Chaos: faults, floods and hostile input", "", table(result)]
+    for r in result["rows"]:
+        extra = {k: v for k, v in r.items() if k not in {"scenario", "messages", "fault", "examples", "rss_series"}}
+        out += [f"## {r['scenario']}", "", "```", *(f"{k}: {v}" for k, v in extra.items()), "```", ""]
+        if r.get("examples"):
+            out += ["Failures seen:", "", *(f"- {e}" for e in r["examples"]), ""]
+    return "\n".join(out)
+
+
+def update_doc(result: dict[str, Any], doc: Path = DOC) -> bool:
+    """Replace the table between the markers of ``doc``; False if the markers are missing."""
+    if not doc.exists():
+        return False
+    text = doc.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    _old, tail = rest.split(END, 1)
+    write_text_atomic(doc, f"{head}{START}\n{table(result)}\n{END}{tail}")
+    return True
+
+
+def highlight(r: dict[str, Any]) -> str:
+    """One line of the figures that matter for a scenario beyond the table's columns."""
+    key = r.get("key")
+    if key == "disk":
+        return (f"disk: {fmt(r.get('internal_errors_while_full'))} `internal` refusals to senders while full; "
+                f"{fmt(r.get('sent_while_full'))} `sent` given while full, all of them survived the SIGKILL that "
+                f"followed; broker up while full: {r.get('alive_while_full')}; started on a read-only data dir: "
+                f"{r.get('started_read_only')} (refused with an error, then recovered)")
+    if key == "slow":
+        return (f"slow consumers: staged for them at most {fmt(r.get('staged_for_slow_max'))} (2 devices x "
+                f"`delivery.max_queue` {fmt(r.get('max_queue'))}; the spammer got `queue_full`); broker RSS "
+                f"{fmt(r.get('rss_kib_start'))} KiB at the start, {fmt(r.get('rss_kib_max'))} KiB at most, "
+                f"{fmt(r.get('rss_kib_growth_second_half'))} KiB growth over the second half")
+    if key == "flood":
+        floods = r.get("floods", {})
+        parts = [f"{k} {fmt(v.get('honest_p99_ms'))} ms" for k, v in floods.items() if isinstance(v, dict)]
+        bad = floods.get("badpw", {})
+        return (f"floods: honest p99 before {fmt(floods.get('baseline_p99_ms'))} ms, during each: "
+                f"{', '.join(parts)}; {fmt(bad.get('per_s'))} bad-password logins/s, all refused; "
+                f"spam {fmt(floods.get('spam', {}).get('per_s'))} msg/s, answered `rate_limited`")
+    if key == "hostile":
+        h = r.get("hostile", {})
+        return (f"hostile: {fmt(h.get('leaked_items'))} items of others reached the attacker, "
+                f"{fmt(h.get('subscribes_refused'))} foreign SUBSCRIBEs refused and "
+                f"{fmt(h.get('subscribes_granted_to_others'))} granted; examples {h.get('examples')}")
+    if key == "clients":
+        return f"clients: {fmt(r.get('unsent_at_kill'))} messages were in the killed processes' outboxes"
+    return ""
