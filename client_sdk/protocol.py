@@ -266,9 +266,10 @@ def _parse_bodies(value: object, max_body_bytes: int, max_devices: int, msg_id: 
     if len(value) > max_devices:
         raise DecodeError(ErrorCode.TOO_LARGE, f"'bodies' has {len(value)} devices, limit is {max_devices}", msg_id)
     for key, body in value.items():
-        if split_client_id(key) is None or not isinstance(body, str):
+        # An empty ciphertext cannot be an Olm message (found by tests/test_fuzz_e2e.py): refused, not staged.
+        if split_client_id(key) is None or not isinstance(body, str) or not body:
             raise DecodeError(ErrorCode.BAD_ENVELOPE,
-                              "'bodies' keys must be client ids 'user.device' and values strings", msg_id)
+                              "'bodies' keys must be client ids 'user.device' and values non-empty strings", msg_id)
         _body_size(body, max_body_bytes, msg_id, f"ciphertext for {key}")
     return dict(value)
 
