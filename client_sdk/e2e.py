@@ -203,14 +203,17 @@ class E2E:
 
         A stale device's new identity key shows up in the refetched list as an identity
         change: ``refresh`` warns (``IdentityChanged``) and drops the old install's
-        sessions, and ``bodies_for`` claims a one-time key for a new session. Nothing is
-        dropped here (paho's thread): an encryption running now must not find the device
-        without sessions while its cached keys are still the old ones."""
-        for cid in missing + extra + stale:
-            parts = split_client_id(cid)
-            if parts is not None:
-                self._store.set_list_fresh(parts[0], False)
+        sessions, and ``bodies_for`` claims a one-time key for a new session. Queued messages
+        to the same users are sealed again as well. Nothing is dropped here (paho's thread):
+        an encryption running now must not find the device without sessions while its cached
+        keys are still the old ones."""
+        users = {parts[0] for parts in map(split_client_id, missing + extra + stale) if parts is not None}
+        for user in users:
+            self._store.set_list_fresh(user, False)
         self._store.set_outbox_bodies(msg_id, None)
+        # The messages queued behind this one were sealed for the same stale set: the server holds
+        # them and would refuse each in turn. Seal them again too (one refusal heals the queue).
+        self._store.reseal_outbox(users, self.user)
 
     # --- sending -------------------------------------------------------------------------
 

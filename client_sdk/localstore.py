@@ -334,6 +334,15 @@ class LocalStore:
         with self.lock:
             self._db.execute("UPDATE outbox SET bodies = ? WHERE id = ?", (bodies, msg_id))
 
+    def reseal_outbox(self, users: set[str], me: str) -> None:
+        """Forget the ciphertexts of queued messages whose device set involves ``users`` (all of them if
+        ``me`` is one: my other devices are in every message), so each is encrypted again before it goes."""
+        with self.lock:
+            if me in users:
+                self._db.execute("UPDATE outbox SET bodies = NULL")
+            else:
+                self._db.executemany("UPDATE outbox SET bodies = NULL WHERE recipient = ?", [(u,) for u in users])
+
     def outbox_remove(self, ids: list[str]) -> None:
         with self.transaction():
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
