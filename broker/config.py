@@ -89,6 +89,11 @@ class LimitsSettings(_Section):
     """Sustained messages per second per user; beyond it senders get ``rate_limited``."""
     send_burst: int = Field(default=200, ge=1)
     """Messages a user may send at once before the rate applies."""
+    publishes_per_s: float = Field(default=1000.0, ge=0)
+    """PUBLISH packets read per second per connection (0: unpaced). Beyond it the broker stops
+    reading that connection for a moment (TCP backpressure) instead of spending its CPU on it."""
+    publish_burst: int = Field(default=2000, ge=1)
+    """PUBLISH packets a connection may send at once before ``publishes_per_s`` applies."""
     max_devices_per_message: int = Field(default=DEFAULT_MAX_DEVICES_PER_MESSAGE, ge=1)
     """Entries allowed in an olm message's ``bodies`` (recipient's plus sender's other devices)."""
     require_encryption: bool = False

@@ -49,6 +49,18 @@ def encode_puback(packet_id: int) -> bytes:
     return bytes((PUBACK, 2)) + packet_id.to_bytes(2, "big")
 
 
+WRITE_BUFFER_HIGH = 256 * 1024
+"""Bytes waiting to go to a client above which its connection is not read until they have gone."""
+
+
+async def wait_writable(writer: WriterAdapter) -> None:
+    """Wait while more than WRITE_BUFFER_HIGH bytes wait to be sent to this client (TCP, TLS)."""
+    if isinstance(writer, StreamWriterAdapter):
+        stream = writer._writer  # amqtt's adapter over asyncio's StreamWriter: its buffer is the one that grows
+        if stream.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await stream.drain()
+
+
 def streams_bytes(writer: WriterAdapter | None) -> bool:
     """True if ``writer`` sends what is written without an awaited drain (TCP and TLS streams)."""
     return isinstance(writer, StreamWriterAdapter)

@@ -137,7 +137,8 @@ class ChatBroker(ConformantBroker):
                          settings.mqtt.max_queued_messages)
         self.settings = settings
         mqtt = settings.mqtt
-        self._wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s)
+        self._wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s,
+                                settings.limits.publishes_per_s, settings.limits.publish_burst)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
@@ -218,7 +219,7 @@ class ChatBroker(ConformantBroker):
                 await writer.close()
                 return
             # Every packet is checked whole before amqtt parses it (broker/wire.py).
-            reader = PacketGate(reader, self._wire, f"{peer[0]}:{peer[1]}")
+            reader = PacketGate(reader, self._wire, f"{peer[0]}:{peer[1]}", writer)
             try:
                 handler, session = await asyncio.wait_for(
                     self._accept_connect(reader, writer, peer[0], peer[1]),

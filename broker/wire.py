@@ -24,15 +24,17 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from amqtt.adapters import ReaderAdapter
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 
 from broker.acl import is_valid_topic_name
+from broker.downlink import wait_writable
 
 log = logging.getLogger(__name__)
 
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
 CONNECT_BYTE = 0x10  # type 1, flags 0 [MQTT-2.2.2-2]
+PUBLISH_TYPE = 3
 
 UNACCEPTABLE_PROTOCOL_VERSION = 0x01
 IDENTIFIER_REJECTED = 0x02
@@ -65,6 +67,24 @@ class WireLimits:
     max_packet_bytes: int
     keepalive_min_s: int = 0
     keepalive_max_s: int = NO_KEEPALIVE_LIMIT
+    publishes_per_s: float = 0.0  # per connection; 0: unpaced
+    publish_burst: int = 1
+
+
+class Pacer:
+    """A token bucket that says how long to wait instead of refusing (pure: the caller passes the time)."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def wait_s(self, now: float) -> float:
+        """Take one token; the seconds to wait before using it (0: at once)."""
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate) - 1.0
+        self._stamp = now
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,19 +287,23 @@ def _check_unsubscribe(flags: int, body: bytes) -> None:
 class PacketGate(ReaderAdapter):
     """A reader that hands amqtt only whole, checked packets.
 
-    Use: ``gate = PacketGate(reader, limits, "host:port")`` in place of the
+    Use: ``gate = PacketGate(reader, limits, "host:port", writer)`` in place of the
     connection's reader. ``gate.connect`` holds the checked CONNECT once read.
     The end of the stream surfaces as amqtt expects it (``IncompleteReadError``,
     turned into ``NoDataError`` by amqtt's ``read_or_raise``).
     """
 
-    def __init__(self, inner: ReaderAdapter, limits: WireLimits, peer: str) -> None:
+    def __init__(
+        self, inner: ReaderAdapter, limits: WireLimits, peer: str, writer: WriterAdapter | None = None
+    ) -> None:
         self._inner = inner
         self._limits = limits
         self.peer = peer
+        self._writer = writer
         self._buffer = b""
         self._pos = 0
         self.connect: ConnectFacts | None = None
+        self._pacer: Pacer | None = None
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -295,6 +319,29 @@ class PacketGate(ReaderAdapter):
     def feed_eof(self) -> None:
         self._inner.feed_eof()
 
+    async def _backpressure(self) -> None:
+        """A client that does not read what it is sent is not read either.
+
+        The chat paths write without awaiting a drain (broker/downlink.py); without
+        this a client publishing without reading would grow the broker's write
+        buffer for it without bound.
+        """
+        if self._writer is not None:
+            try:
+                await wait_writable(self._writer)
+            except ConnectionError:
+                raise asyncio.IncompleteReadError(b"", 1) from None  # the end of the connection, as amqtt expects
+
+    async def _pace(self) -> None:
+        """Stop reading a connection that publishes faster than ``publishes_per_s`` for a moment: TCP pushes
+        back on the client, and the broker's CPU stays with everyone else (tests/chaos, slow consumers)."""
+        now = asyncio.get_running_loop().time()
+        if self._pacer is None:
+            self._pacer = Pacer(self._limits.publishes_per_s, self._limits.publish_burst, now)
+        delay = self._pacer.wait_s(now)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
     async def _exactly(self, n: int) -> bytes:
         data = await self._inner.read(n)
         if len(data) < n:  # the WebSocket reader returns short at the end instead of raising
@@ -302,11 +349,14 @@ class PacketGate(ReaderAdapter):
         return data
 
     async def _next_packet(self) -> None:
+        await self._backpressure()
         try:
             packet = await self._read_packet()
         except ProtocolViolation as exc:
             log.info("%s: closing the connection: %s", self.peer, exc)
             raise
+        if packet[0] >> 4 == PUBLISH_TYPE and self._limits.publishes_per_s > 0:
+            await self._pace()
         rest = self._buffer[self._pos:]
         self._buffer = rest + packet if rest else packet
         self._pos = 0

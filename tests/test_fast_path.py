@@ -5,8 +5,14 @@ downlink (no PUBACK) does not stop later items."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
 
+from broker.downlink import WRITE_BUFFER_HIGH
 from tests.helpers import BrokerThread
 from tests.mqtt.packets import (
     PUBACK,
@@ -92,3 +98,53 @@ def test_unacked_downlink_ids_are_not_reused(broker: BrokerThread) -> None:
             pass
     finally:
         raw.close()
+
+
+def _started(tmp_path: Path, overrides: dict[str, Any]) -> BrokerThread:
+    running = BrokerThread(tmp_path / "data", overrides).start()
+    running.add_user("alice", "alice-pw")
+    return running
+
+
+def test_a_fast_publisher_is_paced_not_refused(tmp_path: Path) -> None:
+    """limits.publishes_per_s: past the burst the broker reads the connection at the rate (TCP
+    backpressure); every publish is still read and answered, in order."""
+    running = _started(tmp_path, {"limits.publishes_per_s": 50.0, "limits.publish_burst": 10})
+    raw = _online(running)
+    try:
+        began = time.monotonic()
+        raw.send(_pings(100))
+        answers = [json.loads(p.payload)["rid"] for p in _publishes(raw, REQUESTS)]
+        assert answers == [f"r{n}" for n in range(REQUESTS)]
+        assert time.monotonic() - began >= (REQUESTS - 10) / 50 * 0.9, "read at the rate after the burst"
+    finally:
+        raw.close()
+        running.stop()
+
+
+def test_a_client_that_does_not_read_is_not_read(tmp_path: Path) -> None:
+    """The chat paths write without awaiting a drain: a client that publishes and never reads
+    must not make the broker buffer its answers without bound (broker/downlink.py WRITE_BUFFER_HIGH)."""
+    running = _started(tmp_path, {"limits.publishes_per_s": 0})
+    raw = _online(running)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        ping = publish_packet("u/alice/req", b'{"rid":"' + b"x" * 40 + b'","op":"ping"}', 1, 1)
+        raw.sock.settimeout(0.5)
+        sent = 0
+        with contextlib.suppress(TimeoutError, BlockingIOError):
+            while sent < 200_000:  # the broker stops reading us: our sends block, then time out
+                raw.sock.sendall(ping * 100)
+                sent += 100
+
+        def buffered() -> int:
+            async def size() -> int:
+                _, handler = running.app.broker.sessions["alice.raw"]
+                return int(handler.writer._writer.transport.get_write_buffer_size())
+            return running.call(size())
+
+        assert sent < 200_000, "the broker kept reading a client that reads nothing"
+        assert buffered() <= WRITE_BUFFER_HIGH + 1024 * 1024, buffered()
+    finally:
+        raw.abort()
+        running.stop()
