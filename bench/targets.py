@@ -29,10 +29,12 @@ PROBLEM_MARKS = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback", "WARNING:", 
 
 CHAT_CONFIG = """\
 # Benchmark configuration (bench/targets.py): the defaults, with the per-user
-# send limits and queue bound raised so that the load generator is not refused.
+# send limits, per-connection pacing and queue bound raised so that the load
+# generator is neither refused nor slowed down.
 limits:
   send_burst: 1000000
   send_rate_per_s: 1000000.0
+  publishes_per_s: 0
 delivery:
   max_queue: 200000
 """

@@ -9,24 +9,24 @@ from broker.gc_policy import FREEZE_MIN_OBJECTS, FULL_FLOOR, Action, GcTuner, He
 
 
 def test_few_survivors_are_left_alone() -> None:
-    heap = Heap(old=FREEZE_MIN_OBJECTS - 1, frozen=FULL_FLOOR, frozen_after_collect=FULL_FLOOR)
+    heap = Heap(old=FREEZE_MIN_OBJECTS - 1, added=0, frozen_after_collect=FULL_FLOOR)
     assert decide(heap) is Action.NOTHING
 
 
 def test_survivors_are_frozen() -> None:
-    assert decide(Heap(old=FREEZE_MIN_OBJECTS, frozen=FULL_FLOOR, frozen_after_collect=FULL_FLOOR)) is Action.FREEZE
+    assert decide(Heap(old=FREEZE_MIN_OBJECTS, added=0, frozen_after_collect=FULL_FLOOR)) is Action.FREEZE
 
 
 def test_full_collection_after_a_quarter_of_growth() -> None:
     base = 4 * FULL_FLOOR
-    assert decide(Heap(old=0, frozen=base + base // 4, frozen_after_collect=base)) is Action.NOTHING
-    assert decide(Heap(old=0, frozen=base + base // 4 + 1, frozen_after_collect=base)) is Action.COLLECT
+    assert decide(Heap(old=0, added=base // 4, frozen_after_collect=base)) is Action.NOTHING
+    assert decide(Heap(old=0, added=base // 4 + 1, frozen_after_collect=base)) is Action.COLLECT
 
 
 def test_small_heaps_use_the_floor() -> None:
-    # 10 frozen objects after the last collection: growth to 1,000 is no reason for a full pass.
-    assert decide(Heap(old=0, frozen=1_000, frozen_after_collect=10)) is Action.NOTHING
-    assert decide(Heap(old=0, frozen=FULL_FLOOR * 2, frozen_after_collect=10)) is Action.COLLECT
+    # 10 frozen objects after the last collection: 1,000 more is no reason for a full pass.
+    assert decide(Heap(old=0, added=1_000, frozen_after_collect=10)) is Action.NOTHING
+    assert decide(Heap(old=0, added=FULL_FLOOR, frozen_after_collect=10)) is Action.COLLECT
 
 
 class _Node:
@@ -39,17 +39,17 @@ def test_frozen_cycles_are_reclaimed_by_the_full_collection() -> None:
     tuner.collect_and_freeze()
     try:
         before = gc.get_freeze_count()
-        pairs = [(_Node(), _Node()) for _ in range(FREEZE_MIN_OBJECTS)]
+        count = max(FREEZE_MIN_OBJECTS, before // 2)  # enough to grow the frozen set by more than a quarter
+        pairs = [(_Node(), _Node()) for _ in range(count)]
         for a, b in pairs:
             a.peer, b.peer = b, a  # a cycle: only the collector can free it
         gc.collect(1)  # move them into the oldest generation, as time would
         gc.collect(1)
         assert tuner.step() is Action.FREEZE
-        assert gc.get_freeze_count() >= before + 2 * FREEZE_MIN_OBJECTS
+        assert gc.get_freeze_count() >= before + 2 * count
         del pairs, a, b
         assert gc.collect() == 0  # frozen: the collector does not see them
-        tuner._frozen_after_collect = 0  # as if the last full collection was long ago
-        assert tuner.step() is Action.COLLECT
-        assert gc.get_freeze_count() < before + FREEZE_MIN_OBJECTS  # the cycles are gone
+        assert tuner.step() is Action.COLLECT  # a quarter more than survived the last full pass
+        assert gc.get_freeze_count() < before + count  # the cycles are gone
     finally:
         gc.unfreeze()
