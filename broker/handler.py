@@ -7,6 +7,9 @@ section 3.1.2.10 says the server must disconnect a client that sends nothing
 for one and a half times its keepalive; ``keepalive_deadline`` gives that
 figure and ``handle_read_timeout`` ends the connection, which then takes the
 abnormal-disconnect path (will published, bridge told the device left).
+The silence is watched by one timer per connection (``watch_silence``), not by
+a timeout on every read: amqtt's ``wait_for`` per read costs a Task per packet
+and ~2 KiB per idle connection, so amqtt reads without a timeout here.
 
 It also keeps outgoing QoS 1/2 messages in the session until they are
 acknowledged (MQTT 3.1.1 section 4.4). amqtt waits 5 s for PUBACK/PUBREC/PUBCOMP,
@@ -48,7 +51,7 @@ from amqtt.session import (
 )
 
 from broker.downlink import DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
-from broker.lazy_queue import LazyQueue
+from broker.lazy_queue import LazyEvent, LazyQueue
 from client_sdk.protocol import is_chat_topic
 
 T = TypeVar("T")
@@ -181,6 +184,15 @@ class ChatProtocolHandler(BrokerProtocolHandler):
     async def start(self) -> None:
         self._stopping = None
         await super().start()
+        # amqtt made these two Events in start() and nothing waits on them while the
+        # connection is idle: lazy ones, in the same state (broker/lazy_queue.py).
+        for name in ("_reader_ready", "_reader_stopped"):
+            event = getattr(self, name)
+            if isinstance(event, asyncio.Event) and not isinstance(event, LazyEvent) and not event._waiters:
+                lazy = LazyEvent()
+                if event.is_set():
+                    lazy.set()
+                setattr(self, name, lazy)
 
     async def stop(self) -> None:
         # amqtt calls stop() from several places at once (session clean-up at
@@ -197,6 +209,9 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         self._stop_waiters()
         if self._keepalive_task:
             self._keepalive_task.cancel()
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None
         reader = self._reader_task
         if reader is not None and reader is not asyncio.current_task():
             # Python 3.11's asyncio.wait_for swallows a cancellation that lands
@@ -220,9 +235,24 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         while not self._pending_unsubscriptions.empty():
             self._pending_unsubscriptions.get_nowait()
 
+    _silence: asyncio.TimerHandle | None = None
+
+    def watch_silence(self, deadline_s: float, last_read: Callable[[], float]) -> None:
+        """Call ``handle_read_timeout`` once nothing was read for ``deadline_s`` (``last_read``: loop time)."""
+
+        def check() -> None:
+            idle = self._loop.time() - last_read()
+            if idle >= deadline_s:
+                self._silence = None
+                self.handle_read_timeout()
+            else:  # something came meanwhile: look again when the deadline counted from it is due
+                self._silence = self._loop.call_later(deadline_s - idle, check)
+
+        self._silence = self._loop.call_later(deadline_s, check)
+
     def handle_read_timeout(self) -> None:
-        # Called from inside the reader task; cancelling it ends the reader loop,
-        # which then reports the connection as closed (no DISCONNECT: abnormal).
+        # Cancelling the reader task ends its loop, which then reports the
+        # connection as closed (no DISCONNECT: abnormal).
         if self._reader_task is not None and not self._reader_task.done():
             client = self.session.client_id if self.session else "?"
             self.logger.info("%s silent for 1.5 x keepalive: disconnecting [MQTT-3.1.2-24]", client)

@@ -1,4 +1,4 @@
-"""An ``asyncio.Queue`` that makes its parts on first use.
+"""An ``asyncio.Queue`` and an ``asyncio.Event`` that make their parts on first use.
 
 amqtt gives every connection four queues (two in its ``Session``, two in the
 protocol handler), each with three deques and an ``Event`` with a fourth: about
@@ -10,13 +10,15 @@ first time a queue method touches it.
 
 It relies on the names of ``asyncio.Queue``'s private attributes (the same from
 Python 3.10 to 3.13); tests/unit/test_lazy_queue.py checks the behaviour.
+``LazyEvent`` does the same for the two Events of amqtt's protocol handler,
+which nothing waits on while a connection is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -54,3 +56,22 @@ class LazyQueue(asyncio.Queue[T]):
 
     def qsize(self) -> int:
         return len(self._queue) if "_queue" in self.__dict__ else 0
+
+
+class LazyEvent(asyncio.Event):
+    def __init__(self) -> None:
+        # No super().__init__(): the waiters' deque is made when someone waits.
+        self._value = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "_waiters":
+            raise AttributeError(name)
+        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        return self._waiters
+
+    async def wait(self) -> Literal[True]:
+        try:
+            return await super().wait()
+        finally:
+            if not self.__dict__.get("_waiters", True):
+                del self._waiters  # nobody else waits: give the deque back

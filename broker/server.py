@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/mqtt"
 TAKEOVER_WAIT_S = 5.0
+KEEPALIVE = "broker.keepalive_s"  # Session.attributes key: seconds of silence after which the client is dropped
 ACL = "broker.acl"  # Session.attributes key: the session's TopicAcl, built once per connection
 
 
@@ -319,7 +320,10 @@ class ChatBroker(ConformantBroker):
                          "username", "password", "remote_address", "remote_port"):
                 setattr(session, attr, getattr(incoming, attr))
             session.parent = 1  # session present = 1 [MQTT-3.2.2-2]
-        session.keep_alive = keepalive_deadline(incoming.keep_alive)
+        # The silence deadline is watched by a timer (ChatProtocolHandler.watch_silence, started in
+        # _serve_client); amqtt reads without a timeout (keep_alive 0), which saves a Task per read.
+        session.attributes[KEEPALIVE] = keepalive_deadline(incoming.keep_alive)
+        session.keep_alive = 0
         session.attributes.pop(ACL, None)
         return session
 
@@ -344,6 +348,9 @@ class ChatBroker(ConformantBroker):
         handler.attach(session, reader, writer)
         self._sessions[client_id] = (session, handler)
         self._live[client_id] = asyncio.current_task()  # type: ignore[assignment]
+        deadline = session.attributes.get(KEEPALIVE, 0)
+        if deadline and isinstance(reader, PacketGate):
+            handler.watch_silence(deadline, reader.read_at)
         caller = _chat_identity(session)
         if caller is not None:
             # Before the reader starts, so that every chat publish takes the same path (order).

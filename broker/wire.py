@@ -304,6 +304,8 @@ class PacketGate(ReaderAdapter):
         self._pos = 0
         self.connect: ConnectFacts | None = None
         self._pacer: Pacer | None = None
+        self.last_read = asyncio.get_running_loop().time()
+        """Loop time at which the last whole packet was read (the keepalive watch, broker/handler.py)."""
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -318,6 +320,9 @@ class PacketGate(ReaderAdapter):
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
+
+    def read_at(self) -> float:
+        return self.last_read
 
     async def _backpressure(self) -> None:
         """A client that does not read what it is sent is not read either.
@@ -355,6 +360,7 @@ class PacketGate(ReaderAdapter):
         except ProtocolViolation as exc:
             log.info("%s: closing the connection: %s", self.peer, exc)
             raise
+        self.last_read = asyncio.get_running_loop().time()
         if packet[0] >> 4 == PUBLISH_TYPE and self._limits.publishes_per_s > 0:
             await self._pace()
         rest = self._buffer[self._pos:]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.lazy_queue import LazyQueue
+from broker.lazy_queue import LazyEvent, LazyQueue
 
 
 def test_unused_queue_has_no_parts() -> None:
@@ -62,3 +62,18 @@ async def test_shrinks_when_empty_and_works_again() -> None:
     queue.shrink()  # a getter waits: kept
     await queue.put(2)
     assert await asyncio.wait_for(getter, 1) == 2
+
+
+async def test_lazy_event_waits_sets_and_gives_its_deque_back() -> None:
+    event = LazyEvent()
+    assert "_waiters" not in vars(event) and not event.is_set()
+    waiter = asyncio.ensure_future(event.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done() and len(event._waiters) == 1
+    event.set()
+    assert await asyncio.wait_for(waiter, 1) is True
+    assert "_waiters" not in vars(event)
+    event.clear()
+    assert not event.is_set()
+    event.set()
+    assert await asyncio.wait_for(event.wait(), 1) is True  # already set: no wait
