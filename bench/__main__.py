@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="override the number of online pairs")
     parser.add_argument("--inflight", type=int, help="override the messages each pair keeps on the way (max runs)")
     parser.add_argument("--idle-levels", help="override the idle levels of compare, e.g. 0,10000")
+    parser.add_argument("--idle-counts", help="override the connection counts of idle, e.g. 10000 (-1: as many "
+                                              "as the descriptor limit allows)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep data directories and broker logs")
     args = parser.parse_args(argv)
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["inflight"] = args.inflight
     if args.idle_levels:
         overrides["idle_levels"] = [int(v) for v in args.idle_levels.split(",")]
+    if args.idle_counts:
+        overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
         sizes = dataclasses.replace(sizes, **overrides)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
