@@ -115,6 +115,15 @@ class Item:
 
 
 @dataclass(slots=True)
+class Hold:
+    """A device's messages refused in a row: re-sends are taken only in this order (rule 4)."""
+
+    ids: list[str]
+    code: str
+    until: float
+
+
+@dataclass(slots=True)
 class DeviceBox:
     items: OrderedDict[int, Item] = field(default_factory=OrderedDict)
     online: bool = False
@@ -173,7 +182,7 @@ class Staging:
         self._pending_due: float | None = None
         # origin -> (id of its message refused for a transient reason, until): later messages of that
         # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
-        self._held: dict[str, tuple[str, str, float]] = {}
+        self._held: dict[str, Hold] = {}
         self.counters = BridgeCounters()  # read by broker.metrics at scrape time
 
     # --- restore -----------------------------------------------------------------
@@ -252,12 +261,9 @@ class Staging:
         refusal holds the device's later messages until it re-sends this one)."""
         if not self.directory.exists(message.to):
             return error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id)
-        held = self._held.get(origin)
-        if held is not None:
-            if held[0] != message.id and now < held[2]:
-                return error_item(held[1], f"message {held[0]!r} was refused first; re-send it before later ones",
-                                  message.id)
-            del self._held[origin]
+        refused = self._check_hold(origin, message.id, now)
+        if refused is not None:
+            return refused
         if message.bodies is None and self.rules.require_encryption:
             return error_item(ErrorCode.ENCRYPTION_REQUIRED,
                               "this server accepts only end-to-end encrypted messages ('bodies')", message.id)
@@ -267,7 +273,7 @@ class Staging:
             olm = self._olm_targets(origin, sender, message)
             if isinstance(olm, dict):
                 if olm["code"] == ErrorCode.DEVICES_MISMATCH:
-                    self._held[origin] = (message.id, ErrorCode.DEVICES_MISMATCH, now + HOLD_S)
+                    self._hold(origin, message.id, ErrorCode.DEVICES_MISMATCH, now)
                 return olm
             targets = olm
         if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
@@ -276,8 +282,39 @@ class Staging:
             refusal = error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later", message.id)
         else:
             return targets
-        self._held[origin] = (message.id, refusal["code"], now + HOLD_S)
+        self._hold(origin, message.id, refusal["code"], now)
         return refusal
+
+    def _check_hold(self, origin: str, msg_id: str, now: float) -> dict[str, Any] | None:
+        """The error refusing ``msg_id`` because earlier refused messages of ``origin`` come first, or None."""
+        hold = self._held.get(origin)
+        if hold is None:
+            return None
+        if now >= hold.until:
+            del self._held[origin]
+            return None
+        if msg_id != hold.ids[0]:
+            if msg_id not in hold.ids:
+                # Refused under the hold: it must come back in its turn, not ahead of the others
+                # refused before it (a message published after the first re-send was accepted
+                # would otherwise overtake them).
+                hold.ids.append(msg_id)
+            return error_item(hold.code, f"message {hold.ids[0]!r} was refused first; re-send it before later ones",
+                              msg_id)
+        hold.ids.pop(0)
+        hold.until = now + HOLD_S
+        if not hold.ids:
+            del self._held[origin]
+        return None
+
+    def _hold(self, origin: str, msg_id: str, code: str, now: float) -> None:
+        """``msg_id`` was refused: the device's later messages wait until it is re-sent (first in line)."""
+        hold = self._held.get(origin)
+        if hold is None:
+            self._held[origin] = Hold([msg_id], code, now + HOLD_S)
+        else:  # refused again on its re-send: still first, the others still behind it
+            hold.ids.insert(0, msg_id)
+            hold.code, hold.until = code, now + HOLD_S
 
     def required_devices(self, origin: str, sender: str, to: str) -> frozenset[str]:
         """Client ids an olm message from ``origin`` to ``to`` must carry a ciphertext for."""

@@ -194,3 +194,22 @@ def test_written_bodies_for_offline_devices_leave_memory_and_are_read_back_on_co
     assert out.deliveries == [] and out.need_bodies == [s.live[("alice", "m1")].mid]
     out = s.bodies_loaded({out.need_bodies[0]: "x" * 100}, 2.1)
     assert [(d, i["id"], i["body"]) for d, i in out.deliveries] == [("bob.phone", "m1", "x" * 100)]
+
+
+
+def test_messages_refused_under_a_hold_come_back_in_their_turn() -> None:
+    """m0 refused (rate), m1 refused because of the hold; after m0's re-send, m2, published only
+    then, must not overtake m1 (found as a reordering by an end-to-end mismatch test)."""
+    s = core(burst=1)  # one message at once, then one per second
+
+    def errors(at: float, msg_id: str) -> list[str]:
+        out = s.submit("alice.phone", "alice", msg(msg_id), 1000, at)
+        return [item["code"] for _, item in out.notices if item.get("kind") == "error"]
+
+    assert errors(0.0, "first") == []
+    assert errors(0.1, "m0") == ["rate_limited"]
+    assert errors(0.2, "m1") == ["rate_limited"], "held behind m0"
+    assert errors(2.0, "m0") == [], "m0's re-send is taken"
+    assert errors(4.0, "m2") == ["rate_limited"], "m1 was refused before m2: it goes first"
+    assert errors(5.0, "m1") == []
+    assert errors(7.0, "m2") == []
