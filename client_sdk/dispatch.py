@@ -24,6 +24,7 @@ from typing import Any, Final
 from client_sdk.events import Event
 from client_sdk.inbox import MAX_ACK_SEQS, Inbox
 
+RETRY_HAND_OVER_S: Final = 1.0  # after a failed hand-over (a key fetch that timed out, ...)
 log = logging.getLogger(__name__)
 
 _EVENT: Final = "event"
@@ -128,6 +129,12 @@ class Dispatcher:
             if self._stopped.is_set():
                 return False  # the store was closed under us: the item stays for the next run
             log.exception("%s: handing over failed; the item stays stored", self._name)
+            if kind == _STORED:
+                # e.g. the sender's keys could not be fetched (the connection dropped): try the
+                # stored items again soon, not only when the next item arrives.
+                retry = threading.Timer(RETRY_HAND_OVER_S, self._tasks.put, args=((_STORED, value),))
+                retry.daemon = True
+                retry.start()
         return True
 
     def _handed(self, seq: int) -> None:
