@@ -94,6 +94,9 @@ class LimitsSettings(_Section):
     reading that connection for a moment (TCP backpressure) instead of spending its CPU on it."""
     publish_burst: int = Field(default=2000, ge=1)
     """PUBLISH packets a connection may send at once before ``publishes_per_s`` applies."""
+    max_unacked_downlinks: int = Field(default=8192, ge=1, le=32768)
+    """Chat deliveries a connection may leave without PUBACK; beyond, further ones are not written
+    (staged items are redelivered later, ephemeral ones are best effort): see broker/downlink.py."""
     max_devices_per_message: int = Field(default=DEFAULT_MAX_DEVICES_PER_MESSAGE, ge=1)
     """Entries allowed in an olm message's ``bodies`` (recipient's plus sender's other devices)."""
     require_encryption: bool = False

@@ -16,6 +16,8 @@ class BrokerCounters:
     """Connections accepted (TCP/WebSocket), by listener."""
     uplink: dict[str, int] = field(default_factory=dict)
     """Publishes received, by kind: the five chat uplinks, ``forbidden`` (refused topic), ``generic``."""
+    downlink_dropped: int = 0
+    """Chat downlinks not sent to a connection that left ``MAX_CHAT_INFLIGHT`` of them without PUBACK."""
 
     def connection(self, listener: str) -> None:
         self.accepted[listener] = self.accepted.get(listener, 0) + 1

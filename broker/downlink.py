@@ -61,32 +61,61 @@ async def wait_writable(writer: WriterAdapter) -> None:
             await stream.drain()
 
 
+def closing(writer: WriterAdapter) -> bool:
+    """True once the connection under ``writer`` is closed or closing (by either side)."""
+    if isinstance(writer, StreamWriterAdapter):
+        return writer.is_closed or writer._writer.transport.is_closing()
+    return False
+
+
 def streams_bytes(writer: WriterAdapter | None) -> bool:
     """True if ``writer`` sends what is written without an awaited drain (TCP and TLS streams)."""
     return isinstance(writer, StreamWriterAdapter)
+
+
+MAX_CHAT_INFLIGHT = 8192
+"""Chat downlinks one connection may leave without PUBACK (``limits.max_unacked_downlinks``);
+beyond, further ones are dropped.
+
+An honest client acknowledges within a round trip (the SDK's paho does it in its
+network thread). Such a connection is also read slowly (broker/wire.py) until it
+acknowledges. One that publishes faster than the broker reads it has its PUBACKs
+queued behind its own publishes, and one that never acknowledges keeps every id:
+without a cap the id search below grew to 65,535 probes per item, the broker's CPU
+went to that client and honest devices could not log in (tests/chaos, slow
+consumers). What is dropped is never lost: a staged item stays unacked and is
+redelivered (``delivery.redeliver_after_s``); an ephemeral item (``sent``, an
+``error``) is best effort by the protocol and the SDK re-sends what was not confirmed.
+"""
 
 
 class PacketIds:
     """Chat downlink packet ids, drawn from the session's own counter [MQTT-2.3.1-2].
 
     ``next_id`` is amqtt's ``Session.next_packet_id``, which skips ids amqtt has in
-    flight; this skips the chat ids still unacknowledged. amqtt's counter does not
-    know the chat ids, so it could hand one out only after 65,535 further ids while
-    that chat item is still unacked (a client that never sends PUBACK): the cost is
-    that client's own confusion, nobody else's.
+    flight; this skips the chat ids still unacknowledged, of which there are at most
+    ``limit`` (``take`` gives None beyond), so the search stays short.
     """
 
-    def __init__(self, next_id: Callable[[], int]) -> None:
+    def __init__(self, next_id: Callable[[], int], limit: int = MAX_CHAT_INFLIGHT) -> None:
         self._next_id = next_id
+        self._limit = limit
         self.inflight: set[int] = set()
 
-    def take(self) -> int:
+    @property
+    def full(self) -> bool:
+        return len(self.inflight) >= self._limit
+
+    def take(self) -> int | None:
+        """A free id, or None while ``limit`` chat downlinks are unacknowledged (or no id is free)."""
+        if self.full:
+            return None
         for _ in range(MAX_PACKET_ID):
             packet_id = self._next_id()
             if packet_id not in self.inflight:
                 self.inflight.add(packet_id)
                 return packet_id
-        raise RuntimeError("no free packet id: 65535 messages in flight")
+        return None
 
     def release(self, packet_id: int) -> bool:
         """The client acknowledged ``packet_id``; False if it was not a chat downlink id."""
@@ -114,5 +143,7 @@ class DownlinkWriter:
 
     def _flush(self) -> None:
         data, self._buffer = b"".join(self._buffer), []
-        # A closed writer drops the bytes: the items stay staged and are redelivered on reconnect.
-        self._writer.write(data)
+        # A connection closed since the write drops the bytes (uvloop raises on a write to a closed
+        # transport): the items stay staged and are redelivered on reconnect.
+        if not closing(self._writer):
+            self._writer.write(data)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,11 +51,13 @@ from amqtt.session import (
     Session,
 )
 
-from broker.downlink import DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
+from broker.counters import BrokerCounters
+from broker.downlink import MAX_CHAT_INFLIGHT, DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
 from broker.lazy_queue import LazyEvent, LazyQueue
 from client_sdk.protocol import is_chat_topic
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 ACK_WAIT_S = 5.0
 """How long a publish task waits for its acknowledgement (amqtt's figure); a later ack still completes it."""
 
@@ -176,10 +179,33 @@ class ChatProtocolHandler(BrokerProtocolHandler):
             assert self.writer is not None  # streams_bytes() said so; for mypy
             self._downlink = DownlinkWriter(self.writer, self._loop)
         if self._chat_ids is None:
-            self._chat_ids = PacketIds(lambda: session.next_packet_id)
+            self._chat_ids = PacketIds(lambda: session.next_packet_id, self.max_unacked)
         packet_id = self._chat_ids.take() if qos else None
+        if qos and packet_id is None:
+            self._drop_unacked()
+            return True
         self._downlink.write(encode_publish(topic, payload, qos, packet_id))
         return True
+
+    chat_dropped = 0
+    """Chat downlinks this connection was not sent because it left MAX_CHAT_INFLIGHT unacknowledged."""
+    counters: BrokerCounters | None = None
+    """Set by the broker with ``chat_uplink``: where dropped downlinks are counted for the metrics."""
+    max_unacked = MAX_CHAT_INFLIGHT
+    """Set by the broker with ``chat_uplink`` (``limits.max_unacked_downlinks``)."""
+
+    def unacked_over(self) -> bool:
+        """True while this connection leaves ``max_unacked`` chat deliveries without PUBACK."""
+        return self._chat_ids is not None and self._chat_ids.full
+
+    def _drop_unacked(self) -> None:
+        if not self.chat_dropped:  # once per connection: the client may be hostile, its log lines cost too
+            log.warning("%s leaves %d deliveries without PUBACK: further ones are not sent until it acknowledges "
+                        "(staged items are redelivered later)", self.session.client_id if self.session else "?",
+                        self.max_unacked)
+        self.chat_dropped += 1
+        if self.counters is not None:
+            self.counters.downlink_dropped += 1
 
     async def start(self) -> None:
         self._stopping = None

@@ -98,6 +98,9 @@ class ChatCollector(Collector):
                        ERROR_CODES, counters.errors)
         yield CounterMetricFamily("chat_redeliveries", "Items sent again after delivery.redeliver_after_s unacked.",
                                   counters.redeliveries)
+        yield CounterMetricFamily("chat_downlink_dropped", "Items not sent to a connection that left "
+                                  "limits.max_unacked_downlinks deliveries without PUBACK (staged ones come again).",
+                                  s.broker.counters.downlink_dropped)
         yield _histogram("chat_sent_latency_seconds", "Staging of a message -> its receipt 'sent'.",
                          counters.sent_latency)
         yield _histogram("chat_delivered_latency_seconds",

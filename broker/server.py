@@ -351,10 +351,14 @@ class ChatBroker(ConformantBroker):
         deadline = session.attributes.get(KEEPALIVE, 0)
         if deadline and isinstance(reader, PacketGate):
             handler.watch_silence(deadline, reader.read_at)
+        if isinstance(reader, PacketGate):
+            reader.unacked_over = handler.unacked_over
         caller = _chat_identity(session)
         if caller is not None:
             # Before the reader starts, so that every chat publish takes the same path (order).
             handler.chat_uplink = partial(self._chat_uplink, session, caller)
+            handler.counters = self.counters
+            handler.max_unacked = self.settings.limits.max_unacked_downlinks
         try:
             await handler.mqtt_connack_authorize(True)
             await handler.start()  # re-sends unacknowledged in-flight messages [MQTT-4.4.0-1]

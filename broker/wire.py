@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -35,6 +36,8 @@ CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
 CONNECT_BYTE = 0x10  # type 1, flags 0 [MQTT-2.2.2-2]
 PUBLISH_TYPE = 3
+OVER_UNACKED_READ_S = 0.05
+"""Pause before each packet read from a connection over ``limits.max_unacked_downlinks``."""
 
 UNACCEPTABLE_PROTOCOL_VERSION = 0x01
 IDENTIFIER_REJECTED = 0x02
@@ -324,6 +327,9 @@ class PacketGate(ReaderAdapter):
     def read_at(self) -> float:
         return self.last_read
 
+    unacked_over: Callable[[], bool] | None = None
+    """Set by the broker: True while the connection leaves too many deliveries without PUBACK."""
+
     async def _backpressure(self) -> None:
         """A client that does not read what it is sent is not read either.
 
@@ -336,6 +342,10 @@ class PacketGate(ReaderAdapter):
                 await wait_writable(self._writer)
             except ConnectionError:
                 raise asyncio.IncompleteReadError(b"", 1) from None  # the end of the connection, as amqtt expects
+        if self.unacked_over is not None and self.unacked_over():
+            # Its answers are no longer written (broker/downlink.py MAX_CHAT_INFLIGHT): read it slowly, but
+            # at all: its PUBACKs may be queued behind its own publishes, and they end the state.
+            await asyncio.sleep(OVER_UNACKED_READ_S)
 
     async def _pace(self) -> None:
         """Stop reading a connection that publishes faster than ``publishes_per_s`` for a moment: TCP pushes

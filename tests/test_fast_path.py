@@ -1,7 +1,9 @@
 """The task-free chat path (broker/downlink.py, ChatProtocolHandler.handle_publish) over a
 raw socket: PUBACKs in the order of the PUBLISHes [MQTT-4.6.0-2], downlink items in call
-order with packet ids never reused while in flight [MQTT-2.3.1-2], and an unacked
-downlink (no PUBACK) does not stop later items."""
+order with packet ids never reused while in flight [MQTT-2.3.1-2], an unacked
+downlink (no PUBACK) does not stop later items, and a connection that leaves
+``limits.max_unacked_downlinks`` unacknowledged is sent no more until it acknowledges,
+without losing a staged item."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.downlink import WRITE_BUFFER_HIGH
-from tests.helpers import BrokerThread
+from tests.helpers import BrokerThread, eventually
 from tests.mqtt.packets import (
     PUBACK,
     PUBLISH,
@@ -147,4 +149,64 @@ def test_a_client_that_does_not_read_is_not_read(tmp_path: Path) -> None:
         assert buffered() <= WRITE_BUFFER_HIGH + 1024 * 1024, buffered()
     finally:
         raw.abort()
+        running.stop()
+
+
+def _dropped(running: BrokerThread) -> int:
+    async def count() -> int:
+        return running.app.broker.counters.downlink_dropped
+    return running.call(count())
+
+
+def test_a_client_that_never_pubacks_is_capped(tmp_path: Path) -> None:
+    """Answers beyond the cap are not written (best effort, counted); acknowledging lets them flow again.
+    Before the cap a client that never PUBACKed made each further item search 65,535 packet ids."""
+    running = _started(tmp_path, {"limits.max_unacked_downlinks": 30})
+    raw = _online(running)
+    try:
+        raw.send(_pings(100))  # forty requests, no PUBACK for their answers
+        first = _publishes(raw, 30)
+        eventually(lambda: _dropped(running) == REQUESTS - 30, what="the answers past the cap counted as dropped")
+        for publish in first:
+            assert publish.packet_id is not None
+            raw.send(ack_packet(PUBACK, publish.packet_id))
+        raw.send(publish_packet("u/alice/req", b'{"rid":"last","op":"ping"}', 1, 7))
+        (answer,) = _publishes(raw, 1)  # nothing else was written after the thirty
+        assert json.loads(answer.payload)["rid"] == "last"
+    finally:
+        raw.close()
+        running.stop()
+
+
+def test_staged_items_past_the_cap_are_redelivered(tmp_path: Path) -> None:
+    """A recipient over the cap loses nothing: the items not written stay staged, come again, in order.
+    (bob never PUBACKs either: seven of his twelve 'sent' receipts are not written.)"""
+    running = _started(tmp_path, {"limits.max_unacked_downlinks": 5, "delivery.window": 3,
+                                  "delivery.redeliver_after_s": 0.3})
+    running.add_user("bob", "bob-pw")
+    alice, bob = _online(running), _online(running, "bob")
+    try:
+        for n in range(12):
+            body = json.dumps({"id": f"m{n}", "to": "alice", "body": f"hello {n}"}).encode()
+            bob.send(publish_packet("u/bob/out", body, 1, 100 + n))
+        first_seen: list[str] = []
+
+        def take(acknowledge: bool) -> None:
+            publish = _publishes(alice, 1)[0]
+            item = json.loads(publish.payload)
+            if item["body"] not in first_seen:
+                first_seen.append(item["body"])
+            if acknowledge:
+                assert publish.packet_id is not None
+                alice.send(ack_packet(PUBACK, publish.packet_id))
+                alice.send(publish_packet("u/alice/ack", json.dumps({"seqs": [item["seq"]]}).encode(), 0))
+
+        while _dropped(running) < 12 - 5 + 1:  # bob's 'sent' past the cap, then alice's redeliveries
+            take(acknowledge=False)
+        while len(first_seen) < 12:  # now a good client: PUBACK and chat ack everything
+            take(acknowledge=True)
+        assert first_seen == [f"hello {n}" for n in range(12)]
+    finally:
+        alice.close()
+        bob.close()
         running.stop()

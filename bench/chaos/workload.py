@@ -108,6 +108,7 @@ class Device:
                 return
             except ChatError:
                 if time.monotonic() >= deadline:
+                    self.close()  # a client that never connected has stopped: finish() opens a new one
                     raise
                 time.sleep(0.2)
 
@@ -282,6 +283,11 @@ class Workload:
         self._stop.set()
         for thread in self._threads:
             thread.join(60)
+        for devices in self.devices.values():  # a flapper that could not reconnect in time gave up: bring it back
+            for device in devices:
+                if device.client is None:
+                    self.progress(f"  {device.key} was left offline by its flapper: connecting it again")
+                    device.open()
         deadline = time.monotonic() + self.plan.settle_s
         last = -1
         while time.monotonic() < deadline:
