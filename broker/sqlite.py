@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import shutil
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -29,7 +32,7 @@ async def open_database(path: Path, migrations: Sequence[str], *, synchronous: s
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
     except (OSError, aiosqlite.Error) as exc:
-        raise StoreError(f"cannot open database {path}: {exc}") from exc
+        raise StoreError(f"cannot open database {path}: {explain(exc, path.parent)}") from exc
     try:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA secure_delete=ON")
@@ -53,7 +56,7 @@ async def open_database(path: Path, migrations: Sequence[str], *, synchronous: s
             log.info("migrated %s to schema version %d", path.name, target)
     except aiosqlite.Error as exc:
         await db.close()
-        raise StoreError(f"cannot prepare database {path}: {exc}") from exc
+        raise StoreError(f"cannot prepare database {path}: {explain(exc, path.parent)}") from exc
     except BaseException:
         await db.close()
         raise
@@ -76,6 +79,32 @@ def writer_lock(db: aiosqlite.Connection) -> asyncio.Lock:
     return lock
 
 
+SQLITE_READONLY, SQLITE_FULL = 8, 13  # primary result codes (https://sqlite.org/rescode.html)
+ADVICE = {
+    SQLITE_FULL: "the file system of the data directory is full: free space there, then start or retry",
+    SQLITE_READONLY: "the data directory is read-only: make it writable (mount options, permissions)",
+}
+
+
+def explain(exc: BaseException, directory: Path | None = None) -> str:
+    """``exc`` as text, with what to do when the cause is the disk (full, read-only).
+
+    SQLite says only "unable to open database file" when it cannot create the WAL
+    files: with ``directory`` given, that directory is checked too.
+    """
+    if isinstance(exc, OSError):
+        code = {errno.ENOSPC: SQLITE_FULL, errno.EROFS: SQLITE_READONLY}.get(exc.errno or 0, 0)
+    else:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code not in ADVICE and directory is not None and directory.is_dir():
+        if not os.access(directory, os.W_OK):  # false on a read-only mount, for root too
+            code = SQLITE_READONLY
+        elif shutil.disk_usage(directory).free == 0:
+            code = SQLITE_FULL
+    advice = ADVICE.get(code)
+    return f"{exc} ({advice})" if advice else str(exc)
+
+
 @contextlib.asynccontextmanager
 async def transaction(db: aiosqlite.Connection, name: str) -> AsyncIterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; a database error rolls back and becomes StoreError naming ``name``."""
@@ -83,7 +112,7 @@ async def transaction(db: aiosqlite.Connection, name: str) -> AsyncIterator[None
         try:
             await db.execute("BEGIN IMMEDIATE")
         except aiosqlite.Error as exc:
-            raise StoreError(f"{name}: cannot start a transaction: {exc}") from exc
+            raise StoreError(f"{name}: cannot start a transaction: {explain(exc)}") from exc
         try:
             yield
             await db.execute("COMMIT")
@@ -91,7 +120,7 @@ async def transaction(db: aiosqlite.Connection, name: str) -> AsyncIterator[None
             with contextlib.suppress(aiosqlite.Error):
                 await db.execute("ROLLBACK")
             if isinstance(exc, aiosqlite.Error):
-                raise StoreError(f"{name}: {exc}") from exc
+                raise StoreError(f"{name}: {explain(exc)}") from exc
             raise
 
 

@@ -581,3 +581,23 @@ def test_import_of_unreadable_or_binary_file_is_one_line(tmp_path: Path) -> None
     assert "missing.txt" in one_line_error(cli("user", "import", "missing.txt", "--data-dir", "d", cwd=tmp_path))
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9:pw\n")
     assert "latin1.txt" in one_line_error(cli("user", "import", "latin1.txt", "--data-dir", "d", cwd=tmp_path))
+
+
+def test_read_only_data_dir_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    """A data directory on a read-only file system (or a full one): the broker does not start, and
+    says so in one line with what to do, instead of SQLite's bare 'attempt to write a readonly database'."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a tmpfs mount (root): {mounted.stderr.strip()}")
+    try:
+        added = cli("user", "add", "alice", "--password-stdin", "--data-dir", str(disk / "data"),
+                    cwd=tmp_path, stdin="alice-pw\n")
+        assert added.returncode == 0, added.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
+        line = one_line_error(cli("run", "--bind", "127.0.0.1:0", "--data-dir", str(disk / "data"), cwd=tmp_path))
+        assert "read-only: make it writable" in line, line
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.mqtt.packets import connect_packet, packet, publish_packet, utf8
 
 UPLINK_KINDS = ("out", "ack", "seen", "hb", "req")
 ALLOWED_TOPICS = {f"u/mallory/{kind}" for kind in UPLINK_KINDS}
@@ -379,31 +380,12 @@ def test_forbidden_topics_are_refused(fuzz: Fuzz, topic: str, payload: bytes) ->
 # --- broken MQTT on a raw socket ----------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def _connect(client_id: str, user: bytes = b"mallory", password: bytes = b"mallory-pw", level: int = 4) -> bytes:
-    flags = 0xC2  # username, password, clean session
-    return _packet(0x10, _str(b"MQTT") + bytes([level, flags]) + struct.pack("!H", 30)
-                   + _str(client_id.encode()) + _str(user) + _str(password))
+def _connect(client_id: str, level: int = 4) -> bytes:
+    return connect_packet(client_id, "mallory", "mallory-pw", keepalive=30, protocol=("MQTT", level))
 
 
 def _publish(topic: bytes, payload: bytes, qos: int = 1) -> bytes:
-    return _packet(0x30 | qos << 1, _str(topic) + (b"\x00\x07" if qos else b"") + payload)
+    return publish_packet(topic, payload, qos, 7 if qos else None)
 
 
 HUGE_CLAIM = b"\x30\xff\xff\xff\x7f"  # a PUBLISH of 268,435,455 bytes, never sent
@@ -415,7 +397,7 @@ BEFORE_CONNECT = {
     "publish first": _publish(b"u/mallory/req", b"{}"),
     "pingreq first": b"\xc0\x00",
     "truncated connect": _connect("mallory.t")[:12],
-    "connect, length beyond packet": _packet(0x10, _str(b"MQTT") + b"\x04\xc2\x00\x1e" + b"\xff\xffmallory"),
+    "connect, length beyond packet": packet(0x10, utf8(b"MQTT") + b"\x04\xc2\x00\x1e" + b"\xff\xffmallory"),
     "connect, bad protocol name": _connect("mallory.t").replace(b"MQTT", b"MQTX"),
     "connect, invalid utf-8 client id": _connect("mallory.t").replace(b"mallory.t", b"mallory.\xff"),
     "connect, mqtt 5": _connect("mallory.t", level=5),
@@ -424,16 +406,16 @@ AFTER_CONNECT = {
     "huge claim": HUGE_CLAIM + b"x" * 100,
     "bad remaining length": b"\x30\xff\xff\xff\xff\x01",
     "truncated publish": _publish(b"u/mallory/req", b'{"rid":"r1","op":"ping"}')[:9],
-    "topic longer than packet": _packet(0x32, struct.pack("!H", 500) + b"u/mallory/req"),
+    "topic longer than packet": packet(0x32, struct.pack("!H", 500) + b"u/mallory/req"),
     "invalid utf-8 topic": _publish(b"u/mallory/\xff\xfe", b"{}"),
     "wildcard topic": _publish(b"u/mallory/+", b"{}", qos=0) + b"\xc0\x00",
-    "qos 3": _packet(0x36, _str(b"u/mallory/req") + b"\x00\x01{}"),
-    "subscribe without topics": _packet(0x82, b"\x00\x01"),
-    "subscribe, qos 7": _packet(0x82, b"\x00\x02" + _str(b"u/mallory/in") + b"\x07"),
-    "subscribe, truncated": _packet(0x82, b"\x00\x03" + struct.pack("!H", 40) + b"u/"),
-    "unsubscribe garbage": _packet(0xA2, b"\x00\x04\xff\xff"),
-    "puback for nothing": _packet(0x40, b"\x12\x34"),
-    "pubrel for nothing": _packet(0x62, b"\x12\x35"),
+    "qos 3": packet(0x36, utf8(b"u/mallory/req") + b"\x00\x01{}"),
+    "subscribe without topics": packet(0x82, b"\x00\x01"),
+    "subscribe, qos 7": packet(0x82, b"\x00\x02" + utf8(b"u/mallory/in") + b"\x07"),
+    "subscribe, truncated": packet(0x82, b"\x00\x03" + struct.pack("!H", 40) + b"u/"),
+    "unsubscribe garbage": packet(0xA2, b"\x00\x04\xff\xff"),
+    "puback for nothing": packet(0x40, b"\x12\x34"),
+    "pubrel for nothing": packet(0x62, b"\x12\x35"),
     "ack without id": b"\x40\x00",
 }
 # Protocol violations after which the broker must close the connection itself.
@@ -442,7 +424,7 @@ MUST_CLOSE = {
     "reserved type 15": b"\xf0\x00",
     "second connect": _connect("mallory.again"),
     "empty topic": _publish(b"", b"{}"),
-    "disconnect with a body": _packet(0xE0, b"\x00"),
+    "disconnect with a body": packet(0xE0, b"\x00"),
 }
 
 

@@ -64,7 +64,8 @@ def test_health_and_readiness_follow_the_store(tmp_path: Path, how: str) -> None
             if how == "disk full":
                 filler = fill(tmp_path / "disk")
                 release = filler.unlink
-                reason = "the staging store cannot be written (probe: database or disk is full)"
+                reason = ("the staging store cannot be written (probe: database or disk is full "
+                          "(the file system of the data directory is full: free space there")
             else:
                 lock = sqlite3.connect(tmp_path / "disk" / "data" / "staging.db", isolation_level=None)
                 lock.execute("BEGIN EXCLUSIVE")

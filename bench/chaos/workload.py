@@ -107,7 +107,7 @@ class Device:
                 client.connect(timeout=max(1.0, deadline - time.monotonic()))
                 return
             except ChatError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or self.work.closed:
                     self.close()  # a client that never connected has stopped: finish() opens a new one
                     raise
                 time.sleep(0.2)
@@ -202,6 +202,7 @@ class Workload:
         self.foreign: Counter[str] = Counter()  # messages from users outside the workload, by sender
         self.child_port: int | None = None  # where the children connect, if not connect_port
         self._stop = threading.Event()
+        self.closed = False  # set by close(): connect attempts still retrying give up
         self._threads: list[threading.Thread] = []
         self.started_at = 0.0
 
@@ -307,6 +308,7 @@ class Workload:
 
     def close(self) -> None:
         self._stop.set()
+        self.closed = True
         self._watch.__exit__()
         for child in self.children:
             child.stop()
