@@ -16,11 +16,12 @@ import platform
 import resource
 import shutil
 import socket
-import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.mqtt import packets
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,46 +34,21 @@ class BenchError(Exception):
 
 # --- MQTT 3.1.1 encoding -------------------------------------------------------------------
 
+# The encoders of the raw-socket conformance suite (tests/mqtt/packets.py): one copy of
+# the MQTT 3.1.1 bytes for tests and benchmarks.
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
-PINGREQ_BYTES = b"\xc0\x00"
-DISCONNECT_BYTES = b"\xe0\x00"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_str(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + varint(len(body)) + body
-
-
-def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int,
-                   clean: bool = True) -> bytes:
-    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = mqtt_str(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + mqtt_str(client_id.encode())
-    if username is not None:
-        body += mqtt_str(username.encode())
-    if password is not None:
-        body += mqtt_str(password.encode())
-    return packet(0x10, body)
-
-
-def subscribe_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
-    return packet(0x82, struct.pack("!H", packet_id) + mqtt_str(topic.encode()) + bytes([qos]))
+PINGREQ_BYTES = packets.PINGREQ
+DISCONNECT_BYTES = packets.DISCONNECT
+varint = packets.remaining_length
+mqtt_str = packets.utf8
+packet = packets.packet
+connect_packet = packets.connect_packet
+subscribe_packet = packets.subscribe_packet
 
 
 def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
     """A QoS 1 PUBLISH."""
-    return packet(0x32, mqtt_str(topic) + struct.pack("!H", packet_id) + payload)
+    return packets.publish_packet(topic, payload, 1, packet_id)
 
 
 # --- processes, /proc ---------------------------------------------------------------------------

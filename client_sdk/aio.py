@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from client_sdk.client import _e2e
-from client_sdk.engine import Engine, result_of
+from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
 from client_sdk.events import Event, Presence
 from client_sdk.presence import (
@@ -52,7 +52,7 @@ def _settle(future: asyncio.Future[T], value: T) -> None:
         future.set_result(value)
 
 
-class AsyncClient:
+class AsyncClient(EngineFront):
     """Same arguments as ``Client``; see there. Use ``async with AsyncClient(...) as c:``."""
 
     def __init__(
@@ -84,22 +84,6 @@ class AsyncClient:
             reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
             encryption=encryption, store_secret=store_secret,
         )
-
-    @property
-    def user(self) -> str:
-        return self._engine.user
-
-    @property
-    def device(self) -> str:
-        return self._engine.device
-
-    @property
-    def connected(self) -> bool:
-        return self._engine.connected
-
-    def outbox(self) -> list[str]:
-        """Ids of messages not yet confirmed ``sent``, oldest first."""
-        return self._engine.outbox.ids()
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
         self._engine.check_open()

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from client_sdk.e2e import E2E
-from client_sdk.engine import Engine, result_of
+from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ChatError, ConnectTimeout, RequestError
 from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
 from client_sdk.presence import (
@@ -42,7 +42,7 @@ __all__ = ["Client", "result_of"]
 SecurityWarning = Undecryptable | IdentityChanged
 
 
-class Client:
+class Client(EngineFront):
     """A chat client for one device of one user.
 
     ``password`` may be None once the store holds a device token. ``store`` is
@@ -93,23 +93,6 @@ class Client:
             reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
             encryption=encryption, store_secret=store_secret,
         )
-
-    @property
-    def user(self) -> str:
-        return self._engine.user
-
-    @property
-    def device(self) -> str:
-        return self._engine.device
-
-    @property
-    def connected(self) -> bool:
-        """True while a session is up (subscribed); False while reconnecting or closed."""
-        return self._engine.connected
-
-    def outbox(self) -> list[str]:
-        """Ids of messages not yet confirmed ``sent``, oldest first."""
-        return self._engine.outbox.ids()
 
     # --- lifecycle -----------------------------------------------------------------
 

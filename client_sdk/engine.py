@@ -649,3 +649,26 @@ def _call(answer: Answer, value: ResItem | BaseException) -> None:
         answer(value)
     except Exception:
         log.exception("a request callback failed")
+
+
+class EngineFront:
+    """What ``Client`` and ``AsyncClient`` share over their ``Engine``: who they are, and state."""
+
+    _engine: Engine
+
+    @property
+    def user(self) -> str:
+        return self._engine.user
+
+    @property
+    def device(self) -> str:
+        return self._engine.device
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is up (subscribed); False while reconnecting or closed."""
+        return self._engine.connected
+
+    def outbox(self) -> list[str]:
+        """Ids of messages not yet confirmed ``sent``, oldest first."""
+        return self._engine.outbox.ids()
