@@ -64,8 +64,12 @@ def highlight(r: dict[str, Any]) -> str:
                 f"followed; broker up while full: {r.get('alive_while_full')}; started on a read-only data dir: "
                 f"{r.get('started_read_only')} (refused with an error, then recovered)")
     if key == "slow":
+        spam = r.get("spam", {})
+        answers = ", ".join(f"{fmt(n)} `{k}`" for k, n in sorted(spam.get("answers", {}).items()))
         return (f"slow consumers: staged for them at most {fmt(r.get('staged_for_slow_max'))} (2 devices x "
-                f"`delivery.max_queue` {fmt(r.get('max_queue'))}; the spammer got `queue_full`); broker RSS "
+                f"`delivery.max_queue` {fmt(r.get('max_queue'))}); the spammer published "
+                f"{fmt(spam.get('published'))} and was answered {answers or 'nothing'} (past "
+                f"`limits.max_unacked_downlinks` unacknowledged answers it is read slowly); broker RSS "
                 f"{fmt(r.get('rss_kib_start'))} KiB at the start, {fmt(r.get('rss_kib_max'))} KiB at most, "
                 f"{fmt(r.get('rss_kib_growth_second_half'))} KiB growth over the second half")
     if key == "flood":

@@ -196,18 +196,16 @@ def fill(path: Path) -> int:
     """Write a file until the file system is full; returns the bytes written."""
     written = 0
     chunk = b"\0" * (256 * 1024)
-    with (path / "filler").open("wb") as f:
+    # Unbuffered: a buffered file would retry its failed flush at close and raise there.
+    with (path / "filler").open("wb", buffering=0) as f:
         try:
             while True:
-                f.write(chunk)
-                f.flush()
-                written += len(chunk)
+                written += f.write(chunk) or 0
         except OSError:
             pass
-    with contextlib.suppress(OSError), (path / "filler2").open("wb") as f:  # the last few pages
+    with contextlib.suppress(OSError), (path / "filler2").open("wb", buffering=0) as f:  # the last few pages
         while True:
             f.write(b"\0" * 4096)
-            f.flush()
     return written
 
 
