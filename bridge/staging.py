@@ -127,8 +127,15 @@ class Hold:
 class DeviceBox:
     items: OrderedDict[int, Item] = field(default_factory=OrderedDict)
     online: bool = False
-    unsent: deque[int] = field(default_factory=deque)
+    # Seqs still to send while online; None when there are none (an empty deque is 760 bytes,
+    # and most connected devices are idle: bench/results/probe-memory.md).
+    unsent: deque[int] | None = None
     inflight: OrderedDict[int, float] = field(default_factory=OrderedDict)
+
+    def queue(self, seq: int) -> None:
+        if self.unsent is None:
+            self.unsent = deque()
+        self.unsent.append(seq)
 
 
 @dataclass(slots=True)
@@ -340,7 +347,7 @@ class Staging:
         box.items[item.seq] = item
         self._volatile.append(item)
         if box.online:
-            box.unsent.append(item.seq)
+            box.queue(item.seq)
             self._pump(device, box, now, out)
 
     def _stage_receipt(self, user: str, status: str, ids: list[str], peer: str, now_ms: int, now: float,
@@ -445,7 +452,7 @@ class Staging:
         out = Outcome()
         box = self._box(device)
         box.online = True
-        box.unsent = deque(box.items.keys())
+        box.unsent = deque(box.items.keys()) if box.items else None
         box.inflight.clear()
         self._pump(device, box, now, out)
         return out
@@ -455,7 +462,7 @@ class Staging:
         if box is None:
             return
         box.online = False
-        box.unsent.clear()
+        box.unsent = None
         box.inflight.clear()
         for item in box.items.values():  # free bodies that are safe on disk and wanted by no live device
             message = item.message
@@ -508,23 +515,26 @@ class Staging:
     def _pump(self, device: str, box: DeviceBox, now: float, out: Outcome) -> None:
         if not box.online:
             return
-        while box.unsent and len(box.inflight) < self.rules.window:
-            seq = box.unsent[0]
+        unsent = box.unsent
+        while unsent and len(box.inflight) < self.rules.window:
+            seq = unsent[0]
             item = box.items.get(seq)
             if item is None:
-                box.unsent.popleft()
+                unsent.popleft()
                 continue
             if _needs_body(item):
                 if device not in self._waiting_bodies:
                     self._waiting_bodies.add(device)
-                    self._missing_bodies(box, out)
+                    self._missing_bodies(box, unsent, out)
                 return
-            box.unsent.popleft()
+            unsent.popleft()
             box.inflight[seq] = now
             out.deliveries.append((device, self._wire(item)))
+        if unsent is not None and not unsent:
+            box.unsent = None
 
-    def _missing_bodies(self, box: DeviceBox, out: Outcome) -> None:
-        for seq in itertools.islice(box.unsent, BODY_PREFETCH):
+    def _missing_bodies(self, box: DeviceBox, unsent: deque[int], out: Outcome) -> None:
+        for seq in itertools.islice(unsent, BODY_PREFETCH):
             item = box.items.get(seq)
             if item is None or item.message is None or not _needs_body(item):
                 continue
