@@ -94,7 +94,8 @@ class SessionLink:
         self._handler = handler
         self._qos = min(qos, QOS_1)
         self._topic_bytes = topic.encode()
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Task[Any]] | None = None  # WebSocket sends in flight; made on first use
+
 
     @property
     def client_id(self) -> str:
@@ -106,11 +107,14 @@ class SessionLink:
         # A WebSocket connection: amqtt's path. mqtt_publish reaches the handler's FIFO write lock without awaiting
         # first, so tasks created in order write in order.
         task = asyncio.ensure_future(self._handler.mqtt_publish(self._topic, payload, self._qos, retain=False))
+        if self._pending is None:
+            self._pending = set()
         self._pending.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
-        self._pending.discard(task)
+        if self._pending is not None:
+            self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("downlink to %s not acknowledged: %r", self._client_id, task.exception())
 
