@@ -61,6 +61,7 @@ from broker.counters import BrokerCounters
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import bind_client, bind_connection
 from broker.session_states import lighten
+from broker.streams import start_server
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
@@ -177,7 +178,7 @@ class ChatBroker(ConformantBroker):
             try:
                 instance: Any
                 if kind == "tcp":
-                    instance = await asyncio.start_server(
+                    instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True
                     )
                 else:
