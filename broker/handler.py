@@ -29,10 +29,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from amqtt.errors import AMQTTError
+from amqtt.errors import AMQTTError, MQTTError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.packet import (
+    CONNACK,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
@@ -52,6 +70,7 @@ from amqtt.session import (
 
 from broker.downlink import DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
 from broker.lazy_queue import LazyEvent, LazyQueue
+from broker.wire import PacketGate
 from client_sdk.protocol import is_chat_topic
 
 T = TypeVar("T")
@@ -69,6 +88,18 @@ def _next(queue: asyncio.Queue[T]) -> T | None:
     return item
 
 
+# amqtt's reader loop: packet type -> the handler method it runs in a task of its own. Not CONNECT:
+# PacketGate refuses a second one (MQTT-3.1.0-2) before it gets here.
+_HANDLERS = {
+    CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp", PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp",
+    PUBLISH: "handle_publish", DISCONNECT: "handle_disconnect",
+}
+# Cancelled, or the end of the stream (as amqtt's read_or_raise counts it): the loop ends quietly.
+_LOOP_ENDS = (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)
+
+
 def keepalive_deadline(keepalive_s: int) -> int:
     """Seconds of silence after which a client is dropped (0: keepalive off)."""
     return math.ceil(keepalive_s * 1.5) if keepalive_s > 0 else 0
@@ -81,6 +112,8 @@ class ChatProtocolHandler(BrokerProtocolHandler):
     chat_uplink: Callable[[str, bytes], None] | None = None
     """Set by the broker for an authenticated chat device: takes its QoS 0/1 publishes on ``u/...``."""
     _wake: asyncio.Future[None] | None = None
+    _packet_tasks: set[asyncio.Task[None]] | None = None
+    """Handler tasks of packets still running; None while there are none (most of an idle connection's life)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,6 +226,65 @@ class ChatProtocolHandler(BrokerProtocolHandler):
                 if event.is_set():
                     lazy.set()
                 setattr(self, name, lazy)
+
+    async def _reader_loop(self) -> None:
+        """amqtt's ``ProtocolHandler._reader_loop`` (same packets, handler tasks, order and endings), leaner.
+
+        An idle connection waits in ``PacketGate.next_packet``: four coroutine frames,
+        where amqtt's loop keeps eleven suspended (its ``wait_for``, header parse and
+        read layers: ~2 KiB per connection). The handler tasks are kept in a set that
+        exists only while one runs; amqtt's deque (760 bytes) also held the last
+        packet's finished task for as long as the connection stayed idle.
+        """
+        gate, session = self.reader, self.session
+        if not isinstance(gate, PacketGate) or session is None or self._reader_ready is None or session.keep_alive > 0:
+            await super()._reader_loop()  # not through our gate, or with amqtt's read timeout
+            return
+        # Set once (amqtt set it on every turn; nothing clears it), and not held in a local:
+        # start() swaps it for a LazyEvent, and the old Event must not stay alive with this frame.
+        self._reader_ready.set()
+        while True:
+            try:
+                if not gate.buffered():
+                    await gate.next_packet()
+                fixed_header = await MQTTFixedHeader.from_stream(gate)
+                if fixed_header is None:
+                    break
+                packet = await packet_class(fixed_header).from_stream(gate, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
+                if (name := _HANDLERS.get(fixed_header.packet_type)) is not None:
+                    self._run_packet_task(getattr(self, name)(packet))
+                else:
+                    self.logger.warning(f"{session.client_id} Unhandled packet type: {fixed_header.packet_type}")
+            except MQTTError:
+                self.logger.debug("Message discarded")
+            except _LOOP_ENDS:
+                break
+            except TimeoutError:
+                self.handle_read_timeout()
+            except Exception as e:  # amqtt's loop: any other error ends the connection
+                self.logger.warning(f"{type(self).__name__} Unhandled exception in reader coro: {e!r}")
+                break
+        tasks, self._packet_tasks = self._packet_tasks, None
+        for task in tasks or ():
+            task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    def _run_packet_task(self, handling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(handling)
+        if self._packet_tasks is None:
+            self._packet_tasks = set()
+        self._packet_tasks.add(task)  # a strong reference until done: the loop only keeps weak ones
+        task.add_done_callback(self._packet_task_done)
+
+    def _packet_task_done(self, task: asyncio.Task[None]) -> None:
+        tasks = self._packet_tasks
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                self._packet_tasks = None
 
     async def stop(self) -> None:
         # amqtt calls stop() from several places at once (session clean-up at
