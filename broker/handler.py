@@ -7,9 +7,10 @@ section 3.1.2.10 says the server must disconnect a client that sends nothing
 for one and a half times its keepalive; ``keepalive_deadline`` gives that
 figure and ``handle_read_timeout`` ends the connection, which then takes the
 abnormal-disconnect path (will published, bridge told the device left).
-The silence is watched by one timer per connection (``watch_silence``), not by
-a timeout on every read: amqtt's ``wait_for`` per read costs a Task per packet
-and ~2 KiB per idle connection, so amqtt reads without a timeout here.
+The silence is watched by one timer for all connections (``watch_silence``,
+broker/silence.py), not by a timeout on every read: amqtt's ``wait_for`` per read
+costs a Task per packet and ~2 KiB per idle connection, so amqtt reads without a
+timeout here.
 
 It also keeps outgoing QoS 1/2 messages in the session until they are
 acknowledged (MQTT 3.1.1 section 4.4). amqtt waits 5 s for PUBACK/PUBREC/PUBCOMP,
@@ -70,6 +71,7 @@ from amqtt.session import (
 
 from broker.downlink import DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
 from broker.lazy_queue import LazyEvent, LazyQueue
+from broker.silence import SilenceWatch
 from broker.wire import PacketGate
 from client_sdk.protocol import is_chat_topic
 
@@ -301,9 +303,9 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         self._stop_waiters()
         if self._keepalive_task:
             self._keepalive_task.cancel()
-        if self._silence is not None:
-            self._silence.cancel()
-            self._silence = None
+        if self._watch is not None:
+            self._watch.forget(self)
+            self._watch = None
         reader = self._reader_task
         if reader is not None and reader is not asyncio.current_task():
             # Python 3.11's asyncio.wait_for swallows a cancellation that lands
@@ -327,20 +329,17 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         while not self._pending_unsubscriptions.empty():
             self._pending_unsubscriptions.get_nowait()
 
-    _silence: asyncio.TimerHandle | None = None
+    _watch: SilenceWatch | None = None
 
-    def watch_silence(self, deadline_s: float, last_read: Callable[[], float]) -> None:
-        """Call ``handle_read_timeout`` once nothing was read for ``deadline_s`` (``last_read``: loop time)."""
+    def watch_silence(self, watch: SilenceWatch, deadline_s: float) -> None:
+        """Have ``watch`` call ``handle_read_timeout`` once nothing was read for ``deadline_s`` (until ``stop``)."""
+        self._watch = watch
+        watch.watch(self, deadline_s)
 
-        def check() -> None:
-            idle = self._loop.time() - last_read()
-            if idle >= deadline_s:
-                self._silence = None
-                self.handle_read_timeout()
-            else:  # something came meanwhile: look again when the deadline counted from it is due
-                self._silence = self._loop.call_later(deadline_s - idle, check)
-
-        self._silence = self._loop.call_later(deadline_s, check)
+    def read_at(self) -> float:
+        """Loop time of the last whole packet read (``SilenceWatch``); now, if not read through a PacketGate."""
+        reader = self.reader
+        return reader.last_read if isinstance(reader, PacketGate) else self._loop.time()
 
     def handle_read_timeout(self) -> None:
         # Cancelling the reader task ends its loop, which then reports the

@@ -61,6 +61,7 @@ from broker.counters import BrokerCounters
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import bind_client, bind_connection
 from broker.session_states import lighten
+from broker.silence import SilenceWatch
 from broker.streams import start_server
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
@@ -149,6 +150,7 @@ class ChatBroker(ConformantBroker):
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
         self._links: dict[str, SessionLink] = {}
+        self._silence: SilenceWatch | None = None  # made in the broker's loop, at the first keepalive
         self.counters = BrokerCounters()  # read by broker.metrics at scrape time
 
     # --- listeners --------------------------------------------------------------
@@ -307,6 +309,12 @@ class ChatBroker(ConformantBroker):
         await entry[1].handle_connection_closed()
         await asyncio.wait({task}, timeout=TAKEOVER_WAIT_S)
 
+    def _silence_watch(self) -> SilenceWatch:
+        loop = asyncio.get_running_loop()
+        if self._silence is None or not self._silence.runs_on(loop):
+            self._silence = SilenceWatch(loop)
+        return self._silence
+
     def _session_for(self, incoming: Session) -> Session:
         """amqtt's session cache logic (MQTT-3.1.2-4..6), run only after authentication."""
         client_id = incoming.client_id or ""
@@ -325,7 +333,7 @@ class ChatBroker(ConformantBroker):
                          "username", "password", "remote_address", "remote_port"):
                 setattr(session, attr, getattr(incoming, attr))
             session.parent = 1  # session present = 1 [MQTT-3.2.2-2]
-        # The silence deadline is watched by a timer (ChatProtocolHandler.watch_silence, started in
+        # The silence deadline is watched by one timer for all (broker/silence.py, started in
         # _serve_client); amqtt reads without a timeout (keep_alive 0), which saves a Task per read.
         session.attributes[KEEPALIVE] = keepalive_deadline(incoming.keep_alive)
         session.keep_alive = 0
@@ -355,7 +363,7 @@ class ChatBroker(ConformantBroker):
         self._live[client_id] = asyncio.current_task()  # type: ignore[assignment]
         deadline = session.attributes.get(KEEPALIVE, 0)
         if deadline and isinstance(reader, PacketGate):
-            handler.watch_silence(deadline, reader.read_at)
+            handler.watch_silence(self._silence_watch(), deadline)
         caller = _chat_identity(session)
         if caller is not None:
             # Before the reader starts, so that every chat publish takes the same path (order).
