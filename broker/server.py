@@ -60,7 +60,7 @@ from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import bind_client, bind_connection
-from broker.session_states import lighten
+from broker.session_states import lighten, set_aside
 from broker.silence import SilenceWatch
 from broker.streams import start_server
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
@@ -329,6 +329,7 @@ class ChatBroker(ConformantBroker):
             session = lighten(incoming)
         else:
             session = existing[0]
+            set_aside(incoming)
             for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password", "remote_address", "remote_port"):
                 setattr(session, attr, getattr(incoming, attr))
