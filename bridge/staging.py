@@ -34,7 +34,7 @@ boots, so seqs increase across restarts without a disk write per seq.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,12 +125,13 @@ class Hold:
 
 @dataclass(slots=True)
 class DeviceBox:
-    items: OrderedDict[int, Item] = field(default_factory=OrderedDict)
+    # Plain dicts (insertion-ordered, 64 bytes empty), not OrderedDicts (128): one box per device.
+    items: dict[int, Item] = field(default_factory=dict)
     online: bool = False
     # Seqs still to send while online; None when there are none (an empty deque is 760 bytes,
     # and most connected devices are idle: bench/results/probe-memory.md).
     unsent: deque[int] | None = None
-    inflight: OrderedDict[int, float] = field(default_factory=OrderedDict)
+    inflight: dict[int, float] = field(default_factory=dict)
 
     def queue(self, seq: int) -> None:
         if self.unsent is None:
@@ -607,8 +608,8 @@ class Staging:
                 if item is None:
                     del box.inflight[seq]
                     continue
-                box.inflight[seq] = now
-                box.inflight.move_to_end(seq)
+                del box.inflight[seq]
+                box.inflight[seq] = now  # to the end: in-flight order is send order
                 self.counters.redeliveries += 1
                 out.deliveries.append((device, self._wire(item)))
         return out
