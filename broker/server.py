@@ -450,7 +450,7 @@ class ChatBroker(ConformantBroker):
 
         The same events in the same order of checks (disconnect, subscriptions,
         unsubscriptions, deliveries), polled from the handler; when none is
-        pending, one future that the handler resolves (ChatProtocolHandler.wait_event).
+        pending, one future that the handler resolves (ChatProtocolHandler.event_waiter).
         """
         disconnect = handler.disconnect_future()
         try:
@@ -466,7 +466,10 @@ class ChatBroker(ConformantBroker):
                     if not await self._handle_message_delivery(client_session, handler, _resolved(message)):
                         return
                 else:
-                    await handler.wait_event(disconnect)
+                    try:
+                        await handler.event_waiter(disconnect)
+                    finally:
+                        handler.end_wait(disconnect)
         except asyncio.CancelledError:
             log.debug("%s: message loop cancelled", client_session.client_id)  # amqtt ends the loop quietly too
 
