@@ -35,23 +35,9 @@ from typing import Any, TypeVar
 
 from amqtt.errors import AMQTTError, MQTTError
 from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet as kind
 from amqtt.mqtt import packet_class
-from amqtt.mqtt.packet import (
-    CONNACK,
-    DISCONNECT,
-    PINGREQ,
-    PINGRESP,
-    PUBACK,
-    PUBCOMP,
-    PUBLISH,
-    PUBREC,
-    PUBREL,
-    SUBACK,
-    SUBSCRIBE,
-    UNSUBACK,
-    UNSUBSCRIBE,
-    MQTTFixedHeader,
-)
+from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
@@ -93,10 +79,11 @@ def _next(queue: asyncio.Queue[T]) -> T | None:
 # amqtt's reader loop: packet type -> the handler method it runs in a task of its own. Not CONNECT:
 # PacketGate refuses a second one (MQTT-3.1.0-2) before it gets here.
 _HANDLERS = {
-    CONNACK: "handle_connack", SUBSCRIBE: "handle_subscribe", UNSUBSCRIBE: "handle_unsubscribe",
-    SUBACK: "handle_suback", UNSUBACK: "handle_unsuback", PUBACK: "handle_puback", PUBREC: "handle_pubrec",
-    PUBREL: "handle_pubrel", PUBCOMP: "handle_pubcomp", PINGREQ: "handle_pingreq", PINGRESP: "handle_pingresp",
-    PUBLISH: "handle_publish", DISCONNECT: "handle_disconnect",
+    kind.CONNACK: "handle_connack", kind.SUBSCRIBE: "handle_subscribe", kind.UNSUBSCRIBE: "handle_unsubscribe",
+    kind.SUBACK: "handle_suback", kind.UNSUBACK: "handle_unsuback", kind.PUBACK: "handle_puback",
+    kind.PUBREC: "handle_pubrec", kind.PUBREL: "handle_pubrel", kind.PUBCOMP: "handle_pubcomp",
+    kind.PINGREQ: "handle_pingreq", kind.PINGRESP: "handle_pingresp", kind.PUBLISH: "handle_publish",
+    kind.DISCONNECT: "handle_disconnect",
 }
 # Cancelled, or the end of the stream (as amqtt's read_or_raise counts it): the loop ends quietly.
 _LOOP_ENDS = (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)
