@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from amqtt.errors import AMQTTError, MQTTError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet as kind
 from amqtt.mqtt import packet_class
@@ -249,7 +249,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
                     self._run_packet_task(getattr(self, name)(packet))
                 else:
                     self.logger.warning(f"{session.client_id} Unhandled packet type: {fixed_header.packet_type}")
-            except MQTTError:
+            except (MQTTError, NoDataError):  # as amqtt: logged, and on to the next packet (or the end)
                 self.logger.debug("Message discarded")
             except _LOOP_ENDS:
                 break
