@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    REPO,
     RESULTS,
     BenchError,
     machine_info,
@@ -158,7 +159,7 @@ class ProbedChatServer(ChatServer):
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+    for marker in ("site-packages/", f"{REPO}/", "python3.11/"):  # any checkout, not only /work/main
         if marker in path:
             return path.split(marker, 1)[1]
     return path

@@ -34,7 +34,7 @@ boots, so seqs increase across restarts without a disk write per seq.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,10 +125,18 @@ class Hold:
 
 @dataclass(slots=True)
 class DeviceBox:
-    items: OrderedDict[int, Item] = field(default_factory=OrderedDict)
+    # Plain dicts (insertion-ordered, 64 bytes empty), not OrderedDicts (128): one box per device.
+    items: dict[int, Item] = field(default_factory=dict)
     online: bool = False
-    unsent: deque[int] = field(default_factory=deque)
-    inflight: OrderedDict[int, float] = field(default_factory=OrderedDict)
+    # Seqs still to send while online; None when there are none (an empty deque is 760 bytes,
+    # and most connected devices are idle: bench/results/probe-memory.md).
+    unsent: deque[int] | None = None
+    inflight: dict[int, float] = field(default_factory=dict)
+
+    def queue(self, seq: int) -> None:
+        if self.unsent is None:
+            self.unsent = deque()
+        self.unsent.append(seq)
 
 
 @dataclass(slots=True)
@@ -340,7 +348,7 @@ class Staging:
         box.items[item.seq] = item
         self._volatile.append(item)
         if box.online:
-            box.unsent.append(item.seq)
+            box.queue(item.seq)
             self._pump(device, box, now, out)
 
     def _stage_receipt(self, user: str, status: str, ids: list[str], peer: str, now_ms: int, now: float,
@@ -445,7 +453,7 @@ class Staging:
         out = Outcome()
         box = self._box(device)
         box.online = True
-        box.unsent = deque(box.items.keys())
+        box.unsent = deque(box.items.keys()) if box.items else None
         box.inflight.clear()
         self._pump(device, box, now, out)
         return out
@@ -455,7 +463,7 @@ class Staging:
         if box is None:
             return
         box.online = False
-        box.unsent.clear()
+        box.unsent = None
         box.inflight.clear()
         for item in box.items.values():  # free bodies that are safe on disk and wanted by no live device
             message = item.message
@@ -508,23 +516,26 @@ class Staging:
     def _pump(self, device: str, box: DeviceBox, now: float, out: Outcome) -> None:
         if not box.online:
             return
-        while box.unsent and len(box.inflight) < self.rules.window:
-            seq = box.unsent[0]
+        unsent = box.unsent
+        while unsent and len(box.inflight) < self.rules.window:
+            seq = unsent[0]
             item = box.items.get(seq)
             if item is None:
-                box.unsent.popleft()
+                unsent.popleft()
                 continue
             if _needs_body(item):
                 if device not in self._waiting_bodies:
                     self._waiting_bodies.add(device)
-                    self._missing_bodies(box, out)
+                    self._missing_bodies(box, unsent, out)
                 return
-            box.unsent.popleft()
+            unsent.popleft()
             box.inflight[seq] = now
             out.deliveries.append((device, self._wire(item)))
+        if unsent is not None and not unsent:
+            box.unsent = None
 
-    def _missing_bodies(self, box: DeviceBox, out: Outcome) -> None:
-        for seq in itertools.islice(box.unsent, BODY_PREFETCH):
+    def _missing_bodies(self, box: DeviceBox, unsent: deque[int], out: Outcome) -> None:
+        for seq in itertools.islice(unsent, BODY_PREFETCH):
             item = box.items.get(seq)
             if item is None or item.message is None or not _needs_body(item):
                 continue
@@ -597,8 +608,8 @@ class Staging:
                 if item is None:
                     del box.inflight[seq]
                     continue
-                box.inflight[seq] = now
-                box.inflight.move_to_end(seq)
+                del box.inflight[seq]
+                box.inflight[seq] = now  # to the end: in-flight order is send order
                 self.counters.redeliveries += 1
                 out.deliveries.append((device, self._wire(item)))
         return out

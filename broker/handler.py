@@ -7,9 +7,10 @@ section 3.1.2.10 says the server must disconnect a client that sends nothing
 for one and a half times its keepalive; ``keepalive_deadline`` gives that
 figure and ``handle_read_timeout`` ends the connection, which then takes the
 abnormal-disconnect path (will published, bridge told the device left).
-The silence is watched by one timer per connection (``watch_silence``), not by
-a timeout on every read: amqtt's ``wait_for`` per read costs a Task per packet
-and ~2 KiB per idle connection, so amqtt reads without a timeout here.
+The silence is watched by one timer for all connections (``watch_silence``,
+broker/silence.py), not by a timeout on every read: amqtt's ``wait_for`` per read
+costs a Task per packet and ~2 KiB per idle connection, so amqtt reads without a
+timeout here.
 
 It also keeps outgoing QoS 1/2 messages in the session until they are
 acknowledged (MQTT 3.1.1 section 4.4). amqtt waits 5 s for PUBACK/PUBREC/PUBCOMP,
@@ -30,10 +31,14 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from amqtt.errors import AMQTTError
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet as kind
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
@@ -54,6 +59,8 @@ from amqtt.session import (
 from broker.counters import BrokerCounters
 from broker.downlink import MAX_CHAT_INFLIGHT, DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
 from broker.lazy_queue import LazyEvent, LazyQueue
+from broker.silence import SilenceWatch
+from broker.wire import PacketGate
 from client_sdk.protocol import is_chat_topic
 
 T = TypeVar("T")
@@ -72,6 +79,19 @@ def _next(queue: asyncio.Queue[T]) -> T | None:
     return item
 
 
+# amqtt's reader loop: packet type -> the handler method it runs in a task of its own. Not CONNECT:
+# PacketGate refuses a second one (MQTT-3.1.0-2) before it gets here.
+_HANDLERS = {
+    kind.CONNACK: "handle_connack", kind.SUBSCRIBE: "handle_subscribe", kind.UNSUBSCRIBE: "handle_unsubscribe",
+    kind.SUBACK: "handle_suback", kind.UNSUBACK: "handle_unsuback", kind.PUBACK: "handle_puback",
+    kind.PUBREC: "handle_pubrec", kind.PUBREL: "handle_pubrel", kind.PUBCOMP: "handle_pubcomp",
+    kind.PINGREQ: "handle_pingreq", kind.PINGRESP: "handle_pingresp", kind.PUBLISH: "handle_publish",
+    kind.DISCONNECT: "handle_disconnect",
+}
+# Cancelled, or the end of the stream (as amqtt's read_or_raise counts it): the loop ends quietly.
+_LOOP_ENDS = (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)
+
+
 def keepalive_deadline(keepalive_s: int) -> int:
     """Seconds of silence after which a client is dropped (0: keepalive off)."""
     return math.ceil(keepalive_s * 1.5) if keepalive_s > 0 else 0
@@ -84,6 +104,8 @@ class ChatProtocolHandler(BrokerProtocolHandler):
     chat_uplink: Callable[[str, bytes], None] | None = None
     """Set by the broker for an authenticated chat device: takes its QoS 0/1 publishes on ``u/...``."""
     _wake: asyncio.Future[None] | None = None
+    _packet_tasks: set[asyncio.Task[None]] | None = None
+    """Handler tasks of packets still running; None while there are none (most of an idle connection's life)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -122,19 +144,23 @@ class ChatProtocolHandler(BrokerProtocolHandler):
             return None
         return _next(session.delivered_message_queue)
 
-    async def wait_event(self, disconnect: asyncio.Future[Any]) -> None:
-        """Until a producer calls _notify or ``disconnect`` is resolved; the caller then polls again."""
+    def event_waiter(self, disconnect: asyncio.Future[Any]) -> asyncio.Future[None]:
+        """A future that a producer (``_notify``) or ``disconnect`` resolves; the caller awaits it, then
+        calls ``end_wait(disconnect)`` and polls again.
+
+        Not a coroutine with a closure (amqtt's loop had Tasks): on an idle connection this wait
+        is what lasts, so it is a future and a bound-method callback, ~400 bytes less.
+        """
         wake = self._wake = self._loop.create_future()
+        disconnect.add_done_callback(self._disconnected)
+        return wake
 
-        def woken(_: asyncio.Future[Any]) -> None:
-            self._notify()
+    def end_wait(self, disconnect: asyncio.Future[Any]) -> None:
+        disconnect.remove_done_callback(self._disconnected)  # bound methods compare equal: this one goes
+        self._wake = None
 
-        disconnect.add_done_callback(woken)
-        try:
-            await wake
-        finally:
-            disconnect.remove_done_callback(woken)
-            self._wake = None
+    def _disconnected(self, _: asyncio.Future[Any]) -> None:
+        self._notify()
 
     async def handle_subscribe(self, subscribe: SubscribePacket) -> None:
         await super().handle_subscribe(subscribe)
@@ -220,6 +246,65 @@ class ChatProtocolHandler(BrokerProtocolHandler):
                     lazy.set()
                 setattr(self, name, lazy)
 
+    async def _reader_loop(self) -> None:
+        """amqtt's ``ProtocolHandler._reader_loop`` (same packets, handler tasks, order and endings), leaner.
+
+        An idle connection waits in ``PacketGate.next_packet``: four coroutine frames,
+        where amqtt's loop keeps eleven suspended (its ``wait_for``, header parse and
+        read layers: ~2 KiB per connection). The handler tasks are kept in a set that
+        exists only while one runs; amqtt's deque (760 bytes) also held the last
+        packet's finished task for as long as the connection stayed idle.
+        """
+        gate, session = self.reader, self.session
+        if not isinstance(gate, PacketGate) or session is None or self._reader_ready is None or session.keep_alive > 0:
+            await super()._reader_loop()  # not through our gate, or with amqtt's read timeout
+            return
+        # Set once (amqtt set it on every turn; nothing clears it), and not held in a local:
+        # start() swaps it for a LazyEvent, and the old Event must not stay alive with this frame.
+        self._reader_ready.set()
+        while True:
+            try:
+                if not gate.buffered():
+                    await gate.next_packet()
+                fixed_header = await MQTTFixedHeader.from_stream(gate)
+                if fixed_header is None:
+                    break
+                packet = await packet_class(fixed_header).from_stream(gate, fixed_header=fixed_header)
+                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
+                if (name := _HANDLERS.get(fixed_header.packet_type)) is not None:
+                    self._run_packet_task(getattr(self, name)(packet))
+                else:
+                    self.logger.warning(f"{session.client_id} Unhandled packet type: {fixed_header.packet_type}")
+            except (MQTTError, NoDataError):  # as amqtt: logged, and on to the next packet (or the end)
+                self.logger.debug("Message discarded")
+            except _LOOP_ENDS:
+                break
+            except TimeoutError:
+                self.handle_read_timeout()
+            except Exception as e:  # amqtt's loop: any other error ends the connection
+                self.logger.warning(f"{type(self).__name__} Unhandled exception in reader coro: {e!r}")
+                break
+        tasks, self._packet_tasks = self._packet_tasks, None
+        for task in tasks or ():
+            task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    def _run_packet_task(self, handling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(handling)
+        if self._packet_tasks is None:
+            self._packet_tasks = set()
+        self._packet_tasks.add(task)  # a strong reference until done: the loop only keeps weak ones
+        task.add_done_callback(self._packet_task_done)
+
+    def _packet_task_done(self, task: asyncio.Task[None]) -> None:
+        tasks = self._packet_tasks
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                self._packet_tasks = None
+
     async def stop(self) -> None:
         # amqtt calls stop() from several places at once (session clean-up at
         # shutdown, disconnect handling, the reader's own exit). A second call
@@ -235,9 +320,9 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         self._stop_waiters()
         if self._keepalive_task:
             self._keepalive_task.cancel()
-        if self._silence is not None:
-            self._silence.cancel()
-            self._silence = None
+        if self._watch is not None:
+            self._watch.forget(self)
+            self._watch = None
         reader = self._reader_task
         if reader is not None and reader is not asyncio.current_task():
             # Python 3.11's asyncio.wait_for swallows a cancellation that lands
@@ -261,20 +346,17 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         while not self._pending_unsubscriptions.empty():
             self._pending_unsubscriptions.get_nowait()
 
-    _silence: asyncio.TimerHandle | None = None
+    _watch: SilenceWatch | None = None
 
-    def watch_silence(self, deadline_s: float, last_read: Callable[[], float]) -> None:
-        """Call ``handle_read_timeout`` once nothing was read for ``deadline_s`` (``last_read``: loop time)."""
+    def watch_silence(self, watch: SilenceWatch, deadline_s: float) -> None:
+        """Have ``watch`` call ``handle_read_timeout`` once nothing was read for ``deadline_s`` (until ``stop``)."""
+        self._watch = watch
+        watch.watch(self, deadline_s)
 
-        def check() -> None:
-            idle = self._loop.time() - last_read()
-            if idle >= deadline_s:
-                self._silence = None
-                self.handle_read_timeout()
-            else:  # something came meanwhile: look again when the deadline counted from it is due
-                self._silence = self._loop.call_later(deadline_s - idle, check)
-
-        self._silence = self._loop.call_later(deadline_s, check)
+    def read_at(self) -> float:
+        """Loop time of the last whole packet read (``SilenceWatch``); now, if not read through a PacketGate."""
+        reader = self.reader
+        return reader.last_read if isinstance(reader, PacketGate) else self._loop.time()
 
     def handle_read_timeout(self) -> None:
         # Cancelling the reader task ends its loop, which then reports the

@@ -45,17 +45,18 @@ class LazyQueue(asyncio.Queue[T]):
 
     def shrink(self) -> None:
         """Drop the parts again once nothing is queued or waiting (a SUBSCRIBE at login used them once)."""
-        parts = self.__dict__
-        if parts.get("_queue") or parts.get("_getters") or parts.get("_putters"):
+        if _made(self, "_queue") or _made(self, "_getters") or _made(self, "_putters"):
             return
         for name in ("_queue", "_getters", "_putters", "_finished"):
-            parts.pop(name, None)
+            if _made(self, name) is not None:
+                delattr(self, name)
 
     def empty(self) -> bool:
-        return "_queue" not in self.__dict__ or not self._queue
+        return not _made(self, "_queue")
 
     def qsize(self) -> int:
-        return len(self._queue) if "_queue" in self.__dict__ else 0
+        queue = _made(self, "_queue")
+        return len(queue) if queue is not None else 0
 
 
 class LazyEvent(asyncio.Event):
@@ -69,9 +70,24 @@ class LazyEvent(asyncio.Event):
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         return self._waiters
 
+    def set(self) -> None:
+        if _made(self, "_waiters") is None:
+            self._value = True  # nobody waits: asyncio.Event.set would make the deque to find that out
+            return
+        super().set()
+
     async def wait(self) -> Literal[True]:
         try:
             return await super().wait()
         finally:
-            if not self.__dict__.get("_waiters", True):
+            if _made(self, "_waiters") is not None and not self._waiters:
                 del self._waiters  # nobody else waits: give the deque back
+
+
+def _made(obj: object, name: str) -> Any:
+    """The attribute if it was made, else None; neither makes it (``__getattr__``) nor the object's
+    ``__dict__`` (reading ``vars()`` turns Python 3.11's inline attribute values into a 64-byte dict)."""
+    try:
+        return object.__getattribute__(obj, name)
+    except AttributeError:
+        return None

@@ -60,7 +60,9 @@ from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import bind_client, bind_connection
-from broker.session_states import lighten
+from broker.session_states import lighten, set_aside
+from broker.silence import SilenceWatch
+from broker.streams import start_server
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
 from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
@@ -94,7 +96,8 @@ class SessionLink:
         self._handler = handler
         self._qos = min(qos, QOS_1)
         self._topic_bytes = topic.encode()
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Task[Any]] | None = None  # WebSocket sends in flight; made on first use
+
 
     @property
     def client_id(self) -> str:
@@ -106,11 +109,14 @@ class SessionLink:
         # A WebSocket connection: amqtt's path. mqtt_publish reaches the handler's FIFO write lock without awaiting
         # first, so tasks created in order write in order.
         task = asyncio.ensure_future(self._handler.mqtt_publish(self._topic, payload, self._qos, retain=False))
+        if self._pending is None:
+            self._pending = set()
         self._pending.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
-        self._pending.discard(task)
+        if self._pending is not None:
+            self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("downlink to %s not acknowledged: %r", self._client_id, task.exception())
 
@@ -144,6 +150,7 @@ class ChatBroker(ConformantBroker):
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
         self._links: dict[str, SessionLink] = {}
+        self._silence: SilenceWatch | None = None  # made in the broker's loop, at the first keepalive
         self.counters = BrokerCounters()  # read by broker.metrics at scrape time
 
     # --- listeners --------------------------------------------------------------
@@ -173,7 +180,7 @@ class ChatBroker(ConformantBroker):
             try:
                 instance: Any
                 if kind == "tcp":
-                    instance = await asyncio.start_server(
+                    instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True
                     )
                 else:
@@ -302,6 +309,12 @@ class ChatBroker(ConformantBroker):
         await entry[1].handle_connection_closed()
         await asyncio.wait({task}, timeout=TAKEOVER_WAIT_S)
 
+    def _silence_watch(self) -> SilenceWatch:
+        loop = asyncio.get_running_loop()
+        if self._silence is None or not self._silence.runs_on(loop):
+            self._silence = SilenceWatch(loop)
+        return self._silence
+
     def _session_for(self, incoming: Session) -> Session:
         """amqtt's session cache logic (MQTT-3.1.2-4..6), run only after authentication."""
         client_id = incoming.client_id or ""
@@ -316,11 +329,12 @@ class ChatBroker(ConformantBroker):
             session = lighten(incoming)
         else:
             session = existing[0]
+            set_aside(incoming)
             for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password", "remote_address", "remote_port"):
                 setattr(session, attr, getattr(incoming, attr))
             session.parent = 1  # session present = 1 [MQTT-3.2.2-2]
-        # The silence deadline is watched by a timer (ChatProtocolHandler.watch_silence, started in
+        # The silence deadline is watched by one timer for all (broker/silence.py, started in
         # _serve_client); amqtt reads without a timeout (keep_alive 0), which saves a Task per read.
         session.attributes[KEEPALIVE] = keepalive_deadline(incoming.keep_alive)
         session.keep_alive = 0
@@ -350,7 +364,7 @@ class ChatBroker(ConformantBroker):
         self._live[client_id] = asyncio.current_task()  # type: ignore[assignment]
         deadline = session.attributes.get(KEEPALIVE, 0)
         if deadline and isinstance(reader, PacketGate):
-            handler.watch_silence(deadline, reader.read_at)
+            handler.watch_silence(self._silence_watch(), deadline)
         if isinstance(reader, PacketGate):
             reader.unacked_over = handler.unacked_over
         caller = _chat_identity(session)
@@ -440,7 +454,7 @@ class ChatBroker(ConformantBroker):
 
         The same events in the same order of checks (disconnect, subscriptions,
         unsubscriptions, deliveries), polled from the handler; when none is
-        pending, one future that the handler resolves (ChatProtocolHandler.wait_event).
+        pending, one future that the handler resolves (ChatProtocolHandler.event_waiter).
         """
         disconnect = handler.disconnect_future()
         try:
@@ -456,7 +470,10 @@ class ChatBroker(ConformantBroker):
                     if not await self._handle_message_delivery(client_session, handler, _resolved(message)):
                         return
                 else:
-                    await handler.wait_event(disconnect)
+                    try:
+                        await handler.event_waiter(disconnect)
+                    finally:
+                        handler.end_wait(disconnect)
         except asyncio.CancelledError:
             log.debug("%s: message loop cancelled", client_session.client_id)  # amqtt ends the loop quietly too
 

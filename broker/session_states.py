@@ -15,7 +15,7 @@ refusal (``MachineError`` for connect while connected) and the same callbacks
 from __future__ import annotations
 
 from amqtt.session import Session
-from transitions import MachineError
+from transitions import Machine, MachineError
 
 from broker.lazy_queue import LazyQueue
 
@@ -56,6 +56,21 @@ def lighten(session: Session) -> Session:
     if session.retained_messages.empty() and session.delivered_message_queue.empty():
         session.retained_messages = LazyQueue()
         session.delivered_message_queue = LazyQueue()
+    machine = session.transitions
     # Duck-typed: amqtt and this broker only use the members SessionStates has.
-    session.transitions = SessionStates(session, session.transitions.state)  # type: ignore[assignment]
+    session.transitions = SessionStates(session, machine.state)  # type: ignore[assignment]
+    _free(machine)
     return session
+
+
+def set_aside(incoming: Session) -> None:
+    """A new ``incoming`` session that is not used (a stored one is resumed instead): free its Machine now."""
+    if not isinstance(incoming.transitions, SessionStates):
+        _free(incoming.transitions)
+
+
+def _free(machine: Machine) -> None:
+    # A Machine is a web of cycles (~170 objects, 16 KiB): dropped as it is, it waits for the
+    # cyclic GC, and under gc.freeze (broker/gc_policy.py) possibly for a full collection.
+    # Emptied, it is freed by reference counting at once.
+    vars(machine).clear()

@@ -104,6 +104,40 @@ def test_session_present_resumes_without_resubscribe(broker: BrokerThread, peers
     assert again.request("ping")["ok"] is True  # no SUBSCRIBE sent on this connection
 
 
+# --- what an idle connection holds (bench/results/probe-memory.md) ----------------------------
+
+
+def test_an_idle_chat_connection_holds_no_spare_parts(broker: BrokerThread, peers: list[Peer]) -> None:
+    """At 10,000 idle phones every part counts: after login and SUBSCRIBE, with nothing pending, the
+    connection waits for its next packet in four coroutine frames (amqtt's loop: eleven) and holds
+    no finished handler task, no empty deque (events, drain waiters, the bridge's send queue) and
+    no transitions.Machine."""
+    peer = Peer(broker.port, "alice", "alice-pw")
+    peers.append(peer)
+    assert peer.connect() == 0 and peer.subscribe() == [1]
+    eventually(lambda: linked(broker, "alice.phone"), what="inbox linked")
+
+    def footprint(b: Any) -> dict[str, Any]:
+        session, handler = b.sessions["alice.phone"]
+        frames, waiting = 0, handler._reader_task.get_coro()
+        while hasattr(waiting, "cr_await"):  # down the chain of suspended coroutines to the future
+            frames, waiting = frames + 1, waiting.cr_await
+        protocol = handler.writer._writer._protocol  # amqtt's adapter -> asyncio's StreamWriter -> protocol
+        return {
+            "reader frames": frames,
+            "packet tasks": handler._packet_tasks,
+            "event deques": [e for e in ("_reader_ready", "_reader_stopped") if "_waiters" in vars(vars(handler)[e])],
+            "drain deque": "_drain_waiters" in vars(protocol),
+            "send queue": b.bridge.messaging.staging.boxes["alice.phone"].unsent,
+            "states": type(session.transitions).__name__,
+        }
+
+    assert inspect(broker, footprint) == {
+        "reader frames": 4, "packet tasks": None, "event deques": [], "drain deque": False, "send queue": None,
+        "states": "SessionStates",
+    }
+
+
 # --- keepalive (broker/handler.py) -----------------------------------------------------------
 
 

@@ -77,3 +77,15 @@ async def test_lazy_event_waits_sets_and_gives_its_deque_back() -> None:
     assert not event.is_set()
     event.set()
     assert await asyncio.wait_for(event.wait(), 1) is True  # already set: no wait
+
+
+async def test_lazy_event_set_without_waiters_makes_no_deque() -> None:
+    event = LazyEvent()
+    event.set()  # asyncio.Event.set walks its waiters: here there are none to make
+    assert event.is_set() and "_waiters" not in vars(event)
+    assert await asyncio.wait_for(event.wait(), 1) is True
+    event.clear()
+    waiter = asyncio.ensure_future(event.wait())
+    await asyncio.sleep(0)
+    event.set()  # with a waiter: woken as by asyncio.Event
+    assert await asyncio.wait_for(waiter, 1) is True and "_waiters" not in vars(event)

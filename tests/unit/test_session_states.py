@@ -3,12 +3,14 @@ sequence of connect/disconnect: same states, same refusals, same connect/disconn
 
 from __future__ import annotations
 
+import gc
+
 from amqtt.session import Session
 from hypothesis import given
 from hypothesis import strategies as st
 from transitions import MachineError
 
-from broker.session_states import lighten
+from broker.session_states import lighten, set_aside
 
 
 def _run(session: Session, triggers: list[str]) -> list[str]:
@@ -35,3 +37,26 @@ def test_keeps_the_state_it_replaces() -> None:
     session = Session()
     session.transitions.connect()
     assert lighten(session).transitions.is_connected()
+
+
+def test_the_replaced_machine_is_freed_at_once_not_left_to_the_cyclic_gc() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        session = lighten(Session())
+        assert gc.collect() == 0, "the old Machine's cycles became garbage for the collector"
+        assert session.transitions.is_new()
+    finally:
+        gc.enable()
+
+
+def test_an_incoming_session_set_aside_is_freed_at_once() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        incoming = Session()
+        set_aside(incoming)  # a stored session was resumed in its place
+        del incoming
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -112,6 +112,18 @@ def test_window_then_next_on_ack_and_redelivery() -> None:
     assert [item["id"] for _, item in s.redeliver(6.0).deliveries] == ["m1"]
 
 
+def test_an_idle_online_device_holds_no_send_queue() -> None:
+    s = core()
+    s.device_online("bob.phone", 0.0)
+    assert s.boxes["bob.phone"].unsent is None  # the common case at 10,000 connected: no deque
+    for i in range(3):
+        s.submit("alice.phone", "alice", msg(f"m{i}"), 1000, 0.0)
+    assert list(s.boxes["bob.phone"].unsent or []) == [SEQ_SPAN + 3], "window 2: the third waits"
+    out = s.ack("bob.phone", [SEQ_SPAN + 1], 1001, 0.01)
+    assert [item["id"] for _, item in out.deliveries if item["kind"] == "msg"] == ["m2"]
+    assert s.boxes["bob.phone"].unsent is None, "emptied: given back"
+
+
 def test_reconnect_sends_the_backlog_again_in_order() -> None:
     s = core()
     s.device_online("bob.phone", 0.0)
