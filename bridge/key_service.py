@@ -8,11 +8,13 @@ key, used by the olm mismatch check of the staging core) in step with the store.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from bridge.key_store import KeyStore
 from bridge.keys import KeyedDevices, parse_claim, parse_device, parse_publish, parse_user
+from bridge.limits import RateLimiter
 from bridge.requests import Caller, Op, OpError, check_args
 from client_sdk.protocol import (
     OP_DEVICES_REMOVE,
@@ -41,7 +43,10 @@ class StagedDevices(Protocol):
 
 class KeyService:
     def __init__(self, store: KeyStore, keyed: KeyedDevices, accounts: Accounts, staged: StagedDevices,
-                 close_session: Callable[[str], Awaitable[None]]) -> None:
+                 close_session: Callable[[str], Awaitable[None]], claims: RateLimiter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._claims = claims
+        self._clock = clock
         self._store = store
         self._keyed = keyed
         self._accounts = accounts
@@ -75,6 +80,10 @@ class KeyService:
 
     async def _claim(self, caller: Caller, args: dict[str, Any]) -> Any:
         user, devices = parse_claim(args)
+        # Each claim deletes one of the peer's one-time keys: without a bound, anyone could drain
+        # them and leave every new session to the fallback key (docs/SECURITY.md).
+        if self._claims is not None and not self._claims.allow(f"{caller.user}\0{user}", self._clock()):
+            raise OpError(ErrorCode.RATE_LIMITED, f"too many key claims for {user}; retry later")
         return {"user": await self._known(user), "devices": await self._store.claim(user, devices)}
 
     async def _known(self, user: str) -> str:

@@ -90,7 +90,8 @@ class BrokerApp:
             keyed = KeyedDevices(await self._key_store.keyed_devices())
             messaging = await self._start_messaging(self._users, self._staging_store, keyed)
             presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
-            keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session)
+            claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst)
+            keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session, claims)
             ops = {**build_ops(authenticator), **presence.ops(), **keys.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(settings, authenticator, bridge)

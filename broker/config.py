@@ -94,6 +94,11 @@ class LimitsSettings(_Section):
     reading that connection for a moment (TCP backpressure) instead of spending its CPU on it."""
     publish_burst: int = Field(default=2000, ge=1)
     """PUBLISH packets a connection may send at once before ``publishes_per_s`` applies."""
+    claims_per_peer_burst: int = Field(default=20, ge=1)
+    """``keys.claim`` requests one user may make for one other user at once (``rate_limited`` beyond)."""
+    claims_per_peer_per_min: float = Field(default=2.0, gt=0)
+    """... and per minute after that burst: a client claims only when it lacks a session (a new
+    device, a reinstall), while each claim uses up one of the peer's one-time keys."""
     max_unacked_downlinks: int = Field(default=8192, ge=1, le=32768)
     """Chat deliveries a connection may leave without PUBACK; beyond, further ones are not written
     (staged items are redelivered later, ephemeral ones are best effort): see broker/downlink.py."""

@@ -9,9 +9,11 @@ from tests.helpers import BrokerThread, Peer
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    """A running ChatBroker on 127.0.0.1:<free port> with users alice, bob and mallory."""
-    running = BrokerThread(tmp_path / "data").start()
+def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerThread]:
+    """A running ChatBroker on 127.0.0.1:<free port> with users alice, bob and mallory
+    (settings from a ``@pytest.mark.broker_config({...})`` on the test, if any)."""
+    marker = request.node.get_closest_marker("broker_config")
+    running = BrokerThread(tmp_path / "data", marker.args[0] if marker else None).start()
     for name in ("alice", "bob", "mallory"):
         running.add_user(name, f"{name}-pw")
     yield running

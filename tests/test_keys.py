@@ -1,12 +1,15 @@
 """The key directory through the real broker, as raw MQTT clients see it (docs/PROTOCOL.md,
 "End-to-end encryption"): keys.publish/count/list/claim round trips, one-time keys handed out
 once (also to many clients claiming at the same moment), the fallback key when they run out,
-the publish limits, and that nobody can publish keys as another user or device."""
+the publish limits, that nobody can publish keys as another user or device, and that one user
+cannot drain another's one-time keys (claims per peer are rate limited)."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
+
+import pytest
 
 from tests.helpers import BrokerThread, Peer
 
@@ -80,6 +83,7 @@ def test_publish_limits_and_identity_rules(broker: BrokerThread, peers: list[Pee
     assert failed(bob, "keys.count", {"x": 1}) == "bad_envelope"
 
 
+@pytest.mark.broker_config({"limits.claims_per_peer_burst": 1000})
 def test_concurrent_claims_never_share_a_one_time_key(broker: BrokerThread, peers: list[Peer]) -> None:
     """Many connections claim at the same moment: each key goes to exactly one of them."""
     bob = connect(broker, peers, "bob")
@@ -123,3 +127,20 @@ def test_claim_for_chosen_devices(broker: BrokerThread, peers: list[Peer]) -> No
     claimed = ok(alice, "keys.claim", {"user": "bob", "devices": ["laptop", "tab", "nope"]})["devices"]
     assert {d: c["id"] for d, c in claimed.items()} == {"laptop": "laptop0", "tab": "tab0"}
     assert set(ok(alice, "keys.claim", {"user": "bob"})["devices"]) == {"phone"}, "no fallback for the others"
+
+
+@pytest.mark.broker_config({"limits.claims_per_peer_burst": 3, "limits.claims_per_peer_per_min": 0.001})
+def test_claims_per_peer_are_rate_limited(broker: BrokerThread, peers: list[Peer]) -> None:
+    """Each claim deletes one of the peer's one-time keys: past the burst, mallory gets
+    `rate_limited` and bob keeps the rest; other claimers and other peers are not affected."""
+    bob = connect(broker, peers, "bob")
+    ok(bob, "keys.publish", {"device_keys": device_keys("bob", "phone"), "one_time_keys": otks(0, 10)})
+    mallory = connect(broker, peers, "mallory")
+    mallory_tablet = connect(broker, peers, "mallory", device="tablet")
+    handed = [ok(mallory, "keys.claim", {"user": "bob"})["devices"]["phone"]["id"] for _ in range(3)]
+    assert failed(mallory, "keys.claim", {"user": "bob"}) == "rate_limited"
+    assert failed(mallory_tablet, "keys.claim", {"user": "bob"}) == "rate_limited", "per user, not per device"
+    assert ok(bob, "keys.count", {})["one_time_keys"] == 10 - len(handed)
+    alice = connect(broker, peers, "alice")
+    assert not ok(alice, "keys.claim", {"user": "bob"})["devices"]["phone"]["fallback"]
+    assert ok(mallory, "keys.claim", {"user": "alice"})["devices"] == {}, "other peers: not limited"

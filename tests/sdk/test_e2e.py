@@ -203,6 +203,7 @@ def test_server_only_carries_ciphertext_each_device_its_own(
         ("secret words", "bob", account.ed25519, "phone")
 
 
+@pytest.mark.broker_config({"limits.claims_per_peer_burst": 100})
 def test_one_time_keys_are_topped_up_after_peers_use_them(
     make_client: Factory, peers: list[Peer], broker: BrokerThread,
 ) -> None:
