@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 from bridge.links import LinkRegistry
 from bridge.requests import Caller
-from bridge.staging import Outcome, Staging
+from bridge.staged import Outcome
+from bridge.staging import Staging
 from bridge.store import StagingStore
 from broker.sqlite import StoreError
 from client_sdk.protocol import (

@@ -36,13 +36,26 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
 from bridge.keys import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
+from bridge.staged import (
+    DURABLE,
+    SEQ_SPAN,
+    VOLATILE,
+    WRITING,
+    DeviceBox,
+    Figures,
+    FlushBatch,
+    Hold,
+    Item,
+    Message,
+    Outcome,
+    Rules,
+)
 from client_sdk.protocol import (
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
@@ -55,119 +68,8 @@ from client_sdk.protocol import (
     receipt_item,
 )
 
-SEQ_SPAN = 1_000_000_000
-VOLATILE, WRITING, DURABLE = 0, 1, 2
 BODY_PREFETCH = 256  # bodies read back per store query when a device drains a backlog
 HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
-
-
-@dataclass(frozen=True, slots=True)
-class Rules:
-    flush_s: float
-    ttl_ms: int
-    window: int
-    redeliver_after_s: float
-    max_queue: int
-    dedup_window_ms: int
-    require_encryption: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class Message:
-    mid: int
-    sender: str
-    msg_id: str
-    recipient: str
-    type: str
-    body: str | None
-    ts: int
-    expires_ms: int
-    origin: str
-    dev: str = ""  # the sending device's id (origin may change on a re-send; the ciphertexts may not)
-    olm: bool = False  # the body is per device, on each Item
-    targets: set[str] = field(default_factory=set)
-    unsettled: int = 0
-    writing: int = 0
-    state: int = VOLATILE
-    delivered: bool = False
-    sent_notified: bool = False
-    expired_notified: bool = False
-    store_failed: bool = False
-    size: int = 0  # body bytes (UTF-8), for the metrics
-    # A 'delivered' receipt held back until 'sent' (found by tests/chaos): the SDK drops a message from
-    # its outbox on 'delivered', so sending it before the message is safe for every target loses it
-    # for a device that has not acked yet if the server crashes in between. (ms, time) of the first ack.
-    delivered_held: tuple[int, float] | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Item:
-    device: str
-    seq: int
-    expires_ms: int
-    due: float
-    message: Message | None = None
-    receipt: dict[str, Any] | None = None
-    body: str | None = None  # this device's ciphertext of an olm message (None: not in memory)
-    state: int = VOLATILE
-    acked: bool = False
-    settled: bool = False
-
-
-@dataclass(slots=True)
-class Hold:
-    """A device's messages refused in a row: re-sends are taken only in this order (rule 4)."""
-
-    ids: list[str]
-    code: str
-    until: float
-
-
-@dataclass(slots=True)
-class DeviceBox:
-    # Plain dicts (insertion-ordered, 64 bytes empty), not OrderedDicts (128): one box per device.
-    items: dict[int, Item] = field(default_factory=dict)
-    online: bool = False
-    # Seqs still to send while online; None when there are none (an empty deque is 760 bytes,
-    # and most connected devices are idle: bench/results/probe-memory.md).
-    unsent: deque[int] | None = None
-    inflight: dict[int, float] = field(default_factory=dict)
-
-    def queue(self, seq: int) -> None:
-        if self.unsent is None:
-            self.unsent = deque()
-        self.unsent.append(seq)
-
-
-@dataclass(slots=True)
-class Outcome:
-    deliveries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    need_bodies: list[int] = field(default_factory=list)
-    need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
-    flush_due: bool = False
-
-    def merge(self, other: Outcome) -> Outcome:
-        self.deliveries += other.deliveries
-        self.notices += other.notices
-        self.need_bodies += other.need_bodies
-        self.need_item_bodies += other.need_item_bodies
-        self.flush_due = self.flush_due or other.flush_due
-        return self
-
-
-@dataclass(slots=True)
-class FlushBatch:
-    bodies: list[Message] = field(default_factory=list)
-    items: list[Item] = field(default_factory=list)
-    deleted_items: list[tuple[str, int]] = field(default_factory=list)
-    deleted_bodies: list[int] = field(default_factory=list)
-    delivered: list[int] = field(default_factory=list)
-    dedup: list[tuple[str, str, int]] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (self.bodies or self.items or self.deleted_items or self.deleted_bodies
-                    or self.delivered or self.dedup)
 
 
 class Staging:
@@ -728,17 +630,6 @@ class Staging:
         heads = [next(iter(box.items.values())).expires_ms for box in self.boxes.values() if box.items]
         oldest = min(heads) - self.rules.ttl_ms if heads else None
         return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths)
-
-
-@dataclass(frozen=True, slots=True)
-class Figures:
-    items: int
-    messages: int
-    body_bytes: int
-    oldest_ms: int | None
-    """Server time (ms) at which the oldest queued item was staged; None when nothing is staged."""
-    depths: list[int]
-    """Items queued per device (devices with a queue or online)."""
 
 
 def _utf8_len(text: str) -> int:

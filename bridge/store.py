@@ -19,7 +19,7 @@ from typing import Protocol
 
 import aiosqlite
 
-from bridge.staging import FlushBatch, Item, Message
+from bridge.staged import FlushBatch, Item, Message
 from broker.sqlite import StoreError, open_database, transaction, writer_lock
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from bridge.presence_service import PresenceService
 from bridge.presence_store import SqlitePresenceStore
 from bridge.requests import build_ops
 from bridge.service import Bridge
-from bridge.staging import Rules, Staging
+from bridge.staged import Rules
+from bridge.staging import Staging
 from bridge.store import SqliteStagingStore
 from broker.auth import Authenticator
 from broker.config import Settings

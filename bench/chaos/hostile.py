@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.common import connect_packet, mqtt_str, packet, publish_packet, subscribe_packet
-from bridge.staging import SEQ_SPAN
+from bridge.staged import SEQ_SPAN
 
 IDS = st.text(st.sampled_from("abcXYZ019_-"), min_size=0, max_size=70)
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -20,7 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.directory import Directory
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staging import Rules, Staging
+from bridge.staged import Rules
+from bridge.staging import Staging
 from broker.users import UserStore
 from client_sdk import Client
 from client_sdk.protocol import ChatMessage

@@ -6,7 +6,8 @@ from typing import Any
 
 from bridge.directory import Directory, placeholder
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staging import SEQ_SPAN, Outcome, Rules, Staging
+from bridge.staged import SEQ_SPAN, Outcome, Rules
+from bridge.staging import Staging
 from client_sdk.protocol import ChatMessage
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=2, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)

@@ -15,7 +15,8 @@ from typing import Any
 from bridge.directory import Directory
 from bridge.keys import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staging import FlushBatch, Outcome, Rules, Staging
+from bridge.staged import FlushBatch, Outcome, Rules
+from bridge.staging import Staging
 from bridge.store import STAGING_DB, SqliteStagingStore
 from client_sdk.protocol import OLM_TYPE, ChatMessage
 

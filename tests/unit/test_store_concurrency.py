@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bridge.staging import FlushBatch, Item, Message
+from bridge.staged import FlushBatch, Item, Message
 from bridge.store import SqliteStagingStore
 
 
