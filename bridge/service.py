@@ -50,7 +50,13 @@ class Bridge:
         self.messaging.device_registered(user, device)
 
     def device_online(self, user: str, link: DeviceLink) -> None:
+        replaced = self.links.get(link.client_id)
         self.links.attach(user, link)
+        if replaced is not None and replaced is not link:
+            # A new connection of the device before the old one was detached (a takeover whose
+            # clean-up is late): the old one's detach will find itself replaced and do nothing,
+            # so its foreground and watch list end here; the new connection starts without them.
+            self.presence.device_offline(user, link.client_id)
         self.messaging.device_online(link.client_id)
 
     def device_offline(self, user: str, link: DeviceLink) -> None:

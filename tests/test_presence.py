@@ -410,6 +410,19 @@ def test_a_watch_list_ends_with_the_connection(start: Callable[..., BrokerThread
     assert [i for i in items_until_ping(bob) if i["kind"] == "presence"] == []
 
 
+def test_a_watch_list_ends_with_a_connection_taken_over(start: Callable[..., BrokerThread],
+                                                        made: list[Any]) -> None:
+    """The same device connects again while its old connection is still open (a phone that
+    switched networks): the new connection takes over and starts with no watch list."""
+    broker = start()
+    alice, bob = online(broker, made, "alice"), online(broker, made, "bob")
+    everyone(alice, bob)
+    watch(bob, "alice")
+    again = online(broker, made, "bob")  # takes over bob.phone; the old connection is closed by the broker
+    beat(alice)
+    assert [i for i in items_until_ping(again) if i["kind"] == "presence"] == []
+
+
 def test_bad_presence_requests_and_limits(start: Callable[..., BrokerThread], made: list[Any]) -> None:
     broker = start(**{"presence.max_watched": 2, "presence.max_contacts": 2})
     alice = online(broker, made, "alice")
