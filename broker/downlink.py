@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from amqtt.adapters import StreamWriterAdapter, WriterAdapter
+
+from broker.counters import BrokerCounters
 
 PUBLISH = 0x30
 PUBACK = 0x40
@@ -87,6 +90,14 @@ consumers). What is dropped is never lost: a staged item stays unacked and is
 redelivered (``delivery.redeliver_after_s``); an ephemeral item (``sent``, an
 ``error``) is best effort by the protocol and the SDK re-sends what was not confirmed.
 """
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkPolicy:
+    """One per broker, shared by its chat connections: the cap, and where drops are counted."""
+
+    max_unacked: int = MAX_CHAT_INFLIGHT
+    counters: BrokerCounters | None = None
 
 
 class PacketIds:

@@ -56,8 +56,7 @@ from amqtt.session import (
     Session,
 )
 
-from broker.counters import BrokerCounters
-from broker.downlink import MAX_CHAT_INFLIGHT, DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
+from broker.downlink import DownlinkPolicy, DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
 from broker.lazy_queue import LazyEvent, LazyQueue
 from broker.silence import SilenceWatch
 from broker.wire import PacketGate
@@ -205,7 +204,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
             assert self.writer is not None  # streams_bytes() said so; for mypy
             self._downlink = DownlinkWriter(self.writer, self._loop)
         if self._chat_ids is None:
-            self._chat_ids = PacketIds(lambda: session.next_packet_id, self.max_unacked)
+            self._chat_ids = PacketIds(lambda: session.next_packet_id, self.downlink_policy.max_unacked)
         packet_id = self._chat_ids.take() if qos else None
         if qos and packet_id is None:
             self._drop_unacked()
@@ -213,25 +212,26 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         self._downlink.write(encode_publish(topic, payload, qos, packet_id))
         return True
 
-    chat_dropped = 0
-    """Chat downlinks this connection was not sent because it left MAX_CHAT_INFLIGHT unacknowledged."""
-    counters: BrokerCounters | None = None
-    """Set by the broker with ``chat_uplink``: where dropped downlinks are counted for the metrics."""
-    max_unacked = MAX_CHAT_INFLIGHT
-    """Set by the broker with ``chat_uplink`` (``limits.max_unacked_downlinks``)."""
+    downlink_policy = DownlinkPolicy()
+    """Set by the broker with ``chat_uplink`` (``limits.max_unacked_downlinks``; its counters)."""
 
     def unacked_over(self) -> bool:
         """True while this connection leaves ``max_unacked`` chat deliveries without PUBACK."""
         return self._chat_ids is not None and self._chat_ids.full
 
     def _drop_unacked(self) -> None:
-        if not self.chat_dropped:  # once per connection: the client may be hostile, its log lines cost too
+        policy = self.downlink_policy
+        if policy.counters is not None:
+            policy.counters.downlink_dropped += 1
+        gate = self.reader
+        if isinstance(gate, PacketGate) and gate.unacked_over is None:
+            # The first drop on this connection: from now on it is read slowly while over the cap
+            # (honest connections never get here and pay nothing per packet). Logged once: the
+            # client may be hostile, and its log lines cost too.
+            gate.unacked_over = self.unacked_over
             log.warning("%s leaves %d deliveries without PUBACK: further ones are not sent until it acknowledges "
                         "(staged items are redelivered later)", self.session.client_id if self.session else "?",
-                        self.max_unacked)
-        self.chat_dropped += 1
-        if self.counters is not None:
-            self.counters.downlink_dropped += 1
+                        policy.max_unacked)
 
     async def start(self) -> None:
         self._stopping = None

@@ -58,6 +58,7 @@ from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenti
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
+from broker.downlink import DownlinkPolicy
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import bind_client, bind_connection
 from broker.session_states import lighten, set_aside
@@ -152,6 +153,7 @@ class ChatBroker(ConformantBroker):
         self._links: dict[str, SessionLink] = {}
         self._silence: SilenceWatch | None = None  # made in the broker's loop, at the first keepalive
         self.counters = BrokerCounters()  # read by broker.metrics at scrape time
+        self._downlink_policy = DownlinkPolicy(settings.limits.max_unacked_downlinks, self.counters)
 
     # --- listeners --------------------------------------------------------------
 
@@ -365,14 +367,11 @@ class ChatBroker(ConformantBroker):
         deadline = session.attributes.get(KEEPALIVE, 0)
         if deadline and isinstance(reader, PacketGate):
             handler.watch_silence(self._silence_watch(), deadline)
-        if isinstance(reader, PacketGate):
-            reader.unacked_over = handler.unacked_over
         caller = _chat_identity(session)
         if caller is not None:
             # Before the reader starts, so that every chat publish takes the same path (order).
             handler.chat_uplink = partial(self._chat_uplink, session, caller)
-            handler.counters = self.counters
-            handler.max_unacked = self.settings.limits.max_unacked_downlinks
+            handler.downlink_policy = self._downlink_policy
         try:
             await handler.mqtt_connack_authorize(True)
             await handler.start()  # re-sends unacknowledged in-flight messages [MQTT-4.4.0-1]
