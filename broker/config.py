@@ -9,10 +9,10 @@ one-line message for the CLI.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from client_sdk.protocol import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
 
@@ -30,6 +30,16 @@ def parse_bind(value: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
+def _valid_bind(value: str | None) -> str | None:
+    if value is not None:
+        parse_bind(value)
+    return value
+
+
+Bind = Annotated[str | None, AfterValidator(_valid_bind)]
+"""A listener address ``HOST:PORT`` (checked like ``--bind``), or None: off."""
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; ``str()`` is a one-line message for the operator."""
 
@@ -39,17 +49,10 @@ class _Section(BaseModel):
 
 
 class ListenerSettings(_Section):
-    bind: str | None = None
+    bind: Bind = None
     """``HOST:PORT`` to listen on; the listener is off when unset."""
     max_connections: int = Field(default=0, ge=0)
     """0 means no limit."""
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_bind(value)
-        return value
 
 
 class TlsListenerSettings(ListenerSettings):
@@ -216,15 +219,8 @@ class LogSettings(_Section):
 class MetricsSettings(_Section):
     """The HTTP listener for Prometheus (``/metrics``) and probes (``/healthz``, ``/readyz``); docs/OPERATIONS.md."""
 
-    bind: str | None = None
+    bind: Bind = None
     """``HOST:PORT``, e.g. ``127.0.0.1:9100``; off when unset. It has no authentication: keep it private."""
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_bind(value)
-        return value
 
 
 class PresenceSettings(_Section):
