@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 from typing import Any, Protocol
 
-import aiosqlite
-
 from bridge.keys import KeyRuleError, OneTimeKey, Publish, claimed_item
-from broker.sqlite import open_database, transaction, writer_lock
+from broker.sqlite import SqliteFile, transaction, writer_lock
 from client_sdk.protocol import MAX_ONE_TIME_KEYS_STORED, ErrorCode
 
 KEYS_DB = "keys.db"
@@ -86,16 +83,9 @@ class KeyStore(Protocol):
     async def close(self) -> None: ...
 
 
-class SqliteKeyStore:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-
-    @classmethod
-    async def open(cls, data_dir: Path) -> SqliteKeyStore:
-        return cls(await open_database(data_dir / KEYS_DB, MIGRATIONS))
-
-    async def close(self) -> None:
-        await self._db.close()
+class SqliteKeyStore(SqliteFile):
+    FILE = KEYS_DB
+    MIGRATIONS = MIGRATIONS
 
     async def publish(self, user: str, device: str, publish: Publish) -> tuple[int, bool]:
         async with self._transaction("keys.publish"):

@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import aiosqlite
 
-from broker.sqlite import StoreError, open_database, transaction
+from broker.sqlite import SqliteFile, StoreError, transaction
 
 PRESENCE_DB = "presence.db"
 
@@ -55,15 +54,14 @@ class PresenceStore(Protocol):
     async def close(self) -> None: ...
 
 
-class SqlitePresenceStore:
+class SqlitePresenceStore(SqliteFile):
+    FILE = PRESENCE_DB
+    MIGRATIONS = MIGRATIONS
+
     def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
+        super().__init__(db)
         self.commits = 0
         """Transactions committed (benchmarks and tests read it)."""
-
-    @classmethod
-    async def open(cls, data_dir: Path) -> SqlitePresenceStore:
-        return cls(await open_database(data_dir / PRESENCE_DB, MIGRATIONS))
 
     async def load(self) -> PresenceSnapshot:
         try:
@@ -99,9 +97,6 @@ class SqlitePresenceStore:
         async with self._transaction("remove_contacts"):
             await self._db.executemany("DELETE FROM contacts WHERE owner = ? AND contact = ?",
                                        [(owner, user) for user in users])
-
-    async def close(self) -> None:
-        await self._db.close()
 
     @contextlib.asynccontextmanager
     async def _transaction(self, name: str) -> AsyncIterator[None]:

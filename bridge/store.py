@@ -14,13 +14,12 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Protocol
 
 import aiosqlite
 
 from bridge.staged import FlushBatch, Item, Message
-from broker.sqlite import StoreError, open_database, transaction, writer_lock
+from broker.sqlite import SqliteFile, StoreError, transaction, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +89,9 @@ class StagingStore(Protocol):
     async def close(self) -> None: ...
 
 
-class SqliteStagingStore:
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-
-    @classmethod
-    async def open(cls, data_dir: Path) -> SqliteStagingStore:
-        return cls(await open_database(data_dir / STAGING_DB, MIGRATIONS))
+class SqliteStagingStore(SqliteFile):
+    FILE = STAGING_DB
+    MIGRATIONS = MIGRATIONS
 
     async def next_boot(self) -> int:
         async with self._transaction("next_boot"):
@@ -205,9 +200,6 @@ class SqliteStagingStore:
                 await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except aiosqlite.Error as exc:
                 raise StoreError(f"checkpoint failed: {exc}") from exc
-
-    async def close(self) -> None:
-        await self._db.close()
 
     def _transaction(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         return transaction(self._db, name)

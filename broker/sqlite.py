@@ -16,6 +16,7 @@ import shutil
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import ClassVar, Self
 
 import aiosqlite
 
@@ -24,6 +25,26 @@ log = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """A database could not be opened, migrated or written."""
+
+
+class SqliteFile:
+    """A store kept in one SQLite file of the data directory: ``FILE``, migrated by ``MIGRATIONS``.
+
+    ``await Store.open(data_dir)`` opens (creating and migrating) it; ``close()`` closes it.
+    """
+
+    FILE: ClassVar[str]
+    MIGRATIONS: ClassVar[Sequence[str]]
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> Self:
+        return cls(await open_database(data_dir / cls.FILE, cls.MIGRATIONS))
+
+    async def close(self) -> None:
+        await self._db.close()
 
 
 async def open_database(path: Path, migrations: Sequence[str], *, synchronous: str = "FULL") -> aiosqlite.Connection:

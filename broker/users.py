@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from broker.sqlite import StoreError, open_database
+from broker.sqlite import SqliteFile, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,11 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     return secret
 
 
-class UserStore:
+class UserStore(SqliteFile):
     """All user and device queries; one method, one transaction."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
-
-    @classmethod
-    async def open(cls, data_dir: Path) -> UserStore:
-        return cls(await open_database(data_dir / USERS_DB, MIGRATIONS))
-
-    async def close(self) -> None:
-        await self._db.close()
+    FILE = USERS_DB
+    MIGRATIONS = MIGRATIONS
 
     async def add_user(self, name: str, pw_hash: str) -> None:
         try:
