@@ -12,7 +12,7 @@ from typing import Any
 from client_sdk import AsyncClient
 from client_sdk.events import PENDING, ErrorEvent, Message, Receipt
 from tests.helpers import BrokerThread
-from tests.sdk.conftest import Collector, Factory
+from tests.sdk.conftest import Collector, Factory, LogWatch
 
 
 def online(make_client: Factory, user: str, device: str, **options: Any) -> Collector:
@@ -98,3 +98,24 @@ async def test_async_client_reports_a_held_message_as_pending(broker: BrokerThre
                 assert (event.ids, event.peer) == ((mid,), "carol")
                 break
         assert alice.outbox() == [mid]
+
+
+def test_servers_no_keys_after_the_only_device_was_removed_holds_the_message(
+        make_client: Factory, broker: BrokerThread) -> None:
+    broker.add_user("carol", "carol-pw")
+    alice = online(make_client, "alice", "phone", hold_retry=(0.2, 0.5))
+    phone = online(make_client, "carol", "phone")
+    alice.client.send("carol", "hello phone", "text")
+    assert phone.next(Message).body == "hello phone"  # alice's SDK now has carol's list, with the phone
+    plain = online(make_client, "carol", "laptop", encryption=False)  # a device without keys
+    phone.client.close()
+    plain.client.remove_device("phone")  # carol has no device with keys now; alice's SDK does not know it
+    with LogWatch("client_sdk.engine", "held until the recipient has keys") as watch:
+        mid = alice.client.send("carol", "after the removal", "text")
+        pending_ids(alice, {mid})
+        watch.wait()  # it was the server that said no_keys
+    assert alice.client.outbox() == [mid]
+    tablet = online(make_client, "carol", "tablet")
+    assert tablet.next(Message).id == mid
+    statuses(alice, [mid], "delivered")
+    assert not [e for e in alice.all_now() if isinstance(e, ErrorEvent)]
