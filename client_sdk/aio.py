@@ -72,6 +72,7 @@ class AsyncClient(EngineFront):
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         encryption: bool = True,
         store_secret: str | bytes | None = None,
+        hold_retry: tuple[float, float] = (2.0, 120.0),
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
@@ -82,7 +83,7 @@ class AsyncClient(EngineFront):
             user, password, device, host, port, store, self._deliver,
             keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
             reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
-            encryption=encryption, store_secret=store_secret,
+            encryption=encryption, store_secret=store_secret, hold_retry=hold_retry,
         )
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:

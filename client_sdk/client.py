@@ -56,7 +56,9 @@ class Client(EngineFront):
     ``encryption``: end-to-end encryption (on by default; False sends plain
     messages, and encrypted ones arrive as ``Undecryptable``). ``store_secret``:
     the secret the local store is sealed with (see docs/SECURITY.md); None keeps
-    a random key in ``<store>.key`` beside the store file.
+    a random key in ``<store>.key`` beside the store file. ``hold_retry``: (first,
+    longest) wait between checks whether a recipient without keys has a device now;
+    its messages wait in the outbox meanwhile, reported ``pending`` (docs/SDK.md).
 
     Raises ``IdentifierRejected`` for malformed ids and ``StoreError`` if the
     store belongs to another user or device or the secret is wrong. Call
@@ -80,6 +82,7 @@ class Client(EngineFront):
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         encryption: bool = True,
         store_secret: str | bytes | None = None,
+        hold_retry: tuple[float, float] = (2.0, 120.0),
     ) -> None:
         self.on_message: Callable[[Message], None] | None = None
         self.on_receipt: Callable[[Receipt], None] | None = None
@@ -91,7 +94,7 @@ class Client(EngineFront):
             user, password, device, host, port, store, self._deliver,
             keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
             reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
-            encryption=encryption, store_secret=store_secret,
+            encryption=encryption, store_secret=store_secret, hold_retry=hold_retry,
         )
 
     # --- lifecycle -----------------------------------------------------------------

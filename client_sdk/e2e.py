@@ -215,14 +215,22 @@ class E2E:
         # them and would refuse each in turn. Seal them again too (one refusal heals the queue).
         self._store.reseal_outbox(users, self.user)
 
+    def on_no_keys(self, msg_id: str, to: str | None) -> None:
+        """The server says ``to`` has no device with keys (its devices were removed since the list was
+        fetched): fetch the list again and seal the message anew at the next try."""
+        if to is not None:
+            self._store.set_list_fresh(to, False)
+        self._store.set_outbox_bodies(msg_id, None)
+
     # --- sending -------------------------------------------------------------------------
 
     def bodies_for(self, message: OutMessage) -> Sealed:
         """The message sealed for every required device (made once and kept in the outbox,
         so a re-send is identical).
 
-        Raises SendRefused (no device of the recipient has keys, or a required
-        device's keys do not verify), RequestError or RequestTimeout (retry later).
+        Raises SendRefused (code ``no_keys``: no device of the recipient has keys yet, the
+        engine holds the message; ``bad_keys``: a required device's keys do not verify),
+        RequestError or RequestTimeout (retry later).
         """
         kept = self._store.outbox_bodies(message.id)
         if kept is not None:
@@ -235,6 +243,7 @@ class E2E:
                                             "do not verify; not sending to a device that cannot be trusted")
             targets.extend(r for r in found.devices.values() if (r.user, r.device) != (self.user, self.device))
         if not any(r.user == message.to for r in targets):
+            self._store.set_list_fresh(message.to, False)  # ask the server again at the next try
             raise SendRefused(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys")
         self._claim_sessions([r for r in targets if not self._store.sessions_of(r.user, r.device)])
         bodies: dict[str, str] = {}

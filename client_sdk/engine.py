@@ -7,7 +7,8 @@ Threads (all daemon threads, named after the client id):
 - ``chat-dispatch-*``: hands events to the app through ``deliver`` and acks
   (``Dispatcher``);
 - ``chat-outbox-*``: publishes due outbox messages, in order (encrypting them
-  first, which may claim keys), publishes and tops up this device's keys, sends
+  first, which may claim keys, or holding them while the recipient has no
+  device with keys: ``outbox`` rule 8), publishes and tops up this device's keys, sends
   the heartbeats while the app is in the foreground, and prunes the dedup memory.
 
 End-to-end encryption (``e2e.E2E``) is on unless ``encryption=False``; the
@@ -51,6 +52,7 @@ from client_sdk.events import (
     AUTH_FAILED,
     CONNECT_FAILED,
     KEYS_FAILED,
+    PENDING,
     ErrorEvent,
     Event,
     Receipt,
@@ -61,7 +63,7 @@ from client_sdk.events import (
 from client_sdk.inbox import Arrival, Inbox, read_downlink
 from client_sdk.localstore import LocalStore, OutMessage
 from client_sdk.login import LoginPlan, Secret
-from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox
+from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox, wall_ms
 from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S, chunks, presences_from
 from client_sdk.protocol import (
     MAX_IDS_PER_ITEM,
@@ -69,6 +71,7 @@ from client_sdk.protocol import (
     OLM_TYPE,
     RECEIPT_SENT,
     ChatMessage,
+    ErrorCode,
     ErrorItem,
     MsgItem,
     PresenceItem,
@@ -138,6 +141,7 @@ class Engine:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         encryption: bool = True,
         store_secret: str | bytes | None = None,
+        hold_retry: tuple[float, float] = (2.0, 120.0),
     ) -> None:
         validate_identity(user, device)
         if heartbeat_interval <= 0:
@@ -154,7 +158,8 @@ class Engine:
             self.store.close()
             raise
         self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None)
-        self.outbox = Outbox(self.store, resend_interval=resend_interval)
+        self.outbox = Outbox(self.store, resend_interval=resend_interval, hold_initial=hold_retry[0],
+                             hold_max=hold_retry[1])
         self._plan = LoginPlan(password, self.store.token())
         self._conn = Connection(
             user, device, self._plan, self, host, port, keepalive, tls, transport,
@@ -329,6 +334,10 @@ class Engine:
     def on_payload(self, payload: bytes) -> None:
         found = read_downlink(payload)
         item = found.item
+        # Word from a peer means it has a device now: messages held for its keys are tried at once.
+        heard = item.sender if isinstance(item, MsgItem) else item.user if isinstance(item, PresenceItem) else None
+        if heard is not None and heard != self.user and self.outbox.wake(heard):
+            self._kick()
         if isinstance(item, ReceiptItem):
             confirmed = self.outbox.confirmed(item.ids)  # any receipt means the server has (had) it
             if confirmed and item.status != RECEIPT_SENT:
@@ -360,6 +369,12 @@ class Engine:
         verdict = self.outbox.on_error(item.ref, item.code)
         if verdict is ErrorVerdict.RETRY:
             log.info("%s: message %s: %s (%s); retrying later", self.cid, item.ref, item.code, item.detail)
+        elif verdict is ErrorVerdict.HOLD and item.ref is not None:
+            log.info("%s: message %s: %s (%s); held until the recipient has keys", self.cid, item.ref, item.code,
+                     item.detail)
+            if self.e2e is not None:
+                self.e2e.on_no_keys(item.ref, self.outbox.recipient(item.ref))
+            self._report_pending()
         elif verdict is ErrorVerdict.REBUILD and self.e2e is not None and item.ref is not None:
             log.info("%s: message %s: devices changed (missing %s, extra %s, stale %s); encrypting again",
                      self.cid, item.ref, item.missing, item.extra, item.stale)
@@ -530,26 +545,46 @@ class Engine:
             session = self._session
             due = self.outbox.take_due()
         topic = uplink_topic(self.user, "out")
-        for index, message in enumerate(due):
-            chat = self._encrypted(message) if self.e2e is not None else ChatMessage(
-                message.id, message.to, message.body, message.type, message.ts)
-            if chat is None:
-                continue  # refused for good and reported
-            if chat is _LATER:
-                self.outbox.retry_later([m.id for m in due[index:]])
-                return
-            payload = chat_message_payload(chat)
-            with self._session_lock:
-                if self._session != session:
+        waiting: set[str] = set()  # recipients without keys: their later messages wait too (order)
+        try:
+            for index, message in enumerate(due):
+                if message.to in waiting:
+                    self.outbox.hold(message.id)
+                    continue
+                chat = self._encrypted(message) if self.e2e is not None else ChatMessage(
+                    message.id, message.to, message.body, message.type, message.ts)
+                if chat is None:
+                    continue  # refused for good and reported
+                if chat is _HELD:
+                    waiting.add(message.to)
+                    self.outbox.hold(message.id)
+                    continue
+                if chat is _LATER:
+                    self.outbox.retry_later([m.id for m in due[index:]])
                     return
-                self._conn.publish(topic, payload, hold=False)
+                payload = chat_message_payload(chat)
+                with self._session_lock:
+                    if self._session != session:
+                        return
+                    self._conn.publish(topic, payload, hold=False)
+        finally:
+            self._report_pending()
+
+    def _report_pending(self) -> None:
+        """Hand the app a ``pending`` receipt for messages newly held for their recipient's keys."""
+        for peer, ids in self.outbox.take_pending().items():
+            log.info("%s: %d message(s) to %s held until it has a device with keys", self.cid, len(ids), peer)
+            self._dispatcher.event(Receipt(PENDING, tuple(ids), peer, wall_ms()))
 
     def _encrypted(self, message: OutMessage) -> ChatMessage | None:
-        """The olm form of ``message``; None if it cannot be sent (dropped, reported); ``_LATER`` to retry."""
+        """The olm form of ``message``; None if it cannot be sent (dropped, reported); ``_LATER`` to retry;
+        ``_HELD`` while its recipient has no device with keys."""
         assert self.e2e is not None
         try:
             sealed = self.e2e.bodies_for(message)
         except SendRefused as exc:
+            if exc.code == ErrorCode.NO_KEYS:
+                return _HELD
             self._refuse(message.id, exc.code, exc.detail)
             return None
         except RequestError as exc:
@@ -642,6 +677,8 @@ class Engine:
 
 _LATER: Final = ChatMessage("later", "later", "")
 """Marker from ``Engine._encrypted``: the keys could not be fetched now; retry the message later."""
+_HELD: Final = ChatMessage("held", "held", "")
+"""Marker from ``Engine._encrypted``: the recipient has no device with keys yet (``outbox`` rule 8)."""
 
 
 def _call(answer: Answer, value: ResItem | BaseException) -> None:

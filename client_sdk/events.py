@@ -1,9 +1,11 @@
 """What the SDK hands to the app: frozen dataclasses.
 
 - ``Message``: a chat message for this user (handed over once, in ``seq`` order).
-- ``Receipt``: news about messages *this user* sent: ``sent`` (the server has
-  it durably), ``delivered`` (a device of ``peer`` stored it), ``seen``
-  (``peer`` displayed it), ``expired`` (the server gave up after its TTL).
+- ``Receipt``: news about messages *this user* sent: ``pending`` (made by the
+  SDK: ``peer`` has no device with keys yet, the message waits in the outbox and
+  goes out by itself), ``sent`` (the server has it durably), ``delivered`` (a
+  device of ``peer`` stored it), ``seen`` (``peer`` displayed it), ``expired``
+  (the server gave up after its TTL).
 - ``Presence``: ``user`` went online/offline (after ``presence.subscribe``).
 - ``ErrorEvent``: the server refused something (``ref`` names the message id
   when there is one), or the SDK stopped reconnecting (``code`` ``auth_failed`` or
@@ -26,6 +28,8 @@ AUTH_FAILED: Final = "auth_failed"
 """A reconnect was refused for bad credentials: the client stopped reconnecting."""
 CONNECT_FAILED: Final = "connect_failed"
 """A reconnect was refused for another final reason: the client stopped reconnecting."""
+PENDING: Final = "pending"
+"""Receipt status made by the SDK: the message waits in the outbox until ``peer``'s first device has keys."""
 KEYS_FAILED: Final = "keys_failed"
 """This device's keys could not be published; peers cannot encrypt to it yet (retried at the next connect)."""
 
@@ -73,7 +77,7 @@ class IdentityChanged:
 @dataclass(frozen=True, slots=True)
 class Receipt:
     status: str
-    """``sent``, ``delivered``, ``seen`` or ``expired``."""
+    """``pending`` (SDK-made), ``sent``, ``delivered``, ``seen`` or ``expired``."""
     ids: tuple[str, ...]
     """Ids of messages this user sent to ``peer``."""
     peer: str

@@ -17,6 +17,13 @@ Rules:
    message was encrypted for): the message is encrypted again for the fresh
    device lists and re-sent at once, same id, keeping its place; after
    ``MAX_MISMATCHES`` in a row it is dropped and reported.
+8. ``no_keys`` (the recipient has no device with keys yet, found by the SDK
+   before publishing or said by the server): the message is *held*, not
+   dropped: it stays in the outbox, is reported once as ``pending``, and is
+   tried again after a backoff (``hold_initial`` doubling to ``hold_max``), on
+   every reconnect, and at once when ``wake(peer)`` says the peer was heard
+   from. Later messages to the same peer wait behind it (and are reported
+   ``pending`` too); messages to other peers go on.
 
 Consequence of 5 and 6: a message retried after an error or a lost publish may
 reach the server after later ones; order holds for messages that go through
@@ -44,7 +51,7 @@ from client_sdk.protocol import GROUP_PREFIX, MESSAGE_ID_RE, TYPE_RE, ErrorCode,
 
 PERMANENT_CODES: Final = frozenset({
     ErrorCode.BAD_ENVELOPE, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.FORBIDDEN,
-    ErrorCode.BAD_JSON, ErrorCode.NO_KEYS, ErrorCode.ENCRYPTION_REQUIRED,
+    ErrorCode.BAD_JSON, ErrorCode.ENCRYPTION_REQUIRED,
 })
 MAX_MISMATCHES: Final = 3
 TRANSIENT_CODES: Final = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.QUEUE_FULL, ErrorCode.INTERNAL})
@@ -81,6 +88,8 @@ class ErrorVerdict(enum.Enum):
     """Unknown code: kept and retried like a transient one, and reported."""
     REBUILD = "rebuild"
     """Rule 7: encrypt again for the fresh device lists and re-send now; nothing to report."""
+    HOLD = "hold"
+    """Rule 8: kept until the recipient has keys; reported as ``pending`` (``take_pending``)."""
 
 
 def error_verdict(code: str, in_outbox: bool, mismatches: int = 0) -> ErrorVerdict:
@@ -90,6 +99,8 @@ def error_verdict(code: str, in_outbox: bool, mismatches: int = 0) -> ErrorVerdi
     """
     if not in_outbox:
         return ErrorVerdict.NOT_OURS
+    if code == ErrorCode.NO_KEYS:
+        return ErrorVerdict.HOLD
     if code == ErrorCode.DEVICES_MISMATCH:
         return ErrorVerdict.REBUILD if mismatches < MAX_MISMATCHES else ErrorVerdict.DROPPED
     if code in PERMANENT_CODES:
@@ -107,6 +118,11 @@ class _Entry:
     mismatches: int = 0
     refused: bool = False
     """Refused for a transient reason and not re-sent yet: later messages wait behind it."""
+    held: bool = False
+    """Rule 8: waiting for the recipient's keys; later messages to the same peer wait behind it."""
+    holds: int = 0
+    reported: bool = False
+    """Reported ``pending`` already (once per message and process)."""
 
 
 def wall_ms() -> int:
@@ -122,6 +138,8 @@ class Outbox:
         resend_interval: float = 10.0,
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
+        hold_initial: float = 2.0,
+        hold_max: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
         clock_ms: Callable[[], int] = wall_ms,
         rng: Callable[[], float] = random.random,
@@ -130,6 +148,9 @@ class Outbox:
         self._resend = resend_interval
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        self._hold_initial = hold_initial
+        self._hold_max = hold_max
+        self._pending: dict[str, list[str]] = {}  # peer -> ids newly held, to report (rule 8)
         self._clock = clock
         self._clock_ms = clock_ms
         self._rng = rng
@@ -151,6 +172,11 @@ class Outbox:
         with self._lock:
             return msg_id in self._entries
 
+    def recipient(self, msg_id: str) -> str | None:
+        with self._lock:
+            entry = self._entries.get(msg_id)
+            return entry.message.to if entry is not None else None
+
     def add(self, to: str, body: str, kind: str = "text") -> OutMessage:
         """Rule 1: store a new message; it is due for publishing at once."""
         check_message(to, body, kind)
@@ -171,14 +197,19 @@ class Outbox:
         """Messages to publish now, in outbox order; each is then due again after ``resend_interval``."""
         now = self._clock()
         due: list[_Entry] = []
+        waiting: set[str] = set()  # peers with a held message: their later messages wait (rule 8)
         with self._lock:
             for entry in self._entries.values():
-                if entry.due <= now:
+                if entry.message.to in waiting:
+                    self._report(entry)
+                elif entry.due <= now:
                     entry.due = now + self._resend
-                    entry.refused = False
+                    entry.refused = entry.held = False
                     due.append(entry)
                 elif entry.refused:
                     break  # nothing may overtake a refused message waiting for its retry (order, rule 4)
+                elif entry.held:
+                    waiting.add(entry.message.to)
         return [e.message for e in due]
 
     def next_due(self) -> float | None:
@@ -206,6 +237,8 @@ class Outbox:
             if verdict is ErrorVerdict.DROPPED:
                 self._store.outbox_remove([ref])
                 del self._entries[ref]
+            elif verdict is ErrorVerdict.HOLD:
+                self._hold(entry)
             elif verdict is ErrorVerdict.REBUILD:
                 entry.mismatches += 1
                 entry.due = self._clock()
@@ -216,6 +249,47 @@ class Outbox:
                 entry.due = self._clock() + wait
                 entry.refused = True
         return verdict
+
+    def hold(self, msg_id: str) -> None:
+        """Rule 8: ``msg_id`` cannot go out before its recipient has keys."""
+        with self._lock:
+            entry = self._entries.get(msg_id)
+            if entry is not None:
+                self._hold(entry)
+
+    def _hold(self, entry: _Entry) -> None:
+        to = entry.message.to
+        head = next((e for e in self._entries.values() if e.held and e.message.to == to), None)
+        if head is None or head is entry:  # the first one waiting for this peer: it is the one retried
+            entry.due = self._clock() + backoff_delay(entry.holds, self._hold_initial, self._hold_max,
+                                                      rng=self._rng)
+            entry.holds += 1
+            entry.held = True
+        else:  # behind the held one: due with it, so both go out in the same round, in order
+            entry.due = head.due
+        entry.refused = False
+        self._report(entry)
+
+    def _report(self, entry: _Entry) -> None:
+        if not entry.reported:
+            entry.reported = True
+            self._pending.setdefault(entry.message.to, []).append(entry.message.id)
+
+    def take_pending(self) -> dict[str, list[str]]:
+        """Ids newly held since the last call, by recipient, in outbox order (to report ``pending``)."""
+        with self._lock:
+            news, self._pending = self._pending, {}
+        return news
+
+    def wake(self, peer: str) -> bool:
+        """``peer`` was heard from (it has a device now): its held messages are due at once.
+        Returns True if any was held."""
+        now = self._clock()
+        with self._lock:
+            woken = [e for e in self._entries.values() if e.message.to == peer and (e.held or e.reported)]
+            for entry in woken:
+                entry.due = min(entry.due, now)
+        return bool(woken)
 
     def retry_later(self, ids: list[str]) -> None:
         """The first of ``ids`` could not be prepared (keys unreachable): back it off like a

@@ -72,14 +72,6 @@ def test_stale_device_list_is_healed_by_one_automatic_resend(make_client: Factor
     assert not [e for e in alice.all_now() if isinstance(e, ErrorEvent)]
 
 
-def test_no_keys_fails_the_send_with_an_event(make_client: Factory, broker: BrokerThread) -> None:
-    alice = online(make_client, "alice", "phone")
-    mid = alice.client.send("mallory", "anyone there?", "text")  # mallory never published keys
-    failed = alice.next(ErrorEvent)
-    assert (failed.code, failed.ref) == ("no_keys", mid)
-    assert alice.client.outbox() == []
-
-
 def test_identity_change_warns_and_messages_still_flow(make_client: Factory) -> None:
     alice = online(make_client, "alice", "phone")
     bob = online(make_client, "bob", "phone", store="bob-old.db")

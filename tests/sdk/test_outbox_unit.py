@@ -159,3 +159,40 @@ def test_a_refused_message_holds_back_later_ones_until_its_retry(store: LocalSto
     assert outbox.take_due() == [], "the new message waits behind the refused one"
     clock.now += 1.0
     assert [m.id for m in outbox.take_due()] == [first, third]  # second is published, awaiting its receipt
+
+
+def test_no_keys_holds_the_message_and_those_behind_it_to_the_same_peer(store: LocalStore) -> None:
+    clock = Clock()
+    outbox = Outbox(store, resend_interval=10.0, hold_initial=2.0, hold_max=5.0, clock=clock, rng=lambda: 0.0)
+    first, to_bob, second = outbox.add("carol", "1").id, outbox.add("bob", "b").id, outbox.add("carol", "2").id
+    assert [m.id for m in outbox.take_due()] == [first, to_bob, second]
+    outbox.hold(first)  # the engine found no keys for carol, and skipped her later message
+    outbox.hold(second)
+    assert outbox.take_pending() == {"carol": [first, second]}
+    assert outbox.take_pending() == {}, "reported once"
+    assert outbox.next_due() == pytest.approx(102.0)
+    third = outbox.add("carol", "3").id
+    assert outbox.take_due() == [], "a later message to carol waits behind the held ones"
+    assert outbox.take_pending() == {"carol": [third]}
+    clock.now = 102.0
+    assert [m.id for m in outbox.take_due()] == [first, second, third], "all of carol's go together, in order"
+    outbox.hold(first)
+    assert outbox.next_due() == pytest.approx(106.0), "the backoff doubles"
+    assert outbox.wake("carol") and not outbox.wake("bob")
+    assert [m.id for m in outbox.take_due()] == [first, second, third]
+    assert outbox.on_error(second, "no_keys") is ErrorVerdict.HOLD, "the server's no_keys holds it too"
+    assert second in outbox and outbox.take_pending() == {}
+
+
+def test_held_messages_survive_a_restart_in_order(store: LocalStore, tmp_path: Path) -> None:
+    clock = Clock()
+    outbox = make(store, clock)
+    held = [outbox.add("carol", f"m{i}").id for i in range(3)]
+    outbox.take_due()
+    outbox.hold(held[0])
+    store.close()
+    reopened = LocalStore(tmp_path / "alice.db", "alice", "phone")
+    try:
+        assert [m.id for m in make(reopened, clock).take_due()] == held
+    finally:
+        reopened.close()

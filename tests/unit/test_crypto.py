@@ -139,5 +139,5 @@ def test_store_refuses_a_wrong_secret_and_keeps_a_private_key_file(tmp_path: Pat
 def test_devices_mismatch_is_rebuilt_a_bounded_number_of_times() -> None:
     verdicts = [error_verdict("devices_mismatch", True, n) for n in range(MAX_MISMATCHES + 1)]
     assert verdicts == [ErrorVerdict.REBUILD] * MAX_MISMATCHES + [ErrorVerdict.DROPPED]
-    assert error_verdict("no_keys", True) is ErrorVerdict.DROPPED
+    assert error_verdict("no_keys", True) is ErrorVerdict.HOLD  # waits for the first device, never dropped
     assert error_verdict("devices_mismatch", False) is ErrorVerdict.NOT_OURS
