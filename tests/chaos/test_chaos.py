@@ -33,6 +33,8 @@ def run(name: str, tmp_path: Path) -> dict[str, Any]:
     assert not failures, f"{name}: {failures}; {r['examples']}"
     assert r["messages"] > 0 and r["faults"] > 0, r
     assert r["broker_alive_after"], "the broker died"
+    failed = {check: v["figure"] for check, v in r.get("checks", {}).items() if not v["ok"]}
+    assert not failed, f"{name}: did not hold: {failed}"
     return r
 
 
