@@ -102,10 +102,10 @@ def flood_plan(size: str, lim: dict[str, float]) -> dict[str, tuple[float, tuple
     """Each flood's duration and its attacker's arguments."""
     each = 6.0 if ci(size) else 30.0
     flooder = ("flooder", password("flooder"))
-    most = 4 * int(lim["max_devices_per_user"]) if ci(size) else 1000
+    most = int(lim["max_devices_per_user"]) + 8 if ci(size) else 1000  # a login hashes a password: ~5/s under load
     return {"badpw": (each, ("a0",)), "spam": (each, (*flooder, "b0")), "big": (each, flooder),
             "deep": (each, (*flooder, "b0")), "topics": (each, flooder), "seen": (each, (*flooder, "victim")),
-            "devices": (each, ("hoarder", password("hoarder"), str(most))),
+            "devices": (2 * each, ("hoarder", password("hoarder"), str(most))),
             "guess": (each, ("guessed", f"honest:{password('honest')}", "200" if ci(size) else "1000")),
             # long enough to see the connections closed by the connect timeout at the latest
             "preauth": (lim["connect_timeout_s"] + 5, ("-", "-", "100" if ci(size) else "300"))}
@@ -266,9 +266,11 @@ def run_hostile(size: str, workdir: Path, progress: Progress) -> Row:
         work.wait_senders(180)
         examples = sum(result.get("examples", {}).values())
         checks = {"hostile text": check(
-            text.get("refused") == text.get("payloads") and text.get("accepted") == 0,
+            text.get("unanswered") == [] and text.get("accepted") == 0
+            and text.get("refused", 0) >= text.get("payloads", 1),
             f"{text.get('payloads')} payloads with a lone surrogate ({text.get('by_kind')}): {text.get('refused')} "
-            f"refused, {text.get('accepted')} accepted, answers {text.get('answers')}"),
+            f"refused, {text.get('accepted')} accepted, answers {text.get('answers')}, unanswered "
+            f"{text.get('unanswered')}"),
             "stop after hostile text": check(code == 0, f"SIGTERM: exit code {code} after {stop_s} s "
                                                         f"(killed after {STOP_S:.0f} s: -9)")}
         return row("hostile input", work, broker, examples + int(text.get("payloads", 0)),
