@@ -193,7 +193,8 @@ def judge_floods(floods: dict[str, Any], lim: dict[str, float], seen_s: float) -
     if guessed:
         checked = guessed.get("passwords_checked")
         out["concurrent guessing"] = check(
-            checked is not None and checked <= GUESS_CHECKED and guessed.get("answered") == guessed.get("attempts")
+            # Guesses may also be closed unanswered (a cap on unauthenticated connections): none may get in.
+            checked is not None and checked <= GUESS_CHECKED and "0" not in guessed.get("connack_codes", {"0": 1})
             and guessed.get("honest_connack") == 0 and guessed.get("honest_login_s", 1e9) <= HONEST_LOGIN_S,
             f"{guessed.get('attempts')} wrong passwords at once: {guessed.get('answered')} answered "
             f"{guessed.get('connack_codes')} within {guessed.get('last_answer_s')} s, {checked} checked "

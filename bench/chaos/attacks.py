@@ -19,8 +19,9 @@ Prints one JSON line with what it did. KIND is one of:
   devices   USER logs in with ever new client ids ``USER.dN`` (TARGET: how many at most)
   guess     TARGET (a number) CONNECTs with wrong passwords for USER at once from 127.0.0.3,
             while USER2 (PASSWORD's user, ``user:password``) logs in honestly from 127.0.0.1
-  preauth   TARGET (a number) connections each send a CONNECT header declaring 4 MiB, push
-            the body as far as the broker reads it, then a byte a second; USER, PASSWORD unused
+  preauth   TARGET (a number) connections from 127.0.0.4 each send a CONNECT header declaring
+            4 MiB, push the body as far as the broker reads it, then a byte a second; USER,
+            PASSWORD unused
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ async def preauth(port: int, seconds: float, count: int) -> dict[str, Any]:
 
     async def one() -> None:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.4", 0))
         except OSError:
             closed_after.append(time.monotonic() - began)  # refused at once: as good as closed
             return

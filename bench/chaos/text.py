@@ -104,6 +104,9 @@ def run(port: int, seconds: float, user: str, password: str, victim: str) -> dic
     todo = cases(user, victim)
     unanswered: list[str] = []
     for case in todo:
+        if attacker.closed.is_set():  # the broker closed the attacker (or died): the rest are not answered
+            unanswered.append(f"{case.kind}:{case.field}")
+            continue
         before = answers()
         attacker.publish(f"u/{user}/{case.kind}", case.payload)
         deadline = time.monotonic() + seconds / 10

@@ -62,8 +62,10 @@ SEEN_BAD = {"published": 2050, "ids_per_report": 1000, "report_bytes": 10915, "a
 SEEN_OK = {**SEEN_BAD, "answers": {"rate_limited": 1700}, "staged_receipt_bytes": 3_600_000, "rss_kib_growth": 9_000}
 DEVICES_BAD = {"attempts": 64, "accepted": 64, "connack_codes": {"0": 64}, "devices_registered": 64}
 DEVICES_OK = {"attempts": 64, "accepted": 16, "connack_codes": {"0": 16, "5": 48}, "devices_registered": 16}
-GUESS_BAD = {"attempts": 200, "answered": 188, "passwords_checked": 188, "honest_connack": -1, "honest_login_s": 10.07}
-GUESS_OK = {"attempts": 200, "answered": 200, "passwords_checked": 3, "honest_connack": 0, "honest_login_s": 0.2}
+GUESS_BAD = {"attempts": 200, "answered": 77, "connack_codes": {"5": 77, "-1": 123}, "passwords_checked": 72,
+             "honest_connack": -1, "honest_login_s": 11.16}
+GUESS_OK = {"attempts": 200, "answered": 150, "connack_codes": {"5": 150, "-1": 50}, "passwords_checked": 3,
+            "honest_connack": 0, "honest_login_s": 0.2}
 PREAUTH_BAD = {"connections": 100, "still_open_at_end": 0, "closed_after_s_max": 11.5, "rss_kib_growth": 486_252}
 PREAUTH_OK = {"connections": 100, "still_open_at_end": 0, "closed_after_s_max": 0.3, "rss_kib_growth": 5_000}
 
@@ -90,3 +92,8 @@ def test_the_device_bound_comes_from_the_broker_config() -> None:
 def test_a_preauth_connection_left_open_fails() -> None:
     floods = {"preauth": {**PREAUTH_OK, "still_open_at_end": 1}}
     assert not judge_floods(floods, LIMITS, 6.0)["pre-auth buffering"]["ok"]
+
+
+def test_a_guess_that_gets_in_fails() -> None:
+    floods = {"guess": {**GUESS_OK, "connack_codes": {"5": 199, "0": 1}}}
+    assert not judge_floods(floods, LIMITS, 6.0)["concurrent guessing"]["ok"]
