@@ -179,7 +179,8 @@ def judge_floods(floods: dict[str, Any], lim: dict[str, float], seen_s: float) -
         out["seen flood"] = check(
             0 <= staged_bytes <= allowed and grew <= RSS_GROWTH_MIB * 1024,
             f"{seen.get('published')} reports of {seen.get('ids_per_report')} ids published, answers "
-            f"{seen.get('answers')}; {staged_bytes} bytes of receipts staged for the victim (bound {allowed}); "
+            f"{seen.get('answers')}; {seen.get('staged_items')} receipts, {staged_bytes} bytes, staged for the victim "
+            f"(bound {allowed} bytes); "
             f"RSS +{grew} KiB (bound {RSS_GROWTH_MIB} MiB)")
     dev = floods.get("devices", {})
     if dev:
