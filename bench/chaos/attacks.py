@@ -12,6 +12,16 @@ Prints one JSON line with what it did. KIND is one of:
   topics    SUBSCRIBE to and PUBLISH on thousands of distinct topics
   hostile   Hypothesis-generated envelopes, acks, seen, requests, forbidden topics and raw
             MQTT packets (see ``hostile.py``)
+  text      lone UTF-16 surrogates in every string field and field name of every uplink
+            kind (see ``text.py``); TARGET is the user the messages go to
+  login     one login of USER's device TARGET, then gone (makes a known, offline device)
+  seen      USER publishes ``seen`` reports of 1,000 new ids each to TARGET, as fast as it can
+  devices   USER logs in with ever new client ids ``USER.dN`` (TARGET: how many at most)
+  guess     TARGET (a number) CONNECTs with wrong passwords for USER at once from 127.0.0.3,
+            while USER2 (PASSWORD's user, ``user:password``) logs in honestly from 127.0.0.1
+  preauth   TARGET (a number) connections from 127.0.0.4 each send a CONNECT header declaring
+            4 MiB, push the body as far as the broker reads it, then a byte a second; USER,
+            PASSWORD unused
 """
 
 from __future__ import annotations
@@ -24,9 +34,19 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from bench.common import PUBLISH, connect_packet, mqtt_str, packet, publish_packet, subscribe_packet
+from bench.common import (
+    PUBLISH,
+    connect_packet,
+    mqtt_str,
+    packet,
+    publish_packet,
+    raise_fd_limit,
+    subscribe_packet,
+    varint,
+)
 
 
 async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -106,14 +126,16 @@ async def slow_device(port: int, seconds: float, user: str, password: str, read:
     return {"connack": code, "items_read": len(raw.items)}
 
 
-async def spam(port: int, seconds: float, user: str, password: str, target: str) -> dict[str, Any]:
-    raw, code = await Raw.login(port, user, password, "spam")
+async def publish_flood(port: int, seconds: float, user: str, password: str, device: str, kind: str,
+                        payload: Callable[[], bytes]) -> dict[str, Any]:
+    """Publish ``payload()`` on ``u/USER/KIND`` as fast as the socket takes it; count the answers by code."""
+    raw, code = await Raw.login(port, user, password, device)
     raw.writer.write(subscribe_packet(1, f"u/{user}/in"))
     reading = asyncio.ensure_future(raw.pump())
     sent, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline and not raw.writer.is_closing():
         for _ in range(50):
-            raw.publish(f"u/{user}/out", chat(target, "spam"))
+            raw.publish(f"u/{user}/{kind}", payload())
             sent += 1
         try:  # the broker reads a flooder slowly: stop at the deadline, not when the socket has drained
             await asyncio.wait_for(raw.writer.drain(), max(0.1, deadline - time.monotonic()))
@@ -124,6 +146,138 @@ async def spam(port: int, seconds: float, user: str, password: str, target: str)
     raw.close()
     codes = Counter(i.get("code") or i.get("status") or i.get("kind") for i in raw.items)
     return {"connack": code, "published": sent, "per_s": round(sent / seconds), "answers": dict(codes)}
+
+
+async def spam(port: int, seconds: float, user: str, password: str, target: str) -> dict[str, Any]:
+    return await publish_flood(port, seconds, user, password, "spam", "out", lambda: chat(target, "spam"))
+
+
+SEEN_IDS = 1000  # ids per seen report: the most PROTOCOL.md section 6.6 allows
+
+
+async def seen_flood(port: int, seconds: float, user: str, password: str, target: str) -> dict[str, Any]:
+    """``seen`` reports of 1,000 never-repeated ids each: every one stages a receipt for each device of TARGET."""
+    batch = iter(range(1 << 62))
+
+    def report() -> bytes:
+        n = next(batch)
+        return json.dumps({"to": target, "ids": [f"{n:x}-{i}" for i in range(SEEN_IDS)]}).encode()
+
+    result = await publish_flood(port, seconds, user, password, "seen", "seen", report)
+    return {**result, "ids_per_report": SEEN_IDS, "report_bytes": len(report())}
+
+
+async def login_once(port: int, user: str, password: str, device: str) -> dict[str, Any]:
+    raw, code = await Raw.login(port, user, password, device)
+    raw.close()
+    return {"connack": code}
+
+
+async def new_devices(port: int, seconds: float, user: str, password: str, most: int) -> dict[str, Any]:
+    """Log in as ``USER.d0``, ``USER.d1``, ... (the right password), one after the other; count the answers."""
+    codes: Counter[int] = Counter()
+    deadline = time.monotonic() + seconds
+    for n in range(most):
+        if time.monotonic() >= deadline:
+            break
+        try:
+            raw, code = await Raw.login(port, user, password, f"d{n}")
+            raw.close()
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            code = -1
+        codes[code] += 1
+    return {"attempts": sum(codes.values()), "accepted": codes[0],
+            "connack_codes": {str(k): v for k, v in codes.items()}}
+
+
+async def guess(port: int, seconds: float, user: str, honest: str, count: int) -> dict[str, Any]:
+    """``count`` wrong-password CONNECTs for ``user`` at once from one address, and one honest login meanwhile."""
+    raise_fd_limit(count + 256)
+    conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+                                   for _ in range(count)))
+    began = time.monotonic()
+    for n, (_reader, writer) in enumerate(conns):  # all CONNECTs written before any answer is read
+        writer.write(connect_packet(f"{user}.g{n}", user, f"wrong-{n}", 60))
+
+    async def answer(reader: asyncio.StreamReader) -> tuple[int, float]:
+        try:
+            first, body = await asyncio.wait_for(read_packet(reader), seconds + 60)
+            return (body[1] if first >> 4 == 2 else -1), time.monotonic() - began
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            return -1, time.monotonic() - began
+
+    async def honest_login() -> tuple[int, float]:
+        await asyncio.sleep(0.05)  # behind the guesses, as a user who logs in during the attack
+        name, _, pw = honest.partition(":")
+        t0 = time.monotonic()
+        try:
+            raw, code = await Raw.login(port, name, pw, "honest")
+            raw.close()
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            code = -1  # closed or not answered: the login failed
+        return code, time.monotonic() - t0
+
+    waiting = asyncio.ensure_future(honest_login())
+    answers = await asyncio.gather(*(answer(reader) for reader, _writer in conns))
+    honest_code, honest_s = await waiting
+    for _reader, writer in conns:
+        writer.transport.abort()
+    codes = Counter(code for code, _t in answers)
+    times = sorted(t for code, t in answers if code >= 0)
+    return {"attempts": count, "answered": len(times), "connack_codes": {str(k): v for k, v in codes.items()},
+            "last_answer_s": round(times[-1], 2) if times else None,
+            "honest_connack": honest_code, "honest_login_s": round(honest_s, 2)}
+
+
+PREAUTH_DECLARED = 4 * 1024 * 1024 - 5  # the largest CONNECT the default mqtt.max_packet_bytes (4 MiB) lets in
+
+
+async def preauth(port: int, seconds: float, count: int) -> dict[str, Any]:
+    """``count`` connections each declare a 4 MiB CONNECT, send its body as far as the broker reads, then trickle."""
+    raise_fd_limit(count + 256)
+    began = time.monotonic()
+    deadline = began + seconds
+    closed_after: list[float] = []
+    pushed: list[int] = []
+
+    async def one() -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.4", 0))
+        except OSError:
+            closed_after.append(time.monotonic() - began)  # refused at once: as good as closed
+            return
+        opened = time.monotonic()
+        eof = asyncio.ensure_future(reader.read(1))  # b"" or an error once the broker closes
+        writer.write(b"\x10" + varint(PREAUTH_DECLARED))
+        sent, chunk = 0, b"\0" * 65536
+        try:
+            while not eof.done() and time.monotonic() < deadline:
+                if sent + len(chunk) < PREAUTH_DECLARED - 1:  # never the last byte: the packet stays incomplete
+                    writer.write(chunk)
+                    try:
+                        await asyncio.wait_for(writer.drain(), 1.0)
+                        sent += len(chunk)
+                        continue
+                    except TimeoutError:
+                        pass  # the broker stopped reading: trickle from now on
+                writer.write(b"\0")
+                sent += 1
+                await asyncio.wait([eof], timeout=1.0)
+        except (OSError, ConnectionError):
+            pass
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(eof, max(0.0, deadline - time.monotonic()))
+        if eof.done():
+            closed_after.append(time.monotonic() - opened)
+        pushed.append(sent)
+        writer.transport.abort()
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    closed = sorted(closed_after)
+    return {"connections": count, "closed_by_broker": len(closed), "still_open_at_end": count - len(closed),
+            "closed_after_s_median": round(closed[len(closed) // 2], 1) if closed else None,
+            "closed_after_s_max": round(closed[-1], 1) if closed else None,
+            "pushed_mib": round(sum(pushed) / 2 ** 20, 1)}
 
 
 async def bad_passwords(port: int, seconds: float, user: str, concurrency: int = 64) -> dict[str, Any]:
@@ -206,11 +360,20 @@ def main(argv: list[str]) -> int:
         "big": lambda: big(p, s, rest[0], rest[1]),
         "deep": lambda: deep(p, s, rest[0], rest[1], rest[2]),
         "topics": lambda: topics(p, s, rest[0], rest[1]),
+        "login": lambda: login_once(p, rest[0], rest[1], rest[2]),
+        "seen": lambda: seen_flood(p, s, rest[0], rest[1], rest[2]),
+        "devices": lambda: new_devices(p, s, rest[0], rest[1], int(rest[2])),
+        "guess": lambda: guess(p, s, rest[0], rest[1], int(rest[2])),
+        "preauth": lambda: preauth(p, s, int(rest[2])),
     }
     if kind == "hostile":
         from bench.chaos import hostile  # noqa: PLC0415 (Hypothesis only where it is used)
 
         result = hostile.run(p, s, rest[0], rest[1], rest[2:])
+    elif kind == "text":
+        from bench.chaos import text  # noqa: PLC0415
+
+        result = text.run(p, s, rest[0], rest[1], rest[2])
     else:
         result = asyncio.run(runs[kind]())
     print(json.dumps({"kind": kind, **result}), flush=True)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,29 @@ class ChaosBroker:
     def __init__(self, workdir: Path, data_dir: Path, config: dict[str, Any] | None = None) -> None:
         self.data_dir = data_dir
         self.config_path = workdir / "broker.json"
-        self.config_path.write_text(json.dumps(deep_merge(FAST, config or {})))  # JSON is YAML
+        self.metrics_port = free_port()
+        metrics = {"metrics": {"bind": f"127.0.0.1:{self.metrics_port}"}}  # login counts for the floods
+        self.config = deep_merge(deep_merge(FAST, metrics), config or {})
+        self.config_path.write_text(json.dumps(self.config))  # JSON is YAML
         self.log_path = workdir / "broker.log"
         self.port = free_port()
         self.proc: subprocess.Popen[str] | None = None
         self.starts = 0
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The sum of a Prometheus sample's values whose labels include ``labels`` (None: no /metrics)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
+        total = 0.0
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample.split("{")[0] == name and all(w in sample for w in wanted):
+                total += float(value)
+        return total
 
     def add_users(self, passwords: dict[str, str]) -> None:
         lines = "".join(f"{name}:{password}\n" for name, password in passwords.items())
@@ -97,13 +116,14 @@ class ChaosBroker:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
 
-    def stop(self) -> int | None:
-        """SIGTERM (graceful); returns the exit code, or None if it was not running."""
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful); returns the exit code, -9 if it had to be killed after ``timeout``, None if it was
+        not running."""
         if self.proc is None or self.proc.poll() is not None:
             return None
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(30)
+            return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             return -9

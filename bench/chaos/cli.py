@@ -3,7 +3,8 @@
 Writes bench/results/chaos.json (every figure) and chaos.md, and regenerates the
 table in docs/RELIABILITY.md. Running a subset replaces those scenarios' rows and
 keeps the others from the last run. Exits 1 if any message was lost, duplicated,
-reordered, misrouted, or got a false ``sent``.
+reordered, misrouted, or got a false ``sent``, or a scenario's own check failed (a
+flood not held within its bound, a hostile uplink not refused).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main(argv: list[str]) -> int:
             rows.append(r)
             print(f"[chaos {name}] " + ", ".join(f"{k} {r.get(k)}" for k in ("messages", *BAD, "honest_p99_ms",
                                                                             "seconds")), flush=True)
+            for check, verdict in r.get("checks", {}).items():
+                print(f"[chaos {name}] {'ok' if verdict['ok'] else 'FAILED'}: {check}: {verdict['figure']}", flush=True)
     except KeyboardInterrupt:
         print("chaos: interrupted", file=sys.stderr)
         return 130
@@ -87,7 +90,7 @@ def main(argv: list[str]) -> int:
     if report.update_doc({**result, "rows": complete}, args.doc):
         print(f"table regenerated in {args.doc}")
     print(f"chaos: {json_path} {md_path}; {time.monotonic() - began:.0f} s")
-    failed = [r["key"] for r in rows if "failed" in r or any(r.get(k) for k in BAD)]
+    failed = [r["key"] for r in rows if "failed" in r or any(r.get(k) for k in BAD) or report.failed_checks(r)]
     if failed:
         print(f"chaos: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

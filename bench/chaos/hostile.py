@@ -40,11 +40,11 @@ OPS = ["ping", "presence.get", "presence.subscribe", "presence.unsubscribe", "pr
 
 
 class Attacker:
-    def __init__(self, port: int, user: str, password: str) -> None:
+    def __init__(self, port: int, user: str, password: str, device: str = "evil") -> None:
         self.user = user
         self.sock = socket.create_connection(("127.0.0.1", port), 30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(connect_packet(f"{user}.evil", user, password, 600))
+        self.sock.sendall(connect_packet(f"{user}.{device}", user, password, 600))
         self.items: list[dict[str, Any]] = []
         self.subacks: list[int] = []
         self.closed = threading.Event()

@@ -23,6 +23,8 @@ def table(result: dict[str, Any]) -> str:
              f"{result['seconds']:.0f} s, on {machine_line(m)}.", "",
              *md_table(COLUMNS, rows, "lrlrrrrrr"), ""]
     found = [line for line in (highlight(r) for r in result["rows"]) if line]
+    found += [f"{r['key']}: {'holds' if v['ok'] else '**FAILED**'}: {name}: {v['figure']}"
+              for r in result["rows"] for name, v in r.get("checks", {}).items()]
     if found:
         lines += ["Figures of the scenarios:", "", *(f"- {line}" for line in found), ""]
     notes = result.get("notes", [])
@@ -35,7 +37,8 @@ def details(result: dict[str, Any]) -> str:
     """chaos.md: the table, then each scenario's own figures."""
     out = ["# Chaos: faults, floods and hostile input", "", table(result)]
     for r in result["rows"]:
-        extra = {k: v for k, v in r.items() if k not in {"scenario", "messages", "fault", "examples", "rss_series"}}
+        extra = {k: v for k, v in r.items()
+                 if k not in {"scenario", "messages", "fault", "examples", "rss_series", "checks"}}
         out += [f"## {r['scenario']}", "", "```", *(f"{k}: {v}" for k, v in extra.items()), "```", ""]
         if r.get("examples"):
             out += ["Failures seen:", "", *(f"- {e}" for e in r["examples"]), ""]
@@ -53,6 +56,11 @@ def update_doc(result: dict[str, Any], doc: Path = DOC) -> bool:
     _old, tail = rest.split(END, 1)
     write_text_atomic(doc, f"{head}{START}\n{table(result)}\n{END}{tail}")
     return True
+
+
+def failed_checks(r: dict[str, Any]) -> list[str]:
+    """The names of a row's scenario-specific checks that failed (``checks``: name -> {ok, figure})."""
+    return [name for name, verdict in r.get("checks", {}).items() if not verdict["ok"]]
 
 
 def highlight(r: dict[str, Any]) -> str:
