@@ -27,6 +27,12 @@ Rules (PROTOCOL.md "Delivery rules"):
    states ``keys`` -- encrypted to an identity key the device has since
    replaced: ``stale``) is refused and holds the device's later messages like
    ``queue_full``; a recipient without keys gets ``no_keys``.
+9. A seen report costs a send token like a message and is refused when a
+   target queue is full. A waiting ``seen`` receipt at the tail of a device's
+   queue, same peer, is replaced by one with the ids merged (at most 1000).
+10. Per message, the sender's devices get ``sent``, ``delivered``, ``seen`` in
+   that order: ``delivered`` and ``seen`` wait on the message for ``sent``, and a
+   ``seen`` before any ack stages ``delivered`` first (once).
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
