@@ -87,7 +87,7 @@ def run_slow(size: str, workdir: Path, progress: Progress) -> Row:
 # --- 6. floods ---------------------------------------------------------------------------------
 
 
-FLOODS = ("badpw", "spam", "big", "deep", "topics")
+FLOODS = ("badpw", "spam", "seen", "big", "deep", "topics")
 
 
 def run_flood(size: str, workdir: Path, progress: Progress) -> Row:
@@ -103,19 +103,22 @@ def run_flood(size: str, workdir: Path, progress: Progress) -> Row:
         for kind in FLOODS:
             began_kind = time.monotonic()
             args = {"badpw": ("a0",), "spam": ("flooder", password("flooder"), "b0"),
+                    "seen": ("flooder", password("flooder"), "b0"),
                     "big": ("flooder", password("flooder")), "deep": ("flooder", password("flooder"), "b0"),
                     "topics": ("flooder", password("flooder"))}[kind]
             result = outcome(attack(kind, broker.port, each, *args), timeout=each + 120)
             ended = time.monotonic()
             result["honest_p99_ms"] = work.ledger.p99_ms(began_kind, ended)
             result["broker_rss_kib"] = broker.rss_kib()
+            result["staged_for_b0"] = staged(broker.data_dir, "b0")  # a seen flood must not pile up there
             floods[kind] = result
             progress(f"  flood {kind}: {result}")
         t1 = time.monotonic()
         work.wait_senders(180)
         rate = floods.get("badpw", {}).get("per_s")
         return row("floods", work, broker, len(FLOODS),
-                   f"bad passwords ({rate}/s), publish as fast as possible, 5 MB payloads, 50,000-deep JSON, "
+                   f"bad passwords ({rate}/s), publish as fast as possible, seen reports of 1,000 ids as fast as "
+                   "possible, 5 MB payloads, 50,000-deep JSON, "
                    f"thousands of topics; {each:.0f} s each", (t0, t1), began, floods=floods)
 
 

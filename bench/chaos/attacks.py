@@ -6,6 +6,7 @@ Prints one JSON line with what it did. KIND is one of:
   mute      a device of USER that reads its inbox but never PUBACKs nor acks (slow consumer)
   deaf      a device of USER that subscribes and then never reads its socket at all
   spam      USER publishes chat messages to TARGET as fast as the socket takes them
+  seen      USER publishes seen reports of 1,000 new ids each to TARGET as fast as the socket takes them
   badpw     connection attempts with wrong passwords, as many as it can (from 127.0.0.2)
   big       5 MB PUBLISHes (over the 4 MB packet limit), reconnecting after each close
   deep      50,000-deep JSON as a chat message, over and over
@@ -106,14 +107,18 @@ async def slow_device(port: int, seconds: float, user: str, password: str, read:
     return {"connack": code, "items_read": len(raw.items)}
 
 
-async def spam(port: int, seconds: float, user: str, password: str, target: str) -> dict[str, Any]:
-    raw, code = await Raw.login(port, user, password, "spam")
+def seen_report(to: str, n: int) -> bytes:
+    return json.dumps({"to": to, "ids": [f"s{n}-{i}" for i in range(1000)]}).encode()
+
+
+async def spam(port: int, seconds: float, user: str, password: str, target: str, uplink: str = "out") -> dict[str, Any]:
+    raw, code = await Raw.login(port, user, password, uplink)
     raw.writer.write(subscribe_packet(1, f"u/{user}/in"))
     reading = asyncio.ensure_future(raw.pump())
     sent, deadline = 0, time.monotonic() + seconds
     while time.monotonic() < deadline and not raw.writer.is_closing():
         for _ in range(50):
-            raw.publish(f"u/{user}/out", chat(target, "spam"))
+            raw.publish(f"u/{user}/{uplink}", chat(target, "spam") if uplink == "out" else seen_report(target, sent))
             sent += 1
         try:  # the broker reads a flooder slowly: stop at the deadline, not when the socket has drained
             await asyncio.wait_for(raw.writer.drain(), max(0.1, deadline - time.monotonic()))
@@ -202,6 +207,7 @@ def main(argv: list[str]) -> int:
         "mute": lambda: slow_device(p, s, rest[0], rest[1], True),
         "deaf": lambda: slow_device(p, s, rest[0], rest[1], False),
         "spam": lambda: spam(p, s, rest[0], rest[1], rest[2]),
+        "seen": lambda: spam(p, s, rest[0], rest[1], rest[2], "seen"),
         "badpw": lambda: bad_passwords(p, s, rest[0]),
         "big": lambda: big(p, s, rest[0], rest[1]),
         "deep": lambda: deep(p, s, rest[0], rest[1], rest[2]),

@@ -74,6 +74,8 @@ def test_floods(tmp_path: Path) -> None:
     floods = r["floods"]
     assert floods["badpw"]["attempts"] > 0 and "0" not in floods["badpw"]["connack_codes"]
     assert floods["spam"]["answers"].get("rate_limited", 0) > 0
+    seen = floods["seen"]  # seen reports cost send tokens: what reaches the victim is bounded by the rate
+    assert seen["answers"].get("rate_limited", 0) > 0 and seen["staged_for_b0"] <= 2 * (200 + 20 * 6 + 100)
     assert set(floods["deep"]["answers"]) == {"bad_json"}
 
 
