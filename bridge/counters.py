@@ -62,6 +62,8 @@ class BridgeCounters:
     """``error`` items and failed ``res`` items, by ``code``."""
     redeliveries: int = 0
     """Items sent again because they stayed unacked for ``delivery.redeliver_after_s``."""
+    receipts_coalesced: int = 0
+    """Pending ``seen`` receipts merged into a newer one for the same device and peer (PROTOCOL rule 11)."""
     sent_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     """Seconds from staging a message to its ``receipt sent`` (a repeat answered at once counts ~0)."""
     delivered_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))

@@ -53,6 +53,8 @@ class Message:
     # its outbox on 'delivered', so sending it before the message is safe for every target loses it
     # for a device that has not acked yet if the server crashes in between. (ms, time) of the first ack.
     delivered_held: tuple[int, float] | None = None
+    # A 'seen' reported before 'sent' went out: staged right after 'sent' and 'delivered' (rule 11).
+    seen_held: tuple[int, float] | None = None
 
 
 @dataclass(slots=True, eq=False)

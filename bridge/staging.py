@@ -27,6 +27,12 @@ Rules (PROTOCOL.md "Delivery rules"):
    states ``keys`` -- encrypted to an identity key the device has since
    replaced: ``stale``) is refused and holds the device's later messages like
    ``queue_full``; a recipient without keys gets ``no_keys``.
+9. A seen report costs a send token like a message and is refused when a
+   target queue is full. A waiting ``seen`` receipt at the tail of a device's
+   queue, same peer, is replaced by one with the ids merged (at most 1000).
+10. Per message, the sender's devices get ``sent``, ``delivered``, ``seen`` in
+   that order: ``delivered`` and ``seen`` wait on the message for ``sent``, and a
+   ``seen`` before any ack stages ``delivered`` first (once).
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
@@ -57,6 +63,7 @@ from bridge.staged import (
     Rules,
 )
 from client_sdk.protocol import (
+    MAX_IDS_PER_ITEM,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
     RECEIPT_SEEN,
@@ -186,14 +193,21 @@ class Staging:
                     self._hold(origin, message.id, ErrorCode.DEVICES_MISMATCH, now)
                 return olm
             targets = olm
-        if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
-            refusal = error_item(ErrorCode.QUEUE_FULL, f"{message.to} has too many undelivered items", message.id)
-        elif not self._rate.allow(sender, now):
-            refusal = error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later", message.id)
-        else:
+        refusal = self._refuse_staging(sender, targets, message.to, message.id, now)
+        if refusal is None:
             return targets
         self._hold(origin, message.id, refusal["code"], now)
         return refusal
+
+    def _refuse_staging(self, sender: str, targets: list[str], to: str, ref: str | None,
+                        now: float) -> dict[str, Any] | None:
+        """The error refusing an uplink that stages items for ``targets`` (a message, a seen report), or
+        None: the target queues' bound first (no token spent then), then the sender's send rate."""
+        if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
+            return error_item(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref)
+        if not self._rate.allow(sender, now):
+            return error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later", ref)
+        return None
 
     def _check_hold(self, origin: str, msg_id: str, now: float) -> dict[str, Any] | None:
         """The error refusing ``msg_id`` because earlier refused messages of ``origin`` come first, or None."""
@@ -255,19 +269,58 @@ class Staging:
 
     def _stage_receipt(self, user: str, status: str, ids: list[str], peer: str, now_ms: int, now: float,
                        out: Outcome) -> None:
-        receipt = {"status": status, "ids": ids, "peer": peer, "ts": now_ms}
         for device in self.directory.targets(user):
+            merged = self._coalesce(device, status, ids, peer, out) if status == RECEIPT_SEEN else ids
+            receipt = {"status": status, "ids": merged, "peer": peer, "ts": now_ms}
             self._stage(device, Item(device, 0, now_ms + self.rules.ttl_ms, now + self.rules.flush_s,
                                      receipt=receipt), now, out)
         out.flush_due = True
 
+    def _coalesce(self, device: str, status: str, ids: list[str], peer: str, out: Outcome) -> list[str]:
+        """Rule 11: the ids of a new receipt merged with those of the device's last item, if that is a
+        receipt of the same status and peer not sent yet (it is dropped: the merged one takes its place
+        at the tail, so nothing overtakes anything). At most MAX_IDS_PER_ITEM ids, each once."""
+        box = self.boxes.get(device)
+        tail = next(reversed(box.items.values()), None) if box is not None else None
+        if box is None or tail is None or tail.receipt is None or tail.seq in box.inflight:
+            return ids
+        if tail.receipt["status"] != status or tail.receipt["peer"] != peer:
+            return ids
+        merged = list(dict.fromkeys([*tail.receipt["ids"], *ids]))
+        if len(merged) > MAX_IDS_PER_ITEM:
+            return ids
+        del box.items[tail.seq]
+        self._drop_item(tail, out)  # its row (if written) is deleted in the commit that writes the new one
+        self.counters.receipts_coalesced += 1
+        return merged
+
     def seen(self, by_user: str, to_user: str, ids: list[str], origin: str, now_ms: int, now: float) -> Outcome:
-        """``by_user`` displayed ``ids`` from ``to_user``: a staged ``receipt seen`` for ``to_user``."""
+        """``by_user`` displayed ``ids`` from ``to_user``: a staged ``receipt seen`` for ``to_user``'s devices,
+        after ``sent`` and ``delivered`` for each of those messages (rule 11). Costs a send token."""
         out = Outcome()
         if not self.directory.exists(to_user):
             out.notices.append((origin, error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}")))
             return out
-        self._stage_receipt(to_user, RECEIPT_SEEN, ids, by_user, now_ms, now, out)
+        refusal = self._refuse_staging(by_user, self.directory.targets(to_user), to_user, None, now)
+        if refusal is not None:
+            out.notices.append((origin, refusal))
+            return out
+        now_ids: list[str] = []
+        delivered: list[str] = []
+        for msg_id in dict.fromkeys(ids):
+            message = self.live.get((to_user, msg_id))
+            if message is None or message.recipient != by_user:
+                now_ids.append(msg_id)  # long delivered and forgotten (or not by_user's): nothing to wait for
+            elif not message.sent_notified:
+                self._mark_delivered(message, now_ms, now, delivered)
+                message.seen_held = message.seen_held or (now_ms, now)  # staged by _settle after 'sent'
+            else:
+                self._mark_delivered(message, now_ms, now, delivered)
+                now_ids.append(msg_id)
+        if delivered:  # seen implies delivered: it goes first, once
+            self._stage_receipt(to_user, RECEIPT_DELIVERED, delivered, by_user, now_ms, now, out)
+        if now_ids:
+            self._stage_receipt(to_user, RECEIPT_SEEN, now_ids, by_user, now_ms, now, out)
         return out
 
     # --- acks ------------------------------------------------------------------------
@@ -285,20 +338,28 @@ class Staging:
             box.inflight.pop(seq, None)
             self._drop_item(item, out)
             message = item.message
-            if (message is not None and not message.delivered and not is_placeholder(device)
-                    and _user_of(device) == message.recipient):
-                message.delivered = True
-                self.counters.delivered_latency.observe(max(0, now_ms - message.ts) / 1000)
-                if message.state == DURABLE:
-                    self._pending.delivered.append(message.mid)
-                if message.sent_notified:
-                    delivered.setdefault((message.sender, message.recipient), []).append(message.msg_id)
-                else:  # rule 1 before rule 2: _settle stages it once the message is safe
-                    message.delivered_held = (now_ms, now)
+            if message is not None and not is_placeholder(device) and _user_of(device) == message.recipient:
+                self._mark_delivered(message, now_ms, now,
+                                     delivered.setdefault((message.sender, message.recipient), []))
         for (sender, recipient), ids in delivered.items():
-            self._stage_receipt(sender, RECEIPT_DELIVERED, ids, recipient, now_ms, now, out)
+            if ids:
+                self._stage_receipt(sender, RECEIPT_DELIVERED, ids, recipient, now_ms, now, out)
         self._pump(device, box, now, out)
         return out
+
+    def _mark_delivered(self, message: Message, now_ms: int, now: float, ids: list[str]) -> None:
+        """A device of the recipient has the message (first time only): its id joins ``ids`` (the
+        ``delivered`` receipt to stage now), or the receipt waits for ``sent`` (rule 11)."""
+        if message.delivered:
+            return
+        message.delivered = True
+        self.counters.delivered_latency.observe(max(0, now_ms - message.ts) / 1000)
+        if message.state == DURABLE:
+            self._pending.delivered.append(message.mid)
+        if message.sent_notified:
+            ids.append(message.msg_id)
+        else:  # rule 1 before rule 5: _settle stages it once the message is safe
+            message.delivered_held = (now_ms, now)
 
     def _drop_item(self, item: Item, out: Outcome) -> None:
         """The item leaves its device's queue (acked, expired or removed); an olm ciphertext goes with it."""
@@ -324,11 +385,12 @@ class Staging:
         if message.unsettled == 0 and not message.sent_notified:
             message.sent_notified = True
             out.notices.append((message.origin, self._sent_item(message, None)))
-            if message.delivered_held is not None:
-                now_ms, now = message.delivered_held
-                message.delivered_held = None
-                self._stage_receipt(message.sender, RECEIPT_DELIVERED, [message.msg_id], message.recipient,
-                                    now_ms, now, out)
+            for status in (RECEIPT_DELIVERED, RECEIPT_SEEN):  # rule 11: in this order, after 'sent'
+                held = message.delivered_held if status == RECEIPT_DELIVERED else message.seen_held
+                if held is not None:
+                    self._stage_receipt(message.sender, status, [message.msg_id], message.recipient,
+                                        held[0], held[1], out)
+            message.delivered_held = message.seen_held = None
 
     def _sent_item(self, message: Message, now_ms: int | None) -> dict[str, Any]:
         return receipt_item(RECEIPT_SENT, [message.msg_id], message.recipient,

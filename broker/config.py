@@ -89,9 +89,9 @@ class LimitsSettings(_Section):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """A connection must send CONNECT within this time."""
     send_rate_per_s: float = Field(default=20.0, gt=0)
-    """Sustained messages per second per user; beyond it senders get ``rate_limited``."""
+    """Sustained messages and seen reports per second per user; beyond it senders get ``rate_limited``."""
     send_burst: int = Field(default=200, ge=1)
-    """Messages a user may send at once before the rate applies."""
+    """Messages and seen reports a user may send at once before the rate applies."""
     publishes_per_s: float = Field(default=1000.0, ge=0)
     """PUBLISH packets read per second per connection (0: unpaced). Beyond it the broker stops
     reading that connection for a moment (TCP backpressure) instead of spending its CPU on it."""

@@ -98,6 +98,8 @@ class ChatCollector(Collector):
                        ERROR_CODES, counters.errors)
         yield CounterMetricFamily("chat_redeliveries", "Items sent again after delivery.redeliver_after_s unacked.",
                                   counters.redeliveries)
+        yield CounterMetricFamily("chat_receipts_coalesced", "Pending seen receipts merged into a newer one "
+                                  "for the same device and peer.", counters.receipts_coalesced)
         yield CounterMetricFamily("chat_downlink_dropped", "Items not sent to a connection that left "
                                   "limits.max_unacked_downlinks deliveries without PUBACK (staged ones come again).",
                                   s.broker.counters.downlink_dropped)

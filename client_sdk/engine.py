@@ -87,6 +87,7 @@ from client_sdk.protocol import (
     seen_payload,
     uplink_topic,
 )
+from client_sdk.receipts import ReceiptLedger
 from client_sdk.securestore import as_bytes
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,10 @@ class Engine:
             user, device, self._plan, self, host, port, keepalive, tls, transport,
             Backoff(reconnect_delay[0], reconnect_delay[1]),
         )
-        self._dispatcher = Dispatcher(self.inbox, deliver, self._publish_acks, name=f"chat-dispatch-{self.cid}")
+        self._deliver = deliver
+        self._receipts = ReceiptLedger()  # touched by the dispatcher thread only
+        self._dispatcher = Dispatcher(self.inbox, self._hand_over, self._publish_acks,
+                                      name=f"chat-dispatch-{self.cid}")
         self._keep_ids = handed_ids_keep
         self._ids_max_age_ms = int(handed_ids_max_age_s * 1000)
         self._lock = threading.Lock()
@@ -361,6 +365,12 @@ class Engine:
             self._dispatcher.event(presence_from(item))
         elif isinstance(item, ErrorItem):
             self._on_error(item)
+
+    def _hand_over(self, event: Event) -> bool:
+        """The dispatcher's hand-over: receipts pass the ledger (each status once, in order)."""
+        if not isinstance(event, Receipt):
+            return self._deliver(event)
+        return all(self._deliver(receipt) for receipt in self._receipts.admit(event))
 
     def _on_error(self, item: ErrorItem) -> None:
         if item.ref is not None and item.ref in self._answers:  # a request the server could not read

@@ -86,7 +86,10 @@ def highlight(r: dict[str, Any]) -> str:
         bad = floods.get("badpw", {})
         return (f"floods: honest p99 before {fmt(floods.get('baseline_p99_ms'))} ms, during each: "
                 f"{', '.join(parts)}; {fmt(bad.get('per_s'))} bad-password logins/s, all refused; "
-                f"spam {fmt(floods.get('spam', {}).get('per_s'))} msg/s, answered `rate_limited`")
+                f"spam {fmt(floods.get('spam', {}).get('per_s'))} msg/s, answered `rate_limited`; seen reports "
+                f"{fmt(floods.get('seen', {}).get('per_s'))}/s of 1,000 ids, answered "
+                f"{floods.get('seen', {}).get('answers')}, {fmt(floods.get('seen', {}).get('staged_items'))} "
+                "items staged for their target after it")
     if key == "hostile":
         h = r.get("hostile", {})
         return (f"hostile: {fmt(h.get('leaked_items'))} items of others reached the attacker, "

@@ -79,6 +79,7 @@ def test_floods(tmp_path: Path) -> None:
     floods = r["floods"]
     assert floods["badpw"]["attempts"] > 0 and "0" not in floods["badpw"]["connack_codes"]
     assert floods["spam"]["answers"].get("rate_limited", 0) > 0
+    assert floods["seen"]["answers"].get("rate_limited", 0) > 0, "seen reports cost send tokens"
     assert set(floods["deep"]["answers"]) == {"bad_json"}
 
 
