@@ -4,6 +4,8 @@ Order of checks (each refusal is final and touches no session):
 1. a username that is a valid user id (no anonymous access) -> else 0x05;
 2. client id ``{username}.{device}`` with a valid device id -> else 0x02;
 3. the login throttle for the user and the remote address -> else 0x05, unchecked;
+   an attempt let through counts as a failure until it succeeds (``LoginGuard.begin``),
+   so concurrent guesses are throttled exactly like sequential ones;
 4. a device token (fast keyed hash) or the password (scrypt in a worker
    thread, at most ``hash_concurrency`` at once) -> else 0x05.
 Unknown users cost the same scrypt work as known ones, so timing does not
@@ -92,7 +94,7 @@ class Authenticator:
         is_token = secret is not None and credentials.looks_like_token(secret)
         if is_token and await self._token_ok(username, device, secret):  # type: ignore[arg-type]  # not None here
             return await self._accept(username, device, [], "device token")
-        wait = self._guard.retry_after(keys, self._clock())
+        wait = self._guard.begin(keys, self._clock())
         if wait > 0:
             return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address,
                                 "throttled")
@@ -115,14 +117,16 @@ class Authenticator:
         return ok and stored is not None
 
     async def _accept(self, user: str, device: str, keys: list[str], how: str) -> LoginResult:
-        self._guard.succeeded(keys[:1])  # the address keeps its record: one good account must not unlock guessing
+        # The address keeps its earlier failures (one good account must not unlock guessing);
+        # only this attempt's reserved failure is taken back.
+        self._guard.succeeded(keys[:1], keys[1:])
         new_device = await self._store.record_login(user, device)
         self.count("ok")
         log.info("login ok: %s.%s by %s%s", user, device, how, " (new device)" if new_device else "")
         return LoginResult(ACCEPTED, user, device, how, new_device)
 
     def _fail(self, keys: list[str], reason: str, user: str, address: str) -> LoginResult:
-        wait = self._guard.failed(keys, self._clock())
+        wait = self._guard.retry_after(keys, self._clock())  # the failure was counted by ``begin``
         suffix = f"; further attempts refused for {wait:.1f}s" if wait > 0 else ""
         self.count("bad_password")
         log.warning("login failed: user %r from %s: %s%s", user, address, reason, suffix)
