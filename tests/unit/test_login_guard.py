@@ -66,7 +66,7 @@ def test_a_success_releases_its_reserved_failure() -> None:
     user, addr = ["user:alice"], ["addr:10.0.0.1"]
     for _ in range(3):
         assert g.begin(user + addr, 0.0) == 0.0  # three wrong passwords in flight
-    assert g.begin(["user:bob"] + addr, 0.0) == 0.0  # the 4th, bob's, would start the address back-off ...
+    assert g.begin(["user:bob", *addr], 0.0) == 0.0  # the 4th, bob's, would start the address back-off ...
     assert g.retry_after(addr, 0.0) == 1.0
     g.succeeded(["user:bob"], addr)  # ... but it was right: its failure and back-off are taken back
     assert g.retry_after(addr, 0.0) == 0.0
