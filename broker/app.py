@@ -91,7 +91,8 @@ class BrokerApp:
             keyed = KeyedDevices(await self._key_store.keyed_devices())
             messaging = await self._start_messaging(self._users, self._staging_store, keyed)
             presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
-            claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst)
+            claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst,
+                                 settings.limits.max_rate_keys)
             keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session, claims)
             ops = {**build_ops(authenticator), **presence.ops(), **keys.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
@@ -126,7 +127,7 @@ class BrokerApp:
         directory.load(await users.all_devices())
         staging = Staging(
             rules, await store.next_boot(), directory,
-            RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst),
+            RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst, settings.limits.max_rate_keys),
             RecentIds(settings.dedup.max_entries),
             keyed,
         )

@@ -102,6 +102,10 @@ class LimitsSettings(_Section):
     claims_per_peer_per_min: float = Field(default=2.0, gt=0)
     """... and per minute after that burst: a client claims only when it lacks a session (a new
     device, a reinstall), while each claim uses up one of the peer's one-time keys."""
+    max_rate_keys: int = Field(default=100_000, ge=1)
+    """Senders (and claimer/peer pairs) each rate limiter keeps track of. Only buckets that are
+    full again are forgotten; while all are still limiting, a newcomer is refused (``rate_limited``)
+    until one refills, so flooding the table never resets a limit (bridge/limits.py)."""
     max_unacked_downlinks: int = Field(default=8192, ge=1, le=32768)
     """Chat deliveries a connection may leave without PUBACK; beyond, further ones are not written
     (staged items are redelivered later, ephemeral ones are best effort): see broker/downlink.py."""
