@@ -111,8 +111,22 @@ class LimitsSettings(_Section):
     (staged items are redelivered later, ephemeral ones are best effort): see broker/downlink.py."""
     max_devices_per_message: int = Field(default=DEFAULT_MAX_DEVICES_PER_MESSAGE, ge=1)
     """Entries allowed in an olm message's ``bodies`` (recipient's plus sender's other devices)."""
+    max_devices_per_user: int = Field(default=16, ge=1)
+    """Devices one user may have (a device is made by its first login). A new device past it is
+    refused at CONNECT (0x05); ``devices.remove`` or ``chat-broker device remove`` frees a slot.
+    Never above ``max_devices_per_message``: an olm message must be able to name every device."""
     require_encryption: bool = False
     """Refuse plain ``body`` messages (``encryption_required``): only olm messages are carried."""
+
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> LimitsSettings:
+        if self.max_devices_per_user > self.max_devices_per_message:
+            raise ValueError(
+                f"max_devices_per_user ({self.max_devices_per_user}) must not exceed "
+                f"max_devices_per_message ({self.max_devices_per_message})"
+            )
+        return self
 
 
 class StagingSettings(_Section):
