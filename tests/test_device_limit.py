@@ -71,5 +71,6 @@ def test_the_limit_never_exceeds_the_devices_an_olm_message_may_name() -> None:
     too_many = r"max_devices_per_user \(65\) must not exceed max_devices_per_message \(64\)"
     with pytest.raises(ConfigError, match=too_many):
         build_settings({"limits": {"max_devices_per_user": 65}})
+    assert build_settings({"limits": {"max_devices_per_message": 8}}).limits.max_devices_per_user == 8, "unset: follows"
     assert build_settings({"limits": {"max_devices_per_user": 65,
                                       "max_devices_per_message": 65}}).limits.max_devices_per_user == 65
