@@ -80,11 +80,14 @@ class KeyService:
 
     async def _claim(self, caller: Caller, args: dict[str, Any]) -> Any:
         user, devices = parse_claim(args)
+        # The target is checked first: a claim for a user that does not exist uses no bucket
+        # (104,000 such claims once pushed a limiting bucket out of the table).
+        await self._known(user)
         # Each claim deletes one of the peer's one-time keys: without a bound, anyone could drain
         # them and leave every new session to the fallback key (docs/SECURITY.md).
         if self._claims is not None and not self._claims.allow(f"{caller.user}\0{user}", self._clock()):
             raise OpError(ErrorCode.RATE_LIMITED, f"too many key claims for {user}; retry later")
-        return {"user": await self._known(user), "devices": await self._store.claim(user, devices)}
+        return {"user": user, "devices": await self._store.claim(user, devices)}
 
     async def _known(self, user: str) -> str:
         if await self._accounts.user_devices(user) is None:

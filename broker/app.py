@@ -87,11 +87,16 @@ class BrokerApp:
                 LoginGuard(auth.free_failures, auth.base_delay_s, auth.max_delay_s, auth.forget_after_s),
                 load_or_create_secret(settings.data_path),
                 auth.hash_concurrency,
+                max_devices=settings.limits.max_devices_per_user,
             )
+            removed = await self._forget_removed_devices(self._users, self._key_store)
             keyed = KeyedDevices(await self._key_store.keyed_devices())
             messaging = await self._start_messaging(self._users, self._staging_store, keyed)
+            for user, device in removed:
+                messaging.remove_device(user, device)
             presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
-            claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst)
+            claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst,
+                                 settings.limits.max_rate_keys)
             keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session, claims)
             ops = {**build_ops(authenticator), **presence.ops(), **keys.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
@@ -106,6 +111,19 @@ class BrokerApp:
             await self._close_stores()
             self._broker = None
             raise
+
+    @staticmethod
+    async def _forget_removed_devices(users: UserStore, keys: SqliteKeyStore) -> list[tuple[str, str]]:
+        """Devices with keys but no row in users.db: ``chat-broker device remove`` (or ``user del``)
+        ran. It only deletes the row, because a running broker keeps each keyed device in memory
+        and would refuse messages that leave it out; the rest of the removal is done here."""
+        known = {(user, device) for user, device in await users.all_devices() if device is not None}
+        removed = [(user, device) for user, device, _ in await keys.keyed_devices() if (user, device) not in known]
+        for user, device in removed:
+            await keys.remove_device(user, device)
+            log.info("device %s.%s is gone from users.db (device remove, user del): its keys and staged items "
+                     "are dropped", user, device)
+        return removed
 
     async def _close_session(self, client_id: str) -> None:
         if self._broker is not None:
@@ -126,7 +144,7 @@ class BrokerApp:
         directory.load(await users.all_devices())
         staging = Staging(
             rules, await store.next_boot(), directory,
-            RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst),
+            RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst, settings.limits.max_rate_keys),
             RecentIds(settings.dedup.max_entries),
             keyed,
         )

@@ -4,8 +4,12 @@ Order of checks (each refusal is final and touches no session):
 1. a username that is a valid user id (no anonymous access) -> else 0x05;
 2. client id ``{username}.{device}`` with a valid device id -> else 0x02;
 3. the login throttle for the user and the remote address -> else 0x05, unchecked;
+   an attempt let through counts as a failure until it succeeds (``LoginGuard.begin``),
+   so concurrent guesses are throttled exactly like sequential ones;
 4. a device token (fast keyed hash) or the password (scrypt in a worker
-   thread, at most ``hash_concurrency`` at once) -> else 0x05.
+   thread, at most ``hash_concurrency`` at once) -> else 0x05;
+5. a new device only while the user has fewer than ``max_devices`` -> else 0x05
+   (not a failed login: it does not count toward the throttle).
 Unknown users cost the same scrypt work as known ones, so timing does not
 tell which user names exist.
 """
@@ -22,7 +26,7 @@ from typing import Final
 
 from broker import credentials
 from broker.login_guard import LoginGuard
-from broker.users import UserStore
+from broker.users import TooManyDevicesError, UserStore
 from client_sdk.protocol import is_user_id, split_client_id
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,9 @@ class Authenticator:
         server_secret: bytes,
         hash_concurrency: int,
         clock: Callable[[], float] = time.monotonic,
+        max_devices: int | None = None,
     ) -> None:
+        self._max_devices = max_devices
         self._store = store
         self._guard = guard
         self._secret = server_secret
@@ -91,15 +97,15 @@ class Authenticator:
         # cheap to check, and its success leaves the throttle as it is.
         is_token = secret is not None and credentials.looks_like_token(secret)
         if is_token and await self._token_ok(username, device, secret):  # type: ignore[arg-type]  # not None here
-            return await self._accept(username, device, [], "device token")
-        wait = self._guard.retry_after(keys, self._clock())
+            return await self._accept(username, device, [], "device token", address)
+        wait = self._guard.begin(keys, self._clock())
         if wait > 0:
             return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address,
                                 "throttled")
         if secret is None:
             return self._fail(keys, "no password", username, address)
         if await self._password_ok(username, secret):
-            return await self._accept(username, device, keys, "password")
+            return await self._accept(username, device, keys, "password", address)
         return self._fail(keys, "wrong password or token", username, address)
 
     async def _token_ok(self, user: str, device: str, token: str) -> bool:
@@ -114,15 +120,21 @@ class Authenticator:
             ok = await asyncio.to_thread(credentials.verify_password, password, stored or _dummy_hash())
         return ok and stored is not None
 
-    async def _accept(self, user: str, device: str, keys: list[str], how: str) -> LoginResult:
-        self._guard.succeeded(keys[:1])  # the address keeps its record: one good account must not unlock guessing
-        new_device = await self._store.record_login(user, device)
+    async def _accept(self, user: str, device: str, keys: list[str], how: str, address: str) -> LoginResult:
+        # The address keeps its earlier failures (one good account must not unlock guessing);
+        # only this attempt's reserved failure is taken back.
+        self._guard.succeeded(keys[:1], keys[1:])
+        try:
+            new_device = await self._store.record_login(user, device, self._max_devices)
+        except TooManyDevicesError as exc:
+            return self._refuse(BAD_CREDENTIALS, f"new device {device!r} refused: {exc}; remove one first",
+                                user, address, "too_many_devices")
         self.count("ok")
         log.info("login ok: %s.%s by %s%s", user, device, how, " (new device)" if new_device else "")
         return LoginResult(ACCEPTED, user, device, how, new_device)
 
     def _fail(self, keys: list[str], reason: str, user: str, address: str) -> LoginResult:
-        wait = self._guard.failed(keys, self._clock())
+        wait = self._guard.retry_after(keys, self._clock())  # the failure was counted by ``begin``
         suffix = f"; further attempts refused for {wait:.1f}s" if wait > 0 else ""
         self.count("bad_password")
         log.warning("login failed: user %r from %s: %s%s", user, address, reason, suffix)

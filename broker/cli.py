@@ -70,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(revoke)
     revoke.add_argument("name")
     revoke.add_argument("--device", help="only this device (default: all)")
+    _add_device_commands(commands)
     return parser
+
+
+def _add_device_commands(commands: Any) -> None:
+    device = commands.add_parser("device", help="see and remove a user's devices")
+    device_commands = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
+    listing = device_commands.add_parser("list", help="list a user's devices")
+    _common(listing)
+    listing.add_argument("name")
+    remove = device_commands.add_parser("remove", help="remove one device of a user, or all of them")
+    _common(remove)
+    remove.add_argument("name")
+    remove.add_argument("device", nargs="?", help="the device id (default: every device of the user)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -95,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(settings)
         if args.command == "status":
             return _status(args, settings)
+        if args.command == "device":
+            return _device(args, settings)
         return _user(args, settings)
     except (ConfigError, ListenerError, StoreError, user_admin.AdminError, StatusError) as exc:
         print(f"chat-broker: error: {exc}", file=sys.stderr)
@@ -123,6 +138,17 @@ def _user(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{count} device token(s) of {args.name} revoked")
     elif action == "import":
         return _import(args.file, data_dir)
+    return EXIT_OK
+
+
+def _device(args: argparse.Namespace, settings: Settings) -> int:
+    name = user_admin.check_name(args.name)
+    if args.device_command == "list":
+        count = asyncio.run(user_admin.list_devices(settings.data_path, name, sys.stdout))
+        print(f"{count} device(s) of {name}", file=sys.stderr)
+    else:
+        removed = asyncio.run(user_admin.remove_devices(settings.data_path, name, args.device))
+        print(f"{len(removed)} device(s) of {name} removed: {', '.join(removed) or '-'}")
     return EXIT_OK
 
 

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from client_sdk.protocol import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
 
 DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
+DEFAULT_MAX_DEVICES_PER_USER = 16
 
 
 def parse_bind(value: str) -> tuple[str, int]:
@@ -102,13 +103,43 @@ class LimitsSettings(_Section):
     claims_per_peer_per_min: float = Field(default=2.0, gt=0)
     """... and per minute after that burst: a client claims only when it lacks a session (a new
     device, a reinstall), while each claim uses up one of the peer's one-time keys."""
+    max_rate_keys: int = Field(default=100_000, ge=1)
+    """Senders (and claimer/peer pairs) each rate limiter keeps track of. Only buckets that are
+    full again are forgotten; while all are still limiting, a newcomer is refused (``rate_limited``)
+    until one refills, so flooding the table never resets a limit (bridge/limits.py)."""
     max_unacked_downlinks: int = Field(default=8192, ge=1, le=32768)
     """Chat deliveries a connection may leave without PUBACK; beyond, further ones are not written
     (staged items are redelivered later, ephemeral ones are best effort): see broker/downlink.py."""
     max_devices_per_message: int = Field(default=DEFAULT_MAX_DEVICES_PER_MESSAGE, ge=1)
     """Entries allowed in an olm message's ``bodies`` (recipient's plus sender's other devices)."""
+    max_devices_per_user: int = Field(default=DEFAULT_MAX_DEVICES_PER_USER, ge=1)
+    """Devices one user may have (a device is made by its first login). A new device past it is
+    refused at CONNECT (0x05); ``devices.remove`` or ``chat-broker device remove`` frees a slot.
+    Never above ``max_devices_per_message``: an olm message must be able to name every device
+    (left unset, it is the lower of 16 and that)."""
     require_encryption: bool = False
     """Refuse plain ``body`` messages (``encryption_required``): only olm messages are carried."""
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_devices(cls, data: Any) -> Any:
+        # Left unset, the device limit follows a lower max_devices_per_message instead of failing
+        # a config that was valid before the limit existed.
+        if isinstance(data, dict) and "max_devices_per_user" not in data:
+            per_message = data.get("max_devices_per_message")
+            if isinstance(per_message, int) and 1 <= per_message < DEFAULT_MAX_DEVICES_PER_USER:
+                return {**data, "max_devices_per_user": per_message}
+        return data
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> LimitsSettings:
+        if self.max_devices_per_user > self.max_devices_per_message:
+            raise ValueError(
+                f"max_devices_per_user ({self.max_devices_per_user}) must not exceed "
+                f"max_devices_per_message ({self.max_devices_per_message})"
+            )
+        return self
 
 
 class StagingSettings(_Section):

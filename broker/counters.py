@@ -26,4 +26,5 @@ class BrokerCounters:
         self.uplink[kind] = self.uplink.get(kind, 0) + 1
 
 
-LOGIN_RESULTS = ("ok", "anonymous", "bad_password", "bad_username", "bad_client_id", "throttled", "bad_will")
+LOGIN_RESULTS = ("ok", "anonymous", "bad_password", "bad_username", "bad_client_id", "throttled", "bad_will",
+                 "too_many_devices")

@@ -13,6 +13,7 @@ is bounded: the oldest keys are dropped past ``max_keys``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -55,6 +56,18 @@ class LoginGuard:
                 wait = max(wait, record.blocked_until - now)
         return wait
 
+    def begin(self, keys: list[str], now: float) -> float:
+        """An attempt on ``keys``: > 0 is the wait (refuse it unchecked); 0.0 means check the
+        credentials, the attempt now counting as a failure until ``succeeded`` releases it."""
+        wait = self.retry_after(keys, now)
+        if wait <= 0:
+            self.failed(keys, now)
+        return wait
+
+    def _delay(self, failures: int) -> float:
+        over = failures - self._free
+        return min(self._base * (2 ** min(over - 1, 32)), self._max) if over > 0 else 0.0
+
     def failed(self, keys: list[str], now: float) -> float:
         """Record a failed attempt; returns how long the keys are now blocked."""
         wait = 0.0
@@ -62,9 +75,8 @@ class LoginGuard:
             record = self._get(key, now) or _Record(0, now, now)
             record.failures += 1
             record.last_failure = now
-            over = record.failures - self._free
-            if over > 0:
-                delay = min(self._base * (2 ** min(over - 1, 32)), self._max)
+            delay = self._delay(record.failures)
+            if delay > 0:
                 record.blocked_until = now + delay
                 wait = max(wait, delay)
             self._records[key] = record
@@ -73,9 +85,21 @@ class LoginGuard:
             self._records.popitem(last=False)
         return wait
 
-    def succeeded(self, keys: list[str]) -> None:
+    def succeeded(self, keys: Sequence[str], released: Sequence[str] = ()) -> None:
+        """A ``begin`` attempt succeeded: ``keys`` are cleared; on ``released`` keys only its
+        reserved failure is taken back (with the back-off it alone would have started)."""
         for key in keys:
             self._records.pop(key, None)
+        for key in released:
+            record = self._records.get(key)
+            if record is None:
+                continue
+            record.failures -= 1
+            if record.failures <= 0:
+                del self._records[key]
+            else:
+                record.blocked_until = min(record.blocked_until,
+                                           record.last_failure + self._delay(record.failures))
 
     def __len__(self) -> int:
         return len(self._records)

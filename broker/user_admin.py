@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,6 +97,45 @@ async def list_users(data_dir: Path, out: TextIO) -> int:
     for user in users:
         out.write(f"{user.name}\t{user.devices} device(s)\n")
     return len(users)
+
+
+async def list_devices(data_dir: Path, name: str, out: TextIO) -> int:
+    """``device list USER``: one line per device (id, created, last login, token or not)."""
+    store = await UserStore.open(data_dir)
+    try:
+        if not await store.user_exists(name):
+            raise AdminError(f"no user {name!r}")
+        devices = await store.devices(name)
+    finally:
+        await store.close()
+    for info in devices:
+        out.write(f"{info.device}\tcreated {_stamp(info.created_ms)}\tlast login {_stamp(info.last_login_ms)}"
+                  f"\t{'token' if info.token_digest else 'no token'}\n")
+    return len(devices)
+
+
+async def remove_devices(data_dir: Path, name: str, device: str | None) -> list[str]:
+    """``device remove USER [DEVICE]``: forget one device (or all), with its token, in users.db.
+
+    Only the row is deleted, so it is safe while the broker runs (WAL, its own connection):
+    the slot and the token are freed at once. The running broker keeps the device's keys,
+    staged items and place among the recipients until its next start, which drops them
+    (``devices.remove`` from another of the user's devices does it all at once)."""
+    store = await UserStore.open(data_dir)
+    try:
+        if not await store.user_exists(name):
+            raise AdminError(f"no user {name!r}")
+        wanted = [device] if device is not None else [d.device for d in await store.devices(name)]
+        removed = [d for d in wanted if await store.delete_device(name, d)]
+    finally:
+        await store.close()
+    if device is not None and not removed:
+        raise AdminError(f"{name} has no device {device!r}")
+    return removed
+
+
+def _stamp(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000)) + "Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,10 @@ class UnknownUserError(StoreError):
     pass
 
 
+class TooManyDevicesError(StoreError):
+    """A new device would take the user past ``limits.max_devices_per_user``."""
+
+
 @dataclass(frozen=True, slots=True)
 class UserInfo:
     name: str
@@ -190,20 +194,24 @@ class UserStore(SqliteFile):
         async with self._db.execute(query) as cursor:
             return [(str(r[0]), None if r[1] is None else str(r[1])) async for r in cursor]
 
-    async def record_login(self, user: str, device: str) -> bool:
-        """Note a successful login; returns True when the device is new (its first login)."""
+    async def record_login(self, user: str, device: str, max_devices: int | None = None) -> bool:
+        """Note a successful login; returns True when the device is new (its first login).
+        A new device is added only while the user has fewer than ``max_devices`` (checked in
+        the same statement, so concurrent first logins cannot overshoot), else TooManyDevicesError."""
         stamp = now_ms()
         try:
             cursor = await self._db.execute(
                 "INSERT OR IGNORE INTO devices (user, device, token_digest, created_ms, last_login_ms) "
-                "VALUES (?, ?, NULL, ?, ?)",
-                (user, device, stamp, stamp),
+                "SELECT ?, ?, NULL, ?, ? WHERE (SELECT COUNT(*) FROM devices WHERE user = ?) < ?",
+                (user, device, stamp, stamp, user, max_devices if max_devices is not None else 2**31),
             )
             if cursor.rowcount == 1:
                 return True
-            await self._db.execute(
+            cursor = await self._db.execute(
                 "UPDATE devices SET last_login_ms = ? WHERE user = ? AND device = ?", (stamp, user, device)
             )
+            if cursor.rowcount == 0:
+                raise TooManyDevicesError(f"{user} has {max_devices} devices, the most allowed")
         except aiosqlite.Error as exc:
             # Disk full or read-only (found by tests/chaos): a known device still logs in, only its
             # last-login time is not updated; a new device cannot be registered, so that login fails.

@@ -144,3 +144,21 @@ def test_claims_per_peer_are_rate_limited(broker: BrokerThread, peers: list[Peer
     alice = connect(broker, peers, "alice")
     assert not ok(alice, "keys.claim", {"user": "bob"})["devices"]["phone"]["fallback"]
     assert ok(mallory, "keys.claim", {"user": "alice"})["devices"] == {}, "other peers: not limited"
+
+
+@pytest.mark.broker_config({"limits.claims_per_peer_burst": 3, "limits.claims_per_peer_per_min": 0.001,
+                            "limits.max_rate_keys": 50})
+def test_claims_for_users_that_do_not_exist_cannot_reset_a_limit(broker: BrokerThread, peers: list[Peer]) -> None:
+    """The issue's attack, with the limiter's table lowered from 100,000 to 50: once mallory is
+    rate limited on bob, claims for many users that do not exist neither use a bucket nor push
+    bob's out of the table, so the next claims on bob are still refused."""
+    ok(connect(broker, peers, "bob"), "keys.publish", {"device_keys": device_keys("bob", "phone"),
+                                                       "one_time_keys": otks(0, 10)})
+    mallory = connect(broker, peers, "mallory")
+    for _ in range(3):
+        ok(mallory, "keys.claim", {"user": "bob"})
+    assert failed(mallory, "keys.claim", {"user": "bob"}) == "rate_limited"
+    for n in range(200):
+        assert failed(mallory, "keys.claim", {"user": f"ghost{n}"}) == "unknown_recipient"
+    assert [failed(mallory, "keys.claim", {"user": "bob"}) for _ in range(5)] == ["rate_limited"] * 5
+    assert ok(connect(broker, peers, "alice"), "keys.claim", {"user": "bob"})["devices"], "other claimers unaffected"
