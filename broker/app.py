@@ -23,6 +23,7 @@ from bridge.staging import Staging
 from bridge.store import SqliteStagingStore
 from broker.auth import Authenticator
 from broker.config import Settings
+from broker.data_dir import BrokerLock, make_private
 from broker.http import OpsServer
 from broker.login_guard import LoginGuard
 from broker.metrics import LoopLag, Sources, build_registry
@@ -55,6 +56,7 @@ class BrokerApp:
         self._lag: LoopLag | None = None
         self._probe: asyncio.Future[None] | None = None
         self._probe_started = 0.0
+        self._lock: BrokerLock | None = None
 
     @property
     def broker(self) -> ChatBroker:
@@ -77,6 +79,9 @@ class BrokerApp:
     async def start(self) -> None:
         settings = self.settings
         try:
+            # First: a second broker on the same folder would restore and deliver the same staged items.
+            self._lock = BrokerLock.acquire(settings.data_path)
+            make_private(settings.data_path)
             self._users = await UserStore.open(settings.data_path)
             self._staging_store = await SqliteStagingStore.open(settings.data_path)
             self._presence_store = await SqlitePresenceStore.open(settings.data_path)
@@ -248,3 +253,6 @@ class BrokerApp:
         self._presence = None
         self._staging_store = None
         self._users = None
+        if self._lock is not None:  # last: the stores are closed, another broker may start
+            self._lock.release()
+            self._lock = None

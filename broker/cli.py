@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import logging.handlers
 import signal
@@ -35,6 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-broker", description="Self-hosted chat broker (MQTT).")
+    version = importlib.metadata.version("chat-broker")
+    parser.add_argument("--version", action="version", version=f"chat-broker {version}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the broker")
@@ -86,6 +89,11 @@ def _add_device_commands(commands: Any) -> None:
     remove.add_argument("device", nargs="?", help="the device id (default: every device of the user)")
 
 
+FLAGS = {"metrics.bind": "--metrics-bind", "log.format": "--log-format", "log.json_lines": "--log-format",
+         "data_dir": "--data-dir", "listeners.tcp.bind": "--bind"}
+"""Setting -> the flag that overrides it (named in a config error about its value)."""
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "metrics_bind", None) is not None:
@@ -97,7 +105,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "bind", None) is not None:
         overrides["listeners.tcp.bind"] = args.bind
-    return load_settings(args.config, overrides)
+    return load_settings(args.config, overrides, FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:

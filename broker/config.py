@@ -8,6 +8,8 @@ one-line message for the CLI.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -308,30 +310,47 @@ class Settings(_Section):
         return Path(self.data_dir)
 
 
-def _describe(error: ValidationError) -> str:
+Origin = Callable[[str], str]
+"""A dotted key -> where its value came from, in words ("set in FILE", "the default")."""
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "value_error":  # our validators' own words, without pydantic's "Value error, "
+        return str(error["ctx"]["error"])
+    return str(error["msg"])
+
+
+def _describe(error: ValidationError, origin: Origin | None) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     extra = f" ({len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    if not first["loc"] and first["type"] == "value_error":
-        # A check across sections (Settings._check_packet_size) names its keys itself.
-        return str(first["ctx"]["error"]) + extra
-    return f"{key}: {message}{extra}"
+    message = _message(first)
+    if not first["loc"]:
+        # A check across sections (Settings._check_packet_size) names its keys itself: say where each came from.
+        keys = dict.fromkeys(re.findall(r"\b[a-z_]+\.[a-z_.]*[a-z_]\b", message))
+        where = "; ".join(f"{key}: {origin(key)}" for key in keys) if origin else ""
+        return message + (f" ({where})" if where else "") + extra
+    key = ".".join(str(part) for part in first["loc"])
+    return f"{key}: {message}" + (f" ({origin(key)})" if origin else "") + extra
 
 
-def build_settings(data: dict[str, Any], source: str = "config") -> Settings:
+def build_settings(data: dict[str, Any], source: str = "config", origin: Origin | None = None) -> Settings:
+    """Validate ``data``; a ConfigError names the first bad key, and with ``origin`` where its value came from."""
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        prefix = "" if origin else f"{source}: "
+        raise ConfigError(prefix + _describe(exc, origin)) from None
 
 
-def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Read ``path`` (YAML) if given, apply ``overrides`` (dotted keys), validate."""
+def load_settings(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None
+) -> Settings:
+    """Read ``path`` (YAML) if given, apply ``overrides`` (dotted keys; ``flags`` names the
+    command-line option of each, for error messages), validate."""
     data: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
-        source = str(path)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -345,9 +364,33 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         data = loaded
-    for dotted, value in (overrides or {}).items():
+    overrides = overrides or {}
+    from_file = _dotted_keys(data)
+
+    def origin(key: str) -> str:
+        given = next((k for k in overrides if _related(k, key)), None)
+        if given is not None:
+            flag = (flags or {}).get(given)
+            return "given on the command line" + (f" ({flag})" if flag else "")
+        if any(_related(k, key) for k in from_file):
+            return f"set in {path}"
+        return "the default"
+
+    for dotted, value in overrides.items():
         _set_dotted(data, dotted, value)
-    return build_settings(data, source)
+    return build_settings(data, str(path) if path else "defaults", origin)
+
+
+def _related(a: str, b: str) -> bool:
+    """``a`` and ``b`` are the same key, or one is a section holding the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
+    if isinstance(data, dict) and data:
+        return [key for name, value in data.items()
+                for key in _dotted_keys(value, f"{prefix}.{name}" if prefix else str(name))]
+    return [prefix] if prefix else []
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

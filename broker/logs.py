@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 _connection: contextvars.ContextVar[str | None] = contextvars.ContextVar("connection", default=None)
 _client: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
@@ -83,3 +84,17 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+class QuietHandshakes(logging.LoggerAdapter[logging.Logger]):
+    """The WebSocket listeners' logger. websockets logs a failed opening handshake (a bare TCP
+    connect or a plain HTTP request: a load balancer's health check) as an ERROR with a
+    traceback; it is one debug line here, as a bare connect on the TCP listener is."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if msg == "opening handshake failed" and kwargs.get("exc_info"):
+            level, msg, args, kwargs = logging.DEBUG, "ws: opening handshake failed: %r", (sys.exc_info()[1],), {}
+        super().log(level, msg, *args, **kwargs)
+
+
+WS_LOG = QuietHandshakes(logging.getLogger("websockets.server"))

@@ -60,7 +60,7 @@ from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy
 from broker.handler import ChatProtocolHandler, keepalive_deadline
-from broker.logs import bind_client, bind_connection
+from broker.logs import WS_LOG, bind_client, bind_connection
 from broker.session_states import lighten, set_aside
 from broker.silence import SilenceWatch
 from broker.streams import start_server
@@ -188,7 +188,7 @@ class ChatBroker(ConformantBroker):
                 else:
                     instance = await websockets.serve(
                         partial(self.ws_connected, listener_name=name), host, port, ssl=tls,
-                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path,
+                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path, logger=WS_LOG,
                     )
             except OSError as exc:
                 raise ListenerError(f"listeners.{name}.bind: cannot listen on {bind}: {exc.strerror or exc}") from None

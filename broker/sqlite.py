@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import ClassVar, Self
 import aiosqlite
 
 log = logging.getLogger(__name__)
+
+DIR_MODE = 0o700  # the data folder: password hashes, token digests, staged messages
+FILE_MODE = 0o600
 
 
 class StoreError(Exception):
@@ -50,7 +54,8 @@ class SqliteFile:
 async def open_database(path: Path, migrations: Sequence[str], *, synchronous: str = "FULL") -> aiosqlite.Connection:
     """Open (creating if needed) and migrate ``path``; ``migrations[i]`` moves version i to i+1."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
+        create_private_file(path)  # SQLite gives -wal, -shm and -journal the mode of this file
         db = await aiosqlite.connect(path, isolation_level=None)
     except (OSError, aiosqlite.Error) as exc:
         raise StoreError(f"cannot open database {path}: {explain(exc, path.parent)}") from exc
@@ -82,6 +87,28 @@ async def open_database(path: Path, migrations: Sequence[str], *, synchronous: s
         await db.close()
         raise
     return db
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing; ``path`` itself is made 0700."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            path.mkdir(mode=DIR_MODE)
+    if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
+        path.chmod(DIR_MODE)
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (the umask cannot widen or narrow it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
 
 
 _writers: weakref.WeakKeyDictionary[aiosqlite.Connection, asyncio.Lock] = weakref.WeakKeyDictionary()

@@ -11,7 +11,7 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -150,11 +150,24 @@ def show(url: str, watch: bool, interval: float, console: Console, count: int | 
     if not watch:
         console.print(render(now, source=url))
         return
-    from rich.live import Live  # noqa: PLC0415 (only the watch mode needs it)
+    if not console.is_terminal:
+        # Live redraws in place, so into a pipe or file it wrote the last frame only: write each one.
+        console.print(render(now, source=url))
+        for _ in _refreshes(count, interval):
+            before, now = now, Snapshot.parse(fetch(url), clock())
+            console.print("", render(now, before, url))
+        return
+    from rich.live import Live  # noqa: PLC0415 (only the watch mode on a terminal needs it)
 
     with Live(render(now, source=url), console=console, auto_refresh=False) as live:
-        while count is None or count > 0:
-            count = None if count is None else count - 1
-            time.sleep(interval)
+        for _ in _refreshes(count, interval):
             before, now = now, Snapshot.parse(fetch(url), clock())
             live.update(render(now, before, url), refresh=True)
+
+
+def _refreshes(count: int | None, interval: float) -> Iterator[None]:
+    """Yield after each ``interval`` s, ``count`` times (None: until interrupted)."""
+    while count is None or count > 0:
+        count = None if count is None else count - 1
+        time.sleep(interval)
+        yield

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from broker import credentials
-from broker.users import UserStore
+from broker.users import USERS_DB, UserStore
 from client_sdk.protocol import is_user_id
 
 IMPORT_BATCH = 500
@@ -32,11 +32,19 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_password(password: str) -> str:
-    if not password:
-        raise AdminError("empty password refused")
+def password_problem(password: str) -> str | None:
+    """Why ``password`` is refused, or None. Only spaces would pass for a password but guard nothing."""
+    if not password.strip():
+        return "empty password refused (only spaces count as empty)"
     if len(password.encode("utf-8")) > credentials.MAX_PASSWORD_BYTES:
-        raise AdminError(f"password longer than {credentials.MAX_PASSWORD_BYTES} bytes refused")
+        return f"password longer than {credentials.MAX_PASSWORD_BYTES} bytes refused"
+    return None
+
+
+def check_password(password: str) -> str:
+    problem = password_problem(password)
+    if problem:
+        raise AdminError(problem)
     return password
 
 
@@ -61,17 +69,29 @@ async def add(data_dir: Path, name: str, password: str) -> None:
         await store.close()
 
 
+def require_users_db(data_dir: Path) -> None:
+    """For a command that has nothing to do without users: a mistyped --data-dir is said,
+    instead of creating an empty folder there."""
+    if not (data_dir / USERS_DB).is_file():
+        raise AdminError(f"no users database in {data_dir.resolve()}: check --data-dir or the config's "
+                         "data_dir ('chat-broker user add' creates it)")
+
+
+async def open_existing(data_dir: Path) -> UserStore:
+    require_users_db(data_dir)
+    return await UserStore.open(data_dir)
+
+
 async def passwd(data_dir: Path, name: str, password: str) -> None:
-    pw_hash = await asyncio.to_thread(credentials.hash_password, password)
-    store = await UserStore.open(data_dir)
+    store = await open_existing(data_dir)
     try:
-        await store.set_password(name, pw_hash)
+        await store.set_password(name, await asyncio.to_thread(credentials.hash_password, password))
     finally:
         await store.close()
 
 
 async def delete(data_dir: Path, name: str) -> None:
-    store = await UserStore.open(data_dir)
+    store = await open_existing(data_dir)
     try:
         await store.delete_user(name)
     finally:
@@ -79,7 +99,7 @@ async def delete(data_dir: Path, name: str) -> None:
 
 
 async def revoke(data_dir: Path, name: str, device: str | None) -> int:
-    store = await UserStore.open(data_dir)
+    store = await open_existing(data_dir)
     try:
         if not await store.user_exists(name):
             raise AdminError(f"no user {name!r}")
@@ -89,7 +109,7 @@ async def revoke(data_dir: Path, name: str, device: str | None) -> int:
 
 
 async def list_users(data_dir: Path, out: TextIO) -> int:
-    store = await UserStore.open(data_dir)
+    store = await open_existing(data_dir)
     try:
         users = await store.list_users()
     finally:
@@ -101,7 +121,7 @@ async def list_users(data_dir: Path, out: TextIO) -> int:
 
 async def list_devices(data_dir: Path, name: str, out: TextIO) -> int:
     """``device list USER``: one line per device (id, created, last login, token or not)."""
-    store = await UserStore.open(data_dir)
+    store = await open_existing(data_dir)
     try:
         if not await store.user_exists(name):
             raise AdminError(f"no user {name!r}")
@@ -121,7 +141,7 @@ async def remove_devices(data_dir: Path, name: str, device: str | None) -> list[
     the slot and the token are freed at once. The running broker keeps the device's keys,
     staged items and place among the recipients until its next start, which drops them
     (``devices.remove`` from another of the user's devices does it all at once)."""
-    store = await UserStore.open(data_dir)
+    store = await open_existing(data_dir)
     try:
         if not await store.user_exists(name):
             raise AdminError(f"no user {name!r}")
@@ -159,8 +179,8 @@ def parse_import_lines(lines: Iterator[str]) -> tuple[list[tuple[str, str]], lis
             problems.append(f"line {number}: expected name:password")
         elif not is_user_id(name):
             problems.append(f"line {number}: invalid user name {name!r}")
-        elif not password or len(password.encode("utf-8")) > credentials.MAX_PASSWORD_BYTES:
-            problems.append(f"line {number}: empty or over-long password for {name!r}")
+        elif problem := password_problem(password):
+            problems.append(f"line {number}: {problem} for {name!r}")
         elif name in seen:
             problems.append(f"line {number}: {name!r} appears twice; the first one is used")
         else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from broker.sqlite import SqliteFile, StoreError
+from broker.sqlite import SqliteFile, StoreError, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_or_create_secret(data_dir: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(data_dir)
     secret = os.urandom(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
