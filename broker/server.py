@@ -459,6 +459,11 @@ class ChatBroker(ConformantBroker):
         try:
             while True:
                 if disconnect.done():
+                    # What the connection received before its end is handed on first: a
+                    # PUBLISH acknowledged (or released) and then DISCONNECT, a close or a
+                    # takeover is delivered [MQTT-4.3.2-2, MQTT-4.3.3-2, MQTT-3.3.1-5].
+                    while (message := handler.next_delivery()) is not None:
+                        await self._handle_message_delivery(client_session, handler, _resolved(message))
                     await self._handle_disconnect(client_session, handler, disconnect)
                     return
                 if (subscription := handler.next_subscription()) is not None:
