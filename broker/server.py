@@ -99,10 +99,17 @@ class SessionLink:
         self._topic_bytes = topic.encode()
         self._pending: set[asyncio.Task[Any]] | None = None  # WebSocket sends in flight; made on first use
 
-
     @property
     def client_id(self) -> str:
         return self._client_id
+
+    def serves(self, handler: ChatProtocolHandler) -> bool:
+        """True if this link writes to ``handler``'s connection."""
+        return self._handler is handler
+
+    def regrant(self, qos: int) -> None:
+        """The inbox was subscribed again on the same connection, at ``qos``."""
+        self._qos = min(qos, QOS_1)
 
     def send(self, payload: bytes) -> None:
         if self._handler.send_chat(self._topic_bytes, payload, self._qos):
@@ -498,6 +505,13 @@ class ChatBroker(ConformantBroker):
                 await self._publish_retained_messages_for_subscription((topic_filter, code), client_session)
 
     def _link_device(self, caller: Caller, inbox: str, handler: ChatProtocolHandler, granted: int) -> None:
+        current = self._links.get(caller.client_id)
+        if current is not None and current.serves(handler):
+            # A repeated SUBSCRIBE on the same connection (Paho re-subscribes after every connect,
+            # apps when they come to the foreground): only its QoS may change [MQTT-3.8.4-3]. A new
+            # link would re-send every unacked item and end the device's presence watch list.
+            current.regrant(granted)
+            return
         link = SessionLink(caller.client_id, inbox, handler, granted)
         self._links[caller.client_id] = link
         self.bridge.device_online(caller.user, link)
