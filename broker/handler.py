@@ -56,7 +56,15 @@ from amqtt.session import (
     Session,
 )
 
-from broker.downlink import DownlinkPolicy, DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
+from broker.downlink import (
+    DownlinkPolicy,
+    DownlinkWriter,
+    PacketIds,
+    close_writer,
+    encode_puback,
+    encode_publish,
+    streams_bytes,
+)
 from broker.lazy_queue import LazyEvent, LazyQueue
 from broker.silence import SilenceWatch
 from broker.wire import PacketGate
@@ -343,7 +351,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
                 await self.handle_connection_closed()
         if self.writer is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
-                await self.writer.close()
+                await close_writer(self.writer)
         if self._disconnect_waiter is not None and not self._disconnect_waiter.done():
             self._disconnect_waiter.set_result(None)
         self._disconnect_waiter = None

@@ -58,7 +58,7 @@ from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenti
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
-from broker.downlink import DownlinkPolicy
+from broker.downlink import DownlinkPolicy, close_writer
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import bind_client, bind_connection
 from broker.session_states import lighten, set_aside
@@ -664,5 +664,5 @@ def _tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ss
 
 async def _close_quietly(writer: WriterAdapter) -> None:
     with contextlib.suppress(OSError, ConnectionError, RuntimeError):
-        await writer.close()
+        await close_writer(writer)
 
