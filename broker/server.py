@@ -54,6 +54,7 @@ from websockets.http11 import Request, Response
 from bridge.requests import Caller
 from bridge.service import Bridge
 from broker.acl import NO_ACCESS, TopicAcl
+from broker.admission import AddressSlots
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
@@ -153,7 +154,9 @@ class ChatBroker(ConformantBroker):
         self.settings = settings
         mqtt = settings.mqtt
         self._wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s,
-                                settings.limits.publishes_per_s, settings.limits.publish_burst)
+                                settings.limits.publishes_per_s, settings.limits.publish_burst,
+                                mqtt.max_connect_bytes, mqtt.packet_deadline_s)
+        self._unauthenticated = AddressSlots(settings.limits.max_unauthenticated_per_address)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
@@ -235,6 +238,13 @@ class ChatBroker(ConformantBroker):
             if peer is None:
                 await writer.close()
                 return
+            if not self._unauthenticated.take(peer[0]):
+                self.counters.refused_unauthenticated += 1
+                log.info("%s:%d refused: %d connections from that address have not logged in yet "
+                         "(limits.max_unauthenticated_per_address)", peer[0], peer[1],
+                         self.settings.limits.max_unauthenticated_per_address)
+                await _close_quietly(writer)
+                return
             # Every packet is checked whole before amqtt parses it (broker/wire.py).
             reader = PacketGate(reader, self._wire, f"{peer[0]}:{peer[1]}", writer)
             try:
@@ -261,6 +271,8 @@ class ChatBroker(ConformantBroker):
                 log.debug("connection from %s:%d refused: %r", peer[0], peer[1], exc)
                 await _close_quietly(writer)
                 return
+            finally:
+                self._unauthenticated.give(peer[0])
             bind_client(session.client_id or "")  # here: wait_for ran _accept_connect in a task of its own
             try:
                 await self._serve_client(reader, writer, session, handler)
