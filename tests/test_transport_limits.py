@@ -40,14 +40,6 @@ def open_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Brok
     running.stop()
 
 
-@pytest.fixture
-def raws() -> Iterator[list[RawClient]]:
-    made: list[RawClient] = []
-    yield made
-    for raw in made:
-        raw.close()
-
-
 def raw_client(broker: BrokerThread, raws: list[RawClient], client_id: str | None = None) -> RawClient:
     """A raw connection; with ``client_id``, after an accepted CONNECT."""
     raw = RawClient(broker.port)
