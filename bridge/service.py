@@ -51,8 +51,10 @@ class Bridge:
 
     def device_online(self, user: str, link: DeviceLink) -> None:
         replaced = self.links.get(link.client_id)
+        if replaced is link:
+            return  # the same connection linked again (a repeated SUBSCRIBE): nothing changes
         self.links.attach(user, link)
-        if replaced is not None and replaced is not link:
+        if replaced is not None:
             # A new connection of the device before the old one was detached (a takeover whose
             # clean-up is late): the old one's detach will find itself replaced and do nothing,
             # so its foreground and watch list end here; the new connection starts without them.

@@ -54,8 +54,8 @@ class _Section(BaseModel):
 class ListenerSettings(_Section):
     bind: Bind = None
     """``HOST:PORT`` to listen on; the listener is off when unset."""
-    max_connections: int = Field(default=0, ge=0)
-    """0 means no limit."""
+    max_connections: int = Field(default=100_000, ge=0)
+    """Connections open at once on this listener; further ones wait to be accepted. 0 means no limit."""
 
 
 class TlsListenerSettings(ListenerSettings):
@@ -91,6 +91,9 @@ class LimitsSettings(_Section):
     """Largest ``u/{me}/req`` payload; a keys.publish of 100 one-time keys needs about 17 KiB."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """A connection must send CONNECT within this time."""
+    max_unauthenticated_per_address: int = Field(default=64, ge=0)
+    """Connections from one IP address that have not been answered CONNACK yet; one more is closed
+    at once (0: no cap). Logged-in connections do not count."""
     send_rate_per_s: float = Field(default=20.0, gt=0)
     """Sustained messages and seen reports per second per user; beyond it senders get ``rate_limited``."""
     send_burst: int = Field(default=200, ge=1)
@@ -208,6 +211,11 @@ class MqttSettings(_Section):
     the connection before its body is read. Must carry a full chat message (about
     385 KiB with the default body limit); the default leaves room above that, so a
     chat message a few times too large still gets a ``too_large`` error item."""
+    max_connect_bytes: int = Field(default=65536, ge=256, le=268_435_456)
+    """Largest CONNECT (fixed header included); a larger one is refused on its fixed header, before
+    its body is read, so a client that has not logged in holds at most this much of the broker's memory."""
+    packet_deadline_s: float = Field(default=30.0, gt=0)
+    """A packet whose first byte has arrived must be complete within this time, or the connection is closed."""
     keepalive_min_s: int = Field(default=0, ge=0, le=65535)
     """Smallest non-zero CONNECT keepalive accepted (0: no minimum). Outside the
     bounds, CONNACK 0x02: MQTT 3.1.1 has no way to impose another value."""

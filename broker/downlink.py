@@ -64,6 +64,30 @@ async def wait_writable(writer: WriterAdapter) -> None:
             await stream.drain()
 
 
+CLOSE_FLUSH_S = 1.0
+"""How long closing a connection waits for what is queued to reach the client before dropping it."""
+
+
+async def close_writer(writer: WriterAdapter, flush_s: float = CLOSE_FLUSH_S) -> None:
+    """Close the connection under ``writer``, flushing what is queued for at most ``flush_s``.
+
+    amqtt's ``close`` waits for the client to read everything queued first: a client that
+    stopped reading and then closed its side kept its connection (CLOSE-WAIT, megabytes
+    queued) until its keepalive ran out. Past ``flush_s`` the rest is dropped (abort).
+    """
+    if isinstance(writer, StreamWriterAdapter) and not writer.is_closed:
+        stream = writer._writer
+        try:
+            await asyncio.wait_for(stream.drain(), flush_s)
+        except TimeoutError:
+            writer.is_closed = True
+            stream.transport.abort()
+            return
+        except ConnectionError:
+            pass
+    await writer.close()
+
+
 def closing(writer: WriterAdapter) -> bool:
     """True once the connection under ``writer`` is closed or closing (by either side)."""
     if isinstance(writer, StreamWriterAdapter):

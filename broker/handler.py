@@ -56,7 +56,15 @@ from amqtt.session import (
     Session,
 )
 
-from broker.downlink import DownlinkPolicy, DownlinkWriter, PacketIds, encode_puback, encode_publish, streams_bytes
+from broker.downlink import (
+    DownlinkPolicy,
+    DownlinkWriter,
+    PacketIds,
+    close_writer,
+    encode_puback,
+    encode_publish,
+    streams_bytes,
+)
 from broker.lazy_queue import LazyEvent, LazyQueue
 from broker.silence import SilenceWatch
 from broker.wire import PacketGate
@@ -284,6 +292,12 @@ class ChatProtocolHandler(BrokerProtocolHandler):
             except Exception as e:  # amqtt's loop: any other error ends the connection
                 self.logger.warning(f"{type(self).__name__} Unhandled exception in reader coro: {e!r}")
                 break
+        if self._packet_tasks:
+            # Handler tasks of the last packets read may not have run yet (the stream
+            # ended in the same turn). Each queues its message for delivery in its first
+            # step: let them take it before the rest is cancelled, or a PUBLISH followed
+            # at once by a close is lost [MQTT-4.3.2-2, MQTT-4.3.3-2].
+            await asyncio.sleep(0)
         tasks, self._packet_tasks = self._packet_tasks, None
         for task in tasks or ():
             task.cancel()
@@ -337,7 +351,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
                 await self.handle_connection_closed()
         if self.writer is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
-                await self.writer.close()
+                await close_writer(self.writer)
         if self._disconnect_waiter is not None and not self._disconnect_waiter.done():
             self._disconnect_waiter.set_result(None)
         self._disconnect_waiter = None
@@ -480,20 +494,22 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         await super().handle_pubcomp(pubcomp)
 
     async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
+        # The message is released here, in this task's first step, not by the QoS 2 flow
+        # waiting for this PUBREL (amqtt's way): that flow resumes only later, and a
+        # DISCONNECT or close right after the PUBREL cancelled it first, so a released
+        # message was never delivered [MQTT-4.3.3-2]. The flow's waiter is cancelled
+        # (it then ends quietly). Also the path for a PUBREL no flow waits for: re-sent
+        # after a reconnect [MQTT-4.4.0-1] (amqtt ignored it), or repeated because our
+        # PUBCOMP was lost. The message is released once; PUBCOMP always answers.
         packet_id = pubrel.packet_id
-        waiter = self._pubrel_waiters.get(packet_id)
+        waiter = self._pubrel_waiters.pop(packet_id, None)
         if waiter is not None and not waiter.done():
-            await super().handle_pubrel(pubrel)
-            return
-        # No flow is waiting: the client re-sent PUBREL after a reconnect [MQTT-4.4.0-1]
-        # (amqtt ignored it, so the message was never delivered and the client waited
-        # forever), or repeats it because our PUBCOMP was lost. Release the message
-        # once, and always answer PUBCOMP [MQTT-4.3.3-2].
+            waiter.cancel()
         session = self._own_session()
         message = session.inflight_in.pop(packet_id, None)
         if message is not None:
             message.pubrel_packet = pubrel
-            await session.delivered_message_queue.put(message)
+            session.delivered_message_queue.put_nowait(message)
             self._notify()
         await self._send_packet(PubcompPacket.build(packet_id))
 

@@ -125,6 +125,9 @@ class ChatCollector(Collector):
         yield open_now
         yield _counter("chat_connections_accepted", "Connections accepted, by listener.", "listener",
                        sorted(broker.open_connections()), broker.counters.accepted)
+        yield CounterMetricFamily("chat_connections_refused_unauthenticated", "Connections closed at once: their "
+                                  "address had limits.max_unauthenticated_per_address connections not logged in.",
+                                  broker.counters.refused_unauthenticated)
         yield GaugeMetricFamily("chat_devices_online", "Devices subscribed to their inbox now.", len(self._s.links))
 
     def _staged(self) -> Iterable[Metric]:

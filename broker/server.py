@@ -54,11 +54,12 @@ from websockets.http11 import Request, Response
 from bridge.requests import Caller
 from bridge.service import Bridge
 from broker.acl import NO_ACCESS, TopicAcl
+from broker.admission import AddressSlots
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
 from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
-from broker.downlink import DownlinkPolicy
+from broker.downlink import DownlinkPolicy, close_writer
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.logs import WS_LOG, bind_client, bind_connection
 from broker.session_states import lighten, set_aside
@@ -99,10 +100,17 @@ class SessionLink:
         self._topic_bytes = topic.encode()
         self._pending: set[asyncio.Task[Any]] | None = None  # WebSocket sends in flight; made on first use
 
-
     @property
     def client_id(self) -> str:
         return self._client_id
+
+    def serves(self, handler: ChatProtocolHandler) -> bool:
+        """True if this link writes to ``handler``'s connection."""
+        return self._handler is handler
+
+    def regrant(self, qos: int) -> None:
+        """The inbox was subscribed again on the same connection, at ``qos``."""
+        self._qos = min(qos, QOS_1)
 
     def send(self, payload: bytes) -> None:
         if self._handler.send_chat(self._topic_bytes, payload, self._qos):
@@ -146,7 +154,9 @@ class ChatBroker(ConformantBroker):
         self.settings = settings
         mqtt = settings.mqtt
         self._wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s,
-                                settings.limits.publishes_per_s, settings.limits.publish_burst)
+                                settings.limits.publishes_per_s, settings.limits.publish_burst,
+                                mqtt.max_connect_bytes, mqtt.packet_deadline_s)
+        self._unauthenticated = AddressSlots(settings.limits.max_unauthenticated_per_address)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
@@ -228,6 +238,13 @@ class ChatBroker(ConformantBroker):
             if peer is None:
                 await writer.close()
                 return
+            if not self._unauthenticated.take(peer[0]):
+                self.counters.refused_unauthenticated += 1
+                log.info("%s:%d refused: %d connections from that address have not logged in yet "
+                         "(limits.max_unauthenticated_per_address)", peer[0], peer[1],
+                         self.settings.limits.max_unauthenticated_per_address)
+                await _close_quietly(writer)
+                return
             # Every packet is checked whole before amqtt parses it (broker/wire.py).
             reader = PacketGate(reader, self._wire, f"{peer[0]}:{peer[1]}", writer)
             try:
@@ -254,6 +271,8 @@ class ChatBroker(ConformantBroker):
                 log.debug("connection from %s:%d refused: %r", peer[0], peer[1], exc)
                 await _close_quietly(writer)
                 return
+            finally:
+                self._unauthenticated.give(peer[0])
             bind_client(session.client_id or "")  # here: wait_for ran _accept_connect in a task of its own
             try:
                 await self._serve_client(reader, writer, session, handler)
@@ -459,6 +478,11 @@ class ChatBroker(ConformantBroker):
         try:
             while True:
                 if disconnect.done():
+                    # What the connection received before its end is handed on first: a
+                    # PUBLISH acknowledged (or released) and then DISCONNECT, a close or a
+                    # takeover is delivered [MQTT-4.3.2-2, MQTT-4.3.3-2, MQTT-3.3.1-5].
+                    while (message := handler.next_delivery()) is not None:
+                        await self._handle_message_delivery(client_session, handler, _resolved(message))
                     await self._handle_disconnect(client_session, handler, disconnect)
                     return
                 if (subscription := handler.next_subscription()) is not None:
@@ -493,6 +517,13 @@ class ChatBroker(ConformantBroker):
                 await self._publish_retained_messages_for_subscription((topic_filter, code), client_session)
 
     def _link_device(self, caller: Caller, inbox: str, handler: ChatProtocolHandler, granted: int) -> None:
+        current = self._links.get(caller.client_id)
+        if current is not None and current.serves(handler):
+            # A repeated SUBSCRIBE on the same connection (Paho re-subscribes after every connect,
+            # apps when they come to the foreground): only its QoS may change [MQTT-3.8.4-3]. A new
+            # link would re-send every unacked item and end the device's presence watch list.
+            current.regrant(granted)
+            return
         link = SessionLink(caller.client_id, inbox, handler, granted)
         self._links[caller.client_id] = link
         self.bridge.device_online(caller.user, link)
@@ -645,5 +676,5 @@ def _tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ss
 
 async def _close_quietly(writer: WriterAdapter) -> None:
     with contextlib.suppress(OSError, ConnectionError, RuntimeError):
-        await writer.close()
+        await close_writer(writer)
 

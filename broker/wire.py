@@ -72,6 +72,10 @@ class WireLimits:
     keepalive_max_s: int = NO_KEEPALIVE_LIMIT
     publishes_per_s: float = 0.0  # per connection; 0: unpaced
     publish_burst: int = 1
+    max_connect_bytes: int = 65536
+    """Largest CONNECT: refused on its fixed header, so an unauthenticated client holds little memory."""
+    packet_deadline_s: float = 30.0
+    """Time to complete a packet once its first byte arrived (an incomplete one is buffered meanwhile)."""
 
 
 class Pacer:
@@ -337,7 +341,13 @@ class PacketGate(ReaderAdapter):
         first = await (self._stream.readexactly(1) if self._stream is not None else self._exactly(1))
         await self._backpressure()
         try:
-            packet = await self._read_packet(first)
+            try:
+                # A started packet is buffered until it is whole: it may not sit there for good.
+                async with asyncio.timeout(self._limits.packet_deadline_s):
+                    packet = await self._read_packet(first)
+            except TimeoutError:
+                raise ProtocolViolation(f"a packet not completed within {self._limits.packet_deadline_s:g}s",
+                                        "mqtt.packet_deadline_s") from None
         except ProtocolViolation as exc:
             log.info("%s: closing the connection: %s", self.peer, exc)
             raise
@@ -407,6 +417,13 @@ class PacketGate(ReaderAdapter):
             multiplier *= 128
         else:
             raise ProtocolViolation("remaining length longer than four bytes", "section 2.2.3")
+        if self.connect is None and len(head) + length > self._limits.max_connect_bytes:
+            # Before authentication, a client may make the broker buffer only this much.
+            raise ProtocolViolation(
+                f"CONNECT of {len(head) + length} bytes exceeds mqtt.max_connect_bytes "
+                f"({self._limits.max_connect_bytes})",
+                "section 2.2.3, mqtt.max_connect_bytes",
+            )
         if len(head) + length > self._limits.max_packet_bytes:
             raise ProtocolViolation(
                 f"packet of {len(head) + length} bytes exceeds mqtt.max_packet_bytes ({self._limits.max_packet_bytes})",

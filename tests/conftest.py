@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import BrokerThread, Peer
+from tests.mqtt.packets import RawClient
 
 
 @pytest.fixture
@@ -27,3 +28,12 @@ def peers(broker: BrokerThread) -> Iterator[list[Peer]]:
     yield made
     for peer in made:
         peer.close()
+
+
+@pytest.fixture
+def raws() -> Iterator[list[RawClient]]:
+    """Collects raw MQTT connections made by a test and closes them afterwards."""
+    made: list[RawClient] = []
+    yield made
+    for raw in made:
+        raw.close()

@@ -33,14 +33,6 @@ def linked(broker: BrokerThread, client_id: str) -> bool:
     return inspect(broker, lambda b: b.bridge.links.get(client_id) is not None)
 
 
-@pytest.fixture
-def raws() -> Iterator[list[RawClient]]:
-    made: list[RawClient] = []
-    yield made
-    for raw in made:
-        raw.close()
-
-
 def raw_login(port: int, raws: list[RawClient], device: str, keepalive: int, **kw: Any) -> RawClient:
     raw = RawClient(port)
     raws.append(raw)

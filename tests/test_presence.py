@@ -445,3 +445,37 @@ def test_bad_presence_requests_and_limits(start: Callable[..., BrokerThread], ma
         alice.publish("u/alice/hb", payload)
         assert alice.expect(lambda i: i.get("kind") == "error")["code"] in {"bad_envelope", "bad_json"}
     assert [i for i in items_until_ping(alice) if i["kind"] == "error"] == []
+
+
+def test_a_repeated_subscribe_changes_nothing_but_its_suback(start: Callable[..., BrokerThread],
+                                                             made: list[Any]) -> None:
+    """Paho (Android, clean session off) subscribes again in ``connectComplete`` after every connect,
+    and apps when they come to the foreground: on a resumed session, with items unacked and a watch
+    list, each repeat on the same connection gets its SUBACK and changes nothing else (no item sent
+    again, the watch list and the foreground kept)."""
+    broker = start()
+    bob = online(broker, made, "bob")
+    alice = Peer(broker.port, "alice", "alice-pw", clean_session=False)
+    made.append(alice)
+    assert alice.connect() == 0
+    assert alice.subscribe() == [1]
+    everyone(alice, bob)
+    alice.close()
+    eventually(lambda: not linked(broker, "alice.phone"), what="alice's disconnect handled")
+    alice = Peer(broker.port, "alice", "alice-pw", clean_session=False)  # the session resumes, inbox and all
+    made.append(alice)
+    assert alice.connect() == 0
+    eventually(lambda: linked(broker, "alice.phone"), what="the resumed session linked")
+    for index in range(3):  # staged for alice, left unacked by her
+        bob.publish("u/bob/out", {"id": f"m{index}", "to": "alice", "body": "hi"})
+    assert sorted(alice.expect(lambda i: i.get("kind") == "msg")["id"] for _ in range(3)) == ["m0", "m1", "m2"]
+    watch(alice, "bob")
+    beat(alice)
+    watch(bob, "alice")
+    assert view(bob, "alice")["online"] is True
+    for _ in range(2):
+        assert alice.subscribe() == [1]
+        assert [i for i in items_until_ping(alice) if i["kind"] == "msg"] == [], "unacked items sent again"
+    assert view(bob, "alice")["online"] is True, "a repeated SUBSCRIBE took alice out of the foreground"
+    beat(bob)
+    alice.expect(presence("bob", True))  # her watch list still holds

@@ -50,8 +50,9 @@ def test_a_late_takeover_ends_the_old_connections_presence_state() -> None:
 
 
 def test_a_first_connection_or_the_same_link_again_ends_nothing() -> None:
-    bridge, _messaging, presence = _bridge()
+    bridge, messaging, presence = _bridge()
     link = _Link("bob.phone")
     bridge.device_online("bob", link)
-    bridge.device_online("bob", link)
+    bridge.device_online("bob", link)  # the same connection linked again (a repeated SUBSCRIBE)
     assert presence.calls == []
+    assert messaging.calls == [("online", "bob.phone")], "a re-link sent the unacked items again"
