@@ -15,10 +15,9 @@ it puts it back (retried) or answers its senders.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from broker.sqlite import StoreError
 
@@ -73,16 +72,6 @@ class Supervisor:
         now = self._clock()
         return [f"background task {task} failing for {now - since:.0f}s ({error})"
                 for task, (since, error) in sorted(self._failing.items())]
-
-    @contextlib.contextmanager
-    def round(self, task: str) -> Iterator[None]:
-        """One round of ``task``: an exception is recorded here and does not propagate."""
-        try:
-            yield
-        except Exception as exc:
-            self.failed(task, exc)
-        else:
-            self.succeeded(task)
 
     def spawn(self, task: str, one_round: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
         """Run ``one_round`` again and again (it waits for its own time) until cancelled."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from bridge.presence_store import SqlitePresenceStore
 from bridge.store import SqliteStagingStore
 from tests import faults
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
@@ -152,3 +153,31 @@ def test_sigterm_with_an_unwritable_message_pending_ends_and_says_what_was_lost(
     assert "RuntimeError: injected commit fault" in log
     assert "shutdown: could not write 1 message(s) [alice/p1]" in log, log[-2000:]
     assert log.rstrip().endswith("stopped"), log[-500:]
+
+
+def test_a_failed_last_seen_batch_is_kept_and_written_by_the_next(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    original = SqlitePresenceStore.save_last_seen
+    failures: list[int] = []
+
+    async def fails_once(self: SqlitePresenceStore, rows: list[tuple[str, int]]) -> None:
+        if not failures:
+            failures.append(len(rows))
+            raise RuntimeError("injected last-seen fault")
+        await original(self, rows)
+
+    monkeypatch.setattr(SqlitePresenceStore, "save_last_seen", fails_once)
+    broker = BrokerThread(tmp_path / "data", {"presence.persist_s": 0.05}).start()
+    made: list[Peer] = []
+    try:
+        broker.add_users(PASSWORDS)
+        alice = online(broker.port, made, "alice")
+        alice.publish("u/alice/hb", b"{}")
+        eventually(lambda: broker.app.presence.stats()["rows_written"] >= 1, what="alice's last-seen written")
+        assert failures == [1], "the one row of the failed batch is the one written after it"
+        assert broker.app.supervisor.failures == {"presence_persist": 1}
+        assert broker.app.supervisor.problems() == []
+    finally:
+        for peer in made:
+            peer.close()
+        broker.stop()
