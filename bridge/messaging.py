@@ -245,6 +245,9 @@ class Messaging:
             self.staging.counters.commit_failures += 1
             await self._commit_parts(batch)
             raise
+        except BaseException:  # cancelled (shutdown) mid-commit: rolled back, so all of it is pending again
+            self._apply(self.staging.flush_failed(batch))
+            raise
 
     async def _commit(self, batch: FlushBatch) -> None:
         self._flushing = True
@@ -267,13 +270,18 @@ class Messaging:
         nothing can be written, the fault is not in the items: all of them are kept."""
         failed: list[tuple[FlushBatch, Exception]] = []
         wrote = False
-        for part in batch.parts():
+        parts = batch.parts()
+        for n, part in enumerate(parts):
             try:
                 await self._commit(part)
             except StoreError:
                 self._apply(self.staging.flush_failed(part))
             except Exception as exc:
                 failed.append((part, exc))
+            except BaseException:  # cancelled: what is not written is pending again
+                for left in [*(p for p, _ in failed), *parts[n:]]:
+                    self._apply(self.staging.flush_failed(left))
+                raise
             else:
                 wrote = True
         for part, error in failed:

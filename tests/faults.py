@@ -2,13 +2,15 @@
 
 ``install()`` wraps ``SqliteStagingStore.commit``: a commit raises ``RuntimeError``
 (not a ``StoreError``: what a bug or unencodable text raises) while ``ARMED`` is
-set, or whenever its batch holds a message whose body contains ``POISON``. In a
+set, or whenever its batch holds a message whose body contains ``POISON``; with
+``HANG`` set, the next commit waits until it is cancelled. In a
 subprocess broker it is installed by the ``sitecustomize`` that ``sitecustomize_dir``
 writes (Python imports it at start-up from ``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from bridge.store import SqliteStagingStore
 
 POISON = "POISON-BODY"
 ARMED = threading.Event()
+HANG = threading.Event()
+"""While set, a commit never ends (a disk that hangs), until its task is cancelled."""
 
 
 def install() -> Any:
@@ -25,6 +29,9 @@ def install() -> Any:
     original = SqliteStagingStore.commit
 
     async def commit(self: SqliteStagingStore, batch: FlushBatch) -> None:
+        if HANG.is_set():
+            HANG.clear()  # the next commit (at shutdown) works
+            await asyncio.Event().wait()
         if ARMED.is_set() or any(POISON in (m.body or "") for m in batch.bodies):
             raise RuntimeError("injected commit fault")
         await original(self, batch)

@@ -181,3 +181,26 @@ def test_a_failed_last_seen_batch_is_kept_and_written_by_the_next(tmp_path: Path
         for peer in made:
             peer.close()
         broker.stop()
+
+
+def test_a_commit_under_way_at_shutdown_is_written_by_the_last_flush(tmp_path: Path, fault: None) -> None:
+    """SIGTERM cancels the flusher in the middle of a commit: what it held is written by the last flush."""
+    data = tmp_path / "data"
+    broker = BrokerThread(data).start()
+    made: list[Peer] = []
+    try:
+        broker.add_users(PASSWORDS)
+        register_offline(broker.port, "bob")
+        alice = online(broker.port, made, "alice")
+        faults.HANG.set()
+        alice.publish("u/alice/out", {"id": "m1", "to": "bob", "body": "caught mid-commit"})
+        eventually(lambda: not faults.HANG.is_set(), what="the commit under way")
+    finally:
+        for peer in made:
+            peer.close()
+        broker.stop()
+    again = BrokerThread(data).start()
+    try:
+        bob_receives(again.port, ["m1"])
+    finally:
+        again.stop()
