@@ -1,9 +1,9 @@
 """One-to-one messaging: the thin shell around the staging core.
 
 It feeds ``Staging`` with uplinks and the time, carries out each ``Outcome``
-(items to devices, notices, body reads), and runs three background jobs: the
-group-commit flusher, a one-second ticker (redelivery, TTL expiry, WAL
-checkpoints) and body reads. Uplinks are handled synchronously; when a
+(items to devices, notices, body reads), and runs its background jobs under the
+broker's ``Supervisor``: the group-commit flusher, redelivery, the TTL sweep,
+WAL checkpoints, and body reads. Uplinks are handled synchronously; when a
 recipient is not in the in-memory directory yet, that device's later uplinks
 wait in a lane behind the lookup so its messages keep their order.
 """
@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 from bridge.links import LinkRegistry
 from bridge.requests import Caller
-from bridge.staged import Outcome
+from bridge.staged import FlushBatch, Outcome
 from bridge.staging import Staging
 from bridge.store import StagingStore
 from broker.sqlite import StoreError
+from broker.supervisor import Backoff, Supervisor, cancel
 from client_sdk.protocol import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
     DecodeError,
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 CHECKPOINT_MAX_DELAY_S = 30.0
-RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+CLOSE_TRIES = 3  # writes of what is left at shutdown before it is given up (and logged)
 
 
 class UserLookup(Protocol):
@@ -60,6 +61,7 @@ class Messaging:
         max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         monotonic: Callable[[], float] = time.monotonic,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.staging = staging
         self.links = links
@@ -78,13 +80,16 @@ class Messaging:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._flushing = False
-        self._closing = False
         self._deleted_since_checkpoint = False
         self._last_write = 0.0
         self._last_checkpoint = 0.0
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
+        self._body_backoff = Backoff()
 
     async def start(self) -> None:
-        self._loops = [asyncio.ensure_future(self._flush_loop()), asyncio.ensure_future(self._tick_loop())]
+        spawn = self.supervisor.spawn
+        self._loops = [spawn("flush", self._flush_round), spawn("redeliver", self._redeliver_round),
+                       spawn("sweep", self._sweep_round), spawn("checkpoint", self._checkpoint_round)]
 
     # --- uplinks ---------------------------------------------------------------------
 
@@ -195,10 +200,13 @@ class Messaging:
         try:
             bodies = await self._store.bodies(mids) if mids else {}
             item_bodies = await self._store.item_bodies(keys) if keys else {}
-        except StoreError:
-            log.exception("cannot read %d staged bodies; retrying on the next tick", len(mids) + len(keys))
-            self.staging.bodies_loaded({}, self._now())  # clears the waiting marks; the next pump asks again
+        except Exception as exc:
+            self.supervisor.failed("body_read", exc)
+            await asyncio.sleep(self._body_backoff.failed())  # the retry below asks again at once
+            self._apply(self.staging.bodies_loaded({}, self._now()))  # clears the waiting marks: asked again
             return
+        self.supervisor.succeeded("body_read")
+        self._body_backoff.succeeded()
         for mid in set(mids) - set(bodies):
             log.error("staged message %d has no body on disk: dropping its items", mid)
             self._apply(self.staging.body_missing(mid, self._now_ms(), self._now()))
@@ -207,65 +215,94 @@ class Messaging:
             self._apply(self.staging.item_body_missing(device, seq, self._now()))
         self._apply(self.staging.bodies_loaded(bodies, self._now(), item_bodies))
 
-    # --- background jobs ---------------------------------------------------------------------
+    # --- background jobs (rounds run by the supervisor) ------------------------------------
 
-    async def _flush_loop(self) -> None:
-        retry = RETRY_MIN_S
-        while not self._closing:
-            due = self.staging.next_flush_at(self._now())
-            if due is None or due > self._now():
-                self._wake.clear()
-                timeout = None if due is None else max(0.0, due - self._now())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                continue
-            if await self._flush_once(self._now()):
-                retry = RETRY_MIN_S
-            else:
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX_S)
+    async def _flush_round(self) -> None:
+        """Wait until a commit is due (at most a tick: a failed task is seen working again), then write."""
+        due = self.staging.next_flush_at(self._now())
+        if due is None or due > self._now():
+            self._wake.clear()
+            timeout = TICK_S if due is None else min(TICK_S, max(0.0, due - self._now()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            return
+        await self._flush_once(self._now())
 
-    async def _flush_once(self, now: float) -> bool:
+    async def _flush_once(self, now: float) -> None:
+        """Write what is due; raises (after putting back what was not written) if any of it failed."""
         batch = self.staging.take_flush(now)
         if batch is None:
-            return True
+            return
+        try:
+            await self._commit(batch)
+        except StoreError:
+            self.staging.counters.commit_failures += 1
+            self._apply(self.staging.flush_failed(batch))  # the disk: all of it again later
+            raise
+        except Exception:
+            # Not the disk: what is written (text it cannot encode) or a bug. Part by part,
+            # so that one part that can never be written does not hold back the others.
+            self.staging.counters.commit_failures += 1
+            await self._commit_parts(batch)
+            raise
+        except BaseException:  # cancelled (shutdown) mid-commit: rolled back, so all of it is pending again
+            self._apply(self.staging.flush_failed(batch))
+            raise
+
+    async def _commit(self, batch: FlushBatch) -> None:
         self._flushing = True
-        counters = self.staging.counters
         started = time.perf_counter()
         try:
             await self._store.commit(batch)
-        except StoreError as exc:
-            counters.commit_failures += 1
-            log.error("staging commit of %d item(s) failed, will retry: %s", len(batch.items), exc)
-            self._apply(self.staging.flush_failed(batch))
-            return False
         finally:
             self._flushing = False
+        counters = self.staging.counters
         counters.commit_seconds.observe(time.perf_counter() - started)
         counters.commit_rows.observe(len(batch.items) + len(batch.deleted_items))
         self._last_write = self._now()
         if batch.deleted_items or batch.deleted_bodies:
             self._deleted_since_checkpoint = True
         self._apply(self.staging.flush_done(batch))
-        return True
 
-    async def _tick_loop(self) -> None:
-        last_expire = self._now()
-        tick = min(TICK_S, self._sweep_s)
-        while not self._closing:
-            await asyncio.sleep(tick)
+    async def _commit_parts(self, batch: FlushBatch) -> None:
+        """Write ``batch`` part by part. A message or receipt that fails on its own while other
+        parts are written is what cannot be written: it is dropped and its sender told. If
+        nothing can be written, the fault is not in the items: all of them are kept."""
+        failed: list[tuple[FlushBatch, Exception]] = []
+        wrote = False
+        parts = batch.parts()
+        for n, part in enumerate(parts):
             try:
-                now = self._now()
-                self._apply(self.staging.redeliver(now))
-                if now - last_expire >= self._sweep_s:
-                    last_expire = now
-                    self._apply(self.staging.expire(self._now_ms(), now))
-                    await self._store.prune(self._now_ms())
-                await self._maybe_checkpoint(now)
-            except StoreError as exc:
-                log.warning("staging maintenance failed: %s", exc)
-            except Exception:
-                log.exception("staging maintenance failed")
+                await self._commit(part)
+            except StoreError:
+                self._apply(self.staging.flush_failed(part))
+            except Exception as exc:
+                failed.append((part, exc))
+            except BaseException:  # cancelled: what is not written is pending again
+                for left in [*(p for p, _ in failed), *parts[n:]]:
+                    self._apply(self.staging.flush_failed(left))
+                raise
+            else:
+                wrote = True
+        for part, error in failed:
+            if wrote and (part.bodies or any(item.message is None for item in part.items)):
+                log.error("cannot write %s (%r): dropped, its sender is told", _describe(part), error)
+                self._apply(self.staging.drop_unwritable(part))
+            else:  # the rest (deletions, marks) is never dropped
+                self._apply(self.staging.flush_failed(part))
+
+    async def _redeliver_round(self) -> None:
+        await asyncio.sleep(TICK_S)
+        self._apply(self.staging.redeliver(self._now()))
+
+    async def _sweep_round(self) -> None:
+        await asyncio.sleep(self._sweep_s)
+        self._apply(self.staging.expire(self._now_ms(), self._now()))
+        await self._store.prune(self._now_ms())
+
+    async def _checkpoint_round(self) -> None:
+        await asyncio.sleep(min(TICK_S, self._sweep_s))
+        await self._maybe_checkpoint(self._now())
 
     async def _maybe_checkpoint(self, now: float) -> None:
         if not self._deleted_since_checkpoint or self._flushing:
@@ -283,16 +320,26 @@ class Messaging:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Stop the jobs and write everything still only in memory (graceful shutdown)."""
-        self._closing = True
-        self._wake.set()
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        """Stop the jobs and write everything still only in memory (graceful shutdown); always ends."""
+        await cancel(self._loops)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
-        for _ in range(3):
-            if await self._flush_once(float("inf")):
-                break
-        with contextlib.suppress(StoreError):
+        failures = 0  # a write can leave deletions for one more: go on until nothing waits
+        while failures < CLOSE_TRIES and self.staging.next_flush_at(float("inf")) is not None:
+            try:
+                await self._flush_once(float("inf"))
+            except Exception as exc:
+                failures += 1
+                self.supervisor.failed("flush", exc)
+        left = self.staging.take_flush(float("inf"))
+        if left is not None:
+            log.error("shutdown: could not write %s; lost", _describe(left))
+        with contextlib.suppress(Exception):
             await self._store.checkpoint()
+
+
+def _describe(batch: FlushBatch) -> str:
+    """For the log: counts, and the first message ids (sender/id), never bodies."""
+    ids = ", ".join(f"{m.sender}/{m.msg_id}" for m in batch.bodies[:10])
+    return (f"{len(batch.bodies)} message(s) [{ids}], {len(batch.items)} item(s), "
+            f"{len(batch.deleted_items) + len(batch.deleted_bodies)} deletion(s)")

@@ -10,7 +10,6 @@ settings and contacts are written before their request is answered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from bridge.presence import LimitExceeded, Outcome, PresenceCore
 from bridge.presence_store import PresenceStore
 from bridge.requests import Caller, Op, OpError, check_args
 from broker.sqlite import StoreError
+from broker.supervisor import Backoff, Supervisor, cancel
 from client_sdk.protocol import (
     HB_AWAY,
     PRIVACY_CHOICES,
@@ -57,6 +57,7 @@ class PresenceService:
         links: LinkRegistry,
         persist_s: float,
         clock_ms: Callable[[], int] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.core = core
         self._store = store
@@ -70,13 +71,15 @@ class PresenceService:
         self._closed = False
         self.rows_written = 0
         self.batches_written = 0
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._timer_backoff = Backoff()
 
     async def start(self) -> None:
         snapshot = await self._store.load()
         self.core.load(snapshot.last_seen, snapshot.settings, snapshot.contacts)
         log.info("presence: %d last-seen time(s), %d privacy setting(s), %d contact(s) loaded",
                  len(snapshot.last_seen), len(snapshot.settings), len(snapshot.contacts))
-        self._loop_task = asyncio.ensure_future(self._persist_loop())
+        self._loop_task = self._supervisor.spawn("presence_persist", self._persist_round)
 
     # --- heartbeats and devices ---------------------------------------------------------------
 
@@ -113,31 +116,35 @@ class PresenceService:
         self._timer = None
         try:
             self._apply(self.core.tick(self._now()))
-        except Exception:  # a bug must not stop the timer for good
-            log.exception("presence tick failed")
-            self._arm()
+        except Exception as exc:  # a bug must not stop the timer for good, nor spin it
+            self._supervisor.failed("presence_timer", exc)
+            if not self._closed:
+                delay = self._timer_backoff.failed()
+                self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+                self._timer_at = self._now() + int(delay * 1000)
+            return
+        self._supervisor.succeeded("presence_timer")
+        self._timer_backoff.succeeded()
 
     # --- persistence ------------------------------------------------------------------------
 
-    async def _persist_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._persist_s)
-            await self._persist_once()
+    async def _persist_round(self) -> None:
+        await asyncio.sleep(self._persist_s)
+        await self._persist_once()
 
-    async def _persist_once(self) -> bool:
+    async def _persist_once(self) -> None:
+        """Write the changed last-seen times; on any failure they are kept for the next batch, and it raises."""
         async with self._write_lock:
             rows = self.core.take_dirty()
             if not rows:
-                return True
+                return
             try:
                 await self._store.save_last_seen(rows)
-            except StoreError as exc:
-                log.warning("presence: writing %d last-seen time(s) failed, will retry: %s", len(rows), exc)
+            except BaseException:  # cancelled too: the rows were taken, they must go back
                 self.core.write_failed(rows)
-                return False
+                raise
         self.rows_written += len(rows)
         self.batches_written += 1
-        return True
 
     async def close(self) -> None:
         """Stop the timer and the batch writer, then write every changed ``last_seen``."""
@@ -146,12 +153,13 @@ class PresenceService:
             self._timer.cancel()
             self._timer = None
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await cancel([self._loop_task])
         for _ in range(3):
-            if await self._persist_once():
+            try:
+                await self._persist_once()
                 break
+            except Exception as exc:
+                self._supervisor.failed("presence_persist", exc)
 
     # --- requests ------------------------------------------------------------------------------
 

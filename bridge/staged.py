@@ -126,6 +126,25 @@ class FlushBatch:
         return not (self.bodies or self.items or self.deleted_items or self.deleted_bodies
                     or self.delivered or self.dedup)
 
+    def parts(self) -> list[FlushBatch]:
+        """The batch cut into writes that can fail alone: each new message with its items, each
+        other new item (a receipt) alone, and last the rest -- deletions, marks, and items of
+        messages already on disk (an adopted item goes with the deletion of the row it replaces).
+        Written in this order, a part that fails can leave a duplicate row, never lose one."""
+        own: dict[Message, FlushBatch] = {message: FlushBatch(bodies=[message]) for message in self.bodies}
+        singles: list[FlushBatch] = []
+        rest = FlushBatch(deleted_items=self.deleted_items, deleted_bodies=self.deleted_bodies,
+                          delivered=self.delivered, dedup=self.dedup)
+        for item in self.items:
+            part = own.get(item.message) if item.message is not None else None
+            if part is not None:
+                part.items.append(item)
+            elif item.message is None:
+                singles.append(FlushBatch(items=[item]))
+            else:
+                rest.items.append(item)
+        return [*own.values(), *singles, *([] if rest.empty() else [rest])]
+
 
 @dataclass(frozen=True, slots=True)
 class Figures:

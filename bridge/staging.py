@@ -680,6 +680,39 @@ class Staging:
         self._pending.dedup[:0] = batch.dedup
         return out
 
+    def drop_unwritable(self, part: FlushBatch) -> Outcome:
+        """A part of a commit (``FlushBatch.parts``) that failed on its own again and again -- what
+        it holds, not the disk: its items leave their queues rather than hold back every later
+        commit. A message is forgotten without ``sent`` and without remembering its id (a re-send
+        is taken anew); its sender gets ``internal``. The part's deletions and marks stay pending."""
+        out = Outcome()
+        for message in part.bodies:
+            for device in list(message.targets):  # items of it not in this part too
+                box = self.boxes.get(device)
+                for item in list(box.items.values()) if box is not None else ():
+                    if item.message is message and item not in part.items:
+                        part.items.append(item)
+        for item in part.items:
+            item.acked, item.body = True, None
+            box = self.boxes.get(item.device)
+            if box is not None and box.items.get(item.seq) is item:
+                del box.items[item.seq]
+                box.inflight.pop(item.seq, None)
+        for message in part.bodies:
+            message.targets.clear()
+            message.writing, message.body = 0, None
+            if self.live.get((message.sender, message.msg_id)) is message:
+                del self.live[(message.sender, message.msg_id)]
+            self._by_mid.pop(message.mid, None)
+            out.notices.append((message.origin, error_item(
+                ErrorCode.INTERNAL, "the server could not store this message and dropped it; send it again",
+                message.msg_id)))
+        self._pending.deleted_items[:0] = part.deleted_items
+        self._pending.deleted_bodies[:0] = part.deleted_bodies
+        self._pending.delivered[:0] = part.delivered
+        self._pending.dedup[:0] = part.dedup
+        return out
+
     # --- figures --------------------------------------------------------------------------
 
     def staged_count(self) -> int:

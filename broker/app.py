@@ -29,6 +29,7 @@ from broker.login_guard import LoginGuard
 from broker.metrics import LoopLag, Sources, build_registry
 from broker.server import ChatBroker, ListenerError
 from broker.sqlite import StoreError
+from broker.supervisor import Supervisor
 from broker.users import UserStore, load_or_create_secret
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class BrokerApp:
         self._probe: asyncio.Future[None] | None = None
         self._probe_started = 0.0
         self._lock: BrokerLock | None = None
+        self.supervisor = Supervisor()  # every background task reports here (/readyz, metrics)
 
     @property
     def broker(self) -> ChatBroker:
@@ -160,7 +162,7 @@ class BrokerApp:
         links = LinkRegistry(staging.counters)
         messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
                               settings.staging.checkpoint_idle_s, settings.staging.sweep_s,
-                              settings.limits.max_devices_per_message)
+                              settings.limits.max_devices_per_message, supervisor=self.supervisor)
         await messaging.start()
         return messaging
 
@@ -172,20 +174,21 @@ class BrokerApp:
             max_contacts=config.max_contacts,
             max_watched=config.max_watched,
         ))
-        presence = PresenceService(core, store, links, config.persist_s)
+        presence = PresenceService(core, store, links, config.persist_s, supervisor=self.supervisor)
         await presence.start()
         return presence
 
     async def _start_ops(self, bind: str, authenticator: Authenticator, messaging: Messaging) -> None:
         self._lag = LoopLag()
-        registry = build_registry(Sources(self.broker, authenticator, messaging.staging, messaging.links, self._lag))
+        registry = build_registry(Sources(self.broker, authenticator, messaging.staging, messaging.links, self._lag,
+                                          self.supervisor))
         ops = OpsServer(bind, registry, self.readiness)
         try:
             await ops.start()
         except OSError as exc:
             raise ListenerError(f"metrics.bind: cannot listen on {bind}: {exc.strerror or exc}") from None
         self._ops = ops
-        self._lag.start()
+        self._lag.start(self.supervisor)
         log.info("metrics: http://%s:%d/metrics (and /healthz, /readyz)", *ops.address)
 
     async def _stop_ops(self) -> None:
@@ -200,7 +203,8 @@ class BrokerApp:
             self._lag = None
 
     async def readiness(self) -> list[str]:
-        """What keeps the broker from serving now (empty: ready): listeners, and a write to the staging store."""
+        """What keeps the broker from serving now (empty: ready): listeners, a write to the staging store,
+        and background tasks that are failing."""
         broker, store = self._broker, self._staging_store
         if broker is None or store is None:
             return ["not started"]
@@ -209,7 +213,7 @@ class BrokerApp:
         if not serving:
             problems.append("no MQTT listener is open")
         problem = await self._probe_store(store)
-        return problems + ([problem] if problem else [])
+        return problems + ([problem] if problem else []) + self.supervisor.problems()
 
     async def _probe_store(self, store: SqliteStagingStore) -> str | None:
         # One probe at a time, never cancelled: a write cancelled while SQLite still runs it
@@ -239,10 +243,12 @@ class BrokerApp:
     async def stop(self) -> None:
         """Stop accepting, close every session, write what is staged in memory, close the stores."""
         await self._stop_ops()
-        if self._broker is not None:
-            await self._broker.shutdown()
+        try:
+            if self._broker is not None:
+                await self._broker.shutdown()
+        finally:  # the stores' threads would keep the process alive after "stopped"
             self._broker = None
-        await self._close_stores()
+            await self._close_stores()
 
     async def _close_stores(self) -> None:
         for store in (self._key_store, self._presence_store, self._staging_store, self._users):

@@ -244,7 +244,7 @@ async def _serve(settings: Settings) -> int:
         await app.start()
     tuner = GcTuner(settings.gc.check_s) if settings.gc.freeze else None
     if tuner is not None:
-        tuner.start()  # after start-up: users, staged items and listeners are long-lived
+        tuner.start(app.supervisor)  # after start-up: users, staged items and listeners are long-lived
     where = " ".join(f"{name}={host}:{port}" for name, (host, port) in app.addresses().items())
     print(f"chat-broker ready: {where} data_dir={settings.data_path.resolve()}", flush=True)
     try:

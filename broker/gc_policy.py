@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+from broker.supervisor import Supervisor, cancel
+
 log = logging.getLogger(__name__)
 
 FREEZE_MIN_OBJECTS = 2_000  # survivors worth a freeze; fewer cost nothing to scan
@@ -67,14 +69,13 @@ class GcTuner:
         self._added = 0
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor) -> None:
         self.collect_and_freeze()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = supervisor.spawn("gc", self._round)
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel([self._task])
             self._task = None
         gc.unfreeze()
 
@@ -101,7 +102,6 @@ class GcTuner:
         log.info("full garbage collection: %d unreachable, %d objects kept, %.0f ms",
                  found, self._frozen_after_collect, (time.perf_counter() - started) * 1000)
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._check_s)
-            self.step()
+    async def _round(self) -> None:
+        await asyncio.sleep(self._check_s)
+        self.step()

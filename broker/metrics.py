@@ -11,7 +11,6 @@ Labels are small fixed sets; nothing per user (queue depth is a histogram).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from bridge.staging import Staging
 from broker.auth import Authenticator
 from broker.counters import LOGIN_RESULTS
 from broker.server import ChatBroker
+from broker.supervisor import TASKS, Supervisor, cancel
 from client_sdk.protocol import UPLINKS, ErrorCode
 
 DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10000, 100000)
@@ -50,22 +50,19 @@ class LoopLag:
         self.last = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+    def start(self, supervisor: Supervisor) -> None:
+        self._task = supervisor.spawn("loop_lag", self._measure)
 
-    async def _run(self) -> None:
+    async def _measure(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(self.interval)
-            self.last = max(0.0, loop.time() - before - self.interval)
-            self.histogram.observe(self.last)
+        before = loop.time()
+        await asyncio.sleep(self.interval)
+        self.last = max(0.0, loop.time() - before - self.interval)
+        self.histogram.observe(self.last)
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel([self._task])
             self._task = None
 
 
@@ -78,6 +75,7 @@ class Sources:
     staging: Staging
     links: LinkRegistry
     lag: LoopLag
+    supervisor: Supervisor
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
 
 
@@ -113,6 +111,9 @@ class ChatCollector(Collector):
                          counters.commit_rows)
         yield CounterMetricFamily("chat_store_commit_failures", "Group commits that failed (retried).",
                                   counters.commit_failures)
+        yield _counter("chat_background_failures", "Rounds of a background task that failed unexpectedly "
+                       "(logged with a traceback; /readyz is 503 until the task works again).", "task", TASKS,
+                       s.supervisor.failures)
         yield _histogram("chat_event_loop_lag_seconds", f"How late a {s.lag.interval}s timer fires on the broker loop.",
                          s.lag.histogram)
         yield GaugeMetricFamily("chat_event_loop_lag_last_seconds", "The last event-loop lag measured.", s.lag.last)

@@ -129,8 +129,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def loads_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
-    """Parse a JSON object, refusing oversized, non-UTF-8, NaN and non-object input."""
+# A \uXXXX escape of a UTF-16 surrogate (D800-DFFF): the only way JSON text can carry one.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def loads_object(payload: bytes, max_bytes: int, ref: tuple[str, re.Pattern[str]] | None = None) -> dict[str, Any]:
+    """Parse a JSON object, refusing oversized, non-UTF-8, NaN and non-object input.
+
+    ``ref``: the id field (and its pattern) to name in a refusal once the JSON is read."""
     if len(payload) > max_bytes:
         raise DecodeError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
     try:
@@ -143,7 +149,25 @@ def loads_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     # recursion limit (raised by test tools, debuggers): refuse it explicitly.
     if _nested_deeper_than(value, MAX_JSON_DEPTH):
         raise DecodeError(ErrorCode.BAD_JSON, f"payload is nested deeper than {MAX_JSON_DEPTH} levels")
+    # A lone surrogate escape ("\\ud800") is valid JSON but no text: it cannot be UTF-8, so
+    # storing it failed later, far from its sender (it once stopped the staging flush).
+    # Refused here, in any string or key; a pair is one character and passes.
+    if _SURROGATE_ESCAPE.search(payload) is not None and not _is_text(value):
+        field, pattern = ref if ref is not None else ("", None)
+        rid = value.get(field)
+        readable = isinstance(rid, str) and pattern is not None and pattern.fullmatch(rid) is not None
+        raise DecodeError(ErrorCode.BAD_JSON, "payload holds a lone surrogate (\\udXXX), which is not UTF-8 text",
+                          rid if readable else None)
     return value
+
+
+def _is_text(value: dict[str, Any]) -> bool:
+    """True if every string and key in ``value`` can be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _nested_deeper_than(value: dict[str, Any], limit: int) -> bool:
@@ -162,7 +186,8 @@ def dumps(item: dict[str, Any]) -> bytes:
     # "backslashreplace": a lone surrogate (valid as a JSON escape in client input,
     # e.g. "\ud800" in a body or an echoed id) cannot be encoded as UTF-8 and used
     # to turn the answer into an "internal" error (found by fuzzing); it becomes
-    # the same \udxxx escape again, so the item stays valid UTF-8 JSON.
+    # the same \udxxx escape again, so the item stays valid UTF-8 JSON. Uplinks
+    # holding one are refused now (loads_object): this guards what is built here.
     return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
@@ -178,7 +203,7 @@ class Request:
 
 def parse_request(payload: bytes, max_bytes: int) -> Request:
     """Read ``{"rid":..,"op":..,"args":{..}}``; raises DecodeError naming the fault."""
-    obj = loads_object(payload, max_bytes)
+    obj = loads_object(payload, max_bytes, ("rid", REQUEST_ID_RE))
     rid = obj.get("rid")
     if not isinstance(rid, str) or REQUEST_ID_RE.fullmatch(rid) is None:
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'rid' must be a string of 1-64 of [A-Za-z0-9_.:-]")
@@ -289,7 +314,7 @@ def parse_chat_message(
 ) -> ChatMessage:
     """Validate an uplink chat message; DecodeError.ref is the message id once known."""
     # The envelope may exceed the body limit by a little (fields, escaping).
-    obj = loads_object(payload, chat_envelope_bytes(max_body_bytes))
+    obj = loads_object(payload, chat_envelope_bytes(max_body_bytes), ("id", MESSAGE_ID_RE))
     msg_id = obj.get("id")
     if not isinstance(msg_id, str) or MESSAGE_ID_RE.fullmatch(msg_id) is None:
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'id' must be a string of 1-64 of [A-Za-z0-9_-]")

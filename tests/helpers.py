@@ -276,6 +276,15 @@ def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "
     raise AssertionError(f"{what}: not reached within {timeout}s")
 
 
+def is_text(value: Any) -> bool:
+    """False if a string or key in ``value`` holds a lone surrogate (no UTF-8): refused as bad_json."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def connack_code(client: mqtt.Client, port: int) -> int:
     """One CONNECT with a prepared paho client, driven in this thread; paho's CONNACK reason code value.
 

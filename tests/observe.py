@@ -4,6 +4,7 @@ and the broker as a process whose log is kept."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -40,8 +41,10 @@ def scrape(broker: BrokerThread) -> Snapshot:
 class LoggedBroker:
     """``python -m broker run`` as its own process with the metrics listener on, its stderr kept in a file."""
 
-    def __init__(self, data_dir: Path, extra_args: list[str], config: dict[str, Any] | None = None) -> None:
+    def __init__(self, data_dir: Path, extra_args: list[str], config: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.env = {**os.environ, **env} if env else None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self.config = data_dir.parent / f"{data_dir.name}.yaml"
         self.config.write_text(json.dumps(config or {}))  # JSON is YAML
@@ -60,7 +63,7 @@ class LoggedBroker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "broker", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
                  "--metrics-bind", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.extra_args],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env,
             )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # the ready line, or "" if it exited

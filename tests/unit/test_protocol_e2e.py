@@ -72,9 +72,17 @@ def test_bad_olm_messages_name_their_fault(payload: bytes, code: str) -> None:
     assert (info.value.code, info.value.ref) == (code, "m1")
 
 
-def test_lone_surrogate_ciphertext_is_measured_not_crashed() -> None:
+def test_lone_surrogate_ciphertext_is_refused_with_its_ref() -> None:
     payload = b'{"id":"m1","to":"bob","bodies":{"bob.a":"\\ud800"}}'
-    assert p.parse_chat_message(payload, 100).bodies == {"bob.a": "\ud800"}
+    with pytest.raises(p.DecodeError) as info:
+        p.parse_chat_message(payload, 100)
+    assert (info.value.code, info.value.ref) == ("bad_json", "m1")
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_text() -> None:
+    # A pair is one character (U+1F600); an escaped backslash before "ud800" is plain text.
+    payload = b'{"id":"m1","to":"bob","body":"\\ud83d\\ude00 \\\\ud800 \\uD83D\\uDE00"}'
+    assert p.parse_chat_message(payload, 100).body == "\U0001f600 \\ud800 \U0001f600"
 
 
 def test_msg_items_carry_the_sending_device() -> None:
