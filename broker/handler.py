@@ -361,23 +361,36 @@ class ChatProtocolHandler(BrokerProtocolHandler):
             self._pending_unsubscriptions.get_nowait()
 
     _watch: SilenceWatch | None = None
+    _silence_s = 0.0
 
     def watch_silence(self, watch: SilenceWatch, deadline_s: float) -> None:
-        """Have ``watch`` call ``handle_read_timeout`` once nothing was read for ``deadline_s`` (until ``stop``)."""
+        """Have ``watch`` end the connection once nothing was read for ``deadline_s`` (0: keepalive off), or
+        a packet stays incomplete past its deadline (until ``stop``). Only for connections read by a PacketGate."""
         self._watch = watch
-        watch.watch(self, deadline_s)
+        if deadline_s:
+            self._silence_s = deadline_s
+        watch.watch(self)
 
-    def read_at(self) -> float:
-        """Loop time of the last whole packet read (``SilenceWatch``); now, if not read through a PacketGate."""
+    def overdue_at(self) -> float:
+        """Loop time from which the connection is overdue (``SilenceWatch``): silent past its keepalive
+        deadline, or in the middle of a packet past the packet deadline."""
         reader = self.reader
-        return reader.last_read if isinstance(reader, PacketGate) else self._loop.time()
+        if not isinstance(reader, PacketGate):
+            return math.inf
+        at = reader.last_read + self._silence_s if self._silence_s else math.inf
+        return min(at, reader.packet_overdue_at())
 
     def handle_read_timeout(self) -> None:
         # Cancelling the reader task ends its loop, which then reports the
         # connection as closed (no DISCONNECT: abnormal).
         if self._reader_task is not None and not self._reader_task.done():
             client = self.session.client_id if self.session else "?"
-            self.logger.info("%s silent for 1.5 x keepalive: disconnecting [MQTT-3.1.2-24]", client)
+            reader = self.reader
+            if isinstance(reader, PacketGate) and reader.packet_overdue_at() <= self._loop.time():
+                self.logger.info("%s: closing the connection: a packet not completed within its deadline "
+                                 "(mqtt.packet_deadline_s)", client)
+            else:
+                self.logger.info("%s silent for 1.5 x keepalive: disconnecting [MQTT-3.1.2-24]", client)
             self._reader_task.cancel()
 
     @property

@@ -333,7 +333,7 @@ class ChatBroker(ConformantBroker):
     def _silence_watch(self) -> SilenceWatch:
         loop = asyncio.get_running_loop()
         if self._silence is None or not self._silence.runs_on(loop):
-            self._silence = SilenceWatch(loop)
+            self._silence = SilenceWatch(loop, recheck_s=self._wire.packet_deadline_s)
         return self._silence
 
     def _session_for(self, incoming: Session) -> Session:
@@ -384,7 +384,7 @@ class ChatBroker(ConformantBroker):
         self._sessions[client_id] = (session, handler)
         self._live[client_id] = asyncio.current_task()  # type: ignore[assignment]
         deadline = session.attributes.get(KEEPALIVE, 0)
-        if deadline and isinstance(reader, PacketGate):
+        if isinstance(reader, PacketGate):  # keepalive (if any) and the packet deadline
             handler.watch_silence(self._silence_watch(), deadline)
         caller = _chat_identity(session)
         if caller is not None:

@@ -1,4 +1,4 @@
-"""Every connection's keepalive deadline on one timer (MQTT 3.1.1 section 3.1.2.10).
+"""Every connection's keepalive and packet deadlines on one timer (MQTT 3.1.1 section 3.1.2.10).
 
 A server drops a client that sent nothing for 1.5 x its keepalive. A timer per
 connection (``loop.call_later``, re-armed when the deadline passes with
@@ -9,7 +9,12 @@ libuv timer, a closure and a bound method, per idle phone
 loop wakes for the earliest slot; a connection costs two dictionary entries.
 
 A deadline is checked at the end of its slot, never before it: a silent client
-is dropped between 1.5 x keepalive and that plus ``SLOT_S``.
+is dropped between 1.5 x keepalive and that plus ``SLOT_S``. A connection also
+has a packet deadline (``mqtt.packet_deadline_s``: a packet started must be
+whole within it), which can begin at any moment: each connection is looked at
+at least every ``recheck_s`` (the packet deadline), so a stalled packet ends its
+connection between one and two packet deadlines after its first byte, with no
+timer per packet read.
 
 ``SilenceSlots`` and ``silent_until`` are the rules (pure, explicit times);
 ``SilenceWatch`` runs them on the loop.
@@ -28,10 +33,9 @@ K = TypeVar("K")  # hashable
 V = TypeVar("V")
 
 
-def silent_until(last_read: float, deadline_s: float, now: float) -> float | None:
-    """When to look again at a connection last read at ``last_read``; None: it is silent now."""
-    due = last_read + deadline_s
-    return None if now >= due else due
+def silent_until(overdue_at: float, recheck_s: float, now: float) -> float | None:
+    """When to look again at a connection overdue at ``overdue_at``; None: it is overdue now."""
+    return None if now >= overdue_at else min(overdue_at, now + recheck_s)
 
 
 class SilenceSlots(Generic[K, V]):
@@ -87,19 +91,20 @@ class SilenceSlots(Generic[K, V]):
 class Watched(Protocol):
     """A connection as ``SilenceWatch`` sees it."""
 
-    def read_at(self) -> float:
-        """Loop time at which the connection last read a whole packet."""
+    def overdue_at(self) -> float:
+        """Loop time from which the connection is overdue as things stand (``math.inf``: never)."""
 
     def handle_read_timeout(self) -> None:
-        """It has been silent for its deadline: end it."""
+        """It is overdue: end it."""
 
 
 class SilenceWatch:
     """One per event loop: calls ``handle_read_timeout`` of a connection silent for its deadline."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, slot_s: float = SLOT_S) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, recheck_s: float, slot_s: float = SLOT_S) -> None:
         self._loop = loop
-        self._slots: SilenceSlots[Watched, float] = SilenceSlots(slot_s)  # value: the deadline in seconds
+        self._recheck_s = recheck_s  # the longest a connection goes unlooked-at (its packet deadline may start)
+        self._slots: SilenceSlots[Watched, None] = SilenceSlots(slot_s)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
 
@@ -109,8 +114,9 @@ class SilenceWatch:
     def runs_on(self, loop: asyncio.AbstractEventLoop) -> bool:
         return loop is self._loop
 
-    def watch(self, connection: Watched, deadline_s: float) -> None:
-        self._slots.add(connection, connection.read_at() + deadline_s, deadline_s)
+    def watch(self, connection: Watched) -> None:
+        now = self._loop.time()
+        self._slots.add(connection, min(connection.overdue_at(), now + self._recheck_s), None)
         self._arm()
 
     def forget(self, connection: Watched) -> None:
@@ -128,10 +134,10 @@ class SilenceWatch:
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf
         now = self._loop.time()
-        for connection, deadline_s in self._slots.pop_due(now):
-            again = silent_until(connection.read_at(), deadline_s, now)
+        for connection, _ in self._slots.pop_due(now):
+            again = silent_until(connection.overdue_at(), self._recheck_s, now)
             if again is None:
                 connection.handle_read_timeout()
-            else:  # something came meanwhile: look again when the deadline counted from it is due
-                self._slots.add(connection, again, deadline_s)
+            else:  # something came meanwhile, or nothing is due yet: look again later
+                self._slots.add(connection, again, None)
         self._arm()

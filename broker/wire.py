@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -340,18 +341,19 @@ class PacketGate(ReaderAdapter):
         """
         first = await (self._stream.readexactly(1) if self._stream is not None else self._exactly(1))
         await self._backpressure()
+        loop = asyncio.get_running_loop()
+        # A started packet is buffered until it is whole: it may not sit there for good. The
+        # deadline is watched by the connection's SilenceWatch (broker/silence.py), not by a
+        # timer per packet (~10 us each); before CONNECT, the connect timeout bounds it.
+        self._packet_started = loop.time()
         try:
-            try:
-                # A started packet is buffered until it is whole: it may not sit there for good.
-                async with asyncio.timeout(self._limits.packet_deadline_s):
-                    packet = await self._read_packet(first)
-            except TimeoutError:
-                raise ProtocolViolation(f"a packet not completed within {self._limits.packet_deadline_s:g}s",
-                                        "mqtt.packet_deadline_s") from None
+            packet = await self._read_packet(first)
         except ProtocolViolation as exc:
             log.info("%s: closing the connection: %s", self.peer, exc)
             raise
-        self.last_read = asyncio.get_running_loop().time()
+        finally:
+            self._packet_started = math.inf
+        self.last_read = loop.time()
         if packet[0] >> 4 == PUBLISH_TYPE and self._limits.publishes_per_s > 0:
             await self._pace()
         rest = self._buffer[self._pos:]
@@ -361,8 +363,11 @@ class PacketGate(ReaderAdapter):
     def feed_eof(self) -> None:
         self._inner.feed_eof()
 
-    def read_at(self) -> float:
-        return self.last_read
+    _packet_started = math.inf  # loop time of the first byte of a packet being read (inf: none)
+
+    def packet_overdue_at(self) -> float:
+        """Loop time from which the packet being read is overdue (``math.inf``: none is being read)."""
+        return self._packet_started + self._limits.packet_deadline_s
 
     unacked_over: Callable[[], bool] | None = None
     """Set by the broker: True while the connection leaves too many deliveries without PUBACK."""

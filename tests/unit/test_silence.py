@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 from broker.silence import SilenceSlots, SilenceWatch, silent_until
 
@@ -34,19 +35,23 @@ def test_discarded_and_moved_keys() -> None:
 
 
 def test_silent_until() -> None:
-    assert silent_until(last_read=100.0, deadline_s=90.0, now=190.0) is None
-    assert silent_until(last_read=150.0, deadline_s=90.0, now=190.0) == 240.0
+    assert silent_until(overdue_at=190.0, recheck_s=30.0, now=190.0) is None
+    assert silent_until(overdue_at=240.0, recheck_s=30.0, now=190.0) == 220.0, "looked at again within recheck_s"
+    assert silent_until(overdue_at=200.0, recheck_s=30.0, now=190.0) == 200.0
+    assert silent_until(overdue_at=math.inf, recheck_s=30.0, now=190.0) == 220.0, "nothing due: still looked at"
 
 
 class Conn:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline_s: float = 0.1) -> None:
         self.loop = loop
         self.last = loop.time()
+        self.deadline_s = deadline_s
+        self.packet_started = math.inf
         self.timed_out = asyncio.Event()
         self.at: float | None = None
 
-    def read_at(self) -> float:
-        return self.last
+    def overdue_at(self) -> float:
+        return min(self.last + self.deadline_s, self.packet_started + 0.1)
 
     def handle_read_timeout(self) -> None:
         self.at = self.loop.time()
@@ -55,10 +60,10 @@ class Conn:
 
 async def test_watch_drops_the_silent_keeps_the_talking_and_forgets_the_gone() -> None:
     loop = asyncio.get_running_loop()
-    watch = SilenceWatch(loop, slot_s=0.02)
+    watch = SilenceWatch(loop, recheck_s=0.1, slot_s=0.02)
     silent, talking, gone = Conn(loop), Conn(loop), Conn(loop)
     for conn in (silent, talking, gone):
-        watch.watch(conn, 0.1)
+        watch.watch(conn)
     watch.forget(gone)
     started = talking.last
     talking.last = started + 0.08  # read something before its first deadline: looked at again later
@@ -69,3 +74,18 @@ async def test_watch_drops_the_silent_keeps_the_talking_and_forgets_the_gone() -
     assert talking.at is not None and talking.at >= started + 0.18
     assert not gone.timed_out.is_set(), "forgotten: its deadline passed long ago"
     assert len(watch) == 0
+
+
+async def test_a_packet_started_later_is_caught_by_the_recheck() -> None:
+    """No keepalive (never silent), but a packet begun after the last look is overdue by its own deadline."""
+    loop = asyncio.get_running_loop()
+    watch = SilenceWatch(loop, recheck_s=0.1, slot_s=0.02)
+    idle, stalled = Conn(loop, deadline_s=math.inf), Conn(loop, deadline_s=math.inf)
+    watch.watch(idle)
+    watch.watch(stalled)
+    await asyncio.sleep(0)  # nothing is due: both are only looked at again within recheck_s
+    stalled.packet_started = loop.time()
+    await asyncio.wait_for(stalled.timed_out.wait(), 2)
+    assert stalled.at is not None and stalled.at >= stalled.packet_started + 0.1, "never before the deadline"
+    assert not idle.timed_out.is_set() and len(watch) == 1, "the idle one is still watched"
+    watch.forget(idle)
