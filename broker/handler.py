@@ -245,10 +245,13 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         self._stopping = None
         await super().start()
         # amqtt made these two Events in start() and nothing waits on them while the
-        # connection is idle: lazy ones, in the same state (broker/lazy_queue.py).
+        # connection is idle: lazy ones, in the same state (broker/lazy_queue.py). Only if nothing waits
+        # (a stop() may): asyncio.Event has no public count of its waiters, so its private deque is read,
+        # and if a Python lacks it the Event is kept (tests/test_connection_lifecycle.py checks the swap).
         for name in ("_reader_ready", "_reader_stopped"):
             event = getattr(self, name)
-            if isinstance(event, asyncio.Event) and not isinstance(event, LazyEvent) and not event._waiters:
+            if (isinstance(event, asyncio.Event) and not isinstance(event, LazyEvent)
+                    and not getattr(event, "_waiters", True)):
                 lazy = LazyEvent()
                 if event.is_set():
                     lazy.set()

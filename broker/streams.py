@@ -8,8 +8,10 @@ mark, which an idle connection never is. ``LeanStreamProtocol`` has no deque
 until a drain has to wait, and gives it back when the last waiter has gone.
 
 It relies on the names of ``FlowControlMixin``'s private attributes (the same
-in Python 3.11 to 3.13); on a Python without ``_drain_waiters`` it changes
-nothing. tests/unit/test_streams.py checks the behaviour.
+in Python 3.11 to 3.13): ``start_server`` checks once that they are there and
+otherwise serves with asyncio's own protocol. tests/unit/test_streams.py checks
+the behaviour, and that this Python has them, on every CPython the machine has
+(scripts/test-pythons).
 """
 
 from __future__ import annotations
@@ -47,12 +49,22 @@ class LeanStreamProtocol(asyncio.StreamReaderProtocol):
                 del self._drain_waiters  # the last waiter has gone
 
 
+def lean_streams_fit(loop: asyncio.AbstractEventLoop) -> bool:
+    """True if this Python's stream protocol has the private parts ``LeanStreamProtocol`` works with."""
+    probe = asyncio.StreamReaderProtocol(asyncio.StreamReader(loop=loop), loop=loop)
+    return (isinstance(vars(probe).get("_drain_waiters"), collections.deque)
+            and isinstance(getattr(probe, "_paused", None), bool)
+            and isinstance(getattr(probe, "_connection_lost", None), bool)
+            and callable(getattr(probe, "_drain_helper", None)))
+
+
 async def start_server(client_connected: ClientConnected, host: str | None, port: int | None,
                        **kwargs: Any) -> asyncio.Server:
-    """``asyncio.start_server`` (same arguments after the port), with ``LeanStreamProtocol``."""
+    """``asyncio.start_server`` (same arguments after the port), with ``LeanStreamProtocol`` where it fits."""
     loop = asyncio.get_running_loop()
+    protocol = LeanStreamProtocol if lean_streams_fit(loop) else asyncio.StreamReaderProtocol
 
-    def factory() -> LeanStreamProtocol:
-        return LeanStreamProtocol(asyncio.StreamReader(loop=loop), client_connected, loop=loop)
+    def factory() -> asyncio.StreamReaderProtocol:
+        return protocol(asyncio.StreamReader(loop=loop), client_connected, loop=loop)
 
     return await loop.create_server(factory, host, port, **kwargs)

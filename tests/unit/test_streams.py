@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from broker.streams import LeanStreamProtocol
+from broker.streams import LeanStreamProtocol, lean_streams_fit
 
 
 class FakeTransport(asyncio.Transport):
@@ -61,3 +61,9 @@ async def test_connection_lost_wakes_a_waiting_drain_with_the_error() -> None:
     else:
         raise AssertionError("the drain should end with the connection's error")
     assert "_drain_waiters" not in vars(protocol)
+
+
+async def test_this_python_has_the_parts_the_lean_protocol_relies_on() -> None:
+    """Run on every CPython the machine has: a Python that renamed them would serve with asyncio's
+    protocol (working, 760 bytes more per connection), and this says so."""
+    assert lean_streams_fit(asyncio.get_running_loop())
