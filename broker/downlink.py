@@ -74,18 +74,34 @@ async def close_writer(writer: WriterAdapter, flush_s: float = CLOSE_FLUSH_S) ->
     amqtt's ``close`` waits for the client to read everything queued first: a client that
     stopped reading and then closed its side kept its connection (CLOSE-WAIT, megabytes
     queued) until its keepalive ran out. Past ``flush_s`` the rest is dropped (abort).
+    And when its drain raised (the peer had gone), amqtt's ``close`` marked the adapter
+    closed without closing the socket: the descriptor stayed open for good (on Python
+    3.12+ ``Server.wait_closed`` then waited for it at shutdown). Here the transport is
+    closed whatever happens, also when a close of amqtt's went that way before.
     """
-    if isinstance(writer, StreamWriterAdapter) and not writer.is_closed:
-        stream = writer._writer
+    if not isinstance(writer, StreamWriterAdapter):
+        await writer.close()
+        return
+    stream = writer._writer
+    transport = stream.transport
+    if transport.is_closing():
+        return
+    writer.is_closed = True  # no more writes through amqtt's adapter
+    try:
+        await asyncio.wait_for(stream.drain(), flush_s)
+    except (TimeoutError, ConnectionError):
+        transport.abort()  # the client stopped reading, or is gone: drop what is queued
+        return
+    except BaseException:
+        transport.abort()
+        raise
+    if stream.can_write_eof():
         try:
-            await asyncio.wait_for(stream.drain(), flush_s)
-        except TimeoutError:
-            writer.is_closed = True
-            stream.transport.abort()
+            stream.write_eof()
+        except OSError:
+            transport.abort()
             return
-        except ConnectionError:
-            pass
-    await writer.close()
+    transport.close()
 
 
 def closing(writer: WriterAdapter) -> bool:

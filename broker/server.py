@@ -228,7 +228,7 @@ class ChatBroker(ConformantBroker):
     async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
         server = self._servers.get(listener_name)
         if server is None:
-            await writer.close()
+            await close_writer(writer)
             return
         await server.acquire_connection()
         self.counters.connection(listener_name)
@@ -236,7 +236,7 @@ class ChatBroker(ConformantBroker):
         try:
             peer = writer.get_peer_info()
             if peer is None:
-                await writer.close()
+                await close_writer(writer)
                 return
             if not self._unauthenticated.take(peer[0]):
                 self.counters.refused_unauthenticated += 1
