@@ -76,8 +76,10 @@ class Fuzz:
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
     """One broker and two connected, subscribed devices for the whole module."""
     # The fuzzer publishes hundreds of items a second: the send rate limit is not
-    # what this file tests, so it must not turn an answer into "rate_limited".
-    overrides = {"limits.send_rate_per_s": 1e6, "limits.send_burst": 1_000_000}
+    # what this file tests, so it must not turn an answer into "rate_limited". Its raw
+    # clients log in as ever new devices: the device limit is not tested here either.
+    overrides = {"limits.send_rate_per_s": 1e6, "limits.send_burst": 1_000_000,
+                 "limits.max_devices_per_message": 1000, "limits.max_devices_per_user": 1000}
     running = BrokerThread(Path(tmp_path_factory.mktemp("fuzz")) / "data", overrides).start()
     made: list[Peer] = []
     try:

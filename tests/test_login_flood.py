@@ -28,8 +28,11 @@ HONEST_BOUND_S = 2.0  # generous: a token check is a keyed hash; 200 scrypts que
 @pytest.fixture
 def guarded(tmp_path: Path) -> Iterator[BrokerThread]:
     # A long back-off: no second window opens during the test, so the allowance is exactly one.
+    # The cap on connections not logged in yet per address (tests/test_transport_limits.py) would
+    # close most of the 200 guesses unanswered: off, so that each one reaches the throttle.
     running = BrokerThread(tmp_path / "data", {"metrics.bind": "127.0.0.1:0", "auth.free_failures": FREE,
-                                               "auth.base_delay_s": 60.0}).start()
+                                               "auth.base_delay_s": 60.0,
+                                               "limits.max_unauthenticated_per_address": 0}).start()
     running.add_users({"alice": "alice-pw", "bob": "bob-pw"})
     yield running
     running.stop()
