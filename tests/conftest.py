@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,15 @@ def peers(broker: BrokerThread) -> Iterator[list[Peer]]:
     yield made
     for peer in made:
         peer.close()
+
+
+@pytest.fixture
+def made() -> Iterator[list[Any]]:
+    """Collects clients (anything with ``close()``) made by a test and closes them afterwards."""
+    clients: list[Any] = []
+    yield clients
+    for client in clients:
+        client.close()
 
 
 @pytest.fixture

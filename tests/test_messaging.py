@@ -25,13 +25,6 @@ def start(path: Path, **overrides: Any) -> BrokerProcess:
     return broker.start()
 
 
-@pytest.fixture
-def made() -> Iterator[list[Peer]]:
-    peers: list[Peer] = []
-    yield peers
-    for peer in peers:
-        peer.close()
-
 
 @pytest.fixture
 def chat(tmp_path: Path) -> Iterator[BrokerProcess]:

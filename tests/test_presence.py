@@ -48,13 +48,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., BrokerThread]]:
             broker.stop()
 
 
-@pytest.fixture
-def made() -> Iterator[list[Any]]:
-    clients: list[Any] = []
-    yield clients
-    for client in clients:
-        client.close()
-
 
 def online(broker: BrokerThread, made: list[Any], user: str, device: str = "phone") -> Peer:
     peer = Peer(broker.port, user, f"{user}-pw", device=device)

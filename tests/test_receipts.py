@@ -13,14 +13,6 @@ from tests.helpers import BrokerProcess, Peer
 from tests.test_messaging import ack, drain, is_msg, online, send, start
 
 
-@pytest.fixture
-def made() -> Iterator[list[Peer]]:
-    peers: list[Peer] = []
-    yield peers
-    for peer in peers:
-        peer.close()
-
-
 def statuses_until(peer: Peer, msg_id: str, last: str) -> list[str]:
     """The statuses of the receipts naming ``msg_id`` that reach ``peer``, up to the first ``last``."""
     got: list[str] = []
