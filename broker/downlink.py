@@ -82,11 +82,11 @@ async def close_writer(writer: WriterAdapter, flush_s: float = CLOSE_FLUSH_S) ->
     if not isinstance(writer, StreamWriterAdapter):
         await writer.close()
         return
+    writer.is_closed = True  # no more writes through amqtt's adapter (uvloop raises on a closed transport)
     stream = writer._writer
     transport = stream.transport
     if transport.is_closing():
         return
-    writer.is_closed = True  # no more writes through amqtt's adapter
     try:
         await asyncio.wait_for(stream.drain(), flush_s)
     except (TimeoutError, ConnectionError):
