@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.chaos import report
+from bench.chaos import report, workload
 from bench.chaos.scenarios import MountFailed, all_scenarios
 from bench.common import RESULTS, BenchError, machine_info, write_results
 
@@ -39,6 +39,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--doc", type=Path, default=report.DOC, help="the document whose table is regenerated")
     parser.add_argument("--note", action="append", default=[], help="a note printed under the table (repeatable)")
     parser.add_argument("--keep-workdir", action="store_true")
+    parser.add_argument("--settle-s", type=float, default=workload.SETTLE_S,
+                        help="how long every delivery may take to arrive after the faults (default %(default)s)")
     parser.add_argument("--render", action="store_true", help="only re-render chaos.md and the table from chaos.json")
     args = parser.parse_args(argv)
     if args.render:
@@ -50,6 +52,7 @@ def main(argv: list[str]) -> int:
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     size = "full" if args.full else "ci"
+    workload.SETTLE_S = args.settle_s
     shown = [a for a, before in zip(argv, ["", *argv[:-1]], strict=True) if a != "--note" and before != "--note"]
     command = "python -m bench chaos " + " ".join(shlex.quote(a) for a in shown)
     workdir = Path(tempfile.mkdtemp(prefix="chat-chaos-"))

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.chaos.ledger import Ledger, Verdict
@@ -34,6 +34,13 @@ from client_sdk.errors import ChatError
 from client_sdk.events import ErrorEvent, Message, Receipt
 
 Progress = Callable[[str], None]
+
+
+SETTLE_S = 90.0
+"""How long, after the faults, every delivery may take to arrive (``--settle-s``). The SDK clients
+run in the harness's process and write their SQLite stores with synchronous=FULL: on a disk
+with slow fsyncs they drain their backlog slowly, and a window too short counts as lost what
+is still on its way (staged, or in a client's inbox)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class Plan:
     keepalive: int = 60
     resend_interval: float = 2.0
     pad_bytes: int = 0  # filler per body (the disk scenario needs the WAL to grow)
-    settle_s: float = 90.0  # after the fault: how long everything may take to arrive
+    settle_s: float = field(default_factory=lambda: SETTLE_S)  # after the fault: how long everything may take
 
 
 def password(user: str) -> str:
