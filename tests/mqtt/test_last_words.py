@@ -18,7 +18,6 @@ check the ChatBroker alone for that reason.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
 
 import pytest
 
@@ -81,8 +80,10 @@ def test_one_shot_publishers_are_all_delivered(chatbroker: Target, ending: str) 
     shoot(chatbroker, ending)
 
 
-def test_a_publish_right_before_a_takeover_is_delivered(launch: Callable[..., Target]) -> None:
-    shoot(launch(), "takeover")
+def test_a_publish_right_before_a_takeover_is_delivered(chatbroker: Target) -> None:
+    # Stock amqtt loses some of these, but not on every run (it passed on Python 3.12.1 once):
+    # a race cannot be a strict xfail, so this runs on our broker only, as the others here.
+    shoot(chatbroker, "takeover")
 
 
 def test_a_retained_one_shot_publish_is_kept(chatbroker: Target) -> None:
