@@ -266,6 +266,24 @@ class Peer:
             self.client.loop_stop()
 
 
+def online_peer(port: int, made: list[Peer], user: str, device: str = "phone") -> Peer:
+    """``user``'s device (password ``{user}-pw``) connected and subscribed; ``made`` collects it to close."""
+    peer = Peer(port, user, f"{user}-pw", device=device)
+    made.append(peer)
+    assert peer.connect() == 0
+    assert peer.subscribe() == [1]
+    return peer
+
+
+def register_offline(port: int, user: str, device: str = "phone") -> None:
+    """A first login makes the device known (a target of messages); then it goes offline."""
+    peer = Peer(port, user, f"{user}-pw", device=device)
+    try:
+        assert peer.connect() == 0
+    finally:
+        peer.close()
+
+
 def eventually(check: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
     """Wait (polling) until ``check()`` holds; fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import pytest
 from bridge.presence_store import SqlitePresenceStore
 from bridge.store import SqliteStagingStore
 from tests import faults
-from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
+from tests.helpers import WAIT_S, BrokerThread, Peer, eventually, online_peer, register_offline
 from tests.observe import LoggedBroker, base_url, get, scrape
 
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
@@ -33,20 +33,6 @@ def fault() -> Iterator[None]:
     SqliteStagingStore.commit = original  # type: ignore[method-assign]
 
 
-def online(port: int, made: list[Peer], user: str) -> Peer:
-    peer = Peer(port, user, PASSWORDS[user])
-    made.append(peer)
-    assert peer.connect() == 0
-    assert peer.subscribe() == [1]
-    return peer
-
-
-def register_offline(port: int, user: str) -> None:
-    peer = Peer(port, user, PASSWORDS[user])
-    try:
-        assert peer.connect() == 0
-    finally:
-        peer.close()
 
 
 def answer(peer: Peer) -> dict[str, Any]:
@@ -57,7 +43,7 @@ def answer(peer: Peer) -> dict[str, Any]:
 def bob_receives(port: int, ids: list[str]) -> None:
     made: list[Peer] = []
     try:
-        bob = online(port, made, "bob")
+        bob = online_peer(port, made, "bob")
         got = [bob.expect(lambda i: i.get("kind") == "msg")["id"] for _ in ids]
         assert got == ids
         assert bob.nothing_arrives(0.3), "nothing else (no dropped message) arrives"
@@ -73,7 +59,7 @@ def test_failing_commits_are_logged_counted_not_ready_and_retried(
     try:
         broker.add_users(PASSWORDS)
         register_offline(broker.port, "bob")
-        alice = online(broker.port, made, "alice")
+        alice = online_peer(broker.port, made, "alice")
         assert get(base_url(broker) + "/readyz")[0] == 200
         faults.ARMED.set()
         with caplog.at_level(logging.ERROR, "broker.supervisor"):
@@ -105,7 +91,7 @@ def test_one_unwritable_message_does_not_hold_back_the_others(tmp_path: Path, fa
     try:
         broker.add_users(PASSWORDS)
         register_offline(broker.port, "bob")
-        alice = online(broker.port, made, "alice")
+        alice = online_peer(broker.port, made, "alice")
         alice.publish("u/alice/out", {"id": "p1", "to": "bob", "body": faults.POISON})
         ids = [f"n{n}" for n in range(5)]
         for msg_id in ids:
@@ -141,7 +127,7 @@ def test_sigterm_with_an_unwritable_message_pending_ends_and_says_what_was_lost(
     made: list[Peer] = []
     try:
         register_offline(broker.port, "bob")
-        alice = online(broker.port, made, "alice")
+        alice = online_peer(broker.port, made, "alice")
         alice.publish("u/alice/out", {"id": "p1", "to": "bob", "body": faults.POISON})
         eventually(lambda: "background task flush failed" in broker.log_path.read_text(), what="the failure logged")
         told = answer(alice)
@@ -171,7 +157,7 @@ def test_a_failed_last_seen_batch_is_kept_and_written_by_the_next(tmp_path: Path
     made: list[Peer] = []
     try:
         broker.add_users(PASSWORDS)
-        alice = online(broker.port, made, "alice")
+        alice = online_peer(broker.port, made, "alice")
         alice.publish("u/alice/hb", b"{}")
         eventually(lambda: broker.app.presence.stats()["rows_written"] >= 1, what="alice's last-seen written")
         assert failures == [1], "the one row of the failed batch is the one written after it"
@@ -191,7 +177,7 @@ def test_a_commit_under_way_at_shutdown_is_written_by_the_last_flush(tmp_path: P
     try:
         broker.add_users(PASSWORDS)
         register_offline(broker.port, "bob")
-        alice = online(broker.port, made, "alice")
+        alice = online_peer(broker.port, made, "alice")
         faults.HANG.set()
         alice.publish("u/alice/out", {"id": "m1", "to": "bob", "body": "caught mid-commit"})
         eventually(lambda: not faults.HANG.is_set(), what="the commit under way")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import BrokerThread, Peer, eventually
+from tests.helpers import BrokerThread, Peer, eventually, online_peer, register_offline
 
 S = "\\ud800"  # a lone surrogate as the JSON escape a client sends (not encodable as UTF-8)
 LOW = "\\udc80"
@@ -54,29 +54,14 @@ def _staged(broker: BrokerThread) -> int:
     return broker.call(count())
 
 
-def _online(broker: BrokerThread, made: list[Peer], user: str) -> Peer:
-    peer = Peer(broker.port, user, f"{user}-pw")
-    made.append(peer)
-    assert peer.connect() == 0
-    assert peer.subscribe() == [1]
-    return peer
-
-
-def _register_offline(broker: BrokerThread, user: str) -> None:
-    """A first login makes the device a target; then it goes offline."""
-    peer = Peer(broker.port, user, f"{user}-pw")
-    try:
-        assert peer.connect() == 0
-    finally:
-        peer.close()
 
 
 @pytest.mark.parametrize(("kind", "payload", "ref"), CASES)
 def test_lone_surrogate_in_any_field_is_bad_json(broker: BrokerThread, peers: list[Peer], kind: str, payload: str,
                                                  ref: str | None) -> None:
     json.loads(payload)  # valid JSON: the test is about the text in it
-    _register_offline(broker, "bob")
-    alice = _online(broker, peers, "alice")
+    register_offline(broker.port, "bob")
+    alice = online_peer(broker.port, peers, "alice")
     before = _staged(broker)
     alice.publish(f"u/alice/{kind}", payload.encode())
     item = alice.expect(lambda i: i.get("kind") in ("error", "res"))
@@ -96,8 +81,8 @@ def test_the_issue_scenario_loses_nothing_across_a_restart(tmp_path: Path) -> No
     made: list[Peer] = []
     try:
         broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
-        _register_offline(broker, "bob")
-        alice = _online(broker, made, "alice")
+        register_offline(broker.port, "bob")
+        alice = online_peer(broker.port, made, "alice")
         alice.publish("u/alice/out", f'{{"id":"e1","to":"bob","body":"{S}"}}'.encode())
         refused = alice.expect(lambda i: i.get("kind") in ("error", "receipt"))
         assert (refused["kind"], refused.get("code"), refused.get("ref")) == ("error", "bad_json", "e1"), refused
@@ -115,7 +100,7 @@ def test_the_issue_scenario_loses_nothing_across_a_restart(tmp_path: Path) -> No
         broker.stop()
     again = BrokerThread(data).start()
     try:
-        bob = _online(again, made, "bob")
+        bob = online_peer(again.port, made, "bob")
         got: list[dict[str, Any]] = []
         eventually(lambda: _drain(bob, got) >= 5, what="bob's five messages after the restart")
         assert [i["id"] for i in got if i.get("kind") == "msg"] == [f"n{n}" for n in range(5)]

@@ -10,17 +10,10 @@ import json
 import uuid
 from typing import Any
 
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import WAIT_S, BrokerThread, Peer, online_peer
 
 GHOST, NEWCOMER = "ghost", "carol"  # carol exists but has no device and no keys
 
-
-def online(broker: BrokerThread, peers: list[Peer], user: str) -> Peer:
-    peer = Peer(broker.port, user, f"{user}-pw")
-    peers.append(peer)
-    assert peer.connect() == 0
-    assert peer.subscribe() == [1]
-    return peer
 
 
 def out(peer: Peer, to: str) -> list[dict[str, Any]]:
@@ -53,7 +46,7 @@ def answer(peer: Peer, op: str, user: str) -> str:
 
 def test_every_op_that_addresses_a_user_says_the_same_thing(broker: BrokerThread, peers: list[Peer]) -> None:
     broker.add_user(NEWCOMER, "carol-pw")
-    alice = online(broker, peers, "alice")
+    alice = online_peer(broker.port, peers, "alice")
     ops = ("out", "seen", "keys.list", "keys.claim")
     assert {op: answer(alice, op, GHOST) for op in ops} == dict.fromkeys(ops, "unknown_recipient")
     assert {op: answer(alice, op, NEWCOMER) for op in ops} == dict.fromkeys(ops, "ok")
@@ -63,7 +56,7 @@ def test_every_op_that_addresses_a_user_says_the_same_thing(broker: BrokerThread
 
 def test_presence_answers_do_not_tell_whether_a_user_exists(broker: BrokerThread, peers: list[Peer]) -> None:
     broker.add_user(NEWCOMER, "carol-pw")
-    alice = online(broker, peers, "alice")
+    alice = online_peer(broker.port, peers, "alice")
     for op in ("contacts.add", "contacts.remove"):
         assert alice.request(op, {"users": [GHOST, NEWCOMER]})["ok"] is True
     hidden = {"online": None, "last_seen": None}
