@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.mqtt import packets
+from testkit import packets
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,7 +34,7 @@ class BenchError(Exception):
 
 # --- MQTT 3.1.1 encoding -------------------------------------------------------------------
 
-# The encoders of the raw-socket conformance suite (tests/mqtt/packets.py): one copy of
+# The encoders of the raw-socket conformance suite (testkit/packets.py): one copy of
 # the MQTT 3.1.1 bytes for tests and benchmarks.
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
 PINGREQ_BYTES = packets.PINGREQ

@@ -2,8 +2,8 @@
 
     python -m bench.ping_idle [--idle 2000] [--pings 500] [--baseline 10]
 
-Starts the real broker as a subprocess (``python -m broker run --bind 127.0.0.1:0``)
-on a fresh data directory, creates the users with ``python -m broker user import``,
+Starts the real broker as a subprocess (``python -m chatserver run --bind 127.0.0.1:0``)
+on a fresh data directory, creates the users with ``python -m chatserver user import``,
 connects ``--baseline`` idle authenticated clients (each subscribed to its inbox
 ``u/{me}/in``), measures ``--pings`` sequential ``ping`` requests from one extra
 client (``u/{me}/req`` -> ``res`` on ``u/{me}/in``), then connects more idle
@@ -178,14 +178,14 @@ class Pinger:
 
 
 def import_users(data_dir: Path, names: list[str], password: str) -> None:
-    """Create the users with ``python -m broker user import`` (scrypt: slow), showing progress."""
+    """Create the users with ``python -m chatserver user import`` (scrypt: slow), showing progress."""
     started = time.monotonic()
     for start in range(0, len(names), IMPORT_CHUNK):
         chunk = names[start:start + IMPORT_CHUNK]
         users_file = data_dir.parent / "users.txt"
         users_file.write_text("".join(f"{name}:{password}\n" for name in chunk), encoding="utf-8")
         done = subprocess.run(
-            [sys.executable, "-m", "broker", "user", "import", str(users_file), "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "chatserver", "user", "import", str(users_file), "--data-dir", str(data_dir)],
             cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
         )
         users_file.unlink()
@@ -212,7 +212,7 @@ class BrokerProcess:
     async def start(self) -> tuple[str, int]:
         with self._log_path.open("wb") as log:  # the child keeps its own descriptor
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker", "run", "--bind", "127.0.0.1:0", "--data-dir", str(self._data_dir),
+                sys.executable, "-m", "chatserver", "run", "--bind", "127.0.0.1:0", "--data-dir", str(self._data_dir),
                 cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
             )
         assert self._proc.stdout is not None

@@ -4,7 +4,7 @@
 
 1. Makes a data directory with ``--users`` heartbeating users plus the probes and
    a watcher (``bench.users``: one shared password hash, a device token per user),
-   and starts the real broker (``python -m broker run``, the default presence
+   and starts the real broker (``python -m chatserver run``, the default presence
    settings: window 30 s, coalescing 1 s, last_seen batches every 5 s).
 2. Connects every user as a phone would after its first login: device token,
    ``u/{me}/in`` subscribed, keepalive 600 s. Minimal asyncio MQTT clients in
@@ -494,11 +494,11 @@ def gc_broker(argv: list[str]) -> int:
         if ms > 20:
             print(f"{GC_MARK} {info['generation']} {ms:.1f} {time.time():.3f}", file=sys.stderr, flush=True)
 
-    if argv[:2] != ["-m", "broker"]:
+    if argv[:2] != ["-m", "chatserver"]:
         raise SystemExit("usage: python -m bench.presence gc-broker -m broker ARGS")
     gc.callbacks.append(callback)
     sys.argv = ["broker", *argv[2:]]
-    runpy.run_module("broker", run_name="__main__", alter_sys=True)
+    runpy.run_module("chatserver", run_name="__main__", alter_sys=True)
     return 0
 
 

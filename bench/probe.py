@@ -4,7 +4,7 @@
     python -m bench.probe gc --idle 10000        # GC pauses under load, with 0 and with N idle users
 
 Both run our broker as ``python -m bench.probe --serve DIR [--trace N] -- <broker run args>``:
-``broker.cli.main`` unchanged, plus (in the same process) ``gc.callbacks`` timing
+``chatserver.cli.main`` unchanged, plus (in the same process) ``gc.callbacks`` timing
 every collection, optionally tracemalloc, and a thread that answers requests
 through files in DIR (``take-NAME`` -> ``snap-NAME`` tracemalloc snapshot,
 ``gc-NAME`` -> ``gcstats-NAME`` JSON). Nothing of the broker is changed.
@@ -116,7 +116,7 @@ def serve(argv: list[str], control: Path, trace_frames: int) -> int:
             time.sleep(POLL_S)
 
     threading.Thread(target=watch, daemon=True, name="probe").start()
-    from broker.cli import main as broker_main  # noqa: PLC0415
+    from chatserver.cli import main as broker_main  # noqa: PLC0415
 
     return broker_main(argv)
 
@@ -170,7 +170,7 @@ def _owner(trace: tracemalloc.Traceback) -> str:
     frames = list(trace)  # oldest call first (Python >= 3.7)
     for frame in reversed(frames):
         name = frame.filename
-        if "site-packages/amqtt/" in name or any(f"/{p}/" in name for p in ("broker", "bridge", "client_sdk")):
+        if "site-packages/amqtt/" in name or any(f"/{p}/" in name for p in ("chatproto", "client_sdk", "broker", "bridge", "storage", "chatserver")):
             return f"{_short(name)}:{frame.lineno}"
     return f"{_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
 

@@ -87,8 +87,8 @@ LAYERS = (
     ("uvloop", "event loop (uvloop: polling, callbacks, syscalls)"),
     ("asyncio/", "asyncio (tasks, futures, locks, streams, wait_for)"),
     ("bridge/", "bridge (messaging, staging)"),
-    ("client_sdk/", "client_sdk.protocol (JSON envelopes)"),
-    ("json/", "client_sdk.protocol (JSON envelopes)"),
+    ("client_sdk/", "chatproto (JSON envelopes)"),
+    ("json/", "chatproto (JSON envelopes)"),
     ("broker/", "broker/ (ChatBroker, handler, wire gate)"),
     ("logging/", "logging"),
 )

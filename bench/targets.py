@@ -170,7 +170,7 @@ class Server:
 
 
 class ChatServer(Server):
-    """Our broker: ``python -m broker run`` (ChatBroker + bridge + staging store), default config + CHAT_CONFIG."""
+    """Our broker: ``python -m chatserver run`` (ChatBroker + bridge + staging store), default config + CHAT_CONFIG."""
 
     name = "chat"
     dialect = "chat"
@@ -182,13 +182,13 @@ class ChatServer(Server):
         self.config_path = workdir / "chat-broker.yaml"
         self.config_path.write_text(CHAT_CONFIG + extra_config, encoding="utf-8")
         self._template = template
-        self.python = [sys.executable]  # a wrapper may replace it: [*python, "-m", "broker", "run", ...]
+        self.python = [sys.executable]  # a wrapper may replace it: [*python, "-m", "chatserver", "run", ...]
 
     def fresh_data(self) -> None:
         copy_template(self._template, self.data_dir)
 
     def command(self) -> list[str]:
-        return [*self.python, "-m", "broker", "run", *self.run_args()]
+        return [*self.python, "-m", "chatserver", "run", *self.run_args()]
 
     def run_args(self) -> list[str]:
         return ["-c", str(self.config_path), "--bind",

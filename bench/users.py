@@ -1,11 +1,11 @@
 """BENCH SETUP ONLY, not a product path: a users database for many benchmark users in seconds.
 
-``python -m broker user import`` hashes every password with scrypt (~25 ms each on
+``python -m chatserver user import`` hashes every password with scrypt (~25 ms each on
 2 cores: 20,000 users = minutes). Benchmarks need many users, not many
 passwords, so this writes ``users.db`` directly:
 
 - every user gets the SAME scrypt hash of one password (hashed once, through
-  ``broker.credentials.hash_password`` and ``broker.users.UserStore.add_users``);
+  ``broker.credentials.hash_password`` and ``storage.sqlite.users.UserStore.add_users``);
 - every user gets one known device (``{user}.bench``) holding a device token, as
   if it had logged in once with its password and asked for ``auth.token``.
   The token is derived from a seed (so the load generator knows it without a
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.common import BenchError
 from broker import credentials
-from broker.users import SECRET_FILE, USERS_DB, UserStore, load_or_create_secret
+from storage.sqlite.users import SECRET_FILE, USERS_DB, UserStore, load_or_create_secret
 
 DEVICE = "bench"
 PASSWORD = "bench-password-shared-by-all-bench-users"  # bench setup: every bench user has it

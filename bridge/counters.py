@@ -1,7 +1,7 @@
 """Counters the bridge keeps for the metrics endpoint: plain ints and fixed-bucket histograms.
 
 The hot path only adds to ints and lists here (no locks, no prometheus calls);
-``broker.metrics`` reads them when Prometheus scrapes. Everything runs on the
+``chatserver.metrics`` reads them when Prometheus scrapes. Everything runs on the
 broker's event loop, so a scrape sees a consistent picture without locking.
 Nothing here holds a user id, a body or any other per-user value: labels are
 fixed small sets (item kinds, error codes).

@@ -10,7 +10,7 @@ import logging
 from typing import Any, Protocol
 
 from bridge.counters import BridgeCounters
-from client_sdk.protocol import dumps
+from chatproto import dumps
 
 log = logging.getLogger(__name__)
 

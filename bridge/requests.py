@@ -2,7 +2,7 @@
 
 Each op is an async function of (caller, args) returning a JSON-able result or
 raising ``OpError``; the table maps op names to them. Other features add their
-ops to the same table (presence: ``bridge/presence_service.py``; see broker/app.py).
+ops to the same table (presence: ``bridge/presence/service.py``; see chatserver/app.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from client_sdk.protocol import ErrorCode, is_device_id
+from chatproto import ErrorCode, is_device_id
 
 
 class TokenIssuer(Protocol):

@@ -2,7 +2,7 @@
 
 Pure functions and one small class; no I/O. ``broker.server`` uses them for the
 topics outside the chat protocol (anything not under ``u/``): the chat topics
-follow PROTOCOL.md in ``client_sdk.protocol`` and no rule here can change that.
+follow PROTOCOL.md in ``chatproto`` and no rule here can change that.
 
 Rules (docs/MQTT.md, "Generic topics"):
 - a rule is an MQTT topic filter with ``%u`` (user name) and ``%c`` (client id)

@@ -1,7 +1,7 @@
 """Counters the broker layer keeps for the metrics endpoint: plain ints, read at scrape time.
 
 Incremented on the hot path (one dict update per connection, login or
-publish); ``broker.metrics`` turns them into Prometheus families. Labels are
+publish); ``chatserver.metrics`` turns them into Prometheus families. Labels are
 small fixed sets (listener names, uplink kinds, login results), never a user.
 """
 

@@ -68,7 +68,7 @@ from broker.downlink import (
 from broker.lazy_queue import LazyEvent, LazyQueue
 from broker.silence import SilenceWatch
 from broker.wire import PacketGate
-from client_sdk.protocol import is_chat_topic
+from chatproto import is_chat_topic
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -52,11 +52,10 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from bridge.requests import Caller
-from bridge.service import Bridge
+from bridge.router import Bridge
 from broker.acl import NO_ACCESS, TopicAcl
 from broker.admission import AddressSlots
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
-from broker.config import Settings, parse_bind
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
@@ -66,7 +65,8 @@ from broker.session_states import lighten, set_aside
 from broker.silence import SilenceWatch
 from broker.streams import start_server
 from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
-from client_sdk.protocol import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
+from chatproto import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
+from chatserver.config import Settings, parse_bind
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class ChatBroker(ConformantBroker):
         self._live: dict[str, asyncio.Task[Any]] = {}
         self._links: dict[str, SessionLink] = {}
         self._silence: SilenceWatch | None = None  # made in the broker's loop, at the first keepalive
-        self.counters = BrokerCounters()  # read by broker.metrics at scrape time
+        self.counters = BrokerCounters()  # read by chatserver.metrics at scrape time
         self._downlink_policy = DownlinkPolicy(settings.limits.max_unacked_downlinks, self.counters)
 
     # --- listeners --------------------------------------------------------------

@@ -71,6 +71,6 @@ def set_aside(incoming: Session) -> None:
 
 def _free(machine: Machine) -> None:
     # A Machine is a web of cycles (~170 objects, 16 KiB): dropped as it is, it waits for the
-    # cyclic GC, and under gc.freeze (broker/gc_policy.py) possibly for a full collection.
+    # cyclic GC, and under gc.freeze (chatserver/gc_policy.py) possibly for a full collection.
     # Emptied, it is freed by reference counting at once.
     vars(machine).clear()

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from chatproto import OP_DEVICES_REMOVE, ResItem
 from client_sdk.client import _e2e
 from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
@@ -41,7 +42,6 @@ from client_sdk.presence import (
     privacy_from,
     user_list,
 )
-from client_sdk.protocol import OP_DEVICES_REMOVE, ResItem
 
 T = TypeVar("T")
 _Entry = tuple[Event, threading.Event] | None

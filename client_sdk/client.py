@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal
 
+from chatproto import OP_DEVICES_REMOVE
 from client_sdk.e2e import E2E
 from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ChatError, ConnectTimeout, RequestError
@@ -33,7 +34,6 @@ from client_sdk.presence import (
     privacy_from,
     user_list,
 )
-from client_sdk.protocol import OP_DEVICES_REMOVE
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from chatproto import client_id, inbox_topic
 from client_sdk.backoff import Backoff
 from client_sdk.errors import (
     CONNACK_PROTOCOL,
@@ -38,7 +39,6 @@ from client_sdk.errors import (
     connack_error,
 )
 from client_sdk.login import LoginPlan, Refusal, Secret
-from client_sdk.protocol import client_id, inbox_topic
 
 log = logging.getLogger(__name__)
 

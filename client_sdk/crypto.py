@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import vodozemac
 
-from client_sdk.protocol import canonical_json
+from chatproto import canonical_json
 
 WIRE_VERSION: Final = "1"
 PRE_KEY: Final = 0

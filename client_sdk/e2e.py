@@ -32,13 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from client_sdk import keys as K
-from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session
-from client_sdk.errors import RequestError, StoreError, UnknownDevice
-from client_sdk.events import Event, IdentityChanged
-from client_sdk.inbox import opened_item, stored_event, undecryptable_item
-from client_sdk.localstore import DeviceRecord, LocalStore, OutMessage, SessionRecord
-from client_sdk.protocol import (
+from chatproto import (
     OP_KEYS_CLAIM,
     OP_KEYS_COUNT,
     OP_KEYS_LIST,
@@ -48,6 +42,12 @@ from client_sdk.protocol import (
     client_id,
     split_client_id,
 )
+from client_sdk import keys as K
+from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session
+from client_sdk.errors import RequestError, StoreError, UnknownDevice
+from client_sdk.events import Event, IdentityChanged
+from client_sdk.inbox import opened_item, stored_event, undecryptable_item
+from client_sdk.localstore import DeviceRecord, LocalStore, OutMessage, SessionRecord
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,28 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Final, Literal
 
+from chatproto import (
+    MAX_IDS_PER_ITEM,
+    MESSAGE_ID_RE,
+    OLM_TYPE,
+    RECEIPT_SENT,
+    ChatMessage,
+    ErrorCode,
+    ErrorItem,
+    MsgItem,
+    PresenceItem,
+    ReceiptItem,
+    ResItem,
+    ack_payload,
+    chat_message_payload,
+    client_id,
+    dumps,
+    heartbeat_payload,
+    is_device_id,
+    is_user_id,
+    seen_payload,
+    uplink_topic,
+)
 from client_sdk.backoff import Backoff
 from client_sdk.connection import Connection, State
 from client_sdk.dispatch import Dispatcher
@@ -65,28 +87,6 @@ from client_sdk.localstore import LocalStore, OutMessage
 from client_sdk.login import LoginPlan, Secret
 from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox, wall_ms
 from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S, chunks, presences_from
-from client_sdk.protocol import (
-    MAX_IDS_PER_ITEM,
-    MESSAGE_ID_RE,
-    OLM_TYPE,
-    RECEIPT_SENT,
-    ChatMessage,
-    ErrorCode,
-    ErrorItem,
-    MsgItem,
-    PresenceItem,
-    ReceiptItem,
-    ResItem,
-    ack_payload,
-    chat_message_payload,
-    client_id,
-    dumps,
-    heartbeat_payload,
-    is_device_id,
-    is_user_id,
-    seen_payload,
-    uplink_topic,
-)
 from client_sdk.receipts import ReceiptLedger
 from client_sdk.securestore import as_bytes
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from client_sdk.protocol import ErrorItem, MsgItem, PresenceItem, ReceiptItem
+from chatproto import ErrorItem, MsgItem, PresenceItem, ReceiptItem
 
 # ErrorEvent codes made by the SDK itself (server codes are protocol.ErrorCode values).
 AUTH_FAILED: Final = "auth_failed"

@@ -37,9 +37,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from chatproto import OLM_TYPE, DecodeError, DownlinkItem, MsgItem, ReceiptItem, parse_downlink
 from client_sdk.events import Event, Message, Undecryptable, message_from, receipt_from
 from client_sdk.localstore import LocalStore, StagedItem
-from client_sdk.protocol import OLM_TYPE, DecodeError, DownlinkItem, MsgItem, ReceiptItem, parse_downlink
 
 MAX_ACK_SEQS = 1000  # protocol.MAX_IDS_PER_ITEM: the most seqs one ack may name
 

@@ -23,9 +23,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from chatproto import MAX_ONE_TIME_KEYS_PER_PUBLISH, is_device_id
 from client_sdk.crypto import valid_curve_key, verify
 from client_sdk.localstore import DeviceRecord
-from client_sdk.protocol import MAX_ONE_TIME_KEYS_PER_PUBLISH, is_device_id
 
 SAFETY_ITERATIONS: Final = 5200  # as Signal's numeric fingerprints: slow enough to resist grinding a match
 SAFETY_DIGITS_PER_SIDE: Final = 30

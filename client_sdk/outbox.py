@@ -45,9 +45,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from chatproto import GROUP_PREFIX, MESSAGE_ID_RE, TYPE_RE, ErrorCode, is_user_id
 from client_sdk.backoff import backoff_delay
 from client_sdk.localstore import LocalStore, OutMessage
-from client_sdk.protocol import GROUP_PREFIX, MESSAGE_ID_RE, TYPE_RE, ErrorCode, is_user_id
 
 PERMANENT_CODES: Final = frozenset({
     ErrorCode.BAD_ENVELOPE, ErrorCode.TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.FORBIDDEN,

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from chatproto import MAX_USERS_PER_REQUEST, PRIVACY_CHOICES, is_user_id
 from client_sdk.events import Presence
-from client_sdk.protocol import MAX_USERS_PER_REQUEST, PRIVACY_CHOICES, is_user_id
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
 """A third of the server's default ``presence.online_window_s`` (30 s): two lost heartbeats are survived."""

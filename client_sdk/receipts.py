@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Final
 
+from chatproto import RECEIPT_DELIVERED, RECEIPT_EXPIRED, RECEIPT_SEEN, RECEIPT_SENT
 from client_sdk.events import Receipt
-from client_sdk.protocol import RECEIPT_DELIVERED, RECEIPT_EXPIRED, RECEIPT_SEEN, RECEIPT_SENT
 
 RANKS: Final = {RECEIPT_SENT: 1, RECEIPT_DELIVERED: 2, RECEIPT_SEEN: 3}
 EXPIRED_BIT: Final = 4  # kept beside the rank (1-3) in one int per id

@@ -1,6 +1,6 @@
 """A recording MQTT proxy for tests: every byte relayed in either direction is kept.
 
-It is ``tests.proxy.MqttProxy`` with a rule that records each packet and never cuts,
+It is ``testkit.proxy.MqttProxy`` with a rule that records each packet and never cuts,
 so a test can assert on everything that crossed the wire between clients and broker.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from tests.proxy import MqttProxy, Packet
+from testkit.proxy import MqttProxy, Packet
 
 
 class CapturingProxy(MqttProxy):

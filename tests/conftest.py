@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from testkit.packets import RawClient
 from tests.helpers import BrokerThread, Peer
-from tests.mqtt.packets import RawClient
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bridge.staged import FlushBatch
-from bridge.store import SqliteStagingStore
+from bridge.messaging.records import FlushBatch
+from storage.sqlite.messages import SqliteStagingStore
 
 POISON = "POISON-BODY"
 ARMED = threading.Event()

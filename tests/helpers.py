@@ -28,8 +28,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import credentials
-from broker.app import BrokerApp
-from broker.config import Settings, build_settings
+from chatserver.app import BrokerApp
+from chatserver.config import Settings, build_settings
 
 T = TypeVar("T")
 WAIT_S = 10.0
@@ -98,7 +98,7 @@ class BrokerThread:
 
 
 class BrokerProcess:
-    """The broker as its own process (``python -m broker run``), exactly as an operator runs it.
+    """The broker as its own process (``python -m chatserver run``), exactly as an operator runs it.
 
     Same face as ``BrokerThread`` for the tests that need no internals: ``port``, ``add_users``, ``stop``.
     """
@@ -119,7 +119,7 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
+            [sys.executable, "-m", "chatserver", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
              "--data-dir", str(self.data_dir)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
@@ -141,7 +141,7 @@ class BrokerProcess:
 
     def add_users(self, passwords: dict[str, str]) -> None:
         lines = "".join(f"{name}:{password}\n" for name, password in passwords.items())
-        subprocess.run([sys.executable, "-m", "broker", "user", "import", "-", "--data-dir", str(self.data_dir)],
+        subprocess.run([sys.executable, "-m", "chatserver", "user", "import", "-", "--data-dir", str(self.data_dir)],
                        input=lines, text=True, check=True, cwd=ROOT, capture_output=True, timeout=120)
 
     def add_user(self, name: str, password: str) -> None:

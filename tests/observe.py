@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from broker.status import Snapshot
+from chatserver.status import Snapshot
 from tests.helpers import ROOT, BrokerThread
 
 
@@ -39,7 +39,7 @@ def scrape(broker: BrokerThread) -> Snapshot:
 
 
 class LoggedBroker:
-    """``python -m broker run`` as its own process with the metrics listener on, its stderr kept in a file."""
+    """``python -m chatserver run`` as its own process with the metrics listener on, its stderr kept in a file."""
 
     def __init__(self, data_dir: Path, extra_args: list[str], config: dict[str, Any] | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -55,13 +55,13 @@ class LoggedBroker:
 
     def add_users(self, passwords: dict[str, str]) -> None:
         lines = "".join(f"{name}:{password}\n" for name, password in passwords.items())
-        subprocess.run([sys.executable, "-m", "broker", "user", "import", "-", "--data-dir", str(self.data_dir)],
+        subprocess.run([sys.executable, "-m", "chatserver", "user", "import", "-", "--data-dir", str(self.data_dir)],
                        input=lines, text=True, check=True, cwd=ROOT, capture_output=True, timeout=120)
 
     def start(self) -> LoggedBroker:
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "broker", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
+                [sys.executable, "-m", "chatserver", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
                  "--metrics-bind", "127.0.0.1:0", "--data-dir", str(self.data_dir), *self.extra_args],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env,
             )

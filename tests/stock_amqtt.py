@@ -6,7 +6,7 @@ background thread, like ``tests.helpers.BrokerThread`` does for the ChatBroker. 
 run each attack against it to prove the attack really works on amqtt 0.12.1, so the same
 test against the ChatBroker would catch a regression of the fix.
 
-``RawClient`` (from tests/mqtt/packets.py) speaks MQTT over a bare TCP socket, for what
+``RawClient`` (from testkit/packets.py) speaks MQTT over a bare TCP socket, for what
 paho will not do: stay silent after CONNECT, send half a CONNECT, or drop the connection
 without DISCONNECT.
 """
@@ -24,7 +24,7 @@ from amqtt.broker import Broker
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-from tests.mqtt.packets import DISCONNECT, PINGREQ, PINGRESP, RawClient, connect_packet, subscribe_packet
+from testkit.packets import DISCONNECT, PINGREQ, PINGRESP, RawClient, connect_packet, subscribe_packet
 
 T = TypeVar("T")
 WAIT_S = 10.0
@@ -94,7 +94,7 @@ def file_auth_plugins(passwords: Path, subscribe_acl: dict[str, list[str]] | Non
     return plugins
 
 
-# --- MQTT 3.1.1 packets by hand: tests/mqtt/packets.py (re-exported for the tests using them) ---
+# --- MQTT 3.1.1 packets by hand: testkit/packets.py (re-exported for the tests using them) ---
 
 __all__ = [
     "DISCONNECT", "PINGREQ", "PINGRESP", "RawClient", "StockBroker", "connect_packet", "file_auth_plugins",

@@ -1,4 +1,4 @@
-"""No background task dies silently (broker/supervisor.py), through the real broker.
+"""No background task dies silently (chatserver/supervisor.py), through the real broker.
 
 A fault is injected into the real staging store's group commit (tests/faults.py):
 a ``RuntimeError``, what a bug or unencodable text raises, not a ``StoreError``.
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from bridge.presence_store import SqlitePresenceStore
-from bridge.store import SqliteStagingStore
+from storage.sqlite.messages import SqliteStagingStore
+from storage.sqlite.presence import SqlitePresenceStore
 from tests import faults
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually, online_peer, register_offline
 from tests.observe import LoggedBroker, base_url, get, scrape
@@ -62,7 +62,7 @@ def test_failing_commits_are_logged_counted_not_ready_and_retried(
         alice = online_peer(broker.port, made, "alice")
         assert get(base_url(broker) + "/readyz")[0] == 200
         faults.ARMED.set()
-        with caplog.at_level(logging.ERROR, "broker.supervisor"):
+        with caplog.at_level(logging.ERROR, "chatserver.supervisor"):
             alice.publish("u/alice/out", {"id": "m1", "to": "bob", "body": "one"})
             told = answer(alice)
             assert (told["kind"], told["code"], told["ref"]) == ("error", "internal", "m1"), told

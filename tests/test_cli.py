@@ -1,4 +1,4 @@
-"""The ``chat-broker`` CLI, run as an operator runs it: ``python -m broker`` in subprocesses.
+"""The ``chat-broker`` CLI, run as an operator runs it: ``python -m chatserver`` in subprocesses.
 
 Proves: ``run`` serves on the flags' address with the embedded defaults or the shipped
 config, prints one ready line, and SIGTERM/SIGINT end it cleanly (sessions closed, exit 0);
@@ -59,9 +59,9 @@ def _env() -> dict[str, str]:
 def cli(
     *args: str, cwd: Path, stdin: str | None = None, prefix: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m broker ARGS`` to completion; stdin is /dev/null unless given; ``prefix`` wraps the command."""
+    """``python -m chatserver ARGS`` to completion; stdin is /dev/null unless given; ``prefix`` wraps the command."""
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "broker", *args], cwd=cwd, env=_env(), text=True, capture_output=True,
+        [*prefix, sys.executable, "-m", "chatserver", *args], cwd=cwd, env=_env(), text=True, capture_output=True,
         input=stdin, stdin=subprocess.DEVNULL if stdin is None else None, timeout=CMD_S, check=False,
     )
 
@@ -90,11 +90,11 @@ class Running:
 
 @contextlib.contextmanager
 def broker_process(*args: str, cwd: Path) -> Iterator[Running]:
-    """``python -m broker run ARGS``; yields once the ready line is read (with a deadline)."""
+    """``python -m chatserver run ARGS``; yields once the ready line is read (with a deadline)."""
     log = cwd / f"broker-{time.monotonic_ns()}.log"
     with log.open("w") as err:  # a file, not a pipe: the broker's log must never block it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "run", *args], cwd=cwd, env=_env(), text=True,
+            [sys.executable, "-m", "chatserver", "run", *args], cwd=cwd, env=_env(), text=True,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
         )
     lines: queue.Queue[str | None] = queue.Queue()
@@ -481,7 +481,7 @@ class Pty:
 
 
 def test_prompt_on_a_terminal_asks_twice_without_echo(live: Running) -> None:
-    args = [sys.executable, "-m", "broker", "user", "add", "ivy", "--data-dir", str(live.data_dir)]
+    args = [sys.executable, "-m", "chatserver", "user", "add", "ivy", "--data-dir", str(live.data_dir)]
     term = Pty(args, live.data_dir.parent, on=("stdin", "stdout", "stderr"))
     try:
         assert term.read_until(b"Password: ")
@@ -499,7 +499,7 @@ def test_prompt_on_a_terminal_asks_twice_without_echo(live: Running) -> None:
 
 
 def test_prompt_mismatch_is_refused(live: Running) -> None:
-    args = [sys.executable, "-m", "broker", "user", "add", "jay", "--data-dir", str(live.data_dir)]
+    args = [sys.executable, "-m", "chatserver", "user", "add", "jay", "--data-dir", str(live.data_dir)]
     term = Pty(args, live.data_dir.parent, on=("stdin", "stdout", "stderr"))
     try:
         assert term.read_until(b"Password: ")
@@ -518,7 +518,7 @@ def test_prompt_mismatch_is_refused(live: Running) -> None:
 def test_import_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     source = tmp_path / "few.txt"
     source.write_text("".join(f"bar{i}:pw{i}\n" for i in range(30)))
-    args = [sys.executable, "-m", "broker", "user", "import", str(source), "--data-dir", str(tmp_path / "d")]
+    args = [sys.executable, "-m", "chatserver", "user", "import", str(source), "--data-dir", str(tmp_path / "d")]
     term = Pty(args, tmp_path, on=("stderr",))
     try:
         code, out = term.finish()

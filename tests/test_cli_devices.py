@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from testkit.packets import RawClient, connect_packet
 from tests.helpers import BrokerThread, Peer
-from tests.mqtt.packets import RawClient, connect_packet
 from tests.test_cli import cli, one_line_error
 
 CONFIG = {"limits.max_devices_per_user": 2}

@@ -1,4 +1,4 @@
-"""The small things an operator meets first, run as an operator runs them (``python -m broker``).
+"""The small things an operator meets first, run as an operator runs them (``python -m chatserver``).
 
 Proves: ``--version`` prints the installed version; read-only and changing user commands on a
 data folder that is not there say so in one line and create nothing; an empty or spaces-only

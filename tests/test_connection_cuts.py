@@ -10,8 +10,8 @@ import pytest
 
 from client_sdk import Client
 from client_sdk.events import Message, Receipt
+from testkit.proxy import DOWN, PUBLISH, UP, MqttProxy
 from tests.helpers import BrokerThread
-from tests.proxy import DOWN, PUBLISH, UP, MqttProxy
 from tests.sdk.conftest import Collector
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_broker(config: Path, data: Path, port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "run", "-c", str(config), "--bind", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "chatserver", "run", "-c", str(config), "--bind", f"127.0.0.1:{port}",
          "--data-dir", str(data)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
@@ -54,7 +54,7 @@ def test_sigkill_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None
     config.write_text("limits:\n  send_burst: 100000\n  send_rate_per_s: 100000.0\nstaging:\n  flush_ms: 20\n")
     users = [name for pair in PAIRS for name in pair]
     subprocess.run(
-        [sys.executable, "-m", "broker", "user", "import", "-", "--data-dir", str(data)],
+        [sys.executable, "-m", "chatserver", "user", "import", "-", "--data-dir", str(data)],
         input="".join(f"{u}:{u}-pw\n" for u in users), text=True, check=True, cwd=ROOT, capture_output=True,
     )
     port = free_port()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.data_dir import DataDirInUseError
+from chatserver.data_dir import DataDirInUseError
 from tests.helpers import BrokerThread, Peer
 from tests.test_cli import broker_process, cli, login, one_line_error
 
@@ -88,11 +88,11 @@ def test_an_older_wide_open_folder_is_made_private_at_start(
     data.chmod(0o755)  # as an older version left it under umask 022
     for path in data.iterdir():
         path.chmod(0o644)
-    caplog.set_level(logging.INFO, logger="broker.data_dir")
+    caplog.set_level(logging.INFO, logger="chatserver.data_dir")
     broker = BrokerThread(data).start()
     try:
         assert_private(data)
-        lines = [r.getMessage() for r in caplog.records if r.name == "broker.data_dir"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "chatserver.data_dir"]
         assert len(lines) == 1 and "made private" in lines[0] and "users.db" in lines[0], lines
     finally:
         broker.stop()

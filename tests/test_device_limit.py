@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, build_settings
-from broker.users import TooManyDevicesError, UserStore
+from chatserver.config import ConfigError, build_settings
+from storage.sqlite.users import TooManyDevicesError, UserStore
+from testkit.packets import RawClient, connect_packet
 from tests.helpers import BrokerThread, Peer
-from tests.mqtt.packets import RawClient, connect_packet
 
 LIMIT = 16  # the default
 BAD_CREDENTIALS = 0x05

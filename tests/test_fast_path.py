@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.downlink import WRITE_BUFFER_HIGH
-from tests.helpers import BrokerThread, eventually
-from tests.mqtt.packets import (
+from testkit.packets import (
     PUBACK,
     PUBLISH,
     Publish,
@@ -27,6 +26,7 @@ from tests.mqtt.packets import (
     publish_packet,
     subscribe_packet,
 )
+from tests.helpers import BrokerThread, eventually
 
 REQUESTS = 40
 

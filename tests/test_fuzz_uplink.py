@@ -34,8 +34,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from testkit.packets import connect_packet, packet, publish_packet, utf8
 from tests.helpers import WAIT_S, BrokerThread, Peer, is_text
-from tests.mqtt.packets import connect_packet, packet, publish_packet, utf8
 
 UPLINK_KINDS = ("out", "ack", "seen", "hb", "req")
 ALLOWED_TOPICS = {f"u/mallory/{kind}" for kind in UPLINK_KINDS}

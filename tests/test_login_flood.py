@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from testkit.packets import RawClient, connect_packet
 from tests.helpers import BrokerThread, Peer
-from tests.mqtt.packets import RawClient, connect_packet
 from tests.observe import scrape
 
 GUESSES = 200

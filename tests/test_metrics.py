@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.status import Snapshot
+from chatserver.status import Snapshot
 from tests.helpers import BrokerThread, Peer, eventually
 from tests.observe import scrape
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from testkit.packets import RawClient, connect_packet, subscribe_packet
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
-from tests.mqtt.packets import RawClient, connect_packet, subscribe_packet
 
 USERS = ("alice", "bob", "carol", "mallory")
 FAST = {"presence.coalesce_ms": 100}  # most tests look at two changes in a row

@@ -17,7 +17,7 @@ from tests.observe import base_url
 
 
 def status(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker", "status", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "chatserver", "status", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False, env={"COLUMNS": "120", "PATH": "/usr/bin:/bin"})
 
 

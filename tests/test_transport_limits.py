@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit.packets import RawClient, connect_packet, publish_packet, remaining_length, subscribe_packet, utf8
 from tests.helpers import BrokerThread, eventually
 from tests.mqtt.conftest import open_mqtt_section
-from tests.mqtt.packets import RawClient, connect_packet, publish_packet, remaining_length, subscribe_packet, utf8
 
 CHUNK = b"x" * 60_000
 CLOSED_AT_ONCE_S = 3.0  # well under the CONNECT deadline (10 s) and the keepalive (60 s)

@@ -34,7 +34,7 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class ChaosBroker:
-    """``python -m broker run`` on ``127.0.0.1:<port>``; ``kill()`` is SIGKILL, ``start()`` brings it back."""
+    """``python -m chatserver run`` on ``127.0.0.1:<port>``; ``kill()`` is SIGKILL, ``start()`` brings it back."""
 
     def __init__(self, workdir: Path, data_dir: Path, config: dict[str, Any] | None = None) -> None:
         self.data_dir = data_dir
@@ -65,13 +65,13 @@ class ChaosBroker:
 
     def add_users(self, passwords: dict[str, str]) -> None:
         lines = "".join(f"{name}:{password}\n" for name, password in passwords.items())
-        subprocess.run([sys.executable, "-m", "broker", "user", "import", "-", "--data-dir", str(self.data_dir)],
+        subprocess.run([sys.executable, "-m", "chatserver", "user", "import", "-", "--data-dir", str(self.data_dir)],
                        input=lines, text=True, check=True, cwd=REPO, capture_output=True, timeout=300)
 
     def start(self, timeout: float = 60.0) -> ChaosBroker:
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "run", "-c", str(self.config_path), "--bind", f"127.0.0.1:{self.port}",
+            [sys.executable, "-m", "chatserver", "run", "-c", str(self.config_path), "--bind", f"127.0.0.1:{self.port}",
              "--data-dir", str(self.data_dir)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
         )

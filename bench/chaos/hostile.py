@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.common import connect_packet, mqtt_str, packet, publish_packet, subscribe_packet
-from bridge.staged import SEQ_SPAN
+from bridge.messaging.records import SEQ_SPAN
 
 IDS = st.text(st.sampled_from("abcXYZ019_-"), min_size=0, max_size=70)
 # Any code point, lone surrogates drawn often: valid as JSON escapes, but not UTF-8 text (one

@@ -19,7 +19,7 @@ from typing import Any
 from bench.chaos.broker import ChaosBroker
 from bench.chaos.workload import Plan, Progress, Workload, password
 from bench.common import BenchError
-from tests.proxy import DOWN, PUBLISH, UP, MqttProxy, Packet
+from testkit.proxy import DOWN, PUBLISH, UP, MqttProxy, Packet
 
 Row = dict[str, Any]
 

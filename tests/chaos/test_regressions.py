@@ -20,11 +20,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.directory import Directory
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staged import Rules
-from bridge.staging import Staging
-from broker.users import UserStore
+from bridge.messaging.core import Staging
+from bridge.messaging.records import Rules
+from chatproto import ChatMessage
 from client_sdk import Client
-from client_sdk.protocol import ChatMessage
+from storage.sqlite.users import UserStore
 from tests.helpers import WAIT_S, BrokerThread, connack_code
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)

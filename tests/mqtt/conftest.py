@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from testkit.packets import RawClient, connect_packet
 from tests.helpers import BrokerThread
-from tests.mqtt.packets import RawClient, connect_packet
 from tests.stock_amqtt import StockBroker
 
 ROOT = Path(__file__).resolve().parents[2]

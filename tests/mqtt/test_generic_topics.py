@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from testkit.packets import RawClient, connect_packet, publish_packet, subscribe_packet
 from tests.mqtt.conftest import Target
-from tests.mqtt.packets import RawClient, connect_packet, publish_packet, subscribe_packet
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin
 

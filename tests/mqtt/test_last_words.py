@@ -21,8 +21,7 @@ import subprocess
 
 import pytest
 
-from tests.mqtt.conftest import Target
-from tests.mqtt.packets import (
+from testkit.packets import (
     DISCONNECT,
     PUBREC,
     PUBREL,
@@ -31,6 +30,7 @@ from tests.mqtt.packets import (
     publish_packet,
     subscribe_packet,
 )
+from tests.mqtt.conftest import Target
 from tests.test_mosquitto_clients import RUN_TIMEOUT_S, tool
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, LimitsSettings, build_settings, chat_packet_bytes
+from chatserver.config import ConfigError, LimitsSettings, build_settings, chat_packet_bytes
+from testkit.packets import PUBACK, connect_packet, remaining_length, subscribe_packet, utf8
 from tests.helpers import BrokerThread, Peer
 from tests.mqtt.conftest import Target, open_mqtt_section
-from tests.mqtt.packets import PUBACK, connect_packet, remaining_length, subscribe_packet, utf8
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mqtt.conftest import Target
-from tests.mqtt.packets import (
+from testkit.packets import (
     PINGREQ,
     connect_packet,
     packet,
@@ -26,6 +25,7 @@ from tests.mqtt.packets import (
     subscribe_packet,
     utf8,
 )
+from tests.mqtt.conftest import Target
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin
 

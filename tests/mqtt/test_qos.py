@@ -16,8 +16,8 @@ import json
 
 import pytest
 
+from testkit.packets import connect_packet, subscribe_packet
 from tests.mqtt.conftest import Target
-from tests.mqtt.packets import connect_packet, subscribe_packet
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.mqtt.conftest import Target
-from tests.mqtt.packets import (
+from testkit.packets import (
     DISCONNECT,
     PUBACK,
     PUBCOMP,
@@ -37,6 +36,7 @@ from tests.mqtt.packets import (
     parse_publish,
     subscribe_packet,
 )
+from tests.mqtt.conftest import Target
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from testkit.packets import subscribe_packet
 from tests.mqtt.conftest import Target
-from tests.mqtt.packets import subscribe_packet
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*psutil.*:DeprecationWarning")  # stock amqtt's $SYS plugin
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.acl import TopicAcl, covers, is_valid_filter, matches, split
-from broker.config import AclRule
+from chatserver.config import AclRule
 
 LEVELS = ["a", "b", "$x", ""]
 topics = st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4).map("/".join)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from chatproto import OLM_TYPE
 from client_sdk import AsyncClient, StoreError
 from client_sdk.crypto import Account, Ciphertext
 from client_sdk.events import ErrorEvent, IdentityChanged, Message, Receipt, Undecryptable
-from client_sdk.protocol import OLM_TYPE
 from tests.helpers import BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector, Factory, LogWatch
 

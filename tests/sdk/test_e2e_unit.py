@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from chatproto import OP_KEYS_CLAIM, OP_KEYS_LIST
 from client_sdk.crypto import Account, Ciphertext
 from client_sdk.e2e import E2E, Sealed
 from client_sdk.events import Event, IdentityChanged
 from client_sdk.localstore import LocalStore, OutMessage
-from client_sdk.protocol import OP_KEYS_CLAIM, OP_KEYS_LIST
 
 
 class Directory:

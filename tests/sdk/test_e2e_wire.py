@@ -11,9 +11,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from chatproto import OLM_TYPE
 from client_sdk.crypto import Account, Ciphertext, Session
 from client_sdk.events import Message, Undecryptable
-from client_sdk.protocol import OLM_TYPE
 from tests.helpers import BrokerThread, Peer
 from tests.sdk.conftest import Collector, Factory
 from tests.sdk.test_e2e import online, publish, raw_device

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from chatproto import MsgItem, dumps, msg_item, presence_item, receipt_item
 from client_sdk.dispatch import Dispatcher
 from client_sdk.events import ErrorEvent, Event, Message, Receipt
 from client_sdk.inbox import Arrival, Inbox, classify_arrival, dedup_key, read_downlink
 from client_sdk.localstore import LocalStore
-from client_sdk.protocol import MsgItem, dumps, msg_item, presence_item, receipt_item
 
 
 def msg(seq: int, msg_id: str | None = None, sender: str = "alice", body: str | None = None) -> bytes:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from chatproto import MESSAGE_ID_RE
 from client_sdk.localstore import LocalStore
 from client_sdk.outbox import (
     PERMANENT_CODES,
@@ -18,7 +19,6 @@ from client_sdk.outbox import (
     error_verdict,
     new_message_id,
 )
-from client_sdk.protocol import MESSAGE_ID_RE
 
 
 class Clock:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from client_sdk import AsyncClient, Client, Presence, Privacy, RequestError
+from testkit.proxy import MqttProxy
 from tests.helpers import BrokerThread
-from tests.proxy import MqttProxy
 from tests.sdk.conftest import Collector, Factory
 
 WAIT_S = 15.0

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 from bridge.links import LinkRegistry
-from bridge.messaging import Messaging
-from bridge.presence_service import PresenceService
-from bridge.service import Bridge
+from bridge.messaging.service import Messaging
+from bridge.presence.service import PresenceService
+from bridge.router import Bridge
 
 
 class _Link:

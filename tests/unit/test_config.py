@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ConfigError, Settings, load_settings, parse_bind
+from chatserver.config import ConfigError, Settings, load_settings, parse_bind
 
 ROOT = Path(__file__).resolve().parents[2]
 

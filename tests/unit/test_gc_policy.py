@@ -1,11 +1,11 @@
-"""The garbage-collector rule (broker/gc_policy.py): freeze survivors, and run a full
+"""The garbage-collector rule (chatserver/gc_policy.py): freeze survivors, and run a full
 collection only once the frozen set has grown by a quarter since the last one."""
 
 from __future__ import annotations
 
 import gc
 
-from broker.gc_policy import FREEZE_MIN_OBJECTS, FULL_FLOOR, Action, GcTuner, Heap, decide
+from chatserver.gc_policy import FREEZE_MIN_OBJECTS, FULL_FLOOR, Action, GcTuner, Heap, decide
 
 
 def test_few_survivors_are_left_alone() -> None:

@@ -1,4 +1,4 @@
-"""The key directory without a network: argument rules of keys.* / devices.remove (bridge/keys.py),
+"""The key directory without a network: argument rules of keys.* / devices.remove (bridge/keys/core.py),
 the in-memory set of devices with keys, and the SQLite key store (publish limits, reinstall,
 claims that take each one-time key once, also when a publish is retried or claims overlap)."""
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from bridge.key_store import SqliteKeyStore
-from bridge.keys import KeyedDevices, KeyRuleError, parse_claim, parse_device, parse_publish
-from client_sdk.protocol import MAX_ONE_TIME_KEYS_PER_PUBLISH, MAX_ONE_TIME_KEYS_STORED
+from bridge.keys.core import KeyedDevices, KeyRuleError, parse_claim, parse_device, parse_publish
+from chatproto import MAX_ONE_TIME_KEYS_PER_PUBLISH, MAX_ONE_TIME_KEYS_STORED
+from storage.sqlite.keys import SqliteKeyStore
 
 
 def device_keys(user: str = "bob", device: str = "phone", curve: str = "Q1VSVkU") -> dict[str, Any]:

@@ -10,9 +10,9 @@ import pytest
 from rich.console import Console
 
 from bridge.counters import BridgeCounters, Histogram
-from broker.config import build_settings
-from broker.http import HttpError, parse_head, response
-from broker.status import DEFAULT_URL, Snapshot, render, url_from_settings
+from chatserver.config import build_settings
+from chatserver.http import HttpError, parse_head, response
+from chatserver.status import DEFAULT_URL, Snapshot, render, url_from_settings
 from tests.unit.test_staging import core, msg
 
 

@@ -1,4 +1,4 @@
-"""The presence core's rules (bridge/presence.py), driven with a fake clock and no I/O.
+"""The presence core's rules (bridge/presence/core.py), driven with a fake clock and no I/O.
 
 Proves: online after a heartbeat and offline with the right ``last_seen`` after
 away, window expiry and the last foreground device going away (also a late
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bridge.presence import HIDDEN, LimitExceeded, Outcome, PresenceCore, PresenceRules, View, visible
+from bridge.presence.core import HIDDEN, LimitExceeded, Outcome, PresenceCore, PresenceRules, View, visible
 
 W = 30_000  # online window, ms
 C = 1_000  # coalescing, ms

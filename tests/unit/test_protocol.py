@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from client_sdk import protocol as p
+import chatproto as p
 
 
 @pytest.mark.parametrize("value", ["alice", "a", "a_1", "x" * 32])

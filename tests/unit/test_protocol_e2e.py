@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from client_sdk import protocol as p
+import chatproto as p
 
 
 def olm(bodies: object, **fields: object) -> bytes:

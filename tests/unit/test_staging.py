@@ -1,4 +1,4 @@
-"""The staging core's rules (bridge/staging.py), driven with explicit times and no I/O."""
+"""The staging core's rules (bridge/messaging/core.py), driven with explicit times and no I/O."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 from bridge.directory import Directory, placeholder
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staged import SEQ_SPAN, Outcome, Rules
-from bridge.staging import Staging
-from client_sdk.protocol import ChatMessage
+from bridge.messaging.core import Staging
+from bridge.messaging.records import SEQ_SPAN, Outcome, Rules
+from chatproto import ChatMessage
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=2, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
 

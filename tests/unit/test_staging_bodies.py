@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from bridge.directory import Directory
-from bridge.keys import KeyedDevices
+from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staged import FlushBatch, Outcome, Rules
-from bridge.staging import Staging
-from bridge.store import STAGING_DB, SqliteStagingStore
-from client_sdk.protocol import OLM_TYPE, ChatMessage
+from bridge.messaging.core import Staging
+from bridge.messaging.records import FlushBatch, Outcome, Rules
+from chatproto import OLM_TYPE, ChatMessage
+from storage.sqlite.messages import STAGING_DB, SqliteStagingStore
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
 DEVICES = [("alice", "phone"), ("alice", "tab"), ("bob", "phone"), ("bob", "laptop"), ("bob", "old"), ("carol", "x")]

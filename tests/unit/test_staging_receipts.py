@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bridge.staged import Outcome
-from bridge.staging import Staging
-from client_sdk.protocol import MAX_IDS_PER_ITEM
+from bridge.messaging.core import Staging
+from bridge.messaging.records import Outcome
+from chatproto import MAX_IDS_PER_ITEM
 from tests.unit.test_staging import RULES, core, kinds, msg
 
 

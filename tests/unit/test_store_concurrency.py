@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bridge.staged import FlushBatch, Item, Message
-from bridge.store import SqliteStagingStore
+from bridge.messaging.records import FlushBatch, Item, Message
+from storage.sqlite.messages import SqliteStagingStore
 
 
 async def test_commit_prune_and_checkpoint_can_overlap(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Supervision of background rounds (broker/supervisor.py) and the pure parts of a failed commit:
+"""Supervision of background rounds (chatserver/supervisor.py) and the pure parts of a failed commit:
 ``FlushBatch.parts`` and ``Staging.drop_unwritable``. No I/O: times are passed in."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from broker.sqlite import StoreError
-from broker.supervisor import Backoff, Supervisor
+from chatserver.supervisor import Backoff, Supervisor
+from storage.sqlite.db import StoreError
 from tests.unit.test_staging import core, kinds, msg
 
 
@@ -24,7 +24,7 @@ def test_a_failing_task_is_counted_named_until_it_works_again(caplog: pytest.Log
     now = [100.0]
     supervisor = Supervisor(clock=lambda: now[0])
     assert supervisor.problems() == []
-    with caplog.at_level(logging.ERROR, "broker.supervisor"):
+    with caplog.at_level(logging.ERROR, "chatserver.supervisor"):
         supervisor.failed("flush", RuntimeError("boom"))
         now[0] = 103.0
         supervisor.failed("flush", RuntimeError("again"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.users import UnknownUserError, UserExistsError, UserStore, load_or_create_secret
+from storage.sqlite.users import UnknownUserError, UserExistsError, UserStore, load_or_create_secret
 
 
 async def test_user_lifecycle(tmp_path: Path) -> None:

@@ -46,9 +46,9 @@ from typing import Any
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
-from bridge.keys import KeyedDevices
+from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
-from bridge.staged import (
+from bridge.messaging.records import (
     DURABLE,
     SEQ_SPAN,
     VOLATILE,
@@ -62,7 +62,7 @@ from bridge.staged import (
     Outcome,
     Rules,
 )
-from client_sdk.protocol import (
+from chatproto import (
     MAX_IDS_PER_ITEM,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
@@ -100,7 +100,7 @@ class Staging:
         # origin -> (id of its message refused for a transient reason, until): later messages of that
         # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
         self._held: dict[str, Hold] = {}
-        self.counters = BridgeCounters()  # read by broker.metrics at scrape time
+        self.counters = BridgeCounters()  # read by chatserver.metrics at scrape time
 
     # --- restore -----------------------------------------------------------------
 

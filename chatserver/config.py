@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from client_sdk.protocol import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
+from chatproto import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
 
 DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
 DEFAULT_MAX_DEVICES_PER_USER = 16
@@ -176,7 +176,7 @@ class DedupSettings(_Section):
 
 def chat_packet_bytes(limits: LimitsSettings) -> int:
     """Largest MQTT packet a valid chat uplink can need (the envelope limit of
-    ``client_sdk.protocol.parse_chat_message``: body x 6 for JSON escapes + 1 KiB,
+    ``chatproto.parse_chat_message``: body x 6 for JSON escapes + 1 KiB,
     or a request), plus the PUBLISH headers (fixed header, topic, packet id)."""
     return max(chat_envelope_bytes(limits.max_body_bytes), limits.max_request_bytes) + 64
 
@@ -280,7 +280,7 @@ class PresenceSettings(_Section):
 
 
 class GcSettings(_Section):
-    """The garbage collector and long-lived connection objects (broker/gc_policy.py)."""
+    """The garbage collector and long-lived connection objects (chatserver/gc_policy.py)."""
 
     freeze: bool = True
     """Move surviving objects out of the collector's way (``chat-broker run`` only: the GC is process-wide)."""

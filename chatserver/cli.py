@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from broker import user_admin
-from broker.config import ConfigError, Settings, load_settings
-from broker.gc_policy import GcTuner
 from broker.logs import setup_logging
 from broker.server import ListenerError
-from broker.sqlite import StoreError
-from broker.status import DEFAULT_URL, StatusError
+from chatserver import user_admin
+from chatserver.config import ConfigError, Settings, load_settings
+from chatserver.gc_policy import GcTuner
+from chatserver.status import DEFAULT_URL, StatusError
+from storage.sqlite.db import StoreError
 
 log = logging.getLogger("chat-broker")
 
@@ -185,7 +185,7 @@ def _import(file: str, data_dir: Path) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console  # noqa: PLC0415 (only this command needs it)
 
-    from broker import status  # noqa: PLC0415
+    from chatserver import status  # noqa: PLC0415
 
     url = args.url or status.url_from_settings(settings)
     if args.interval <= 0:
@@ -233,7 +233,7 @@ async def _startup_logs_held() -> AsyncIterator[None]:
 
 
 async def _serve(settings: Settings) -> int:
-    from broker.app import BrokerApp  # noqa: PLC0415 (imported here: amqtt is slow to import, user commands don't need it)
+    from chatserver.app import BrokerApp  # noqa: PLC0415 (imported here: amqtt is slow to import, user commands don't need it)
 
     app = BrokerApp(settings)
     stop = asyncio.Event()

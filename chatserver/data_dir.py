@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from broker.sqlite import DIR_MODE, FILE_MODE, StoreError, ensure_private_dir, explain
+from storage.sqlite.db import DIR_MODE, FILE_MODE, StoreError, ensure_private_dir, explain
 
 log = logging.getLogger(__name__)
 

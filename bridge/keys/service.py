@@ -1,6 +1,6 @@
 """The ``keys.*`` and ``devices.remove`` requests: the thin shell around the key rules and store.
 
-Each op checks its arguments with ``bridge.keys``, runs one store transaction,
+Each op checks its arguments with ``bridge.keys.core``, runs one store transaction,
 and keeps the in-memory ``KeyedDevices`` (each keyed device's current identity
 key, used by the olm mismatch check of the staging core) in step with the store.
 """
@@ -12,11 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from bridge.key_store import KeyStore
-from bridge.keys import KeyedDevices, parse_claim, parse_device, parse_publish, parse_user
+from bridge.keys.core import KeyedDevices, parse_claim, parse_device, parse_publish, parse_user
 from bridge.limits import RateLimiter
 from bridge.requests import Caller, Op, OpError, check_args
-from client_sdk.protocol import (
+from chatproto import (
     OP_DEVICES_REMOVE,
     OP_KEYS_CLAIM,
     OP_KEYS_COUNT,
@@ -24,6 +23,7 @@ from client_sdk.protocol import (
     OP_KEYS_PUBLISH,
     ErrorCode,
 )
+from storage.sqlite.keys import KeyStore
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The records of the staging core (bridge/staging.py): what it is configured with
+"""The records of the staging core (bridge/messaging/core.py): what it is configured with
 (``Rules``), what it keeps (``Message``, ``Item``, ``DeviceBox``, ``Hold``), and what it
 hands to the shell (``Outcome``: what to send; ``FlushBatch``: what to write; ``Figures``).
-Shared with the SQLite store (bridge/store.py), which writes and reads them back.
+Shared with the SQLite store (storage/sqlite/messages.py), which writes and reads them back.
 """
 
 from __future__ import annotations

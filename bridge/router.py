@@ -19,10 +19,10 @@ import logging
 from typing import Any
 
 from bridge.links import DeviceLink, LinkRegistry
-from bridge.messaging import Messaging
-from bridge.presence_service import PresenceService
+from bridge.messaging.service import Messaging
+from bridge.presence.service import PresenceService
 from bridge.requests import Caller, Op, OpError
-from client_sdk.protocol import (
+from chatproto import (
     DecodeError,
     ErrorCode,
     error_item,

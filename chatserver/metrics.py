@@ -2,7 +2,7 @@
 
 The hot path only bumps plain ints (``broker.counters``, ``bridge.counters``);
 ``ChatCollector.collect`` reads them, and the staging core's ``figures()``,
-at scrape time, on the broker's event loop (``broker.http`` serves it there),
+at scrape time, on the broker's event loop (``chatserver.http`` serves it there),
 so a scrape sees one consistent moment and needs no locks. Each ``BrokerApp``
 has its own ``CollectorRegistry``: several brokers can run in one process.
 Labels are small fixed sets; nothing per user (queue depth is a histogram).
@@ -27,12 +27,12 @@ from prometheus_client.registry import Collector
 
 from bridge.counters import LATENCY_BUCKETS, Histogram
 from bridge.links import LinkRegistry
-from bridge.staging import Staging
+from bridge.messaging.core import Staging
 from broker.auth import Authenticator
 from broker.counters import LOGIN_RESULTS
 from broker.server import ChatBroker
-from broker.supervisor import TASKS, Supervisor, cancel
-from client_sdk.protocol import UPLINKS, ErrorCode
+from chatproto import UPLINKS, ErrorCode
+from chatserver.supervisor import TASKS, Supervisor, cancel
 
 DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10000, 100000)
 DOWNLINK_KINDS = ("msg", "receipt", "presence", "res", "error")

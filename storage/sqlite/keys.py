@@ -1,10 +1,10 @@
 """The key directory on disk: each device's public identity keys, one-time keys and fallback key.
 
 One interface, one SQLite implementation (``keys.db`` in the data directory;
-WAL, ``secure_delete``: see broker/sqlite.py). Every operation is one named
+WAL, ``secure_delete``: see storage/sqlite/db.py). Every operation is one named
 transaction; a claim takes and deletes its keys in the same transaction, so
 concurrent claims never hand out the same one-time key (the writer lock of
-broker/sqlite.py serialises them within the process, ``BEGIN IMMEDIATE``
+storage/sqlite/db.py serialises them within the process, ``BEGIN IMMEDIATE``
 across processes). Claimed key ids are remembered per device (until its
 identity keys change or it is removed), so a retried publish cannot bring a
 handed-out key back.
@@ -16,9 +16,9 @@ import contextlib
 import json
 from typing import Any, Protocol
 
-from bridge.keys import KeyRuleError, OneTimeKey, Publish, claimed_item
-from broker.sqlite import SqliteFile, transaction, writer_lock
-from client_sdk.protocol import MAX_ONE_TIME_KEYS_STORED, ErrorCode
+from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
+from chatproto import MAX_ONE_TIME_KEYS_STORED, ErrorCode
+from storage.sqlite.db import SqliteFile, transaction, writer_lock
 
 KEYS_DB = "keys.db"
 

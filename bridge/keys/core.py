@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from bridge.requests import OpError
-from client_sdk.protocol import (
+from chatproto import (
     MAX_ONE_TIME_KEYS_PER_PUBLISH,
     MAX_USERS_PER_REQUEST,
     PUBLIC_KEY_RE,

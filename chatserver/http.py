@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from broker.config import parse_bind
+from chatserver.config import parse_bind
 
 log = logging.getLogger(__name__)
 

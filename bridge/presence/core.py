@@ -45,7 +45,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from client_sdk.protocol import PRIVACY_CHOICES, PRIVACY_CONTACTS, PRIVACY_EVERYONE, presence_item
+from chatproto import PRIVACY_CHOICES, PRIVACY_CONTACTS, PRIVACY_EVERYONE, presence_item
 
 NEVER: Final = -(1 << 62)
 

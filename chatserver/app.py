@@ -7,35 +7,35 @@ import logging
 import time
 
 from bridge.directory import Directory
-from bridge.key_service import KeyService
-from bridge.key_store import SqliteKeyStore
-from bridge.keys import KeyedDevices
+from bridge.keys.core import KeyedDevices
+from bridge.keys.service import KeyService
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
-from bridge.messaging import Messaging
-from bridge.presence import PresenceCore, PresenceRules
-from bridge.presence_service import PresenceService
-from bridge.presence_store import SqlitePresenceStore
+from bridge.messaging.core import Staging
+from bridge.messaging.records import Rules
+from bridge.messaging.service import Messaging
+from bridge.presence.core import PresenceCore, PresenceRules
+from bridge.presence.service import PresenceService
 from bridge.requests import build_ops
-from bridge.service import Bridge
-from bridge.staged import Rules
-from bridge.staging import Staging
-from bridge.store import SqliteStagingStore
+from bridge.router import Bridge
 from broker.auth import Authenticator
-from broker.config import Settings
-from broker.data_dir import BrokerLock, make_private
-from broker.http import OpsServer
 from broker.login_guard import LoginGuard
-from broker.metrics import LoopLag, Sources, build_registry
 from broker.server import ChatBroker, ListenerError
-from broker.sqlite import StoreError
-from broker.supervisor import Supervisor
-from broker.users import UserStore, load_or_create_secret
+from chatserver.config import Settings
+from chatserver.data_dir import BrokerLock, make_private
+from chatserver.http import OpsServer
+from chatserver.metrics import LoopLag, Sources, build_registry
+from chatserver.supervisor import Supervisor
+from storage.sqlite.db import StoreError
+from storage.sqlite.keys import SqliteKeyStore
+from storage.sqlite.messages import SqliteStagingStore
+from storage.sqlite.presence import SqlitePresenceStore
+from storage.sqlite.users import UserStore, load_or_create_secret
 
 log = logging.getLogger(__name__)
 
 PROBE_WAIT_S = 1.0  # /readyz answers within this (the listener's own deadline is longer)
-PROBE_END_S = 6.0  # longer than SQLite's busy_timeout (5 s, broker/sqlite.py): a probe always ends by then
+PROBE_END_S = 6.0  # longer than SQLite's busy_timeout (5 s, storage/sqlite/db.py): a probe always ends by then
 
 
 def _now_ms() -> int:

@@ -19,13 +19,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from bridge.links import LinkRegistry
+from bridge.messaging.core import Staging
+from bridge.messaging.records import FlushBatch, Outcome
 from bridge.requests import Caller
-from bridge.staged import FlushBatch, Outcome
-from bridge.staging import Staging
-from bridge.store import StagingStore
-from broker.sqlite import StoreError
-from broker.supervisor import Backoff, Supervisor, cancel
-from client_sdk.protocol import (
+from chatproto import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
     DecodeError,
     dumps,
@@ -34,6 +31,9 @@ from client_sdk.protocol import (
     parse_chat_message,
     parse_seen,
 )
+from chatserver.supervisor import Backoff, Supervisor, cancel
+from storage.sqlite.db import StoreError
+from storage.sqlite.messages import StagingStore
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Presence: the thin shell around the presence core (``bridge/presence.py``).
+"""Presence: the thin shell around the presence core (``bridge/presence/core.py``).
 
 It reads heartbeats, runs the presence and privacy requests, sends the core's
 ``presence`` items through the link registry, keeps one timer armed at the
@@ -16,12 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bridge.links import LinkRegistry
-from bridge.presence import LimitExceeded, Outcome, PresenceCore
-from bridge.presence_store import PresenceStore
+from bridge.presence.core import LimitExceeded, Outcome, PresenceCore
 from bridge.requests import Caller, Op, OpError, check_args
-from broker.sqlite import StoreError
-from broker.supervisor import Backoff, Supervisor, cancel
-from client_sdk.protocol import (
+from chatproto import (
     HB_AWAY,
     PRIVACY_CHOICES,
     DecodeError,
@@ -30,6 +27,9 @@ from client_sdk.protocol import (
     parse_heartbeat,
     parse_user_list,
 )
+from chatserver.supervisor import Backoff, Supervisor, cancel
+from storage.sqlite.db import StoreError
+from storage.sqlite.presence import PresenceStore
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from broker.sqlite import SqliteFile, StoreError, ensure_private_dir
+from storage.sqlite.db import SqliteFile, StoreError, ensure_private_dir
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from broker.supervisor import Supervisor, cancel
+from chatserver.supervisor import Supervisor, cancel
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from broker.sqlite import StoreError
+from storage.sqlite.db import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import aiosqlite
 
-from broker.sqlite import SqliteFile, StoreError, transaction
+from storage.sqlite.db import SqliteFile, StoreError, transaction
 
 PRESENCE_DB = "presence.db"
 

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import aiosqlite
 
-from bridge.staged import FlushBatch, Item, Message
-from broker.sqlite import SqliteFile, StoreError, transaction, writer_lock
+from bridge.messaging.records import FlushBatch, Item, Message
+from storage.sqlite.db import SqliteFile, StoreError, transaction, writer_lock
 
 log = logging.getLogger(__name__)
 

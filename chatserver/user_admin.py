@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from broker import credentials
-from broker.users import USERS_DB, UserStore
-from client_sdk.protocol import is_user_id
+from chatproto import is_user_id
+from storage.sqlite.users import USERS_DB, UserStore
 
 IMPORT_BATCH = 500
 
