@@ -165,12 +165,15 @@ def _short(path: str) -> str:
     return path
 
 
+OUR_PACKAGES = ("chatproto", "client_sdk", "broker", "bridge", "storage", "chatserver")
+
+
 def _owner(trace: tracemalloc.Traceback) -> str:
     """The innermost frame of amqtt or of this project, else the innermost frame."""
     frames = list(trace)  # oldest call first (Python >= 3.7)
     for frame in reversed(frames):
         name = frame.filename
-        if "site-packages/amqtt/" in name or any(f"/{p}/" in name for p in ("chatproto", "client_sdk", "broker", "bridge", "storage", "chatserver")):
+        if "site-packages/amqtt/" in name or any(f"/{p}/" in name for p in OUR_PACKAGES):
             return f"{_short(name)}:{frame.lineno}"
     return f"{_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
 
