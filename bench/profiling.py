@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.common import REPO
+
 PY_SPY_CANDIDATES = (Path(sys.executable).parent / "py-spy", Path("/tmp/venv/bin/py-spy"))
 
 
@@ -72,7 +74,7 @@ def _frame_name(frame: str) -> str:
     if not sep:
         return frame
     path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/work/main/", "python3.11/"):
+    for marker in ("site-packages/", f"{REPO}/", "python3.11/"):  # any checkout
         if marker in path:
             path = path.split(marker, 1)[1]
             break

@@ -24,8 +24,6 @@ from typing import Any
 _connection: contextvars.ContextVar[str | None] = contextvars.ContextVar("connection", default=None)
 _client: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 
-FORMATS = ("text", "json")
-
 
 def bind_connection(conn_id: str) -> None:
     """Call at the start of the task serving one connection: its log lines carry ``conn``."""

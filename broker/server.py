@@ -1,7 +1,6 @@
 """The hardened embedded broker: amqtt's ``Broker`` with narrow overrides.
 
-Each override says which amqtt 0.12.1 fault it fixes (see
-``../shared/notes/amqtt-0.12.1.md`` and docs/ARCHITECTURE.md):
+Each override says which amqtt 0.12.1 fault it fixes (see docs/AMQTT.md):
 
 - ``_client_connected``: authenticate *before* any session is looked up, so a
   wrong password cannot wipe or take over a victim's session (fault 1) and

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import importlib.util
 import logging
 import logging.handlers
 import signal
@@ -14,13 +15,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from broker.logs import setup_logging
-from broker.server import ListenerError
-from chatserver import user_admin
-from chatserver.config import ConfigError, Settings, load_settings
-from chatserver.gc_policy import GcTuner
-from chatserver.status import DEFAULT_URL, StatusError
-from storage.sqlite.db import StoreError
+try:
+    from broker.logs import setup_logging
+    from broker.server import ListenerError
+    from chatserver import user_admin
+    from chatserver.config import ConfigError, Settings, load_settings
+    from chatserver.gc_policy import GcTuner
+    from chatserver.status import DEFAULT_URL, StatusError
+    from storage.sqlite.db import StoreError
+except ModuleNotFoundError as exc:
+    # `pip install chat-broker` without the extra is the SDK alone: the server's code is there,
+    # its dependencies are not. Say so in one line; a missing module of ours is a bug: re-raise.
+    if exc.name is None or importlib.util.find_spec(exc.name.partition(".")[0]) is not None:
+        raise
+    raise SystemExit(f"chat-broker: the server needs its dependencies ({exc.name} is missing): "
+                     "pip install 'chat-broker[server]'") from None
 
 log = logging.getLogger("chat-broker")
 

@@ -18,7 +18,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from chatproto import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
 
-DEFAULT_PORTS = {"tcp": 1883, "tls": 8883, "ws": 8080}
 DEFAULT_MAX_DEVICES_PER_USER = 16
 
 

@@ -1,4 +1,4 @@
-"""The amqtt 0.12.1 faults (notes "Faults reproduced" 1-4) are fixed in broker/server.py.
+"""The amqtt 0.12.1 faults 1-4 (docs/AMQTT.md, "The faults") are fixed in broker/server.py.
 
 Each test performs one attack over real sockets and runs twice: against the ChatBroker,
 where the attack must fail (``chatbroker-is-fixed``), and against a stock
@@ -178,7 +178,7 @@ def test_identity_takeover(launch: Callable[..., Target], clean_session: bool) -
     if target.fixed:
         session = target.inspect(lambda b: b.sessions["alice.phone"][0])
         assert (session.password, "alice.phone" in subscribers) == ("alice-pw", True)
-    elif clean_session:  # the symptoms the notes describe: still connected, but deaf...
+    elif clean_session:  # the symptoms docs/AMQTT.md describes: still connected, but deaf...
         assert not victim.disconnected.is_set()
         assert "alice.phone" not in subscribers
     else:  # ...or thrown out by the refused client (its session, now disconnected, soon expires)

@@ -1,6 +1,6 @@
 """The staging store: where items wait on disk. One interface, one SQLite implementation.
 
-The interface is in terms of per-device queue operations (see DESIGN.md, "Scale
+The interface is in terms of per-device queue operations (see docs/ARCHITECTURE.md, "Scale
 beyond one machine"), so another backend can replace SQLite without touching
 the core. Bodies are stored once per message; each target device has its own
 item row (which holds that device's ciphertext of an olm message).
