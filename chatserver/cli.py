@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bridge.store import StoreError
 from broker.logs import setup_logging
 from broker.server import ListenerError
 from chatserver import user_admin
 from chatserver.config import ConfigError, Settings, load_settings
 from chatserver.gc_policy import GcTuner
 from chatserver.status import DEFAULT_URL, StatusError
-from storage.sqlite.db import StoreError
 
 log = logging.getLogger("chat-broker")
 
