@@ -77,8 +77,8 @@ class BrokerApp:
         self._probe: asyncio.Future[None] | None = None
         self._probe_started = 0.0
         self._lock: BrokerLock | None = None
-        self.supervisor = Supervisor()  # every background task reports here (/readyz, metrics)
         self.clock = Clock()  # the one clock every service reads
+        self.supervisor = Supervisor(self.clock.monotonic)  # every background task reports here (/readyz, metrics)
 
     @property
     def broker(self) -> ChatBroker:
