@@ -5,7 +5,7 @@
 passwords, so this writes ``users.db`` directly:
 
 - every user gets the SAME scrypt hash of one password (hashed once, through
-  ``broker.credentials.hash_password`` and ``storage.sqlite.users.UserStore.add_users``);
+  ``broker.credentials.hash_password`` and ``storage.sqlite.users.SqliteUserStore.add_users``);
 - every user gets one known device (``{user}.bench``) holding a device token, as
   if it had logged in once with its password and asked for ``auth.token``.
   The token is derived from a seed (so the load generator knows it without a
@@ -18,7 +18,7 @@ token (a keyed hash, microseconds), not the password (scrypt, ~50 ms). One user
 
 The device rows are written with the standard library's sqlite3 in one
 transaction (the store's ``record_login`` commits once per call: 20,000 fsyncs);
-``verify_template`` reads them back through ``UserStore`` and checks one token
+``verify_template`` reads them back through ``SqliteUserStore`` and checks one token
 with ``broker.credentials.token_matches``, so a schema change fails loudly here.
 """
 
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from bench.common import BenchError
 from broker import credentials
-from storage.sqlite.users import SECRET_FILE, USERS_DB, UserStore, load_or_create_secret
+from storage.sqlite.users import SECRET_FILE, USERS_DB, SqliteUserStore, load_or_create_secret
 
 DEVICE = "bench"
 PASSWORD = "bench-password-shared-by-all-bench-users"  # bench setup: every bench user has it
@@ -52,7 +52,7 @@ def token_for(user: str) -> str:
 
 
 async def _write(data_dir: Path, names: list[str], pw_hash: str) -> None:
-    store = await UserStore.open(data_dir)  # creates users.db with the current schema
+    store = await SqliteUserStore.open(data_dir)  # creates users.db with the current schema
     try:
         added, _existing = await store.add_users((name, pw_hash) for name in names)
     finally:
@@ -74,7 +74,7 @@ async def _write(data_dir: Path, names: list[str], pw_hash: str) -> None:
 
 
 async def _verify(data_dir: Path, name: str) -> None:
-    store = await UserStore.open(data_dir)
+    store = await SqliteUserStore.open(data_dir)
     try:
         info = await store.device(name, DEVICE)
         stored = await store.password_hash(name)

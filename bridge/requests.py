@@ -7,28 +7,17 @@ ops to the same table (presence: ``bridge/presence/service.py``; see chatserver/
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chatproto import ErrorCode, is_device_id
+from bridge.clock import Clock
+from chatproto import Caller, ErrorCode, is_device_id
 
 
 class TokenIssuer(Protocol):
     async def issue_token(self, user: str, device: str) -> str: ...
 
     async def revoke_tokens(self, user: str, device: str | None) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    user: str
-    device: str
-
-    @property
-    def client_id(self) -> str:
-        return f"{self.user}.{self.device}"
 
 
 class OpError(Exception):
@@ -48,12 +37,11 @@ def check_args(args: dict[str, Any], allowed: set[str]) -> None:
         raise OpError(ErrorCode.BAD_ENVELOPE, f"unknown argument(s): {', '.join(sorted(unknown))}")
 
 
-def build_ops(tokens: TokenIssuer, clock_ms: Callable[[], int] | None = None) -> dict[str, Op]:
-    now_ms = clock_ms or (lambda: int(time.time() * 1000))
+def build_ops(tokens: TokenIssuer, clock: Clock) -> dict[str, Op]:
 
     async def ping(caller: Caller, args: dict[str, Any]) -> Any:
         check_args(args, set())
-        return {"pong": now_ms()}
+        return {"pong": clock.wall_ms()}
 
     async def auth_token(caller: Caller, args: dict[str, Any]) -> Any:
         check_args(args, set())

@@ -21,8 +21,9 @@ from typing import Any
 from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging.service import Messaging
 from bridge.presence.service import PresenceService
-from bridge.requests import Caller, Op, OpError
+from bridge.requests import Op, OpError
 from chatproto import (
+    Caller,
     DecodeError,
     ErrorCode,
     error_item,

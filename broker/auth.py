@@ -26,8 +26,8 @@ from typing import Final
 
 from broker import credentials
 from broker.login_guard import LoginGuard
+from broker.users import TooManyDevicesError, UserStore
 from chatproto import is_user_id, split_client_id
-from storage.sqlite.users import TooManyDevicesError, UserStore
 
 log = logging.getLogger(__name__)
 

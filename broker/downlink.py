@@ -23,8 +23,9 @@ from amqtt.adapters import StreamWriterAdapter, WriterAdapter
 
 from broker.counters import BrokerCounters
 
-PUBLISH = 0x30
-PUBACK = 0x40
+# First bytes of the fixed header (packet type << 4 | flags); broker.wire names the types.
+PUBLISH_BYTE = 0x30  # flags (DUP, QoS, RETAIN) are or-ed in
+PUBACK_BYTE = 0x40
 MAX_PACKET_ID = 65535
 
 
@@ -45,11 +46,11 @@ def encode_publish(topic: bytes, payload: bytes, qos: int, packet_id: int | None
         if packet_id is None:
             raise ValueError("a QoS 1/2 PUBLISH needs a packet id")
         variable += packet_id.to_bytes(2, "big")
-    return bytes((PUBLISH | qos << 1,)) + remaining_length(len(variable) + len(payload)) + variable + payload
+    return bytes((PUBLISH_BYTE | qos << 1,)) + remaining_length(len(variable) + len(payload)) + variable + payload
 
 
 def encode_puback(packet_id: int) -> bytes:
-    return bytes((PUBACK, 2)) + packet_id.to_bytes(2, "big")
+    return bytes((PUBACK_BYTE, 2)) + packet_id.to_bytes(2, "big")
 
 
 WRITE_BUFFER_HIGH = 256 * 1024

@@ -14,7 +14,8 @@ Each override says which amqtt 0.12.1 fault it fixes (see docs/AMQTT.md):
   are offered only for the session's own subscriptions, each checked against
   the ACL (fault 2).
 - ``_handle_message_delivery`` / ``_handle_disconnect``: publishes (and wills)
-  on chat topics go to the bridge, not through amqtt's broadcast loop.
+  on chat topics go to the bridge through its port (``broker.port.ChatPort``),
+  not through amqtt's broadcast loop.
 
 MQTT 3.1.1 conformance (docs/MQTT.md; tests/mqtt/), with the layers below:
 - every packet passes ``broker.wire.PacketGate`` before amqtt parses it
@@ -50,8 +51,6 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from bridge.requests import Caller
-from bridge.router import Bridge
 from broker.acl import NO_ACCESS, TopicAcl
 from broker.admission import AddressSlots
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
@@ -59,13 +58,15 @@ from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
 from broker.handler import ChatProtocolHandler, keepalive_deadline
+from broker.link import SessionLink
 from broker.logs import WS_LOG, bind_client, bind_connection
+from broker.port import ChatPort
 from broker.session_states import lighten, set_aside
+from broker.settings import BrokerSettings
 from broker.silence import SilenceWatch
 from broker.streams import start_server
-from broker.wire import ConnectRefused, PacketGate, ProtocolViolation, WireLimits
-from chatproto import inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
-from chatserver.config import Settings, parse_bind
+from broker.wire import ConnectRefused, PacketGate, ProtocolViolation
+from chatproto import Caller, inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
 log = logging.getLogger(__name__)
 
@@ -83,52 +84,6 @@ class LoginRefusedError(Exception):
     pass
 
 
-class SessionLink:
-    """``bridge.links.DeviceLink`` over an amqtt connection (QoS 1, in call order).
-
-    ``qos`` is min(1, the QoS granted to the inbox subscription) [MQTT-3.8.4-6]: a
-    device that subscribed at QoS 0 gets its items at QoS 0 (the chat protocol's own
-    ack and redelivery still apply).
-    """
-
-    def __init__(self, client_id: str, topic: str, handler: ChatProtocolHandler, qos: int = QOS_1) -> None:
-        self._client_id = client_id
-        self._topic = topic
-        self._handler = handler
-        self._qos = min(qos, QOS_1)
-        self._topic_bytes = topic.encode()
-        self._pending: set[asyncio.Task[Any]] | None = None  # WebSocket sends in flight; made on first use
-
-    @property
-    def client_id(self) -> str:
-        return self._client_id
-
-    def serves(self, handler: ChatProtocolHandler) -> bool:
-        """True if this link writes to ``handler``'s connection."""
-        return self._handler is handler
-
-    def regrant(self, qos: int) -> None:
-        """The inbox was subscribed again on the same connection, at ``qos``."""
-        self._qos = min(qos, QOS_1)
-
-    def send(self, payload: bytes) -> None:
-        if self._handler.send_chat(self._topic_bytes, payload, self._qos):
-            return
-        # A WebSocket connection: amqtt's path. mqtt_publish reaches the handler's FIFO write lock without awaiting
-        # first, so tasks created in order write in order.
-        task = asyncio.ensure_future(self._handler.mqtt_publish(self._topic, payload, self._qos, retain=False))
-        if self._pending is None:
-            self._pending = set()
-        self._pending.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        if self._pending is not None:
-            self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("downlink to %s not acknowledged: %r", self._client_id, task.exception())
-
-
 def _resolved(value: Any) -> asyncio.Future[Any]:
     """A done future holding ``value``: amqtt's _handle_* methods take the waiter that produced it."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -144,25 +99,21 @@ def _chat_identity(session: Session) -> Caller | None:
 
 
 class ChatBroker(ConformantBroker):
-    def __init__(self, settings: Settings, authenticator: Authenticator, bridge: Bridge) -> None:
+    def __init__(self, settings: BrokerSettings, authenticator: Authenticator, bridge: ChatPort) -> None:
         # Listeners are started by _start_listeners below; amqtt's own listener
         # table only needs its mandatory "default" entry, unbound. No plugins:
         # auth and ACL are methods of this class, not options to forget.
-        super().__init__({"listeners": {"default": {"bind": None}}, "plugins": {}},
-                         settings.mqtt.max_queued_messages)
+        super().__init__({"listeners": {"default": {"bind": None}}, "plugins": {}}, settings.max_queued_messages)
         self.settings = settings
-        mqtt = settings.mqtt
-        self._wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s,
-                                settings.limits.publishes_per_s, settings.limits.publish_burst,
-                                mqtt.max_connect_bytes, mqtt.packet_deadline_s)
-        self._unauthenticated = AddressSlots(settings.limits.max_unauthenticated_per_address)
+        self._wire = settings.wire
+        self._unauthenticated = AddressSlots(settings.max_unauthenticated_per_address)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
         self._links: dict[str, SessionLink] = {}
         self._silence: SilenceWatch | None = None  # made in the broker's loop, at the first keepalive
         self.counters = BrokerCounters()  # read by chatserver.metrics at scrape time
-        self._downlink_policy = DownlinkPolicy(settings.limits.max_unacked_downlinks, self.counters)
+        self._downlink_policy = DownlinkPolicy(settings.max_unacked_downlinks, self.counters)
 
     # --- listeners --------------------------------------------------------------
 
@@ -176,21 +127,12 @@ class ChatBroker(ConformantBroker):
         """amqtt's hook; our listeners are already open (see ``start``)."""
 
     async def _open_listeners(self) -> None:
-        lst = self.settings.listeners
-        specs: list[tuple[str, str | None, str, str | None, str | None, int]] = [
-            ("tcp", lst.tcp.bind, "tcp", None, None, lst.tcp.max_connections),
-            ("tls", lst.tls.bind, "tcp", lst.tls.certfile, lst.tls.keyfile, lst.tls.max_connections),
-            ("ws", lst.ws.bind, "ws", None, None, lst.ws.max_connections),
-            ("wss", lst.wss.bind, "ws", lst.wss.certfile, lst.wss.keyfile, lst.wss.max_connections),
-        ]
-        for name, bind, kind, certfile, keyfile, max_connections in specs:
-            if bind is None:
-                continue
-            host, port = parse_bind(bind)
-            tls = _tls_context(name, certfile, keyfile) if name in ("tls", "wss") else None
+        for listener in self.settings.listeners:
+            name, host, port = listener.name, listener.host, listener.port
+            tls = _tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
             try:
                 instance: Any
-                if kind == "tcp":
+                if name in ("tcp", "tls"):
                     instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True
                     )
@@ -200,8 +142,10 @@ class ChatBroker(ConformantBroker):
                         subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path, logger=WS_LOG,
                     )
             except OSError as exc:
-                raise ListenerError(f"listeners.{name}.bind: cannot listen on {bind}: {exc.strerror or exc}") from None
-            self._servers[name] = Server(name, instance, max_connections)
+                raise ListenerError(
+                    f"listeners.{name}.bind: cannot listen on {listener.bind}: {exc.strerror or exc}"
+                ) from None
+            self._servers[name] = Server(name, instance, listener.max_connections)
             log.info("listening: %s on %s", name, self.bound_addresses()[name])
 
     def open_connections(self) -> dict[str, int]:
@@ -241,7 +185,7 @@ class ChatBroker(ConformantBroker):
                 self.counters.refused_unauthenticated += 1
                 log.info("%s:%d refused: %d connections from that address have not logged in yet "
                          "(limits.max_unauthenticated_per_address)", peer[0], peer[1],
-                         self.settings.limits.max_unauthenticated_per_address)
+                         self.settings.max_unauthenticated_per_address)
                 await _close_quietly(writer)
                 return
             # Every packet is checked whole before amqtt parses it (broker/wire.py).
@@ -249,11 +193,11 @@ class ChatBroker(ConformantBroker):
             try:
                 handler, session = await asyncio.wait_for(
                     self._accept_connect(reader, writer, peer[0], peer[1]),
-                    timeout=self.settings.limits.connect_timeout_s,
+                    timeout=self.settings.connect_timeout_s,
                 )
             except TimeoutError:
                 log.info("no CONNECT from %s:%d within %.0fs: closing", peer[0], peer[1],
-                         self.settings.limits.connect_timeout_s)
+                         self.settings.connect_timeout_s)
                 await _close_quietly(writer)
                 return
             except ConnectRefused as exc:
@@ -287,7 +231,7 @@ class ChatBroker(ConformantBroker):
         parsed, incoming = await ChatProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         handler = cast("ChatProtocolHandler", parsed)  # init_from_connect builds cls(...)
         client_id = incoming.client_id or ""
-        if incoming.username is None and self.settings.mqtt.allow_anonymous:
+        if incoming.username is None and self.settings.allow_anonymous:
             result = _anonymous_login(client_id, address)
             self._auth.count("anonymous" if result.ok else "bad_client_id")
         else:
@@ -418,8 +362,7 @@ class ChatBroker(ConformantBroker):
     def _acl(self, session: Session) -> TopicAcl:
         acl = session.attributes.get(ACL)
         if acl is None:
-            mqtt = self.settings.mqtt
-            rules = mqtt.anonymous_acl if session.username is None else mqtt.acl
+            rules = self.settings.anonymous_acl if session.username is None else self.settings.acl
             acl = TopicAcl.build(rules, session.username, session.client_id or "") if rules else NO_ACCESS
             session.attributes[ACL] = acl
         return cast("TopicAcl", acl)

@@ -33,10 +33,10 @@ from broker.downlink import wait_writable
 
 log = logging.getLogger(__name__)
 
+# Packet types (section 2.2.1: the high nibble of the first byte); a whole first byte is named *_BYTE.
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
 SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
 CONNECT_BYTE = 0x10  # type 1, flags 0 [MQTT-2.2.2-2]
-PUBLISH_TYPE = 3
 OVER_UNACKED_READ_S = 0.05
 """Pause before each packet read from a connection over ``limits.max_unacked_downlinks``."""
 
@@ -354,7 +354,7 @@ class PacketGate(ReaderAdapter):
         finally:
             self._packet_started = math.inf
         self.last_read = loop.time()
-        if packet[0] >> 4 == PUBLISH_TYPE and self._limits.publishes_per_s > 0:
+        if packet[0] >> 4 == PUBLISH and self._limits.publishes_per_s > 0:
             await self._pace()
         rest = self._buffer[self._pos:]
         self._buffer = rest + packet if rest else packet

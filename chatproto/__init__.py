@@ -67,6 +67,18 @@ def client_id(user: str, device: str) -> str:
     return f"{user}.{device}"
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A logged-in chat device: the broker names it, the bridge acts for it."""
+
+    user: str
+    device: str
+
+    @property
+    def client_id(self) -> str:
+        return client_id(self.user, self.device)
+
+
 def split_client_id(value: str) -> tuple[str, str] | None:
     """``"alice.phone"`` -> ``("alice", "phone")``; None unless both parts are valid."""
     user, dot, device = value.partition(".")

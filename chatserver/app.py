@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
+from bridge.clock import Clock
 from bridge.directory import Directory
 from bridge.keys.core import KeyedDevices
 from bridge.keys.service import KeyService
@@ -18,19 +18,21 @@ from bridge.presence.core import PresenceCore, PresenceRules
 from bridge.presence.service import PresenceService
 from bridge.requests import build_ops
 from bridge.router import Bridge
+from bridge.store import StoreError
 from broker.auth import Authenticator
 from broker.login_guard import LoginGuard
 from broker.server import ChatBroker, ListenerError
-from chatserver.config import Settings
+from broker.settings import BrokerSettings, ListenerSettings
+from broker.wire import WireLimits
+from chatserver.config import Settings, parse_bind
 from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import OpsServer
 from chatserver.metrics import LoopLag, Sources, build_registry
 from chatserver.supervisor import Supervisor
-from storage.sqlite.db import StoreError
 from storage.sqlite.keys import SqliteKeyStore
-from storage.sqlite.messages import SqliteStagingStore
+from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
-from storage.sqlite.users import UserStore, load_or_create_secret
+from storage.sqlite.users import SqliteUserStore, load_or_create_secret
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,25 @@ PROBE_WAIT_S = 1.0  # /readyz answers within this (the listener's own deadline i
 PROBE_END_S = 6.0  # longer than SQLite's busy_timeout (5 s, storage/sqlite/db.py): a probe always ends by then
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def broker_settings(settings: Settings) -> BrokerSettings:
+    """What the broker needs of the validated config (the broker does not read the config itself)."""
+    mqtt, limits, lst = settings.mqtt, settings.limits, settings.listeners
+    listeners = tuple(
+        ListenerSettings(name, bind, *parse_bind(bind), max_connections, certfile, keyfile)
+        for name, bind, max_connections, certfile, keyfile in (
+            ("tcp", lst.tcp.bind, lst.tcp.max_connections, None, None),
+            ("tls", lst.tls.bind, lst.tls.max_connections, lst.tls.certfile, lst.tls.keyfile),
+            ("ws", lst.ws.bind, lst.ws.max_connections, None, None),
+            ("wss", lst.wss.bind, lst.wss.max_connections, lst.wss.certfile, lst.wss.keyfile),
+        )
+        if bind is not None
+    )
+    wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s, limits.publishes_per_s,
+                      limits.publish_burst, mqtt.max_connect_bytes, mqtt.packet_deadline_s)
+    return BrokerSettings(
+        listeners, wire, mqtt.max_queued_messages, mqtt.allow_anonymous, tuple(mqtt.acl), tuple(mqtt.anonymous_acl),
+        limits.max_unauthenticated_per_address, limits.connect_timeout_s, limits.max_unacked_downlinks,
+    )
 
 
 class BrokerApp:
@@ -47,8 +66,8 @@ class BrokerApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._users: UserStore | None = None
-        self._staging_store: SqliteStagingStore | None = None
+        self._users: SqliteUserStore | None = None
+        self._staging_store: SqliteMessageStore | None = None
         self._presence_store: SqlitePresenceStore | None = None
         self._key_store: SqliteKeyStore | None = None
         self._presence: PresenceService | None = None
@@ -58,7 +77,8 @@ class BrokerApp:
         self._probe: asyncio.Future[None] | None = None
         self._probe_started = 0.0
         self._lock: BrokerLock | None = None
-        self.supervisor = Supervisor()  # every background task reports here (/readyz, metrics)
+        self.clock = Clock()  # the one clock every service reads
+        self.supervisor = Supervisor(self.clock.monotonic)  # every background task reports here (/readyz, metrics)
 
     @property
     def broker(self) -> ChatBroker:
@@ -73,7 +93,7 @@ class BrokerApp:
         return self._presence
 
     @property
-    def users(self) -> UserStore:
+    def users(self) -> SqliteUserStore:
         if self._users is None:
             raise RuntimeError("the broker is not started")
         return self._users
@@ -84,8 +104,8 @@ class BrokerApp:
             # First: a second broker on the same folder would restore and deliver the same staged items.
             self._lock = BrokerLock.acquire(settings.data_path)
             make_private(settings.data_path)
-            self._users = await UserStore.open(settings.data_path)
-            self._staging_store = await SqliteStagingStore.open(settings.data_path)
+            self._users = await SqliteUserStore.open(settings.data_path)
+            self._staging_store = await SqliteMessageStore.open(settings.data_path)
             self._presence_store = await SqlitePresenceStore.open(settings.data_path)
             self._key_store = await SqliteKeyStore.open(settings.data_path)
             auth = settings.auth
@@ -104,10 +124,11 @@ class BrokerApp:
             presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
             claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst,
                                  settings.limits.max_rate_keys)
-            keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session, claims)
-            ops = {**build_ops(authenticator), **presence.ops(), **keys.ops()}
+            keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session, claims,
+                              clock=self.clock)
+            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **keys.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
-            self._broker = ChatBroker(settings, authenticator, bridge)
+            self._broker = ChatBroker(broker_settings(settings), authenticator, bridge)
             if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
                 await self._start_ops(settings.metrics.bind, authenticator, messaging)
             await self._broker.start()
@@ -120,7 +141,7 @@ class BrokerApp:
             raise
 
     @staticmethod
-    async def _forget_removed_devices(users: UserStore, keys: SqliteKeyStore) -> list[tuple[str, str]]:
+    async def _forget_removed_devices(users: SqliteUserStore, keys: SqliteKeyStore) -> list[tuple[str, str]]:
         """Devices with keys but no row in users.db: ``chat-broker device remove`` (or ``user del``)
         ran. It only deletes the row, because a running broker keeps each keyed device in memory
         and would refuse messages that leave it out; the rest of the removal is done here."""
@@ -136,7 +157,8 @@ class BrokerApp:
         if self._broker is not None:
             await self._broker.close_session(client_id)
 
-    async def _start_messaging(self, users: UserStore, store: SqliteStagingStore, keyed: KeyedDevices) -> Messaging:
+    async def _start_messaging(self, users: SqliteUserStore, store: SqliteMessageStore,
+                               keyed: KeyedDevices) -> Messaging:
         settings = self.settings
         rules = Rules(
             flush_s=settings.staging.flush_ms / 1000,
@@ -155,14 +177,14 @@ class BrokerApp:
             RecentIds(settings.dedup.max_entries),
             keyed,
         )
-        messages, items, remembered = await store.load(_now_ms())
+        messages, items, remembered = await store.load(self.clock.wall_ms())
         staging.restore(messages, items)
         staging.remember_ids(remembered)
         log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
         links = LinkRegistry(staging.counters)
         messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
                               settings.staging.checkpoint_idle_s, settings.staging.sweep_s,
-                              settings.limits.max_devices_per_message, supervisor=self.supervisor)
+                              settings.limits.max_devices_per_message, clock=self.clock, supervisor=self.supervisor)
         await messaging.start()
         return messaging
 
@@ -174,14 +196,14 @@ class BrokerApp:
             max_contacts=config.max_contacts,
             max_watched=config.max_watched,
         ))
-        presence = PresenceService(core, store, links, config.persist_s, supervisor=self.supervisor)
+        presence = PresenceService(core, store, links, config.persist_s, clock=self.clock, supervisor=self.supervisor)
         await presence.start()
         return presence
 
     async def _start_ops(self, bind: str, authenticator: Authenticator, messaging: Messaging) -> None:
         self._lag = LoopLag()
         registry = build_registry(Sources(self.broker, authenticator, messaging.staging, messaging.links, self._lag,
-                                          self.supervisor))
+                                          self.supervisor, self.clock.wall_ms))
         ops = OpsServer(bind, registry, self.readiness)
         try:
             await ops.start()
@@ -215,7 +237,7 @@ class BrokerApp:
         problem = await self._probe_store(store)
         return problems + ([problem] if problem else []) + self.supervisor.problems()
 
-    async def _probe_store(self, store: SqliteStagingStore) -> str | None:
+    async def _probe_store(self, store: SqliteMessageStore) -> str | None:
         # One probe at a time, never cancelled: a write cancelled while SQLite still runs it
         # could leave the connection inside a transaction. A probe still waiting (the write
         # lock is held elsewhere, the disk hangs) is reported and awaited again next time.
@@ -223,10 +245,11 @@ class BrokerApp:
         if task is None or task.done():
             task = self._probe = asyncio.ensure_future(store.probe())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or never: no warning
-            self._probe_started = time.monotonic()
+            self._probe_started = self.clock.monotonic()
         done, _ = await asyncio.wait({task}, timeout=PROBE_WAIT_S)
         if not done:
-            return f"a write to the staging store has been waiting for {time.monotonic() - self._probe_started:.0f}s"
+            waited = self.clock.monotonic() - self._probe_started
+            return f"a write to the staging store has been waiting for {waited:.0f}s"
         exc = task.exception()
         if isinstance(exc, StoreError):
             return f"the staging store cannot be written ({exc})"

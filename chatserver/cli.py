@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 try:
+    from bridge.store import StoreError
     from broker.logs import setup_logging
     from broker.server import ListenerError
     from chatserver import user_admin
     from chatserver.config import ConfigError, Settings, load_settings
     from chatserver.gc_policy import GcTuner
     from chatserver.status import DEFAULT_URL, StatusError
-    from storage.sqlite.db import StoreError
 except ModuleNotFoundError as exc:
     # `pip install chat-broker` without the extra is the SDK alone: the server's code is there,
     # its dependencies are not. Say so in one line; a missing module of ours is a bug: re-raise.

@@ -16,7 +16,8 @@ import os
 import stat
 from pathlib import Path
 
-from storage.sqlite.db import DIR_MODE, FILE_MODE, StoreError, ensure_private_dir, explain
+from bridge.store import StoreError
+from storage.sqlite.db import DIR_MODE, FILE_MODE, ensure_private_dir, explain
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from chatserver.supervisor import Supervisor, cancel
+from bridge.background import cancel
+from chatserver.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

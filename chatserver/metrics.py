@@ -11,7 +11,6 @@ Labels are small fixed sets; nothing per user (queue depth is a histogram).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from bridge.background import cancel
 from bridge.counters import LATENCY_BUCKETS, Histogram
 from bridge.links import LinkRegistry
 from bridge.messaging.core import Staging
@@ -32,7 +32,7 @@ from broker.auth import Authenticator
 from broker.counters import LOGIN_RESULTS
 from broker.server import ChatBroker
 from chatproto import UPLINKS, ErrorCode
-from chatserver.supervisor import TASKS, Supervisor, cancel
+from chatserver.supervisor import TASKS, Supervisor
 
 DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10000, 100000)
 DOWNLINK_KINDS = ("msg", "receipt", "presence", "res", "error")
@@ -76,7 +76,7 @@ class Sources:
     links: LinkRegistry
     lag: LoopLag
     supervisor: Supervisor
-    clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+    clock_ms: Callable[[], int]  # wall-clock ms, as message timestamps
 
 
 class ChatCollector(Collector):

@@ -19,35 +19,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from storage.sqlite.db import StoreError
+from bridge.background import Backoff
+from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
 
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
 TASKS = ("flush", "redeliver", "sweep", "checkpoint", "body_read", "presence_persist", "presence_timer",
          "loop_lag", "gc")
 """The broker's background tasks (the metric shows each, 0 until it fails)."""
 
 
-class Backoff:
-    """The pause after failed rounds: doubles from ``low`` up to ``high``; a success resets it."""
-
-    def __init__(self, low: float = BACKOFF_MIN_S, high: float = BACKOFF_MAX_S) -> None:
-        self.low, self.high = low, high
-        self._next = low
-
-    def failed(self) -> float:
-        """The pause before the next round after this failure."""
-        delay = self._next
-        self._next = min(delay * 2, self.high)
-        return delay
-
-    def succeeded(self) -> None:
-        self._next = self.low
-
-
 class Supervisor:
-    """Failures of background rounds: counted per task, and failing tasks named for ``/readyz``."""
+    """Failures of background rounds: counted per task, and failing tasks named for ``/readyz``.
+
+    Implements ``bridge.background.Supervisor``, the port the bridge's services run their rounds under.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.failures: dict[str, int] = {}
@@ -89,9 +75,3 @@ class Supervisor:
                 self.succeeded(task)
                 backoff.succeeded()
 
-
-async def cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Stop supervised tasks and wait until they have ended."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from broker import credentials
 from chatproto import is_user_id
-from storage.sqlite.users import USERS_DB, UserStore
+from storage.sqlite.users import USERS_DB, SqliteUserStore
 
 IMPORT_BATCH = 500
 
@@ -62,7 +62,7 @@ def read_password(from_stdin: bool, stdin: TextIO = sys.stdin) -> str:
 
 async def add(data_dir: Path, name: str, password: str) -> None:
     pw_hash = await asyncio.to_thread(credentials.hash_password, password)
-    store = await UserStore.open(data_dir)
+    store = await SqliteUserStore.open(data_dir)
     try:
         await store.add_user(check_name(name), pw_hash)
     finally:
@@ -77,9 +77,9 @@ def require_users_db(data_dir: Path) -> None:
                          "data_dir ('chat-broker user add' creates it)")
 
 
-async def open_existing(data_dir: Path) -> UserStore:
+async def open_existing(data_dir: Path) -> SqliteUserStore:
     require_users_db(data_dir)
-    return await UserStore.open(data_dir)
+    return await SqliteUserStore.open(data_dir)
 
 
 async def passwd(data_dir: Path, name: str, password: str) -> None:
@@ -191,7 +191,7 @@ def parse_import_lines(lines: Iterator[str]) -> tuple[list[tuple[str, str]], lis
 
 async def import_users(data_dir: Path, source: TextIO, show_progress: bool, workers: int = 2) -> ImportReport:
     pairs, problems = parse_import_lines(iter(source))
-    store = await UserStore.open(data_dir)
+    store = await SqliteUserStore.open(data_dir)
     added = 0
     existing: list[str] = []
     loop = asyncio.get_running_loop()

@@ -1,6 +1,6 @@
 """A fault injected into the real staging store's group commit, for the supervision tests.
 
-``install()`` wraps ``SqliteStagingStore.commit``: a commit raises ``RuntimeError``
+``install()`` wraps ``SqliteMessageStore.commit``: a commit raises ``RuntimeError``
 (not a ``StoreError``: what a bug or unencodable text raises) while ``ARMED`` is
 set, or whenever its batch holds a message whose body contains ``POISON``; with
 ``HANG`` set, the next commit waits until it is cancelled. In a
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.messaging.records import FlushBatch
-from storage.sqlite.messages import SqliteStagingStore
+from storage.sqlite.messages import SqliteMessageStore
 
 POISON = "POISON-BODY"
 ARMED = threading.Event()
@@ -26,9 +26,9 @@ HANG = threading.Event()
 
 def install() -> Any:
     """Wrap the class's commit; returns the original (for monkeypatch-free restoring)."""
-    original = SqliteStagingStore.commit
+    original = SqliteMessageStore.commit
 
-    async def commit(self: SqliteStagingStore, batch: FlushBatch) -> None:
+    async def commit(self: SqliteMessageStore, batch: FlushBatch) -> None:
         if HANG.is_set():
             HANG.clear()  # the next commit (at shutdown) works
             await asyncio.Event().wait()
@@ -36,7 +36,7 @@ def install() -> Any:
             raise RuntimeError("injected commit fault")
         await original(self, batch)
 
-    SqliteStagingStore.commit = commit  # type: ignore[method-assign]
+    SqliteMessageStore.commit = commit  # type: ignore[method-assign]
     return original
 
 

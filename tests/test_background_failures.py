@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from storage.sqlite.messages import SqliteStagingStore
+from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
 from tests import faults
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually, online_peer, register_offline
@@ -30,7 +30,7 @@ def fault() -> Iterator[None]:
     original = faults.install()
     yield
     faults.ARMED.clear()
-    SqliteStagingStore.commit = original  # type: ignore[method-assign]
+    SqliteMessageStore.commit = original  # type: ignore[method-assign]
 
 
 

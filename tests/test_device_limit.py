@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.users import TooManyDevicesError
 from chatserver.config import ConfigError, build_settings
-from storage.sqlite.users import TooManyDevicesError, UserStore
+from storage.sqlite.users import SqliteUserStore
 from testkit.packets import RawClient, connect_packet
 from tests.helpers import BrokerThread, Peer
 
@@ -53,7 +54,7 @@ def test_a_new_device_past_the_limit_is_refused_until_one_is_removed(
 
 
 async def test_concurrent_first_logins_cannot_overshoot_the_limit(tmp_path: Path) -> None:
-    store = await UserStore.open(tmp_path)
+    store = await SqliteUserStore.open(tmp_path)
     try:
         await store.add_user("alice", "h")
         results = await asyncio.gather(*(store.record_login("alice", f"d{n}", LIMIT) for n in range(40)),

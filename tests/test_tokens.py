@@ -3,7 +3,7 @@
 Proves: a device logged in with its password gets a token and can reconnect
 with it as its password; the token works only for that user and that device;
 a new token replaces the old one; ``auth.revoke`` (own device or another named
-device) and a password change (``UserStore.set_password``, what ``chat-broker
+device) and a password change (``SqliteUserStore.set_password``, what ``chat-broker
 user passwd`` runs) make it fail; the token is never written to the data
 directory in clear.
 """

@@ -8,32 +8,25 @@ key, used by the olm mismatch check of the staging core) in step with the store.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from bridge.clock import Clock
 from bridge.keys.core import KeyedDevices, parse_claim, parse_device, parse_publish, parse_user
+from bridge.keys.store import Accounts, KeyStore
 from bridge.limits import RateLimiter
-from bridge.requests import Caller, Op, OpError, check_args
+from bridge.requests import Op, OpError, check_args
 from chatproto import (
     OP_DEVICES_REMOVE,
     OP_KEYS_CLAIM,
     OP_KEYS_COUNT,
     OP_KEYS_LIST,
     OP_KEYS_PUBLISH,
+    Caller,
     ErrorCode,
 )
-from storage.sqlite.keys import KeyStore
 
 log = logging.getLogger(__name__)
-
-
-class Accounts(Protocol):
-    async def user_devices(self, name: str) -> list[str] | None:
-        """Device ids of ``name`` (possibly none); None if there is no such user."""
-
-    async def delete_device(self, user: str, device: str) -> bool:
-        """Forget the device and its token; True if it existed."""
 
 
 class StagedDevices(Protocol):
@@ -44,9 +37,9 @@ class StagedDevices(Protocol):
 class KeyService:
     def __init__(self, store: KeyStore, keyed: KeyedDevices, accounts: Accounts, staged: StagedDevices,
                  close_session: Callable[[str], Awaitable[None]], claims: RateLimiter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 *, clock: Clock) -> None:
         self._claims = claims
-        self._clock = clock
+        self._clock = clock.monotonic
         self._store = store
         self._keyed = keyed
         self._accounts = accounts

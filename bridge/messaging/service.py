@@ -1,11 +1,12 @@
 """One-to-one messaging: the thin shell around the staging core.
 
-It feeds ``Staging`` with uplinks and the time, carries out each ``Outcome``
-(items to devices, notices, body reads), and runs its background jobs under the
-broker's ``Supervisor``: the group-commit flusher, redelivery, the TTL sweep,
-WAL checkpoints, and body reads. Uplinks are handled synchronously; when a
-recipient is not in the in-memory directory yet, that device's later uplinks
-wait in a lane behind the lookup so its messages keep their order.
+It feeds ``Staging`` with uplinks and the time (from the ``Clock`` passed in),
+carries out each ``Outcome`` (items to devices, notices, body reads), and runs its
+background jobs under the ``Supervisor`` passed in (``bridge/background.py``): the
+group-commit flusher, redelivery, the TTL sweep, WAL checkpoints, and body reads.
+Uplinks are handled synchronously; when a recipient is not in the in-memory
+directory yet, that device's later uplinks wait in a lane behind the lookup so
+its messages keep their order.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from bridge.background import Backoff, Supervisor, cancel
+from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.messaging.core import Staging
 from bridge.messaging.records import FlushBatch, Outcome
-from bridge.requests import Caller
+from bridge.messaging.store import MessageStore, UserLookup
+from bridge.store import StoreError
 from chatproto import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
+    Caller,
     DecodeError,
     dumps,
     error_item,
@@ -31,9 +36,6 @@ from chatproto import (
     parse_chat_message,
     parse_seen,
 )
-from chatserver.supervisor import Backoff, Supervisor, cancel
-from storage.sqlite.db import StoreError
-from storage.sqlite.messages import StagingStore
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +44,11 @@ CHECKPOINT_MAX_DELAY_S = 30.0
 CLOSE_TRIES = 3  # writes of what is left at shutdown before it is given up (and logged)
 
 
-class UserLookup(Protocol):
-    async def user_devices(self, name: str) -> list[str] | None:
-        """Device ids of ``name`` (possibly none); None if there is no such user."""
-
-
 class Messaging:
     def __init__(
         self,
         staging: Staging,
-        store: StagingStore,
+        store: MessageStore,
         links: LinkRegistry,
         notify: Callable[[str, dict[str, Any]], bool],
         users: UserLookup,
@@ -59,9 +56,9 @@ class Messaging:
         checkpoint_idle_s: float,
         sweep_s: float = 60.0,
         max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE,
-        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-        monotonic: Callable[[], float] = time.monotonic,
-        supervisor: Supervisor | None = None,
+        *,
+        clock: Clock,
+        supervisor: Supervisor,
     ) -> None:
         self.staging = staging
         self.links = links
@@ -73,8 +70,8 @@ class Messaging:
         self._max_devices = max_devices_per_message
         self._checkpoint_idle = checkpoint_idle_s
         self._sweep_s = sweep_s
-        self._now_ms = clock_ms
-        self._now = monotonic
+        self._now_ms = clock.wall_ms
+        self._now = clock.monotonic
         self._wake = asyncio.Event()
         self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -83,7 +80,7 @@ class Messaging:
         self._deleted_since_checkpoint = False
         self._last_write = 0.0
         self._last_checkpoint = 0.0
-        self.supervisor = supervisor if supervisor is not None else Supervisor()
+        self.supervisor = supervisor
         self._body_backoff = Backoff()
 
     async def start(self) -> None:

@@ -11,42 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
+from bridge.background import Backoff, Supervisor, cancel
+from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.presence.core import LimitExceeded, Outcome, PresenceCore
-from bridge.requests import Caller, Op, OpError, check_args
+from bridge.presence.store import PresenceStore
+from bridge.requests import Op, OpError, check_args
+from bridge.store import StoreError
 from chatproto import (
     HB_AWAY,
     PRIVACY_CHOICES,
+    Caller,
     DecodeError,
     ErrorCode,
     error_item,
     parse_heartbeat,
     parse_user_list,
 )
-from chatserver.supervisor import Backoff, Supervisor, cancel
-from storage.sqlite.db import StoreError
-from storage.sqlite.presence import PresenceStore
 
 log = logging.getLogger(__name__)
-
-
-class SteadyClock:
-    """Wall-clock milliseconds that never go backwards: the wall time at start plus monotonic time since.
-
-    The core's windows and coalescing need a clock that does not jump; ``last_seen``
-    needs wall time. This is both, to within the drift of the monotonic clock.
-    """
-
-    def __init__(self) -> None:
-        self._wall0 = time.time() * 1000
-        self._mono0 = time.monotonic()
-
-    def __call__(self) -> int:
-        return int(self._wall0 + (time.monotonic() - self._mono0) * 1000)
 
 
 class PresenceService:
@@ -56,14 +42,15 @@ class PresenceService:
         store: PresenceStore,
         links: LinkRegistry,
         persist_s: float,
-        clock_ms: Callable[[], int] | None = None,
-        supervisor: Supervisor | None = None,
+        *,
+        clock: Clock,
+        supervisor: Supervisor,
     ) -> None:
         self.core = core
         self._store = store
         self._links = links
         self._persist_s = persist_s
-        self._now = clock_ms or SteadyClock()
+        self._now = clock.steady_ms  # windows must not jump; last_seen is wall time (bridge/clock.py)
         self._write_lock = asyncio.Lock()  # one transaction at a time on the store's connection
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
@@ -71,7 +58,7 @@ class PresenceService:
         self._closed = False
         self.rows_written = 0
         self.batches_written = 0
-        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._supervisor = supervisor
         self._timer_backoff = Backoff()
 
     async def start(self) -> None:

@@ -21,14 +21,12 @@ from typing import ClassVar, Self
 
 import aiosqlite
 
+from bridge.store import StoreError
+
 log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700  # the data folder: password hashes, token digests, staged messages
 FILE_MODE = 0o600
-
-
-class StoreError(Exception):
-    """A database could not be opened, migrated or written."""
 
 
 class SqliteFile:

@@ -1,6 +1,4 @@
-"""The key directory on disk: each device's public identity keys, one-time keys and fallback key.
-
-One interface, one SQLite implementation (``keys.db`` in the data directory;
+"""The key directory in SQLite: ``bridge.keys.store.KeyStore`` in ``keys.db`` (the data directory;
 WAL, ``secure_delete``: see storage/sqlite/db.py). Every operation is one named
 transaction; a claim takes and deletes its keys in the same transaction, so
 concurrent claims never hand out the same one-time key (the writer lock of
@@ -14,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Protocol
+from typing import Any
 
 from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
 from chatproto import MAX_ONE_TIME_KEYS_STORED, ErrorCode
@@ -58,29 +56,6 @@ MIGRATIONS = (
 )
 
 _DEVICE_TABLES = ("one_time_keys", "claimed", "fallback_keys")
-
-
-class KeyStore(Protocol):
-    async def publish(self, user: str, device: str, publish: Publish) -> tuple[int, bool]:
-        """Store what a device published; returns (its unclaimed one-time keys, whether
-        it has device keys now). Raises KeyRuleError (nothing stored) if a rule forbids it."""
-
-    async def count(self, user: str, device: str) -> tuple[int, bool]:
-        """(unclaimed one-time keys, has a fallback key) of one device."""
-
-    async def device_keys(self, user: str) -> dict[str, dict[str, Any]]:
-        """Device id -> device_keys object as published, for every device of ``user`` with keys."""
-
-    async def claim(self, user: str, devices: list[str] | None) -> dict[str, dict[str, Any]]:
-        """One key per device (of ``devices``, or all of the user's): a one-time key, taken
-        for good, else the fallback key; a device with neither is left out."""
-
-    async def remove_device(self, user: str, device: str) -> None: ...
-
-    async def keyed_devices(self) -> list[tuple[str, str, str]]:
-        """(user, device, Curve25519 identity key) of every device with published device keys."""
-
-    async def close(self) -> None: ...
 
 
 class SqliteKeyStore(SqliteFile):

@@ -1,6 +1,6 @@
-"""The staging store: where items wait on disk. One interface, one SQLite implementation.
+"""The messaging store in SQLite: ``bridge.messaging.store.MessageStore``, where items wait on disk.
 
-The interface is in terms of per-device queue operations (see docs/ARCHITECTURE.md, "Scale
+The Protocol is in terms of per-device queue operations (see docs/ARCHITECTURE.md, "Scale
 beyond one machine"), so another backend can replace SQLite without touching
 the core. Bodies are stored once per message; each target device has its own
 item row (which holds that device's ciphertext of an olm message).
@@ -14,12 +14,12 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable
-from typing import Protocol
 
 import aiosqlite
 
 from bridge.messaging.records import FlushBatch, Item, Message
-from storage.sqlite.db import SqliteFile, StoreError, transaction, writer_lock
+from bridge.store import StoreError
+from storage.sqlite.db import SqliteFile, transaction, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +65,9 @@ MIGRATIONS = (
 )
 
 
-class StagingStore(Protocol):
-    async def next_boot(self) -> int:
-        """A number larger than every earlier call's, across restarts."""
+class SqliteMessageStore(SqliteFile):
+    """``bridge.messaging.store.MessageStore`` in ``staging.db``."""
 
-    async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
-        """Staged messages (bodies not loaded), items in (device, seq) order, remembered ids."""
-
-    async def commit(self, batch: FlushBatch) -> None:
-        """Write one batch atomically; raises StoreError (nothing written) on failure."""
-
-    async def bodies(self, mids: list[int]) -> dict[int, str]: ...
-
-    async def item_bodies(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
-        """The olm ciphertexts of the items (device, seq) that have one."""
-
-    async def prune(self, now_ms: int) -> None:
-        """Forget remembered ids that expired."""
-
-    async def checkpoint(self) -> None:
-        """Fold the WAL into the database and truncate it."""
-
-    async def close(self) -> None: ...
-
-
-class SqliteStagingStore(SqliteFile):
     FILE = STAGING_DB
     MIGRATIONS = MIGRATIONS
 

@@ -1,21 +1,18 @@
-"""The presence store: last seen times, privacy settings and contact lists, on disk.
+"""The presence store in SQLite: ``bridge.presence.store.PresenceStore`` in ``presence.db``.
 
-One interface, one SQLite implementation (``presence.db`` in the data
-directory). ``last_seen`` is written in batches by the presence service (never
-per heartbeat); privacy settings and contacts are written by the request that
-changes them, before it is answered. Each operation is one named transaction.
+Each operation is one named transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
 
 import aiosqlite
 
-from storage.sqlite.db import SqliteFile, StoreError, transaction
+from bridge.presence.store import PresenceSnapshot
+from bridge.store import StoreError
+from storage.sqlite.db import SqliteFile, transaction
 
 PRESENCE_DB = "presence.db"
 
@@ -32,29 +29,9 @@ MIGRATIONS = (
 )
 
 
-@dataclass(slots=True)
-class PresenceSnapshot:
-    last_seen: list[tuple[str, int]]
-    settings: list[tuple[str, str]]
-    contacts: list[tuple[str, str]]
-
-
-class PresenceStore(Protocol):
-    async def load(self) -> PresenceSnapshot: ...
-
-    async def save_last_seen(self, rows: list[tuple[str, int]]) -> None:
-        """Write ``(user, ms)`` rows in one transaction; raises StoreError (nothing written)."""
-
-    async def set_privacy(self, user: str, setting: str) -> None: ...
-
-    async def add_contacts(self, owner: str, users: list[str]) -> None: ...
-
-    async def remove_contacts(self, owner: str, users: list[str]) -> None: ...
-
-    async def close(self) -> None: ...
-
-
 class SqlitePresenceStore(SqliteFile):
+    """``bridge.presence.store.PresenceStore`` in ``presence.db`` (the data directory)."""
+
     FILE = PRESENCE_DB
     MIGRATIONS = MIGRATIONS
 

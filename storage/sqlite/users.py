@@ -16,7 +16,9 @@ from pathlib import Path
 
 import aiosqlite
 
-from storage.sqlite.db import SqliteFile, StoreError, ensure_private_dir
+from bridge.store import StoreError
+from broker.users import DeviceInfo, TooManyDevicesError
+from storage.sqlite.db import SqliteFile, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +52,11 @@ class UnknownUserError(StoreError):
     pass
 
 
-class TooManyDevicesError(StoreError):
-    """A new device would take the user past ``limits.max_devices_per_user``."""
-
-
 @dataclass(frozen=True, slots=True)
 class UserInfo:
     name: str
     created_ms: int
     devices: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    user: str
-    device: str
-    token_digest: str | None
-    created_ms: int
-    last_login_ms: int
 
 
 def now_ms() -> int:
@@ -92,8 +81,9 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     return secret
 
 
-class UserStore(SqliteFile):
-    """All user and device queries; one method, one transaction."""
+class SqliteUserStore(SqliteFile):
+    """All user and device queries; one method, one transaction. Implements ``broker.users.UserStore``
+    and the user lookups of the bridge (``UserLookup``, ``Accounts``)."""
 
     FILE = USERS_DB
     MIGRATIONS = MIGRATIONS

@@ -24,7 +24,7 @@ from bridge.messaging.core import Staging
 from bridge.messaging.records import Rules
 from chatproto import ChatMessage
 from client_sdk import Client
-from storage.sqlite.users import UserStore
+from storage.sqlite.users import SqliteUserStore
 from tests.helpers import WAIT_S, BrokerThread, connack_code
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
@@ -72,7 +72,7 @@ def test_delivered_is_immediate_once_sent_was_given() -> None:
 async def test_a_known_device_logs_in_while_the_users_db_cannot_be_written(tmp_path: Path) -> None:
     """2. A login of a KNOWN device failed (traceback, connection dropped) while the disk was full,
     because its last-login time could not be written (found by ``run_disk``)."""
-    store = await UserStore.open(tmp_path)
+    store = await SqliteUserStore.open(tmp_path)
     try:
         await store.add_user("alice", "hash")
         assert await store.record_login("alice", "phone") is True

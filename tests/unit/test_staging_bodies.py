@@ -18,7 +18,7 @@ from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.core import Staging
 from bridge.messaging.records import FlushBatch, Outcome, Rules
 from chatproto import OLM_TYPE, ChatMessage
-from storage.sqlite.messages import STAGING_DB, SqliteStagingStore
+from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
 DEVICES = [("alice", "phone"), ("alice", "tab"), ("bob", "phone"), ("bob", "laptop"), ("bob", "old"), ("carol", "x")]
@@ -200,7 +200,7 @@ async def test_olm_items_survive_a_store_round_trip(tmp_path: Path) -> None:
     s.submit("alice.phone", "alice", olm("m1", FOR_BOB), 1000, 0.0)
     batch = s.take_flush(1.0)
     assert batch is not None
-    store = await SqliteStagingStore.open(tmp_path)
+    store = await SqliteMessageStore.open(tmp_path)
     try:
         await store.commit(batch)
         messages, items, _ = await store.load(1000)
@@ -229,7 +229,7 @@ PRAGMA user_version = 1;
 async def test_schema_1_database_is_upgraded_and_its_messages_kept(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / STAGING_DB) as db:
         db.executescript(SCHEMA_1)
-    store = await SqliteStagingStore.open(tmp_path)
+    store = await SqliteMessageStore.open(tmp_path)
     try:
         messages, items, _ = await store.load(1000)
         assert [(m.msg_id, m.olm, m.dev) for m in messages] == [("old1", False, "phone")]

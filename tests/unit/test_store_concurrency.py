@@ -7,11 +7,11 @@ import asyncio
 from pathlib import Path
 
 from bridge.messaging.records import FlushBatch, Item, Message
-from storage.sqlite.messages import SqliteStagingStore
+from storage.sqlite.messages import SqliteMessageStore
 
 
 async def test_commit_prune_and_checkpoint_can_overlap(tmp_path: Path) -> None:
-    store = await SqliteStagingStore.open(tmp_path)
+    store = await SqliteMessageStore.open(tmp_path)
     try:
         batches = []
         for n in range(20):

@@ -8,8 +8,9 @@ import logging
 
 import pytest
 
-from chatserver.supervisor import Backoff, Supervisor
-from storage.sqlite.db import StoreError
+from bridge.background import Backoff
+from bridge.store import StoreError
+from chatserver.supervisor import Supervisor
 from tests.unit.test_staging import core, kinds, msg
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from storage.sqlite.users import UnknownUserError, UserExistsError, UserStore, load_or_create_secret
+from storage.sqlite.users import SqliteUserStore, UnknownUserError, UserExistsError, load_or_create_secret
 
 
 async def test_user_lifecycle(tmp_path: Path) -> None:
-    store = await UserStore.open(tmp_path)
+    store = await SqliteUserStore.open(tmp_path)
     try:
         await store.add_user("alice", "h1")
         with pytest.raises(UserExistsError):
@@ -36,9 +36,9 @@ async def test_user_lifecycle(tmp_path: Path) -> None:
 
 
 async def test_schema_version_and_pragmas(tmp_path: Path) -> None:
-    store = await UserStore.open(tmp_path)
+    store = await SqliteUserStore.open(tmp_path)
     await store.close()
-    store = await UserStore.open(tmp_path)  # reopening runs no migration twice
+    store = await SqliteUserStore.open(tmp_path)  # reopening runs no migration twice
     try:
         db = store._db
         assert (await (await db.execute("PRAGMA user_version")).fetchone())[0] == 1  # type: ignore[index]

@@ -1,0 +1,45 @@
+"""The messaging store: where staged items wait, as per-device queue operations.
+
+``Messaging`` (the service) is typed against these Protocols; ``storage/``
+implements them (``storage/sqlite/messages.py``; the Redis Cluster store will sit
+beside it). Bodies are stored once per message; each target device has its own
+item row (which holds that device's ciphertext of an olm message). A failing
+backend raises ``bridge.store.StoreError``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from bridge.messaging.records import FlushBatch, Item, Message
+
+
+class MessageStore(Protocol):
+    async def next_boot(self) -> int:
+        """A number larger than every earlier call's, across restarts."""
+
+    async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
+        """Staged messages (bodies not loaded), items in (device, seq) order, remembered ids."""
+
+    async def commit(self, batch: FlushBatch) -> None:
+        """Write one batch atomically; raises StoreError (nothing written) on failure."""
+
+    async def bodies(self, mids: list[int]) -> dict[int, str]: ...
+
+    async def item_bodies(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """The olm ciphertexts of the items (device, seq) that have one."""
+
+    async def prune(self, now_ms: int) -> None:
+        """Forget remembered ids that expired."""
+
+    async def checkpoint(self) -> None:
+        """Make deletions durable and leave no deleted body behind (SQLite: fold and truncate the WAL)."""
+
+    async def close(self) -> None: ...
+
+
+class UserLookup(Protocol):
+    """The user directory, as messaging needs it (the users store implements it)."""
+
+    async def user_devices(self, name: str) -> list[str] | None:
+        """Device ids of ``name`` (possibly none); None if there is no such user."""

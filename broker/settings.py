@@ -1,0 +1,40 @@
+"""What the broker needs of the configuration: frozen values, built by the application from its config.
+
+The broker never reads the config file or its model (``chatserver.config``);
+``chatserver/app.py`` turns the validated settings into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.acl import RuleLike
+from broker.wire import WireLimits
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSettings:
+    name: str
+    """``tcp``, ``tls``, ``ws`` or ``wss``: the transport, and the config key named in error messages."""
+    bind: str
+    """``HOST:PORT`` as configured (for messages); ``host`` and ``port`` are what it parses to."""
+    host: str
+    port: int
+    max_connections: int
+    certfile: str | None = None
+    keyfile: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    listeners: tuple[ListenerSettings, ...]
+    """The listeners to open, in this order (a listener that is off is not here)."""
+    wire: WireLimits
+    max_queued_messages: int
+    """QoS 1/2 messages on generic topics held per session."""
+    allow_anonymous: bool
+    acl: tuple[RuleLike, ...]
+    anonymous_acl: tuple[RuleLike, ...]
+    max_unauthenticated_per_address: int
+    connect_timeout_s: float
+    max_unacked_downlinks: int
