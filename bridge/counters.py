@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from typing import Any
+
+from chatproto import DownlinkItem, ErrorItem, ResItem
 
 # Seconds: from 1 ms (an item acked from memory) to a minute (a device that was away).
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -72,15 +73,13 @@ class BridgeCounters:
     commit_rows: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     commit_failures: int = 0
 
-    def count_downlink(self, item: dict[str, Any]) -> None:
-        kind = str(item.get("kind"))
-        self.downlink[kind] = self.downlink.get(kind, 0) + 1
-        if kind == "error":
-            self._error(item.get("code"))
-        elif kind == "res" and item.get("ok") is False:
-            error = item.get("error")
-            self._error(error.get("code") if isinstance(error, dict) else None)
+    def count_downlink(self, item: DownlinkItem) -> None:
+        self.downlink[item.KIND] = self.downlink.get(item.KIND, 0) + 1
+        if isinstance(item, ErrorItem):
+            self._error(item.code)
+        elif isinstance(item, ResItem) and not item.ok:
+            self._error(item.error_code)
 
-    def _error(self, code: object) -> None:
+    def _error(self, code: str | None) -> None:
         key = str(code)
         self.errors[key] = self.errors.get(key, 0) + 1

@@ -1,16 +1,17 @@
 """The seam between the bridge and the broker: a link to one connected device.
 
 The broker implements ``DeviceLink`` on top of an amqtt session; the bridge
-only ever calls ``send``, which must not block and must keep call order.
+reaches a device only through ``LinkRegistry.send`` (a typed downlink item in,
+its bytes to ``DeviceLink.send``, which must not block and must keep call order).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from bridge.counters import BridgeCounters
-from chatproto import dumps
+from chatproto import DownlinkItem
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,15 @@ class LinkRegistry:
     def of_user(self, user: str) -> list[DeviceLink]:
         return list(self._by_user.get(user, {}).values())
 
-    def send(self, client_id: str, item: dict[str, Any]) -> bool:
-        """Send an ephemeral item to one connected device; False if it is not connected."""
+    def send(self, client_id: str, item: DownlinkItem) -> bool:
+        """Send ``item`` to one connected device; False if it is not connected (a staged
+        item then waits for the device's next connection, any other is dropped)."""
         link = self._by_client.get(client_id)
         if link is None:
-            log.debug("no link to %s: ephemeral %s item dropped", client_id, item.get("kind"))
+            log.debug("no link to %s: %s item not sent", client_id, item.KIND)
             return False
         self.counters.count_downlink(item)
-        link.send(dumps(item))
+        link.send(item.encode())
         return True
 
     def __len__(self) -> int:

@@ -4,7 +4,7 @@ The broker hands every publish on a ``u/{me}/...`` uplink topic to
 ``on_uplink`` (after the ACL), and tells the bridge when a device subscribes to
 or leaves its inbox, and when a device logs in for the first time. Chat items
 go to messaging, heartbeats to presence, requests to the ops table. The bridge
-answers through ``DeviceLink.send``; it never goes through amqtt's subscription
+answers through ``LinkRegistry.send``; it never goes through amqtt's subscription
 matching, so the cost of a message does not grow with the number of connected
 users.
 
@@ -22,15 +22,7 @@ from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging.service import Messaging
 from bridge.presence.service import PresenceService
 from bridge.requests import Op, OpError
-from chatproto import (
-    Caller,
-    DecodeError,
-    ErrorCode,
-    error_item,
-    failure_item,
-    parse_request,
-    result_item,
-)
+from chatproto import Caller, DecodeError, ErrorCode, ErrorItem, Request, ResItem
 
 log = logging.getLogger(__name__)
 
@@ -85,45 +77,40 @@ class Bridge:
             elif kind == "req":
                 self._on_request(caller, payload)
             else:  # the broker passes only the five uplink kinds
-                self.send(caller.client_id, error_item(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported"))
+                self.links.send(caller.client_id, ErrorItem(ErrorCode.UNSUPPORTED, f"'{kind}' is not supported"))
         except Exception:  # a bug must cost one item, never the broker
             log.exception("uplink %s from %s failed", kind, caller.client_id)
-            self.send(caller.client_id, error_item(ErrorCode.INTERNAL, "the server failed to handle this item"))
+            self.links.send(caller.client_id, ErrorItem(ErrorCode.INTERNAL, "the server failed to handle this item"))
 
     def refuse_topic(self, caller: Caller, topic: str) -> None:
         """A publish to a topic the caller may not use: answer, never drop silently."""
-        self.send(
+        self.links.send(
             caller.client_id,
-            error_item(ErrorCode.FORBIDDEN, f"publishing to {topic!r} is not allowed; see docs/PROTOCOL.md"),
+            ErrorItem(ErrorCode.FORBIDDEN, f"publishing to {topic!r} is not allowed; see docs/PROTOCOL.md"),
         )
 
     def _on_request(self, caller: Caller, payload: bytes) -> None:
         try:
-            request = parse_request(payload, self._max_request)
+            request = Request.decode(payload, self._max_request)
         except DecodeError as exc:
-            self.send(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
         op = self._ops.get(request.op)
         if op is None:
-            self.send(caller.client_id, failure_item(request.rid, ErrorCode.UNKNOWN_OP, f"unknown op {request.op!r}"))
+            self.links.send(caller.client_id,
+                            ResItem.failure(request.rid, ErrorCode.UNKNOWN_OP, f"unknown op {request.op!r}"))
             return
         self._spawn(self._run_op(caller, request.rid, request.op, op, request.args))
 
     async def _run_op(self, caller: Caller, rid: str, name: str, op: Op, args: dict[str, Any]) -> None:
         try:
-            item = result_item(rid, await op(caller, args))
+            item = ResItem.success(rid, await op(caller, args))
         except OpError as exc:
-            item = failure_item(rid, exc.code, exc.detail)
+            item = ResItem.failure(rid, exc.code, exc.detail)
         except Exception:
             log.exception("op %s for %s failed", name, caller.client_id)
-            item = failure_item(rid, ErrorCode.INTERNAL, f"the server failed to run {name!r}")
-        self.send(caller.client_id, item)
-
-    # --- downlink -------------------------------------------------------------
-
-    def send(self, client_id: str, item: dict[str, Any]) -> bool:
-        """Send an ephemeral item to one connected device; False if it is not connected."""
-        return self.links.send(client_id, item)
+            item = ResItem.failure(rid, ErrorCode.INTERNAL, f"the server failed to run {name!r}")
+        self.links.send(caller.client_id, item)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -182,7 +182,7 @@ class BrokerApp:
         staging.remember_ids(remembered)
         log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
         links = LinkRegistry(staging.counters)
-        messaging = Messaging(staging, store, links, links.send, users, settings.limits.max_body_bytes,
+        messaging = Messaging(staging, store, links, users, settings.limits.max_body_bytes,
                               settings.staging.checkpoint_idle_s, settings.staging.sweep_s,
                               settings.limits.max_devices_per_message, clock=self.clock, supervisor=self.supervisor)
         await messaging.start()

@@ -175,7 +175,7 @@ class DedupSettings(_Section):
 
 def chat_packet_bytes(limits: LimitsSettings) -> int:
     """Largest MQTT packet a valid chat uplink can need (the envelope limit of
-    ``chatproto.parse_chat_message``: body x 6 for JSON escapes + 1 KiB,
+    ``chatproto.ChatMessage.decode``: body x 6 for JSON escapes + 1 KiB,
     or a request), plus the PUBLISH headers (fixed header, topic, packet id)."""
     return max(chat_envelope_bytes(limits.max_body_bytes), limits.max_request_bytes) + 64
 

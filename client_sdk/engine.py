@@ -39,21 +39,20 @@ from chatproto import (
     MESSAGE_ID_RE,
     OLM_TYPE,
     RECEIPT_SENT,
+    Ack,
     ChatMessage,
     ErrorCode,
     ErrorItem,
+    Heartbeat,
     MsgItem,
     PresenceItem,
     ReceiptItem,
+    Request,
     ResItem,
-    ack_payload,
-    chat_message_payload,
+    Seen,
     client_id,
-    dumps,
-    heartbeat_payload,
     is_device_id,
     is_user_id,
-    seen_payload,
     uplink_topic,
 )
 from client_sdk.backoff import Backoff
@@ -92,7 +91,7 @@ from client_sdk.securestore import as_bytes
 
 log = logging.getLogger(__name__)
 
-Outcome = Callable[[BaseException | None], None]
+ConnectDone = Callable[[BaseException | None], None]
 """Called once when a connect attempt ends: None (connected) or the error."""
 Answer = Callable[[ResItem | BaseException], None]
 """Called once with a request's ``res`` item, or the exception that ended the wait."""
@@ -177,7 +176,7 @@ class Engine:
         self._woken = False
         self._answers: dict[str, Answer] = {}
         self._deferred: list[tuple[str, bytes]] = []
-        self._waiters: list[Outcome] = []
+        self._waiters: list[ConnectDone] = []
         self._ever_ready = False
         self._token_pending = False
         self._pending_parts: set[str] = set()  # what on_ready still waits for before connect() returns
@@ -209,7 +208,7 @@ class Engine:
 
     # --- connecting ----------------------------------------------------------------
 
-    def connect_async(self, outcome: Outcome) -> None:
+    def connect_async(self, outcome: ConnectDone) -> None:
         """Start connecting (if not already) and call ``outcome`` once it succeeds or fails for good.
 
         Success means: subscribed to the inbox and, after a password login, the
@@ -232,7 +231,7 @@ class Engine:
         else:
             self._conn.start()
 
-    def cancel_connect(self, outcome: Outcome) -> BaseException | None:
+    def cancel_connect(self, outcome: ConnectDone) -> BaseException | None:
         """Give up waiting; stops connecting if never connected. Returns the last network error."""
         with self._lock:
             if outcome in self._waiters:
@@ -402,7 +401,7 @@ class Engine:
         The caller must call ``forget(rid)`` when it stops waiting.
         """
         rid = secrets.token_hex(8)
-        payload = dumps({"rid": rid, "op": op, "args": args or {}})
+        payload = Request(rid, op, args or {}).encode()
         with self._lock:
             self.check_open()
             if not self._started:
@@ -471,7 +470,8 @@ class Engine:
         if bad:
             raise ValueError(f"not message ids: {bad[:3]!r}")
         topic = uplink_topic(self.user, "seen")
-        payloads = [seen_payload(peer, ids[i:i + MAX_IDS_PER_ITEM]) for i in range(0, len(ids), MAX_IDS_PER_ITEM)]
+        payloads = [Seen(peer, tuple(ids[i:i + MAX_IDS_PER_ITEM])).encode()
+                    for i in range(0, len(ids), MAX_IDS_PER_ITEM)]
 
         def publish() -> None:
             for payload in payloads:
@@ -482,7 +482,7 @@ class Engine:
     def heartbeat(self, away: bool = False) -> None:
         """Publish ``u/{me}/hb``: ``{}`` (app in the foreground) or ``{"state":"away"}``; dropped while offline."""
         self.check_open()
-        self._conn.publish(uplink_topic(self.user, "hb"), heartbeat_payload(away), hold=False)
+        self._conn.publish(uplink_topic(self.user, "hb"), Heartbeat(away).encode(), hold=False)
 
     # --- presence -----------------------------------------------------------------------
 
@@ -533,7 +533,7 @@ class Engine:
         return now + self._hb_interval
 
     def _publish_acks(self, seqs: list[int]) -> None:
-        self._conn.publish(uplink_topic(self.user, "ack"), ack_payload(seqs), hold=True)
+        self._conn.publish(uplink_topic(self.user, "ack"), Ack(tuple(seqs)).encode(), hold=True)
 
     # --- the outbox thread -------------------------------------------------------------
 
@@ -572,7 +572,7 @@ class Engine:
                 if chat is _LATER:
                     self.outbox.retry_later([m.id for m in due[index:]])
                     return
-                payload = chat_message_payload(chat)
+                payload = chat.encode()
                 with self._session_lock:
                     if self._session != session:
                         return

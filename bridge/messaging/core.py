@@ -1,5 +1,5 @@
 """The staging core: messages and receipts waiting for devices. Pure: no I/O,
-the caller passes the time; every method returns an ``Outcome`` saying what to
+the caller passes the time; every method returns a ``StagingOutcome`` saying what to
 send, and ``take_flush`` / ``flush_done`` say what to write.
 
 Rules (PROTOCOL.md "Delivery rules"):
@@ -42,7 +42,6 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
@@ -58,9 +57,9 @@ from bridge.messaging.records import (
     FlushBatch,
     Hold,
     Item,
-    Message,
-    Outcome,
     Rules,
+    StagedMessage,
+    StagingOutcome,
 )
 from chatproto import (
     MAX_IDS_PER_ITEM,
@@ -70,13 +69,21 @@ from chatproto import (
     RECEIPT_SENT,
     ChatMessage,
     ErrorCode,
-    error_item,
-    msg_item,
-    receipt_item,
+    ErrorItem,
+    MsgItem,
+    ReceiptItem,
 )
 
 BODY_PREFETCH = 256  # bodies read back per store query when a device drains a backlog
 HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
+
+
+class Refused(Exception):
+    """An uplink is refused; ``item`` is the error answering it."""
+
+    def __init__(self, item: ErrorItem) -> None:
+        super().__init__(item.detail)
+        self.item = item
 
 
 class Staging:
@@ -91,8 +98,8 @@ class Staging:
         self._next_mid = boot * SEQ_SPAN
         self.boxes: dict[str, DeviceBox] = {}
         self._counters: dict[str, int] = {}  # per device, for this boot; never reset (seqs must not repeat)
-        self.live: dict[tuple[str, str], Message] = {}
-        self._by_mid: dict[int, Message] = {}
+        self.live: dict[tuple[str, str], StagedMessage] = {}
+        self._by_mid: dict[int, StagedMessage] = {}
         self._waiting_bodies: set[str] = set()
         self._volatile: deque[Item] = deque()  # in creation order: flush deadlines ascend
         self._pending = FlushBatch()  # deletions and flags waiting for the next commit
@@ -104,7 +111,7 @@ class Staging:
 
     # --- restore -----------------------------------------------------------------
 
-    def restore(self, messages: Iterable[Message], items: Iterable[Item]) -> None:
+    def restore(self, messages: Iterable[StagedMessage], items: Iterable[Item]) -> None:
         """Load what the store holds (all durable) after a restart."""
         by_mid = {}
         for message in messages:
@@ -133,15 +140,15 @@ class Staging:
         self._counters[device] = count
         return self._seq_base + count
 
-    def _remember(self, message: Message) -> None:
+    def _remember(self, message: StagedMessage) -> None:
         self.live[(message.sender, message.msg_id)] = message
         self._by_mid[message.mid] = message
 
     # --- messages ------------------------------------------------------------------
 
-    def submit(self, origin: str, sender: str, message: ChatMessage, now_ms: int, now: float) -> Outcome:
+    def submit(self, origin: str, sender: str, message: ChatMessage, now_ms: int, now: float) -> StagingOutcome:
         """A chat message published by ``origin`` (client id) of ``sender``."""
-        out = Outcome()
+        out = StagingOutcome()
         key = (sender, message.id)
         known = self.live.get(key)
         if known is not None:
@@ -150,19 +157,19 @@ class Staging:
                 out.notices.append((origin, self._sent_item(known, now_ms)))
             return out  # not settled yet: 'sent' goes to the new origin when it is
         if self._recent.contains(key, now_ms):
-            out.notices.append((origin, receipt_item(RECEIPT_SENT, [message.id], message.to, now_ms)))
+            out.notices.append((origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, now_ms)))
             return out
-        admitted = self._admit(origin, sender, message, now)
-        if isinstance(admitted, dict):
-            out.notices.append((origin, admitted))
+        try:
+            targets = self._admit(origin, sender, message, now)
+        except Refused as refused:
+            out.notices.append((origin, refused.item))
             return out
-        targets = admitted
         self._next_mid += 1
         bodies = message.bodies
         size = sum(map(_utf8_len, bodies.values())) if bodies is not None else _utf8_len(message.body)
-        staged = Message(self._next_mid, sender, message.id, message.to, message.type,
-                         "" if bodies is not None else message.body, now_ms, now_ms + self.rules.ttl_ms,
-                         origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size)
+        staged = StagedMessage(self._next_mid, sender, message.id, message.to, message.type,
+                               "" if bodies is not None else message.body, now_ms, now_ms + self.rules.ttl_ms,
+                               origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size)
         self._remember(staged)
         for device in targets:
             staged.targets.add(device)
@@ -173,63 +180,54 @@ class Staging:
         out.flush_due = True
         return out
 
-    def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str] | dict[str, Any]:
-        """The target devices of a new message, or the error item refusing it (a transient
-        refusal holds the device's later messages until it re-sends this one)."""
+    def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str]:
+        """The target devices of a new message; raises ``Refused`` (a transient refusal holds the
+        device's later messages until it re-sends this one)."""
         if not self.directory.exists(message.to):
-            return error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id)
-        refused = self._check_hold(origin, message.id, now)
-        if refused is not None:
-            return refused
+            raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id))
+        self._check_hold(origin, message.id, now)
         if message.bodies is None and self.rules.require_encryption:
-            return error_item(ErrorCode.ENCRYPTION_REQUIRED,
-                              "this server accepts only end-to-end encrypted messages ('bodies')", message.id)
+            raise Refused(ErrorItem(ErrorCode.ENCRYPTION_REQUIRED,
+                                    "this server accepts only end-to-end encrypted messages ('bodies')", message.id))
         if message.bodies is None:
             targets = self.directory.targets(message.to)
         else:
-            olm = self._olm_targets(origin, sender, message)
-            if isinstance(olm, dict):
-                if olm["code"] == ErrorCode.DEVICES_MISMATCH:
-                    self._hold(origin, message.id, ErrorCode.DEVICES_MISMATCH, now)
-                return olm
-            targets = olm
-        refusal = self._refuse_staging(sender, targets, message.to, message.id, now)
-        if refusal is None:
-            return targets
-        self._hold(origin, message.id, refusal["code"], now)
-        return refusal
+            targets = self._olm_targets(origin, sender, message, now)
+        try:
+            self._check_room(sender, targets, message.to, message.id, now)
+        except Refused as refused:
+            self._hold(origin, message.id, refused.item.code, now)
+            raise
+        return targets
 
-    def _refuse_staging(self, sender: str, targets: list[str], to: str, ref: str | None,
-                        now: float) -> dict[str, Any] | None:
-        """The error refusing an uplink that stages items for ``targets`` (a message, a seen report), or
-        None: the target queues' bound first (no token spent then), then the sender's send rate."""
+    def _check_room(self, sender: str, targets: list[str], to: str, ref: str | None, now: float) -> None:
+        """Raises ``Refused`` for an uplink that stages items for ``targets`` (a message, a seen report)
+        if it may not: the target queues' bound first (no token spent then), then the sender's send rate."""
         if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
-            return error_item(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref)
+            raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
         if not self._rate.allow(sender, now):
-            return error_item(ErrorCode.RATE_LIMITED, "sending too fast; retry later", ref)
-        return None
+            raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later", ref))
 
-    def _check_hold(self, origin: str, msg_id: str, now: float) -> dict[str, Any] | None:
-        """The error refusing ``msg_id`` because earlier refused messages of ``origin`` come first, or None."""
+    def _check_hold(self, origin: str, msg_id: str, now: float) -> None:
+        """Raises ``Refused`` if earlier refused messages of ``origin`` must come before ``msg_id``."""
         hold = self._held.get(origin)
         if hold is None:
-            return None
+            return
         if now >= hold.until:
             del self._held[origin]
-            return None
+            return
         if msg_id != hold.ids[0]:
             if msg_id not in hold.ids:
                 # Refused under the hold: it must come back in its turn, not ahead of the others
                 # refused before it (a message published after the first re-send was accepted
                 # would otherwise overtake them).
                 hold.ids.append(msg_id)
-            return error_item(hold.code, f"message {hold.ids[0]!r} was refused first; re-send it before later ones",
-                              msg_id)
+            raise Refused(ErrorItem(hold.code, f"message {hold.ids[0]!r} was refused first; re-send it before "
+                                    "later ones", msg_id))
         hold.ids.pop(0)
         hold.until = now + HOLD_S
         if not hold.ids:
             del self._held[origin]
-        return None
 
     def _hold(self, origin: str, msg_id: str, code: str, now: float) -> None:
         """``msg_id`` was refused: the device's later messages wait until it is re-sent (first in line)."""
@@ -244,21 +242,24 @@ class Staging:
         """Client ids an olm message from ``origin`` to ``to`` must carry a ciphertext for."""
         return (self.keyed.of_user(to) | self.keyed.of_user(sender)) - {origin}
 
-    def _olm_targets(self, origin: str, sender: str, message: ChatMessage) -> list[str] | dict[str, Any]:
-        """The devices of an olm message, or the error item refusing it."""
+    def _olm_targets(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str]:
+        """The devices of an olm message; raises ``Refused`` (a mismatch holds the device's later messages)."""
         bodies = set(message.bodies or {})
         if not self.keyed.of_user(message.to) - {origin}:
-            return error_item(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys", message.id)
+            raise Refused(ErrorItem(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys",
+                                    message.id))
         required = self.required_devices(origin, sender, message.to)
         # Without 'keys' (an SDK older than them) only the ids are checked.
         stale = self.keyed.stale(message.keys, bodies & required) if message.keys is not None else []
         if bodies != required or stale:
-            return error_item(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with published "
-                              "keys, encrypted to their current identity keys", message.id,
-                              missing=sorted(required - bodies), extra=sorted(bodies - required), stale=stale)
+            self._hold(origin, message.id, ErrorCode.DEVICES_MISMATCH, now)
+            raise Refused(ErrorItem(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with "
+                                    "published keys, encrypted to their current identity keys", message.id,
+                                    tuple(sorted(required - bodies)), tuple(sorted(bodies - required)),
+                                    tuple(stale)))
         return sorted(required)
 
-    def _stage(self, device: str, item: Item, now: float, out: Outcome) -> None:
+    def _stage(self, device: str, item: Item, now: float, out: StagingOutcome) -> None:
         box = self._box(device)
         item.seq = self._new_seq(device)
         box.items[item.seq] = item
@@ -268,7 +269,7 @@ class Staging:
             self._pump(device, box, now, out)
 
     def _stage_receipt(self, user: str, status: str, ids: list[str], peer: str, now_ms: int, now: float,
-                       out: Outcome) -> None:
+                       out: StagingOutcome) -> None:
         for device in self.directory.targets(user):
             merged = self._coalesce(device, status, ids, peer, out) if status == RECEIPT_SEEN else ids
             receipt = {"status": status, "ids": merged, "peer": peer, "ts": now_ms}
@@ -276,7 +277,7 @@ class Staging:
                                      receipt=receipt), now, out)
         out.flush_due = True
 
-    def _coalesce(self, device: str, status: str, ids: list[str], peer: str, out: Outcome) -> list[str]:
+    def _coalesce(self, device: str, status: str, ids: list[str], peer: str, out: StagingOutcome) -> list[str]:
         """Rule 11: the ids of a new receipt merged with those of the device's last item, if that is a
         receipt of the same status and peer not sent yet (it is dropped: the merged one takes its place
         at the tail, so nothing overtakes anything). At most MAX_IDS_PER_ITEM ids, each once."""
@@ -294,16 +295,18 @@ class Staging:
         self.counters.receipts_coalesced += 1
         return merged
 
-    def seen(self, by_user: str, to_user: str, ids: list[str], origin: str, now_ms: int, now: float) -> Outcome:
+    def seen(self, by_user: str, to_user: str, ids: Iterable[str], origin: str, now_ms: int,
+             now: float) -> StagingOutcome:
         """``by_user`` displayed ``ids`` from ``to_user``: a staged ``receipt seen`` for ``to_user``'s devices,
         after ``sent`` and ``delivered`` for each of those messages (rule 11). Costs a send token."""
-        out = Outcome()
+        out = StagingOutcome()
         if not self.directory.exists(to_user):
-            out.notices.append((origin, error_item(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}")))
+            out.notices.append((origin, ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}")))
             return out
-        refusal = self._refuse_staging(by_user, self.directory.targets(to_user), to_user, None, now)
-        if refusal is not None:
-            out.notices.append((origin, refusal))
+        try:
+            self._check_room(by_user, self.directory.targets(to_user), to_user, None, now)
+        except Refused as refused:
+            out.notices.append((origin, refused.item))
             return out
         now_ids: list[str] = []
         delivered: list[str] = []
@@ -325,8 +328,8 @@ class Staging:
 
     # --- acks ------------------------------------------------------------------------
 
-    def ack(self, device: str, seqs: Iterable[int], now_ms: int, now: float) -> Outcome:
-        out = Outcome()
+    def ack(self, device: str, seqs: Iterable[int], now_ms: int, now: float) -> StagingOutcome:
+        out = StagingOutcome()
         box = self.boxes.get(device)
         if box is None:
             return out
@@ -347,7 +350,7 @@ class Staging:
         self._pump(device, box, now, out)
         return out
 
-    def _mark_delivered(self, message: Message, now_ms: int, now: float, ids: list[str]) -> None:
+    def _mark_delivered(self, message: StagedMessage, now_ms: int, now: float, ids: list[str]) -> None:
         """A device of the recipient has the message (first time only): its id joins ``ids`` (the
         ``delivered`` receipt to stage now), or the receipt waits for ``sent`` (rule 11)."""
         if message.delivered:
@@ -361,7 +364,7 @@ class Staging:
         else:  # rule 1 before rule 5: _settle stages it once the message is safe
             message.delivered_held = (now_ms, now)
 
-    def _drop_item(self, item: Item, out: Outcome) -> None:
+    def _drop_item(self, item: Item, out: StagingOutcome) -> None:
         """The item leaves its device's queue (acked, expired or removed); an olm ciphertext goes with it."""
         item.acked = True
         item.body = None
@@ -374,7 +377,7 @@ class Staging:
             message.targets.discard(item.device)
             self._maybe_forget(message, out)
 
-    def _settle(self, item: Item, out: Outcome) -> None:
+    def _settle(self, item: Item, out: StagingOutcome) -> None:
         if item.settled:
             return
         item.settled = True
@@ -392,11 +395,11 @@ class Staging:
                                         held[0], held[1], out)
             message.delivered_held = message.seen_held = None
 
-    def _sent_item(self, message: Message, now_ms: int | None) -> dict[str, Any]:
-        return receipt_item(RECEIPT_SENT, [message.msg_id], message.recipient,
-                            now_ms if now_ms is not None else message.ts)
+    def _sent_item(self, message: StagedMessage, now_ms: int | None) -> ReceiptItem:
+        return ReceiptItem(RECEIPT_SENT, (message.msg_id,), message.recipient,
+                           now_ms if now_ms is not None else message.ts)
 
-    def _maybe_forget(self, message: Message, out: Outcome) -> None:
+    def _maybe_forget(self, message: StagedMessage, out: StagingOutcome) -> None:
         if message.targets or message.writing:
             return
         if self.live.get((message.sender, message.msg_id)) is message:
@@ -412,9 +415,9 @@ class Staging:
 
     # --- devices ---------------------------------------------------------------------
 
-    def device_online(self, device: str, now: float) -> Outcome:
+    def device_online(self, device: str, now: float) -> StagingOutcome:
         """The device subscribed to its inbox: everything unacked goes out again, in seq order."""
-        out = Outcome()
+        out = StagingOutcome()
         box = self._box(device)
         box.online = True
         box.unsent = deque(box.items.keys()) if box.items else None
@@ -439,10 +442,10 @@ class Staging:
         if not box.items:
             del self.boxes[device]
 
-    def remove_device(self, device: str) -> Outcome:
+    def remove_device(self, device: str) -> StagingOutcome:
         """``devices.remove``: the device's items go (as if acked, without ``delivered``), it stops
         being a target, and a message it was held on is forgotten. Its keys are gone already."""
-        out = Outcome()
+        out = StagingOutcome()
         self._held.pop(device, None)
         self._waiting_bodies.discard(device)
         user, _, device_id = device.partition(".")
@@ -452,9 +455,9 @@ class Staging:
             self._drop_item(item, out)
         return out
 
-    def adopt_placeholder(self, user: str, device: str, now: float) -> Outcome:
+    def adopt_placeholder(self, user: str, device: str, now: float) -> StagingOutcome:
         """A user's first device takes over what was held for them (new seqs, written at once)."""
-        out = Outcome()
+        out = StagingOutcome()
         held = self.boxes.pop(placeholder(user), None)
         if held is None:
             return out
@@ -474,10 +477,10 @@ class Staging:
         box = self.boxes.get(device)
         return box is not None and box.online
 
-    def _wanted_online(self, message: Message) -> bool:
+    def _wanted_online(self, message: StagedMessage) -> bool:
         return any(box.online for box in (self.boxes.get(t) for t in message.targets) if box is not None)
 
-    def _pump(self, device: str, box: DeviceBox, now: float, out: Outcome) -> None:
+    def _pump(self, device: str, box: DeviceBox, now: float, out: StagingOutcome) -> None:
         if not box.online:
             return
         unsent = box.unsent
@@ -498,7 +501,7 @@ class Staging:
         if unsent is not None and not unsent:
             box.unsent = None
 
-    def _missing_bodies(self, box: DeviceBox, unsent: deque[int], out: Outcome) -> None:
+    def _missing_bodies(self, box: DeviceBox, unsent: deque[int], out: StagingOutcome) -> None:
         for seq in itertools.islice(unsent, BODY_PREFETCH):
             item = box.items.get(seq)
             if item is None or item.message is None or not _needs_body(item):
@@ -509,10 +512,10 @@ class Staging:
                 out.need_bodies.append(item.message.mid)
 
     def bodies_loaded(self, bodies: dict[int, str], now: float,
-                      item_bodies: dict[tuple[str, int], str] | None = None) -> Outcome:
+                      item_bodies: dict[tuple[str, int], str] | None = None) -> StagingOutcome:
         """Bodies (by mid) and olm ciphertexts (by device, seq) read back from the store;
         pumps every device that was waiting for one."""
-        out = Outcome()
+        out = StagingOutcome()
         for mid, body in bodies.items():
             message = self._by_mid.get(mid)
             if message is not None and message.body is None:
@@ -529,9 +532,9 @@ class Staging:
                 self._pump(device, box, now, out)
         return out
 
-    def body_missing(self, mid: int, now_ms: int, now: float) -> Outcome:
+    def body_missing(self, mid: int, now_ms: int, now: float) -> StagingOutcome:
         """The store has no body for a staged message (should not happen): drop its items."""
-        out = Outcome()
+        out = StagingOutcome()
         for device, box in list(self.boxes.items()):
             for seq, item in list(box.items.items()):
                 if item.message is not None and item.message.mid == mid:
@@ -540,9 +543,9 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
-    def item_body_missing(self, device: str, seq: int, now: float) -> Outcome:
+    def item_body_missing(self, device: str, seq: int, now: float) -> StagingOutcome:
         """The store has no ciphertext for a staged olm item (should not happen): drop that item."""
-        out = Outcome()
+        out = StagingOutcome()
         box = self.boxes.get(device)
         item = box.items.pop(seq, None) if box is not None else None
         if box is not None and item is not None:
@@ -550,19 +553,19 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
-    def _wire(self, item: Item) -> dict[str, Any]:
+    def _wire(self, item: Item) -> MsgItem | ReceiptItem:
         message = item.message
         if message is not None:
             body = item.body if message.olm else message.body
-            return msg_item(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                            body or "", message.ts, message.dev)
+            return MsgItem(item.seq, message.msg_id, message.sender, message.recipient, message.type,
+                           body or "", message.ts, message.dev)
         receipt = item.receipt or {}
-        return receipt_item(receipt["status"], receipt["ids"], receipt["peer"], receipt["ts"], item.seq)
+        return ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"], item.seq)
 
     # --- time-driven -------------------------------------------------------------------
 
-    def redeliver(self, now: float) -> Outcome:
-        out = Outcome()
+    def redeliver(self, now: float) -> StagingOutcome:
+        out = StagingOutcome()
         for device, box in self.boxes.items():
             if not box.online:
                 continue
@@ -578,9 +581,9 @@ class Staging:
                 out.deliveries.append((device, self._wire(item)))
         return out
 
-    def expire(self, now_ms: int, now: float) -> Outcome:
+    def expire(self, now_ms: int, now: float) -> StagingOutcome:
         """Drop items past their TTL (rule 7) and forget old remembered ids."""
-        out = Outcome()
+        out = StagingOutcome()
         expired: dict[tuple[str, str], list[str]] = {}
         for device, box in list(self.boxes.items()):
             while box.items:
@@ -639,8 +642,8 @@ class Staging:
         self._volatile = keep
         return None if batch.empty() else batch
 
-    def flush_done(self, batch: FlushBatch) -> Outcome:
-        out = Outcome()
+    def flush_done(self, batch: FlushBatch) -> StagingOutcome:
+        out = StagingOutcome()
         for message in batch.bodies:
             message.state = DURABLE
             if not message.olm and not self._wanted_online(message):
@@ -658,14 +661,14 @@ class Staging:
                 self._maybe_forget(item.message, out)
         return out
 
-    def flush_failed(self, batch: FlushBatch) -> Outcome:
+    def flush_failed(self, batch: FlushBatch) -> StagingOutcome:
         """The commit failed: everything in it is pending again; senders hear why."""
-        out = Outcome()
+        out = StagingOutcome()
         for message in batch.bodies:
             message.state = VOLATILE
             if not message.store_failed:
                 message.store_failed = True
-                out.notices.append((message.origin, error_item(
+                out.notices.append((message.origin, ErrorItem(
                     ErrorCode.INTERNAL, "the server cannot store messages right now; it keeps retrying",
                     message.msg_id)))
         for item in batch.items:
@@ -680,12 +683,12 @@ class Staging:
         self._pending.dedup[:0] = batch.dedup
         return out
 
-    def drop_unwritable(self, part: FlushBatch) -> Outcome:
+    def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
         """A part of a commit (``FlushBatch.parts``) that failed on its own again and again -- what
         it holds, not the disk: its items leave their queues rather than hold back every later
         commit. A message is forgotten without ``sent`` and without remembering its id (a re-send
         is taken anew); its sender gets ``internal``. The part's deletions and marks stay pending."""
-        out = Outcome()
+        out = StagingOutcome()
         for message in part.bodies:
             for device in list(message.targets):  # items of it not in this part too
                 box = self.boxes.get(device)
@@ -704,7 +707,7 @@ class Staging:
             if self.live.get((message.sender, message.msg_id)) is message:
                 del self.live[(message.sender, message.msg_id)]
             self._by_mid.pop(message.mid, None)
-            out.notices.append((message.origin, error_item(
+            out.notices.append((message.origin, ErrorItem(
                 ErrorCode.INTERNAL, "the server could not store this message and dropped it; send it again",
                 message.msg_id)))
         self._pending.deleted_items[:0] = part.deleted_items

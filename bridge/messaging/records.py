@@ -1,6 +1,6 @@
 """The records of the staging core (bridge/messaging/core.py): what it is configured with
-(``Rules``), what it keeps (``Message``, ``Item``, ``DeviceBox``, ``Hold``), and what it
-hands to the shell (``Outcome``: what to send; ``FlushBatch``: what to write; ``Figures``).
+(``Rules``), what it keeps (``StagedMessage``, ``Item``, ``DeviceBox``, ``Hold``), and what it
+hands to the shell (``StagingOutcome``: what to send; ``FlushBatch``: what to write; ``Figures``).
 Shared with the SQLite store (storage/sqlite/messages.py), which writes and reads them back.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+from chatproto import ErrorItem, MsgItem, ReceiptItem
 
 SEQ_SPAN = 1_000_000_000
 """Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier boots."""
@@ -28,7 +30,7 @@ class Rules:
 
 
 @dataclass(slots=True, eq=False)
-class Message:
+class StagedMessage:
     mid: int
     sender: str
     msg_id: str
@@ -63,7 +65,9 @@ class Item:
     seq: int
     expires_ms: int
     due: float
-    message: Message | None = None
+    message: StagedMessage | None = None
+    # A staged receipt as its row keeps it: {"status", "ids", "peer", "ts"} (JSON in the store);
+    # the ReceiptItem sent is built from it with the item's seq.
     receipt: dict[str, Any] | None = None
     body: str | None = None  # this device's ciphertext of an olm message (None: not in memory)
     state: int = VOLATILE
@@ -97,25 +101,20 @@ class DeviceBox:
 
 
 @dataclass(slots=True)
-class Outcome:
-    deliveries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+class StagingOutcome:
+    """What the shell does after a call into the core: items to send (``deliveries``: staged ones,
+    sent only to a connected device; ``notices``: not staged), bodies to read back, a commit to wake."""
+
+    deliveries: list[tuple[str, MsgItem | ReceiptItem]] = field(default_factory=list)
+    notices: list[tuple[str, ReceiptItem | ErrorItem]] = field(default_factory=list)
     need_bodies: list[int] = field(default_factory=list)
     need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
     flush_due: bool = False
 
-    def merge(self, other: Outcome) -> Outcome:
-        self.deliveries += other.deliveries
-        self.notices += other.notices
-        self.need_bodies += other.need_bodies
-        self.need_item_bodies += other.need_item_bodies
-        self.flush_due = self.flush_due or other.flush_due
-        return self
-
 
 @dataclass(slots=True)
 class FlushBatch:
-    bodies: list[Message] = field(default_factory=list)
+    bodies: list[StagedMessage] = field(default_factory=list)
     items: list[Item] = field(default_factory=list)
     deleted_items: list[tuple[str, int]] = field(default_factory=list)
     deleted_bodies: list[int] = field(default_factory=list)
@@ -131,7 +130,7 @@ class FlushBatch:
         other new item (a receipt) alone, and last the rest -- deletions, marks, and items of
         messages already on disk (an adopted item goes with the deletion of the row it replaces).
         Written in this order, a part that fails can leave a duplicate row, never lose one."""
-        own: dict[Message, FlushBatch] = {message: FlushBatch(bodies=[message]) for message in self.bodies}
+        own: dict[StagedMessage, FlushBatch] = {message: FlushBatch(bodies=[message]) for message in self.bodies}
         singles: list[FlushBatch] = []
         rest = FlushBatch(deleted_items=self.deleted_items, deleted_bodies=self.deleted_bodies,
                           delivered=self.delivered, dedup=self.dedup)

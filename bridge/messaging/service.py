@@ -1,7 +1,7 @@
 """One-to-one messaging: the thin shell around the staging core.
 
 It feeds ``Staging`` with uplinks and the time (from the ``Clock`` passed in),
-carries out each ``Outcome`` (items to devices, notices, body reads), and runs its
+carries out each ``StagingOutcome`` (items to devices, notices, body reads), and runs its
 background jobs under the ``Supervisor`` passed in (``bridge/background.py``): the
 group-commit flusher, redelivery, the TTL sweep, WAL checkpoints, and body reads.
 Uplinks are handled synchronously; when a recipient is not in the in-memory
@@ -16,25 +16,27 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from bridge.background import Backoff, Supervisor, cancel
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.messaging.core import Staging
-from bridge.messaging.records import FlushBatch, Outcome
+from bridge.messaging.records import FlushBatch, StagingOutcome
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.store import StoreError
 from chatproto import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
+    GROUP_PREFIX,
+    RECEIPT_SENT,
+    Ack,
     Caller,
+    ChatMessage,
     DecodeError,
-    dumps,
-    error_item,
-    parse_ack,
-    parse_chat_message,
-    parse_seen,
+    ErrorCode,
+    ErrorItem,
+    ReceiptItem,
+    Seen,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ class Messaging:
         staging: Staging,
         store: MessageStore,
         links: LinkRegistry,
-        notify: Callable[[str, dict[str, Any]], bool],
         users: UserLookup,
         max_body_bytes: int,
         checkpoint_idle_s: float,
@@ -63,8 +64,6 @@ class Messaging:
         self.staging = staging
         self.links = links
         self._store = store
-        self._links = links
-        self._notify = notify
         self._users = users
         self._max_body = max_body_bytes
         self._max_devices = max_devices_per_message
@@ -98,11 +97,11 @@ class Messaging:
 
     def on_ack(self, caller: Caller, payload: bytes) -> None:
         try:
-            seqs = parse_ack(payload)
+            ack = Ack.decode(payload)
         except DecodeError as exc:
-            self._notify(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
-        self._apply(self.staging.ack(caller.client_id, seqs, self._now_ms(), self._now()))
+        self._apply(self.staging.ack(caller.client_id, ack.seqs, self._now_ms(), self._now()))
 
     def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
         lane = self._lanes.get(caller.client_id)
@@ -116,21 +115,22 @@ class Messaging:
 
     def _handle_now(self, kind: str, caller: Caller, payload: bytes, looked_up: bool = False) -> str | None:
         """Handle an out/seen uplink; returns the peer to look up first, if it is not in the directory."""
+        item: ChatMessage | Seen
         try:
             if kind == "out":
-                message = parse_chat_message(payload, self._max_body, self._max_devices)
-                peer = message.to
+                item = ChatMessage.decode(payload, self._max_body, self._max_devices)
             else:
-                peer, ids = parse_seen(payload)
+                item = Seen.decode(payload)
         except DecodeError as exc:
-            self._notify(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return None
-        if not looked_up and not self.staging.directory.exists(peer) and not peer.startswith("g:"):
+        peer = item.to
+        if not looked_up and not self.staging.directory.exists(peer) and not peer.startswith(GROUP_PREFIX):
             return peer
-        if kind == "out":
-            outcome = self.staging.submit(caller.client_id, caller.user, message, self._now_ms(), self._now())
+        if isinstance(item, ChatMessage):
+            outcome = self.staging.submit(caller.client_id, caller.user, item, self._now_ms(), self._now())
         else:
-            outcome = self.staging.seen(caller.user, peer, ids, caller.client_id, self._now_ms(), self._now())
+            outcome = self.staging.seen(caller.user, peer, item.ids, caller.client_id, self._now_ms(), self._now())
         self._apply(outcome)
         return None
 
@@ -149,7 +149,8 @@ class Messaging:
         except Exception:
             log.exception("lane of %s failed", client_id)
             for _, caller, _payload in lane:
-                self._notify(caller.client_id, error_item("internal", "the server failed to handle this item"))
+                self.links.send(caller.client_id,
+                                ErrorItem(ErrorCode.INTERNAL, "the server failed to handle this item"))
         finally:
             del self._lanes[client_id]
 
@@ -175,19 +176,16 @@ class Messaging:
 
     # --- carrying out outcomes -----------------------------------------------------------
 
-    def _apply(self, out: Outcome) -> None:
+    def _apply(self, out: StagingOutcome) -> None:
         # Notices first: when the recipient acks before the flush, one outcome
         # holds both 'sent' (a notice) and 'delivered' (a delivery) for the
         # sender, who must see them in that order (found by tests/sdk).
-        for client_id, item in out.notices:
-            if item.get("status") == "sent":  # metrics: staged (item ts) -> 'sent'
-                self.staging.counters.sent_latency.observe(max(0, self._now_ms() - item["ts"]) / 1000)
-            self._notify(client_id, item)
-        for device, item in out.deliveries:
-            link = self._links.get(device)
-            if link is not None:
-                self.staging.counters.count_downlink(item)
-                link.send(dumps(item))
+        for client_id, notice in out.notices:
+            if isinstance(notice, ReceiptItem) and notice.status == RECEIPT_SENT:  # metrics: staged (ts) -> 'sent'
+                self.staging.counters.sent_latency.observe(max(0, self._now_ms() - notice.ts) / 1000)
+            self.links.send(client_id, notice)
+        for device, delivery in out.deliveries:
+            self.links.send(device, delivery)  # not connected: it waits, staged, for the next connection
         if out.need_bodies or out.need_item_bodies:
             self._spawn(self._load_bodies(out.need_bodies, out.need_item_bodies))
         if out.flush_due:

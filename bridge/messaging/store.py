@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from bridge.messaging.records import FlushBatch, Item, Message
+from bridge.messaging.records import FlushBatch, Item, StagedMessage
 
 
 class MessageStore(Protocol):
     async def next_boot(self) -> int:
         """A number larger than every earlier call's, across restarts."""
 
-    async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
+    async def load(self, now_ms: int) -> tuple[list[StagedMessage], list[Item], list[tuple[str, str, int]]]:
         """Staged messages (bodies not loaded), items in (device, seq) order, remembered ids."""
 
     async def commit(self, batch: FlushBatch) -> None:

@@ -1,6 +1,6 @@
 """The presence core: who is online, who may see it, and what watchers are told.
 Pure: no I/O; every method takes the time ``now`` (ms, never going backwards)
-and returns an ``Outcome`` saying which ``presence`` items to send.
+and returns a ``PresenceOutcome`` saying which ``presence`` items to send.
 
 Rules (docs/PROTOCOL.md, "Presence"):
 1. An active heartbeat (``{}``) of device D of user U at ``now`` makes D a
@@ -45,7 +45,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from chatproto import PRIVACY_CHOICES, PRIVACY_CONTACTS, PRIVACY_EVERYONE, presence_item
+from chatproto import PRIVACY_CHOICES, PRIVACY_CONTACTS, PRIVACY_EVERYONE, PresenceItem
 
 NEVER: Final = -(1 << 62)
 
@@ -113,8 +113,8 @@ class Watch:
 
 
 @dataclass(slots=True)
-class Outcome:
-    items: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+class PresenceOutcome:
+    items: list[tuple[str, PresenceItem]] = field(default_factory=list)
 
 
 class PresenceCore:
@@ -154,10 +154,6 @@ class PresenceCore:
         """A batch from ``take_dirty`` was not written: write those users again next time."""
         self._dirty.update(user for user, _ in rows)
 
-    @property
-    def dirty_count(self) -> int:
-        return len(self._dirty)
-
     # --- state ---------------------------------------------------------------------------
 
     def setting(self, user: str) -> str:
@@ -183,7 +179,7 @@ class PresenceCore:
 
     # --- heartbeats and devices -------------------------------------------------------------
 
-    def heartbeat(self, user: str, device: str, away: bool, now: int) -> Outcome:
+    def heartbeat(self, user: str, device: str, away: bool, now: int) -> PresenceOutcome:
         """An ``hb`` from ``device`` (client id) of ``user``: active (``{}``) or ``away``."""
         out = self.tick(now)
         devices = self._foreground.get(user)
@@ -204,7 +200,7 @@ class PresenceCore:
             self._arm(device, user, now + self.rules.online_window_ms)
         return out
 
-    def device_offline(self, user: str, device: str, now: int) -> Outcome:
+    def device_offline(self, user: str, device: str, now: int) -> PresenceOutcome:
         """``device`` disconnected (or left its inbox): its foreground and its watch list end."""
         out = self.tick(now)
         devices = self._foreground.get(user)
@@ -222,15 +218,15 @@ class PresenceCore:
             self._armed[device] = at
             heapq.heappush(self._expiry, (at, device, user))
 
-    def _drop_device(self, user: str, devices: dict[str, int], device: str, now: int, out: Outcome) -> None:
+    def _drop_device(self, user: str, devices: dict[str, int], device: str, now: int, out: PresenceOutcome) -> None:
         del devices[device]
         if not devices:
             del self._foreground[user]
             self._changed(user, now, out)
 
-    def tick(self, now: int) -> Outcome:
+    def tick(self, now: int) -> PresenceOutcome:
         """Expire windows that ran out and send coalesced items that are due."""
-        out = Outcome()
+        out = PresenceOutcome()
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
             _, device, user = heapq.heappop(expiry)
@@ -258,11 +254,11 @@ class PresenceCore:
 
     # --- watchers -------------------------------------------------------------------------
 
-    def _changed(self, owner: str, now: int, out: Outcome) -> None:
+    def _changed(self, owner: str, now: int, out: PresenceOutcome) -> None:
         for watcher in self._watchers.get(owner, ()):
             self._touch(watcher, owner, now, out)
 
-    def _touch(self, watcher: str, owner: str, now: int, out: Outcome) -> None:
+    def _touch(self, watcher: str, owner: str, now: int, out: PresenceOutcome) -> None:
         watch = self._watches[watcher]
         shown = watch.owners[owner]
         view = self.view(watch.user, owner)
@@ -278,16 +274,17 @@ class PresenceCore:
             heapq.heappush(self._flushes, (due, watcher, owner))
 
     @staticmethod
-    def _send(watcher: str, owner: str, shown: Shown, view: View, now: int, out: Outcome) -> None:
+    def _send(watcher: str, owner: str, shown: Shown, view: View, now: int, out: PresenceOutcome) -> None:
         shown.view = view
         shown.sent_at = now
-        out.items.append((watcher, presence_item(owner, view.online, view.last_seen)))
+        out.items.append((watcher, PresenceItem(owner, view.online, view.last_seen)))
 
-    def get(self, viewer: str, users: Iterable[str], now: int) -> tuple[dict[str, View], Outcome]:
+    def get(self, viewer: str, users: Iterable[str], now: int) -> tuple[dict[str, View], PresenceOutcome]:
         out = self.tick(now)
         return {user: self.view(viewer, user) for user in users}, out
 
-    def subscribe(self, watcher: str, viewer: str, users: list[str], now: int) -> tuple[dict[str, View], Outcome]:
+    def subscribe(self, watcher: str, viewer: str, users: list[str],
+                  now: int) -> tuple[dict[str, View], PresenceOutcome]:
         """Add ``users`` to the watch list of device ``watcher``; their current views.
 
         Raises LimitExceeded (and adds nothing) past ``max_watched`` per device.
@@ -354,7 +351,7 @@ class PresenceCore:
 
     # --- privacy ---------------------------------------------------------------------------
 
-    def set_privacy(self, user: str, setting: str, now: int) -> Outcome:
+    def set_privacy(self, user: str, setting: str, now: int) -> PresenceOutcome:
         if setting not in PRIVACY_CHOICES:
             raise ValueError(f"unknown privacy setting {setting!r}")
         out = self.tick(now)
@@ -373,7 +370,7 @@ class PresenceCore:
             raise LimitExceeded(f"a user may have at most {self.rules.max_contacts} contacts")
         return new
 
-    def add_contacts(self, user: str, users: Iterable[str], now: int) -> Outcome:
+    def add_contacts(self, user: str, users: Iterable[str], now: int) -> PresenceOutcome:
         new = self.check_add_contacts(user, users)
         out = self.tick(now)
         if new:
@@ -381,7 +378,7 @@ class PresenceCore:
             self._privacy_changed(user, now, out)
         return out
 
-    def remove_contacts(self, user: str, users: Iterable[str], now: int) -> Outcome:
+    def remove_contacts(self, user: str, users: Iterable[str], now: int) -> PresenceOutcome:
         out = self.tick(now)
         have = self._contacts.get(user)
         if have is None:
@@ -394,7 +391,7 @@ class PresenceCore:
             self._privacy_changed(user, now, out)
         return out
 
-    def _privacy_changed(self, user: str, now: int, out: Outcome) -> None:
+    def _privacy_changed(self, user: str, now: int, out: PresenceOutcome) -> None:
         """``user``'s setting or contacts changed: what their watchers see of them, and (reciprocity)
         what their own devices see of the users they watch, may have changed."""
         for watcher in list(self._watchers.get(user, ())):

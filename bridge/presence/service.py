@@ -17,18 +17,17 @@ from typing import Any
 from bridge.background import Backoff, Supervisor, cancel
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
-from bridge.presence.core import LimitExceeded, Outcome, PresenceCore
+from bridge.presence.core import LimitExceeded, PresenceCore, PresenceOutcome
 from bridge.presence.store import PresenceStore
 from bridge.requests import Op, OpError, check_args
 from bridge.store import StoreError
 from chatproto import (
-    HB_AWAY,
     PRIVACY_CHOICES,
     Caller,
     DecodeError,
     ErrorCode,
-    error_item,
-    parse_heartbeat,
+    ErrorItem,
+    Heartbeat,
     parse_user_list,
 )
 
@@ -72,11 +71,11 @@ class PresenceService:
 
     def on_heartbeat(self, caller: Caller, payload: bytes) -> None:
         try:
-            state = parse_heartbeat(payload)
+            heartbeat = Heartbeat.decode(payload)
         except DecodeError as exc:
-            self._links.send(caller.client_id, error_item(exc.code, exc.detail, exc.ref))
+            self._links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
-        self._apply(self.core.heartbeat(caller.user, caller.client_id, state == HB_AWAY, self._now()))
+        self._apply(self.core.heartbeat(caller.user, caller.client_id, heartbeat.away, self._now()))
 
     def device_offline(self, user: str, client_id: str) -> None:
         """The device's connection ended (or it left its inbox): its foreground and watch list end."""
@@ -84,7 +83,7 @@ class PresenceService:
 
     # --- carrying out outcomes; the timer -------------------------------------------------------
 
-    def _apply(self, out: Outcome) -> None:
+    def _apply(self, out: PresenceOutcome) -> None:
         for client_id, item in out.items:
             self._links.send(client_id, item)
         self._arm()

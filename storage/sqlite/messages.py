@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import aiosqlite
 
-from bridge.messaging.records import FlushBatch, Item, Message
+from bridge.messaging.records import FlushBatch, Item, StagedMessage
 from bridge.store import StoreError
 from storage.sqlite.db import SqliteFile, transaction, writer_lock
 
@@ -81,17 +81,17 @@ class SqliteMessageStore(SqliteFile):
                 row = await cursor.fetchone()
         return int(row[0]) if row else 1
 
-    async def load(self, now_ms: int) -> tuple[list[Message], list[Item], list[tuple[str, str, int]]]:
-        messages: dict[int, Message] = {}
+    async def load(self, now_ms: int) -> tuple[list[StagedMessage], list[Item], list[tuple[str, str, int]]]:
+        messages: dict[int, StagedMessage] = {}
         query = ("SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin, dev, olm, "
                  "length(CAST(body AS BLOB)) FROM bodies")
         async with self._db.execute(query) as cursor:
             async for r in cursor:
                 origin = str(r[8])
                 dev = str(r[9]) if r[9] is not None else origin.partition(".")[2]  # rows from schema 1
-                messages[int(r[0])] = Message(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), None,
-                                              int(r[5]), int(r[6]), origin, dev=dev, olm=bool(r[10]),
-                                              delivered=bool(r[7]), size=int(r[11] or 0))
+                messages[int(r[0])] = StagedMessage(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), None,
+                                                    int(r[5]), int(r[6]), origin, dev=dev, olm=bool(r[10]),
+                                                    delivered=bool(r[7]), size=int(r[11] or 0))
         items: list[Item] = []
         query = ("SELECT device, seq, mid, receipt, expires_ms, length(CAST(body AS BLOB)) FROM items "
                  "ORDER BY device, seq")

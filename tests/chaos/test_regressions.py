@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiosqlite
@@ -32,7 +33,8 @@ RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_
 
 def statuses(out: object, client_id: str) -> list[str]:
     items = [*out.notices, *out.deliveries]  # type: ignore[attr-defined]
-    return [item.get("status") or item["kind"] for cid, item in items if cid == client_id]
+    wire = [(cid, json.loads(item.encode())) for cid, item in items]  # as the devices read them
+    return [item.get("status") or item["kind"] for cid, item in wire if cid == client_id]
 
 
 def test_delivered_waits_until_the_message_is_safe_for_every_device() -> None:
@@ -42,7 +44,7 @@ def test_delivered_waits_until_the_message_is_safe_for_every_device() -> None:
     s.device_online("alice.phone", 0.0)
     s.device_online("bob.phone", 0.0)  # bob.tablet is offline: its copy lives only in memory for now
     out = s.submit("alice.phone", "alice", ChatMessage("m1", "bob", "hi"), 1000, 0.0)
-    seq = next(item["seq"] for cid, item in out.deliveries if cid == "bob.phone")
+    seq = next(item.seq for cid, item in out.deliveries if cid == "bob.phone")
 
     out = s.ack("bob.phone", [seq], 1001, 0.01)
     assert statuses(out, "alice.phone") == [], "nothing that lets alice's SDK forget m1 before it is safe"
@@ -51,7 +53,7 @@ def test_delivered_waits_until_the_message_is_safe_for_every_device() -> None:
     assert batch is not None
     out = s.flush_done(batch)  # now the tablet's copy is on disk: sent, then the held 'delivered'
     assert statuses(out, "alice.phone") == ["sent", "delivered"]
-    delivered = [item for cid, item in out.deliveries if cid == "alice.phone"]
+    delivered = [json.loads(item.encode()) for cid, item in out.deliveries if cid == "alice.phone"]
     assert [(d["status"], d["ids"]) for d in delivered] == [("delivered", ["m1"])]
 
 
@@ -62,7 +64,7 @@ def test_delivered_is_immediate_once_sent_was_given() -> None:
     s.device_online("alice.phone", 0.0)
     s.device_online("bob.phone", 0.0)
     out = s.submit("alice.phone", "alice", ChatMessage("m1", "bob", "hi"), 1000, 0.0)
-    seq = out.deliveries[0][1]["seq"]
+    seq = out.deliveries[0][1].seq
     batch = s.take_flush(1.0)  # bob's phone is slow to ack: the copy is written first
     assert batch is not None
     assert statuses(s.flush_done(batch), "alice.phone") == ["sent"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from chatproto import MsgItem, dumps, msg_item, presence_item, receipt_item
+from chatproto import MsgItem, PresenceItem, ReceiptItem
 from client_sdk.dispatch import Dispatcher
 from client_sdk.events import ErrorEvent, Event, Message, Receipt
 from client_sdk.inbox import Arrival, Inbox, classify_arrival, dedup_key, read_downlink
@@ -20,7 +20,7 @@ from client_sdk.localstore import LocalStore
 
 
 def msg(seq: int, msg_id: str | None = None, sender: str = "alice", body: str | None = None) -> bytes:
-    return dumps(msg_item(seq, msg_id or f"m{seq}", sender, "bob", "text", body or f"body {seq}", 1000 + seq))
+    return MsgItem(seq, msg_id or f"m{seq}", sender, "bob", "text", body or f"body {seq}", 1000 + seq).encode()
 
 
 class Recorder:
@@ -71,11 +71,11 @@ def test_classify_arrival_rules() -> None:
 
 def test_read_downlink_kinds() -> None:
     assert read_downlink(msg(7)).seq == 7
-    sent = read_downlink(dumps(receipt_item("sent", ["m1"], "bob", 5)))
+    sent = read_downlink(ReceiptItem("sent", ("m1",), "bob", 5).encode())
     assert sent.seq is None and sent.item is not None
-    staged = read_downlink(dumps(receipt_item("delivered", ["m1"], "bob", 5, seq=9)))
+    staged = read_downlink(ReceiptItem("delivered", ("m1",), "bob", 5, seq=9).encode())
     assert staged.seq == 9
-    assert read_downlink(dumps(presence_item("alice", True, None))).seq is None
+    assert read_downlink(PresenceItem("alice", True, None).encode()).seq is None
     future_kind = read_downlink(json.dumps({"kind": "call", "seq": 12}).encode())
     assert future_kind.item is None and future_kind.seq == 12 and future_kind.problem
     assert read_downlink(b"not json").seq is None
@@ -85,7 +85,7 @@ def test_read_downlink_kinds() -> None:
 def test_dedup_key_only_for_messages() -> None:
     item = read_downlink(msg(1, "abc", "carol")).item
     assert isinstance(item, MsgItem) and dedup_key(item) == ("carol", "abc")
-    assert dedup_key(read_downlink(dumps(receipt_item("seen", ["x"], "a", 1, seq=2))).item) is None
+    assert dedup_key(read_downlink(ReceiptItem("seen", ("x",), "a", 1, seq=2).encode()).item) is None
 
 
 def test_stage_then_repeat_then_duplicate(store: LocalStore) -> None:
@@ -141,7 +141,7 @@ def test_same_sender_and_id_under_new_seq_is_handed_once(store: LocalStore) -> N
 
 def test_receipts_go_through_the_same_order(store: LocalStore) -> None:
     inbox, rec = Inbox(store), Recorder()
-    stage(inbox, dumps(receipt_item("delivered", ["a1"], "carol", 5, seq=1)))
+    stage(inbox, ReceiptItem("delivered", ("a1",), "carol", 5, seq=1).encode())
     stage(inbox, msg(2))
     inbox.hand_over(rec.deliver, rec.acked.append)
     assert isinstance(rec.events[0], Receipt) and rec.events[0].ids == ("a1",)

@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from bridge.counters import BridgeCounters, Histogram
+from chatproto import ErrorItem, MsgItem, ResItem
 from chatserver.config import build_settings
 from chatserver.http import HttpError, parse_head, response
 from chatserver.status import DEFAULT_URL, Snapshot, render, url_from_settings
@@ -26,8 +27,8 @@ def test_histogram_buckets_follow_prometheus_le() -> None:
 
 def test_downlink_counting_by_kind_and_error_code() -> None:
     c = BridgeCounters()
-    for item in ({"kind": "msg"}, {"kind": "error", "code": "too_large"},
-                 {"kind": "res", "ok": False, "error": {"code": "unknown_op"}}, {"kind": "res", "ok": True}):
+    for item in (MsgItem(1, "m1", "alice", "bob", "text", "x", 1), ErrorItem("too_large", "x"),
+                 ResItem.failure("r1", "unknown_op", "x"), ResItem.success("r2", None)):
         c.count_downlink(item)
     assert c.downlink == {"msg": 1, "error": 1, "res": 2}
     assert c.errors == {"too_large": 1, "unknown_op": 1}
@@ -49,7 +50,7 @@ def test_delivered_latency_and_redeliveries_are_counted_by_the_core() -> None:
     out = s.submit("alice.phone", "alice", msg("m1"), 1_000, 0.0)
     s.redeliver(10.0)
     assert s.counters.redeliveries == 1
-    s.ack("bob.phone", [out.deliveries[0][1]["seq"]], 1_250, 10.1)
+    s.ack("bob.phone", [out.deliveries[0][1].seq], 1_250, 10.1)
     latency = s.counters.delivered_latency
     assert latency.count == 1 and math.isclose(latency.sum, 0.25)
     assert s.figures().items == 1  # bob.laptop's copy; 'delivered' waits until the message is safe (its flush)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bridge.presence.core import HIDDEN, LimitExceeded, Outcome, PresenceCore, PresenceRules, View, visible
+from bridge.presence.core import HIDDEN, LimitExceeded, PresenceCore, PresenceOutcome, PresenceRules, View, visible
 
 W = 30_000  # online window, ms
 C = 1_000  # coalescing, ms
@@ -25,8 +25,8 @@ def core(rules: PresenceRules = RULES) -> PresenceCore:
     return PresenceCore(rules)
 
 
-def items(out: Outcome) -> list[tuple[str, str, Any, Any]]:
-    return [(cid, item["user"], item["online"], item["last_seen"]) for cid, item in out.items]
+def items(out: PresenceOutcome) -> list[tuple[str, str, Any, Any]]:
+    return [(cid, item.user, item.online, item.last_seen) for cid, item in out.items]
 
 
 def everyone(c: PresenceCore, *users: str) -> None:

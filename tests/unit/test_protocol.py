@@ -1,6 +1,7 @@
 """The shared wire module: identities, topic rules and request parsing, without a network."""
 
 import json
+from typing import Any
 
 import pytest
 
@@ -41,9 +42,9 @@ def test_only_own_inbox_may_be_subscribed() -> None:
 
 
 def test_request_roundtrip() -> None:
-    req = p.parse_request(b'{"rid":"r1","op":"presence.get","args":{"users":["bob"]}}', 1000)
+    req = p.Request.decode(b'{"rid":"r1","op":"presence.get","args":{"users":["bob"]}}', 1000)
     assert req == p.Request("r1", "presence.get", {"users": ["bob"]})
-    assert p.parse_request(b'{"rid":"r2","op":"ping"}', 1000).args == {}
+    assert p.Request.decode(b'{"rid":"r2","op":"ping"}', 1000).args == {}
 
 
 @pytest.mark.parametrize(
@@ -65,15 +66,55 @@ def test_request_roundtrip() -> None:
 )
 def test_bad_requests_name_their_fault(payload: bytes, code: str, ref: str | None) -> None:
     with pytest.raises(p.DecodeError) as info:
-        p.parse_request(payload, 1000 if code == "too_large" else 10**7)
+        p.Request.decode(payload, 1000 if code == "too_large" else 10**7)
     assert info.value.code == code
     assert info.value.ref == ref
 
 
 def test_items_are_compact_utf8_json() -> None:
-    item = p.error_item("forbidden", "héllo", ref="m1")
+    item = json.loads(p.ErrorItem("forbidden", "héllo", ref="m1").encode())
     assert json.loads(p.dumps(item)) == {"kind": "error", "code": "forbidden", "detail": "héllo", "ref": "m1"}
-    assert b" " not in p.dumps(p.result_item("r", {"a": 1}))
-    assert p.failure_item("r", "unknown_op", "x") == {
+    assert b" " not in p.ResItem.success("r", {"a": 1}).encode()
+    assert json.loads(p.ResItem.failure("r", "unknown_op", "x").encode()) == {
         "kind": "res", "rid": "r", "ok": False, "error": {"code": "unknown_op", "detail": "x"}
     }
+
+
+def test_acks_seen_reports_and_heartbeats_round_trip() -> None:
+    for item in (p.Ack((17, 18)), p.Seen("alice", ("m1", "m2")), p.Heartbeat(), p.Heartbeat(away=True)):
+        assert type(item).decode(item.encode()) == item
+    assert p.Ack((1,)).encode() == b'{"seqs":[1]}'
+    assert p.Heartbeat().encode() == b"{}" and p.Heartbeat(away=True).encode() == b'{"state":"away"}'
+
+
+@pytest.mark.parametrize(
+    ("decode", "payload"),
+    [
+        (p.Ack.decode, b'{"seqs":[]}'),
+        (p.Ack.decode, b'{"seqs":[1,true]}'),
+        (p.Ack.decode, b'{"seqs":[1],"x":1}'),
+        (p.Seen.decode, b'{"to":"Alice","ids":["m1"]}'),
+        (p.Seen.decode, b'{"to":"alice","ids":["m.1"]}'),
+        (p.Heartbeat.decode, b'{"state":"busy"}'),
+    ],
+)
+def test_bad_acks_seen_reports_and_heartbeats_are_bad_envelopes(decode: Any, payload: bytes) -> None:
+    with pytest.raises(p.DecodeError) as info:
+        decode(payload)
+    assert info.value.code == "bad_envelope"
+
+
+def test_each_downlink_item_reads_back_as_itself() -> None:
+    items: list[p.DownlinkItem] = [
+        p.MsgItem(7, "m1", "alice", "bob", "text", "hi", 99, "phone"),
+        p.ReceiptItem("delivered", ("m1",), "bob", 5, 9),
+        p.PresenceItem("alice", True, None),
+        p.ResItem.success("r1", {"a": 1}),
+        p.ResItem.failure("r2", "unknown_op", "x"),
+        p.ErrorItem("devices_mismatch", "x", "m1", ("bob.a",), (), ("bob.b",)),
+    ]
+    for item in items:
+        assert p.parse_downlink(item.encode()) == item
+        assert type(item).decode(item.encode()) == item
+    with pytest.raises(p.DecodeError):
+        p.MsgItem.decode(p.PresenceItem("alice", True, None).encode())

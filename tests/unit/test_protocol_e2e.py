@@ -15,30 +15,30 @@ def olm(bodies: object, **fields: object) -> bytes:
 
 def test_olm_message_round_trip() -> None:
     bodies = {"bob.phone": "Y3Qx", "bob.laptop": "Y3Qy", "alice.tablet": "Y3Qz"}
-    message = p.parse_chat_message(olm(bodies, ts=5), 100)
+    message = p.ChatMessage.decode(olm(bodies, ts=5), 100)
     assert message == p.ChatMessage("m1", "bob", "", p.OLM_TYPE, 5, bodies)
-    assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
-    assert "body" not in json.loads(p.chat_message_payload(message))
+    assert p.ChatMessage.decode(message.encode(), 100) == message
+    assert "body" not in json.loads(message.encode())
 
 
 def test_olm_message_with_keys_round_trip() -> None:
     bodies, keys = {"bob.phone": "Y3Qx", "alice.tab": "Y3Qz"}, {"bob.phone": "Q1+/=", "alice.tab": "Q2-_"}
-    message = p.parse_chat_message(olm(bodies, keys=keys), 100)
+    message = p.ChatMessage.decode(olm(bodies, keys=keys), 100)
     assert message == p.ChatMessage("m1", "bob", "", p.OLM_TYPE, None, bodies, keys)
-    assert json.loads(p.chat_message_payload(message))["keys"] == keys
-    assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
-    assert "keys" not in json.loads(p.chat_message_payload(p.ChatMessage("m1", "bob", "", p.OLM_TYPE, None, bodies)))
+    assert json.loads(message.encode())["keys"] == keys
+    assert p.ChatMessage.decode(message.encode(), 100) == message
+    assert "keys" not in json.loads(p.ChatMessage("m1", "bob", "", p.OLM_TYPE, None, bodies).encode())
 
 
 def test_olm_type_is_implied_by_bodies() -> None:
     payload = json.dumps({"id": "m1", "to": "bob", "bodies": {"bob.phone": "x"}}).encode()
-    assert p.parse_chat_message(payload, 100).type == p.OLM_TYPE
+    assert p.ChatMessage.decode(payload, 100).type == p.OLM_TYPE
 
 
 def test_plain_message_round_trip_is_unchanged() -> None:
     message = p.ChatMessage("m2", "bob", "hi", "text", None)
-    assert json.loads(p.chat_message_payload(message)) == {"id": "m2", "to": "bob", "body": "hi", "type": "text"}
-    assert p.parse_chat_message(p.chat_message_payload(message), 100) == message
+    assert json.loads(message.encode()) == {"id": "m2", "to": "bob", "body": "hi", "type": "text"}
+    assert p.ChatMessage.decode(message.encode(), 100) == message
 
 
 @pytest.mark.parametrize(
@@ -68,38 +68,38 @@ def test_plain_message_round_trip_is_unchanged() -> None:
 )
 def test_bad_olm_messages_name_their_fault(payload: bytes, code: str) -> None:
     with pytest.raises(p.DecodeError) as info:
-        p.parse_chat_message(payload, 100, max_devices=3)
+        p.ChatMessage.decode(payload, 100, max_devices=3)
     assert (info.value.code, info.value.ref) == (code, "m1")
 
 
 def test_lone_surrogate_ciphertext_is_refused_with_its_ref() -> None:
     payload = b'{"id":"m1","to":"bob","bodies":{"bob.a":"\\ud800"}}'
     with pytest.raises(p.DecodeError) as info:
-        p.parse_chat_message(payload, 100)
+        p.ChatMessage.decode(payload, 100)
     assert (info.value.code, info.value.ref) == ("bad_json", "m1")
 
 
 def test_surrogate_pairs_and_escaped_backslashes_are_text() -> None:
     # A pair is one character (U+1F600); an escaped backslash before "ud800" is plain text.
     payload = b'{"id":"m1","to":"bob","body":"\\ud83d\\ude00 \\\\ud800 \\uD83D\\uDE00"}'
-    assert p.parse_chat_message(payload, 100).body == "\U0001f600 \\ud800 \U0001f600"
+    assert p.ChatMessage.decode(payload, 100).body == "\U0001f600 \\ud800 \U0001f600"
 
 
 def test_msg_items_carry_the_sending_device() -> None:
-    item = p.msg_item(7, "m1", "alice", "bob", "olm", "Y3Q=", 99, dev="phone")
+    item = json.loads(p.MsgItem(7, "m1", "alice", "bob", "olm", "Y3Q=", 99, "phone").encode())
     assert item["dev"] == "phone"
     parsed = p.parse_downlink(p.dumps(item))
     assert parsed == p.MsgItem(7, "m1", "alice", "bob", "olm", "Y3Q=", 99, "phone")
-    assert p.parse_downlink(p.dumps(p.msg_item(7, "m1", "alice", "bob", "text", "x", 99))).dev is None  # type: ignore[union-attr]
+    assert p.parse_downlink(p.MsgItem(7, "m1", "alice", "bob", "text", "x", 99).encode()).dev is None  # type: ignore[union-attr]
     with pytest.raises(p.DecodeError):
         p.parse_downlink(p.dumps({**item, "dev": "no.dots"}))
 
 
 def test_error_items_keep_mismatch_fields() -> None:
-    item = p.error_item(p.ErrorCode.DEVICES_MISMATCH, "x", "m1", missing=["bob.a"], extra=["bob.b", "bob.c"])
+    item = json.loads(p.ErrorItem(p.ErrorCode.DEVICES_MISMATCH, "x", "m1", ("bob.a",), ("bob.b", "bob.c")).encode())
     assert item["missing"] == ["bob.a"] and item["extra"] == ["bob.b", "bob.c"]
     assert p.parse_downlink(p.dumps(item)) == p.ErrorItem("devices_mismatch", "x", "m1", ("bob.a",), ("bob.b", "bob.c"))
-    assert p.parse_downlink(p.dumps(p.error_item("no_keys", "y", "m2"))) == p.ErrorItem("no_keys", "y", "m2")
+    assert p.parse_downlink(p.ErrorItem("no_keys", "y", "m2").encode()) == p.ErrorItem("no_keys", "y", "m2")
     stale = p.parse_downlink(p.dumps({**item, "stale": ["bob.d", "bob.e"]}))
     assert isinstance(stale, p.ErrorItem) and stale.stale == ("bob.d", "bob.e")
     for field in ("missing", "stale"):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bridge.directory import Directory, placeholder
 from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.core import Staging
-from bridge.messaging.records import SEQ_SPAN, Outcome, Rules
+from bridge.messaging.records import SEQ_SPAN, Rules, StagingOutcome
 from chatproto import ChatMessage
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=2, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
@@ -23,12 +24,13 @@ def msg(msg_id: str, to: str = "bob", body: str = "hi") -> ChatMessage:
     return ChatMessage(msg_id, to, body)
 
 
-def kinds(out: Outcome) -> list[tuple[str, str, Any]]:
+def kinds(out: StagingOutcome) -> list[tuple[str, str, Any]]:
     """(client id, kind/status, ids or id) of everything an outcome sends."""
     rows = []
     for client_id, item in [*out.deliveries, *out.notices]:
-        label = item.get("status") or item.get("code") or item["kind"]
-        rows.append((client_id, label, item.get("ids") or item.get("id") or item.get("ref")))
+        obj = json.loads(item.encode())  # as the device reads it
+        label = obj.get("status") or obj.get("code") or obj["kind"]
+        rows.append((client_id, label, obj.get("ids") or obj.get("id") or obj.get("ref")))
     return rows
 
 
@@ -38,7 +40,7 @@ def test_online_delivery_is_immediate_and_sent_waits_for_the_ack_or_the_disk() -
     s.device_online("alice.phone", 0.0)
     out = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0)
     assert kinds(out) == [("bob.phone", "msg", "m1")]
-    seq = out.deliveries[0][1]["seq"]
+    seq = out.deliveries[0][1].seq
     assert seq == SEQ_SPAN + 1
     out = s.ack("bob.phone", [seq], 1001, 0.01)
     assert not any(label == "sent" for _, label, _ in kinds(out)), "bob.laptop has neither acked nor been written"
@@ -56,7 +58,7 @@ def test_everything_acked_before_the_deadline_is_never_written() -> None:
     for device in ("bob.phone", "bob.laptop"):
         s.device_online(device, 0.0)
     out = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0)
-    seqs = {device: item["seq"] for device, item in out.deliveries}
+    seqs = {device: item.seq for device, item in out.deliveries}
     s.ack("bob.phone", [seqs["bob.phone"]], 1001, 0.01)
     out = s.ack("bob.laptop", [seqs["bob.laptop"]], 1002, 0.02)
     assert ("alice.phone", "sent", ["m1"]) in kinds(out)
@@ -94,10 +96,10 @@ def test_seqs_of_a_later_boot_are_above_every_earlier_one() -> None:
     first, second = core(boot=1), core(boot=2)
     for s in (first, second):
         s.device_online("bob.phone", 0.0)
-    a = first.submit("alice.phone", "alice", msg("m1"), 1, 0.0).deliveries[0][1]["seq"]
+    a = first.submit("alice.phone", "alice", msg("m1"), 1, 0.0).deliveries[0][1].seq
     for i in range(50):
         first.submit("alice.phone", "alice", msg(f"x{i}"), 1, 0.0)
-    b = second.submit("alice.phone", "alice", msg("m2"), 1, 0.0).deliveries[0][1]["seq"]
+    b = second.submit("alice.phone", "alice", msg("m2"), 1, 0.0).deliveries[0][1].seq
     assert b > a + 50
 
 
@@ -106,11 +108,11 @@ def test_window_then_next_on_ack_and_redelivery() -> None:
     for i in range(3):
         s.submit("alice.phone", "alice", msg(f"m{i}"), 1000, 0.0)
     out = s.device_online("bob.phone", 1.0)
-    assert [item["id"] for _, item in out.deliveries] == ["m0", "m1"]
-    out = s.ack("bob.phone", [out.deliveries[0][1]["seq"]], 1001, 2.0)
-    assert [item["id"] for _, item in out.deliveries if item["kind"] == "msg"] == ["m2"]
-    assert [item["id"] for _, item in s.redeliver(5.5).deliveries] == []
-    assert [item["id"] for _, item in s.redeliver(6.0).deliveries] == ["m1"]
+    assert [item.id for _, item in out.deliveries] == ["m0", "m1"]
+    out = s.ack("bob.phone", [out.deliveries[0][1].seq], 1001, 2.0)
+    assert [item.id for _, item in out.deliveries if item.KIND == "msg"] == ["m2"]
+    assert [item.id for _, item in s.redeliver(5.5).deliveries] == []
+    assert [item.id for _, item in s.redeliver(6.0).deliveries] == ["m1"]
 
 
 def test_an_idle_online_device_holds_no_send_queue() -> None:
@@ -121,7 +123,7 @@ def test_an_idle_online_device_holds_no_send_queue() -> None:
         s.submit("alice.phone", "alice", msg(f"m{i}"), 1000, 0.0)
     assert list(s.boxes["bob.phone"].unsent or []) == [SEQ_SPAN + 3], "window 2: the third waits"
     out = s.ack("bob.phone", [SEQ_SPAN + 1], 1001, 0.01)
-    assert [item["id"] for _, item in out.deliveries if item["kind"] == "msg"] == ["m2"]
+    assert [item.id for _, item in out.deliveries if item.KIND == "msg"] == ["m2"]
     assert s.boxes["bob.phone"].unsent is None, "emptied: given back"
 
 
@@ -133,8 +135,8 @@ def test_reconnect_sends_the_backlog_again_in_order() -> None:
     s.device_offline("bob.phone")
     s.submit("alice.phone", "alice", msg("m2"), 1000, 0.5)
     out = s.device_online("bob.phone", 1.0)
-    seqs = [item["seq"] for _, item in out.deliveries]
-    assert [item["id"] for _, item in out.deliveries] == ["m0", "m1"] and seqs == sorted(seqs)
+    seqs = [item.seq for _, item in out.deliveries]
+    assert [item.id for _, item in out.deliveries] == ["m0", "m1"] and seqs == sorted(seqs)
 
 
 def test_expiry_drops_items_and_tells_the_sender() -> None:
@@ -178,7 +180,7 @@ def test_an_ack_during_the_write_deletes_the_row_afterwards() -> None:
     s = core()
     s.device_online("bob.phone", 0.0)
     out = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0)
-    seq = next(item["seq"] for device, item in out.deliveries if device == "bob.phone")
+    seq = next(item.seq for device, item in out.deliveries if device == "bob.phone")
     batch = s.take_flush(1.0)
     assert batch is not None
     s.ack("bob.phone", [seq], 1001, 1.0)  # while the commit runs
@@ -206,7 +208,7 @@ def test_written_bodies_for_offline_devices_leave_memory_and_are_read_back_on_co
     out = s.device_online("bob.phone", 2.0)
     assert out.deliveries == [] and out.need_bodies == [s.live[("alice", "m1")].mid]
     out = s.bodies_loaded({out.need_bodies[0]: "x" * 100}, 2.1)
-    assert [(d, i["id"], i["body"]) for d, i in out.deliveries] == [("bob.phone", "m1", "x" * 100)]
+    assert [(d, i.id, i.body) for d, i in out.deliveries] == [("bob.phone", "m1", "x" * 100)]
 
 
 
@@ -217,7 +219,7 @@ def test_messages_refused_under_a_hold_come_back_in_their_turn() -> None:
 
     def errors(at: float, msg_id: str) -> list[str]:
         out = s.submit("alice.phone", "alice", msg(msg_id), 1000, at)
-        return [item["code"] for _, item in out.notices if item.get("kind") == "error"]
+        return [item.code for _, item in out.notices if item.KIND == "error"]
 
     assert errors(0.0, "first") == []
     assert errors(0.1, "m0") == ["rate_limited"]

@@ -8,6 +8,7 @@ staging.db written by schema 1."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from bridge.directory import Directory
 from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.core import Staging
-from bridge.messaging.records import FlushBatch, Outcome, Rules
+from bridge.messaging.records import FlushBatch, Rules, StagingOutcome
 from chatproto import OLM_TYPE, ChatMessage
 from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
 
@@ -38,12 +39,13 @@ def olm(msg_id: str, bodies: dict[str, str], to: str = "bob", keys: dict[str, st
     return ChatMessage(msg_id, to, "", OLM_TYPE, None, bodies, keys)
 
 
-def sent_to(out: Outcome) -> dict[str, dict[str, Any]]:
-    return {device: item for device, item in out.deliveries}
+def sent_to(out: StagingOutcome) -> dict[str, dict[str, Any]]:
+    """The items delivered, by device, as each device reads them."""
+    return {device: json.loads(item.encode()) for device, item in out.deliveries}
 
 
-def errors(out: Outcome) -> list[dict[str, Any]]:
-    return [item for _, item in out.notices if item["kind"] == "error"]
+def errors(out: StagingOutcome) -> list[dict[str, Any]]:
+    return [json.loads(item.encode()) for _, item in out.notices if item.KIND == "error"]
 
 
 def online(s: Staging, *devices: str) -> None:
@@ -72,7 +74,7 @@ def test_delivered_only_after_a_recipient_device_acks() -> None:
     batch = s.take_flush(1.0)
     assert batch is not None
     delivered = s.flush_done(batch)
-    assert {(d, i.get("status")) for d, i in delivered.deliveries} == {("alice.tab", "delivered")}
+    assert {(d, getattr(i, "status", None)) for d, i in delivered.deliveries} == {("alice.tab", "delivered")}
 
 
 def test_mismatch_names_missing_and_extra_and_holds_later_messages() -> None:

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from bridge.messaging.core import Staging
-from bridge.messaging.records import Outcome
+from bridge.messaging.records import StagingOutcome
 from chatproto import MAX_IDS_PER_ITEM
 from tests.unit.test_staging import RULES, core, kinds, msg
 
@@ -18,10 +18,10 @@ def queued(s: Staging, device: str) -> list[tuple[str, list[str], str]]:
     return [(i.receipt["status"], i.receipt["ids"], i.receipt["peer"]) for i in box.items.values() if i.receipt]
 
 
-def receipts(out: Outcome) -> list[tuple[str, str, Any]]:
+def receipts(out: StagingOutcome) -> list[tuple[str, str, Any]]:
     """The receipts an outcome sends, in the order the shell sends them: notices first."""
-    return [(device, item["status"], item["ids"]) for device, item in [*out.notices, *out.deliveries]
-            if item.get("kind") == "receipt"]
+    return [(device, item.status, list(item.ids)) for device, item in [*out.notices, *out.deliveries]
+            if item.KIND == "receipt"]
 
 
 def test_a_repeated_seen_report_merges_into_the_pending_receipt() -> None:
@@ -89,9 +89,11 @@ def test_seen_before_sent_waits_for_sent_and_delivered() -> None:
     s = core()
     for device in ("alice.phone", "bob.phone"):
         s.device_online(device, 0.0)
-    seq = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0).deliveries[0][1]["seq"]
+    seq = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0).deliveries[0][1].seq
     out = s.ack("bob.phone", [seq], 1001, 0.01)  # bob.laptop (offline) keeps 'sent' back until the flush
-    out.merge(s.seen("bob", "alice", ["m1"], "bob.phone", 1002, 0.02))
+    later = s.seen("bob", "alice", ["m1"], "bob.phone", 1002, 0.02)
+    out.notices += later.notices
+    out.deliveries += later.deliveries
     assert receipts(out) == []
     batch = s.take_flush(1.0)
     assert batch is not None
@@ -104,7 +106,7 @@ def test_seen_before_any_ack_stages_delivered_first_and_only_once() -> None:
     for device in ("alice.phone", "bob.phone", "bob.laptop"):
         s.device_online(device, 0.0)
     out = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0)
-    seqs = {device: item["seq"] for device, item in out.deliveries}
+    seqs = {device: item.seq for device, item in out.deliveries}
     batch = s.take_flush(1.0)
     assert batch is not None
     assert receipts(s.flush_done(batch)) == [("alice.phone", "sent", ["m1"])]

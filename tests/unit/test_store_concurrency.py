@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from bridge.messaging.records import FlushBatch, Item, Message
+from bridge.messaging.records import FlushBatch, Item, StagedMessage
 from storage.sqlite.messages import SqliteMessageStore
 
 
@@ -15,7 +15,7 @@ async def test_commit_prune_and_checkpoint_can_overlap(tmp_path: Path) -> None:
     try:
         batches = []
         for n in range(20):
-            message = Message(n, "alice", f"m{n}", "bob", "text", "body", 1, 10**13, "alice.phone")
+            message = StagedMessage(n, "alice", f"m{n}", "bob", "text", "body", 1, 10**13, "alice.phone")
             batches.append(FlushBatch(bodies=[message], items=[Item("bob.phone", n, 10**13, 0.0, message=message)],
                                       dedup=[("alice", f"d{n}", 10**13)]))
         work = [store.commit(b) for b in batches] + [store.prune(1) for _ in range(10)] + [store.checkpoint()]

@@ -1,0 +1,94 @@
+"""The JSON of the wire: the one reader of uplink objects and the one encoder of items.
+
+Every uplink payload is a UTF-8 JSON object, nested at most ``MAX_JSON_DEPTH`` levels,
+without NaN/Infinity, out-of-range numbers or lone surrogates (docs/PROTOCOL.md section 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Final
+
+from chatproto.errors import DecodeError, ErrorCode
+from chatproto.limits import MAX_JSON_DEPTH
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 parses to infinity, which JSON cannot carry back out
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+# A \uXXXX escape of a UTF-16 surrogate (D800-DFFF): the only way JSON text can carry one.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def loads_object(payload: bytes, max_bytes: int, ref: tuple[str, re.Pattern[str]] | None = None) -> dict[str, Any]:
+    """Parse a JSON object, refusing oversized, non-UTF-8, NaN and non-object input.
+
+    ``ref``: the id field (and its pattern) to name in a refusal once the JSON is read."""
+    if len(payload) > max_bytes:
+        raise DecodeError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
+    try:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DecodeError(ErrorCode.BAD_JSON, f"payload is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise DecodeError(ErrorCode.BAD_JSON, "payload must be a JSON object")
+    # Fuzzing found that whether deep nesting parses depended on the interpreter's
+    # recursion limit (raised by test tools, debuggers): refuse it explicitly.
+    if _nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise DecodeError(ErrorCode.BAD_JSON, f"payload is nested deeper than {MAX_JSON_DEPTH} levels")
+    # A lone surrogate escape ("\\ud800") is valid JSON but no text: it cannot be UTF-8, so
+    # storing it failed later, far from its sender (it once stopped the staging flush).
+    # Refused here, in any string or key; a pair is one character and passes.
+    if _SURROGATE_ESCAPE.search(payload) is not None and not _is_text(value):
+        field, pattern = ref if ref is not None else ("", None)
+        rid = value.get(field)
+        readable = isinstance(rid, str) and pattern is not None and pattern.fullmatch(rid) is not None
+        raise DecodeError(ErrorCode.BAD_JSON, "payload holds a lone surrogate (\\udXXX), which is not UTF-8 text",
+                          rid if readable else None)
+    return value
+
+
+def _is_text(value: dict[str, Any]) -> bool:
+    """True if every string and key in ``value`` can be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _nested_deeper_than(value: dict[str, Any], limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]  # containers only, with their depth
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def dumps(item: dict[str, Any]) -> bytes:
+    """Compact, UTF-8 JSON; the one encoder for every item on the wire."""
+    # "backslashreplace": a lone surrogate (valid as a JSON escape in client input,
+    # e.g. "\ud800" in a body or an echoed id) cannot be encoded as UTF-8 and used
+    # to turn the answer into an "internal" error (found by fuzzing); it becomes
+    # the same \udxxx escape again, so the item stays valid UTF-8 JSON. Uplinks
+    # holding one are refused now (loads_object): this guards what is built here.
+    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes a key signature covers: sorted keys, no spaces, UTF-8 (the signed object
+    without its ``signature`` field). Both the publishing and the verifying SDK use this."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
