@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from chatproto import OP_DEVICES_REMOVE, ResItem
-from client_sdk.client import _e2e
 from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
 from client_sdk.events import Event, Presence
+from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
-    DEFAULT_HEARTBEAT_INTERVAL_S,
     Privacy,
     check_privacy,
     chunks,
@@ -53,38 +50,19 @@ def _settle(future: asyncio.Future[T], value: T) -> None:
 
 
 class AsyncClient(EngineFront):
-    """Same arguments as ``Client``; see there. Use ``async with AsyncClient(...) as c:``."""
+    """Same arguments as ``Client`` (``ClientOptions``); use ``async with AsyncClient(...) as c:``."""
 
     def __init__(
-        self,
-        user: str,
-        password: str | None,
-        device: str = "default",
-        host: str = "127.0.0.1",
-        port: int = 1883,
-        store: str | os.PathLike[str] | None = None,
-        *,
-        keepalive: int = 60,
-        resend_interval: float = 10.0,
-        tls: ssl.SSLContext | None = None,
-        transport: Literal["tcp", "websockets"] = "tcp",
-        reconnect_delay: tuple[float, float] = (0.5, 30.0),
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-        encryption: bool = True,
-        store_secret: str | bytes | None = None,
-        hold_retry: tuple[float, float] = (2.0, 120.0),
+        self, user: str, password: str | None, options: ClientOptions | None = None,
+        **settings: Unpack[ClientSettings],
     ) -> None:
+        resolved = ClientOptions.of(options, settings)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[ResItem | BaseException]] = {}
         # One worker: blocking calls (store writes, joins) keep the order they were made in.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-aio-{user}.{device}")
-        self._engine = Engine(
-            user, password, device, host, port, store, self._deliver,
-            keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
-            reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
-            encryption=encryption, store_secret=store_secret, hold_retry=hold_retry,
-        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-aio-{user}.{resolved.device}")
+        self._engine = Engine(user, password, resolved, self._deliver)
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
         self._engine.check_open()
@@ -264,11 +242,11 @@ class AsyncClient(EngineFront):
 
     async def fingerprint(self, user: str | None = None, device: str | None = None) -> str:
         """This device's fingerprint, or ``user``'s ``device`` as trusted here (see ``Client.fingerprint``)."""
-        return await self._blocking(_e2e(self._engine).fingerprint, user, device)
+        return await self._blocking(self._e2e().fingerprint, user, device)
 
     async def safety_number(self, user: str) -> str:
         """The safety number of this user and ``user`` (see ``Client.safety_number``)."""
-        return await self._blocking(_e2e(self._engine).safety_number, user)
+        return await self._blocking(self._e2e().safety_number, user)
 
     async def remove_device(self, device: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Forget one of this user's devices on the server (see ``Client.remove_device``)."""

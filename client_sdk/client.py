@@ -11,21 +11,18 @@ over (one bad message must not block the rest).
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Unpack
 
 from chatproto import OP_DEVICES_REMOVE
-from client_sdk.e2e import E2E
-from client_sdk.engine import Engine, EngineFront, result_of
-from client_sdk.errors import ChatError, ConnectTimeout, RequestError
+from client_sdk.engine import Engine, EngineFront
+from client_sdk.errors import ConnectTimeout, RequestError
 from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
+from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
-    DEFAULT_HEARTBEAT_INTERVAL_S,
     Privacy,
     check_privacy,
     chunks,
@@ -37,7 +34,7 @@ from client_sdk.presence import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "result_of"]
+__all__ = ["Client"]
 
 SecurityWarning = Undecryptable | IdentityChanged
 
@@ -45,20 +42,10 @@ SecurityWarning = Undecryptable | IdentityChanged
 class Client(EngineFront):
     """A chat client for one device of one user.
 
-    ``password`` may be None once the store holds a device token. ``store`` is
-    the path of the local SQLite file (None: in memory, nothing survives).
-    ``resend_interval``: seconds before a message without ``sent`` is
-    published again. ``reconnect_delay``: (first, longest) wait between
-    reconnect attempts. ``tls``: an ``ssl.SSLContext`` for TLS listeners;
-    ``transport="websockets"`` for MQTT over WebSocket (path ``/mqtt``).
-    ``heartbeat_interval``: seconds between heartbeats while in the foreground
-    (``set_foreground``); keep it well under the server's ``presence.online_window_s``.
-    ``encryption``: end-to-end encryption (on by default; False sends plain
-    messages, and encrypted ones arrive as ``Undecryptable``). ``store_secret``:
-    the secret the local store is sealed with (see docs/SECURITY.md); None keeps
-    a random key in ``<store>.key`` beside the store file. ``hold_retry``: (first,
-    longest) wait between checks whether a recipient without keys has a device now;
-    its messages wait in the outbox meanwhile, reported ``pending`` (docs/SDK.md).
+    ``password`` may be None once the store holds a device token. The settings
+    (``device``, ``host``, ``port``, ``store``, ...) are the fields of
+    ``ClientOptions``: pass them as keywords, as ``options=``, or both (the
+    keywords win); see ``client_sdk.options`` for each.
 
     Raises ``IdentifierRejected`` for malformed ids and ``StoreError`` if the
     store belongs to another user or device or the secret is wrong. Call
@@ -66,23 +53,8 @@ class Client(EngineFront):
     """
 
     def __init__(
-        self,
-        user: str,
-        password: str | None,
-        device: str = "default",
-        host: str = "127.0.0.1",
-        port: int = 1883,
-        store: str | os.PathLike[str] | None = None,
-        *,
-        keepalive: int = 60,
-        resend_interval: float = 10.0,
-        tls: ssl.SSLContext | None = None,
-        transport: Literal["tcp", "websockets"] = "tcp",
-        reconnect_delay: tuple[float, float] = (0.5, 30.0),
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-        encryption: bool = True,
-        store_secret: str | bytes | None = None,
-        hold_retry: tuple[float, float] = (2.0, 120.0),
+        self, user: str, password: str | None, options: ClientOptions | None = None,
+        **settings: Unpack[ClientSettings],
     ) -> None:
         self.on_message: Callable[[Message], None] | None = None
         self.on_receipt: Callable[[Receipt], None] | None = None
@@ -90,12 +62,7 @@ class Client(EngineFront):
         self.on_error: Callable[[ErrorEvent], None] | None = None
         self.on_warning: Callable[[SecurityWarning], None] | None = None
         """``Undecryptable`` messages and ``IdentityChanged`` warnings (logged if None)."""
-        self._engine = Engine(
-            user, password, device, host, port, store, self._deliver,
-            keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
-            reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
-            encryption=encryption, store_secret=store_secret, hold_retry=hold_retry,
-        )
+        self._engine = Engine(user, password, ClientOptions.of(options, settings), self._deliver)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -245,12 +212,12 @@ class Client(EngineFront):
 
         Raises ``UnknownDevice`` if that device has no published keys, ``ChatError`` if encryption is off.
         """
-        return _e2e(self._engine).fingerprint(user, device)
+        return self._e2e().fingerprint(user, device)
 
     def safety_number(self, user: str) -> str:
         """60 digits over both users' device keys, the same on both sides: compare them to verify
         ``user``; it changes when either adds a device or reinstalls. Fetches both device lists."""
-        return _e2e(self._engine).safety_number(user)
+        return self._e2e().safety_number(user)
 
     def remove_device(self, device: str, timeout: float = 10.0) -> None:
         """Forget one of this user's devices on the server (a lost or replaced phone): its keys,
@@ -287,10 +254,3 @@ class Client(EngineFront):
             log.exception("%s: the %s callback raised; the event counts as handed over",
                           self._engine.cid, type(event).__name__)
         return True
-
-
-def _e2e(engine: Engine) -> E2E:
-    """The engine's E2E state; raises ChatError when encryption is off."""
-    if engine.e2e is None:
-        raise ChatError(f"{engine.cid}: end-to-end encryption is off on this client")
-    return engine.e2e
