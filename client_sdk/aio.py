@@ -23,21 +23,22 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, cast
 
 from chatproto import OP_DEVICES_REMOVE, ResItem
 from client_sdk.engine import Engine, EngineFront, result_of
-from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
+from client_sdk.errors import ConnectTimeout, RequestTimeout
 from client_sdk.events import Event, Presence
 from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
     Privacy,
+    Steps,
     check_privacy,
-    chunks,
-    count_from,
-    presences_from,
+    contacts_steps,
+    get_steps,
     privacy_from,
-    user_list,
+    unwatch_steps,
+    watch_steps,
 )
 
 T = TypeVar("T")
@@ -162,31 +163,16 @@ class AsyncClient(EngineFront):
         self._engine.set_foreground(foreground)
 
     async def presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:  # noqa: ASYNC109
-        found: dict[str, Presence] = {}
-        for args in chunks(user_list(users)):
-            found.update(presences_from(await self.request("presence.get", args, timeout)))
-        return found
+        return await self._run(get_steps(users), timeout)
 
     async def watch_presence(
         self, users: Iterable[str], timeout: float = 10.0,  # noqa: ASYNC109 (same API as Client)
     ) -> dict[str, Presence]:
         """Current presence of ``users``; later changes arrive as ``Presence`` events (also after reconnects)."""
-        names = user_list(users)
-        self._engine.watch(names)
-        found: dict[str, Presence] = {}
-        for args in chunks(names):
-            try:
-                found.update(presences_from(await self.request("presence.subscribe", args, timeout)))
-            except RequestError:
-                self._engine.unwatch(args["users"])
-                raise
-        return found
+        return await self._run(watch_steps(users, self._engine.watch, self._engine.unwatch), timeout)
 
     async def unwatch_presence(self, users: Iterable[str], timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        names = user_list(users)
-        self._engine.unwatch(names)
-        for args in chunks(names):
-            await self.request("presence.unsubscribe", args, timeout)
+        await self._run(unwatch_steps(users, self._engine.unwatch), timeout)
 
     async def set_privacy(self, last_seen: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         check_privacy(last_seen)
@@ -196,16 +182,10 @@ class AsyncClient(EngineFront):
         return privacy_from(await self.request("privacy.get", None, timeout))
 
     async def add_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(await self.request("contacts.add", args, timeout), "contacts")
-        return size
+        return await self._run(contacts_steps("contacts.add", users), timeout)
 
     async def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(await self.request("contacts.remove", args, timeout), "contacts")
-        return size
+        return await self._run(contacts_steps("contacts.remove", users), timeout)
 
     # --- requests ------------------------------------------------------------------
 
@@ -231,6 +211,20 @@ class AsyncClient(EngineFront):
             del self._pending[rid]
             self._engine.forget(rid)
         return result_of(op, value)
+
+    async def _run(self, steps: Steps[T], timeout: float) -> T:  # noqa: ASYNC109 (passed to each request)
+        """Make the requests of ``steps`` one after another (see ``presence.Steps`` and ``Client._run``)."""
+        result: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                op, args = steps.send(result) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return cast(T, done.value)
+            try:
+                result, error = await self.request(op, args, timeout), None
+            except Exception as exc:
+                result, error = None, exc
 
     async def ping(self, timeout: float = 10.0) -> float:  # noqa: ASYNC109 (same API as Client)
         """Round-trip time of a ``ping`` request, in seconds."""

@@ -15,21 +15,22 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack, cast
 
 from chatproto import OP_DEVICES_REMOVE
 from client_sdk.engine import Engine, EngineFront
-from client_sdk.errors import ConnectTimeout, RequestError
+from client_sdk.errors import ConnectTimeout
 from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
 from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
     Privacy,
+    Steps,
     check_privacy,
-    chunks,
-    count_from,
-    presences_from,
+    contacts_steps,
+    get_steps,
     privacy_from,
-    user_list,
+    unwatch_steps,
+    watch_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Client"]
 
 SecurityWarning = Undecryptable | IdentityChanged
+T = TypeVar("T")
 
 
 class Client(EngineFront):
@@ -140,10 +142,7 @@ class Client(EngineFront):
 
     def presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:
         """The current presence of ``users`` as this user may see it (``online``/``last_seen`` None: hidden)."""
-        found: dict[str, Presence] = {}
-        for args in chunks(user_list(users)):
-            found.update(presences_from(self.request("presence.get", args, timeout)))
-        return found
+        return self._run(get_steps(users), timeout)
 
     def watch_presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:
         """Watch ``users``: returns their current presence; each later change arrives at ``on_presence``.
@@ -152,22 +151,10 @@ class Client(EngineFront):
         server forgets it with the connection); the states found then arrive at ``on_presence``.
         Raises ``RequestError`` (``too_large``) past the server's limit of watched users.
         """
-        names = user_list(users)
-        self._engine.watch(names)
-        found: dict[str, Presence] = {}
-        for args in chunks(names):
-            try:
-                found.update(presences_from(self.request("presence.subscribe", args, timeout)))
-            except RequestError:
-                self._engine.unwatch(args["users"])
-                raise
-        return found
+        return self._run(watch_steps(users, self._engine.watch, self._engine.unwatch), timeout)
 
     def unwatch_presence(self, users: Iterable[str], timeout: float = 10.0) -> None:
-        names = user_list(users)
-        self._engine.unwatch(names)
-        for args in chunks(names):
-            self.request("presence.unsubscribe", args, timeout)
+        self._run(unwatch_steps(users, self._engine.unwatch), timeout)
 
     def set_privacy(self, last_seen: str, timeout: float = 10.0) -> None:
         """Who sees this user's online and last seen: ``"everyone"``, ``"contacts"`` (the default:
@@ -182,16 +169,10 @@ class Client(EngineFront):
 
     def add_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
         """Add to this user's contact list (who ``"contacts"`` shows presence to); returns its size."""
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(self.request("contacts.add", args, timeout), "contacts")
-        return size
+        return self._run(contacts_steps("contacts.add", users), timeout)
 
     def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(self.request("contacts.remove", args, timeout), "contacts")
-        return size
+        return self._run(contacts_steps("contacts.remove", users), timeout)
 
     # --- requests ------------------------------------------------------------------
 
@@ -203,6 +184,20 @@ class Client(EngineFront):
         ``NotConnected`` (connect() never called) or ``ClientClosed``.
         """
         return self._engine.call(op, args, timeout)
+
+    def _run(self, steps: Steps[T], timeout: float) -> T:
+        """Make the requests of ``steps`` one after another (see ``presence.Steps``)."""
+        result: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                op, args = steps.send(result) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return cast(T, done.value)
+            try:
+                result, error = self.request(op, args, timeout), None
+            except Exception as exc:  # thrown into the steps: they may clean up, then it propagates
+                result, error = None, exc
 
     # --- end-to-end encryption -------------------------------------------------------
 

@@ -303,10 +303,6 @@ class LocalStore:
 
     # --- meta ---------------------------------------------------------------------
 
-    def identity(self) -> str:
-        with self.lock:
-            return self._meta("identity") or ""
-
     def token(self) -> str | None:
         """The device token kept from the last ``auth.token``, if any."""
         with self.lock:
