@@ -2,7 +2,8 @@
 ``AsyncClient`` (asyncio). Depends on paho-mqtt, vodozemac (end-to-end
 encryption, on by default) and cryptography (the local store sealed at rest).
 
-``protocol`` is the wire contract shared with the server; see docs/SDK.md for
+``ClientOptions`` holds a client's settings (also accepted as keywords).
+``chatproto`` is the wire contract shared with the server; see docs/SDK.md for
 the guide and docs/PROTOCOL.md for the wire format.
 """
 
@@ -23,6 +24,7 @@ from client_sdk.errors import (
     UnknownDevice,
 )
 from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
+from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "ChatTimeout",
     "Client",
     "ClientClosed",
+    "ClientOptions",
     "ConnectError",
     "ConnectTimeout",
     "ErrorEvent",

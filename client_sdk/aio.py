@@ -18,29 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar, Unpack, cast
 
 from chatproto import OP_DEVICES_REMOVE, ResItem
-from client_sdk.client import _e2e
 from client_sdk.engine import Engine, EngineFront, result_of
-from client_sdk.errors import ConnectTimeout, RequestError, RequestTimeout
+from client_sdk.errors import ConnectTimeout, RequestTimeout
 from client_sdk.events import Event, Presence
+from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
-    DEFAULT_HEARTBEAT_INTERVAL_S,
     Privacy,
+    Steps,
     check_privacy,
-    chunks,
-    count_from,
-    presences_from,
+    contacts_steps,
+    get_steps,
     privacy_from,
-    user_list,
+    unwatch_steps,
+    watch_steps,
 )
 
 T = TypeVar("T")
@@ -53,38 +51,19 @@ def _settle(future: asyncio.Future[T], value: T) -> None:
 
 
 class AsyncClient(EngineFront):
-    """Same arguments as ``Client``; see there. Use ``async with AsyncClient(...) as c:``."""
+    """Same arguments as ``Client`` (``ClientOptions``); use ``async with AsyncClient(...) as c:``."""
 
     def __init__(
-        self,
-        user: str,
-        password: str | None,
-        device: str = "default",
-        host: str = "127.0.0.1",
-        port: int = 1883,
-        store: str | os.PathLike[str] | None = None,
-        *,
-        keepalive: int = 60,
-        resend_interval: float = 10.0,
-        tls: ssl.SSLContext | None = None,
-        transport: Literal["tcp", "websockets"] = "tcp",
-        reconnect_delay: tuple[float, float] = (0.5, 30.0),
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-        encryption: bool = True,
-        store_secret: str | bytes | None = None,
-        hold_retry: tuple[float, float] = (2.0, 120.0),
+        self, user: str, password: str | None, options: ClientOptions | None = None,
+        **settings: Unpack[ClientSettings],
     ) -> None:
+        resolved = ClientOptions.of(options, settings)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Entry] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[ResItem | BaseException]] = {}
         # One worker: blocking calls (store writes, joins) keep the order they were made in.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-aio-{user}.{device}")
-        self._engine = Engine(
-            user, password, device, host, port, store, self._deliver,
-            keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
-            reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
-            encryption=encryption, store_secret=store_secret, hold_retry=hold_retry,
-        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-aio-{user}.{resolved.device}")
+        self._engine = Engine(user, password, resolved, self._deliver)
 
     async def _blocking(self, function: Callable[..., T], *args: Any) -> T:
         self._engine.check_open()
@@ -184,31 +163,16 @@ class AsyncClient(EngineFront):
         self._engine.set_foreground(foreground)
 
     async def presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:  # noqa: ASYNC109
-        found: dict[str, Presence] = {}
-        for args in chunks(user_list(users)):
-            found.update(presences_from(await self.request("presence.get", args, timeout)))
-        return found
+        return await self._run(get_steps(users), timeout)
 
     async def watch_presence(
         self, users: Iterable[str], timeout: float = 10.0,  # noqa: ASYNC109 (same API as Client)
     ) -> dict[str, Presence]:
         """Current presence of ``users``; later changes arrive as ``Presence`` events (also after reconnects)."""
-        names = user_list(users)
-        self._engine.watch(names)
-        found: dict[str, Presence] = {}
-        for args in chunks(names):
-            try:
-                found.update(presences_from(await self.request("presence.subscribe", args, timeout)))
-            except RequestError:
-                self._engine.unwatch(args["users"])
-                raise
-        return found
+        return await self._run(watch_steps(users, self._engine.watch, self._engine.unwatch), timeout)
 
     async def unwatch_presence(self, users: Iterable[str], timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        names = user_list(users)
-        self._engine.unwatch(names)
-        for args in chunks(names):
-            await self.request("presence.unsubscribe", args, timeout)
+        await self._run(unwatch_steps(users, self._engine.unwatch), timeout)
 
     async def set_privacy(self, last_seen: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         check_privacy(last_seen)
@@ -218,16 +182,10 @@ class AsyncClient(EngineFront):
         return privacy_from(await self.request("privacy.get", None, timeout))
 
     async def add_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(await self.request("contacts.add", args, timeout), "contacts")
-        return size
+        return await self._run(contacts_steps("contacts.add", users), timeout)
 
     async def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(await self.request("contacts.remove", args, timeout), "contacts")
-        return size
+        return await self._run(contacts_steps("contacts.remove", users), timeout)
 
     # --- requests ------------------------------------------------------------------
 
@@ -254,6 +212,20 @@ class AsyncClient(EngineFront):
             self._engine.forget(rid)
         return result_of(op, value)
 
+    async def _run(self, steps: Steps[T], timeout: float) -> T:  # noqa: ASYNC109 (passed to each request)
+        """Make the requests of ``steps`` one after another (see ``presence.Steps`` and ``Client._run``)."""
+        result: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                op, args = steps.send(result) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return cast(T, done.value)
+            try:
+                result, error = await self.request(op, args, timeout), None
+            except Exception as exc:
+                result, error = None, exc
+
     async def ping(self, timeout: float = 10.0) -> float:  # noqa: ASYNC109 (same API as Client)
         """Round-trip time of a ``ping`` request, in seconds."""
         start = time.monotonic()
@@ -264,11 +236,11 @@ class AsyncClient(EngineFront):
 
     async def fingerprint(self, user: str | None = None, device: str | None = None) -> str:
         """This device's fingerprint, or ``user``'s ``device`` as trusted here (see ``Client.fingerprint``)."""
-        return await self._blocking(_e2e(self._engine).fingerprint, user, device)
+        return await self._blocking(self._e2e().fingerprint, user, device)
 
     async def safety_number(self, user: str) -> str:
         """The safety number of this user and ``user`` (see ``Client.safety_number``)."""
-        return await self._blocking(_e2e(self._engine).safety_number, user)
+        return await self._blocking(self._e2e().safety_number, user)
 
     async def remove_device(self, device: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Forget one of this user's devices on the server (see ``Client.remove_device``)."""

@@ -11,54 +11,43 @@ over (one bad message must not block the rest).
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, TypeVar, Unpack, cast
 
 from chatproto import OP_DEVICES_REMOVE
-from client_sdk.e2e import E2E
-from client_sdk.engine import Engine, EngineFront, result_of
-from client_sdk.errors import ChatError, ConnectTimeout, RequestError
+from client_sdk.engine import Engine, EngineFront
+from client_sdk.errors import ConnectTimeout
 from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
+from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
-    DEFAULT_HEARTBEAT_INTERVAL_S,
     Privacy,
+    Steps,
     check_privacy,
-    chunks,
-    count_from,
-    presences_from,
+    contacts_steps,
+    get_steps,
     privacy_from,
-    user_list,
+    unwatch_steps,
+    watch_steps,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "result_of"]
+__all__ = ["Client"]
 
 SecurityWarning = Undecryptable | IdentityChanged
+T = TypeVar("T")
 
 
 class Client(EngineFront):
     """A chat client for one device of one user.
 
-    ``password`` may be None once the store holds a device token. ``store`` is
-    the path of the local SQLite file (None: in memory, nothing survives).
-    ``resend_interval``: seconds before a message without ``sent`` is
-    published again. ``reconnect_delay``: (first, longest) wait between
-    reconnect attempts. ``tls``: an ``ssl.SSLContext`` for TLS listeners;
-    ``transport="websockets"`` for MQTT over WebSocket (path ``/mqtt``).
-    ``heartbeat_interval``: seconds between heartbeats while in the foreground
-    (``set_foreground``); keep it well under the server's ``presence.online_window_s``.
-    ``encryption``: end-to-end encryption (on by default; False sends plain
-    messages, and encrypted ones arrive as ``Undecryptable``). ``store_secret``:
-    the secret the local store is sealed with (see docs/SECURITY.md); None keeps
-    a random key in ``<store>.key`` beside the store file. ``hold_retry``: (first,
-    longest) wait between checks whether a recipient without keys has a device now;
-    its messages wait in the outbox meanwhile, reported ``pending`` (docs/SDK.md).
+    ``password`` may be None once the store holds a device token. The settings
+    (``device``, ``host``, ``port``, ``store``, ...) are the fields of
+    ``ClientOptions``: pass them as keywords, as ``options=``, or both (the
+    keywords win); see ``client_sdk.options`` for each.
 
     Raises ``IdentifierRejected`` for malformed ids and ``StoreError`` if the
     store belongs to another user or device or the secret is wrong. Call
@@ -66,23 +55,8 @@ class Client(EngineFront):
     """
 
     def __init__(
-        self,
-        user: str,
-        password: str | None,
-        device: str = "default",
-        host: str = "127.0.0.1",
-        port: int = 1883,
-        store: str | os.PathLike[str] | None = None,
-        *,
-        keepalive: int = 60,
-        resend_interval: float = 10.0,
-        tls: ssl.SSLContext | None = None,
-        transport: Literal["tcp", "websockets"] = "tcp",
-        reconnect_delay: tuple[float, float] = (0.5, 30.0),
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-        encryption: bool = True,
-        store_secret: str | bytes | None = None,
-        hold_retry: tuple[float, float] = (2.0, 120.0),
+        self, user: str, password: str | None, options: ClientOptions | None = None,
+        **settings: Unpack[ClientSettings],
     ) -> None:
         self.on_message: Callable[[Message], None] | None = None
         self.on_receipt: Callable[[Receipt], None] | None = None
@@ -90,12 +64,7 @@ class Client(EngineFront):
         self.on_error: Callable[[ErrorEvent], None] | None = None
         self.on_warning: Callable[[SecurityWarning], None] | None = None
         """``Undecryptable`` messages and ``IdentityChanged`` warnings (logged if None)."""
-        self._engine = Engine(
-            user, password, device, host, port, store, self._deliver,
-            keepalive=keepalive, resend_interval=resend_interval, tls=tls, transport=transport,
-            reconnect_delay=reconnect_delay, heartbeat_interval=heartbeat_interval,
-            encryption=encryption, store_secret=store_secret, hold_retry=hold_retry,
-        )
+        self._engine = Engine(user, password, ClientOptions.of(options, settings), self._deliver)
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -173,10 +142,7 @@ class Client(EngineFront):
 
     def presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:
         """The current presence of ``users`` as this user may see it (``online``/``last_seen`` None: hidden)."""
-        found: dict[str, Presence] = {}
-        for args in chunks(user_list(users)):
-            found.update(presences_from(self.request("presence.get", args, timeout)))
-        return found
+        return self._run(get_steps(users), timeout)
 
     def watch_presence(self, users: Iterable[str], timeout: float = 10.0) -> dict[str, Presence]:
         """Watch ``users``: returns their current presence; each later change arrives at ``on_presence``.
@@ -185,22 +151,10 @@ class Client(EngineFront):
         server forgets it with the connection); the states found then arrive at ``on_presence``.
         Raises ``RequestError`` (``too_large``) past the server's limit of watched users.
         """
-        names = user_list(users)
-        self._engine.watch(names)
-        found: dict[str, Presence] = {}
-        for args in chunks(names):
-            try:
-                found.update(presences_from(self.request("presence.subscribe", args, timeout)))
-            except RequestError:
-                self._engine.unwatch(args["users"])
-                raise
-        return found
+        return self._run(watch_steps(users, self._engine.watch, self._engine.unwatch), timeout)
 
     def unwatch_presence(self, users: Iterable[str], timeout: float = 10.0) -> None:
-        names = user_list(users)
-        self._engine.unwatch(names)
-        for args in chunks(names):
-            self.request("presence.unsubscribe", args, timeout)
+        self._run(unwatch_steps(users, self._engine.unwatch), timeout)
 
     def set_privacy(self, last_seen: str, timeout: float = 10.0) -> None:
         """Who sees this user's online and last seen: ``"everyone"``, ``"contacts"`` (the default:
@@ -215,16 +169,10 @@ class Client(EngineFront):
 
     def add_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
         """Add to this user's contact list (who ``"contacts"`` shows presence to); returns its size."""
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(self.request("contacts.add", args, timeout), "contacts")
-        return size
+        return self._run(contacts_steps("contacts.add", users), timeout)
 
     def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
-        size = 0
-        for args in chunks(user_list(users)):
-            size = count_from(self.request("contacts.remove", args, timeout), "contacts")
-        return size
+        return self._run(contacts_steps("contacts.remove", users), timeout)
 
     # --- requests ------------------------------------------------------------------
 
@@ -237,6 +185,20 @@ class Client(EngineFront):
         """
         return self._engine.call(op, args, timeout)
 
+    def _run(self, steps: Steps[T], timeout: float) -> T:
+        """Make the requests of ``steps`` one after another (see ``presence.Steps``)."""
+        result: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                op, args = steps.send(result) if error is None else steps.throw(error)
+            except StopIteration as done:
+                return cast(T, done.value)
+            try:
+                result, error = self.request(op, args, timeout), None
+            except Exception as exc:  # thrown into the steps: they may clean up, then it propagates
+                result, error = None, exc
+
     # --- end-to-end encryption -------------------------------------------------------
 
     def fingerprint(self, user: str | None = None, device: str | None = None) -> str:
@@ -245,12 +207,12 @@ class Client(EngineFront):
 
         Raises ``UnknownDevice`` if that device has no published keys, ``ChatError`` if encryption is off.
         """
-        return _e2e(self._engine).fingerprint(user, device)
+        return self._e2e().fingerprint(user, device)
 
     def safety_number(self, user: str) -> str:
         """60 digits over both users' device keys, the same on both sides: compare them to verify
         ``user``; it changes when either adds a device or reinstalls. Fetches both device lists."""
-        return _e2e(self._engine).safety_number(user)
+        return self._e2e().safety_number(user)
 
     def remove_device(self, device: str, timeout: float = 10.0) -> None:
         """Forget one of this user's devices on the server (a lost or replaced phone): its keys,
@@ -287,10 +249,3 @@ class Client(EngineFront):
             log.exception("%s: the %s callback raised; the event counts as handed over",
                           self._engine.cid, type(event).__name__)
         return True
-
-
-def _e2e(engine: Engine) -> E2E:
-    """The engine's E2E state; raises ChatError when encryption is off."""
-    if engine.e2e is None:
-        raise ChatError(f"{engine.cid}: end-to-end encryption is off on this client")
-    return engine.e2e

@@ -73,7 +73,7 @@ class Ciphertext:
     @classmethod
     def from_wire(cls, text: str) -> Ciphertext:
         parts = text.split(".")
-        if len(parts) != 4 or parts[0] != WIRE_VERSION or parts[1] not in ("0", "1"):
+        if len(parts) != 4 or parts[0] != WIRE_VERSION or parts[1] not in (str(PRE_KEY), str(NORMAL)):
             raise CryptoError("not an Olm ciphertext of this SDK")
         try:
             body = base64.b64decode(parts[3], validate=True)

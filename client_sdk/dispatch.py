@@ -4,7 +4,8 @@ Work arrives in a FIFO queue, in the order items arrived from the server:
 an ephemeral event, "item ``seq`` is stored" or "ack ``seq`` (a duplicate)".
 The thread hands each event over (``deliver`` blocks until the app is done
 with it), records staged items as handed, and publishes their acks in
-batches: when the queue is momentarily empty or ``ack_batch`` seqs are waiting.
+batches: when the queue is momentarily empty or ``ack_batch`` seqs are waiting
+(one ack names at most ``MAX_IDS_PER_ITEM`` seqs).
 The first task is "hand over everything stored": items stored by an earlier
 run and never handed over go to the app before anything new. Uplink items
 that must follow the acks (seen reports) are queued here too.
@@ -21,8 +22,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+from chatproto import MAX_IDS_PER_ITEM
 from client_sdk.events import Event
-from client_sdk.inbox import MAX_ACK_SEQS, Inbox
+from client_sdk.inbox import Inbox
 
 RETRY_HAND_OVER_S: Final = 1.0  # after a failed hand-over (a key fetch that timed out, ...)
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class Dispatcher:
         self._deliver = deliver
         self._publish_acks = publish_acks
         self._name = name
-        self._ack_batch = min(ack_batch, MAX_ACK_SEQS)
+        self._ack_batch = min(ack_batch, MAX_IDS_PER_ITEM)
         self._tasks: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._acks: list[int] = []
         self._thread: threading.Thread | None = None
@@ -144,7 +146,7 @@ class Dispatcher:
 
     def _flush(self) -> None:
         while self._acks:
-            batch, self._acks = self._acks[:MAX_ACK_SEQS], self._acks[MAX_ACK_SEQS:]
+            batch, self._acks = self._acks[:MAX_IDS_PER_ITEM], self._acks[MAX_IDS_PER_ITEM:]
             try:
                 self._publish_acks(batch)
             except Exception:

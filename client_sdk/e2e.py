@@ -46,7 +46,7 @@ from client_sdk import keys as K
 from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session
 from client_sdk.errors import RequestError, StoreError, UnknownDevice
 from client_sdk.events import Event, IdentityChanged
-from client_sdk.inbox import opened_item, stored_event, undecryptable_item
+from client_sdk.inbox import opened_row, stored_event, undecryptable_row
 from client_sdk.localstore import DeviceRecord, LocalStore, OutMessage, SessionRecord
 
 log = logging.getLogger(__name__)
@@ -315,16 +315,16 @@ class E2E:
                 payload: dict[str, Any] | None = None
                 if message is not None and record is not None:
                     reason, payload = self._decrypt(item, record, message)
-                text = opened_item(item, payload) if payload is not None else undecryptable_item(item, reason)
-                self._store.restage(seq, text)
+                row = opened_row(seq, item, payload) if payload is not None else undecryptable_row(seq, item, reason)
+                self._store.restage(row)
         except BaseException:
             with self._lock:  # the account may have used a one-time key the store still has
                 pickle = self._store.olm_account()
                 if pickle is not None:
                     self._account = Account.from_pickle(pickle, self._key)
             raise
-        event = stored_event(text)
-        assert event is not None
+        event = stored_event(row)
+        assert event is not None  # an opened or undecryptable row, never a wire row
         return event
 
     def _decrypt(self, item: MsgItem, record: DeviceRecord, message: Ciphertext) -> tuple[str, dict[str, Any] | None]:

@@ -22,17 +22,16 @@ the facades wrap them in futures and always remove them in a ``finally``.
 
 from __future__ import annotations
 
+import enum
 import logging
-import os
 import secrets
 import sqlite3
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Final, Literal
+from typing import Any
 
 from chatproto import (
     MAX_IDS_PER_ITEM,
@@ -61,6 +60,7 @@ from client_sdk.dispatch import Dispatcher
 from client_sdk.e2e import E2E, SendRefused
 from client_sdk.errors import (
     AuthError,
+    ChatError,
     ClientClosed,
     ConnectError,
     IdentifierRejected,
@@ -84,8 +84,9 @@ from client_sdk.events import (
 from client_sdk.inbox import Arrival, Inbox, read_downlink
 from client_sdk.localstore import LocalStore, OutMessage
 from client_sdk.login import LoginPlan, Secret
+from client_sdk.options import ClientOptions
 from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox, wall_ms
-from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S, chunks, presences_from
+from client_sdk.presence import chunks, presences_from
 from client_sdk.receipts import ReceiptLedger
 from client_sdk.securestore import as_bytes
 
@@ -97,6 +98,9 @@ Answer = Callable[[ResItem | BaseException], None]
 """Called once with a request's ``res`` item, or the exception that ended the wait."""
 
 PRUNE_EVERY_S = 600.0
+HANDED_IDS_KEEP = 10_000
+HANDED_IDS_MAX_AGE_MS = 7 * 86400 * 1000
+"""The dedup memory (``Inbox`` rule 5) keeps at most this many (sender, id) pairs, for at most a week."""
 KEYS = "keys"
 TOKEN = "token"  # noqa: S105 (the name of a step connect() waits for, not a secret)
 
@@ -118,59 +122,49 @@ def validate_identity(user: str, device: str) -> None:
         raise IdentifierRejected(f"device id {device!r} is not 1-32 of [A-Za-z0-9_-]")
 
 
+class Unsent(enum.Enum):
+    """Why ``Engine._encrypted`` has no message to publish now."""
+
+    REFUSED = "refused"
+    """It can never be sent: dropped from the outbox and reported as an ``ErrorEvent``."""
+    LATER = "later"
+    """The keys could not be fetched now: retry it (and the messages after it) later."""
+    HELD = "held"
+    """The recipient has no device with keys yet (``outbox`` rule 8)."""
+
+
 class Engine:
-    """Everything a client does; see ``client.Client`` for the options."""
+    """Everything a client does; ``options`` are described in ``client_sdk.options``."""
 
     def __init__(
-        self,
-        user: str,
-        password: str | None,
-        device: str,
-        host: str,
-        port: int,
-        store: str | os.PathLike[str] | None,
-        deliver: Callable[[Event], bool],
-        *,
-        keepalive: int = 60,
-        resend_interval: float = 10.0,
-        tls: ssl.SSLContext | None = None,
-        transport: Literal["tcp", "websockets"] = "tcp",
-        reconnect_delay: tuple[float, float] = (0.5, 30.0),
-        handed_ids_keep: int = 10_000,
-        handed_ids_max_age_s: float = 7 * 86400,
-        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S,
-        encryption: bool = True,
-        store_secret: str | bytes | None = None,
-        hold_retry: tuple[float, float] = (2.0, 120.0),
+        self, user: str, password: str | None, options: ClientOptions, deliver: Callable[[Event], bool],
     ) -> None:
+        device, store = options.device, options.store
         validate_identity(user, device)
-        if heartbeat_interval <= 0:
-            raise ValueError("heartbeat_interval must be positive")
         self.user, self.device = user, device
         self.cid = client_id(user, device)
         self.store = LocalStore(store, user, device)
         try:
-            sealer = self.store.unlock(None if store_secret is None else as_bytes(store_secret))
+            secret = options.store_secret
+            sealer = self.store.unlock(None if secret is None else as_bytes(secret))
             self.e2e = E2E(self.store, user, device, sealer.subkey("olm-pickle"), self.call,
                            lambda event: self._dispatcher.event(event),  # noqa: PLW0108 (made below)
-                           ) if encryption else None
+                           ) if options.encryption else None
         except BaseException:
             self.store.close()
             raise
         self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None)
-        self.outbox = Outbox(self.store, resend_interval=resend_interval, hold_initial=hold_retry[0],
-                             hold_max=hold_retry[1])
+        self.outbox = Outbox(self.store, resend_interval=options.resend_interval,
+                             hold_initial=options.hold_retry[0], hold_max=options.hold_retry[1])
         self._plan = LoginPlan(password, self.store.token())
         self._conn = Connection(
-            user, device, self._plan, self, host, port, keepalive, tls, transport,
-            Backoff(reconnect_delay[0], reconnect_delay[1]),
+            user, device, self._plan, self, options.host, options.port, options.keepalive, options.tls,
+            options.transport, Backoff(*options.reconnect_delay),
         )
         self._deliver = deliver
         self._receipts = ReceiptLedger()  # touched by the dispatcher thread only
         self._dispatcher = Dispatcher(self.inbox, self._hand_over, self._publish_acks,
                                       name=f"chat-dispatch-{self.cid}")
-        self._keep_ids = handed_ids_keep
-        self._ids_max_age_ms = int(handed_ids_max_age_s * 1000)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._woken = False
@@ -184,7 +178,7 @@ class Engine:
         self._session_lock = threading.Lock()
         self._session = 0
         self._outbox_live = False
-        self._hb_interval = heartbeat_interval
+        self._hb_interval = options.heartbeat_interval
         self._foreground = False
         self._next_hb: float | None = None  # monotonic time of the next heartbeat while in the foreground
         self._watched: dict[str, None] = {}  # users this device watches (ordered set), re-watched on every reconnect
@@ -196,10 +190,6 @@ class Engine:
     @property
     def connected(self) -> bool:
         return self._conn.ready
-
-    @property
-    def dispatcher_thread(self) -> threading.Thread | None:
-        return self._dispatcher.thread
 
     def check_open(self) -> None:
         """Raise ClientClosed once close() has begun."""
@@ -502,10 +492,6 @@ class Engine:
             self.heartbeat(away=True)
         self._kick()
 
-    @property
-    def foreground(self) -> bool:
-        return self._foreground
-
     def watch(self, users: list[str]) -> None:
         with self._lock:
             self._watched.update(dict.fromkeys(users))
@@ -563,13 +549,13 @@ class Engine:
                     continue
                 chat = self._encrypted(message) if self.e2e is not None else ChatMessage(
                     message.id, message.to, message.body, message.type, message.ts)
-                if chat is None:
-                    continue  # refused for good and reported
-                if chat is _HELD:
+                if chat is Unsent.REFUSED:
+                    continue
+                if chat is Unsent.HELD:
                     waiting.add(message.to)
                     self.outbox.hold(message.id)
                     continue
-                if chat is _LATER:
+                if chat is Unsent.LATER:
                     self.outbox.retry_later([m.id for m in due[index:]])
                     return
                 payload = chat.encode()
@@ -586,26 +572,25 @@ class Engine:
             log.info("%s: %d message(s) to %s held until it has a device with keys", self.cid, len(ids), peer)
             self._dispatcher.event(Receipt(PENDING, tuple(ids), peer, wall_ms()))
 
-    def _encrypted(self, message: OutMessage) -> ChatMessage | None:
-        """The olm form of ``message``; None if it cannot be sent (dropped, reported); ``_LATER`` to retry;
-        ``_HELD`` while its recipient has no device with keys."""
+    def _encrypted(self, message: OutMessage) -> ChatMessage | Unsent:
+        """The olm form of ``message``, or why it is not published now."""
         assert self.e2e is not None
         try:
             sealed = self.e2e.bodies_for(message)
         except SendRefused as exc:
             if exc.code == ErrorCode.NO_KEYS:
-                return _HELD
+                return Unsent.HELD
             self._refuse(message.id, exc.code, exc.detail)
-            return None
+            return Unsent.REFUSED
         except RequestError as exc:
             if exc.code in TRANSIENT_CODES:
                 log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
-                return _LATER
+                return Unsent.LATER
             self._refuse(message.id, exc.code, f"cannot encrypt for {message.to}: {exc.detail}")
-            return None
+            return Unsent.REFUSED
         except (RequestTimeout, ClientClosed, NotConnected) as exc:
             log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
-            return _LATER
+            return Unsent.LATER
         return ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)
 
     def _refuse(self, msg_id: str, code: str, detail: str) -> None:
@@ -647,7 +632,7 @@ class Engine:
                 beat = self._beat()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY_S
-                    self.store.prune_handed_ids(int(time.time() * 1000) - self._ids_max_age_ms, self._keep_ids)
+                    self.store.prune_handed_ids(int(time.time() * 1000) - HANDED_IDS_MAX_AGE_MS, HANDED_IDS_KEEP)
             except Exception:
                 if self.closing.is_set():
                     return
@@ -685,12 +670,6 @@ class Engine:
             self.store.close()
 
 
-_LATER: Final = ChatMessage("later", "later", "")
-"""Marker from ``Engine._encrypted``: the keys could not be fetched now; retry the message later."""
-_HELD: Final = ChatMessage("held", "held", "")
-"""Marker from ``Engine._encrypted``: the recipient has no device with keys yet (``outbox`` rule 8)."""
-
-
 def _call(answer: Answer, value: ResItem | BaseException) -> None:
     try:
         answer(value)
@@ -719,3 +698,9 @@ class EngineFront:
     def outbox(self) -> list[str]:
         """Ids of messages not yet confirmed ``sent``, oldest first."""
         return self._engine.outbox.ids()
+
+    def _e2e(self) -> E2E:
+        """The engine's E2E state; raises ChatError when encryption is off."""
+        if self._engine.e2e is None:
+            raise ChatError(f"{self._engine.cid}: end-to-end encryption is off on this client")
+        return self._engine.e2e

@@ -19,7 +19,8 @@ Rules (PROTOCOL.md delivery rules 4 and 5, and the SDK's promise to the app):
    gets each item at least once across crashes, exactly once otherwise.
 8. An end-to-end encrypted message (``type`` "olm") is decrypted at hand-over,
    once: the ``decrypt`` hook replaces its row with the opened form (or an
-   "undecryptable" form) in the same transaction as the Olm session update, so
+   "undecryptable" form; the row's ``RowKind`` says which) in the same
+   transaction as the Olm session update, so
    a crash after that hands over the opened row, never a ciphertext whose keys
    are used up. A message that cannot be decrypted is handed over as an
    ``Undecryptable`` event and acked like any other.
@@ -35,13 +36,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from chatproto import OLM_TYPE, DecodeError, DownlinkItem, MsgItem, ReceiptItem, parse_downlink
 from client_sdk.events import Event, Message, Undecryptable, message_from, receipt_from
-from client_sdk.localstore import LocalStore, StagedItem
-
-MAX_ACK_SEQS = 1000  # protocol.MAX_IDS_PER_ITEM: the most seqs one ack may name
+from client_sdk.localstore import LocalStore, RowKind, StagedItem
 
 
 class Arrival(enum.Enum):
@@ -123,35 +122,30 @@ def now_ms() -> int:
 
 # --- the SDK's own row forms for decrypted messages (rule 8) --------------------------------
 
-OPENED: Final = "opened"
-UNDECRYPTABLE: Final = "undecryptable"
 
-
-def opened_item(item: MsgItem, payload: dict[str, Any]) -> str:
+def opened_row(seq: int, item: MsgItem, payload: dict[str, Any]) -> StagedItem:
     """The inbox row of a decrypted message: the envelope with the inner type and body."""
-    return json.dumps({"kind": OPENED, "seq": item.seq, "id": item.id, "from": item.sender, "to": item.to,
-                       "dev": item.dev, "type": payload["type"], "body": payload["body"], "ts": item.ts})
+    return StagedItem(seq, RowKind.OPENED, json.dumps({
+        "seq": item.seq, "id": item.id, "from": item.sender, "to": item.to, "dev": item.dev,
+        "type": payload["type"], "body": payload["body"], "ts": item.ts}))
 
 
-def undecryptable_item(item: MsgItem, reason: str) -> str:
-    return json.dumps({"kind": UNDECRYPTABLE, "seq": item.seq, "id": item.id, "from": item.sender, "to": item.to,
-                       "dev": item.dev, "reason": reason, "ts": item.ts})
+def undecryptable_row(seq: int, item: MsgItem, reason: str) -> StagedItem:
+    return StagedItem(seq, RowKind.UNDECRYPTABLE, json.dumps({
+        "seq": item.seq, "id": item.id, "from": item.sender, "to": item.to, "dev": item.dev,
+        "reason": reason, "ts": item.ts}))
 
 
-def stored_event(text: str) -> Message | Undecryptable | None:
-    """The event for a row written by ``opened_item``/``undecryptable_item``; None for any other row."""
-    if not text.startswith('{"kind": "'):
+def stored_event(row: StagedItem) -> Message | Undecryptable | None:
+    """The event for a row of the SDK's own forms (``opened_row``, ``undecryptable_row``); None for a
+    ``WIRE`` row. Rows from before the ``kind`` column also carry a ``"kind"`` field, unread."""
+    if row.kind is RowKind.WIRE:
         return None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if obj.get("kind") == OPENED:
+    obj = json.loads(row.item)
+    if row.kind is RowKind.OPENED:
         return Message(obj["id"], obj["from"], obj["to"], obj["body"], obj["type"], obj["ts"], obj["seq"],
                        obj["dev"], True)
-    if obj.get("kind") == UNDECRYPTABLE:
-        return Undecryptable(obj["id"], obj["from"], obj["dev"], obj["to"], obj["reason"], obj["ts"], obj["seq"])
-    return None
+    return Undecryptable(obj["id"], obj["from"], obj["dev"], obj["to"], obj["reason"], obj["ts"], obj["seq"])
 
 
 Decrypt = Callable[[int, MsgItem], Event]
@@ -206,7 +200,7 @@ class Inbox:
 
     def _open(self, staged: StagedItem) -> tuple[tuple[str, str] | None, Event | None]:
         """The dedup key and the event for a stored item (None: skip it, rules 2 and 5)."""
-        opened = stored_event(staged.item)
+        opened = stored_event(staged)
         if opened is not None:
             mine = (opened.sender, opened.id)
             return mine, None if self._store.was_handed(*mine) else opened
@@ -217,7 +211,7 @@ class Inbox:
         if isinstance(found.item, MsgItem) and found.item.type == OLM_TYPE:
             if self._decrypt is not None:
                 return key, self._decrypt(staged.seq, found.item)
-            text = undecryptable_item(found.item, "end-to-end encryption is off on this client")
-            self._store.restage(staged.seq, text)
-            return key, stored_event(text)
+            row = undecryptable_row(staged.seq, found.item, "end-to-end encryption is off on this client")
+            self._store.restage(row)
+            return key, stored_event(row)
         return key, event_for(found.item)

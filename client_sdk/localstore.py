@@ -10,8 +10,10 @@ Tables:
 - ``outbox``: messages written by ``send()`` and not yet confirmed ``sent``,
   in the order they were sent (``pos``).
 - ``inbox``: staged downlink items (with a ``seq``) stored but not yet handed
-  to the app. Handing an item over removes its row, raises ``last_seq`` and
-  remembers ``(from, id)`` of a message in ``handed_ids``, in one transaction.
+  to the app; ``kind`` (``RowKind``) says what the row's text is: the item as
+  it arrived, or the SDK's own form of a decrypted (or undecryptable) message.
+  Handing an item over removes its row, raises ``last_seq`` and remembers
+  ``(from, id)`` of a message in ``handed_ids``, in one transaction.
 - ``handed_ids``: (sender, id) of messages handed over recently, to drop
   repeats the server may send under another ``seq``; bounded by count and age.
 - ``meta``: identity, ``last_seq`` (highest seq handed over), the device token,
@@ -29,6 +31,7 @@ readable by its owner only all the same.
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import secrets
 import sqlite3
@@ -92,7 +95,22 @@ MIGRATIONS: Final = (
         fresh       INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Rows staged before this have no kind yet (NULL): ``unlock`` reads them and sets it.
+    """
+    ALTER TABLE inbox ADD COLUMN kind TEXT;
+    """,
 )
+
+
+class RowKind(enum.StrEnum):
+    """What the text of an ``inbox`` row is (its ``kind`` column)."""
+
+    WIRE = "wire"
+    """The downlink item's JSON, exactly as it arrived."""
+    OPENED = "opened"
+    """A decrypted message in the SDK's own JSON form (``inbox.opened_row``)."""
+    UNDECRYPTABLE = "undecryptable"
+    """A message that could not be decrypted, in the SDK's own JSON form (``inbox.undecryptable_row``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +145,9 @@ class SessionRecord:
 @dataclass(frozen=True, slots=True)
 class StagedItem:
     seq: int
+    kind: RowKind
     item: str
-    """The downlink item's JSON text, exactly as it arrived."""
+    """JSON text; ``kind`` says which form."""
 
 
 class LocalStore:
@@ -252,6 +271,7 @@ class LocalStore:
                         f"the local store {self.path} was sealed with another key: a different store_secret "
                         "(or none, or the key file was lost)") from None
             self._sealer = sealer
+            self._kind_old_rows()
         return sealer
 
     def _seal_existing(self, sealer: Sealer) -> None:
@@ -264,6 +284,17 @@ class LocalStore:
         if token is not None:
             self._set_meta("token", sealer.seal(token, "meta:token"))
 
+    def _kind_old_rows(self) -> None:
+        """Set the ``kind`` of rows staged before the column existed (schema 2). The SDK wrote its
+        own forms with ``json.dumps``' spacing and a ``kind`` field first; items from the wire are
+        compact (``{"kind":"msg",...}``), so the start of the text tells them apart, once."""
+        rows = self._db.execute("SELECT seq, item FROM inbox WHERE kind IS NULL").fetchall()
+        for seq, sealed in rows:
+            text = self._open(str(sealed), f"inbox:{seq}")
+            kind = next((k for k in (RowKind.OPENED, RowKind.UNDECRYPTABLE)
+                         if text.startswith(f'{{"kind": "{k.value}", ')), RowKind.WIRE)
+            self._db.execute("UPDATE inbox SET kind = ? WHERE seq = ?", (kind.value, seq))
+
     def _seal(self, text: str, where: str) -> str:
         return text if self._sealer is None else self._sealer.seal(text, where)
 
@@ -271,10 +302,6 @@ class LocalStore:
         return value if self._sealer is None else self._sealer.open(value, where)
 
     # --- meta ---------------------------------------------------------------------
-
-    def identity(self) -> str:
-        with self.lock:
-            return self._meta("identity") or ""
 
     def token(self) -> str | None:
         """The device token kept from the last ``auth.token``, if any."""
@@ -354,14 +381,16 @@ class LocalStore:
             return self._db.execute("SELECT 1 FROM inbox WHERE seq = ?", (seq,)).fetchone() is not None
 
     def stage(self, seq: int, item: str, now_ms: int) -> None:
+        """Store a downlink item as it arrived (``RowKind.WIRE``)."""
         with self.lock:
-            self._db.execute("INSERT INTO inbox (seq, item, received_ms) VALUES (?, ?, ?)",
-                             (seq, self._seal(item, f"inbox:{seq}"), now_ms))
+            self._db.execute("INSERT INTO inbox (seq, kind, item, received_ms) VALUES (?, ?, ?, ?)",
+                             (seq, RowKind.WIRE.value, self._seal(item, f"inbox:{seq}"), now_ms))
 
-    def restage(self, seq: int, item: str) -> None:
+    def restage(self, row: StagedItem) -> None:
         """Replace a staged item (with its decrypted form); callers group it with the session update."""
         with self.lock:
-            self._db.execute("UPDATE inbox SET item = ? WHERE seq = ?", (self._seal(item, f"inbox:{seq}"), seq))
+            self._db.execute("UPDATE inbox SET kind = ?, item = ? WHERE seq = ?",
+                             (row.kind.value, self._seal(row.item, f"inbox:{row.seq}"), row.seq))
 
     def highest_staged(self) -> int:
         with self.lock:
@@ -371,11 +400,11 @@ class LocalStore:
         """Stored items not yet handed over, lowest ``seq`` first."""
         with self.lock:
             if upto_seq is None:
-                rows = self._db.execute("SELECT seq, item FROM inbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
+                rows = self._db.execute("SELECT seq, kind, item FROM inbox ORDER BY seq LIMIT ?", (limit,)).fetchall()
             else:
-                rows = self._db.execute(
-                    "SELECT seq, item FROM inbox WHERE seq <= ? ORDER BY seq LIMIT ?", (upto_seq, limit)).fetchall()
-            return [StagedItem(int(r[0]), self._open(str(r[1]), f"inbox:{r[0]}")) for r in rows]
+                rows = self._db.execute("SELECT seq, kind, item FROM inbox WHERE seq <= ? ORDER BY seq LIMIT ?",
+                                        (upto_seq, limit)).fetchall()
+            return [StagedItem(int(r[0]), RowKind(r[1]), self._open(str(r[2]), f"inbox:{r[0]}")) for r in rows]
 
     def mark_handed(self, seq: int, message_key: tuple[str, str] | None, now_ms: int) -> None:
         """Record that item ``seq`` was handed over (or skipped): one transaction."""
