@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatproto import dumps, msg_item, receipt_item
+from chatproto import MsgItem, ReceiptItem
 from client_sdk.events import Event, Message, Receipt, Undecryptable
 from client_sdk.inbox import Inbox
 from client_sdk.localstore import MIGRATIONS, LocalStore, RowKind
@@ -24,12 +24,12 @@ OLD_VERSION = 2
 def old_rows() -> dict[int, str]:
     """Inbox rows as schema-2 SDKs wrote them: wire items compact, their own forms by ``json.dumps``."""
     return {
-        4: dumps(msg_item(4, "m4", "alice", "bob", "text", "plain hi", 1004)).decode(),
+        4: MsgItem(4, "m4", "alice", "bob", "text", "plain hi", 1004).encode().decode(),
         5: json.dumps({"kind": "opened", "seq": 5, "id": "m5", "from": "alice", "to": "bob", "dev": "laptop",
                        "type": "text", "body": "secret hi", "ts": 1005}),
         6: json.dumps({"kind": "undecryptable", "seq": 6, "id": "m6", "from": "alice", "to": "bob",
                        "dev": "laptop", "reason": "no session for it", "ts": 1006}),
-        7: dumps(receipt_item("seen", ["x1"], "carol", 1007, seq=7)).decode(),
+        7: ReceiptItem("seen", ("x1",), "carol", 1007, seq=7).encode().decode(),
     }
 
 
