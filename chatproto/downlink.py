@@ -31,8 +31,24 @@ RECEIPT_EXPIRED: Final = "expired"
 STAGED_RECEIPTS: Final = frozenset({RECEIPT_DELIVERED, RECEIPT_SEEN, RECEIPT_EXPIRED})
 
 
+class Downlink:
+    """What every downlink item shares: its ``KIND`` and ``decode``; each reads its own fields."""
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """The item of this kind in ``payload``; DecodeError if it is not one."""
+        return cls._from_object(_object_of_kind(payload, cls.KIND))
+
+    @classmethod
+    def _from_object(cls, obj: dict[str, Any]) -> Self:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
-class MsgItem:
+class MsgItem(Downlink):
     """A message for this device. ``dev`` is the sending device (None only from a server
     older than the e2e protocol; the server always sets it)."""
 
@@ -54,10 +70,6 @@ class MsgItem:
         return dumps(obj)
 
     @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls._from_object(_object_of_kind(payload, cls.KIND))
-
-    @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:
         dev = obj.get("dev")
         if dev is not None and not is_device_id(dev):
@@ -67,7 +79,7 @@ class MsgItem:
 
 
 @dataclass(frozen=True, slots=True)
-class ReceiptItem:
+class ReceiptItem(Downlink):
     """``status`` of the messages ``ids`` at ``peer``; ``seq`` None for ``sent`` (not staged)."""
 
     KIND: ClassVar[str] = "receipt"
@@ -85,10 +97,6 @@ class ReceiptItem:
         return dumps(obj)
 
     @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls._from_object(_object_of_kind(payload, cls.KIND))
-
-    @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:
         seq = obj.get("seq")
         if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
@@ -99,7 +107,7 @@ class ReceiptItem:
 
 
 @dataclass(frozen=True, slots=True)
-class PresenceItem:
+class PresenceItem(Downlink):
     KIND: ClassVar[str] = "presence"
     user: str
     online: bool | None
@@ -109,16 +117,12 @@ class PresenceItem:
         return dumps({"kind": self.KIND, "user": self.user, "online": self.online, "last_seen": self.last_seen})
 
     @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls._from_object(_object_of_kind(payload, cls.KIND))
-
-    @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:
         return cls(_need(obj, "user", str), obj.get("online"), obj.get("last_seen"))
 
 
 @dataclass(frozen=True, slots=True)
-class ResItem:
+class ResItem(Downlink):
     """The answer to request ``rid``: ``result`` if ``ok``, else ``error_code``/``error_detail``."""
 
     KIND: ClassVar[str] = "res"
@@ -143,10 +147,6 @@ class ResItem:
                       "error": {"code": self.error_code, "detail": self.error_detail}})
 
     @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls._from_object(_object_of_kind(payload, cls.KIND))
-
-    @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:
         raw_error = obj.get("error")
         error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
@@ -155,7 +155,7 @@ class ResItem:
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorItem:
+class ErrorItem(Downlink):
     """``missing``/``extra``/``stale``: the client ids a ``devices_mismatch`` names (empty otherwise);
     ``stale``: devices whose stated identity key is not their current one (a reinstall). On the
     wire all three are present when any is not empty (a mismatch names at least one device; a
@@ -176,10 +176,6 @@ class ErrorItem:
         if self.missing or self.extra or self.stale:
             obj.update(missing=list(self.missing), extra=list(self.extra), stale=list(self.stale))
         return dumps(obj)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        return cls._from_object(_object_of_kind(payload, cls.KIND))
 
     @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:

@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from testkit.packets import connect_packet
 from tests.helpers import WAIT_S, BrokerThread, Peer, connack_code
 
 # paho 2.x reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code:
@@ -48,32 +49,6 @@ def test_paho_reason_codes_are_what_this_file_assumes() -> None:
 # --- raw MQTT 3.1.1 CONNECT ---------------------------------------------------
 
 
-def _mqtt_str(value: str) -> bytes:
-    data = value.encode("utf-8")
-    return len(data).to_bytes(2, "big") + data
-
-
-def _connect_packet(
-    client_id: str, username: str | None = None, password: str | None = None, clean: bool = True,
-    level: int = 4,
-) -> bytes:
-    flags = 0x02 if clean else 0x00
-    payload = _mqtt_str(client_id)
-    if username is not None:
-        flags |= 0x80
-        payload += _mqtt_str(username)
-    if password is not None:
-        flags |= 0x40
-        payload += _mqtt_str(password)
-    # Only the level byte changes for level != 4 (no MQTT 5 properties): amqtt
-    # refuses on the level alone, and a real MQTT 5 CONNECT with a user name
-    # would not parse as 3.1.1 at all (amqtt then waits for connect_timeout_s).
-    variable = _mqtt_str("MQTT") + bytes([level, flags]) + (60).to_bytes(2, "big")
-    body = variable + payload
-    assert len(body) < 128  # one-byte remaining length is enough for these tests
-    return bytes([0x10, len(body)]) + body
-
-
 def _read_exact(sock: socket.socket, count: int) -> bytes:
     data = b""
     while len(data) < count:
@@ -92,7 +67,7 @@ def raw_connect(port: int, client_id: str, username: str | None = None, password
     an accepted one is ended here with DISCONNECT.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
-        sock.sendall(_connect_packet(client_id, username, password, clean))
+        sock.sendall(connect_packet(client_id, username, password, clean_session=clean))
         connack = _read_exact(sock, 4)
         assert connack[:2] == b"\x20\x02", f"not a CONNACK: {connack!r}"
         code = connack[3]
@@ -277,8 +252,10 @@ def test_client_resetting_after_a_protocol_refusal_leaves_no_traceback(
     unhandled exception (seen with mosquitto_rr, whose default is MQTT 5)."""
     caplog.set_level(logging.ERROR)
     cases = [
-        (_connect_packet("alice.phone", "alice", "alice-pw", level=5), CONNACK_BAD_PROTOCOL),
-        (_connect_packet("", "alice", "alice-pw", clean=False), CONNACK_IDENTIFIER_REJECTED),
+        # Only the level byte differs (no MQTT 5 properties): amqtt refuses on the level alone, and a
+        # real MQTT 5 CONNECT with a user name would not parse as 3.1.1 (amqtt would wait for its timeout).
+        (connect_packet("alice.phone", "alice", "alice-pw", protocol=("MQTT", 5)), CONNACK_BAD_PROTOCOL),
+        (connect_packet("", "alice", "alice-pw", clean_session=False), CONNACK_IDENTIFIER_REJECTED),
     ]
     for _ in range(8):  # the reset races the server's close; repeat so the race is hit
         for packet, expected in cases:
