@@ -7,7 +7,7 @@ so a scrape would read the staging core while the loop changes it (torn
 figures, "dict changed size during iteration"), and ``/readyz`` must run a
 write transaction on the store's connection, which belongs to the loop. Its
 ASGI app would need an ASGI server, which is not a dependency. The request
-parsing and response building here are pure functions (tests/test_health_unit.py).
+parsing and response building here are pure functions (tests/unit/test_observability.py).
 """
 
 from __future__ import annotations
