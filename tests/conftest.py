@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from testkit.packets import RawClient
+from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread, Peer
 
 
@@ -47,3 +48,13 @@ def raws() -> Iterator[list[RawClient]]:
     yield made
     for raw in made:
         raw.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A Redis Cluster (3 masters, 3 replicas) on loopback, started once per session (~7 s) on
+    first use. A test that kills a node restarts it before it ends, so the next finds it whole."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()

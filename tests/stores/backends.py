@@ -1,0 +1,70 @@
+"""The backends the store contract suite (tests/stores) runs against, each behind one interface.
+
+A backend opens each store of the bridge as its Protocol; opening a store again gives a new
+handle on the same data (a restart, or a second process). ``BACKENDS`` names them; the
+``backend`` fixture (tests/stores/conftest.py) builds one per test, with data of its own.
+A new backend (Redis Cluster, #16) is a class here, a name in ``BACKENDS`` and a branch in
+``open_backend``; every contract test then runs against it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from bridge.keys.store import Accounts, KeyStore
+from bridge.messaging.store import MessageStore, UserLookup
+from bridge.presence.store import PresenceStore
+from broker.users import UserStore
+from storage.sqlite.keys import SqliteKeyStore
+from storage.sqlite.messages import SqliteMessageStore
+from storage.sqlite.presence import SqlitePresenceStore
+from storage.sqlite.users import SqliteUserStore
+
+BACKENDS = ["sqlite"]
+
+
+class Users(UserStore, UserLookup, Accounts, Protocol):
+    """The users store as the bridge and the broker use it: the login gate's Protocol, messaging's
+    ``UserLookup`` and the key service's ``Accounts``."""
+
+    async def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    async def messages(self) -> MessageStore: ...
+
+    async def presence(self) -> PresenceStore: ...
+
+    async def keys(self) -> KeyStore: ...
+
+    async def users(self, seed: dict[str, str] | None = None) -> Users:
+        """The users store, after adding the users of ``seed`` (name -> password hash): creating
+        users is an admin operation, outside the Protocols under test."""
+
+
+class SqliteBackend:
+    """Every store in its SQLite file of one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    async def messages(self) -> MessageStore:
+        return await SqliteMessageStore.open(self.data_dir)
+
+    async def presence(self) -> PresenceStore:
+        return await SqlitePresenceStore.open(self.data_dir)
+
+    async def keys(self) -> KeyStore:
+        return await SqliteKeyStore.open(self.data_dir)
+
+    async def users(self, seed: dict[str, str] | None = None) -> Users:
+        store = await SqliteUserStore.open(self.data_dir)
+        await store.add_users((seed or {}).items())
+        return store
+
+
+def open_backend(name: str, tmp_path: Path) -> Backend:
+    if name == "sqlite":
+        return SqliteBackend(tmp_path / "data")
+    raise ValueError(f"unknown store backend {name!r}")
