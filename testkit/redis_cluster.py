@@ -3,7 +3,7 @@
 Each node runs from its own folder under ``root`` (``redis.conf``, ``nodes.conf``, the AOF,
 ``redis.log``) on a free port with its own cluster bus port, ``appendonly yes`` and
 ``cluster-node-timeout 2000`` (a dead master's replica is promoted ~3-4 s after the kill:
-/work/shared/notes/redis-cluster.md). ``start()`` returns once every node reports
+measured here, docs/TESTING.md). ``start()`` returns once every node reports
 ``cluster_state:ok`` with all 16384 slots and every replica's link to its master is up;
 ``stop()`` kills every process and removes ``root``.
 
