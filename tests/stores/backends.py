@@ -3,25 +3,34 @@
 A backend opens each store of the bridge as its Protocol; opening a store again gives a new
 handle on the same data (a restart, or a second process). ``BACKENDS`` names them; the
 ``backend`` fixture (tests/stores/conftest.py) builds one per test, with data of its own.
-A new backend (Redis Cluster, #16) is a class here, a name in ``BACKENDS`` and a branch in
-``open_backend``; every contract test then runs against it too.
+A new backend is a class here, a name in ``BACKENDS`` and a branch in ``open_backend``; every
+contract test then runs against it too, except in a module that names its own ``STORE_BACKENDS``.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Protocol
+
+import pytest
 
 from bridge.keys.store import Accounts, KeyStore
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.presence.store import PresenceStore
 from broker.users import UserStore
+from storage.redis.keys import RedisKeyStore
+from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
 from storage.sqlite.users import SqliteUserStore
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "redis"]
+# The stores whose Protocols load everything at start (``MessageStore.load``, ``PresenceStore.load``)
+# have no Redis implementation yet: #16 reshapes them into per-device operations first. Their
+# contract modules set ``STORE_BACKENDS = SQLITE_ONLY``.
+SQLITE_ONLY = ["sqlite"]
 
 
 class Users(UserStore, UserLookup, Accounts, Protocol):
@@ -64,7 +73,33 @@ class SqliteBackend:
         return store
 
 
-def open_backend(name: str, tmp_path: Path) -> Backend:
+class RedisBackend:
+    """Users and keys in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
+    prefix of this test's own; the keys stay until the session's cluster stops."""
+
+    def __init__(self, startup_nodes: list[tuple[str, int]]) -> None:
+        self.startup_nodes = startup_nodes
+        self.prefix = f"t{uuid.uuid4().hex[:12]}:"
+
+    async def messages(self) -> MessageStore:
+        raise NotImplementedError("no Redis message store before #16 (SQLITE_ONLY)")
+
+    async def presence(self) -> PresenceStore:
+        raise NotImplementedError("no Redis presence store before #16 (SQLITE_ONLY)")
+
+    async def keys(self) -> KeyStore:
+        return await RedisKeyStore.open(self.startup_nodes, self.prefix)
+
+    async def users(self, seed: dict[str, str] | None = None) -> Users:
+        store = await RedisUserStore.open(self.startup_nodes, self.prefix)
+        await store.add_users((seed or {}).items())
+        return store
+
+
+def open_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Backend ``name``; the Redis one takes the session's ``redis_cluster`` (started on first use)."""
     if name == "sqlite":
         return SqliteBackend(tmp_path / "data")
+    if name == "redis":
+        return RedisBackend(request.getfixturevalue("redis_cluster").startup_nodes)
     raise ValueError(f"unknown store backend {name!r}")

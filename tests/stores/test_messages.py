@@ -13,7 +13,10 @@ import pytest
 from bridge.messaging.records import SEQ_SPAN, FlushBatch, Item, StagedMessage
 from bridge.messaging.store import MessageStore
 from bridge.store import StoreError
-from tests.stores.backends import Backend
+from tests.stores.backends import SQLITE_ONLY, Backend
+
+# No Redis message store yet: #16 reshapes what loads everything at start (MessageStore.load) first.
+STORE_BACKENDS = SQLITE_ONLY
 
 FAR = 10**13  # an expiry that never comes
 RECEIPT: dict[str, Any] = {"status": "delivered", "ids": ["m1"], "peer": "bob", "ts": 7}

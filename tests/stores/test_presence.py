@@ -8,7 +8,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.presence.store import PresenceSnapshot, PresenceStore
-from tests.stores.backends import Backend
+from tests.stores.backends import SQLITE_ONLY, Backend
+
+# No Redis presence store yet: #16 reshapes what loads everything at start (PresenceStore.load) first.
+STORE_BACKENDS = SQLITE_ONLY
 
 
 @pytest.fixture

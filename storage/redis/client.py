@@ -1,0 +1,111 @@
+"""The Redis Cluster connection every Redis store shares: redis-py's asyncio cluster client, a key
+prefix, Lua scripts, retries across a failover, and ``StoreError`` at the boundary.
+
+Keys: every key is ``{prefix}{kind}:{{{user}}}[:{part}]``, for example ``t1:u:{alice}:devices``:
+the prefix (no braces, no glob characters) lets tests and deployments share a cluster, and the
+user between braces is the hash tag, so all keys of one user live in one slot and one Lua script
+can read and write them atomically (Redis runs a script alone on its master).
+
+Failover: a master SIGKILLed is replaced by its replica 3-5 s later (docs/TESTING.md). redis-py
+follows MOVED/ASK itself and retries a few times; ``call`` retries what still fails with a
+failover error (connection refused, CLUSTERDOWN, TRYAGAIN, a slot not covered) for up to
+``retry_s`` seconds before raising ``StoreError``. A retried write may already have been applied
+(its reply was lost with the master): every script is written so that running it twice does no
+harm (a device's first login answers "known" the second time; a claim retried takes another key,
+so a key can be lost, never handed out twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Self, TypeVar
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterError,
+    ConnectionError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TimeoutError,
+    TryAgainError,
+)
+
+from bridge.store import StoreError
+
+RETRY_S = 6.0
+BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then 0.4 s between attempts
+PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]*")
+# ClusterError covers CLUSTERDOWN and MASTERDOWN; RedisClusterException covers "no node serves
+# this slot" and a client that cannot reach any startup node while the topology changes.
+FAILOVER_ERRORS = (ConnectionError, TimeoutError, ClusterError, TryAgainError, ReadOnlyError,
+                   RedisClusterException)
+
+T = TypeVar("T")
+
+
+class RedisStore:
+    """Base of the Redis stores: one cluster client (``decode_responses``), a key prefix, and the
+    Lua scripts of ``SCRIPTS`` (operation name -> source), registered once per store."""
+
+    SCRIPTS: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S) -> None:
+        if PREFIX_RE.fullmatch(prefix) is None:
+            raise ValueError(f"a key prefix is letters, digits and _.:- only, not {prefix!r}")
+        self._client = client
+        self._prefix = prefix
+        self._retry_s = retry_s
+        # redis-py sends a script by its SHA and loads it on a node that lacks it (a promoted replica).
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(source) for name, source in self.SCRIPTS.items()}  # type: ignore[misc]
+
+    @classmethod
+    async def open(cls, startup_nodes: Sequence[tuple[str, int]], prefix: str = "",
+                   retry_s: float = RETRY_S) -> Self:
+        """Connect to the cluster through any of ``startup_nodes`` ((host, port) pairs)."""
+        client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in startup_nodes],
+                              decode_responses=True)
+        store = cls(client, prefix, retry_s)
+        try:
+            await store.call("connect", client.initialize)
+        except BaseException:
+            await client.aclose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def key(self, kind: str, user: str, *parts: str) -> str:
+        return ":".join((f"{self._prefix}{kind}", f"{{{user}}}", *parts))
+
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run the script ``name`` on the slot of ``keys`` (all of one user), with ``call``'s retries."""
+        script = self._scripts[name]
+        return await self.call(name, lambda: script(keys=list(keys), args=list(args)))
+
+    async def command(self, what: str, *args: str) -> Any:
+        """One Redis command (on the slot of its key), with ``call``'s retries."""
+        return await self.call(what, lambda: self._client.execute_command(*args))
+
+    async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation``, again on a failover error until ``retry_s`` has passed; any redis
+        error that is left becomes ``StoreError`` naming ``what``."""
+        deadline = time.monotonic() + self._retry_s
+        attempt = 0
+        while True:
+            try:
+                return await operation()
+            except FAILOVER_ERRORS as exc:
+                pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                if time.monotonic() + pause > deadline:
+                    raise StoreError(f"redis {what}: {exc} (still failing after {self._retry_s:g} s)") from exc
+                attempt += 1
+                await asyncio.sleep(pause)
+            except RedisError as exc:
+                raise StoreError(f"redis {what}: {exc}") from exc

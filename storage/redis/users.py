@@ -1,0 +1,148 @@
+"""Users and their devices in a Redis Cluster: ``broker.users.UserStore`` with messaging's
+``UserLookup`` and the key service's ``Accounts``, as storage/sqlite/users.py holds them in SQLite.
+
+Keys (hash tag: the user, so one user's keys share a slot; see storage/redis/client.py):
+
+- ``{prefix}u:{alice}``          hash ``pw`` (password hash, formats of ``broker.credentials``), ``created`` (ms)
+- ``{prefix}u:{alice}:devices``  hash device -> ``"<created_ms> <last_login_ms>"``
+- ``{prefix}u:{alice}:tokens``   hash device -> token digest (never the token)
+
+Every change is one Lua script on the user's slot: ``record_login`` counts the devices and adds
+the new one in the same script, so racing first logins cannot overshoot the device limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import ClassVar
+
+from bridge.store import StoreError
+from broker.users import DeviceInfo, TooManyDevicesError
+from storage.redis.client import RedisStore
+
+ADD_USER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'pw', ARGV[1], 'created', ARGV[2])
+return 1
+"""
+
+USER_DEVICES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('HKEYS', KEYS[2])
+"""
+
+DEVICE = """
+return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGET', KEYS[2], ARGV[1])}
+"""
+
+# 1: a new device, 0: a known one (its last login updated), -1: over the limit, -2: no such user.
+RECORD_LOGIN = """
+local times = redis.call('HGET', KEYS[2], ARGV[1])
+if times then
+  redis.call('HSET', KEYS[2], ARGV[1], string.match(times, '^%d+') .. ' ' .. ARGV[2])
+  return 0
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -2 end
+if redis.call('HLEN', KEYS[2]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[2])
+return 1
+"""
+
+SET_DIGEST = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+REVOKE_ALL = """
+local count = redis.call('HLEN', KEYS[1])
+redis.call('DEL', KEYS[1])
+return count
+"""
+
+DELETE_DEVICE = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+NO_LIMIT = 2**31
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RedisUserStore(RedisStore):
+    """Implements ``broker.users.UserStore``, ``UserLookup`` and ``Accounts``; ``add_users`` is the
+    admin side the tests seed with."""
+
+    SCRIPTS: ClassVar[dict[str, str]] = {"users.add": ADD_USER, "users.devices": USER_DEVICES, "users.device": DEVICE,
+               "users.record_login": RECORD_LOGIN, "users.set_token": SET_DIGEST,
+               "users.revoke_tokens": REVOKE_ALL, "devices.remove": DELETE_DEVICE}
+
+    def _keys(self, user: str) -> tuple[str, str, str]:
+        """The user's hash, devices and tokens."""
+        return self.key("u", user), self.key("u", user, "devices"), self.key("u", user, "tokens")
+
+    async def add_users(self, rows: Iterable[tuple[str, str]]) -> tuple[int, list[str]]:
+        """Add users (name, password hash); returns (added, names that already existed). Users live
+        in different slots, so this is one write per user, not one transaction: rerun after a
+        failure, the users added before it are reported as existing."""
+        created = str(now_ms())
+        existing: list[str] = []
+        added = 0
+        for name, pw_hash in rows:
+            if await self.run("users.add", [self.key("u", name)], [pw_hash, created]):
+                added += 1
+            else:
+                existing.append(name)
+        return added, existing
+
+    async def password_hash(self, name: str) -> str | None:
+        value = await self.command("users.password_hash", "HGET", self.key("u", name), "pw")
+        return None if value is None else str(value)
+
+    async def user_devices(self, name: str) -> list[str] | None:
+        """Device ids of ``name`` (maybe none yet); None if there is no such user."""
+        user, devices, _ = self._keys(name)
+        found = await self.run("users.devices", [user, devices], [])
+        return None if found is None else sorted(str(d) for d in found)
+
+    async def device(self, user: str, device: str) -> DeviceInfo | None:
+        _, devices, tokens = self._keys(user)
+        times, digest = await self.run("users.device", [devices, tokens], [device])
+        if times is None:
+            return None
+        created, last_login = (int(part) for part in str(times).split())
+        return DeviceInfo(user, device, digest, created, last_login)
+
+    async def record_login(self, user: str, device: str, max_devices: int | None = None) -> bool:
+        """Note a successful login; True when the device is new (its first login). A new device is
+        added only while the user has fewer than ``max_devices`` (counted in the same script), else
+        TooManyDevicesError."""
+        limit = NO_LIMIT if max_devices is None else max_devices
+        result = await self.run("users.record_login", self._keys(user)[:2],
+                                [device, now_ms(), limit])
+        if result == -1:
+            raise TooManyDevicesError(f"{user} has {max_devices} devices, the most allowed")
+        if result == -2:
+            raise StoreError(f"no user {user!r}")
+        return bool(result == 1)
+
+    async def set_token_digest(self, user: str, device: str, digest: str) -> None:
+        _, devices, tokens = self._keys(user)
+        if not await self.run("users.set_token", [devices, tokens], [device, digest]):
+            raise StoreError(f"no device {user}.{device}")
+
+    async def revoke_tokens(self, user: str, device: str | None = None) -> int:
+        """Clear the token of one device (or all of the user's); returns how many were set."""
+        tokens = self._keys(user)[2]
+        if device is None:
+            return int(await self.run("users.revoke_tokens", [tokens], []))
+        return int(await self.command("users.revoke_tokens", "HDEL", tokens, device))
+
+    async def delete_device(self, user: str, device: str) -> bool:
+        """Forget a device and its token (``devices.remove``); True if it existed."""
+        _, devices, tokens = self._keys(user)
+        return bool(await self.run("devices.remove", [devices, tokens], [device]))
