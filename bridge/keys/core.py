@@ -25,6 +25,7 @@ from typing import Any, Final
 from bridge.requests import OpError
 from chatproto import (
     MAX_ONE_TIME_KEYS_PER_PUBLISH,
+    MAX_ONE_TIME_KEYS_STORED,
     MAX_USERS_PER_REQUEST,
     PUBLIC_KEY_RE,
     ErrorCode,
@@ -40,7 +41,23 @@ MAX_CLAIM_DEVICES: Final = MAX_USERS_PER_REQUEST
 
 
 class KeyRuleError(OpError):
-    """A request breaks a key-directory rule; ``code`` is the ``res`` error code."""
+    """A request breaks a key-directory rule; ``code`` is the ``res`` error code.
+
+    The rules a store checks inside its transaction are named here, so every store says them
+    in the same words."""
+
+    @classmethod
+    def device_keys_first(cls) -> KeyRuleError:
+        return cls(ErrorCode.BAD_ENVELOPE, "publish 'device_keys' before one-time or fallback keys")
+
+    @classmethod
+    def one_time_key_conflict(cls, key_id: str) -> KeyRuleError:
+        return cls(ErrorCode.BAD_ENVELOPE, f"one-time key {key_id!r} is already stored with another key")
+
+    @classmethod
+    def too_many_one_time_keys(cls, would_store: int) -> KeyRuleError:
+        return cls(ErrorCode.BAD_ENVELOPE, f"at most {MAX_ONE_TIME_KEYS_STORED} unclaimed one-time keys per device; "
+                                           f"this publish would make {would_store}")
 
 
 @dataclass(frozen=True, slots=True)

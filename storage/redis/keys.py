@@ -21,7 +21,7 @@ import json
 from typing import Any, ClassVar
 
 from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
-from chatproto import MAX_ONE_TIME_KEYS_STORED, ErrorCode
+from chatproto import MAX_ONE_TIME_KEYS_STORED
 from storage.redis.client import RedisStore
 
 # KEYS: id, dk, fb, otk, otq, claimed of the device. ARGV: device, identity ('' without
@@ -125,13 +125,11 @@ class RedisKeyStore(RedisStore):
             args += [key.id, json.dumps([key.key, key.signature])]
         result = await self.run("keys.publish", self._device_keys(user, device), args)
         if result[0] == -1:
-            raise KeyRuleError(ErrorCode.BAD_ENVELOPE, "publish 'device_keys' before one-time or fallback keys")
+            raise KeyRuleError.device_keys_first()
         if result[0] == -2:
-            raise KeyRuleError(ErrorCode.BAD_ENVELOPE, f"one-time key {result[1]!r} is already stored with another key")
+            raise KeyRuleError.one_time_key_conflict(result[1])
         if result[0] == -3:
-            raise KeyRuleError(ErrorCode.BAD_ENVELOPE,
-                               f"at most {MAX_ONE_TIME_KEYS_STORED} unclaimed one-time keys per device; "
-                               f"this publish would make {result[1]}")
+            raise KeyRuleError.too_many_one_time_keys(result[1])
         return int(result[0]), bool(result[1])
 
     async def count(self, user: str, device: str) -> tuple[int, bool]:

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
-from chatproto import MAX_ONE_TIME_KEYS_STORED, ErrorCode
+from chatproto import MAX_ONE_TIME_KEYS_STORED
 from storage.sqlite.db import SqliteFile, transaction, writer_lock
 
 KEYS_DB = "keys.db"
@@ -74,14 +74,12 @@ class SqliteKeyStore(SqliteFile):
                     "INSERT OR REPLACE INTO device_keys (user, device, curve25519, ed25519, signed) "
                     "VALUES (?, ?, ?, ?, ?)", (user, device, new.curve25519, new.ed25519, json.dumps(new.signed)))
             elif current is None and (publish.one_time_keys or publish.fallback_key):
-                raise KeyRuleError(ErrorCode.BAD_ENVELOPE, "publish 'device_keys' before one-time or fallback keys")
+                raise KeyRuleError.device_keys_first()
             for key in publish.one_time_keys:
                 await self._add_one_time_key(user, device, key)
             stored = await self._count(user, device)
             if stored > MAX_ONE_TIME_KEYS_STORED:
-                raise KeyRuleError(ErrorCode.BAD_ENVELOPE,
-                                   f"at most {MAX_ONE_TIME_KEYS_STORED} unclaimed one-time keys per device; "
-                                   f"this publish would make {stored}")
+                raise KeyRuleError.too_many_one_time_keys(stored)
             if publish.fallback_key is not None:
                 key = publish.fallback_key
                 await self._db.execute(
@@ -100,7 +98,7 @@ class SqliteKeyStore(SqliteFile):
                 "INSERT INTO one_time_keys (user, device, key_id, key, signature) VALUES (?, ?, ?, ?, ?)",
                 (user, device, key.id, key.key, key.signature))
         elif (row[0], row[1]) != (key.key, key.signature):
-            raise KeyRuleError(ErrorCode.BAD_ENVELOPE, f"one-time key {key.id!r} is already stored with another key")
+            raise KeyRuleError.one_time_key_conflict(key.id)
 
     # Reads take the writer lock too: on the one shared connection they would
     # otherwise see another operation's uncommitted rows.
