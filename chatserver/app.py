@@ -114,6 +114,7 @@ class BrokerApp:
                 LoginGuard(auth.free_failures, auth.base_delay_s, auth.max_delay_s, auth.forget_after_s),
                 load_or_create_secret(settings.data_path),
                 auth.hash_concurrency,
+                clock=self.clock.monotonic,
                 max_devices=settings.limits.max_devices_per_user,
             )
             removed = await self._forget_removed_devices(self._users, self._key_store)
