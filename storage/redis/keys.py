@@ -18,11 +18,14 @@ before it writes anything: a refused publish stores nothing.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
+from bridge.store import StoreError
 from chatproto import MAX_ONE_TIME_KEYS_STORED
 from storage.redis.client import RedisStore
+
+CLAIM_ATTEMPTS: Final = 8  # reads of a user's keyed devices per claim, should they keep changing
 
 # KEYS: id, dk, fb, otk, otq, claimed of the device. ARGV: device, identity ('' without
 # device_keys), device_keys JSON, fallback JSON (or ''), the stored limit, then (id, JSON) pairs.
@@ -143,7 +146,7 @@ class RedisKeyStore(RedisStore):
 
     async def claim(self, user: str, devices: list[str] | None) -> dict[str, dict[str, Any]]:
         ids = self.key("k", user, "id")
-        while True:  # again only if the user's keyed devices changed between the read and the script
+        for _ in range(CLAIM_ATTEMPTS):  # again only if the user's keyed devices changed in between
             keyed = sorted(await self.command("keys.claim", "HKEYS", ids))
             targets = keyed if devices is None else [d for d in keyed if d in devices]
             keys = [ids, self.key("k", user, "fb")]
@@ -152,6 +155,8 @@ class RedisKeyStore(RedisStore):
             out = await self.run("keys.claim", keys, ["\n".join(keyed), *targets])
             if out is not None:
                 break
+        else:  # a user whose devices churn must not hold a claimer in this loop
+            raise StoreError(f"redis keys.claim: {user}'s devices changed {CLAIM_ATTEMPTS} times during the claim")
         claimed: dict[str, dict[str, Any]] = {}
         for device, key_id, value in zip(out[::3], out[1::3], out[2::3], strict=True):
             if key_id:
