@@ -1,0 +1,136 @@
+"""The shared store of cluster mode: every device's staging queue, held in a Redis Cluster so that
+any broker node can stage for any device and the node a device is connected to delivers it.
+
+``ClusterMessaging`` (bridge/cluster/messaging.py) is typed against ``QueueStore``;
+``storage/redis/queues.py`` implements it. Each call touches the keys of one user (one hash slot),
+so each is one atomic Lua script: nothing is half-staged, half-acked or half-adopted. A failing
+backend raises ``bridge.store.StoreError`` (after riding out a master failover).
+
+The model (docs/ARCHITECTURE.md, "Cluster mode"):
+- each device (client id ``user.device``; ``user.*`` is the placeholder of a user with no device
+  yet) has a queue of items in ``seq`` order; seqs come from a counter per device that never goes
+  back, so a device never sees a seq twice whichever node staged it;
+- a plain message's body is kept once per recipient user, with a count of the items referring to
+  it; an olm message's ciphertext is kept on each device's item;
+- a message staged with ``delivery=True`` keeps a delivery record (sender, id, delivered yet,
+  expired notified yet) until its last item is gone: the first ack by any of the user's devices
+  reports it once (``ack``), as does ``mark_delivered`` (a ``seen`` before any ack);
+- a dedup mark ``(sender, id)`` kept ``dedup_until_ms`` makes a repeat answer ``DUPLICATE``.
+Every script is safe to run twice (a reply lost in a failover is retried by the client): a second
+stage of the same dedup key is a ``DUPLICATE``, a second ack or removal finds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from chatproto import MsgItem, ReceiptItem
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEntry:
+    """A message as it is staged: ``body`` for every target (plain), or ``bodies`` (olm: client id ->
+    that device's ciphertext; a target without one is skipped)."""
+
+    sender: str
+    msg_id: str
+    recipient: str
+    type: str
+    ts: int
+    dev: str  # the sending device's id (MsgItem.dev)
+    body: str | None = None
+    bodies: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """Items for devices of one ``user``, staged atomically in that user's slot.
+
+    ``devices``: client ids to stage for (each must be a current device of ``user``; others are
+    skipped), or None: every current device of the user at staging time, or the user's placeholder
+    ``user.*`` if the user has none. Exactly one of ``message`` and ``receipt`` is set; the store
+    gives each copy its device's next seq. Refused whole (``QUEUE_FULL``, nothing staged) if any
+    target queue already holds ``max_queue`` items."""
+
+    user: str
+    expires_ms: int
+    max_queue: int
+    devices: tuple[str, ...] | None = None
+    message: MessageEntry | None = None
+    receipt: ReceiptItem | None = None
+    dedup_until_ms: int = 0  # > 0: remember (sender, msg_id) of the message until then
+    delivery: bool = False  # keep a delivery record (a message to its recipient)
+
+
+class StageStatus(StrEnum):
+    STAGED = "staged"
+    DUPLICATE = "duplicate"  # the dedup mark was there: nothing staged (the first one was)
+    QUEUE_FULL = "queue_full"
+
+
+@dataclass(frozen=True, slots=True)
+class StageResult:
+    status: StageStatus
+    targets: tuple[tuple[str, int], ...] = ()  # (client id, seq) of each item staged
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedItem:
+    """One staged item as its device gets it (``item.seq`` is its seq)."""
+
+    item: MsgItem | ReceiptItem
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    """A message named by its sender and id, and its recipient (for receipts)."""
+
+    sender: str
+    msg_id: str
+    recipient: str
+
+
+@dataclass(slots=True)
+class Swept:
+    expired: list[MessageRef] = field(default_factory=list)  # messages whose sender gets 'expired' (once each)
+    items: int = 0  # items dropped
+
+
+class QueueStore(Protocol):
+    async def stage(self, stage: Stage) -> StageResult: ...
+
+    async def read(self, client_id: str, after_seq: int, limit: int) -> list[QueuedItem]:
+        """Up to ``limit`` items of the device's queue with seq > ``after_seq``, in seq order."""
+
+    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
+        """Remove the items; returns the messages this ack delivers for the first time (items staged
+        with ``delivery``, acked by a device of their recipient). Unknown seqs are ignored."""
+
+    async def mark_delivered(self, recipient: str, sender: str, msg_ids: list[str]) -> list[str]:
+        """``recipient`` has seen these messages of ``sender``: those still recorded and not delivered
+        yet are marked so (an ack will not report them) and returned, in the order given."""
+
+    async def remove_device(self, client_id: str) -> int:
+        """Drop the device's queue and counter (``devices.remove``); returns the items dropped."""
+
+    async def adopt_placeholder(self, user: str, client_id: str) -> int:
+        """Move the items of ``user.*`` to ``client_id`` (the user's first device), in order, with
+        new seqs of that device; returns how many moved."""
+
+    async def expire(self, client_id: str, now_ms: int) -> Swept:
+        """Drop the device's items with ``expires_ms <= now_ms``."""
+
+    async def due(self, now_ms: int, limit: int) -> list[str]:
+        """Client ids whose queue may hold an item expired by ``now_ms`` (from an index sharded over
+        the cluster, so no node scans every queue); ``expire`` clears them from it."""
+
+    async def depth(self, client_id: str) -> int: ...
+
+    async def allow(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int) -> bool:
+        """Take one token of ``user``'s bucket ``bucket`` (shared by every node): False if empty."""
+
+    async def close(self) -> None: ...
