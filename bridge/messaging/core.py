@@ -19,7 +19,7 @@ Rules (PROTOCOL.md "Delivery rules"):
 7. Items older than the TTL are dropped; the sender of an expired message gets
    ``receipt expired``.
 8. An olm message (``bodies``) must carry exactly one ciphertext for each device
-   in ``required_devices``: the recipient's devices with published keys and the
+   in the required devices (bridge/messaging/admission.py): the recipient's devices with published keys and the
    sender's other such devices (history sync). Each of them gets an item with
    only its own ciphertext, kept on that item (memory and disk) and gone with
    it when that device acks. Only a device of the recipient triggers
@@ -47,6 +47,7 @@ from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
 from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
+from bridge.messaging.admission import Holds, Refused, olm_targets
 from bridge.messaging.records import (
     DURABLE,
     SEQ_SPAN,
@@ -55,7 +56,6 @@ from bridge.messaging.records import (
     DeviceBox,
     Figures,
     FlushBatch,
-    Hold,
     Item,
     Rules,
     StagedMessage,
@@ -75,15 +75,6 @@ from chatproto import (
 )
 
 BODY_PREFETCH = 256  # bodies read back per store query when a device drains a backlog
-HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
-
-
-class Refused(Exception):
-    """An uplink is refused; ``item`` is the error answering it."""
-
-    def __init__(self, item: ErrorItem) -> None:
-        super().__init__(item.detail)
-        self.item = item
 
 
 class Staging:
@@ -106,7 +97,7 @@ class Staging:
         self._pending_due: float | None = None
         # origin -> (id of its message refused for a transient reason, until): later messages of that
         # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
-        self._held: dict[str, Hold] = {}
+        self._holds = Holds()
         self.counters = BridgeCounters()  # read by chatserver.metrics at scrape time
 
     # --- restore -----------------------------------------------------------------
@@ -185,18 +176,18 @@ class Staging:
         device's later messages until it re-sends this one)."""
         if not self.directory.exists(message.to):
             raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id))
-        self._check_hold(origin, message.id, now)
+        self._holds.check(origin, message.id, now)
         if message.bodies is None and self.rules.require_encryption:
             raise Refused(ErrorItem(ErrorCode.ENCRYPTION_REQUIRED,
                                     "this server accepts only end-to-end encrypted messages ('bodies')", message.id))
         if message.bodies is None:
             targets = self.directory.targets(message.to)
         else:
-            targets = self._olm_targets(origin, sender, message, now)
+            targets = olm_targets(self.keyed, self._holds, origin, sender, message, now)
         try:
             self._check_room(sender, targets, message.to, message.id, now)
         except Refused as refused:
-            self._hold(origin, message.id, refused.item.code, now)
+            self._holds.hold(origin, message.id, refused.item.code, now)
             raise
         return targets
 
@@ -207,57 +198,6 @@ class Staging:
             raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
         if not self._rate.allow(sender, now):
             raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later", ref))
-
-    def _check_hold(self, origin: str, msg_id: str, now: float) -> None:
-        """Raises ``Refused`` if earlier refused messages of ``origin`` must come before ``msg_id``."""
-        hold = self._held.get(origin)
-        if hold is None:
-            return
-        if now >= hold.until:
-            del self._held[origin]
-            return
-        if msg_id != hold.ids[0]:
-            if msg_id not in hold.ids:
-                # Refused under the hold: it must come back in its turn, not ahead of the others
-                # refused before it (a message published after the first re-send was accepted
-                # would otherwise overtake them).
-                hold.ids.append(msg_id)
-            raise Refused(ErrorItem(hold.code, f"message {hold.ids[0]!r} was refused first; re-send it before "
-                                    "later ones", msg_id))
-        hold.ids.pop(0)
-        hold.until = now + HOLD_S
-        if not hold.ids:
-            del self._held[origin]
-
-    def _hold(self, origin: str, msg_id: str, code: str, now: float) -> None:
-        """``msg_id`` was refused: the device's later messages wait until it is re-sent (first in line)."""
-        hold = self._held.get(origin)
-        if hold is None:
-            self._held[origin] = Hold([msg_id], code, now + HOLD_S)
-        else:  # refused again on its re-send: still first, the others still behind it
-            hold.ids.insert(0, msg_id)
-            hold.code, hold.until = code, now + HOLD_S
-
-    def required_devices(self, origin: str, sender: str, to: str) -> frozenset[str]:
-        """Client ids an olm message from ``origin`` to ``to`` must carry a ciphertext for."""
-        return (self.keyed.of_user(to) | self.keyed.of_user(sender)) - {origin}
-
-    def _olm_targets(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str]:
-        """The devices of an olm message; raises ``Refused`` (a mismatch holds the device's later messages)."""
-        bodies = set(message.bodies or {})
-        if not self.keyed.of_user(message.to) - {origin}:
-            raise Refused(ErrorItem(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys",
-                                    message.id))
-        required = self.required_devices(origin, sender, message.to)
-        # Without 'keys' (an SDK older than them) only the ids are checked.
-        stale = self.keyed.stale(message.keys, bodies & required) if message.keys is not None else []
-        if bodies != required or stale:
-            self._hold(origin, message.id, ErrorCode.DEVICES_MISMATCH, now)
-            raise Refused(ErrorItem(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with "
-                                    "published keys, encrypted to their current identity keys", message.id,
-                                    tuple(sorted(required - bodies)), tuple(sorted(bodies - required)),
-                                    tuple(stale)))
-        return sorted(required)
 
     def _stage(self, device: str, item: Item, now: float, out: StagingOutcome) -> None:
         box = self._box(device)
@@ -446,7 +386,7 @@ class Staging:
         """``devices.remove``: the device's items go (as if acked, without ``delivered``), it stops
         being a target, and a message it was held on is forgotten. Its keys are gone already."""
         out = StagingOutcome()
-        self._held.pop(device, None)
+        self._holds.forget(device)
         self._waiting_bodies.discard(device)
         user, _, device_id = device.partition(".")
         self.directory.remove_device(user, device_id)

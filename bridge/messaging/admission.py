@@ -1,0 +1,84 @@
+"""Admission rules shared by the single-node staging core (bridge/messaging/core.py) and cluster
+mode (bridge/cluster/messaging.py): holds after a transient refusal (rule 4) and the olm target
+check (rule 8). Pure: no I/O; the caller passes the time and the keyed devices.
+"""
+
+from __future__ import annotations
+
+from bridge.keys.core import KeyedDevices
+from bridge.messaging.records import Hold
+from chatproto import ChatMessage, ErrorCode, ErrorItem
+
+HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
+
+
+class Refused(Exception):
+    """An uplink is refused; ``item`` is the error answering it."""
+
+    def __init__(self, item: ErrorItem) -> None:
+        super().__init__(item.detail)
+        self.item = item
+
+
+class Holds:
+    """Per sending device (client id): the ids of its messages refused for a transient reason, in
+    order. Its later messages are refused too until it re-sends those, first one first, so a retry
+    cannot land behind newer ones."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Hold] = {}
+
+    def check(self, origin: str, msg_id: str, now: float) -> None:
+        """Raises ``Refused`` if earlier refused messages of ``origin`` must come before ``msg_id``."""
+        hold = self._held.get(origin)
+        if hold is None:
+            return
+        if now >= hold.until:
+            del self._held[origin]
+            return
+        if msg_id != hold.ids[0]:
+            if msg_id not in hold.ids:
+                # Refused under the hold: it must come back in its turn, not ahead of the others
+                # refused before it (a message published after the first re-send was accepted
+                # would otherwise overtake them).
+                hold.ids.append(msg_id)
+            raise Refused(ErrorItem(hold.code, f"message {hold.ids[0]!r} was refused first; re-send it before "
+                                    "later ones", msg_id))
+        hold.ids.pop(0)
+        hold.until = now + HOLD_S
+        if not hold.ids:
+            del self._held[origin]
+
+    def hold(self, origin: str, msg_id: str, code: str, now: float) -> None:
+        """``msg_id`` was refused: the device's later messages wait until it is re-sent (first in line)."""
+        hold = self._held.get(origin)
+        if hold is None:
+            self._held[origin] = Hold([msg_id], code, now + HOLD_S)
+        else:  # refused again on its re-send: still first, the others still behind it
+            hold.ids.insert(0, msg_id)
+            hold.code, hold.until = code, now + HOLD_S
+
+    def forget(self, origin: str) -> None:
+        self._held.pop(origin, None)
+
+
+def required_devices(keyed: KeyedDevices, origin: str, sender: str, to: str) -> frozenset[str]:
+    """Client ids an olm message from ``origin`` to ``to`` must carry a ciphertext for."""
+    return (keyed.of_user(to) | keyed.of_user(sender)) - {origin}
+
+
+def olm_targets(keyed: KeyedDevices, holds: Holds, origin: str, sender: str, message: ChatMessage,
+                now: float) -> list[str]:
+    """The devices of an olm message; raises ``Refused`` (a mismatch holds the device's later messages)."""
+    bodies = set(message.bodies or {})
+    if not keyed.of_user(message.to) - {origin}:
+        raise Refused(ErrorItem(ErrorCode.NO_KEYS, f"{message.to} has no device with published keys", message.id))
+    required = required_devices(keyed, origin, sender, message.to)
+    # Without 'keys' (an SDK older than them) only the ids are checked.
+    stale = keyed.stale(message.keys, bodies & required) if message.keys is not None else []
+    if bodies != required or stale:
+        holds.hold(origin, message.id, ErrorCode.DEVICES_MISMATCH, now)
+        raise Refused(ErrorItem(ErrorCode.DEVICES_MISMATCH, "'bodies' must name exactly the devices with "
+                                "published keys, encrypted to their current identity keys", message.id,
+                                tuple(sorted(required - bodies)), tuple(sorted(bodies - required)), tuple(stale)))
+    return sorted(required)
