@@ -84,6 +84,12 @@ class QueuedItem:
     item: MsgItem | ReceiptItem
     expires_ms: int
 
+    @property
+    def seq(self) -> int:
+        if self.item.seq is None:
+            raise ValueError("a queued item always has its seq")
+        return self.item.seq
+
 
 @dataclass(frozen=True, slots=True)
 class MessageRef:

@@ -1,0 +1,435 @@
+"""One-to-one messaging in cluster mode: the shell over the shared queues (bridge/cluster/store.py),
+the node bus (bridge/cluster/nodes.py) and the per-device windows (bridge/cluster/window.py).
+
+The same public face as ``bridge.messaging.service.Messaging``, the same wire behaviour, with
+these differences (docs/PROTOCOL.md, "Cluster mode"):
+- every message and receipt is written to the Redis Cluster before anything is answered: the
+  sender's ``sent`` means the items are in Redis (no write-back, so no ``flush_ms`` wait either);
+- ``delivered`` and ``seen`` are staged once the message is in Redis, so they never overtake
+  ``sent`` on the sender's devices except when another node delivers and acks faster than this
+  node sends ``sent`` (under a millisecond apart; the SDK keeps the highest status anyway);
+- ``seen`` receipts are not merged in the queue (rule 9's coalescing is single-node only).
+Each device's uplinks run in order in a lane of their own (every step awaits Redis); acks, reads
+and the background rounds (redelivery, the TTL sweep, the periodic look at every local queue,
+which bounds what a lost nudge can delay) run beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bridge.background import Supervisor, cancel
+from bridge.clock import Clock
+from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
+from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageStatus
+from bridge.cluster.window import WindowOutcome, Windows
+from bridge.counters import BridgeCounters
+from bridge.keys.core import KeyedDevices
+from bridge.keys.store import KeyStore
+from bridge.links import LinkRegistry
+from bridge.messaging.admission import Holds, Refused, olm_targets
+from bridge.messaging.records import Figures
+from bridge.messaging.store import UserLookup
+from bridge.store import StoreError
+from chatproto import (
+    DEFAULT_MAX_DEVICES_PER_MESSAGE,
+    RECEIPT_DELIVERED,
+    RECEIPT_EXPIRED,
+    RECEIPT_SEEN,
+    RECEIPT_SENT,
+    Ack,
+    Caller,
+    ChatMessage,
+    DecodeError,
+    ErrorCode,
+    ErrorItem,
+    ReceiptItem,
+    Seen,
+)
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+SWEEP_BATCH = 1000  # queues expired per sweep step
+SEND_BUCKET = "send"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRules:
+    ttl_ms: int
+    window: int
+    redeliver_after_s: float
+    max_queue: int
+    dedup_window_ms: int
+    send_rate_per_s: float
+    send_burst: int
+    max_body_bytes: int
+    max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE
+    require_encryption: bool = False
+    poll_s: float = 30.0
+    sweep_s: float = 60.0
+
+
+class ClusterMessaging:
+    def __init__(self, rules: ClusterRules, queues: QueueStore, bus: NodeBus, users: UserLookup, keys: KeyStore,
+                 links: LinkRegistry, close_session: Callable[[str], Awaitable[None]], *, clock: Clock,
+                 supervisor: Supervisor) -> None:
+        self.rules = rules
+        self.links = links
+        self.counters: BridgeCounters = links.counters
+        self._queues = queues
+        self._bus = bus
+        self._users = users
+        self._keys = keys
+        self._close_session = close_session
+        self._now_ms = clock.wall_ms
+        self._now = clock.monotonic
+        self.supervisor = supervisor
+        self.windows = Windows(rules.window, rules.redeliver_after_s)
+        self._holds = Holds()
+        self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def staging(self) -> ClusterMessaging:
+        """What the metrics read (``counters``, ``figures()``): this node's part."""
+        return self
+
+    async def start(self) -> None:
+        spawn = self.supervisor.spawn
+        self._loops = [spawn("redeliver", self._redeliver_round), spawn("sweep", self._sweep_round),
+                       spawn("queue_poll", self._poll_round)]
+
+    # --- uplinks ---------------------------------------------------------------------
+
+    def on_out(self, caller: Caller, payload: bytes) -> None:
+        self._enter_lane("out", caller, payload)
+
+    def on_seen(self, caller: Caller, payload: bytes) -> None:
+        self._enter_lane("seen", caller, payload)
+
+    def on_ack(self, caller: Caller, payload: bytes) -> None:
+        try:
+            ack = Ack.decode(payload)
+        except DecodeError as exc:
+            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
+            return
+        self._spawn(self._ack(caller.client_id, list(ack.seqs)))
+
+    def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
+        lane = self._lanes.get(caller.client_id)
+        if lane is not None:
+            lane.append((kind, caller, payload))
+            return
+        self._lanes[caller.client_id] = deque([(kind, caller, payload)])
+        self._spawn(self._run_lane(caller.client_id))
+
+    async def _run_lane(self, client_id: str) -> None:
+        lane = self._lanes[client_id]
+        try:
+            while lane:
+                kind, caller, payload = lane[0]
+                try:
+                    await (self._submit(caller, payload) if kind == "out" else self._seen(caller, payload))
+                except Exception:
+                    log.exception("%s uplink of %s failed", kind, client_id)
+                    self.links.send(client_id, ErrorItem(ErrorCode.INTERNAL, "the server failed to handle this item"))
+                lane.popleft()
+        finally:
+            del self._lanes[client_id]
+
+    async def _submit(self, caller: Caller, payload: bytes) -> None:
+        origin, sender = caller.client_id, caller.user
+        try:
+            message = ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
+        except DecodeError as exc:
+            self.links.send(origin, ErrorItem(exc.code, exc.detail, exc.ref))
+            return
+        now = self._now()
+        try:
+            stages = await self._admit(origin, sender, message, now)
+            staged = await self._stage_all(stages, message.to, message.id)
+        except Refused as refused:
+            self.links.send(origin, refused.item)
+            return
+        except StoreError as exc:
+            log.error("message %s/%s not staged: %s", sender, message.id, exc)
+            self._holds.hold(origin, message.id, ErrorCode.INTERNAL, now)
+            self.links.send(origin, ErrorItem(ErrorCode.INTERNAL, "the server cannot store messages right now; "
+                                              "send it again", message.id))
+            return
+        ts = self._now_ms()
+        message_ts = stages[-1].message.ts if stages[-1].message is not None else ts
+        self.counters.sent_latency.observe(max(0, ts - message_ts) / 1000)
+        self.links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, ts))
+        await self._wake(staged)
+
+    async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
+        """The stages of a new message (the sender's other devices first, then the recipient's);
+        raises ``Refused``."""
+        if await self._users.user_devices(message.to) is None:
+            raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id))
+        self._holds.check(origin, message.id, now)
+        if message.bodies is None and self.rules.require_encryption:
+            raise Refused(ErrorItem(ErrorCode.ENCRYPTION_REQUIRED,
+                                    "this server accepts only end-to-end encrypted messages ('bodies')", message.id))
+        now_ms = self._now_ms()
+        entry = MessageEntry(sender, message.id, message.to, message.type, now_ms, origin.partition(".")[2],
+                             body=message.body if message.bodies is None else None, bodies=message.bodies)
+        to_them = Stage(message.to, now_ms + self.rules.ttl_ms, self.rules.max_queue, message=entry,
+                        dedup_until_ms=now_ms + self.rules.dedup_window_ms, delivery=True)
+        stages = [to_them]
+        if message.bodies is not None:
+            keyed = await self._keyed(sender, message.to)
+            targets = olm_targets(keyed, self._holds, origin, sender, message, now)
+            mine = tuple(t for t in targets if t.partition(".")[0] == sender and sender != message.to)
+            stages = [replace(to_them, devices=tuple(t for t in targets if t not in mine))]
+            if mine:  # history copies first: once the recipient has it, the sender's devices have it too
+                stages.insert(0, replace(to_them, user=sender, devices=mine, delivery=False))
+        if not await self._queues.allow(sender, SEND_BUCKET, self.rules.send_rate_per_s, self.rules.send_burst,
+                                        now_ms):
+            self._holds.hold(origin, message.id, ErrorCode.RATE_LIMITED, now)
+            raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later", message.id))
+        return stages
+
+    async def _stage_all(self, stages: list[Stage], to: str, ref: str | None) -> list[tuple[str, int]]:
+        """Stage each in turn; raises ``Refused`` (queue full) -- what was staged before stays, and a
+        re-send finds it by its dedup mark."""
+        staged: list[tuple[str, int]] = []
+        for stage in stages:
+            result = await self._queues.stage(stage)
+            if result.status == StageStatus.QUEUE_FULL:
+                await self._wake(staged)
+                raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
+            staged.extend(result.targets)
+        return staged
+
+    async def _keyed(self, *users: str) -> KeyedDevices:
+        """The devices with published keys of ``users``, as the key store has them now."""
+        rows = []
+        for user in dict.fromkeys(users):
+            for device, keys in (await self._keys.device_keys(user)).items():
+                rows.append((user, device, str(keys["curve25519"])))
+        return KeyedDevices(rows)
+
+    async def _seen(self, caller: Caller, payload: bytes) -> None:
+        """``caller.user`` displayed messages from ``seen.to``: ``delivered`` first for those no device
+        acked yet (seen implies delivered, once), then ``seen``. Costs a send token."""
+        try:
+            seen = Seen.decode(payload)
+        except DecodeError as exc:
+            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
+            return
+        by_user, to_user = caller.user, seen.to
+        try:
+            if await self._users.user_devices(to_user) is None:
+                raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}"))
+            if not await self._queues.allow(by_user, SEND_BUCKET, self.rules.send_rate_per_s, self.rules.send_burst,
+                                            self._now_ms()):
+                raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later"))
+            ids = list(dict.fromkeys(seen.ids))
+            delivered = await self._queues.mark_delivered(by_user, to_user, ids)
+            stages = [self._receipt_stage(to_user, RECEIPT_DELIVERED, delivered, by_user)] if delivered else []
+            stages.append(self._receipt_stage(to_user, RECEIPT_SEEN, ids, by_user))
+            staged = await self._stage_all(stages, to_user, None)
+        except Refused as refused:
+            self.links.send(caller.client_id, refused.item)
+            return
+        except StoreError as exc:
+            log.error("seen from %s not staged: %s", caller.client_id, exc)
+            self.links.send(caller.client_id, ErrorItem(ErrorCode.INTERNAL, "the server cannot store this right now; "
+                                                        "send it again"))
+            return
+        await self._wake(staged)
+
+    def _receipt_stage(self, user: str, status: str, ids: list[str], peer: str) -> Stage:
+        now_ms = self._now_ms()
+        return Stage(user, now_ms + self.rules.ttl_ms, self.rules.max_queue,
+                     receipt=ReceiptItem(status, tuple(ids), peer, now_ms))
+
+    async def _stage_receipts(self, status: str, refs: Iterable[MessageRef]) -> None:
+        """A receipt per (sender, recipient) for ``refs``, to every device of the sender. Receipts are
+        not refused for a full queue (the sender's own devices are behind, not the sender)."""
+        by_pair: dict[tuple[str, str], list[str]] = {}
+        for ref in refs:
+            by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
+        for (sender, recipient), ids in by_pair.items():
+            stage = self._receipt_stage(sender, status, ids, recipient)
+            result = await self._queues.stage(Stage(stage.user, stage.expires_ms, 2**31, receipt=stage.receipt))
+            await self._wake(list(result.targets))
+
+    # --- acks, reads and nudges ---------------------------------------------------------
+
+    async def _ack(self, client_id: str, seqs: list[int]) -> None:
+        try:
+            delivered = await self._queues.ack(client_id, seqs)
+        except StoreError as exc:  # the items stay; the device gets them again and acks again
+            self.supervisor.failed("ack", exc)
+            return
+        self.supervisor.succeeded("ack")
+        self._apply(self.windows.acked(client_id, seqs, self._now()))
+        if delivered:
+            await self._retrying("delivered receipts", functools.partial(self._stage_receipts, RECEIPT_DELIVERED,
+                                                                         delivered))
+
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried
+        until it is written (the store already rode out a failover before raising)."""
+        while True:
+            try:
+                await step()
+                return
+            except StoreError as exc:
+                log.error("%s not staged yet (%s); retrying", what, exc)
+                await asyncio.sleep(TICK_S)
+
+    async def _wake(self, targets: list[tuple[str, int]]) -> None:
+        """Devices with new items: read now if connected here, else nudge the node that holds them."""
+        clients = list(dict.fromkeys(client_id for client_id, _ in targets))
+        local = [c for c in clients if c in self.windows]
+        if local:
+            self._apply(self.windows.behind(local, self._now()))
+        remote = [c for c in clients if c not in self.windows]
+        if not remote:
+            return
+        try:
+            where = await self._bus.locate(remote)
+        except StoreError as exc:  # the periodic look at each node's queues delivers them
+            log.warning("cannot locate %d device(s) to nudge: %s", len(remote), exc)
+            return
+        for client_id, node in where.items():
+            if node != self._bus.node_id:
+                await self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+
+    def on_nudge(self, nudge: Nudge) -> None:
+        if nudge.kind == NudgeKind.ITEMS:
+            self._apply(self.windows.behind([nudge.target], self._now()))
+        elif nudge.kind == NudgeKind.TAKEOVER:
+            self._spawn(self._taken_over(nudge))
+
+    async def _taken_over(self, nudge: Nudge) -> None:
+        """The device connected to another node: close our connection of it, unless the directory
+        says it is here again (a late nudge must not close a newer connection)."""
+        if self.links.get(nudge.target) is None:
+            return
+        where = await self._bus.locate([nudge.target])
+        if where.get(nudge.target) != self._bus.node_id:
+            log.info("%s connected through node %s: closing its connection here", nudge.target, nudge.origin)
+            await self._close_session(nudge.target)
+
+    def _apply(self, out: WindowOutcome) -> None:
+        for client_id, item in out.sends:
+            self.links.send(client_id, item)
+        for client_id, after in out.reads:
+            self._spawn(self._read(client_id, after))
+
+    async def _read(self, client_id: str, after: int) -> None:
+        limit = self.rules.window
+        try:
+            items = await self._queues.read(client_id, after, limit)
+        except StoreError as exc:
+            self.supervisor.failed("queue_read", exc)
+            self.windows.read_failed(client_id)
+            return
+        self.supervisor.succeeded("queue_read")
+        self._apply(self.windows.read_done(client_id, after, items, limit, self._now()))
+
+    # --- devices --------------------------------------------------------------------------
+
+    def device_online(self, client_id: str) -> None:
+        self._apply(self.windows.online(client_id, self._now()))
+        self._spawn(self._register(client_id))
+
+    async def _register(self, client_id: str) -> None:
+        try:
+            before = await self._bus.register(client_id)
+        except StoreError as exc:
+            log.error("cannot register %s in the node directory: %s", client_id, exc)
+            return
+        self._bus.report(len(self.windows))
+        if before is not None:
+            await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
+
+    def device_offline(self, client_id: str) -> None:
+        self.windows.offline(client_id)
+        self._spawn(self._unregister(client_id))
+
+    async def _unregister(self, client_id: str) -> None:
+        if client_id in self.windows:
+            return  # linked again meanwhile
+        try:
+            await self._bus.unregister(client_id)
+        except StoreError as exc:  # the entry dies with this node's lease, or the next register replaces it
+            log.warning("cannot unregister %s: %s", client_id, exc)
+        self._bus.report(len(self.windows))
+
+    def remove_device(self, user: str, device: str) -> None:
+        client_id = f"{user}.{device}"
+        self._holds.forget(client_id)
+        self._spawn(self._retrying(f"removal of {client_id}'s queue", lambda: self._drop_queue(client_id)))
+
+    async def _drop_queue(self, client_id: str) -> None:
+        await self._queues.remove_device(client_id)
+
+    def device_registered(self, user: str, device: str) -> None:
+        """A device logged in for the first time: a user's first device takes what was held for them."""
+        self._spawn(self._retrying(f"adoption by {user}.{device}", lambda: self._adopt(user, f"{user}.{device}")))
+
+    async def _adopt(self, user: str, client_id: str) -> None:
+        if await self._queues.adopt_placeholder(user, client_id):
+            await self._wake([(client_id, 0)])
+
+    # --- background rounds -------------------------------------------------------------------
+
+    async def _redeliver_round(self) -> None:
+        await asyncio.sleep(TICK_S)
+        out = self.windows.redeliver(self._now())
+        self.counters.redeliveries += len(out.sends)
+        self._apply(out)
+
+    async def _poll_round(self) -> None:
+        await asyncio.sleep(self.rules.poll_s)
+        self._apply(self.windows.behind(self.windows.clients(), self._now()))
+
+    async def _sweep_round(self) -> None:
+        await asyncio.sleep(self.rules.sweep_s)
+        await self.sweep_once()
+
+    async def sweep_once(self) -> int:
+        """Drop what expired in queues the expiry index names (any node may; each message's
+        ``expired`` receipt is staged once); returns the items dropped."""
+        now_ms = self._now_ms()
+        dropped = 0
+        for client_id in await self._queues.due(now_ms, SWEEP_BATCH):
+            swept = await self._queues.expire(client_id, now_ms)
+            dropped += swept.items
+            if swept.expired:
+                await self._retrying("expired receipts", functools.partial(self._stage_receipts, RECEIPT_EXPIRED,
+                                                                           swept.expired))
+        return dropped
+
+    # --- figures and shutdown ------------------------------------------------------------------
+
+    def figures(self) -> Figures:
+        """This node's part: items read for its connected devices and not acked yet (the queues
+        themselves are in Redis: ``chat-broker cluster status``)."""
+        depths = [self.windows.depth(c) for c in self.windows.clients()]
+        return Figures(sum(depths), 0, 0, None, depths)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop the rounds; let running uplinks finish (each answers its sender)."""
+        await cancel(self._loops)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
