@@ -16,19 +16,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from bridge.links import DeviceLink, LinkRegistry
-from bridge.messaging.service import Messaging
-from bridge.presence.service import PresenceService
 from bridge.requests import Op, OpError
 from chatproto import Caller, DecodeError, ErrorCode, ErrorItem, Request, ResItem
 
 log = logging.getLogger(__name__)
 
 
+class MessagingPort(Protocol):
+    """Messaging as the bridge drives it: ``bridge.messaging.service.Messaging`` (one process on
+    SQLite) or ``bridge.cluster.messaging.ClusterMessaging`` (a node of a Redis Cluster)."""
+
+    def on_out(self, caller: Caller, payload: bytes) -> None: ...
+
+    def on_seen(self, caller: Caller, payload: bytes) -> None: ...
+
+    def on_ack(self, caller: Caller, payload: bytes) -> None: ...
+
+    def device_registered(self, user: str, device: str) -> None: ...
+
+    def device_online(self, client_id: str) -> None: ...
+
+    def device_offline(self, client_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class PresencePort(Protocol):
+    """Presence as the bridge drives it (``bridge.presence.service.PresenceService`` or its cluster form)."""
+
+    def on_heartbeat(self, caller: Caller, payload: bytes) -> None: ...
+
+    def device_offline(self, user: str, client_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class Bridge:
-    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: Messaging, presence: PresenceService,
+    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: MessagingPort, presence: PresencePort,
                  max_request_bytes: int) -> None:
         self.links = links
         self.messaging = messaging

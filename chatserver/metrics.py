@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -25,9 +26,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from bridge.background import cancel
-from bridge.counters import LATENCY_BUCKETS, Histogram
+from bridge.counters import LATENCY_BUCKETS, BridgeCounters, Histogram
 from bridge.links import LinkRegistry
-from bridge.messaging.core import Staging
+from bridge.messaging.records import Figures
 from broker.auth import Authenticator
 from broker.counters import LOGIN_RESULTS
 from broker.server import ChatBroker
@@ -66,13 +67,22 @@ class LoopLag:
             self._task = None
 
 
+class StagingFigures(Protocol):
+    """What the collector reads of staging: the single-node core, or a cluster node's messaging."""
+
+    @property
+    def counters(self) -> BridgeCounters: ...
+
+    def figures(self) -> Figures: ...
+
+
 @dataclass(frozen=True)
 class Sources:
     """Where the figures come from; the collector only reads them."""
 
     broker: ChatBroker
     auth: Authenticator
-    staging: Staging
+    staging: StagingFigures
     links: LinkRegistry
     lag: LoopLag
     supervisor: Supervisor
