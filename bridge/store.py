@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class StoreError(Exception):
     """A database could not be opened, migrated, read or written; the message says which and why."""
+
+
+class UserExistsError(StoreError):
+    """Adding a user whose name is taken."""

@@ -18,6 +18,7 @@ so a key can be lost, never handed out twice).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,8 +27,11 @@ from typing import Any, ClassVar, Self, TypeVar
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    AskError,
     ClusterError,
     ConnectionError,
+    MovedError,
+    NoScriptError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -40,10 +44,16 @@ from bridge.store import StoreError
 RETRY_S = 6.0
 BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then 0.4 s between attempts
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]*")
+
+
+class SlotMoved(Exception):
+    """A write on a connection of our own found its slot served elsewhere (``run_replicated``)."""
+
+
 # ClusterError covers CLUSTERDOWN and MASTERDOWN; RedisClusterException covers "no node serves
 # this slot" and a client that cannot reach any startup node while the topology changes.
 FAILOVER_ERRORS = (ConnectionError, TimeoutError, ClusterError, TryAgainError, ReadOnlyError,
-                   RedisClusterException)
+                   RedisClusterException, SlotMoved)
 
 T = TypeVar("T")
 
@@ -89,9 +99,50 @@ class RedisStore:
         script = self._scripts[name]
         return await self.call(name, lambda: script(keys=list(keys), args=list(args)))
 
+    async def run_replicated(self, name: str, keys: Sequence[str], args: Sequence[str | int], replicas: int,
+                             timeout_ms: int) -> Any:
+        """``run``, then Redis ``WAIT`` on the same connection: returns once ``replicas`` replicas hold
+        the write (and, replication being one ordered stream, every write before it on that master),
+        else raises ``StoreError``. With ``replicas`` 0 it is ``run``. WAIT counts the writes of its
+        own connection, so both go down one connection taken from the node's pool."""
+        if replicas <= 0:
+            return await self.run(name, keys, args)
+        script = self._scripts[name]
+
+        async def once() -> Any:
+            node = self._client.get_node_from_key(keys[0])
+            if node is None:
+                raise SlotMoved(f"no master for {keys[0]!r}")
+            connection = node.acquire_connection()
+            try:
+                try:
+                    await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                    result = await connection.read_response()
+                except NoScriptError:  # a promoted replica that never ran it
+                    await connection.send_command("EVAL", script.script, len(keys), *keys, *args)
+                    result = await connection.read_response()
+                await connection.send_command("WAIT", replicas, timeout_ms)
+                acked = int(await connection.read_response())
+            except (MovedError, AskError) as exc:  # the slot moved (a failover): let the client learn the map
+                with contextlib.suppress(RedisError):
+                    await self._client.exists(keys[0])
+                raise SlotMoved(str(exc)) from exc
+            finally:
+                node.release(connection)
+            if acked < replicas:
+                raise StoreError(f"redis {name}: {acked} of {replicas} replica(s) acknowledged the write within "
+                                 f"{timeout_ms} ms (cluster.min_replicas_ack)")
+            return result
+
+        return await self.call(name, once)
+
     async def command(self, what: str, *args: str) -> Any:
         """One Redis command (on the slot of its key), with ``call``'s retries."""
         return await self.call(what, lambda: self._client.execute_command(*args))
+
+    async def probe(self, name: str) -> None:
+        """A small write that must succeed for the store to count as writable (``/readyz``)."""
+        await self.command("probe", "SET", f"{self._prefix}probe:{{{name}}}", "1", "PX", "60000")
 
     async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation``, again on a failover error until ``retry_s`` has passed; any redis

@@ -6,6 +6,7 @@ Keys (hash tag: the user, so one user's keys share a slot; see storage/redis/cli
 - ``{prefix}u:{alice}``          hash ``pw`` (password hash, formats of ``broker.credentials``), ``created`` (ms)
 - ``{prefix}u:{alice}:devices``  hash device -> ``"<created_ms> <last_login_ms>"``
 - ``{prefix}u:{alice}:tokens``   hash device -> token digest (never the token)
+- ``{prefix}secret``             the device-token HMAC key every node shares (hex)
 
 Every change is one Lua script on the user's slot: ``record_login`` counts the devices and adds
 the new one in the same script, so racing first logins cannot overshoot the device limit.
@@ -13,11 +14,12 @@ the new one in the same script, so racing first logins cannot overshoot the devi
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from typing import ClassVar
 
-from bridge.store import StoreError
+from bridge.store import StoreError, UserExistsError
 from broker.users import DeviceInfo, TooManyDevicesError
 from storage.redis.client import RedisStore
 
@@ -84,6 +86,19 @@ class RedisUserStore(RedisStore):
     def _keys(self, user: str) -> tuple[str, str, str]:
         """The user's hash, devices and tokens."""
         return self.key("u", user), self.key("u", user, "devices"), self.key("u", user, "tokens")
+
+    async def add_user(self, name: str, pw_hash: str) -> None:
+        if not await self.run("users.add", [self.key("u", name)], [pw_hash, str(now_ms())]):
+            raise UserExistsError(f"user {name!r} already exists")
+
+    async def server_secret(self) -> bytes:
+        """The HMAC key for device tokens that every node shares (a token issued by one node is
+        checked by another), made on first use. It sits beside the token digests it protects:
+        whoever can read Redis can write those too, so it adds no exposure (docs/SECURITY.md)."""
+        key = f"{self._prefix}secret"
+        await self.command("secret.create", "SET", key, os.urandom(32).hex(), "NX")
+        value = await self.command("secret.read", "GET", key)
+        return bytes.fromhex(str(value))
 
     async def add_users(self, rows: Iterable[tuple[str, str]]) -> tuple[int, list[str]]:
         """Add users (name, password hash); returns (added, names that already existed). Users live

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from bridge.store import StoreError
+from bridge.store import StoreError, UserExistsError
 from broker.users import DeviceInfo, TooManyDevicesError
 from storage.sqlite.db import SqliteFile, ensure_private_dir
 
@@ -42,10 +42,6 @@ MIGRATIONS = (
     ) WITHOUT ROWID
     """,
 )
-
-
-class UserExistsError(StoreError):
-    pass
 
 
 class UnknownUserError(StoreError):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.sqlite.users import SqliteUserStore, UnknownUserError, UserExistsError, load_or_create_secret
+from bridge.store import UserExistsError
+from storage.sqlite.users import SqliteUserStore, UnknownUserError, load_or_create_secret
 
 
 async def test_user_lifecycle(tmp_path: Path) -> None:
