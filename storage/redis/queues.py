@@ -355,10 +355,12 @@ class RedisQueueStore(RedisStore):
         ref = "" if message is None else f"{message.sender}/{message.msg_id}"
         keys = [devices_key(self, user), self.key("qs", user), self.key("qm", user, ref), self.key("qd", user, ref),
                 self._replay_key(user)]
+        # A receipt has no record and no dedup mark (its ref is "").
+        wire, recipient, dedup = ("", "", 0) if message is None else (
+            message_wire(message), message.recipient, stage.dedup_until_ms)
         args: list[str | int] = [
-            self.key("q", user, ""), self.key("qe", user, ""), stage.expires_ms, stage.max_queue,
-            stage.dedup_until_ms, int(stage.delivery), "" if message is None else message_wire(message),
-            "" if message is None else message.recipient, json.dumps(ref), self._replay_ms]
+            self.key("q", user, ""), self.key("qe", user, ""), stage.expires_ms, stage.max_queue, dedup,
+            int(stage.delivery), wire, recipient, json.dumps(ref), self._replay_ms]
         if candidates is None:
             assert shared is not None  # stage_candidates returns None only for a shared payload
             args += ["all", shared, PLACEHOLDER_DEVICE]
@@ -414,8 +416,12 @@ class RedisQueueStore(RedisStore):
         user, device = split_client(client_id)
         await self._unhint(client_id)  # before the script: a stage racing it re-adds its own entry after
         keys = [*self._queue_keys(user, device), self._replay_key(user)]
-        dropped, first, *flat = json.loads(await self.run("queues.expire", keys,
-                                                          [now_ms, self._records(user), self._replay_ms]))
+        try:
+            reply = await self.run("queues.expire", keys, [now_ms, self._records(user), self._replay_ms])
+        except StoreError:
+            await self._hint(client_id, now_ms)  # the queue is as it was: the next sweep tries again
+            raise
+        dropped, first, *flat = json.loads(reply)
         if first is not False:
             await self._hint(client_id, int(float(first)))
         return Swept([message_ref(ref, to) for ref, to in zip(flat[::2], flat[1::2], strict=True)], int(dropped))
