@@ -121,7 +121,8 @@ class QueueStore(Protocol):
         yet are marked so (an ack will not report them) and returned, in the order given."""
 
     async def remove_device(self, client_id: str) -> int:
-        """Drop the device's queue and counter (``devices.remove``); returns the items dropped."""
+        """Drop the device's queue (``devices.remove``); returns the items dropped. Its seq counter
+        stays: a device id installed again keeps counting up, never repeating a seq."""
 
     async def adopt_placeholder(self, user: str, client_id: str) -> int:
         """Move the items of ``user.*`` to ``client_id`` (the user's first device), in order, with

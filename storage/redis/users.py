@@ -71,6 +71,11 @@ return redis.call('HDEL', KEYS[1], ARGV[1])
 NO_LIMIT = 2**31
 
 
+def devices_key(store: RedisStore, user: str) -> str:
+    """``u:{user}:devices``, which the queue store's scripts read too (they stage for every device)."""
+    return store.key("u", user, "devices")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -85,7 +90,7 @@ class RedisUserStore(RedisStore):
 
     def _keys(self, user: str) -> tuple[str, str, str]:
         """The user's hash, devices and tokens."""
-        return self.key("u", user), self.key("u", user, "devices"), self.key("u", user, "tokens")
+        return self.key("u", user), devices_key(self, user), self.key("u", user, "tokens")
 
     async def add_user(self, name: str, pw_hash: str) -> None:
         if not await self.run("users.add", [self.key("u", name)], [pw_hash, str(now_ms())]):

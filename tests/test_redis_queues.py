@@ -1,0 +1,303 @@
+"""The cluster's device queues (storage/redis/queues.py) against a real Redis Cluster: staging,
+reading, acking, delivery and expiry reports, dedup, the placeholder, rate buckets, concurrency,
+and a script retried across a master failover. Each test has its own key prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+import pytest
+
+from bridge.cluster.store import MessageEntry, MessageRef, Stage, StageResult, StageStatus
+from chatproto import MsgItem, ReceiptItem
+from storage.redis.queues import RedisQueueStore
+from storage.redis.users import RedisUserStore
+from testkit.redis_cluster import RedisCluster
+
+FAR = 10**13  # an expiry no test reaches
+
+
+@dataclass
+class Stores:
+    queues: RedisQueueStore
+    users: RedisUserStore
+    prefix: str
+
+    async def devices(self, user: str, *devices: str) -> None:
+        await self.users.add_users([(user, "x")])
+        for device in devices:
+            await self.users.record_login(user, device)
+
+    async def keys(self, pattern: str) -> list[str]:
+        """The keys of this test matching ``pattern`` (after the prefix), from every master."""
+        client = self.queues._client  # the store's own connection: nothing else to set up
+        return sorted([str(key) async for key in client.scan_iter(match=self.prefix + pattern, count=1000)])
+
+
+@pytest.fixture
+async def stores(redis_cluster: RedisCluster) -> AsyncIterator[Stores]:
+    prefix = f"q{uuid.uuid4().hex[:12]}:"
+    queues = await RedisQueueStore.open(redis_cluster.startup_nodes, prefix)
+    users = await RedisUserStore.open(redis_cluster.startup_nodes, prefix)
+    try:
+        yield Stores(queues, users, prefix)
+    finally:
+        await queues.close()
+        await users.close()
+
+
+def plain(msg_id: str, body: str = "hello", sender: str = "alice", to: str = "bob") -> MessageEntry:
+    return MessageEntry(sender, msg_id, to, "text", 1_700_000_000_000, "phone", body=body)
+
+
+def message_stage(entry: MessageEntry, user: str = "bob", expires_ms: int = FAR, max_queue: int = 100,
+                  devices: tuple[str, ...] | None = None, delivery: bool = True, dedup: bool = True) -> Stage:
+    return Stage(user, expires_ms, max_queue, devices, message=entry, dedup_until_ms=FAR if dedup else 0,
+                 delivery=delivery)
+
+
+def receipt_stage(ids: tuple[str, ...], user: str = "alice", expires_ms: int = FAR) -> Stage:
+    return Stage(user, expires_ms, 10_000, receipt=ReceiptItem("delivered", ids, "bob", 1_700_000_000_001))
+
+
+async def test_a_plain_message_is_stored_once_read_by_each_device_and_gone_after_the_last_ack(
+        stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop", "tablet")
+    result = await q.stage(message_stage(plain("m1", "hi bob")))
+    assert result == StageResult(StageStatus.STAGED, (("bob.laptop", 1), ("bob.phone", 1), ("bob.tablet", 1)))
+    expected = MsgItem(1, "m1", "alice", "bob", "text", "hi bob", 1_700_000_000_000, "phone")
+    for device in ("phone", "laptop", "tablet"):
+        [queued] = await q.read(f"bob.{device}", 0, 10)
+        assert queued.item == expected and queued.expires_ms == FAR
+    assert await stores.keys("qm:*") == [f"{stores.prefix}qm:{{bob}}:alice/m1"], "one body for three devices"
+    record = await q.command("test", "HGETALL", f"{stores.prefix}qm:{{bob}}:alice/m1")
+    assert record["refs"] == "3" and record["wire"].count("hi bob") == 1
+    assert await q.read("bob.phone", 1, 10) == []
+    assert await q.ack("bob.phone", [1]) == [MessageRef("alice", "m1", "bob")]
+    assert await q.ack("bob.phone", [1]) == [], "a repeated ack finds nothing"
+    assert await q.ack("bob.laptop", [1, 7]) == []
+    assert await stores.keys("qm:*") != []
+    assert await q.ack("bob.tablet", [1]) == []
+    assert await stores.keys("qm:*") == [], "the record went with the last item"
+    assert [await q.depth(f"bob.{d}") for d in ("phone", "laptop", "tablet")] == [0, 0, 0]
+
+
+async def test_an_olm_message_gives_each_current_device_its_own_ciphertext(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    entry = MessageEntry("alice", "o1", "bob", "olm", 5, "phone",
+                         bodies={"bob.phone": "c-phone", "bob.laptop": "c-laptop", "bob.gone": "c-gone"})
+    result = await q.stage(message_stage(entry))
+    assert result.targets == (("bob.laptop", 1), ("bob.phone", 1)), "bob.gone is no device of bob's"
+    [phone] = await q.read("bob.phone", 0, 10)
+    [laptop] = await q.read("bob.laptop", 0, 10)
+    assert phone.item == MsgItem(1, "o1", "alice", "bob", "olm", "c-phone", 5, "phone")
+    assert isinstance(laptop.item, MsgItem) and laptop.item.body == "c-laptop"
+    record = await q.command("test", "HGET", f"{stores.prefix}qm:{{bob}}:alice/o1", "wire")
+    assert "c-phone" not in record and "c-laptop" not in record, "ciphertexts live on the items only"
+    # Explicit devices: only those named, and only current ones.
+    again = MessageEntry("alice", "o2", "bob", "olm", 6, "phone", bodies={"bob.phone": "x", "bob.laptop": "y"})
+    result = await q.stage(message_stage(again, devices=("bob.phone", "bob.gone")))
+    assert result.targets == (("bob.phone", 2),)
+    assert await q.ack("bob.phone", [1, 2]) == [MessageRef("alice", "o1", "bob"), MessageRef("alice", "o2", "bob")]
+
+
+async def test_receipts_round_trip_and_explicit_devices_skip_unknown_ones(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("alice", "phone", "laptop")
+    ids = tuple(f"id-{n}" for n in range(1000))
+    result = await q.stage(receipt_stage(ids))
+    assert [t for t, _ in result.targets] == ["alice.laptop", "alice.phone"]
+    [queued] = await q.read("alice.phone", 0, 5)
+    assert queued.item == ReceiptItem("delivered", ids, "bob", 1_700_000_000_001, 1)
+    only = Stage("alice", FAR, 10, ("alice.laptop", "alice.old", "bob.phone"),
+                 receipt=ReceiptItem("seen", ("m",), "bob", 9))
+    assert (await q.stage(only)).targets == (("alice.laptop", 2),)
+    assert await q.ack("alice.laptop", [1, 2]) == [], "receipts report nothing"
+    assert await q.depth("alice.laptop") == 0 and await q.depth("alice.phone") == 1
+
+
+async def test_seqs_increase_per_device_across_stages_and_after_removal(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    for n in range(3):
+        await q.stage(message_stage(plain(f"m{n}"), devices=("bob.phone",)))
+    assert [i.item.seq for i in await q.read("bob.phone", 0, 10)] == [1, 2, 3]
+    assert [i.item.seq for i in await q.read("bob.phone", 1, 1)] == [2]
+    assert await q.remove_device("bob.phone") == 3
+    assert await q.depth("bob.phone") == 0 and await stores.keys("qm:*") == [], "records released"
+    result = await q.stage(message_stage(plain("m9")))
+    assert result.targets == (("bob.laptop", 1), ("bob.phone", 4)), "a removed device's id keeps counting"
+    assert await q.remove_device("bob.phone") == 1 and await q.remove_device("bob.phone") == 0
+
+
+async def test_delivered_is_reported_once_across_devices_acking_at_once(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    for n in range(20):
+        await q.stage(message_stage(plain(f"m{n}")))
+    seqs = list(range(1, 21))
+    phone, laptop = await asyncio.gather(q.ack("bob.phone", seqs), q.ack("bob.laptop", seqs))
+    assert sorted(r.msg_id for r in phone + laptop) == sorted(f"m{n}" for n in range(20))
+    # A 'seen' before any ack marks it delivered: the ack then reports nothing.
+    await q.stage(message_stage(plain("s1")))
+    await q.stage(message_stage(plain("s2")))
+    assert await q.mark_delivered("bob", "alice", ["s2", "nope", "s1"]) == ["s2", "s1"]
+    assert await q.mark_delivered("bob", "alice", ["s1", "s2"]) == []
+    assert await q.ack("bob.phone", [21, 22]) == []
+    # The sender's own copy (no delivery record) is not reported by any ack.
+    await stores.devices("alice", "laptop")
+    await q.stage(message_stage(plain("s3"), user="alice", devices=("alice.laptop",), delivery=False, dedup=False))
+    assert await q.ack("alice.laptop", [1]) == []
+    assert await q.mark_delivered("alice", "alice", ["s3"]) == []
+
+
+async def test_a_repeated_message_is_a_duplicate_and_a_full_queue_stages_nothing(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    assert (await q.stage(message_stage(plain("d1")))).status == StageStatus.STAGED
+    assert await q.stage(message_stage(plain("d1"))) == StageResult(StageStatus.DUPLICATE)
+    assert await q.depth("bob.phone") == 1
+    await q.stage(message_stage(plain("p1"), devices=("bob.phone",), max_queue=2))
+    full = await q.stage(message_stage(plain("f1"), max_queue=2))
+    assert full == StageResult(StageStatus.QUEUE_FULL)
+    assert await q.depth("bob.laptop") == 1, "laptop had room but got nothing"
+    assert f"{stores.prefix}qm:{{bob}}:alice/f1" not in await stores.keys("qm:*")
+    assert await stores.keys("qd:*alice/f1") == [], "a refused message is not remembered"
+    await q.ack("bob.phone", [1])
+    assert (await q.stage(message_stage(plain("f1"), max_queue=2))).status == StageStatus.STAGED
+    past = replace(message_stage(plain("old")), dedup_until_ms=1)  # a mark that has already expired
+    assert (await q.stage(past)).status == (await q.stage(past)).status == StageStatus.STAGED
+
+
+async def test_the_placeholder_holds_items_until_the_first_device_adopts_them(stores: Stores) -> None:
+    q = stores.queues
+    await stores.users.add_users([("carol", "x")])
+    assert (await q.stage(message_stage(plain("c1", to="carol"), user="carol"))).targets == (("carol.*", 1),)
+    await q.stage(receipt_stage(("x",), user="carol"))
+    await q.stage(message_stage(plain("c2", to="carol"), user="carol", expires_ms=5000))
+    assert await q.ack("carol.*", [1]) == [], "the placeholder is no device: no delivered"
+    await stores.users.record_login("carol", "phone")
+    await q.stage(message_stage(plain("c3", to="carol"), user="carol"))  # the device's seq 1
+    assert await q.adopt_placeholder("carol", "carol.phone") == 2
+    assert await q.adopt_placeholder("carol", "carol.phone") == 0
+    items = await q.read("carol.phone", 0, 10)
+    assert [(i.item.seq, type(i.item).__name__) for i in items] == [(1, "MsgItem"), (2, "ReceiptItem"),
+                                                                     (3, "MsgItem")]
+    assert isinstance(items[2].item, MsgItem) and items[2].item.id == "c2" and items[2].expires_ms == 5000
+    assert await q.depth("carol.*") == 0
+    assert await q.due(5000, 10) == ["carol.phone"], "the adopted expiry is indexed under the device"
+    assert await q.ack("carol.phone", [1, 3]) == [MessageRef("alice", "c3", "carol"),
+                                                  MessageRef("alice", "c2", "carol")]
+
+
+async def test_expiry_reports_each_message_once_and_the_index_finds_the_queues(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    await q.stage(message_stage(plain("e1"), expires_ms=1000))
+    await q.stage(message_stage(plain("e2"), expires_ms=3000, devices=("bob.phone",)))
+    await q.stage(receipt_stage(("r",), user="bob", expires_ms=1500))
+    assert sorted(await q.due(999, 10)) == []
+    assert sorted(await q.due(2000, 10)) == ["bob.laptop", "bob.phone"]
+    assert len(await q.due(2000, 1)) == 1
+    phone, laptop = await asyncio.gather(q.expire("bob.phone", 2000), q.expire("bob.laptop", 2000))
+    assert phone.items == 2 and laptop.items == 2
+    assert phone.expired + laptop.expired == [MessageRef("alice", "e1", "bob")], "once across both devices"
+    assert await q.due(2000, 10) == [], "laptop is empty; phone waits for e2"
+    assert await q.due(3000, 10) == ["bob.phone"]
+    swept = await q.expire("bob.phone", 3000)
+    assert swept.expired == [MessageRef("alice", "e2", "bob")] and await q.due(FAR, 10) == []
+    assert await stores.keys("qm:*") == []
+    # A stale hint (the items were acked) costs one empty expire.
+    staged = dict((await q.stage(message_stage(plain("e3"), expires_ms=4000))).targets)
+    await q.ack("bob.phone", [staged["bob.phone"]])
+    assert "bob.phone" in await q.due(4000, 10)
+    assert (await q.expire("bob.phone", 4000)).items == 0
+    assert await q.due(4000, 10) == ["bob.laptop"]
+
+
+async def test_a_bucket_never_grants_more_than_its_burst_to_concurrent_callers(stores: Stores) -> None:
+    q = stores.queues
+    granted = await asyncio.gather(*(q.allow("bob", "send", 2.0, 10, 1_000_000) for _ in range(50)))
+    assert granted.count(True) == 10
+    assert not await q.allow("bob", "send", 2.0, 10, 1_000_400), "0.8 of a token is not one"
+    assert await q.allow("bob", "send", 2.0, 10, 1_000_500)
+    later = await asyncio.gather(*(q.allow("bob", "send", 2.0, 10, 1_002_500) for _ in range(50)))
+    assert later.count(True) == 4
+    assert await q.allow("bob", "other", 2.0, 10, 1_000_000), "buckets are separate"
+    assert await q.allow("carol", "send", 2.0, 10, 1_000_000), "users are separate"
+
+
+async def test_concurrent_stages_for_one_device_get_distinct_contiguous_seqs(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    results = await asyncio.gather(*(q.stage(message_stage(plain(f"c{n}"))) for n in range(100)))
+    assert sorted(r.targets[0][1] for r in results) == list(range(1, 101))
+    items = await q.read("bob.phone", 0, 1000)
+    assert sorted(i.item.id for i in items if isinstance(i.item, MsgItem)) == sorted(f"c{n}" for n in range(100))
+
+
+async def test_a_script_run_twice_stages_and_reports_once(stores: Stores) -> None:
+    """What ``call`` does after a reply lost with its master: the same script, the same token."""
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    token = q.key("qr", "bob", "fixed")
+    q._replay_key = lambda user: token  # type: ignore[method-assign]  # every call reuses one token
+    first = await q.stage(receipt_stage(("x",), user="bob"))
+    assert await q.stage(receipt_stage(("x",), user="bob")) == first
+    assert await q.depth("bob.phone") == 1, "staged once"
+    await q.command("test", "DEL", token)
+    await q.stage(message_stage(plain("m1")))
+    assert (await q.stage(message_stage(plain("m1")))).status == StageStatus.STAGED, "not DUPLICATE"
+    await q.command("test", "DEL", token)
+    assert await q.ack("bob.phone", [1, 2]) == [MessageRef("alice", "m1", "bob")]
+    assert await q.ack("bob.phone", [1, 2]) == [MessageRef("alice", "m1", "bob")], "the report is not lost"
+
+
+async def test_stages_across_a_master_failover_neither_lose_nor_duplicate_items(
+        stores: Stores, redis_cluster: RedisCluster) -> None:
+    q = stores.queues
+    await stores.devices("dave", "phone")
+    results: list[StageResult] = []
+    some_done = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        for n in range(15):  # receipts: no dedup mark would hide a second copy
+            results.append(await q.stage(receipt_stage((f"{w}-{n}",), user="dave")))
+            if len(results) >= 20:
+                some_done.set()
+
+    tasks = [asyncio.create_task(writer(w)) for w in range(8)]
+    await asyncio.wait_for(some_done.wait(), 30)
+    killed = await asyncio.to_thread(redis_cluster.kill_master, "{dave}")  # while the writers run
+    at_kill = len(results)
+    try:
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        waited = time.monotonic() - started
+        assert redis_cluster.master_of(redis_cluster.slot("{dave}")).port != killed.port, "a replica took over"
+    finally:
+        await asyncio.to_thread(redis_cluster.restart, killed)
+    assert at_kill < 120 and waited > 1.0, f"{at_kill} of 120 staged at the kill, the rest waited {waited:.1f} s"
+    items = await q.read("dave.phone", 0, 1000)
+    ids = [i.item.ids[0] for i in items if isinstance(i.item, ReceiptItem)]
+    assert sorted(ids) == sorted(f"{w}-{n}" for w in range(8) for n in range(15)), "each exactly once"
+    assert sorted(seq for r in results for _, seq in r.targets) == [i.item.seq for i in items]
+
+
+@pytest.mark.parametrize("body", ["", "é😀\u200d👩‍👩‍👧", "\u202eevil\u2028line", "nul\x00inside", '"], "x":[1]',
+                                  "\\u0000 not an escape", "\U0001d54f" * 3000])
+async def test_odd_bodies_come_back_as_sent(stores: Stores, body: str) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    await q.stage(message_stage(plain("b1", body)))
+    olm = MessageEntry("alice", "b2", "bob", "olm", 1, "phone", bodies={"bob.phone": body})
+    await q.stage(message_stage(olm))
+    first, second = await q.read("bob.phone", 0, 10)
+    assert isinstance(first.item, MsgItem) and first.item.body == body
+    assert second.item == replace(first.item, seq=2, id="b2", type="olm", ts=1)
