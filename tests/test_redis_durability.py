@@ -9,8 +9,12 @@ from typing import ClassVar
 
 import pytest
 
+from bridge.cluster.store import MessageEntry, Stage, StageStatus
 from bridge.store import StoreError
+from chatproto import MsgItem
 from storage.redis.client import RedisStore
+from storage.redis.queues import RedisQueueStore
+from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 
 INCR = "return redis.call('INCR', KEYS[1])"
@@ -48,3 +52,25 @@ async def test_too_few_replicas_is_an_error_not_a_silent_success(redis_cluster: 
             await store.bump("dave", replicas=2, timeout_ms=50)  # one replica per master here
     finally:
         await store.close()
+
+
+async def test_a_stage_waits_for_its_replica_and_a_failed_wait_is_not_sent(redis_cluster: RedisCluster) -> None:
+    prefix = f"w{uuid.uuid4().hex[:12]}:"
+    users = await RedisUserStore.open(redis_cluster.startup_nodes, prefix)
+    acked = await RedisQueueStore.open(redis_cluster.startup_nodes, prefix)
+    acked._replicas = 1  # what cluster.min_replicas_ack = 1 sets
+    greedy = await RedisQueueStore.open(redis_cluster.startup_nodes, prefix)
+    greedy._replicas, greedy._wait_ms = 2, 50  # more replicas than the cluster has
+    try:
+        await users.add_user("erin", "x")
+        await users.record_login("erin", "phone")
+        entry = MessageEntry("frank", "m1", "erin", "text", 1, "phone", body="hi")
+        stage = Stage("erin", 2**42, 100, message=entry, dedup_until_ms=2**42, delivery=True)
+        with pytest.raises(StoreError, match="replica"):
+            await greedy.stage(stage)  # staged on the master, but not confirmed: the sender is not told 'sent'
+        again = await acked.stage(stage)  # the re-send: a duplicate, confirmed with the first stage
+        assert again.status == StageStatus.DUPLICATE
+        assert [q.item.id for q in await acked.read("erin.phone", 0, 10) if isinstance(q.item, MsgItem)] == ["m1"]
+    finally:
+        for store in (users, acked, greedy):
+            await store.close()

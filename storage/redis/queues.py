@@ -99,7 +99,8 @@ STAGE = COMMON + """
 local done = redis.call('GET', KEYS[5])
 if done then return done end
 local dedup_until = tonumber(ARGV[5])
-if dedup_until > 0 and redis.call('EXISTS', KEYS[4]) == 1 then return '["duplicate"]' end
+-- A duplicate writes its reply too: the WAIT after it (min_replicas_ack) then covers the first stage.
+if dedup_until > 0 and redis.call('EXISTS', KEYS[4]) == 1 then return keep(KEYS[5], {'duplicate'}, ARGV[10]) end
 local targets, payloads = {}, {}
 if ARGV[11] == 'all' then
   targets = redis.call('HKEYS', KEYS[1])
@@ -330,8 +331,14 @@ class RedisQueueStore(RedisStore):
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW}
 
-    def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S) -> None:
+    def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
+                 min_replicas_ack: int = 0, wait_timeout_ms: int = 1000) -> None:
         super().__init__(client, prefix, retry_s)
+        # cluster.min_replicas_ack: a stage is answered once that many replicas hold it (Redis WAIT).
+        # Every stage writes (its reply key, even a duplicate's), so the WAIT after a duplicate
+        # also covers the first stage of that message, which a failed WAIT may have left unconfirmed.
+        self._replicas = min_replicas_ack
+        self._wait_ms = wait_timeout_ms
         # A reply must outlive every retry of its script.
         self._replay_ms = int(2 * retry_s * 1000) + REPLAY_MARGIN_MS
         self._due_from = secrets.randbelow(EXPIRY_SHARDS)  # nodes start their sweeps on different shards
@@ -368,7 +375,8 @@ class RedisQueueStore(RedisStore):
             args.append("some")
             for device, payload in candidates:
                 args += [device, payload]
-        status, *flat = json.loads(await self.run("queues.stage", keys, args))
+        reply = await self.run_replicated("queues.stage", keys, args, self._replicas, self._wait_ms)
+        status, *flat = json.loads(reply)
         targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(flat[::2], flat[1::2], strict=True))
         await asyncio.gather(*(self._hint(client_id, stage.expires_ms) for client_id, _ in targets))
         return StageResult(StageStatus(status), targets)
