@@ -356,6 +356,10 @@ class ClusterMessaging:
         self._bus.report(len(self.windows))
         if before is not None:
             await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
+        try:  # its queue may have missed the expiry index (a node died between a stage and its hint)
+            await self._expire_queues([client_id], self._now_ms())
+        except StoreError as exc:  # the next sweep or connection does it
+            log.warning("cannot expire the queue of %s: %s", client_id, exc)
 
     def device_offline(self, client_id: str) -> None:
         self.windows.offline(client_id)
@@ -406,8 +410,11 @@ class ClusterMessaging:
         """Drop what expired in queues the expiry index names (any node may; each message's
         ``expired`` receipt is staged once); returns the items dropped."""
         now_ms = self._now_ms()
+        return await self._expire_queues(await self._queues.due(now_ms, SWEEP_BATCH), now_ms)
+
+    async def _expire_queues(self, client_ids: list[str], now_ms: int) -> int:
         dropped = 0
-        for client_id in await self._queues.due(now_ms, SWEEP_BATCH):
+        for client_id in client_ids:
             swept = await self._queues.expire(client_id, now_ms)
             dropped += swept.items
             if swept.expired:
