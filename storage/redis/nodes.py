@@ -3,25 +3,27 @@ node directory, nudges over sharded pub/sub).
 
 Keys (see storage/redis/client.py for the style; the hash tag is the node id or the user):
 
-- ``{prefix}n:{node-a}``   the lease of node ``node-a``: hash ``token`` (this process's, so a
-  node tells its own lease from another holder's), ``started_ms``, ``connections``; PEXPIRE
-  ``lease_s``, renewed every ``lease_s / 3``;
+- ``{prefix}n:{node-a}``   the lease of node ``node-a``: hash ``token`` (random, new each time the
+  lease is taken: one life of the node), ``started_ms``, ``connections``; PEXPIRE ``lease_s``,
+  renewed every ``lease_s / 3``;
 - ``{prefix}nodes``        set of the node ids that started (one slot: touched on start, on each
   renewal, on close and by ``nodes()``, which drops ids whose lease is gone);
-- ``{prefix}dir:{alice}``  hash device -> node id: where each of alice's devices is connected.
-  An entry naming a node whose lease is gone counts as no entry (``locate`` deletes it);
+- ``{prefix}dir:{alice}``  hash device -> ``"<node id> <token>"``: where each of alice's devices
+  is connected, and in which life of that node. An entry whose token is not the one of the
+  node's lease now (the node died, or restarted with the same id) counts as no entry, and
+  ``locate`` deletes it;
 - channel ``{prefix}ch:{node-a}`` the node's nudges (``SPUBLISH``/``SSUBSCRIBE``).
 
 A nudge is one line ``<kind> <target> <origin>`` (``items alice.phone node-b``): node ids, client
 ids and user names hold no space, and a line is cheaper to make and read than JSON.
 
 Lease lost: a node cut off from Redis for longer than its lease is forgotten by the others (its
-entries count as none). When its renewal finds the lease gone it takes it again and registers
-again every device it holds (kept in memory); a device that meanwhile connected to another live
+entries count as none). When its renewal finds the lease gone it takes it again (a new token)
+and registers again every device it holds (kept in memory); a device that meanwhile connected to another live
 node is left there and closed here (a TAKEOVER handed to ``on_nudge`` as if that node had sent it).
 
-Subscribing: redis-py's asyncio cluster client has no pub/sub below 7.0 (redis/redis-py#2219,
-closed by PR #3736 in 2026; we pin ``redis<7``), so the node opens its own connection to the
+Subscribing: redis-py's asyncio cluster client has no pub/sub in the versions we pin (5.x, 6.x;
+redis/redis-py#2219, closed in 2026 by PR #3736), so the node opens its own connection to the
 master serving its channel's slot (``CLUSTER SLOTS``) and sends ``SSUBSCRIBE`` there. The
 connection is dropped and opened again, with back-off, on any error, on a ``sunsubscribe`` pushed
 by Redis (the slot moved: failover or resharding), or when a PING sent after ``lease_s / 3`` of
@@ -37,8 +39,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, Self
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, ClassVar, Self, TypeVar
 
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisClusterException, RedisError
@@ -54,6 +56,9 @@ NODE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 LIVENESS_CACHE_S = 1.0  # a stale answer only delays: a dead node's entries count a second longer
 RESUBSCRIBE_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # then 1 s between attempts
 CONNECT_TIMEOUT_S = 2.0
+T = TypeVar("T")
+R = TypeVar("R")
+PARALLEL = 64  # commands in flight for a whole-node sweep (each one in flight holds a connection)
 
 # Take or renew the lease: ARGV current token ("" before the first take), fresh token, started_ms,
 # connections, lease_ms. 0: another holder has it; 1: renewed; 2: taken with the fresh token (also
@@ -121,6 +126,17 @@ def parse_entry(entry: str) -> tuple[str, str]:
     """A directory entry ``"<node id> <token>"`` -> (node id, token)."""
     node_id, _, token = entry.partition(" ")
     return node_id, token
+
+
+async def in_parallel(items: Iterable[T], operation: Callable[[T], Awaitable[R]]) -> list[R]:
+    """``operation`` on each item, at most ``PARALLEL`` at a time (a node may hold 100,000 devices:
+    gathered at once, each would take a Redis connection of its own); the results in order."""
+    slots = asyncio.Semaphore(PARALLEL)
+
+    async def one(item: T) -> R:
+        async with slots:
+            return await operation(item)
+    return await asyncio.gather(*(one(item) for item in items))
 
 
 def backoff(attempt: int) -> float:
@@ -218,7 +234,7 @@ class RedisNodeBus(RedisStore):
         if not tasks:
             return
         try:
-            await asyncio.gather(*(self._unregister(client_id, self._entry()) for client_id in self._held))
+            await in_parallel(self._held, lambda client_id: self._unregister(client_id, self._entry()))
             await self.run("nodes.release", [self._lease_key(self._node_id)], [self._token])
             await self.command("nodes.leave", "SREM", self._registry_key(), self._node_id)
         except StoreError as exc:
@@ -264,17 +280,18 @@ class RedisNodeBus(RedisStore):
     async def _reregister(self) -> None:
         """After the lease was taken again (a new token): every device held here gets an entry
         naming it, except one that another live node has taken meanwhile: that one is closed here."""
-        for client_id in list(self._held):
-            user, device = self._split(client_id)
-            holder = await self.run("dir.reregister", [self.key("dir", user)],
-                                    [device, self._entry(), self._node_id])
-            if holder is None:
-                continue
-            node_id, token = parse_entry(str(holder))
-            if (await self._tokens([node_id]))[node_id] == token:
-                self._deliver(Nudge(NudgeKind.TAKEOVER, client_id, node_id))
-            else:
-                await self.register(client_id)
+        await in_parallel(list(self._held), self._reregister_one)
+
+    async def _reregister_one(self, client_id: str) -> None:
+        user, device = self._split(client_id)
+        holder = await self.run("dir.reregister", [self.key("dir", user)], [device, self._entry(), self._node_id])
+        if holder is None:
+            return
+        node_id, token = parse_entry(str(holder))
+        if (await self._tokens([node_id]))[node_id] == token:
+            self._deliver(Nudge(NudgeKind.TAKEOVER, client_id, node_id))
+        else:
+            await self.register(client_id)
 
     # --- the directory ---------------------------------------------------------------------
 
@@ -321,8 +338,8 @@ class RedisNodeBus(RedisStore):
             if parts is not None:
                 by_user.setdefault(parts[0], []).append(parts[1])
         users = list(by_user)
-        replies = await asyncio.gather(*(
-            self.command("dir.locate", "HMGET", self.key("dir", user), *by_user[user]) for user in users))
+        replies = await in_parallel(
+            users, lambda user: self.command("dir.locate", "HMGET", self.key("dir", user), *by_user[user]))
         found = {f"{user}.{device}": str(entry)
                  for user, entries in zip(users, replies, strict=True)
                  for device, entry in zip(by_user[user], entries, strict=True) if entry is not None}
@@ -345,7 +362,7 @@ class RedisNodeBus(RedisStore):
         not the current one, which no later event can make it again."""
         try:
             _, dead = await self._live(dead, fresh=True)
-            await asyncio.gather(*(self._unregister(client_id, entry) for client_id, entry in dead.items()))
+            await in_parallel(dead.items(), lambda pair: self._unregister(*pair))
         except StoreError as exc:
             log.debug("dropping entries of dead nodes: %s", exc)
 
@@ -363,8 +380,8 @@ class RedisNodeBus(RedisStore):
                 tokens[node_id] = cached[0]
             else:
                 unknown.append(node_id)
-        read = await asyncio.gather(*(
-            self.command("nodes.token", "HGET", self._lease_key(node_id), "token") for node_id in unknown))
+        read = await in_parallel(
+            unknown, lambda node_id: self.command("nodes.token", "HGET", self._lease_key(node_id), "token"))
         for node_id, token in zip(unknown, read, strict=True):
             tokens[node_id] = None if token is None else str(token)
             self._leases[node_id] = (tokens[node_id], now)
@@ -373,7 +390,7 @@ class RedisNodeBus(RedisStore):
     async def nodes(self) -> list[NodeInfo]:
         registry = self._registry_key()
         node_ids = sorted(str(n) for n in await self.command("nodes.list", "SMEMBERS", registry))
-        infos = await asyncio.gather(*(self.run("nodes.info", [self._lease_key(n)], []) for n in node_ids))
+        infos = await in_parallel(node_ids, lambda node_id: self.run("nodes.info", [self._lease_key(node_id)], []))
         live: list[NodeInfo] = []
         for node_id, (left_ms, (started_ms, connections)) in zip(node_ids, infos, strict=True):
             if int(left_ms) < 0 or started_ms is None:
