@@ -4,6 +4,7 @@ directory, nudges over sharded pub/sub, and the nudge channel across a master SI
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -204,6 +205,31 @@ async def test_nudges_arrive_again_after_the_master_of_the_channel_is_killed(
     finally:
         await asyncio.to_thread(redis_cluster.restart, killed)
     assert took > 1.0, f"nudges were lost while no master served the channel ({took:.1f} s)"
+
+
+async def test_the_subscription_follows_its_slot_to_a_new_master(
+        redis_cluster: RedisCluster, connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    """A manual failover (no error on the connection): Redis ends the subscription with a
+    ``sunsubscribe`` and the node subscribes again on the new master."""
+    a, inbox = await started(connect, "a")
+    channel = a.key("ch", "a")
+    slot = redis_cluster.slot(channel)
+    old = redis_cluster.master_of(slot)
+    ranges = await a.command("test.slots", "CLUSTER SLOTS")
+    host, port = next(served["replicas"][0] for (low, high), served in ranges.items() if low <= slot <= high)
+    failover = ["redis-cli", "-h", host, "-p", str(port), "CLUSTER", "FAILOVER"]
+    done = await asyncio.to_thread(subprocess.run, failover, capture_output=True, text=True, check=True)
+    assert done.stdout == "OK\n"
+    try:
+        async def moved() -> bool:
+            return "subscribed again" in caplog.text
+        await eventually(moved, "a subscribed again after Redis ended its subscription")
+        assert "slot moved" in caplog.text
+        await a.send("a", Nudge(NudgeKind.ITEMS, "after", "a"))
+        assert (await inbox.next()).target == "after"
+        assert redis_cluster.master_of(slot) is not old
+    finally:
+        await asyncio.to_thread(redis_cluster.wait_ok)
 
 
 async def test_a_read_only_bus_lists_the_nodes_and_locates(connect: Connect) -> None:
