@@ -215,8 +215,14 @@ async def test_the_subscription_follows_its_slot_to_a_new_master(
     channel = a.key("ch", "a")
     slot = redis_cluster.slot(channel)
     old = redis_cluster.master_of(slot)
-    ranges = await a.command("test.slots", "CLUSTER SLOTS")
-    host, port = next(served["replicas"][0] for (low, high), served in ranges.items() if low <= slot <= high)
+    replicas: list[tuple[str, int]] = []
+
+    async def replica_known() -> bool:  # a node restarted by an earlier test may not be listed yet
+        ranges = await a.command("test.slots", "CLUSTER SLOTS")
+        replicas[:] = next(served["replicas"] for (low, high), served in ranges.items() if low <= slot <= high)
+        return bool(replicas)
+    await eventually(replica_known, f"a replica of slot {slot} listed", wait_s=15)
+    host, port = replicas[0]
     failover = ["redis-cli", "-h", host, "-p", str(port), "CLUSTER", "FAILOVER"]
     done = await asyncio.to_thread(subprocess.run, failover, capture_output=True, text=True, check=True)
     assert done.stdout == "OK\n"
