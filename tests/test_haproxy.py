@@ -1,4 +1,5 @@
-"""HAProxy in front of broker processes (testkit/haproxy.py, the template of deploy/haproxy.cfg).
+"""HAProxy in front of broker processes (testkit/haproxy.py, the template of deploy/haproxy.cfg), and
+the deploy/ configurations checked by haproxy and nginx themselves.
 
 The brokers here are plain SQLite processes, one data folder each: what is tested is the gateway
 (connections pass through over TCP and WebSocket, /readyz health checks take a stopped node out,
@@ -55,6 +56,14 @@ def test_deploy_config_is_the_template_and_haproxy_accepts_it() -> None:
     generated = subprocess.run([sys.executable, "-m", "testkit.haproxy"], capture_output=True, text=True,
                                check=True, cwd=REPO)
     assert generated.stdout == deploy.read_text()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (optional: apt-get install "
+                                                          "nginx libnginx-mod-stream)")
+def test_nginx_accepts_the_deploy_config(tmp_path: Path) -> None:
+    check = subprocess.run(["nginx", "-t", "-c", str(REPO / "deploy" / "nginx.conf"), "-e", "stderr",
+                            "-g", f"pid {tmp_path / 'nginx.pid'};"], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
 
 
 def test_messages_pass_through_haproxy_over_tcp_and_websocket(tmp_path: Path,
