@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import logging.handlers
 import secrets
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     status.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
 
+    cluster = commands.add_parser("cluster", help="cluster mode: see the nodes and the Redis Cluster")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    cluster_status = cluster_commands.add_parser(
+        "status", help="live broker nodes (connections, lease) and Redis masters and replicas (slots)")
+    cluster_status.add_argument("-c", "--config", type=Path, help="YAML config file: its cluster: section")
+    cluster_status.add_argument("--cluster", metavar="redis://HOST:PORT[,HOST:PORT...]",
+                                help="the Redis Cluster (overrides cluster.redis)")
+    cluster_status.add_argument("--key-prefix", help="the deployment's key prefix (overrides cluster.key_prefix)")
+    cluster_status.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     for action, text in (("add", "create a user"), ("passwd", "change a password (revokes device tokens)")):
@@ -109,7 +120,8 @@ def _add_device_commands(commands: Any) -> None:
 
 FLAGS = {"metrics.bind": "--metrics-bind", "log.format": "--log-format", "log.json_lines": "--log-format",
          "data_dir": "--data-dir", "listeners.tcp.bind": "--bind", "cluster.redis": "--cluster",
-         "cluster.node_id": "--node-id", "listeners.reuse_port": "--worker-index"}
+         "cluster.node_id": "--node-id", "listeners.reuse_port": "--worker-index",
+         "cluster.key_prefix": "--key-prefix"}
 """Setting -> the flag that overrides it (named in a config error about its value)."""
 
 
@@ -127,6 +139,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "bind", None) is not None:
         overrides["listeners.tcp.bind"] = args.bind
+    if getattr(args, "key_prefix", None) is not None:
+        overrides["cluster.key_prefix"] = args.key_prefix
     if getattr(args, "cluster", None) is not None:
         try:
             overrides["cluster.redis"] = parse_redis_nodes(args.cluster)
@@ -158,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(settings) if args.workers == 1 else _run_workers(args, settings)
         if args.command == "status":
             return _status(args, settings)
+        if args.command == "cluster":
+            return _cluster(args, settings)
         if args.command == "device":
             return _device(args, settings)
         return _user(args, settings)
@@ -233,6 +249,22 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     if args.interval <= 0:
         raise ConfigError("--interval must be positive")
     status.show(url, args.watch, args.interval, Console(), args.count)
+    return EXIT_OK
+
+
+def _cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console  # noqa: PLC0415 (only this command needs it)
+
+    from chatserver import cluster_status  # noqa: PLC0415
+
+    if settings.cluster is None:
+        raise ConfigError("cluster status: give --cluster redis://HOST:PORT, "
+                          "or -c with a config that has a cluster: section")
+    view = asyncio.run(cluster_status.gather(settings.cluster))
+    if args.json:
+        print(json.dumps(cluster_status.as_json(view)))
+    else:
+        Console().print(cluster_status.render(view, ",".join(settings.cluster.redis)))
     return EXIT_OK
 
 

@@ -290,10 +290,6 @@ class GcSettings(_Section):
     """How often survivors are frozen, and the need for a full collection is checked."""
 
 
-NODE_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-"""A node id names Redis keys and a pub/sub channel: no braces (hash tags), no spaces."""
-
-
 def parse_redis_nodes(value: str) -> list[str]:
     """``redis://HOST:PORT[,HOST:PORT...]`` (or without ``redis://``) -> ``["HOST:PORT", ...]``."""
     text = value.strip()
@@ -321,7 +317,7 @@ class ClusterSettings(_Section):
     redis: list[str] = Field(min_length=1)
     """Startup nodes ``HOST:PORT`` of the Redis Cluster; any one reachable is enough, more ride out a dead one."""
     node_id: str | None = None
-    """This broker node's name, unique among live nodes (letters, digits, ``_.:-``). Unset: the host
+    """This broker node's name, unique among live nodes (1-64 letters, digits, ``_.-``). Unset: the host
     name and the tcp listener's port, ``host-1883`` (``resolve_node_id``)."""
     key_prefix: str = ""
     """Put before every Redis key, so several deployments (or tests) can share one cluster."""
@@ -347,8 +343,10 @@ class ClusterSettings(_Section):
     @field_validator("node_id")
     @classmethod
     def _check_node_id(cls, value: str | None) -> str | None:
+        from storage.redis.nodes import NODE_ID_RE  # noqa: PLC0415 (redis-py is imported only in cluster mode)
+
         if value is not None and NODE_ID_RE.fullmatch(value) is None:
-            raise ValueError(f"{value!r}: 1 to 64 letters, digits and _.:- only")
+            raise ValueError(f"{value!r}: 1 to 64 letters, digits and _.- only")
         return value
 
     @field_validator("key_prefix")
@@ -368,11 +366,11 @@ class ClusterSettings(_Section):
 def resolve_node_id(cluster: ClusterSettings, tcp_bind: str | None, hostname: str, token: str) -> str:
     """``cluster.node_id``, else ``{hostname}-{tcp port}``: stable across restarts, so metrics and
     ``cluster status`` keep naming the same machine. A port of 0 (or no tcp listener) names no
-    process, so ``token`` (random) is used instead. Characters a node id may not have become ``-``."""
+    process, so ``token`` (random) is used instead. Other characters than letters, digits, ``_-`` become ``-``."""
     if cluster.node_id is not None:
         return cluster.node_id
     port = parse_bind(tcp_bind)[1] if tcp_bind is not None else 0
-    host = re.sub(r"[^A-Za-z0-9_.:-]", "-", hostname.split(".", maxsplit=1)[0]) or "node"
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", hostname.split(".", maxsplit=1)[0]) or "node"
     return f"{host[:48]}-{port or token}"
 
 

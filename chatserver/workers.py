@@ -42,8 +42,11 @@ class RestartPolicy:
     max_deaths: int = 5
     """Deaths of one worker within ``window_s`` after which the parent gives up."""
     window_s: float = 60.0
-    backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    """Wait before the restart after the 1st, 2nd, ... recent death (the last value repeats)."""
+    backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    """Wait before the restart after the 1st, 2nd, ... recent death (the last value repeats). A worker
+    killed hard leaves its node id's lease behind, and a new worker of that id is refused until
+    the lease runs out (``cluster.lease_s``, 10 s): the first four waits add up to 15 s, so the
+    restarts outlast the default lease before the parent gives up."""
 
     def delay(self, deaths: Sequence[float], now: float) -> float | None:
         """Seconds to wait before restarting a worker whose deaths (monotonic times, the one at
