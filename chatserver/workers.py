@@ -61,17 +61,22 @@ def check_workers(settings: Settings, workers: int) -> None:
     """Refuse what ``--workers`` cannot do, in one line (ConfigError)."""
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be 1 or more")
-    if workers > 1 and settings.cluster is None:
+    if workers == 1:
+        return
+    if settings.cluster is None:
         raise ConfigError(
             f"--workers {workers} needs cluster mode: on SQLite one process owns the data folder "
             "(one SQLite file, one writer); give --cluster redis://HOST:PORT (or a cluster: section), "
             "or run one process")
-    if workers > 1:
-        for name in ("tls", "ws", "wss"):
-            bind = getattr(settings.listeners, name).bind
-            if bind is not None and parse_bind(bind)[1] == 0:
-                raise ConfigError(f"listeners.{name}.bind: port 0 with --workers would give each worker "
-                                  "another port; give a port")
+    last = f"{settings.cluster.node_id}-{workers - 1}"
+    if len(last) > 64:
+        raise ConfigError(f"cluster.node_id: with --workers {workers} the workers' ids ({last}) would be "
+                          "longer than 64 characters; give a shorter --node-id")
+    for name in ("tls", "ws", "wss"):
+        bind = getattr(settings.listeners, name).bind
+        if bind is not None and parse_bind(bind)[1] == 0:
+            raise ConfigError(f"listeners.{name}.bind: port 0 with --workers would give each worker "
+                              "another port; give a port")
 
 
 def _host_port(host: str, port: int) -> str:

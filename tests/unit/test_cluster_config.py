@@ -78,6 +78,8 @@ def test_workers_need_cluster_mode() -> None:
     check_workers(build_settings(cluster()), 4)
     with pytest.raises(ConfigError, match="must be 1 or more"):
         check_workers(build_settings(cluster()), 0)
+    with pytest.raises(ConfigError, match="longer than 64 characters"):
+        check_workers(build_settings(cluster(node_id="n" * 63)), 2)
     with pytest.raises(ConfigError, match=r"listeners\.ws\.bind: port 0 with --workers"):
         check_workers(build_settings({**cluster(), "listeners": {"ws": {"bind": "127.0.0.1:0"}}}), 2)
 
