@@ -134,12 +134,14 @@ class ChatBroker(ConformantBroker):
                 instance: Any
                 if name in ("tcp", "tls"):
                     instance = await start_server(
-                        partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True
+                        partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True,
+                        reuse_port=listener.reuse_port,
                     )
                 else:
                     instance = await websockets.serve(
                         partial(self.ws_connected, listener_name=name), host, port, ssl=tls,
                         subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path, logger=WS_LOG,
+                        reuse_port=listener.reuse_port,
                     )
             except OSError as exc:
                 raise ListenerError(

@@ -23,6 +23,8 @@ class ListenerSettings:
     max_connections: int
     certfile: str | None = None
     keyfile: str | None = None
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT: several processes share the port (``chat-broker run --workers``)."""
 
 
 @dataclass(frozen=True, slots=True)

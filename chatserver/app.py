@@ -44,7 +44,7 @@ def broker_settings(settings: Settings) -> BrokerSettings:
     """What the broker needs of the validated config (the broker does not read the config itself)."""
     mqtt, limits, lst = settings.mqtt, settings.limits, settings.listeners
     listeners = tuple(
-        ListenerSettings(name, bind, *parse_bind(bind), max_connections, certfile, keyfile)
+        ListenerSettings(name, bind, *parse_bind(bind), max_connections, certfile, keyfile, lst.reuse_port)
         for name, bind, max_connections, certfile, keyfile in (
             ("tcp", lst.tcp.bind, lst.tcp.max_connections, None, None),
             ("tls", lst.tls.bind, lst.tls.max_connections, lst.tls.certfile, lst.tls.keyfile),

@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import logging.handlers
+import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,9 +23,10 @@ try:
     from broker.logs import setup_logging
     from broker.server import ListenerError
     from chatserver import user_admin
-    from chatserver.config import ConfigError, Settings, load_settings
+    from chatserver.config import ConfigError, Settings, load_settings, parse_bind, parse_redis_nodes, resolve_node_id
     from chatserver.gc_policy import GcTuner
     from chatserver.status import DEFAULT_URL, StatusError
+    from chatserver.workers import Workers, check_workers, reserve_port, worker_overrides
 except ModuleNotFoundError as exc:
     # `pip install chat-broker` without the extra is the SDK alone: the server's code is there,
     # its dependencies are not. Say so in one line; a missing module of ours is a bug: re-raise.
@@ -55,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-bind", metavar="HOST:PORT",
                      help="HTTP listener for /metrics, /healthz, /readyz (overrides metrics.bind)")
     run.add_argument("--log-format", choices=("text", "json"), help="log lines as text or JSON (overrides log.format)")
+    run.add_argument("--cluster", metavar="redis://HOST:PORT[,HOST:PORT...]",
+                     help="cluster mode: the stores in this Redis Cluster (overrides cluster.redis)")
+    run.add_argument("--node-id", metavar="NAME", help="this node's name in the cluster (overrides cluster.node_id)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="run N broker processes sharing the listeners (cluster mode only; default 1)")
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by --workers for each worker
 
     status = commands.add_parser("status", help="show the running broker's figures (from its metrics endpoint)")
     status.add_argument("-c", "--config", type=Path, help="YAML config file: its metrics.bind gives the URL")
@@ -62,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     status.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
+
+    cluster = commands.add_parser("cluster", help="cluster mode: see the nodes and the Redis Cluster")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    cluster_status = cluster_commands.add_parser(
+        "status", help="live broker nodes (connections, lease) and Redis masters and replicas (slots)")
+    cluster_status.add_argument("-c", "--config", type=Path, help="YAML config file: its cluster: section")
+    cluster_status.add_argument("--cluster", metavar="redis://HOST:PORT[,HOST:PORT...]",
+                                help="the Redis Cluster (overrides cluster.redis)")
+    cluster_status.add_argument("--key-prefix", help="the deployment's key prefix (overrides cluster.key_prefix)")
+    cluster_status.add_argument("--json", action="store_true", help="one JSON object instead of tables")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -99,8 +119,13 @@ def _add_device_commands(commands: Any) -> None:
 
 
 FLAGS = {"metrics.bind": "--metrics-bind", "log.format": "--log-format", "log.json_lines": "--log-format",
-         "data_dir": "--data-dir", "listeners.tcp.bind": "--bind"}
+         "data_dir": "--data-dir", "listeners.tcp.bind": "--bind", "cluster.redis": "--cluster",
+         "cluster.node_id": "--node-id", "listeners.reuse_port": "--worker-index",
+         "cluster.key_prefix": "--key-prefix"}
 """Setting -> the flag that overrides it (named in a config error about its value)."""
+
+
+WORKER_INDEX = "--worker-index is given by chat-broker run --workers to its workers (cluster mode), not by hand"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -114,6 +139,27 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "bind", None) is not None:
         overrides["listeners.tcp.bind"] = args.bind
+    if getattr(args, "key_prefix", None) is not None:
+        overrides["cluster.key_prefix"] = args.key_prefix
+    if getattr(args, "cluster", None) is not None:
+        try:
+            overrides["cluster.redis"] = parse_redis_nodes(args.cluster)
+        except ValueError as exc:
+            raise ConfigError(f"--cluster: {exc}") from None
+    settings = load_settings(args.config, overrides, FLAGS)
+    if args.command != "run" or settings.cluster is None:
+        if getattr(args, "node_id", None) is not None:
+            raise ConfigError("--node-id is for cluster mode: "
+                              "give --cluster redis://HOST:PORT too (or a cluster: section)")
+        if getattr(args, "worker_index", None) is not None:
+            raise ConfigError(WORKER_INDEX)
+        return settings
+    # Cluster mode: the node is named once here, so each --workers worker derives its name from the same one.
+    overrides["cluster.node_id"] = args.node_id or resolve_node_id(
+        settings.cluster, settings.listeners.tcp.bind, socket.gethostname(), secrets.token_hex(3))
+    if args.worker_index is not None:
+        settings = load_settings(args.config, overrides, FLAGS)
+        overrides.update(worker_overrides(settings, args.worker_index))
     return load_settings(args.config, overrides, FLAGS)
 
 
@@ -122,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = _settings(args)
         if args.command == "run":
-            return _run(settings)
+            check_workers(settings, args.workers)
+            return _run(settings) if args.workers == 1 else _run_workers(args, settings)
         if args.command == "status":
             return _status(args, settings)
+        if args.command == "cluster":
+            return _cluster(args, settings)
         if args.command == "device":
             return _device(args, settings)
         return _user(args, settings)
@@ -203,6 +252,22 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cluster(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console  # noqa: PLC0415 (only this command needs it)
+
+    from chatserver import cluster_status  # noqa: PLC0415
+
+    if settings.cluster is None:
+        raise ConfigError("cluster status: give --cluster redis://HOST:PORT, "
+                          "or -c with a config that has a cluster: section")
+    view = asyncio.run(cluster_status.gather(settings.cluster))
+    if args.json:
+        print(json.dumps(cluster_status.as_json(view)))
+    else:
+        Console().print(cluster_status.render(view, ",".join(settings.cluster.redis)))
+    return EXIT_OK
+
+
 def _run(settings: Settings) -> int:
     setup_logging(settings.log.level, settings.log.effective_format)
     try:
@@ -210,6 +275,34 @@ def _run(settings: Settings) -> int:
     except ImportError:
         return asyncio.run(_serve(settings))
     return uvloop.run(_serve(settings))
+
+
+def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """The parent of ``--workers N`` (chatserver/workers.py); ``settings`` passed ``check_workers``."""
+    setup_logging(settings.log.level, settings.log.effective_format)
+    assert settings.cluster is not None and settings.cluster.node_id is not None
+    tcp_bind, held = settings.listeners.tcp.bind, None
+    if tcp_bind is not None:
+        host, port = parse_bind(tcp_bind)
+        if port == 0:
+            try:
+                held, port = reserve_port(host)
+            except OSError as exc:
+                raise ListenerError(f"listeners.tcp.bind: cannot listen on {tcp_bind}: {exc.strerror or exc}") from None
+            tcp_bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    base = [sys.executable, "-m", "chatserver", "run"]
+    for flag, value in (("-c", args.config), ("--data-dir", args.data_dir), ("--bind", tcp_bind),
+                        ("--metrics-bind", args.metrics_bind), ("--log-format", args.log_format),
+                        ("--cluster", args.cluster), ("--node-id", settings.cluster.node_id)):
+        if value is not None:
+            base += [flag, str(value)]
+    workers = Workers(args.workers, lambda index: [*base, "--worker-index", str(index)],
+                      extra_ready=f" node={settings.cluster.node_id}")
+    try:
+        return asyncio.run(workers.run())
+    finally:
+        if held is not None:
+            held.close()
 
 
 @contextlib.asynccontextmanager
@@ -255,7 +348,8 @@ async def _serve(settings: Settings) -> int:
     if tuner is not None:
         tuner.start(app.supervisor)  # after start-up: users, staged items and listeners are long-lived
     where = " ".join(f"{name}={host}:{port}" for name, (host, port) in app.addresses().items())
-    print(f"chat-broker ready: {where} data_dir={settings.data_path.resolve()}", flush=True)
+    node = f" node={settings.cluster.node_id}" if settings.cluster is not None else ""
+    print(f"chat-broker ready: {where}{node} data_dir={settings.data_path.resolve()}", flush=True)
     try:
         await stop.wait()
         log.info("shutting down: no new connections, closing sessions")

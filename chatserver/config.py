@@ -63,6 +63,9 @@ class TlsListenerSettings(ListenerSettings):
 
 
 class ListenersSettings(_Section):
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT, so several broker processes share the ports and the kernel spreads
+    new connections over them (``chat-broker run --workers N`` sets it for its workers)."""
     tcp: ListenerSettings = ListenerSettings(bind="127.0.0.1:1883")
     tls: TlsListenerSettings = TlsListenerSettings()
     ws: ListenerSettings = ListenerSettings()
@@ -287,6 +290,90 @@ class GcSettings(_Section):
     """How often survivors are frozen, and the need for a full collection is checked."""
 
 
+def parse_redis_nodes(value: str) -> list[str]:
+    """``redis://HOST:PORT[,HOST:PORT...]`` (or without ``redis://``) -> ``["HOST:PORT", ...]``."""
+    text = value.strip()
+    if text.startswith("redis://"):
+        text = text[len("redis://"):]
+    elif "://" in text:
+        raise ValueError(f"{value!r}: only redis:// is supported (TLS to Redis is not)")
+    nodes = [part.strip() for part in text.split(",")]
+    if not text or not all(nodes):
+        raise ValueError(f"{value!r} is not redis://HOST:PORT[,HOST:PORT...]")
+    for node in nodes:
+        parse_bind(node)
+    return nodes
+
+
+def _default_retry_s() -> float:
+    from storage.redis.client import RETRY_S  # noqa: PLC0415 (redis-py is imported only in cluster mode)
+
+    return RETRY_S
+
+
+class ClusterSettings(_Section):
+    """Cluster mode: the stores in a Redis Cluster, many broker nodes (docs/OPERATIONS.md, "Cluster mode")."""
+
+    redis: list[str] = Field(min_length=1)
+    """Startup nodes ``HOST:PORT`` of the Redis Cluster; any one reachable is enough, more ride out a dead one."""
+    node_id: str | None = None
+    """This broker node's name, unique among live nodes (1-64 letters, digits, ``_.-``). Unset: the host
+    name and the tcp listener's port, ``host-1883`` (``resolve_node_id``)."""
+    key_prefix: str = ""
+    """Put before every Redis key, so several deployments (or tests) can share one cluster."""
+    lease_s: float = Field(default=10.0, gt=0)
+    """A node is alive while its lease lasts (renewed every third of it); a dead node's devices are
+    another node's after this long."""
+    retry_s: float = Field(default_factory=_default_retry_s, gt=0)
+    """How long a Redis call is retried across a failover before it fails (the sender is not answered
+    ``sent`` meanwhile). Must exceed the cluster's failover time: 3.2-4.3 s measured with
+    ``cluster-node-timeout 2000``."""
+    min_replicas_ack: int = Field(default=0, ge=0)
+    """Replicas that must hold a staged item (Redis ``WAIT``) before its sender gets ``sent``; 0: off."""
+    wait_timeout_ms: int = Field(default=1000, ge=1)
+    """How long ``WAIT`` waits for ``min_replicas_ack`` replicas."""
+
+    @field_validator("redis")
+    @classmethod
+    def _check_redis(cls, value: list[str]) -> list[str]:
+        for node in value:
+            parse_bind(node)
+        return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _check_node_id(cls, value: str | None) -> str | None:
+        from storage.redis.nodes import NODE_ID_RE  # noqa: PLC0415 (redis-py is imported only in cluster mode)
+
+        if value is not None and NODE_ID_RE.fullmatch(value) is None:
+            raise ValueError(f"{value!r}: 1 to 64 letters, digits and _.- only")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        from storage.redis.client import PREFIX_RE  # noqa: PLC0415 (as above)
+
+        if PREFIX_RE.fullmatch(value) is None:
+            raise ValueError(f"{value!r}: letters, digits and _.:- only")
+        return value
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [parse_bind(node) for node in self.redis]
+
+
+def resolve_node_id(cluster: ClusterSettings, tcp_bind: str | None, hostname: str, token: str) -> str:
+    """``cluster.node_id``, else ``{hostname}-{tcp port}``: stable across restarts, so metrics and
+    ``cluster status`` keep naming the same machine. A port of 0 (or no tcp listener) names no
+    process, so ``token`` (random) is used instead. Other characters than letters, digits, ``_-`` become ``-``."""
+    if cluster.node_id is not None:
+        return cluster.node_id
+    port = parse_bind(tcp_bind)[1] if tcp_bind is not None else 0
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", hostname.split(".", maxsplit=1)[0]) or "node"
+    return f"{host[:48]}-{port or token}"
+
+
 class Settings(_Section):
     data_dir: str = "chat-data"
     listeners: ListenersSettings = ListenersSettings()
@@ -300,6 +387,8 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     mqtt: MqttSettings = MqttSettings()
     gc: GcSettings = GcSettings()
+    cluster: ClusterSettings | None = None
+    """Absent: one process on SQLite (the embedded default)."""
 
     @model_validator(mode="after")
     def _check_packet_size(self) -> Settings:

@@ -86,7 +86,7 @@ def _ms(seconds: float | None) -> str:
     return "> max bucket" if math.isinf(seconds) else f"{seconds * 1000:,.1f} ms"
 
 
-def _kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -113,7 +113,7 @@ def render(now: Snapshot, before: Snapshot | None = None, source: str = "") -> G
     connections = now.by("chat_connections", "listener")
     logins = now.by("chat_logins_total", "result")
     errors = {code: n for code, n in now.by("chat_errors_total", "code").items() if n}
-    overview = _kv_table(f"chat-broker {source}".strip(), [
+    overview = kv_table(f"chat-broker {source}".strip(), [
         ("connections", ", ".join(f"{k} {v:,.0f}" for k, v in sorted(connections.items())) or "0"),
         ("devices online", f"{now.value('chat_devices_online'):,.0f}"),
         ("logins ok / refused", f"{logins.get('ok', 0):,.0f} / "
@@ -121,14 +121,14 @@ def render(now: Snapshot, before: Snapshot | None = None, source: str = "") -> G
         ("errors sent", ", ".join(f"{k} {v:,.0f}" for k, v in sorted(errors.items())) or "none"),
         ("redeliveries", f"{now.value('chat_redeliveries_total'):,.0f}"),
     ])
-    staging = _kv_table("Staging", [
+    staging = kv_table("Staging", [
         ("staged items", f"{now.value('chat_staged_items'):,.0f}"),
         ("staged messages", f"{now.value('chat_staged_messages'):,.0f}"),
         ("staged bytes", f"{now.value('chat_staged_bytes'):,.0f}"),
         ("oldest staged item", f"{now.value('chat_staged_oldest_age_seconds'):,.1f} s"),
         ("longest device queue", f"{now.value('chat_device_queue_depth_max'):,.0f}"),
     ])
-    latency = _kv_table("Latency (bucket bounds)", [
+    latency = kv_table("Latency (bucket bounds)", [
         ("staged -> sent p50 / p99", f"{_ms(now.quantile('chat_sent_latency_seconds', 0.5))} / "
                                      f"{_ms(now.quantile('chat_sent_latency_seconds', 0.99))}"),
         ("staged -> delivered p50 / p99", f"{_ms(now.quantile('chat_delivered_latency_seconds', 0.5))} / "

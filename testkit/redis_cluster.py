@@ -56,7 +56,7 @@ class RedisNode:
         return self.process is not None and self.process.poll() is None
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """``count`` distinct free loopback ports (all held open together, so none is picked twice)."""
     with contextlib.ExitStack() as stack:
         ports = []
@@ -75,7 +75,7 @@ class RedisCluster:
         self.masters = masters
         self.replicas = replicas
         self.deadline_s = deadline_s
-        ports = _free_ports(2 * masters * (1 + replicas))
+        ports = free_ports(2 * masters * (1 + replicas))
         half = len(ports) // 2
         self.nodes = [RedisNode(port, bus, root / str(port)) for port, bus in zip(ports[:half], ports[half:],
                                                                                  strict=True)]

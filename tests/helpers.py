@@ -116,6 +116,7 @@ class BrokerProcess:
         self.config.write_text(json.dumps(config))  # JSON is YAML
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
+        self.ports: dict[str, int] = {}  # listener (and "metrics") -> port, from the ready line
 
     def start(self) -> BrokerProcess:
         self.proc = subprocess.Popen(
@@ -137,6 +138,7 @@ class BrokerProcess:
             self.proc.kill()
             raise AssertionError("the broker process did not become ready within 30 s") from None
         self.port = int(re.search(r"tcp=[^ ]+:(\d+)", line).group(1))  # type: ignore[union-attr]
+        self.ports = {name: int(port) for name, port in re.findall(r"(\w+)=\S+:(\d+)", line)}
         return self
 
     def add_users(self, passwords: dict[str, str]) -> None:
