@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
 
 from bridge.clock import Clock
+from bridge.cluster.messaging import ClusterMessaging, ClusterRules
+from bridge.cluster.nodes import Nudge, NudgeKind
+from bridge.cluster.presence import ClusterPresence
 from bridge.directory import Directory
 from bridge.keys.core import KeyedDevices
 from bridge.keys.service import KeyService
@@ -24,11 +31,14 @@ from broker.login_guard import LoginGuard
 from broker.server import ChatBroker, ListenerError
 from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
-from chatserver.config import Settings, parse_bind
+from chatserver.cluster import ClusterStores
+from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_node_id
 from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import OpsServer
-from chatserver.metrics import LoopLag, Sources, build_registry
+from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
 from chatserver.supervisor import Supervisor
+from storage.redis.keys import RedisKeyStore
+from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
@@ -66,11 +76,13 @@ class BrokerApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._users: SqliteUserStore | None = None
+        self._users: SqliteUserStore | RedisUserStore | None = None
+        self._cluster: ClusterStores | None = None  # cluster mode: the Redis stores and the node bus
+        self.node_id = ""  # cluster mode: this node's name among the live nodes
         self._staging_store: SqliteMessageStore | None = None
         self._presence_store: SqlitePresenceStore | None = None
         self._key_store: SqliteKeyStore | None = None
-        self._presence: PresenceService | None = None
+        self._presence: PresenceService | ClusterPresence | None = None
         self._broker: ChatBroker | None = None
         self._ops: OpsServer | None = None
         self._lag: LoopLag | None = None
@@ -87,13 +99,13 @@ class BrokerApp:
         return self._broker
 
     @property
-    def presence(self) -> PresenceService:
+    def presence(self) -> PresenceService | ClusterPresence:
         if self._presence is None:
             raise RuntimeError("the broker is not started")
         return self._presence
 
     @property
-    def users(self) -> SqliteUserStore:
+    def users(self) -> SqliteUserStore | RedisUserStore:
         if self._users is None:
             raise RuntimeError("the broker is not started")
         return self._users
@@ -101,37 +113,31 @@ class BrokerApp:
     async def start(self) -> None:
         settings = self.settings
         try:
-            # First: a second broker on the same folder would restore and deliver the same staged items.
-            self._lock = BrokerLock.acquire(settings.data_path)
-            make_private(settings.data_path)
-            self._users = await SqliteUserStore.open(settings.data_path)
-            self._staging_store = await SqliteMessageStore.open(settings.data_path)
-            self._presence_store = await SqlitePresenceStore.open(settings.data_path)
-            self._key_store = await SqliteKeyStore.open(settings.data_path)
+            if settings.cluster is None:
+                users, keys, secret = await self._open_files()
+            else:
+                users, keys, secret = await self._open_cluster(settings.cluster)
             auth = settings.auth
             authenticator = Authenticator(
-                self._users,
+                users,
                 LoginGuard(auth.free_failures, auth.base_delay_s, auth.max_delay_s, auth.forget_after_s),
-                load_or_create_secret(settings.data_path),
+                secret,
                 auth.hash_concurrency,
                 clock=self.clock.monotonic,
                 max_devices=settings.limits.max_devices_per_user,
             )
-            removed = await self._forget_removed_devices(self._users, self._key_store)
-            keyed = KeyedDevices(await self._key_store.keyed_devices())
-            messaging = await self._start_messaging(self._users, self._staging_store, keyed)
-            for user, device in removed:
-                messaging.remove_device(user, device)
-            presence = self._presence = await self._start_presence(messaging.links, self._presence_store)
+            if self._cluster is None:
+                messaging, presence, keyed = await self._start_single_services()
+            else:
+                messaging, presence, keyed = await self._start_cluster_services(self._cluster)
             claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst,
                                  settings.limits.max_rate_keys)
-            keys = KeyService(self._key_store, keyed, self._users, messaging, self._close_session, claims,
-                              clock=self.clock)
-            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **keys.ops()}
+            key_service = KeyService(keys, keyed, users, messaging, self._close_session, claims, clock=self.clock)
+            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(broker_settings(settings), authenticator, bridge)
             if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
-                await self._start_ops(settings.metrics.bind, authenticator, messaging)
+                await self._start_ops(settings.metrics.bind, authenticator, messaging.staging, messaging.links)
             await self._broker.start()
         except BaseException:
             await self._stop_ops()
@@ -140,6 +146,86 @@ class BrokerApp:
             await self._close_stores()
             self._broker = None
             raise
+
+    async def _open_files(self) -> tuple[SqliteUserStore, SqliteKeyStore, bytes]:
+        """One process on SQLite files in ``data_dir`` (the embedded default)."""
+        settings = self.settings
+        # First: a second broker on the same folder would restore and deliver the same staged items.
+        self._lock = BrokerLock.acquire(settings.data_path)
+        make_private(settings.data_path)
+        self._users = await SqliteUserStore.open(settings.data_path)
+        self._staging_store = await SqliteMessageStore.open(settings.data_path)
+        self._presence_store = await SqlitePresenceStore.open(settings.data_path)
+        self._key_store = await SqliteKeyStore.open(settings.data_path)
+        return self._users, self._key_store, load_or_create_secret(settings.data_path)
+
+    async def _open_cluster(self, cluster: ClusterSettings) -> tuple[RedisUserStore, RedisKeyStore, bytes]:
+        """A node of a cluster: every store in the Redis Cluster, shared with the other nodes."""
+        self.node_id = resolve_node_id(cluster, self.settings.listeners.tcp.bind, socket.gethostname(),
+                                       secrets.token_hex(3))
+        stores = self._cluster = await ClusterStores.open(cluster, self.node_id)
+        self._users = stores.users
+        return stores.users, stores.keys, await stores.users.server_secret()
+
+    async def _start_single_services(self) -> tuple[Messaging, PresenceService, KeyedDevices]:
+        users, key_store = self.users, self._key_store
+        assert isinstance(users, SqliteUserStore) and key_store is not None and self._staging_store is not None
+        assert self._presence_store is not None
+        removed = await self._forget_removed_devices(users, key_store)
+        keyed = KeyedDevices(await key_store.keyed_devices())
+        messaging = await self._start_messaging(users, self._staging_store, keyed)
+        for user, device in removed:
+            messaging.remove_device(user, device)
+        presence = PresenceService(self._presence_core(), self._presence_store, messaging.links,
+                                   self.settings.presence.persist_s, clock=self.clock, supervisor=self.supervisor)
+        self._presence = presence
+        await presence.start()
+        return messaging, presence, keyed
+
+    async def _start_cluster_services(self, stores: ClusterStores) -> tuple[ClusterMessaging, ClusterPresence,
+                                                                            KeyedDevices]:
+        settings = self.settings
+        rules = ClusterRules(
+            ttl_ms=int(settings.staging.ttl_days * 86_400_000),
+            window=settings.delivery.window,
+            redeliver_after_s=settings.delivery.redeliver_after_s,
+            max_queue=settings.delivery.max_queue,
+            dedup_window_ms=int(settings.dedup.window_s * 1000),
+            send_rate_per_s=settings.limits.send_rate_per_s,
+            send_burst=settings.limits.send_burst,
+            max_body_bytes=settings.limits.max_body_bytes,
+            max_devices_per_message=settings.limits.max_devices_per_message,
+            require_encryption=settings.limits.require_encryption,
+            sweep_s=settings.staging.sweep_s,
+        )
+        links = LinkRegistry()
+        messaging = ClusterMessaging(rules, stores.queues, stores.bus, stores.users, stores.keys, links,
+                                     self._close_session, clock=self.clock, supervisor=self.supervisor)
+        presence = ClusterPresence(self._presence_core(), stores.presence, links, stores.bus, clock=self.clock,
+                                   supervisor=self.supervisor)
+        self._presence = presence
+
+        def on_nudge(nudge: Nudge) -> None:
+            if nudge.kind == NudgeKind.PRESENCE:
+                presence.on_nudge(nudge)
+            else:
+                messaging.on_nudge(nudge)
+
+        await stores.bus.start(on_nudge)
+        await messaging.start()
+        await presence.start()
+        # Olm checks read the key store per message here (another node may have taken a publish):
+        # the key service's in-memory copy is not used by cluster messaging.
+        return messaging, presence, KeyedDevices()
+
+    def _presence_core(self) -> PresenceCore:
+        config = self.settings.presence
+        return PresenceCore(PresenceRules(
+            online_window_ms=int(config.online_window_s * 1000),
+            coalesce_ms=config.coalesce_ms,
+            max_contacts=config.max_contacts,
+            max_watched=config.max_watched,
+        ))
 
     @staticmethod
     async def _forget_removed_devices(users: SqliteUserStore, keys: SqliteKeyStore) -> list[tuple[str, str]]:
@@ -189,21 +275,10 @@ class BrokerApp:
         await messaging.start()
         return messaging
 
-    async def _start_presence(self, links: LinkRegistry, store: SqlitePresenceStore) -> PresenceService:
-        config = self.settings.presence
-        core = PresenceCore(PresenceRules(
-            online_window_ms=int(config.online_window_s * 1000),
-            coalesce_ms=config.coalesce_ms,
-            max_contacts=config.max_contacts,
-            max_watched=config.max_watched,
-        ))
-        presence = PresenceService(core, store, links, config.persist_s, clock=self.clock, supervisor=self.supervisor)
-        await presence.start()
-        return presence
-
-    async def _start_ops(self, bind: str, authenticator: Authenticator, messaging: Messaging) -> None:
+    async def _start_ops(self, bind: str, authenticator: Authenticator, staging: StagingFigures,
+                         links: LinkRegistry) -> None:
         self._lag = LoopLag()
-        registry = build_registry(Sources(self.broker, authenticator, messaging.staging, messaging.links, self._lag,
+        registry = build_registry(Sources(self.broker, authenticator, staging, links, self._lag,
                                           self.supervisor, self.clock.wall_ms))
         ops = OpsServer(bind, registry, self.readiness)
         try:
@@ -228,23 +303,26 @@ class BrokerApp:
     async def readiness(self) -> list[str]:
         """What keeps the broker from serving now (empty: ready): listeners, a write to the staging store,
         and background tasks that are failing."""
-        broker, store = self._broker, self._staging_store
-        if broker is None or store is None:
+        broker = self._broker
+        probe = self._staging_store.probe if self._staging_store is not None else None
+        if self._cluster is not None:
+            probe = functools.partial(self._cluster.probe_store.probe, self.node_id)
+        if broker is None or probe is None:
             return ["not started"]
         serving = broker.listeners_serving()
         problems = [f"listener {name} is not accepting" for name, ok in serving.items() if not ok]
         if not serving:
             problems.append("no MQTT listener is open")
-        problem = await self._probe_store(store)
+        problem = await self._probe_store(probe)
         return problems + ([problem] if problem else []) + self.supervisor.problems()
 
-    async def _probe_store(self, store: SqliteMessageStore) -> str | None:
+    async def _probe_store(self, probe: Callable[[], Awaitable[None]]) -> str | None:
         # One probe at a time, never cancelled: a write cancelled while SQLite still runs it
         # could leave the connection inside a transaction. A probe still waiting (the write
         # lock is held elsewhere, the disk hangs) is reported and awaited again next time.
         task = self._probe
         if task is None or task.done():
-            task = self._probe = asyncio.ensure_future(store.probe())
+            task = self._probe = asyncio.ensure_future(probe())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or never: no warning
             self._probe_started = self.clock.monotonic()
         done, _ = await asyncio.wait({task}, timeout=PROBE_WAIT_S)
@@ -275,8 +353,11 @@ class BrokerApp:
             await self._close_stores()
 
     async def _close_stores(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.close()
+            self._cluster = None
         for store in (self._key_store, self._presence_store, self._staging_store, self._users):
-            if store is not None:
+            if store is not None and not isinstance(store, RedisUserStore):
                 await store.close()
         self._key_store = None
         self._presence_store = None

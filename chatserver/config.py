@@ -328,6 +328,9 @@ class ClusterSettings(_Section):
     """How long a Redis call is retried across a failover before it fails (the sender is not answered
     ``sent`` meanwhile). Must exceed the cluster's failover time: 3.2-4.3 s measured with
     ``cluster-node-timeout 2000``."""
+    poll_s: float = Field(default=30.0, gt=0)
+    """How often a node reads the queues of its devices without being nudged: the most a lost nudge
+    (a Redis failover under the channel) delays an item."""
     min_replicas_ack: int = Field(default=0, ge=0)
     """Replicas that must hold a staged item (Redis ``WAIT``) before its sender gets ``sent``; 0: off."""
     wait_timeout_ms: int = Field(default=1000, ge=1)
