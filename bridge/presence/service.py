@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 from bridge.background import Backoff, Supervisor, cancel
 from bridge.clock import Clock
@@ -32,6 +32,35 @@ from chatproto import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def user_args(args: dict[str, Any]) -> list[str]:
+    """The ``users`` argument of a presence or contacts request (section 8), or ``OpError``."""
+    check_args(args, {"users"})
+    try:
+        return parse_user_list(args)
+    except DecodeError as exc:
+        raise OpError(exc.code, exc.detail) from None
+
+
+def privacy_arg(args: dict[str, Any]) -> str:
+    """The setting of a ``privacy.set``, or ``OpError``."""
+    check_args(args, {"last_seen"})
+    setting = args.get("last_seen")
+    if setting not in PRIVACY_CHOICES:
+        raise OpError(ErrorCode.BAD_ENVELOPE, f"'last_seen' must be one of {', '.join(PRIVACY_CHOICES)}")
+    return str(setting)
+
+
+async def saved(write: Awaitable[T]) -> T:
+    """A store write of a request: a ``StoreError`` becomes the request's ``internal`` answer."""
+    try:
+        return await write
+    except StoreError as exc:
+        log.error("presence: %s", exc)
+        raise OpError(ErrorCode.INTERNAL, "the server could not save this change; try again") from None
 
 
 class PresenceService:
@@ -160,21 +189,13 @@ class PresenceService:
             "contacts.remove": self._contacts_remove,
         }
 
-    @staticmethod
-    def _users(args: dict[str, Any]) -> list[str]:
-        check_args(args, {"users"})
-        try:
-            return parse_user_list(args)
-        except DecodeError as exc:
-            raise OpError(exc.code, exc.detail) from None
-
     async def _get(self, caller: Caller, args: dict[str, Any]) -> Any:
-        views, out = self.core.get(caller.user, self._users(args), self._now())
+        views, out = self.core.get(caller.user, user_args(args), self._now())
         self._apply(out)
         return {"users": {user: view.as_dict() for user, view in views.items()}}
 
     async def _subscribe(self, caller: Caller, args: dict[str, Any]) -> Any:
-        users = self._users(args)
+        users = user_args(args)
         now = self._now()
         if self._links.get(caller.client_id) is None:
             # Gone before its request ran: answer (the answer is lost anyway), keep no watch list.
@@ -188,50 +209,39 @@ class PresenceService:
         return {"users": {user: view.as_dict() for user, view in views.items()}}
 
     async def _unsubscribe(self, caller: Caller, args: dict[str, Any]) -> Any:
-        return {"watching": self.core.unsubscribe(caller.client_id, self._users(args))}
+        return {"watching": self.core.unsubscribe(caller.client_id, user_args(args))}
 
     async def _privacy_get(self, caller: Caller, args: dict[str, Any]) -> Any:
         check_args(args, set())
         return {"last_seen": self.core.setting(caller.user), "contacts": sorted(self.core.contacts(caller.user))}
 
     async def _privacy_set(self, caller: Caller, args: dict[str, Any]) -> Any:
-        check_args(args, {"last_seen"})
-        setting = args.get("last_seen")
-        if setting not in PRIVACY_CHOICES:
-            raise OpError(ErrorCode.BAD_ENVELOPE, f"'last_seen' must be one of {', '.join(PRIVACY_CHOICES)}")
+        setting = privacy_arg(args)
         async with self._write_lock:
-            await self._write(self._store.set_privacy(caller.user, str(setting)))
-            self._apply(self.core.set_privacy(caller.user, str(setting), self._now()))
+            await saved(self._store.set_privacy(caller.user, setting))
+            self._apply(self.core.set_privacy(caller.user, setting, self._now()))
         return {"last_seen": setting}
 
     async def _contacts_add(self, caller: Caller, args: dict[str, Any]) -> Any:
-        users = self._users(args)
+        users = user_args(args)
         async with self._write_lock:
             try:
                 new = self.core.check_add_contacts(caller.user, users)
             except LimitExceeded as exc:
                 raise OpError(ErrorCode.TOO_LARGE, str(exc)) from None
             if new:
-                await self._write(self._store.add_contacts(caller.user, new))
+                await saved(self._store.add_contacts(caller.user, new))
                 self._apply(self.core.add_contacts(caller.user, new, self._now()))
         return {"contacts": len(self.core.contacts(caller.user))}
 
     async def _contacts_remove(self, caller: Caller, args: dict[str, Any]) -> Any:
-        users = self._users(args)
+        users = user_args(args)
         async with self._write_lock:
             gone = sorted(self.core.contacts(caller.user).intersection(users))
             if gone:
-                await self._write(self._store.remove_contacts(caller.user, gone))
+                await saved(self._store.remove_contacts(caller.user, gone))
                 self._apply(self.core.remove_contacts(caller.user, gone, self._now()))
         return {"contacts": len(self.core.contacts(caller.user))}
-
-    @staticmethod
-    async def _write(write: Awaitable[None]) -> None:
-        try:
-            await write
-        except StoreError as exc:
-            log.error("presence: %s", exc)
-            raise OpError(ErrorCode.INTERNAL, "the server could not save this change; try again") from None
 
     def stats(self) -> dict[str, int]:
         return {**self.core.stats(), "rows_written": self.rows_written, "batches_written": self.batches_written}
