@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bridge.background import Backoff, Supervisor, cancel
 from bridge.clock import Clock
@@ -61,6 +61,23 @@ async def saved(write: Awaitable[T]) -> T:
     except StoreError as exc:
         log.error("presence: %s", exc)
         raise OpError(ErrorCode.INTERNAL, "the server could not save this change; try again") from None
+
+
+class Presence(Protocol):
+    """What the bridge (bridge/router.py) and the application use of presence: ``PresenceService``
+    on one node, ``bridge.cluster.presence.ClusterPresence`` in cluster mode."""
+
+    def on_heartbeat(self, caller: Caller, payload: bytes) -> None: ...
+
+    def device_offline(self, user: str, client_id: str) -> None: ...
+
+    def ops(self) -> dict[str, Op]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
 
 
 class PresenceService:
