@@ -94,7 +94,7 @@ def test_a_lease_outlasts_every_window_opened_before_the_next_renewal() -> None:
     written = leases.until(0)
     for heartbeat in range(0, leases.renew_ms + 1, 100):  # heartbeats until the renewal
         assert heartbeat + W <= written
-    assert written - W == leases.renew_ms, "a dead node's devices show online at most half a window longer"
+    assert written - W == leases.renew_ms, "written at a heartbeat: half a window past its own window"
 
 
 def test_a_read_state_is_online_while_another_nodes_lease_runs() -> None:
