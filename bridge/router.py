@@ -20,7 +20,7 @@ from typing import Any
 
 from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging.service import Messaging
-from bridge.presence.service import Presence
+from bridge.presence.shell import Presence
 from bridge.requests import Op, OpError
 from chatproto import Caller, DecodeError, ErrorCode, ErrorItem, Request, ResItem
 

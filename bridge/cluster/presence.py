@@ -24,16 +24,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.background import Backoff, Supervisor, cancel
+from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.presence_state import Leases, Rechecks, SharedPresenceStore, SharedState
 from bridge.links import LinkRegistry
 from bridge.presence.core import LimitExceeded, PresenceCore, PresenceOutcome
-from bridge.presence.service import privacy_arg, saved, user_args
-from bridge.requests import Op, OpError, check_args
+from bridge.presence.shell import PresenceShell, privacy_arg, saved, user_args
+from bridge.requests import OpError, check_args
 from bridge.store import StoreError
-from chatproto import Caller, DecodeError, ErrorCode, ErrorItem, Heartbeat
+from chatproto import Caller, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,19 @@ class Put:
         return Put(newer.online, max(seen) if seen else None, self.nudge or newer.nudge)
 
 
-class ClusterPresence:
+class ClusterPresence(PresenceShell):
     """Construct with the node's bus, then ``await start()``; feed it heartbeats, disconnects and
     PRESENCE nudges (``on_nudge``); ``await close()`` ends its devices' foreground in the store."""
 
     def __init__(self, core: PresenceCore, store: SharedPresenceStore, links: LinkRegistry, bus: NodeBus, *,
                  clock: Clock, supervisor: Supervisor, resync_s: float = RESYNC_S) -> None:
-        self.core = core
+        super().__init__(core, links, clock=clock, supervisor=supervisor)  # steady_ms: leases are wall time
         self._store = store
-        self._links = links
         self._bus = bus
         self._me = bus.node_id
-        self._now = clock.steady_ms  # leases are compared across nodes: wall time that does not jump
         self._leases = Leases(core.rules.online_window_ms)
         self._resync_s = resync_s
         self._interest_ms = int(resync_s * 3000)  # three resyncs: a node renews it well before it ends
-        self._supervisor = supervisor
         self._puts: dict[str, Put] = {}
         self._put_wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -81,10 +78,6 @@ class ClusterPresence:
         self._rechecks = Rechecks()
         self._tasks: list[asyncio.Task[None]] = []
         self._drops: set[asyncio.Task[None]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0
-        self._timer_backoff = Backoff()
-        self._closed = False
         self.rows_written = 0
         self.batches_written = 0
         self.reads = 0
@@ -98,14 +91,6 @@ class ClusterPresence:
                        self._supervisor.spawn("presence_sync", self._read_round)]
 
     # --- heartbeats, devices, nudges -------------------------------------------------------------
-
-    def on_heartbeat(self, caller: Caller, payload: bytes) -> None:
-        try:
-            heartbeat = Heartbeat.decode(payload)
-        except DecodeError as exc:
-            self._links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
-            return
-        self._apply(self.core.heartbeat(caller.user, caller.client_id, heartbeat.away, self._now()))
 
     def device_offline(self, user: str, client_id: str) -> None:
         watched = self.core.watch_list(client_id)
@@ -137,43 +122,20 @@ class ClusterPresence:
 
     def _arm(self) -> None:
         times = [t for t in (self.core.next_deadline(), self._rechecks.next()) if t is not None]
-        if not times or self._closed:
-            return
-        due = min(times)
-        if self._timer is not None and self._timer_at <= due:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        delay = max(0, due - self._now() + 1) / 1000  # +1 ms: never wake before the deadline's millisecond
-        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
-        self._timer_at = due
+        self._timer.arm(min(times) if times else None)
 
     def _fire(self) -> None:
-        self._timer = None
-        try:
-            now = self._now()
-            due = self._rechecks.due(now)
-            if due:
-                self._to_read.update(due)
-                self._read_wake.set()
-            self._apply(self.core.tick(now))
-        except Exception as exc:  # a bug must not stop the timer for good, nor spin it
-            self._supervisor.failed("presence_timer", exc)
-            if not self._closed:
-                delay = self._timer_backoff.failed()
-                self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
-                self._timer_at = self._now() + int(delay * 1000)
-            return
-        self._supervisor.succeeded("presence_timer")
-        self._timer_backoff.succeeded()
+        now = self._now()
+        due = self._rechecks.due(now)
+        if due:
+            self._to_read.update(due)
+            self._read_wake.set()
+        self._apply(self.core.tick(now))
 
     # --- writing this node's foreground -------------------------------------------------------------
 
     async def _write_round(self) -> None:
-        if not self._puts:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._put_wake.wait(), max(0.0, self._next_renew - time.monotonic()))
-        self._put_wake.clear()
+        await _woken(self._put_wake, self._next_renew, bool(self._puts))
         if time.monotonic() >= self._next_renew:
             self._next_renew = time.monotonic() + self._leases.renew_ms / 1000
             for user, last_seen in self.core.take_dirty():  # who heartbeated since the last renewal
@@ -219,10 +181,7 @@ class ClusterPresence:
     # --- reading mirrored users ---------------------------------------------------------------------
 
     async def _read_round(self) -> None:
-        if not self._to_read:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._read_wake.wait(), max(0.0, self._next_resync - time.monotonic()))
-        self._read_wake.clear()
+        await _woken(self._read_wake, self._next_resync, bool(self._to_read))
         if time.monotonic() >= self._next_resync:
             self._next_resync = time.monotonic() + self._resync_s
             self._to_read.update(self._mirrored)
@@ -291,10 +250,7 @@ class ClusterPresence:
     async def close(self) -> None:
         """Stop; this node's devices leave the foreground in the store (their watchers elsewhere are
         told), and its interests are given up."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.close()
         await cancel(self._tasks)
         for user in self.core.local_users():
             self._put(user, Put(False, self.core.last_seen(user), nudge=True))
@@ -308,17 +264,6 @@ class ClusterPresence:
         await asyncio.gather(*self._drops, *(self._drop_interest(user) for user in mirrored))
 
     # --- requests -----------------------------------------------------------------------------------
-
-    def ops(self) -> dict[str, Op]:
-        return {
-            "presence.get": self._get,
-            "presence.subscribe": self._subscribe,
-            "presence.unsubscribe": self._unsubscribe,
-            "privacy.get": self._privacy_get,
-            "privacy.set": self._privacy_set,
-            "contacts.add": self._contacts_add,
-            "contacts.remove": self._contacts_remove,
-        }
 
     async def _get(self, caller: Caller, args: dict[str, Any]) -> Any:
         users = user_args(args)
@@ -399,3 +344,12 @@ class ClusterPresence:
         return {**self.core.stats(), "rows_written": self.rows_written, "batches_written": self.batches_written,
                 "mirrored_users": len(self._mirrored), "rechecks": len(self._rechecks), "reads": self.reads,
                 "nudges_sent": self.nudges_sent, "nudges_received": self.nudges_received}
+
+
+async def _woken(wake: asyncio.Event, until: float, work: bool) -> None:
+    """A background round's wait: none with ``work`` waiting, else until ``wake`` is set or the
+    monotonic time ``until``; ``wake`` is cleared for the next round."""
+    if not work:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), max(0.0, until - time.monotonic()))
+    wake.clear()
