@@ -20,7 +20,7 @@ from typing import Any
 
 from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging.service import Messaging
-from bridge.presence.shell import Presence
+from bridge.presence.service import PresenceService
 from bridge.requests import Op, OpError
 from chatproto import Caller, DecodeError, ErrorCode, ErrorItem, Request, ResItem
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class Bridge:
-    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: Messaging, presence: Presence,
+    def __init__(self, links: LinkRegistry, ops: dict[str, Op], messaging: Messaging, presence: PresenceService,
                  max_request_bytes: int) -> None:
         self.links = links
         self.messaging = messaging

@@ -1,14 +1,13 @@
 """What both presence services share -- ``PresenceService`` (bridge/presence/service.py, one
-node) and ``ClusterPresence`` (bridge/cluster/presence.py, many): the face the bridge sees
-(``Presence``), heartbeats into the core, the table of requests, their arguments, and the one
-timer at the core's next deadline."""
+node) and ``ClusterPresence`` (bridge/cluster/presence.py, many): heartbeats into the core, the
+table of requests, their arguments, and the one timer at the core's next deadline."""
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from bridge.background import Supervisor
 from bridge.clock import Clock
@@ -49,24 +48,6 @@ async def saved(write: Awaitable[T]) -> T:
     except StoreError as exc:
         log.error("presence: %s", exc)
         raise OpError(ErrorCode.INTERNAL, "the server could not save this change; try again") from None
-
-
-
-class Presence(Protocol):
-    """What the bridge (bridge/router.py) and the application use of presence: ``PresenceService``
-    on one node, ``bridge.cluster.presence.ClusterPresence`` in cluster mode."""
-
-    def on_heartbeat(self, caller: Caller, payload: bytes) -> None: ...
-
-    def device_offline(self, user: str, client_id: str) -> None: ...
-
-    def ops(self) -> dict[str, Op]: ...
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def stats(self) -> dict[str, int]: ...
 
 
 
