@@ -296,3 +296,22 @@ async def test_a_master_failover_during_heartbeats_loses_no_acknowledged_last_se
     finally:
         if killed is not None:
             redis_cluster.restart(killed)
+
+
+async def test_a_lease_that_ran_out_while_the_node_lived_is_news_at_its_renewal(three: Setup) -> None:
+    """A node cut off from Redis longer than a lease: watchers elsewhere saw its users go offline;
+    its next renewal (within half a window) finds the lease gone and nudges them back."""
+    n1, n2, _, alice, bob = await three()
+    await everyone(n1, alice)
+    await everyone(n2, bob)
+    await n2.op(bob, "presence.subscribe", users=["alice"])
+    n1.beat(alice)
+    await seen(bob, 1, "alice online")
+    await n1.store.command("test", "HDEL", n1.store.key("p", "alice", "on"), "n1")  # as if it had run out
+    await n2.bus.send("n2", Nudge(NudgeKind.PRESENCE, "alice", "test"))
+    assert (await seen(bob, 2, "alice offline to bob"))[1]["online"] is False
+    deadline = time.monotonic() + W / 1000 + 2.0
+    while len(bob.items) < 3 and time.monotonic() < deadline:  # she keeps heartbeating
+        n1.beat(alice)
+        await asyncio.sleep(0.1)
+    assert len(bob.items) == 3 and bob.items[2]["online"] is True, "online again at the renewal"

@@ -166,8 +166,9 @@ class ClusterPresence(PresenceShell):
                 self._puts[user] = put if newer is None else put.merge(newer)
                 continue
             self.rows_written += 1
-            if put.nudge:
-                await self._nudge(user, result)
+            running, nodes = result
+            if put.nudge or (put.online and not running):  # a renewal after the lease ran out: news too
+                await self._nudge(user, nodes)
         self.batches_written += 1
         if failed is not None:
             raise failed

@@ -64,9 +64,11 @@ class SharedPresenceStore(PresenceStore, Protocol):
     async def interested(self, user: str, now: int) -> list[str]:
         """The nodes whose interest in ``user`` runs past ``now``."""
 
-    async def put_foreground(self, user: str, node: str, lease: int, last_seen: int | None, now: int) -> list[str]:
+    async def put_foreground(self, user: str, node: str, lease: int, last_seen: int | None,
+                             now: int) -> tuple[bool, list[str]]:
         """``node`` holds a foreground device of ``user`` until ``lease`` (0: none any more), and
-        ``last_seen`` moves forward to the given time; returns ``interested(user, now)``."""
+        ``last_seen`` moves forward to the given time; returns whether ``node``'s lease was still
+        running before, and ``interested(user, now)``."""
 
     async def change_contacts(self, owner: str, users: list[str], add: bool,
                               limit: int | None) -> tuple[int, int] | None:

@@ -39,14 +39,18 @@ end
 return 1
 """
 
-# KEYS: state, on, w. ARGV: node, lease (0: none), last seen ('' to keep), now. Returns the nodes
-# interested in the user. Leases of any node that ran out are removed on the way.
+# KEYS: state, on, w. ARGV: node, lease (0: none), last seen ('' to keep), now. Returns {1 if the
+# node's lease was running before else 0, then the nodes interested in the user}. Leases of any
+# node that ran out are removed on the way.
 PUT = """
 if ARGV[3] ~= '' then
   local cur = tonumber(redis.call('HGET', KEYS[1], 'ls'))
   if not cur or cur < tonumber(ARGV[3]) then redis.call('HSET', KEYS[1], 'ls', ARGV[3]) end
 end
 local now = tonumber(ARGV[4])
+local running = 0
+local mine = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
+if mine and mine > now then running = 1 end
 local leases = redis.call('HGETALL', KEYS[2])
 for i = 1, #leases, 2 do
   if tonumber(leases[i + 1]) <= now then redis.call('HDEL', KEYS[2], leases[i]) end
@@ -58,7 +62,9 @@ else
 end
 redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-return redis.call('ZRANGE', KEYS[3], 0, -1)
+local out = redis.call('ZRANGE', KEYS[3], 0, -1)
+table.insert(out, 1, running)
+return out
 """
 
 # KEYS: state, c, on, w. ARGV: node, interest until (0: a plain read). Returns
@@ -163,10 +169,12 @@ class RedisPresenceStore(RedisStore):
     async def interested(self, user: str, now: int) -> list[str]:
         return _strings(await self.run("presence.interested", [self.key("p", user, "w")], [now]))
 
-    async def put_foreground(self, user: str, node: str, lease: int, last_seen: int | None, now: int) -> list[str]:
+    async def put_foreground(self, user: str, node: str, lease: int, last_seen: int | None,
+                             now: int) -> tuple[bool, list[str]]:
         keys = [self._state(user), self.key("p", user, "on"), self.key("p", user, "w")]
         args: Sequence[str | int] = [node, lease, "" if last_seen is None else last_seen, now]
-        return _strings(await self.run("presence.put", keys, args))
+        running, *nodes = await self.run("presence.put", keys, args)
+        return bool(int(running)), _strings(nodes)
 
     async def change_contacts(self, owner: str, users: list[str], add: bool,
                               limit: int | None) -> tuple[int, int] | None:

@@ -60,13 +60,15 @@ async def test_interest_is_registered_by_a_look_and_runs_out(store: SharedPresen
 
 async def test_foreground_leases_per_node_with_last_seen(store: SharedPresenceStore) -> None:
     await store.look("alice", "n2", 10_000)
-    assert await store.put_foreground("alice", "n1", 4_000, 1_000, 1_000) == ["n2"], "who to nudge"
+    assert await store.put_foreground("alice", "n1", 4_000, 1_000, 1_000) == (False, ["n2"]), "who to nudge"
+    assert await store.put_foreground("alice", "n1", 4_500, 1_000, 3_999) == (True, ["n2"]), "a renewal in time"
     await store.put_foreground("alice", "n3", 2_000, 1_500, 1_500)
     state = await store.look("alice", "n2", 10_000)
-    assert state.leases == {"n1": 4_000, "n3": 2_000} and state.last_seen == 1_500
+    assert state.leases == {"n1": 4_500, "n3": 2_000} and state.last_seen == 1_500
     assert state.online_until(1_600, other_than="n1") == 2_000
     await store.put_foreground("alice", "n1", 0, 3_000, 3_000)  # n1's device left; n3's lease ran out
     state = await store.look("alice", "n2", 10_000)
     assert state.leases == {} and state.last_seen == 3_000 and state.online_until(3_000) is None
     await store.put_foreground("alice", "n1", 0, None, 3_100)  # a retried write: harmless
     assert (await store.look("alice", "n2", 0)).last_seen == 3_000
+    assert (await store.put_foreground("alice", "n1", 9_000, None, 5_000))[0] is False, "it had run out"
