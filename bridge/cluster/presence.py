@@ -29,7 +29,7 @@ from bridge.clock import Clock
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.presence_state import Leases, Rechecks, SharedPresenceStore, SharedState
 from bridge.links import LinkRegistry
-from bridge.presence.core import LimitExceeded, PresenceCore, PresenceOutcome
+from bridge.presence.core import LimitExceeded, PresenceCore, PresenceOutcome, View
 from bridge.presence.shell import PresenceShell, privacy_arg, saved, user_args
 from bridge.requests import OpError, check_args
 from bridge.store import StoreError
@@ -276,7 +276,7 @@ class ClusterPresence(PresenceShell):
         return {"users": {user: self._shown(caller.user, shared[caller.user], user, shared[user], now).as_dict()
                           for user in users}}
 
-    def _shown(self, viewer: str, viewer_state: SharedState, owner: str, state: SharedState, now: int) -> Any:
+    def _shown(self, viewer: str, viewer_state: SharedState, owner: str, state: SharedState, now: int) -> View:
         online = self.core.is_local_online(owner) or state.online_until(now, other_than=self._me) is not None
         local = self.core.last_seen(owner)  # this node's heartbeats may be newer than the store's
         if local is not None and (state.last_seen is None or local > state.last_seen):
