@@ -36,6 +36,13 @@ Rules (docs/PROTOCOL.md, "Presence"):
    lazily when popped, so it costs O(log n) per device and window, never a
    scan over all users. ``last_seen`` reaches the disk in batches
    (``take_dirty``), never per heartbeat.
+8. Cluster mode (bridge/cluster/presence.py): the core of a node holds its own
+   devices as above and *mirrors* the users its devices watch or watch with:
+   ``mirror`` sets what the shared store holds of one (``last_seen``, setting,
+   contacts, and whether a device of theirs is in the foreground on another
+   node), and watchers are told by rules 5-6. ``PresenceOutcome.foreground``
+   names the users whose first local foreground device started or whose last
+   one ended, for the node to write to the shared store.
 """
 
 from __future__ import annotations
@@ -115,6 +122,7 @@ class Watch:
 @dataclass(slots=True)
 class PresenceOutcome:
     items: list[tuple[str, PresenceItem]] = field(default_factory=list)
+    foreground: list[tuple[str, bool]] = field(default_factory=list)  # (user, has a local foreground device now)
 
 
 class PresenceCore:
@@ -131,6 +139,7 @@ class PresenceCore:
         self._watching_devices: dict[str, set[str]] = {}  # user -> their client ids that watch someone
         self._flushes: list[tuple[int, str, str]] = []  # (at, watcher client id, owner): coalesced items due
         self._dirty: set[str] = set()
+        self._remote: set[str] = set()  # cluster mode: users in the foreground on another node
 
     # --- restore, persistence ----------------------------------------------------------
 
@@ -163,14 +172,22 @@ class PresenceCore:
         return self._contacts.get(user, set())
 
     def is_online(self, user: str) -> bool:
+        return user in self._foreground or user in self._remote
+
+    def is_local_online(self, user: str) -> bool:
+        """``user`` has a foreground device here (cluster mode: not counting other nodes)."""
         return user in self._foreground
+
+    def local_users(self) -> list[str]:
+        """The users with a foreground device here."""
+        return list(self._foreground)
 
     def last_seen(self, user: str) -> int | None:
         return self._last_seen.get(user)
 
     def view(self, viewer: str, owner: str) -> View:
         return visible(viewer, owner, self.setting(owner), self.contacts(owner), self.setting(viewer),
-                       self.contacts(viewer), owner in self._foreground, self._last_seen.get(owner))
+                       self.contacts(viewer), self.is_online(owner), self._last_seen.get(owner))
 
     def next_deadline(self) -> int | None:
         """When ``tick`` has work next (an expiry or a coalesced item), or None."""
@@ -194,6 +211,7 @@ class PresenceCore:
             devices = self._foreground[user] = {}
             devices[device] = now + self.rules.online_window_ms
             self._arm(device, user, now + self.rules.online_window_ms)
+            out.foreground.append((user, True))
             self._changed(user, now, out)
         else:
             devices[device] = now + self.rules.online_window_ms
@@ -222,6 +240,7 @@ class PresenceCore:
         del devices[device]
         if not devices:
             del self._foreground[user]
+            out.foreground.append((user, False))
             self._changed(user, now, out)
 
     def tick(self, now: int) -> PresenceOutcome:
@@ -326,6 +345,14 @@ class PresenceCore:
         watch = self._watches.get(watcher)
         return len(watch.owners) if watch is not None else 0
 
+    def watch_list(self, watcher: str) -> list[str]:
+        watch = self._watches.get(watcher)
+        return list(watch.owners) if watch is not None else []
+
+    def involved(self, user: str) -> bool:
+        """A device here watches ``user``, or a device of ``user`` here watches someone."""
+        return user in self._watchers or user in self._watching_devices
+
     def _unwatch_all(self, watcher: str) -> None:
         watch = self._watches.get(watcher)
         if watch is None:
@@ -400,11 +427,52 @@ class PresenceCore:
             for owner in list(self._watches[device].owners):
                 self._touch(device, owner, now, out)
 
+    # --- cluster mode (rule 8) -----------------------------------------------------------------
+
+    def mirror(self, user: str, last_seen: int | None, setting: str, contacts: Collection[str],
+               online_elsewhere: bool, now: int) -> PresenceOutcome:
+        """What the shared store holds of ``user``: watchers here are told what that changes. The
+        user's devices here stay as they are; ``last_seen`` only moves forward."""
+        out = self.tick(now)
+        setting = setting if setting in PRIVACY_CHOICES else PRIVACY_CONTACTS
+        privacy = setting != self.setting(user) or set(contacts) != self.contacts(user)
+        if setting == PRIVACY_CONTACTS:
+            self._settings.pop(user, None)
+        else:
+            self._settings[user] = setting
+        if contacts:
+            self._contacts[user] = set(contacts)
+        else:
+            self._contacts.pop(user, None)
+        if last_seen is not None and last_seen > self._last_seen.get(user, NEVER):
+            self._last_seen[user] = last_seen
+        if online_elsewhere:
+            self._remote.add(user)
+        else:
+            self._remote.discard(user)
+        if privacy:
+            self._privacy_changed(user, now, out)
+        else:
+            self._changed(user, now, out)
+        return out
+
+    def forget(self, user: str) -> None:
+        """Drop what is mirrored of ``user`` once nothing here needs it (no local foreground device,
+        not ``involved``); a user still needed is kept."""
+        if user in self._foreground or self.involved(user):
+            return
+        self._remote.discard(user)
+        self._settings.pop(user, None)
+        self._contacts.pop(user, None)
+        self._last_seen.pop(user, None)
+        self._dirty.discard(user)
+
     # --- introspection (tests, benchmarks) -------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         return {
             "online_users": len(self._foreground),
+            "online_elsewhere": len(self._remote),
             "armed_devices": len(self._armed),
             "expiry_heap": len(self._expiry),
             "watch_lists": len(self._watches),

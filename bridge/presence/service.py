@@ -11,30 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
-from bridge.background import Backoff, Supervisor, cancel
+from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.presence.core import LimitExceeded, PresenceCore, PresenceOutcome
+from bridge.presence.shell import PresenceShell, privacy_arg, saved, user_args
 from bridge.presence.store import PresenceStore
-from bridge.requests import Op, OpError, check_args
-from bridge.store import StoreError
-from chatproto import (
-    PRIVACY_CHOICES,
-    Caller,
-    DecodeError,
-    ErrorCode,
-    ErrorItem,
-    Heartbeat,
-    parse_user_list,
-)
+from bridge.requests import OpError, check_args
+from chatproto import Caller, ErrorCode
 
 log = logging.getLogger(__name__)
 
 
-class PresenceService:
+class PresenceService(PresenceShell):
     def __init__(
         self,
         core: PresenceCore,
@@ -45,20 +36,13 @@ class PresenceService:
         clock: Clock,
         supervisor: Supervisor,
     ) -> None:
-        self.core = core
+        super().__init__(core, links, clock=clock, supervisor=supervisor)
         self._store = store
-        self._links = links
         self._persist_s = persist_s
-        self._now = clock.steady_ms  # windows must not jump; last_seen is wall time (bridge/clock.py)
         self._write_lock = asyncio.Lock()  # one transaction at a time on the store's connection
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0
         self._loop_task: asyncio.Task[None] | None = None
-        self._closed = False
         self.rows_written = 0
         self.batches_written = 0
-        self._supervisor = supervisor
-        self._timer_backoff = Backoff()
 
     async def start(self) -> None:
         snapshot = await self._store.load()
@@ -69,14 +53,6 @@ class PresenceService:
 
     # --- heartbeats and devices ---------------------------------------------------------------
 
-    def on_heartbeat(self, caller: Caller, payload: bytes) -> None:
-        try:
-            heartbeat = Heartbeat.decode(payload)
-        except DecodeError as exc:
-            self._links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
-            return
-        self._apply(self.core.heartbeat(caller.user, caller.client_id, heartbeat.away, self._now()))
-
     def device_offline(self, user: str, client_id: str) -> None:
         """The device's connection ended (or it left its inbox): its foreground and watch list end."""
         self._apply(self.core.device_offline(user, client_id, self._now()))
@@ -86,31 +62,10 @@ class PresenceService:
     def _apply(self, out: PresenceOutcome) -> None:
         for client_id, item in out.items:
             self._links.send(client_id, item)
-        self._arm()
-
-    def _arm(self) -> None:
-        due = self.core.next_deadline()
-        if due is None or self._closed or (self._timer is not None and self._timer_at <= due):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        delay = max(0, due - self._now() + 1) / 1000  # +1 ms: never wake before the deadline's millisecond
-        self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
-        self._timer_at = due
+        self._timer.arm(self.core.next_deadline())
 
     def _fire(self) -> None:
-        self._timer = None
-        try:
-            self._apply(self.core.tick(self._now()))
-        except Exception as exc:  # a bug must not stop the timer for good, nor spin it
-            self._supervisor.failed("presence_timer", exc)
-            if not self._closed:
-                delay = self._timer_backoff.failed()
-                self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
-                self._timer_at = self._now() + int(delay * 1000)
-            return
-        self._supervisor.succeeded("presence_timer")
-        self._timer_backoff.succeeded()
+        self._apply(self.core.tick(self._now()))
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -134,10 +89,7 @@ class PresenceService:
 
     async def close(self) -> None:
         """Stop the timer and the batch writer, then write every changed ``last_seen``."""
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.close()
         if self._loop_task is not None:
             await cancel([self._loop_task])
         for _ in range(3):
@@ -149,32 +101,13 @@ class PresenceService:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def ops(self) -> dict[str, Op]:
-        return {
-            "presence.get": self._get,
-            "presence.subscribe": self._subscribe,
-            "presence.unsubscribe": self._unsubscribe,
-            "privacy.get": self._privacy_get,
-            "privacy.set": self._privacy_set,
-            "contacts.add": self._contacts_add,
-            "contacts.remove": self._contacts_remove,
-        }
-
-    @staticmethod
-    def _users(args: dict[str, Any]) -> list[str]:
-        check_args(args, {"users"})
-        try:
-            return parse_user_list(args)
-        except DecodeError as exc:
-            raise OpError(exc.code, exc.detail) from None
-
     async def _get(self, caller: Caller, args: dict[str, Any]) -> Any:
-        views, out = self.core.get(caller.user, self._users(args), self._now())
+        views, out = self.core.get(caller.user, user_args(args), self._now())
         self._apply(out)
         return {"users": {user: view.as_dict() for user, view in views.items()}}
 
     async def _subscribe(self, caller: Caller, args: dict[str, Any]) -> Any:
-        users = self._users(args)
+        users = user_args(args)
         now = self._now()
         if self._links.get(caller.client_id) is None:
             # Gone before its request ran: answer (the answer is lost anyway), keep no watch list.
@@ -188,50 +121,39 @@ class PresenceService:
         return {"users": {user: view.as_dict() for user, view in views.items()}}
 
     async def _unsubscribe(self, caller: Caller, args: dict[str, Any]) -> Any:
-        return {"watching": self.core.unsubscribe(caller.client_id, self._users(args))}
+        return {"watching": self.core.unsubscribe(caller.client_id, user_args(args))}
 
     async def _privacy_get(self, caller: Caller, args: dict[str, Any]) -> Any:
         check_args(args, set())
         return {"last_seen": self.core.setting(caller.user), "contacts": sorted(self.core.contacts(caller.user))}
 
     async def _privacy_set(self, caller: Caller, args: dict[str, Any]) -> Any:
-        check_args(args, {"last_seen"})
-        setting = args.get("last_seen")
-        if setting not in PRIVACY_CHOICES:
-            raise OpError(ErrorCode.BAD_ENVELOPE, f"'last_seen' must be one of {', '.join(PRIVACY_CHOICES)}")
+        setting = privacy_arg(args)
         async with self._write_lock:
-            await self._write(self._store.set_privacy(caller.user, str(setting)))
-            self._apply(self.core.set_privacy(caller.user, str(setting), self._now()))
+            await saved(self._store.set_privacy(caller.user, setting))
+            self._apply(self.core.set_privacy(caller.user, setting, self._now()))
         return {"last_seen": setting}
 
     async def _contacts_add(self, caller: Caller, args: dict[str, Any]) -> Any:
-        users = self._users(args)
+        users = user_args(args)
         async with self._write_lock:
             try:
                 new = self.core.check_add_contacts(caller.user, users)
             except LimitExceeded as exc:
                 raise OpError(ErrorCode.TOO_LARGE, str(exc)) from None
             if new:
-                await self._write(self._store.add_contacts(caller.user, new))
+                await saved(self._store.add_contacts(caller.user, new))
                 self._apply(self.core.add_contacts(caller.user, new, self._now()))
         return {"contacts": len(self.core.contacts(caller.user))}
 
     async def _contacts_remove(self, caller: Caller, args: dict[str, Any]) -> Any:
-        users = self._users(args)
+        users = user_args(args)
         async with self._write_lock:
             gone = sorted(self.core.contacts(caller.user).intersection(users))
             if gone:
-                await self._write(self._store.remove_contacts(caller.user, gone))
+                await saved(self._store.remove_contacts(caller.user, gone))
                 self._apply(self.core.remove_contacts(caller.user, gone, self._now()))
         return {"contacts": len(self.core.contacts(caller.user))}
-
-    @staticmethod
-    async def _write(write: Awaitable[None]) -> None:
-        try:
-            await write
-        except StoreError as exc:
-            log.error("presence: %s", exc)
-            raise OpError(ErrorCode.INTERNAL, "the server could not save this change; try again") from None
 
     def stats(self) -> dict[str, int]:
         return {**self.core.stats(), "rows_written": self.rows_written, "batches_written": self.batches_written}

@@ -20,6 +20,7 @@ from bridge.messaging.store import MessageStore, UserLookup
 from bridge.presence.store import PresenceStore
 from broker.users import UserStore
 from storage.redis.keys import RedisKeyStore
+from storage.redis.presence import RedisPresenceStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
@@ -27,9 +28,9 @@ from storage.sqlite.presence import SqlitePresenceStore
 from storage.sqlite.users import SqliteUserStore
 
 BACKENDS = ["sqlite", "redis"]
-# The stores whose Protocols load everything at start (``MessageStore.load``, ``PresenceStore.load``)
-# have no Redis implementation yet: #16 reshapes them into per-device operations first. Their
-# contract modules set ``STORE_BACKENDS = SQLITE_ONLY``.
+# The message store's Protocol loads everything at start (``MessageStore.load``) and has no Redis
+# implementation: cluster mode stages through ``bridge.cluster.store.QueueStore`` instead. Its
+# contract module sets ``STORE_BACKENDS = SQLITE_ONLY``.
 SQLITE_ONLY = ["sqlite"]
 
 
@@ -74,7 +75,7 @@ class SqliteBackend:
 
 
 class RedisBackend:
-    """Users and keys in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
+    """Users, keys and presence in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
     prefix of this test's own; the keys stay until the session's cluster stops."""
 
     def __init__(self, startup_nodes: list[tuple[str, int]]) -> None:
@@ -85,7 +86,7 @@ class RedisBackend:
         raise NotImplementedError("no Redis message store before #16 (SQLITE_ONLY)")
 
     async def presence(self) -> PresenceStore:
-        raise NotImplementedError("no Redis presence store before #16 (SQLITE_ONLY)")
+        return await RedisPresenceStore.open(self.startup_nodes, self.prefix)
 
     async def keys(self) -> KeyStore:
         return await RedisKeyStore.open(self.startup_nodes, self.prefix)

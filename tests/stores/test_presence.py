@@ -8,10 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bridge.presence.store import PresenceSnapshot, PresenceStore
-from tests.stores.backends import SQLITE_ONLY, Backend
-
-# No Redis presence store yet: #16 reshapes what loads everything at start (PresenceStore.load) first.
-STORE_BACKENDS = SQLITE_ONLY
+from tests.stores.backends import Backend
 
 
 @pytest.fixture
