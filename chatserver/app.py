@@ -15,7 +15,7 @@ from bridge.cluster.nodes import Nudge, NudgeKind
 from bridge.cluster.presence import ClusterPresence
 from bridge.directory import Directory
 from bridge.keys.core import KeyedDevices
-from bridge.keys.service import KeyService
+from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
 from bridge.messaging.core import Staging
@@ -112,6 +112,10 @@ class BrokerApp:
 
     async def start(self) -> None:
         settings = self.settings
+        users: SqliteUserStore | RedisUserStore
+        keys: SqliteKeyStore | RedisKeyStore
+        messaging: Messaging | ClusterMessaging
+        presence: PresenceService | ClusterPresence
         try:
             if settings.cluster is None:
                 users, keys, secret = await self._open_files()
@@ -130,9 +134,15 @@ class BrokerApp:
                 messaging, presence, keyed = await self._start_single_services()
             else:
                 messaging, presence, keyed = await self._start_cluster_services(self._cluster)
-            claims = RateLimiter(settings.limits.claims_per_peer_per_min / 60, settings.limits.claims_per_peer_burst,
-                                 settings.limits.max_rate_keys)
-            key_service = KeyService(keys, keyed, users, messaging, self._close_session, claims, clock=self.clock)
+            limits = settings.limits
+            claim_rate, claim_burst = limits.claims_per_peer_per_min / 60, limits.claims_per_peer_burst
+            if isinstance(messaging, ClusterMessaging):  # limits and removals reach every node
+                claims: ClaimLimit = messaging.claim_limit(claim_rate, claim_burst)
+                close_device = messaging.close_device
+            else:
+                claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
+                close_device = self._close_session
+            key_service = KeyService(keys, keyed, users, messaging, close_device, claims)
             ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops()}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(broker_settings(settings), authenticator, bridge)
@@ -185,6 +195,8 @@ class BrokerApp:
     async def _start_cluster_services(self, stores: ClusterStores) -> tuple[ClusterMessaging, ClusterPresence,
                                                                             KeyedDevices]:
         settings = self.settings
+        cluster = settings.cluster
+        assert cluster is not None
         rules = ClusterRules(
             ttl_ms=int(settings.staging.ttl_days * 86_400_000),
             window=settings.delivery.window,
@@ -197,6 +209,7 @@ class BrokerApp:
             max_devices_per_message=settings.limits.max_devices_per_message,
             require_encryption=settings.limits.require_encryption,
             sweep_s=settings.staging.sweep_s,
+            poll_s=cluster.poll_s,
         )
         links = LinkRegistry()
         messaging = ClusterMessaging(rules, stores.queues, stores.bus, stores.users, stores.keys, links,

@@ -8,15 +8,35 @@ import pytest
 
 from testkit.packets import RawClient
 from testkit.redis_cluster import RedisCluster
+from tests.deployment import ClusterDeployment
 from tests.helpers import BrokerThread, Peer
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test module with ``DEPLOYMENTS = ("single", "cluster")`` runs each of its broker tests on
+    each: one process on SQLite, and three cluster nodes on a Redis Cluster behind HAProxy."""
+    deployments = getattr(metafunc.module, "DEPLOYMENTS", None)
+    if deployments and "broker" in metafunc.fixturenames:
+        metafunc.parametrize("deployment", deployments, indirect=True)
+
+
 @pytest.fixture
-def broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerThread]:
+def deployment(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path, request: pytest.FixtureRequest, deployment: str) -> Iterator[BrokerThread]:
     """A running ChatBroker on 127.0.0.1:<free port> with users alice, bob and mallory
-    (settings from a ``@pytest.mark.broker_config({...})`` on the test, if any)."""
+    (settings from a ``@pytest.mark.broker_config({...})`` on the test, if any); in the
+    ``cluster`` deployment, three nodes behind HAProxy (tests/deployment.py) with the same face."""
     marker = request.node.get_closest_marker("broker_config")
-    running = BrokerThread(tmp_path / "data", marker.args[0] if marker else None).start()
+    overrides = marker.args[0] if marker else None
+    if deployment == "cluster":
+        redis = request.getfixturevalue("redis_cluster")
+        running: Any = ClusterDeployment(tmp_path / "cluster", redis, overrides).start()
+    else:
+        running = BrokerThread(tmp_path / "data", overrides).start()
     for name in ("alice", "bob", "mallory"):
         running.add_user(name, f"{name}-pw")
     yield running

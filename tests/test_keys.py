@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers import BrokerThread, Peer
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 
 def device_keys(user: str, device: str, curve: str = "Q1VSVkU") -> dict[str, Any]:
     return {"user": user, "device": device, "curve25519": curve, "ed25519": f"RUQ{device}", "signature": "U0lH"}

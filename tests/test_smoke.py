@@ -1,5 +1,7 @@
 from tests.helpers import BrokerThread, Peer
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 
 def test_ping_roundtrip(broker: BrokerThread, peers: list[Peer]) -> None:
     alice = Peer(broker.port, "alice", "alice-pw")

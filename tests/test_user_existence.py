@@ -12,6 +12,8 @@ from typing import Any
 
 from tests.helpers import WAIT_S, BrokerThread, Peer, online_peer
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 GHOST, NEWCOMER = "ghost", "carol"  # carol exists but has no device and no keys
 
 

@@ -76,6 +76,19 @@ class ClusterRules:
     sweep_s: float = 60.0
 
 
+class SharedClaimLimit:
+    """``bridge.keys.service.ClaimLimit`` held across nodes: a bucket per claimer and peer in Redis."""
+
+    def __init__(self, queues: QueueStore, rate_per_s: float, burst: int, now_ms: Callable[[], int]) -> None:
+        self._queues = queues
+        self._rate = rate_per_s
+        self._burst = burst
+        self._now_ms = now_ms
+
+    async def allow(self, claimer: str, peer: str) -> bool:
+        return await self._queues.allow(claimer, f"claim:{peer}", self._rate, self._burst, self._now_ms())
+
+
 class ClusterMessaging:
     def __init__(self, rules: ClusterRules, queues: QueueStore, bus: NodeBus, users: UserLookup, keys: KeyStore,
                  links: LinkRegistry, close_session: Callable[[str], Awaitable[None]], *, clock: Clock,
@@ -313,6 +326,17 @@ class ClusterMessaging:
             self._apply(self.windows.behind([nudge.target], self._now()))
         elif nudge.kind == NudgeKind.TAKEOVER:
             self._spawn(self._taken_over(nudge))
+        elif nudge.kind == NudgeKind.CLOSE and self.links.get(nudge.target) is not None:
+            self._spawn(self._close_session(nudge.target))
+
+    async def close_device(self, client_id: str) -> None:
+        """Close the device's connection on whichever node holds it (``devices.remove``)."""
+        if self.links.get(client_id) is not None:
+            await self._close_session(client_id)
+            return
+        node = (await self._bus.locate([client_id])).get(client_id)
+        if node is not None and node != self._bus.node_id:
+            await self._bus.send(node, Nudge(NudgeKind.CLOSE, client_id, self._bus.node_id))
 
     async def _taken_over(self, nudge: Nudge) -> None:
         """The device connected to another node: close our connection of it, unless the directory
@@ -421,6 +445,11 @@ class ClusterMessaging:
                 await self._retrying("expired receipts", functools.partial(self._stage_receipts, RECEIPT_EXPIRED,
                                                                            swept.expired))
         return dropped
+
+    # --- limits shared by the nodes ----------------------------------------------------------------
+
+    def claim_limit(self, rate_per_s: float, burst: int) -> SharedClaimLimit:
+        return SharedClaimLimit(self._queues, rate_per_s, burst, self._now_ms)
 
     # --- figures and shutdown ------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class NudgeKind(StrEnum):
     ITEMS = "items"  # new items in the queue of ``target`` (a client id): read it
     TAKEOVER = "takeover"  # ``target`` (a client id) connected to ``origin``: close your connection of it
     PRESENCE = "presence"  # the presence of ``target`` (a user) changed: tell your watchers of it
+    CLOSE = "close"  # ``target`` (a client id) was removed (``devices.remove``): close its connection
 
 
 @dataclass(frozen=True, slots=True)

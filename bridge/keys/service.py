@@ -34,12 +34,26 @@ class StagedDevices(Protocol):
         """Drop the device's staged items and take it out of the recipient set."""
 
 
+class ClaimLimit(Protocol):
+    async def allow(self, claimer: str, peer: str) -> bool:
+        """Take a token of ``claimer``'s bucket for claims of ``peer``'s keys; False if it is empty."""
+
+
+class LocalClaimLimit:
+    """``ClaimLimit`` in this process's memory (one broker on SQLite)."""
+
+    def __init__(self, limiter: RateLimiter, clock: Clock) -> None:
+        self._limiter = limiter
+        self._now = clock.monotonic
+
+    async def allow(self, claimer: str, peer: str) -> bool:
+        return self._limiter.allow(f"{claimer}\0{peer}", self._now())
+
+
 class KeyService:
     def __init__(self, store: KeyStore, keyed: KeyedDevices, accounts: Accounts, staged: StagedDevices,
-                 close_session: Callable[[str], Awaitable[None]], claims: RateLimiter | None = None,
-                 *, clock: Clock) -> None:
+                 close_session: Callable[[str], Awaitable[None]], claims: ClaimLimit | None = None) -> None:
         self._claims = claims
-        self._clock = clock.monotonic
         self._store = store
         self._keyed = keyed
         self._accounts = accounts
@@ -78,7 +92,7 @@ class KeyService:
         await self._known(user)
         # Each claim deletes one of the peer's one-time keys: without a bound, anyone could drain
         # them and leave every new session to the fallback key (docs/SECURITY.md).
-        if self._claims is not None and not self._claims.allow(f"{caller.user}\0{user}", self._clock()):
+        if self._claims is not None and not await self._claims.allow(caller.user, user):
             raise OpError(ErrorCode.RATE_LIMITED, f"too many key claims for {user}; retry later")
         return {"user": user, "devices": await self._store.claim(user, devices)}
 

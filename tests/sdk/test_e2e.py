@@ -21,6 +21,8 @@ from client_sdk.events import ErrorEvent, IdentityChanged, Message, Receipt, Und
 from tests.helpers import BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 
 def online(make_client: Factory, user: str, device: str, **options: Any) -> Collector:
     """A connected client (its keys published) with its events collected."""

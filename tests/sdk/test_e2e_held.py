@@ -14,6 +14,8 @@ from client_sdk.events import PENDING, ErrorEvent, Message, Receipt
 from tests.helpers import BrokerThread
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 
 def online(make_client: Factory, user: str, device: str, **options: Any) -> Collector:
     client = make_client(user, device=device, **options)

@@ -23,6 +23,8 @@ from client_sdk.events import Event
 from tests.helpers import BrokerProcess
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 WAIT_S = 15.0
 
 

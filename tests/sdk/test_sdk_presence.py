@@ -23,6 +23,8 @@ from testkit.proxy import MqttProxy
 from tests.helpers import BrokerThread
 from tests.sdk.conftest import Collector, Factory
 
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
+
 WAIT_S = 15.0
 SHORT_S = 1.0  # the online window for tests that need it to run out
 HB_S = 0.2
