@@ -8,15 +8,16 @@ import pytest
 
 from testkit.packets import RawClient
 from testkit.redis_cluster import RedisCluster
-from tests.deployment import ClusterDeployment
+from tests.deployment import start_broker
 from tests.helpers import BrokerThread, Peer
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """A test module with ``DEPLOYMENTS = ("single", "cluster")`` runs each of its broker tests on
-    each: one process on SQLite, and three cluster nodes on a Redis Cluster behind HAProxy."""
+    """A test module with ``DEPLOYMENTS = ("single", "cluster")`` runs each test that uses the
+    ``deployment`` fixture (the ``broker`` fixture does) on each: one process on SQLite, and three
+    cluster nodes on a Redis Cluster behind HAProxy."""
     deployments = getattr(metafunc.module, "DEPLOYMENTS", None)
-    if deployments and "broker" in metafunc.fixturenames:
+    if deployments and "deployment" in metafunc.fixturenames:
         metafunc.parametrize("deployment", deployments, indirect=True)
 
 
@@ -32,11 +33,7 @@ def broker(tmp_path: Path, request: pytest.FixtureRequest, deployment: str) -> I
     ``cluster`` deployment, three nodes behind HAProxy (tests/deployment.py) with the same face."""
     marker = request.node.get_closest_marker("broker_config")
     overrides = marker.args[0] if marker else None
-    if deployment == "cluster":
-        redis = request.getfixturevalue("redis_cluster")
-        running: Any = ClusterDeployment(tmp_path / "cluster", redis, overrides).start()
-    else:
-        running = BrokerThread(tmp_path / "data", overrides).start()
+    running = start_broker(deployment, tmp_path, request, overrides)
     for name in ("alice", "bob", "mallory"):
         running.add_user(name, f"{name}-pw")
     yield running

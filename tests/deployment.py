@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from testkit.haproxy import HAProxy
 from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread
@@ -76,3 +78,11 @@ class ClusterDeployment:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """A started ``BrokerThread`` (``single``) or ``ClusterDeployment`` (``cluster``) under ``root``."""
+    if deployment == "cluster":
+        return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
+    return BrokerThread(root / "data", overrides).start()

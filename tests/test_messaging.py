@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 
+from tests.deployment import start_broker
 from tests.helpers import BrokerProcess, Peer
 
 USERS = ("alice", "bob", "carol")
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: tests using `deployment` run on both
 
 
 def start(path: Path, **overrides: Any) -> BrokerProcess:
@@ -25,10 +27,19 @@ def start(path: Path, **overrides: Any) -> BrokerProcess:
     return broker.start()
 
 
+def start_on(deployment: str, path: Path, request: pytest.FixtureRequest, **overrides: Any) -> Any:
+    """``start`` (one process on SQLite), or three cluster nodes behind HAProxy (tests/deployment.py)."""
+    if deployment != "cluster":
+        return start(path, **overrides)
+    running = start_broker(deployment, path, request, {k.replace("__", "."): v for k, v in overrides.items()})
+    running.add_users({name: f"{name}-pw" for name in USERS})
+    return running
+
+
 
 @pytest.fixture
-def chat(tmp_path: Path) -> Iterator[BrokerProcess]:
-    broker = start(tmp_path / "data", limits__send_burst=5000)
+def chat(tmp_path: Path, deployment: str, request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    broker = start_on(deployment, tmp_path / "data", request, limits__send_burst=5000)
     yield broker
     broker.stop()
 
@@ -197,8 +208,9 @@ def test_first_device_gets_what_was_held_later_devices_do_not(chat: BrokerProces
     assert first.expect(is_msg("later"))
 
 
-def test_window_and_redelivery(tmp_path: Path, made: list[Peer]) -> None:
-    broker = start(tmp_path / "d", delivery__window=5, delivery__redeliver_after_s=0.5)
+def test_window_and_redelivery(tmp_path: Path, made: list[Peer], deployment: str,
+                               request: pytest.FixtureRequest) -> None:
+    broker = start_on(deployment, tmp_path / "d", request, delivery__window=5, delivery__redeliver_after_s=0.5)
     try:
         alice = online(broker, made, "alice")
         for i in range(12):
@@ -220,8 +232,10 @@ def test_window_and_redelivery(tmp_path: Path, made: list[Peer]) -> None:
         broker.stop()
 
 
-def test_queue_full_and_rate_limited_are_errors_not_silent_drops(tmp_path: Path, made: list[Peer]) -> None:
-    broker = start(tmp_path / "d", delivery__max_queue=3, limits__send_burst=5, limits__send_rate_per_s=0.01)
+def test_queue_full_and_rate_limited_are_errors_not_silent_drops(tmp_path: Path, made: list[Peer], deployment: str,
+                                                                 request: pytest.FixtureRequest) -> None:
+    broker = start_on(deployment, tmp_path / "d", request, delivery__max_queue=3, limits__send_burst=5,
+                      limits__send_rate_per_s=0.01)
     try:
         alice = online(broker, made, "alice")
         for i in range(4):
@@ -245,8 +259,9 @@ def test_queue_full_and_rate_limited_are_errors_not_silent_drops(tmp_path: Path,
         broker.stop()
 
 
-def test_ttl_expiry_tells_the_sender(tmp_path: Path, made: list[Peer]) -> None:
-    broker = start(tmp_path / "d", staging__ttl_days=1.5 / 86400, staging__sweep_s=0.2)
+def test_ttl_expiry_tells_the_sender(tmp_path: Path, made: list[Peer], deployment: str,
+                                     request: pytest.FixtureRequest) -> None:
+    broker = start_on(deployment, tmp_path / "d", request, staging__ttl_days=1.5 / 86400, staging__sweep_s=0.2)
     try:
         alice = online(broker, made, "alice")
         send(alice, "bob", "old")

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import BrokerProcess, Peer
-from tests.test_messaging import ack, drain, is_msg, online, send, start
+from tests.test_messaging import ack, drain, is_msg, online, send, start, start_on
+
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: tests using `deployment` run on both
 
 
 def statuses_until(peer: Peer, msg_id: str, last: str) -> list[str]:
@@ -27,10 +29,12 @@ def later_statuses(peer: Peer, msg_id: str) -> list[str]:
 
 
 @pytest.fixture
-def two_and_two(tmp_path: Path, made: list[Peer]) -> Iterator[tuple[BrokerProcess, list[Peer]]]:
+def two_and_two(tmp_path: Path, made: list[Peer], deployment: str,
+                request: pytest.FixtureRequest) -> Iterator[tuple[BrokerProcess, list[Peer]]]:
     """alice on two devices, bob with one device online and one known but offline. ``sent`` waits for the
-    offline device's copy to be written: 1.5 s, so that bob can ack and report `seen` before it."""
-    broker = start(tmp_path / "d", staging__flush_ms=1500)
+    offline device's copy to be written: 1.5 s, so that bob can ack and report `seen` before it (one
+    process; a cluster writes through, so there the order holds with no wait to bridge)."""
+    broker = start_on(deployment, tmp_path / "d", request, staging__flush_ms=1500)
     try:
         online(broker, made, "bob", "laptop").close()  # known from now on, offline
         peers = [online(broker, made, "alice"), online(broker, made, "alice", "laptop"), online(broker, made, "bob")]

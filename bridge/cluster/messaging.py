@@ -168,7 +168,7 @@ class ClusterMessaging:
         now = self._now()
         try:
             stages = await self._admit(origin, sender, message, now)
-            staged = await self._stage_all(stages, message.to, message.id)
+            staged = await self._stage_charged(origin, sender, stages, message.to, message.id)
         except Refused as refused:
             self.links.send(origin, refused.item)
             return
@@ -224,6 +224,19 @@ class ClusterMessaging:
             staged.extend(result.targets)
         return staged
 
+    async def _stage_charged(self, origin: str, sender: str, stages: list[Stage], to: str,
+                             ref: str | None) -> list[tuple[str, int]]:
+        """``_stage_all`` for an uplink that took a send token: a full queue gives the token back (as
+        on one node, where the queue is checked before the rate) and holds the device's later messages."""
+        try:
+            return await self._stage_all(stages, to, ref)
+        except Refused as refused:
+            await self._queues.refund(sender, SEND_BUCKET, self.rules.send_rate_per_s, self.rules.send_burst,
+                                      self._now_ms())
+            if ref is not None:
+                self._holds.hold(origin, ref, refused.item.code, self._now())
+            raise
+
     async def _keyed(self, *users: str) -> KeyedDevices:
         """The devices with published keys of ``users``, as the key store has them now."""
         rows = []
@@ -251,7 +264,7 @@ class ClusterMessaging:
             delivered = await self._queues.mark_delivered(by_user, to_user, ids)
             stages = [self._receipt_stage(to_user, RECEIPT_DELIVERED, delivered, by_user)] if delivered else []
             stages.append(self._receipt_stage(to_user, RECEIPT_SEEN, ids, by_user))
-            staged = await self._stage_all(stages, to_user, None)
+            staged = await self._stage_charged(caller.client_id, by_user, stages, to_user, None)
         except Refused as refused:
             self.links.send(caller.client_id, refused.item)
             return

@@ -140,4 +140,7 @@ class QueueStore(Protocol):
     async def allow(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int) -> bool:
         """Take one token of ``user``'s bucket ``bucket`` (shared by every node): False if empty."""
 
+    async def refund(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int) -> None:
+        """Give one token back (at most ``burst``): what ``allow`` took for an uplink refused after it."""
+
     async def close(self) -> None: ...

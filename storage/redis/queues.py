@@ -250,8 +250,9 @@ if now > ts then
   tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
   ts = now
 end
-local ok = 0
-if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+local cost, ok = tonumber(ARGV[4]), 0
+if cost < 0 then tokens = math.min(burst, tokens - cost); ok = 1  -- a refund
+elseif tokens >= cost then tokens = tokens - cost; ok = 1 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
 if rate > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000) end
 return ok
@@ -455,8 +456,14 @@ class RedisQueueStore(RedisStore):
         return int(await self.command("queues.depth", "ZCARD", self.key("q", user, device)))
 
     async def allow(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int) -> bool:
-        granted = await self.run("queues.allow", [self.key("qb", user, bucket)], [repr(rate_per_s), burst, now_ms])
-        return bool(granted)
+        return await self._take(user, bucket, rate_per_s, burst, now_ms, 1)
+
+    async def refund(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int) -> None:
+        await self._take(user, bucket, rate_per_s, burst, now_ms, -1)
+
+    async def _take(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int, cost: int) -> bool:
+        args: list[str | int] = [repr(rate_per_s), burst, now_ms, cost]
+        return bool(await self.run("queues.allow", [self.key("qb", user, bucket)], args))
 
     async def _hint(self, client_id: str, expires_ms: int) -> None:
         """Index the queue at ``expires_ms`` unless it is indexed earlier already (ZADD LT). A failure

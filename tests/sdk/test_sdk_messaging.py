@@ -20,6 +20,7 @@ import pytest
 
 from client_sdk import AsyncClient, Client, ErrorEvent, Message, Receipt
 from client_sdk.events import Event
+from tests.deployment import start_broker
 from tests.helpers import BrokerProcess
 from tests.sdk.conftest import Collector, Factory, LogWatch
 
@@ -29,11 +30,17 @@ WAIT_S = 15.0
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
-    """These tests need no broker internals: the broker runs as its own process, as in production."""
-    running = BrokerProcess(tmp_path / "data")
-    running.add_users({name: f"{name}-pw" for name in ("alice", "bob", "mallory")})
-    running.start()
+def broker(tmp_path: Path, deployment: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """These tests need no broker internals: the broker runs as its own process, as in production
+    (or as three cluster nodes behind HAProxy)."""
+    users = {name: f"{name}-pw" for name in ("alice", "bob", "mallory")}
+    if deployment == "cluster":
+        running = start_broker(deployment, tmp_path, request)
+        running.add_users(users)
+    else:  # users first: the process reads its data folder
+        running = BrokerProcess(tmp_path / "data")
+        running.add_users(users)
+        running.start()
     yield running
     running.stop()
 

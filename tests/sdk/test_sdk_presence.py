@@ -20,6 +20,7 @@ import pytest
 
 from client_sdk import AsyncClient, Client, Presence, Privacy, RequestError
 from testkit.proxy import MqttProxy
+from tests.deployment import start_broker
 from tests.helpers import BrokerThread
 from tests.sdk.conftest import Collector, Factory
 
@@ -37,10 +38,10 @@ def window_s() -> float:
 
 
 @pytest.fixture
-def broker(tmp_path: Path, window_s: float) -> Iterator[BrokerThread]:
+def broker(tmp_path: Path, window_s: float, deployment: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     """This module's broker (replaces the conftest fixture): the window of ``window_s``."""
     overrides = {"presence.online_window_s": window_s, "presence.coalesce_ms": 100, "presence.max_watched": 300}
-    running = BrokerThread(tmp_path / "data", overrides).start()
+    running = start_broker(deployment, tmp_path, request, overrides)
     running.add_users({name: f"{name}-pw" for name in ("alice", "bob", "mallory")})
     yield running
     running.stop()

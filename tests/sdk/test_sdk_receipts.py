@@ -5,23 +5,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from client_sdk import Message, Receipt
+from tests.deployment import start_broker
 from tests.helpers import BrokerProcess
 from tests.sdk.conftest import Collector, Factory
+
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: tests using `deployment` run on both
 
 WAIT_S = 15.0
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerProcess]:
+def broker(tmp_path: Path, deployment: str, request: pytest.FixtureRequest) -> Iterator[Any]:
     """``sent`` waits 1.5 s for the copy of bob's offline laptop to be written: time for bob's phone to ack
-    and report `seen` before it."""
-    running = BrokerProcess(tmp_path / "data", {"staging.flush_ms": 1500})
-    running.add_users({"alice": "alice-pw", "bob": "bob-pw"})
-    running.start()
+    and report `seen` before it (one process; a cluster writes through: no such wait)."""
+    users = {"alice": "alice-pw", "bob": "bob-pw"}
+    if deployment == "cluster":
+        running = start_broker(deployment, tmp_path, request, {"staging.flush_ms": 1500})
+        running.add_users(users)
+    else:  # users first: the process reads its data folder
+        running = BrokerProcess(tmp_path / "data", {"staging.flush_ms": 1500})
+        running.add_users(users)
+        running.start()
     yield running
     running.stop()
 
