@@ -292,7 +292,7 @@ class BrokerApp:
                          links: LinkRegistry) -> None:
         self._lag = LoopLag()
         registry = build_registry(Sources(self.broker, authenticator, staging, links, self._lag,
-                                          self.supervisor, self.clock.wall_ms))
+                                          self.supervisor, self.clock.wall_ms, self.node_id))
         ops = OpsServer(bind, registry, self.readiness)
         try:
             await ops.start()

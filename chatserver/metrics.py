@@ -21,6 +21,7 @@ from prometheus_client.core import (
     GaugeHistogramMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -87,6 +88,7 @@ class Sources:
     lag: LoopLag
     supervisor: Supervisor
     clock_ms: Callable[[], int]  # wall-clock ms, as message timestamps
+    node_id: str = ""  # cluster mode: this node's id ("" for one process on SQLite)
 
 
 class ChatCollector(Collector):
@@ -95,6 +97,10 @@ class ChatCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._s
+        node = InfoMetricFamily("chat_node", "Which broker this is: its cluster node id and mode (join other series "
+                                "on the scrape's instance to label them by node).")
+        node.add_metric([], {"node": s.node_id, "mode": "cluster" if s.node_id else "single"})
+        yield node
         yield from self._connections()
         yield _counter("chat_logins", "Login attempts, by result (ok, anonymous, or why refused).", "result",
                        LOGIN_RESULTS, s.auth.logins)
