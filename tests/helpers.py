@@ -103,8 +103,10 @@ class BrokerProcess:
     Same face as ``BrokerThread`` for the tests that need no internals: ``port``, ``add_users``, ``stop``.
     """
 
-    def __init__(self, data_dir: Path, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, data_dir: Path, overrides: dict[str, Any] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
+        self.extra_args = extra_args  # more ``run`` flags, e.g. ("--workers", "2")
         self.config = data_dir.parent / f"{data_dir.name}.yaml"
         config: dict[str, Any] = {}
         for key, value in (overrides or {}).items():
@@ -121,7 +123,7 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chatserver", "run", "-c", str(self.config), "--bind", "127.0.0.1:0",
-             "--data-dir", str(self.data_dir)],
+             "--data-dir", str(self.data_dir), *self.extra_args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         ready: queue.Queue[str] = queue.Queue()

@@ -3,14 +3,20 @@ clients connected to different nodes on purpose."""
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from broker import credentials
+from storage.redis.nodes import RedisNodeBus
+from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
-from tests.helpers import Peer
+from tests.helpers import BrokerProcess, Peer, eventually
 
 
 @pytest.fixture
@@ -39,3 +45,67 @@ def test_a_message_crosses_nodes_with_its_receipts(cluster: ClusterDeployment, m
     assert (item["from"], item["id"], item["body"]) == ("alice", "m1", "hello")
     bob.publish("u/bob/ack", {"seqs": [item["seq"]]})
     assert alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "delivered")
+
+
+def test_a_device_connecting_through_another_node_takes_over(cluster: ClusterDeployment, made: list[Peer]) -> None:
+    old = on_node(cluster, 0, made, "bob")
+    new = on_node(cluster, 2, made, "bob")  # the same client id, bob.phone, through another node
+    assert old.disconnected.wait(10), "the node that held it closed the stale connection"
+    assert not new.disconnected.is_set()
+    alice = on_node(cluster, 1, made, "alice")
+    alice.publish("u/alice/out", {"id": "t1", "to": "bob", "body": "after the takeover"})
+    assert new.expect(lambda i: i.get("kind") == "msg")["id"] == "t1"
+
+
+def test_each_node_names_itself_in_its_metrics(cluster: ClusterDeployment) -> None:
+    for n, node in enumerate(cluster.nodes):
+        host, port = node.address("metrics")
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert f'chat_node_info{{mode="cluster",node="node{n}"}} 1.0' in text
+
+
+def test_two_workers_share_one_port_and_deliver_to_each_other(tmp_path: Path, redis_cluster: RedisCluster,
+                                                             made: list[Peer]) -> None:
+    """``chat-broker run --cluster ... --workers 2``: two processes on one port (SO_REUSEPORT), each a
+    node; devices spread over both, and a message reaches every device whichever worker holds it."""
+    prefix = f"w{uuid.uuid4().hex[:10]}:"
+    asyncio.run(add_users(redis_cluster, prefix, ("alice", "carol")))
+    config = {"cluster.redis": [f"127.0.0.1:{port}" for _, port in redis_cluster.startup_nodes],
+              "cluster.key_prefix": prefix, "cluster.lease_s": 1.5}
+    broker = BrokerProcess(tmp_path / "d", config, extra_args=("--workers", "2", "--node-id", "w")).start()
+    try:
+        devices = [Peer(broker.port, "carol", "carol-pw", device=f"d{n}") for n in range(8)]
+        for device in devices:
+            made.append(device)
+            assert device.connect() == 0 and device.subscribe() == [1]
+        eventually(lambda: spread(redis_cluster, prefix) == {"w-0", "w-1"}, what="devices on both workers")
+        alice = Peer(broker.port, "alice", "alice-pw")
+        made.append(alice)
+        assert alice.connect() == 0 and alice.subscribe() == [1]
+        alice.publish("u/alice/out", {"id": "x1", "to": "carol", "body": "to every device"})
+        for device in devices:
+            assert device.expect(lambda i: i.get("kind") == "msg")["id"] == "x1"
+    finally:
+        broker.stop()
+
+
+async def add_users(redis_cluster: RedisCluster, prefix: str, names: tuple[str, ...]) -> None:
+    users = await RedisUserStore.open(redis_cluster.startup_nodes, prefix)
+    try:
+        for name in names:
+            await users.add_user(name, credentials.hash_password(f"{name}-pw"))
+    finally:
+        await users.close()
+
+
+def spread(redis_cluster: RedisCluster, prefix: str) -> set[str]:
+    """The nodes holding devices of carol, from the device directory."""
+    async def locate() -> set[str]:
+        bus = await RedisNodeBus.connect(redis_cluster.startup_nodes, prefix, "")
+        try:
+            where = await bus.locate([f"carol.d{n}" for n in range(8)])
+        finally:
+            await bus.close()
+        return set(where.values())
+    return asyncio.run(locate())
