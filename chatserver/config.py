@@ -331,7 +331,7 @@ class ClusterSettings(_Section):
     poll_s: float = Field(default=30.0, gt=0)
     """How often a node reads the queues of its devices without being nudged: the most a lost nudge
     (a Redis failover under the channel) delays an item."""
-    min_replicas_ack: int = Field(default=0, ge=0)
+    min_replicas_ack: int = Field(default=1, ge=0)
     """Replicas that must hold a staged item (Redis ``WAIT``) before its sender gets ``sent``; 0: off."""
     wait_timeout_ms: int = Field(default=1000, ge=1)
     """How long ``WAIT`` waits for ``min_replicas_ack`` replicas."""

@@ -22,7 +22,7 @@ def test_cluster_is_absent_by_default_and_takes_its_defaults() -> None:
     assert build_settings({}).cluster is None
     section = build_settings(cluster()).cluster
     assert section is not None
-    assert (section.node_id, section.key_prefix, section.lease_s, section.min_replicas_ack) == (None, "", 10.0, 0)
+    assert (section.node_id, section.key_prefix, section.lease_s, section.min_replicas_ack) == (None, "", 10.0, 1)
     assert section.retry_s == RETRY_S  # one default, the stores'
     assert section.startup_nodes == [("127.0.0.1", 7000)]
 
