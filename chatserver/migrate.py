@@ -34,6 +34,7 @@ from bridge.messaging.records import SEQ_SPAN, Item
 from bridge.store import StoreError
 from chatproto import MsgItem, ReceiptItem
 from chatserver.data_dir import BrokerLock
+from storage.redis.client import PREFIX_RE
 from storage.redis.keys import RedisKeyStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
@@ -179,12 +180,17 @@ async def migrate(data_dir: Path, nodes: Sequence[tuple[str, int]], prefix: str 
     ``dry_run`` the data folder is read and counted and the cluster only read (its key checked).
     Problems that leave something behind are in the report (the caller exits non-zero); one that
     stops the run raises MigrateError (or StoreError)."""
+    if PREFIX_RE.fullmatch(prefix) is None:
+        raise MigrateError(f"--key-prefix: letters, digits and _.:- only, not {prefix!r}")
     if not (data_dir / USERS_DB).is_file():
         raise MigrateError(f"{data_dir} is not a chat-broker data folder (no {USERS_DB}): give the --data-dir "
                            "the SQLite broker ran with")
     lock = BrokerLock.acquire(data_dir)  # DataDirInUseError names the running broker's pid
     try:
-        target = await Target.open(nodes, prefix)
+        try:
+            target = await Target.open(nodes, prefix)
+        except StoreError as exc:
+            raise MigrateError(f"{exc}: check --cluster and that the cluster is up") from exc
         try:
             return await _run(data_dir, target, dry_run, say)
         finally:
