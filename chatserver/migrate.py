@@ -22,11 +22,15 @@ mode), and acks of old seqs mean nothing afterwards.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from bridge.cluster.store import MessageEntry, QueuedItem, Stage, StageStatus
 from bridge.directory import PLACEHOLDER_DEVICE, is_placeholder
@@ -38,12 +42,17 @@ from storage.redis.client import PREFIX_RE
 from storage.redis.keys import RedisKeyStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
+from storage.sqlite.db import SqliteFile
 from storage.sqlite.keys import KEYS_DB, SqliteKeyStore
 from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
+from storage.sqlite.presence import PRESENCE_DB
 from storage.sqlite.users import SECRET_FILE, USERS_DB, SqliteUserStore
 
 NO_LIMIT = 2**31  # a migrated queue is never refused as full: it held these items already
 READ_PAGE = 1000
+CONCURRENCY = 32  # devices (or marks) written at once; a device's own items always go one by one, in order
+
+S = TypeVar("S", bound=SqliteFile)
 
 
 class MigrateError(StoreError):
@@ -202,29 +211,23 @@ async def migrate(data_dir: Path, nodes: Sequence[tuple[str, int]], prefix: str 
 async def _run(data_dir: Path, target: Target, dry_run: bool, say: Callable[[str], None]) -> Report:
     report = Report()
     await _secret(data_dir, target.users, dry_run, say)
-    users = await SqliteUserStore.open(data_dir)
-    try:
+    async with _opened(SqliteUserStore, data_dir) as users:
         devices = await _users(users, target.users, dry_run, report)
-    finally:
-        await users.close()
     say(f"users: {report.counts['users']} users, {report.counts['devices']} devices, "
         f"{report.counts['tokens']} token digests")
     if (data_dir / KEYS_DB).is_file():
-        keys = await SqliteKeyStore.open(data_dir)
-        try:
+        async with _opened(SqliteKeyStore, data_dir) as keys:
             await _keys(keys, target.keys, dry_run, report)
-        finally:
-            await keys.close()
     say(f"keys: {report.counts['keyed']} devices with keys, {report.counts['otks']} unclaimed one-time keys, "
         f"{report.counts['claimed']} claimed ids, {report.counts['fallbacks']} fallback keys")
     if (data_dir / STAGING_DB).is_file():
-        staging = await SqliteMessageStore.open(data_dir)
-        try:
+        async with _opened(SqliteMessageStore, data_dir) as staging:
             await _queues(staging, target.queues, devices, dry_run, report, say)
-        finally:
-            await staging.close()
     else:
         say("queues: no staging.db: nothing staged")
+    if (data_dir / PRESENCE_DB).is_file():
+        say(f"presence: {PRESENCE_DB} (last seen times, privacy settings, contacts) is not moved: the cluster "
+            "has no presence store yet")
     counts = report.counts
     verb = "would move" if dry_run else "moved"
     say(f"summary: {verb} {counts['users']} users, {counts['devices']} devices, {counts['keyed']} key sets, "
@@ -233,6 +236,31 @@ async def _run(data_dir: Path, target: Target, dry_run: bool, say: Callable[[str
     for problem in report.problems:
         say(f"problem: {problem}")
     return report
+
+
+async def _pool(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:
+    """Run ``jobs`` CONCURRENCY at a time (a failure cancels the rest and is raised)."""
+    pending = iter(jobs)
+
+    async def worker() -> None:
+        for job in pending:
+            await job()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(CONCURRENCY):
+                group.create_task(worker())
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
+@contextlib.asynccontextmanager
+async def _opened(kind: type[S], data_dir: Path) -> AsyncIterator[S]:
+    store = await kind.open(data_dir)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def _secret(data_dir: Path, users: RedisUserStore, dry_run: bool, say: Callable[[str], None]) -> None:
@@ -288,20 +316,21 @@ async def _queues(source: SqliteMessageStore, target: RedisQueueStore, devices: 
     queues = target_queues(items, devices)
     counts = report.counts
     if not dry_run:
-        for client_id in sorted({f"{u}.{d}" for u, ds in devices.items() for d in ds} | set(queues)):
-            await target.import_seq_floor(client_id, floor)
-    for client_id, queue in queues.items():
+        clients = sorted({f"{u}.{d}" for u, ds in devices.items() for d in ds} | set(queues))
+        await _pool(functools.partial(target.import_seq_floor, client_id, floor) for client_id in clients)
+    for queue in queues.values():
         counts.update(queues=1, items=len(queue), receipts=sum(1 for item in queue if item.message is None))
-        if not dry_run:
-            await _queue(source, target, client_id, queue, report)
+    if not dry_run:
+        await _pool(functools.partial(_queue, source, target, client_id, queue, report)
+                    for client_id, queue in queues.items())
     flags = delivered_flags(items)
     marks, unplaced = dedup_marks(items, remembered)
     counts.update(delivered=sum(len(ids) for ids in flags.values()), marks=len(marks))
     if not dry_run:
-        for (recipient, sender), ids in flags.items():
-            await target.mark_delivered(recipient, sender, ids)
-        for (user, sender, msg_id), until in marks.items():
-            await target.import_dedup_mark(user, sender, msg_id, until)
+        await _pool(functools.partial(target.mark_delivered, recipient, sender, ids)
+                    for (recipient, sender), ids in flags.items())
+        await _pool(functools.partial(target.import_dedup_mark, user, sender, msg_id, until)
+                    for (user, sender, msg_id), until in marks.items())
     say(f"queues: {counts['queues']} queues, {counts['items']} items ({counts['items'] - counts['receipts']} "
         f"messages, {counts['receipts']} receipts; {counts['present']} in the cluster already), "
         f"{counts['delivered']} delivered flags; seqs start above {floor}")
@@ -328,6 +357,9 @@ async def _queue(source: SqliteMessageStore, target: RedisQueueStore, client_id:
             report.problems.append(f"an item of {client_id} was not staged ({result.status}, "
                                    f"{len(result.targets)} targets): is the device in the cluster?")
             return
+    # The queue's entry in the expiry index is a hint written after each stage, so a run cut short
+    # between the two leaves it out; an expiry at 0 drops nothing and indexes the queue afresh.
+    await target.expire(client_id, 0)
 
 
 def _body(item: Item, plain: dict[int, str], olm: dict[tuple[str, int], str]) -> str | None:

@@ -180,7 +180,8 @@ async def redis_queue(cluster: Cluster, client_id: str) -> tuple[list[tuple[str,
 async def test_everything_moves_and_a_second_run_changes_nothing(folder: Folder, cluster: Cluster) -> None:
     report, lines = await run(folder, cluster)
     assert report.problems == [], lines
-    assert [line.split(":")[0] for line in lines] == ["secret", "users", "keys", "queues", "dedup", "summary"]
+    assert [line.split(":")[0] for line in lines] == ["secret", "users", "keys", "queues", "dedup", "presence",
+                                                      "summary"]
     first = await cluster.snapshot()
 
     # The token key, users, passwords, devices and tokens.
@@ -260,8 +261,9 @@ async def test_a_failed_run_resumes_to_the_same_state(folder: Folder, cluster: C
     async def flaky(self: RedisQueueStore, stage: Stage) -> Any:
         nonlocal calls
         calls += 1
+        n = calls  # stages run concurrently (one per device)
         result = await real_stage(self, stage)
-        if calls == 3:  # staged, but the reply lost: the rerun must not stage it again
+        if n == 3:  # staged, but the reply lost: the rerun must not stage it again
             raise StoreError("redis queues.stage: connection lost (test)")
         return result
 
@@ -271,7 +273,7 @@ async def test_a_failed_run_resumes_to_the_same_state(folder: Folder, cluster: C
     monkeypatch.setattr(RedisQueueStore, "stage", real_stage)
     report, lines = await run(folder, cluster)
     assert report.problems == [], lines
-    assert report.counts["present"] >= 3
+    assert report.counts["present"] >= 1, "the third stage went through before its error"
     assert await cluster.snapshot() == reference
 
 
