@@ -75,6 +75,10 @@ def build_folder(path: Path) -> Folder:
         ack(phone, phone.expect(is_msg("p1"))["seq"])  # p1 delivered; bob.laptop still holds it
         alice.expect(is_receipt("delivered", "p1"))
         until_fence(phone)
+        alice.close()
+        by_token = Peer(broker.port, "alice", str(token), device="phone")  # a login with the device token
+        peers.append(by_token)
+        assert by_token.connect() == 0
     finally:
         for peer in peers:
             peer.close()
