@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     revoke.add_argument("--device", help="only this device (default: all)")
     _add_device_commands(commands)
+    _add_migrate_command(commands)
     return parser
 
 
@@ -116,6 +117,33 @@ def _add_device_commands(commands: Any) -> None:
     _common(remove)
     remove.add_argument("name")
     remove.add_argument("device", nargs="?", help="the device id (default: every device of the user)")
+
+
+# --- chat-broker migrate (chatserver/migrate.py) ---------------------------------------------------
+
+
+def _add_migrate_command(commands: Any) -> None:
+    migrate = commands.add_parser("migrate", help="move a stopped SQLite broker's data folder into a Redis Cluster")
+    _common(migrate)
+    migrate.add_argument("--cluster", required=True, metavar="redis://HOST:PORT[,...]",
+                         help="the Redis Cluster (any of its nodes)")
+    migrate.add_argument("--key-prefix", default="", help="prefix of every key (as the cluster brokers will use)")
+    migrate.add_argument("--dry-run", action="store_true", help="read and count only; write nothing to the cluster")
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from chatserver import migrate  # noqa: PLC0415 (only this command needs redis)
+
+    report = asyncio.run(migrate.migrate(settings.data_path, migrate.parse_cluster(args.cluster), args.key_prefix,
+                                         dry_run=args.dry_run, say=lambda line: print(line, flush=True)))
+    if report.problems:
+        print(f"chat-broker: error: {len(report.problems)} problem(s), listed above: fix them and run migrate again "
+              "(what was moved stays, nothing is moved twice)", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+# -----------------------------------------------------------------------------------------------------
 
 
 FLAGS = {"metrics.bind": "--metrics-bind", "log.format": "--log-format", "log.json_lines": "--log-format",
@@ -176,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cluster(args, settings)
         if args.command == "device":
             return _device(args, settings)
+        if args.command == "migrate":
+            return _migrate(args, settings)
         return _user(args, settings)
     except (ConfigError, ListenerError, StoreError, user_admin.AdminError, StatusError) as exc:
         print(f"chat-broker: error: {exc}", file=sys.stderr)

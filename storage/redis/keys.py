@@ -106,10 +106,40 @@ redis.call('DEL', KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
 
+# ``import_device`` (chat-broker migrate). KEYS: id, dk, fb, otk, otq, claimed of the device.
+# ARGV: device, identity, device_keys JSON, fallback JSON (or ''), the number n of claimed ids, the
+# n ids, then (id, JSON) pairs of unclaimed keys in claim order. Returns the unclaimed keys stored,
+# or -1 (nothing written) if the device has other identity keys here.
+IMPORT = """
+local device, identity = ARGV[1], ARGV[2]
+local current = redis.call('HGET', KEYS[1], device)
+if current and current ~= identity then return -1 end
+redis.call('HSET', KEYS[1], device, identity)
+redis.call('HSETNX', KEYS[2], device, ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSETNX', KEYS[3], device, ARGV[4]) end
+local claimed = tonumber(ARGV[5])
+for i = 6, 5 + claimed do
+  redis.call('SADD', KEYS[6], ARGV[i])
+  if redis.call('HDEL', KEYS[4], ARGV[i]) == 1 then redis.call('LREM', KEYS[5], 0, ARGV[i]) end
+end
+for i = 6 + claimed, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('SISMEMBER', KEYS[6], id) == 0 and redis.call('HSETNX', KEYS[4], id, ARGV[i + 1]) == 1 then
+    redis.call('RPUSH', KEYS[5], id)
+  end
+end
+return redis.call('HLEN', KEYS[4])
+"""
+
+
+def fallback_json(fallback: OneTimeKey | None) -> str:
+    """A fallback key as ``k:{user}:fb`` holds it ('' for none)."""
+    return "" if fallback is None else json.dumps([fallback.id, fallback.key, fallback.signature])
+
 
 class RedisKeyStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {"keys.publish": PUBLISH, "keys.claim": CLAIM, "keys.count": COUNT,
-                                         "devices.remove": REMOVE}
+                                         "devices.remove": REMOVE, "keys.import": IMPORT}
 
     def _device_keys(self, user: str, device: str) -> list[str]:
         """id, dk, fb, otk, otq, claimed: everything of one device."""
@@ -122,8 +152,7 @@ class RedisKeyStore(RedisStore):
         args: list[str | int] = [
             device, "" if new is None else f"{new.curve25519} {new.ed25519}",
             "" if new is None else json.dumps(new.signed),
-            "" if fallback is None else json.dumps([fallback.id, fallback.key, fallback.signature]),
-            MAX_ONE_TIME_KEYS_STORED]
+            fallback_json(fallback), MAX_ONE_TIME_KEYS_STORED]
         for key in publish.one_time_keys:
             args += [key.id, json.dumps([key.key, key.signature])]
         result = await self.run("keys.publish", self._device_keys(user, device), args)
@@ -134,6 +163,19 @@ class RedisKeyStore(RedisStore):
         if result[0] == -3:
             raise KeyRuleError.too_many_one_time_keys(result[1])
         return int(result[0]), bool(result[1])
+
+    async def import_device(self, user: str, device: str, identity: tuple[str, str], signed: dict[str, Any],
+                            one_time_keys: list[OneTimeKey], fallback: OneTimeKey | None, claimed: list[str]) -> int:
+        """Add a device's keys as another store holds them (``chat-broker migrate``): identity keys
+        (curve25519, ed25519), the device_keys object, unclaimed one-time keys in claim order, the
+        fallback key and the ids claimed already, which are never offered again (nor are ids this
+        cluster handed out). Done again it changes nothing. Returns the unclaimed keys stored, or -1
+        (nothing written) if the device has other identity keys here."""
+        args: list[str | int] = [device, " ".join(identity), json.dumps(signed), fallback_json(fallback),
+                                 len(claimed), *claimed]
+        for key in one_time_keys:
+            args += [key.id, json.dumps([key.key, key.signature])]
+        return int(await self.run("keys.import", self._device_keys(user, device), args))
 
     async def count(self, user: str, device: str) -> tuple[int, bool]:
         stored, fallback = await self.run("keys.count", [self.key("k", user, "otk", device),

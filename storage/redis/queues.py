@@ -258,6 +258,22 @@ if rate > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 100
 return ok
 """
 
+# ``import_dedup_mark`` (chat-broker migrate). KEYS: the mark. ARGV: until (ms). A mark already
+# lasting as long or longer stays.
+IMPORT_DEDUP = """
+local last = tonumber(ARGV[1])
+if redis.call('PEXPIRETIME', KEYS[1]) < last then redis.call('SET', KEYS[1], '1', 'PXAT', last) end
+return 1
+"""
+
+# ``import_seq_floor`` (chat-broker migrate). KEYS: qs. ARGV: device, floor. The device's next seq
+# will be above the floor.
+SEQ_FLOOR = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if last < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+
 
 def split_client(client_id: str) -> tuple[str, str]:
     """(user, device) of ``user.device`` (``*`` for the placeholder)."""
@@ -330,7 +346,8 @@ def expiry_shard(client_id: str) -> int:
 class RedisQueueStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
-        "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW}
+        "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
+        "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000) -> None:
@@ -464,6 +481,18 @@ class RedisQueueStore(RedisStore):
     async def _take(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int, cost: int) -> bool:
         args: list[str | int] = [repr(rate_per_s), burst, now_ms, cost]
         return bool(await self.run("queues.allow", [self.key("qb", user, bucket)], args))
+
+    async def import_dedup_mark(self, user: str, sender: str, msg_id: str, until_ms: int) -> None:
+        """Remember (``sender``, ``msg_id``) in ``user``'s slot until ``until_ms``, as a stage with
+        ``dedup_until_ms`` does (``chat-broker migrate``): a stage of it there is a DUPLICATE until then.
+        A mark lasting longer stays."""
+        await self.run("queues.import_dedup", [self.key("qd", user, f"{sender}/{msg_id}")], [until_ms])
+
+    async def import_seq_floor(self, client_id: str, floor: int) -> None:
+        """Make the device's next seqs exceed ``floor`` (``chat-broker migrate``: above every seq another
+        store gave it, which its client remembers as handed over). A counter past it stays."""
+        user, device = split_client(client_id)
+        await self.run("queues.seq_floor", [self.key("qs", user)], [device, floor])
 
     async def _hint(self, client_id: str, expires_ms: int) -> None:
         """Index the queue at ``expires_ms`` unless it is indexed earlier already (ZADD LT). A failure

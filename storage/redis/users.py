@@ -68,6 +68,20 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
+# ``import_user`` (chat-broker migrate). KEYS: user, devices, tokens. ARGV: password hash, created,
+# then (device, "<created> <last_login>", digest or '') triples. A user already there with another
+# password is left alone (returns 0); else what is missing is added and what is there stays.
+IMPORT_USER = """
+local pw = redis.call('HGET', KEYS[1], 'pw')
+if pw and pw ~= ARGV[1] then return 0 end
+if not pw then redis.call('HSET', KEYS[1], 'pw', ARGV[1], 'created', ARGV[2]) end
+for i = 3, #ARGV, 3 do
+  redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
+  if ARGV[i + 2] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 2]) end
+end
+return 1
+"""
+
 NO_LIMIT = 2**31
 
 
@@ -80,13 +94,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class SecretMismatchError(StoreError):
+    """The cluster holds another device-token key than the one being imported."""
+
+
 class RedisUserStore(RedisStore):
     """Implements ``broker.users.UserStore``, ``UserLookup`` and ``Accounts``; ``add_users`` is the
     admin side the tests seed with."""
 
     SCRIPTS: ClassVar[dict[str, str]] = {"users.add": ADD_USER, "users.devices": USER_DEVICES, "users.device": DEVICE,
                "users.record_login": RECORD_LOGIN, "users.set_token": SET_DIGEST,
-               "users.revoke_tokens": REVOKE_ALL, "devices.remove": DELETE_DEVICE}
+               "users.revoke_tokens": REVOKE_ALL, "devices.remove": DELETE_DEVICE,
+               "users.import": IMPORT_USER}
 
     def _keys(self, user: str) -> tuple[str, str, str]:
         """The user's hash, devices and tokens."""
@@ -104,6 +123,32 @@ class RedisUserStore(RedisStore):
         await self.command("secret.create", "SET", key, os.urandom(32).hex(), "NX")
         value = await self.command("secret.read", "GET", key)
         return bytes.fromhex(str(value))
+
+    async def stored_secret(self) -> bytes | None:
+        """The shared device-token key if one was made or imported yet (a read: nothing is created)."""
+        value = await self.command("secret.read", "GET", f"{self._prefix}secret")
+        return None if value is None else bytes.fromhex(str(value))
+
+    async def import_secret(self, secret: bytes) -> None:
+        """Make ``secret`` (a SQLite data folder's ``server.key``) the shared device-token key, so the
+        device tokens it issued stay valid. Done again it changes nothing; raises SecretMismatchError
+        if the cluster holds another key already (its nodes issued tokens with it)."""
+        await self.command("secret.import", "SET", f"{self._prefix}secret", secret.hex(), "NX")
+        if await self.stored_secret() != secret:
+            raise SecretMismatchError(
+                f"the cluster (key prefix {self._prefix!r}) already holds another device-token key: importing "
+                "this one would end the tokens issued with it. Migrate into a fresh key prefix, or delete "
+                f"the key {self._prefix}secret if no device uses a token issued by the cluster")
+
+    async def import_user(self, name: str, pw_hash: str, created_ms: int, devices: Iterable[DeviceInfo]) -> bool:
+        """Add a user as another store holds it: password hash, creation time, devices with their times
+        and token digests (``chat-broker migrate``). What the cluster has already stays (a device's
+        times and token, a user's creation time), so a second import changes nothing. False, and
+        nothing written, if the user exists here with another password."""
+        args: list[str | int] = [pw_hash, created_ms]
+        for device in devices:
+            args += [device.device, f"{device.created_ms} {device.last_login_ms}", device.token_digest or ""]
+        return bool(await self.run("users.import", self._keys(name), args))
 
     async def add_users(self, rows: Iterable[tuple[str, str]]) -> tuple[int, list[str]]:
         """Add users (name, password hash); returns (added, names that already existed). Users live

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
@@ -56,6 +57,20 @@ MIGRATIONS = (
 )
 
 _DEVICE_TABLES = ("one_time_keys", "claimed", "fallback_keys")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKeys:
+    """Everything the directory holds for one device (``export``, for ``chat-broker migrate``)."""
+
+    user: str
+    device: str
+    curve25519: str
+    ed25519: str
+    signed: dict[str, Any]
+    one_time_keys: list[OneTimeKey]  # unclaimed, in the order claims take them
+    fallback: OneTimeKey | None
+    claimed: list[str]  # ids handed out already: never to be offered again
 
 
 class SqliteKeyStore(SqliteFile):
@@ -145,6 +160,27 @@ class SqliteKeyStore(SqliteFile):
         async with self._db.execute("SELECT user, device, curve25519 FROM device_keys") as cursor:
             return [(str(r[0]), str(r[1]), str(r[2])) async for r in cursor]
 
+    async def export(self) -> list[DeviceKeys]:
+        """Every keyed device with its keys, in one read transaction (a consistent snapshot)."""
+        async with writer_lock(self._db):
+            await self._db.execute("BEGIN")
+            try:
+                return [await self._export_device(row) for row in await self._fetchall(
+                    "SELECT user, device, curve25519, ed25519, signed FROM device_keys ORDER BY user, device", ())]
+            finally:
+                await self._db.execute("COMMIT")
+
+    async def _export_device(self, row: Any) -> DeviceKeys:
+        where = (str(row[0]), str(row[1]))
+        otks = await self._fetchall("SELECT key_id, key, signature FROM one_time_keys WHERE user = ? AND device = ? "
+                                    "ORDER BY rowid", where)
+        fallback = await self._fetchone("SELECT key_id, key, signature FROM fallback_keys WHERE user = ? "
+                                        "AND device = ?", where)
+        claimed = await self._fetchall("SELECT key_id FROM claimed WHERE user = ? AND device = ? ORDER BY key_id",
+                                       where)
+        return DeviceKeys(*where, str(row[2]), str(row[3]), json.loads(row[4]), [_key(r) for r in otks],
+                          None if fallback is None else _key(fallback), [str(r[0]) for r in claimed])
+
     async def _forget_keys(self, user: str, device: str) -> None:
         for table in _DEVICE_TABLES:
             await self._db.execute(f"DELETE FROM {table} WHERE user = ? AND device = ?", (user, device))  # noqa: S608 (fixed table names)
@@ -157,5 +193,14 @@ class SqliteKeyStore(SqliteFile):
         async with self._db.execute(query, params) as cursor:
             return await cursor.fetchone()
 
+    async def _fetchall(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        async with self._db.execute(query, params) as cursor:
+            return list(await cursor.fetchall())
+
     def _transaction(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         return transaction(self._db, name)
+
+
+def _key(row: Any) -> OneTimeKey:
+    """A (key_id, key, signature) row."""
+    return OneTimeKey(str(row[0]), str(row[1]), str(row[2]))

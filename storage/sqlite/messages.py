@@ -81,6 +81,13 @@ class SqliteMessageStore(SqliteFile):
                 row = await cursor.fetchone()
         return int(row[0]) if row else 1
 
+    async def last_boot(self) -> int:
+        """The boot number of the last start (0: never started); read only. Every seq handed out so
+        far is below ``(last_boot() + 1) * SEQ_SPAN``."""
+        async with self._db.execute("SELECT value FROM meta WHERE key = 'boot'") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
     async def load(self, now_ms: int) -> tuple[list[StagedMessage], list[Item], list[tuple[str, str, int]]]:
         messages: dict[int, StagedMessage] = {}
         query = ("SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin, dev, olm, "
