@@ -291,13 +291,11 @@ class GcSettings(_Section):
 
 
 def parse_redis_nodes(value: str) -> list[str]:
-    """``redis://HOST:PORT[,HOST:PORT...]`` (or without ``redis://``) -> ``["HOST:PORT", ...]``."""
+    """``redis://HOST:PORT[,HOST:PORT...]`` (``redis://`` optional on each) -> ``["HOST:PORT", ...]``."""
     text = value.strip()
-    if text.startswith("redis://"):
-        text = text[len("redis://"):]
-    elif "://" in text:
+    nodes = [part.strip().removeprefix("redis://").rstrip("/") for part in text.split(",")]
+    if any("://" in node for node in nodes):
         raise ValueError(f"{value!r}: only redis:// is supported (TLS to Redis is not)")
-    nodes = [part.strip() for part in text.split(",")]
     if not text or not all(nodes):
         raise ValueError(f"{value!r} is not redis://HOST:PORT[,HOST:PORT...]")
     for node in nodes:

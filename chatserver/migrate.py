@@ -37,15 +37,17 @@ from bridge.directory import PLACEHOLDER_DEVICE, is_placeholder
 from bridge.messaging.records import SEQ_SPAN, Item
 from bridge.store import StoreError
 from chatproto import MsgItem, ReceiptItem
+from chatserver.config import parse_bind, parse_redis_nodes
 from chatserver.data_dir import BrokerLock
 from storage.redis.client import PREFIX_RE
 from storage.redis.keys import RedisKeyStore
+from storage.redis.presence import RedisPresenceStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.db import SqliteFile
 from storage.sqlite.keys import KEYS_DB, SqliteKeyStore
 from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
-from storage.sqlite.presence import PRESENCE_DB
+from storage.sqlite.presence import PRESENCE_DB, SqlitePresenceStore
 from storage.sqlite.users import SECRET_FILE, USERS_DB, SqliteUserStore
 
 NO_LIMIT = 2**31  # a migrated queue is never refused as full: it held these items already
@@ -61,14 +63,10 @@ class MigrateError(StoreError):
 
 def parse_cluster(text: str) -> list[tuple[str, int]]:
     """``redis://HOST:PORT[,HOST:PORT...]`` (``redis://`` optional on each) -> (host, port) pairs."""
-    nodes = []
-    for part in text.split(","):
-        address = part.strip().removeprefix("redis://").rstrip("/")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise MigrateError(f"--cluster: {part.strip()!r} is not redis://HOST:PORT")
-        nodes.append((host.strip("[]"), int(port)))
-    return nodes
+    try:
+        return [parse_bind(node) for node in parse_redis_nodes(text)]
+    except ValueError as exc:
+        raise MigrateError(f"--cluster: {text!r} is not redis://HOST:PORT[,HOST:PORT...] ({exc})") from None
 
 
 # --- the plan: pure ----------------------------------------------------------------------------
@@ -168,18 +166,20 @@ class Target:
     users: RedisUserStore
     keys: RedisKeyStore
     queues: RedisQueueStore
+    presence: RedisPresenceStore
 
     @classmethod
     async def open(cls, nodes: Sequence[tuple[str, int]], prefix: str) -> Target:
         users = await RedisUserStore.open(nodes, prefix)
         try:  # one client each: the stores register their own scripts
-            return cls(users, await RedisKeyStore.open(nodes, prefix), await RedisQueueStore.open(nodes, prefix))
+            return cls(users, await RedisKeyStore.open(nodes, prefix), await RedisQueueStore.open(nodes, prefix),
+                       await RedisPresenceStore.open(nodes, prefix))
         except BaseException:
             await users.close()
             raise
 
     async def close(self) -> None:
-        for store in (self.users, self.keys, self.queues):
+        for store in (self.users, self.keys, self.queues, self.presence):
             await store.close()
 
 
@@ -226,8 +226,10 @@ async def _run(data_dir: Path, target: Target, dry_run: bool, say: Callable[[str
     else:
         say("queues: no staging.db: nothing staged")
     if (data_dir / PRESENCE_DB).is_file():
-        say(f"presence: {PRESENCE_DB} (last seen times, privacy settings, contacts) is not moved: the cluster "
-            "has no presence store yet")
+        async with _opened(SqlitePresenceStore, data_dir) as presence:
+            await _presence(presence, target.presence, dry_run, report)
+        say(f"presence: {report.counts['last_seen']} last-seen times, {report.counts['settings']} privacy settings, "
+            f"{report.counts['contacts']} contacts")
     counts = report.counts
     verb = "would move" if dry_run else "moved"
     say(f"summary: {verb} {counts['users']} users, {counts['devices']} devices, {counts['keyed']} key sets, "
@@ -294,6 +296,23 @@ async def _users(source: SqliteUserStore, target: RedisUserStore, dry_run: bool,
             report.problems.append(f"user {info.name} exists in the cluster with another password: not migrated "
                                    "(delete it there, or migrate into a fresh --key-prefix)")
     return devices
+
+
+async def _presence(source: SqlitePresenceStore, target: RedisPresenceStore, dry_run: bool, report: Report) -> None:
+    """Last-seen times, privacy settings and contacts: a privacy setting left behind would show a user
+    who chose ``nobody`` to their contacts. Each write is idempotent (a time never moves back, a setting
+    is set, contacts are a set)."""
+    snapshot = await source.load()
+    report.counts.update(last_seen=len(snapshot.last_seen), settings=len(snapshot.settings),
+                         contacts=len(snapshot.contacts))
+    if dry_run:
+        return
+    await target.save_last_seen(snapshot.last_seen)
+    await _pool(functools.partial(target.set_privacy, user, setting) for user, setting in snapshot.settings)
+    by_owner: dict[str, list[str]] = defaultdict(list)
+    for owner, contact in snapshot.contacts:
+        by_owner[owner].append(contact)
+    await _pool(functools.partial(target.add_contacts, owner, users) for owner, users in by_owner.items())
 
 
 async def _keys(source: SqliteKeyStore, target: RedisKeyStore, dry_run: bool, report: Report) -> None:

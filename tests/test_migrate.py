@@ -25,6 +25,7 @@ from chatserver import migrate as migration
 from chatserver.cli import main
 from chatserver.data_dir import BrokerLock, DataDirInUseError
 from storage.redis.keys import RedisKeyStore
+from storage.redis.presence import RedisPresenceStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
@@ -60,6 +61,9 @@ def build_folder(path: Path) -> Folder:
         claim = alice.request("keys.claim", {"user": "bob", "devices": ["phone"]})
         assert claim["result"]["devices"]["phone"]["id"] == "k1", claim
         token = alice.request("auth.token")["result"]["token"]
+        assert p["bob.phone"].request("privacy.set", {"last_seen": "nobody"})["ok"] is True
+        assert alice.request("contacts.add", {"users": ["bob", "carol"]})["ok"] is True
+        alice.publish("u/alice/hb", {})  # a foreground heartbeat: alice has a last-seen time
         for cid in FOR_BOB:
             p[cid].close()
         alice.publish("u/alice/out", {"id": "p1", "to": "bob", "body": "hello 1"})
@@ -227,6 +231,16 @@ async def test_everything_moves_and_a_second_run_changes_nothing(folder: Folder,
         got, seqs = await redis_queue(cluster, client_id)
         assert got == rows, client_id
         assert seqs == sorted(seqs) and seqs[0] > SEQ_SPAN, "above what the device was given before"
+
+    # Presence: a privacy setting left behind would show bob to everyone allowed by the default.
+    presence = await RedisPresenceStore.open(cluster.nodes, cluster.prefix)
+    try:
+        moved = await presence.load()
+    finally:
+        await presence.close()
+    assert ("bob", "nobody") in moved.settings
+    assert {("alice", "bob"), ("alice", "carol")} <= set(moved.contacts)
+    assert "alice" in dict(moved.last_seen)
 
     # A second run finds everything there and changes nothing.
     report, again = await run(folder, cluster)

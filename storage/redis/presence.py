@@ -81,8 +81,10 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 PRIVACY = """
-redis.call('HSET', KEYS[1], 'priv', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'v', 1)
+if redis.call('HGET', KEYS[1], 'priv') ~= ARGV[1] then
+  redis.call('HSET', KEYS[1], 'priv', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'v', 1)
+end
 return 1
 """
 
