@@ -3,8 +3,8 @@
 Read from Redis only (a read-only ``RedisNodeBus``, ``node_id=""``): the nodes whose lease runs,
 with the connections each last reported, and ``CLUSTER NODES`` (masters, replicas, their slots
 and state). ``parse_topology``, ``render`` and ``as_json`` are pure; ``gather`` does the I/O.
-Queue depths are not shown: the queue store keeps a depth per device and no total, and summing
-them would read every queue; each node's ``/metrics`` has its own figures.
+Queues: how many device queues hold items, from the queue store's expiry index (64 reads, never a
+scan of the queues); the store keeps no item total, and each node's ``/metrics`` has its own figures.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from bridge.cluster.nodes import NodeInfo
 from chatserver.config import ClusterSettings
 from chatserver.status import kv_table
 
-NO_DEPTHS = "not available (the queue store keeps no total; see each node's /metrics)"
+WAITING_NOTE = ("device queues holding items, from the expiry index (an entry can outlive its items until the "
+                "next sweep); item totals: each node's /metrics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class ClusterView:
     nodes: list[NodeInfo]
     redis: list[RedisNode]
     at_ms: int
+    queues_waiting: int
 
 
 def _state(info: Mapping[str, Any]) -> str:
@@ -95,7 +97,7 @@ def render(view: ClusterView, source: str = "") -> Group:
         ("connections", f"{sum(n.connections for n in view.nodes):,}"),
         ("redis masters / replicas", f"{len(masters)} / {sum(1 for n in view.redis if n.role == 'replica')}"),
         ("slots served", f"{covered:,} of 16,384"),
-        ("queue depths", NO_DEPTHS),
+        ("queues with items", f"{view.queues_waiting:,}"),
     ])
     return Group(summary, "", nodes, "", redis)
 
@@ -106,14 +108,15 @@ def as_json(view: ClusterView) -> dict[str, Any]:
         "nodes": [asdict(node) for node in view.nodes],
         "connections": sum(node.connections for node in view.nodes),
         "redis": [{**asdict(server), "slots": [list(r) for r in server.slots]} for server in view.redis],
-        "queue_depths": None,
-        "queue_depths_note": NO_DEPTHS,
+        "queues_waiting": view.queues_waiting,
+        "queues_waiting_note": WAITING_NOTE,
     }
 
 
 async def gather(cluster: ClusterSettings) -> ClusterView:
     """Read the view from the cluster (raises ``StoreError`` if Redis cannot be reached)."""
     from storage.redis.nodes import RedisNodeBus  # noqa: PLC0415 (redis-py only for this command)
+    from storage.redis.queues import RedisQueueStore  # noqa: PLC0415
 
     bus = await RedisNodeBus.connect(cluster.startup_nodes, cluster.key_prefix, node_id="",
                                      lease_s=cluster.lease_s, retry_s=cluster.retry_s)
@@ -122,4 +125,9 @@ async def gather(cluster: ClusterSettings) -> ClusterView:
         raw = await bus.command("cluster nodes", "CLUSTER NODES")
     finally:
         await bus.close()
-    return ClusterView(nodes, parse_topology(raw), int(time.time() * 1000))
+    queues = await RedisQueueStore.open(cluster.startup_nodes, cluster.key_prefix, cluster.retry_s)
+    try:
+        waiting = await queues.waiting()
+    finally:
+        await queues.close()
+    return ClusterView(nodes, parse_topology(raw), int(time.time() * 1000), waiting)

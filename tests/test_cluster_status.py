@@ -7,9 +7,12 @@ import json
 import uuid
 from pathlib import Path
 
+from bridge.cluster.store import Stage
+from chatproto import ReceiptItem
 from chatserver.cluster_status import gather, parse_topology, render
 from chatserver.config import build_settings
 from storage.redis.nodes import RedisNodeBus
+from storage.redis.queues import RedisQueueStore
 from testkit.redis_cluster import RedisCluster
 from tests.test_cli import cli, one_line_error
 
@@ -41,6 +44,11 @@ async def test_cluster_status_shows_live_nodes_and_the_redis_cluster(redis_clust
     cluster = settings.cluster
     assert cluster is not None
 
+    queues = await RedisQueueStore.open(startup, prefix)
+    try:  # one queue with an item: carol has no device yet, so it waits in her placeholder queue
+        await queues.stage(Stage("carol", 2**42, 10, receipt=ReceiptItem("seen", ("m1",), "dave", 1)))
+    finally:
+        await queues.close()
     bus = await RedisNodeBus.connect(startup, prefix, "edge-1", lease_s=0.6)
     try:
         await bus.start(lambda nudge: None)
@@ -60,7 +68,7 @@ async def test_cluster_status_shows_live_nodes_and_the_redis_cluster(redis_clust
         masters = [n for n in shown["redis"] if n["role"] == "master"]
         assert len(masters) == 3 and len(shown["redis"]) == 6
         assert sum(b - a + 1 for n in masters for a, b in n["slots"]) == 16384
-        assert shown["queue_depths"] is None
+        assert shown["queues_waiting"] == 1, "the queue staged above"
         text = await asyncio.to_thread(cli, "cluster", "status", "--cluster", url, "--key-prefix", prefix,
                                        cwd=tmp_path)
         assert "edge-1" in text.stdout and "Redis Cluster" in text.stdout and "16,384 of 16,384" in text.stdout

@@ -468,6 +468,13 @@ class RedisQueueStore(RedisStore):
         self._due_from = (start + DUE_BATCH) % EXPIRY_SHARDS
         return list(found)[:limit]
 
+    async def waiting(self) -> int:
+        """Queues holding items, cluster-wide, from the expiry index (64 ``ZCARD``s): a queue is in it
+        while it holds an item; an entry can outlive its items until the next sweep looks at it."""
+        counts = await asyncio.gather(*(self.command("queues.waiting", "ZCARD", self._shard_key(n))
+                                        for n in range(EXPIRY_SHARDS)))
+        return sum(int(count) for count in counts)
+
     async def depth(self, client_id: str) -> int:
         user, device = split_client(client_id)
         return int(await self.command("queues.depth", "ZCARD", self.key("q", user, device)))
