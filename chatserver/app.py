@@ -210,6 +210,7 @@ class BrokerApp:
             require_encryption=settings.limits.require_encryption,
             sweep_s=settings.staging.sweep_s,
             poll_s=cluster.poll_s,
+            max_lane=cluster.max_waiting_uplinks,
         )
         links = LinkRegistry()
         messaging = ClusterMessaging(rules, stores.queues, stores.bus, stores.users, stores.keys, links,

@@ -326,6 +326,9 @@ class ClusterSettings(_Section):
     """How long a Redis call is retried across a failover before it fails (the sender is not answered
     ``sent`` meanwhile). Must exceed the cluster's failover time: 3.2-4.3 s measured with
     ``cluster-node-timeout 2000``."""
+    max_waiting_uplinks: int = Field(default=256, ge=1)
+    """Messages and seen reports of one device waiting for Redis on its node; beyond, refused with
+    ``rate_limited`` (re-sent by the client in order): a device cannot grow a node's memory."""
     poll_s: float = Field(default=30.0, gt=0)
     """How often a node reads the queues of its devices without being nudged: the most a lost nudge
     (a Redis failover under the channel) delays an item."""

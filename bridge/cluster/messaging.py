@@ -74,6 +74,7 @@ class ClusterRules:
     require_encryption: bool = False
     poll_s: float = 30.0
     sweep_s: float = 60.0
+    max_lane: int = 256  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
 
 
 class SharedClaimLimit:
@@ -107,6 +108,7 @@ class ClusterMessaging:
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
         self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
+        self._busy: dict[str, list[str]] = {}  # ids refused while the device's lane was full (``_refuse_busy``)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -139,16 +141,47 @@ class ClusterMessaging:
     def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
         lane = self._lanes.get(caller.client_id)
         if lane is not None:
+            if len(lane) >= self.rules.max_lane:
+                self._refuse_busy(lane, kind, caller, payload)
+                return
             lane.append((kind, caller, payload))
             return
         self._lanes[caller.client_id] = deque([(kind, caller, payload)])
         self._spawn(self._run_lane(caller.client_id))
+
+    def _refuse_busy(self, lane: deque[tuple[str, Caller, bytes]], kind: str, caller: Caller,
+                     payload: bytes) -> None:
+        """The device's lane is full (Redis is slow, or the device floods): refused as ``rate_limited``.
+        A refused message must hold the device's later ones until it is re-sent, but only from its own
+        place in the order: a ``busy`` mark at the lane's end turns the refused ids into a hold when
+        the lane gets there, so the messages already waiting ahead of it are taken as usual."""
+        item: ChatMessage | Seen
+        try:
+            item = (ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
+                    if kind == "out" else Seen.decode(payload))
+        except DecodeError as exc:
+            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
+            return
+        ref = item.id if isinstance(item, ChatMessage) else None
+        if ref is not None:
+            refused = self._busy.get(caller.client_id)
+            if refused is None:
+                refused = self._busy[caller.client_id] = []
+                lane.append(("busy", caller, b""))  # the one entry beyond max_lane
+            if ref not in refused:
+                refused.append(ref)
+        self.links.send(caller.client_id, ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; "
+                                                    "retry later", ref))
 
     async def _run_lane(self, client_id: str) -> None:
         lane = self._lanes[client_id]
         try:
             while lane:
                 kind, caller, payload = lane[0]
+                if kind == "busy":
+                    self._holds.hold_all(client_id, self._busy.pop(client_id, []), ErrorCode.RATE_LIMITED, self._now())
+                    lane.popleft()
+                    continue
                 try:
                     await (self._submit(caller, payload) if kind == "out" else self._seen(caller, payload))
                 except Exception:
