@@ -253,7 +253,7 @@ def _met(ok: bool) -> str:
 def summary_md(out_dir: Path) -> str:
     lines = ["# Benchmark summary", ""]
     sources = []
-    for name in ("compare", "idle", "drain", "restart", "clientcost"):
+    for name in ("compare", "idle", "drain", "restart", "clientcost", "scale"):
         data = _load(out_dir, name)
         if data:
             sources.append(f"- [{name}.md]({name}.md): `{data['command']}`, {machine_line(data['machine'])}"
@@ -273,6 +273,11 @@ def summary_md(out_dir: Path) -> str:
                 rows.append([t["label"], s["idle"], s["kib_per_connection"], s["cpu_rest"].get("broker")])
         lines += ["", "## Idle connections", ""]
         lines += md_table(["broker", "connections", "KiB per connection", "CPU at rest (cores)"], rows)
+    scale = _load(out_dir, "scale")
+    if scale:
+        from bench.scale import summary_lines  # noqa: PLC0415 (bench.scale imports this module)
+
+        lines += summary_lines(scale)
     restart = _load(out_dir, "restart")
     if restart:
         lines += ["", "## Restart", "", f"SIGKILL with {restart['messages']:,} staged: ready after"
