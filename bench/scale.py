@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import redis
 
-from bench.common import BenchError, fmt, md_table, rss_kib
+from bench.common import BenchError, CpuMeter, fmt, md_table, rss_kib
 from bench.report import header, log_problems_md
 from bench.suite import DRAIN_USERS, Suite, idle_user, pair_users
 from bench.targets import ClusterChatServer, Server
@@ -137,7 +137,9 @@ def run(suite: Suite, replicas: int = 0, workers: int = WORKERS) -> dict[str, An
             server.fresh_data()
             results[name] = _target(suite, server, idle, rate, probe, functools.partial(_staged_memory, suite,
                                                                                     probe=probe))
-            redis_info = {"masters": MASTERS, "replicas_per_master": replicas, "workers": workers,
+            first, second = probe.counters(), probe.counters()
+            reading = second["net_in"] + second["net_out"] - first["net_in"] - first["net_out"]
+            redis_info = {"probe_bytes_per_reading": reading, "masters": MASTERS, "replicas_per_master": replicas, "workers": workers,
                           "used_memory_users_only": base_memory, "rss_kib_end": probe.rss_kib(),
                           "appendonly": "yes (fsync everysec), as testkit/redis_cluster.py configures it"}
         finally:
@@ -178,6 +180,8 @@ def _target(suite: Suite, server: Server, idle: int, rate: float, probe: RedisPr
                 "redis_rss_before_kib": redis_rss0, "redis_rss_after_kib": probe.rss_kib()})
         suite.log(f"  {idle:,} idle connected: broker RSS {rss0 / 1024:.0f} -> {rss1 / 1024:.0f} MiB"
                   f" ({out['memory']['kib_per_connection']} KiB per connection)")
+        if probe is not None:
+            out["rest"] = _rest(suite, server, probe, idle)
         top = suite.run_pairs(server, "max")
         top["idle"] = idle
         out["phases"].append(top)
@@ -201,6 +205,23 @@ def _target(suite: Suite, server: Server, idle: int, rate: float, probe: RedisPr
         suite.log(f"  {server.label} stopped (exit code {code})")
         out["broker_log_problems"] = suite._log_problems(server)
     return out
+
+
+def _rest(suite: Suite, server: Server, probe: RedisProbe, idle: int) -> dict[str, Any]:
+    """Nothing sent for ``rest_s``: the broker's and Redis's CPU and Redis's commands, which are then
+    the background rounds (leases, the periodic look at every local queue, presence resyncs, sweeps)."""
+    window = suite.sizes.rest_s
+    suite.log(f"  at rest for {window:.0f} s with {idle:,} idle connected: broker and Redis CPU, Redis commands ...")
+    meter = CpuMeter({"broker": server.pids(), "redis": probe.pids()})
+    start = probe.counters()
+    time.sleep(window)
+    cores = meter.cores()
+    end = probe.counters()
+    delta = {key: end[key] - start.get(key, 0.0) for key in end}
+    per_s = {key.removeprefix("cmd:"): round(value / window, 1) for key, value in delta.items() if value}
+    suite.log(f"    broker {cores.get('broker')} cores, Redis {cores.get('redis')} cores,"
+              f" {per_s.get('commands', 0):,.0f} Redis commands/s ({per_s.get('evalsha', 0):,.0f} scripts/s)")
+    return {"seconds": window, "idle": idle, "cpu_cores": cores, "per_s": per_s}
 
 
 def _staged_memory(suite: Suite, server: Server, probe: RedisProbe) -> dict[str, Any]:
@@ -319,6 +340,18 @@ def markdown(result: dict[str, Any]) -> str:
               " the same way (directory entries, presence, logins), and the RSS of all Redis processes.", ""]
     lines += md_table(["target", "idle users", "processes", "broker RSS MiB", "broker KiB per connection",
                        "Redis bytes per connection", "Redis RSS MiB"], rows)
+    rest = cluster.get("rest")
+    if rest:
+        per_s, cpu = rest["per_s"], rest["cpu_cores"]
+        top = sorted(((k, v) for k, v in per_s.items() if k not in ("commands", "net_in", "net_out")),
+                     key=lambda kv: -kv[1])[:6]
+        lines += ["", "## The cluster at rest", "",
+                  f"{rest['idle']:,} idle users and the pairs connected, nothing sent, for {rest['seconds']:.0f} s"
+                  " (the periodic look at every local queue and the presence resync run every 30 s: a shorter"
+                  f" window may miss them): broker {fmt(cpu.get('broker'))} cores, Redis {fmt(cpu.get('redis'))}"
+                  f" cores, {fmt(per_s.get('commands', 0.0))} Redis commands/s ({fmt(per_s.get('evalsha', 0.0))}"
+                  f" scripts/s; {', '.join(f'{k} {fmt(v)}' for k, v in top)}),"
+                  f" {fmt(per_s.get('net_in', 0.0) + per_s.get('net_out', 0.0))} bytes/s."]
     staged = cluster.get("staged")
     if staged:
         lines += ["", "## Redis memory per staged item and by kind of key", "",
