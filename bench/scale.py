@@ -139,7 +139,8 @@ def run(suite: Suite, replicas: int = 0, workers: int = WORKERS) -> dict[str, An
                                                                                     probe=probe))
             first, second = probe.counters(), probe.counters()
             reading = second["net_in"] + second["net_out"] - first["net_in"] - first["net_out"]
-            redis_info = {"probe_bytes_per_reading": reading, "masters": MASTERS, "replicas_per_master": replicas, "workers": workers,
+            redis_info = {"probe_bytes_per_reading": reading, "masters": MASTERS,
+                          "replicas_per_master": replicas, "workers": workers,
                           "used_memory_users_only": base_memory, "rss_kib_end": probe.rss_kib(),
                           "appendonly": "yes (fsync everysec), as testkit/redis_cluster.py configures it"}
         finally:
