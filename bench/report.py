@@ -53,7 +53,7 @@ def compare_md(result: dict[str, Any]) -> str:
             d, a, c = p["deliver"], _ack(p), p["cpu_cores"]
             rows.append([t["label"], p["idle"], p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"), d.get("p999_ms"),
                          a.get("p50_ms"), a.get("p99_ms"), c.get("broker"), c.get("generator"), c.get("others"),
-                         _mib(p.get("broker_rss_kib")), _flags(p)])
+                         _mib(p.get("broker_rss_kib")), phase_flags(p)])
     lines += ["## Highest sustained rate (closed loop)", ""]
     lines += md_table(["broker", "idle users", "msg/s", "deliver p50 ms", "p99 ms", "p99.9 ms", "ack p50 ms",
                        "ack p99 ms", "broker CPU", "generator CPU", "other CPU", "broker RSS MiB", "notes"], rows,
@@ -75,7 +75,7 @@ def compare_md(result: dict[str, Any]) -> str:
             d, a, c = p["deliver"], _ack(p), p["cpu_cores"]
             lag = (p.get("generator_lag") or {}).get("p99_ms")
             rows.append([t["label"], p["idle"], p["offered_per_s"], p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"),
-                         d.get("p999_ms"), a.get("p99_ms"), lag, c.get("broker"), _flags(p)])
+                         d.get("p999_ms"), a.get("p99_ms"), lag, c.get("broker"), phase_flags(p)])
     if rows:
         lines += ["", "## Latency at a fixed offered load (open loop)", ""]
         lines += md_table(["broker", "idle users", "offered msg/s", "achieved msg/s", "deliver p50 ms", "p99 ms",
@@ -95,7 +95,7 @@ def log_problems_md(by_label: dict[str, dict[str, Any] | None]) -> list[str]:
     return lines
 
 
-def _flags(p: dict[str, Any]) -> str:
+def phase_flags(p: dict[str, Any]) -> str:
     notes = []
     if p.get("saturated"):
         notes.append(f"saturated ({p['skipped']} not sent)")

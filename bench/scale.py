@@ -33,7 +33,7 @@ from typing import Any, cast
 import redis
 
 from bench.common import BenchError, CpuMeter, fmt, md_table, rss_kib
-from bench.report import header, log_problems_md
+from bench.report import header, log_problems_md, phase_flags
 from bench.suite import DRAIN_USERS, Suite, idle_user, pair_users
 from bench.targets import ClusterChatServer, Server
 from bench.users import seed_redis
@@ -187,14 +187,13 @@ def _target(suite: Suite, server: Server, idle: int, rate: float, probe: RedisPr
         top["idle"] = idle
         out["phases"].append(top)
         suite._print_phase(f"idle {idle:,} max", top)
-        if rate > 1.1 * top["msgs_per_s"]:
-            out["phases"].append({"mode": "rate", "offered_per_s": rate, "idle": idle,
-                                  "not_run": f"above the sustained rate ({top['msgs_per_s']:.0f}/s)"})
-        else:
-            fixed = suite.run_pairs(server, "rate", rate)
-            fixed["idle"] = idle
-            out["phases"].append(fixed)
-            suite._print_phase(f"idle {idle:,} @ {rate}/s", fixed)
+        # Run even above the closed-loop rate (unlike compare): the issue asks for this very point, and
+        # how a target fails it (saturated, lagging) is the answer then.
+        fixed = suite.run_pairs(server, "rate", rate)
+        fixed["idle"] = idle
+        fixed["above_max"] = rate > 1.1 * top["msgs_per_s"]
+        out["phases"].append(fixed)
+        suite._print_phase(f"idle {idle:,} @ {rate}/s", fixed)
         if after is not None:
             out.update(after(server))
         if not server.alive():
@@ -297,17 +296,15 @@ def markdown(result: dict[str, Any]) -> str:
     rows = []
     for t in result["targets"].values():
         for p in t["phases"]:
-            if "not_run" in p:
-                rows.append([t["label"], p["idle"], f"{p['offered_per_s']}/s", None, None, None, None, None, None,
-                             "not run: " + p["not_run"]])
-                continue
             d, c = p["deliver"], p["cpu_cores"]
             mode = "max" if p["mode"] == "max" else f"{p['offered_per_s']:.0f}/s"
+            notes = phase_flags(p) + ("; offered above the closed-loop rate" if p.get("above_max") else "")
             rows.append([t["label"], p["idle"], mode, p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"),
-                         c.get("broker"), c.get("redis"), c.get("generator"), c.get("others")])
+                         d.get("p999_ms"), c.get("broker"), c.get("redis"), c.get("generator"), c.get("others"),
+                         notes.strip("; ")])
     lines += ["", "## Every phase", ""]
-    lines += md_table(["target", "idle users", "load", "msg/s", "deliver p50 ms", "p99 ms", "broker CPU",
-                       "Redis CPU", "generator CPU", "other CPU"], rows, "lrlrrrrrrr")
+    lines += md_table(["target", "idle users", "load", "msg/s", "deliver p50 ms", "p99 ms", "p99.9 ms",
+                       "broker CPU", "Redis CPU", "generator CPU", "other CPU", "notes"], rows, "lrlrrrrrrrrl")
     rows = []
     for t in result["targets"].values():
         for p in t["phases"]:
