@@ -111,13 +111,14 @@ def phase_flags(p: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def top_rates(result: dict[str, Any], name: str) -> dict[int, float]:
+    """Idle users -> closed-loop msg/s of target ``name`` in a result with ``targets``."""
+    phases = result["targets"].get(name, {}).get("phases", [])
+    return {p["idle"]: p["msgs_per_s"] for p in phases if p["mode"] == "max"}
+
+
 def ratio_rows(result: dict[str, Any]) -> list[list[Any]]:
-    targets = result["targets"]
-
-    def top(name: str) -> dict[int, float]:
-        return {p["idle"]: p["msgs_per_s"] for p in targets.get(name, {}).get("phases", []) if p["mode"] == "max"}
-
-    ours, amqtt, mosq = top("chat"), top("amqtt"), top("mosquitto")
+    ours, amqtt, mosq = (top_rates(result, name) for name in ("chat", "amqtt", "mosquitto"))
     rows = []
     for level in sorted(ours):
         a, m = amqtt.get(level), mosq.get(level)

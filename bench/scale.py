@@ -20,7 +20,6 @@ replica doubles every write's work without serving a read.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 import tempfile
@@ -33,7 +32,7 @@ from typing import Any, cast
 import redis
 
 from bench.common import BenchError, CpuMeter, fmt, md_table, rss_kib
-from bench.report import header, log_problems_md, phase_flags
+from bench.report import header, log_problems_md, phase_flags, top_rates
 from bench.suite import DRAIN_USERS, Suite, idle_user, pair_users
 from bench.targets import ClusterChatServer, Server
 from bench.users import seed_redis
@@ -199,11 +198,7 @@ def _target(suite: Suite, server: Server, idle: int, rate: float, probe: RedisPr
         if not server.alive():
             raise BenchError(f"{server.name} died: {server.log_tail()}")
     finally:
-        with contextlib.suppress(BenchError):
-            suite.disconnect_all()
-        code = server.stop()
-        suite.log(f"  {server.label} stopped (exit code {code})")
-        out["broker_log_problems"] = suite._log_problems(server)
+        out["broker_log_problems"] = suite.finish(server)
     return out
 
 
@@ -264,12 +259,7 @@ def per_message(phase: dict[str, Any], window: float) -> dict[str, float | None]
 
 
 def ratio_rows(result: dict[str, Any]) -> list[list[Any]]:
-    targets = result["targets"]
-
-    def top(name: str) -> dict[int, float]:
-        return {p["idle"]: p["msgs_per_s"] for p in targets.get(name, {}).get("phases", []) if p["mode"] == "max"}
-
-    chat, cluster, mosq = top("chat"), top("cluster"), top("mosquitto")
+    chat, cluster, mosq = (top_rates(result, name) for name in TARGETS)
     rows = []
     for level in sorted(set(chat) | set(cluster)):
         a, b, m = chat.get(level), cluster.get(level), mosq.get(level)

@@ -307,6 +307,14 @@ class Suite:
                  f" {d.get('p99_ms', 0):.2f} p99.9 {d.get('p999_ms', 0):.2f} ms  ack/sent p99 {s.get('p99_ms', 0):.2f}"
                  f" ms  cpu broker {cpu.get('broker')} gen {cpu.get('generator')} other {cpu.get('others')}{extra}")
 
+    def finish(self, server: Server) -> dict[str, Any]:
+        """After a target's phases (or their failure): clients gone, broker stopped; its logged problems."""
+        with contextlib.suppress(BenchError):
+            self.disconnect_all()
+        code = server.stop()
+        self.log(f"  {server.label} stopped (exit code {code})")
+        return self._log_problems(server)
+
     def _log_problems(self, server: Server) -> dict[str, Any]:
         problems = server.log_problems()
         if problems["count"]:
@@ -355,11 +363,7 @@ class Suite:
                 if not server.alive():
                     raise BenchError(f"{server.name} died: {server.log_tail()}")
         finally:
-            with contextlib.suppress(BenchError):
-                self.disconnect_all()
-            code = server.stop()
-            self.log(f"  {server.label} stopped (exit code {code})")
-            problems = self._log_problems(server)
+            problems = self.finish(server)
         return {"label": server.label, "dialect": server.dialect, "pairs": sizes.pairs, "phases": phases,
                 "broker_log_problems": problems}
 
@@ -418,11 +422,7 @@ class Suite:
                 if not server.alive():
                     raise BenchError(f"{server.name} died: {server.log_tail()}")
         finally:
-            with contextlib.suppress(BenchError):
-                self.disconnect_all()
-            code = server.stop()
-            self.log(f"  {server.label} stopped (exit code {code})")
-            problems = self._log_problems(server)
+            problems = self.finish(server)
         return {"label": server.label, "base_rss_kib": base, "base_cpu": base_cpu, "keepalive_s": sizes.keepalive,
                 "steps": steps, "broker_log_problems": problems}
 

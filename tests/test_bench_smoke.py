@@ -15,13 +15,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_bench_compare_tiny(tmp_path: Path) -> None:
+def run_bench(args: list[str], tmp_path: Path, timeout: float) -> Path:
+    """``python -m bench ARGS --out tmp_path/results``, which must succeed; returns the results folder."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "compare", "--tiny", "--targets", "chat", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=100, check=False,
-    )
+    done = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_bench_compare_tiny(tmp_path: Path) -> None:
+    out = run_bench(["compare", "--tiny", "--targets", "chat"], tmp_path, 100)
     result = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     assert result["benchmark"] == "compare"
     assert result["sizes"]["name"] == "tiny"
@@ -44,12 +48,7 @@ def test_bench_compare_tiny(tmp_path: Path) -> None:
 def test_bench_scale_tiny(tmp_path: Path) -> None:
     """``python -m bench scale --tiny --targets chat,cluster``: one process on SQLite, then two workers
     in cluster mode on a Redis Cluster the bench starts; Redis counters reach the results."""
-    out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "scale", "--tiny", "--targets", "chat,cluster", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=150, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = run_bench(["scale", "--tiny", "--targets", "chat,cluster"], tmp_path, 150)
     result = json.loads((out / "scale.json").read_text(encoding="utf-8"))
     assert result["benchmark"] == "scale"
     assert set(result["targets"]) == {"chat", "cluster"}
