@@ -7,11 +7,13 @@
     python -m bench summary             # re-render the tables and summary.md from the JSON files
     python -m bench metrics-cost --quick  # 1:1 throughput with the metrics endpoint on vs off
     python -m bench chaos [--scenario X] [--full]   # faults, floods, hostile input (bench/chaos)
+    python -m bench scale --quick       # one process on SQLite vs cluster mode on Redis, with mosquitto
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
 latency, baselines), idle (memory per connection, CPU at rest), drain (offline
 drain), restart (SIGKILL with staged items), clientcost (paho vs asyncio for the
-generator), metrics-cost (the metrics endpoint on vs off). Results:
+generator), metrics-cost (the metrics endpoint on vs off), scale (cluster mode
+on a local Redis Cluster against one process). Results:
 bench/results/{scenario}.json and .md (metrics_cost.*), and summary.md.
 """
 
@@ -30,15 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import metrics_cost, report
+from bench import metrics_cost, report, scale
 from bench.common import RESULTS, BenchError, fd_hard_limit, machine_info, raise_fd_limit, write_results
 from bench.suite import SIZES, TARGETS, Suite, sizes_dict
 from bench.targets import mosquitto_available
 
-SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost")
+SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost", "scale")
 MARKDOWN: dict[str, Callable[[dict[str, Any]], str]] = {
     "compare": report.compare_md, "idle": report.idle_md, "drain": report.drain_md,
     "restart": report.restart_md, "clientcost": report.clientcost_md, "metrics-cost": metrics_cost.markdown,
+    "scale": scale.markdown,
 }
 
 
@@ -58,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers meaningless)")
-    parser.add_argument("--targets", default=",".join(TARGETS),
-                        help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)})")
+    parser.add_argument("--targets", help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)});"
+                                           f" scale: {','.join(scale.TARGETS)}")
+    parser.add_argument("--redis-replicas", type=int, default=0,
+                        help="scale: replicas per Redis master (default 0: 3 masters without replicas)")
     parser.add_argument("--profile", action="store_true", help="sample our broker with py-spy during the runs")
     parser.add_argument("--pairs", type=int, help="override the number of online pairs")
     parser.add_argument("--inflight", type=int, help="override the messages each pair keeps on the way (max runs)")
@@ -91,14 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
         sizes = dataclasses.replace(sizes, **overrides)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(targets) - set(TARGETS)
+    known = scale.TARGETS if args.scenario == "scale" else TARGETS
+    targets = [t.strip() for t in (args.targets or ",".join(known)).split(",") if t.strip()]
+    unknown = set(targets) - set(known)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     if "mosquitto" in targets and not mosquitto_available():
         print("mosquitto is not installed: leaving it out (apt-get install mosquitto)", file=sys.stderr)
         targets.remove("mosquitto")
-    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    # "all" leaves scale out: it has its own targets (cluster) and starts a Redis Cluster.
+    scenarios = [s for s in SCENARIOS if s != "scale"] if args.scenario == "all" else [args.scenario]
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
     # SIGTERM (e.g. from `timeout`) ends the run like Ctrl-C: brokers and workers are stopped.
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 data = clientcost.run(sizes.name, workdir, print)
             elif scenario == "metrics-cost":
                 data = metrics_cost.run(suite)
+            elif scenario == "scale":
+                data = scale.run(suite, args.redis_replicas)
             else:
                 data = getattr(suite, scenario)()
             result = {"benchmark": scenario, "command": command, "sizes": sizes_dict(sizes), "machine": machine,

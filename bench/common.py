@@ -66,6 +66,16 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (e.g. the workers of ``chat-broker run --workers N``)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(v) for v in (task / "children").read_text().split()]
+    return found
+
+
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of ``pid`` (its threads included), in seconds."""
     try:

@@ -53,7 +53,7 @@ def compare_md(result: dict[str, Any]) -> str:
             d, a, c = p["deliver"], _ack(p), p["cpu_cores"]
             rows.append([t["label"], p["idle"], p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"), d.get("p999_ms"),
                          a.get("p50_ms"), a.get("p99_ms"), c.get("broker"), c.get("generator"), c.get("others"),
-                         _mib(p.get("broker_rss_kib")), _flags(p)])
+                         _mib(p.get("broker_rss_kib")), phase_flags(p)])
     lines += ["## Highest sustained rate (closed loop)", ""]
     lines += md_table(["broker", "idle users", "msg/s", "deliver p50 ms", "p99 ms", "p99.9 ms", "ack p50 ms",
                        "ack p99 ms", "broker CPU", "generator CPU", "other CPU", "broker RSS MiB", "notes"], rows,
@@ -75,7 +75,7 @@ def compare_md(result: dict[str, Any]) -> str:
             d, a, c = p["deliver"], _ack(p), p["cpu_cores"]
             lag = (p.get("generator_lag") or {}).get("p99_ms")
             rows.append([t["label"], p["idle"], p["offered_per_s"], p["msgs_per_s"], d.get("p50_ms"), d.get("p99_ms"),
-                         d.get("p999_ms"), a.get("p99_ms"), lag, c.get("broker"), _flags(p)])
+                         d.get("p999_ms"), a.get("p99_ms"), lag, c.get("broker"), phase_flags(p)])
     if rows:
         lines += ["", "## Latency at a fixed offered load (open loop)", ""]
         lines += md_table(["broker", "idle users", "offered msg/s", "achieved msg/s", "deliver p50 ms", "p99 ms",
@@ -95,7 +95,7 @@ def log_problems_md(by_label: dict[str, dict[str, Any] | None]) -> list[str]:
     return lines
 
 
-def _flags(p: dict[str, Any]) -> str:
+def phase_flags(p: dict[str, Any]) -> str:
     notes = []
     if p.get("saturated"):
         notes.append(f"saturated ({p['skipped']} not sent)")
@@ -111,13 +111,14 @@ def _flags(p: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def top_rates(result: dict[str, Any], name: str) -> dict[int, float]:
+    """Idle users -> closed-loop msg/s of target ``name`` in a result with ``targets``."""
+    phases = result["targets"].get(name, {}).get("phases", [])
+    return {p["idle"]: p["msgs_per_s"] for p in phases if p["mode"] == "max"}
+
+
 def ratio_rows(result: dict[str, Any]) -> list[list[Any]]:
-    targets = result["targets"]
-
-    def top(name: str) -> dict[int, float]:
-        return {p["idle"]: p["msgs_per_s"] for p in targets.get(name, {}).get("phases", []) if p["mode"] == "max"}
-
-    ours, amqtt, mosq = top("chat"), top("amqtt"), top("mosquitto")
+    ours, amqtt, mosq = (top_rates(result, name) for name in ("chat", "amqtt", "mosquitto"))
     rows = []
     for level in sorted(ours):
         a, m = amqtt.get(level), mosq.get(level)
@@ -253,7 +254,7 @@ def _met(ok: bool) -> str:
 def summary_md(out_dir: Path) -> str:
     lines = ["# Benchmark summary", ""]
     sources = []
-    for name in ("compare", "idle", "drain", "restart", "clientcost"):
+    for name in ("compare", "idle", "drain", "restart", "clientcost", "scale"):
         data = _load(out_dir, name)
         if data:
             sources.append(f"- [{name}.md]({name}.md): `{data['command']}`, {machine_line(data['machine'])}"
@@ -273,6 +274,11 @@ def summary_md(out_dir: Path) -> str:
                 rows.append([t["label"], s["idle"], s["kib_per_connection"], s["cpu_rest"].get("broker")])
         lines += ["", "## Idle connections", ""]
         lines += md_table(["broker", "connections", "KiB per connection", "CPU at rest (cores)"], rows)
+    scale = _load(out_dir, "scale")
+    if scale:
+        from bench.scale import summary_lines  # noqa: PLC0415 (bench.scale imports this module)
+
+        lines += summary_lines(scale)
     restart = _load(out_dir, "restart")
     if restart:
         lines += ["", "## Restart", "", f"SIGKILL with {restart['messages']:,} staged: ready after"

@@ -103,21 +103,30 @@ class Sources:
 class WindowMeter:
     """CPU over the measurement window only (it starts after the warm-up, on a timer)."""
 
-    def __init__(self, groups: dict[str, list[int]], start_after: float, length: float) -> None:
+    def __init__(self, groups: dict[str, list[int]], start_after: float, length: float,
+                 counters: Callable[[], dict[str, float]] | None = None) -> None:
         self.result: dict[str, float | None] = {}
+        self.counters: dict[str, float] = {}  # ``counters()`` at the end minus at the start (e.g. Redis INFO)
         self._meter: CpuMeter | None = None
         self._groups = groups
+        self._read_counters = counters
+        self._counters_start: dict[str, float] = {}
         self._timers = [threading.Timer(start_after, self._start), threading.Timer(start_after + length, self._end)]
         for timer in self._timers:
             timer.daemon = True
             timer.start()
 
     def _start(self) -> None:
+        if self._read_counters is not None:
+            self._counters_start = self._read_counters()
         self._meter = CpuMeter(self._groups)
 
     def _end(self) -> None:
         if self._meter is not None:
             self.result = self._meter.cores()
+            if self._read_counters is not None:
+                end = self._read_counters()
+                self.counters = {key: end[key] - self._counters_start.get(key, 0.0) for key in end}
 
     def finish(self) -> dict[str, float | None]:
         # Both timers fire during a phase (it lasts warm-up + measurement + drain);
@@ -139,6 +148,10 @@ class Suite:
     _gen: LoadGen | None = None
     _template: Path | None = None
     sources: Sources = field(default_factory=Sources)
+    # More processes to meter in each measured window (e.g. {"redis": pids}), and counters read at
+    # its start and end (their deltas go into the phase as ``counters``): the scale scenario's Redis.
+    extra_cpu_groups: dict[str, list[int]] = field(default_factory=dict)
+    window_counters: Callable[[], dict[str, float]] | None = None
 
     # --- setup -----------------------------------------------------------------------
 
@@ -184,7 +197,7 @@ class Suite:
         raise BenchError(f"unknown target {name!r}")
 
     def cpu_groups(self, server: Server) -> dict[str, list[int]]:
-        return {"broker": [server.pid], "generator": list(self.gen().pids)}
+        return {"broker": server.pids(), "generator": list(self.gen().pids), **self.extra_cpu_groups}
 
     # --- connections ---------------------------------------------------------------------
 
@@ -249,7 +262,7 @@ class Suite:
         per_worker_rate = rate / len(PAIR_WORKERS)
         args = [{"mode": mode, "warmup_s": sizes.warmup_s, "measure_s": sizes.measure_s,
                  "inflight": sizes.inflight, "rate": per_worker_rate} for _ in PAIR_WORKERS]
-        meter = WindowMeter(self.cpu_groups(server), sizes.warmup_s, sizes.measure_s)
+        meter = WindowMeter(self.cpu_groups(server), sizes.warmup_s, sizes.measure_s, self.window_counters)
         profiler = None
         if self.profile and server.name == "chat" and tag:
             profiler = Profiler(server.pid, self.out_dir / "profiles" / f"{tag}.txt")
@@ -278,6 +291,8 @@ class Suite:
             "error_samples": [e for r in results for e in r["error_samples"]][:5],
             "cpu_cores": cpu, "broker_rss_kib": server.rss_kib(),
         }
+        if meter.counters:
+            phase["counters"] = meter.counters
         if profile is not None:
             phase["profile"] = profile
         return phase
@@ -291,6 +306,14 @@ class Suite:
         self.log(f"    {label}: {p['msgs_per_s']:,.0f} msg/s  deliver p50 {d.get('p50_ms', 0):.2f} p99"
                  f" {d.get('p99_ms', 0):.2f} p99.9 {d.get('p999_ms', 0):.2f} ms  ack/sent p99 {s.get('p99_ms', 0):.2f}"
                  f" ms  cpu broker {cpu.get('broker')} gen {cpu.get('generator')} other {cpu.get('others')}{extra}")
+
+    def finish(self, server: Server) -> dict[str, Any]:
+        """After a target's phases (or their failure): clients gone, broker stopped; its logged problems."""
+        with contextlib.suppress(BenchError):
+            self.disconnect_all()
+        code = server.stop()
+        self.log(f"  {server.label} stopped (exit code {code})")
+        return self._log_problems(server)
 
     def _log_problems(self, server: Server) -> dict[str, Any]:
         problems = server.log_problems()
@@ -340,11 +363,7 @@ class Suite:
                 if not server.alive():
                     raise BenchError(f"{server.name} died: {server.log_tail()}")
         finally:
-            with contextlib.suppress(BenchError):
-                self.disconnect_all()
-            code = server.stop()
-            self.log(f"  {server.label} stopped (exit code {code})")
-            problems = self._log_problems(server)
+            problems = self.finish(server)
         return {"label": server.label, "dialect": server.dialect, "pairs": sizes.pairs, "phases": phases,
                 "broker_log_problems": problems}
 
@@ -403,17 +422,13 @@ class Suite:
                 if not server.alive():
                     raise BenchError(f"{server.name} died: {server.log_tail()}")
         finally:
-            with contextlib.suppress(BenchError):
-                self.disconnect_all()
-            code = server.stop()
-            self.log(f"  {server.label} stopped (exit code {code})")
-            problems = self._log_problems(server)
+            problems = self.finish(server)
         return {"label": server.label, "base_rss_kib": base, "base_cpu": base_cpu, "keepalive_s": sizes.keepalive,
                 "steps": steps, "broker_log_problems": problems}
 
     # --- scenarios: offline drain (4) and restart (6) ----------------------------------------------------
 
-    def _stage(self, server: Server, sender: str, recipient: str) -> dict[str, Any]:
+    def stage_offline(self, server: Server, sender: str, recipient: str) -> dict[str, Any]:
         sizes = self.sizes
         n = sizes.drain_messages
         self.log(f"  staging {n:,} messages {sender} -> {recipient} (offline) ...")
@@ -466,7 +481,7 @@ class Suite:
         self.log(f"[drain] {server.label}: starting ...")
         server.start()
         try:
-            stage = self._stage(server, *DRAIN_USERS)
+            stage = self.stage_offline(server, *DRAIN_USERS)
             self.log(f"  {DRAIN_USERS[1]} connects and drains ...")
             drain = self._drain(server, DRAIN_USERS[1], tag="drain")
             self.log(f"    all {drain['received']:,} received and acked {drain['all_acked_s']:.2f} s after connect"
@@ -485,7 +500,7 @@ class Suite:
         self.log(f"[restart] {server.label}: starting ...")
         server.start()
         try:
-            stage = self._stage(server, *RESTART_USERS)
+            stage = self.stage_offline(server, *RESTART_USERS)
             db = Path(getattr(server, "data_dir", self.workdir)) / "staging.db"
             db_kib = sum(p.stat().st_size for p in db.parent.glob("staging.db*")) // 1024 if db.exists() else None
             rss_before = server.rss_kib()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import READY, REPO, BenchError, free_port, rss_kib
+from bench.common import READY, REPO, BenchError, child_pids, free_port, rss_kib
 from bench.users import copy_template
 
 START_TIMEOUT_S = 120.0
@@ -87,8 +87,14 @@ class Server:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def pids(self) -> list[int]:
+        """The broker's processes (CPU and RSS are summed over them)."""
+        return [self.pid]
+
     def rss_kib(self) -> int | None:
-        return rss_kib(self.pid) if self.alive() else None
+        if not self.alive():
+            return None
+        return sum(rss_kib(pid) or 0 for pid in self.pids())
 
     def start(self, port: int | None = None) -> float:
         """Start; returns seconds until it accepted connections."""
@@ -196,6 +202,32 @@ class ChatServer(Server):
 
     def ready_line(self) -> str:
         return READY
+
+
+class ClusterChatServer(ChatServer):
+    """Our broker in cluster mode: ``--cluster URL --node-id bench --workers N`` (one node per worker,
+    sharing the port with SO_REUSEPORT). Users live in Redis (``bench.users.seed_redis``): the data
+    folder starts empty."""
+
+    name = "cluster"
+
+    def __init__(self, workdir: Path, redis_nodes: list[str], workers: int, extra_config: str = "") -> None:
+        super().__init__(workdir, workdir, extra_config)
+        self.redis_nodes = redis_nodes
+        self.workers = workers
+        self.label = f"chat-broker cluster x{workers}"
+
+    def fresh_data(self) -> None:
+        if self.data_dir.exists():
+            shutil.rmtree(self.data_dir)
+        self.data_dir.mkdir(parents=True)
+
+    def run_args(self) -> list[str]:
+        return [*super().run_args(), "--cluster", "redis://" + ",".join(self.redis_nodes), "--node-id", "bench",
+                "--workers", str(self.workers)]
+
+    def pids(self) -> list[int]:
+        return [self.pid, *child_pids(self.pid)]
 
 
 class AmqttServer(Server):

@@ -15,13 +15,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_bench_compare_tiny(tmp_path: Path) -> None:
+def run_bench(args: list[str], tmp_path: Path, timeout: float) -> Path:
+    """``python -m bench ARGS --out tmp_path/results``, which must succeed; returns the results folder."""
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "compare", "--tiny", "--targets", "chat", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=100, check=False,
-    )
+    done = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def test_bench_compare_tiny(tmp_path: Path) -> None:
+    out = run_bench(["compare", "--tiny", "--targets", "chat"], tmp_path, 100)
     result = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     assert result["benchmark"] == "compare"
     assert result["sizes"]["name"] == "tiny"
@@ -39,3 +43,26 @@ def test_bench_compare_tiny(tmp_path: Path) -> None:
     table = (out / "compare.md").read_text(encoding="utf-8")
     assert "| chat-broker | 0 |" in table
     assert (out / "summary.md").exists()
+
+
+def test_bench_scale_tiny(tmp_path: Path) -> None:
+    """``python -m bench scale --tiny --targets chat,cluster``: one process on SQLite, then two workers
+    in cluster mode on a Redis Cluster the bench starts; Redis counters reach the results."""
+    out = run_bench(["scale", "--tiny", "--targets", "chat,cluster"], tmp_path, 150)
+    result = json.loads((out / "scale.json").read_text(encoding="utf-8"))
+    assert result["benchmark"] == "scale"
+    assert set(result["targets"]) == {"chat", "cluster"}
+    for target in result["targets"].values():
+        modes = {(p["idle"], p["mode"]) for p in target["phases"]}
+        assert modes == {(0, "max"), (20, "max"), (20, "rate")}
+        for phase in target["phases"]:
+            assert phase["errors"] == 0, phase["error_samples"]
+            assert phase["deliver"]["count"] > 0
+            assert phase["sent"]["count"] > 0
+    cluster = result["targets"]["cluster"]
+    assert cluster["memory"]["processes"] == 3  # the parent and two workers
+    assert cluster["phases"][-1]["counters"]["commands"] > 0  # Redis INFO deltas over the window
+    assert cluster["phases"][-1]["cpu_cores"]["redis"] is not None
+    assert cluster["staged"]["redis_bytes_per_item"] > 0
+    assert "`q:{}`" in (out / "scale.md").read_text(encoding="utf-8")
+    assert "## Scale" in (out / "summary.md").read_text(encoding="utf-8")
