@@ -8,6 +8,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from bridge.clock import Clock
 from bridge.cluster.messaging import ClusterMessaging, ClusterRules
@@ -31,18 +32,20 @@ from broker.login_guard import LoginGuard
 from broker.server import ChatBroker, ListenerError
 from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
-from chatserver.cluster import ClusterStores
 from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_node_id
 from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import OpsServer
 from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
 from chatserver.supervisor import Supervisor
-from storage.redis.keys import RedisKeyStore
-from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
 from storage.sqlite.users import SqliteUserStore, load_or_create_secret
+
+if TYPE_CHECKING:  # redis-py is imported in cluster mode only (one process on SQLite never loads it)
+    from chatserver.cluster import ClusterStores
+    from storage.redis.keys import RedisKeyStore
+    from storage.redis.users import RedisUserStore
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +176,8 @@ class BrokerApp:
         """A node of a cluster: every store in the Redis Cluster, shared with the other nodes."""
         self.node_id = resolve_node_id(cluster, self.settings.listeners.tcp.bind, socket.gethostname(),
                                        secrets.token_hex(3))
+        from chatserver.cluster import ClusterStores  # noqa: PLC0415 (redis-py only in cluster mode)
+
         stores = self._cluster = await ClusterStores.open(cluster, self.node_id)
         self._users = stores.users
         return stores.users, stores.keys, await stores.users.server_secret()
@@ -367,11 +372,12 @@ class BrokerApp:
             await self._close_stores()
 
     async def _close_stores(self) -> None:
-        if self._cluster is not None:
+        if self._cluster is not None:  # its stores share one client, closed with it
             await self._cluster.close()
             self._cluster = None
+            self._users = None
         for store in (self._key_store, self._presence_store, self._staging_store, self._users):
-            if store is not None and not isinstance(store, RedisUserStore):
+            if store is not None:
                 await store.close()
         self._key_store = None
         self._presence_store = None
