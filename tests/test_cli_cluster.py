@@ -12,6 +12,7 @@ users and ``list`` of them, sorted, across the cluster's masters.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import redis
 
 from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread, Peer
-from tests.test_cli import IMPORT_USERS, PAHO_NOT_AUTHORIZED, cli, login, one_line_error
+from tests.test_cli import IMPORT_USERS, PAHO_NOT_AUTHORIZED, Pty, cli, login, one_line_error
 from tests.test_messaging import send
 
 
@@ -196,6 +197,23 @@ def test_import_thousand_users_then_list_them(admin: Admin) -> None:
     again = admin("user", "import", str(source))
     assert again.stdout == "0 user(s) imported\n"
     assert f"{IMPORT_USERS + 1} existing user(s)" in again.stderr
+
+
+def test_import_shows_a_progress_bar_on_a_terminal(admin: Admin) -> None:
+    source = admin.root / "few.txt"
+    source.write_text("".join(f"bar{i}:pw{i}\n" for i in range(30)))
+    args = [sys.executable, "-m", "chatserver", "user", "import", str(source), "--cluster", admin.url,
+            "--key-prefix", admin.prefix]
+    term = Pty(args, admin.root, on=("stderr",))
+    try:
+        code, out = term.finish()
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    assert code == 0
+    assert b"importing users" in term.seen and b"30/30" in term.seen
+    assert out.decode() == "30 user(s) imported\n"
+    assert len(admin.listed()) == 30
 
 
 def test_cluster_errors_are_one_line(admin: Admin, tmp_path: Path) -> None:
