@@ -168,6 +168,7 @@ def test_user_and_device_commands_against_a_running_cluster_node(admin: Admin, n
             peer.close()
 
 
+@pytest.mark.timeout(300)  # 1,000 scrypt hashes: ~80 s seen on a loaded 2-core box (as in test_cli.py)
 def test_import_thousand_users_then_list_them(admin: Admin) -> None:
     admin.ok("user", "add", "old1", "--password-stdin", stdin="keep-pw\n")
     lines = [f"imp{i:04d}:pw-{i}" for i in range(IMPORT_USERS)]
