@@ -1,4 +1,5 @@
-"""``chat-broker user ...``: the operator's user management, against the users database."""
+"""``chat-broker user ...`` and ``device ...``: the operator's user management, on the data folder's
+users database or, in cluster mode, the Redis Cluster's (``AccountStore``, ``Opener``)."""
 
 from __future__ import annotations
 
@@ -228,7 +229,6 @@ def parse_import_lines(lines: Iterator[str]) -> tuple[list[tuple[str, str]], lis
 
 async def import_users(open_store: Opener, source: TextIO, show_progress: bool, workers: int = 2) -> ImportReport:
     pairs, problems = parse_import_lines(iter(source))
-    store = await open_store(True)
     added = 0
     existing: list[str] = []
     loop = asyncio.get_running_loop()
@@ -239,7 +239,7 @@ async def import_users(open_store: Opener, source: TextIO, show_progress: bool, 
         TextColumn("importing users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), disable=not show_progress, transient=False,
     )
-    try:
+    async with opened(open_store, create=True) as store:
         with progress, ThreadPoolExecutor(max_workers=workers) as pool:
             task = progress.add_task("import", total=len(pairs))
             for start in range(0, len(pairs), IMPORT_BATCH):
@@ -258,6 +258,4 @@ async def import_users(open_store: Opener, source: TextIO, show_progress: bool, 
                 count, raced = await store.add_users(zip(todo, hashed, strict=True))
                 added += count
                 existing.extend(raced)
-    finally:
-        await store.close()
     return ImportReport(added, existing, problems)
