@@ -7,15 +7,15 @@ mode keeps of it elsewhere in Redis, with the scripts the nodes run for ``device
 staged queue (``RedisQueueStore.remove_device``), in that order, each one Lua script on the user's
 slot. Deleting a user deletes the account first (no login, no message to them from then on), then
 closes their connections, then drops each device's keys and queue, and the held queue of a user
-without devices (``user.*``), so a connection still open cannot publish keys again behind it.
+without devices (``user.*``): closed first, a connection cannot publish keys again behind them.
 
 Connections: the command is no node. It looks the devices up in the device -> node directory and
 sends the node holding each a CLOSE nudge (``RedisNodeBus`` with ``node_id=""`` sends, holding no
 lease), as a node does for ``devices.remove`` (bridge/cluster/messaging.py ``close_device``). A
 nudge may be lost (a failover under the node's channel), so it is sent again every
 ``RESEND_S`` until the directory no longer names the device there, for up to ``CLOSE_WAIT_S``;
-each connection closed, or still open after that, is said on stderr. One still open can do
-nothing that needs its account (its next login fails) and ends when it disconnects.
+each connection closed, or still open after that, is said on stderr. One still open ends when
+its device disconnects; its token no longer works.
 """
 
 from __future__ import annotations
@@ -94,30 +94,36 @@ class ClusterAccounts:
 
     async def _close_connections(self, client_ids: list[str]) -> None:
         """Close each device's connection on the node holding it; say which closed and which did not."""
-        bus = self.stores.bus
         try:
-            where = await bus.locate(client_ids)
+            where = await self.stores.bus.locate(client_ids)
+            left = await self._nudge_until_closed(where)
         except StoreError as exc:
-            self.say(f"cannot look up the connections of {', '.join(client_ids)}: {exc}; any open one ends "
-                     "when its device disconnects")
+            self.say(f"cannot close the connections of {', '.join(client_ids)}: {exc}; an open one ends when its "
+                     "device disconnects (its token no longer works)")
             return
-        open_now = dict(where)
+        for client_id, node in where.items():
+            if client_id in left:
+                self.say(f"{client_id} is still connected to node {node} ({CLOSE_WAIT_S:g} s after it was asked "
+                         "to close it): it ends when the device disconnects (its token no longer works)")
+            else:
+                self.say(f"{client_id}: its connection to node {node} is closed")
+
+    async def _nudge_until_closed(self, where: dict[str, str]) -> dict[str, str]:
+        """Send CLOSE to the node of each connection (again every ``RESEND_S``: a nudge may be lost)
+        until the directory no longer names it there; returns those still open at ``CLOSE_WAIT_S``."""
+        bus = self.stores.bus
+        left = dict(where)
         deadline = time.monotonic() + CLOSE_WAIT_S
         next_send = 0.0
-        while open_now and time.monotonic() < deadline:
+        while left and time.monotonic() < deadline:
             if time.monotonic() >= next_send:
-                for client_id, node in open_now.items():
+                for client_id, node in left.items():
                     await bus.send(node, Nudge(NudgeKind.CLOSE, client_id, ORIGIN))
                 next_send = time.monotonic() + RESEND_S
             await asyncio.sleep(POLL_S)
-            still = await bus.locate(list(open_now))
-            open_now = {c: node for c, node in still.items() if node == open_now[c]}
-        for client_id, node in where.items():
-            if client_id in open_now:
-                self.say(f"{client_id} is still connected to node {node} ({CLOSE_WAIT_S:g} s after it was asked "
-                         "to close it): it cannot log in again; that connection ends when the device disconnects")
-            else:
-                self.say(f"{client_id}: its connection to node {node} is closed")
+            still = await bus.locate(list(left))
+            left = {client_id: node for client_id, node in still.items() if node == left[client_id]}
+        return left
 
 
 def opener(cluster: ClusterSettings, say: Callable[[str], None]) -> Opener:
