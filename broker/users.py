@@ -16,6 +16,13 @@ class TooManyDevicesError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class UserInfo:
+    name: str
+    created_ms: int
+    devices: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceInfo:
     user: str
     device: str

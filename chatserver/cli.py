@@ -47,6 +47,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="directory of the databases (overrides data_dir)")
 
 
+def _accounts(parser: argparse.ArgumentParser) -> None:
+    """The user and device commands: the data folder's users database, or a cluster's (as ``run`` picks)."""
+    _common(parser)
+    parser.add_argument("--cluster", metavar="redis://HOST:PORT[,HOST:PORT...]",
+                        help="cluster mode: the users in this Redis Cluster (overrides cluster.redis)")
+    parser.add_argument("--key-prefix", help="the deployment's key prefix (overrides cluster.key_prefix)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-broker", description="Self-hosted chat broker (MQTT).")
     version = importlib.metadata.version("chat-broker")
@@ -87,19 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     for action, text in (("add", "create a user"), ("passwd", "change a password (revokes device tokens)")):
         sub = user_commands.add_parser(action, help=text)
-        _common(sub)
+        _accounts(sub)
         sub.add_argument("name")
         sub.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     delete = user_commands.add_parser("del", help="delete a user and their devices")
-    _common(delete)
+    _accounts(delete)
     delete.add_argument("name")
     listing = user_commands.add_parser("list", help="list users")
-    _common(listing)
+    _accounts(listing)
     imp = user_commands.add_parser("import", help="create users from name:password lines ('-' = stdin)")
-    _common(imp)
+    _accounts(imp)
     imp.add_argument("file")
     revoke = user_commands.add_parser("revoke", help="revoke device tokens of a user")
-    _common(revoke)
+    _accounts(revoke)
     revoke.add_argument("name")
     revoke.add_argument("--device", help="only this device (default: all)")
     _add_device_commands(commands)
@@ -111,10 +119,10 @@ def _add_device_commands(commands: Any) -> None:
     device = commands.add_parser("device", help="see and remove a user's devices")
     device_commands = device.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     listing = device_commands.add_parser("list", help="list a user's devices")
-    _common(listing)
+    _accounts(listing)
     listing.add_argument("name")
     remove = device_commands.add_parser("remove", help="remove one device of a user, or all of them")
-    _common(remove)
+    _accounts(remove)
     remove.add_argument("name")
     remove.add_argument("device", nargs="?", help="the device id (default: every device of the user)")
 
@@ -214,47 +222,56 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _opener(settings: Settings) -> user_admin.Opener:
+    if settings.cluster is None:
+        return user_admin.sqlite_opener(settings.data_path)
+    from chatserver import cluster_admin  # noqa: PLC0415 (redis-py only in cluster mode)
+
+    return cluster_admin.opener(settings.cluster, lambda line: print(line, file=sys.stderr))
+
+
 def _user(args: argparse.Namespace, settings: Settings) -> int:
-    data_dir = settings.data_path
+    accounts = _opener(settings)
     action = args.user_command
     if action == "add":
         name = user_admin.check_name(args.name)
-        asyncio.run(user_admin.add(data_dir, name, user_admin.read_password(args.password_stdin)))
+        asyncio.run(user_admin.add(accounts, name, user_admin.read_password(args.password_stdin)))
         print(f"user {name} added")
     elif action == "passwd":
-        asyncio.run(user_admin.passwd(data_dir, args.name, user_admin.read_password(args.password_stdin)))
+        asyncio.run(user_admin.passwd(accounts, args.name, user_admin.read_password(args.password_stdin)))
         print(f"password of {args.name} changed; its device tokens are revoked")
     elif action == "del":
-        asyncio.run(user_admin.delete(data_dir, args.name))
+        asyncio.run(user_admin.delete(accounts, args.name))
         print(f"user {args.name} deleted")
     elif action == "list":
-        asyncio.run(user_admin.list_users(data_dir, sys.stdout))
+        asyncio.run(user_admin.list_users(accounts, sys.stdout))
     elif action == "revoke":
-        count = asyncio.run(user_admin.revoke(data_dir, args.name, args.device))
+        count = asyncio.run(user_admin.revoke(accounts, args.name, args.device))
         print(f"{count} device token(s) of {args.name} revoked")
     elif action == "import":
-        return _import(args.file, data_dir)
+        return _import(args.file, accounts)
     return EXIT_OK
 
 
 def _device(args: argparse.Namespace, settings: Settings) -> int:
     name = user_admin.check_name(args.name)
+    accounts = _opener(settings)
     if args.device_command == "list":
-        count = asyncio.run(user_admin.list_devices(settings.data_path, name, sys.stdout))
+        count = asyncio.run(user_admin.list_devices(accounts, name, sys.stdout))
         print(f"{count} device(s) of {name}", file=sys.stderr)
     else:
-        removed = asyncio.run(user_admin.remove_devices(settings.data_path, name, args.device))
+        removed = asyncio.run(user_admin.remove_devices(accounts, name, args.device))
         print(f"{len(removed)} device(s) of {name} removed: {', '.join(removed) or '-'}")
     return EXIT_OK
 
 
-def _import(file: str, data_dir: Path) -> int:
+def _import(file: str, accounts: user_admin.Opener) -> int:
     try:
         source = sys.stdin if file == "-" else open(file, encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as exc:
         raise user_admin.AdminError(f"cannot read {file}: {exc.strerror or exc}") from None
     try:
-        report = asyncio.run(user_admin.import_users(data_dir, source, show_progress=sys.stderr.isatty()))
+        report = asyncio.run(user_admin.import_users(accounts, source, show_progress=sys.stderr.isatty()))
     except UnicodeDecodeError as exc:
         # Was a traceback: a file in another encoding is an operator error, said in one line.
         raise user_admin.AdminError(f"{file}: not UTF-8 text ({exc.reason})") from None

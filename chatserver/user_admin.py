@@ -1,21 +1,24 @@
-"""``chat-broker user ...``: the operator's user management, against the users database."""
+"""``chat-broker user ...`` and ``device ...``: the operator's user management, on the data folder's
+users database or, in cluster mode, the Redis Cluster's (``AccountStore``, ``Opener``)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from broker import credentials
+from broker.users import DeviceInfo, UserInfo
 from chatproto import is_user_id
 from storage.sqlite.users import USERS_DB, SqliteUserStore
 
@@ -60,11 +63,58 @@ def read_password(from_stdin: bool, stdin: TextIO = sys.stdin) -> str:
     return check_password(first)
 
 
-async def add(data_dir: Path, name: str, password: str) -> None:
-    pw_hash = await asyncio.to_thread(credentials.hash_password, password)
-    store = await SqliteUserStore.open(data_dir)
+class AccountStore(Protocol):
+    """What the user and device commands need of the users store. ``SqliteUserStore`` (the data
+    folder) and ``RedisUserStore`` implement it; in cluster mode the commands use
+    ``ClusterAccounts`` (chatserver/cluster_admin.py): ``RedisUserStore``, with removals that also
+    drop the device's keys and queue and close its connection on the node holding it."""
+
+    async def add_user(self, name: str, pw_hash: str) -> None: ...
+
+    async def add_users(self, rows: Iterable[tuple[str, str]]) -> tuple[int, list[str]]:
+        """Add users (name, password hash); returns (added, names that already existed)."""
+
+    async def user_exists(self, name: str) -> bool: ...
+
+    async def set_password(self, name: str, pw_hash: str) -> None:
+        """Change the password and revoke every token of the user (``StoreError`` if no such user)."""
+
+    async def delete_user(self, name: str) -> None:
+        """Delete the user and their devices (``StoreError`` if no such user)."""
+
+    def iter_users(self) -> AsyncIterator[UserInfo]:
+        """Every user by name, with their number of devices."""
+
+    async def devices(self, user: str) -> list[DeviceInfo]:
+        """The user's devices by id."""
+
+    async def delete_device(self, user: str, device: str) -> bool:
+        """Forget a device and its token; True if it existed."""
+
+    async def revoke_tokens(self, user: str, device: str | None = None) -> int:
+        """Clear the token of one device (or all of the user's); returns how many were set."""
+
+    async def close(self) -> None: ...
+
+
+Opener = Callable[[bool], Awaitable[AccountStore]]
+"""Opens the users store the commands work on; True: create it if there is none (``add``, ``import``)."""
+
+
+def sqlite_opener(data_dir: Path) -> Opener:
+    """The users database in ``data_dir``."""
+    async def open_store(create: bool) -> AccountStore:
+        if not create:
+            require_users_db(data_dir)
+        return await SqliteUserStore.open(data_dir)
+    return open_store
+
+
+@contextlib.asynccontextmanager
+async def opened(open_store: Opener, create: bool = False) -> AsyncIterator[AccountStore]:
+    store = await open_store(create)
     try:
-        await store.add_user(check_name(name), pw_hash)
+        yield store
     finally:
         await store.close()
 
@@ -77,78 +127,66 @@ def require_users_db(data_dir: Path) -> None:
                          "data_dir ('chat-broker user add' creates it)")
 
 
-async def open_existing(data_dir: Path) -> SqliteUserStore:
-    require_users_db(data_dir)
-    return await SqliteUserStore.open(data_dir)
+async def add(open_store: Opener, name: str, password: str) -> None:
+    pw_hash = await asyncio.to_thread(credentials.hash_password, password)
+    async with opened(open_store, create=True) as store:
+        await store.add_user(check_name(name), pw_hash)
 
 
-async def passwd(data_dir: Path, name: str, password: str) -> None:
-    store = await open_existing(data_dir)
-    try:
+async def passwd(open_store: Opener, name: str, password: str) -> None:
+    async with opened(open_store) as store:
         await store.set_password(name, await asyncio.to_thread(credentials.hash_password, password))
-    finally:
-        await store.close()
 
 
-async def delete(data_dir: Path, name: str) -> None:
-    store = await open_existing(data_dir)
-    try:
+async def delete(open_store: Opener, name: str) -> None:
+    async with opened(open_store) as store:
         await store.delete_user(name)
-    finally:
-        await store.close()
 
 
-async def revoke(data_dir: Path, name: str, device: str | None) -> int:
-    store = await open_existing(data_dir)
-    try:
-        if not await store.user_exists(name):
-            raise AdminError(f"no user {name!r}")
+async def _existing(store: AccountStore, name: str) -> None:
+    if not await store.user_exists(name):
+        raise AdminError(f"no user {name!r}")
+
+
+async def revoke(open_store: Opener, name: str, device: str | None) -> int:
+    async with opened(open_store) as store:
+        await _existing(store, name)
         return await store.revoke_tokens(name, device)
-    finally:
-        await store.close()
 
 
-async def list_users(data_dir: Path, out: TextIO) -> int:
-    store = await open_existing(data_dir)
-    try:
-        users = await store.list_users()
-    finally:
-        await store.close()
-    for user in users:
-        out.write(f"{user.name}\t{user.devices} device(s)\n")
-    return len(users)
+async def list_users(open_store: Opener, out: TextIO) -> int:
+    """One line per user, written as the users are read (many thousands in cluster mode)."""
+    count = 0
+    async with opened(open_store) as store:
+        async for user in store.iter_users():
+            out.write(f"{user.name}\t{user.devices} device(s)\n")
+            count += 1
+    return count
 
 
-async def list_devices(data_dir: Path, name: str, out: TextIO) -> int:
+async def list_devices(open_store: Opener, name: str, out: TextIO) -> int:
     """``device list USER``: one line per device (id, created, last login, token or not)."""
-    store = await open_existing(data_dir)
-    try:
-        if not await store.user_exists(name):
-            raise AdminError(f"no user {name!r}")
+    async with opened(open_store) as store:
+        await _existing(store, name)
         devices = await store.devices(name)
-    finally:
-        await store.close()
     for info in devices:
         out.write(f"{info.device}\tcreated {_stamp(info.created_ms)}\tlast login {_stamp(info.last_login_ms)}"
                   f"\t{'token' if info.token_digest else 'no token'}\n")
     return len(devices)
 
 
-async def remove_devices(data_dir: Path, name: str, device: str | None) -> list[str]:
-    """``device remove USER [DEVICE]``: forget one device (or all), with its token, in users.db.
+async def remove_devices(open_store: Opener, name: str, device: str | None) -> list[str]:
+    """``device remove USER [DEVICE]``: forget one device (or all), with its token.
 
-    Only the row is deleted, so it is safe while the broker runs (WAL, its own connection):
-    the slot and the token are freed at once. The running broker keeps the device's keys,
-    staged items and place among the recipients until its next start, which drops them
-    (``devices.remove`` from another of the user's devices does it all at once)."""
-    store = await open_existing(data_dir)
-    try:
-        if not await store.user_exists(name):
-            raise AdminError(f"no user {name!r}")
+    With the data folder only the row is deleted, so it is safe while the broker runs (WAL, its
+    own connection): the slot and the token are freed at once. The running broker keeps the
+    device's keys, staged items and place among the recipients until its next start, which drops
+    them (``devices.remove`` from another of the user's devices does it all at once). In cluster
+    mode everything goes at once (``ClusterAccounts.delete_device``)."""
+    async with opened(open_store) as store:
+        await _existing(store, name)
         wanted = [device] if device is not None else [d.device for d in await store.devices(name)]
         removed = [d for d in wanted if await store.delete_device(name, d)]
-    finally:
-        await store.close()
     if device is not None and not removed:
         raise AdminError(f"{name} has no device {device!r}")
     return removed
@@ -189,9 +227,8 @@ def parse_import_lines(lines: Iterator[str]) -> tuple[list[tuple[str, str]], lis
     return pairs, problems
 
 
-async def import_users(data_dir: Path, source: TextIO, show_progress: bool, workers: int = 2) -> ImportReport:
+async def import_users(open_store: Opener, source: TextIO, show_progress: bool, workers: int = 2) -> ImportReport:
     pairs, problems = parse_import_lines(iter(source))
-    store = await SqliteUserStore.open(data_dir)
     added = 0
     existing: list[str] = []
     loop = asyncio.get_running_loop()
@@ -202,7 +239,7 @@ async def import_users(data_dir: Path, source: TextIO, show_progress: bool, work
         TextColumn("importing users"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), disable=not show_progress, transient=False,
     )
-    try:
+    async with opened(open_store, create=True) as store:
         with progress, ThreadPoolExecutor(max_workers=workers) as pool:
             task = progress.add_task("import", total=len(pairs))
             for start in range(0, len(pairs), IMPORT_BATCH):
@@ -221,6 +258,4 @@ async def import_users(data_dir: Path, source: TextIO, show_progress: bool, work
                 count, raced = await store.add_users(zip(todo, hashed, strict=True))
                 added += count
                 existing.extend(raced)
-    finally:
-        await store.close()
     return ImportReport(added, existing, problems)

@@ -144,8 +144,9 @@ def backoff(attempt: int) -> float:
 
 
 class RedisNodeBus(RedisStore):
-    """Implements ``NodeBus``. Made by ``connect``; with ``node_id=""`` it is read-only (``nodes``
-    and ``locate`` only, for ``chat-broker cluster status``)."""
+    """Implements ``NodeBus``. Made by ``connect``; with ``node_id=""`` it is no node (no lease, no
+    entries, no channel): ``nodes``, ``locate`` and ``send`` only, for ``chat-broker cluster status``
+    and the user commands, which close a removed device's connection with a CLOSE nudge."""
 
     SCRIPTS: ClassVar[dict[str, str]] = {
         "nodes.lease": LEASE, "nodes.release": RELEASE, "nodes.info": LEASE_INFO,
@@ -402,7 +403,6 @@ class RedisNodeBus(RedisStore):
     # --- nudges ----------------------------------------------------------------------------
 
     async def send(self, node_id: str, nudge: Nudge) -> None:
-        self._writer("send")
         try:
             await self._client.execute_command("SPUBLISH", self._channel(node_id), encode_nudge(nudge))
         except (RedisError, RedisClusterException, OSError) as exc:

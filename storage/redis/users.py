@@ -10,18 +10,24 @@ Keys (hash tag: the user, so one user's keys share a slot; see storage/redis/cli
 
 Every change is one Lua script on the user's slot: ``record_login`` counts the devices and adds
 the new one in the same script, so racing first logins cannot overshoot the device limit.
+
+The operator's side (``chat-broker user ...``, chatserver/user_admin.py ``AccountStore``):
+``set_password`` (which revokes every token), ``delete_user`` (the three keys above; the user's
+device keys and queues are dropped by chatserver/cluster_admin.py with the scripts of their own
+stores), ``iter_users`` (a SCAN of every master for the ``u:{name}`` hashes) and ``devices``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import ClassVar
 
 from bridge.store import StoreError, UserExistsError
-from broker.users import DeviceInfo, TooManyDevicesError
+from broker.users import DeviceInfo, TooManyDevicesError, UserInfo
 from storage.redis.client import RedisStore
+from storage.redis.nodes import in_parallel
 
 ADD_USER = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -82,7 +88,28 @@ end
 return 1
 """
 
+# 1: changed (every token revoked with it), 0: no such user.
+SET_PW_HASH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'pw', ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+DELETE_USER = """
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+"""
+
+USER_INFO = """
+return {redis.call('HGET', KEYS[1], 'created'), redis.call('HLEN', KEYS[2])}
+"""
+
+DEVICE_LIST = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+
 NO_LIMIT = 2**31
+LIST_BATCH = 1000  # users read at once by ``iter_users`` (in_parallel bounds the commands in flight)
 
 
 def devices_key(store: RedisStore, user: str) -> str:
@@ -105,7 +132,9 @@ class RedisUserStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {"users.add": ADD_USER, "users.devices": USER_DEVICES, "users.device": DEVICE,
                "users.record_login": RECORD_LOGIN, "users.set_token": SET_DIGEST,
                "users.revoke_tokens": REVOKE_ALL, "devices.remove": DELETE_DEVICE,
-               "users.import": IMPORT_USER}
+               "users.import": IMPORT_USER,
+               "users.set_password": SET_PW_HASH, "users.delete": DELETE_USER, "users.info": USER_INFO,
+               "users.device_list": DEVICE_LIST}
 
     def _keys(self, user: str) -> tuple[str, str, str]:
         """The user's hash, devices and tokens."""
@@ -152,17 +181,13 @@ class RedisUserStore(RedisStore):
 
     async def add_users(self, rows: Iterable[tuple[str, str]]) -> tuple[int, list[str]]:
         """Add users (name, password hash); returns (added, names that already existed). Users live
-        in different slots, so this is one write per user, not one transaction: rerun after a
-        failure, the users added before it are reported as existing."""
+        in different slots, so this is one write per user (several in flight), not one transaction:
+        rerun after a failure, the users added before it are reported as existing."""
         created = str(now_ms())
-        existing: list[str] = []
-        added = 0
-        for name, pw_hash in rows:
-            if await self.run("users.add", [self.key("u", name)], [pw_hash, created]):
-                added += 1
-            else:
-                existing.append(name)
-        return added, existing
+        rows = list(rows)
+        done = await in_parallel(rows, lambda row: self.run("users.add", [self.key("u", row[0])], [row[1], created]))
+        existing = [name for (name, _), new in zip(rows, done, strict=True) if not new]
+        return len(rows) - len(existing), existing
 
     async def password_hash(self, name: str) -> str | None:
         value = await self.command("users.password_hash", "HGET", self.key("u", name), "pw")
@@ -211,3 +236,48 @@ class RedisUserStore(RedisStore):
         """Forget a device and its token (``devices.remove``); True if it existed."""
         _, devices, tokens = self._keys(user)
         return bool(await self.run("devices.remove", [devices, tokens], [device]))
+
+    # --- the operator's side (chatserver/user_admin.py) ------------------------------------------
+
+    async def user_exists(self, name: str) -> bool:
+        return bool(await self.command("users.exists", "EXISTS", self.key("u", name)))
+
+    async def set_password(self, name: str, pw_hash: str) -> None:
+        """Change the password and revoke every device token of the user."""
+        user, _, tokens = self._keys(name)
+        if not await self.run("users.set_password", [user, tokens], [pw_hash]):
+            raise StoreError(f"no user {name!r}")
+
+    async def delete_user(self, name: str) -> None:
+        """Delete the user with their devices and tokens. A retry after a reply lost in a failover
+        finds nothing left and says "no user": the user is gone all the same."""
+        if not await self.run("users.delete", list(self._keys(name)), []):
+            raise StoreError(f"no user {name!r}")
+
+    async def iter_users(self) -> AsyncIterator[UserInfo]:
+        """Every user by name, with their number of devices. The names are gathered by a SCAN of
+        every master (kept in memory to be sorted: a few dozen bytes a user), then read and
+        yielded ``LIST_BATCH`` at a time; a user deleted meanwhile is left out."""
+        head = f"{self._prefix}u:{{"
+
+        async def scan() -> list[str]:
+            return sorted({str(key)[len(head):-1]
+                           async for key in self._client.scan_iter(match=f"{head}*}}", count=1000)})
+        names = await self.call("users.list", scan)
+        for start in range(0, len(names), LIST_BATCH):
+            batch = names[start:start + LIST_BATCH]
+            infos = await in_parallel(batch, lambda name: self.run("users.info", list(self._keys(name)[:2]), []))
+            for name, (created, devices) in zip(batch, infos, strict=True):
+                if created is not None:
+                    yield UserInfo(name, int(created), int(devices))
+
+    async def devices(self, user: str) -> list[DeviceInfo]:
+        """The user's devices by id, with their times and token digests."""
+        _, devices, tokens = self._keys(user)
+        times, digests = await self.run("users.device_list", [devices, tokens], [])
+        digest = dict(zip(digests[::2], digests[1::2], strict=True))
+        found = []
+        for device, pair in zip(times[::2], times[1::2], strict=True):
+            created, last_login = (int(part) for part in str(pair).split())
+            found.append(DeviceInfo(user, str(device), digest.get(device), created, last_login))
+        return sorted(found, key=lambda info: info.device)

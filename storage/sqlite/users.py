@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import aiosqlite
 
 from bridge.store import StoreError, UserExistsError
-from broker.users import DeviceInfo, TooManyDevicesError
+from broker.users import DeviceInfo, TooManyDevicesError, UserInfo
 from storage.sqlite.db import SqliteFile, ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -46,13 +45,6 @@ MIGRATIONS = (
 
 class UnknownUserError(StoreError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class UserInfo:
-    name: str
-    created_ms: int
-    devices: int
 
 
 def now_ms() -> int:
@@ -136,13 +128,18 @@ class SqliteUserStore(SqliteFile):
         if cursor.rowcount == 0:
             raise UnknownUserError(f"no user {name!r}")
 
-    async def list_users(self) -> list[UserInfo]:
+    async def iter_users(self) -> AsyncIterator[UserInfo]:
+        """Every user by name, with their number of devices, read as they are listed."""
         query = (
             "SELECT u.name, u.created_ms, COUNT(d.device) FROM users u "
             "LEFT JOIN devices d ON d.user = u.name GROUP BY u.name ORDER BY u.name"
         )
         async with self._db.execute(query) as cursor:
-            return [UserInfo(str(r[0]), int(r[1]), int(r[2])) async for r in cursor]
+            async for r in cursor:
+                yield UserInfo(str(r[0]), int(r[1]), int(r[2]))
+
+    async def list_users(self) -> list[UserInfo]:
+        return [user async for user in self.iter_users()]
 
     async def password_hash(self, name: str) -> str | None:
         async with self._db.execute("SELECT pw_hash FROM users WHERE name = ?", (name,)) as cursor:

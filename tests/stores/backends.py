@@ -19,6 +19,7 @@ from bridge.keys.store import Accounts, KeyStore
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.presence.store import PresenceStore
 from broker.users import UserStore
+from chatserver.user_admin import AccountStore
 from storage.redis.keys import RedisKeyStore
 from storage.redis.presence import RedisPresenceStore
 from storage.redis.users import RedisUserStore
@@ -34,9 +35,10 @@ BACKENDS = ["sqlite", "redis"]
 SQLITE_ONLY = ["sqlite"]
 
 
-class Users(UserStore, UserLookup, Accounts, Protocol):
+class Users(UserStore, UserLookup, Accounts, AccountStore, Protocol):
     """The users store as the bridge and the broker use it: the login gate's Protocol, messaging's
-    ``UserLookup`` and the key service's ``Accounts``."""
+    ``UserLookup`` and the key service's ``Accounts``; and as the operator's commands do
+    (chatserver/user_admin.py ``AccountStore``)."""
 
     async def close(self) -> None: ...
 

@@ -1,6 +1,8 @@
-"""The users store contract (broker/users.py ``UserStore``, with messaging's ``UserLookup`` and the key
-service's ``Accounts``): password hashes, devices known from their first login, the device limit held
-also when first logins race, token digests set and revoked, devices forgotten."""
+"""The users store contract (broker/users.py ``UserStore``, with messaging's ``UserLookup``, the key
+service's ``Accounts`` and the operator's ``AccountStore``): password hashes, devices known from their
+first login, the device limit held also when first logins race, token digests set and revoked, devices
+forgotten; a password change revoking every token, users listed by name, a user deleted with their
+devices."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bridge.store import StoreError
 from broker.users import TooManyDevicesError
 from tests.stores.backends import Backend, Users
 
@@ -95,3 +98,28 @@ async def test_users_and_devices_survive_reopening(backend: Backend, store: User
         assert (await again.device("alice", "phone")).token_digest == "digest"  # type: ignore[union-attr]
     finally:
         await again.close()
+
+
+async def test_the_operators_side(store: Users) -> None:
+    await store.record_login("alice", "phone")
+    await store.record_login("alice", "tab")
+    await store.set_token_digest("alice", "phone", "digest")
+    assert await store.user_exists("alice") and not await store.user_exists("nobody")
+    assert [(u.name, u.devices) async for u in store.iter_users()] == [("alice", 2), ("bob", 0)]
+    devices = await store.devices("alice")
+    assert [(d.device, d.token_digest) for d in devices] == [("phone", "digest"), ("tab", None)]
+    assert all(0 < d.created_ms <= d.last_login_ms for d in devices)
+    assert await store.devices("bob") == []
+
+    await store.set_password("alice", "hash-new")
+    assert await store.password_hash("alice") == "hash-new"
+    assert (await store.device("alice", "phone")).token_digest is None, "a new password revokes every token"  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match="no user 'nobody'"):
+        await store.set_password("nobody", "hash")
+
+    await store.delete_user("alice")
+    assert await store.password_hash("alice") is None and await store.user_devices("alice") is None
+    assert await store.device("alice", "phone") is None, "devices go with their user"
+    assert [u.name async for u in store.iter_users()] == ["bob"]
+    with pytest.raises(StoreError, match="no user 'alice'"):
+        await store.delete_user("alice")
