@@ -329,9 +329,11 @@ class ClusterSettings(_Section):
     max_waiting_uplinks: int = Field(default=256, ge=1)
     """Messages and seen reports of one device waiting for Redis on its node; beyond, refused with
     ``rate_limited`` (re-sent by the client in order): a device cannot grow a node's memory."""
-    poll_s: float = Field(default=30.0, gt=0)
+    poll_s: float = Field(default=300.0, gt=0)
     """How often a node reads the queues of its devices without being nudged: the most a lost nudge
-    (a Redis failover under the channel) delays an item."""
+    delays an item. A node whose nudge channel was lost (a failover) reads them all once subscribed
+    again; this bounds the rarer loss of a nudge its sender could not publish. Each look costs one
+    Redis read per connected device (docs/SCALING.md)."""
     min_replicas_ack: int = Field(default=1, ge=0)
     """Replicas that must hold a staged item (Redis ``WAIT``) before its sender gets ``sent``; 0: off."""
     wait_timeout_ms: int = Field(default=1000, ge=1)

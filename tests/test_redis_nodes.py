@@ -186,15 +186,20 @@ async def test_nudges_arrive_again_after_the_master_of_the_channel_is_killed(
     try:
         started_at = time.monotonic()
         probe = 0
+        resyncs = []
         while True:  # nudges sent until one arrives: those sent before a re-subscribes are lost
             probe += 1
             await b.send("a", Nudge(NudgeKind.ITEMS, f"probe{probe}", "b"))
             try:
                 arrived = await inbox.next(wait_s=0.2)
-                break
             except TimeoutError:
                 assert time.monotonic() - started_at < 20, "a subscribed again within 20 s"
+                continue
+            if arrived.kind != NudgeKind.RESYNC:
+                break
+            resyncs.append(arrived)
         took = time.monotonic() - started_at
+        assert resyncs == [Nudge(NudgeKind.RESYNC, "", "a")], "first its own bus says nudges may have been lost"
         await b.send("a", Nudge(NudgeKind.ITEMS, "after", "b"))
         rest = [await inbox.next()]
         while rest[-1].target != "after":
@@ -231,6 +236,7 @@ async def test_the_subscription_follows_its_slot_to_a_new_master(
             return "subscribed again" in caplog.text
         await eventually(moved, "a subscribed again after Redis ended its subscription")
         assert "slot moved" in caplog.text
+        assert await inbox.next() == Nudge(NudgeKind.RESYNC, "", "a"), "told that nudges may have been lost"
         await a.send("a", Nudge(NudgeKind.ITEMS, "after", "a"))
         assert (await inbox.next()).target == "after"
         assert redis_cluster.master_of(slot) is not old

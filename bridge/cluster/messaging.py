@@ -72,7 +72,7 @@ class ClusterRules:
     max_body_bytes: int
     max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE
     require_encryption: bool = False
-    poll_s: float = 30.0
+    poll_s: float = 300.0
     sweep_s: float = 60.0
     max_lane: int = 256  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
 
@@ -370,6 +370,8 @@ class ClusterMessaging:
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:
             self._apply(self.windows.behind([nudge.target], self._now()))
+        elif nudge.kind == NudgeKind.RESYNC:  # nudges may have been lost while the channel was down
+            self._apply(self.windows.behind(self.windows.clients(), self._now()))
         elif nudge.kind == NudgeKind.TAKEOVER:
             self._spawn(self._taken_over(nudge))
         elif nudge.kind == NudgeKind.CLOSE and self.links.get(nudge.target) is not None:

@@ -7,8 +7,10 @@ implements it on the Redis Cluster:
 - a device -> node directory says where each device is connected (an entry of a dead node counts
   as no entry);
 - a nudge goes to one node over sharded pub/sub (``SPUBLISH`` to the node's channel). It carries
-  ids only and may be lost: it only makes the node look sooner at what is in the store (a node also
-  reads the queues of its devices periodically), so a lost nudge delays, never loses.
+  ids only and may be lost: it only makes the node look sooner at what is in the store. A node whose
+  channel was lost (a failover of its master) gets a RESYNC from its own bus once it is subscribed
+  again, and also reads the queues of its devices every ``cluster.poll_s``: a lost nudge delays,
+  never loses.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class NudgeKind(StrEnum):
     TAKEOVER = "takeover"  # ``target`` (a client id) connected to ``origin``: close your connection of it
     PRESENCE = "presence"  # the presence of ``target`` (a user) changed: tell your watchers of it
     CLOSE = "close"  # ``target`` (a client id) was removed (``devices.remove``): close its connection
+    RESYNC = "resync"  # from this node's own bus: its channel was lost a while, nudges may be lost: look again
 
 
 @dataclass(frozen=True, slots=True)

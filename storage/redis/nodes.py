@@ -429,6 +429,7 @@ class RedisNodeBus(RedisStore):
                 if lost_at is not None:
                     log.warning("node %s: nudge channel subscribed again after %.1f s", self._node_id,
                                 time.monotonic() - lost_at)
+                    self._deliver(Nudge(NudgeKind.RESYNC, "", self._node_id))  # what was sent meanwhile is lost
                 lost_at, attempt = None, 0
                 await self._listen(connection)
                 reason = "Redis ended the subscription (its slot moved)"
