@@ -39,7 +39,7 @@ from functools import partial
 from typing import Any, cast
 
 import websockets
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader, WriterAdapter
 from amqtt.broker import Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -57,10 +57,12 @@ from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenti
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
+from broker.front import ClientWriter, ForwardedWriter, forwarded_peer, start_proxied_server
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.link import SessionLink
 from broker.logs import WS_LOG, bind_client, bind_connection
 from broker.port import ChatPort
+from broker.proxy_protocol import Address, TrustedProxies
 from broker.session_states import lighten, set_aside
 from broker.settings import BrokerSettings
 from broker.silence import SilenceWatch
@@ -107,6 +109,7 @@ class ChatBroker(ConformantBroker):
         self.settings = settings
         self._wire = settings.wire
         self._unauthenticated = AddressSlots(settings.max_unauthenticated_per_address)
+        self._trusted = TrustedProxies(settings.trusted_proxies)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
@@ -132,14 +135,21 @@ class ChatBroker(ConformantBroker):
             tls = _tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
             try:
                 instance: Any
-                if name in ("tcp", "tls"):
+                if name in ("tcp", "tls") and listener.proxy_protocol:
+                    instance = await start_proxied_server(
+                        name, partial(self.proxied_connected, listener_name=name), host, port, trusted=self._trusted,
+                        deadline_s=self.settings.connect_timeout_s, tls=tls, reuse_port=listener.reuse_port,
+                        counters=self.counters,
+                    )
+                elif name in ("tcp", "tls"):
                     instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True,
                         reuse_port=listener.reuse_port,
                     )
                 else:
+                    connected = self.forwarded_connected if listener.forwarded_for else self.ws_connected
                     instance = await websockets.serve(
-                        partial(self.ws_connected, listener_name=name), host, port, ssl=tls,
+                        partial(connected, listener_name=name), host, port, ssl=tls,
                         subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path, logger=WS_LOG,
                         reuse_port=listener.reuse_port,
                     )
@@ -167,6 +177,22 @@ class ChatBroker(ConformantBroker):
                 host, port = sockets[0].getsockname()[:2]
                 result[name] = (str(host), int(port))
         return result
+
+    # --- behind a load balancer (broker/front.py) ---------------------------------
+
+    async def proxied_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: Address,
+                                listener_name: str) -> None:
+        """A stream whose PROXY header named ``client``: served as if ``client`` were its peer."""
+        await self._client_connected(listener_name, StreamReaderAdapter(reader), ClientWriter(writer, client))
+
+    async def forwarded_connected(self, websocket: ServerConnection, listener_name: str) -> None:
+        """A WebSocket through a trusted HTTP proxy: its peer is the client X-Forwarded-For names."""
+        client = forwarded_peer(websocket, self._trusted, listener_name)
+        if client is None:
+            self.counters.refused_proxy += 1
+            await websocket.close(1008, "not through a trusted proxy")
+            return
+        await self._client_connected(listener_name, WebSocketsReader(websocket), ForwardedWriter(websocket, client))
 
     # --- connection: authenticate first, then session --------------------------
 

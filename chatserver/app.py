@@ -54,20 +54,22 @@ def broker_settings(settings: Settings) -> BrokerSettings:
     """What the broker needs of the validated config (the broker does not read the config itself)."""
     mqtt, limits, lst = settings.mqtt, settings.limits, settings.listeners
     listeners = tuple(
-        ListenerSettings(name, bind, *parse_bind(bind), max_connections, certfile, keyfile, lst.reuse_port)
-        for name, bind, max_connections, certfile, keyfile in (
-            ("tcp", lst.tcp.bind, lst.tcp.max_connections, None, None),
-            ("tls", lst.tls.bind, lst.tls.max_connections, lst.tls.certfile, lst.tls.keyfile),
-            ("ws", lst.ws.bind, lst.ws.max_connections, None, None),
-            ("wss", lst.wss.bind, lst.wss.max_connections, lst.wss.certfile, lst.wss.keyfile),
+        ListenerSettings(name, bind, *parse_bind(bind), conf.max_connections, certfile, keyfile, lst.reuse_port,
+                         conf.proxy_protocol, conf.forwarded_for)
+        for name, conf, certfile, keyfile in (
+            ("tcp", lst.tcp, None, None),
+            ("tls", lst.tls, lst.tls.certfile, lst.tls.keyfile),
+            ("ws", lst.ws, None, None),
+            ("wss", lst.wss, lst.wss.certfile, lst.wss.keyfile),
         )
-        if bind is not None
+        if (bind := conf.bind) is not None
     )
     wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s, limits.publishes_per_s,
                       limits.publish_burst, mqtt.max_connect_bytes, mqtt.packet_deadline_s)
     return BrokerSettings(
         listeners, wire, mqtt.max_queued_messages, mqtt.allow_anonymous, tuple(mqtt.acl), tuple(mqtt.anonymous_acl),
         limits.max_unauthenticated_per_address, limits.connect_timeout_s, limits.max_unacked_downlinks,
+        tuple(lst.trusted_proxies),
     )
 
 
