@@ -149,6 +149,9 @@ class ProxiedServer:
             sock.close()
             self._refuse(peer, "no PROXY header within the deadline" if isinstance(exc, TimeoutError) else str(exc))
             return
+        except asyncio.CancelledError:  # the listener is closing
+            sock.close()
+            raise
         client = header.source or peer  # LOCAL / UNKNOWN: the proxy's own connection (a health check)
         log.debug("%s:%d is %s:%d (PROXY header)", *peer, *client)
         try:
