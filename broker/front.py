@@ -1,4 +1,4 @@
-"""Listeners behind a load balancer: each connection's client address from the balancer, not its socket.
+"""What a listener does before MQTT: its TLS context, the /mqtt path, and behind a load balancer the client's address.
 
 ``listeners.tcp/tls.proxy_protocol``: ``ProxiedServer`` accepts connections itself. It closes at
 once a peer outside ``listeners.trusted_proxies``; from a trusted one it reads the PROXY header
@@ -27,6 +27,8 @@ from functools import partial
 
 from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter
 from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 from broker.counters import BrokerCounters
 from broker.proxy_protocol import (
@@ -41,8 +43,13 @@ from broker.streams import stream_protocol
 
 log = logging.getLogger(__name__)
 
+WS_PATH = "/mqtt"
 ACCEPT_BACKOFF_S = 1.0  # after EMFILE and the like, as asyncio's own server
 BACKLOG = 100  # asyncio's default
+
+class ListenerError(Exception):
+    """A listener could not be started; the message names the config key."""
+
 
 ProxiedConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Address], Awaitable[None]]
 
@@ -176,3 +183,35 @@ async def start_proxied_server(name: str, connected: ProxiedConnected, host: str
     sock = socket.create_server(address[:2], family=family, backlog=BACKLOG, reuse_port=reuse_port)
     sock.setblocking(False)  # SO_REUSEADDR: create_server sets it
     return ProxiedServer(name, sock, connected, trusted, deadline_s, tls, counters)
+
+
+def only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:
+    """websockets' ``process_request``: MQTT is served on ``/mqtt`` only (others get HTTP 404)."""
+    if request.path.split("?", 1)[0] != WS_PATH:
+        return Response(404, "Not Found", Headers({"Content-Type": "text/plain"}), b"MQTT is served on /mqtt\n")
+    return None
+
+
+def tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    if not certfile or not keyfile:
+        raise ListenerError(f"listeners.{listener}: certfile and keyfile are both required for TLS")
+    # ssl's FileNotFoundError carries no file name (the CLI said "cannot read None"):
+    # open each file first, so the message names the key and the file (tests/test_cli.py).
+    for key, path in (("certfile", certfile), ("keyfile", keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ListenerError(f"listeners.{listener}.{key}: cannot read {path}: {exc.strerror or exc}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: no such file") from None
+    except PermissionError as exc:
+        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: permission denied") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ListenerError(
+            f"listeners.{listener}: certfile {certfile} / keyfile {keyfile} is not a usable PEM pair: {exc}"
+        ) from None
+    return context

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from functools import partial
 from typing import Any, cast
 
@@ -48,8 +47,6 @@ from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from broker.acl import NO_ACCESS, TopicAcl
 from broker.admission import AddressSlots
@@ -57,7 +54,15 @@ from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenti
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
-from broker.front import ClientWriter, ForwardedWriter, forwarded_peer, start_proxied_server
+from broker.front import (
+    ClientWriter,
+    ForwardedWriter,
+    ListenerError,
+    forwarded_peer,
+    only_mqtt_path,
+    start_proxied_server,
+    tls_context,
+)
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.link import SessionLink
 from broker.logs import WS_LOG, bind_client, bind_connection
@@ -72,14 +77,9 @@ from chatproto import Caller, inbox_topic, is_chat_topic, may_subscribe, split_c
 
 log = logging.getLogger(__name__)
 
-WS_PATH = "/mqtt"
 TAKEOVER_WAIT_S = 5.0
 KEEPALIVE = "broker.keepalive_s"  # Session.attributes key: seconds of silence after which the client is dropped
 ACL = "broker.acl"  # Session.attributes key: the session's TopicAcl, built once per connection
-
-
-class ListenerError(Exception):
-    """A listener could not be started; the message names the config key."""
 
 
 class LoginRefusedError(Exception):
@@ -132,7 +132,7 @@ class ChatBroker(ConformantBroker):
     async def _open_listeners(self) -> None:
         for listener in self.settings.listeners:
             name, host, port = listener.name, listener.host, listener.port
-            tls = _tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
+            tls = tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
             try:
                 instance: Any
                 if name in ("tcp", "tls") and listener.proxy_protocol:
@@ -150,7 +150,7 @@ class ChatBroker(ConformantBroker):
                     connected = self.forwarded_connected if listener.forwarded_for else self.ws_connected
                     instance = await websockets.serve(
                         partial(connected, listener_name=name), host, port, ssl=tls,
-                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path, logger=WS_LOG,
+                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=only_mqtt_path, logger=WS_LOG,
                         reuse_port=listener.reuse_port,
                     )
             except OSError as exc:
@@ -611,37 +611,6 @@ def _serving(instance: Any) -> bool:
     # asyncio.Server and websockets' Server both have is_serving().
     is_serving = getattr(instance, "is_serving", None)
     return bool(is_serving()) if callable(is_serving) else False
-
-
-def _only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path.split("?", 1)[0] != WS_PATH:
-        return Response(404, "Not Found", Headers({"Content-Type": "text/plain"}), b"MQTT is served on /mqtt\n")
-    return None
-
-
-def _tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
-    if not certfile or not keyfile:
-        raise ListenerError(f"listeners.{listener}: certfile and keyfile are both required for TLS")
-    # ssl's FileNotFoundError carries no file name (the CLI said "cannot read None"):
-    # open each file first, so the message names the key and the file (tests/test_cli.py).
-    for key, path in (("certfile", certfile), ("keyfile", keyfile)):
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise ListenerError(f"listeners.{listener}.{key}: cannot read {path}: {exc.strerror or exc}") from None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(certfile, keyfile)
-    except FileNotFoundError as exc:
-        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: permission denied") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise ListenerError(
-            f"listeners.{listener}: certfile {certfile} / keyfile {keyfile} is not a usable PEM pair: {exc}"
-        ) from None
-    return context
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

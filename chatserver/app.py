@@ -27,8 +27,9 @@ from bridge.requests import build_ops
 from bridge.router import Bridge
 from bridge.store import StoreError
 from broker.auth import Authenticator
+from broker.front import ListenerError
 from broker.login_guard import LoginGuard
-from broker.server import ChatBroker, ListenerError
+from broker.server import ChatBroker
 from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
 from chatserver.cluster import ClusterStores
