@@ -34,7 +34,7 @@ from websockets.sync.client import connect as ws_connect
 from broker.proxy_protocol import V2_SIGNATURE
 from testkit.haproxy import HAProxy
 from testkit.packets import connect_packet
-from tests.helpers import WAIT_S, BrokerThread, eventually
+from tests.helpers import WAIT_S, BrokerThread, connack_code, eventually
 from tests.test_listeners import make_cert
 
 DEADLINE_S = 2.0  # limits.connect_timeout_s: the header (and the TLS handshake) must come within it
@@ -117,24 +117,11 @@ def connack(sock: socket.socket) -> int:
     return answer[3]
 
 
-def login_from(source: str, port: int, user: str, password: str, transport: str = "tcp") -> int:
+def login_from(source: str, port: int, user: str, password: str) -> int:
     """paho's CONNACK reason code for one login from ``source`` (its socket bound there), then disconnect."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}.phone", transport=transport)  # type: ignore[arg-type]
-    if transport == "websockets":
-        client.ws_set_options(path="/mqtt")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}.phone")
     client.username_pw_set(user, password)
-    codes: list[int] = []
-    client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(int(reason.value))
-    client.connect("127.0.0.1", port, 60, bind_address=source)
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while not codes:
-            assert time.monotonic() < deadline, "no CONNACK"
-            client.loop(timeout=0.05)
-    finally:
-        client.disconnect()
-        client.loop(timeout=0.01)
-    return codes[0]
+    return connack_code(client, port, bind_address=source)
 
 
 def unauthenticated(setup: Setup, address: str) -> int:
