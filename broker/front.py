@@ -47,6 +47,7 @@ WS_PATH = "/mqtt"
 ACCEPT_BACKOFF_S = 1.0  # after EMFILE and the like, as asyncio's own server
 BACKLOG = 100  # asyncio's default
 
+
 class ListenerError(Exception):
     """A listener could not be started; the message names the config key."""
 
