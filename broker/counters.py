@@ -17,9 +17,12 @@ class BrokerCounters:
     uplink: dict[str, int] = field(default_factory=dict)
     """Publishes received, by kind: the five chat uplinks, ``forbidden`` (refused topic), ``generic``."""
     downlink_dropped: int = 0
+    """Chat downlinks not sent to a connection that left ``MAX_CHAT_INFLIGHT`` of them without PUBACK."""
     refused_unauthenticated: int = 0
     """Connections closed at once: their address had ``limits.max_unauthenticated_per_address`` not logged in."""
-    """Chat downlinks not sent to a connection that left ``MAX_CHAT_INFLIGHT`` of them without PUBACK."""
+    refused_proxy: int = 0
+    """Connections closed before MQTT on a listener behind a load balancer: not from a trusted proxy, or
+    without a valid PROXY header (X-Forwarded-For on WebSocket) in time."""
 
     def connection(self, listener: str) -> None:
         self.accepted[listener] = self.accepted.get(listener, 0) + 1

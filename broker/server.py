@@ -34,12 +34,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from functools import partial
 from typing import Any, cast
 
 import websockets
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WebSocketsReader, WriterAdapter
 from amqtt.broker import Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -48,8 +47,6 @@ from amqtt.mqtt.constants import QOS_1
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.session import Session
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
 
 from broker.acl import NO_ACCESS, TopicAcl
 from broker.admission import AddressSlots
@@ -57,10 +54,20 @@ from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenti
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
+from broker.front import (
+    ClientWriter,
+    ForwardedWriter,
+    ListenerError,
+    forwarded_peer,
+    only_mqtt_path,
+    start_proxied_server,
+    tls_context,
+)
 from broker.handler import ChatProtocolHandler, keepalive_deadline
 from broker.link import SessionLink
 from broker.logs import WS_LOG, bind_client, bind_connection
 from broker.port import ChatPort
+from broker.proxy_protocol import Address, TrustedProxies
 from broker.session_states import lighten, set_aside
 from broker.settings import BrokerSettings
 from broker.silence import SilenceWatch
@@ -70,14 +77,9 @@ from chatproto import Caller, inbox_topic, is_chat_topic, may_subscribe, split_c
 
 log = logging.getLogger(__name__)
 
-WS_PATH = "/mqtt"
 TAKEOVER_WAIT_S = 5.0
 KEEPALIVE = "broker.keepalive_s"  # Session.attributes key: seconds of silence after which the client is dropped
 ACL = "broker.acl"  # Session.attributes key: the session's TopicAcl, built once per connection
-
-
-class ListenerError(Exception):
-    """A listener could not be started; the message names the config key."""
 
 
 class LoginRefusedError(Exception):
@@ -107,6 +109,7 @@ class ChatBroker(ConformantBroker):
         self.settings = settings
         self._wire = settings.wire
         self._unauthenticated = AddressSlots(settings.max_unauthenticated_per_address)
+        self._trusted = TrustedProxies(settings.trusted_proxies)
         self._auth = authenticator
         self.bridge = bridge
         self._live: dict[str, asyncio.Task[Any]] = {}
@@ -129,18 +132,25 @@ class ChatBroker(ConformantBroker):
     async def _open_listeners(self) -> None:
         for listener in self.settings.listeners:
             name, host, port = listener.name, listener.host, listener.port
-            tls = _tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
+            tls = tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
             try:
                 instance: Any
-                if name in ("tcp", "tls"):
+                if name in ("tcp", "tls") and listener.proxy_protocol:
+                    instance = await start_proxied_server(
+                        name, partial(self.proxied_connected, listener_name=name), host, port, trusted=self._trusted,
+                        deadline_s=self.settings.connect_timeout_s, tls=tls, reuse_port=listener.reuse_port,
+                        counters=self.counters,
+                    )
+                elif name in ("tcp", "tls"):
                     instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True,
                         reuse_port=listener.reuse_port,
                     )
                 else:
+                    connected = self.forwarded_connected if listener.forwarded_for else self.ws_connected
                     instance = await websockets.serve(
-                        partial(self.ws_connected, listener_name=name), host, port, ssl=tls,
-                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=_only_mqtt_path, logger=WS_LOG,
+                        partial(connected, listener_name=name), host, port, ssl=tls,
+                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=only_mqtt_path, logger=WS_LOG,
                         reuse_port=listener.reuse_port,
                     )
             except OSError as exc:
@@ -167,6 +177,22 @@ class ChatBroker(ConformantBroker):
                 host, port = sockets[0].getsockname()[:2]
                 result[name] = (str(host), int(port))
         return result
+
+    # --- behind a load balancer (broker/front.py) ---------------------------------
+
+    async def proxied_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: Address,
+                                listener_name: str) -> None:
+        """A stream whose PROXY header named ``client``: served as if ``client`` were its peer."""
+        await self._client_connected(listener_name, StreamReaderAdapter(reader), ClientWriter(writer, client))
+
+    async def forwarded_connected(self, websocket: ServerConnection, listener_name: str) -> None:
+        """A WebSocket through a trusted HTTP proxy: its peer is the client X-Forwarded-For names."""
+        client = forwarded_peer(websocket, self._trusted, listener_name)
+        if client is None:
+            self.counters.refused_proxy += 1
+            await websocket.close(1008, "not through a trusted proxy")
+            return
+        await self._client_connected(listener_name, WebSocketsReader(websocket), ForwardedWriter(websocket, client))
 
     # --- connection: authenticate first, then session --------------------------
 
@@ -585,37 +611,6 @@ def _serving(instance: Any) -> bool:
     # asyncio.Server and websockets' Server both have is_serving().
     is_serving = getattr(instance, "is_serving", None)
     return bool(is_serving()) if callable(is_serving) else False
-
-
-def _only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path.split("?", 1)[0] != WS_PATH:
-        return Response(404, "Not Found", Headers({"Content-Type": "text/plain"}), b"MQTT is served on /mqtt\n")
-    return None
-
-
-def _tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
-    if not certfile or not keyfile:
-        raise ListenerError(f"listeners.{listener}: certfile and keyfile are both required for TLS")
-    # ssl's FileNotFoundError carries no file name (the CLI said "cannot read None"):
-    # open each file first, so the message names the key and the file (tests/test_cli.py).
-    for key, path in (("certfile", certfile), ("keyfile", keyfile)):
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise ListenerError(f"listeners.{listener}.{key}: cannot read {path}: {exc.strerror or exc}") from None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(certfile, keyfile)
-    except FileNotFoundError as exc:
-        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: permission denied") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise ListenerError(
-            f"listeners.{listener}: certfile {certfile} / keyfile {keyfile} is not a usable PEM pair: {exc}"
-        ) from None
-    return context
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

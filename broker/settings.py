@@ -25,6 +25,10 @@ class ListenerSettings:
     keyfile: str | None = None
     reuse_port: bool = False
     """Bind with SO_REUSEPORT: several processes share the port (``chat-broker run --workers``)."""
+    proxy_protocol: bool = False
+    """tcp, tls: every connection starts with a PROXY header from a trusted proxy (broker/front.py)."""
+    forwarded_for: bool = False
+    """ws, wss: every connection comes from a trusted proxy, the client named by X-Forwarded-For."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +44,5 @@ class BrokerSettings:
     max_unauthenticated_per_address: int
     connect_timeout_s: float
     max_unacked_downlinks: int
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of the load balancers that may name the client (``proxy_protocol``, ``forwarded_for``)."""

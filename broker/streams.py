@@ -58,13 +58,19 @@ def lean_streams_fit(loop: asyncio.AbstractEventLoop) -> bool:
             and callable(getattr(probe, "_drain_helper", None)))
 
 
-async def start_server(client_connected: ClientConnected, host: str | None, port: int | None,
-                       **kwargs: Any) -> asyncio.Server:
-    """``asyncio.start_server`` (same arguments after the port), with ``LeanStreamProtocol`` where it fits."""
+def stream_protocol(client_connected: ClientConnected) -> Callable[[], asyncio.StreamReaderProtocol]:
+    """A protocol factory that calls ``client_connected(reader, writer)`` for each connection, as
+    ``asyncio.start_server`` does, with ``LeanStreamProtocol`` where it fits."""
     loop = asyncio.get_running_loop()
     protocol = LeanStreamProtocol if lean_streams_fit(loop) else asyncio.StreamReaderProtocol
 
     def factory() -> asyncio.StreamReaderProtocol:
         return protocol(asyncio.StreamReader(loop=loop), client_connected, loop=loop)
 
-    return await loop.create_server(factory, host, port, **kwargs)
+    return factory
+
+
+async def start_server(client_connected: ClientConnected, host: str | None, port: int | None,
+                       **kwargs: Any) -> asyncio.Server:
+    """``asyncio.start_server`` (same arguments after the port), with ``LeanStreamProtocol`` where it fits."""
+    return await asyncio.get_running_loop().create_server(stream_protocol(client_connected), host, port, **kwargs)

@@ -28,8 +28,9 @@ from bridge.requests import build_ops
 from bridge.router import Bridge
 from bridge.store import StoreError
 from broker.auth import Authenticator
+from broker.front import ListenerError
 from broker.login_guard import LoginGuard
-from broker.server import ChatBroker, ListenerError
+from broker.server import ChatBroker
 from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
 from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_node_id
@@ -57,20 +58,22 @@ def broker_settings(settings: Settings) -> BrokerSettings:
     """What the broker needs of the validated config (the broker does not read the config itself)."""
     mqtt, limits, lst = settings.mqtt, settings.limits, settings.listeners
     listeners = tuple(
-        ListenerSettings(name, bind, *parse_bind(bind), max_connections, certfile, keyfile, lst.reuse_port)
-        for name, bind, max_connections, certfile, keyfile in (
-            ("tcp", lst.tcp.bind, lst.tcp.max_connections, None, None),
-            ("tls", lst.tls.bind, lst.tls.max_connections, lst.tls.certfile, lst.tls.keyfile),
-            ("ws", lst.ws.bind, lst.ws.max_connections, None, None),
-            ("wss", lst.wss.bind, lst.wss.max_connections, lst.wss.certfile, lst.wss.keyfile),
+        ListenerSettings(name, bind, *parse_bind(bind), conf.max_connections, certfile, keyfile, lst.reuse_port,
+                         conf.proxy_protocol, conf.forwarded_for)
+        for name, conf, certfile, keyfile in (
+            ("tcp", lst.tcp, None, None),
+            ("tls", lst.tls, lst.tls.certfile, lst.tls.keyfile),
+            ("ws", lst.ws, None, None),
+            ("wss", lst.wss, lst.wss.certfile, lst.wss.keyfile),
         )
-        if bind is not None
+        if (bind := conf.bind) is not None
     )
     wire = WireLimits(mqtt.max_packet_bytes, mqtt.keepalive_min_s, mqtt.keepalive_max_s, limits.publishes_per_s,
                       limits.publish_burst, mqtt.max_connect_bytes, mqtt.packet_deadline_s)
     return BrokerSettings(
         listeners, wire, mqtt.max_queued_messages, mqtt.allow_anonymous, tuple(mqtt.acl), tuple(mqtt.anonymous_acl),
         limits.max_unauthenticated_per_address, limits.connect_timeout_s, limits.max_unacked_downlinks,
+        tuple(lst.trusted_proxies),
     )
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 try:
     from bridge.store import StoreError
+    from broker.front import ListenerError
     from broker.logs import setup_logging
-    from broker.server import ListenerError
     from chatserver import user_admin
     from chatserver.config import ConfigError, Settings, load_settings, parse_bind, parse_redis_nodes, resolve_node_id
     from chatserver.gc_policy import GcTuner

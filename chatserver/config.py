@@ -8,6 +8,7 @@ one-line message for the CLI.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,13 @@ class ListenerSettings(_Section):
     """``HOST:PORT`` to listen on; the listener is off when unset."""
     max_connections: int = Field(default=100_000, ge=0)
     """Connections open at once on this listener; further ones wait to be accepted. 0 means no limit."""
+    proxy_protocol: bool = False
+    """tcp, tls: behind a TCP load balancer that sends the PROXY protocol (HAProxy ``send-proxy-v2``, nginx
+    ``proxy_protocol on``): every connection must come from ``listeners.trusted_proxies`` and start with
+    the header, whose client address the broker then uses (limits, login throttle, logs)."""
+    forwarded_for: bool = False
+    """ws, wss: behind an HTTP proxy: every connection must come from ``listeners.trusted_proxies``, and
+    the client is the address X-Forwarded-For names (read from the right, past trusted proxies)."""
 
 
 class TlsListenerSettings(ListenerSettings):
@@ -72,6 +80,31 @@ class ListenersSettings(_Section):
     """MQTT over WebSocket, served on the path ``/mqtt``."""
     wss: TlsListenerSettings = TlsListenerSettings()
     """MQTT over WebSocket with TLS, path ``/mqtt``."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """CIDRs (``10.0.0.0/8``, ``2001:db8::/32``, ``127.0.0.1/32``) of the load balancers that may name the
+    client (``proxy_protocol``, ``forwarded_for``); a connection from any other address is refused there."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an address or CIDR such as 10.0.0.0/8") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_proxies(self) -> ListenersSettings:
+        for name in ("tcp", "tls", "ws", "wss"):
+            listener: ListenerSettings = getattr(self, name)
+            wrong = "forwarded_for" if name in ("tcp", "tls") else "proxy_protocol"
+            if getattr(listener, wrong):
+                right = "proxy_protocol" if wrong == "forwarded_for" else "forwarded_for"
+                raise ValueError(f"listeners.{name}.{wrong} does not apply to {name}: use listeners.{name}.{right}")
+            if (listener.proxy_protocol or listener.forwarded_for) and not self.trusted_proxies:
+                raise ValueError(f"listeners.{name}: behind a proxy, listeners.trusted_proxies must name it")
+        return self
 
 
 class AuthSettings(_Section):

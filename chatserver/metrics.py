@@ -145,6 +145,9 @@ class ChatCollector(Collector):
         yield CounterMetricFamily("chat_connections_refused_unauthenticated", "Connections closed at once: their "
                                   "address had limits.max_unauthenticated_per_address connections not logged in.",
                                   broker.counters.refused_unauthenticated)
+        yield CounterMetricFamily("chat_connections_refused_proxy", "Connections closed before MQTT on a listener "
+                                  "behind a load balancer: not from listeners.trusted_proxies, or no valid PROXY "
+                                  "header (X-Forwarded-For on WebSocket) in time.", broker.counters.refused_proxy)
         yield GaugeMetricFamily("chat_devices_online", "Devices subscribed to their inbox now.", len(self._s.links))
 
     def _staged(self) -> Iterable[Metric]:

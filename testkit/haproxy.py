@@ -10,6 +10,11 @@ loopback ports for the tests. What the template decides, and why:
 - every server is checked with ``GET /readyz`` on its metrics port (``check port``): a node whose
   store or listeners fail answers 503 and gets no new connections; ``on-marked-down
   shutdown-sessions`` then closes the ones it holds, so devices reconnect through a live node;
+- ``proxy_protocol``: HAProxy opens each TCP connection to a node with a PROXY v2 header naming the
+  client (``send-proxy-v2``), so the broker's per-address limits and login throttle see clients, not
+  HAProxy (the nodes need ``listeners.tcp/tls.proxy_protocol`` and ``listeners.trusted_proxies``); the
+  WebSocket backend names it in X-Forwarded-For (``option forwardfor``; ``listeners.ws.forwarded_for``).
+  Health checks go to another port (``check port``), so they carry no header;
 - ``timeout client/server`` well above the MQTT keepalive (the SDK's is 60 s, the broker closes
   after 1.5 x keepalive): HAProxy must never be the one to cut an idle but healthy connection.
 
@@ -71,14 +76,17 @@ class Gateway:
     stats_page: str | None = None
     """``HOST:PORT`` of the stats page (and Prometheus exporter on ``/metrics``), or None."""
     notes: Sequence[str] = field(default=())
+    proxy_protocol: bool = False
+    """Send a PROXY v2 header on each TCP connection to a node (the nodes must expect it)."""
 
 
-def _servers(gateway: Gateway, port_of: str) -> list[str]:
+def _servers(gateway: Gateway, port_of: str, send_proxy: bool = False) -> list[str]:
     lines = []
+    proxy = " send-proxy-v2" if send_proxy else ""
     for node in gateway.nodes:
         port = getattr(node, port_of)
         if port is not None:
-            lines.append(f"    server {node.name} {node.host}:{port} check port {node.metrics_port}")
+            lines.append(f"    server {node.name} {node.host}:{port} check port {node.metrics_port}{proxy}")
     return lines
 
 
@@ -123,14 +131,14 @@ def render(gateway: Gateway) -> str:
         "    mode tcp",
         "    option srvtcpka",
         *_health(gateway),
-        *_servers(gateway, "mqtt_port"),
+        *_servers(gateway, "mqtt_port", gateway.proxy_protocol),
     ]
     if gateway.tls_bind is not None:
         lines += ["", "frontend mqtt_tls    # passed through: each broker has the certificate (listeners.tls)",
                   "    mode tcp", *tcplog, "    option clitcpka", f"    bind {gateway.tls_bind}",
                   "    default_backend mqtt_tls_nodes",
                   "", "backend mqtt_tls_nodes", "    mode tcp", "    option srvtcpka", *_health(gateway),
-                  *_servers(gateway, "tls_port")]
+                  *_servers(gateway, "tls_port", gateway.proxy_protocol)]
     if gateway.ws_bind is not None:
         lines += ["", "frontend mqtt_ws", "    mode http", *(["    option httplog"] if gateway.service else []),
                   f"    bind {gateway.ws_bind}",
@@ -152,7 +160,10 @@ DEPLOY = Gateway(
            "    python -m testkit.haproxy > deploy/haproxy.cfg", "",
            "from testkit/haproxy.py, the template the tests run HAProxy from: change it there. Put your",
            "nodes' addresses in the server lines; each broker needs metrics.bind on port 9100 (its",
-           "/readyz is the health check), listeners.ws.bind on 8080, listeners.tls.bind on 8883.", ""],
+           "/readyz is the health check), listeners.ws.bind on 8080, listeners.tls.bind on 8883, and,",
+           "since HAProxy names each client to the nodes (send-proxy-v2, option forwardfor),",
+           "listeners.tcp/tls.proxy_protocol, listeners.ws.forwarded_for and listeners.trusted_proxies", ""],
+    proxy_protocol=True,
 )
 
 
@@ -162,7 +173,7 @@ Backend = tuple[int, int] | tuple[int, int, int]
 
 class HAProxy:
     def __init__(self, root: Path, backends: Sequence[Backend], check_inter_ms: int = 500,
-                 deadline_s: float = 15.0) -> None:
+                 deadline_s: float = 15.0, proxy_protocol: bool = False) -> None:
         executable = shutil.which("haproxy")
         if executable is None:
             raise HAProxyError(MISSING)
@@ -173,7 +184,7 @@ class HAProxy:
                  for i, backend in enumerate(backends)]
         self.gateway = Gateway(nodes, f"127.0.0.1:{self.port}", f"ipv4@127.0.0.1:{self.stats_port}",
                                ws_bind=f"127.0.0.1:{self.ws_port}", check_inter_ms=check_inter_ms, check_rise=1,
-                               idle_timeout="5m", maxconn=1000, service=False)
+                               idle_timeout="5m", maxconn=1000, service=False, proxy_protocol=proxy_protocol)
         self.deadline_s = deadline_s
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -307,14 +307,15 @@ def is_text(value: Any) -> bool:
     return True
 
 
-def connack_code(client: mqtt.Client, port: int) -> int:
+def connack_code(client: mqtt.Client, port: int, bind_address: str = "") -> int:
     """One CONNECT with a prepared paho client, driven in this thread; paho's CONNACK reason code value.
 
     Driving paho's loop here (no network thread) avoids paho's reconnect wait when a refused client is closed.
+    ``bind_address``: the client's source address (127.0.0.2 and up are loopback too).
     """
     codes: list[int] = []
     client.on_connect = lambda _c, _u, _f, reason, _p: codes.append(int(reason.value))
-    client.connect("127.0.0.1", port, 60)
+    client.connect("127.0.0.1", port, 60, bind_address=bind_address)
     deadline = time.monotonic() + WAIT_S
     try:
         while not codes:

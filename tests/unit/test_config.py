@@ -29,6 +29,12 @@ def test_overrides_apply() -> None:
         ("log:\n  level: loud\n", "log.level:"),
         ("- a\n- b\n", "the top level must be a mapping"),
         ("a: [\n", "not valid YAML at line"),
+        ("listeners:\n  tcp: {proxy_protocol: true}\n", "listeners.trusted_proxies must name it"),
+        ("listeners:\n  trusted_proxies: [10.0.0.1/8]\n  ws: {proxy_protocol: true}\n",
+         "listeners.ws.proxy_protocol does not apply to ws: use listeners.ws.forwarded_for"),
+        ("listeners:\n  trusted_proxies: [10.0.0.1]\n  tls: {forwarded_for: true}\n",
+         "use listeners.tls.proxy_protocol"),
+        ("listeners:\n  trusted_proxies: [10.0.0.0/33]\n", "listeners.trusted_proxies: '10.0.0.0/33' is not"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, expected: str) -> None:
