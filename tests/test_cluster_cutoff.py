@@ -1,0 +1,78 @@
+"""A broker node cut off from Redis for longer than ``cluster.retry_s``, then reconnected.
+
+Found by the chaos harness (``python -m bench chaos --cluster --scenario cluster-cutoff``): while
+the node was cut off, a connected device's ack (or queue read) failed and was reported to the
+supervisor as a failing background task; HAProxy then closed every connection of the node (its
+``/readyz`` was 503), so no device was left whose next ack or read could report success, and the
+node stayed "not ready", out of the load balancer's rotation, for good after Redis came back.
+
+The node talks to the session's Redis Cluster through proxies (bench/chaos/redis_link.py) that the
+test cuts and restores; nothing else is faked.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.chaos.redis_link import TcpProxy, redis_via
+from testkit.redis_cluster import RedisCluster
+from tests.helpers import BrokerThread, Peer
+
+RETRY_S = 1.0
+
+
+@pytest.fixture
+def proxies(redis_cluster: RedisCluster) -> Iterator[list[TcpProxy]]:
+    made = [TcpProxy(port).start() for _, port in redis_cluster.startup_nodes]
+    yield made
+    for proxy in made:
+        proxy.stop()
+
+
+def wait_for(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def wait_ready(node: BrokerThread, timeout: float) -> list[str]:
+    """Poll the node's readiness until it has no problem; the problems left at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        problems = node.call(node.app.readiness())
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(0.2)
+
+
+def test_a_node_is_ready_again_once_redis_is_back_although_its_devices_left(
+        tmp_path: Path, redis_cluster: RedisCluster, proxies: list[TcpProxy]) -> None:
+    # The whole test inside: a connection the node opens later (a reconnect) must take the proxies too.
+    with redis_via({p.target_port: p.port for p in proxies}):
+        node = BrokerThread(tmp_path / "n0", {
+            "cluster.redis": [f"127.0.0.1:{port}" for _, port in redis_cluster.startup_nodes],
+            "cluster.key_prefix": f"c{uuid.uuid4().hex[:8]}:", "cluster.node_id": "n0", "cluster.lease_s": 3.0,
+            "cluster.retry_s": RETRY_S, "metrics.bind": "127.0.0.1:0"}).start()
+        try:
+            node.add_user("alice", "alice-pw")
+            alice = Peer(node.port, "alice", "alice-pw")
+            assert alice.connect() == 0 and alice.subscribe() == [1]
+            assert wait_ready(node, 10) == []
+            for proxy in proxies:
+                proxy.cut("refuse")
+            alice.publish("u/alice/ack", {"seqs": [1]})  # fails after retry_s: Redis is out of reach
+            assert wait_for(lambda: node.app.supervisor.failures.get("ack", 0) > 0, 10), "the ack fails"
+            alice.close()  # as HAProxy does to a node that is not ready (on-marked-down shutdown-sessions)
+            for proxy in proxies:
+                proxy.restore()
+            assert wait_ready(node, 10) == [], "ready again once Redis answers, with no device connected"
+        finally:
+            node.stop()
