@@ -12,6 +12,8 @@ test cuts and restores; nothing else is faked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from bench.chaos.redis_link import TcpProxy, redis_via
+from bridge.store import StoreError
+from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread, Peer
 
@@ -53,8 +57,9 @@ def wait_ready(node: BrokerThread, timeout: float) -> list[str]:
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("left", ["after the failure", "while its ack waited"])
 def test_a_node_is_ready_again_once_redis_is_back_although_its_devices_left(
-        tmp_path: Path, redis_cluster: RedisCluster, proxies: list[TcpProxy]) -> None:
+        tmp_path: Path, redis_cluster: RedisCluster, proxies: list[TcpProxy], left: str) -> None:
     # The whole test inside: a connection the node opens later (a reconnect) must take the proxies too.
     with redis_via({p.target_port: p.port for p in proxies}):
         node = BrokerThread(tmp_path / "n0", {
@@ -69,6 +74,9 @@ def test_a_node_is_ready_again_once_redis_is_back_although_its_devices_left(
             for proxy in proxies:
                 proxy.cut("refuse")
             alice.publish("u/alice/ack", {"seqs": [1]})  # fails after retry_s: Redis is out of reach
+            if left == "while its ack waited":  # the failure comes after the device is gone
+                time.sleep(0.3)
+                alice.close()
             assert wait_for(lambda: node.app.supervisor.failures.get("ack", 0) > 0, 10), "the ack fails"
             alice.close()  # as HAProxy does to a node that is not ready (on-marked-down shutdown-sessions)
             for proxy in proxies:
@@ -76,3 +84,38 @@ def test_a_node_is_ready_again_once_redis_is_back_although_its_devices_left(
             assert wait_ready(node, 10) == [], "ready again once Redis answers, with no device connected"
         finally:
             node.stop()
+
+
+async def _every_master_fails_then_recovers(redis_cluster: RedisCluster, proxies: list[TcpProxy]) -> list[str]:
+    """A store's calls on keys of every master while all are out of reach, then one after they are back."""
+    store = await RedisUserStore.open(redis_cluster.startup_nodes, f"c{uuid.uuid4().hex[:8]}:", retry_s=RETRY_S)
+    try:
+        for proxy in proxies:
+            proxy.cut("refuse")
+        failed = []
+
+        async def cut_off(user: str) -> None:
+            with contextlib.suppress(StoreError):
+                await store.probe(user)
+                failed.append(f"{user}: answered while cut off")
+        # At once, as a broker's sessions do: each master's connection fails while the others' are in flight.
+        await asyncio.gather(*(cut_off(user) for user in ("a", "b", "c", "d", "e", "f")))
+        for proxy in proxies:
+            proxy.restore()
+        for user in ("a", "b", "c", "d", "e", "f"):
+            try:
+                await store.probe(user)
+            except StoreError as exc:
+                failed.append(f"{user}: {exc}")
+        return failed
+    finally:
+        await store.close()
+
+
+def test_the_cluster_client_finds_redis_again_after_every_node_was_out_of_reach(
+        redis_cluster: RedisCluster, proxies: list[TcpProxy]) -> None:
+    # redis-py drops each node whose connection failed from its startup nodes; once every one had
+    # failed, it had none left to ask for the cluster's layout and failed for good:
+    # "Redis Cluster cannot be connected. Please provide at least one reachable node: None".
+    with redis_via({p.target_port: p.port for p in proxies}):
+        assert asyncio.run(_every_master_fails_then_recovers(redis_cluster, proxies)) == []

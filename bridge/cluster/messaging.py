@@ -403,8 +403,11 @@ class ClusterMessaging:
             log.warning("cannot expire the queue of %s: %s", client_id, exc)
 
     def _round_failed(self, task: str, client_id: str, exc: StoreError) -> None:
-        self._failing[task].add(client_id)
         self.supervisor.failed(task, exc)
+        if client_id in self.windows:
+            self._failing[task].add(client_id)
+        elif not self._failing[task]:  # it left while its round waited on Redis: failing for nobody
+            self.supervisor.succeeded(task)
 
     def _round_succeeded(self, task: str) -> None:
         self._failing[task].clear()

@@ -70,6 +70,7 @@ class RedisStore:
         self._client = client
         self._prefix = prefix
         self._retry_s = retry_s
+        self._seeds = dict(client.nodes_manager.startup_nodes)  # name -> node, given or discovered so far
         # redis-py sends a script by its SHA and loads it on a node that lacks it (a promoted replica).
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in self.SCRIPTS.items()}  # type: ignore[misc]
@@ -144,6 +145,15 @@ class RedisStore:
         """A small write that must succeed for the store to count as writable (``/readyz``)."""
         await self.command("probe", "SET", f"{self._prefix}probe:{{{name}}}", "1", "PX", "60000")
 
+    def _reseed(self) -> None:
+        """Give the client back the startup nodes it dropped. redis-py drops each node whose
+        connection failed from them; once every node had failed (this node cut off from Redis, or
+        every master restarted) it had none left to ask for the layout and failed for good ("Please
+        provide at least one reachable node: None"; tests/test_cluster_cutoff.py)."""
+        startup = self._client.nodes_manager.startup_nodes
+        for name, node in self._seeds.items():
+            startup.setdefault(name, node)
+
     async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation``, again on a failover error until ``retry_s`` has passed; any redis
         error that is left becomes ``StoreError`` naming ``what``."""
@@ -157,6 +167,7 @@ class RedisStore:
                 if time.monotonic() + pause > deadline:
                     raise StoreError(f"redis {what}: {exc} (still failing after {self._retry_s:g} s)") from exc
                 attempt += 1
+                self._reseed()
                 await asyncio.sleep(pause)
             except RedisError as exc:
                 raise StoreError(f"redis {what}: {exc}") from exc
