@@ -23,6 +23,7 @@ import pytest
 
 from bench.chaos.redis_link import TcpProxy, redis_via
 from bridge.store import StoreError
+from storage.redis.client import SOCKET_TIMEOUT_S
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread, Peer
@@ -119,3 +120,27 @@ def test_the_cluster_client_finds_redis_again_after_every_node_was_out_of_reach(
     # "Redis Cluster cannot be connected. Please provide at least one reachable node: None".
     with redis_via({p.target_port: p.port for p in proxies}):
         assert asyncio.run(_every_master_fails_then_recovers(redis_cluster, proxies)) == []
+
+
+async def _blackholed(redis_cluster: RedisCluster, proxies: list[TcpProxy]) -> float:
+    store = await RedisUserStore.open(redis_cluster.startup_nodes, f"c{uuid.uuid4().hex[:8]}:", retry_s=RETRY_S)
+    try:
+        for proxy in proxies:
+            proxy.cut("blackhole")
+        began = time.monotonic()
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(store.probe("a"), 30)  # TimeoutError here: the call hung
+        return time.monotonic() - began
+    finally:
+        for proxy in proxies:
+            proxy.restore()
+        await store.close()
+
+
+def test_a_call_to_a_redis_that_stopped_answering_fails_within_its_bounds(
+        redis_cluster: RedisCluster, proxies: list[TcpProxy]) -> None:
+    # A partition (bytes dropped, nothing closed): the call hung until the link came back.
+    with redis_via({p.target_port: p.port for p in proxies}):
+        took = asyncio.run(_blackholed(redis_cluster, proxies))
+    # Bounded, though past retry_s: the last attempt asks each known node for the layout, a timeout each.
+    assert took < RETRY_S + (len(redis_cluster.nodes) + 1) * SOCKET_TIMEOUT_S + 1.0

@@ -289,6 +289,10 @@ def run_cutoff(size: str, workdir: Path, progress: Progress) -> Row:
                      f"{'after ' + format(up - cut_at - hold_s, '.1f') + ' s' if up else 'NOT'}")
         work.wait_senders(180)
         t1 = time.monotonic()
+        # The node's answers to what it could not stage: most reach nobody, as HAProxy closes its connections
+        # (DOWN ~3 s after the cut) before retry_s ends; the SDK re-sends those messages through another node.
+        log = cluster.nodes[victim].log_path.read_text(errors="replace")
+        figures["refusals_logged"] = [log.count(" not staged: ")]
         return row("cluster: node cut off from Redis", work, cluster, len(modes),
                    f"node{victim}'s Redis links cut {len(modes)}x for {hold_s:g} s (retry_s {RETRY_S:g} s): "
                    f"{', '.join(modes)} (refused / blackholed)", (t0, t1), began, **figures)
