@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos.redis_link import TcpProxy, redis_via
+from bench.chaos.redis_link import redis_via
 from bridge.store import StoreError
 from storage.redis.client import SOCKET_TIMEOUT_S
 from storage.redis.users import RedisUserStore
+from testkit.proxy import TcpProxy
 from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread, Peer
 
