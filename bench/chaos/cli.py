@@ -31,8 +31,8 @@ BAD = ("lost", "duplicated", "reordered", "false_sent", "misrouted", "unknown")
 
 
 def main(argv: list[str]) -> int:
-    name = "chaos-cluster" if "--cluster" in argv else "chaos"
-    scenarios = suite(name)
+    results = "chaos-cluster" if "--cluster" in argv else "chaos"  # bench/results/{results}.json
+    scenarios = suite(results)
     parser = argparse.ArgumentParser(prog="python -m bench chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="all",
                         help=f"comma-separated, from: {', '.join(scenarios)} (default all)")
@@ -49,9 +49,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--render", action="store_true", help="only re-render chaos.md and the table from chaos.json")
     args = parser.parse_args(argv)
     if args.render:
-        result = json.loads((args.out / f"{name}.json").read_text(encoding="utf-8"))
-        write_results(name, result, report.details(result, name), args.out)
-        return 0 if report.update_doc(result, args.doc, name) else 1
+        result = json.loads((args.out / f"{results}.json").read_text(encoding="utf-8"))
+        write_results(results, result, report.details(result, results), args.out)
+        return 0 if report.update_doc(result, args.doc, results) else 1
     names = list(scenarios) if args.scenario == "all" else [n.strip() for n in args.scenario.split(",")]
     unknown = set(names) - set(scenarios)
     if unknown:
@@ -88,14 +88,14 @@ def main(argv: list[str]) -> int:
             print(f"workdir kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    result = merge(args.out / f"{name}.json", rows, names, list(scenarios))
-    result.update({"benchmark": name, "command": command, "size": size, "machine": machine_info(),
+    result = merge(args.out / f"{results}.json", rows, names, list(scenarios))
+    result.update({"benchmark": results, "command": command, "size": size, "machine": machine_info(),
                    "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                    "seconds": round(time.monotonic() - began, 1), "notes": args.note})
     complete = [r for r in result["rows"] if "failed" not in r]
-    json_path, md_path = write_results(name, {**result, "rows": complete}, report.details(
-        {**result, "rows": complete}, name), args.out)
-    if report.update_doc({**result, "rows": complete}, args.doc, name):
+    json_path, md_path = write_results(results, {**result, "rows": complete}, report.details(
+        {**result, "rows": complete}, results), args.out)
+    if report.update_doc({**result, "rows": complete}, args.doc, results):
         print(f"table regenerated in {args.doc}")
     print(f"chaos: {json_path} {md_path}; {time.monotonic() - began:.0f} s")
     failed = [r["key"] for r in rows if "failed" in r or any(r.get(k) for k in BAD) or report.failed_checks(r)]

@@ -41,7 +41,7 @@ from testkit.redis_cluster import RedisCluster
 
 NODES = 3
 PREFIX = "chaos:"
-LEASE_S = 3.0
+LEASE_S = 8.0  # longer than a Redis failover (3-5 s), or every node on the dead master's slots loses its lease
 RETRY_S = 6.0
 
 
@@ -159,7 +159,7 @@ def run_node_kill(size: str, workdir: Path, progress: Progress) -> Row:
     began = time.monotonic()
     rng = random.Random()
     down_s: list[float] = []
-    with running(workdir, cluster_plan(size, 600), progress) as (cluster, work):
+    with running(workdir, cluster_plan(size, 900), progress) as (cluster, work):
         assert cluster.haproxy is not None
         work.start()
         t0 = time.monotonic()

@@ -56,8 +56,13 @@ class SlotMoved(Exception):
 
 # ClusterError covers CLUSTERDOWN and MASTERDOWN; RedisClusterException covers "no node serves
 # this slot" and a client that cannot reach any startup node while the topology changes.
+# And a connection closed under a call: on a connection error redis-py's cluster client closes every
+# connection (aclose()), also one another call is opening (with a socket timeout it sends through
+# asyncio.wait_for, where others run), which then fails with "AttributeError: 'NoneType' object has no
+# attribute 'writelines'" or uvloop's "RuntimeError: ... the handler is closed"
+# (tests/test_cluster_failover.py). ``call`` runs only redis-py inside its try.
 FAILOVER_ERRORS = (ConnectionError, TimeoutError, ClusterError, TryAgainError, ReadOnlyError,
-                   RedisClusterException, SlotMoved)
+                   RedisClusterException, SlotMoved, AttributeError, RuntimeError)
 
 T = TypeVar("T")
 
