@@ -101,6 +101,15 @@ def highlight(r: dict[str, Any]) -> str:
         return (f"hostile: {fmt(h.get('leaked_items'))} items of others reached the attacker, "
                 f"{fmt(h.get('subscribes_refused'))} foreign SUBSCRIBEs refused and "
                 f"{fmt(h.get('subscribes_granted_to_others'))} granted; examples {h.get('examples')}")
+    if key == "cluster-node":
+        return f"cluster-node: HAProxy marked the killed node DOWN after {r.get('haproxy_down_s')} s"
+    if key == "cluster-redis":
+        return (f"cluster-redis: replica promoted (seen by every node) {r.get('promoted_s')} s after each kill; "
+                f"refusals to senders: {r.get('errors_seen')}")
+    if key == "cluster-cutoff":
+        return (f"cluster-cutoff: node2 DOWN {r.get('down_after_s')} s after each cut, UP again within about a second "
+                f"of the links' return; `internal` that reached senders: {r.get('internal_during_cut')}, the node's "
+                f"\"not staged\" answers: {r.get('refusals_logged')}")
     if key == "clients":
         return f"clients: {fmt(r.get('unsent_at_kill'))} messages were in the killed processes' outboxes"
     return ""
