@@ -6,7 +6,7 @@
     python -m bench drain --profile     # with a py-spy profile of the broker
     python -m bench summary             # re-render the tables and summary.md from the JSON files
     python -m bench metrics-cost --quick  # 1:1 throughput with the metrics endpoint on vs off
-    python -m bench chaos [--scenario X] [--full]   # faults, floods, hostile input (bench/chaos)
+    python -m bench chaos [--cluster] [--scenario X] [--full]   # faults, floods, hostile input (bench/chaos)
     python -m bench scale --quick       # one process on SQLite vs cluster mode on Redis, with mosquitto
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load

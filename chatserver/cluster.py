@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 
 from chatserver.config import ClusterSettings, parse_bind
-from storage.redis.client import RedisStore
+from storage.redis.client import RedisStore, cluster_client
 from storage.redis.keys import RedisKeyStore
 from storage.redis.nodes import RedisNodeBus
 from storage.redis.presence import RedisPresenceStore
@@ -39,7 +39,7 @@ class ClusterStores:
     @classmethod
     async def open(cls, cluster: ClusterSettings, node_id: str) -> ClusterStores:
         nodes = startup_nodes(cluster)
-        client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], decode_responses=True)
+        client = cluster_client(nodes, cluster.wait_timeout_ms)
         try:
             users = RedisUserStore(client, cluster.key_prefix, cluster.retry_s)
             await users.call("connect", client.initialize)

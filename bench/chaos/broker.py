@@ -36,8 +36,10 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class ChaosBroker:
     """``python -m chatserver run`` on ``127.0.0.1:<port>``; ``kill()`` is SIGKILL, ``start()`` brings it back."""
 
-    def __init__(self, workdir: Path, data_dir: Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, workdir: Path, data_dir: Path, config: dict[str, Any] | None = None, args: tuple[str, ...] = (),
+                 module: str = "chatserver", env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
+        self.args, self.module, self.env = args, module, env  # a cluster node: --cluster, --node-id; its launcher
         self.config_path = workdir / "broker.json"
         self.metrics_port = free_port()
         metrics = {"metrics": {"bind": f"127.0.0.1:{self.metrics_port}"}}  # login counts for the floods
@@ -71,9 +73,10 @@ class ChaosBroker:
     def start(self, timeout: float = 60.0) -> ChaosBroker:
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatserver", "run", "-c", str(self.config_path), "--bind", f"127.0.0.1:{self.port}",
-             "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", self.module, "run", "-c", str(self.config_path), "--bind", f"127.0.0.1:{self.port}",
+             "--data-dir", str(self.data_dir), *self.args],
             cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=None if self.env is None else {**os.environ, **self.env},
         )
         log.close()
         ready: queue.Queue[str] = queue.Queue()

@@ -8,7 +8,12 @@ from typing import Any
 from bench.common import REPO, fmt, machine_line, md_table, write_text_atomic
 
 DOC = REPO / "docs" / "RELIABILITY.md"
-START, END = "<!-- chaos-table:start -->", "<!-- chaos-table:end -->"
+TITLES = {"chaos": "Chaos: faults, floods and hostile input", "chaos-cluster": "Chaos: cluster mode under faults"}
+"""The results' name (``bench/results/{name}.json``, the table's markers in ``DOC``) -> the title of its .md."""
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
 COLUMNS = ("scenario", "messages", "faults injected", "lost", "duplicated", "reordered", "false `sent`",
            "misrouted", "honest p99 during fault (ms)")
 
@@ -33,9 +38,9 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def details(result: dict[str, Any]) -> str:
-    """chaos.md: the table, then each scenario's own figures."""
-    out = ["# Chaos: faults, floods and hostile input", "", table(result)]
+def details(result: dict[str, Any], name: str = "chaos") -> str:
+    """chaos.md (or chaos-cluster.md): the table, then each scenario's own figures."""
+    out = [f"# {TITLES[name]}", "", table(result)]
     for r in result["rows"]:
         extra = {k: v for k, v in r.items()
                  if k not in {"scenario", "messages", "fault", "examples", "rss_series", "checks"}}
@@ -45,16 +50,17 @@ def details(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def update_doc(result: dict[str, Any], doc: Path = DOC) -> bool:
-    """Replace the table between the markers of ``doc``; False if the markers are missing."""
+def update_doc(result: dict[str, Any], doc: Path = DOC, name: str = "chaos") -> bool:
+    """Replace the table between the markers of ``name`` in ``doc``; False if the markers are missing."""
     if not doc.exists():
         return False
     text = doc.read_text(encoding="utf-8")
-    if START not in text or END not in text:
+    start, end = markers(name)
+    if start not in text or end not in text:
         return False
-    head, rest = text.split(START, 1)
-    _old, tail = rest.split(END, 1)
-    write_text_atomic(doc, f"{head}{START}\n{table(result)}\n{END}{tail}")
+    head, rest = text.split(start, 1)
+    _old, tail = rest.split(end, 1)
+    write_text_atomic(doc, f"{head}{start}\n{table(result)}\n{end}{tail}")
     return True
 
 
@@ -95,6 +101,15 @@ def highlight(r: dict[str, Any]) -> str:
         return (f"hostile: {fmt(h.get('leaked_items'))} items of others reached the attacker, "
                 f"{fmt(h.get('subscribes_refused'))} foreign SUBSCRIBEs refused and "
                 f"{fmt(h.get('subscribes_granted_to_others'))} granted; examples {h.get('examples')}")
+    if key == "cluster-node":
+        return f"cluster-node: HAProxy marked the killed node DOWN after {r.get('haproxy_down_s')} s"
+    if key == "cluster-redis":
+        return (f"cluster-redis: replica promoted (seen by every node) {r.get('promoted_s')} s after each kill; "
+                f"refusals to senders: {r.get('errors_seen')}")
+    if key == "cluster-cutoff":
+        return (f"cluster-cutoff: node2 DOWN {r.get('down_after_s')} s after each cut, UP again within about a second "
+                f"of the links' return; `internal` that reached senders: {r.get('internal_during_cut')}, the node's "
+                f"\"not staged\" answers: {r.get('refusals_logged')}")
     if key == "clients":
         return f"clients: {fmt(r.get('unsent_at_kill'))} messages were in the killed processes' outboxes"
     return ""

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.chaos.broker import ChaosBroker
 from bench.chaos.workload import Plan, Progress, Workload, password
@@ -22,6 +22,7 @@ from bench.common import BenchError
 from testkit.proxy import DOWN, PUBLISH, UP, MqttProxy, Packet
 
 Row = dict[str, Any]
+Scenario = Callable[[str, Path, Progress], Row]
 
 
 def ci(size: str) -> bool:
@@ -44,7 +45,19 @@ def running(workdir: Path, plan: Plan, progress: Progress, config: dict[str, Any
         broker.kill()
 
 
-def row(name: str, work: Workload, broker: ChaosBroker, faults: int, fault_desc: str, window: tuple[float, float],
+class Deployment(Protocol):
+    """What a row reports of the broker side: one ``ChaosBroker``, or a cluster of them."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def starts(self) -> int: ...
+
+    def log_problems(self) -> list[str]: ...
+
+
+def row(name: str, work: Workload, broker: Deployment, faults: int, fault_desc: str, window: tuple[float, float],
         began: float, **extra: Any) -> Row:
     verdict = work.finish()
     alive = broker.alive
@@ -267,12 +280,12 @@ def run_disk(size: str, workdir: Path, progress: Progress) -> Row:
         return result
 
 
-SCENARIOS: dict[str, Callable[[str, Path, Progress], Row]] = {
+SCENARIOS: dict[str, Scenario] = {
     "kill": run_kill, "network": run_network, "clients": run_clients, "disk": run_disk,
 }
 
 
-def all_scenarios() -> dict[str, Callable[[str, Path, Progress], Row]]:
+def all_scenarios() -> dict[str, Scenario]:
     """Every scenario by name, in the order of docs/RELIABILITY.md."""
     from bench.chaos import abuse  # noqa: PLC0415 (abuse imports this module)
 

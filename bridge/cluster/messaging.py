@@ -111,6 +111,10 @@ class ClusterMessaging:
         self._busy: dict[str, list[str]] = {}  # ids refused while the device's lane was full (``_refuse_busy``)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        # Per-device rounds reported to the supervisor, and the devices whose last one failed: once
+        # those are gone no later round can report success (a node cut off from Redis loses all its
+        # connections), so it is reported then, or /readyz would fail for good (tests/test_cluster_cutoff.py).
+        self._failing: dict[str, set[str]] = {"ack": set(), "queue_read": set()}
 
     @property
     def staging(self) -> ClusterMessaging:
@@ -330,9 +334,9 @@ class ClusterMessaging:
         try:
             delivered = await self._queues.ack(client_id, seqs)
         except StoreError as exc:  # the items stay; the device gets them again and acks again
-            self.supervisor.failed("ack", exc)
+            self._round_failed("ack", client_id, exc)
             return
-        self.supervisor.succeeded("ack")
+        self._round_succeeded("ack")
         self._apply(self.windows.acked(client_id, seqs, self._now()))
         if delivered:
             await self._retrying("delivered receipts", functools.partial(self._stage_receipts, RECEIPT_DELIVERED,
@@ -407,10 +411,10 @@ class ClusterMessaging:
         try:
             items = await self._queues.read(client_id, after, limit)
         except StoreError as exc:
-            self.supervisor.failed("queue_read", exc)
+            self._round_failed("queue_read", client_id, exc)
             self.windows.read_failed(client_id)
             return
-        self.supervisor.succeeded("queue_read")
+        self._round_succeeded("queue_read")
         self._apply(self.windows.read_done(client_id, after, items, limit, self._now()))
 
     # --- devices --------------------------------------------------------------------------
@@ -436,8 +440,24 @@ class ClusterMessaging:
         except StoreError as exc:  # the next sweep or connection does it
             log.warning("cannot expire the queue of %s: %s", client_id, exc)
 
+    def _round_failed(self, task: str, client_id: str, exc: StoreError) -> None:
+        self.supervisor.failed(task, exc)
+        if client_id in self.windows:
+            self._failing[task].add(client_id)
+        elif not self._failing[task]:  # it left while its round waited on Redis: failing for nobody
+            self.supervisor.succeeded(task)
+
+    def _round_succeeded(self, task: str) -> None:
+        self._failing[task].clear()
+        self.supervisor.succeeded(task)
+
     def device_offline(self, client_id: str) -> None:
         self.windows.offline(client_id)
+        for task, devices in self._failing.items():
+            if client_id in devices:
+                devices.discard(client_id)
+                if not devices:  # failing for nobody now; the store's own probe tells whether Redis answers
+                    self.supervisor.succeeded(task)
         self._spawn(self._unregister(client_id))
 
     async def _unregister(self, client_id: str) -> None:

@@ -42,6 +42,10 @@ from redis.exceptions import (
 from bridge.store import StoreError
 
 RETRY_S = 6.0
+SOCKET_TIMEOUT_S = 2.0
+"""A connect or a reply that takes longer fails as a failover error, retried within ``retry_s``. Without
+it a Redis node that stops answering without closing (a partition, a host powered off) held a call for
+as long as TCP takes to give up, minutes, and ``retry_s`` bounded nothing (bench/chaos cluster-cutoff)."""
 BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then 0.4 s between attempts
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]*")
 
@@ -52,10 +56,22 @@ class SlotMoved(Exception):
 
 # ClusterError covers CLUSTERDOWN and MASTERDOWN; RedisClusterException covers "no node serves
 # this slot" and a client that cannot reach any startup node while the topology changes.
+# And a connection closed under a call: on a connection error redis-py's cluster client closes every
+# connection (aclose()), also one another call is opening (with a socket timeout it sends through
+# asyncio.wait_for, where others run), which then fails with "AttributeError: 'NoneType' object has no
+# attribute 'writelines'" or uvloop's "RuntimeError: ... the handler is closed"
+# (tests/test_cluster_failover.py). ``call`` runs only redis-py inside its try.
 FAILOVER_ERRORS = (ConnectionError, TimeoutError, ClusterError, TryAgainError, ReadOnlyError,
-                   RedisClusterException, SlotMoved)
+                   RedisClusterException, SlotMoved, AttributeError, RuntimeError)
 
 T = TypeVar("T")
+
+
+def cluster_client(startup_nodes: Sequence[tuple[str, int]], wait_timeout_ms: int = 0) -> RedisCluster:
+    """The cluster client of a node's stores; its socket timeout outlasts a ``WAIT`` of ``wait_timeout_ms``."""
+    timeout = max(SOCKET_TIMEOUT_S, wait_timeout_ms / 1000 + 1.0)
+    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in startup_nodes],
+                        decode_responses=True, socket_timeout=timeout, socket_connect_timeout=SOCKET_TIMEOUT_S)
 
 
 class RedisStore:
@@ -70,6 +86,7 @@ class RedisStore:
         self._client = client
         self._prefix = prefix
         self._retry_s = retry_s
+        self._seeds = dict(client.nodes_manager.startup_nodes)  # name -> node, given or discovered so far
         # redis-py sends a script by its SHA and loads it on a node that lacks it (a promoted replica).
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in self.SCRIPTS.items()}  # type: ignore[misc]
@@ -78,8 +95,7 @@ class RedisStore:
     async def open(cls, startup_nodes: Sequence[tuple[str, int]], prefix: str = "",
                    retry_s: float = RETRY_S) -> Self:
         """Connect to the cluster through any of ``startup_nodes`` ((host, port) pairs)."""
-        client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in startup_nodes],
-                              decode_responses=True)
+        client = cluster_client(startup_nodes)
         store = cls(client, prefix, retry_s)
         try:
             await store.call("connect", client.initialize)
@@ -144,6 +160,15 @@ class RedisStore:
         """A small write that must succeed for the store to count as writable (``/readyz``)."""
         await self.command("probe", "SET", f"{self._prefix}probe:{{{name}}}", "1", "PX", "60000")
 
+    def _reseed(self) -> None:
+        """Give the client back the startup nodes it dropped. redis-py drops each node whose
+        connection failed from them; once every node had failed (this node cut off from Redis, or
+        every master restarted) it had none left to ask for the layout and failed for good ("Please
+        provide at least one reachable node: None"; tests/test_cluster_cutoff.py)."""
+        startup = self._client.nodes_manager.startup_nodes
+        for name, node in self._seeds.items():
+            startup.setdefault(name, node)
+
     async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation``, again on a failover error until ``retry_s`` has passed; any redis
         error that is left becomes ``StoreError`` naming ``what``."""
@@ -157,6 +182,7 @@ class RedisStore:
                 if time.monotonic() + pause > deadline:
                     raise StoreError(f"redis {what}: {exc} (still failing after {self._retry_s:g} s)") from exc
                 attempt += 1
+                self._reseed()
                 await asyncio.sleep(pause)
             except RedisError as exc:
                 raise StoreError(f"redis {what}: {exc}") from exc

@@ -192,6 +192,11 @@ class RedisNodeBus(RedisStore):
     def _channel(self, node_id: str) -> str:
         return self.key("ch", node_id)
 
+    @property
+    def subscriber_name(self) -> str:
+        """The Redis client name of this node's nudge subscriber (``CLIENT LIST``): ``{prefix}nudges:{node}``."""
+        return f"{self._prefix}nudges:{self._node_id}"
+
     def _writer(self, what: str) -> str:
         if not self._node_id:
             raise RuntimeError(f"{what} on a read-only node bus (no node id)")
@@ -453,7 +458,9 @@ class RedisNodeBus(RedisStore):
         if not masters:
             raise StoreError(f"no master serves slot {slot}")
         host, port = masters[0]
-        connection = Connection(host=host, port=port, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S)
+        # Named, so that an operator (or the chaos harness) can tell each node's subscriber in CLIENT LIST.
+        connection = Connection(host=host, port=port, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                client_name=self.subscriber_name)
         try:
             await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             await connection.send_command("SSUBSCRIBE", channel, check_health=False)

@@ -4,7 +4,7 @@ Each test runs the shared SDK workload (pairs chatting both ways, tablets going
 offline and back) while one fault is injected -- broker SIGKILLs, a faulty
 network (cuts, half-open stalls, slow links, cuts between PUBLISH and PUBACK and
 between a delivery and its ack), SDK processes SIGKILLed with unsent outboxes,
-a full and a read-only data directory, slow consumers, floods, Hypothesis-made
+a full and a read-only data directory, a broker node SIGKILLed in cluster mode, slow consumers, floods, Hypothesis-made
 hostile input, and the abuse floods (seen reports, new devices, concurrent
 guesses, unfinished 4 MiB CONNECTs, lone surrogates in every field) -- and then
 proves from the ledger that no accepted message was lost, duplicated or
@@ -12,7 +12,8 @@ reordered at any target device, that no ``sent`` was given for a lost message,
 and that nobody received a message not meant for them or under a false sender.
 Scenario-specific checks follow each, and every check a scenario reports
 (``checks``: each abuse flood held within its bound) must pass. The full-size
-run is ``python -m bench chaos --full`` (docs/RELIABILITY.md).
+run is ``python -m bench chaos --full``, and ``--cluster --full`` for the cluster faults
+(docs/RELIABILITY.md); here cluster mode runs its central fault only (~25 s).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 
 import pytest
 
+from bench.chaos.cluster import CLUSTER_SCENARIOS
 from bench.chaos.scenarios import MountFailed, all_scenarios
 
-SCENARIOS = all_scenarios()
+SCENARIOS = {**all_scenarios(), **CLUSTER_SCENARIOS}
 
 
 def run(name: str, tmp_path: Path) -> dict[str, Any]:
@@ -89,3 +91,12 @@ def test_hostile_input(tmp_path: Path) -> None:
     hostile = r["hostile"]
     assert hostile["leaked_items"] == 0 and hostile["subscribes_granted_to_others"] == 0
     assert hostile["subscribes_refused"] > 0 and sum(hostile["examples"].values()) > 0
+
+
+@pytest.mark.timeout(120)
+def test_cluster_node_sigkill(tmp_path: Path) -> None:
+    """Three node processes behind HAProxy on a Redis Cluster; one SIGKILLed mid-stream, its devices
+    go on through the others, it comes back once its lease ran out."""
+    r = run("cluster-node", tmp_path)
+    assert r["broker_starts"] == 3 + r["faults"]
+    assert all(s < 5 for s in r["haproxy_down_s"]), "HAProxy marks a dead node DOWN within seconds"
