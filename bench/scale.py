@@ -132,7 +132,9 @@ def run(suite: Suite, replicas: int = 0, workers: int = WORKERS) -> dict[str, An
             base_memory = probe.used_memory()
             suite.extra_cpu_groups = {"redis": probe.pids()}
             suite.window_counters = probe.counters
-            server = ClusterChatServer(suite.workdir, [node.address for node in cluster.nodes], workers)
+            # cluster.min_replicas_ack (default 1) waits for a replica: none without replicas.
+            durability = f"cluster:\n  min_replicas_ack: {min(replicas, 1)}\n"
+            server = ClusterChatServer(suite.workdir, [node.address for node in cluster.nodes], workers, durability)
             server.fresh_data()
             results[name] = _target(suite, server, idle, rate, probe, functools.partial(_staged_memory, suite,
                                                                                     probe=probe))

@@ -359,7 +359,7 @@ class ClusterSettings(_Section):
     """How long a Redis call is retried across a failover before it fails (the sender is not answered
     ``sent`` meanwhile). Must exceed the cluster's failover time: 3.2-4.3 s measured with
     ``cluster-node-timeout 2000``."""
-    max_waiting_uplinks: int = Field(default=256, ge=1)
+    max_waiting_uplinks: int = Field(default=1024, ge=1)
     """Messages and seen reports of one device waiting for Redis on its node; beyond, refused with
     ``rate_limited`` (re-sent by the client in order): a device cannot grow a node's memory."""
     poll_s: float = Field(default=300.0, gt=0)

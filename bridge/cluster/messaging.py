@@ -74,7 +74,7 @@ class ClusterRules:
     require_encryption: bool = False
     poll_s: float = 300.0
     sweep_s: float = 60.0
-    max_lane: int = 256  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
+    max_lane: int = 1024  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
 
 
 class SharedClaimLimit:
@@ -108,6 +108,7 @@ class ClusterMessaging:
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
         self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
+        self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
         self._busy: dict[str, list[str]] = {}  # ids refused while the device's lane was full (``_refuse_busy``)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -140,7 +141,17 @@ class ClusterMessaging:
         except DecodeError as exc:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
-        self._spawn(self._ack(caller.client_id, list(ack.seqs)))
+        task = self._spawn(self._ack(caller.client_id, list(ack.seqs)))
+        acking = self._acking.setdefault(caller.client_id, set())
+        acking.add(task)
+        task.add_done_callback(functools.partial(self._ack_done, caller.client_id))
+
+    def _ack_done(self, client_id: str, task: asyncio.Task[None]) -> None:
+        acking = self._acking.get(client_id)
+        if acking is not None:
+            acking.discard(task)
+            if not acking:
+                del self._acking[client_id]
 
     def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
         lane = self._lanes.get(caller.client_id)
@@ -291,6 +302,9 @@ class ClusterMessaging:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
         by_user, to_user = caller.user, seen.to
+        acking = self._acking.get(caller.client_id)
+        if acking:  # acks sent before this report first: their 'delivered' goes before its 'seen' (rule 11)
+            await asyncio.wait(set(acking))
         try:
             if await self._users.user_devices(to_user) is None:
                 raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}"))
@@ -530,10 +544,11 @@ class ClusterMessaging:
         depths = [self.windows.depth(c) for c in self.windows.clients()]
         return Figures(sum(depths), 0, 0, None, depths)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         """Stop the rounds; let running uplinks finish (each answers its sender)."""
