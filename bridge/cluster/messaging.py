@@ -77,6 +77,10 @@ class ClusterRules:
     max_lane: int = 1024  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
 
 
+def busy_error(ref: str | None) -> ErrorItem:
+    return ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; retry later", ref)
+
+
 class SharedClaimLimit:
     """``bridge.keys.service.ClaimLimit`` held across nodes: a bucket per claimer and peer in Redis."""
 
@@ -109,7 +113,6 @@ class ClusterMessaging:
         self._holds = Holds()
         self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
-        self._busy: dict[str, list[str]] = {}  # ids refused while the device's lane was full (``_refuse_busy``)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         # Per-device rounds reported to the supervisor, and the devices whose last one failed: once
@@ -166,10 +169,11 @@ class ClusterMessaging:
 
     def _refuse_busy(self, lane: deque[tuple[str, Caller, bytes]], kind: str, caller: Caller,
                      payload: bytes) -> None:
-        """The device's lane is full (Redis is slow, or the device floods): refused as ``rate_limited``.
-        A refused message must hold the device's later ones until it is re-sent, but only from its own
-        place in the order: a ``busy`` mark at the lane's end turns the refused ids into a hold when
-        the lane gets there, so the messages already waiting ahead of it are taken as usual."""
+        """The device's lane is full (Redis is slow, or the device floods): the uplink is refused
+        ``rate_limited``. The refusal takes its place in the lane as a small ``busy`` entry holding
+        the message id only (the payload is dropped), so it is answered -- and holds the device's later
+        messages -- in order with the answers to the uplinks ahead of it, as a refusal for the send
+        rate is. Past twice the bound even that entry is not kept: answered at once."""
         item: ChatMessage | Seen
         try:
             item = (ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
@@ -178,23 +182,30 @@ class ClusterMessaging:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
         ref = item.id if isinstance(item, ChatMessage) else None
+        if len(lane) < 2 * self.rules.max_lane:
+            lane.append(("busy", caller, (ref or "").encode()))
+            return
+        self._refuse_in_order(caller.client_id, ref)
+
+    def _refuse_in_order(self, client_id: str, ref: str | None) -> None:
+        """Refuse a device's uplink as ``rate_limited``, as a refusal for the send rate is: behind the
+        device's messages refused before it (if any), else first of a new hold."""
         if ref is not None:
-            refused = self._busy.get(caller.client_id)
-            if refused is None:
-                refused = self._busy[caller.client_id] = []
-                lane.append(("busy", caller, b""))  # the one entry beyond max_lane
-            if ref not in refused:
-                refused.append(ref)
-        self.links.send(caller.client_id, ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; "
-                                                    "retry later", ref))
+            try:
+                self._holds.check(client_id, ref, self._now())
+            except Refused as refused:  # others come first: it waits behind them
+                self.links.send(client_id, refused.item)
+                return
+            self._holds.hold(client_id, ref, ErrorCode.RATE_LIMITED, self._now())
+        self.links.send(client_id, busy_error(ref))
 
     async def _run_lane(self, client_id: str) -> None:
         lane = self._lanes[client_id]
         try:
             while lane:
                 kind, caller, payload = lane[0]
-                if kind == "busy":
-                    self._holds.hold_all(client_id, self._busy.pop(client_id, []), ErrorCode.RATE_LIMITED, self._now())
+                if kind == "busy":  # refused on arrival (the lane was full), answered here in order
+                    self._refuse_in_order(client_id, payload.decode() or None)
                     lane.popleft()
                     continue
                 try:

@@ -58,17 +58,6 @@ class Holds:
             hold.ids.insert(0, msg_id)
             hold.code, hold.until = code, now + HOLD_S
 
-    def hold_all(self, origin: str, msg_ids: list[str], code: str, now: float) -> None:
-        """``msg_ids`` were refused in this order: each must be re-sent, in this order, before later ones."""
-        if not msg_ids:
-            return
-        hold = self._held.get(origin)
-        if hold is None:
-            self._held[origin] = Hold(list(msg_ids), code, now + HOLD_S)
-        else:  # behind the ones refused before them
-            hold.ids.extend(m for m in msg_ids if m not in hold.ids)
-            hold.until = now + HOLD_S
-
     def forget(self, origin: str) -> None:
         self._held.pop(origin, None)
 
