@@ -133,7 +133,12 @@ class BrokerApp:
             throttle: LoginThrottle = MemoryThrottle(guard)
             clock = self.clock.monotonic
             if self._cluster is not None and settings.cluster is not None:  # shared counts, one (wall) clock
-                throttle = self._cluster.login_throttle(settings.cluster, auth, guard)
+                from storage.redis.throttle import RedisLoginThrottle  # noqa: PLC0415 (redis-py only in cluster mode)
+
+                # The node's own guard judges while Redis fails (docs/SECURITY.md).
+                throttle = RedisLoginThrottle(self._cluster.client, settings.cluster.key_prefix, guard,
+                                              auth.free_failures, auth.base_delay_s, auth.max_delay_s,
+                                              auth.forget_after_s, settings.cluster.retry_s)
                 clock = functools.partial(_seconds, self.clock.wall_ms)
             authenticator = Authenticator(
                 users,

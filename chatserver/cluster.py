@@ -12,14 +12,12 @@ from dataclasses import dataclass
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from broker.login_guard import LoginGuard
-from chatserver.config import AuthSettings, ClusterSettings, parse_bind
+from chatserver.config import ClusterSettings, parse_bind
 from storage.redis.client import RedisStore
 from storage.redis.keys import RedisKeyStore
 from storage.redis.nodes import RedisNodeBus
 from storage.redis.presence import RedisPresenceStore
 from storage.redis.queues import RedisQueueStore
-from storage.redis.throttle import RedisLoginThrottle
 from storage.redis.users import RedisUserStore
 
 log = logging.getLogger(__name__)
@@ -56,11 +54,6 @@ class ClusterStores:
                      RedisPresenceStore(client, cluster.key_prefix, cluster.retry_s), bus)
         log.info("cluster: node %s on the Redis Cluster at %s", node_id, ", ".join(cluster.redis))
         return stores
-
-    def login_throttle(self, cluster: ClusterSettings, auth: AuthSettings, fallback: LoginGuard) -> RedisLoginThrottle:
-        """The failed-login throttle shared by the nodes; ``fallback`` judges while Redis fails."""
-        return RedisLoginThrottle(self.client, cluster.key_prefix, fallback, auth.free_failures, auth.base_delay_s,
-                                  auth.max_delay_s, auth.forget_after_s, cluster.retry_s)
 
     @property
     def probe_store(self) -> RedisStore:
