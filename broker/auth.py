@@ -4,7 +4,7 @@ Order of checks (each refusal is final and touches no session):
 1. a username that is a valid user id (no anonymous access) -> else 0x05;
 2. client id ``{username}.{device}`` with a valid device id -> else 0x02;
 3. the login throttle for the user and the remote address -> else 0x05, unchecked;
-   an attempt let through counts as a failure until it succeeds (``LoginGuard.begin``),
+   an attempt let through counts as a failure until it succeeds (``LoginThrottle.begin``),
    so concurrent guesses are throttled exactly like sequential ones;
 4. a device token (fast keyed hash) or the password (scrypt in a worker
    thread, at most ``hash_concurrency`` at once) -> else 0x05;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from broker import credentials
-from broker.login_guard import LoginGuard
+from broker.login_throttle import LoginThrottle
 from broker.users import TooManyDevicesError, UserStore
 from chatproto import is_user_id, split_client_id
 
@@ -62,7 +62,7 @@ class Authenticator:
     def __init__(
         self,
         store: UserStore,
-        guard: LoginGuard,
+        guard: LoginThrottle,
         server_secret: bytes,
         hash_concurrency: int,
         clock: Callable[[], float] = time.monotonic,
@@ -98,15 +98,15 @@ class Authenticator:
         is_token = secret is not None and credentials.looks_like_token(secret)
         if is_token and await self._token_ok(username, device, secret):  # type: ignore[arg-type]  # not None here
             return await self._accept(username, device, [], "device token", address)
-        wait = self._guard.begin(keys, self._clock())
+        wait = await self._guard.begin(keys, self._clock())
         if wait > 0:
             return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address,
                                 "throttled")
         if secret is None:
-            return self._fail(keys, "no password", username, address)
+            return await self._fail(keys, "no password", username, address)
         if await self._password_ok(username, secret):
             return await self._accept(username, device, keys, "password", address)
-        return self._fail(keys, "wrong password or token", username, address)
+        return await self._fail(keys, "wrong password or token", username, address)
 
     async def _token_ok(self, user: str, device: str, token: str) -> bool:
         info = await self._store.device(user, device)
@@ -123,7 +123,7 @@ class Authenticator:
     async def _accept(self, user: str, device: str, keys: list[str], how: str, address: str) -> LoginResult:
         # The address keeps its earlier failures (one good account must not unlock guessing);
         # only this attempt's reserved failure is taken back.
-        self._guard.succeeded(keys[:1], keys[1:])
+        await self._guard.succeeded(keys[:1], keys[1:])
         try:
             new_device = await self._store.record_login(user, device, self._max_devices)
         except TooManyDevicesError as exc:
@@ -133,8 +133,8 @@ class Authenticator:
         log.info("login ok: %s.%s by %s%s", user, device, how, " (new device)" if new_device else "")
         return LoginResult(ACCEPTED, user, device, how, new_device)
 
-    def _fail(self, keys: list[str], reason: str, user: str, address: str) -> LoginResult:
-        wait = self._guard.retry_after(keys, self._clock())  # the failure was counted by ``begin``
+    async def _fail(self, keys: list[str], reason: str, user: str, address: str) -> LoginResult:
+        wait = await self._guard.retry_after(keys, self._clock())  # the failure was counted by ``begin``
         suffix = f"; further attempts refused for {wait:.1f}s" if wait > 0 else ""
         self.count("bad_password")
         log.warning("login failed: user %r from %s: %s%s", user, address, reason, suffix)

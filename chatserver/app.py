@@ -30,6 +30,7 @@ from bridge.store import StoreError
 from broker.auth import Authenticator
 from broker.front import ListenerError
 from broker.login_guard import LoginGuard
+from broker.login_throttle import LoginThrottle, MemoryThrottle
 from broker.server import ChatBroker
 from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
@@ -128,12 +129,23 @@ class BrokerApp:
             else:
                 users, keys, secret = await self._open_cluster(settings.cluster)
             auth = settings.auth
+            guard = LoginGuard(auth.free_failures, auth.base_delay_s, auth.max_delay_s, auth.forget_after_s)
+            throttle: LoginThrottle = MemoryThrottle(guard)
+            clock = self.clock.monotonic
+            if self._cluster is not None and settings.cluster is not None:  # shared counts, one (wall) clock
+                from storage.redis.throttle import RedisLoginThrottle  # noqa: PLC0415 (redis-py only in cluster mode)
+
+                # The node's own guard judges while Redis fails (docs/SECURITY.md).
+                throttle = RedisLoginThrottle(self._cluster.client, settings.cluster.key_prefix, guard,
+                                              auth.free_failures, auth.base_delay_s, auth.max_delay_s,
+                                              auth.forget_after_s, settings.cluster.retry_s)
+                clock = functools.partial(_seconds, self.clock.wall_ms)
             authenticator = Authenticator(
                 users,
-                LoginGuard(auth.free_failures, auth.base_delay_s, auth.max_delay_s, auth.forget_after_s),
+                throttle,
                 secret,
                 auth.hash_concurrency,
-                clock=self.clock.monotonic,
+                clock=clock,
                 max_devices=settings.limits.max_devices_per_user,
             )
             if self._cluster is None:
@@ -390,3 +402,7 @@ class BrokerApp:
         if self._lock is not None:  # last: the stores are closed, another broker may start
             self._lock.release()
             self._lock = None
+
+
+def _seconds(wall_ms: Callable[[], int]) -> float:
+    return wall_ms() / 1000

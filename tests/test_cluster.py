@@ -10,7 +10,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import credentials
 from client_sdk import Client
@@ -18,7 +20,7 @@ from storage.redis.nodes import RedisNodeBus
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
-from tests.helpers import BrokerProcess, Peer, eventually
+from tests.helpers import BrokerProcess, Peer, connack_code, eventually
 
 
 @pytest.fixture
@@ -138,4 +140,36 @@ def test_a_device_flooding_its_node_is_refused_and_nothing_is_lost_or_reordered(
     finally:
         for client in clients:
             client.close()
+        deployment.stop()
+
+
+def login_on(cluster: ClusterDeployment, n: int, password: str) -> int:
+    """alice.phone logs in straight to node ``n``: paho's CONNACK reason code (0, or 135: not authorised)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alice.phone")
+    client.username_pw_set("alice", password)
+    return connack_code(client, cluster.nodes[n].port)
+
+
+def throttled_logins(cluster: ClusterDeployment, n: int) -> float:
+    host, port = cluster.nodes[n].address("metrics")
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith('chat_logins_total{result="throttled"}'):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_failed_logins_spread_over_nodes_throttle_as_on_one(tmp_path: Path, redis_cluster: RedisCluster) -> None:
+    """Guesses for alice through nodes 0, 1 and 2 count together (storage/redis/throttle.py): after
+    free_failures + 1 of them, node 2 refuses even the right password unchecked, as one node would."""
+    deployment = ClusterDeployment(tmp_path / "cluster", redis_cluster,
+                                   {"auth.free_failures": 2, "auth.base_delay_s": 60.0}).start()
+    try:
+        deployment.add_user("alice", "alice-pw")
+        assert [login_on(deployment, n, f"guess-{n}") for n in (0, 1, 2)] == [135] * 3  # 2 free, the 3rd blocks
+        assert throttled_logins(deployment, 2) == 0.0
+        assert login_on(deployment, 2, "alice-pw") == 135, "the right password let through on a node of its own"
+        assert throttled_logins(deployment, 2) == 1.0
+        assert login_on(deployment, 0, "alice-pw") == 135, "and on every node"
+    finally:
         deployment.stop()
