@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -117,8 +118,9 @@ def spread(redis_cluster: RedisCluster, prefix: str) -> set[str]:
 
 def test_a_device_flooding_its_node_is_refused_and_nothing_is_lost_or_reordered(
         tmp_path: Path, redis_cluster: RedisCluster) -> None:
-    """Eight uplinks may wait for Redis per device here: a burst is refused ``rate_limited`` past it, the
-    SDK re-sends in order, and the recipient gets every message once, in the order they were sent."""
+    """Eight uplinks may wait for Redis per device here: a burst sent while Redis stalls is refused
+    ``rate_limited`` past them, the SDK re-sends in order, and the recipient gets every message once,
+    in the order they were sent."""
     deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"cluster.max_waiting_uplinks": 8}).start()
     clients: list[Client] = []
     try:
@@ -131,6 +133,10 @@ def test_a_device_flooding_its_node_is_refused_and_nothing_is_lost_or_reordered(
         bob.on_message = lambda message: got.put(message.body)
         bob.connect(timeout=10)
         alice.connect(timeout=10)
+        # Redis stalls (as in a failover) while the burst arrives: the waiting room must overflow.
+        for node in redis_cluster.nodes:
+            subprocess.run(["redis-cli", "-p", str(node.port), "CLIENT", "PAUSE", "1000", "ALL"],
+                           check=True, capture_output=True, timeout=10)
         for n in range(60):
             alice.send("bob", f"n{n}")
         bodies = [got.get(timeout=60) for _ in range(60)]
