@@ -15,7 +15,11 @@ The model (docs/ARCHITECTURE.md, "Cluster mode"):
 - a message staged with ``delivery=True`` keeps a delivery record (sender, id, delivered yet,
   expired notified yet) until its last item is gone: the first ack by any of the user's devices
   reports it once (``ack``), as does ``mark_delivered`` (a ``seen`` before any ack);
-- a dedup mark ``(sender, id)`` kept ``dedup_until_ms`` makes a repeat answer ``DUPLICATE``.
+- a dedup mark ``(sender, id)`` kept ``dedup_until_ms`` makes a repeat answer ``DUPLICATE``; a
+  recipient user keeps at most ``max_dedup`` marks (oldest forgotten first), so a flood costs the
+  flooded user's memory a bounded amount;
+- seqs of a device are at least ``SEQ_STRIDE`` apart: the gaps are the seqs a node gives the items
+  it delivers before (or without) writing them (write-back, bridge/cluster/writeback.py).
 Every script is safe to run twice (a reply lost in a failover is retried by the client): a second
 stage of the same dedup key is a ``DUPLICATE``, a second ack or removal finds nothing.
 """
@@ -28,6 +32,10 @@ from enum import StrEnum
 from typing import Protocol
 
 from chatproto import MsgItem, ReceiptItem
+
+SEQ_STRIDE = 1024
+"""Every seq the store gives a device is at least this much above the one before (and above the
+base ``seq_block`` returned): the seqs between are a node's for items it delivers itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +71,15 @@ class Stage:
     receipt: ReceiptItem | None = None
     dedup_until_ms: int = 0  # > 0: remember (sender, msg_id) of the message until then
     delivery: bool = False  # keep a delivery record (a message to its recipient)
+    writeback: bool = False  # the write-back of a message ``reserve`` admitted: its pending mark is no duplicate
 
 
 class StageStatus(StrEnum):
     STAGED = "staged"
     DUPLICATE = "duplicate"  # the dedup mark was there: nothing staged (the first one was)
     QUEUE_FULL = "queue_full"
+    PENDING = "pending"  # another node delivers this message itself and has not written it yet: retry later
+    CHANGED = "changed"  # reserve: ``devices`` are not the user's devices now; stage it instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +118,24 @@ class Swept:
 
 
 class QueueStore(Protocol):
-    async def stage(self, stage: Stage) -> StageResult: ...
+    async def stage(self, stage: Stage) -> StageResult:
+        """Stage the items; ``PENDING`` while a reservation of the message holds (unless
+        ``stage.writeback``: that is its own write-back, which replaces the pending mark)."""
+
+    async def reserve(self, stage: Stage, hold_ms: int, *, whole_user: bool) -> StageStatus:
+        """Admit a message its node delivers itself first (write-back), writing no item: answers
+        ``DUPLICATE``, ``PENDING`` or ``QUEUE_FULL`` as ``stage`` would, ``CHANGED`` if
+        ``whole_user`` and ``stage.devices`` are not exactly the user's current devices; else sets a
+        pending mark of (sender, id) kept ``hold_ms`` (a repeat meanwhile answers ``PENDING``) and
+        answers ``STAGED``. The node then stages it (``writeback=True``) or settles it."""
+
+    async def settle(self, stage: Stage) -> None:
+        """A reserved message every target acked before it was written: its pending mark becomes the
+        dedup mark (until ``stage.dedup_until_ms``), written like a stage (replicas acknowledge)."""
+
+    async def seq_block(self, client_id: str) -> int:
+        """Reserve ``SEQ_STRIDE`` seqs of the device: returns ``base``; every seq the store gave it
+        before is below ``base`` and every later one is at least ``base + SEQ_STRIDE``."""
 
     async def read(self, client_id: str, after_seq: int, limit: int) -> list[QueuedItem]:
         """Up to ``limit`` items of the device's queue with seq > ``after_seq``, in seq order."""
