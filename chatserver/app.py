@@ -231,6 +231,7 @@ class BrokerApp:
             sweep_s=settings.staging.sweep_s,
             poll_s=cluster.poll_s,
             max_lane=cluster.max_waiting_uplinks,
+            flush_ms=settings.staging.flush_ms,
         )
         links = LinkRegistry()
         messaging = ClusterMessaging(rules, stores.queues, stores.bus, stores.users, stores.keys, links,

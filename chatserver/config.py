@@ -184,7 +184,8 @@ class LimitsSettings(_Section):
 
 class StagingSettings(_Section):
     flush_ms: int = Field(default=50, ge=0)
-    """An item not acked this long after it was staged is written to disk (group commit)."""
+    """An item not acked this long after it was staged is written to disk (group commit); in cluster
+    mode, an item for devices all connected to the node is written to Redis only then (0: at once)."""
     ttl_days: float = Field(default=30.0, gt=0)
     """Staged items older than this are deleted; the sender gets ``receipt expired``."""
     sweep_s: float = Field(default=60.0, gt=0)

@@ -3,8 +3,10 @@ the node bus (bridge/cluster/nodes.py) and the per-device windows (bridge/cluste
 
 The same public face as ``bridge.messaging.service.Messaging``, the same wire behaviour, with
 these differences (docs/PROTOCOL.md, "Cluster mode"):
-- every message and receipt is written to the Redis Cluster before anything is answered: the
-  sender's ``sent`` means the items are in Redis (no write-back, so no ``flush_ms`` wait either);
+- an item for devices all connected to this node and caught up is delivered from memory and
+  written to Redis only if not acked within ``staging.flush_ms`` (write-back,
+  bridge/cluster/writeback.py); everything else is written to the Redis Cluster first. The
+  sender's ``sent`` means the items are in Redis or every target acked them;
 - ``delivered`` and ``seen`` are staged once the message is in Redis, so they never overtake
   ``sent`` on the sender's devices except when another node delivers and acks faster than this
   node sends ``sent`` (under a millisecond apart; the SDK keeps the highest status anyway);
@@ -17,8 +19,10 @@ which bounds what a lost nudge can delay) run beside them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
@@ -27,8 +31,9 @@ from typing import Any
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
-from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageStatus
+from bridge.cluster.store import MessageEntry, MessageRef, QueuedItem, QueueStore, Stage, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
+from bridge.cluster.writeback import Held, WriteBack, item_for
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
 from bridge.keys.store import KeyStore
@@ -75,6 +80,19 @@ class ClusterRules:
     poll_s: float = 300.0
     sweep_s: float = 60.0
     max_lane: int = 1024  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
+    flush_ms: int = 50  # write-back: 0 writes everything to Redis first
+    pending_hold_ms: int = 10_000  # a reserved message's pending mark outlives a node that died holding it this long
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """A held message's ``sent``: due when each of its held stages is written or settled."""
+
+    origin: str
+    msg_id: str
+    to: str
+    ts: int
+    waiting: set[Held]
 
 
 def busy_error(ref: str | None) -> ErrorItem:
@@ -112,6 +130,10 @@ class ClusterMessaging:
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
         self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
+        self._writeback = WriteBack(rules.flush_ms / 1000)
+        self._tickets: dict[Held, Ticket] = {}
+        self._lane_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._flush_wake = asyncio.Event()
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -129,6 +151,8 @@ class ClusterMessaging:
         spawn = self.supervisor.spawn
         self._loops = [spawn("redeliver", self._redeliver_round), spawn("sweep", self._sweep_round),
                        spawn("queue_poll", self._poll_round)]
+        if self.rules.flush_ms > 0:
+            self._loops.append(spawn("flush", self._flush_round))
 
     # --- uplinks ---------------------------------------------------------------------
 
@@ -225,6 +249,10 @@ class ClusterMessaging:
         now = self._now()
         try:
             stages = await self._admit(origin, sender, message, now)
+            stages, held = await self._hold_message(origin, stages)
+            if held:  # 'sent' follows once it is written or every target acked it
+                return
+            await self._write_lane(origin)  # what this device sent before goes to Redis first
             staged = await self._stage_charged(origin, sender, stages, message.to, message.id)
         except Refused as refused:
             self.links.send(origin, refused.item)
@@ -302,6 +330,171 @@ class ClusterMessaging:
                 rows.append((user, device, str(keys["curve25519"])))
         return KeyedDevices(rows)
 
+    # --- write-back (bridge/cluster/writeback.py) ----------------------------------------------------
+
+    async def _targets_here(self, stage: Stage) -> tuple[str, ...] | None:
+        """Rule 1: the stage's target devices if each is connected here and can get a held item."""
+        if self.rules.flush_ms <= 0:
+            return None
+        devices = stage.devices
+        if devices is None:
+            names = await self._users.user_devices(stage.user)
+            devices = tuple(f"{stage.user}.{name}" for name in names or ())
+        if not devices or not all(self.windows.can_hold(client_id) for client_id in devices):
+            return None
+        return devices
+
+    async def _hold_message(self, origin: str, stages: list[Stage]) -> tuple[list[Stage], bool]:
+        """Rule 1 for a new message: reserve it in Redis and hand it to its devices from memory.
+        Returns whether it is held, else the stages to write (those reserved marked ``writeback``)."""
+        if self._writeback.busy(origin):
+            return stages, False
+        plans = [await self._targets_here(stage) for stage in stages]
+        if any(devices is None for devices in plans):
+            return stages, False
+        reserved: list[Stage] = []
+        for stage, devices in zip(stages, plans, strict=True):
+            planned = replace(stage, devices=devices)
+            status = await self._queues.reserve(planned, self.rules.flush_ms + self.rules.pending_hold_ms,
+                                                whole_user=stage.devices is None)
+            if status == StageStatus.STAGED:
+                reserved.append(planned)
+                continue
+            message = stage.message
+            if status == StageStatus.PENDING and message is not None:
+                if self._writeback.holds(message.sender, message.msg_id):  # a repeat: the first one's 'sent' answers it
+                    return [], True
+                self._holds.hold(origin, message.msg_id, ErrorCode.RATE_LIMITED, self._now())
+                raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "this message is being delivered; send it again "
+                                        "later", message.msg_id))
+            return [replace(r, writeback=True) for r in reserved] + stages[len(reserved):], False
+        allocated = [self._local_seqs(planned) for planned in reserved]
+        if any(seqs is None for seqs in allocated) or self._writeback.busy(origin):
+            return [replace(r, writeback=True) for r in reserved], False
+        first = reserved[-1].message
+        if first is None:
+            raise ValueError("a message stage carries its message")
+        ticket = Ticket(origin, first.msg_id, first.recipient, first.ts, set())
+        for planned, seqs in zip(reserved, allocated, strict=True):
+            if seqs is not None:
+                held = self._hold(planned, origin, seqs)
+                ticket.waiting.add(held)
+                self._tickets[held] = ticket
+        return [], True
+
+    def _local_seqs(self, stage: Stage) -> dict[str, int] | None:
+        """A local seq for each target (the devices may have changed while Redis answered)."""
+        devices = stage.devices or ()
+        if not all(self.windows.can_hold(client_id) for client_id in devices):
+            return None
+        seqs = {client_id: self.windows.local_seq(client_id) for client_id in devices}
+        return {client_id: seq for client_id, seq in seqs.items() if seq is not None}
+
+    def _hold(self, stage: Stage, lane: str, seqs: dict[str, int]) -> Held:
+        now = self._now()
+        links = {client_id: self.windows.link(client_id) or 0 for client_id in seqs}
+        held = self._writeback.hold(stage, lane, seqs, links, now)
+        for client_id, seq in seqs.items():
+            item = item_for(stage, client_id, seq)
+            if item is not None:  # (an olm target always has its ciphertext)
+                self._apply(self.windows.push_local(client_id, QueuedItem(item, stage.expires_ms), now))
+        self._flush_wake.set()
+        return held
+
+    async def _hold_receipts(self, stages: list[Stage]) -> bool:
+        """Rule 1 for receipts to one user: held if every target is here (no reservation: a receipt
+        has no dedup mark)."""
+        lane = self._receipt_lane(stages[0].user)
+        if self._writeback.busy(lane):
+            return False
+        plans = [await self._targets_here(stage) for stage in stages]
+        if any(devices is None for devices in plans):
+            return False
+        planned = [replace(stage, devices=devices) for stage, devices in zip(stages, plans, strict=True)]
+        allocated = [self._local_seqs(stage) for stage in planned]
+        if any(seqs is None for seqs in allocated) or self._writeback.busy(lane):
+            return False
+        for stage, seqs in zip(planned, allocated, strict=True):
+            if seqs is not None:
+                self._hold(stage, lane, seqs)
+        return True
+
+    @staticmethod
+    def _receipt_lane(user: str) -> str:
+        return f"receipts to {user}"  # not a client id: those have no space
+
+    async def _flush_round(self) -> None:
+        due = self._writeback.next_due()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush_wake.wait(), None if due is None else max(0.0, due - self._now()))
+        self._flush_wake.clear()
+        self._write_all(self._writeback.due(self._now()))
+
+    def _write_all(self, helds: list[Held]) -> None:
+        by_lane: dict[str, list[Held]] = {}
+        for held in helds:
+            by_lane.setdefault(held.lane, []).append(held)
+        for lane, in_lane in by_lane.items():
+            self._spawn(self._write(lane, in_lane))
+
+    async def _write_lane(self, lane: str) -> None:
+        """Rule 2: the lane's held items are written (and those being written are done) first."""
+        await self._write(lane, self._writeback.lane(lane))
+
+    async def _write(self, lane: str, helds: list[Held]) -> None:
+        lock = self._lane_locks.get(lane)
+        if lock is None:
+            lock = self._lane_locks[lane] = asyncio.Lock()
+        async with lock:
+            for held in helds:
+                await self._write_held(held)
+
+    async def _write_held(self, held: Held) -> None:
+        """Write what is unacked of a held stage; its devices still here take the written copy as an
+        alias of what they got (window rule 5); those that acked meanwhile ack the copy."""
+        stage = held.write_stage()
+        staged: list[tuple[str, int]] = []
+
+        async def write() -> None:
+            staged[:] = (await self._queues.stage(replace(stage, max_queue=2**31))).targets
+
+        await self._retrying("a held item", write)
+        self._writeback.written(held)
+        message = stage.message
+        if message is not None and stage.delivery and held.reported:  # reported while being written: not again
+            await self._retrying("its delivery record", functools.partial(
+                self._queues.mark_delivered, stage.user, message.sender, [message.msg_id]))
+        for client_id, seq in staged:
+            if client_id in held.acked_while_writing:
+                await self._retrying("an ack of a held item", functools.partial(self._queues.ack, client_id, [seq]))
+            else:
+                self.windows.alias(client_id, held.links.get(client_id, 0), held.seqs[client_id], seq)
+        await self._wake(staged)  # a device that left reads it wherever it is now
+        self._held_done(held)
+
+    async def _settle(self, held: Held) -> None:
+        """Rule 3: every target acked a held message; its dedup mark is all that is written."""
+        if held.stage.message is not None:
+            await self._retrying("a dedup mark", functools.partial(self._queues.settle, held.stage))
+        self._held_done(held)
+
+    def _held_done(self, held: Held) -> None:
+        ticket = self._tickets.pop(held, None)
+        if ticket is None:
+            return
+        ticket.waiting.discard(held)
+        if not ticket.waiting:
+            ts = self._now_ms()
+            self.counters.sent_latency.observe(max(0, ts - ticket.ts) / 1000)
+            self.links.send(ticket.origin, ReceiptItem(RECEIPT_SENT, (ticket.msg_id,), ticket.to, ts))
+
+    def _held_acked(self, client_id: str, local: list[int]) -> list[MessageRef]:
+        """Local seqs acked: settle what every target has; the messages this delivers (rule 4)."""
+        out = self._writeback.acked(client_id, local)
+        for held in out.settled:
+            self._spawn(self._settle(held))
+        return [MessageRef(m.sender, m.msg_id, m.recipient) for h in out.delivered if (m := h.stage.message)]
+
     async def _seen(self, caller: Caller, payload: bytes) -> None:
         """``caller.user`` displayed messages from ``seen.to``: ``delivered`` first for those no device
         acked yet (seen implies delivered, once), then ``seen``. Costs a send token."""
@@ -321,9 +514,13 @@ class ClusterMessaging:
                                             self._now_ms()):
                 raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later"))
             ids = list(dict.fromkeys(seen.ids))
-            delivered = await self._queues.mark_delivered(by_user, to_user, ids)
+            delivered = self._writeback.report_seen(by_user, to_user, ids)
+            delivered += await self._queues.mark_delivered(by_user, to_user, ids)
             stages = [self._receipt_stage(to_user, RECEIPT_DELIVERED, delivered, by_user)] if delivered else []
             stages.append(self._receipt_stage(to_user, RECEIPT_SEEN, ids, by_user))
+            if await self._hold_receipts(stages):
+                return
+            await self._write_lane(self._receipt_lane(to_user))
             staged = await self._stage_charged(caller.client_id, by_user, stages, to_user, None)
         except Refused as refused:
             self.links.send(caller.client_id, refused.item)
@@ -347,25 +544,33 @@ class ClusterMessaging:
         for ref in refs:
             by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
         for (sender, recipient), ids in by_pair.items():
-            stage = self._receipt_stage(sender, status, ids, recipient)
-            result = await self._queues.stage(Stage(stage.user, stage.expires_ms, 2**31, receipt=stage.receipt))
+            stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31)
+            if await self._hold_receipts([stage]):
+                continue
+            await self._write_lane(self._receipt_lane(sender))
+            result = await self._queues.stage(stage)
             await self._wake(list(result.targets))
 
     # --- acks, reads and nudges ---------------------------------------------------------
 
     async def _ack(self, client_id: str, seqs: list[int]) -> None:
-        try:
-            delivered = await self._queues.ack(client_id, seqs)
-        except StoreError as exc:  # the items stay; the device gets them again and acks again
-            self._round_failed("ack", client_id, exc)
-            return
-        self._round_succeeded("ack")
-        self._apply(self.windows.acked(client_id, seqs, self._now()))
+        local, stored = self.windows.split_ack(client_id, seqs)  # (window rules 4 and 5)
+        delivered = self._held_acked(client_id, local) if local else []
+        if local:
+            self._apply(self.windows.acked(client_id, local, self._now()))
+        if stored:
+            try:
+                delivered += await self._queues.ack(client_id, stored)
+            except StoreError as exc:  # the items stay; the device gets them again and acks again
+                self._round_failed("ack", client_id, exc)
+            else:
+                self._round_succeeded("ack")
+                self._apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
             await self._retrying("delivered receipts", functools.partial(self._stage_receipts, RECEIPT_DELIVERED,
                                                                          delivered))
 
-    async def _retrying(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+    async def _retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried
         until it is written (the store already rode out a failover before raising)."""
         while True:
@@ -444,9 +649,9 @@ class ClusterMessaging:
 
     def device_online(self, client_id: str) -> None:
         self._apply(self.windows.online(client_id, self._now()))
-        self._spawn(self._register(client_id))
+        self._spawn(self._register(client_id, self.windows.link(client_id) or 0))
 
-    async def _register(self, client_id: str) -> None:
+    async def _register(self, client_id: str, link: int) -> None:
         try:
             before = await self._bus.register(client_id)
         except StoreError as exc:
@@ -454,7 +659,15 @@ class ClusterMessaging:
             return
         self._bus.report(len(self.windows))
         # Read again: an item staged after the first read but before the directory named this node
-        # had no one to nudge (found by tests/test_messaging.py on the cluster deployment).
+        # had no one to nudge (found by tests/test_messaging.py on the cluster deployment). With a
+        # block of local seqs first, so that read catches the device up for write-back (window rule 4).
+        if self.rules.flush_ms > 0:
+            try:
+                base = await self._queues.seq_block(client_id)
+            except StoreError as exc:  # this link gets everything through Redis
+                log.warning("no write-back for %s: %s", client_id, exc)
+            else:
+                self._apply(self.windows.set_base(client_id, link, base, self._now()))
         self._apply(self.windows.behind([client_id], self._now()))
         if before is not None:
             await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
@@ -476,6 +689,7 @@ class ClusterMessaging:
 
     def device_offline(self, client_id: str) -> None:
         self.windows.offline(client_id)
+        self._write_all(self._writeback.gone(client_id))  # rule 2: its held items go to Redis
         for task, devices in self._failing.items():
             if client_id in devices:
                 devices.discard(client_id)
@@ -560,7 +774,8 @@ class ClusterMessaging:
         return task
 
     async def close(self) -> None:
-        """Stop the rounds; let running uplinks finish (each answers its sender)."""
+        """Stop the rounds; write what is held; let running uplinks finish (each answers its sender)."""
         await cancel(self._loops)
+        self._write_all(self._writeback.due(float("inf")))
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)

@@ -10,6 +10,16 @@ Rules (the single-node rule 6, over a queue that other nodes add to):
    and only while fewer than ``window`` items are buffered or in flight. A nudge (or the node's
    own staging) marks the device *behind*; a read that comes back full or while behind reads
    again. Seqs are given in commit order by the store, so an item never appears below one read.
+4. Write-back (bridge/cluster/writeback.py): the node may hand a device an item it holds in memory,
+   with a *local* seq of its own, once the device is caught up: a block of seqs was reserved for
+   this link (``set_base``) and a read started after that came back short, so every store seq below
+   the block has been read. A local seq is above the block's base and every seq read, and below
+   ``SEQ_STRIDE`` above the higher of them, so every store seq not read yet is above it: the device
+   gets seqs in increasing order whichever kind comes first. When ``SEQ_STRIDE - 1`` local seqs
+   were given since the last read moved the cursor, there is none left: the item goes through the
+   store instead.
+5. A local item written to the store later has a store seq too (an *alias*): the store copy is not
+   sent again on this link, and the device's ack of the local seq acks the store copy.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from bridge.cluster.store import QueuedItem
+from bridge.cluster.store import SEQ_STRIDE, QueuedItem
 from chatproto import MsgItem, ReceiptItem
 
 
@@ -28,6 +38,15 @@ class DeviceWindow:
     inflight: dict[int, tuple[float, QueuedItem]] = field(default_factory=dict)  # seq -> (sent at, item)
     reading: bool = False
     behind: bool = True  # the queue may hold items after last_read
+    link: int = 0  # which link of the device this window is (aliases are only for the same link)
+    reads: int = 0  # reads started
+    base: int = 0  # rule 4: the link's block of local seqs (0: none yet)
+    caught_up_after: int = -1  # rule 4: a short read numbered above this catches the device up (-1: no base)
+    caught_up: bool = False
+    local_last: int = 0  # the last local seq given
+    local: set[int] = field(default_factory=set)  # local seqs buffered or in flight
+    aliases: dict[int, int] = field(default_factory=dict)  # rule 5: local seq -> store seq
+    aliased: set[int] = field(default_factory=set)  # store seqs that are aliases
 
 
 @dataclass(slots=True)
@@ -41,6 +60,7 @@ class Windows:
         self.window = window
         self.redeliver_after_s = redeliver_after_s
         self._devices: dict[str, DeviceWindow] = {}
+        self._links = 0
         self.redeliveries = 0
 
     def __contains__(self, client_id: str) -> bool:
@@ -54,8 +74,68 @@ class Windows:
 
     def online(self, client_id: str, now: float) -> WindowOutcome:
         """Rule 1: a fresh window; everything in the queue goes again."""
-        self._devices[client_id] = DeviceWindow()
+        self._links += 1
+        self._devices[client_id] = DeviceWindow(link=self._links)
         return self._pump(client_id, now)
+
+    def link(self, client_id: str) -> int | None:
+        box = self._devices.get(client_id)
+        return None if box is None else box.link
+
+    def set_base(self, client_id: str, link: int, base: int, now: float) -> WindowOutcome:
+        """Rule 4: the store reserved the block above ``base`` for this link; read again to catch up."""
+        box = self._devices.get(client_id)
+        if box is None or box.link != link:
+            return WindowOutcome()
+        box.base, box.caught_up_after, box.behind = base, box.reads, True
+        return self._pump(client_id, now)
+
+    def can_hold(self, client_id: str) -> bool:
+        """Rule 4: whether the device can get a held item now (caught up, a local seq left, and
+        room in its window: held items wait in memory no more than a window's worth)."""
+        return self._next_local(client_id) is not None
+
+    def local_seq(self, client_id: str) -> int | None:
+        """Rule 4: the next local seq of the device, or None (``can_hold`` is False)."""
+        seq = self._next_local(client_id)
+        if seq is not None:
+            self._devices[client_id].local_last = seq
+        return seq
+
+    def _next_local(self, client_id: str) -> int | None:
+        box = self._devices.get(client_id)
+        if box is None or not box.caught_up or len(box.buffer) + len(box.inflight) >= self.window:
+            return None
+        cursor = max(box.base, box.last_read)
+        seq = max(box.local_last, cursor) + 1
+        return seq if seq < cursor + SEQ_STRIDE else None
+
+    def push_local(self, client_id: str, queued: QueuedItem, now: float) -> WindowOutcome:
+        """Rule 4: send a held item (its seq from ``local_seq``) after what is buffered."""
+        box = self._devices[client_id]
+        box.local.add(queued.seq)
+        box.buffer.append(queued)
+        return self._pump(client_id, now)
+
+    def alias(self, client_id: str, link: int, local: int, stored: int) -> bool:
+        """Rule 5: the local item ``local`` of this link is in the store as ``stored``. False if the
+        device already acked it (or left): then nothing here will ack the store copy."""
+        box = self._devices.get(client_id)
+        if box is None or box.link != link or local not in box.local:
+            return False
+        box.aliases[local] = stored
+        box.aliased.add(stored)
+        return True
+
+    def split_ack(self, client_id: str, seqs: list[int]) -> tuple[list[int], list[int]]:
+        """An ack's seqs: (local seqs, store seqs -- with aliases in place of their local seqs)."""
+        box = self._devices.get(client_id)
+        if box is None:
+            return [], seqs
+        local = [s for s in seqs if s in box.local]
+        stored = [s for s in seqs if s not in box.local]
+        stored += [box.aliases[s] for s in local if s in box.aliases]
+        return local, stored
 
     def offline(self, client_id: str) -> None:
         self._devices.pop(client_id, None)
@@ -80,10 +160,13 @@ class Windows:
         box.reading = False
         for queued in items:
             if queued.seq > box.last_read:
-                box.buffer.append(queued)
+                if queued.seq not in box.aliased:  # rule 5: here already under its local seq
+                    box.buffer.append(queued)
                 box.last_read = queued.seq
         if len(items) >= limit:
             box.behind = True
+        elif 0 <= box.caught_up_after < box.reads:
+            box.caught_up = True
         return self._pump(client_id, now)
 
     def read_failed(self, client_id: str) -> None:
@@ -99,6 +182,9 @@ class Windows:
             return WindowOutcome()
         for seq in seqs:
             box.inflight.pop(seq, None)
+            if seq in box.local:
+                box.local.discard(seq)
+                box.aliased.discard(box.aliases.pop(seq, 0))
         if box.buffer and any(q.seq in seqs for q in box.buffer):  # acked while buffered (sent by an earlier link)
             box.buffer = deque(q for q in box.buffer if q.seq not in seqs)
         return self._pump(client_id, now)
@@ -129,5 +215,6 @@ class Windows:
             out.sends.append((client_id, queued.item))
         if box.behind and not box.reading and len(box.buffer) + len(box.inflight) < self.window:
             box.reading, box.behind = True, False
+            box.reads += 1
             out.reads.append((client_id, box.last_read))
         return out

@@ -65,3 +65,70 @@ def test_a_failed_read_leaves_the_device_behind() -> None:
     windows.online("bob.phone", now=0)
     windows.read_failed("bob.phone")
     assert windows.acked("bob.phone", [], now=1).reads == [("bob.phone", 0)]
+
+
+def caught_up(windows: Windows, client_id: str = "bob.phone", base: int = 2048) -> None:
+    """Link, reserve a block of local seqs, and read short after it (window rule 4)."""
+    windows.online(client_id, now=0)
+    link = windows.link(client_id)
+    assert link is not None
+    windows.set_base(client_id, link, base, now=0)
+    out = windows.read_done(client_id, 0, [], limit=10, now=0)  # the first read started before the base
+    assert windows.local_seq(client_id) is None, "a read started before the base does not catch up"
+    assert out.reads == [(client_id, 0)], "the base asks for a read of its own"
+    windows.read_done(client_id, 0, [], limit=10, now=0)
+
+
+def test_local_seqs_only_once_caught_up_above_everything_read_and_below_the_next_store_seq() -> None:
+    windows = Windows(window=10, redeliver_after_s=30)
+    windows.online("bob.phone", now=0)
+    assert windows.local_seq("bob.phone") is None, "no block of local seqs yet"
+    caught_up(windows)
+    assert windows.local_seq("bob.phone") == 2049
+    assert windows.local_seq("bob.phone") == 2050
+    windows.behind(["bob.phone"], now=0)
+    windows.read_done("bob.phone", 0, [queued(3072)], limit=10, now=0)  # a store seq: SEQ_STRIDE above the base
+    assert windows.local_seq("bob.phone") == 3073, "above the store seq just read"
+
+
+def test_local_seqs_run_out_after_a_stride_and_a_full_window_takes_no_held_item() -> None:
+    windows = Windows(window=2, redeliver_after_s=30)
+    caught_up(windows, base=1024)
+    for _ in range(1023):
+        windows.local_seq("bob.phone")
+    assert windows.local_seq("bob.phone") is None, "every seq between the base and the next store seq is used"
+    other = Windows(window=2, redeliver_after_s=30)
+    caught_up(other, base=1024)
+    for _ in range(2):
+        seq = other.local_seq("bob.phone")
+        assert seq is not None
+        other.push_local("bob.phone", queued(seq), now=0)
+    assert not other.can_hold("bob.phone"), "two held items in flight fill the window"
+    other.acked("bob.phone", [1025], now=1)
+    assert other.can_hold("bob.phone")
+
+
+def test_a_held_item_goes_after_what_is_buffered_and_its_store_copy_is_not_sent_again() -> None:
+    windows = Windows(window=1, redeliver_after_s=30)
+    caught_up(windows, base=1024)
+    windows.behind(["bob.phone"], now=0)
+    out = windows.read_done("bob.phone", 0, [queued(2048), queued(3072)], limit=10, now=0)
+    assert [item.seq for _, item in out.sends] == [2048]
+    windows.acked("bob.phone", [2048], now=0)  # 3072 is now in flight, the window (1) is full
+    assert not windows.can_hold("bob.phone")
+    windows.acked("bob.phone", [3072], now=0)
+    seq = windows.local_seq("bob.phone")
+    assert seq == 3073
+    out = windows.push_local("bob.phone", queued(seq), now=0)
+    assert [item.seq for _, item in out.sends] == [3073]
+    link = windows.link("bob.phone")
+    assert link is not None
+    assert windows.alias("bob.phone", link, 3073, 4096), "written to the store as 4096"
+    assert not windows.alias("bob.phone", link + 1, 3073, 4096), "not for another link"
+    windows.behind(["bob.phone"], now=0)
+    out = windows.read_done("bob.phone", 3072, [queued(4096)], limit=10, now=0)
+    assert out.sends == [], "the store copy of an item in flight is not sent again"
+    assert windows.split_ack("bob.phone", [3073]) == ([3073], [4096]), "the ack of the local seq acks the copy"
+    windows.acked("bob.phone", [3073], now=1)
+    assert windows.split_ack("bob.phone", [3073]) == ([], [3073])
+    assert windows.depth("bob.phone") == 0
