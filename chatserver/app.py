@@ -8,7 +8,7 @@ import logging
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from bridge.clock import Clock
 from bridge.cluster.messaging import ClusterMessaging, ClusterRules
@@ -53,6 +53,24 @@ log = logging.getLogger(__name__)
 
 PROBE_WAIT_S = 1.0  # /readyz answers within this (the listener's own deadline is longer)
 PROBE_END_S = 6.0  # longer than SQLite's busy_timeout (5 s, storage/sqlite/db.py): a probe always ends by then
+
+
+class DeliveryTerms(TypedDict):
+    """What one node on SQLite and a cluster node read alike from the settings."""
+
+    ttl_ms: int
+    window: int
+    redeliver_after_s: float
+    max_queue: int
+    dedup_window_ms: int
+    require_encryption: bool
+
+
+def delivery_terms(settings: Settings) -> DeliveryTerms:
+    return DeliveryTerms(ttl_ms=int(settings.staging.ttl_days * 86_400_000), window=settings.delivery.window,
+                         redeliver_after_s=settings.delivery.redeliver_after_s, max_queue=settings.delivery.max_queue,
+                         dedup_window_ms=int(settings.dedup.window_s * 1000),
+                         require_encryption=settings.limits.require_encryption)
 
 
 def broker_settings(settings: Settings) -> BrokerSettings:
@@ -218,16 +236,11 @@ class BrokerApp:
         cluster = settings.cluster
         assert cluster is not None
         rules = ClusterRules(
-            ttl_ms=int(settings.staging.ttl_days * 86_400_000),
-            window=settings.delivery.window,
-            redeliver_after_s=settings.delivery.redeliver_after_s,
-            max_queue=settings.delivery.max_queue,
-            dedup_window_ms=int(settings.dedup.window_s * 1000),
+            **delivery_terms(settings),
             send_rate_per_s=settings.limits.send_rate_per_s,
             send_burst=settings.limits.send_burst,
             max_body_bytes=settings.limits.max_body_bytes,
             max_devices_per_message=settings.limits.max_devices_per_message,
-            require_encryption=settings.limits.require_encryption,
             sweep_s=settings.staging.sweep_s,
             poll_s=cluster.poll_s,
             max_lane=cluster.max_waiting_uplinks,
@@ -282,15 +295,7 @@ class BrokerApp:
     async def _start_messaging(self, users: SqliteUserStore, store: SqliteMessageStore,
                                keyed: KeyedDevices) -> Messaging:
         settings = self.settings
-        rules = Rules(
-            flush_s=settings.staging.flush_ms / 1000,
-            ttl_ms=int(settings.staging.ttl_days * 86_400_000),
-            window=settings.delivery.window,
-            redeliver_after_s=settings.delivery.redeliver_after_s,
-            max_queue=settings.delivery.max_queue,
-            dedup_window_ms=int(settings.dedup.window_s * 1000),
-            require_encryption=settings.limits.require_encryption,
-        )
+        rules = Rules(flush_s=settings.staging.flush_ms / 1000, **delivery_terms(settings))
         directory = Directory()
         directory.load(await users.all_devices())
         staging = Staging(
