@@ -19,10 +19,8 @@ which bounds what a lost nudge can delay) run beside them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
@@ -30,10 +28,10 @@ from typing import Any
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
+from bridge.cluster.holding import Holding
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
-from bridge.cluster.store import MessageEntry, MessageRef, QueuedItem, QueueStore, Stage, StageStatus
+from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
-from bridge.cluster.writeback import Held, WriteBack, item_for
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
 from bridge.keys.store import KeyStore
@@ -84,17 +82,6 @@ class ClusterRules:
     pending_hold_ms: int = 10_000  # a reserved message's pending mark outlives a node that died holding it this long
 
 
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """A held message's ``sent``: due when each of its held stages is written or settled."""
-
-    origin: str
-    msg_id: str
-    to: str
-    ts: int
-    waiting: set[Held]
-
-
 def busy_error(ref: str | None) -> ErrorItem:
     return ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; retry later", ref)
 
@@ -130,10 +117,8 @@ class ClusterMessaging:
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
         self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
-        self._writeback = WriteBack(rules.flush_ms / 1000)
-        self._tickets: dict[Held, Ticket] = {}
-        self._lane_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._flush_wake = asyncio.Event()
+        self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
+                             pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -152,7 +137,7 @@ class ClusterMessaging:
         self._loops = [spawn("redeliver", self._redeliver_round), spawn("sweep", self._sweep_round),
                        spawn("queue_poll", self._poll_round)]
         if self.rules.flush_ms > 0:
-            self._loops.append(spawn("flush", self._flush_round))
+            self._loops.append(spawn("flush", self._held.flush_round))
 
     # --- uplinks ---------------------------------------------------------------------
 
@@ -168,7 +153,7 @@ class ClusterMessaging:
         except DecodeError as exc:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
-        task = self._spawn(self._ack(caller.client_id, list(ack.seqs)))
+        task = self.spawn(self._ack(caller.client_id, list(ack.seqs)))
         acking = self._acking.setdefault(caller.client_id, set())
         acking.add(task)
         task.add_done_callback(functools.partial(self._ack_done, caller.client_id))
@@ -189,7 +174,7 @@ class ClusterMessaging:
             lane.append((kind, caller, payload))
             return
         self._lanes[caller.client_id] = deque([(kind, caller, payload)])
-        self._spawn(self._run_lane(caller.client_id))
+        self.spawn(self._run_lane(caller.client_id))
 
     def _refuse_busy(self, lane: deque[tuple[str, Caller, bytes]], kind: str, caller: Caller,
                      payload: bytes) -> None:
@@ -249,10 +234,10 @@ class ClusterMessaging:
         now = self._now()
         try:
             stages = await self._admit(origin, sender, message, now)
-            stages, held = await self._hold_message(origin, stages)
+            stages, held = await self._held.hold_message(origin, stages)
             if held:  # 'sent' follows once it is written or every target acked it
                 return
-            await self._write_lane(origin)  # what this device sent before goes to Redis first
+            await self._held.write_lane(origin)  # what this device sent before goes to Redis first
             staged = await self._stage_charged(origin, sender, stages, message.to, message.id)
         except Refused as refused:
             self.links.send(origin, refused.item)
@@ -267,7 +252,7 @@ class ClusterMessaging:
         message_ts = stages[-1].message.ts if stages[-1].message is not None else ts
         self.counters.sent_latency.observe(max(0, ts - message_ts) / 1000)
         self.links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, ts))
-        await self._wake(staged)
+        await self.wake(staged)
 
     async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
         """The stages of a new message (the sender's other devices first, then the recipient's);
@@ -304,7 +289,7 @@ class ClusterMessaging:
         for stage in stages:
             result = await self._queues.stage(stage)
             if result.status == StageStatus.QUEUE_FULL:
-                await self._wake(staged)
+                await self.wake(staged)
                 raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
             staged.extend(result.targets)
         return staged
@@ -330,171 +315,6 @@ class ClusterMessaging:
                 rows.append((user, device, str(keys["curve25519"])))
         return KeyedDevices(rows)
 
-    # --- write-back (bridge/cluster/writeback.py) ----------------------------------------------------
-
-    async def _targets_here(self, stage: Stage) -> tuple[str, ...] | None:
-        """Rule 1: the stage's target devices if each is connected here and can get a held item."""
-        if self.rules.flush_ms <= 0:
-            return None
-        devices = stage.devices
-        if devices is None:
-            names = await self._users.user_devices(stage.user)
-            devices = tuple(f"{stage.user}.{name}" for name in names or ())
-        if not devices or not all(self.windows.can_hold(client_id) for client_id in devices):
-            return None
-        return devices
-
-    async def _hold_message(self, origin: str, stages: list[Stage]) -> tuple[list[Stage], bool]:
-        """Rule 1 for a new message: reserve it in Redis and hand it to its devices from memory.
-        Returns whether it is held, else the stages to write (those reserved marked ``writeback``)."""
-        if self._writeback.busy(origin):
-            return stages, False
-        plans = [await self._targets_here(stage) for stage in stages]
-        if any(devices is None for devices in plans):
-            return stages, False
-        reserved: list[Stage] = []
-        for stage, devices in zip(stages, plans, strict=True):
-            planned = replace(stage, devices=devices)
-            status = await self._queues.reserve(planned, self.rules.flush_ms + self.rules.pending_hold_ms,
-                                                whole_user=stage.devices is None)
-            if status == StageStatus.STAGED:
-                reserved.append(planned)
-                continue
-            message = stage.message
-            if status == StageStatus.PENDING and message is not None:
-                if self._writeback.holds(message.sender, message.msg_id):  # a repeat: the first one's 'sent' answers it
-                    return [], True
-                self._holds.hold(origin, message.msg_id, ErrorCode.RATE_LIMITED, self._now())
-                raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "this message is being delivered; send it again "
-                                        "later", message.msg_id))
-            return [replace(r, writeback=True) for r in reserved] + stages[len(reserved):], False
-        allocated = [self._local_seqs(planned) for planned in reserved]
-        if any(seqs is None for seqs in allocated) or self._writeback.busy(origin):
-            return [replace(r, writeback=True) for r in reserved], False
-        first = reserved[-1].message
-        if first is None:
-            raise ValueError("a message stage carries its message")
-        ticket = Ticket(origin, first.msg_id, first.recipient, first.ts, set())
-        for planned, seqs in zip(reserved, allocated, strict=True):
-            if seqs is not None:
-                held = self._hold(planned, origin, seqs)
-                ticket.waiting.add(held)
-                self._tickets[held] = ticket
-        return [], True
-
-    def _local_seqs(self, stage: Stage) -> dict[str, int] | None:
-        """A local seq for each target (the devices may have changed while Redis answered)."""
-        devices = stage.devices or ()
-        if not all(self.windows.can_hold(client_id) for client_id in devices):
-            return None
-        seqs = {client_id: self.windows.local_seq(client_id) for client_id in devices}
-        return {client_id: seq for client_id, seq in seqs.items() if seq is not None}
-
-    def _hold(self, stage: Stage, lane: str, seqs: dict[str, int]) -> Held:
-        now = self._now()
-        links = {client_id: self.windows.link(client_id) or 0 for client_id in seqs}
-        held = self._writeback.hold(stage, lane, seqs, links, now)
-        for client_id, seq in seqs.items():
-            item = item_for(stage, client_id, seq)
-            if item is not None:  # (an olm target always has its ciphertext)
-                self._apply(self.windows.push_local(client_id, QueuedItem(item, stage.expires_ms), now))
-        self._flush_wake.set()
-        return held
-
-    async def _hold_receipts(self, stages: list[Stage]) -> bool:
-        """Rule 1 for receipts to one user: held if every target is here (no reservation: a receipt
-        has no dedup mark)."""
-        lane = self._receipt_lane(stages[0].user)
-        if self._writeback.busy(lane):
-            return False
-        plans = [await self._targets_here(stage) for stage in stages]
-        if any(devices is None for devices in plans):
-            return False
-        planned = [replace(stage, devices=devices) for stage, devices in zip(stages, plans, strict=True)]
-        allocated = [self._local_seqs(stage) for stage in planned]
-        if any(seqs is None for seqs in allocated) or self._writeback.busy(lane):
-            return False
-        for stage, seqs in zip(planned, allocated, strict=True):
-            if seqs is not None:
-                self._hold(stage, lane, seqs)
-        return True
-
-    @staticmethod
-    def _receipt_lane(user: str) -> str:
-        return f"receipts to {user}"  # not a client id: those have no space
-
-    async def _flush_round(self) -> None:
-        due = self._writeback.next_due()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._flush_wake.wait(), None if due is None else max(0.0, due - self._now()))
-        self._flush_wake.clear()
-        self._write_all(self._writeback.due(self._now()))
-
-    def _write_all(self, helds: list[Held]) -> None:
-        by_lane: dict[str, list[Held]] = {}
-        for held in helds:
-            by_lane.setdefault(held.lane, []).append(held)
-        for lane, in_lane in by_lane.items():
-            self._spawn(self._write(lane, in_lane))
-
-    async def _write_lane(self, lane: str) -> None:
-        """Rule 2: the lane's held items are written (and those being written are done) first."""
-        await self._write(lane, self._writeback.lane(lane))
-
-    async def _write(self, lane: str, helds: list[Held]) -> None:
-        lock = self._lane_locks.get(lane)
-        if lock is None:
-            lock = self._lane_locks[lane] = asyncio.Lock()
-        async with lock:
-            for held in helds:
-                await self._write_held(held)
-
-    async def _write_held(self, held: Held) -> None:
-        """Write what is unacked of a held stage; its devices still here take the written copy as an
-        alias of what they got (window rule 5); those that acked meanwhile ack the copy."""
-        stage = held.write_stage()
-        staged: list[tuple[str, int]] = []
-
-        async def write() -> None:
-            staged[:] = (await self._queues.stage(replace(stage, max_queue=2**31))).targets
-
-        await self._retrying("a held item", write)
-        self._writeback.written(held)
-        message = stage.message
-        if message is not None and stage.delivery and held.reported:  # reported while being written: not again
-            await self._retrying("its delivery record", functools.partial(
-                self._queues.mark_delivered, stage.user, message.sender, [message.msg_id]))
-        for client_id, seq in staged:
-            if client_id in held.acked_while_writing:
-                await self._retrying("an ack of a held item", functools.partial(self._queues.ack, client_id, [seq]))
-            else:
-                self.windows.alias(client_id, held.links.get(client_id, 0), held.seqs[client_id], seq)
-        await self._wake(staged)  # a device that left reads it wherever it is now
-        self._held_done(held)
-
-    async def _settle(self, held: Held) -> None:
-        """Rule 3: every target acked a held message; its dedup mark is all that is written."""
-        if held.stage.message is not None:
-            await self._retrying("a dedup mark", functools.partial(self._queues.settle, held.stage))
-        self._held_done(held)
-
-    def _held_done(self, held: Held) -> None:
-        ticket = self._tickets.pop(held, None)
-        if ticket is None:
-            return
-        ticket.waiting.discard(held)
-        if not ticket.waiting:
-            ts = self._now_ms()
-            self.counters.sent_latency.observe(max(0, ts - ticket.ts) / 1000)
-            self.links.send(ticket.origin, ReceiptItem(RECEIPT_SENT, (ticket.msg_id,), ticket.to, ts))
-
-    def _held_acked(self, client_id: str, local: list[int]) -> list[MessageRef]:
-        """Local seqs acked: settle what every target has; the messages this delivers (rule 4)."""
-        out = self._writeback.acked(client_id, local)
-        for held in out.settled:
-            self._spawn(self._settle(held))
-        return [MessageRef(m.sender, m.msg_id, m.recipient) for h in out.delivered if (m := h.stage.message)]
-
     async def _seen(self, caller: Caller, payload: bytes) -> None:
         """``caller.user`` displayed messages from ``seen.to``: ``delivered`` first for those no device
         acked yet (seen implies delivered, once), then ``seen``. Costs a send token."""
@@ -514,13 +334,13 @@ class ClusterMessaging:
                                             self._now_ms()):
                 raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later"))
             ids = list(dict.fromkeys(seen.ids))
-            delivered = self._writeback.report_seen(by_user, to_user, ids)
+            delivered = self._held.report_seen(by_user, to_user, ids)
             delivered += await self._queues.mark_delivered(by_user, to_user, ids)
             stages = [self._receipt_stage(to_user, RECEIPT_DELIVERED, delivered, by_user)] if delivered else []
             stages.append(self._receipt_stage(to_user, RECEIPT_SEEN, ids, by_user))
-            if await self._hold_receipts(stages):
+            if await self._held.hold_receipts(stages):
                 return
-            await self._write_lane(self._receipt_lane(to_user))
+            await self._held.write_lane(self._held.receipt_lane(to_user))
             staged = await self._stage_charged(caller.client_id, by_user, stages, to_user, None)
         except Refused as refused:
             self.links.send(caller.client_id, refused.item)
@@ -530,7 +350,7 @@ class ClusterMessaging:
             self.links.send(caller.client_id, ErrorItem(ErrorCode.INTERNAL, "the server cannot store this right now; "
                                                         "send it again"))
             return
-        await self._wake(staged)
+        await self.wake(staged)
 
     def _receipt_stage(self, user: str, status: str, ids: list[str], peer: str) -> Stage:
         now_ms = self._now_ms()
@@ -545,19 +365,19 @@ class ClusterMessaging:
             by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
         for (sender, recipient), ids in by_pair.items():
             stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31)
-            if await self._hold_receipts([stage]):
+            if await self._held.hold_receipts([stage]):
                 continue
-            await self._write_lane(self._receipt_lane(sender))
+            await self._held.write_lane(self._held.receipt_lane(sender))
             result = await self._queues.stage(stage)
-            await self._wake(list(result.targets))
+            await self.wake(list(result.targets))
 
     # --- acks, reads and nudges ---------------------------------------------------------
 
     async def _ack(self, client_id: str, seqs: list[int]) -> None:
         local, stored = self.windows.split_ack(client_id, seqs)  # (window rules 4 and 5)
-        delivered = self._held_acked(client_id, local) if local else []
+        delivered = self._held.held_acked(client_id, local) if local else []
         if local:
-            self._apply(self.windows.acked(client_id, local, self._now()))
+            self.apply(self.windows.acked(client_id, local, self._now()))
         if stored:
             try:
                 delivered += await self._queues.ack(client_id, stored)
@@ -565,12 +385,12 @@ class ClusterMessaging:
                 self._round_failed("ack", client_id, exc)
             else:
                 self._round_succeeded("ack")
-                self._apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
+                self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
-            await self._retrying("delivered receipts", functools.partial(self._stage_receipts, RECEIPT_DELIVERED,
+            await self.retrying("delivered receipts", functools.partial(self._stage_receipts, RECEIPT_DELIVERED,
                                                                          delivered))
 
-    async def _retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
+    async def retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried
         until it is written (the store already rode out a failover before raising)."""
         while True:
@@ -581,12 +401,12 @@ class ClusterMessaging:
                 log.error("%s not staged yet (%s); retrying", what, exc)
                 await asyncio.sleep(TICK_S)
 
-    async def _wake(self, targets: list[tuple[str, int]]) -> None:
+    async def wake(self, targets: list[tuple[str, int]]) -> None:
         """Devices with new items: read now if connected here, else nudge the node that holds them."""
         clients = list(dict.fromkeys(client_id for client_id, _ in targets))
         local = [c for c in clients if c in self.windows]
         if local:
-            self._apply(self.windows.behind(local, self._now()))
+            self.apply(self.windows.behind(local, self._now()))
         remote = [c for c in clients if c not in self.windows]
         if not remote:
             return
@@ -601,13 +421,13 @@ class ClusterMessaging:
 
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:
-            self._apply(self.windows.behind([nudge.target], self._now()))
+            self.apply(self.windows.behind([nudge.target], self._now()))
         elif nudge.kind == NudgeKind.RESYNC:  # nudges may have been lost while the channel was down
-            self._apply(self.windows.behind(self.windows.clients(), self._now()))
+            self.apply(self.windows.behind(self.windows.clients(), self._now()))
         elif nudge.kind == NudgeKind.TAKEOVER:
-            self._spawn(self._taken_over(nudge))
+            self.spawn(self._taken_over(nudge))
         elif nudge.kind == NudgeKind.CLOSE and self.links.get(nudge.target) is not None:
-            self._spawn(self._close_session(nudge.target))
+            self.spawn(self._close_session(nudge.target))
 
     async def close_device(self, client_id: str) -> None:
         """Close the device's connection on whichever node holds it (``devices.remove``)."""
@@ -628,11 +448,11 @@ class ClusterMessaging:
             log.info("%s connected through node %s: closing its connection here", nudge.target, nudge.origin)
             await self._close_session(nudge.target)
 
-    def _apply(self, out: WindowOutcome) -> None:
+    def apply(self, out: WindowOutcome) -> None:
         for client_id, item in out.sends:
             self.links.send(client_id, item)
         for client_id, after in out.reads:
-            self._spawn(self._read(client_id, after))
+            self.spawn(self._read(client_id, after))
 
     async def _read(self, client_id: str, after: int) -> None:
         limit = self.rules.window
@@ -643,13 +463,13 @@ class ClusterMessaging:
             self.windows.read_failed(client_id)
             return
         self._round_succeeded("queue_read")
-        self._apply(self.windows.read_done(client_id, after, items, limit, self._now()))
+        self.apply(self.windows.read_done(client_id, after, items, limit, self._now()))
 
     # --- devices --------------------------------------------------------------------------
 
     def device_online(self, client_id: str) -> None:
-        self._apply(self.windows.online(client_id, self._now()))
-        self._spawn(self._register(client_id, self.windows.link(client_id) or 0))
+        self.apply(self.windows.online(client_id, self._now()))
+        self.spawn(self._register(client_id, self.windows.link(client_id) or 0))
 
     async def _register(self, client_id: str, link: int) -> None:
         try:
@@ -667,8 +487,8 @@ class ClusterMessaging:
             except StoreError as exc:  # this link gets everything through Redis
                 log.warning("no write-back for %s: %s", client_id, exc)
             else:
-                self._apply(self.windows.set_base(client_id, link, base, self._now()))
-        self._apply(self.windows.behind([client_id], self._now()))
+                self.apply(self.windows.set_base(client_id, link, base, self._now()))
+        self.apply(self.windows.behind([client_id], self._now()))
         if before is not None:
             await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
         try:  # its queue may have missed the expiry index (a node died between a stage and its hint)
@@ -689,13 +509,13 @@ class ClusterMessaging:
 
     def device_offline(self, client_id: str) -> None:
         self.windows.offline(client_id)
-        self._write_all(self._writeback.gone(client_id))  # rule 2: its held items go to Redis
+        self._held.gone(client_id)
         for task, devices in self._failing.items():
             if client_id in devices:
                 devices.discard(client_id)
                 if not devices:  # failing for nobody now; the store's own probe tells whether Redis answers
                     self.supervisor.succeeded(task)
-        self._spawn(self._unregister(client_id))
+        self.spawn(self._unregister(client_id))
 
     async def _unregister(self, client_id: str) -> None:
         if client_id in self.windows:
@@ -709,18 +529,18 @@ class ClusterMessaging:
     def remove_device(self, user: str, device: str) -> None:
         client_id = f"{user}.{device}"
         self._holds.forget(client_id)
-        self._spawn(self._retrying(f"removal of {client_id}'s queue", lambda: self._drop_queue(client_id)))
+        self.spawn(self.retrying(f"removal of {client_id}'s queue", lambda: self._drop_queue(client_id)))
 
     async def _drop_queue(self, client_id: str) -> None:
         await self._queues.remove_device(client_id)
 
     def device_registered(self, user: str, device: str) -> None:
         """A device logged in for the first time: a user's first device takes what was held for them."""
-        self._spawn(self._retrying(f"adoption by {user}.{device}", lambda: self._adopt(user, f"{user}.{device}")))
+        self.spawn(self.retrying(f"adoption by {user}.{device}", lambda: self._adopt(user, f"{user}.{device}")))
 
     async def _adopt(self, user: str, client_id: str) -> None:
         if await self._queues.adopt_placeholder(user, client_id):
-            await self._wake([(client_id, 0)])
+            await self.wake([(client_id, 0)])
 
     # --- background rounds -------------------------------------------------------------------
 
@@ -728,11 +548,11 @@ class ClusterMessaging:
         await asyncio.sleep(TICK_S)
         out = self.windows.redeliver(self._now())
         self.counters.redeliveries += len(out.sends)
-        self._apply(out)
+        self.apply(out)
 
     async def _poll_round(self) -> None:
         await asyncio.sleep(self.rules.poll_s)
-        self._apply(self.windows.behind(self.windows.clients(), self._now()))
+        self.apply(self.windows.behind(self.windows.clients(), self._now()))
 
     async def _sweep_round(self) -> None:
         await asyncio.sleep(self.rules.sweep_s)
@@ -750,7 +570,7 @@ class ClusterMessaging:
             swept = await self._queues.expire(client_id, now_ms)
             dropped += swept.items
             if swept.expired:
-                await self._retrying("expired receipts", functools.partial(self._stage_receipts, RECEIPT_EXPIRED,
+                await self.retrying("expired receipts", functools.partial(self._stage_receipts, RECEIPT_EXPIRED,
                                                                            swept.expired))
         return dropped
 
@@ -767,7 +587,7 @@ class ClusterMessaging:
         depths = [self.windows.depth(c) for c in self.windows.clients()]
         return Figures(sum(depths), 0, 0, None, depths)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -776,6 +596,6 @@ class ClusterMessaging:
     async def close(self) -> None:
         """Stop the rounds; write what is held; let running uplinks finish (each answers its sender)."""
         await cancel(self._loops)
-        self._write_all(self._writeback.due(float("inf")))
+        self._held.write_everything()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)

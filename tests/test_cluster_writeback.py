@@ -1,0 +1,144 @@
+"""Write-back in cluster mode (bridge/cluster/writeback.py): sender and recipient on one node get the
+message from memory; it reaches Redis only if it is not acked within ``staging.flush_ms``. Watched
+with Redis' own MONITOR on every master, so "never reached Redis" is what Redis saw."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testkit.redis_cluster import RedisCluster
+from tests.deployment import ClusterDeployment
+from tests.helpers import Peer, eventually
+
+FLUSH_MS = 1500  # generous: the test's own ack must come within it on a loaded machine
+
+
+class Monitor:
+    """Every command the Redis masters run while it is open (MONITOR), as bytes."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self._seen = bytearray()
+        self._lock = threading.Lock()
+        self._socks = []
+        for port in ports:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"MONITOR\r\n")
+            assert sock.recv(5) == b"+OK\r\n"
+            sock.settimeout(None)
+            self._socks.append(sock)
+            threading.Thread(target=self._read, args=(sock,), daemon=True).start()
+
+    def _read(self, sock: socket.socket) -> None:
+        while chunk := self._recv(sock):
+            with self._lock:
+                self._seen += chunk
+
+    @staticmethod
+    def _recv(sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def saw(self, marker: str) -> bool:
+        with self._lock:
+            return marker.encode() in self._seen
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, redis_cluster: RedisCluster) -> Iterator[ClusterDeployment]:
+    deployment = ClusterDeployment(tmp_path / "cluster", redis_cluster, {"staging.flush_ms": FLUSH_MS}).start()
+    for name in ("alice", "bob"):
+        deployment.add_user(name, f"{name}-pw")
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def monitor(redis_cluster: RedisCluster) -> Iterator[Monitor]:
+    watching = Monitor([port for _, port in redis_cluster.startup_nodes])
+    yield watching
+    watching.close()
+
+
+def on_node(cluster: ClusterDeployment, n: int, made: list[Peer], user: str, device: str = "phone") -> Peer:
+    peer = Peer(cluster.nodes[n].port, user, f"{user}-pw", device=device)
+    made.append(peer)
+    assert peer.connect() == 0
+    assert peer.subscribe() == [1]
+    return peer
+
+
+def none_matching(peer: Peer, predicate: Any, within: float) -> bool:
+    """Whether no item matching ``predicate`` arrives within ``within`` seconds."""
+    try:
+        peer.expect(predicate, timeout=within)
+    except AssertionError:
+        return True
+    return False
+
+
+def caught_up(cluster: ClusterDeployment, n: int, client_id: str) -> None:
+    """Wait until the node can hand the device held items (window rule 4: it read its whole queue)."""
+    node = cluster.nodes[n]
+
+    async def can_hold() -> bool:
+        messaging: Any = getattr(node.app.broker.bridge, "messaging")  # noqa: B009 (the port has no such name)
+        return bool(messaging.windows.can_hold(client_id))
+
+    eventually(lambda: node.call(can_hold()), what=f"{client_id} caught up on node{n}")
+
+
+def test_a_message_acked_within_flush_ms_never_reaches_redis(cluster: ClusterDeployment, monitor: Monitor,
+                                                             made: list[Peer]) -> None:
+    alice = on_node(cluster, 0, made, "alice")
+    bob = on_node(cluster, 0, made, "bob")
+    caught_up(cluster, 0, "bob.phone")
+    caught_up(cluster, 0, "alice.phone")
+    marker = f"held-{uuid.uuid4().hex}"
+    alice.publish("u/alice/out", {"id": "w1", "to": "bob", "body": marker})
+    item = bob.expect(lambda i: i.get("kind") == "msg")
+    assert item["body"] == marker
+    bob.publish("u/bob/ack", {"seqs": [item["seq"]]})
+    sent = alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "sent")
+    assert sent["ids"] == ["w1"]
+    delivered = alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "delivered")
+    alice.publish("u/alice/ack", {"seqs": [delivered["seq"]]})
+    assert not monitor.saw(marker), "the body never reached Redis"
+    # A repeat is still recognised: the dedup mark was written when every target had acked.
+    alice.publish("u/alice/out", {"id": "w1", "to": "bob", "body": marker})
+    again = alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "sent")
+    assert again["ids"] == ["w1"]
+    assert none_matching(bob, lambda i: i.get("kind") == "msg", 0.5), "the repeat is not delivered again"
+
+
+def test_a_message_unacked_after_flush_ms_is_written_and_follows_its_device(
+        cluster: ClusterDeployment, monitor: Monitor, made: list[Peer]) -> None:
+    alice = on_node(cluster, 0, made, "alice")
+    bob = on_node(cluster, 0, made, "bob")
+    caught_up(cluster, 0, "bob.phone")
+    marker = f"late-{uuid.uuid4().hex}"
+    alice.publish("u/alice/out", {"id": "w2", "to": "bob", "body": marker})
+    first = bob.expect(lambda i: i.get("kind") == "msg")
+    sent = alice.expect(lambda i: i.get("status") == "sent", timeout=FLUSH_MS / 1000 + 10)
+    assert sent["ids"] == ["w2"]
+    assert monitor.saw(marker), "not acked within flush_ms: written to Redis before 'sent'"
+    bob.close()
+    moved = on_node(cluster, 1, made, "bob")  # through another node: it reads the written copy
+    item = moved.expect(lambda i: i.get("kind") == "msg")
+    assert (item["id"], item["body"]) == ("w2", marker)
+    assert item["seq"] > first["seq"], "seqs only go up for the device"
+    moved.publish("u/bob/ack", {"seqs": [item["seq"]]})
+    assert alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "delivered")["ids"] == ["w2"]
+    assert none_matching(alice, lambda i: i.get("status") == "delivered", 0.5), "reported once"
