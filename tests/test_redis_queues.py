@@ -1,6 +1,7 @@
 """The cluster's device queues (storage/redis/queues.py) against a real Redis Cluster: staging,
-reading, acking, delivery and expiry reports, dedup, the placeholder, rate buckets, concurrency,
-and a script retried across a master failover. Each test has its own key prefix."""
+reading, acking, delivery and expiry reports, dedup (bounded per user), the placeholder, rate
+buckets, concurrency, a script retried across a master failover, and write-back's seam (seq
+blocks, reserve, settle, pending marks). Each test has its own key prefix."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from chatproto import MsgItem, ReceiptItem
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
+from tests.test_redis_nodes import eventually
 
 FAR = 10**13  # an expiry no test reaches
 S = SEQ_STRIDE  # a device's n-th seq is n * S
@@ -302,3 +304,140 @@ async def test_odd_bodies_come_back_as_sent(stores: Stores, body: str) -> None:
     first, second = await q.read("bob.phone", 0, 10)
     assert isinstance(first.item, MsgItem) and first.item.body == body
     assert second.item == replace(first.item, seq=2 * S, id="b2", type="olm", ts=1)
+
+
+async def test_seq_block_lies_between_the_seqs_staged_before_and_after(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    assert await q.seq_block("bob.laptop") == S, "a device with no seq yet"
+    before = (await q.stage(message_stage(plain("b1")))).targets[0][1]
+    base = await q.seq_block("bob.phone")
+    after = (await q.stage(message_stage(plain("b2")))).targets[0][1]
+    assert before < base and after >= base + S
+    assert await q.seq_block("bob.phone") >= after + S
+
+
+async def until_gone(q: RedisQueueStore, key: str) -> None:
+    async def gone() -> bool:
+        return not await q.command("test", "EXISTS", key)
+
+    await eventually(gone, f"{key} expires")
+
+
+def reserved(entry: MessageEntry, devices: tuple[str, ...], **changes: int) -> Stage:
+    return replace(message_stage(entry, devices=devices), **changes)
+
+
+async def test_reserve_admits_a_message_once_and_its_write_back_or_settle_marks_it(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    both = ("bob.laptop", "bob.phone")
+    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.STAGED
+    assert await stores.keys("q:*") == [], "a reservation writes no item"
+    assert 0 < await q.command("test", "PTTL", q.key("qp", "bob", "alice/w1")) <= 60_000
+    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.PENDING
+    assert await q.stage(message_stage(plain("w1"))) == StageResult(StageStatus.PENDING), "a repeat meanwhile"
+    assert await q.depth("bob.phone") == 0
+    # Its node writes it back: staged, marked; a repeat is a duplicate.
+    written = await q.stage(replace(reserved(plain("w1"), both), writeback=True))
+    assert written.status == StageStatus.STAGED and len(written.targets) == 2
+    assert await q.command("test", "EXISTS", q.key("qp", "bob", "alice/w1")) == 0, "the pending mark is replaced"
+    assert (await q.stage(message_stage(plain("w1")))).status == StageStatus.DUPLICATE
+    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.DUPLICATE
+    assert (await q.stage(replace(reserved(plain("w1"), both), writeback=True))).status == StageStatus.DUPLICATE
+    # Or every target acked it first: settled, never written.
+    assert await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True) == StageStatus.STAGED
+    await q.settle(reserved(plain("w2"), both))
+    await q.settle(reserved(plain("w2"), both))  # idempotent
+    assert (await q.stage(message_stage(plain("w2")))).status == StageStatus.DUPLICATE
+    assert await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True) == StageStatus.DUPLICATE
+    assert await q.depth("bob.phone") == 1 and await stores.keys("qp:*") == []
+    assert await q.command("test", "ZCARD", q.key("qd", "bob")) == 2
+
+
+async def test_reserve_answers_changed_for_other_devices_and_queue_full_without_a_mark(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    await stores.users.add_users([("carol", "x")])
+    both = ("bob.laptop", "bob.phone")
+    assert await q.reserve(reserved(plain("c1"), ("bob.phone",)), 60_000, whole_user=True) == StageStatus.CHANGED
+    assert await q.reserve(reserved(plain("c1"), (*both, "bob.old")), 60_000, whole_user=True) == StageStatus.CHANGED
+    assert await q.reserve(reserved(plain("c1", to="carol"), ("carol.phone",)), 60_000,
+                           whole_user=True) == StageStatus.CHANGED, "a user with no device"
+    await stores.users.record_login("bob", "tablet")
+    assert await q.reserve(reserved(plain("c1"), both), 60_000, whole_user=True) == StageStatus.CHANGED, "one more"
+    assert await stores.keys("qp:*") == []
+    assert await q.reserve(reserved(plain("c1"), ("bob.phone",)), 60_000, whole_user=False) == StageStatus.STAGED
+    await q.stage(message_stage(plain("f0"), devices=("bob.laptop",)))
+    full = reserved(plain("f1"), ("bob.laptop", "bob.phone", "bob.tablet"), max_queue=1)
+    assert await q.reserve(full, 60_000, whole_user=True) == StageStatus.QUEUE_FULL
+    assert await q.reserve(reserved(plain("f1"), ("bob.phone",), max_queue=1), 60_000,
+                           whole_user=False) == StageStatus.STAGED, "the full queue is not a target"
+    assert (await q.stage(message_stage(plain("f2"), max_queue=1))).status == StageStatus.QUEUE_FULL
+
+
+async def test_a_retried_reserve_answers_the_same_and_an_expired_reservation_lets_a_stage_through(
+        stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    real = q._replay_key
+    token = q.key("qr", "bob", "fixed")
+    q._replay_key = lambda user: token  # type: ignore[method-assign]  # what a retry after a lost reply does
+    assert await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True) == StageStatus.STAGED
+    assert await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True) == StageStatus.STAGED
+    q._replay_key = real  # type: ignore[method-assign]
+    assert await q.stage(message_stage(plain("r1"))) == StageResult(StageStatus.PENDING)
+    await until_gone(q, q.key("qp", "bob", "alice/r1"))  # its node never wrote it back (it died)
+    assert (await q.stage(message_stage(plain("r1")))).status == StageStatus.STAGED
+
+
+async def bounded(stores: Stores, max_dedup: int) -> RedisQueueStore:
+    """A second store on the same client and keys, keeping ``max_dedup`` marks per user."""
+    return RedisQueueStore(stores.queues._client, stores.prefix, max_dedup=max_dedup)
+
+
+async def test_a_flooded_user_keeps_only_the_newest_marks(stores: Stores) -> None:
+    q = await bounded(stores, 50)
+    marks = q.key("qd", "bob")
+    await stores.devices("bob", "phone")
+    for n in range(200):
+        stage = replace(message_stage(plain(f"m{n}"), max_queue=10_000), dedup_until_ms=FAR + n)
+        assert (await q.stage(stage)).status == StageStatus.STAGED
+    assert await q.command("test", "ZRANGE", marks, "0", "-1") == [f"alice/m{n}" for n in range(150, 200)]
+    assert await q.command("test", "PEXPIRETIME", marks) == FAR + 199, "the set goes with its latest mark"
+    assert (await q.stage(message_stage(plain("m199"), max_queue=10_000))).status == StageStatus.DUPLICATE
+    assert (await q.stage(message_stage(plain("m0"), max_queue=10_000))).status == StageStatus.STAGED, \
+        "older than the newest 50: delivered again"
+    # Many senders at once: the bound holds all the same.
+    senders = [f"s{n}" for n in range(20)]
+
+    async def sender(name: str) -> None:
+        for n in range(20):
+            assert (await q.stage(message_stage(plain(f"x{n}", sender=name), max_queue=10_000))).status == \
+                StageStatus.STAGED
+
+    await asyncio.gather(*(sender(name) for name in senders))
+    assert await q.command("test", "ZCARD", marks) == 50
+    await q.settle(reserved(plain("late"), ("bob.phone",)))
+    await q.import_dedup_mark("bob", "eve", "e1", FAR)
+    assert await q.command("test", "ZCARD", marks) == 50, "a settle and an import count too"
+
+
+async def test_marks_expire_and_expired_ones_are_dropped_as_stages_pass(stores: Stores) -> None:
+    q = stores.queues
+    marks = q.key("qd", "bob")
+    await stores.devices("bob", "phone")
+    soon = int(time.time() * 1000) + 300
+    assert (await q.stage(replace(message_stage(plain("e1")), dedup_until_ms=soon))).status == StageStatus.STAGED
+    assert (await q.stage(replace(message_stage(plain("e1")), dedup_until_ms=soon))).status == StageStatus.DUPLICATE
+    await until_gone(q, marks)
+    assert (await q.stage(replace(message_stage(plain("e1")), dedup_until_ms=soon + 300))).status == \
+        StageStatus.STAGED
+    await q.stage(message_stage(plain("e2")))  # until FAR: the set now lasts that long
+
+    async def past() -> bool:  # e1's mark has expired (Redis's clock is this machine's)
+        return time.time() * 1000 > soon + 350
+
+    await eventually(past, "e1's mark expires")
+    await q.stage(message_stage(plain("e3")))
+    assert await q.command("test", "ZRANGE", marks, "0", "-1") == ["alice/e2", "alice/e3"], "e1 dropped"
