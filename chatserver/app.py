@@ -211,7 +211,7 @@ class BrokerApp:
                                        secrets.token_hex(3))
         from chatserver.cluster import ClusterStores  # noqa: PLC0415 (redis-py only in cluster mode)
 
-        stores = self._cluster = await ClusterStores.open(cluster, self.node_id)
+        stores = self._cluster = await ClusterStores.open(cluster, self.node_id, self.settings.dedup.max_entries)
         self._users = stores.users
         return stores.users, stores.keys, await stores.users.server_secret()
 

@@ -17,7 +17,7 @@ from storage.redis.client import RedisStore, cluster_client
 from storage.redis.keys import RedisKeyStore
 from storage.redis.nodes import RedisNodeBus
 from storage.redis.presence import RedisPresenceStore
-from storage.redis.queues import RedisQueueStore
+from storage.redis.queues import MAX_DEDUP, RedisQueueStore
 from storage.redis.users import RedisUserStore
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class ClusterStores:
     bus: RedisNodeBus
 
     @classmethod
-    async def open(cls, cluster: ClusterSettings, node_id: str) -> ClusterStores:
+    async def open(cls, cluster: ClusterSettings, node_id: str, max_dedup: int = MAX_DEDUP) -> ClusterStores:
+        """``max_dedup``: dedup marks kept per recipient user (``dedup.max_entries``)."""
         nodes = startup_nodes(cluster)
         client = cluster_client(nodes, cluster.wait_timeout_ms)
         try:
@@ -50,7 +51,7 @@ class ClusterStores:
         stores = cls(client, users, RedisKeyStore(client, cluster.key_prefix, cluster.retry_s),
                      RedisQueueStore(client, cluster.key_prefix, cluster.retry_s,
                                      min_replicas_ack=cluster.min_replicas_ack,
-                                     wait_timeout_ms=cluster.wait_timeout_ms),
+                                     wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup),
                      RedisPresenceStore(client, cluster.key_prefix, cluster.retry_s), bus)
         log.info("cluster: node %s on the Redis Cluster at %s", node_id, ", ".join(cluster.redis))
         return stores

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bridge.cluster.store import MessageEntry, Stage, StageStatus
+from bridge.cluster.store import SEQ_STRIDE, MessageEntry, Stage, StageStatus
 from bridge.keys.core import OneTimeKey, Publish
 from broker.users import DeviceInfo
 from storage.redis.keys import RedisKeyStore
@@ -96,8 +96,9 @@ async def test_import_dedup_mark_makes_a_stage_a_duplicate(stores: Stores) -> No
     entry = MessageEntry("alice", "m1", "bob", "text", 1, "phone", body="hi")
     await stores.queues.import_dedup_mark("bob", "alice", "m1", FAR)
     await stores.queues.import_dedup_mark("bob", "alice", "m1", FAR - 5)  # a shorter one: the longer stays
-    mark = stores.queues.key("qd", "bob", "alice/m1")
-    assert await stores.queues.command("test", "PEXPIRETIME", mark) == FAR
+    marks = stores.queues.key("qd", "bob")
+    assert await stores.queues.command("test", "ZSCORE", marks, "alice/m1") == FAR
+    assert await stores.queues.command("test", "PEXPIRETIME", marks) == FAR
     result = await stores.queues.stage(Stage("bob", FAR, 100, message=entry, dedup_until_ms=FAR))
     assert result.status == StageStatus.DUPLICATE
 
@@ -109,7 +110,7 @@ async def test_import_seq_floor_raises_the_next_seqs(stores: Stores) -> None:
     await stores.queues.import_seq_floor("bob.phone", 5_000)
     await stores.queues.import_seq_floor("bob.phone", 10)  # lower: no change
     first = await stores.queues.stage(Stage("bob", FAR, 100, message=entry))
-    assert first.targets == (("bob.phone", 5_001),)
-    await stores.queues.import_seq_floor("bob.phone", 5_001)  # the counter is there already
+    assert first.targets == (("bob.phone", 5_000 + SEQ_STRIDE),)
+    await stores.queues.import_seq_floor("bob.phone", 5_001)  # the counter is past it already
     second = await stores.queues.stage(Stage("bob", FAR, 100, message=entry))
-    assert second.targets == (("bob.phone", 5_002),)
+    assert second.targets == (("bob.phone", 5_000 + 2 * SEQ_STRIDE),)

@@ -1,6 +1,7 @@
 """The cluster's device queues (storage/redis/queues.py) against a real Redis Cluster: staging,
-reading, acking, delivery and expiry reports, dedup, the placeholder, rate buckets, concurrency,
-and a script retried across a master failover. Each test has its own key prefix."""
+reading, acking, delivery and expiry reports, dedup (bounded per user), the placeholder, rate
+buckets, concurrency, a script retried across a master failover, and write-back's seam (seq
+blocks, reserve, settle, pending marks). Each test has its own key prefix."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from bridge.cluster.store import MessageEntry, MessageRef, Stage, StageResult, StageStatus
+from bridge.cluster.store import SEQ_STRIDE, MessageEntry, MessageRef, Stage, StageResult, StageStatus
 from chatproto import MsgItem, ReceiptItem
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
+from tests.test_redis_nodes import eventually
 
 FAR = 10**13  # an expiry no test reaches
+S = SEQ_STRIDE  # a device's n-th seq is n * S
 
 
 @dataclass
@@ -69,20 +72,20 @@ async def test_a_plain_message_is_stored_once_read_by_each_device_and_gone_after
     q = stores.queues
     await stores.devices("bob", "phone", "laptop", "tablet")
     result = await q.stage(message_stage(plain("m1", "hi bob")))
-    assert result == StageResult(StageStatus.STAGED, (("bob.laptop", 1), ("bob.phone", 1), ("bob.tablet", 1)))
-    expected = MsgItem(1, "m1", "alice", "bob", "text", "hi bob", 1_700_000_000_000, "phone")
+    assert result == StageResult(StageStatus.STAGED, (("bob.laptop", S), ("bob.phone", S), ("bob.tablet", S)))
+    expected = MsgItem(S, "m1", "alice", "bob", "text", "hi bob", 1_700_000_000_000, "phone")
     for device in ("phone", "laptop", "tablet"):
         [queued] = await q.read(f"bob.{device}", 0, 10)
         assert queued.item == expected and queued.expires_ms == FAR
     assert await stores.keys("qm:*") == [f"{stores.prefix}qm:{{bob}}:alice/m1"], "one body for three devices"
     record = await q.command("test", "HGETALL", f"{stores.prefix}qm:{{bob}}:alice/m1")
     assert record["refs"] == "3" and record["wire"].count("hi bob") == 1
-    assert await q.read("bob.phone", 1, 10) == []
-    assert await q.ack("bob.phone", [1]) == [MessageRef("alice", "m1", "bob")]
-    assert await q.ack("bob.phone", [1]) == [], "a repeated ack finds nothing"
-    assert await q.ack("bob.laptop", [1, 7]) == []
+    assert await q.read("bob.phone", S, 10) == []
+    assert await q.ack("bob.phone", [S]) == [MessageRef("alice", "m1", "bob")]
+    assert await q.ack("bob.phone", [S]) == [], "a repeated ack finds nothing"
+    assert await q.ack("bob.laptop", [S, 7]) == []
     assert await stores.keys("qm:*") != []
-    assert await q.ack("bob.tablet", [1]) == []
+    assert await q.ack("bob.tablet", [S]) == []
     assert await stores.keys("qm:*") == [], "the record went with the last item"
     assert [await q.depth(f"bob.{d}") for d in ("phone", "laptop", "tablet")] == [0, 0, 0]
 
@@ -93,18 +96,18 @@ async def test_an_olm_message_gives_each_current_device_its_own_ciphertext(store
     entry = MessageEntry("alice", "o1", "bob", "olm", 5, "phone",
                          bodies={"bob.phone": "c-phone", "bob.laptop": "c-laptop", "bob.gone": "c-gone"})
     result = await q.stage(message_stage(entry))
-    assert result.targets == (("bob.laptop", 1), ("bob.phone", 1)), "bob.gone is no device of bob's"
+    assert result.targets == (("bob.laptop", S), ("bob.phone", S)), "bob.gone is no device of bob's"
     [phone] = await q.read("bob.phone", 0, 10)
     [laptop] = await q.read("bob.laptop", 0, 10)
-    assert phone.item == MsgItem(1, "o1", "alice", "bob", "olm", "c-phone", 5, "phone")
+    assert phone.item == MsgItem(S, "o1", "alice", "bob", "olm", "c-phone", 5, "phone")
     assert isinstance(laptop.item, MsgItem) and laptop.item.body == "c-laptop"
     record = await q.command("test", "HGET", f"{stores.prefix}qm:{{bob}}:alice/o1", "wire")
     assert "c-phone" not in record and "c-laptop" not in record, "ciphertexts live on the items only"
     # Explicit devices: only those named, and only current ones.
     again = MessageEntry("alice", "o2", "bob", "olm", 6, "phone", bodies={"bob.phone": "x", "bob.laptop": "y"})
     result = await q.stage(message_stage(again, devices=("bob.phone", "bob.gone")))
-    assert result.targets == (("bob.phone", 2),)
-    assert await q.ack("bob.phone", [1, 2]) == [MessageRef("alice", "o1", "bob"), MessageRef("alice", "o2", "bob")]
+    assert result.targets == (("bob.phone", 2 * S),)
+    assert await q.ack("bob.phone", [S, 2 * S]) == [MessageRef("alice", "o1", "bob"), MessageRef("alice", "o2", "bob")]
 
 
 async def test_receipts_round_trip_and_explicit_devices_skip_unknown_ones(stores: Stores) -> None:
@@ -114,11 +117,11 @@ async def test_receipts_round_trip_and_explicit_devices_skip_unknown_ones(stores
     result = await q.stage(receipt_stage(ids))
     assert [t for t, _ in result.targets] == ["alice.laptop", "alice.phone"]
     [queued] = await q.read("alice.phone", 0, 5)
-    assert queued.item == ReceiptItem("delivered", ids, "bob", 1_700_000_000_001, 1)
+    assert queued.item == ReceiptItem("delivered", ids, "bob", 1_700_000_000_001, S)
     only = Stage("alice", FAR, 10, ("alice.laptop", "alice.old", "bob.phone"),
                  receipt=ReceiptItem("seen", ("m",), "bob", 9))
-    assert (await q.stage(only)).targets == (("alice.laptop", 2),)
-    assert await q.ack("alice.laptop", [1, 2]) == [], "receipts report nothing"
+    assert (await q.stage(only)).targets == (("alice.laptop", 2 * S),)
+    assert await q.ack("alice.laptop", [S, 2 * S]) == [], "receipts report nothing"
     assert await q.depth("alice.laptop") == 0 and await q.depth("alice.phone") == 1
 
 
@@ -127,12 +130,12 @@ async def test_seqs_increase_per_device_across_stages_and_after_removal(stores: 
     await stores.devices("bob", "phone", "laptop")
     for n in range(3):
         await q.stage(message_stage(plain(f"m{n}"), devices=("bob.phone",)))
-    assert [i.item.seq for i in await q.read("bob.phone", 0, 10)] == [1, 2, 3]
-    assert [i.item.seq for i in await q.read("bob.phone", 1, 1)] == [2]
+    assert [i.item.seq for i in await q.read("bob.phone", 0, 10)] == [S, 2 * S, 3 * S]
+    assert [i.item.seq for i in await q.read("bob.phone", S, 1)] == [2 * S]
     assert await q.remove_device("bob.phone") == 3
     assert await q.depth("bob.phone") == 0 and await stores.keys("qm:*") == [], "records released"
     result = await q.stage(message_stage(plain("m9")))
-    assert result.targets == (("bob.laptop", 1), ("bob.phone", 4)), "a removed device's id keeps counting"
+    assert result.targets == (("bob.laptop", S), ("bob.phone", 4 * S)), "a removed device's id keeps counting"
     assert await q.remove_device("bob.phone") == 1 and await q.remove_device("bob.phone") == 0
 
 
@@ -141,7 +144,7 @@ async def test_delivered_is_reported_once_across_devices_acking_at_once(stores: 
     await stores.devices("bob", "phone", "laptop")
     for n in range(20):
         await q.stage(message_stage(plain(f"m{n}")))
-    seqs = list(range(1, 21))
+    seqs = [n * S for n in range(1, 21)]
     phone, laptop = await asyncio.gather(q.ack("bob.phone", seqs), q.ack("bob.laptop", seqs))
     assert sorted(r.msg_id for r in phone + laptop) == sorted(f"m{n}" for n in range(20))
     # A 'seen' before any ack marks it delivered: the ack then reports nothing.
@@ -149,11 +152,11 @@ async def test_delivered_is_reported_once_across_devices_acking_at_once(stores: 
     await q.stage(message_stage(plain("s2")))
     assert await q.mark_delivered("bob", "alice", ["s2", "nope", "s1"]) == ["s2", "s1"]
     assert await q.mark_delivered("bob", "alice", ["s1", "s2"]) == []
-    assert await q.ack("bob.phone", [21, 22]) == []
+    assert await q.ack("bob.phone", [21 * S, 22 * S]) == []
     # The sender's own copy (no delivery record) is not reported by any ack.
     await stores.devices("alice", "laptop")
     await q.stage(message_stage(plain("s3"), user="alice", devices=("alice.laptop",), delivery=False, dedup=False))
-    assert await q.ack("alice.laptop", [1]) == []
+    assert await q.ack("alice.laptop", [S]) == []
     assert await q.mark_delivered("alice", "alice", ["s3"]) == []
 
 
@@ -168,8 +171,8 @@ async def test_a_repeated_message_is_a_duplicate_and_a_full_queue_stages_nothing
     assert full == StageResult(StageStatus.QUEUE_FULL)
     assert await q.depth("bob.laptop") == 1, "laptop had room but got nothing"
     assert f"{stores.prefix}qm:{{bob}}:alice/f1" not in await stores.keys("qm:*")
-    assert await stores.keys("qd:*alice/f1") == [], "a refused message is not remembered"
-    await q.ack("bob.phone", [1])
+    assert await q.command("test", "ZSCORE", q.key("qd", "bob"), "alice/f1") is None, "a refused one is not marked"
+    await q.ack("bob.phone", [S])
     assert (await q.stage(message_stage(plain("f1"), max_queue=2))).status == StageStatus.STAGED
     past = replace(message_stage(plain("old")), dedup_until_ms=1)  # a mark that has already expired
     assert (await q.stage(past)).status == (await q.stage(past)).status == StageStatus.STAGED
@@ -178,21 +181,21 @@ async def test_a_repeated_message_is_a_duplicate_and_a_full_queue_stages_nothing
 async def test_the_placeholder_holds_items_until_the_first_device_adopts_them(stores: Stores) -> None:
     q = stores.queues
     await stores.users.add_users([("carol", "x")])
-    assert (await q.stage(message_stage(plain("c1", to="carol"), user="carol"))).targets == (("carol.*", 1),)
+    assert (await q.stage(message_stage(plain("c1", to="carol"), user="carol"))).targets == (("carol.*", S),)
     await q.stage(receipt_stage(("x",), user="carol"))
     await q.stage(message_stage(plain("c2", to="carol"), user="carol", expires_ms=5000))
-    assert await q.ack("carol.*", [1]) == [], "the placeholder is no device: no delivered"
+    assert await q.ack("carol.*", [S]) == [], "the placeholder is no device: no delivered"
     await stores.users.record_login("carol", "phone")
     await q.stage(message_stage(plain("c3", to="carol"), user="carol"))  # the device's seq 1
     assert await q.adopt_placeholder("carol", "carol.phone") == 2
     assert await q.adopt_placeholder("carol", "carol.phone") == 0
     items = await q.read("carol.phone", 0, 10)
-    assert [(i.item.seq, type(i.item).__name__) for i in items] == [(1, "MsgItem"), (2, "ReceiptItem"),
-                                                                     (3, "MsgItem")]
+    assert [(i.item.seq, type(i.item).__name__) for i in items] == [(S, "MsgItem"), (2 * S, "ReceiptItem"),
+                                                                     (3 * S, "MsgItem")]
     assert isinstance(items[2].item, MsgItem) and items[2].item.id == "c2" and items[2].expires_ms == 5000
     assert await q.depth("carol.*") == 0
     assert await q.due(5000, 10) == ["carol.phone"], "the adopted expiry is indexed under the device"
-    assert await q.ack("carol.phone", [1, 3]) == [MessageRef("alice", "c3", "carol"),
+    assert await q.ack("carol.phone", [S, 3 * S]) == [MessageRef("alice", "c3", "carol"),
                                                   MessageRef("alice", "c2", "carol")]
 
 
@@ -233,11 +236,11 @@ async def test_a_bucket_never_grants_more_than_its_burst_to_concurrent_callers(s
     assert await q.allow("carol", "send", 2.0, 10, 1_000_000), "users are separate"
 
 
-async def test_concurrent_stages_for_one_device_get_distinct_contiguous_seqs(stores: Stores) -> None:
+async def test_concurrent_stages_for_one_device_get_distinct_seqs_a_stride_apart(stores: Stores) -> None:
     q = stores.queues
     await stores.devices("bob", "phone")
     results = await asyncio.gather(*(q.stage(message_stage(plain(f"c{n}"))) for n in range(100)))
-    assert sorted(r.targets[0][1] for r in results) == list(range(1, 101))
+    assert sorted(r.targets[0][1] for r in results) == [n * S for n in range(1, 101)]
     items = await q.read("bob.phone", 0, 1000)
     assert sorted(i.item.id for i in items if isinstance(i.item, MsgItem)) == sorted(f"c{n}" for n in range(100))
 
@@ -255,8 +258,8 @@ async def test_a_script_run_twice_stages_and_reports_once(stores: Stores) -> Non
     await q.stage(message_stage(plain("m1")))
     assert (await q.stage(message_stage(plain("m1")))).status == StageStatus.STAGED, "not DUPLICATE"
     await q.command("test", "DEL", token)
-    assert await q.ack("bob.phone", [1, 2]) == [MessageRef("alice", "m1", "bob")]
-    assert await q.ack("bob.phone", [1, 2]) == [MessageRef("alice", "m1", "bob")], "the report is not lost"
+    assert await q.ack("bob.phone", [S, 2 * S]) == [MessageRef("alice", "m1", "bob")]
+    assert await q.ack("bob.phone", [S, 2 * S]) == [MessageRef("alice", "m1", "bob")], "the report is not lost"
 
 
 async def test_stages_across_a_master_failover_neither_lose_nor_duplicate_items(
@@ -300,4 +303,141 @@ async def test_odd_bodies_come_back_as_sent(stores: Stores, body: str) -> None:
     await q.stage(message_stage(olm))
     first, second = await q.read("bob.phone", 0, 10)
     assert isinstance(first.item, MsgItem) and first.item.body == body
-    assert second.item == replace(first.item, seq=2, id="b2", type="olm", ts=1)
+    assert second.item == replace(first.item, seq=2 * S, id="b2", type="olm", ts=1)
+
+
+async def test_seq_block_lies_between_the_seqs_staged_before_and_after(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    assert await q.seq_block("bob.laptop") == S, "a device with no seq yet"
+    before = (await q.stage(message_stage(plain("b1")))).targets[0][1]
+    base = await q.seq_block("bob.phone")
+    after = (await q.stage(message_stage(plain("b2")))).targets[0][1]
+    assert before < base and after >= base + S
+    assert await q.seq_block("bob.phone") >= after + S
+
+
+async def until_gone(q: RedisQueueStore, key: str) -> None:
+    async def gone() -> bool:
+        return not await q.command("test", "EXISTS", key)
+
+    await eventually(gone, f"{key} expires")
+
+
+def reserved(entry: MessageEntry, devices: tuple[str, ...], **changes: int) -> Stage:
+    return replace(message_stage(entry, devices=devices), **changes)
+
+
+async def test_reserve_admits_a_message_once_and_its_write_back_or_settle_marks_it(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    both = ("bob.laptop", "bob.phone")
+    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.STAGED
+    assert await stores.keys("q:*") == [], "a reservation writes no item"
+    assert 0 < await q.command("test", "PTTL", q.key("qp", "bob", "alice/w1")) <= 60_000
+    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.PENDING
+    assert await q.stage(message_stage(plain("w1"))) == StageResult(StageStatus.PENDING), "a repeat meanwhile"
+    assert await q.depth("bob.phone") == 0
+    # Its node writes it back: staged, marked; a repeat is a duplicate.
+    written = await q.stage(replace(reserved(plain("w1"), both), writeback=True))
+    assert written.status == StageStatus.STAGED and len(written.targets) == 2
+    assert await q.command("test", "EXISTS", q.key("qp", "bob", "alice/w1")) == 0, "the pending mark is replaced"
+    assert (await q.stage(message_stage(plain("w1")))).status == StageStatus.DUPLICATE
+    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.DUPLICATE
+    assert (await q.stage(replace(reserved(plain("w1"), both), writeback=True))).status == StageStatus.DUPLICATE
+    # Or every target acked it first: settled, never written.
+    assert await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True) == StageStatus.STAGED
+    await q.settle(reserved(plain("w2"), both))
+    await q.settle(reserved(plain("w2"), both))  # idempotent
+    assert (await q.stage(message_stage(plain("w2")))).status == StageStatus.DUPLICATE
+    assert await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True) == StageStatus.DUPLICATE
+    assert await q.depth("bob.phone") == 1 and await stores.keys("qp:*") == []
+    assert await q.command("test", "ZCARD", q.key("qd", "bob")) == 2
+
+
+async def test_reserve_answers_changed_for_other_devices_and_queue_full_without_a_mark(stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone", "laptop")
+    await stores.users.add_users([("carol", "x")])
+    both = ("bob.laptop", "bob.phone")
+    assert await q.reserve(reserved(plain("c1"), ("bob.phone",)), 60_000, whole_user=True) == StageStatus.CHANGED
+    assert await q.reserve(reserved(plain("c1"), (*both, "bob.old")), 60_000, whole_user=True) == StageStatus.CHANGED
+    assert await q.reserve(reserved(plain("c1", to="carol"), ("carol.phone",)), 60_000,
+                           whole_user=True) == StageStatus.CHANGED, "a user with no device"
+    await stores.users.record_login("bob", "tablet")
+    assert await q.reserve(reserved(plain("c1"), both), 60_000, whole_user=True) == StageStatus.CHANGED, "one more"
+    assert await stores.keys("qp:*") == []
+    assert await q.reserve(reserved(plain("c1"), ("bob.phone",)), 60_000, whole_user=False) == StageStatus.STAGED
+    await q.stage(message_stage(plain("f0"), devices=("bob.laptop",)))
+    full = reserved(plain("f1"), ("bob.laptop", "bob.phone", "bob.tablet"), max_queue=1)
+    assert await q.reserve(full, 60_000, whole_user=True) == StageStatus.QUEUE_FULL
+    assert await q.reserve(reserved(plain("f1"), ("bob.phone",), max_queue=1), 60_000,
+                           whole_user=False) == StageStatus.STAGED, "the full queue is not a target"
+    assert (await q.stage(message_stage(plain("f2"), max_queue=1))).status == StageStatus.QUEUE_FULL
+
+
+async def test_a_retried_reserve_answers_the_same_and_an_expired_reservation_lets_a_stage_through(
+        stores: Stores) -> None:
+    q = stores.queues
+    await stores.devices("bob", "phone")
+    real = q._replay_key
+    token = q.key("qr", "bob", "fixed")
+    q._replay_key = lambda user: token  # type: ignore[method-assign]  # what a retry after a lost reply does
+    assert await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True) == StageStatus.STAGED
+    assert await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True) == StageStatus.STAGED
+    q._replay_key = real  # type: ignore[method-assign]
+    assert await q.stage(message_stage(plain("r1"))) == StageResult(StageStatus.PENDING)
+    await until_gone(q, q.key("qp", "bob", "alice/r1"))  # its node never wrote it back (it died)
+    assert (await q.stage(message_stage(plain("r1")))).status == StageStatus.STAGED
+
+
+async def bounded(stores: Stores, max_dedup: int) -> RedisQueueStore:
+    """A second store on the same client and keys, keeping ``max_dedup`` marks per user."""
+    return RedisQueueStore(stores.queues._client, stores.prefix, max_dedup=max_dedup)
+
+
+async def test_a_flooded_user_keeps_only_the_newest_marks(stores: Stores) -> None:
+    q = await bounded(stores, 50)
+    marks = q.key("qd", "bob")
+    await stores.devices("bob", "phone")
+    for n in range(200):
+        stage = replace(message_stage(plain(f"m{n}"), max_queue=10_000), dedup_until_ms=FAR + n)
+        assert (await q.stage(stage)).status == StageStatus.STAGED
+    assert await q.command("test", "ZRANGE", marks, "0", "-1") == [f"alice/m{n}" for n in range(150, 200)]
+    assert await q.command("test", "PEXPIRETIME", marks) == FAR + 199, "the set goes with its latest mark"
+    assert (await q.stage(message_stage(plain("m199"), max_queue=10_000))).status == StageStatus.DUPLICATE
+    assert (await q.stage(message_stage(plain("m0"), max_queue=10_000))).status == StageStatus.STAGED, \
+        "older than the newest 50: delivered again"
+    # Many senders at once: the bound holds all the same.
+    senders = [f"s{n}" for n in range(20)]
+
+    async def sender(name: str) -> None:
+        for n in range(20):
+            assert (await q.stage(message_stage(plain(f"x{n}", sender=name), max_queue=10_000))).status == \
+                StageStatus.STAGED
+
+    await asyncio.gather(*(sender(name) for name in senders))
+    assert await q.command("test", "ZCARD", marks) == 50
+    await q.settle(reserved(plain("late"), ("bob.phone",)))
+    await q.import_dedup_mark("bob", "eve", "e1", FAR)
+    assert await q.command("test", "ZCARD", marks) == 50, "a settle and an import count too"
+
+
+async def test_marks_expire_and_expired_ones_are_dropped_as_stages_pass(stores: Stores) -> None:
+    q = stores.queues
+    marks = q.key("qd", "bob")
+    await stores.devices("bob", "phone")
+    soon = int(time.time() * 1000) + 300
+    assert (await q.stage(replace(message_stage(plain("e1")), dedup_until_ms=soon))).status == StageStatus.STAGED
+    assert (await q.stage(replace(message_stage(plain("e1")), dedup_until_ms=soon))).status == StageStatus.DUPLICATE
+    await until_gone(q, marks)
+    assert (await q.stage(replace(message_stage(plain("e1")), dedup_until_ms=soon + 300))).status == \
+        StageStatus.STAGED
+    await q.stage(message_stage(plain("e2")))  # until FAR: the set now lasts that long
+
+    async def past() -> bool:  # e1's mark has expired (Redis's clock is this machine's)
+        return time.time() * 1000 > soon + 350
+
+    await eventually(past, "e1's mark expires")
+    await q.stage(message_stage(plain("e3")))
+    assert await q.command("test", "ZRANGE", marks, "0", "-1") == ["alice/e2", "alice/e3"], "e1 dropped"

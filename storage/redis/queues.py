@@ -7,22 +7,29 @@ is named by its id within the user (``phone``), ``*`` for the placeholder ``bob.
   ``[seq, expires_ms, "<sender>/<msg_id>" or "", payload]``; payload is null (a plain message: the
   body is on the record), the device's olm ciphertext, or a receipt's wire JSON (both as strings)
 - ``{prefix}qe:{bob}:{device}``      sorted set, score = expires_ms, member = seq (what expires when)
-- ``{prefix}qs:{bob}``               hash device -> its last seq
+- ``{prefix}qs:{bob}``               hash device -> its last seq (seqs go up by ``SEQ_STRIDE``)
 - ``{prefix}qm:{bob}:{sender}/{id}`` hash: the message record, kept once per recipient user while
   ``refs`` items refer to it: ``wire`` (the MsgItem as sent, seq 0; body "" if olm), ``to``,
   ``refs``, ``track`` (staged with ``delivery``), ``delivered`` and ``expired`` (reported already)
-- ``{prefix}qd:{bob}:{sender}/{id}`` dedup mark, expiring at ``dedup_until_ms`` (PXAT)
+- ``{prefix}qd:{bob}``               sorted set of the dedup marks of messages to bob: member
+  ``<sender>/<id>``, score = until (ms, Redis's clock); at most ``max_dedup`` (the earliest to
+  expire go first), expired ones dropped as stages pass; the key expires with its latest mark
+- ``{prefix}qp:{bob}:{sender}/{id}`` pending mark of a message ``reserve`` admitted, kept
+  ``hold_ms`` (PX): until its node stages (writes back) or settles it, a stage of it is ``PENDING``
 - ``{prefix}qr:{bob}:{token}``       a script's reply, kept ``replay_ms`` (see "Retries")
 - ``{prefix}qb:{bob}:{bucket}``      token bucket: ``tokens``, ``ts`` (ms, the caller's clock)
 - ``{prefix}qx:{n}``                 the expiry index, n < EXPIRY_SHARDS: sorted set client id ->
   the earliest ``expires_ms`` of its queue. Not tagged: the shards spread over the slots.
 
-Every queue operation is one Lua script on the user's slot. ``stage`` with ``devices=None`` reads
-the user's devices from the users store's hash (storage/redis/users.py) in the same script, so a
-device registering concurrently gets the item or not, never half of a message.
+Every queue operation is one Lua script on the user's slot (storage/redis/queue_scripts.py).
+``stage`` with ``devices=None`` reads the user's devices from the users store's hash
+(storage/redis/users.py) in the same script, so a device registering concurrently gets the item or
+not, never half of a message.
 
-Seqs: ``qs`` is never reset, not even by ``remove_device``: a device id removed and installed
-again keeps counting up, so an install that still holds its old "last seq" cannot skip new items.
+Seqs: every seq given goes ``SEQ_STRIDE`` above the last (``seq_block`` takes a stride for the
+node's own seqs, bridge/cluster/store.py). ``qs`` is never reset, not even by ``remove_device``: a
+device id removed and installed again keeps counting up, so an install that still holds its old
+"last seq" cannot skip new items.
 
 Records: a record goes with its last item (refs 0). ``delivered`` and ``expired`` only need
 answering while an item of it exists (an ack or an expiry needs one; ``mark_delivered`` of a
@@ -30,11 +37,18 @@ message gone answers nothing), so nothing outlives the items. Every delivery-tra
 expires is reported once, delivered or not (bridge/messaging/core.py rule 7 does the same).
 
 Retries: ``call`` runs a script again when its reply was lost with a failed master. ``stage``,
-``ack``, ``mark_delivered`` and ``expire`` take a random token; the first run stores its reply
-under it (``stage`` always; the others only when they report something), and a rerun with the
-token returns that reply: a retried stage neither stages twice nor turns into ``DUPLICATE``, a
-retried ack still reports ``delivered``. ``adopt_placeholder`` and ``remove_device`` rerun find
-nothing to do and answer 0; ``allow`` rerun takes a second token (only across a failover).
+``reserve``, ``ack``, ``mark_delivered`` and ``expire`` take a random token; the first run stores
+its reply under it (``stage`` always, ``reserve`` when it admits, the others when they report
+something), and a rerun with the token returns that reply: a retried stage neither stages twice
+nor turns into ``DUPLICATE``, a retried reserve does not find its own pending mark, a retried ack
+still reports ``delivered``. ``settle`` rerun writes the same mark again; ``adopt_placeholder``
+and ``remove_device`` rerun find nothing to do and answer 0; ``allow`` rerun takes a second token
+(only across a failover).
+
+Write-back (bridge/cluster/store.py ``reserve``): a pending mark makes a stage of its message
+``PENDING`` (its node delivers it from memory); the node's own stage (``writeback``) or ``settle``
+replaces it by the dedup mark. A stage, a settle and an import of a mark all keep the recipient
+user's marks within ``max_dedup``.
 
 The expiry index only hints (a second command, on another slot, after the script): a stale entry
 costs one empty ``expire``. ``expire`` and ``remove_device`` drop the entry *before* their script
@@ -55,11 +69,34 @@ from typing import ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
-from bridge.cluster.store import MessageEntry, MessageRef, QueuedItem, Stage, StageResult, StageStatus, Swept
+from bridge.cluster.store import (
+    SEQ_STRIDE,
+    MessageEntry,
+    MessageRef,
+    QueuedItem,
+    Stage,
+    StageResult,
+    StageStatus,
+    Swept,
+)
 from bridge.directory import PLACEHOLDER_DEVICE
 from bridge.store import StoreError
 from chatproto import MsgItem, ReceiptItem
 from storage.redis.client import RETRY_S, RedisStore
+from storage.redis.queue_scripts import (
+    ACK,
+    ADOPT,
+    ALLOW,
+    EXPIRE,
+    IMPORT_DEDUP,
+    MARK_DELIVERED,
+    READ,
+    REMOVE,
+    RESERVE,
+    SEQ_FLOOR,
+    SETTLE,
+    STAGE,
+)
 from storage.redis.users import devices_key
 
 log = logging.getLogger(__name__)
@@ -67,212 +104,7 @@ log = logging.getLogger(__name__)
 EXPIRY_SHARDS: Final = 64
 DUE_BATCH: Final = 8  # expiry shards read at once by ``due``
 REPLAY_MARGIN_MS: Final = 10_000
-
-# Shared by the scripts below. An item's ref ("<sender>/<id>" or "") is its third JSON field; ids
-# are [A-Za-z0-9_-] (chatproto/ids.py), so a pattern finds it without decoding the payload.
-COMMON = """
-local function ref_of(member) return string.match(member, '^%[%d+,%-?%d+,"([^"]*)"') end
-local function take(queue, expiry, seq)
-  local member = redis.call('ZRANGE', queue, seq, seq, 'BYSCORE')[1]
-  if member then
-    redis.call('ZREMRANGEBYSCORE', queue, seq, seq)
-    redis.call('ZREM', expiry, seq)
-  end
-  return member
-end
-local function release(record)
-  if redis.call('HINCRBY', record, 'refs', -1) <= 0 then redis.call('DEL', record) end
-end
-local function earliest(expiry) return redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')[2] or false end
-local function keep(replay, reply, ms)
-  reply = cjson.encode(reply)
-  redis.call('SET', replay, reply, 'PX', ms)
-  return reply
-end
-"""
-
-# KEYS: the user's devices (users store), qs, record, dedup, replay. ARGV: queue prefix, expiry
-# prefix, expires_ms, max_queue, dedup_until_ms, track, wire ('' for a receipt), recipient, ref as
-# JSON, replay ms, then 'all' and the payload, or 'some' and (device, payload) pairs.
-# Returns JSON ["staged", device, seq, ...], ["duplicate"] or ["queue_full"].
-STAGE = COMMON + """
-local done = redis.call('GET', KEYS[5])
-if done then return done end
-local dedup_until = tonumber(ARGV[5])
--- A duplicate writes its reply too: the WAIT after it (min_replicas_ack) then covers the first stage.
-if dedup_until > 0 and redis.call('EXISTS', KEYS[4]) == 1 then return keep(KEYS[5], {'duplicate'}, ARGV[10]) end
-local targets, payloads = {}, {}
-if ARGV[11] == 'all' then
-  targets = redis.call('HKEYS', KEYS[1])
-  if #targets == 0 then targets = {ARGV[13]} end
-  table.sort(targets)
-  for i = 1, #targets do payloads[i] = ARGV[12] end
-else
-  for i = 12, #ARGV, 2 do
-    if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-      table.insert(targets, ARGV[i]); table.insert(payloads, ARGV[i + 1])
-    end
-  end
-end
-for _, device in ipairs(targets) do
-  if redis.call('ZCARD', ARGV[1] .. device) >= tonumber(ARGV[4]) then return '["queue_full"]' end
-end
-if dedup_until > 0 then redis.call('SET', KEYS[4], '1', 'PXAT', dedup_until) end
-if ARGV[7] ~= '' and #targets > 0 then
-  redis.call('HSETNX', KEYS[3], 'wire', ARGV[7])
-  redis.call('HSETNX', KEYS[3], 'to', ARGV[8])
-  redis.call('HINCRBY', KEYS[3], 'refs', #targets)
-  if ARGV[6] == '1' then redis.call('HSET', KEYS[3], 'track', '1') end
-end
-local reply = {'staged'}
-for i, device in ipairs(targets) do
-  local seq = redis.call('HINCRBY', KEYS[2], device, 1)
-  local member = '[' .. seq .. ',' .. ARGV[3] .. ',' .. ARGV[9] .. ',' .. payloads[i] .. ']'
-  redis.call('ZADD', ARGV[1] .. device, seq, member)
-  redis.call('ZADD', ARGV[2] .. device, ARGV[3], seq)
-  table.insert(reply, device); table.insert(reply, seq)
-end
-return keep(KEYS[5], reply, ARGV[10])
-"""
-
-# KEYS: queue. ARGV: after seq, limit, record prefix. Returns flat {member, wire or ''}.
-READ = COMMON + """
-local out, wires = {}, {}
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. ARGV[1], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[2])) do
-  local ref = ref_of(member)
-  if ref ~= '' and not wires[ref] then wires[ref] = redis.call('HGET', ARGV[3] .. ref, 'wire') or '' end
-  table.insert(out, member); table.insert(out, wires[ref] or '')
-end
-return out
-"""
-
-# KEYS: queue, expiry, replay. ARGV: user, device, record prefix, replay ms, then seqs.
-# Returns JSON [items removed, ref delivered, ...].
-ACK = COMMON + """
-local done = redis.call('GET', KEYS[3])
-if done then return done end
-local reply = {0}
-for i = 5, #ARGV do
-  local member = take(KEYS[1], KEYS[2], ARGV[i])
-  if member then
-    reply[1] = reply[1] + 1
-    local ref = ref_of(member)
-    if ref ~= '' then
-      local record = ARGV[3] .. ref
-      local to, track, delivered = unpack(redis.call('HMGET', record, 'to', 'track', 'delivered'))
-      if track == '1' and not delivered and to == ARGV[1] and ARGV[2] ~= '*' then
-        redis.call('HSET', record, 'delivered', '1')
-        table.insert(reply, ref)
-      end
-      release(record)
-    end
-  end
-end
-if #reply == 1 then return cjson.encode(reply) end
-return keep(KEYS[3], reply, ARGV[4])
-"""
-
-# KEYS: the records, then replay. ARGV: recipient, replay ms, then the ids (one per record).
-# Returns JSON [count, id, ...].
-MARK_DELIVERED = COMMON + """
-local replay = KEYS[#KEYS]
-local done = redis.call('GET', replay)
-if done then return done end
-local reply = {0}
-for i = 1, #KEYS - 1 do
-  local to, track, delivered = unpack(redis.call('HMGET', KEYS[i], 'to', 'track', 'delivered'))
-  if track == '1' and not delivered and to == ARGV[1] then
-    redis.call('HSET', KEYS[i], 'delivered', '1')
-    table.insert(reply, ARGV[i + 2])
-  end
-end
-reply[1] = #reply - 1
-if reply[1] == 0 then return cjson.encode(reply) end
-return keep(replay, reply, ARGV[2])
-"""
-
-# KEYS: queue, expiry, replay. ARGV: now_ms, record prefix, replay ms.
-# Returns JSON [items dropped, earliest expiry left or false, ref, recipient, ...].
-EXPIRE = COMMON + """
-local done = redis.call('GET', KEYS[3])
-if done then return done end
-local reply = {0, false}
-for _, seq in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE')) do
-  local ref = ref_of(take(KEYS[1], KEYS[2], seq))
-  reply[1] = reply[1] + 1
-  if ref ~= '' then
-    local record = ARGV[2] .. ref
-    local to, track, expired = unpack(redis.call('HMGET', record, 'to', 'track', 'expired'))
-    if track == '1' and not expired then
-      redis.call('HSET', record, 'expired', '1')
-      table.insert(reply, ref); table.insert(reply, to)
-    end
-    release(record)
-  end
-end
-reply[2] = earliest(KEYS[2])
-if #reply == 2 then return cjson.encode(reply) end
-return keep(KEYS[3], reply, ARGV[3])
-"""
-
-# KEYS: placeholder queue, placeholder expiry, device queue, device expiry, qs. ARGV: device.
-# Returns {moved, earliest expiry of the device's queue or nil}.
-ADOPT = COMMON + """
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-for _, member in ipairs(members) do
-  local seq = redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-  local expires, rest = string.match(member, '^%[%d+,(%-?%d+)(,.*)$')
-  redis.call('ZADD', KEYS[3], seq, '[' .. seq .. ',' .. expires .. rest)
-  redis.call('ZADD', KEYS[4], expires, seq)
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-return {#members, earliest(KEYS[4])}
-"""
-
-# KEYS: queue, expiry. ARGV: record prefix. Returns the items dropped.
-REMOVE = COMMON + """
-local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-for _, member in ipairs(members) do
-  local ref = ref_of(member)
-  if ref ~= '' then release(ARGV[1] .. ref) end
-end
-redis.call('DEL', KEYS[1], KEYS[2])
-return #members
-"""
-
-# KEYS: bucket. ARGV: rate per s, burst, now_ms. A bucket is full again after (burst - tokens) /
-# rate seconds: the key expires then (Redis's clock), as a full bucket and no bucket are the same.
-ALLOW = """
-local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens, ts = tonumber(state[1]) or burst, tonumber(state[2]) or now
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
-  ts = now
-end
-local cost, ok = tonumber(ARGV[4]), 0
-if cost < 0 then tokens = math.min(burst, tokens - cost); ok = 1  -- a refund
-elseif tokens >= cost then tokens = tokens - cost; ok = 1 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
-if rate > 0 then redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) * 1000 / rate) + 1000) end
-return ok
-"""
-
-# ``import_dedup_mark`` (chat-broker migrate). KEYS: the mark. ARGV: until (ms). A mark already
-# lasting as long or longer stays.
-IMPORT_DEDUP = """
-local last = tonumber(ARGV[1])
-if redis.call('PEXPIRETIME', KEYS[1]) < last then redis.call('SET', KEYS[1], '1', 'PXAT', last) end
-return 1
-"""
-
-# ``import_seq_floor`` (chat-broker migrate). KEYS: qs. ARGV: device, floor. The device's next seq
-# will be above the floor.
-SEQ_FLOOR = """
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if last < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return 1
-"""
+MAX_DEDUP: Final = 200_000  # dedup marks per recipient user: settings.dedup.max_entries's default
 
 
 def split_client(client_id: str) -> tuple[str, str]:
@@ -333,6 +165,12 @@ def decode_item(member: str, wire: str) -> QueuedItem:
     return QueuedItem(item, expires_ms)
 
 
+def message_key(stage: Stage) -> str:
+    """``<sender>/<id>`` of a stage's message ("" for a receipt): its record's and marks' name."""
+    message = stage.message
+    return "" if message is None else f"{message.sender}/{message.msg_id}"
+
+
 def message_ref(ref: str, recipient: str) -> MessageRef:
     sender, _, msg_id = ref.partition("/")
     return MessageRef(sender, msg_id, recipient)
@@ -347,11 +185,13 @@ class RedisQueueStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
-        "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR}
+        "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.reserve": RESERVE,
+        "queues.settle": SETTLE}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
-                 min_replicas_ack: int = 0, wait_timeout_ms: int = 1000) -> None:
+                 min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
         super().__init__(client, prefix, retry_s)
+        self._max_dedup = max_dedup  # settings.dedup.max_entries: dedup marks kept per recipient user
         # cluster.min_replicas_ack: a stage is answered once that many replicas hold it (Redis WAIT).
         # Every stage writes (its reply key, even a duplicate's), so the WAIT after a duplicate
         # also covers the first stage of that message, which a failed WAIT may have left unconfirmed.
@@ -373,19 +213,24 @@ class RedisQueueStore(RedisStore):
     def _shard_key(self, n: int) -> str:
         return f"{self._prefix}qx:{n}"
 
+    def _marks(self, user: str, ref: str) -> list[str]:
+        """The user's dedup marks and the pending mark of ``ref``."""
+        return [self.key("qd", user), self.key("qp", user, ref)]
+
     async def stage(self, stage: Stage) -> StageResult:
         user, message = stage.user, stage.message
         shared = shared_payload(stage)
         candidates = stage_candidates(stage, shared)
-        ref = "" if message is None else f"{message.sender}/{message.msg_id}"
-        keys = [devices_key(self, user), self.key("qs", user), self.key("qm", user, ref), self.key("qd", user, ref),
+        ref = message_key(stage)
+        keys = [devices_key(self, user), self.key("qs", user), self.key("qm", user, ref), *self._marks(user, ref),
                 self._replay_key(user)]
         # A receipt has no record and no dedup mark (its ref is "").
         wire, recipient, dedup = ("", "", 0) if message is None else (
             message_wire(message), message.recipient, stage.dedup_until_ms)
         args: list[str | int] = [
             self.key("q", user, ""), self.key("qe", user, ""), stage.expires_ms, stage.max_queue, dedup,
-            int(stage.delivery), wire, recipient, json.dumps(ref), self._replay_ms]
+            int(stage.delivery), wire, recipient, json.dumps(ref), self._replay_ms, ref, self._max_dedup,
+            int(stage.writeback)]
         if candidates is None:
             assert shared is not None  # stage_candidates returns None only for a shared payload
             args += ["all", shared, PLACEHOLDER_DEVICE]
@@ -398,6 +243,27 @@ class RedisQueueStore(RedisStore):
         targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(flat[::2], flat[1::2], strict=True))
         await asyncio.gather(*(self._hint(client_id, stage.expires_ms) for client_id, _ in targets))
         return StageResult(StageStatus(status), targets)
+
+    async def reserve(self, stage: Stage, hold_ms: int, *, whole_user: bool) -> StageStatus:
+        if stage.message is None or stage.devices is None:
+            raise ValueError("reserve: a write-back is a message to devices it names")
+        user, ref = stage.user, message_key(stage)
+        devices = [device for user_of, device in map(split_client, stage.devices) if user_of == user]
+        keys = [devices_key(self, user), *self._marks(user, ref), self._replay_key(user)]
+        args: list[str | int] = [self.key("q", user, ""), stage.max_queue, hold_ms, int(whole_user), ref,
+                                 self._replay_ms, *dict.fromkeys(devices)]
+        [status] = json.loads(await self.run("queues.reserve", keys, args))
+        return StageStatus(status)
+
+    async def settle(self, stage: Stage) -> None:
+        ref = message_key(stage)
+        await self.run_replicated("queues.settle", self._marks(stage.user, ref),
+                                  [ref, stage.dedup_until_ms, self._max_dedup], self._replicas, self._wait_ms)
+
+    async def seq_block(self, client_id: str) -> int:
+        user, device = split_client(client_id)
+        # A retry after a lost reply takes a second block: the seqs only skip further.
+        return int(await self.command("queues.seq_block", "HINCRBY", self.key("qs", user), device, str(SEQ_STRIDE)))
 
     async def read(self, client_id: str, after_seq: int, limit: int) -> list[QueuedItem]:
         if limit <= 0:
@@ -492,8 +358,8 @@ class RedisQueueStore(RedisStore):
     async def import_dedup_mark(self, user: str, sender: str, msg_id: str, until_ms: int) -> None:
         """Remember (``sender``, ``msg_id``) in ``user``'s slot until ``until_ms``, as a stage with
         ``dedup_until_ms`` does (``chat-broker migrate``): a stage of it there is a DUPLICATE until then.
-        A mark lasting longer stays."""
-        await self.run("queues.import_dedup", [self.key("qd", user, f"{sender}/{msg_id}")], [until_ms])
+        A mark lasting longer stays; the user's ``max_dedup`` bound holds as for a stage."""
+        await self.run("queues.import_dedup", [self.key("qd", user)], [f"{sender}/{msg_id}", until_ms, self._max_dedup])
 
     async def import_seq_floor(self, client_id: str, floor: int) -> None:
         """Make the device's next seqs exceed ``floor`` (``chat-broker migrate``: above every seq another
