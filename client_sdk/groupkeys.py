@@ -186,6 +186,12 @@ class GroupCrypto:
             share = KeyShare.decode(body)
         except SenderKeyError as exc:
             return ShareOutcome(ShareVerdict.BAD, str(exc))
+        try:
+            inbound = Inbound.from_share(share.key)
+        except CryptoError as exc:
+            return ShareOutcome(ShareVerdict.BAD, f"the session key does not verify ({exc})")
+        if (inbound.id, inbound.first_index) != (share.session_id, share.index):
+            return ShareOutcome(ShareVerdict.BAD, "the session key is not for the session and index it names")
         with self._store.transaction():
             held = self._rows.inbound(sender, device, share.session_id)
             if held is not None and held.group_id != share.group:
@@ -195,12 +201,6 @@ class GroupCrypto:
             if verdict is not ShareVerdict.STORED:
                 return ShareOutcome(verdict, f"{sender} is not a member of {share.group}"
                                     if verdict is ShareVerdict.NOT_MEMBER else "the session is held already")
-            try:
-                inbound = Inbound.from_share(share.key)
-            except CryptoError as exc:
-                return ShareOutcome(ShareVerdict.BAD, f"the session key does not verify ({exc})")
-            if (inbound.id, inbound.first_index) != (share.session_id, share.index):
-                return ShareOutcome(ShareVerdict.BAD, "the session key is not for the session and index it names")
             record = InboundRecord(sender, device, share.session_id, share.group, share.index,
                                    inbound.pickle(self._key))
             self._rows.put_inbound(record)
