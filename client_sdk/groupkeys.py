@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from client_sdk.crypto import CryptoError
+from client_sdk.e2e import now_ms
 from client_sdk.groupstore import GroupStore, InboundRecord, OutboundRecord
 from client_sdk.localstore import DeviceRecord, LocalStore
 from client_sdk.megolm import Inbound, Outbound
@@ -62,10 +62,6 @@ from client_sdk.senderkeys import (
 )
 
 PENDING_PER_SENDER = 100
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +134,7 @@ class ShareOutcome:
 
 
 class GroupCrypto:
-    """The sender-key state of ``user.device``, kept in ``store`` (pickles sealed with ``pickle_key``,
+    """The sender-key state of ``user.device``, kept in ``store`` (pickles encrypted with ``pickle_key``,
     the same key as the Olm pickles)."""
 
     def __init__(self, store: LocalStore, user: str, device: str, pickle_key: bytes,
@@ -162,20 +158,28 @@ class GroupCrypto:
         now = self._clock()
         with self._store.transaction():
             saved = self._rows.outbound(group_id)
-            state = None if saved is None else OutboundState(saved.session_id, saved.created_ms, saved.sent,
-                                                             saved.holders)
-            rotated = rotation_reason(state, {holder(r) for r in devices}, now, self.policy)
+            rotated = rotation_reason(None if saved is None else saved.state, {holder(r) for r in devices}, now,
+                                      self.policy)
             if saved is None or rotated is not None:
-                session, created, sent, holders = Outbound(), now, 0, frozenset[str]()
+                session = Outbound()
+                state = OutboundState(session.id, now, 0, frozenset())
             else:
-                session = Outbound.from_pickle(saved.pickle, self._key)
-                created, sent, holders = saved.created_ms, saved.sent, saved.holders
-            share_to = devices_to_share(devices, holders, (self.user, self.device))
+                session, state = Outbound.from_pickle(saved.pickle, self._key), saved.state
+            share_to = devices_to_share(devices, state.holders, (self.user, self.device))
             share = KeyShare(group_id, session.id, session.session_key(), session.index) if share_to else None
             message = session.encrypt(payload(Envelope(msg_id, group_id, self.user, self.device), type_, body))
-            self._rows.put_outbound(OutboundRecord(group_id, session.id, session.pickle(self._key), created, sent + 1,
-                                                   holders | {holder(r) for r in share_to}))
+            state = replace(state, sent=state.sent + 1, holders=state.holders | {holder(r) for r in share_to})
+            self._rows.put_outbound(OutboundRecord(group_id, session.pickle(self._key), state))
         return GroupSealed(GroupCiphertext(session.id, message).to_wire(), share, share_to, rotated)
+
+    def share_again(self, group_id: str, user: str) -> None:
+        """The share message to ``user`` failed for good (its ``ErrorEvent``): count none of its devices
+        as holding the current key, so the next ``encrypt`` shares it with them again."""
+        with self._store.transaction():
+            saved = self._rows.outbound(group_id)
+            if saved is not None:
+                holders = frozenset(h for h in saved.state.holders if not h.startswith(f"{user}."))
+                self._rows.put_outbound(replace(saved, state=replace(saved.state, holders=holders)))
 
     # --- receiving -----------------------------------------------------------------------------
 

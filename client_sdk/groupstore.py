@@ -15,16 +15,14 @@ import json
 from dataclasses import dataclass
 
 from client_sdk.localstore import LocalStore
+from client_sdk.senderkeys import OutboundState
 
 
 @dataclass(frozen=True, slots=True)
 class OutboundRecord:
     group_id: str
-    session_id: str
     pickle: str
-    created_ms: int
-    sent: int
-    holders: frozenset[str]
+    state: OutboundState
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,15 +47,15 @@ class GroupStore:
         if not rows:
             return None
         session_id, pickle, created_ms, sent, holders = rows[0]
-        return OutboundRecord(group_id, str(session_id), str(pickle), int(created_ms), int(sent),
-                              frozenset(json.loads(holders)))
+        return OutboundRecord(group_id, str(pickle), OutboundState(str(session_id), int(created_ms), int(sent),
+                                                                   frozenset(json.loads(holders))))
 
     def put_outbound(self, record: OutboundRecord) -> None:
         self.store.execute(
             "INSERT OR REPLACE INTO group_outbound (group_id, session_id, pickle, created_ms, sent, holders) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (record.group_id, record.session_id, record.pickle, record.created_ms, record.sent,
-             json.dumps(sorted(record.holders))))
+            (record.group_id, record.state.session_id, record.pickle, record.state.created_ms, record.state.sent,
+             json.dumps(sorted(record.state.holders))))
 
     def inbound(self, sender: str, device: str, session_id: str) -> InboundRecord | None:
         rows = self.store.execute(

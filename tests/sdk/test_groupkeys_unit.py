@@ -171,6 +171,17 @@ def test_a_new_member_reads_from_now_on_only(trio: tuple[Device, Device, Device]
         assert isinstance(outcome, Refused) and "unknown message index" in outcome.reason
 
 
+def test_a_failed_share_is_sent_again_with_the_next_message(trio: tuple[Device, Device, Device]) -> None:
+    alice, bob, carol = trio
+    _, sealed = send(alice, [bob, carol], "m1", "one", deliver_shares=False)
+    assert sealed.share_users() == ("bob", "carol")
+    alice.groups.share_again(GROUP, "bob")  # the Olm message to bob failed for good
+    item, again = send(alice, [bob, carol], "m2", "two")
+    assert again.rotated is None and again.share_users() == ("bob",)
+    assert again.share is not None and again.share.index == 1
+    assert opened_text(bob.groups.decrypt(item)) == "two"
+
+
 def test_replays_are_refused(trio: tuple[Device, Device, Device]) -> None:
     alice, bob, _ = trio
     item, _ = send(alice, [bob], "m1", "pay 10")
