@@ -21,6 +21,7 @@ Tables:
 - ``olm_sessions``: one Olm session pickle per (peer user, device, session id).
 - ``devices``: the identity keys of peers' devices as first seen (trust on first
   use) and ``device_lists``: whose device lists were fetched and are still fresh.
+- ``group_*``: sender keys (Megolm), read and written by ``groupstore``.
 
 After ``unlock`` (the SDK always calls it), outbox bodies, staged items and
 the device token are sealed with the store key (``securestore``); Olm pickles
@@ -36,10 +37,10 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from client_sdk.errors import StoreError
 from client_sdk.securestore import CHECK_TEXT, KEY_BYTES, Sealer, derive_key, key_file_key
@@ -98,6 +99,42 @@ MIGRATIONS: Final = (
     # Rows staged before this have no kind yet (NULL): ``unlock`` reads them and sets it.
     """
     ALTER TABLE inbox ADD COLUMN kind TEXT;
+    """,
+    # Sender keys (``groupstore``): pickles encrypted by vodozemac, pending items sealed.
+    """
+    CREATE TABLE group_outbound (
+        group_id    TEXT PRIMARY KEY,
+        session_id  TEXT NOT NULL,
+        pickle      TEXT NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        sent        INTEGER NOT NULL,
+        holders     TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE group_inbound (
+        sender       TEXT NOT NULL,
+        device       TEXT NOT NULL,
+        session_id   TEXT NOT NULL,
+        group_id     TEXT NOT NULL,
+        first_index  INTEGER NOT NULL,
+        pickle       TEXT NOT NULL,
+        PRIMARY KEY (sender, device, session_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE group_seen (
+        sender      TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        session_id  TEXT NOT NULL,
+        idx         INTEGER NOT NULL,
+        digest      TEXT NOT NULL,
+        PRIMARY KEY (sender, device, session_id, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE group_pending (
+        pos          INTEGER PRIMARY KEY AUTOINCREMENT,
+        sender       TEXT NOT NULL,
+        device       TEXT NOT NULL,
+        session_id   TEXT NOT NULL,
+        item         TEXT NOT NULL
+    );
+    CREATE INDEX group_pending_by_session ON group_pending (sender, device, session_id);
     """,
 )
 
@@ -294,6 +331,18 @@ class LocalStore:
             kind = next((k for k in (RowKind.OPENED, RowKind.UNDECRYPTABLE)
                          if text.startswith(f'{{"kind": "{k.value}", ')), RowKind.WIRE)
             self._db.execute("UPDATE inbox SET kind = ? WHERE seq = ?", (kind.value, seq))
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement on the SDK's own tables (``groupstore``); its rows, if any."""
+        with self.lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def seal(self, text: str, where: str) -> str:
+        """``text`` sealed with the store key, bound to ``where`` (the table and row)."""
+        return self._seal(text, where)
+
+    def unseal(self, value: str, where: str) -> str:
+        return self._open(value, where)
 
     def _seal(self, text: str, where: str) -> str:
         return text if self._sealer is None else self._sealer.seal(text, where)
