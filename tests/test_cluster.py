@@ -135,7 +135,7 @@ def test_a_device_flooding_its_node_is_refused_and_nothing_is_lost_or_reordered(
         alice.connect(timeout=10)
         # Redis stalls (as in a failover) while the burst arrives: the waiting room must overflow.
         for node in redis_cluster.nodes:
-            subprocess.run(["redis-cli", "-p", str(node.port), "CLIENT", "PAUSE", "1000", "ALL"],
+            subprocess.run(["redis-cli", "-p", str(node.port), "CLIENT", "PAUSE", "3000", "ALL"],
                            check=True, capture_output=True, timeout=10)
         for n in range(60):
             alice.send("bob", f"n{n}")
