@@ -9,15 +9,20 @@ membership events for every member. A failing backend raises ``bridge.store.Stor
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Callable
 from typing import Final, Protocol
 
 from bridge.groups.core import Decision, Group
 from bridge.store import StoreError
 
-APPLY_ATTEMPTS: Final = 16
+APPLY_ATTEMPTS: Final = 32
 """Loads and commits of one change before it gives up: each retry means another change (or a
-message's gseq) landed in between, a few milliseconds each."""
+message's gseq) landed in between. A retry first waits a random time up to 1, 2, 4 ... 64 ms, so
+that many changes racing on one group (an admin script, several admins) take turns instead of
+colliding again (24 at once need 5-10 rounds)."""
+MAX_BACKOFF_S: Final = 0.064
 
 
 class GroupStore(Protocol):
@@ -47,7 +52,9 @@ async def apply(store: GroupStore, group: str, decide: Callable[[Group | None], 
     """Load ``group``, ``decide`` what a request does to it (the core, which may raise a refusal) and
     commit that, again from a fresh load while another change wins the compare-and-set. A decision
     without events changes nothing and is not written."""
-    for _ in range(APPLY_ATTEMPTS):
+    for attempt in range(APPLY_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, 0.001 * 2**attempt)))  # noqa: S311 (jitter, not a secret)
         before = await store.load(group)
         decision = decide(before)
         if not decision.events or await store.commit(before, decision.after, max_groups_per_user):
