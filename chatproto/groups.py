@@ -83,59 +83,55 @@ class GroupCreate:
 
 
 @dataclass(frozen=True, slots=True)
-class GroupAdd:
+class _OneGroup:
+    """A request naming a group and nothing else."""
+
+    OP: ClassVar[str]
+    group: str
+
+    def args(self) -> dict[str, Any]:
+        return {"group": self.group}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Self:
+        return cls(_group(_only(args, {"group"})))
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupMembers:
+    """A request naming a group and 1-1,024 users of it."""
+
+    OP: ClassVar[str]
+    group: str
+    members: tuple[str, ...]
+
+    def args(self) -> dict[str, Any]:
+        return {"group": self.group, "members": list(self.members)}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Self:
+        _only(args, {"group", "members"})
+        return cls(_group(args), _users(args, "members"))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupAdd(_GroupMembers):
     OP: ClassVar[str] = "group.add"
-    group: str
-    members: tuple[str, ...]
-
-    def args(self) -> dict[str, Any]:
-        return {"group": self.group, "members": list(self.members)}
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> Self:
-        _only(args, {"group", "members"})
-        return cls(_group(args), _users(args, "members"))
 
 
 @dataclass(frozen=True, slots=True)
-class GroupRemove:
+class GroupRemove(_GroupMembers):
     OP: ClassVar[str] = "group.remove"
-    group: str
-    members: tuple[str, ...]
-
-    def args(self) -> dict[str, Any]:
-        return {"group": self.group, "members": list(self.members)}
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> Self:
-        _only(args, {"group", "members"})
-        return cls(_group(args), _users(args, "members"))
 
 
 @dataclass(frozen=True, slots=True)
-class GroupLeave:
+class GroupLeave(_OneGroup):
     OP: ClassVar[str] = "group.leave"
-    group: str
-
-    def args(self) -> dict[str, Any]:
-        return {"group": self.group}
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> Self:
-        return cls(_group(_only(args, {"group"})))
 
 
 @dataclass(frozen=True, slots=True)
-class GroupInfo:
+class GroupInfo(_OneGroup):
     OP: ClassVar[str] = "group.info"
-    group: str
-
-    def args(self) -> dict[str, Any]:
-        return {"group": self.group}
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> Self:
-        return cls(_group(_only(args, {"group"})))
 
 
 @dataclass(frozen=True, slots=True)

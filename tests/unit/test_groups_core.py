@@ -142,7 +142,9 @@ def test_create_makes_the_creator_first_member_and_admin() -> None:
 
 def test_only_members_see_a_group_and_others_cannot_tell_it_exists() -> None:
     group = made("bob")
-    assert info(group, "bob")["members"] == ["alice", "bob"]
+    assert info(group, "bob") == {"group": GID, "name": "trip", "created_at": NOW, "gseq": 1,
+                                  "members": ["alice", "bob"], "admins": ["alice"]}
+    assert group.summary("bob") == {"group": GID, "name": "trip", "gseq": 1, "members": 2, "admin": False}
     for unseen in (group, None):
         with pytest.raises(OpError) as caught:
             info(unseen, "mallory")
