@@ -3,8 +3,8 @@
 Pure and stdlib-only, imported by the server (``bridge``, ``broker``) and by the
 SDK, so that the two can never disagree about a field. Nothing here does I/O.
 One module per job: ``ids``, ``topics``, ``errors``, ``limits``, ``jsonwire``,
-``ops`` (request names), ``uplink`` and ``downlink`` (one frozen dataclass per
-item, with ``encode``/``decode``). Everything public is re-exported here.
+``ops`` (request names), ``groups`` (the ``group.*`` requests), ``uplink`` and
+``downlink`` (one frozen dataclass per item, with ``encode``/``decode``). Everything public is re-exported here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,13 @@ from __future__ import annotations
 from typing import Final
 
 from chatproto.downlink import (
+    GROUP_ADMINS_CHANGED,
+    GROUP_CREATED,
+    GROUP_EVENTS,
+    GROUP_MEMBER_ADDED,
+    GROUP_MEMBER_LEFT,
+    GROUP_MEMBER_REMOVED,
+    GROUP_RENAMED,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
     RECEIPT_SEEN,
@@ -19,6 +26,7 @@ from chatproto.downlink import (
     STAGED_RECEIPTS,
     DownlinkItem,
     ErrorItem,
+    GroupItem,
     MsgItem,
     PresenceItem,
     ReceiptItem,
@@ -26,8 +34,23 @@ from chatproto.downlink import (
     parse_downlink,
 )
 from chatproto.errors import DecodeError, ErrorCode
+from chatproto.groups import (
+    GROUP_OPS,
+    GroupAdd,
+    GroupAdmins,
+    GroupCreate,
+    GroupInfo,
+    GroupLeave,
+    GroupList,
+    GroupRemove,
+    GroupRename,
+    GroupRequest,
+    check_group_name,
+    parse_group_request,
+)
 from chatproto.ids import (
     DEVICE_RE,
+    GROUP_ID_RE,
     GROUP_PREFIX,
     MESSAGE_ID_RE,
     OP_RE,
@@ -38,17 +61,22 @@ from chatproto.ids import (
     Caller,
     client_id,
     is_device_id,
+    is_group_id,
     is_user_id,
     split_client_id,
 )
 from chatproto.jsonwire import canonical_json, dumps, loads_object
 from chatproto.limits import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
+    DEFAULT_MAX_GROUP_MEMBERS,
+    DEFAULT_MAX_GROUPS_PER_USER,
     MAX_ACK_BYTES,
     MAX_DOWNLINK_BYTES,
+    MAX_GROUP_NAME_CHARS,
     MAX_HEARTBEAT_BYTES,
     MAX_IDS_PER_ITEM,
     MAX_JSON_DEPTH,
+    MAX_MEMBERS_PER_GROUP_REQUEST,
     MAX_ONE_TIME_KEYS_PER_PUBLISH,
     MAX_ONE_TIME_KEYS_STORED,
     MAX_SEEN_BYTES,
@@ -94,16 +122,29 @@ PROTOCOL_VERSION: Final = 1
 
 __all__ = [
     "DEFAULT_MAX_DEVICES_PER_MESSAGE",
+    "DEFAULT_MAX_GROUPS_PER_USER",
+    "DEFAULT_MAX_GROUP_MEMBERS",
     "DEVICE_RE",
     "DOWNLINK",
+    "GROUP_ADMINS_CHANGED",
+    "GROUP_CREATED",
+    "GROUP_EVENTS",
+    "GROUP_ID_RE",
+    "GROUP_MEMBER_ADDED",
+    "GROUP_MEMBER_LEFT",
+    "GROUP_MEMBER_REMOVED",
+    "GROUP_OPS",
     "GROUP_PREFIX",
+    "GROUP_RENAMED",
     "HB_ACTIVE",
     "HB_AWAY",
     "MAX_ACK_BYTES",
     "MAX_DOWNLINK_BYTES",
+    "MAX_GROUP_NAME_CHARS",
     "MAX_HEARTBEAT_BYTES",
     "MAX_IDS_PER_ITEM",
     "MAX_JSON_DEPTH",
+    "MAX_MEMBERS_PER_GROUP_REQUEST",
     "MAX_ONE_TIME_KEYS_PER_PUBLISH",
     "MAX_ONE_TIME_KEYS_STORED",
     "MAX_SEEN_BYTES",
@@ -141,6 +182,16 @@ __all__ = [
     "DownlinkItem",
     "ErrorCode",
     "ErrorItem",
+    "GroupAdd",
+    "GroupAdmins",
+    "GroupCreate",
+    "GroupInfo",
+    "GroupItem",
+    "GroupLeave",
+    "GroupList",
+    "GroupRemove",
+    "GroupRename",
+    "GroupRequest",
     "Heartbeat",
     "MsgItem",
     "PresenceItem",
@@ -150,15 +201,18 @@ __all__ = [
     "Seen",
     "canonical_json",
     "chat_envelope_bytes",
+    "check_group_name",
     "client_id",
     "dumps",
     "inbox_topic",
     "is_chat_topic",
     "is_device_id",
+    "is_group_id",
     "is_user_id",
     "loads_object",
     "may_subscribe",
     "parse_downlink",
+    "parse_group_request",
     "parse_user_list",
     "split_client_id",
     "uplink_kind",

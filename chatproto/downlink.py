@@ -5,6 +5,8 @@ Rules (docs/PROTOCOL.md section 5):
   device; for ``type`` "olm" ``body`` is this device's ciphertext (section 9).
 - ``ReceiptItem`` (``receipt``): ``sent`` (no ``seq``, not staged), or ``delivered``,
   ``seen``, ``expired`` (staged: ``seq``, needs an ack); section 6.
+- ``GroupItem`` (``group``): a change of a group (section 11): ``seq``, needs an ack; its
+  ``gseq`` orders it among the group's messages and other changes.
 - ``PresenceItem`` (``presence``): another user's ``online`` and ``last_seen`` (section 8).
 - ``ResItem`` (``res``): the one answer to a request, ``ok`` with a ``result`` or not with
   an ``error`` (section 7).
@@ -29,6 +31,14 @@ RECEIPT_DELIVERED: Final = "delivered"
 RECEIPT_SEEN: Final = "seen"
 RECEIPT_EXPIRED: Final = "expired"
 STAGED_RECEIPTS: Final = frozenset({RECEIPT_DELIVERED, RECEIPT_SEEN, RECEIPT_EXPIRED})
+GROUP_CREATED: Final = "created"
+GROUP_MEMBER_ADDED: Final = "member_added"
+GROUP_MEMBER_REMOVED: Final = "member_removed"
+GROUP_MEMBER_LEFT: Final = "member_left"
+GROUP_RENAMED: Final = "renamed"
+GROUP_ADMINS_CHANGED: Final = "admins_changed"
+GROUP_EVENTS: Final = frozenset({GROUP_CREATED, GROUP_MEMBER_ADDED, GROUP_MEMBER_REMOVED, GROUP_MEMBER_LEFT,
+                                 GROUP_RENAMED, GROUP_ADMINS_CHANGED})
 
 
 class Downlink:
@@ -104,6 +114,45 @@ class ReceiptItem(Downlink):
         ids = _need(obj, "ids", list)
         return cls(_need(obj, "status", str), tuple(str(i) for i in ids), _need(obj, "peer", str),
                    _need(obj, "ts", int), seq)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupItem(Downlink):
+    """``event`` of ``group`` at ``gseq``, caused by ``by``. ``users``: the members a
+    ``created``/``member_added``/``member_removed``/``member_left`` names; ``name``: with
+    ``created`` and ``renamed``; ``promoted``/``demoted``: with ``admins_changed``. ``seq`` is the
+    device's own (0 until the item is staged for a device)."""
+
+    KIND: ClassVar[str] = "group"
+    seq: int
+    group: str
+    gseq: int
+    event: str
+    by: str
+    ts: int
+    users: tuple[str, ...] = ()
+    name: str | None = None
+    promoted: tuple[str, ...] = ()
+    demoted: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"kind": self.KIND, "seq": self.seq, "group": self.group, "gseq": self.gseq,
+                               "event": self.event, "by": self.by, "ts": self.ts}
+        for key in ("users", "promoted", "demoted"):
+            if getattr(self, key):
+                obj[key] = list(getattr(self, key))
+        if self.name is not None:
+            obj["name"] = self.name
+        return dumps(obj)
+
+    @classmethod
+    def _from_object(cls, obj: dict[str, Any]) -> Self:
+        name = obj.get("name")
+        if name is not None and not isinstance(name, str):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "group 'name' must be a string")
+        return cls(_need(obj, "seq", int), _need(obj, "group", str), _need(obj, "gseq", int), _need(obj, "event", str),
+                   _need(obj, "by", str), _need(obj, "ts", int), _str_tuple(obj, "users"), name,
+                   _str_tuple(obj, "promoted"), _str_tuple(obj, "demoted"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +232,10 @@ class ErrorItem(Downlink):
                    _str_tuple(obj, "missing"), _str_tuple(obj, "extra"), _str_tuple(obj, "stale"))
 
 
-DownlinkItem = MsgItem | ReceiptItem | PresenceItem | ResItem | ErrorItem
+DownlinkItem = MsgItem | ReceiptItem | GroupItem | PresenceItem | ResItem | ErrorItem
 
 _BY_KIND: Final[dict[str, type[DownlinkItem]]] = {
-    cls.KIND: cls for cls in (MsgItem, ReceiptItem, PresenceItem, ResItem, ErrorItem)
+    cls.KIND: cls for cls in (MsgItem, ReceiptItem, GroupItem, PresenceItem, ResItem, ErrorItem)
 }
 
 

@@ -21,6 +21,9 @@ class ErrorCode:
     DEVICES_MISMATCH: Final = "devices_mismatch"
     NO_KEYS: Final = "no_keys"
     ENCRYPTION_REQUIRED: Final = "encryption_required"
+    NOT_MEMBER: Final = "not_member"
+    GROUP_FULL: Final = "group_full"
+    TOO_MANY_GROUPS: Final = "too_many_groups"
 
 
 class DecodeError(ValueError):

@@ -1,7 +1,8 @@
 """Identities and names on the wire: user, device, message and request ids, client ids.
 
-Rules (docs/PROTOCOL.md section 1 and 3): user id ``^[a-z0-9_]{1,32}$``, device id
-``^[A-Za-z0-9_-]{1,32}$``, MQTT client id ``{user}.{device}``.
+Rules (docs/PROTOCOL.md section 1, 3 and 11): user id ``^[a-z0-9_]{1,32}$``, device id
+``^[A-Za-z0-9_-]{1,32}$``, MQTT client id ``{user}.{device}``, group id ``g:`` + 1-64 of
+``[A-Za-z0-9_-]``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ PUBLIC_KEY_RE: Final = re.compile(r"[A-Za-z0-9+/=_-]{1,256}")
 """A public key or a signature on the wire: base64 (standard or URL-safe, padded or not)."""
 GROUP_PREFIX: Final = "g:"
 """A ``to`` of this form names a group (reserved: answered ``unknown_recipient`` today)."""
+GROUP_ID_RE: Final = re.compile(r"g:[A-Za-z0-9_-]{1,64}")
+"""A group id, the same string as ``to`` and in ``group.*`` requests; the server makes
+``g:`` + 22 URL-safe characters (128 random bits: unguessable)."""
 
 
 def is_user_id(value: object) -> bool:
@@ -29,6 +33,10 @@ def is_user_id(value: object) -> bool:
 
 def is_device_id(value: object) -> bool:
     return isinstance(value, str) and DEVICE_RE.fullmatch(value) is not None
+
+
+def is_group_id(value: object) -> bool:
+    return isinstance(value, str) and GROUP_ID_RE.fullmatch(value) is not None
 
 
 def client_id(user: str, device: str) -> str:

@@ -16,6 +16,14 @@ MAX_ONE_TIME_KEYS_PER_PUBLISH: Final = 100
 MAX_ONE_TIME_KEYS_STORED: Final = 200
 """Unclaimed one-time keys the server keeps per device; a publish beyond it is refused."""
 
+DEFAULT_MAX_GROUP_MEMBERS: Final = 1024
+"""Default of ``limits.max_group_members`` (WhatsApp's cap; Signal's is 1,000)."""
+DEFAULT_MAX_GROUPS_PER_USER: Final = 512
+"""Default of ``limits.max_groups_per_user``."""
+MAX_MEMBERS_PER_GROUP_REQUEST: Final = 1024
+"""Users named in one ``group.*`` request (about 35 KB of ids, within ``limits.max_request_bytes``)."""
+MAX_GROUP_NAME_CHARS: Final = 100
+
 MAX_ACK_BYTES: Final = 64 * 1024
 MAX_SEEN_BYTES: Final = 128 * 1024
 MAX_HEARTBEAT_BYTES: Final = 1024

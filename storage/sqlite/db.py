@@ -17,7 +17,7 @@ import stat
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import aiosqlite
 
@@ -47,6 +47,14 @@ class SqliteFile:
 
     async def close(self) -> None:
         await self._db.close()
+
+    async def _fetchone(self, query: str, params: tuple[Any, ...]) -> Any:
+        async with self._db.execute(query, params) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetchall(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        async with self._db.execute(query, params) as cursor:
+            return list(await cursor.fetchall())
 
 
 async def open_database(path: Path, migrations: Sequence[str], *, synchronous: str = "FULL") -> aiosqlite.Connection:

@@ -189,14 +189,6 @@ class SqliteKeyStore(SqliteFile):
         row = await self._fetchone("SELECT COUNT(*) FROM one_time_keys WHERE user = ? AND device = ?", (user, device))
         return int(row[0]) if row else 0
 
-    async def _fetchone(self, query: str, params: tuple[Any, ...]) -> Any:
-        async with self._db.execute(query, params) as cursor:
-            return await cursor.fetchone()
-
-    async def _fetchall(self, query: str, params: tuple[Any, ...]) -> list[Any]:
-        async with self._db.execute(query, params) as cursor:
-            return list(await cursor.fetchall())
-
     def _transaction(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         return transaction(self._db, name)
 

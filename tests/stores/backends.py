@@ -15,14 +15,17 @@ from typing import Protocol
 
 import pytest
 
+from bridge.groups.store import GroupStore
 from bridge.keys.store import Accounts, KeyStore
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.presence.store import PresenceStore
 from broker.users import UserStore
 from chatserver.user_admin import AccountStore
+from storage.redis.groups import RedisGroupStore
 from storage.redis.keys import RedisKeyStore
 from storage.redis.presence import RedisPresenceStore
 from storage.redis.users import RedisUserStore
+from storage.sqlite.groups import SqliteGroupStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
@@ -50,6 +53,8 @@ class Backend(Protocol):
 
     async def keys(self) -> KeyStore: ...
 
+    async def groups(self) -> GroupStore: ...
+
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         """The users store, after adding the users of ``seed`` (name -> password hash): creating
         users is an admin operation, outside the Protocols under test."""
@@ -70,6 +75,9 @@ class SqliteBackend:
     async def keys(self) -> KeyStore:
         return await SqliteKeyStore.open(self.data_dir)
 
+    async def groups(self) -> GroupStore:
+        return await SqliteGroupStore.open(self.data_dir)
+
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         store = await SqliteUserStore.open(self.data_dir)
         await store.add_users((seed or {}).items())
@@ -77,7 +85,7 @@ class SqliteBackend:
 
 
 class RedisBackend:
-    """Users, keys and presence in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
+    """Users, keys, presence and groups in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
     prefix of this test's own; the keys stay until the session's cluster stops."""
 
     def __init__(self, startup_nodes: list[tuple[str, int]]) -> None:
@@ -92,6 +100,9 @@ class RedisBackend:
 
     async def keys(self) -> KeyStore:
         return await RedisKeyStore.open(self.startup_nodes, self.prefix)
+
+    async def groups(self) -> GroupStore:
+        return await RedisGroupStore.open(self.startup_nodes, self.prefix)
 
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         store = await RedisUserStore.open(self.startup_nodes, self.prefix)
