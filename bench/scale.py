@@ -278,9 +278,10 @@ def markdown(result: dict[str, Any]) -> str:
         " s measured). **chat**: one `chat-broker run` process on SQLite. **cluster**: `chat-broker run --cluster"
         f" ... --workers {r.get('workers', WORKERS)}`, the generator connecting to the one port the workers share"
         f" (SO_REUSEPORT), on a local Redis Cluster of {r.get('masters', MASTERS)} masters with"
-        f" {r.get('replicas_per_master', 0)} replica(s) each (Debian's redis-server, AOF fsync everysec): every"
-        " message is written through to Redis before `sent`; a pair's two ends may sit on different workers"
-        " (nudge over SPUBLISH). **mosquitto**: QoS 1 forwarding, nothing stored (the baseline of compare.md)."
+        f" {r.get('replicas_per_master', 0)} replica(s) each (Debian's redis-server, AOF fsync everysec): a pair's"
+        " two ends may sit on different workers (the message is written to Redis before `sent`, the other worker"
+        " nudged over SPUBLISH) or on one (write-back: delivered from memory; acked within `staging.flush_ms`, only"
+        " its dedup mark reaches Redis). **mosquitto**: QoS 1 forwarding, nothing stored (the baseline of compare.md)."
         " Everything shares the machine's cores: broker, Redis, generator."))
     lines += ["## Throughput (closed loop), same run", ""]
     lines += md_table(["idle users", "chat msg/s (A)", "cluster msg/s (B)", "mosquitto msg/s", "B / A",
