@@ -150,3 +150,28 @@ def test_a_message_unacked_after_flush_ms_is_written_and_follows_its_device(
     moved.publish("u/bob/ack", {"seqs": [item["seq"]]})
     assert alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "delivered")["ids"] == ["w2"]
     assert none_matching(alice, lambda i: i.get("status") == "delivered", 0.5), "reported once"
+
+
+def test_a_repeat_through_another_node_while_the_first_copy_is_held_is_not_sent_yet(
+        cluster: ClusterDeployment, made: list[Peer]) -> None:
+    """The sender's connection moves to node 1 while node 0 holds its message (bob has not acked):
+    the re-send is refused ``rate_limited`` (a false ``sent`` would be lost with node 0), and once
+    node 0 wrote it, the next re-send is ``sent`` and bob gets the message once."""
+    first = on_node(cluster, 0, made, "alice")
+    bob = on_node(cluster, 0, made, "bob")
+    caught_up(cluster, 0, "bob.phone")
+    first.publish("u/alice/out", {"id": "w3", "to": "bob", "body": "once"})
+    item = bob.expect(lambda i: i.get("kind") == "msg")
+    moved = on_node(cluster, 1, made, "alice")  # alice.phone again, through node 1
+    moved.publish("u/alice/out", {"id": "w3", "to": "bob", "body": "once"})
+    answer = moved.expect(lambda i: i.get("kind") in ("error", "receipt"))
+    assert (answer["kind"], answer.get("code"), answer.get("ref")) == ("error", "rate_limited", "w3")
+
+    def resent() -> bool:
+        moved.publish("u/alice/out", {"id": "w3", "to": "bob", "body": "once"})
+        reply = moved.expect(lambda i: i.get("kind") in ("error", "receipt"))
+        return reply["kind"] == "receipt" and reply["status"] == "sent"
+
+    eventually(resent, timeout=FLUSH_MS / 1000 + 20, what="'sent' once node 0 wrote the message")
+    bob.publish("u/bob/ack", {"seqs": [item["seq"]]})
+    assert none_matching(bob, lambda i: i.get("kind") == "msg", 1.0), "bob got it once"

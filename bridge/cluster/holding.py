@@ -27,6 +27,11 @@ from chatproto import RECEIPT_SENT, ErrorCode, ErrorItem, ReceiptItem
 log = logging.getLogger(__name__)
 
 
+def being_delivered(ref: str | None) -> ErrorItem:
+    """A repeat of a message some node holds and has not written yet: not 'sent' yet."""
+    return ErrorItem(ErrorCode.RATE_LIMITED, "this message is being delivered; send it again later", ref)
+
+
 class HoldHost(Protocol):
     """What the shell needs of the messaging service that owns it."""
 
@@ -115,8 +120,7 @@ class Holding:
                 if self._writeback.holds(message.sender, message.msg_id):  # a repeat: the first one's 'sent' answers it
                     return [], True
                 self._holds.hold(origin, message.msg_id, ErrorCode.RATE_LIMITED, self._now())
-                raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "this message is being delivered; send it again "
-                                        "later", message.msg_id))
+                raise Refused(being_delivered(message.msg_id))
             return [replace(r, writeback=True) for r in reserved] + stages[len(reserved):], False
         allocated = [self._local_seqs(planned) for planned in reserved]
         if any(seqs is None for seqs in allocated) or self._writeback.busy(origin):

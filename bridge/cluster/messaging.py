@@ -28,7 +28,7 @@ from typing import Any
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
-from bridge.cluster.holding import Holding
+from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
@@ -291,6 +291,9 @@ class ClusterMessaging:
             if result.status == StageStatus.QUEUE_FULL:
                 await self.wake(staged)
                 raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
+            if result.status == StageStatus.PENDING:  # a node holds its first copy (write-back): not 'sent' yet
+                await self.wake(staged)
+                raise Refused(being_delivered(ref))
             staged.extend(result.targets)
         return staged
 
