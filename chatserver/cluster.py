@@ -48,7 +48,9 @@ class ClusterStores:
         except BaseException:
             await client.aclose()
             raise
-        stores = cls(client, users, RedisKeyStore(client, cluster.key_prefix, cluster.retry_s),
+        stores = cls(client, users, RedisKeyStore(client, cluster.key_prefix, cluster.retry_s,
+                                                   min_replicas_ack=cluster.min_replicas_ack,
+                                                   wait_timeout_ms=cluster.wait_timeout_ms),
                      RedisQueueStore(client, cluster.key_prefix, cluster.retry_s,
                                      min_replicas_ack=cluster.min_replicas_ack,
                                      wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup),

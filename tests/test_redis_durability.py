@@ -10,12 +10,15 @@ from typing import ClassVar
 import pytest
 
 from bridge.cluster.store import MessageEntry, Stage, StageStatus
+from bridge.keys.core import parse_publish
 from bridge.store import StoreError
 from chatproto import MsgItem
 from storage.redis.client import RedisStore
+from storage.redis.keys import RedisKeyStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
+from tests.unit.test_keys import device_keys, otks
 
 INCR = "return redis.call('INCR', KEYS[1])"
 
@@ -73,4 +76,30 @@ async def test_a_stage_waits_for_its_replica_and_a_failed_wait_is_not_sent(redis
         assert [q.item.id for q in await acked.read("erin.phone", 0, 10) if isinstance(q.item, MsgItem)] == ["m1"]
     finally:
         for store in (users, acked, greedy):
+            await store.close()
+
+
+async def test_a_key_claim_waits_for_its_replica(redis_cluster: RedisCluster) -> None:
+    """A one-time key handed out must stay handed out when the master dies: a claim is answered only
+    once ``min_replicas_ack`` replicas hold the pop (else a promoted replica hands it out again)."""
+    prefix = f"w{uuid.uuid4().hex[:12]}:"
+    acked = await RedisKeyStore.open(redis_cluster.startup_nodes, prefix)
+    acked._replicas = 1  # what cluster.min_replicas_ack = 1 sets
+    greedy = await RedisKeyStore.open(redis_cluster.startup_nodes, prefix)
+    greedy._replicas, greedy._wait_ms = 2, 50  # more replicas than the cluster has
+    try:
+        await acked.publish("bob", "phone", parse_publish("bob", "phone", {"device_keys": device_keys(),
+                                                                           "one_time_keys": otks(0, 3)}))
+        assert (await acked.claim("bob", None))["phone"]["id"] == "AAA0"
+        with pytest.raises(StoreError, match="replica"):
+            await greedy.claim("bob", None)  # popped on the master, not confirmed: the claimer is not answered
+        killed = await asyncio.to_thread(redis_cluster.kill_master, "{bob}")
+        try:
+            acked._replicas = 0  # the promoted master has no replica until the killed one is back
+            assert (await acked.claim("bob", None))["phone"]["id"] != "AAA0", "handed out once, also after a failover"
+        finally:
+            await asyncio.to_thread(redis_cluster.restart, killed)
+        await asyncio.to_thread(redis_cluster.wait_ok)
+    finally:
+        for store in (acked, greedy):
             await store.close()

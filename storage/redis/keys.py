@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Final
 
+from redis.asyncio.cluster import RedisCluster
+
 from bridge.keys.core import KeyRuleError, OneTimeKey, Publish, claimed_item
 from bridge.store import StoreError
 from chatproto import MAX_ONE_TIME_KEYS_STORED
-from storage.redis.client import RedisStore
+from storage.redis.client import RETRY_S, RedisStore
 
 CLAIM_ATTEMPTS: Final = 8  # reads of a user's keyed devices per claim, should they keep changing
 
@@ -141,6 +143,16 @@ class RedisKeyStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {"keys.publish": PUBLISH, "keys.claim": CLAIM, "keys.count": COUNT,
                                          "devices.remove": REMOVE, "keys.import": IMPORT}
 
+    def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
+                 min_replicas_ack: int = 0, wait_timeout_ms: int = 1000) -> None:
+        super().__init__(client, prefix, retry_s)
+        # cluster.min_replicas_ack: a claim is answered once that many replicas hold the pop (Redis
+        # WAIT). Else a master that dies before replicating it hands the same one-time key out again
+        # from its promoted replica, and the second claimer's messages cannot be decrypted (found by
+        # `python -m bench chaos --cluster`: hundreds of undecryptable messages after a master kill).
+        self._replicas = min_replicas_ack
+        self._wait_ms = wait_timeout_ms
+
     def _device_keys(self, user: str, device: str) -> list[str]:
         """id, dk, fb, otk, otq, claimed: everything of one device."""
         return [self.key("k", user, "id"), self.key("k", user, "dk"), self.key("k", user, "fb"),
@@ -194,7 +206,8 @@ class RedisKeyStore(RedisStore):
             keys = [ids, self.key("k", user, "fb")]
             for device in targets:
                 keys += [self.key("k", user, kind, device) for kind in ("otk", "otq", "claimed")]
-            out = await self.run("keys.claim", keys, ["\n".join(keyed), *targets])
+            out = await self.run_replicated("keys.claim", keys, ["\n".join(keyed), *targets], self._replicas,
+                                            self._wait_ms)
             if out is not None:
                 break
         else:  # a user whose devices churn must not hold a claimer in this loop
