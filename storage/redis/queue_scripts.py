@@ -271,3 +271,7 @@ local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if last < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 """
+
+# ``seq_block``. KEYS: qs. ARGV: device, stride. The base of the block (run with WAIT: a promoted
+# replica that lacks it would give later items seqs the device already had as local ones).
+SEQ_BLOCK = "return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])"

@@ -93,6 +93,7 @@ from storage.redis.queue_scripts import (
     READ,
     REMOVE,
     RESERVE,
+    SEQ_BLOCK,
     SEQ_FLOOR,
     SETTLE,
     STAGE,
@@ -185,8 +186,8 @@ class RedisQueueStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
-        "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.reserve": RESERVE,
-        "queues.settle": SETTLE}
+        "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.seq_block": SEQ_BLOCK,
+        "queues.reserve": RESERVE, "queues.settle": SETTLE}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -262,8 +263,10 @@ class RedisQueueStore(RedisStore):
 
     async def seq_block(self, client_id: str) -> int:
         user, device = split_client(client_id)
-        # A retry after a lost reply takes a second block: the seqs only skip further.
-        return int(await self.command("queues.seq_block", "HINCRBY", self.key("qs", user), device, str(SEQ_STRIDE)))
+        # A retry after a lost reply takes a second block: the seqs only skip further. Replicated like a
+        # stage: the device gets seqs of the block, which no later stage may give again.
+        return int(await self.run_replicated("queues.seq_block", [self.key("qs", user)], [device, SEQ_STRIDE],
+                                             self._replicas, self._wait_ms))
 
     async def read(self, client_id: str, after_seq: int, limit: int) -> list[QueuedItem]:
         if limit <= 0:
