@@ -79,7 +79,10 @@ class ClusterRules:
     sweep_s: float = 60.0
     max_lane: int = 1024  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
     flush_ms: int = 50  # write-back: 0 writes everything to Redis first
-    pending_hold_ms: int = 10_000  # a reserved message's pending mark outlives a node that died holding it this long
+    # A reserved message's pending mark lasts flush_ms + this: long enough for its node to write or
+    # settle it, short enough that a re-send after that node died (or lost Redis) is not refused for
+    # long. Its only job is to spare devices a second copy (the SDK drops one by (from, id) anyway).
+    pending_hold_ms: int = 1000
 
 
 def busy_error(ref: str | None) -> ErrorItem:
