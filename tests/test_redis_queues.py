@@ -324,6 +324,10 @@ async def until_gone(q: RedisQueueStore, key: str) -> None:
     await eventually(gone, f"{key} expires")
 
 
+async def reserve(q: RedisQueueStore, stage: Stage, whole_user: bool) -> StageStatus:
+    return (await q.reserve(stage, 60_000, whole_user=whole_user)).status
+
+
 def reserved(entry: MessageEntry, devices: tuple[str, ...], **changes: int) -> Stage:
     return replace(message_stage(entry, devices=devices), **changes)
 
@@ -332,10 +336,10 @@ async def test_reserve_admits_a_message_once_and_its_write_back_or_settle_marks_
     q = stores.queues
     await stores.devices("bob", "phone", "laptop")
     both = ("bob.laptop", "bob.phone")
-    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.STAGED
+    assert await reserve(q, reserved(plain("w1"), both), True) == StageStatus.STAGED
     assert await stores.keys("q:*") == [], "a reservation writes no item"
     assert 0 < await q.command("test", "PTTL", q.key("qp", "bob", "alice/w1")) <= 60_000
-    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.PENDING
+    assert await reserve(q, reserved(plain("w1"), both), True) == StageStatus.PENDING
     assert await q.stage(message_stage(plain("w1"))) == StageResult(StageStatus.PENDING), "a repeat meanwhile"
     assert await q.depth("bob.phone") == 0
     # Its node writes it back: staged, marked; a repeat is a duplicate.
@@ -343,14 +347,18 @@ async def test_reserve_admits_a_message_once_and_its_write_back_or_settle_marks_
     assert written.status == StageStatus.STAGED and len(written.targets) == 2
     assert await q.command("test", "EXISTS", q.key("qp", "bob", "alice/w1")) == 0, "the pending mark is replaced"
     assert (await q.stage(message_stage(plain("w1")))).status == StageStatus.DUPLICATE
-    assert await q.reserve(reserved(plain("w1"), both), 60_000, whole_user=True) == StageStatus.DUPLICATE
+    assert await reserve(q, reserved(plain("w1"), both), True) == StageStatus.DUPLICATE
     assert (await q.stage(replace(reserved(plain("w1"), both), writeback=True))).status == StageStatus.DUPLICATE
-    # Or every target acked it first: settled, never written.
-    assert await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True) == StageStatus.STAGED
+    # Or every target acked it first: settled, never written. The reservation names each target's
+    # tail (its highest queued seq): the node hands w2 over only once it read w1's items.
+    second = await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True)
+    assert second.status == StageStatus.STAGED
+    assert second.tails == {client_id: seq for client_id, seq in written.targets}
+    assert await q.tails("bob", [*both, "bob.tablet"]) == {**second.tails, "bob.tablet": 0}
     await q.settle(reserved(plain("w2"), both))
     await q.settle(reserved(plain("w2"), both))  # idempotent
     assert (await q.stage(message_stage(plain("w2")))).status == StageStatus.DUPLICATE
-    assert await q.reserve(reserved(plain("w2"), both), 60_000, whole_user=True) == StageStatus.DUPLICATE
+    assert await reserve(q, reserved(plain("w2"), both), True) == StageStatus.DUPLICATE
     assert await q.depth("bob.phone") == 1 and await stores.keys("qp:*") == []
     assert await q.command("test", "ZCARD", q.key("qd", "bob")) == 2
 
@@ -360,19 +368,19 @@ async def test_reserve_answers_changed_for_other_devices_and_queue_full_without_
     await stores.devices("bob", "phone", "laptop")
     await stores.users.add_users([("carol", "x")])
     both = ("bob.laptop", "bob.phone")
-    assert await q.reserve(reserved(plain("c1"), ("bob.phone",)), 60_000, whole_user=True) == StageStatus.CHANGED
-    assert await q.reserve(reserved(plain("c1"), (*both, "bob.old")), 60_000, whole_user=True) == StageStatus.CHANGED
-    assert await q.reserve(reserved(plain("c1", to="carol"), ("carol.phone",)), 60_000,
-                           whole_user=True) == StageStatus.CHANGED, "a user with no device"
+    assert await reserve(q, reserved(plain("c1"), ("bob.phone",)), True) == StageStatus.CHANGED
+    assert await reserve(q, reserved(plain("c1"), (*both, "bob.old")), True) == StageStatus.CHANGED
+    assert (await q.reserve(reserved(plain("c1", to="carol"), ("carol.phone",)), 60_000,
+                           whole_user=True)).status == StageStatus.CHANGED, "a user with no device"
     await stores.users.record_login("bob", "tablet")
-    assert await q.reserve(reserved(plain("c1"), both), 60_000, whole_user=True) == StageStatus.CHANGED, "one more"
+    assert await reserve(q, reserved(plain("c1"), both), True) == StageStatus.CHANGED, "one more"
     assert await stores.keys("qp:*") == []
-    assert await q.reserve(reserved(plain("c1"), ("bob.phone",)), 60_000, whole_user=False) == StageStatus.STAGED
+    assert await reserve(q, reserved(plain("c1"), ("bob.phone",)), False) == StageStatus.STAGED
     await q.stage(message_stage(plain("f0"), devices=("bob.laptop",)))
     full = reserved(plain("f1"), ("bob.laptop", "bob.phone", "bob.tablet"), max_queue=1)
-    assert await q.reserve(full, 60_000, whole_user=True) == StageStatus.QUEUE_FULL
-    assert await q.reserve(reserved(plain("f1"), ("bob.phone",), max_queue=1), 60_000,
-                           whole_user=False) == StageStatus.STAGED, "the full queue is not a target"
+    assert await reserve(q, full, True) == StageStatus.QUEUE_FULL
+    assert (await q.reserve(reserved(plain("f1"), ("bob.phone",), max_queue=1), 60_000,
+                           whole_user=False)).status == StageStatus.STAGED, "the full queue is not a target"
     assert (await q.stage(message_stage(plain("f2"), max_queue=1))).status == StageStatus.QUEUE_FULL
 
 
@@ -383,8 +391,8 @@ async def test_a_retried_reserve_answers_the_same_and_an_expired_reservation_let
     real = q._replay_key
     token = q.key("qr", "bob", "fixed")
     q._replay_key = lambda user: token  # type: ignore[method-assign]  # what a retry after a lost reply does
-    assert await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True) == StageStatus.STAGED
-    assert await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True) == StageStatus.STAGED
+    assert (await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True)).status == StageStatus.STAGED
+    assert (await q.reserve(reserved(plain("r1"), ("bob.phone",)), 300, whole_user=True)).status == StageStatus.STAGED
     q._replay_key = real  # type: ignore[method-assign]
     assert await q.stage(message_stage(plain("r1"))) == StageResult(StageStatus.PENDING)
     await until_gone(q, q.key("qp", "bob", "alice/r1"))  # its node never wrote it back (it died)

@@ -108,12 +108,15 @@ class Holding:
         if any(devices is None for devices in plans):
             return stages, False
         reserved: list[Stage] = []
+        tails: dict[str, int] = {}
         for stage, devices in zip(stages, plans, strict=True):
             planned = replace(stage, devices=devices)
-            status = await self._queues.reserve(planned, self._flush_ms + self._pending_hold_ms,
-                                                whole_user=stage.devices is None)
+            reservation = await self._queues.reserve(planned, self._flush_ms + self._pending_hold_ms,
+                                                     whole_user=stage.devices is None)
+            status = reservation.status
             if status == StageStatus.STAGED:
                 reserved.append(planned)
+                tails.update(reservation.tails)
                 continue
             message = stage.message
             if status == StageStatus.PENDING and message is not None:
@@ -122,7 +125,7 @@ class Holding:
                 self._holds.hold(origin, message.msg_id, ErrorCode.RATE_LIMITED, self._now())
                 raise Refused(being_delivered(message.msg_id))
             return [replace(r, writeback=True) for r in reserved] + stages[len(reserved):], False
-        allocated = [self._local_seqs(planned) for planned in reserved]
+        allocated = [self._local_seqs(planned, tails) for planned in reserved]
         if any(seqs is None for seqs in allocated) or self._writeback.busy(origin):
             return [replace(r, writeback=True) for r in reserved], False
         first = reserved[-1].message
@@ -136,10 +139,13 @@ class Holding:
                 self._tickets[held] = ticket
         return [], True
 
-    def _local_seqs(self, stage: Stage) -> dict[str, int] | None:
-        """A local seq for each target (the devices may have changed while Redis answered)."""
+    def _local_seqs(self, stage: Stage, tails: dict[str, int]) -> dict[str, int] | None:
+        """A local seq for each target, or None: a device left or cannot take one, or has not read
+        everything queued for it yet (an earlier item, maybe an earlier message of this sender
+        through Redis, would reach it after this one: found by `bench chaos --cluster`)."""
         devices = stage.devices or ()
-        if not all(self._host.windows.can_hold(client_id) for client_id in devices):
+        windows = self._host.windows
+        if not all(windows.can_hold(c) and windows.read_past(c, tails.get(c, 0)) for c in devices):
             return None
         seqs = {client_id: self._host.windows.local_seq(client_id) for client_id in devices}
         return {client_id: seq for client_id, seq in seqs.items() if seq is not None}
@@ -165,7 +171,10 @@ class Holding:
         if any(devices is None for devices in plans):
             return False
         planned = [replace(stage, devices=devices) for stage, devices in zip(stages, plans, strict=True)]
-        allocated = [self._local_seqs(stage) for stage in planned]
+        tails: dict[str, int] = {}
+        for stage in planned:
+            tails.update(await self._queues.tails(stage.user, list(stage.devices or ())))
+        allocated = [self._local_seqs(stage, tails) for stage in planned]
         if any(seqs is None for seqs in allocated) or self._writeback.busy(lane):
             return False
         for stage, seqs in zip(planned, allocated, strict=True):

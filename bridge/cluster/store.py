@@ -89,6 +89,12 @@ class StageResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    status: StageStatus
+    tails: Mapping[str, int] = field(default_factory=dict)  # STAGED: target client id -> its highest queued seq
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedItem:
     """One staged item as its device gets it (``item.seq`` is its seq)."""
 
@@ -122,12 +128,18 @@ class QueueStore(Protocol):
         """Stage the items; ``PENDING`` while a reservation of the message holds (unless
         ``stage.writeback``: that is its own write-back, which replaces the pending mark)."""
 
-    async def reserve(self, stage: Stage, hold_ms: int, *, whole_user: bool) -> StageStatus:
+    async def reserve(self, stage: Stage, hold_ms: int, *, whole_user: bool) -> Reservation:
         """Admit a message its node delivers itself first (write-back), writing no item: answers
         ``DUPLICATE``, ``PENDING`` or ``QUEUE_FULL`` as ``stage`` would, ``CHANGED`` if
         ``whole_user`` and ``stage.devices`` are not exactly the user's current devices; else sets a
         pending mark of (sender, id) kept ``hold_ms`` (a repeat meanwhile answers ``PENDING``) and
-        answers ``STAGED``. The node then stages it (``writeback=True``) or settles it."""
+        answers ``STAGED`` with each target's tail (see ``tails``). The node then stages it
+        (``writeback=True``) or settles it."""
+
+    async def tails(self, user: str, client_ids: list[str]) -> dict[str, int]:
+        """The highest seq queued for each of these devices of ``user`` (0: none). A node hands a
+        device a held item only once it has read up to its tail: an item staged before (an earlier
+        message of the same sender, through Redis) must not arrive after a later one."""
 
     async def settle(self, stage: Stage) -> None:
         """A reserved message every target acked before it was written: its pending mark becomes the

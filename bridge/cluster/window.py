@@ -95,6 +95,12 @@ class Windows:
         room in its window: held items wait in memory no more than a window's worth)."""
         return self._next_local(client_id) is not None
 
+    def read_past(self, client_id: str, tail: int) -> bool:
+        """Whether the device's window has read its queue up to ``tail`` (a held item may then follow
+        everything staged before it)."""
+        box = self._devices.get(client_id)
+        return box is not None and box.last_read >= tail
+
     def local_seq(self, client_id: str) -> int | None:
         """Rule 4: the next local seq of the device, or None (``can_hold`` is False)."""
         seq = self._next_local(client_id)

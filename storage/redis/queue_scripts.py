@@ -30,6 +30,7 @@ end
 local function release(record)
   if redis.call('HINCRBY', record, 'refs', -1) <= 0 then redis.call('DEL', record) end
 end
+local function tail(queue) return tonumber(redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')[2] or '0') end
 local function earliest(expiry) return redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')[2] or false end
 local function keep(replay, reply, ms)
   reply = cjson.encode(reply)
@@ -102,7 +103,8 @@ return keep(KEYS[6], reply, ARGV[10])
 # hold_ms, whole_user ('1'/'0'), ref, replay ms, then the devices. Writes no item. The pending mark is
 # not waited on by replicas (no WAIT): one lost in a failover only lets a concurrent repeat through
 # as a second copy, which the recipient's SDK drops by (from, id).
-# Returns JSON ["staged"], ["duplicate"], ["pending"], ["changed"] or ["queue_full"].
+# Returns JSON ["staged", device, tail, ...] (tail: the highest seq queued for the device, 0 if
+# none), ["duplicate"], ["pending"], ["changed"] or ["queue_full"].
 RESERVE = COMMON + """
 local done = redis.call('GET', KEYS[4])
 if done then return done end
@@ -124,7 +126,18 @@ for device in pairs(targets) do
   if redis.call('ZCARD', ARGV[1] .. device) >= tonumber(ARGV[2]) then return '["queue_full"]' end
 end
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
-return keep(KEYS[4], {'staged'}, ARGV[6])
+local reply = {'staged'}
+for device in pairs(targets) do
+  table.insert(reply, device); table.insert(reply, tail(ARGV[1] .. device))
+end
+return keep(KEYS[4], reply, ARGV[6])
+"""
+
+# KEYS: the device queues of one user. Returns the highest seq queued in each (0: none).
+TAILS = COMMON + """
+local out = {}
+for i = 1, #KEYS do out[i] = tail(KEYS[i]) end
+return out
 """
 
 # KEYS: dedup marks, pending mark. ARGV: ref, dedup_until_ms, max_dedup.

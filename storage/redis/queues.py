@@ -74,6 +74,7 @@ from bridge.cluster.store import (
     MessageEntry,
     MessageRef,
     QueuedItem,
+    Reservation,
     Stage,
     StageResult,
     StageStatus,
@@ -97,6 +98,7 @@ from storage.redis.queue_scripts import (
     SEQ_FLOOR,
     SETTLE,
     STAGE,
+    TAILS,
 )
 from storage.redis.users import devices_key
 
@@ -187,7 +189,7 @@ class RedisQueueStore(RedisStore):
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
         "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.seq_block": SEQ_BLOCK,
-        "queues.reserve": RESERVE, "queues.settle": SETTLE}
+        "queues.reserve": RESERVE, "queues.settle": SETTLE, "queues.tails": TAILS}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -245,7 +247,7 @@ class RedisQueueStore(RedisStore):
         await asyncio.gather(*(self._hint(client_id, stage.expires_ms) for client_id, _ in targets))
         return StageResult(StageStatus(status), targets)
 
-    async def reserve(self, stage: Stage, hold_ms: int, *, whole_user: bool) -> StageStatus:
+    async def reserve(self, stage: Stage, hold_ms: int, *, whole_user: bool) -> Reservation:
         if stage.message is None or stage.devices is None:
             raise ValueError("reserve: a write-back is a message to devices it names")
         user, ref = stage.user, message_key(stage)
@@ -253,8 +255,16 @@ class RedisQueueStore(RedisStore):
         keys = [devices_key(self, user), *self._marks(user, ref), self._replay_key(user)]
         args: list[str | int] = [self.key("q", user, ""), stage.max_queue, hold_ms, int(whole_user), ref,
                                  self._replay_ms, *dict.fromkeys(devices)]
-        [status] = json.loads(await self.run("queues.reserve", keys, args))
-        return StageStatus(status)
+        status, *tails = json.loads(await self.run("queues.reserve", keys, args))
+        return Reservation(StageStatus(status), {f"{user}.{device}": int(seq)
+                                                 for device, seq in zip(tails[::2], tails[1::2], strict=True)})
+
+    async def tails(self, user: str, client_ids: list[str]) -> dict[str, int]:
+        devices = [device for user_of, device in map(split_client, client_ids) if user_of == user]
+        if not devices:
+            return {}
+        found = await self.run("queues.tails", [self.key("q", user, device) for device in devices], [])
+        return {f"{user}.{device}": int(seq) for device, seq in zip(devices, found, strict=True)}
 
     async def settle(self, stage: Stage) -> None:
         ref = message_key(stage)

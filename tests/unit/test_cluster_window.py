@@ -132,3 +132,13 @@ def test_a_held_item_goes_after_what_is_buffered_and_its_store_copy_is_not_sent_
     windows.acked("bob.phone", [3073], now=1)
     assert windows.split_ack("bob.phone", [3073]) == ([], [3073])
     assert windows.depth("bob.phone") == 0
+
+
+def test_a_device_has_read_past_a_tail_only_once_a_read_returned_it() -> None:
+    windows = Windows(window=10, redeliver_after_s=30)
+    caught_up(windows, base=1024)
+    assert windows.read_past("bob.phone", 0) and not windows.read_past("bob.phone", 2048)
+    windows.behind(["bob.phone"], now=0)
+    windows.read_done("bob.phone", 0, [queued(2048)], limit=10, now=0)
+    assert windows.read_past("bob.phone", 2048), "staged before the held item: read, so it goes first"
+    assert not windows.read_past("carol.phone", 0), "not linked here"
