@@ -449,3 +449,14 @@ async def test_marks_expire_and_expired_ones_are_dropped_as_stages_pass(stores: 
     await eventually(past, "e1's mark expires")
     await q.stage(message_stage(plain("e3")))
     assert await q.command("test", "ZRANGE", marks, "0", "-1") == ["alice/e2", "alice/e3"], "e1 dropped"
+
+
+async def test_a_stage_retried_with_its_token_answers_the_first_run(stores: Stores) -> None:
+    """A receipt has no dedup mark: a retry after a failed WAIT must not stage it twice."""
+    q = stores.queues
+    await stores.devices("alice", "phone")
+    stage = replace(receipt_stage(("m1",)), token="retry-1")
+    first = await q.stage(stage)
+    assert await q.stage(stage) == first, "the same reply, nothing staged again"
+    assert await q.depth("alice.phone") == 1
+    assert (await q.stage(replace(stage, token=""))).targets != first.targets, "a fresh token stages again"

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -221,11 +222,11 @@ class Holding:
     async def _write_held(self, held: Held) -> None:
         """Write what is unacked of a held stage; its devices still here take the written copy as an
         alias of what they got (window rule 5); those that acked meanwhile ack the copy."""
-        stage = held.write_stage()
+        stage = replace(held.write_stage(), max_queue=2**31, token=secrets.token_hex(8))  # retries answer the same
         staged: list[tuple[str, int]] = []
 
         async def write() -> None:
-            staged[:] = (await self._queues.stage(replace(stage, max_queue=2**31))).targets
+            staged[:] = (await self._queues.stage(stage)).targets
 
         await self._host.retrying("a held item", write)
         self._writeback.written(held)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
@@ -363,14 +364,19 @@ class ClusterMessaging:
         return Stage(user, now_ms + self.rules.ttl_ms, self.rules.max_queue,
                      receipt=ReceiptItem(status, tuple(ids), peer, now_ms))
 
-    async def _stage_receipts(self, status: str, refs: Iterable[MessageRef]) -> None:
+    def _receipts_step(self, status: str, refs: Iterable[MessageRef]) -> Callable[[], Awaitable[None]]:
+        """``_stage_receipts`` with its replay tokens drawn once, for ``retrying``: a retry after a
+        failed WAIT answers the first run instead of staging each receipt again."""
+        return functools.partial(self._stage_receipts, status, list(refs), secrets.token_hex(8))
+
+    async def _stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str) -> None:
         """A receipt per (sender, recipient) for ``refs``, to every device of the sender. Receipts are
         not refused for a full queue (the sender's own devices are behind, not the sender)."""
         by_pair: dict[tuple[str, str], list[str]] = {}
         for ref in refs:
             by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
-        for (sender, recipient), ids in by_pair.items():
-            stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31)
+        for n, ((sender, recipient), ids) in enumerate(by_pair.items()):
+            stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31, token=f"{token}-{n}")
             if await self._held.hold_receipts([stage]):
                 continue
             await self._held.write_lane(self._held.receipt_lane(sender))
@@ -393,8 +399,7 @@ class ClusterMessaging:
                 self._round_succeeded("ack")
                 self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
-            await self.retrying("delivered receipts", functools.partial(self._stage_receipts, RECEIPT_DELIVERED,
-                                                                         delivered))
+            await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
 
     async def retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried
@@ -576,8 +581,7 @@ class ClusterMessaging:
             swept = await self._queues.expire(client_id, now_ms)
             dropped += swept.items
             if swept.expired:
-                await self.retrying("expired receipts", functools.partial(self._stage_receipts, RECEIPT_EXPIRED,
-                                                                           swept.expired))
+                await self.retrying("expired receipts", self._receipts_step(RECEIPT_EXPIRED, swept.expired))
         return dropped
 
     # --- limits shared by the nodes ----------------------------------------------------------------

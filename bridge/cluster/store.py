@@ -72,6 +72,10 @@ class Stage:
     dedup_until_ms: int = 0  # > 0: remember (sender, msg_id) of the message until then
     delivery: bool = False  # keep a delivery record (a message to its recipient)
     writeback: bool = False  # the write-back of a message ``reserve`` admitted: its pending mark is no duplicate
+    # The same token on a retry of this stage answers the first run's reply (within the store's
+    # replay time) instead of staging again: a receipt (no dedup mark) retried after a failed WAIT
+    # was staged twice. "": a fresh one.
+    token: str = ""
 
 
 class StageStatus(StrEnum):

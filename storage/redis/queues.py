@@ -207,8 +207,8 @@ class RedisQueueStore(RedisStore):
     def _queue_keys(self, user: str, device: str) -> list[str]:
         return [self.key("q", user, device), self.key("qe", user, device)]
 
-    def _replay_key(self, user: str) -> str:
-        return self.key("qr", user, secrets.token_hex(8))
+    def _replay_key(self, user: str, token: str = "") -> str:
+        return self.key("qr", user, token or secrets.token_hex(8))
 
     def _records(self, user: str) -> str:
         return self.key("qm", user, "")
@@ -226,7 +226,7 @@ class RedisQueueStore(RedisStore):
         candidates = stage_candidates(stage, shared)
         ref = message_key(stage)
         keys = [devices_key(self, user), self.key("qs", user), self.key("qm", user, ref), *self._marks(user, ref),
-                self._replay_key(user)]
+                self._replay_key(user, stage.token)]
         # A receipt has no record and no dedup mark (its ref is "").
         wire, recipient, dedup = ("", "", 0) if message is None else (
             message_wire(message), message.recipient, stage.dedup_until_ms)
