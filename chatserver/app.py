@@ -21,7 +21,7 @@ from bridge.keys.core import KeyedDevices
 from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
-from bridge.messaging.core import Staging
+from bridge.messaging.groups import GroupStaging
 from bridge.messaging.records import Rules
 from bridge.messaging.service import Messaging
 from bridge.presence.core import PresenceCore, PresenceRules
@@ -307,7 +307,7 @@ class BrokerApp:
         rules = Rules(flush_s=settings.staging.flush_ms / 1000, **delivery_terms(settings))
         directory = Directory()
         directory.load(await users.all_devices())
-        staging = Staging(
+        staging = GroupStaging(
             rules, await store.next_boot(), directory,
             RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst, settings.limits.max_rate_keys),
             RecentIds(settings.dedup.max_entries),

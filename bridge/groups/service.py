@@ -1,7 +1,7 @@
 """Groups on one process (SQLite): the ``group.*`` requests and who is in a group for a group message;
 the thin shell around the rules (bridge/groups/core.py), the store (a ``LoggedGroupStore``) and the
-staging core, which stages group events and messages like one-to-one items (rule 11 of
-bridge/messaging/core.py).
+staging core, which stages group events and messages like one-to-one items
+(bridge/messaging/groups.py).
 
 Decisions (docs/PROTOCOL.md section 11):
 1. One order: each group has an asyncio lock. A change holds it from its load to the staging of its
@@ -37,7 +37,7 @@ from bridge.directory import Directory
 from bridge.groups import core
 from bridge.groups.core import Decision, Group, GroupLimits
 from bridge.groups.store import LoggedGroupStore
-from bridge.messaging.core import Staging
+from bridge.messaging.groups import GroupStaging
 from bridge.messaging.records import StagingOutcome
 from bridge.messaging.store import UserLookup
 from bridge.requests import Op, OpError
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 class GroupService:
-    def __init__(self, store: LoggedGroupStore, staging: Staging, users: UserLookup, limits: GroupLimits,
+    def __init__(self, store: LoggedGroupStore, staging: GroupStaging, users: UserLookup, limits: GroupLimits,
                  carry_out: Callable[[StagingOutcome], None], sweep_s: float, *, clock: Clock,
                  supervisor: Supervisor) -> None:
         self._store = store

@@ -33,14 +33,9 @@ Rules (PROTOCOL.md "Delivery rules"):
 10. Per message, the sender's devices get ``sent``, ``delivered``, ``seen`` in
    that order: ``delivered`` and ``seen`` wait on the message for ``sent``, and a
    ``seen`` before any ack stages ``delivered`` first (once).
-11. Groups (PROTOCOL.md section 11; the caller holds membership and changes of the
-   group off while it calls in): a group message from a member takes the group's next
-   gseq and is staged once, with an item for every member device but the sending one;
-   a device whose queue is full is skipped (the others get it), a non-member is
-   refused ``forbidden``. A group event is staged for every device of the users it
-   names. Each group's highest staged gseq is written with the next commit. Group
-   items are written at once and sent only once written (no write-back): a gseq a
-   device has seen is never given to another message after a crash.
+11. Group items (``GroupStaging``, bridge/messaging/groups.py) are written at once
+   and sent only once written (no write-back): a gseq a device has seen is never
+   given to another message after a crash.
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
@@ -49,7 +44,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
@@ -69,11 +64,9 @@ from bridge.messaging.records import (
     StagedMessage,
     StagingOutcome,
     event_item,
-    event_row,
 )
 from chatproto import (
     MAX_IDS_PER_ITEM,
-    MEGOLM_TYPE,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
     RECEIPT_SEEN,
@@ -110,8 +103,6 @@ class Staging:
         # origin -> (id of its message refused for a transient reason, until): later messages of that
         # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
         self._holds = Holds()
-        self.gseqs: dict[str, int] = {}  # group id -> the highest gseq staged (restored from the store)
-        self.written_gseqs: dict[str, int] = {}  # ... and as written by this boot's commits
         self.counters = BridgeCounters()  # read by chatserver.metrics at scrape time
 
     # --- restore -----------------------------------------------------------------
@@ -295,56 +286,6 @@ class Staging:
             self._stage_receipt(to_user, RECEIPT_SEEN, now_ids, by_user, now_ms, now, out)
         return out
 
-    # --- groups (rule 11) -------------------------------------------------------------
-
-    def submit_group(self, origin: str, sender: str, message: ChatMessage, members: Sequence[str] | None,
-                     now_ms: int, now: float) -> StagingOutcome:
-        """A message of ``sender`` to the group ``message.to``, whose members are ``members`` now (None:
-        ``sender`` is not one). The caller keeps changes of the group off until this returns."""
-        out = StagingOutcome()
-        if self._repeat(origin, sender, message, now_ms, out):
-            return out
-        try:
-            if members is None:
-                raise Refused(ErrorItem(ErrorCode.FORBIDDEN, "you are not a member of this group", message.id))
-            self._holds.check(origin, message.id, now)
-            if self.rules.require_encryption and message.type != MEGOLM_TYPE:
-                raise Refused(ErrorItem(ErrorCode.ENCRYPTION_REQUIRED, "this server accepts only end-to-end "
-                                        f"encrypted group messages (type {MEGOLM_TYPE!r})", message.id))
-            if not self._rate.allow(sender, now):
-                self._holds.hold(origin, message.id, ErrorCode.RATE_LIMITED, now)
-                raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later", message.id))
-        except Refused as refused:
-            out.notices.append((origin, refused.item))
-            return out
-        gseq = self.gseqs.get(message.to, 0) + 1
-        self._mark_gseq(message.to, gseq)
-        targets = []
-        for device in (d for member in members for d in self.directory.targets(member) if d != origin):
-            if len(self._box(device).items) < self.rules.max_queue:
-                targets.append(device)
-            else:  # a member's full queue must not cost the others their message: that device misses it
-                self.counters.group_skipped += 1
-        self._fan_out(origin, sender, message, targets, now_ms, now, out, gseq)
-        return out
-
-    def stage_group_events(self, events: Sequence[GroupItem], users: Iterable[str], now_ms: int,
-                           now: float) -> StagingOutcome:
-        """Each of ``events`` (one group's, in gseq order) for every device of ``users``."""
-        out = StagingOutcome()
-        devices = [device for user in users for device in self.directory.targets(user)]
-        for event in events:
-            row = event_row(event)
-            for device in devices:
-                self._stage(device, Item(device, 0, now_ms + self.rules.ttl_ms, now, event=row), now, out)
-            self._mark_gseq(event.group, event.gseq)
-        out.flush_due = True
-        return out
-
-    def _mark_gseq(self, group: str, gseq: int) -> None:
-        self.gseqs[group] = max(gseq, self.gseqs.get(group, 0))
-        self._pending.gseqs[group] = max(gseq, self._pending.gseqs.get(group, 0))
-
     # --- acks ------------------------------------------------------------------------
 
     def ack(self, device: str, seqs: Iterable[int], now_ms: int, now: float) -> StagingOutcome:
@@ -510,7 +451,7 @@ class Staging:
             if item is None:
                 unsent.popleft()
                 continue
-            if item.state != DURABLE and _written_first(item):
+            if item.state != DURABLE and written_first(item):
                 return  # flush_done pumps again
             if _needs_body(item):
                 if device not in self._waiting_bodies:
@@ -666,11 +607,8 @@ class Staging:
         self._volatile = keep
         return None if batch.empty() else batch
 
-    def flush_done(self, batch: FlushBatch, now: float | None = None) -> StagingOutcome:
-        """``batch`` is written; with ``now``, the devices waiting for a group item of it get it (rule 11)."""
+    def flush_done(self, batch: FlushBatch) -> StagingOutcome:
         out = StagingOutcome()
-        for group, gseq in batch.gseqs.items():
-            self.written_gseqs[group] = max(gseq, self.written_gseqs.get(group, 0))
         for message in batch.bodies:
             message.state = DURABLE
             if not message.olm and not self._wanted_online(message):
@@ -686,11 +624,6 @@ class Staging:
             if item.message is not None:
                 item.message.writing -= 1
                 self._maybe_forget(item.message, out)
-        if now is not None:
-            for device in {item.device for item in batch.items if _written_first(item)}:
-                box = self.boxes.get(device)
-                if box is not None:
-                    self._pump(device, box, now, out)
         return out
 
     def flush_failed(self, batch: FlushBatch) -> StagingOutcome:
@@ -773,7 +706,7 @@ def _user_of(device: str) -> str:
     return device.partition(".")[0]
 
 
-def _written_first(item: Item) -> bool:
+def written_first(item: Item) -> bool:
     """A group event or message: sent only once it is on disk (rule 11)."""
     return item.event is not None or (item.message is not None and item.message.gseq is not None)
 

@@ -1,6 +1,6 @@
 """One-to-one messaging: the thin shell around the staging core.
 
-It feeds ``Staging`` with uplinks and the time (from the ``Clock`` passed in),
+It feeds ``GroupStaging`` (the staging core with groups) with uplinks and the time (from the ``Clock`` passed in),
 carries out each ``StagingOutcome`` (items to devices, notices, body reads), and runs its
 background jobs under the ``Supervisor`` passed in (``bridge/background.py``): the
 group-commit flusher, redelivery, the TTL sweep, WAL checkpoints, and body reads.
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from bridge.background import Backoff, Supervisor, cancel
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
-from bridge.messaging.core import Staging
+from bridge.messaging.groups import GroupStaging
 from bridge.messaging.records import FlushBatch, StagingOutcome
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.store import StoreError
@@ -61,7 +61,7 @@ class GroupRouting(Protocol):
 class Messaging:
     def __init__(
         self,
-        staging: Staging,
+        staging: GroupStaging,
         store: MessageStore,
         links: LinkRegistry,
         users: UserLookup,
