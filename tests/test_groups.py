@@ -153,6 +153,16 @@ def test_limits_are_refused_clearly(many: BrokerThread, made: list[Any]) -> None
     assert ok(alice, "group.info", group=group)["members"] == ["alice", "bob", "carol"]
 
 
+@pytest.mark.broker_config({"limits.send_burst": 2, "limits.send_rate_per_s": 0.001})
+def test_a_change_costs_a_send_token(many: BrokerThread, made: list[Any]) -> None:
+    alice = online_peer(many.port, made, "alice")
+    group = ok(alice, "group.create", name="g", members=["bob"])["group"]
+    ok(alice, "group.rename", group=group, name="h")
+    assert ok(alice, "group.rename", group=group, name="h") == {"name": "h", "gseq": 2}  # no change: free
+    assert refused(alice, "group.rename", group=group, name="i") == "rate_limited"
+    assert ok(alice, "group.info", group=group)["name"] == "h"
+
+
 def test_group_messages_fan_out_once_per_member_device(many: BrokerThread, made: list[Any]) -> None:
     alice = online_peer(many.port, made, "alice")
     tablet = online_peer(many.port, made, "alice", "tablet")

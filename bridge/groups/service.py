@@ -19,6 +19,7 @@ Decisions (docs/PROTOCOL.md section 11):
    ~50 ms before its commit can come again after a crash then: a client drops it by (group, gseq).
 4. Groups are kept in memory once read (this process is their only writer: chatserver/data_dir.py
    locks the data directory); a group that does not exist is not remembered.
+5. A change that emits events costs its actor one send token (``rate_limited``, nothing changed).
 """
 
 from __future__ import annotations
@@ -128,21 +129,23 @@ class GroupService:
             case GroupCreate():
                 await self._check_users(request.members)
                 group = core.new_group_id()
-                return await self._change(group, lambda _: core.create(group, caller.user, request, self._limits,
+                return await self._change(group, caller.user, lambda _: core.create(group, caller.user, request, self._limits,
                                                                        self._clock.wall_ms()))
             case _:
                 if isinstance(request, GroupAdd):
                     await self._check_users(request.members)
                 change = request
-                return await self._change(change.group, lambda before: core.decide(
+                return await self._change(change.group, caller.user, lambda before: core.decide(
                     self._lifted(before), caller.user, change, self._limits, self._clock.wall_ms()))
 
-    async def _change(self, group: str, decide: Callable[[Group | None], Decision]) -> Any:
+    async def _change(self, group: str, actor: str, decide: Callable[[Group | None], Decision]) -> Any:
         async with self._hold(group):
             before = await self._load(group)
             decision = decide(before)
             if not decision.events:
                 return decision.result
+            if not self._staging.charge(actor, self._clock.monotonic()):
+                raise OpError(ErrorCode.RATE_LIMITED, "changing groups too fast; retry later")
             if not await self._store.commit_logged(before, decision, self._limits.max_groups_per_user):
                 raise StoreError(f"group {group} was changed outside this broker")  # it is the only writer
             if decision.after is None:

@@ -8,7 +8,9 @@ Rules:
    A device whose queue is full is skipped (the others get it); a non-member is refused
    ``forbidden``. It costs the sender one send token, whatever the group's size.
 2. With ``require_encryption``, a group message must have type ``megolm``.
-3. A group event is staged for every device of the users it names, in the order given.
+3. A group event is staged for every device of the users it names, in the order given. The
+   change that makes events costs its actor one send token too (``charge``): a rename loop would
+   otherwise fill every member's queue for free.
 4. Each group's highest staged gseq is written with the next commit (``FlushBatch.gseqs``);
    ``written_gseqs`` are those the commits of this boot wrote.
 5. Group items are due at once and go to a device only once written (``written_first``).
@@ -64,6 +66,10 @@ class GroupStaging(Staging):
                 self.counters.group_skipped += 1
         self._fan_out(origin, sender, message, targets, now_ms, now, out, gseq)
         return out
+
+    def charge(self, user: str, now: float) -> bool:
+        """Take one of ``user``'s send tokens for a group change; False (nothing taken) if there is none."""
+        return self._rate.allow(user, now)
 
     def stage_group_events(self, events: Sequence[GroupItem], users: Iterable[str], now_ms: int,
                            now: float) -> StagingOutcome:
