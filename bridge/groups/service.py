@@ -15,8 +15,9 @@ Decisions (docs/PROTOCOL.md section 11):
 3. Durable events: a change's events are written with the change (``commit_logged``: the outbox,
    one transaction) before it is answered; staged right after. At a start, logged events above a
    group's written gseq (a crash before their staging commit) are staged again; logged events at or
-   below it are dropped then and every ``sweep_s``. An event staged, delivered and acked within the
-   ~50 ms before its commit can come again after a crash then: a client drops it by (group, gseq).
+   below it are dropped then and every ``sweep_s``. A group item goes to a device only once written
+   (bridge/messaging/groups.py), with its group's gseq mark: an event a device has seen is never
+   staged again.
 4. Groups are kept in memory once read (this process is their only writer: chatserver/data_dir.py
    locks the data directory); a group that does not exist is not remembered.
 5. A change that emits events costs its actor one send token (``rate_limited``, nothing changed).
@@ -129,8 +130,8 @@ class GroupService:
             case GroupCreate():
                 await self._check_users(request.members)
                 group = core.new_group_id()
-                return await self._change(group, caller.user, lambda _: core.create(group, caller.user, request, self._limits,
-                                                                       self._clock.wall_ms()))
+                return await self._change(group, caller.user, lambda _: core.create(
+                    group, caller.user, request, self._limits, self._clock.wall_ms()))
             case _:
                 if isinstance(request, GroupAdd):
                     await self._check_users(request.members)
