@@ -1,9 +1,10 @@
-"""One-to-one messaging: the thin shell around the staging core.
+"""Messaging, one-to-one and to groups: the thin shell around the staging core.
 
-It feeds ``GroupStaging`` (the staging core with groups) with uplinks and the time (from the ``Clock`` passed in),
-carries out each ``StagingOutcome`` (items to devices, notices, body reads), and runs its
-background jobs under the ``Supervisor`` passed in (``bridge/background.py``): the
-group-commit flusher, redelivery, the TTL sweep, WAL checkpoints, and body reads.
+It feeds ``GroupStaging`` (the staging core with groups) with uplinks and the time (from
+the ``Clock`` passed in), carries out each ``StagingOutcome`` (items to devices, notices,
+body reads), and runs its background jobs under the ``Supervisor`` passed in
+(``bridge/background.py``): the group-commit flusher, redelivery, the TTL sweep, WAL
+checkpoints, and body reads.
 Uplinks are handled synchronously; when a recipient is not in the in-memory
 directory yet, or a group message's group is not in memory or is being changed
 (``GroupRouting``: bridge/groups/service.py), that device's later uplinks wait in a
