@@ -36,7 +36,9 @@ def small_tmpfs(path: Path) -> Iterator[bool]:
 def fill(directory: Path) -> Path:
     """Write a file until the file system is full."""
     filler = directory / "filler"
-    with filler.open("wb") as out:
+    # Unbuffered: a buffered file keeps the bytes a full disk refused and fails again on close
+    # (it did once the data directory held one more database: groups.db).
+    with filler.open("wb", buffering=0) as out:
         with contextlib.suppress(OSError):
             while True:
                 out.write(b"\0" * 65536)

@@ -33,6 +33,9 @@ Rules (PROTOCOL.md "Delivery rules"):
 10. Per message, the sender's devices get ``sent``, ``delivered``, ``seen`` in
    that order: ``delivered`` and ``seen`` wait on the message for ``sent``, and a
    ``seen`` before any ack stages ``delivered`` first (once).
+11. Group items (``GroupStaging``, bridge/messaging/groups.py) are written at once
+   and sent only once written (no write-back): a gseq a device has seen is never
+   given to another message after a crash.
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
@@ -60,6 +63,7 @@ from bridge.messaging.records import (
     Rules,
     StagedMessage,
     StagingOutcome,
+    event_item,
 )
 from chatproto import (
     MAX_IDS_PER_ITEM,
@@ -70,6 +74,7 @@ from chatproto import (
     ChatMessage,
     ErrorCode,
     ErrorItem,
+    GroupItem,
     MsgItem,
     ReceiptItem,
 )
@@ -140,36 +145,51 @@ class Staging:
     def submit(self, origin: str, sender: str, message: ChatMessage, now_ms: int, now: float) -> StagingOutcome:
         """A chat message published by ``origin`` (client id) of ``sender``."""
         out = StagingOutcome()
-        key = (sender, message.id)
-        known = self.live.get(key)
-        if known is not None:
-            known.origin = origin
-            if known.sent_notified:
-                out.notices.append((origin, self._sent_item(known, now_ms)))
-            return out  # not settled yet: 'sent' goes to the new origin when it is
-        if self._recent.contains(key, now_ms):
-            out.notices.append((origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, now_ms)))
+        if self._repeat(origin, sender, message, now_ms, out):
             return out
         try:
             targets = self._admit(origin, sender, message, now)
         except Refused as refused:
             out.notices.append((origin, refused.item))
             return out
+        self._fan_out(origin, sender, message, targets, now_ms, now, out)
+        return out
+
+    def _repeat(self, origin: str, sender: str, message: ChatMessage, now_ms: int, out: StagingOutcome) -> bool:
+        """True if ``message`` is a repeat of a known (from, id) (rule 3): answered, not staged again."""
+        key = (sender, message.id)
+        known = self.live.get(key)
+        if known is not None:
+            known.origin = origin
+            if known.sent_notified:
+                out.notices.append((origin, self._sent_item(known, now_ms)))
+            return True  # not settled yet: 'sent' goes to the new origin when it is
+        if self._recent.contains(key, now_ms):
+            out.notices.append((origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, now_ms)))
+            return True
+        return False
+
+    def _fan_out(self, origin: str, sender: str, message: ChatMessage, targets: list[str], now_ms: int, now: float,
+                 out: StagingOutcome, gseq: int | None = None) -> None:
+        """Stage an accepted message: its body once, an item per target device."""
         self._next_mid += 1
         bodies = message.bodies
         size = sum(map(_utf8_len, bodies.values())) if bodies is not None else _utf8_len(message.body)
         staged = StagedMessage(self._next_mid, sender, message.id, message.to, message.type,
                                "" if bodies is not None else message.body, now_ms, now_ms + self.rules.ttl_ms,
-                               origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size)
+                               origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size, gseq=gseq)
         self._remember(staged)
+        if not targets:  # a group of one device: nothing to store, it is safe now
+            staged.sent_notified = True
+            out.notices.append((origin, self._sent_item(staged, None)))
+            self._maybe_forget(staged, out)
         for device in targets:
             staged.targets.add(device)
             staged.unsettled += 1
             body = message.bodies[device] if message.bodies is not None else None
-            self._stage(device, Item(device, 0, staged.expires_ms, now + self.rules.flush_s, message=staged,
-                                     body=body), now, out)
+            due = now + self.rules.flush_s if gseq is None else now  # rule 11: a group item is written at once
+            self._stage(device, Item(device, 0, staged.expires_ms, due, message=staged, body=body), now, out)
         out.flush_due = True
-        return out
 
     def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str]:
         """The target devices of a new message; raises ``Refused`` (a transient refusal holds the
@@ -404,7 +424,8 @@ class Staging:
         for old in held.items.values():
             if old.state == DURABLE:
                 self._pending.deleted_items.append((old.device, old.seq))
-            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt, body=old.body)
+            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt, body=old.body,
+                        event=old.event)
             item.settled = old.settled
             if old.message is not None:
                 old.message.targets.discard(old.device)
@@ -430,6 +451,8 @@ class Staging:
             if item is None:
                 unsent.popleft()
                 continue
+            if item.state != DURABLE and written_first(item):
+                return  # flush_done pumps again
             if _needs_body(item):
                 if device not in self._waiting_bodies:
                     self._waiting_bodies.add(device)
@@ -493,12 +516,14 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
-    def _wire(self, item: Item) -> MsgItem | ReceiptItem:
+    def _wire(self, item: Item) -> MsgItem | ReceiptItem | GroupItem:
         message = item.message
         if message is not None:
             body = item.body if message.olm else message.body
             return MsgItem(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                           body or "", message.ts, message.dev)
+                           body or "", message.ts, message.dev, message.gseq)
+        if item.event is not None:
+            return event_item(item.seq, item.event)
         receipt = item.receipt or {}
         return ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"], item.seq)
 
@@ -617,11 +642,17 @@ class Staging:
                 item.message.writing -= 1
                 self._maybe_forget(item.message, out)
         self._volatile = deque(sorted([*batch.items, *self._volatile], key=lambda i: i.due))
+        self._pend_again(batch)
+        return out
+
+    def _pend_again(self, batch: FlushBatch) -> None:
+        """The deletions and marks of an unwritten ``batch`` wait for the next commit, ahead of newer ones."""
         self._pending.deleted_items[:0] = batch.deleted_items
         self._pending.deleted_bodies[:0] = batch.deleted_bodies
         self._pending.delivered[:0] = batch.delivered
         self._pending.dedup[:0] = batch.dedup
-        return out
+        for group, gseq in batch.gseqs.items():
+            self._pending.gseqs[group] = max(gseq, self._pending.gseqs.get(group, 0))
 
     def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
         """A part of a commit (``FlushBatch.parts``) that failed on its own again and again -- what
@@ -650,10 +681,7 @@ class Staging:
             out.notices.append((message.origin, ErrorItem(
                 ErrorCode.INTERNAL, "the server could not store this message and dropped it; send it again",
                 message.msg_id)))
-        self._pending.deleted_items[:0] = part.deleted_items
-        self._pending.deleted_bodies[:0] = part.deleted_bodies
-        self._pending.delivered[:0] = part.delivered
-        self._pending.dedup[:0] = part.dedup
+        self._pend_again(part)
         return out
 
     # --- figures --------------------------------------------------------------------------
@@ -676,6 +704,11 @@ def _utf8_len(text: str) -> int:
 
 def _user_of(device: str) -> str:
     return device.partition(".")[0]
+
+
+def written_first(item: Item) -> bool:
+    """A group event or message: sent only once it is on disk (rule 11)."""
+    return item.event is not None or (item.message is not None and item.message.gseq is not None)
 
 
 def _needs_body(item: Item) -> bool:

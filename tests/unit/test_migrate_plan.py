@@ -65,3 +65,13 @@ def test_delivered_flags_only_for_the_recipients_items() -> None:
     items = [item("alice.tab", 1, done), item("bob.laptop", 1, done), item("bob.laptop", 2, message("b"))]
     assert delivered_flags(items) == {("bob", "alice"): ["a"]}
     assert delivered_flags(items[:1]) == {}
+
+
+def test_group_items_are_not_migrated_to_a_cluster_that_does_not_serve_groups() -> None:
+    grouped = message("g1", recipient="g:AAAA")
+    grouped.gseq = 2
+    event = Item("bob.phone", 2, 800, 0.0, event={"group": "g:AAAA", "gseq": 1, "event": "created", "by": "alice",
+                                                   "ts": 5})
+    for staged in (item("bob.phone", 1, grouped), event):
+        with pytest.raises(MigrateError, match="does not serve groups"):
+            plan_item("bob.phone", staged, "hi")
