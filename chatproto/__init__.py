@@ -109,6 +109,7 @@ from chatproto.topics import (
 from chatproto.uplink import (
     HB_ACTIVE,
     HB_AWAY,
+    MEGOLM_TYPE,
     MESSAGE_FIELDS,
     OLM_TYPE,
     Ack,
@@ -149,6 +150,7 @@ __all__ = [
     "MAX_ONE_TIME_KEYS_STORED",
     "MAX_SEEN_BYTES",
     "MAX_USERS_PER_REQUEST",
+    "MEGOLM_TYPE",
     "MESSAGE_FIELDS",
     "MESSAGE_ID_RE",
     "OLM_TYPE",

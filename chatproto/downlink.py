@@ -60,7 +60,8 @@ class Downlink:
 @dataclass(frozen=True, slots=True)
 class MsgItem(Downlink):
     """A message for this device. ``dev`` is the sending device (None only from a server
-    older than the e2e protocol; the server always sets it)."""
+    older than the e2e protocol; the server always sets it). ``gseq``: a group message's place
+    in its group (``to`` is then the group id; section 11), None otherwise and then not encoded."""
 
     KIND: ClassVar[str] = "msg"
     seq: int
@@ -71,12 +72,15 @@ class MsgItem(Downlink):
     body: str
     ts: int
     dev: str | None = None
+    gseq: int | None = None
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"kind": self.KIND, "seq": self.seq, "id": self.id, "from": self.sender,
                                "to": self.to, "type": self.type, "body": self.body, "ts": self.ts}
         if self.dev is not None:
             obj["dev"] = self.dev
+        if self.gseq is not None:
+            obj["gseq"] = self.gseq
         return dumps(obj)
 
     @classmethod
@@ -84,8 +88,11 @@ class MsgItem(Downlink):
         dev = obj.get("dev")
         if dev is not None and not is_device_id(dev):
             raise DecodeError(ErrorCode.BAD_ENVELOPE, "msg 'dev' must be a device id")
+        gseq = obj.get("gseq")
+        if gseq is not None and (not isinstance(gseq, int) or isinstance(gseq, bool)):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "msg 'gseq' must be an integer")
         return cls(_need(obj, "seq", int), _need(obj, "id", str), _need(obj, "from", str), _need(obj, "to", str),
-                   str(obj.get("type", "text")), _need(obj, "body", str), _need(obj, "ts", int), dev)
+                   str(obj.get("type", "text")), _need(obj, "body", str), _need(obj, "ts", int), dev, gseq)
 
 
 @dataclass(frozen=True, slots=True)

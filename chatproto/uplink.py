@@ -20,12 +20,12 @@ from typing import Any, Final, Self
 
 from chatproto.errors import DecodeError, ErrorCode
 from chatproto.ids import (
-    GROUP_PREFIX,
     MESSAGE_ID_RE,
     OP_RE,
     PUBLIC_KEY_RE,
     REQUEST_ID_RE,
     TYPE_RE,
+    is_group_id,
     is_user_id,
     split_client_id,
 )
@@ -42,6 +42,8 @@ from chatproto.limits import (
 MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "bodies", "keys", "type", "ts"})
 OLM_TYPE: Final = "olm"
 """``type`` of an end-to-end encrypted message: uplink with ``bodies``, downlink ``body`` = this device's ciphertext."""
+MEGOLM_TYPE: Final = "megolm"
+"""``type`` of an end-to-end encrypted group message: ``body`` is one Megolm ciphertext for every member."""
 HB_ACTIVE: Final = "active"
 HB_AWAY: Final = "away"
 
@@ -92,13 +94,15 @@ class ChatMessage:
         if unknown:
             raise DecodeError(ErrorCode.BAD_ENVELOPE, f"unknown field(s): {', '.join(sorted(unknown))}", msg_id)
         to = obj.get("to")
-        if not isinstance(to, str) or not (is_user_id(to) or to.startswith(GROUP_PREFIX)):
-            raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id", msg_id)
+        if not isinstance(to, str) or not (is_user_id(to) or is_group_id(to)):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id or a group id 'g:...'", msg_id)
         if ("body" in obj) == ("bodies" in obj):
             raise DecodeError(ErrorCode.BAD_ENVELOPE, "a message has exactly one of 'body' and 'bodies'", msg_id)
         bodies: dict[str, str] | None = None
         body = obj.get("body", "")
         if "bodies" in obj:
+            if is_group_id(to):  # a group message is one ciphertext for all (Megolm): 'body'
+                raise DecodeError(ErrorCode.BAD_ENVELOPE, "a group message has a 'body', not 'bodies'", msg_id)
             bodies = _bodies(obj["bodies"], max_body_bytes, max_devices, msg_id)
         elif not isinstance(body, str):
             raise DecodeError(ErrorCode.BAD_ENVELOPE, "'body' must be a string", msg_id)

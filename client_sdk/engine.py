@@ -34,7 +34,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from chatproto import (
+    GROUP_PREFIX,
     MAX_IDS_PER_ITEM,
+    MEGOLM_TYPE,
     MESSAGE_ID_RE,
     OLM_TYPE,
     RECEIPT_SENT,
@@ -51,6 +53,7 @@ from chatproto import (
     Seen,
     client_id,
     is_device_id,
+    is_group_id,
     is_user_id,
     uplink_topic,
 )
@@ -76,12 +79,16 @@ from client_sdk.events import (
     PENDING,
     ErrorEvent,
     Event,
+    GroupEvent,
     Receipt,
     error_from,
     presence_from,
     receipt_from,
 )
-from client_sdk.inbox import Arrival, Inbox, read_downlink
+from client_sdk.groupflow import GroupChannel
+from client_sdk.groupkeys import GroupCrypto
+from client_sdk.groups import Membership
+from client_sdk.inbox import SDK_TYPE_PREFIX, Arrival, Inbox, read_downlink
 from client_sdk.localstore import LocalStore, OutMessage
 from client_sdk.login import LoginPlan, Secret
 from client_sdk.options import ClientOptions
@@ -147,15 +154,20 @@ class Engine:
         try:
             secret = options.store_secret
             sealer = self.store.unlock(None if secret is None else as_bytes(secret))
-            self.e2e = E2E(self.store, user, device, sealer.subkey("olm-pickle"), self.call,
+            pickle_key = sealer.subkey("olm-pickle")
+            self.e2e = E2E(self.store, user, device, pickle_key, self.call,
                            lambda event: self._dispatcher.event(event),  # noqa: PLW0108 (made below)
                            ) if options.encryption else None
         except BaseException:
             self.store.close()
             raise
-        self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None)
         self.outbox = Outbox(self.store, resend_interval=options.resend_interval,
                              hold_initial=options.hold_retry[0], hold_max=options.hold_retry[1])
+        self.membership = Membership(self.store, user)
+        self.groups = GroupChannel(self.store, self.e2e, GroupCrypto(self.store, user, device, pickle_key),
+                                   self.membership, self.outbox, self.call) if self.e2e is not None else None
+        self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None,
+                           consume=self.groups.take_share if self.groups is not None else None)
         self._plan = LoginPlan(password, self.store.token())
         self._conn = Connection(
             user, device, self._plan, self, options.host, options.port, options.keepalive, options.tls,
@@ -356,7 +368,10 @@ class Engine:
             self._on_error(item)
 
     def _hand_over(self, event: Event) -> bool:
-        """The dispatcher's hand-over: receipts pass the ledger (each status once, in order)."""
+        """The dispatcher's hand-over: receipts pass the ledger (each status once, in order); a group
+        change updates the members known here first (``groups`` rule 1)."""
+        if isinstance(event, GroupEvent):
+            self.membership.apply(event)
         if not isinstance(event, Receipt):
             return self._deliver(event)
         return all(self._deliver(receipt) for receipt in self._receipts.admit(event))
@@ -378,7 +393,7 @@ class Engine:
             log.info("%s: message %s: devices changed (missing %s, extra %s, stale %s); encrypting again",
                      self.cid, item.ref, item.missing, item.extra, item.stale)
             self.e2e.on_mismatch(item.ref, item.missing, item.extra, item.stale)
-        else:
+        elif not self._share_failed(item.ref):
             self._dispatcher.event(error_from(item))
         if verdict is not ErrorVerdict.NOT_OURS:
             self._kick()
@@ -439,6 +454,10 @@ class Engine:
     def send(self, to: str, body: str, kind: str = "text") -> str:
         """Store the message in the outbox (works offline) and return its id."""
         self.check_open()
+        if to.startswith(GROUP_PREFIX) and not is_group_id(to):
+            raise ValueError(f"{to!r} is not a group id")
+        if isinstance(kind, str) and kind.startswith(SDK_TYPE_PREFIX):
+            raise ValueError(f"message types starting {SDK_TYPE_PREFIX!r} are the SDK's own")
         try:
             message = self.outbox.add(to, body, kind)
         except sqlite3.Error as exc:
@@ -547,8 +566,8 @@ class Engine:
                 if message.to in waiting:
                     self.outbox.hold(message.id)
                     continue
-                chat = self._encrypted(message) if self.e2e is not None else ChatMessage(
-                    message.id, message.to, message.body, message.type, message.ts)
+                chat = self._encrypted(message) if self.e2e is not None else [ChatMessage(
+                    message.id, message.to, message.body, message.type, message.ts)]
                 if chat is Unsent.REFUSED:
                     continue
                 if chat is Unsent.HELD:
@@ -558,11 +577,11 @@ class Engine:
                 if chat is Unsent.LATER:
                     self.outbox.retry_later([m.id for m in due[index:]])
                     return
-                payload = chat.encode()
                 with self._session_lock:
                     if self._session != session:
                         return
-                    self._conn.publish(topic, payload, hold=False)
+                    for each in chat:  # a group message's new key shares go out before it
+                        self._conn.publish(topic, each.encode(), hold=False)
         finally:
             self._report_pending()
 
@@ -572,10 +591,15 @@ class Engine:
             log.info("%s: %d message(s) to %s held until it has a device with keys", self.cid, len(ids), peer)
             self._dispatcher.event(Receipt(PENDING, tuple(ids), peer, wall_ms()))
 
-    def _encrypted(self, message: OutMessage) -> ChatMessage | Unsent:
-        """The olm form of ``message``, or why it is not published now."""
+    def _encrypted(self, message: OutMessage) -> list[ChatMessage] | Unsent:
+        """The olm form of ``message`` (a group message: its megolm form, after its new key shares),
+        or why it is not published now."""
         assert self.e2e is not None
         try:
+            if self.groups is not None and is_group_id(message.to):
+                group_message, shares = self.groups.seal(message)
+                ready = [self._encrypted(share) for share in shares]  # one not ready now goes on its own later
+                return [chat for each in ready if isinstance(each, list) for chat in each] + [group_message]
             sealed = self.e2e.bodies_for(message)
         except SendRefused as exc:
             if exc.code == ErrorCode.NO_KEYS:
@@ -591,20 +615,26 @@ class Engine:
         except (RequestTimeout, ClientClosed, NotConnected) as exc:
             log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
             return Unsent.LATER
-        return ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)
+        return [ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)]
+
+    def _share_failed(self, msg_id: str | None) -> bool:
+        """A key share message was refused for good: shared again with the next message, not reported."""
+        return self.groups is not None and msg_id is not None and self.groups.failed(msg_id)
 
     def _refuse(self, msg_id: str, code: str, detail: str) -> None:
-        if self.outbox.confirmed([msg_id]):
+        if self.outbox.confirmed([msg_id]) and not self._share_failed(msg_id):
             log.warning("%s: message %s not sent: %s: %s", self.cid, msg_id, code, detail)
             self._dispatcher.event(ErrorEvent(code, detail, msg_id))
 
-    def _open(self, seq: int, item: MsgItem) -> Event:
-        """Dispatcher thread: decrypt a staged message (``Inbox`` rule 8)."""
-        assert self.e2e is not None
+    def _open(self, seq: int, item: MsgItem) -> list[Event]:
+        """Dispatcher thread: decrypt a staged message (``Inbox`` rules 8 and 9)."""
+        assert self.e2e is not None and self.groups is not None
+        if item.type == MEGOLM_TYPE:
+            return self.groups.open(seq, item)
         event = self.e2e.open_message(seq, item)
         if self.e2e.keys_wanted.is_set():
             self._kick()  # a one-time key was used: top up from the outbox thread
-        return event
+        return [event]
 
     def _sync_keys(self) -> None:
         """Outbox thread: publish/top up this device's keys when asked to, while connected."""
