@@ -65,6 +65,8 @@ class BridgeCounters:
     """Items sent again because they stayed unacked for ``delivery.redeliver_after_s``."""
     receipts_coalesced: int = 0
     """Pending ``seen`` receipts merged into a newer one for the same device and peer (PROTOCOL rule 11)."""
+    group_skipped: int = 0
+    """Member devices a group message was not staged for because their queue was full (PROTOCOL section 11)."""
     sent_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     """Seconds from staging a message to its ``receipt sent`` (a repeat answered at once counts ~0)."""
     delivered_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))

@@ -15,6 +15,8 @@ from bridge.cluster.messaging import ClusterMessaging, ClusterRules
 from bridge.cluster.nodes import Nudge, NudgeKind
 from bridge.cluster.presence import ClusterPresence
 from bridge.directory import Directory
+from bridge.groups.core import GroupLimits
+from bridge.groups.service import GroupService, unsupported_ops
 from bridge.keys.core import KeyedDevices
 from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit
 from bridge.limits import RateLimiter, RecentIds
@@ -39,6 +41,7 @@ from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import OpsServer
 from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
 from chatserver.supervisor import Supervisor
+from storage.sqlite.groups import SqliteGroupStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
@@ -107,6 +110,8 @@ class BrokerApp:
         self._staging_store: SqliteMessageStore | None = None
         self._presence_store: SqlitePresenceStore | None = None
         self._key_store: SqliteKeyStore | None = None
+        self._group_store: SqliteGroupStore | None = None
+        self._groups: GroupService | None = None
         self._presence: PresenceService | ClusterPresence | None = None
         self._broker: ChatBroker | None = None
         self._ops: OpsServer | None = None
@@ -179,7 +184,8 @@ class BrokerApp:
                 claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
                 close_device = self._close_session
             key_service = KeyService(keys, keyed, users, messaging, close_device, claims)
-            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops()}
+            group_ops = self._groups.ops() if self._groups is not None else unsupported_ops()
+            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **group_ops}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(broker_settings(settings), authenticator, bridge)
             if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
@@ -189,6 +195,7 @@ class BrokerApp:
             await self._stop_ops()
             if self._presence is not None:
                 await self._presence.close()
+            await self._close_groups()
             await self._close_stores()
             self._broker = None
             raise
@@ -203,6 +210,7 @@ class BrokerApp:
         self._staging_store = await SqliteMessageStore.open(settings.data_path)
         self._presence_store = await SqlitePresenceStore.open(settings.data_path)
         self._key_store = await SqliteKeyStore.open(settings.data_path)
+        self._group_store = await SqliteGroupStore.open(settings.data_path)
         return self._users, self._key_store, load_or_create_secret(settings.data_path)
 
     async def _open_cluster(self, cluster: ClusterSettings) -> tuple[RedisUserStore, RedisKeyStore, bytes]:
@@ -224,6 +232,7 @@ class BrokerApp:
         messaging = await self._start_messaging(users, self._staging_store, keyed)
         for user, device in removed:
             messaging.remove_device(user, device)
+        await self._start_groups(messaging, self._staging_store)
         presence = PresenceService(self._presence_core(), self._presence_store, messaging.links,
                                    self.settings.presence.persist_s, clock=self.clock, supervisor=self.supervisor)
         self._presence = presence
@@ -315,6 +324,22 @@ class BrokerApp:
         await messaging.start()
         return messaging
 
+    async def _start_groups(self, messaging: Messaging, staging_store: SqliteMessageStore) -> None:
+        """Groups on one process: their requests, and group messages through messaging (PROTOCOL section 11)."""
+        assert self._group_store is not None
+        settings = self.settings
+        limits = GroupLimits(settings.limits.max_group_members, settings.limits.max_groups_per_user)
+        groups = GroupService(self._group_store, messaging.staging, self.users, limits, messaging.carry_out,
+                              settings.staging.sweep_s, clock=self.clock, supervisor=self.supervisor)
+        await groups.start(await staging_store.group_gseqs())
+        messaging.groups = groups
+        self._groups = groups
+
+    async def _close_groups(self) -> None:
+        if self._groups is not None:
+            await self._groups.close()
+            self._groups = None
+
     async def _start_ops(self, bind: str, authenticator: Authenticator, staging: StagingFigures,
                          links: LinkRegistry) -> None:
         self._lag = LoopLag()
@@ -390,6 +415,7 @@ class BrokerApp:
                 await self._broker.shutdown()
         finally:  # the stores' threads would keep the process alive after "stopped"
             self._broker = None
+            await self._close_groups()
             await self._close_stores()
 
     async def _close_stores(self) -> None:
@@ -397,9 +423,10 @@ class BrokerApp:
             await self._cluster.close()
             self._cluster = None
             self._users = None
-        for store in (self._key_store, self._presence_store, self._staging_store, self._users):
+        for store in (self._group_store, self._key_store, self._presence_store, self._staging_store, self._users):
             if store is not None:
                 await store.close()
+        self._group_store = None
         self._key_store = None
         self._presence_store = None
         self._presence = None

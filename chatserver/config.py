@@ -17,7 +17,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chatproto import DEFAULT_MAX_DEVICES_PER_MESSAGE, chat_envelope_bytes
+from chatproto import (
+    DEFAULT_MAX_DEVICES_PER_MESSAGE,
+    DEFAULT_MAX_GROUP_MEMBERS,
+    DEFAULT_MAX_GROUPS_PER_USER,
+    chat_envelope_bytes,
+)
 
 DEFAULT_MAX_DEVICES_PER_USER = 16
 
@@ -158,7 +163,12 @@ class LimitsSettings(_Section):
     Never above ``max_devices_per_message``: an olm message must be able to name every device
     (left unset, it is the lower of 16 and that)."""
     require_encryption: bool = False
-    """Refuse plain ``body`` messages (``encryption_required``): only olm messages are carried."""
+    """Refuse plain ``body`` messages (``encryption_required``): only olm messages are carried, and to a
+    group only type ``megolm`` (docs/PROTOCOL.md section 11)."""
+    max_group_members: int = Field(default=DEFAULT_MAX_GROUP_MEMBERS, ge=1)
+    """Members of one group (``group_full`` beyond); each group message is staged for every member device."""
+    max_groups_per_user: int = Field(default=DEFAULT_MAX_GROUPS_PER_USER, ge=1)
+    """Groups one user may be in (``too_many_groups`` beyond)."""
 
 
     @model_validator(mode="before")

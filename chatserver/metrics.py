@@ -37,7 +37,7 @@ from chatproto import UPLINKS, ErrorCode
 from chatserver.supervisor import TASKS, Supervisor
 
 DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 10000, 100000)
-DOWNLINK_KINDS = ("msg", "receipt", "presence", "res", "error")
+DOWNLINK_KINDS = ("msg", "receipt", "group", "presence", "res", "error")
 UPLINK_KINDS = (*sorted(UPLINKS), "forbidden", "generic")
 ERROR_CODES = tuple(sorted(v for k, v in vars(ErrorCode).items() if k.isupper()))
 LAG_INTERVAL_S = 0.5
@@ -114,6 +114,8 @@ class ChatCollector(Collector):
                                   counters.redeliveries)
         yield CounterMetricFamily("chat_receipts_coalesced", "Pending seen receipts merged into a newer one "
                                   "for the same device and peer.", counters.receipts_coalesced)
+        yield CounterMetricFamily("chat_group_skipped", "Member devices a group message was not staged for "
+                                  "(their queue was full).", counters.group_skipped)
         yield CounterMetricFamily("chat_downlink_dropped", "Items not sent to a connection that left "
                                   "limits.max_unacked_downlinks deliveries without PUBACK (staged ones come again).",
                                   s.broker.counters.downlink_dropped)

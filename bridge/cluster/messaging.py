@@ -54,6 +54,7 @@ from chatproto import (
     ErrorItem,
     ReceiptItem,
     Seen,
+    is_group_id,
 )
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,8 @@ class ClusterMessaging:
     async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
         """The stages of a new message (the sender's other devices first, then the recipient's);
         raises ``Refused``."""
+        if is_group_id(message.to):  # docs/PROTOCOL.md section 10
+            raise Refused(ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served in cluster mode yet", message.id))
         if await self._users.user_devices(message.to) is None:
             raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id))
         self._holds.check(origin, message.id, now)

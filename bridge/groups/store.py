@@ -16,6 +16,7 @@ from typing import Final, Protocol
 
 from bridge.groups.core import Decision, Group
 from bridge.store import StoreError
+from chatproto import GroupItem
 
 APPLY_ATTEMPTS: Final = 32
 """Loads and commits of one change before it gives up: each retry means another change (or a
@@ -45,6 +46,22 @@ class GroupStore(Protocol):
         """The ids of the groups ``user`` is a member of, sorted."""
 
     async def close(self) -> None: ...
+
+
+class LoggedGroupStore(GroupStore, Protocol):
+    """A ``GroupStore`` that keeps each change's events with it, in the change's own transaction, until they
+    are staged (the outbox of one process on SQLite, bridge/groups/service.py): a crash between the commit and
+    the staging write loses no event."""
+
+    async def commit_logged(self, before: Group | None, decision: Decision, max_groups_per_user: int) -> bool:
+        """``commit(before, decision.after, ...)`` and, in the same transaction, ``decision``'s events with
+        the users who get them (``decision.notify``)."""
+
+    async def logged(self) -> list[tuple[GroupItem, tuple[str, ...]]]:
+        """The logged events (seq 0) with the users who get them, per group in gseq order."""
+
+    async def forget_logged(self, staged: dict[str, int]) -> None:
+        """Drop the logged events of each group up to its gseq in ``staged`` (written to the staging store)."""
 
 
 async def apply(store: GroupStore, group: str, decide: Callable[[Group | None], Decision],

@@ -33,6 +33,14 @@ Rules (PROTOCOL.md "Delivery rules"):
 10. Per message, the sender's devices get ``sent``, ``delivered``, ``seen`` in
    that order: ``delivered`` and ``seen`` wait on the message for ``sent``, and a
    ``seen`` before any ack stages ``delivered`` first (once).
+11. Groups (PROTOCOL.md section 11; the caller holds membership and changes of the
+   group off while it calls in): a group message from a member takes the group's next
+   gseq and is staged once, with an item for every member device but the sending one;
+   a device whose queue is full is skipped (the others get it), a non-member is
+   refused ``forbidden``. A group event is staged for every device of the users it
+   names. Each group's highest staged gseq is written with the next commit. Group
+   items are written at once and sent only once written (no write-back): a gseq a
+   device has seen is never given to another message after a crash.
 Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier
 boots, so seqs increase across restarts without a disk write per seq.
 """
@@ -41,7 +49,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
@@ -60,9 +68,12 @@ from bridge.messaging.records import (
     Rules,
     StagedMessage,
     StagingOutcome,
+    event_item,
+    event_row,
 )
 from chatproto import (
     MAX_IDS_PER_ITEM,
+    MEGOLM_TYPE,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
     RECEIPT_SEEN,
@@ -70,6 +81,7 @@ from chatproto import (
     ChatMessage,
     ErrorCode,
     ErrorItem,
+    GroupItem,
     MsgItem,
     ReceiptItem,
 )
@@ -98,6 +110,8 @@ class Staging:
         # origin -> (id of its message refused for a transient reason, until): later messages of that
         # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
         self._holds = Holds()
+        self.gseqs: dict[str, int] = {}  # group id -> the highest gseq staged (restored from the store)
+        self.written_gseqs: dict[str, int] = {}  # ... and as written by this boot's commits
         self.counters = BridgeCounters()  # read by chatserver.metrics at scrape time
 
     # --- restore -----------------------------------------------------------------
@@ -140,36 +154,51 @@ class Staging:
     def submit(self, origin: str, sender: str, message: ChatMessage, now_ms: int, now: float) -> StagingOutcome:
         """A chat message published by ``origin`` (client id) of ``sender``."""
         out = StagingOutcome()
-        key = (sender, message.id)
-        known = self.live.get(key)
-        if known is not None:
-            known.origin = origin
-            if known.sent_notified:
-                out.notices.append((origin, self._sent_item(known, now_ms)))
-            return out  # not settled yet: 'sent' goes to the new origin when it is
-        if self._recent.contains(key, now_ms):
-            out.notices.append((origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, now_ms)))
+        if self._repeat(origin, sender, message, now_ms, out):
             return out
         try:
             targets = self._admit(origin, sender, message, now)
         except Refused as refused:
             out.notices.append((origin, refused.item))
             return out
+        self._fan_out(origin, sender, message, targets, now_ms, now, out)
+        return out
+
+    def _repeat(self, origin: str, sender: str, message: ChatMessage, now_ms: int, out: StagingOutcome) -> bool:
+        """True if ``message`` is a repeat of a known (from, id) (rule 3): answered, not staged again."""
+        key = (sender, message.id)
+        known = self.live.get(key)
+        if known is not None:
+            known.origin = origin
+            if known.sent_notified:
+                out.notices.append((origin, self._sent_item(known, now_ms)))
+            return True  # not settled yet: 'sent' goes to the new origin when it is
+        if self._recent.contains(key, now_ms):
+            out.notices.append((origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, now_ms)))
+            return True
+        return False
+
+    def _fan_out(self, origin: str, sender: str, message: ChatMessage, targets: list[str], now_ms: int, now: float,
+                 out: StagingOutcome, gseq: int | None = None) -> None:
+        """Stage an accepted message: its body once, an item per target device."""
         self._next_mid += 1
         bodies = message.bodies
         size = sum(map(_utf8_len, bodies.values())) if bodies is not None else _utf8_len(message.body)
         staged = StagedMessage(self._next_mid, sender, message.id, message.to, message.type,
                                "" if bodies is not None else message.body, now_ms, now_ms + self.rules.ttl_ms,
-                               origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size)
+                               origin, dev=origin.partition(".")[2], olm=bodies is not None, size=size, gseq=gseq)
         self._remember(staged)
+        if not targets:  # a group of one device: nothing to store, it is safe now
+            staged.sent_notified = True
+            out.notices.append((origin, self._sent_item(staged, None)))
+            self._maybe_forget(staged, out)
         for device in targets:
             staged.targets.add(device)
             staged.unsettled += 1
             body = message.bodies[device] if message.bodies is not None else None
-            self._stage(device, Item(device, 0, staged.expires_ms, now + self.rules.flush_s, message=staged,
-                                     body=body), now, out)
+            due = now + self.rules.flush_s if gseq is None else now  # rule 11: a group item is written at once
+            self._stage(device, Item(device, 0, staged.expires_ms, due, message=staged, body=body), now, out)
         out.flush_due = True
-        return out
 
     def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[str]:
         """The target devices of a new message; raises ``Refused`` (a transient refusal holds the
@@ -265,6 +294,56 @@ class Staging:
         if now_ids:
             self._stage_receipt(to_user, RECEIPT_SEEN, now_ids, by_user, now_ms, now, out)
         return out
+
+    # --- groups (rule 11) -------------------------------------------------------------
+
+    def submit_group(self, origin: str, sender: str, message: ChatMessage, members: Sequence[str] | None,
+                     now_ms: int, now: float) -> StagingOutcome:
+        """A message of ``sender`` to the group ``message.to``, whose members are ``members`` now (None:
+        ``sender`` is not one). The caller keeps changes of the group off until this returns."""
+        out = StagingOutcome()
+        if self._repeat(origin, sender, message, now_ms, out):
+            return out
+        try:
+            if members is None:
+                raise Refused(ErrorItem(ErrorCode.FORBIDDEN, "you are not a member of this group", message.id))
+            self._holds.check(origin, message.id, now)
+            if self.rules.require_encryption and message.type != MEGOLM_TYPE:
+                raise Refused(ErrorItem(ErrorCode.ENCRYPTION_REQUIRED, "this server accepts only end-to-end "
+                                        f"encrypted group messages (type {MEGOLM_TYPE!r})", message.id))
+            if not self._rate.allow(sender, now):
+                self._holds.hold(origin, message.id, ErrorCode.RATE_LIMITED, now)
+                raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later", message.id))
+        except Refused as refused:
+            out.notices.append((origin, refused.item))
+            return out
+        gseq = self.gseqs.get(message.to, 0) + 1
+        self._mark_gseq(message.to, gseq)
+        targets = []
+        for device in (d for member in members for d in self.directory.targets(member) if d != origin):
+            if len(self._box(device).items) < self.rules.max_queue:
+                targets.append(device)
+            else:  # a member's full queue must not cost the others their message: that device misses it
+                self.counters.group_skipped += 1
+        self._fan_out(origin, sender, message, targets, now_ms, now, out, gseq)
+        return out
+
+    def stage_group_events(self, events: Sequence[GroupItem], users: Iterable[str], now_ms: int,
+                           now: float) -> StagingOutcome:
+        """Each of ``events`` (one group's, in gseq order) for every device of ``users``."""
+        out = StagingOutcome()
+        devices = [device for user in users for device in self.directory.targets(user)]
+        for event in events:
+            row = event_row(event)
+            for device in devices:
+                self._stage(device, Item(device, 0, now_ms + self.rules.ttl_ms, now, event=row), now, out)
+            self._mark_gseq(event.group, event.gseq)
+        out.flush_due = True
+        return out
+
+    def _mark_gseq(self, group: str, gseq: int) -> None:
+        self.gseqs[group] = max(gseq, self.gseqs.get(group, 0))
+        self._pending.gseqs[group] = max(gseq, self._pending.gseqs.get(group, 0))
 
     # --- acks ------------------------------------------------------------------------
 
@@ -430,6 +509,8 @@ class Staging:
             if item is None:
                 unsent.popleft()
                 continue
+            if item.state != DURABLE and _written_first(item):
+                return  # flush_done pumps again
             if _needs_body(item):
                 if device not in self._waiting_bodies:
                     self._waiting_bodies.add(device)
@@ -493,12 +574,14 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
-    def _wire(self, item: Item) -> MsgItem | ReceiptItem:
+    def _wire(self, item: Item) -> MsgItem | ReceiptItem | GroupItem:
         message = item.message
         if message is not None:
             body = item.body if message.olm else message.body
             return MsgItem(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                           body or "", message.ts, message.dev)
+                           body or "", message.ts, message.dev, message.gseq)
+        if item.event is not None:
+            return event_item(item.seq, item.event)
         receipt = item.receipt or {}
         return ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"], item.seq)
 
@@ -582,8 +665,11 @@ class Staging:
         self._volatile = keep
         return None if batch.empty() else batch
 
-    def flush_done(self, batch: FlushBatch) -> StagingOutcome:
+    def flush_done(self, batch: FlushBatch, now: float | None = None) -> StagingOutcome:
+        """``batch`` is written; with ``now``, the devices waiting for a group item of it get it (rule 11)."""
         out = StagingOutcome()
+        for group, gseq in batch.gseqs.items():
+            self.written_gseqs[group] = max(gseq, self.written_gseqs.get(group, 0))
         for message in batch.bodies:
             message.state = DURABLE
             if not message.olm and not self._wanted_online(message):
@@ -599,6 +685,11 @@ class Staging:
             if item.message is not None:
                 item.message.writing -= 1
                 self._maybe_forget(item.message, out)
+        if now is not None:
+            for device in {item.device for item in batch.items if _written_first(item)}:
+                box = self.boxes.get(device)
+                if box is not None:
+                    self._pump(device, box, now, out)
         return out
 
     def flush_failed(self, batch: FlushBatch) -> StagingOutcome:
@@ -617,11 +708,17 @@ class Staging:
                 item.message.writing -= 1
                 self._maybe_forget(item.message, out)
         self._volatile = deque(sorted([*batch.items, *self._volatile], key=lambda i: i.due))
+        self._pend_again(batch)
+        return out
+
+    def _pend_again(self, batch: FlushBatch) -> None:
+        """The deletions and marks of an unwritten ``batch`` wait for the next commit, ahead of newer ones."""
         self._pending.deleted_items[:0] = batch.deleted_items
         self._pending.deleted_bodies[:0] = batch.deleted_bodies
         self._pending.delivered[:0] = batch.delivered
         self._pending.dedup[:0] = batch.dedup
-        return out
+        for group, gseq in batch.gseqs.items():
+            self._pending.gseqs[group] = max(gseq, self._pending.gseqs.get(group, 0))
 
     def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
         """A part of a commit (``FlushBatch.parts``) that failed on its own again and again -- what
@@ -650,10 +747,7 @@ class Staging:
             out.notices.append((message.origin, ErrorItem(
                 ErrorCode.INTERNAL, "the server could not store this message and dropped it; send it again",
                 message.msg_id)))
-        self._pending.deleted_items[:0] = part.deleted_items
-        self._pending.deleted_bodies[:0] = part.deleted_bodies
-        self._pending.delivered[:0] = part.delivered
-        self._pending.dedup[:0] = part.dedup
+        self._pend_again(part)
         return out
 
     # --- figures --------------------------------------------------------------------------
@@ -676,6 +770,11 @@ def _utf8_len(text: str) -> int:
 
 def _user_of(device: str) -> str:
     return device.partition(".")[0]
+
+
+def _written_first(item: Item) -> bool:
+    """A group event or message: sent only once it is on disk (rule 11)."""
+    return item.event is not None or (item.message is not None and item.message.gseq is not None)
 
 
 def _needs_body(item: Item) -> bool:

@@ -7,10 +7,10 @@ Shared with the SQLite store (storage/sqlite/messages.py), which writes and read
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from chatproto import ErrorItem, MsgItem, ReceiptItem
+from chatproto import ErrorItem, GroupItem, MsgItem, ReceiptItem
 
 SEQ_SPAN = 1_000_000_000
 """Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier boots."""
@@ -57,6 +57,7 @@ class StagedMessage:
     delivered_held: tuple[int, float] | None = None
     # A 'seen' reported before 'sent' went out: staged right after 'sent' and 'delivered' (rule 11).
     seen_held: tuple[int, float] | None = None
+    gseq: int | None = None  # a group message (recipient: the group id): its place in the group
 
 
 @dataclass(slots=True, eq=False)
@@ -70,6 +71,9 @@ class Item:
     # the ReceiptItem sent is built from it with the item's seq.
     receipt: dict[str, Any] | None = None
     body: str | None = None  # this device's ciphertext of an olm message (None: not in memory)
+    # A staged group event (docs/PROTOCOL.md section 11): the GroupItem's fields but seq, as its row
+    # keeps them (JSON in the store); the GroupItem sent is built from it with the item's seq.
+    event: dict[str, Any] | None = None
     state: int = VOLATILE
     acked: bool = False
     settled: bool = False
@@ -105,7 +109,7 @@ class StagingOutcome:
     """What the shell does after a call into the core: items to send (``deliveries``: staged ones,
     sent only to a connected device; ``notices``: not staged), bodies to read back, a commit to wake."""
 
-    deliveries: list[tuple[str, MsgItem | ReceiptItem]] = field(default_factory=list)
+    deliveries: list[tuple[str, MsgItem | ReceiptItem | GroupItem]] = field(default_factory=list)
     notices: list[tuple[str, ReceiptItem | ErrorItem]] = field(default_factory=list)
     need_bodies: list[int] = field(default_factory=list)
     need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
@@ -120,10 +124,13 @@ class FlushBatch:
     deleted_bodies: list[int] = field(default_factory=list)
     delivered: list[int] = field(default_factory=list)
     dedup: list[tuple[str, str, int]] = field(default_factory=list)
+    # group id -> the highest gseq staged (an event or a message): written with the items, so that
+    # a restart knows which logged group events are staged already and where each group's gseq is.
+    gseqs: dict[str, int] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.bodies or self.items or self.deleted_items or self.deleted_bodies
-                    or self.delivered or self.dedup)
+                    or self.delivered or self.dedup or self.gseqs)
 
     def parts(self) -> list[FlushBatch]:
         """The batch cut into writes that can fail alone: each new message with its items, each
@@ -133,7 +140,7 @@ class FlushBatch:
         own: dict[StagedMessage, FlushBatch] = {message: FlushBatch(bodies=[message]) for message in self.bodies}
         singles: list[FlushBatch] = []
         rest = FlushBatch(deleted_items=self.deleted_items, deleted_bodies=self.deleted_bodies,
-                          delivered=self.delivered, dedup=self.dedup)
+                          delivered=self.delivered, dedup=self.dedup, gseqs=self.gseqs)
         for item in self.items:
             part = own.get(item.message) if item.message is not None else None
             if part is not None:
@@ -154,3 +161,15 @@ class Figures:
     """Server time (ms) at which the oldest queued item was staged; None when nothing is staged."""
     depths: list[int]
     """Items queued per device (devices with a queue or online)."""
+
+
+def event_row(event: GroupItem) -> dict[str, Any]:
+    """A group event as its item keeps it (JSON in the store): the GroupItem's fields but ``seq``."""
+    return {f.name: list(v) if isinstance(v := getattr(event, f.name), tuple) else v
+            for f in fields(GroupItem) if f.name != "seq"}
+
+
+def event_item(seq: int, row: dict[str, Any]) -> GroupItem:
+    """The GroupItem a device gets for a staged event ``row`` (``event_row``) under its ``seq``."""
+    values: dict[str, Any] = {key: tuple(v) if isinstance(v, list) else v for key, v in row.items()}
+    return GroupItem(seq, **values)

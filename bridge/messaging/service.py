@@ -5,8 +5,9 @@ carries out each ``StagingOutcome`` (items to devices, notices, body reads), and
 background jobs under the ``Supervisor`` passed in (``bridge/background.py``): the
 group-commit flusher, redelivery, the TTL sweep, WAL checkpoints, and body reads.
 Uplinks are handled synchronously; when a recipient is not in the in-memory
-directory yet, that device's later uplinks wait in a lane behind the lookup so
-its messages keep their order.
+directory yet, or a group message's group is not in memory or is being changed
+(``GroupRouting``: bridge/groups/service.py), that device's later uplinks wait in a
+lane behind the lookup so its messages keep their order.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from bridge.background import Backoff, Supervisor, cancel
 from bridge.clock import Clock
@@ -27,7 +29,6 @@ from bridge.messaging.store import MessageStore, UserLookup
 from bridge.store import StoreError
 from chatproto import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
-    GROUP_PREFIX,
     RECEIPT_SENT,
     Ack,
     Caller,
@@ -37,6 +38,7 @@ from chatproto import (
     ErrorItem,
     ReceiptItem,
     Seen,
+    is_group_id,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,16 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 CHECKPOINT_MAX_DELAY_S = 30.0
 CLOSE_TRIES = 3  # writes of what is left at shutdown before it is given up (and logged)
+
+
+class GroupRouting(Protocol):
+    """Who is in a group, for a group message (bridge/groups/service.py)."""
+
+    def members_now(self, group: str) -> tuple[str, ...] | None:
+        """The members of ``group`` if that can be said without waiting (None: use ``settled``)."""
+
+    def settled(self, group: str) -> AbstractAsyncContextManager[tuple[str, ...]]:
+        """Hold changes of ``group`` off while the message is staged; gives its members (none: no such group)."""
 
 
 class Messaging:
@@ -81,6 +93,7 @@ class Messaging:
         self._last_checkpoint = 0.0
         self.supervisor = supervisor
         self._body_backoff = Backoff()
+        self.groups: GroupRouting | None = None  # set by the wiring: group messages are refused without it
 
     async def start(self) -> None:
         spawn = self.supervisor.spawn
@@ -113,8 +126,10 @@ class Messaging:
             self._lanes[caller.client_id] = deque([(kind, caller, payload)])
             self._spawn(self._run_lane(caller.client_id))
 
-    def _handle_now(self, kind: str, caller: Caller, payload: bytes, looked_up: bool = False) -> str | None:
-        """Handle an out/seen uplink; returns the peer to look up first, if it is not in the directory."""
+    def _handle_now(self, kind: str, caller: Caller, payload: bytes, looked_up: bool = False,
+                    members: tuple[str, ...] | None = None) -> str | None:
+        """Handle an out/seen uplink; returns the peer to look up first, if it is not in the directory
+        (a group: whose members are not known now; ``members`` are the group's, once they are)."""
         item: ChatMessage | Seen
         try:
             if kind == "out":
@@ -125,7 +140,9 @@ class Messaging:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return None
         peer = item.to
-        if not looked_up and not self.staging.directory.exists(peer) and not peer.startswith(GROUP_PREFIX):
+        if isinstance(item, ChatMessage) and is_group_id(peer):
+            return self._to_group(caller, item, members)
+        if not looked_up and not self.staging.directory.exists(peer):
             return peer
         if isinstance(item, ChatMessage):
             outcome = self.staging.submit(caller.client_id, caller.user, item, self._now_ms(), self._now())
@@ -134,13 +151,29 @@ class Messaging:
         self._apply(outcome)
         return None
 
+    def _to_group(self, caller: Caller, message: ChatMessage, members: tuple[str, ...] | None) -> str | None:
+        if self.groups is None:
+            self.links.send(caller.client_id, ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served here",
+                                                        message.id))
+            return None
+        members = members if members is not None else self.groups.members_now(message.to)
+        if members is None:
+            return message.to
+        self._apply(self.staging.submit_group(caller.client_id, caller.user, message,
+                                              members if caller.user in members else None, self._now_ms(),
+                                              self._now()))
+        return None
+
     async def _run_lane(self, client_id: str) -> None:
         lane = self._lanes[client_id]
         try:
             while lane:
                 kind, caller, payload = lane[0]
                 peer = self._handle_now(kind, caller, payload)
-                if peer is not None:
+                if peer is not None and is_group_id(peer) and self.groups is not None:
+                    async with self.groups.settled(peer) as members:
+                        self._handle_now(kind, caller, payload, members=members)
+                elif peer is not None:
                     devices = await self._users.user_devices(peer)
                     if devices is not None:
                         self.staging.directory.add_user(peer, devices)
@@ -175,6 +208,10 @@ class Messaging:
             self._apply(self.staging.adopt_placeholder(user, f"{user}.{device}", self._now()))
 
     # --- carrying out outcomes -----------------------------------------------------------
+
+    def carry_out(self, out: StagingOutcome) -> None:
+        """Send what ``out`` says and wake the commit (for the group service's staged events)."""
+        self._apply(out)
 
     def _apply(self, out: StagingOutcome) -> None:
         # Notices first: when the recipient acks before the flush, one outcome
@@ -257,7 +294,7 @@ class Messaging:
         self._last_write = self._now()
         if batch.deleted_items or batch.deleted_bodies:
             self._deleted_since_checkpoint = True
-        self._apply(self.staging.flush_done(batch))
+        self._apply(self.staging.flush_done(batch, self._now()))
 
     async def _commit_parts(self, batch: FlushBatch) -> None:
         """Write ``batch`` part by part. A message or receipt that fails on its own while other

@@ -24,6 +24,9 @@ class MessageStore(Protocol):
     async def commit(self, batch: FlushBatch) -> None:
         """Write one batch atomically; raises StoreError (nothing written) on failure."""
 
+    async def group_gseqs(self) -> dict[str, int]:
+        """Each group's highest staged gseq, as the commits wrote it (``FlushBatch.gseqs``)."""
+
     async def bodies(self, mids: list[int]) -> dict[int, str]: ...
 
     async def item_bodies(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:

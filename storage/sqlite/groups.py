@@ -6,6 +6,10 @@ A group is a row of ``groups`` (its name and gseq) and a row per member in ``gro
 ``group_members (user)``: there is no second copy to keep in step. Every write is one named
 transaction: a commit checks the gseq (compare-and-set), the members' group counts and writes
 the change; ``next_gseq`` checks the sender and takes the gseq in one transaction.
+
+``group_log`` is the outbox of the one-process server (bridge/groups/service.py): a change's
+events, with the users who get them, written in the change's own transaction, so that a crash
+before they are staged (staging.db) cannot lose them; dropped once staged.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from bridge.groups.core import Group, GroupRefused, joins, leaves
+from bridge.groups.core import Decision, Group, GroupRefused, joins, leaves
+from bridge.messaging.records import event_item, event_row
+from chatproto import GroupItem
 from storage.sqlite.db import SqliteFile, transaction, writer_lock
 
 GROUPS_DB = "groups.db"
@@ -34,6 +40,15 @@ MIGRATIONS = (
         PRIMARY KEY (gid, user)
     ) WITHOUT ROWID;
     CREATE INDEX group_members_by_user ON group_members (user, gid)
+    """,
+    """
+    CREATE TABLE group_log (
+        gid         TEXT NOT NULL,
+        gseq        INTEGER NOT NULL,
+        event       TEXT NOT NULL,
+        notify      TEXT NOT NULL,
+        PRIMARY KEY (gid, gseq)
+    ) WITHOUT ROWID
     """,
 )
 
@@ -59,29 +74,51 @@ class SqliteGroupStore(SqliteFile):
                      frozenset(str(m[0]) for m in members if m[1]))
 
     async def commit(self, before: Group | None, after: Group | None, max_groups_per_user: int) -> bool:
+        async with transaction(self._db, "groups.commit"):
+            return await self._commit(before, after, max_groups_per_user)
+
+    async def commit_logged(self, before: Group | None, decision: Decision, max_groups_per_user: int) -> bool:
+        async with transaction(self._db, "groups.commit_logged"):
+            if not await self._commit(before, decision.after, max_groups_per_user):
+                return False
+            notify = json.dumps(decision.notify)
+            await self._db.executemany(
+                "INSERT OR REPLACE INTO group_log (gid, gseq, event, notify) VALUES (?, ?, ?, ?)",
+                [(e.group, e.gseq, json.dumps(event_row(e)), notify) for e in decision.events])
+        return True
+
+    async def logged(self) -> list[tuple[GroupItem, tuple[str, ...]]]:
+        async with writer_lock(self._db):
+            rows = await self._fetchall("SELECT event, notify FROM group_log ORDER BY gid, gseq", ())
+        return [(event_item(0, json.loads(r[0])), tuple(json.loads(r[1]))) for r in rows]
+
+    async def forget_logged(self, staged: dict[str, int]) -> None:
+        async with transaction(self._db, "groups.forget_logged"):
+            await self._db.executemany("DELETE FROM group_log WHERE gid = ? AND gseq <= ?", list(staged.items()))
+
+    async def _commit(self, before: Group | None, after: Group | None, max_groups_per_user: int) -> bool:
         changed = after if after is not None else before
         if changed is None:
             raise ValueError("a commit needs a group before or after it")
         gid = changed.id
-        async with transaction(self._db, "groups.commit"):
-            row = await self._fetchone("SELECT gseq FROM groups WHERE gid = ?", (gid,))
-            if (None if row is None else int(row[0])) != (None if before is None else before.gseq):
-                return False
-            if after is None:
-                await self._db.execute("DELETE FROM groups WHERE gid = ?", (gid,))  # members: ON DELETE CASCADE
-                return True
-            added = joins(before, after)
-            await self._check_counts([u for u, _ in added], max_groups_per_user)
-            await self._db.execute(
-                "INSERT INTO groups (gid, name, created_at, gseq) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (gid) DO UPDATE SET name = excluded.name, gseq = excluded.gseq",
-                (gid, after.name, after.created_at, after.gseq))
-            await self._db.executemany("DELETE FROM group_members WHERE gid = ? AND user = ?",
-                                       [(gid, u) for u in leaves(before, after)])
-            await self._db.executemany("INSERT INTO group_members (gid, user, joined) VALUES (?, ?, ?)",
-                                       [(gid, u, rank) for u, rank in added])
-            await self._db.execute("UPDATE group_members SET admin = (user IN (SELECT value FROM json_each(?))) "
-                                   "WHERE gid = ?", (_json_list(after.admins), gid))
+        row = await self._fetchone("SELECT gseq FROM groups WHERE gid = ?", (gid,))
+        if (None if row is None else int(row[0])) != (None if before is None else before.gseq):
+            return False
+        if after is None:
+            await self._db.execute("DELETE FROM groups WHERE gid = ?", (gid,))  # members: ON DELETE CASCADE
+            return True
+        added = joins(before, after)
+        await self._check_counts([u for u, _ in added], max_groups_per_user)
+        await self._db.execute(
+            "INSERT INTO groups (gid, name, created_at, gseq) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (gid) DO UPDATE SET name = excluded.name, gseq = excluded.gseq",
+            (gid, after.name, after.created_at, after.gseq))
+        await self._db.executemany("DELETE FROM group_members WHERE gid = ? AND user = ?",
+                                   [(gid, u) for u in leaves(before, after)])
+        await self._db.executemany("INSERT INTO group_members (gid, user, joined) VALUES (?, ?, ?)",
+                                   [(gid, u, rank) for u, rank in added])
+        await self._db.execute("UPDATE group_members SET admin = (user IN (SELECT value FROM json_each(?))) "
+                               "WHERE gid = ?", (_json_list(after.admins), gid))
         return True
 
     async def _check_counts(self, users: list[str], limit: int) -> None:

@@ -62,6 +62,14 @@ MIGRATIONS = (
     ALTER TABLE bodies ADD COLUMN dev TEXT;
     ALTER TABLE items ADD COLUMN body TEXT
     """,
+    # 3: groups (docs/PROTOCOL.md section 11). A group message's body row keeps its gseq; a group
+    # event is an item row of its own (JSON); each group's highest staged gseq is kept, written
+    # with the items, for the restart (bridge/groups/service.py).
+    """
+    ALTER TABLE bodies ADD COLUMN gseq INTEGER;
+    ALTER TABLE items ADD COLUMN event TEXT;
+    CREATE TABLE group_gseqs (gid TEXT PRIMARY KEY, gseq INTEGER NOT NULL) WITHOUT ROWID
+    """,
 )
 
 
@@ -91,27 +99,30 @@ class SqliteMessageStore(SqliteFile):
     async def load(self, now_ms: int) -> tuple[list[StagedMessage], list[Item], list[tuple[str, str, int]]]:
         messages: dict[int, StagedMessage] = {}
         query = ("SELECT mid, sender, msg_id, recipient, type, ts, expires_ms, delivered, origin, dev, olm, "
-                 "length(CAST(body AS BLOB)) FROM bodies")
+                 "length(CAST(body AS BLOB)), gseq FROM bodies")
         async with self._db.execute(query) as cursor:
             async for r in cursor:
                 origin = str(r[8])
                 dev = str(r[9]) if r[9] is not None else origin.partition(".")[2]  # rows from schema 1
                 messages[int(r[0])] = StagedMessage(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), None,
                                                     int(r[5]), int(r[6]), origin, dev=dev, olm=bool(r[10]),
-                                                    delivered=bool(r[7]), size=int(r[11] or 0))
+                                                    delivered=bool(r[7]), size=int(r[11] or 0),
+                                                    gseq=int(r[12]) if r[12] is not None else None)
         items: list[Item] = []
-        query = ("SELECT device, seq, mid, receipt, expires_ms, length(CAST(body AS BLOB)) FROM items "
+        query = ("SELECT device, seq, mid, receipt, expires_ms, length(CAST(body AS BLOB)), event FROM items "
                  "ORDER BY device, seq")
         async with self._db.execute(query) as cursor:
             async for r in cursor:
                 message = messages.get(int(r[2])) if r[2] is not None else None
                 receipt = json.loads(r[3]) if r[3] is not None else None
-                if message is None and receipt is None:
+                event = json.loads(r[6]) if r[6] is not None else None
+                if message is None and receipt is None and event is None:
                     log.error("staged item %s/%s has no message: skipped", r[0], r[1])
                     continue
                 if message is not None and message.olm:
                     message.size += int(r[5] or 0)  # an olm message's bytes are its devices' ciphertexts
-                items.append(Item(str(r[0]), int(r[1]), int(r[4]), 0.0, message=message, receipt=receipt))
+                items.append(Item(str(r[0]), int(r[1]), int(r[4]), 0.0, message=message, receipt=receipt,
+                                  event=event))
         query = "SELECT sender, msg_id, expires_ms FROM dedup WHERE expires_ms > ?"
         async with self._db.execute(query, (now_ms,)) as cursor:
             remembered = [(str(r[0]), str(r[1]), int(r[2])) async for r in cursor]
@@ -123,16 +134,17 @@ class SqliteMessageStore(SqliteFile):
             if batch.bodies:
                 await db.executemany(
                     "INSERT OR REPLACE INTO bodies (mid, sender, msg_id, recipient, type, body, ts, expires_ms, "
-                    "delivered, origin, dev, olm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "delivered, origin, dev, olm, gseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(m.mid, m.sender, m.msg_id, m.recipient, m.type, m.body or "", m.ts, m.expires_ms,
-                      int(m.delivered), m.origin, m.dev, int(m.olm)) for m in batch.bodies],
+                      int(m.delivered), m.origin, m.dev, int(m.olm), m.gseq) for m in batch.bodies],
                 )
             if batch.items:
                 await db.executemany(
-                    "INSERT OR REPLACE INTO items (device, seq, mid, receipt, expires_ms, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO items (device, seq, mid, receipt, expires_ms, body, event) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(i.device, i.seq, i.message.mid if i.message else None,
-                      json.dumps(i.receipt) if i.receipt is not None else None, i.expires_ms, i.body)
+                      json.dumps(i.receipt) if i.receipt is not None else None, i.expires_ms, i.body,
+                      json.dumps(i.event) if i.event is not None else None)
                      for i in batch.items],
                 )
             if batch.deleted_items:
@@ -144,6 +156,14 @@ class SqliteMessageStore(SqliteFile):
             if batch.dedup:
                 await db.executemany("INSERT OR REPLACE INTO dedup (sender, msg_id, expires_ms) VALUES (?, ?, ?)",
                                      batch.dedup)
+            if batch.gseqs:
+                await db.executemany("INSERT INTO group_gseqs (gid, gseq) VALUES (?, ?) ON CONFLICT (gid) "
+                                     "DO UPDATE SET gseq = max(gseq, excluded.gseq)", list(batch.gseqs.items()))
+
+    async def group_gseqs(self) -> dict[str, int]:
+        """Each group's highest staged gseq, as written by the commits."""
+        async with self._db.execute("SELECT gid, gseq FROM group_gseqs") as cursor:
+            return {str(r[0]): int(r[1]) async for r in cursor}
 
     async def bodies(self, mids: list[int]) -> dict[int, str]:
         found: dict[int, str] = {}

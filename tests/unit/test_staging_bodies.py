@@ -19,7 +19,7 @@ from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.core import Staging
 from bridge.messaging.records import FlushBatch, Rules, StagingOutcome
 from chatproto import OLM_TYPE, ChatMessage
-from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
+from storage.sqlite.messages import MIGRATIONS, STAGING_DB, SqliteMessageStore
 
 RULES = Rules(flush_s=0.05, ttl_ms=10_000, window=8, redeliver_after_s=5.0, max_queue=100, dedup_window_ms=60_000)
 DEVICES = [("alice", "phone"), ("alice", "tab"), ("bob", "phone"), ("bob", "laptop"), ("bob", "old"), ("carol", "x")]
@@ -240,4 +240,4 @@ async def test_schema_1_database_is_upgraded_and_its_messages_kept(tmp_path: Pat
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / STAGING_DB) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
