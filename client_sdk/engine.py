@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import Any
 
 from chatproto import (
@@ -85,7 +86,7 @@ from client_sdk.events import (
     presence_from,
     receipt_from,
 )
-from client_sdk.groupflow import GroupChannel
+from client_sdk.groupflow import GroupChannel, is_share
 from client_sdk.groupkeys import GroupCrypto
 from client_sdk.groups import Membership
 from client_sdk.inbox import SDK_TYPE_PREFIX, Arrival, Inbox, read_downlink
@@ -374,12 +375,16 @@ class Engine:
             self.membership.apply(event)
         if not isinstance(event, Receipt):
             return self._deliver(event)
-        return all(self._deliver(receipt) for receipt in self._receipts.admit(event))
+        ids = tuple(i for i in event.ids if not is_share(i))  # the SDK's own key shares: not the app's
+        if not ids:
+            return True
+        return all(self._deliver(receipt) for receipt in self._receipts.admit(replace(event, ids=ids)))
 
     def _on_error(self, item: ErrorItem) -> None:
         if item.ref is not None and item.ref in self._answers:  # a request the server could not read
             self._answer(item.ref, ResItem(item.ref, False, None, item.code, item.detail))
             return
+        message = self.outbox.message(item.ref) if item.ref is not None else None
         verdict = self.outbox.on_error(item.ref, item.code)
         if verdict is ErrorVerdict.RETRY:
             log.info("%s: message %s: %s (%s); retrying later", self.cid, item.ref, item.code, item.detail)
@@ -393,7 +398,7 @@ class Engine:
             log.info("%s: message %s: devices changed (missing %s, extra %s, stale %s); encrypting again",
                      self.cid, item.ref, item.missing, item.extra, item.stale)
             self.e2e.on_mismatch(item.ref, item.missing, item.extra, item.stale)
-        elif not self._share_failed(item.ref):
+        elif not self._share_failed(message):
             self._dispatcher.event(error_from(item))
         if verdict is not ErrorVerdict.NOT_OURS:
             self._kick()
@@ -604,27 +609,27 @@ class Engine:
         except SendRefused as exc:
             if exc.code == ErrorCode.NO_KEYS:
                 return Unsent.HELD
-            self._refuse(message.id, exc.code, exc.detail)
+            self._refuse(message, exc.code, exc.detail)
             return Unsent.REFUSED
         except RequestError as exc:
             if exc.code in TRANSIENT_CODES:
                 log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
                 return Unsent.LATER
-            self._refuse(message.id, exc.code, f"cannot encrypt for {message.to}: {exc.detail}")
+            self._refuse(message, exc.code, f"cannot encrypt for {message.to}: {exc.detail}")
             return Unsent.REFUSED
         except (RequestTimeout, ClientClosed, NotConnected) as exc:
             log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
             return Unsent.LATER
         return [ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)]
 
-    def _share_failed(self, msg_id: str | None) -> bool:
+    def _share_failed(self, message: OutMessage | None) -> bool:
         """A key share message was refused for good: shared again with the next message, not reported."""
-        return self.groups is not None and msg_id is not None and self.groups.failed(msg_id)
+        return self.groups is not None and self.groups.failed(message)
 
-    def _refuse(self, msg_id: str, code: str, detail: str) -> None:
-        if self.outbox.confirmed([msg_id]) and not self._share_failed(msg_id):
-            log.warning("%s: message %s not sent: %s: %s", self.cid, msg_id, code, detail)
-            self._dispatcher.event(ErrorEvent(code, detail, msg_id))
+    def _refuse(self, message: OutMessage, code: str, detail: str) -> None:
+        if self.outbox.confirmed([message.id]) and not self._share_failed(message):
+            log.warning("%s: message %s not sent: %s: %s", self.cid, message.id, code, detail)
+            self._dispatcher.event(ErrorEvent(code, detail, message.id))
 
     def _open(self, seq: int, item: MsgItem) -> list[Event]:
         """Dispatcher thread: decrypt a staged message (``Inbox`` rules 8 and 9)."""

@@ -11,7 +11,9 @@ Who calls what (threads of the engine):
   ``take_share(seq, message)`` (an opened Olm message of an ``sdk.*`` type), each
   restaging the inbox row as the batch of what it opened in the same transaction as the
   sender-key update (``inbox`` rules 9 and 10).
-- paho's thread: ``failed(msg_id)`` (a share message was refused for good: share again).
+- paho's and the outbox thread: ``failed(message)`` (a share message was refused for good:
+  share again). Share messages have ids starting ``SHARE_ID_PREFIX``: the engine keeps
+  their receipts and errors from the app (``is_share``).
 
 Which devices: every device of every member (the key directory, ``keys.list``, as for a
 one-to-one peer), this one aside; devices whose keys do not verify are left out (logged)
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 Call = Callable[[str, dict[str, Any]], Any]
 DROPPED = "its session key did not arrive before newer messages of the same sender device"
 BODY_KEY = "group_body"
+SHARE_ID_PREFIX = "sdk-"
+"""Ids of this device's share messages start so (other message ids are 16 random characters)."""
+
+
+def is_share(msg_id: str) -> bool:
+    return msg_id.startswith(SHARE_ID_PREFIX)
 """The outbox ``bodies`` column of a sealed group message: ``{"group_body": ciphertext}``."""
 
 
@@ -53,8 +60,6 @@ class GroupChannel:
                  call: Call) -> None:
         self._store, self._e2e, self._crypto = store, e2e, crypto
         self._membership, self._outbox, self._call = membership, outbox, call
-        self._lock = threading.Lock()
-        self._shares: dict[str, tuple[str, str]] = {}  # share message id -> (group, user), this process
 
     def members(self, group: str, refresh: bool = False) -> tuple[str, ...]:
         """The group's members as known here, fetched with ``group.info`` when not known (or ``refresh``).
@@ -88,28 +93,28 @@ class GroupChannel:
             self._store.set_outbox_bodies(message.id, json.dumps({BODY_KEY: sealed.ciphertext}))
             if sealed.share is not None:
                 for user in sealed.share_users():
-                    share = self._outbox.new(user, sealed.share.encode(), SHARE_TYPE)
+                    share = self._outbox.new(user, sealed.share.encode(), SHARE_TYPE, SHARE_ID_PREFIX)
                     self._store.outbox_add(share)
                     shares.append(share)
         if sealed.rotated is not None:
             log.info("%s: new sender key for %s (%s)", self._e2e.user, message.to, sealed.rotated)
         self._outbox.track(shares, sending=True)
-        with self._lock:
-            self._shares.update((s.id, (message.to, s.to)) for s in shares)
         return self._chat(message, sealed.ciphertext), shares
 
     @staticmethod
     def _chat(message: OutMessage, ciphertext: str) -> ChatMessage:
         return ChatMessage(message.id, message.to, ciphertext, MEGOLM_TYPE, message.ts)
 
-    def failed(self, msg_id: str) -> bool:
-        """``msg_id`` was refused for good: if it was a share, its user gets the key with the next
+    def failed(self, message: OutMessage | None) -> bool:
+        """``message`` was refused for good: if it was a share, its user gets the key with the next
         message (``GroupCrypto.share_again``) and the app is not told. True if it was one."""
-        with self._lock:
-            found = self._shares.pop(msg_id, None)
-        if found is not None:
-            self._crypto.share_again(*found)
-        return found is not None
+        if message is None or not is_share(message.id):
+            return False
+        try:
+            self._crypto.share_again(KeyShare.decode(message.body).group, message.to)
+        except SenderKeyError:
+            log.warning("%s: share message %s does not parse", self._e2e.user, message.id)
+        return True
 
     # --- receiving (dispatcher thread) ---------------------------------------------------------
 

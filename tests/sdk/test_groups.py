@@ -11,13 +11,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from chatproto import GROUP_CREATED, GROUP_MEMBER_ADDED, GROUP_MEMBER_REMOVED, MEGOLM_TYPE, MsgItem, inbox_topic
+from chatproto import GROUP_CREATED, GROUP_MEMBER_ADDED, GROUP_MEMBER_REMOVED, MEGOLM_TYPE, MsgItem
 from client_sdk import AsyncClient
-from client_sdk.events import GroupEvent, Message, Undecryptable
+from client_sdk.events import ErrorEvent, GroupEvent, Message, Receipt, Undecryptable
+from client_sdk.groupflow import SHARE_ID_PREFIX
 from client_sdk.groupkeys import GroupItem as SealedItem
 from client_sdk.groupkeys import Pending
 from client_sdk.senderkeys import Envelope
-from tests.helpers import WAIT_S, BrokerThread, Peer
+from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector, Factory
 
 
@@ -33,7 +34,7 @@ def spy(broker: BrokerThread, user: str) -> Peer:
     """A raw device of ``user`` without keys: it receives what the server fans out to the group."""
     peer = Peer(broker.port, user, f"{user}-pw", device="spy")
     peer.connect()
-    peer.subscribe(inbox_topic(user, "spy"))
+    peer.subscribe()
     return peer
 
 
@@ -74,6 +75,7 @@ def test_three_members_chat_encrypted_and_a_removed_one_reads_nothing_after(
     assert group_item(watcher, first).type == MEGOLM_TYPE
     reply = bob.client.send(group, "hi alice")
     assert alice.next(Message).id == reply  # the sending device does not get its own message back
+    eventually(lambda: bool(files_hold(tmp_path / "data", first)), what="the message for carol written to disk")
     carol = online(make_client, "carol")  # back: catches up, in order, decrypted
     assert [m.body for m in carol.messages(2)] == [f"hello {marker}", "hi alice"]
     assert files_hold(tmp_path, marker) == []  # broker files (staging, WAL) and the SDK stores: ciphertext only
@@ -105,6 +107,11 @@ def test_three_members_chat_encrypted_and_a_removed_one_reads_nothing_after(
                               leaked.gseq).encode())  # the message from before dave joined, handed to his SDK
     before = dave.next(Undecryptable)
     assert before.id == secret and "does not decrypt" in before.reason
+    sent = alice.next(Receipt, where=lambda r: r.status == "sent" and welcome in r.ids)
+    assert sent.peer == group
+    about = [i for e in alice.all_now() + bob.all_now()
+             for i in (e.ids if isinstance(e, Receipt) else (e.ref,) if isinstance(e, ErrorEvent) else ()) if i]
+    assert about and not [i for i in about if i.startswith(SHARE_ID_PREFIX)]  # the key shares stay the SDK's
     assert bob.client.group_info(group).members == ("alice", "bob", "dave")
     assert [(g.group, g.members, g.admin) for g in bob.client.list_groups()] == [(group, 3, False)]
     watcher.close()
