@@ -17,13 +17,18 @@ Who calls what (threads of the engine):
 
 Which devices: every device of every member (the key directory, ``keys.list``, as for a
 one-to-one peer), this one aside; devices whose keys do not verify are left out (logged)
-rather than holding the whole group's message.
+rather than holding the whole group's message. A member's list is fetched again before a
+group message when this process last fetched it ``DEVICE_LIST_TTL_S`` ago or more (or never):
+the server checks no device set for a group message (unlike one-to-one, where
+``devices_mismatch`` says a list changed), so a member's new device gets the key, and a removed
+one makes the session rotate, within that time of the change.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 Call = Callable[[str, dict[str, Any]], Any]
 DROPPED = "its session key did not arrive before newer messages of the same sender device"
 BODY_KEY = "group_body"
+DEVICE_LIST_TTL_S = 600.0
 SHARE_ID_PREFIX = "sdk-"
 """Ids of this device's share messages start so (other message ids are 16 random characters)."""
 
@@ -57,9 +63,11 @@ def is_share(msg_id: str) -> bool:
 
 class GroupChannel:
     def __init__(self, store: LocalStore, e2e: E2E, crypto: GroupCrypto, membership: Membership, outbox: Outbox,
-                 call: Call) -> None:
+                 call: Call, clock: Callable[[], float] = time.monotonic) -> None:
         self._store, self._e2e, self._crypto = store, e2e, crypto
         self._membership, self._outbox, self._call = membership, outbox, call
+        self._clock = clock
+        self._fetched: dict[str, float] = {}  # user -> when this process last fetched its device list (outbox thread)
 
     def members(self, group: str, refresh: bool = False) -> tuple[str, ...]:
         """The group's members as known here, fetched with ``group.info`` when not known (or ``refresh``).
@@ -81,8 +89,12 @@ class GroupChannel:
         if kept is not None:
             return self._chat(message, json.loads(kept)[BODY_KEY]), []
         devices: list[DeviceRecord] = []
+        now = self._clock()
         for user in self.members(message.to):
-            found = self._e2e.devices(user)
+            stale = now - self._fetched.get(user, -DEVICE_LIST_TTL_S) >= DEVICE_LIST_TTL_S
+            found = self._e2e.devices(user, refresh=stale)
+            if stale:
+                self._fetched[user] = now
             for device in found.refused:
                 log.warning("%s: leaving %s.%s out of %s: its keys do not verify", self._e2e.user, user, device,
                             message.to)

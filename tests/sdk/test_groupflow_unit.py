@@ -31,7 +31,7 @@ from chatproto import (
 from client_sdk.e2e import E2E
 from client_sdk.errors import RequestError
 from client_sdk.events import Event, GroupEvent, Message, Undecryptable
-from client_sdk.groupflow import GroupChannel
+from client_sdk.groupflow import DEVICE_LIST_TTL_S, GroupChannel
 from client_sdk.groupkeys import GroupCrypto
 from client_sdk.groups import Membership
 from client_sdk.inbox import Inbox
@@ -129,6 +129,7 @@ class Hub:
 class Phone:
     def __init__(self, hub: Hub, user: str, device: str = "phone") -> None:
         self.hub, self.user, self.device = hub, user, device
+        self.now = 0.0  # the group channel's clock (device lists are fetched again after DEVICE_LIST_TTL_S)
         self.cid = f"{user}.{device}"
         self.store = LocalStore(None, user, device)
         key = self.store.unlock(None).subkey("olm-pickle")
@@ -138,7 +139,7 @@ class Phone:
         self.outbox = Outbox(self.store)
         self.membership = Membership(self.store, user)
         self.channel = GroupChannel(self.store, self.e2e, GroupCrypto(self.store, user, device, key),
-                                    self.membership, self.outbox, call)
+                                    self.membership, self.outbox, call, clock=lambda: self.now)
         self.inbox = Inbox(self.store, decrypt=self._open, consume=self.channel.take_share)
         hub.join(self)
 
@@ -301,3 +302,18 @@ def test_a_plain_message_of_an_sdk_type_never_reaches_the_app(team: tuple[Hub, P
     [message] = bob.take()
     assert isinstance(message, Message) and (message.body, message.group, message.gseq, message.encrypted) == (
         "plain", G, 7, False)
+
+
+def test_a_members_new_device_gets_the_key_once_its_list_is_fetched_again(
+        team: tuple[Hub, Phone, Phone, Phone]) -> None:
+    hub, alice, bob, _carol = team
+    alice.send("one")
+    assert texts(bob.take()) == ["one"]
+    laptop = Phone(hub, "bob", "laptop")  # publishes its keys; alice's SDK fetched bob's list before
+    alice.send("two")
+    assert laptop.take() == []  # no key for it yet: it waits
+    alice.now += DEVICE_LIST_TTL_S
+    alice.send("three")
+    undecryptable, three = laptop.take()  # the key came at the current index: "two" stays unreadable
+    assert isinstance(undecryptable, Undecryptable) and texts([three]) == ["three"]
+    assert texts(bob.take()) == ["two", "three"]
