@@ -483,7 +483,8 @@ class Staging:
         for old in held.items.values():
             if old.state == DURABLE:
                 self._pending.deleted_items.append((old.device, old.seq))
-            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt, body=old.body)
+            item = Item(device, 0, old.expires_ms, now, message=old.message, receipt=old.receipt, body=old.body,
+                        event=old.event)
             item.settled = old.settled
             if old.message is not None:
                 old.message.targets.discard(old.device)
