@@ -317,3 +317,23 @@ def test_a_members_new_device_gets_the_key_once_its_list_is_fetched_again(
     undecryptable, three = laptop.take()  # the key came at the current index: "two" stays unreadable
     assert isinstance(undecryptable, Undecryptable) and texts([three]) == ["three"]
     assert texts(bob.take()) == ["two", "three"]
+
+
+def test_a_crash_between_opening_a_share_and_taking_it_loses_nothing(team: tuple[Hub, Phone, Phone, Phone]) -> None:
+    hub, alice, bob, _carol = team
+    _id, chats = alice.send("early", route=False)
+    *shares, message = chats
+    hub.route(alice, message)
+    assert bob.take() == []
+    take = bob.channel.take_share
+
+    def crash(seq: int, opened: Message) -> list[Event]:
+        raise RuntimeError("the app died here")
+
+    bob.inbox._consume = crash  # the Olm message is opened and its row restaged, then the process dies
+    for share in shares:
+        hub.route(alice, share)
+    with pytest.raises(RuntimeError):
+        bob.take()
+    bob.inbox._consume = take  # the next run: the stored share is taken now, and opens the message
+    assert texts(bob.take()) == ["early"]

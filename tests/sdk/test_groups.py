@@ -11,8 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chatproto import GROUP_CREATED, GROUP_MEMBER_ADDED, GROUP_MEMBER_REMOVED, MEGOLM_TYPE, MsgItem
-from client_sdk import AsyncClient
+from client_sdk import AsyncClient, RequestError
 from client_sdk.events import ErrorEvent, GroupEvent, Message, Receipt, Undecryptable
 from client_sdk.groupflow import SHARE_ID_PREFIX
 from client_sdk.groupkeys import GroupItem as SealedItem
@@ -95,6 +97,11 @@ def test_three_members_chat_encrypted_and_a_removed_one_reads_nothing_after(
         SealedItem(Envelope(leaked.id, group, "alice", "phone"), leaked.body, leaked.ts, leaked.gseq or 0))
     assert isinstance(outcome, Pending)  # carol's SDK never got the new key: the ciphertext does not open
     assert not [e for e in carol.all_now() if isinstance(e, Message) and e.group == group]
+    refused = carol.client.send(group, "still here?")  # her SDK asks who is in it: not her
+    assert carol.next(ErrorEvent, where=lambda e: e.ref == refused).code == "not_member"
+    with pytest.raises(RequestError) as caught:
+        bob.client.add_members(group, ["carol"])  # bob is no admin
+    assert caught.value.code == "forbidden"
 
     dave = online(make_client, "dave")
     assert alice.client.add_members(group, ["dave"]) == ["dave"]
