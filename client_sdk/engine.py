@@ -7,7 +7,7 @@ Threads (all daemon threads, named after the client id):
 - ``chat-dispatch-*``: hands events to the app through ``deliver`` and acks
   (``Dispatcher``);
 - ``chat-outbox-*``: publishes due outbox messages, in order (encrypting them
-  first, which may claim keys, or holding them while the recipient has no
+  first, in ``prepare``, which may claim keys, or holding them while the recipient has no
   device with keys: ``outbox`` rule 8), publishes and tops up this device's keys, sends
   the heartbeats while the app is in the foreground, and prunes the dedup memory.
 
@@ -22,7 +22,6 @@ the facades wrap them in futures and always remove them in a ``finally``.
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
 import sqlite3
@@ -39,11 +38,9 @@ from chatproto import (
     MAX_IDS_PER_ITEM,
     MEGOLM_TYPE,
     MESSAGE_ID_RE,
-    OLM_TYPE,
     RECEIPT_SENT,
     Ack,
     ChatMessage,
-    ErrorCode,
     ErrorItem,
     Heartbeat,
     MsgItem,
@@ -61,7 +58,7 @@ from chatproto import (
 from client_sdk.backoff import Backoff
 from client_sdk.connection import Connection, State
 from client_sdk.dispatch import Dispatcher
-from client_sdk.e2e import E2E, SendRefused
+from client_sdk.e2e import E2E
 from client_sdk.errors import (
     AuthError,
     ChatError,
@@ -90,10 +87,11 @@ from client_sdk.groupflow import GroupChannel, is_share
 from client_sdk.groupkeys import GroupCrypto
 from client_sdk.groups import Membership
 from client_sdk.inbox import SDK_TYPE_PREFIX, Arrival, Inbox, read_downlink
-from client_sdk.localstore import LocalStore, OutMessage
+from client_sdk.localstore import LocalStore
 from client_sdk.login import LoginPlan, Secret
 from client_sdk.options import ClientOptions
-from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox, wall_ms
+from client_sdk.outbox import ErrorVerdict, Outbox, wall_ms
+from client_sdk.prepare import Preparer, Unsent
 from client_sdk.presence import chunks, presences_from
 from client_sdk.receipts import ReceiptLedger
 from client_sdk.securestore import as_bytes
@@ -130,17 +128,6 @@ def validate_identity(user: str, device: str) -> None:
         raise IdentifierRejected(f"device id {device!r} is not 1-32 of [A-Za-z0-9_-]")
 
 
-class Unsent(enum.Enum):
-    """Why ``Engine._encrypted`` has no message to publish now."""
-
-    REFUSED = "refused"
-    """It can never be sent: dropped from the outbox and reported as an ``ErrorEvent``."""
-    LATER = "later"
-    """The keys could not be fetched now: retry it (and the messages after it) later."""
-    HELD = "held"
-    """The recipient has no device with keys yet (``outbox`` rule 8)."""
-
-
 class Engine:
     """Everything a client does; ``options`` are described in ``client_sdk.options``."""
 
@@ -167,6 +154,9 @@ class Engine:
         self.membership = Membership(self.store, user)
         self.groups = GroupChannel(self.store, self.e2e, GroupCrypto(self.store, user, device, pickle_key),
                                    self.membership, self.outbox, self.call) if self.e2e is not None else None
+        self._prepare = Preparer(self.e2e, self.groups, self.outbox,
+                                 lambda event: self._dispatcher.event(event),  # noqa: PLW0108 (made below)
+                                 self.cid) if self.e2e is not None and self.groups is not None else None
         self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None,
                            consume=self.groups.take_share if self.groups is not None else None)
         self._plan = LoginPlan(password, self.store.token())
@@ -398,7 +388,7 @@ class Engine:
             log.info("%s: message %s: devices changed (missing %s, extra %s, stale %s); encrypting again",
                      self.cid, item.ref, item.missing, item.extra, item.stale)
             self.e2e.on_mismatch(item.ref, item.missing, item.extra, item.stale)
-        elif not self._share_failed(message):
+        elif self._prepare is None or not self._prepare.share_failed(message):
             self._dispatcher.event(error_from(item))
         if verdict is not ErrorVerdict.NOT_OURS:
             self._kick()
@@ -571,7 +561,7 @@ class Engine:
                 if message.to in waiting:
                     self.outbox.hold(message.id)
                     continue
-                chat = self._encrypted(message) if self.e2e is not None else [ChatMessage(
+                chat = self._prepare.encrypted(message) if self._prepare is not None else [ChatMessage(
                     message.id, message.to, message.body, message.type, message.ts)]
                 if chat is Unsent.REFUSED:
                     continue
@@ -595,41 +585,6 @@ class Engine:
         for peer, ids in self.outbox.take_pending().items():
             log.info("%s: %d message(s) to %s held until it has a device with keys", self.cid, len(ids), peer)
             self._dispatcher.event(Receipt(PENDING, tuple(ids), peer, wall_ms()))
-
-    def _encrypted(self, message: OutMessage) -> list[ChatMessage] | Unsent:
-        """The olm form of ``message`` (a group message: its megolm form, after its new key shares),
-        or why it is not published now."""
-        assert self.e2e is not None
-        try:
-            if self.groups is not None and is_group_id(message.to):
-                group_message, shares = self.groups.seal(message)
-                ready = [self._encrypted(share) for share in shares]  # one not ready now goes on its own later
-                return [chat for each in ready if isinstance(each, list) for chat in each] + [group_message]
-            sealed = self.e2e.bodies_for(message)
-        except SendRefused as exc:
-            if exc.code == ErrorCode.NO_KEYS:
-                return Unsent.HELD
-            self._refuse(message, exc.code, exc.detail)
-            return Unsent.REFUSED
-        except RequestError as exc:
-            if exc.code in TRANSIENT_CODES:
-                log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
-                return Unsent.LATER
-            self._refuse(message, exc.code, f"cannot encrypt for {message.to}: {exc.detail}")
-            return Unsent.REFUSED
-        except (RequestTimeout, ClientClosed, NotConnected) as exc:
-            log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
-            return Unsent.LATER
-        return [ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)]
-
-    def _share_failed(self, message: OutMessage | None) -> bool:
-        """A key share message was refused for good: shared again with the next message, not reported."""
-        return self.groups is not None and self.groups.failed(message)
-
-    def _refuse(self, message: OutMessage, code: str, detail: str) -> None:
-        if self.outbox.confirmed([message.id]) and not self._share_failed(message):
-            log.warning("%s: message %s not sent: %s: %s", self.cid, message.id, code, detail)
-            self._dispatcher.event(ErrorEvent(code, detail, message.id))
 
     def _open(self, seq: int, item: MsgItem) -> list[Event]:
         """Dispatcher thread: decrypt a staged message (``Inbox`` rules 8 and 9)."""
