@@ -23,7 +23,17 @@ from client_sdk.errors import (
     StoreError,
     UnknownDevice,
 )
-from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
+from client_sdk.events import (
+    ErrorEvent,
+    Event,
+    GroupEvent,
+    IdentityChanged,
+    Message,
+    Presence,
+    Receipt,
+    Undecryptable,
+)
+from client_sdk.groups import GroupInfo, GroupSummary
 from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
 
@@ -39,6 +49,9 @@ __all__ = [
     "ConnectTimeout",
     "ErrorEvent",
     "Event",
+    "GroupEvent",
+    "GroupInfo",
+    "GroupSummary",
     "IdentifierRejected",
     "IdentityChanged",
     "Message",

@@ -4,8 +4,8 @@ In the style of aiomqtt: paho's network thread and the dispatcher thread hand
 work to the event loop with ``loop.call_soon_threadsafe``; each request waits
 on a future kept in ``_pending`` under its ``rid`` and removed in a
 ``finally``; ``async with`` connects and closes; ``async for event in
-client.events()`` reads ``Message``, ``Receipt``, ``Presence`` and
-``ErrorEvent`` in arrival order.
+client.events()`` reads ``Message``, ``GroupEvent``, ``Receipt``, ``Presence``,
+``ErrorEvent`` (and the security warnings) in arrival order.
 
 An event counts as handed over when the ``async for`` body has finished with
 it (the loop asks for the next one, or leaves the loop): only then is a
@@ -29,6 +29,17 @@ from chatproto import OP_DEVICES_REMOVE, ResItem
 from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ConnectTimeout, RequestTimeout
 from client_sdk.events import Event, Presence
+from client_sdk.groups import (
+    GroupInfo,
+    GroupSummary,
+    admins_steps,
+    create_steps,
+    info_steps,
+    leave_steps,
+    list_steps,
+    members_steps,
+    rename_steps,
+)
 from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
     Privacy,
@@ -186,6 +197,36 @@ class AsyncClient(EngineFront):
 
     async def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:  # noqa: ASYNC109
         return await self._run(contacts_steps("contacts.remove", users), timeout)
+
+    # --- groups (see Client for the details) ---------------------------------------
+
+    async def create_group(self, name: str, members: Iterable[str] = (),
+                           timeout: float = 10.0) -> GroupInfo:  # noqa: ASYNC109 (same API as Client)
+        return await self._run(create_steps(name, members, self._engine.membership), timeout)
+
+    async def add_members(self, group: str, users: Iterable[str],
+                          timeout: float = 10.0) -> list[str]:  # noqa: ASYNC109
+        return await self._run(members_steps(group, users, False, self._engine.membership), timeout)
+
+    async def remove_members(self, group: str, users: Iterable[str],
+                             timeout: float = 10.0) -> list[str]:  # noqa: ASYNC109
+        return await self._run(members_steps(group, users, True, self._engine.membership), timeout)
+
+    async def leave_group(self, group: str, timeout: float = 10.0) -> int:  # noqa: ASYNC109
+        return await self._run(leave_steps(group, self._engine.membership), timeout)
+
+    async def rename_group(self, group: str, name: str, timeout: float = 10.0) -> int:  # noqa: ASYNC109
+        return await self._run(rename_steps(group, name), timeout)
+
+    async def set_admins(self, group: str, add: Iterable[str] = (), remove: Iterable[str] = (),
+                         timeout: float = 10.0) -> list[str]:  # noqa: ASYNC109
+        return await self._run(admins_steps(group, add, remove), timeout)
+
+    async def group_info(self, group: str, timeout: float = 10.0) -> GroupInfo:  # noqa: ASYNC109
+        return await self._run(info_steps(group, self._engine.membership), timeout)
+
+    async def list_groups(self, timeout: float = 10.0) -> list[GroupSummary]:  # noqa: ASYNC109
+        return await self._run(list_steps(), timeout)
 
     # --- requests ------------------------------------------------------------------
 

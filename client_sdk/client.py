@@ -20,7 +20,27 @@ from typing import Any, TypeVar, Unpack, cast
 from chatproto import OP_DEVICES_REMOVE
 from client_sdk.engine import Engine, EngineFront
 from client_sdk.errors import ConnectTimeout
-from client_sdk.events import ErrorEvent, Event, IdentityChanged, Message, Presence, Receipt, Undecryptable
+from client_sdk.events import (
+    ErrorEvent,
+    Event,
+    GroupEvent,
+    IdentityChanged,
+    Message,
+    Presence,
+    Receipt,
+    Undecryptable,
+)
+from client_sdk.groups import (
+    GroupInfo,
+    GroupSummary,
+    admins_steps,
+    create_steps,
+    info_steps,
+    leave_steps,
+    list_steps,
+    members_steps,
+    rename_steps,
+)
 from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
     Privacy,
@@ -59,6 +79,8 @@ class Client(EngineFront):
         **settings: Unpack[ClientSettings],
     ) -> None:
         self.on_message: Callable[[Message], None] | None = None
+        self.on_group: Callable[[GroupEvent], None] | None = None
+        """Changes of groups this user is in (``GroupEvent``), in the group's order with its messages."""
         self.on_receipt: Callable[[Receipt], None] | None = None
         self.on_presence: Callable[[Presence], None] | None = None
         self.on_error: Callable[[ErrorEvent], None] | None = None
@@ -118,9 +140,10 @@ class Client(EngineFront):
     def send(self, to: str, body: str, type: str = "text") -> str:
         """Store a message in the outbox and return its id; it is published when connected.
 
-        Works offline. The message is re-published (same id) until the server
-        confirms ``sent``; a permanent refusal arrives as an ``ErrorEvent``
-        with ``ref`` = the id. Raises ValueError for a malformed ``to``/``type``.
+        ``to`` is a user id, or a group id (``g:...``: the message goes to every member, end-to-end
+        encrypted with this device's sender key when encryption is on). Works offline. The message
+        is re-published (same id) until the server confirms ``sent``; a permanent refusal arrives
+        as an ``ErrorEvent`` with ``ref`` = the id. Raises ValueError for a malformed ``to``/``type``.
         """
         return self._engine.send(to, body, type)
 
@@ -173,6 +196,44 @@ class Client(EngineFront):
 
     def remove_contacts(self, users: Iterable[str], timeout: float = 10.0) -> int:
         return self._run(contacts_steps("contacts.remove", users), timeout)
+
+    # --- groups (docs/SDK.md, "Groups") --------------------------------------------------
+    # Each raises RequestError (``not_member``, ``forbidden``, ``group_full``, ``too_many_groups``,
+    # ``unknown_recipient``, ``bad_envelope``: see ``.code``), RequestTimeout, ClientClosed.
+
+    def create_group(self, name: str, members: Iterable[str] = (), timeout: float = 10.0) -> GroupInfo:
+        """Create a group with this user as its first member and admin, and ``members``."""
+        return self._run(create_steps(name, members, self._engine.membership), timeout)
+
+    def add_members(self, group: str, users: Iterable[str], timeout: float = 10.0) -> list[str]:
+        """Add ``users`` (admins only); returns those who were not members yet."""
+        return self._run(members_steps(group, users, False, self._engine.membership), timeout)
+
+    def remove_members(self, group: str, users: Iterable[str], timeout: float = 10.0) -> list[str]:
+        """Remove ``users`` (admins only; not yourself: ``leave_group``); returns those who were members.
+        With encryption on, the next message to the group is sealed with a new sender key they do not get."""
+        return self._run(members_steps(group, users, True, self._engine.membership), timeout)
+
+    def leave_group(self, group: str, timeout: float = 10.0) -> int:
+        """Leave ``group``; returns its ``gseq`` after it."""
+        return self._run(leave_steps(group, self._engine.membership), timeout)
+
+    def rename_group(self, group: str, name: str, timeout: float = 10.0) -> int:
+        """Rename ``group`` (admins only); returns its ``gseq`` after it."""
+        return self._run(rename_steps(group, name), timeout)
+
+    def set_admins(self, group: str, add: Iterable[str] = (), remove: Iterable[str] = (),
+                   timeout: float = 10.0) -> list[str]:
+        """Promote the members ``add``, demote the admins ``remove`` (admins only); returns the admins."""
+        return self._run(admins_steps(group, add, remove), timeout)
+
+    def group_info(self, group: str, timeout: float = 10.0) -> GroupInfo:
+        """``group``'s name, members (join order), admins and ``gseq`` (members only)."""
+        return self._run(info_steps(group, self._engine.membership), timeout)
+
+    def list_groups(self, timeout: float = 10.0) -> list[GroupSummary]:
+        """The groups this user is in."""
+        return self._run(list_steps(), timeout)
 
     # --- requests ------------------------------------------------------------------
 
@@ -228,22 +289,15 @@ class Client(EngineFront):
     # --- hand-over (dispatcher thread) -------------------------------------------------
 
     def _deliver(self, event: Event) -> bool:
+        callbacks: dict[type, Callable[[Any], None] | None] = {
+            Message: self.on_message, GroupEvent: self.on_group, Receipt: self.on_receipt,
+            Presence: self.on_presence, ErrorEvent: self.on_error,
+        }
+        callback = callbacks.get(type(event), self.on_warning)
         try:
-            if isinstance(event, Message):
-                if self.on_message is not None:
-                    self.on_message(event)
-            elif isinstance(event, Receipt):
-                if self.on_receipt is not None:
-                    self.on_receipt(event)
-            elif isinstance(event, Presence):
-                if self.on_presence is not None:
-                    self.on_presence(event)
-            elif isinstance(event, ErrorEvent):
-                if self.on_error is not None:
-                    self.on_error(event)
-            elif self.on_warning is not None:
-                self.on_warning(event)
-            else:
+            if callback is not None:
+                callback(event)
+            elif type(event) not in callbacks:
                 log.warning("%s: %s", self._engine.cid, event)
         except Exception:
             log.exception("%s: the %s callback raised; the event counts as handed over",

@@ -7,7 +7,7 @@ Threads (all daemon threads, named after the client id):
 - ``chat-dispatch-*``: hands events to the app through ``deliver`` and acks
   (``Dispatcher``);
 - ``chat-outbox-*``: publishes due outbox messages, in order (encrypting them
-  first, which may claim keys, or holding them while the recipient has no
+  first, in ``prepare``, which may claim keys, or holding them while the recipient has no
   device with keys: ``outbox`` rule 8), publishes and tops up this device's keys, sends
   the heartbeats while the app is in the foreground, and prunes the dedup memory.
 
@@ -22,7 +22,6 @@ the facades wrap them in futures and always remove them in a ``finally``.
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
 import sqlite3
@@ -31,16 +30,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import Any
 
 from chatproto import (
+    GROUP_PREFIX,
     MAX_IDS_PER_ITEM,
+    MEGOLM_TYPE,
     MESSAGE_ID_RE,
-    OLM_TYPE,
     RECEIPT_SENT,
     Ack,
     ChatMessage,
-    ErrorCode,
     ErrorItem,
     Heartbeat,
     MsgItem,
@@ -51,13 +51,14 @@ from chatproto import (
     Seen,
     client_id,
     is_device_id,
+    is_group_id,
     is_user_id,
     uplink_topic,
 )
 from client_sdk.backoff import Backoff
 from client_sdk.connection import Connection, State
 from client_sdk.dispatch import Dispatcher
-from client_sdk.e2e import E2E, SendRefused
+from client_sdk.e2e import E2E
 from client_sdk.errors import (
     AuthError,
     ChatError,
@@ -76,16 +77,21 @@ from client_sdk.events import (
     PENDING,
     ErrorEvent,
     Event,
+    GroupEvent,
     Receipt,
     error_from,
     presence_from,
     receipt_from,
 )
-from client_sdk.inbox import Arrival, Inbox, read_downlink
-from client_sdk.localstore import LocalStore, OutMessage
+from client_sdk.groupflow import GroupChannel, is_share
+from client_sdk.groupkeys import GroupCrypto
+from client_sdk.groups import Membership
+from client_sdk.inbox import SDK_TYPE_PREFIX, Arrival, Inbox, read_downlink
+from client_sdk.localstore import LocalStore
 from client_sdk.login import LoginPlan, Secret
 from client_sdk.options import ClientOptions
-from client_sdk.outbox import TRANSIENT_CODES, ErrorVerdict, Outbox, wall_ms
+from client_sdk.outbox import ErrorVerdict, Outbox, wall_ms
+from client_sdk.prepare import Preparer, Unsent
 from client_sdk.presence import chunks, presences_from
 from client_sdk.receipts import ReceiptLedger
 from client_sdk.securestore import as_bytes
@@ -122,17 +128,6 @@ def validate_identity(user: str, device: str) -> None:
         raise IdentifierRejected(f"device id {device!r} is not 1-32 of [A-Za-z0-9_-]")
 
 
-class Unsent(enum.Enum):
-    """Why ``Engine._encrypted`` has no message to publish now."""
-
-    REFUSED = "refused"
-    """It can never be sent: dropped from the outbox and reported as an ``ErrorEvent``."""
-    LATER = "later"
-    """The keys could not be fetched now: retry it (and the messages after it) later."""
-    HELD = "held"
-    """The recipient has no device with keys yet (``outbox`` rule 8)."""
-
-
 class Engine:
     """Everything a client does; ``options`` are described in ``client_sdk.options``."""
 
@@ -147,15 +142,23 @@ class Engine:
         try:
             secret = options.store_secret
             sealer = self.store.unlock(None if secret is None else as_bytes(secret))
-            self.e2e = E2E(self.store, user, device, sealer.subkey("olm-pickle"), self.call,
+            pickle_key = sealer.subkey("olm-pickle")
+            self.e2e = E2E(self.store, user, device, pickle_key, self.call,
                            lambda event: self._dispatcher.event(event),  # noqa: PLW0108 (made below)
                            ) if options.encryption else None
         except BaseException:
             self.store.close()
             raise
-        self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None)
         self.outbox = Outbox(self.store, resend_interval=options.resend_interval,
                              hold_initial=options.hold_retry[0], hold_max=options.hold_retry[1])
+        self.membership = Membership(self.store, user)
+        self.groups = GroupChannel(self.store, self.e2e, GroupCrypto(self.store, user, device, pickle_key),
+                                   self.membership, self.outbox, self.call) if self.e2e is not None else None
+        self._prepare = Preparer(self.e2e, self.groups, self.outbox,
+                                 lambda event: self._dispatcher.event(event),  # noqa: PLW0108 (made below)
+                                 self.cid) if self.e2e is not None and self.groups is not None else None
+        self.inbox = Inbox(self.store, decrypt=self._open if self.e2e is not None else None,
+                           consume=self.groups.take_share if self.groups is not None else None)
         self._plan = LoginPlan(password, self.store.token())
         self._conn = Connection(
             user, device, self._plan, self, options.host, options.port, options.keepalive, options.tls,
@@ -356,15 +359,22 @@ class Engine:
             self._on_error(item)
 
     def _hand_over(self, event: Event) -> bool:
-        """The dispatcher's hand-over: receipts pass the ledger (each status once, in order)."""
+        """The dispatcher's hand-over: receipts pass the ledger (each status once, in order); a group
+        change updates the members known here first (``groups`` rule 1)."""
+        if isinstance(event, GroupEvent):
+            self.membership.apply(event)
         if not isinstance(event, Receipt):
             return self._deliver(event)
-        return all(self._deliver(receipt) for receipt in self._receipts.admit(event))
+        ids = tuple(i for i in event.ids if not is_share(i))  # the SDK's own key shares: not the app's
+        if not ids:
+            return True
+        return all(self._deliver(receipt) for receipt in self._receipts.admit(replace(event, ids=ids)))
 
     def _on_error(self, item: ErrorItem) -> None:
         if item.ref is not None and item.ref in self._answers:  # a request the server could not read
             self._answer(item.ref, ResItem(item.ref, False, None, item.code, item.detail))
             return
+        message = self.outbox.message(item.ref) if item.ref is not None else None
         verdict = self.outbox.on_error(item.ref, item.code)
         if verdict is ErrorVerdict.RETRY:
             log.info("%s: message %s: %s (%s); retrying later", self.cid, item.ref, item.code, item.detail)
@@ -378,7 +388,7 @@ class Engine:
             log.info("%s: message %s: devices changed (missing %s, extra %s, stale %s); encrypting again",
                      self.cid, item.ref, item.missing, item.extra, item.stale)
             self.e2e.on_mismatch(item.ref, item.missing, item.extra, item.stale)
-        else:
+        elif self._prepare is None or not self._prepare.share_failed(message):
             self._dispatcher.event(error_from(item))
         if verdict is not ErrorVerdict.NOT_OURS:
             self._kick()
@@ -439,6 +449,10 @@ class Engine:
     def send(self, to: str, body: str, kind: str = "text") -> str:
         """Store the message in the outbox (works offline) and return its id."""
         self.check_open()
+        if to.startswith(GROUP_PREFIX) and not is_group_id(to):
+            raise ValueError(f"{to!r} is not a group id")
+        if isinstance(kind, str) and kind.startswith(SDK_TYPE_PREFIX):
+            raise ValueError(f"message types starting {SDK_TYPE_PREFIX!r} are the SDK's own")
         try:
             message = self.outbox.add(to, body, kind)
         except sqlite3.Error as exc:
@@ -547,8 +561,8 @@ class Engine:
                 if message.to in waiting:
                     self.outbox.hold(message.id)
                     continue
-                chat = self._encrypted(message) if self.e2e is not None else ChatMessage(
-                    message.id, message.to, message.body, message.type, message.ts)
+                chat = self._prepare.encrypted(message) if self._prepare is not None else [ChatMessage(
+                    message.id, message.to, message.body, message.type, message.ts)]
                 if chat is Unsent.REFUSED:
                     continue
                 if chat is Unsent.HELD:
@@ -558,11 +572,11 @@ class Engine:
                 if chat is Unsent.LATER:
                     self.outbox.retry_later([m.id for m in due[index:]])
                     return
-                payload = chat.encode()
                 with self._session_lock:
                     if self._session != session:
                         return
-                    self._conn.publish(topic, payload, hold=False)
+                    for each in chat:  # a group message's new key shares go out before it
+                        self._conn.publish(topic, each.encode(), hold=False)
         finally:
             self._report_pending()
 
@@ -572,39 +586,15 @@ class Engine:
             log.info("%s: %d message(s) to %s held until it has a device with keys", self.cid, len(ids), peer)
             self._dispatcher.event(Receipt(PENDING, tuple(ids), peer, wall_ms()))
 
-    def _encrypted(self, message: OutMessage) -> ChatMessage | Unsent:
-        """The olm form of ``message``, or why it is not published now."""
-        assert self.e2e is not None
-        try:
-            sealed = self.e2e.bodies_for(message)
-        except SendRefused as exc:
-            if exc.code == ErrorCode.NO_KEYS:
-                return Unsent.HELD
-            self._refuse(message.id, exc.code, exc.detail)
-            return Unsent.REFUSED
-        except RequestError as exc:
-            if exc.code in TRANSIENT_CODES:
-                log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
-                return Unsent.LATER
-            self._refuse(message.id, exc.code, f"cannot encrypt for {message.to}: {exc.detail}")
-            return Unsent.REFUSED
-        except (RequestTimeout, ClientClosed, NotConnected) as exc:
-            log.info("%s: message %s: %s; encrypting later", self.cid, message.id, exc)
-            return Unsent.LATER
-        return ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)
-
-    def _refuse(self, msg_id: str, code: str, detail: str) -> None:
-        if self.outbox.confirmed([msg_id]):
-            log.warning("%s: message %s not sent: %s: %s", self.cid, msg_id, code, detail)
-            self._dispatcher.event(ErrorEvent(code, detail, msg_id))
-
-    def _open(self, seq: int, item: MsgItem) -> Event:
-        """Dispatcher thread: decrypt a staged message (``Inbox`` rule 8)."""
-        assert self.e2e is not None
+    def _open(self, seq: int, item: MsgItem) -> list[Event]:
+        """Dispatcher thread: decrypt a staged message (``Inbox`` rules 8 and 9)."""
+        assert self.e2e is not None and self.groups is not None
+        if item.type == MEGOLM_TYPE:
+            return self.groups.open(seq, item)
         event = self.e2e.open_message(seq, item)
         if self.e2e.keys_wanted.is_set():
             self._kick()  # a one-time key was used: top up from the outbox thread
-        return event
+        return [event]
 
     def _sync_keys(self) -> None:
         """Outbox thread: publish/top up this device's keys when asked to, while connected."""

@@ -1,6 +1,10 @@
 """What the SDK hands to the app: frozen dataclasses.
 
-- ``Message``: a chat message for this user (handed over once, in ``seq`` order).
+- ``Message``: a chat message for this user (handed over once, in ``seq`` order); a group
+  message has ``group`` (the group id, also its ``to``) and ``gseq``.
+- ``GroupEvent``: a change of a group this user is (or was) in: ``created``,
+  ``member_added``, ``member_removed``, ``member_left``, ``renamed``, ``admins_changed``;
+  handed over like messages (once, in ``seq`` order: the group's ``gseq`` order).
 - ``Receipt``: news about messages *this user* sent: ``pending`` (made by the
   SDK: ``peer`` has no device with keys yet, the message waits in the outbox and
   goes out by itself), ``sent`` (the server has it durably), ``delivered`` (a
@@ -21,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from chatproto import ErrorItem, MsgItem, PresenceItem, ReceiptItem
+from chatproto import GROUP_PREFIX, ErrorItem, GroupItem, MsgItem, PresenceItem, ReceiptItem
 
 # ErrorEvent codes made by the SDK itself (server codes are protocol.ErrorCode values).
 AUTH_FAILED: Final = "auth_failed"
@@ -49,6 +53,28 @@ class Message:
     """The sending device. ``sender`` == your own user id: you sent it from that other device."""
     encrypted: bool = False
     """True if it arrived end-to-end encrypted (and decrypted and checked here)."""
+    group: str | None = None
+    """The group id for a group message (``to`` is the same), None for a one-to-one message."""
+    gseq: int | None = None
+    """A group message's place in its group's order (messages and ``GroupEvent``s together)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupEvent:
+    """``event`` of ``group`` at ``gseq``, done by ``by``. ``users``: the members a ``created``,
+    ``member_added``, ``member_removed`` or ``member_left`` names; ``name``: with ``created`` and
+    ``renamed``; ``promoted``/``demoted``: with ``admins_changed``."""
+
+    group: str
+    gseq: int
+    event: str
+    by: str
+    ts: int
+    seq: int
+    users: tuple[str, ...] = ()
+    name: str | None = None
+    promoted: tuple[str, ...] = ()
+    demoted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +126,18 @@ class ErrorEvent:
     """The id of the message (or request) the error is about, if any."""
 
 
-Event = Message | Receipt | Presence | ErrorEvent | Undecryptable | IdentityChanged
+Event = Message | GroupEvent | Receipt | Presence | ErrorEvent | Undecryptable | IdentityChanged
 
 
 def message_from(item: MsgItem) -> Message:
-    return Message(item.id, item.sender, item.to, item.body, item.type, item.ts, item.seq, item.dev)
+    group = item.to if item.to.startswith(GROUP_PREFIX) else None
+    return Message(item.id, item.sender, item.to, item.body, item.type, item.ts, item.seq, item.dev,
+                   group=group, gseq=item.gseq if group is not None else None)
+
+
+def group_event_from(item: GroupItem) -> GroupEvent:
+    return GroupEvent(item.group, item.gseq, item.event, item.by, item.ts, item.seq, item.users, item.name,
+                      item.promoted, item.demoted)
 
 
 def receipt_from(item: ReceiptItem) -> Receipt:

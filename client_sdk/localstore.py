@@ -21,7 +21,8 @@ Tables:
 - ``olm_sessions``: one Olm session pickle per (peer user, device, session id).
 - ``devices``: the identity keys of peers' devices as first seen (trust on first
   use) and ``device_lists``: whose device lists were fetched and are still fresh.
-- ``group_*``: sender keys (Megolm), read and written by ``groupstore``.
+- ``group_*``: sender keys (Megolm), read and written by ``groupstore``; ``group_members``:
+  the members of each group as this device knows them (``groups.Membership``).
 
 After ``unlock`` (the SDK always calls it), outbox bodies, staged items and
 the device token are sealed with the store key (``securestore``); Olm pickles
@@ -136,6 +137,14 @@ MIGRATIONS: Final = (
     );
     CREATE INDEX group_pending_by_session ON group_pending (sender, device, session_id);
     """,
+    # The members of each group as this device knows them (``groups.Membership``).
+    """
+    CREATE TABLE group_members (
+        group_id  TEXT PRIMARY KEY,
+        members   TEXT NOT NULL,
+        gseq      INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -148,6 +157,9 @@ class RowKind(enum.StrEnum):
     """A decrypted message in the SDK's own JSON form (``inbox.opened_row``)."""
     UNDECRYPTABLE = "undecryptable"
     """A message that could not be decrypted, in the SDK's own JSON form (``inbox.undecryptable_row``)."""
+    BATCH = "batch"
+    """What a group message or key share became (``inbox.batch_row``): a JSON list of opened and
+    undecryptable forms, possibly empty (a group message waiting for its key)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,10 +424,12 @@ class LocalStore:
 
     def reseal_outbox(self, users: set[str], me: str) -> None:
         """Forget the ciphertexts of queued messages whose device set involves ``users`` (all of them if
-        ``me`` is one: my other devices are in every message), so each is encrypted again before it goes."""
+        ``me`` is one: my other devices are in every message), so each is encrypted again before it goes.
+        Group messages keep theirs: their ciphertext is one for every device, the server checks no
+        device set, and sealing one again would spend another Megolm index on it."""
         with self.lock:
             if me in users:
-                self._db.execute("UPDATE outbox SET bodies = NULL")
+                self._db.execute("UPDATE outbox SET bodies = NULL WHERE recipient NOT LIKE 'g:%'")
             else:
                 self._db.executemany("UPDATE outbox SET bodies = NULL WHERE recipient = ?", [(u,) for u in users])
 
@@ -455,17 +469,16 @@ class LocalStore:
                                         (upto_seq, limit)).fetchall()
             return [StagedItem(int(r[0]), RowKind(r[1]), self._open(str(r[2]), f"inbox:{r[0]}")) for r in rows]
 
-    def mark_handed(self, seq: int, message_key: tuple[str, str] | None, now_ms: int) -> None:
-        """Record that item ``seq`` was handed over (or skipped): one transaction."""
+    def mark_handed(self, seq: int, keys: Sequence[tuple[str, str]], now_ms: int) -> None:
+        """Record that item ``seq`` was handed over (or skipped), with the dedup ``keys`` of what it
+        held: one transaction."""
         with self.transaction():
             self._db.execute("DELETE FROM inbox WHERE seq = ?", (seq,))
             last = self._meta("last_seq")
             if last is None or int(last) < seq:
                 self._set_meta("last_seq", str(seq))
-            if message_key is not None:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO handed_ids (sender, id, handed_ms) VALUES (?, ?, ?)",
-                    (message_key[0], message_key[1], now_ms))
+            self._db.executemany("INSERT OR REPLACE INTO handed_ids (sender, id, handed_ms) VALUES (?, ?, ?)",
+                                 [(sender, msg_id, now_ms) for sender, msg_id in keys])
 
     def was_handed(self, sender: str, msg_id: str) -> bool:
         with self.lock:

@@ -172,19 +172,37 @@ class Outbox:
         with self._lock:
             return msg_id in self._entries
 
-    def recipient(self, msg_id: str) -> str | None:
+    def message(self, msg_id: str) -> OutMessage | None:
         with self._lock:
             entry = self._entries.get(msg_id)
-            return entry.message.to if entry is not None else None
+            return entry.message if entry is not None else None
+
+    def recipient(self, msg_id: str) -> str | None:
+        message = self.message(msg_id)
+        return message.to if message is not None else None
 
     def add(self, to: str, body: str, kind: str = "text") -> OutMessage:
         """Rule 1: store a new message; it is due for publishing at once."""
-        check_message(to, body, kind)
         with self._lock:
-            message = OutMessage(new_message_id(), to, body, kind, self._clock_ms())
+            message = self.new(to, body, kind)
             self._store.outbox_add(message)
             self._entries[message.id] = _Entry(message, self._clock())
         return message
+
+    def new(self, to: str, body: str, kind: str, id_prefix: str = "") -> OutMessage:
+        """A new message (its id after ``id_prefix``), not stored: the caller stores it
+        (``LocalStore.outbox_add``) in its own transaction and then calls ``track``. Takes no
+        lock (callable inside a store transaction)."""
+        check_message(to, body, kind)
+        return OutMessage(id_prefix + new_message_id(), to, body, kind, self._clock_ms())
+
+    def track(self, messages: list[OutMessage], sending: bool = False) -> None:
+        """Messages the caller stored: in the outbox from now on (due now, or, when ``sending``
+        them now out of turn, after ``resend_interval``)."""
+        due = self._clock() + (self._resend if sending else 0.0)
+        with self._lock:
+            for message in messages:
+                self._entries[message.id] = _Entry(message, due)
 
     def connected(self) -> None:
         """Rule 4: everything is due now."""

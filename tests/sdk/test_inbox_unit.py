@@ -192,7 +192,7 @@ def test_closing_client_leaves_item_stored(store: LocalStore) -> None:
 
 def test_handed_ids_are_bounded(store: LocalStore) -> None:
     for seq in range(1, 11):
-        store.mark_handed(seq, ("alice", f"m{seq}"), now_ms=seq * 1000)
+        store.mark_handed(seq, [("alice", f"m{seq}")], now_ms=seq * 1000)
     assert store.prune_handed_ids(older_than_ms=3000, keep=100) == 2  # m1, m2 are too old
     assert store.prune_handed_ids(older_than_ms=0, keep=5) == 3  # keep the newest five
     assert store.handed_id_count() == 5
