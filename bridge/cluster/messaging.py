@@ -36,7 +36,7 @@ from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
 from bridge.keys.store import KeyStore
-from bridge.links import LinkRegistry
+from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging.admission import Holds, Refused, olm_targets
 from bridge.messaging.records import Figures
 from bridge.messaging.store import UserLookup
@@ -87,6 +87,16 @@ class ClusterRules:
     pending_hold_ms: int = 1000
 
 
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """An uplink waiting in its device's lane, with the connection it came on."""
+
+    kind: str  # "out", "seen", or "busy" (refused on arrival, answered in its turn)
+    caller: Caller
+    payload: bytes
+    link: DeviceLink | None
+
+
 def busy_error(ref: str | None) -> ErrorItem:
     return ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; retry later", ref)
 
@@ -121,7 +131,7 @@ class ClusterMessaging:
         self.supervisor = supervisor
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
-        self._lanes: dict[str, deque[tuple[str, Caller, bytes]]] = {}
+        self._lanes: dict[str, deque[Uplink]] = {}
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
@@ -171,18 +181,18 @@ class ClusterMessaging:
                 del self._acking[client_id]
 
     def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
+        uplink = Uplink(kind, caller, payload, self.links.get(caller.client_id))
         lane = self._lanes.get(caller.client_id)
         if lane is not None:
             if len(lane) >= self.rules.max_lane:
-                self._refuse_busy(lane, kind, caller, payload)
+                self._refuse_busy(lane, uplink)
                 return
-            lane.append((kind, caller, payload))
+            lane.append(uplink)
             return
-        self._lanes[caller.client_id] = deque([(kind, caller, payload)])
+        self._lanes[caller.client_id] = deque([uplink])
         self.spawn(self._run_lane(caller.client_id))
 
-    def _refuse_busy(self, lane: deque[tuple[str, Caller, bytes]], kind: str, caller: Caller,
-                     payload: bytes) -> None:
+    def _refuse_busy(self, lane: deque[Uplink], uplink: Uplink) -> None:
         """The device's lane is full (Redis is slow, or the device floods): the uplink is refused
         ``rate_limited``. The refusal takes its place in the lane as a small ``busy`` entry holding
         the message id only (the payload is dropped), so it is answered -- and holds the device's later
@@ -191,13 +201,13 @@ class ClusterMessaging:
         Such an entry is the id only; how fast they come is bounded by ``limits.publishes_per_s``."""
         item: ChatMessage | Seen
         try:
-            item = (ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
-                    if kind == "out" else Seen.decode(payload))
+            item = (ChatMessage.decode(uplink.payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
+                    if uplink.kind == "out" else Seen.decode(uplink.payload))
         except DecodeError as exc:
-            self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
+            self.links.send(uplink.caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
         ref = item.id if isinstance(item, ChatMessage) else None
-        lane.append(("busy", caller, (ref or "").encode()))
+        lane.append(replace(uplink, kind="busy", payload=(ref or "").encode()))
 
     def _refuse_in_order(self, client_id: str, ref: str | None) -> None:
         """Refuse a device's uplink as ``rate_limited``, as a refusal for the send rate is: behind the
@@ -215,7 +225,15 @@ class ClusterMessaging:
         lane = self._lanes[client_id]
         try:
             while lane:
-                kind, caller, payload = lane[0]
+                kind, caller, payload = lane[0].kind, lane[0].caller, lane[0].payload
+                if self.links.get(client_id) is not lane[0].link:
+                    # Its connection is gone: nobody hears the answer, and the device re-sends what
+                    # was not 'sent' on its new connection, in order. Staging it now could put it
+                    # behind, or its refusal could hold (ADMISSION rule 4), what that round sends
+                    # first (found by `bench chaos --cluster`: a stale hold stalled a device for a
+                    # minute, and what it sent next overtook the held messages).
+                    lane.popleft()
+                    continue
                 if kind == "busy":  # refused on arrival (the lane was full), answered here in order
                     self._refuse_in_order(client_id, payload.decode() or None)
                     lane.popleft()
@@ -482,6 +500,9 @@ class ClusterMessaging:
     # --- devices --------------------------------------------------------------------------
 
     def device_online(self, client_id: str) -> None:
+        # A new connection re-sends everything not 'sent' yet, oldest first: refusals on the old
+        # one no longer say what must come first (its uplinks still waiting are dropped, _run_lane).
+        self._holds.forget(client_id)
         self.apply(self.windows.online(client_id, self._now()))
         self.spawn(self._register(client_id, self.windows.link(client_id) or 0))
 
