@@ -137,7 +137,7 @@ class Outbox:
         store: LocalStore,
         resend_interval: float = 10.0,
         retry_initial: float = 1.0,
-        retry_max: float = 60.0,
+        retry_max: float = 30.0,  # under the server's HOLD_S (60 s): a held device's first message comes back in time
         hold_initial: float = 2.0,
         hold_max: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
