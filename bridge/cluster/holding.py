@@ -90,8 +90,8 @@ class Holding:
 
     async def _targets_here(self, stage: Stage) -> tuple[str, ...] | None:
         """Rule 1: the stage's target devices if each is connected here and can get a held item."""
-        if self._flush_ms <= 0:
-            return None
+        if self._flush_ms <= 0 or not self._host.windows.has_user(stage.user):
+            return None  # (no Redis call for a user with no device here: the common cross-node case)
         devices = stage.devices
         if devices is None:
             names = await self._users.user_devices(stage.user)

@@ -60,6 +60,7 @@ class Windows:
         self.window = window
         self.redeliver_after_s = redeliver_after_s
         self._devices: dict[str, DeviceWindow] = {}
+        self._per_user: dict[str, int] = {}  # user -> devices linked here
         self._links = 0
         self.redeliveries = 0
 
@@ -75,8 +76,15 @@ class Windows:
     def online(self, client_id: str, now: float) -> WindowOutcome:
         """Rule 1: a fresh window; everything in the queue goes again."""
         self._links += 1
+        if client_id not in self._devices:
+            user = client_id.partition(".")[0]
+            self._per_user[user] = self._per_user.get(user, 0) + 1
         self._devices[client_id] = DeviceWindow(link=self._links)
         return self._pump(client_id, now)
+
+    def has_user(self, user: str) -> bool:
+        """Whether a device of ``user`` is linked here (write-back asks Redis nothing otherwise)."""
+        return user in self._per_user
 
     def link(self, client_id: str) -> int | None:
         box = self._devices.get(client_id)
@@ -144,7 +152,13 @@ class Windows:
         return local, stored
 
     def offline(self, client_id: str) -> None:
-        self._devices.pop(client_id, None)
+        if self._devices.pop(client_id, None) is not None:
+            user = client_id.partition(".")[0]
+            left = self._per_user[user] - 1
+            if left:
+                self._per_user[user] = left
+            else:
+                del self._per_user[user]
 
     def behind(self, client_ids: list[str], now: float) -> WindowOutcome:
         """New items may be in these devices' queues (a nudge, a local stage, the periodic look)."""

@@ -142,3 +142,15 @@ def test_a_device_has_read_past_a_tail_only_once_a_read_returned_it() -> None:
     windows.read_done("bob.phone", 0, [queued(2048)], limit=10, now=0)
     assert windows.read_past("bob.phone", 2048), "staged before the held item: read, so it goes first"
     assert not windows.read_past("carol.phone", 0), "not linked here"
+
+
+def test_the_users_with_a_device_linked_here_are_known() -> None:
+    windows = Windows(window=10, redeliver_after_s=30)
+    windows.online("bob.phone", now=0)
+    windows.online("bob.tablet", now=0)
+    windows.online("bob.phone", now=1)  # a relink counts once
+    windows.offline("bob.phone")
+    assert windows.has_user("bob") and not windows.has_user("carol")
+    windows.offline("bob.tablet")
+    windows.offline("bob.tablet")
+    assert not windows.has_user("bob")
