@@ -513,6 +513,11 @@ class ClusterMessaging:
             log.error("cannot register %s in the node directory: %s", client_id, exc)
             return
         self._bus.report(len(self.windows))
+        # The old node closes its connection first of all: until it does, that connection's uplinks
+        # still run there beside this one's, and may overtake what this one re-sends (a takeover
+        # sent after the seq block below waited out a failing WAIT: bench chaos --cluster).
+        if before is not None:
+            await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
         # Read again: an item staged after the first read but before the directory named this node
         # had no one to nudge (found by tests/test_messaging.py on the cluster deployment). With a
         # block of local seqs first, so that read catches the device up for write-back (window rule 4).
@@ -524,8 +529,6 @@ class ClusterMessaging:
             else:
                 self.apply(self.windows.set_base(client_id, link, base, self._now()))
         self.apply(self.windows.behind([client_id], self._now()))
-        if before is not None:
-            await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
         try:  # its queue may have missed the expiry index (a node died between a stage and its hint)
             await self._expire_queues([client_id], self._now_ms())
         except StoreError as exc:  # the next sweep or connection does it
