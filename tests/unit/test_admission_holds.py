@@ -32,4 +32,13 @@ def test_refused_again_on_its_resend_it_stays_first_and_a_hold_ends_after_its_ti
     holds.hold("alice.phone", "m1", "rate_limited", 0.0)  # the re-send was refused too
     assert refused(holds, "m2") and not refused(holds, "m1")
     holds.hold("alice.phone", "m5", "rate_limited", 0.0)
-    assert not refused(holds, "m6", now=61.0), "at most HOLD_S"
+    assert refused(holds, "m6", now=61.0), "m5 lost its place after HOLD_S, but m2 is still owed before m6"
+    assert not refused(holds, "m2", now=62.0) and not refused(holds, "m6", now=62.0)
+
+
+def test_a_hold_whose_messages_never_come_back_ends_one_place_per_hold_s() -> None:
+    holds = Holds()
+    holds.hold("alice.phone", "m1", "rate_limited", 0.0)
+    assert refused(holds, "m2", now=1.0)
+    assert refused(holds, "m3", now=61.0), "m1 gave up: m2 leads"
+    assert not refused(holds, "m4", now=200.0), "none came back: the hold is gone"
