@@ -17,7 +17,7 @@ import pytest
 
 from testkit.haproxy import HAProxy
 from testkit.redis_cluster import RedisCluster
-from tests.helpers import BrokerThread
+from tests.helpers import BrokerThread, Peer, online_peer
 
 NODES = 3
 
@@ -57,6 +57,10 @@ class ClusterDeployment:
 
     def call(self, coro: Any, timeout: float = 10.0) -> Any:
         return self.nodes[0].call(coro, timeout)
+
+    def peer(self, n: int, made: list[Peer], user: str, device: str = "phone") -> Peer:
+        """``user``'s device connected straight to node ``n`` and subscribed (password ``{user}-pw``)."""
+        return online_peer(self.nodes[n].port, made, user, device)
 
     def add_user(self, name: str, password: str) -> None:
         self.nodes[0].add_user(name, password)

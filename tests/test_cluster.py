@@ -33,17 +33,10 @@ def cluster(tmp_path: Path, redis_cluster: RedisCluster) -> Iterator[ClusterDepl
     deployment.stop()
 
 
-def on_node(cluster: ClusterDeployment, n: int, made: list[Peer], user: str, device: str = "phone") -> Peer:
-    peer = Peer(cluster.nodes[n].port, user, f"{user}-pw", device=device)
-    made.append(peer)
-    assert peer.connect() == 0
-    assert peer.subscribe() == [1]
-    return peer
-
 
 def test_a_message_crosses_nodes_with_its_receipts(cluster: ClusterDeployment, made: list[Peer]) -> None:
-    alice = on_node(cluster, 0, made, "alice")
-    bob = on_node(cluster, 1, made, "bob")
+    alice = cluster.peer(0, made, "alice")
+    bob = cluster.peer(1, made, "bob")
     alice.publish("u/alice/out", {"id": "m1", "to": "bob", "body": "hello"})
     assert alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "sent")
     item = bob.expect(lambda i: i.get("kind") == "msg")
@@ -53,11 +46,11 @@ def test_a_message_crosses_nodes_with_its_receipts(cluster: ClusterDeployment, m
 
 
 def test_a_device_connecting_through_another_node_takes_over(cluster: ClusterDeployment, made: list[Peer]) -> None:
-    old = on_node(cluster, 0, made, "bob")
-    new = on_node(cluster, 2, made, "bob")  # the same client id, bob.phone, through another node
+    old = cluster.peer(0, made, "bob")
+    new = cluster.peer(2, made, "bob")  # the same client id, bob.phone, through another node
     assert old.disconnected.wait(10), "the node that held it closed the stale connection"
     assert not new.disconnected.is_set()
-    alice = on_node(cluster, 1, made, "alice")
+    alice = cluster.peer(1, made, "alice")
     alice.publish("u/alice/out", {"id": "t1", "to": "bob", "body": "after the takeover"})
     assert new.expect(lambda i: i.get("kind") == "msg")["id"] == "t1"
 

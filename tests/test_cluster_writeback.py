@@ -72,13 +72,6 @@ def monitor(redis_cluster: RedisCluster) -> Iterator[Monitor]:
     watching.close()
 
 
-def on_node(cluster: ClusterDeployment, n: int, made: list[Peer], user: str, device: str = "phone") -> Peer:
-    peer = Peer(cluster.nodes[n].port, user, f"{user}-pw", device=device)
-    made.append(peer)
-    assert peer.connect() == 0
-    assert peer.subscribe() == [1]
-    return peer
-
 
 def none_matching(peer: Peer, predicate: Any, within: float) -> bool:
     """Whether no item matching ``predicate`` arrives within ``within`` seconds."""
@@ -111,8 +104,8 @@ def caught_up(cluster: ClusterDeployment, n: int, client_id: str) -> None:
 
 def test_a_message_acked_within_flush_ms_never_reaches_redis(cluster: ClusterDeployment, monitor: Monitor,
                                                              made: list[Peer]) -> None:
-    alice = on_node(cluster, 0, made, "alice")
-    bob = on_node(cluster, 0, made, "bob")
+    alice = cluster.peer(0, made, "alice")
+    bob = cluster.peer(0, made, "bob")
     caught_up(cluster, 0, "bob.phone")
     caught_up(cluster, 0, "alice.phone")
     marker = f"held-{uuid.uuid4().hex}"
@@ -133,8 +126,8 @@ def test_a_message_acked_within_flush_ms_never_reaches_redis(cluster: ClusterDep
 
 def test_a_message_unacked_after_flush_ms_is_written_and_follows_its_device(
         cluster: ClusterDeployment, monitor: Monitor, made: list[Peer]) -> None:
-    alice = on_node(cluster, 0, made, "alice")
-    bob = on_node(cluster, 0, made, "bob")
+    alice = cluster.peer(0, made, "alice")
+    bob = cluster.peer(0, made, "bob")
     caught_up(cluster, 0, "bob.phone")
     marker = f"late-{uuid.uuid4().hex}"
     alice.publish("u/alice/out", {"id": "w2", "to": "bob", "body": marker})
@@ -143,7 +136,7 @@ def test_a_message_unacked_after_flush_ms_is_written_and_follows_its_device(
     assert sent["ids"] == ["w2"]
     assert monitor.saw(marker), "not acked within flush_ms: written to Redis before 'sent'"
     bob.close()
-    moved = on_node(cluster, 1, made, "bob")  # through another node: it reads the written copy
+    moved = cluster.peer(1, made, "bob")  # through another node: it reads the written copy
     item = moved.expect(lambda i: i.get("kind") == "msg")
     assert (item["id"], item["body"]) == ("w2", marker)
     assert item["seq"] > first["seq"], "seqs only go up for the device"
@@ -157,12 +150,12 @@ def test_a_repeat_through_another_node_while_the_first_copy_is_held_is_not_sent_
     """The sender's connection moves to node 1 while node 0 holds its message (bob has not acked):
     the re-send is refused ``rate_limited`` (a false ``sent`` would be lost with node 0), and once
     node 0 wrote it, the next re-send is ``sent`` and bob gets the message once."""
-    first = on_node(cluster, 0, made, "alice")
-    bob = on_node(cluster, 0, made, "bob")
+    first = cluster.peer(0, made, "alice")
+    bob = cluster.peer(0, made, "bob")
     caught_up(cluster, 0, "bob.phone")
     first.publish("u/alice/out", {"id": "w3", "to": "bob", "body": "once"})
     item = bob.expect(lambda i: i.get("kind") == "msg")
-    moved = on_node(cluster, 1, made, "alice")  # alice.phone again, through node 1
+    moved = cluster.peer(1, made, "alice")  # alice.phone again, through node 1
     moved.publish("u/alice/out", {"id": "w3", "to": "bob", "body": "once"})
     answer = moved.expect(lambda i: i.get("kind") in ("error", "receipt"))
     assert (answer["kind"], answer.get("code"), answer.get("ref")) == ("error", "rate_limited", "w3")
