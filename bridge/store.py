@@ -13,5 +13,14 @@ class StoreError(Exception):
     """A database could not be opened, migrated, read or written; the message says which and why."""
 
 
+class NotReplicated(StoreError):
+    """The write is on the master, but fewer replicas than asked for acknowledged it in time: it
+    may still be lost in a failover. ``result`` is what the write answered (the store's own form)."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class UserExistsError(StoreError):
     """Adding a user whose name is taken."""

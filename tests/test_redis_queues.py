@@ -250,7 +250,7 @@ async def test_a_script_run_twice_stages_and_reports_once(stores: Stores) -> Non
     q = stores.queues
     await stores.devices("bob", "phone")
     token = q.key("qr", "bob", "fixed")
-    q._replay_key = lambda user: token  # type: ignore[method-assign]  # every call reuses one token
+    q._replay_key = lambda user, _token="": token  # type: ignore[method-assign]  # every call reuses one token
     first = await q.stage(receipt_stage(("x",), user="bob"))
     assert await q.stage(receipt_stage(("x",), user="bob")) == first
     assert await q.depth("bob.phone") == 1, "staged once"

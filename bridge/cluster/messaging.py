@@ -31,7 +31,7 @@ from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
-from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageStatus
+from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
@@ -40,7 +40,7 @@ from bridge.links import DeviceLink, LinkRegistry
 from bridge.messaging.admission import Holds, Refused, olm_targets
 from bridge.messaging.records import Figures
 from bridge.messaging.store import UserLookup
-from bridge.store import StoreError
+from bridge.store import NotReplicated, StoreError
 from chatproto import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
     RECEIPT_DELIVERED,
@@ -267,7 +267,11 @@ class ClusterMessaging:
             return
         except StoreError as exc:
             log.error("message %s/%s not staged: %s", sender, message.id, exc)
-            self._holds.hold(origin, message.id, ErrorCode.INTERNAL, now)
+            if not isinstance(exc, NotReplicated):
+                # Not staged: later messages wait for its re-send (rule 9). A message staged without
+                # its replicas' word is in order already; holding behind it would wait for a re-send
+                # that may never come (a 'delivered' for it ends the client's retries).
+                self._holds.hold(origin, message.id, ErrorCode.INTERNAL, now)
             self.links.send(origin, ErrorItem(ErrorCode.INTERNAL, "the server cannot store messages right now; "
                                               "send it again", message.id))
             return
@@ -311,8 +315,13 @@ class ClusterMessaging:
         """Stage each in turn; raises ``Refused`` (queue full) -- what was staged before stays, and a
         re-send finds it by its dedup mark."""
         staged: list[tuple[str, int]] = []
+        unconfirmed: NotReplicated | None = None
         for stage in stages:
-            result = await self._queues.stage(stage)
+            try:
+                result = await self._queues.stage(stage)
+            except NotReplicated as exc:  # staged all the same: the rest follows it, then not 'sent'
+                unconfirmed = exc
+                result = exc.result if isinstance(exc.result, StageResult) else StageResult(StageStatus.STAGED)
             if result.status == StageStatus.QUEUE_FULL:
                 await self.wake(staged)
                 raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
@@ -320,6 +329,9 @@ class ClusterMessaging:
                 await self.wake(staged)
                 raise Refused(being_delivered(ref))
             staged.extend(result.targets)
+        if unconfirmed is not None:
+            await self.wake(staged)
+            raise unconfirmed
         return staged
 
     async def _stage_charged(self, origin: str, sender: str, stages: list[Stage], to: str,

@@ -39,7 +39,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from bridge.store import StoreError
+from bridge.store import NotReplicated, StoreError
 
 RETRY_S = 6.0
 SOCKET_TIMEOUT_S = 2.0
@@ -146,8 +146,8 @@ class RedisStore:
             finally:
                 node.release(connection)
             if acked < replicas:
-                raise StoreError(f"redis {name}: {acked} of {replicas} replica(s) acknowledged the write within "
-                                 f"{timeout_ms} ms (cluster.min_replicas_ack)")
+                raise NotReplicated(f"redis {name}: {acked} of {replicas} replica(s) acknowledged the write within "
+                                    f"{timeout_ms} ms (cluster.min_replicas_ack)", result)
             return result
 
         return await self.call(name, once)

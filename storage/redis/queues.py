@@ -65,7 +65,7 @@ import logging
 import secrets
 import zlib
 from dataclasses import replace
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
@@ -81,7 +81,7 @@ from bridge.cluster.store import (
     Swept,
 )
 from bridge.directory import PLACEHOLDER_DEVICE
-from bridge.store import StoreError
+from bridge.store import NotReplicated, StoreError
 from chatproto import MsgItem, ReceiptItem
 from storage.redis.client import RETRY_S, RedisStore
 from storage.redis.queue_scripts import (
@@ -241,7 +241,13 @@ class RedisQueueStore(RedisStore):
             args.append("some")
             for device, payload in candidates:
                 args += [device, payload]
-        reply = await self.run_replicated("queues.stage", keys, args, self._replicas, self._wait_ms)
+        try:
+            reply = await self.run_replicated("queues.stage", keys, args, self._replicas, self._wait_ms)
+        except NotReplicated as exc:  # staged on the master all the same: say what was staged
+            raise NotReplicated(str(exc), await self._staged(user, stage, exc.result)) from exc
+        return await self._staged(user, stage, reply)
+
+    async def _staged(self, user: str, stage: Stage, reply: Any) -> StageResult:
         status, *flat = json.loads(reply)
         targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(flat[::2], flat[1::2], strict=True))
         await asyncio.gather(*(self._hint(client_id, stage.expires_ms) for client_id, _ in targets))
