@@ -211,7 +211,10 @@ class ClusterMessaging:
 
     def _refuse_in_order(self, client_id: str, ref: str | None) -> None:
         """Refuse a device's uplink as ``rate_limited``, as a refusal for the send rate is: behind the
-        device's messages refused before it (if any), else first of a new hold."""
+        device's messages refused before it (if any), else first of a new hold. A copy of a message
+        answered ``sent`` meanwhile (the original was ahead of it in the lane) is not answered."""
+        if ref is not None and self._holds.was_answered(client_id, ref, self._now()):
+            return
         if ref is not None:
             try:
                 self._holds.check(client_id, ref, self._now())
@@ -278,6 +281,7 @@ class ClusterMessaging:
         ts = self._now_ms()
         message_ts = stages[-1].message.ts if stages[-1].message is not None else ts
         self.counters.sent_latency.observe(max(0, ts - message_ts) / 1000)
+        self._holds.answered(origin, message.id, self._now())
         self.links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, ts))
         await self.wake(staged)
 
@@ -606,6 +610,7 @@ class ClusterMessaging:
 
     async def _sweep_round(self) -> None:
         await asyncio.sleep(self.rules.sweep_s)
+        self._holds.prune(self._now())
         await self.sweep_once()
 
     async def sweep_once(self) -> int:

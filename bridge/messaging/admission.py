@@ -10,6 +10,7 @@ from bridge.messaging.records import Hold
 from chatproto import ChatMessage, ErrorCode, ErrorItem
 
 HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
+ANSWERED_MAX = 64  # per device: the ids answered 'sent' a hold must not wait for (see Holds.answered)
 
 
 class Refused(Exception):
@@ -27,11 +28,46 @@ class Holds:
 
     def __init__(self) -> None:
         self._held: dict[str, Hold] = {}
+        self._answered: dict[str, dict[str, float]] = {}  # origin -> ids answered 'sent' -> when
+
+    def answered(self, origin: str, msg_id: str, now: float) -> None:
+        """``msg_id`` was answered ``sent``: the device will not send it again, so no hold waits for
+        it. Where repeats are recognised only after admission (cluster mode: the dedup mark is in
+        Redis), a re-send that crossed its ``sent`` -- the SDK re-sends what is unanswered after 10 s,
+        a lane held up by a failover answers late -- was refused and held the device's later
+        messages behind an id it never sent again, a minute per such id (``bench chaos --cluster``).
+        Remembered for HOLD_S, the last ``ANSWERED_MAX`` per device."""
+        answered = self._answered.setdefault(origin, {})
+        answered.pop(msg_id, None)
+        answered[msg_id] = now
+        while len(answered) > ANSWERED_MAX or now - next(iter(answered.values())) >= HOLD_S:
+            del answered[next(iter(answered))]
+        hold = self._held.get(origin)
+        if hold is not None and msg_id in hold.ids:
+            if hold.ids[0] == msg_id:
+                hold.until = now + HOLD_S  # the next one gets its full time
+            hold.ids.remove(msg_id)
+            if not hold.ids:
+                del self._held[origin]
+
+    def was_answered(self, origin: str, msg_id: str, now: float) -> bool:
+        when = self._answered.get(origin, {}).get(msg_id)
+        return when is not None and now - when < HOLD_S
+
+    def prune(self, now: float) -> None:
+        """Forget the answered ids older than HOLD_S of every device (a periodic sweep)."""
+        for origin in list(self._answered):
+            answered = self._answered[origin]
+            for msg_id in [m for m, when in answered.items() if now - when >= HOLD_S]:
+                del answered[msg_id]
+            if not answered:
+                del self._answered[origin]
 
     def check(self, origin: str, msg_id: str, now: float) -> None:
-        """Raises ``Refused`` if earlier refused messages of ``origin`` must come before ``msg_id``."""
+        """Raises ``Refused`` if earlier refused messages of ``origin`` must come before ``msg_id``.
+        A message answered ``sent`` already passes: it is a repeat, answered ``sent`` again."""
         hold = self._held.get(origin)
-        if hold is None:
+        if hold is None or self.was_answered(origin, msg_id, now):
             return
         while now >= hold.until:
             # Its first message was not re-sent within HOLD_S (a client that gave it up): the next one
@@ -56,7 +92,10 @@ class Holds:
             del self._held[origin]
 
     def hold(self, origin: str, msg_id: str, code: str, now: float) -> None:
-        """``msg_id`` was refused: the device's later messages wait until it is re-sent (first in line)."""
+        """``msg_id`` was refused: the device's later messages wait until it is re-sent (first in line);
+        not if it was answered ``sent`` (a repeat), which the device does not send again."""
+        if self.was_answered(origin, msg_id, now):
+            return
         hold = self._held.get(origin)
         if hold is None:
             self._held[origin] = Hold([msg_id], code, now + HOLD_S)
@@ -66,6 +105,7 @@ class Holds:
 
     def forget(self, origin: str) -> None:
         self._held.pop(origin, None)
+        self._answered.pop(origin, None)
 
 
 def required_devices(keyed: KeyedDevices, origin: str, sender: str, to: str) -> frozenset[str]:

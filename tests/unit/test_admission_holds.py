@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.messaging.admission import Holds, Refused
+from bridge.messaging.admission import ANSWERED_MAX, HOLD_S, Holds, Refused
 
 
 def refused(holds: Holds, msg_id: str, now: float = 0.0) -> bool:
@@ -42,3 +42,30 @@ def test_a_hold_whose_messages_never_come_back_ends_one_place_per_hold_s() -> No
     assert refused(holds, "m2", now=1.0)
     assert refused(holds, "m3", now=61.0), "m1 gave up: m2 leads"
     assert not refused(holds, "m4", now=200.0), "none came back: the hold is gone"
+
+
+def test_a_message_answered_sent_is_never_waited_for() -> None:
+    """A re-send that crossed its 'sent' and was refused must not hold the device's later messages
+    behind an id it never sends again (bench chaos --cluster: a minute per such id)."""
+    holds = Holds()
+    holds.answered("alice.phone", "m1", 0.0)
+    holds.hold("alice.phone", "m1", "rate_limited", 1.0)  # the crossing copy, refused
+    assert not refused(holds, "m2", now=1.0), "no hold behind a message answered 'sent'"
+    holds.hold("alice.phone", "m3", "rate_limited", 2.0)
+    holds.hold("alice.phone", "m4", "rate_limited", 2.0)
+    assert refused(holds, "m5", now=2.0)
+    holds.answered("alice.phone", "m4", 3.0)  # its first copy was ahead in the lane: answered now
+    assert not refused(holds, "m1", now=3.0), "a repeat of an answered one passes (answered 'sent' again)"
+    assert refused(holds, "m5", now=3.0), "m3 is still owed"
+    assert not refused(holds, "m3", now=3.0) and not refused(holds, "m5", now=3.0)
+
+
+def test_answered_ids_are_remembered_for_a_while_and_a_bounded_number() -> None:
+    holds = Holds()
+    for n in range(ANSWERED_MAX + 10):
+        holds.answered("alice.phone", f"m{n}", 0.0)
+    assert not holds.was_answered("alice.phone", "m0", 0.0), "the oldest are forgotten beyond the bound"
+    assert holds.was_answered("alice.phone", f"m{ANSWERED_MAX + 9}", 0.0)
+    assert not holds.was_answered("alice.phone", f"m{ANSWERED_MAX + 9}", HOLD_S), "... and after HOLD_S"
+    holds.prune(HOLD_S)
+    assert holds._answered == {}, "the sweep drops devices with nothing left"
