@@ -93,7 +93,7 @@ def test_a_stage_its_replicas_did_not_confirm_is_delivered_and_holds_nothing(
     ``cluster.wait_timeout_ms``. alice gets ``internal`` for n1 (not ``sent``: a failover could lose
     it), n1 reaches bob all the same, and alice's next message is not held behind n1."""
     cluster = deploy(deployments, tmp_path, redis_cluster,
-                     {"cluster.min_replicas_ack": 1, "cluster.wait_timeout_ms": 300})
+                     {"cluster.min_replicas_ack": 1, "cluster.wait_timeout_ms": 1000})
     bob = cluster.peer(1, made, "bob")
     alice = cluster.peer(0, made, "alice")
     with stopped(redis_cluster, replica_of(redis_cluster, "bob")):
