@@ -87,6 +87,15 @@ def outcome(item: dict[str, Any]) -> str:
     return "sent" if item.get("kind") == "receipt" else str(item["code"])
 
 
+def no_message(peer: Peer, within: float) -> bool:
+    """Whether no message reaches the peer within ``within`` seconds (nothing twice, nothing extra)."""
+    try:
+        peer.expect(lambda i: i.get("kind") == "msg", timeout=within)
+    except AssertionError:
+        return True
+    return False
+
+
 def send(peer: Peer, ref: str, to: str = "bob") -> dict[str, Any]:
     """Publish a message and return its answer."""
     peer.publish(f"u/{peer.user}/out", {"id": ref, "to": to, "body": f"body of {ref}"})

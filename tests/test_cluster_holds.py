@@ -17,7 +17,7 @@ import pytest
 
 from bridge.messaging import admission
 from testkit.redis_cluster import RedisCluster
-from tests.cluster_faults import outcome, remembered, send
+from tests.cluster_faults import no_message, outcome, remembered, send
 from tests.deployment import ClusterDeployment
 from tests.helpers import Peer, eventually, register_offline
 
@@ -53,14 +53,6 @@ def leader(item: dict[str, Any]) -> str | None:
     """The message a refusal under a hold names as the one to re-send first."""
     found = re.match(r"message '([^']+)' was refused first", str(item.get("detail", "")))
     return found.group(1) if found else None
-
-
-def no_message(peer: Peer, within: float) -> bool:
-    try:
-        peer.expect(lambda i: i.get("kind") == "msg", timeout=within)
-    except AssertionError:
-        return True
-    return False
 
 
 def take_messages(bob: Peer) -> list[dict[str, Any]]:

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from testkit.redis_cluster import RedisCluster
-from tests.cluster_faults import linked, outcome, replica_of, send, stopped, writes_paused
+from tests.cluster_faults import linked, no_message, outcome, replica_of, send, stopped, writes_paused
 from tests.deployment import ClusterDeployment
 from tests.helpers import Peer, eventually
 
 
 @pytest.fixture
-def deployments(tmp_path: Path, redis_cluster: RedisCluster) -> Iterator[list[ClusterDeployment]]:
+def deployments() -> Iterator[list[ClusterDeployment]]:
     started: list[ClusterDeployment] = []
     yield started
     for deployment in started:
@@ -34,14 +34,6 @@ def deploy(started: list[ClusterDeployment], root: Path, redis: RedisCluster,
 
 def messages(peer: Peer, count: int) -> list[dict[str, Any]]:
     return [peer.expect(lambda i: i.get("kind") == "msg") for _ in range(count)]
-
-
-def no_message(peer: Peer, within: float) -> bool:
-    try:
-        peer.expect(lambda i: i.get("kind") == "msg", timeout=within)
-    except AssertionError:
-        return True
-    return False
 
 
 def test_what_a_closed_connection_left_waiting_for_redis_is_not_staged(
