@@ -11,6 +11,10 @@ from chatproto import ChatMessage, ErrorCode, ErrorItem
 
 HOLD_S = 60.0  # how long a device's later messages wait for the re-send of a refused one
 ANSWERED_MAX = 64  # per device: the ids answered 'sent' a hold must not wait for (see Holds.answered)
+# Refused ids a hold remembers per device: a client publishing new ids under a hold, without end,
+# cannot grow it past this (a few KB). An honest client refused more than this in a row (a long
+# outbox published at once) loses nothing: see ``Holds.check``.
+MAX_HELD_IDS = 256
 
 
 class Refused(Exception):
@@ -24,7 +28,7 @@ class Refused(Exception):
 class Holds:
     """Per sending device (client id): the ids of its messages refused for a transient reason, in
     order. Its later messages are refused too until it re-sends those, first one first, so a retry
-    cannot land behind newer ones."""
+    cannot land behind newer ones. At most ``MAX_HELD_IDS`` ids are remembered per device."""
 
     def __init__(self) -> None:
         self._held: dict[str, Hold] = {}
@@ -79,11 +83,18 @@ class Holds:
                 del self._held[origin]
                 return
         if msg_id != hold.ids[0]:
-            if msg_id not in hold.ids:
+            if not hold.full and msg_id not in hold.ids:
                 # Refused under the hold: it must come back in its turn, not ahead of the others
                 # refused before it (a message published after the first re-send was accepted
                 # would otherwise overtake them).
-                hold.ids.append(msg_id)
+                if len(hold.ids) < MAX_HELD_IDS:
+                    hold.ids.append(msg_id)
+                else:
+                    # Refused all the same, not remembered. From now on no new id is remembered until
+                    # the remembered ones are through: one remembered once a place freed up would
+                    # lead a message refused unremembered before it. The unremembered ones then come
+                    # in the order the client re-sends them, after every remembered one.
+                    hold.full = True
             raise Refused(ErrorItem(hold.code, f"message {hold.ids[0]!r} was refused first; re-send it before "
                                     "later ones", msg_id))
         hold.ids.pop(0)
@@ -106,6 +117,11 @@ class Holds:
     def forget(self, origin: str) -> None:
         self._held.pop(origin, None)
         self._answered.pop(origin, None)
+
+    def remembered(self, origin: str) -> int:
+        """How many refused ids of ``origin`` are remembered (at most ``MAX_HELD_IDS``)."""
+        hold = self._held.get(origin)
+        return 0 if hold is None else len(hold.ids)
 
 
 def required_devices(keyed: KeyedDevices, origin: str, sender: str, to: str) -> frozenset[str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from bridge.messaging import admission
 from bridge.messaging.admission import ANSWERED_MAX, HOLD_S, Holds, Refused
 
 
@@ -69,3 +72,32 @@ def test_answered_ids_are_remembered_for_a_while_and_a_bounded_number() -> None:
     assert not holds.was_answered("alice.phone", f"m{ANSWERED_MAX + 9}", HOLD_S), "... and after HOLD_S"
     holds.prune(HOLD_S)
     assert holds._answered == {}, "the sweep drops devices with nothing left"
+
+
+def test_a_hold_remembers_at_most_max_held_ids_and_the_others_come_after_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "MAX_HELD_IDS", 3)
+    holds = Holds()
+    holds.hold("alice.phone", "m1", "rate_limited", 0.0)
+    for n in range(2, 1000):  # a client publishing new ids under the hold without end
+        assert refused(holds, f"m{n}")
+    assert holds.remembered("alice.phone") == 3, "m1, m2, m3: the rest refused without being remembered"
+    assert refused(holds, "m4") and refused(holds, "m2"), "m1 first"
+    assert not refused(holds, "m1")
+    assert refused(holds, "m4"), "not remembered: it may not overtake m2 and m3 ..."
+    assert refused(holds, "m999")
+    assert holds.remembered("alice.phone") == 2, "... nor take the place m1 freed"
+    assert not refused(holds, "m2") and not refused(holds, "m3")
+    assert holds.remembered("alice.phone") == 0
+    assert not refused(holds, "m4") and not refused(holds, "m5"), "then in the order the client re-sends them"
+
+
+def test_a_full_hold_whose_messages_never_come_back_still_ends_one_place_per_hold_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "MAX_HELD_IDS", 2)
+    holds = Holds()
+    holds.hold("alice.phone", "m1", "rate_limited", 0.0)
+    assert refused(holds, "m2") and refused(holds, "m3")
+    assert refused(holds, "m3", now=HOLD_S), "m1 gave up: m2 leads, m3 still not remembered"
+    assert holds.remembered("alice.phone") == 1
+    assert not refused(holds, "m3", now=2 * HOLD_S), "m2 gave up too: the hold is gone"
