@@ -95,7 +95,7 @@ class GroupReceiptInfo:
     seen_tracked: bool = False
     """Whether ``seen`` is tracked: not in groups above the server's ``groups.seen_receipts``."""
     members: dict[str, MemberReceipt] | None = None
-    """Per member waited for (join order); None when not ``tracked``."""
+    """Per member waited for (by name); None when not ``tracked``."""
 
 
 def _field(op: str, result: Any, key: str, kind: type) -> Any:

@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from array import array
 from collections.abc import Iterable, Sequence
@@ -31,14 +32,18 @@ from typing import Any, Final
 
 
 class Roster:
-    """The members a message waits for, in join order, with their places: shared by the tracked
-    messages with the same members (a sender's messages to one group, until it changes)."""
+    """The members a message waits for, sorted by name: shared by the tracked messages with the same
+    members (a sender's messages to one group, until it changes). Sorted, not indexed by a dict: 8
+    bytes a member, and a bisection finds a member among 1,024 in 10 steps."""
 
-    __slots__ = ("__weakref__", "places", "users")
+    __slots__ = ("__weakref__", "users")
 
     def __init__(self, users: tuple[str, ...]) -> None:
         self.users = users
-        self.places = {user: n for n, user in enumerate(users)}
+
+    def place(self, user: str) -> int | None:
+        n = bisect.bisect_left(self.users, user)
+        return n if n < len(self.users) and self.users[n] == user else None
 
 
 @dataclass(slots=True, eq=False)
@@ -62,7 +67,8 @@ class Tracking:
 
 @dataclass(frozen=True, slots=True)
 class TrackedRow:
-    """A tracked message as its store row keeps it: ``marks`` maps members to (delivered ms, seen ms), 0: not."""
+    """A tracked message as its store row keeps it: ``members`` sorted, ``marks`` maps members to
+    (delivered ms, seen ms), 0: not."""
 
     mid: int
     sender: str
@@ -126,11 +132,10 @@ class GroupReceipts:
 
     def track(self, mid: int, sender: str, msg_id: str, group: str, group_size: int, members: Sequence[str],
               expires_ms: int, writes: ReceiptWrites) -> None:
-        """A group message staged for ``members`` (rule 1: its target members, join order) in a group of
-        ``group_size`` members."""
+        """A group message staged for ``members`` (rule 1: its target members) in a group of ``group_size``."""
         if not members:
             return
-        row = TrackedRow(mid, sender, msg_id, group, expires_ms, tuple(members),
+        row = TrackedRow(mid, sender, msg_id, group, expires_ms, tuple(sorted(members)),
                          self.seen_max > 0 and group_size <= self.seen_max)
         self._add(row)
         writes.new.append(row)
@@ -161,7 +166,7 @@ class GroupReceipts:
     def delivered(self, mid: int, member: str, now_ms: int, writes: ReceiptWrites) -> Completed | None:
         """A device of ``member`` acked the message ``mid``; what that completed, if anything."""
         tracking = self._by_mid.get(mid)
-        place = tracking.roster.places.get(member) if tracking is not None else None
+        place = tracking.roster.place(member) if tracking is not None else None
         if tracking is None or place is None or tracking.delivered[place]:
             return None
         tracking.delivered[place] = now_ms
@@ -175,7 +180,7 @@ class GroupReceipts:
         completed = []
         for msg_id in dict.fromkeys(ids):
             for tracking in list(self._by_id.get((group, msg_id), ())):
-                place = tracking.roster.places.get(member)
+                place = tracking.roster.place(member)
                 if place is None or tracking.seen is None or tracking.seen[place]:
                     continue
                 was_delivered = tracking.missing_delivered == 0
@@ -225,7 +230,7 @@ class GroupReceipts:
 
 
 def detail(tracking: Tracking) -> dict[str, Any]:
-    """The ``group.receipts`` result for a tracked message: per member (join order) when it had the
+    """The ``group.receipts`` result for a tracked message: per member (by name) when it had the
     message and when it saw it (ms; null: not yet, or seen not tracked)."""
     seen = tracking.seen
     members = {user: {"delivered": tracking.delivered[n] or None, "seen": seen[n] or None if seen else None}
