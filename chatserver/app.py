@@ -25,6 +25,7 @@ from bridge.messaging.group_receipts import GroupReceipts
 from bridge.messaging.groups import GroupStaging
 from bridge.messaging.records import Rules
 from bridge.messaging.service import Messaging
+from bridge.messaging.store import GroupReceiptStore
 from bridge.presence.core import PresenceCore, PresenceRules
 from bridge.presence.service import PresenceService
 from bridge.requests import build_ops
@@ -318,7 +319,8 @@ class BrokerApp:
         messages, items, remembered = await store.load(self.clock.wall_ms())
         staging.restore(messages, items)
         staging.remember_ids(remembered)
-        staging.restore_receipts(await store.group_receipts(), self.clock.wall_ms())
+        receipt_store: GroupReceiptStore = store  # its writes ride in the commits (FlushBatch.receipts)
+        staging.restore_receipts(await receipt_store.group_receipts(), self.clock.wall_ms())
         log.info("staging: %d message(s), %d item(s), %d tracked group message(s) restored", len(messages),
                  len(items), len(staging.receipts))
         links = LinkRegistry(staging.counters)

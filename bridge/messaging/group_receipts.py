@@ -201,6 +201,12 @@ class GroupReceipts:
             self._forget(tracking, writes)
         return Completed(tracking, delivered, seen) if delivered or seen else None
 
+    def drop(self, mid: int, writes: ReceiptWrites) -> None:
+        """Forget the message ``mid`` if tracked: it was dropped unwritten (its re-send is a new one)."""
+        tracking = self._by_mid.get(mid)
+        if tracking is not None:
+            self._forget(tracking, writes)
+
     def expire(self, now_ms: int, writes: ReceiptWrites) -> None:
         """Forget the messages past their expiry (rule 4). Creation order is expiry order, but for a
         TTL changed across a restart: those wait for the ones ahead of them (a sweep or so)."""

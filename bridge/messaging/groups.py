@@ -132,6 +132,12 @@ class GroupStaging(Staging):
         self.receipts.restore(rows)
         self.receipts.expire(now_ms, self._pending.receipts)
 
+    def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
+        out = super().drop_unwritable(part)
+        for message in part.bodies:  # forgotten without 'sent': no receipts either
+            self.receipts.drop(message.mid, self._pending.receipts)
+        return out
+
     def expire(self, now_ms: int, now: float) -> StagingOutcome:
         out = super().expire(now_ms, now)
         self.receipts.expire(now_ms, self._pending.receipts)

@@ -196,6 +196,16 @@ def test_a_failed_commit_puts_the_receipt_rows_back_first() -> None:
     assert again.receipts.marks == [(batch.bodies[0].mid, "bob", 1001, 1001)]
 
 
+def test_a_message_dropped_unwritten_is_not_tracked_any_more() -> None:
+    s = staging()
+    s.submit_group("alice.phone", "alice", ChatMessage("m1", GROUP, "hi"), ("alice", "bob", "carol"), 1000, 0.0)
+    batch = s.take_flush(0.0)
+    assert batch is not None
+    [own, *_] = batch.parts()
+    s.drop_unwritable(own)
+    assert len(s.receipts) == 0 and s.take_flush(1.0).receipts.done == [own.bodies[0].mid]  # type: ignore[union-attr]
+
+
 # --- group.receipts -------------------------------------------------------------------------------------
 
 
