@@ -200,3 +200,19 @@ def test_many_members_acking_and_reporting_at_once_complete_each_message_once(
         eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
     finally:
         broker.stop()
+
+
+def test_tracking_ends_at_the_ttl(tmp_path: Path, made: list[Peer]) -> None:
+    broker = start(tmp_path / "data", **{"staging.ttl_days": 1.5 / 86400, "staging.sweep_s": 0.2})
+    try:
+        alice, bob = online_peer(broker.port, made, "alice"), online_peer(broker.port, made, "bob")
+        online_peer(broker.port, made, "carol").close()  # known, offline: never acks
+        group = ok(alice, "group.create", name="g", members=["bob", "carol"])["group"]
+        send(alice, group, "m1")
+        ack(bob, bob.expect(msg("m1")))
+        assert alice.expect(receipt("expired", "m1"))["peer"] == group  # carol's copy expired
+        eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
+        assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
+        assert statuses(alice) == []  # no delivered or seen after it
+    finally:
+        broker.stop()
