@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from bridge.background import Supervisor
 from bridge.clock import Clock
 from bridge.cluster.store import MessageRef, QueuedItem, QueueStore, Stage, StageStatus
-from bridge.cluster.window import WindowOutcome, Windows
+from bridge.cluster.window import Alias, WindowOutcome, Windows
 from bridge.cluster.writeback import Held, WriteBack, item_for
 from bridge.links import LinkRegistry
 from bridge.messaging.admission import Holds, Refused
@@ -248,11 +248,10 @@ class Holding:
             await self._host.retrying("its delivery record", functools.partial(
                 self._queues.mark_delivered, stage.user, message.sender, [message.msg_id]))
         for client_id, seq in staged:
-            if client_id in held.acked_while_writing:
+            aliased = self._host.windows.alias(client_id, held.links.get(client_id, 0), held.seqs[client_id], seq)
+            if client_id in held.acked_while_writing or aliased == Alias.ACKED:
                 ack = functools.partial(self._queues.ack, client_id, [seq])
                 await self._host.retrying("an ack of a held item", ack)
-            else:
-                self._host.windows.alias(client_id, held.links.get(client_id, 0), held.seqs[client_id], seq)
         await self._host.wake(staged)  # a device that left reads it wherever it is now
         self._held_done(held)
 
