@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers meaningless)")
     parser.add_argument("--targets", help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)});"
-                                           f" scale: {','.join(scale.TARGETS)}")
+                                           f" scale: {','.join(scale.TARGETS)} (also cluster1,cluster1-nowb)")
     parser.add_argument("--redis-replicas", type=int, default=0,
                         help="scale: replicas per Redis master (default 0: 3 masters without replicas)")
     parser.add_argument("--profile", action="store_true", help="sample our broker with py-spy during the runs")
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
         sizes = dataclasses.replace(sizes, **overrides)
-    known = scale.TARGETS if args.scenario == "scale" else TARGETS
-    targets = [t.strip() for t in (args.targets or ",".join(known)).split(",") if t.strip()]
+    known, default = (scale.ALL_TARGETS, scale.TARGETS) if args.scenario == "scale" else (TARGETS, TARGETS)
+    targets = [t.strip() for t in (args.targets or ",".join(default)).split(",") if t.strip()]
     unknown = set(targets) - set(known)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
