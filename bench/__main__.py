@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, help="override the number of online pairs")
     parser.add_argument("--inflight", type=int, help="override the messages each pair keeps on the way (max runs)")
     parser.add_argument("--idle-levels", help="override the idle levels of compare, e.g. 0,10000")
+    parser.add_argument("--rates", help="override the offered loads (msg/s) of the open-loop runs, e.g. 100,500"
+                                        " (scale runs the first)")
     parser.add_argument("--idle-counts", help="override the connection counts of idle, e.g. 10000 (-1: as many "
                                               "as the descriptor limit allows)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["inflight"] = args.inflight
     if args.idle_levels:
         overrides["idle_levels"] = [int(v) for v in args.idle_levels.split(",")]
+    if args.rates:
+        overrides["rates"] = [int(v) for v in args.rates.split(",")]
     if args.idle_counts:
         overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
