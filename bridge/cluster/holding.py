@@ -154,6 +154,7 @@ class Holding:
         now = self._now()
         links = {client_id: self._host.windows.link(client_id) or 0 for client_id in seqs}
         held = self._writeback.hold(stage, lane, seqs, links, now)
+        self.counters.count_writeback("held", stage.message is not None)
         for client_id, seq in seqs.items():
             item = item_for(stage, client_id, seq)
             if item is not None:  # (an olm target always has its ciphertext)
@@ -243,6 +244,7 @@ class Holding:
 
         await self._host.retrying("a held item", write)
         self._writeback.written(held)
+        self.counters.count_writeback("written", held.stage.message is not None)
         message = stage.message
         if message is not None and stage.delivery and held.reported:  # reported while being written: not again
             await self._host.retrying("its delivery record", functools.partial(
@@ -259,6 +261,7 @@ class Holding:
         """Rule 3: every target acked a held message; its dedup mark is all that is written."""
         if held.stage.message is not None:
             await self._host.retrying("a dedup mark", functools.partial(self._queues.settle, held.stage))
+        self.counters.count_writeback("settled", held.stage.message is not None)
         self._held_done(held)
 
     def _held_done(self, held: Held) -> None:
