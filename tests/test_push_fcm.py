@@ -4,6 +4,7 @@ the access token cached and renewed, each answer mapped to the PushResult the pu
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ async def test_the_access_token_is_cached_until_shortly_before_it_expires(setup:
     assert setup.token_requests() == 2
     bearers = {r.headers["authorization"] for r in setup.server.requests if r.path != "/token"}
     assert len(bearers) == 2
+
+
+async def test_concurrent_sends_share_one_token_exchange(setup: Setup) -> None:
+    results = await asyncio.gather(*(setup.provider.send(TARGET, setup.wake()) for _ in range(8)))
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert setup.token_requests() == 1
 
 
 async def test_a_401_gets_one_new_token_and_one_more_try(setup: Setup) -> None:

@@ -55,14 +55,8 @@ def reason(response: httpx.Response) -> str:
 def classify(response: httpx.Response, now: float) -> PushResult:
     """What one answer means (a first 403 ExpiredProviderToken is the caller's: a new token)."""
     status, why = response.status_code, reason(response)
-    said = common.detail(response, why)
-    if status == 200:
-        return PushResult(Outcome.SENT)
-    if status == 410 or (status == 400 and why in GONE_REASONS):
-        return PushResult(Outcome.GONE, detail=said)
-    if common.is_retryable(status):
-        return common.retry(response, now, said)
-    return PushResult(Outcome.REJECTED, detail=said)
+    gone = status == 410 or (status == 400 and why in GONE_REASONS)
+    return common.outcome(response, now, common.detail(response, why), sent=status == 200, gone=gone)
 
 
 class ApnsProvider:

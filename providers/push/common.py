@@ -57,6 +57,19 @@ def is_retryable(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+def outcome(response: httpx.Response, now: float, said: str, *, sent: bool, gone: bool,
+            retryable: bool = False) -> PushResult:
+    """An answer's result from what the service's own codes say: 429 and 5xx are always RETRY
+    (after its Retry-After), and what is neither sent, gone nor retryable is REJECTED for good."""
+    if sent:
+        return PushResult(Outcome.SENT)
+    if gone:
+        return PushResult(Outcome.GONE, detail=said)
+    if retryable or is_retryable(response.status_code):
+        return retry(response, now, said)
+    return PushResult(Outcome.REJECTED, detail=said)
+
+
 def detail(response: httpx.Response, reason: str = "") -> str:
     return f"HTTP {response.status_code} {reason}".strip()[:DETAIL_CHARS]
 

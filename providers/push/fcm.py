@@ -76,16 +76,13 @@ def error_codes(body: bytes) -> tuple[str, str]:
 
 def classify(response: httpx.Response, now: float) -> PushResult:
     """What one ``messages:send`` answer means (401 is handled by the caller: a new token)."""
-    status = response.status_code
-    if status == 200:
-        return PushResult(Outcome.SENT)
-    grpc_status, code = error_codes(response.content)
-    said = common.detail(response, f"{grpc_status} {code}".strip())
-    if status == 404 or grpc_status in GONE_CODES or code in GONE_CODES:
-        return PushResult(Outcome.GONE, detail=said)
-    if common.is_retryable(status) or grpc_status in RETRY_CODES or code in RETRY_CODES:
-        return common.retry(response, now, said)
-    return PushResult(Outcome.REJECTED, detail=said)
+    grpc_status, code = error_codes(response.content) if response.status_code != 200 else ("", "")
+    return common.outcome(
+        response, now, common.detail(response, f"{grpc_status} {code}".strip()),
+        sent=response.status_code == 200,
+        gone=response.status_code == 404 or grpc_status in GONE_CODES or code in GONE_CODES,
+        retryable=grpc_status in RETRY_CODES or code in RETRY_CODES,
+    )
 
 
 class FcmProvider:

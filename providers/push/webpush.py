@@ -102,15 +102,10 @@ def payload(wake: WakeUp) -> bytes:
 
 
 def classify(response: httpx.Response, now: float) -> PushResult:
+    # 413 (too large) and other 4xx (a VAPID fault) are REJECTED
     status = response.status_code
-    said = common.detail(response, response.reason_phrase)
-    if status in (200, 201, 202):
-        return PushResult(Outcome.SENT)
-    if status in (404, 410):
-        return PushResult(Outcome.GONE, detail=said)
-    if common.is_retryable(status):
-        return common.retry(response, now, said)
-    return PushResult(Outcome.REJECTED, detail=said)  # 413 too large, 400/401/403 a VAPID fault
+    return common.outcome(response, now, common.detail(response, response.reason_phrase),
+                          sent=status in (200, 201, 202), gone=status in (404, 410))
 
 
 def load_vapid_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
