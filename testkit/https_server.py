@@ -108,6 +108,7 @@ class HttpsServer:
         self.refused: list[str] = []  # request lines answered 505 (an HTTP/2 preface to HTTP/1.1)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.connections = 0  # accepted so far
         self.port = 0
 
     @property
@@ -133,6 +134,7 @@ class HttpsServer:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # our own task, not asyncio's: close() cancels and awaits it
+        self.connections += 1
         task = asyncio.create_task(self._serve(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -86,6 +86,7 @@ async def test_the_provider_token_is_reused_and_renewed_within_the_hour(setup: S
     setup.clock.advance(3600 + 1)  # past the hour since the last send: renewed, not refused
     assert await setup.sent()
     assert len(setup.fake.provider_tokens) == 3
+    assert setup.server.connections == 1  # one HTTP/2 connection kept open, as Apple asks
 
 
 async def test_expired_provider_token_gets_a_new_token_and_one_more_try(setup: Setup) -> None:

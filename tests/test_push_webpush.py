@@ -114,6 +114,9 @@ async def test_a_bad_subscription_or_an_oversized_preview_is_rejected_unsent(set
         json.dumps({**good, "keys": {**good["keys"], "auth": b64url(b"short")}}),
         json.dumps({**good, "keys": {**good["keys"], "p256dh": b64url(b"\x04" + b"x" * 10)}}),
         json.dumps({"endpoint": good["endpoint"]}),
+        json.dumps({**good, "endpoint": "https://[::1/push/x"}),
+        json.dumps({**good, "endpoint": "https://127.0.0.1:port/push/x"}),
+        json.dumps({**good, "endpoint": "https://user:pw@127.0.0.1/push/x"}),
     ]
     for token in bad:
         result = await setup.provider.send(PushTarget("webpush", token, "x"), setup.wake())
@@ -122,6 +125,15 @@ async def test_a_bad_subscription_or_an_oversized_preview_is_rejected_unsent(set
                                        setup.wake("x" * webpush.MAX_PLAINTEXT))
     assert result.outcome is Outcome.REJECTED
     assert setup.server.requests == []
+
+
+def test_the_vapid_audience_is_the_endpoints_origin() -> None:
+    keys = json.loads(Subscriber("https://x").subscription())["keys"]
+    for endpoint, origin in [("https://FCM.googleapis.com:443/fcm/send/a", "https://fcm.googleapis.com"),
+                             ("https://127.0.0.1:8443/push/x?y=1", "https://127.0.0.1:8443")]:
+        subscription = webpush.Subscription.parse(json.dumps({"endpoint": endpoint, "keys": keys}))
+        assert subscription is not None
+        assert subscription.origin == origin
 
 
 def test_rfc8291_example() -> None:

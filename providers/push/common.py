@@ -16,13 +16,17 @@ from providers.push.jws import b64url
 
 DEFAULT_TIMEOUT_S = 10.0
 DETAIL_CHARS = 200  # of a service's answer kept for the log
+# An idle connection is kept this long (httpx's default is 5 s): Apple asks for connections kept
+# open across notifications, and a wake-up after a pause then skips the TLS handshake.
+KEEPALIVE_S = 60.0
 
 
 def make_client(*, verify: bool | str, timeout_s: float, http1: bool = True) -> httpx.AsyncClient:
     """``verify``: True (the system's CAs), False, or a CA bundle's path (a local test server).
     HTTP/2 is offered always; ``http1=False`` refuses HTTP/1.1 (APNs speaks only HTTP/2)."""
     tls: bool | ssl.SSLContext = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
-    return httpx.AsyncClient(http1=http1, http2=True, verify=tls, timeout=httpx.Timeout(timeout_s))
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+    return httpx.AsyncClient(http1=http1, http2=True, verify=tls, timeout=httpx.Timeout(timeout_s), limits=limits)
 
 
 async def post(

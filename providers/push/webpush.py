@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,6 +34,7 @@ VAPID_CACHE = 64  # push services (origins) remembered; there are a handful in p
 @dataclass(frozen=True, slots=True)
 class Subscription:
     endpoint: str
+    origin: str  # the endpoint's origin (RFC 6454: lower-case host, no default port): VAPID's aud
     p256dh: bytes  # the browser's P-256 public key, uncompressed (65 bytes)
     auth: bytes  # its 16-byte authentication secret
 
@@ -45,19 +45,14 @@ class Subscription:
             data = json.loads(token)
             endpoint, keys = str(data["endpoint"]), data["keys"]
             p256dh, auth = jws.b64url_decode(str(keys["p256dh"])), jws.b64url_decode(str(keys["auth"]))
-        except (ValueError, KeyError, TypeError):
+            url = httpx.URL(endpoint)
+        except (ValueError, KeyError, TypeError, httpx.InvalidURL):
             return None
-        url = urlsplit(endpoint)
-        if url.scheme != "https" or not url.hostname or url.username or len(auth) != 16:
+        if url.scheme != "https" or not url.host or url.userinfo or len(auth) != 16:
             return None
         if len(p256dh) != 65 or p256dh[0] != 4:
             return None
-        return cls(endpoint, p256dh, auth)
-
-    @property
-    def origin(self) -> str:
-        url = urlsplit(self.endpoint)
-        return f"{url.scheme}://{url.netloc}"
+        return cls(endpoint, f"https://{url.netloc.decode('ascii')}", p256dh, auth)
 
 
 def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
