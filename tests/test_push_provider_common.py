@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.push.provider import Outcome, PushProvider, PushResult, PushTarget, WakeUp
 from providers.push import apns, fcm, jws, webpush
@@ -42,6 +45,8 @@ def test_retry_after_is_seconds_or_an_http_date() -> None:
     assert retry_after_s(formatdate(now + 90, usegmt=True), now) == pytest.approx(90, abs=1)
     assert retry_after_s(formatdate(now - 90, usegmt=True), now) == 0.0
     assert retry_after_s("soon", now) is None
+    assert retry_after_s("²", now) is None  # a digit to str.isdigit, not to RFC 9110
+    assert retry_after_s("9" * 400, now) == 86400.0
     assert retry_after_s(None, now) is None
 
 
@@ -120,3 +125,25 @@ async def test_a_silent_service_is_retry_after_the_timeout(
     result = await send_once(factory, tmp_path, platform, silent_port, 0.3)
     assert (result.outcome, "Timeout" in result.detail) == (Outcome.RETRY, True)
     assert time.monotonic() - started < 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    status=st.integers(200, 599),
+    body=st.one_of(st.binary(max_size=64), st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+            ["error", "status", "details", "errorCode", "reason", "code"]), inner, max_size=3),
+        max_leaves=8).map(lambda v: json.dumps(v).encode())),
+    retry_after=st.one_of(st.none(), st.text(max_size=30), st.sampled_from(
+        ["31 Dec 9999 23:59:59 -2359", "Tue, 1 Jan 99999999 00:00:00 GMT", "1 Jan 0001 00:00:00 +0000", "1.5"])),
+)
+def test_any_answer_is_a_result_never_an_exception(status: int, body: bytes, retry_after: str | None) -> None:
+    headers = [] if retry_after is None else [(b"retry-after", retry_after.encode("utf-8", "replace"))]
+    response = httpx.Response(status, headers=headers, content=body)
+    for classify in (fcm.classify, apns.classify, webpush.classify):
+        result = classify(response, time.time())
+        sent = status == 200 or (classify is webpush.classify and status in (201, 202))
+        assert (result.outcome is Outcome.SENT) == sent
+        if result.outcome is Outcome.RETRY:
+            assert result.retry_after_s is None or result.retry_after_s >= 0

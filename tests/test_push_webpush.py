@@ -113,6 +113,7 @@ async def test_a_bad_subscription_or_an_oversized_preview_is_rejected_unsent(set
         json.dumps({**good, "endpoint": good["endpoint"].replace("https:", "http:")}),
         json.dumps({**good, "keys": {**good["keys"], "auth": b64url(b"short")}}),
         json.dumps({**good, "keys": {**good["keys"], "p256dh": b64url(b"\x04" + b"x" * 10)}}),
+        json.dumps({**good, "keys": {**good["keys"], "p256dh": b64url(b"\x04" + b"x" * 64)}}),  # off the curve
         json.dumps({"endpoint": good["endpoint"]}),
         json.dumps({**good, "endpoint": "https://[::1/push/x"}),
         json.dumps({**good, "endpoint": "https://127.0.0.1:port/push/x"}),

@@ -19,6 +19,7 @@ DETAIL_CHARS = 200  # of a service's answer kept for the log
 # An idle connection is kept this long (httpx's default is 5 s): Apple asks for connections kept
 # open across notifications, and a wake-up after a pause then skips the TLS handshake.
 KEEPALIVE_S = 60.0
+MAX_RETRY_AFTER_S = 86400.0
 
 
 def make_client(*, verify: bool | str, timeout_s: float, http1: bool = True) -> httpx.AsyncClient:
@@ -41,15 +42,16 @@ async def post(
 
 
 def retry_after_s(value: str | None, now: float) -> float | None:
-    """Retry-After as seconds from ``now`` (Unix time): delta-seconds or an HTTP-date (RFC 9110)."""
+    """Retry-After as seconds from ``now`` (Unix time): delta-seconds or an HTTP-date (RFC 9110),
+    at most a day (a garbled huge value must not park a device for ever)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError):
+        return min(max(0.0, parsedate_to_datetime(value).timestamp() - now), MAX_RETRY_AFTER_S)
+    except (TypeError, ValueError, OverflowError):
         return None
 
 

@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -31,8 +31,8 @@ RETRY_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED"})
 @dataclass(frozen=True, slots=True)
 class ServiceAccount:
     client_email: str
-    private_key: rsa.RSAPrivateKey
-    token_uri: str
+    private_key: rsa.RSAPrivateKey = field(repr=False)
+    token_uri: str = ""
 
     @classmethod
     def from_file(cls, path: str | Path) -> ServiceAccount:

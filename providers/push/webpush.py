@@ -46,11 +46,12 @@ class Subscription:
             endpoint, keys = str(data["endpoint"]), data["keys"]
             p256dh, auth = jws.b64url_decode(str(keys["p256dh"])), jws.b64url_decode(str(keys["auth"]))
             url = httpx.URL(endpoint)
+            if len(p256dh) != 65:  # uncompressed, as browsers give it
+                return None
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), p256dh)  # on the curve
         except (ValueError, KeyError, TypeError, httpx.InvalidURL):
             return None
         if url.scheme != "https" or not url.host or url.userinfo or len(auth) != 16:
-            return None
-        if len(p256dh) != 65 or p256dh[0] != 4:
             return None
         return cls(endpoint, f"https://{url.netloc.decode('ascii')}", p256dh, auth)
 
