@@ -69,6 +69,7 @@ from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
+from bridge.cluster.group_store import GroupFan, LogEntry
 from bridge.cluster.store import (
     SEQ_STRIDE,
     MessageEntry,
@@ -82,8 +83,9 @@ from bridge.cluster.store import (
 )
 from bridge.directory import PLACEHOLDER_DEVICE
 from bridge.store import NotReplicated, StoreError
-from chatproto import MsgItem, ReceiptItem
+from chatproto import GROUP_PREFIX, GroupItem, MsgItem, ReceiptItem, parse_downlink
 from storage.redis.client import RETRY_S, RedisStore
+from storage.redis.group_log import UNHOLD, body_key
 from storage.redis.queue_scripts import (
     ACK,
     ADOPT,
@@ -98,6 +100,7 @@ from storage.redis.queue_scripts import (
     SEQ_FLOOR,
     SETTLE,
     STAGE,
+    STAGE_GROUP,
     TAILS,
 )
 from storage.redis.users import devices_key
@@ -154,17 +157,26 @@ def stage_candidates(stage: Stage, shared: str | None) -> list[tuple[str, str]] 
     return out
 
 
-def decode_item(member: str, wire: str) -> QueuedItem:
-    """The item of a queue member (and its record's wire, for a message)."""
-    seq, expires_ms, ref, payload = json.loads(member)
-    item: MsgItem | ReceiptItem
-    if ref:
+def decode_item(row: list[Any], wire: str) -> QueuedItem | None:
+    """The item of a queue member (decoded JSON) and its record's wire (for a group message: its body's,
+    "" if that is gone, and then None: the item is past its TTL)."""
+    seq, expires_ms, ref, payload = row
+    item: MsgItem | ReceiptItem | GroupItem
+    if ref.startswith(GROUP_PREFIX):
+        if not wire:
+            log.warning("redis queues.read: the body of %s is gone (expired): item %d not delivered", ref, seq)
+            return None
+        item = replace(MsgItem.decode(wire.encode()), seq=seq, gseq=int(ref.rpartition("/")[2]))
+    elif ref:
         if not wire:
             raise StoreError(f"redis queues.read: the record of {ref} is missing")
         message = MsgItem.decode(wire.encode())
         item = replace(message, seq=seq, body=message.body if payload is None else payload)
     else:
-        item = replace(ReceiptItem.decode(payload.encode()), seq=seq)
+        notice = parse_downlink(payload.encode())
+        if not isinstance(notice, ReceiptItem | GroupItem):
+            raise StoreError(f"redis queues.read: a queued {notice.KIND} item")
+        item = replace(notice, seq=seq)
     return QueuedItem(item, expires_ms)
 
 
@@ -189,7 +201,8 @@ class RedisQueueStore(RedisStore):
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
         "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.seq_block": SEQ_BLOCK,
-        "queues.reserve": RESERVE, "queues.settle": SETTLE, "queues.tails": TAILS}
+        "queues.reserve": RESERVE, "queues.settle": SETTLE, "queues.tails": TAILS, "queues.stage_group": STAGE_GROUP,
+        "queues.unhold": UNHOLD}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -289,7 +302,44 @@ class RedisQueueStore(RedisStore):
             return []
         user, device = split_client(client_id)
         rows = await self.run("queues.read", [self.key("q", user, device)], [after_seq, limit, self._records(user)])
-        return [decode_item(member, wire) for member, wire in zip(rows[::2], rows[1::2], strict=True)]
+        members = [json.loads(member) for member in rows[::2]]
+        bodies = await self._group_bodies({row[2] for row in members if row[2].startswith(GROUP_PREFIX)})
+        found = [decode_item(row, bodies.get(row[2], wire)) for row, wire in zip(members, rows[1::2], strict=True)]
+        return [queued for queued in found if queued is not None]
+
+    async def _group_bodies(self, refs: set[str]) -> dict[str, str]:
+        """The wire of each group message ``g:Ab3/<gseq>``, read from its group's slot ("" if gone)."""
+        listed = sorted(refs)
+        wires = await asyncio.gather(*(
+            self.command("queues.group_body", "HGET", body_key(self, *ref.rsplit("/", 1)), "wire") for ref in listed))
+        return {ref: wire or "" for ref, wire in zip(listed, wires, strict=True)}
+
+    async def _unhold(self, refs: list[str]) -> None:
+        """This user holds no item of these group messages any more: count the user off each body. A
+        failure leaves the body until its TTL (logged)."""
+        for ref in refs:
+            try:
+                await self.run("queues.unhold", [body_key(self, *ref.rsplit("/", 1))], [])
+            except StoreError as exc:
+                log.warning("group body %s not counted down (kept until its TTL): %s", ref, exc)
+
+    async def stage_group(self, user: str, entries: list[LogEntry], max_queue: int) -> GroupFan:
+        if not entries:
+            return GroupFan((), (), 0)
+        args: list[str | int] = [self.key("q", user, ""), self.key("qe", user, ""), self._records(user),
+                                 entries[0].group, max_queue]
+        for entry in entries:
+            origin_user, origin_device = split_client(entry.origin)
+            payload = "null" if entry.event is None else json.dumps(entry.event.encode().decode())
+            args += [entry.gseq, entry.expires_ms, payload, origin_device if origin_user == user else "",
+                     "e" if entry.event is not None else "m"]
+        keys = [devices_key(self, user), self.key("qs", user), self.key("gw", user)]
+        # Replicated like a stage: the fanner drops the entries from the group's log after this.
+        staged, unheld, skipped = await self.run_replicated("queues.stage_group", keys, args, self._replicas,
+                                                            self._wait_ms)
+        targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(staged[::2], staged[1::2], strict=True))
+        await asyncio.gather(*(self._hint(client_id, entries[-1].expires_ms) for client_id, _ in targets))
+        return GroupFan(targets, tuple(int(gseq) for gseq in unheld), int(skipped))
 
     async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
         if not seqs:
@@ -298,7 +348,8 @@ class RedisQueueStore(RedisStore):
         keys = [*self._queue_keys(user, device), self._replay_key(user)]
         _, *refs = json.loads(await self.run("queues.ack", keys,
                                              [user, device, self._records(user), self._replay_ms, *seqs]))
-        return [message_ref(ref, user) for ref in refs]
+        await self._unhold([ref[1:] for ref in refs if ref.startswith("~")])
+        return [message_ref(ref, user) for ref in refs if not ref.startswith("~")]
 
     async def mark_delivered(self, recipient: str, sender: str, msg_ids: list[str]) -> list[str]:
         if not msg_ids:
@@ -335,7 +386,9 @@ class RedisQueueStore(RedisStore):
         dropped, first, *flat = json.loads(reply)
         if first is not False:
             await self._hint(client_id, int(float(first)))
-        return Swept([message_ref(ref, to) for ref, to in zip(flat[::2], flat[1::2], strict=True)], int(dropped))
+        pairs = list(zip(flat[::2], flat[1::2], strict=True))
+        await self._unhold([ref[1:] for ref, _ in pairs if ref.startswith("~")])
+        return Swept([message_ref(ref, to) for ref, to in pairs if not ref.startswith("~")], int(dropped))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         found: dict[str, None] = {}  # in order, once each
