@@ -290,15 +290,16 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return {#members, earliest(KEYS[4])}
 """
 
-# KEYS: queue, expiry. ARGV: record prefix. Returns the items dropped.
+# KEYS: queue, expiry. ARGV: record prefix. Returns {items dropped, group ref released, ...}.
 REMOVE = COMMON + """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local reply = {#members}
 for _, member in ipairs(members) do
   local ref = ref_of(member)
-  if ref ~= '' then release(ARGV[1] .. ref) end
+  if ref ~= '' and release(ARGV[1] .. ref) and group_ref(ref) then table.insert(reply, ref) end
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-return #members
+return reply
 """
 
 # KEYS: bucket. ARGV: rate per s, burst, now_ms. A bucket is full again after (burst - tokens) /

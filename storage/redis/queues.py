@@ -362,7 +362,9 @@ class RedisQueueStore(RedisStore):
     async def remove_device(self, client_id: str) -> int:
         user, device = split_client(client_id)
         await self._unhint(client_id)
-        return int(await self.run("devices.remove", self._queue_keys(user, device), [self._records(user)]))
+        dropped, *released = await self.run("devices.remove", self._queue_keys(user, device), [self._records(user)])
+        await self._unhold([str(ref) for ref in released])
+        return int(dropped)
 
     async def adopt_placeholder(self, user: str, client_id: str) -> int:
         _, device = split_client(client_id)
