@@ -187,55 +187,40 @@ async def add_users(redis_cluster: RedisCluster, prefix: str, names: list[str]) 
         await users.close()
 
 
-def test_a_node_killed_mid_fanout_loses_repeats_and_reorders_nothing(tmp_path: Path,
-                                                                     redis_cluster: RedisCluster) -> None:
-    """Two nodes as processes; two senders on node 0 stream to a group of twelve spread over both; node 0
-    is SIGKILLed mid-stream. Its clients reconnect to node 1 and re-send what got no ``sent`` (same ids,
-    as the SDK's outbox does); node 1's sweep fans what node 0 left in the log. Every member device gets
-    each message staged once (one seq per (from, id)), and all see one gseq order."""
-    prefix = f"k{uuid.uuid4().hex[:10]}:"
-    users = [f"k{i:02d}" for i in range(12)]
-    asyncio.run(add_users(redis_cluster, prefix, users))
-    base = {"cluster.redis": [f"127.0.0.1:{port}" for _, port in redis_cluster.startup_nodes],
-            "cluster.key_prefix": prefix, "cluster.lease_s": 2.0, "staging.sweep_s": 1.0,
-            "limits.send_burst": 100000, "limits.send_rate_per_s": 100000.0}
-    procs = [BrokerProcess(tmp_path / f"n{n}", {**base, "cluster.node_id": f"n{n}"}).start() for n in range(2)]
-    received: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    sent: dict[str, set[str]] = defaultdict(set)
-    lock = threading.Lock()
-    clients: list[Peer] = []
+class Traffic:
+    """Member devices streaming to one group and receiving from it: each acks what it gets and records
+    its messages and its ``sent`` receipts, as a client with an outbox would need."""
 
-    def connect(user: str, port: int) -> Peer:
+    def __init__(self) -> None:
+        self.received: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.sent: dict[str, set[str]] = defaultdict(set)
+        self.lock = threading.Lock()
+        self.clients: list[Peer] = []
+
+    def connect(self, user: str, port: int) -> Peer:
         peer = Peer(port, user, "same-pw")
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             item = json.loads(msg.payload)
             if "seq" in item:
                 client.publish(f"u/{user}/ack", json.dumps({"seqs": [item["seq"]]}), qos=1)
-            with lock:
+            with self.lock:
                 if item.get("kind") == "msg":
-                    received[user].append(item)
+                    self.received[user].append(item)
                 elif item.get("kind") == "receipt" and item.get("status") == "sent":
-                    sent[user].update(item["ids"])
+                    self.sent[user].update(item["ids"])
                 elif item.get("kind") == "res":
                     peer.messages.put((msg.topic, msg.payload, False))
 
         peer.client.on_message = on_message
-        clients.append(peer)
+        self.clients.append(peer)
         assert peer.connect() == 0 and peer.subscribe() == [1]
         return peer
 
-    try:
-        online = {u: connect(u, procs[n % 2].port) for n, u in enumerate(users)}
-        senders, per_sender = users[:2], 300  # k00 on node 0; k01 moved there too
-        online[users[1]].close()
-        online[users[1]] = connect(users[1], procs[0].port)
-        group = ok(online[users[0]], "group.create", name="chaos", members=users[1:])["group"]
-        everything = {u: [f"{u}-{n:04d}" for n in range(per_sender)] for u in senders}
-
-        def stream(user: str) -> None:
-            peer = online[user]
-            for msg_id in everything[user]:
+    def streaming(self, peer: Peer, group: str, ids: list[str]) -> threading.Thread:
+        """A thread publishing ``ids`` to ``group`` until its connection goes."""
+        def stream() -> None:
+            for msg_id in ids:
                 if peer.disconnected.is_set():
                     return
                 try:
@@ -243,10 +228,66 @@ def test_a_node_killed_mid_fanout_loses_repeats_and_reorders_nothing(tmp_path: P
                 except (RuntimeError, ValueError):
                     return
 
-        threads = [threading.Thread(target=stream, args=(u,)) for u in senders]
-        for thread in threads:
-            thread.start()
-        eventually(lambda: sum(len(v) for v in received.values()) > 600, what="the stream got going")
+        thread = threading.Thread(target=stream)
+        thread.start()
+        return thread
+
+    def count(self) -> int:
+        with self.lock:
+            return sum(len(items) for items in self.received.values())
+
+    def resend(self, user: str, peer: Peer, group: str, ids: list[str]) -> None:
+        """The outbox: everything without ``sent``, in order, same ids."""
+        with self.lock:
+            missing = [m for m in ids if m not in self.sent[user]]
+        for msg_id in missing:
+            send(peer, group, msg_id, f"body of {msg_id}")
+
+    def check(self, users: list[str], everything: dict[str, list[str]]) -> None:
+        """Every member gets every message of the others; each (from, id) staged once for it (one seq;
+        a redelivery repeats the seq), and all members see one gseq order."""
+        for user in users:
+            want = {m for sender, ids in everything.items() if sender != user for m in ids}
+            eventually(functools.partial(lambda u, w: {i["id"] for i in self.received[u]} >= w, user, want),
+                       timeout=60, what=f"{user}'s messages")
+        streams: dict[str, list[tuple[int, str]]] = {}
+        for user in users:
+            seqs: dict[tuple[str, str], set[int]] = defaultdict(set)
+            by_seq: dict[int, tuple[int, str]] = {}
+            with self.lock:
+                for item in self.received[user]:
+                    seqs[(item["from"], item["id"])].add(item["seq"])
+                    by_seq[item["seq"]] = (item["gseq"], item["id"])
+            repeated = {key: found for key, found in seqs.items() if len(found) > 1}
+            assert not repeated, f"{user}: staged more than once: {list(repeated.items())[:3]}"
+            streams[user] = [by_seq[seq] for seq in sorted(by_seq)]
+        check_one_order(streams)
+
+    def close(self) -> None:
+        for peer in self.clients:
+            peer.close()
+
+
+def test_a_node_killed_mid_fanout_loses_repeats_and_reorders_nothing(tmp_path: Path,
+                                                                     redis_cluster: RedisCluster) -> None:
+    """Two nodes as processes; two senders on node 0 stream to a group of twelve spread over both; node 0
+    is SIGKILLed mid-stream (with entries still in the log: its fanout is behind). Its clients reconnect
+    to node 1 and re-send what got no ``sent``; node 1's sweep fans what node 0 left in the log."""
+    prefix = f"k{uuid.uuid4().hex[:10]}:"
+    users = [f"k{i:02d}" for i in range(12)]
+    asyncio.run(add_users(redis_cluster, prefix, users))
+    base = {"cluster.redis": [f"127.0.0.1:{port}" for _, port in redis_cluster.startup_nodes],
+            "cluster.key_prefix": prefix, "cluster.lease_s": 2.0, "staging.sweep_s": 1.0,
+            "limits.send_burst": 100000, "limits.send_rate_per_s": 100000.0}
+    procs = [BrokerProcess(tmp_path / f"n{n}", {**base, "cluster.node_id": f"n{n}"}).start() for n in range(2)]
+    traffic = Traffic()
+    try:
+        senders, per_sender = users[:2], 300
+        online = {u: traffic.connect(u, procs[0 if u in senders else n % 2].port) for n, u in enumerate(users)}
+        group = ok(online[users[0]], "group.create", name="chaos", members=users[1:])["group"]
+        everything = {u: [f"{u}-{n:04d}" for n in range(per_sender)] for u in senders}
+        threads = [traffic.streaming(online[u], group, everything[u]) for u in senders]
+        eventually(lambda: traffic.count() > 600, what="the stream got going")
         killed = procs[0].proc
         assert killed is not None
         os.kill(killed.pid, signal.SIGKILL)
@@ -257,31 +298,48 @@ def test_a_node_killed_mid_fanout_loses_repeats_and_reorders_nothing(tmp_path: P
         for n, user in enumerate(users):  # node 0's clients come back through node 1
             if n % 2 == 0 or user in senders:
                 online[user].close()
-                online[user] = connect(user, procs[1].port)
-        for user in senders:  # the outbox: everything without 'sent', in order, same ids
-            with lock:
-                missing = [m for m in everything[user] if m not in sent[user]]
-            for msg_id in missing:
-                send(online[user], group, msg_id, f"body of {msg_id}")
-        for user in users:
-            want = {m for s in senders if s != user for m in everything[s]}
-            eventually(functools.partial(lambda u, w: {i["id"] for i in received[u]} >= w, user, want), timeout=60,
-                       what=f"{user}'s messages after the kill")
-        streams: dict[str, list[tuple[int, str]]] = {}
-        for user in users:
-            seqs: dict[tuple[str, str], set[int]] = defaultdict(set)
-            by_seq: dict[int, tuple[int, str]] = {}
-            with lock:
-                for item in received[user]:
-                    seqs[(item["from"], item["id"])].add(item["seq"])
-                    by_seq[item["seq"]] = (item["gseq"], item["id"])
-            repeated = {key: found for key, found in seqs.items() if len(found) > 1}
-            assert not repeated, f"{user}: staged more than once: {list(repeated.items())[:3]}"
-            streams[user] = [by_seq[seq] for seq in sorted(by_seq)]
-        check_one_order(streams)
+                online[user] = traffic.connect(user, procs[1].port)
+        for user in senders:
+            traffic.resend(user, online[user], group, everything[user])
+        traffic.check(users, everything)
         assert redis_keys(redis_cluster, prefix, "g:*:log") == {}, "every entry fanned (and dropped from the log)"
     finally:
-        for peer in clients:
-            peer.close()
+        traffic.close()
         for proc in procs:
             proc.stop()
+
+
+def test_a_redis_failover_of_the_group_loses_repeats_and_reorders_nothing(tmp_path: Path,
+                                                                          redis_cluster: RedisCluster) -> None:
+    """The master of the group's slot is SIGKILLed while two members on two nodes stream to a group of
+    six (``cluster.min_replicas_ack`` 1: what is ``sent`` is on a replica); it comes back as a replica.
+    The senders re-send what got no ``sent``: every member gets everything once, in one order."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {
+        "limits.send_burst": 100000, "limits.send_rate_per_s": 100000.0, "cluster.min_replicas_ack": 1,
+        "staging.sweep_s": 1.0}, nodes=2).start()
+    users = [f"f{i:02d}" for i in range(6)]
+    deployment.add_users({user: "same-pw" for user in users})
+    traffic = Traffic()
+    killed = None
+    try:
+        online = {u: traffic.connect(u, deployment.nodes[n % 2].port) for n, u in enumerate(users)}
+        senders, per_sender = users[:2], 150
+        group = ok(online[users[0]], "group.create", name="failover", members=users[1:])["group"]
+        everything = {u: [f"{u}-{n:04d}" for n in range(per_sender)] for u in senders}
+        threads = [traffic.streaming(online[u], group, everything[u]) for u in senders]
+        eventually(lambda: traffic.count() > 100, what="the stream got going")
+        tag = "{" + group.removeprefix("g:") + "}"
+        killed = redis_cluster.kill_master(tag)
+        redis_cluster.wait_promoted(tag, killed)
+        redis_cluster.restart(killed)  # back as a replica: WAIT can be answered again
+        killed = None
+        for thread in threads:
+            thread.join(60)
+        for user in senders:
+            traffic.resend(user, online[user], group, everything[user])
+        traffic.check(users, everything)
+    finally:
+        if killed is not None:
+            redis_cluster.restart(killed)
+        traffic.close()
+        deployment.stop()

@@ -63,6 +63,9 @@ class GroupFan:
     targets: tuple[tuple[str, int], ...]  # (client id, seq) of each item staged
     unheld: tuple[int, ...]  # gseqs of messages this user got no item of (their body's count goes down)
     skipped: int  # devices left out because their queue was full
+    # The user's devices when an entry had been staged before (a fanout run again): woken again, as the
+    # run that staged it may have died (or lost its reply in a failover) before waking them.
+    again: tuple[str, ...]
 
 
 class GroupLog(GroupStore, Protocol):

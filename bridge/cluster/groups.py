@@ -180,7 +180,8 @@ class ClusterGroups:
                 continue  # appended since the read: fan that too
             fans = await self._stage(entries)
             self._messaging.counters.group_skipped += sum(fan.skipped for fan in fans)
-            await self._messaging.wake([target for fan in fans for target in fan.targets])
+            await self._messaging.wake([target for fan in fans for target in fan.targets] +
+                                       [(client_id, 0) for fan in fans for client_id in fan.again])
             unheld = [gseq for fan in fans for gseq in fan.unheld]
             if not await self._log.fanned(group, token, entries[-1].gseq, unheld, self._lease_ms):
                 return False

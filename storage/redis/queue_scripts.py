@@ -239,16 +239,18 @@ return keep(KEYS[3], reply, ARGV[3])
 # ``stage_group``. KEYS: the user's devices (users store), qs, the user's group high-water marks. ARGV:
 # queue prefix, expiry prefix, record prefix, group id, max_queue, then per entry (in gseq order): gseq,
 # expires_ms, payload JSON, the device left out ('' none), 'm' (a message) or 'e'.
-# Returns {{device, seq, ...}, {gseq of a message this user got no item of, ...}, devices skipped (full)}.
+# Returns {{device, seq, ...}, {gseq of a message this user got no item of, ...}, devices skipped (full),
+# {the user's devices, if an entry was staged before (a second fanout: the first may have woken nobody)}}.
 STAGE_GROUP = COMMON + """
 local devices = redis.call('HKEYS', KEYS[1])
 if #devices == 0 then devices = {'*'} end
 table.sort(devices)
 local hwm = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
-local staged, unheld, skipped = {}, {}, 0
+local staged, unheld, skipped, again = {}, {}, 0, {}
 for i = 6, #ARGV, 5 do
   local gseq = tonumber(ARGV[i])
-  if gseq > hwm then
+  if gseq <= hwm then again = devices
+  else
     hwm = gseq
     local ref = ''
     if ARGV[i + 4] == 'm' then ref = ARGV[4] .. '/' .. ARGV[i] end
@@ -273,7 +275,7 @@ for i = 6, #ARGV, 5 do
   end
 end
 redis.call('HSET', KEYS[3], ARGV[4], hwm)
-return {staged, unheld, skipped}
+return {staged, unheld, skipped, again}
 """
 
 # KEYS: placeholder queue, placeholder expiry, device queue, device expiry, qs. ARGV: device.

@@ -325,7 +325,7 @@ class RedisQueueStore(RedisStore):
 
     async def stage_group(self, user: str, entries: list[LogEntry], max_queue: int) -> GroupFan:
         if not entries:
-            return GroupFan((), (), 0)
+            return GroupFan((), (), 0, ())
         args: list[str | int] = [self.key("q", user, ""), self.key("qe", user, ""), self._records(user),
                                  entries[0].group, max_queue]
         for entry in entries:
@@ -335,11 +335,12 @@ class RedisQueueStore(RedisStore):
                      "e" if entry.event is not None else "m"]
         keys = [devices_key(self, user), self.key("qs", user), self.key("gw", user)]
         # Replicated like a stage: the fanner drops the entries from the group's log after this.
-        staged, unheld, skipped = await self.run_replicated("queues.stage_group", keys, args, self._replicas,
-                                                            self._wait_ms)
+        staged, unheld, skipped, again = await self.run_replicated("queues.stage_group", keys, args,
+                                                                   self._replicas, self._wait_ms)
         targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(staged[::2], staged[1::2], strict=True))
         await asyncio.gather(*(self._hint(client_id, entries[-1].expires_ms) for client_id, _ in targets))
-        return GroupFan(targets, tuple(int(gseq) for gseq in unheld), int(skipped))
+        return GroupFan(targets, tuple(int(gseq) for gseq in unheld), int(skipped),
+                        tuple(f"{user}.{device}" for device in again))
 
     async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
         if not seqs:
