@@ -134,6 +134,7 @@ class ClusterGroups:
             links.send(origin, ErrorItem(ErrorCode.INTERNAL, "the server cannot store messages right now; "
                                          "send it again", message.id))
             return
+        holds.answered(origin, message.id, self._clock.monotonic())  # no hold waits for it now
         links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, self._clock.wall_ms()))
         self.fan(message.to)
 

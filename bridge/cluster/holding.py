@@ -257,6 +257,7 @@ class Holding:
         if not ticket.waiting:
             ts = self._now_ms()
             self.counters.sent_latency.observe(max(0, ts - ticket.ts) / 1000)
+            self._holds.answered(ticket.origin, ticket.msg_id, self._now())
             self.links.send(ticket.origin, ReceiptItem(RECEIPT_SENT, (ticket.msg_id,), ticket.to, ts))
 
     def _held_failed(self, held: Held) -> None:

@@ -22,7 +22,6 @@ import asyncio
 import functools
 import logging
 import secrets
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -30,13 +29,14 @@ from typing import Any, Protocol
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.cluster.holding import Holding, being_delivered
+from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
 from bridge.keys.store import KeyStore
-from bridge.links import DeviceLink, LinkRegistry
+from bridge.links import LinkRegistry
 from bridge.messaging.admission import Holds, Refused, olm_targets
 from bridge.messaging.records import Figures
 from bridge.messaging.store import UserLookup
@@ -87,16 +87,6 @@ class ClusterRules:
     pending_hold_ms: int = 1000
 
 
-@dataclass(frozen=True, slots=True)
-class Uplink:
-    """An uplink waiting in its device's lane, with the connection it came on."""
-
-    kind: str  # "out", "seen", or "busy" (refused on arrival, answered in its turn)
-    caller: Caller
-    payload: bytes
-    link: DeviceLink | None
-
-
 def busy_error(ref: str | None) -> ErrorItem:
     return ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; retry later", ref)
 
@@ -137,7 +127,7 @@ class ClusterMessaging:
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
         self.groups: GroupRoute | None = None  # set by the wiring: group messages are refused without it
-        self._lanes: dict[str, deque[Uplink]] = {}
+        self._lanes: dict[str, Lane] = {}
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
@@ -189,16 +179,27 @@ class ClusterMessaging:
     def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
         uplink = Uplink(kind, caller, payload, self.links.get(caller.client_id))
         lane = self._lanes.get(caller.client_id)
-        if lane is not None:
-            if len(lane) >= self.rules.max_lane:
-                self._refuse_busy(lane, uplink)
-                return
-            lane.append(uplink)
+        if lane is None:
+            self._lanes[caller.client_id] = lane = Lane()
+            lane.push(uplink)
+            self.spawn(self._run_lane(caller.client_id))
             return
-        self._lanes[caller.client_id] = deque([uplink])
-        self.spawn(self._run_lane(caller.client_id))
+        if kind == "out":  # a lane is waiting: a copy of a message waiting in it is not queued again
+            uplink = replace(uplink, ref=self._message_id(payload))
+            if lane.waiting(uplink):
+                return
+        if len(lane) >= self.rules.max_lane:
+            self._refuse_busy(lane, uplink)
+            return
+        lane.push(uplink)
 
-    def _refuse_busy(self, lane: deque[Uplink], uplink: Uplink) -> None:
+    def _message_id(self, payload: bytes) -> str | None:
+        try:
+            return ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message).id
+        except DecodeError:  # answered in its turn
+            return None
+
+    def _refuse_busy(self, lane: Lane, uplink: Uplink) -> None:
         """The device's lane is full (Redis is slow, or the device floods): the uplink is refused
         ``rate_limited``. The refusal takes its place in the lane as a small ``busy`` entry holding
         the message id only (the payload is dropped), so it is answered -- and holds the device's later
@@ -213,11 +214,14 @@ class ClusterMessaging:
             self.links.send(uplink.caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
         ref = item.id if isinstance(item, ChatMessage) else None
-        lane.append(replace(uplink, kind="busy", payload=(ref or "").encode()))
+        lane.push(replace(uplink, kind="busy", payload=(ref or "").encode(), ref=ref))
 
     def _refuse_in_order(self, client_id: str, ref: str | None) -> None:
         """Refuse a device's uplink as ``rate_limited``, as a refusal for the send rate is: behind the
-        device's messages refused before it (if any), else first of a new hold."""
+        device's messages refused before it (if any), else first of a new hold. A copy of a message
+        answered ``sent`` meanwhile (the original was ahead of it in the lane) is not answered."""
+        if ref is not None and self._holds.was_answered(client_id, ref, self._now()):
+            return
         if ref is not None:
             try:
                 self._holds.check(client_id, ref, self._now())
@@ -231,25 +235,25 @@ class ClusterMessaging:
         lane = self._lanes[client_id]
         try:
             while lane:
-                kind, caller, payload = lane[0].kind, lane[0].caller, lane[0].payload
-                if self.links.get(client_id) is not lane[0].link:
+                kind, caller, payload = lane.head().kind, lane.head().caller, lane.head().payload
+                if self.links.get(client_id) is not lane.head().link:
                     # Its connection is gone: nobody hears the answer, and the device re-sends what
                     # was not 'sent' on its new connection, in order. Staging it now could put it
                     # behind, or its refusal could hold (ADMISSION rule 4), what that round sends
                     # first (found by `bench chaos --cluster`: a stale hold stalled a device for a
                     # minute, and what it sent next overtook the held messages).
-                    lane.popleft()
+                    lane.pop()
                     continue
                 if kind == "busy":  # refused on arrival (the lane was full), answered here in order
                     self._refuse_in_order(client_id, payload.decode() or None)
-                    lane.popleft()
+                    lane.pop()
                     continue
                 try:
                     await (self._submit(caller, payload) if kind == "out" else self._seen(caller, payload))
                 except Exception:
                     log.exception("%s uplink of %s failed", kind, client_id)
                     self.links.send(client_id, ErrorItem(ErrorCode.INTERNAL, "the server failed to handle this item"))
-                lane.popleft()
+                lane.pop()
         finally:
             del self._lanes[client_id]
 
@@ -287,6 +291,7 @@ class ClusterMessaging:
         ts = self._now_ms()
         message_ts = stages[-1].message.ts if stages[-1].message is not None else ts
         self.counters.sent_latency.observe(max(0, ts - message_ts) / 1000)
+        self._holds.answered(origin, message.id, self._now())
         self.links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, ts))
         await self.wake(staged)
 
@@ -615,6 +620,7 @@ class ClusterMessaging:
 
     async def _sweep_round(self) -> None:
         await asyncio.sleep(self.rules.sweep_s)
+        self._holds.prune(self._now())
         await self.sweep_once()
 
     async def sweep_once(self) -> int:

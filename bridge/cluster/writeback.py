@@ -73,6 +73,7 @@ class WriteBack:
         self.flush_s = flush_s
         self._lanes: dict[str, list[Held]] = {}
         self._by_seq: dict[tuple[str, int], Held] = {}
+        self._by_message: dict[tuple[str, str], list[Held]] = {}  # (sender, msg id) -> its held stages
 
     def __len__(self) -> int:
         return sum(len(lane) for lane in self._lanes.values())
@@ -82,6 +83,8 @@ class WriteBack:
         self._lanes.setdefault(lane, []).append(held)
         for client_id, seq in seqs.items():
             self._by_seq[(client_id, seq)] = held
+        if stage.message is not None:
+            self._by_message.setdefault((stage.message.sender, stage.message.msg_id), []).append(held)
         return held
 
     def acked(self, client_id: str, local_seqs: Iterable[int]) -> AckOutcome:
@@ -103,21 +106,17 @@ class WriteBack:
 
     def report_seen(self, recipient: str, sender: str, msg_ids: Iterable[str]) -> list[str]:
         """Rule 4 for a ``seen``: the ids of held messages it delivers for the first time."""
-        wanted = set(msg_ids)
         found = []
-        for lane in self._lanes.values():
-            for held in lane:
-                message = held.stage.message
-                if (message is not None and held.stage.delivery and not held.reported
-                        and held.stage.user == recipient and message.sender == sender and message.msg_id in wanted):
+        for msg_id in dict.fromkeys(msg_ids):
+            for held in self._by_message.get((sender, msg_id), ()):
+                if held.stage.delivery and not held.reported and held.stage.user == recipient:
                     held.reported = True
-                    found.append(message.msg_id)
+                    found.append(msg_id)
         return found
 
     def holds(self, sender: str, msg_id: str) -> bool:
         """Whether a message is held (a repeat of it waits for its ``sent``)."""
-        return any(h.stage.message is not None and h.stage.message.sender == sender and h.stage.message.msg_id == msg_id
-                   for lane in self._lanes.values() for h in lane)
+        return (sender, msg_id) in self._by_message
 
     def busy(self, lane: str) -> bool:
         """Whether some of the lane is being written: nothing of it may be held until that is done
@@ -180,3 +179,11 @@ class WriteBack:
         for client_id, seq in held.seqs.items():
             if self._by_seq.get((client_id, seq)) is held:
                 del self._by_seq[(client_id, seq)]
+        message = held.stage.message
+        if message is not None:
+            key = (message.sender, message.msg_id)
+            stages = self._by_message.get(key, [])
+            if held in stages:
+                stages.remove(held)
+                if not stages:
+                    del self._by_message[key]

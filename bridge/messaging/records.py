@@ -86,6 +86,7 @@ class Hold:
     ids: list[str]
     code: str
     until: float
+    full: bool = False  # an id was refused without being remembered (admission.MAX_HELD_IDS)
 
 
 @dataclass(slots=True)

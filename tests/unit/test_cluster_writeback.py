@@ -65,6 +65,7 @@ def test_a_seen_reports_held_messages_once_and_repeats_are_recognised() -> None:
     assert wb.report_seen("bob", "alice", ["m1", "m9"]) == ["m1"]
     assert wb.report_seen("bob", "alice", ["m1"]) == []
     assert wb.acked("bob.phone", [11]).delivered == [], "reported by the seen already"
+    assert not wb.holds("alice", "m1") and len(wb) == 0, "settled: no longer held, nothing indexed"
 
 
 def test_items_for_each_target() -> None:
