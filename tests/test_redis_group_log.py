@@ -6,8 +6,9 @@ last item, the lease and the hints. Each test has its own key prefix."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,25 @@ async def test_a_hint_is_cleared_only_at_the_time_it_was_read(stores: Stores) ->
     assert (gid, 3000) in await stores.log.due(4000, 100)
     await stores.log.clear_hint(gid, 3000)
     assert gid not in [g for g, _ in await stores.log.due(4000, 100)]
+
+
+async def test_a_node_reads_a_body_once_for_all_its_member_devices(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob")
+    await stores.log.post(stores.post(gid, "m1"))
+    await stores.log.post(stores.post(gid, "m2"))
+    entries = await stores.log.entries(gid, 10)
+    for user in ("alice", "bob"):
+        await stores.queues.stage_group(user, entries, 100)
+    reads: list[int] = []
+    real_run = stores.queues.run
+
+    async def counting(name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        if name == "queues.group_bodies":
+            reads.append(len(keys))
+        return await real_run(name, keys, args)
+
+    stores.queues.run = counting  # type: ignore[method-assign]
+    for client_id in ("bob.phone", "alice.laptop", "alice.phone"):
+        bodies = [q.item.body for q in await stores.queues.read(client_id, 0, 10) if isinstance(q.item, MsgItem)]
+        assert bodies == (["body of m1", "body of m2"] if client_id != "alice.phone" else [])
+    assert reads == [2], "one script for both bodies of the group, then the node's cache"

@@ -48,6 +48,13 @@ end
 """
 UNHOLD = _UNHOLD + "unhold(KEYS[1])\nreturn 1"
 
+# KEYS: bodies of one group. Returns each one's wire ('' if gone).
+BODIES = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGET', key, 'wire') or '' end
+return out
+"""
+
 # KEYS: meta, members, log, dedup marks. ARGV: ref, dedup until, max_dedup, body prefix, wire, expires_ms,
 # body expiry ms, origin, sender. Returns {status, gseq}.
 POST = COMMON + """

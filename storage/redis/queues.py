@@ -64,6 +64,7 @@ import json
 import logging
 import secrets
 import zlib
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, ClassVar, Final
 
@@ -85,7 +86,7 @@ from bridge.directory import PLACEHOLDER_DEVICE
 from bridge.store import NotReplicated, StoreError
 from chatproto import GROUP_PREFIX, GroupItem, MsgItem, ReceiptItem, parse_downlink
 from storage.redis.client import RETRY_S, RedisStore
-from storage.redis.group_log import UNHOLD, body_key
+from storage.redis.group_log import BODIES, UNHOLD, body_key
 from storage.redis.queue_scripts import (
     ACK,
     ADOPT,
@@ -110,6 +111,7 @@ log = logging.getLogger(__name__)
 EXPIRY_SHARDS: Final = 64
 DUE_BATCH: Final = 8  # expiry shards read at once by ``due``
 REPLAY_MARGIN_MS: Final = 10_000
+BODY_CACHE: Final = 4096  # group message bodies a node keeps (least recently read dropped first)
 MAX_DEDUP: Final = 200_000  # dedup marks per recipient user: settings.dedup.max_entries's default
 
 
@@ -202,7 +204,7 @@ class RedisQueueStore(RedisStore):
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
         "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.seq_block": SEQ_BLOCK,
         "queues.reserve": RESERVE, "queues.settle": SETTLE, "queues.tails": TAILS, "queues.stage_group": STAGE_GROUP,
-        "queues.unhold": UNHOLD}
+        "queues.unhold": UNHOLD, "queues.group_bodies": BODIES}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -216,6 +218,7 @@ class RedisQueueStore(RedisStore):
         # A reply must outlive every retry of its script.
         self._replay_ms = int(2 * retry_s * 1000) + REPLAY_MARGIN_MS
         self._due_from = secrets.randbelow(EXPIRY_SHARDS)  # nodes start their sweeps on different shards
+        self._bodies: OrderedDict[str, str] = OrderedDict()  # group message ref -> its wire
 
     def _queue_keys(self, user: str, device: str) -> list[str]:
         return [self.key("q", user, device), self.key("qe", user, device)]
@@ -308,11 +311,30 @@ class RedisQueueStore(RedisStore):
         return [queued for queued in found if queued is not None]
 
     async def _group_bodies(self, refs: set[str]) -> dict[str, str]:
-        """The wire of each group message ``g:Ab3/<gseq>``, read from its group's slot ("" if gone)."""
-        listed = sorted(refs)
-        wires = await asyncio.gather(*(
-            self.command("queues.group_body", "HGET", body_key(self, *ref.rsplit("/", 1)), "wire") for ref in listed))
-        return {ref: wire or "" for ref, wire in zip(listed, wires, strict=True)}
+        """The wire of each group message ``g:Ab3/<gseq>`` ("" if gone): from the node's cache, else read from
+        its group's slot, one script per group. A body never changes, and every member device reads the
+        same ones: without the cache a message to 100 members read its body 100 times."""
+        found: dict[str, str] = {}
+        missing: dict[str, list[str]] = {}
+        for ref in sorted(refs):
+            wire = self._bodies.get(ref)
+            if wire is None:
+                missing.setdefault(ref.rpartition("/")[0], []).append(ref)
+            else:
+                self._bodies.move_to_end(ref)
+                found[ref] = wire
+        groups = list(missing.values())
+        wires = await asyncio.gather(*(self.run("queues.group_bodies",
+                                                [body_key(self, *ref.rsplit("/", 1)) for ref in listed], [])
+                                       for listed in groups))
+        for listed, read in zip(groups, wires, strict=True):
+            for ref, wire in zip(listed, read, strict=True):
+                found[ref] = wire
+                if wire:
+                    self._bodies[ref] = wire
+        while len(self._bodies) > BODY_CACHE:
+            self._bodies.popitem(last=False)
+        return found
 
     async def _unhold(self, refs: list[str]) -> None:
         """This user holds no item of these group messages any more: count the user off each body. A
