@@ -26,45 +26,9 @@ from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
 from tests.helpers import WAIT_S, BrokerProcess, Peer, eventually
-from tests.test_groups import drain, ok, send
+from tests.test_groups import Collector, drain, ok, send
 
 USERS = ("alice", "bob", "carol", "dave", "erin")
-
-
-class Member:
-    """A member device, connected to one node and subscribed, that acks every staged item and keeps the
-    group items it gets (messages to a group, group events), in arrival order."""
-
-    def __init__(self, port: int, made: list[Any], user: str, device: str = "phone") -> None:
-        self.peer = Peer(port, user, "same-pw", device=device)
-        self.items: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.peer.client.on_message = self._on_message
-        made.append(self.peer)
-        assert self.peer.connect() == 0 and self.peer.subscribe() == [1]
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        item = json.loads(msg.payload)
-        if "seq" in item:
-            client.publish(f"u/{self.peer.user}/ack", json.dumps({"seqs": [item["seq"]]}), qos=1)
-        with self.lock:
-            if item.get("kind") == "group" or (item.get("kind") == "msg" and item["to"].startswith("g:")):
-                self.items.append(item)
-            else:
-                self.peer.messages.put((msg.topic, msg.payload, False))
-
-    def stream(self) -> list[tuple[int, str]]:
-        """(gseq, message id or event), repeats of a message (same from and id) dropped as a client does."""
-        seen: set[tuple[str, str]] = set()
-        out = []
-        with self.lock:
-            for item in self.items:
-                if item["kind"] == "msg":
-                    if (item["from"], item["id"]) in seen:
-                        continue
-                    seen.add((item["from"], item["id"]))
-                out.append((item["gseq"], item.get("id") or item["event"]))
-        return out
 
 
 @pytest.fixture
@@ -107,7 +71,8 @@ def test_members_on_both_nodes_get_messages_and_events_in_one_order(two: Cluster
     member sees one gseq order of messages and events; carol nothing after her removal, dave nothing from
     before his addition."""
     nodes = [node.port for node in two.nodes]
-    members = {user: Member(nodes[n % 2], made, user) for n, user in enumerate(("alice", "bob", "carol", "dave"))}
+    members = {user: Collector(nodes[n % 2], made, user, None)
+               for n, user in enumerate(("alice", "bob", "carol", "dave"))}
     admin = Peer(nodes[0], "alice", "same-pw", device="admin")
     made.append(admin)
     assert admin.connect() == 0 and admin.subscribe() == [1]
@@ -148,7 +113,7 @@ def test_members_on_both_nodes_get_messages_and_events_in_one_order(two: Cluster
 
 def test_an_offline_member_catches_up_and_the_body_is_stored_once(two: ClusterDeployment, made: list[Any],
                                                                   redis_cluster: RedisCluster) -> None:
-    alice = Member(two.nodes[0].port, made, "alice")
+    alice = Collector(two.nodes[0].port, made, "alice", None)
     for user in ("bob", "carol", "dave", "erin"):  # two devices each, offline
         for device in ("phone", "laptop"):
             peer = Peer(two.nodes[1].port, user, "same-pw", device=device)
@@ -168,9 +133,9 @@ def test_an_offline_member_catches_up_and_the_body_is_stored_once(two: ClusterDe
     everything = json.dumps(redis_keys(redis_cluster, prefix, "*"))
     assert everything.count(marker + "0") == 1, "the body is in Redis once, not per member or device"
     assert len(redis_keys(redis_cluster, prefix, "g:*:b:*")) == 3
-    bob = Member(two.nodes[0].port, made, "bob")  # catches up through the other node
+    bob = Collector(two.nodes[0].port, made, "bob", None)  # catches up through the other node
     eventually(lambda: bob.stream() == [(1, "created"), (2, "m0"), (3, "m1"), (4, "m2")], what="bob's backlog")
-    others = [Member(two.nodes[1].port, made, user, device) for user in ("bob", "carol", "dave", "erin")
+    others = [Collector(two.nodes[1].port, made, user, None, device) for user in ("bob", "carol", "dave", "erin")
               for device in ("phone", "laptop") if (user, device) != ("bob", "phone")]
     for member in others:
         eventually(lambda m=member: len(m.stream()) == 4, what=f"{member.peer.client_id}'s backlog")

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from chatproto import is_group_id
 from tests.deployment import ClusterDeployment
 from tests.helpers import WAIT_S, BrokerProcess, BrokerThread, Peer, eventually, online_peer, register_offline
 
@@ -43,16 +44,19 @@ def send(peer: Peer, to: str, msg_id: str, body: str = "hi", **extra: Any) -> No
     peer.publish(f"u/{peer.user}/out", {"id": msg_id, "to": to, "body": body, **extra})
 
 
-def of_group(group: str) -> Any:
+def of_group(group: str | None) -> Any:
+    """Items of ``group`` (None: of any group)."""
+    if group is None:
+        return lambda item: item.get("kind") == "group" or (item.get("kind") == "msg" and is_group_id(item.get("to")))
     return lambda item: item.get("group") == group or (item.get("kind") == "msg" and item.get("to") == group)
 
 
 class Collector:
-    """A member device (connected and subscribed) that acks every staged item and keeps those of one group,
-    in arrival order."""
+    """A member device (connected and subscribed) that acks every staged item and keeps those of one group
+    (None: of every group), in arrival order."""
 
-    def __init__(self, port: int, made: list[Peer], user: str, group: str) -> None:
-        self.peer, self.group = Peer(port, user, "same-pw"), group
+    def __init__(self, port: int, made: list[Peer], user: str, group: str | None, device: str = "phone") -> None:
+        self.peer, self.group = Peer(port, user, "same-pw", device=device), group
         self.items: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.peer.client.on_message = self._on_message
