@@ -1,13 +1,15 @@
 """Cluster mode's group log (storage/redis/group_log.py) and its fanout step in the member slots
 (``RedisQueueStore.stage_group``) against a real Redis Cluster: one entry per change or message, the
 body once, repeats and non-members, a fanout run twice staging nothing twice, the body deleted with the
-last item, the lease and the hints. Each test has its own key prefix."""
+last item (acked, expired or its device removed), the lease, the hints and the node's body cache. Each
+test has its own key prefix."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -164,3 +166,18 @@ async def test_a_node_reads_a_body_once_for_all_its_member_devices(stores: Store
         bodies = [q.item.body for q in await stores.queues.read(client_id, 0, 10) if isinstance(q.item, MsgItem)]
         assert bodies == (["body of m1", "body of m2"] if client_id != "alice.phone" else [])
     assert reads == [2], "one script for both bodies of the group, then the node's cache"
+
+
+async def test_expired_items_count_their_users_off_the_body(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob")
+    post = stores.post(gid, "m1", origin="alice.laptop")
+    soon = int(time.time() * 1000) + 3_600_000  # the body lives an hour past this: the sweep drops the items first
+    await stores.log.post(replace(post, expires_ms=soon))
+    entries = await stores.log.entries(gid, 10)
+    for user in ("alice", "bob"):
+        await stores.queues.stage_group(user, entries, 100)
+    assert len(await stores.keys("g:*:b:*")) == 1
+    swept = [await stores.queues.expire(client_id, soon) for client_id in ("alice.phone", "bob.phone")]
+    assert [s.items for s in swept] == [1, 1] and all(s.expired == [] for s in swept)  # no receipt: sent only
+    await stores.queues.flush()
+    assert await stores.keys("g:*:b:*") == [], "both users counted off by the expiry"
