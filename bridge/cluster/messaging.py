@@ -24,7 +24,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
@@ -104,6 +104,11 @@ class SharedClaimLimit:
         return await self._queues.allow(claimer, f"claim:{peer}", self._rate, self._burst, self._now_ms())
 
 
+class GroupRoute(Protocol):
+    async def submit(self, origin: str, sender: str, message: ChatMessage, holds: Holds) -> None:
+        """A message to a group (bridge/cluster/groups.py), answered by it."""
+
+
 class ClusterMessaging:
     def __init__(self, rules: ClusterRules, queues: QueueStore, bus: NodeBus, users: UserLookup, keys: KeyStore,
                  links: LinkRegistry, close_session: Callable[[str], Awaitable[None]], *, clock: Clock,
@@ -121,6 +126,7 @@ class ClusterMessaging:
         self.supervisor = supervisor
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
+        self.groups: GroupRoute | None = None  # set by the wiring: group messages are refused without it
         self._lanes: dict[str, Lane] = {}
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
@@ -258,6 +264,9 @@ class ClusterMessaging:
         except DecodeError as exc:
             self.links.send(origin, ErrorItem(exc.code, exc.detail, exc.ref))
             return
+        if is_group_id(message.to) and self.groups is not None:
+            await self.groups.submit(origin, sender, message, self._holds)
+            return
         now = self._now()
         try:
             stages = await self._admit(origin, sender, message, now)
@@ -289,8 +298,8 @@ class ClusterMessaging:
     async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
         """The stages of a new message (the sender's other devices first, then the recipient's);
         raises ``Refused``."""
-        if is_group_id(message.to):  # docs/PROTOCOL.md section 10
-            raise Refused(ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served in cluster mode yet", message.id))
+        if is_group_id(message.to):  # no ClusterGroups (a node built without them)
+            raise Refused(ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served here", message.id))
         if await self._users.user_devices(message.to) is None:
             raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id))
         self._holds.check(origin, message.id, now)
@@ -464,9 +473,9 @@ class ClusterMessaging:
         except StoreError as exc:  # the periodic look at each node's queues delivers them
             log.warning("cannot locate %d device(s) to nudge: %s", len(remote), exc)
             return
-        for client_id, node in where.items():
-            if node != self._bus.node_id:
-                await self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+        # At once: a group's fanout wakes every member device on the other nodes.
+        await asyncio.gather(*(self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+                               for client_id, node in where.items() if node != self._bus.node_id))
 
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:

@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bridge.cluster.store import SEQ_STRIDE, QueuedItem
-from chatproto import MsgItem, ReceiptItem
+from chatproto import GroupItem, MsgItem, ReceiptItem
 
 ItemKey = tuple[str, ...]
 
@@ -73,7 +73,7 @@ class DeviceWindow:
 
 @dataclass(slots=True)
 class WindowOutcome:
-    sends: list[tuple[str, MsgItem | ReceiptItem]] = field(default_factory=list)
+    sends: list[tuple[str, MsgItem | ReceiptItem | GroupItem]] = field(default_factory=list)
     reads: list[tuple[str, int]] = field(default_factory=list)  # (client id, after seq) to read now
 
 

@@ -1,0 +1,104 @@
+"""The group log of cluster mode: what bridge/cluster/groups.py needs of a Redis Cluster to serve groups
+(docs/PROTOCOL.md sections 10 and 11); storage/redis/group_log.py implements it.
+
+A group is one slot. Its *log* is the outbox of the group's changes and messages, in gseq order: a
+change's events are appended by the change's own commit (``commit_logged``), a message by ``post``,
+which checks membership, remembers (sender, id) and takes the gseq in the same script. So whatever is
+committed or answered ``sent`` is in the log, whatever happens next. A *fanner* then moves the log's
+entries into the member devices' queues (``QueueStore.stage_group``, one script in each member's slot,
+idempotent by a per-user high-water gseq) and drops them from the log (``fanned``), holding a lease of
+the group so that one node at a time fans it. A group with entries may be left by a node that died:
+``hint`` (written before the log is appended) indexes it, and any node's sweep picks it up (``due``).
+A message's body is kept once in the group's slot (with the count of the member users still holding
+items of it); the device queues hold references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from bridge.groups.core import Decision, Group
+from bridge.groups.store import GroupStore
+from chatproto import GroupItem
+
+
+class PostStatus(StrEnum):
+    POSTED = "posted"
+    DUPLICATE = "duplicate"  # (sender, id) was posted already: nothing new (it kept its first gseq)
+    FORBIDDEN = "forbidden"  # the sender is not a member (or there is no such group)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPost:
+    """A message to a group as its sender's node posts it."""
+
+    group: str
+    sender: str
+    origin: str  # the sending device's client id: it does not get its own message
+    msg_id: str
+    wire: str  # the MsgItem every member device gets, seq 0 and no gseq (the store adds both)
+    expires_ms: int
+    dedup_until_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One entry of a group's log: an event (``event`` set) or a message (``event`` None; its body is
+    in the store), for ``users`` (the members at its gseq, and for an event those it removed)."""
+
+    group: str
+    gseq: int
+    users: tuple[str, ...]
+    expires_ms: int
+    event: GroupItem | None = None
+    origin: str = ""  # a message: the sending device (skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupFan:
+    """What ``stage_group`` did in one user's slot."""
+
+    targets: tuple[tuple[str, int], ...]  # (client id, seq) of each item staged
+    unheld: tuple[int, ...]  # gseqs of messages this user got no item of (their body's count goes down)
+    skipped: int  # devices left out because their queue was full
+    # The user's devices when an entry had been staged before (a fanout run again): woken again, as the
+    # run that staged it may have died (or lost its reply in a failover) before waking them.
+    again: tuple[str, ...]
+
+
+class GroupLog(GroupStore, Protocol):
+    async def commit_logged(self, before: Group | None, decision: Decision, max_groups_per_user: int,
+                            expires_ms: int) -> bool:
+        """``commit(before, decision.after, ...)`` and, in the same script, ``decision``'s events appended
+        to the log for ``decision.notify``, each item kept until ``expires_ms``. Waits for the
+        replicas (``cluster.min_replicas_ack``) like a stage."""
+
+    async def post(self, post: GroupPost) -> tuple[PostStatus, int]:
+        """Append a message to the log, once per (sender, id) (the status and its gseq; 0 unless
+        POSTED). Raises ``NotReplicated`` (it is posted on the master) when the replicas did not confirm."""
+
+    async def entries(self, group: str, limit: int) -> list[LogEntry]:
+        """The first ``limit`` entries of the log, in gseq order."""
+
+    async def take_lease(self, group: str, token: str, lease_ms: int) -> bool:
+        """Become the group's fanner for ``lease_ms`` (False: another token holds it)."""
+
+    async def fanned(self, group: str, token: str, upto: int, unheld: list[int], lease_ms: int) -> bool:
+        """The entries up to gseq ``upto`` are in every target's queue: drop them from the log, count
+        each gseq of ``unheld`` off its body (once per entry still logged), renew the lease. False
+        (nothing done) if ``token`` no longer holds the lease."""
+
+    async def release(self, group: str, token: str) -> bool:
+        """Give the lease up, unless entries remain in the log (False: fan them first)."""
+
+    async def hint(self, group: str, at_ms: int) -> None:
+        """Index ``group`` as possibly holding entries, due for any node's sweep at ``at_ms`` (before an
+        append: a node that dies after appending leaves the hint)."""
+
+    async def clear_hint(self, group: str, at_ms: int) -> None:
+        """Drop the hint if it is still due at ``at_ms`` (a newer hint stays)."""
+
+    async def due(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
+        """Hinted groups due by ``now_ms``, with the time each is due at."""
