@@ -54,6 +54,7 @@ from chatproto import (
     GroupCreate,
     GroupInfo,
     GroupList,
+    GroupReceipts,
     MsgItem,
     ReceiptItem,
     parse_group_request,
@@ -241,6 +242,8 @@ class ClusterGroups:
                 return {"groups": [group.summary(actor) for group in found if group is not None]}
             case GroupInfo():
                 return core.info(await self._log.load(request.group), actor)
+            case GroupReceipts():
+                raise OpError(ErrorCode.UNSUPPORTED, "group receipts are not served in cluster mode yet")
             case GroupCreate():
                 await self._check_users(request.members)
                 gid = core.new_group_id()

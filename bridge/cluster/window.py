@@ -44,10 +44,13 @@ class Alias(enum.Enum):
     GONE = "gone"  # the device left (or linked again): the store copy is for its next link
 
 
-def item_key(item: MsgItem | ReceiptItem) -> ItemKey:
-    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content."""
+def item_key(item: MsgItem | ReceiptItem | GroupItem) -> ItemKey:
+    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content,
+    a group event by its group and gseq."""
     if isinstance(item, MsgItem):
         return ("msg", item.sender, item.id)
+    if isinstance(item, GroupItem):
+        return ("group", item.group, str(item.gseq))
     return ("receipt", item.status, item.peer, *item.ids)
 
 
