@@ -13,6 +13,7 @@ Rules:
   except in ``group.create`` (a group of one is allowed).
 - ``group.admins``: ``add`` and ``remove`` both optional, together at least one user, no user
   in both.
+- ``group.receipts``: ``group`` and ``id``, a message id (1-64 of ``[A-Za-z0-9_-]``).
 - Unknown arguments are refused.
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Self
 
 from chatproto.errors import DecodeError, ErrorCode
-from chatproto.ids import is_group_id, is_user_id
+from chatproto.ids import MESSAGE_ID_RE, is_group_id, is_user_id
 from chatproto.limits import MAX_GROUP_NAME_CHARS, MAX_MEMBERS_PER_GROUP_REQUEST
 
 _FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Zl", "Zp"})
@@ -186,11 +187,32 @@ class GroupAdmins:
         return cls(_group(args), add, remove)
 
 
-GroupRequest = GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupInfo | GroupList | GroupRename | GroupAdmins
+@dataclass(frozen=True, slots=True)
+class GroupReceipts:
+    """Who of ``group`` has, and who saw, the caller's own message ``id`` (while the server tracks it)."""
+
+    OP: ClassVar[str] = "group.receipts"
+    group: str
+    id: str
+
+    def args(self) -> dict[str, Any]:
+        return {"group": self.group, "id": self.id}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> Self:
+        _only(args, {"group", "id"})
+        msg_id = args.get("id")
+        if not isinstance(msg_id, str) or not MESSAGE_ID_RE.fullmatch(msg_id):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "'id' must be a message id (1-64 of [A-Za-z0-9_-])")
+        return cls(_group(args), msg_id)
+
+
+GroupRequest = (GroupCreate | GroupAdd | GroupRemove | GroupLeave | GroupInfo | GroupList | GroupRename | GroupAdmins
+                | GroupReceipts)
 
 GROUP_OPS: Final[dict[str, type[GroupRequest]]] = {
     cls.OP: cls for cls in (GroupCreate, GroupAdd, GroupRemove, GroupLeave, GroupInfo, GroupList, GroupRename,
-                            GroupAdmins)
+                            GroupAdmins, GroupReceipts)
 }
 
 

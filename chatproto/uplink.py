@@ -180,7 +180,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """``{"to":"alice","ids":["m1"]}``: the user displayed these messages from ``to``."""
+    """``{"to":"alice","ids":["m1"]}``: the user displayed these messages from ``to`` (a user, or a
+    group id: messages of that group, section 11)."""
 
     to: str
     ids: tuple[str, ...]
@@ -194,8 +195,8 @@ class Seen:
         if set(obj) != {"to", "ids"}:
             raise DecodeError(ErrorCode.BAD_ENVELOPE, "a seen report is exactly {\"to\": user, \"ids\": [...]}")
         to = obj["to"]
-        if not is_user_id(to):
-            raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id")
+        if not is_user_id(to) and not is_group_id(to):
+            raise DecodeError(ErrorCode.BAD_ENVELOPE, "'to' must be a user id or a group id")
         ids = obj["ids"]
         if (
             not isinstance(ids, list) or not ids or len(ids) > MAX_IDS_PER_ITEM

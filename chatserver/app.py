@@ -23,9 +23,11 @@ from bridge.keys.core import KeyedDevices
 from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
+from bridge.messaging.group_receipts import GroupReceipts
 from bridge.messaging.groups import GroupStaging
 from bridge.messaging.records import Rules
 from bridge.messaging.service import Messaging
+from bridge.messaging.store import GroupReceiptStore
 from bridge.presence.core import PresenceCore, PresenceRules
 from bridge.presence.service import PresenceService
 from bridge.requests import build_ops
@@ -320,11 +322,15 @@ class BrokerApp:
             RateLimiter(settings.limits.send_rate_per_s, settings.limits.send_burst, settings.limits.max_rate_keys),
             RecentIds(settings.dedup.max_entries),
             keyed,
+            GroupReceipts(settings.groups.seen_receipts, settings.groups.max_tracked_per_user),
         )
         messages, items, remembered = await store.load(self.clock.wall_ms())
         staging.restore(messages, items)
         staging.remember_ids(remembered)
-        log.info("staging: %d message(s), %d item(s) restored", len(messages), len(items))
+        receipt_store: GroupReceiptStore = store  # its writes ride in the commits (FlushBatch.receipts)
+        staging.restore_receipts(await receipt_store.group_receipts(), self.clock.wall_ms())
+        log.info("staging: %d message(s), %d item(s), %d tracked group message(s) restored", len(messages),
+                 len(items), len(staging.receipts))
         links = LinkRegistry(staging.counters)
         messaging = Messaging(staging, store, links, users, settings.limits.max_body_bytes,
                               settings.staging.checkpoint_idle_s, settings.staging.sweep_s,

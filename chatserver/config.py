@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bridge.messaging.group_receipts import DEFAULT_MAX_PER_SENDER, DEFAULT_SEEN_MAX
 from chatproto import (
     DEFAULT_MAX_DEVICES_PER_MESSAGE,
     DEFAULT_MAX_GROUP_MEMBERS,
@@ -325,6 +326,17 @@ class PresenceSettings(_Section):
     """Users one connected device may watch with ``presence.subscribe``."""
 
 
+class GroupsSettings(_Section):
+    """Group chat on one process (docs/PROTOCOL.md section 11); the size limits are in ``limits``."""
+
+    seen_receipts: int = Field(default=DEFAULT_SEEN_MAX, ge=0)
+    """``seen`` is tracked per member only for groups of at most this many members (0: never); in a
+    larger group a seen report is accepted and ignored, and the sender gets ``delivered`` only."""
+    max_tracked_per_user: int = Field(default=DEFAULT_MAX_PER_SENDER, ge=1)
+    """A user's group messages whose receipts are tracked at once; a new one forgets the oldest
+    (its ``delivered``/``seen`` never come). Bounds what one sender can make the server keep."""
+
+
 class GcSettings(_Section):
     """The garbage collector and long-lived connection objects (chatserver/gc_policy.py)."""
 
@@ -437,6 +449,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     mqtt: MqttSettings = MqttSettings()
     gc: GcSettings = GcSettings()
+    groups: GroupsSettings = GroupsSettings()
     cluster: ClusterSettings | None = None
     """Absent: one process on SQLite (the embedded default)."""
 

@@ -33,7 +33,7 @@ from client_sdk.events import (
     Receipt,
     Undecryptable,
 )
-from client_sdk.groups import GroupInfo, GroupSummary
+from client_sdk.groups import GroupInfo, GroupReceiptInfo, GroupSummary, MemberReceipt
 from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
 
@@ -51,9 +51,11 @@ __all__ = [
     "Event",
     "GroupEvent",
     "GroupInfo",
+    "GroupReceiptInfo",
     "GroupSummary",
     "IdentifierRejected",
     "IdentityChanged",
+    "MemberReceipt",
     "Message",
     "NotConnected",
     "Presence",

@@ -31,6 +31,7 @@ from client_sdk.errors import ConnectTimeout, RequestTimeout
 from client_sdk.events import Event, Presence
 from client_sdk.groups import (
     GroupInfo,
+    GroupReceiptInfo,
     GroupSummary,
     admins_steps,
     create_steps,
@@ -38,6 +39,7 @@ from client_sdk.groups import (
     leave_steps,
     list_steps,
     members_steps,
+    receipts_steps,
     rename_steps,
 )
 from client_sdk.options import ClientOptions, ClientSettings
@@ -227,6 +229,10 @@ class AsyncClient(EngineFront):
 
     async def list_groups(self, timeout: float = 10.0) -> list[GroupSummary]:  # noqa: ASYNC109
         return await self._run(list_steps(), timeout)
+
+    async def group_receipts(self, group_id: str, message_id: str,
+                             timeout: float = 10.0) -> GroupReceiptInfo:  # noqa: ASYNC109
+        return await self._run(receipts_steps(group_id, message_id), timeout)
 
     # --- requests ------------------------------------------------------------------
 

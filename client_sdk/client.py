@@ -32,6 +32,7 @@ from client_sdk.events import (
 )
 from client_sdk.groups import (
     GroupInfo,
+    GroupReceiptInfo,
     GroupSummary,
     admins_steps,
     create_steps,
@@ -39,6 +40,7 @@ from client_sdk.groups import (
     leave_steps,
     list_steps,
     members_steps,
+    receipts_steps,
     rename_steps,
 )
 from client_sdk.options import ClientOptions, ClientSettings
@@ -234,6 +236,12 @@ class Client(EngineFront):
     def list_groups(self, timeout: float = 10.0) -> list[GroupSummary]:
         """The groups this user is in."""
         return self._run(list_steps(), timeout)
+
+    def group_receipts(self, group_id: str, message_id: str, timeout: float = 10.0) -> GroupReceiptInfo:
+        """Who of ``group_id`` has, and who saw, this user's message ``message_id`` (members only;
+        another member's message: ``forbidden``). The receipts themselves come as ``Receipt`` events,
+        ``peer`` = the group: ``delivered`` once every member has it, ``seen`` once every one saw it."""
+        return self._run(receipts_steps(group_id, message_id), timeout)
 
     # --- requests ------------------------------------------------------------------
 

@@ -462,14 +462,15 @@ class Engine:
         return message.id
 
     def mark_seen(self, peer: str, ids: list[str]) -> None:
-        """Tell ``peer`` these of their messages were displayed.
+        """Tell ``peer`` these of their messages were displayed (``peer`` a group id: these
+        messages of that group, whoever sent them).
 
         Published by the dispatcher after the acks of everything handed over
         so far (so ``seen`` cannot overtake ``delivered``); held in memory while offline.
         """
         self.check_open()
-        if not is_user_id(peer):
-            raise ValueError(f"peer must be a user id, not {peer!r}")
+        if not is_user_id(peer) and not is_group_id(peer):
+            raise ValueError(f"peer must be a user id or a group id, not {peer!r}")
         bad = [i for i in ids if not isinstance(i, str) or MESSAGE_ID_RE.fullmatch(i) is None]
         if bad:
             raise ValueError(f"not message ids: {bad[:3]!r}")

@@ -32,6 +32,7 @@ from chatproto import (
     GroupCreate,
     GroupLeave,
     GroupList,
+    GroupReceipts,
     GroupRemove,
     GroupRename,
     is_group_id,
@@ -74,6 +75,29 @@ class GroupSummary:
     """Whether this user is an admin of it."""
 
 
+@dataclass(frozen=True, slots=True)
+class MemberReceipt:
+    delivered: int | None
+    """When a device of the member acked the message (server ms); None: not yet."""
+    seen: int | None
+    """When the member reported it seen; None: not yet, or seen is not tracked for this group."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupReceiptInfo:
+    """``group.receipts``: who of the group has, and who saw, one of this user's messages."""
+
+    group: str
+    id: str
+    tracked: bool
+    """False: the server keeps nothing of it -- complete (the ``delivered``/``seen`` receipts told
+    you), expired, or no message of this user with that id."""
+    seen_tracked: bool = False
+    """Whether ``seen`` is tracked: not in groups above the server's ``groups.seen_receipts``."""
+    members: dict[str, MemberReceipt] | None = None
+    """Per member waited for (by name); None when not ``tracked``."""
+
+
 def _field(op: str, result: Any, key: str, kind: type) -> Any:
     value = result.get(key) if isinstance(result, dict) else None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -104,6 +128,23 @@ def summaries_from(result: Any) -> list[GroupSummary]:
     return [GroupSummary(_field(op, g, "group", str), _field(op, g, "name", str), _field(op, g, "gseq", int),
                          _field(op, g, "members", int), bool(g.get("admin")))
             for g in _field(op, result, "groups", list)]
+
+
+def receipts_from(result: Any) -> GroupReceiptInfo:
+    op = GroupReceipts.OP
+    group, msg_id = _field(op, result, "group", str), _field(op, result, "id", str)
+    if not _field(op, result, "tracked", bool):
+        return GroupReceiptInfo(group, msg_id, False)
+    members = {}
+    for user, times in _field(op, result, "members", dict).items():
+        if not isinstance(times, dict) or not all(_ms_or_none(times.get(key)) for key in ("delivered", "seen")):
+            raise RequestError(op, BAD_RESULT, f"the times of {user!r} are not valid")
+        members[user] = MemberReceipt(times.get("delivered"), times.get("seen"))
+    return GroupReceiptInfo(group, msg_id, True, bool(result.get("seen_tracked")), members)
+
+
+def _ms_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
 
 
 Known = tuple[tuple[str, ...], int]
@@ -207,3 +248,9 @@ def admins_steps(group: str, add: Iterable[str], remove: Iterable[str]) -> Steps
     """``group.admins``; the admins after it."""
     request = GroupAdmins(group, tuple(dict.fromkeys(add)), tuple(dict.fromkeys(remove)))
     return list(_users(request.OP, (yield request.OP, request.args()), "admins"))
+
+
+def receipts_steps(group: str, message_id: str) -> Steps[GroupReceiptInfo]:
+    """``group.receipts`` for this user's message ``message_id``."""
+    request = GroupReceipts(group, message_id)
+    return receipts_from((yield request.OP, request.args()))

@@ -25,6 +25,10 @@ Rules (docs/PROTOCOL.md section 11, "Groups"):
 8. When the last member leaves, the group is deleted.
 9. A change's events go to the members after it and to the users it removed (or who
    left): they learn of their own removal, then nothing more of the group.
+10. ``group.receipts`` (members only, rule 1) answers the per-member detail of the caller's own message
+   with that id while it is tracked (bridge/messaging/group_receipts.py); a tracked message of another
+   sender with that id is ``forbidden`` (only its sender may ask); an id tracked for nobody --
+   complete, expired, or never sent -- is ``tracked: false``: the server keeps nothing once complete.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from bridge.messaging.group_receipts import Tracking, detail
 from bridge.requests import OpError
 from chatproto import (
     DEFAULT_MAX_GROUP_MEMBERS,
@@ -50,6 +55,7 @@ from chatproto import (
     GroupCreate,
     GroupItem,
     GroupLeave,
+    GroupReceipts,
     GroupRemove,
     GroupRename,
 )
@@ -165,6 +171,18 @@ def info(group: Group | None, actor: str) -> dict[str, Any]:
     if group is None or actor not in group.members:
         raise GroupRefused.not_member()
     return group.info()
+
+
+def receipts(group: Group | None, actor: str, request: GroupReceipts, tracked: list[Tracking]) -> dict[str, Any]:
+    """The ``group.receipts`` result (rule 10); ``tracked``: the group's tracked messages with that id."""
+    if group is None or actor not in group.members:
+        raise GroupRefused.not_member()
+    own = [t for t in tracked if t.sender == actor]
+    if own:
+        return detail(own[-1])  # an id used again after the dedup window: the newest
+    if tracked:
+        raise GroupRefused(ErrorCode.FORBIDDEN, "only the sender of a message can ask for its receipts")
+    return {"group": request.group, "id": request.id, "tracked": False}
 
 
 def decide(group: Group | None, actor: str, request: GroupChange, limits: GroupLimits, now_ms: int) -> Decision:

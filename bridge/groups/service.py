@@ -53,6 +53,7 @@ from chatproto import (
     GroupCreate,
     GroupInfo,
     GroupList,
+    GroupReceipts,
     parse_group_request,
 )
 
@@ -127,6 +128,9 @@ class GroupService:
                 return {"groups": [lifted.summary(caller.user) for g in found if (lifted := self._lifted(g))]}
             case GroupInfo():
                 return core.info(self._lifted(await self._load(request.group)), caller.user)
+            case GroupReceipts():
+                return core.receipts(await self._load(request.group), caller.user, request,
+                                     self._staging.receipts.find(request.group, request.id))
             case GroupCreate():
                 await self._check_users(request.members)
                 group = core.new_group_id()

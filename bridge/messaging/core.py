@@ -274,12 +274,8 @@ class Staging:
             message = self.live.get((to_user, msg_id))
             if message is None or message.recipient != by_user:
                 now_ids.append(msg_id)  # long delivered and forgotten (or not by_user's): nothing to wait for
-            elif not message.sent_notified:
-                self._mark_delivered(message, now_ms, now, delivered)
-                message.seen_held = message.seen_held or (now_ms, now)  # staged by _settle after 'sent'
             else:
-                self._mark_delivered(message, now_ms, now, delivered)
-                now_ids.append(msg_id)
+                self._mark_seen(message, now_ms, now, delivered, now_ids)
         if delivered:  # seen implies delivered: it goes first, once
             self._stage_receipt(to_user, RECEIPT_DELIVERED, delivered, by_user, now_ms, now, out)
         if now_ids:
@@ -323,6 +319,16 @@ class Staging:
             ids.append(message.msg_id)
         else:  # rule 1 before rule 5: _settle stages it once the message is safe
             message.delivered_held = (now_ms, now)
+
+    def _mark_seen(self, message: StagedMessage, now_ms: int, now: float, delivered: list[str],
+                   seen: list[str]) -> None:
+        """The message was seen: ``delivered`` first (``_mark_delivered``), then its id joins ``seen``,
+        or that receipt waits for ``sent`` too (staged by ``_settle``, rule 10)."""
+        self._mark_delivered(message, now_ms, now, delivered)
+        if message.sent_notified:
+            seen.append(message.msg_id)
+        else:
+            message.seen_held = message.seen_held or (now_ms, now)
 
     def _drop_item(self, item: Item, out: StagingOutcome) -> None:
         """The item leaves its device's queue (acked, expired or removed); an olm ciphertext goes with it."""
@@ -435,8 +441,7 @@ class Staging:
         return out
 
     def _online(self, device: str) -> bool:
-        box = self.boxes.get(device)
-        return box is not None and box.online
+        return (box := self.boxes.get(device)) is not None and box.online
 
     def _wanted_online(self, message: StagedMessage) -> bool:
         return any(box.online for box in (self.boxes.get(t) for t in message.targets) if box is not None)
@@ -537,10 +542,9 @@ class Staging:
             stale = [seq for seq, sent in box.inflight.items() if now - sent >= self.rules.redeliver_after_s]
             for seq in stale:
                 item = box.items.get(seq)
-                if item is None:
-                    del box.inflight[seq]
-                    continue
                 del box.inflight[seq]
+                if item is None:
+                    continue
                 box.inflight[seq] = now  # to the end: in-flight order is send order
                 self.counters.redeliveries += 1
                 out.deliveries.append((device, self._wire(item)))
@@ -646,13 +650,12 @@ class Staging:
         return out
 
     def _pend_again(self, batch: FlushBatch) -> None:
-        """The deletions and marks of an unwritten ``batch`` wait for the next commit, ahead of newer ones."""
+        """The deletions and marks of an unwritten ``batch`` wait for the next commit, ahead of newer ones
+        (``GroupStaging`` adds the groups' marks)."""
         self._pending.deleted_items[:0] = batch.deleted_items
         self._pending.deleted_bodies[:0] = batch.deleted_bodies
         self._pending.delivered[:0] = batch.delivered
         self._pending.dedup[:0] = batch.dedup
-        for group, gseq in batch.gseqs.items():
-            self._pending.gseqs[group] = max(gseq, self._pending.gseqs.get(group, 0))
 
     def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
         """A part of a commit (``FlushBatch.parts``) that failed on its own again and again -- what

@@ -14,6 +14,10 @@ Rules:
 4. Each group's highest staged gseq is written with the next commit (``FlushBatch.gseqs``);
    ``written_gseqs`` are those the commits of this boot wrote.
 5. Group items are due at once and go to a device only once written (``written_first``).
+6. Group receipts (bridge/messaging/group_receipts.py): a group message is tracked per member; when
+   it completes ``delivered`` or ``seen``, that receipt is staged for every device of the sender with
+   the group as ``peer``, through the one-to-one machinery (``_mark_delivered``, ``_mark_seen``): after
+   ``sent``, ``delivered`` before ``seen``. A group seen report costs a send token, as a one-to-one one.
 """
 
 from __future__ import annotations
@@ -25,14 +29,24 @@ from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.admission import Refused
 from bridge.messaging.core import Staging, written_first
+from bridge.messaging.group_receipts import Completed, GroupReceipts, TrackedRow
 from bridge.messaging.records import FlushBatch, Item, Rules, StagingOutcome, event_row
-from chatproto import MEGOLM_TYPE, ChatMessage, ErrorCode, ErrorItem, GroupItem
+from chatproto import (
+    MEGOLM_TYPE,
+    RECEIPT_DELIVERED,
+    RECEIPT_SEEN,
+    ChatMessage,
+    ErrorCode,
+    ErrorItem,
+    GroupItem,
+)
 
 
 class GroupStaging(Staging):
     def __init__(self, rules: Rules, boot: int, directory: Directory, rate: RateLimiter, recent: RecentIds,
-                 keyed: KeyedDevices | None = None) -> None:
+                 keyed: KeyedDevices | None = None, receipts: GroupReceipts | None = None) -> None:
         super().__init__(rules, boot, directory, rate, recent, keyed)
+        self.receipts = receipts if receipts is not None else GroupReceipts()
         self.gseqs: dict[str, int] = {}  # group id -> the highest gseq staged (restored from the store)
         self.written_gseqs: dict[str, int] = {}  # ... and as written by this boot's commits
 
@@ -65,6 +79,68 @@ class GroupStaging(Staging):
             else:  # a member's full queue must not cost the others their message: that device misses it
                 self.counters.group_skipped += 1
         self._fan_out(origin, sender, message, targets, now_ms, now, out, gseq)
+        reached = {device.partition(".")[0] for device in targets}  # rule 6: the members it waits for
+        self.receipts.track(self._next_mid, sender, message.id, message.to, len(members),  # _fan_out's mid
+                            [m for m in members if m in reached and m != sender], now_ms + self.rules.ttl_ms,
+                            self._pending.receipts)
+        return out
+
+    def ack(self, device: str, seqs: Iterable[int], now_ms: int, now: float) -> StagingOutcome:
+        """As ``Staging.ack``; a group message acked by a member's device counts for its receipts (rule 6)."""
+        seqs, box = list(seqs), self.boxes.get(device)
+        mids = [] if box is None else [item.message.mid for seq in seqs if (item := box.items.get(seq)) is not None
+                                       and item.message is not None and item.message.gseq is not None]
+        out = super().ack(device, seqs, now_ms, now)
+        member = device.partition(".")[0]
+        writes = self._pending.receipts
+        self._report([step for mid in mids if (step := self.receipts.delivered(mid, member, now_ms, writes))],
+                     now_ms, now, out)
+        return out
+
+    def seen_group(self, by_user: str, group: str, ids: Iterable[str], origin: str, now_ms: int,
+                   now: float) -> StagingOutcome:
+        """``by_user`` displayed ``ids`` of ``group`` (rule 6). Ids that no tracked message of the group
+        waits for are ignored (not its own, complete, expired, seen not tracked)."""
+        out = StagingOutcome()
+        if not self._rate.allow(by_user, now):
+            out.notices.append((origin, ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later")))
+            return out
+        self._report(self.receipts.seen(group, by_user, ids, now_ms, self._pending.receipts), now_ms, now, out)
+        return out
+
+    def _report(self, steps: list[Completed], now_ms: int, now: float, out: StagingOutcome) -> None:
+        """Stage what ``steps`` completed: one receipt per sender, group and status, ``delivered`` first."""
+        ready: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        for step in steps:
+            tracking = step.tracking
+            delivered, seen = ready.setdefault((tracking.sender, tracking.group), ([], []))
+            message = self._by_mid.get(tracking.mid)
+            if message is None:  # forgotten: every item acked, so 'sent' went out long ago
+                delivered.extend([tracking.msg_id] if step.delivered else [])
+                seen.extend([tracking.msg_id] if step.seen else [])
+            elif step.seen:
+                self._mark_seen(message, now_ms, now, delivered, seen)
+            else:
+                self._mark_delivered(message, now_ms, now, delivered)
+        for status, n in ((RECEIPT_DELIVERED, 0), (RECEIPT_SEEN, 1)):
+            for (sender, group), lists in ready.items():
+                if lists[n]:
+                    self._stage_receipt(sender, status, lists[n], group, now_ms, now, out)
+
+    def restore_receipts(self, rows: Iterable[TrackedRow], now_ms: int) -> None:
+        """Load the tracked group messages the store holds (after ``restore``); expired ones are forgotten."""
+        self.receipts.restore(rows)
+        self.receipts.expire(now_ms, self._pending.receipts)
+
+    def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
+        out = super().drop_unwritable(part)
+        for message in part.bodies:  # forgotten without 'sent': no receipts either
+            self.receipts.drop(message.mid, self._pending.receipts)
+        return out
+
+    def expire(self, now_ms: int, now: float) -> StagingOutcome:
+        out = super().expire(now_ms, now)
+        self.receipts.expire(now_ms, self._pending.receipts)
         return out
 
     def charge(self, user: str, now: float) -> bool:
@@ -83,6 +159,12 @@ class GroupStaging(Staging):
             self._mark_gseq(event.group, event.gseq)
         out.flush_due = True
         return out
+
+    def _pend_again(self, batch: FlushBatch) -> None:
+        super()._pend_again(batch)
+        for group, gseq in batch.gseqs.items():
+            self._mark_gseq(group, gseq)
+        self._pending.receipts.put_back(batch.receipts)
 
     def _mark_gseq(self, group: str, gseq: int) -> None:
         self.gseqs[group] = max(gseq, self.gseqs.get(group, 0))

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from bridge.messaging.group_receipts import ReceiptWrites
 from chatproto import ErrorItem, GroupItem, MsgItem, ReceiptItem
 
 SEQ_SPAN = 1_000_000_000
@@ -128,10 +129,11 @@ class FlushBatch:
     # group id -> the highest gseq staged (an event or a message): written with the items, so that
     # a restart knows which logged group events are staged already and where each group's gseq is.
     gseqs: dict[str, int] = field(default_factory=dict)
+    receipts: ReceiptWrites = field(default_factory=ReceiptWrites)  # of group messages (group_receipts.py)
 
     def empty(self) -> bool:
         return not (self.bodies or self.items or self.deleted_items or self.deleted_bodies
-                    or self.delivered or self.dedup or self.gseqs)
+                    or self.delivered or self.dedup or self.gseqs or not self.receipts.empty())
 
     def parts(self) -> list[FlushBatch]:
         """The batch cut into writes that can fail alone: each new message with its items, each
@@ -141,7 +143,7 @@ class FlushBatch:
         own: dict[StagedMessage, FlushBatch] = {message: FlushBatch(bodies=[message]) for message in self.bodies}
         singles: list[FlushBatch] = []
         rest = FlushBatch(deleted_items=self.deleted_items, deleted_bodies=self.deleted_bodies,
-                          delivered=self.delivered, dedup=self.dedup, gseqs=self.gseqs)
+                          delivered=self.delivered, dedup=self.dedup, gseqs=self.gseqs, receipts=self.receipts)
         for item in self.items:
             part = own.get(item.message) if item.message is not None else None
             if part is not None:

@@ -143,6 +143,13 @@ class Messaging:
         peer = item.to
         if isinstance(item, ChatMessage) and is_group_id(peer):
             return self._to_group(caller, item, members)
+        if isinstance(item, Seen) and is_group_id(peer):  # their tracking says who may report it
+            if self.groups is None:
+                self.links.send(caller.client_id, ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served here"))
+            else:
+                self._apply(self.staging.seen_group(caller.user, peer, item.ids, caller.client_id, self._now_ms(),
+                                                    self._now()))
+            return None
         if not looked_up and not self.staging.directory.exists(peer):
             return peer
         if isinstance(item, ChatMessage):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from bridge.messaging.group_receipts import TrackedRow
 from bridge.messaging.records import FlushBatch, Item, StagedMessage
 
 
@@ -39,6 +40,17 @@ class MessageStore(Protocol):
         """Make deletions durable and leave no deleted body behind (SQLite: fold and truncate the WAL)."""
 
     async def close(self) -> None: ...
+
+
+class GroupReceiptStore(Protocol):
+    """Where group receipts wait until complete (bridge/messaging/group_receipts.py). Their writes come
+    with the staging commit, ``FlushBatch.receipts``: the store that implements this writes them in
+    ``MessageStore.commit``'s transaction, so a member's mark is on disk exactly when the ack or
+    seen report that made it is (storage/sqlite/group_receipts.py)."""
+
+    async def group_receipts(self) -> list[TrackedRow]:
+        """The tracked group messages with their members' marks, in creation order (expired ones too:
+        the staging core forgets those at once, ``GroupStaging.restore_receipts``)."""
 
 
 class UserLookup(Protocol):

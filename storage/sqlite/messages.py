@@ -17,8 +17,10 @@ from collections.abc import Iterable
 
 import aiosqlite
 
+from bridge.messaging.group_receipts import TrackedRow
 from bridge.messaging.records import FlushBatch, Item, StagedMessage
 from bridge.store import StoreError
+from storage.sqlite import group_receipts as receipt_rows
 from storage.sqlite.db import SqliteFile, transaction, writer_lock
 
 log = logging.getLogger(__name__)
@@ -70,11 +72,13 @@ MIGRATIONS = (
     ALTER TABLE items ADD COLUMN event TEXT;
     CREATE TABLE group_gseqs (gid TEXT PRIMARY KEY, gseq INTEGER NOT NULL) WITHOUT ROWID
     """,
+    # 4: group receipts, per member until complete (storage/sqlite/group_receipts.py).
+    receipt_rows.MIGRATION,
 )
 
 
 class SqliteMessageStore(SqliteFile):
-    """``bridge.messaging.store.MessageStore`` in ``staging.db``."""
+    """``bridge.messaging.store.MessageStore`` and ``GroupReceiptStore`` in ``staging.db``."""
 
     FILE = STAGING_DB
     MIGRATIONS = MIGRATIONS
@@ -159,11 +163,15 @@ class SqliteMessageStore(SqliteFile):
             if batch.gseqs:
                 await db.executemany("INSERT INTO group_gseqs (gid, gseq) VALUES (?, ?) ON CONFLICT (gid) "
                                      "DO UPDATE SET gseq = max(gseq, excluded.gseq)", list(batch.gseqs.items()))
+            await receipt_rows.write(db, batch.receipts)
 
     async def group_gseqs(self) -> dict[str, int]:
         """Each group's highest staged gseq, as written by the commits."""
         async with self._db.execute("SELECT gid, gseq FROM group_gseqs") as cursor:
             return {str(r[0]): int(r[1]) async for r in cursor}
+
+    async def group_receipts(self) -> list[TrackedRow]:
+        return await receipt_rows.load(self._db)
 
     async def bodies(self, mids: list[int]) -> dict[int, str]:
         found: dict[int, str] = {}

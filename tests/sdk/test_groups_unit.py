@@ -13,12 +13,15 @@ from client_sdk.events import GroupEvent
 from client_sdk.groups import (
     BAD_RESULT,
     GroupInfo,
+    GroupReceiptInfo,
+    MemberReceipt,
     Membership,
     after_change,
     create_steps,
     info_from,
     leave_steps,
     members_steps,
+    receipts_steps,
     summaries_from,
 )
 from client_sdk.localstore import LocalStore
@@ -105,3 +108,17 @@ def test_steps_send_the_documented_requests_and_keep_the_members() -> None:
     assert members.members(G) is None  # rule 4: fetched again before the next message
     made, gseq = run(leave_steps(G, members), [{"gseq": 3}])
     assert made == [("group.leave", {"group": G})] and gseq == 3
+
+
+def test_group_receipts_are_read_or_refused_as_bad_result() -> None:
+    made, info = run(receipts_steps(G, "m1"), [{"group": G, "id": "m1", "tracked": True, "seen_tracked": False,
+                                                 "members": {"bob": {"delivered": 5, "seen": None}}}])
+    assert made == [("group.receipts", {"group": G, "id": "m1"})]
+    assert info == GroupReceiptInfo(G, "m1", True, False, {"bob": MemberReceipt(5, None)})
+    _, gone = run(receipts_steps(G, "m1"), [{"group": G, "id": "m1", "tracked": False}])
+    assert gone == GroupReceiptInfo(G, "m1", False)
+    for bad in ({"group": G, "id": "m1"}, {"group": G, "id": "m1", "tracked": True, "members": []},
+                {"group": G, "id": "m1", "tracked": True, "members": {"bob": {"delivered": "5"}}}):
+        with pytest.raises(RequestError) as caught:
+            run(receipts_steps(G, "m1"), [bad])
+        assert caught.value.code == BAD_RESULT

@@ -96,6 +96,10 @@ def test_requests_read_back_as_sent(request_: object) -> None:
     ("group.admins", {"group": GID}),
     ("group.admins", {"group": GID, "add": [], "remove": []}),
     ("group.admins", {"group": GID, "add": ["bob"], "remove": ["bob"]}),
+    ("group.receipts", {"group": GID}),
+    ("group.receipts", {"group": GID, "id": "m 1"}),
+    ("group.receipts", {"group": GID, "id": "m1", "user": "bob"}),
+    ("group.receipts", {"id": "m1"}),
 ])
 def test_bad_requests_are_refused(op: str, args: dict[str, object]) -> None:
     with pytest.raises(DecodeError) as caught:
@@ -110,7 +114,7 @@ def test_names_and_member_lists() -> None:
     assert parse_group_request("group.add", {"group": GID, "members": ["bob", "carol", "bob"]}) == \
         GroupAdd(GID, ("bob", "carol"))
     assert set(GROUP_OPS) == {"group.create", "group.add", "group.remove", "group.leave", "group.info",
-                              "group.list", "group.rename", "group.admins"}
+                              "group.list", "group.rename", "group.admins", "group.receipts"}
 
 
 def test_group_items_read_back() -> None:

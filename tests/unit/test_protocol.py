@@ -81,7 +81,8 @@ def test_items_are_compact_utf8_json() -> None:
 
 
 def test_acks_seen_reports_and_heartbeats_round_trip() -> None:
-    for item in (p.Ack((17, 18)), p.Seen("alice", ("m1", "m2")), p.Heartbeat(), p.Heartbeat(away=True)):
+    for item in (p.Ack((17, 18)), p.Seen("alice", ("m1", "m2")), p.Seen("g:team", ("m1",)), p.Heartbeat(),
+                 p.Heartbeat(away=True)):
         assert type(item).decode(item.encode()) == item
     assert p.Ack((1,)).encode() == b'{"seqs":[1]}'
     assert p.Heartbeat().encode() == b"{}" and p.Heartbeat(away=True).encode() == b'{"state":"away"}'
@@ -95,6 +96,7 @@ def test_acks_seen_reports_and_heartbeats_round_trip() -> None:
         (p.Ack.decode, b'{"seqs":[1],"x":1}'),
         (p.Seen.decode, b'{"to":"Alice","ids":["m1"]}'),
         (p.Seen.decode, b'{"to":"alice","ids":["m.1"]}'),
+        (p.Seen.decode, b'{"to":"g:","ids":["m1"]}'),
         (p.Heartbeat.decode, b'{"state":"busy"}'),
     ],
 )

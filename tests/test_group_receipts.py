@@ -1,0 +1,218 @@
+"""Group receipts through the real broker (one process on SQLite) over real sockets: ``delivered`` to all
+and ``seen`` by all for the sender, the ``group.receipts`` detail and who may ask, ``groups.seen_receipts``,
+a restart, and many members acking and reporting at once (docs/PROTOCOL.md section 11, "Receipts")."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import BrokerThread, Peer, eventually, online_peer
+from tests.test_groups import Collector, _add_users, drain, ok, refused, send
+
+
+def receipt(status: str, msg_id: str) -> Any:
+    return lambda i: i.get("kind") == "receipt" and i.get("status") == status and msg_id in i.get("ids", [])
+
+
+def msg(msg_id: str) -> Any:
+    return lambda i: i.get("kind") == "msg" and i.get("id") == msg_id
+
+
+def ack(peer: Peer, item: dict[str, Any]) -> None:
+    peer.publish(f"u/{peer.user}/ack", {"seqs": [item["seq"]]})
+
+
+def seen(peer: Peer, group: str, *ids: str) -> None:
+    peer.publish(f"u/{peer.user}/seen", {"to": group, "ids": list(ids)})
+
+
+def statuses(peer: Peer, within: float = 0.5) -> list[str]:
+    return [i["status"] for i in drain(peer, within) if i.get("kind") == "receipt" and i["status"] != "sent"]
+
+
+def tracked_rows(data: Path) -> tuple[int, int]:
+    with sqlite3.connect(data / "staging.db") as db:
+        return (db.execute("SELECT COUNT(*) FROM group_receipts").fetchone()[0],
+                db.execute("SELECT COUNT(*) FROM group_receipt_marks").fetchone()[0])
+
+
+def start(data: Path, new: bool = True, **overrides: Any) -> BrokerThread:
+    broker = BrokerThread(data, {"limits.send_burst": 5000, **overrides}).start()
+    if new:
+        broker.add_users({name: f"{name}-pw" for name in ("alice", "bob", "carol", "dave", "erin")})
+    return broker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Any:
+    broker = start(tmp_path / "data")
+    yield broker
+    broker.stop()
+
+
+def test_delivered_to_all_after_the_last_ack_and_seen_by_all_after_the_last_report(
+        broker: BrokerThread, made: list[Peer], tmp_path: Path) -> None:
+    alice, tablet = online_peer(broker.port, made, "alice"), online_peer(broker.port, made, "alice", "tablet")
+    bob, carol, dave, erin = (online_peer(broker.port, made, u) for u in ("bob", "carol", "dave", "erin"))
+    group = ok(alice, "group.create", name="g", members=["bob", "carol", "dave"])["group"]
+    send(alice, group, "m1")
+    alice.expect(receipt("sent", "m1"))
+    ack(tablet, tablet.expect(msg("m1")))  # the sender's own other device is no member to wait for
+    ack(bob, bob.expect(msg("m1")))
+    ack(carol, carol.expect(msg("m1")))
+    dave_copy = dave.expect(msg("m1"))
+    assert statuses(alice) == [] and statuses(tablet, 0.1) == []
+    detail = ok(alice, "group.receipts", group=group, id="m1")
+    assert detail["tracked"] is True and detail["seen_tracked"] is True
+    assert list(detail["members"]) == ["bob", "carol", "dave"]
+    assert detail["members"]["bob"]["delivered"] > 0 and detail["members"]["dave"] == {"delivered": None,
+                                                                                        "seen": None}
+    assert refused(bob, "group.receipts", group=group, id="m1") == "forbidden"  # not the sender
+    assert refused(erin, "group.receipts", group=group, id="m1") == "not_member"
+    ack(dave, dave_copy)
+    for device in (alice, tablet):
+        got = device.expect(receipt("delivered", "m1"))
+        assert got["peer"] == group and got["ids"] == ["m1"]
+    seen(bob, group, "m1")
+    seen(carol, group, "m1")
+    assert statuses(alice) == []
+    assert ok(alice, "group.receipts", group=group, id="m1")["members"]["carol"]["seen"] > 0
+    seen(dave, group, "m1", "unknown-id")
+    for device in (alice, tablet):
+        got = device.expect(receipt("seen", "m1"))
+        assert got["peer"] == group and got["ids"] == ["m1"]
+    assert statuses(alice) == [], "each once"
+    assert ok(alice, "group.receipts", group=group, id="m1") == {"group": group, "id": "m1", "tracked": False}
+    eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))  # nothing kept once complete
+
+
+def test_a_seen_report_before_the_ack_implies_delivered(broker: BrokerThread, made: list[Peer]) -> None:
+    alice = online_peer(broker.port, made, "alice")
+    bob = online_peer(broker.port, made, "bob")
+    group = ok(alice, "group.create", name="g", members=["bob"])["group"]
+    send(alice, group, "m1")
+    bob.expect(msg("m1"))
+    seen(bob, group, "m1")  # the app showed it before the SDK acked
+    alice.expect(receipt("sent", "m1"))
+    assert statuses(alice, 1.0) == ["delivered", "seen"]
+
+
+def test_seen_receipts_are_off_above_the_threshold(tmp_path: Path, made: list[Peer]) -> None:
+    broker = start(tmp_path / "data", **{"groups.seen_receipts": 2})
+    try:
+        alice, bob, carol = (online_peer(broker.port, made, u) for u in ("alice", "bob", "carol"))
+        small = ok(alice, "group.create", name="two", members=["bob"])["group"]
+        big = ok(alice, "group.create", name="three", members=["bob", "carol"])["group"]
+        send(alice, big, "b1")
+        copies = bob.expect(msg("b1")), carol.expect(msg("b1"))
+        seen(bob, big, "b1")  # accepted, ignored: no delivered either
+        seen(carol, big, "b1")
+        assert not any(i.get("kind") == "error" for i in drain(bob, 0.3))
+        assert statuses(alice) == []
+        assert ok(alice, "group.receipts", group=big, id="b1")["seen_tracked"] is False
+        ack(bob, copies[0])
+        ack(carol, copies[1])
+        alice.expect(receipt("delivered", "b1"))
+        assert ok(alice, "group.receipts", group=big, id="b1")["tracked"] is False, "complete once delivered"
+        send(alice, small, "s1")
+        ack(bob, bob.expect(msg("s1")))
+        seen(bob, small, "s1")
+        assert statuses(alice, 1.0) == ["delivered", "seen"]
+    finally:
+        broker.stop()
+
+
+def test_tracking_survives_a_restart(tmp_path: Path, made: list[Peer]) -> None:
+    broker = start(tmp_path / "data")
+    try:
+        alice, bob, carol = (online_peer(broker.port, made, u) for u in ("alice", "bob", "carol"))
+        group = ok(alice, "group.create", name="g", members=["bob", "carol"])["group"]
+        send(alice, group, "m1")
+        ack(bob, bob.expect(msg("m1")))
+        seen(bob, group, "m1")
+        eventually(lambda: ok(alice, "group.receipts", group=group, id="m1")["members"]["bob"]["seen"] is not None)
+        before = ok(alice, "group.receipts", group=group, id="m1")
+        carol_copy = carol.expect(msg("m1"))  # not acked before the restart
+        for peer in (alice, bob, carol):
+            peer.close()
+    finally:
+        broker.stop()
+    assert tracked_rows(tmp_path / "data") == (1, 1)
+    broker = start(tmp_path / "data", new=False)
+    try:
+        alice = online_peer(broker.port, made, "alice")
+        assert ok(alice, "group.receipts", group=group, id="m1") == before
+        carol = online_peer(broker.port, made, "carol")
+        again = carol.expect(msg("m1"))  # redelivered from disk, under a new seq
+        assert again["id"] == carol_copy["id"]
+        ack(carol, again)
+        alice.expect(receipt("delivered", "m1"))
+        seen(carol, group, "m1")
+        alice.expect(receipt("seen", "m1"))
+        eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
+    finally:
+        broker.stop()
+
+
+def test_many_members_acking_and_reporting_at_once_complete_each_message_once(
+        tmp_path: Path, made: list[Peer]) -> None:
+    users = [f"u{i:02d}" for i in range(24)]
+    broker = BrokerThread(tmp_path / "data", {"limits.send_burst": 100_000, "limits.send_rate_per_s": 1e6}).start()
+    try:
+        broker.call(_add_users(broker, ["alice", *users]))
+        alice = Peer(broker.port, "alice", "same-pw")
+        made.append(alice)
+        assert alice.connect() == 0 and alice.subscribe() == [1]
+        group = ok(alice, "group.create", name="g", members=users)["group"]
+        members = [Collector(broker.port, made, user, group) for user in users]  # each acks what it gets
+        ids = [f"m{n}" for n in range(20)]
+        for msg_id in ids:
+            send(alice, group, msg_id)
+        for member in members:
+            eventually(lambda m=member: set(m.ids()) == set(ids))  # type: ignore[misc]
+
+        def report(member: Collector, seed: int) -> None:
+            order = ids[:]
+            random.Random(seed).shuffle(order)
+            for n in range(0, len(order), 3):
+                seen(member.peer, group, *order[n:n + 3])
+
+        threads = [threading.Thread(target=report, args=(m, n)) for n, m in enumerate(members)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        got: dict[str, list[str]] = {msg_id: [] for msg_id in ids}
+        while sum(map(len, got.values())) < 2 * len(ids):
+            item = alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] in ("delivered", "seen"))
+            assert item["peer"] == group
+            for msg_id in item["ids"]:
+                got[msg_id].append(item["status"])
+        assert all(statuses == ["delivered", "seen"] for statuses in got.values()), got
+        assert [i for i in drain(alice, 0.5) if i.get("kind") == "receipt" and i["status"] != "sent"] == []
+        assert all(ok(alice, "group.receipts", group=group, id=i)["tracked"] is False for i in ids)
+        eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
+    finally:
+        broker.stop()
+
+
+def test_tracking_ends_at_the_ttl(tmp_path: Path, made: list[Peer]) -> None:
+    broker = start(tmp_path / "data", **{"staging.ttl_days": 1.5 / 86400, "staging.sweep_s": 0.2})
+    try:
+        alice, bob = online_peer(broker.port, made, "alice"), online_peer(broker.port, made, "bob")
+        online_peer(broker.port, made, "carol").close()  # known, offline: never acks
+        group = ok(alice, "group.create", name="g", members=["bob", "carol"])["group"]
+        send(alice, group, "m1")
+        ack(bob, bob.expect(msg("m1")))
+        assert alice.expect(receipt("expired", "m1"))["peer"] == group  # carol's copy expired
+        eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
+        assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
+        assert statuses(alice) == []  # no delivered or seen after it
+    finally:
+        broker.stop()
