@@ -1,0 +1,155 @@
+"""Group receipts in a Redis Cluster: the tracking half of ``bridge.cluster.group_store.GroupLog`` (its
+docstring has the model; the rules are bridge/messaging/group_receipts.py's). Keys, in the group's slot
+beside its log (storage/redis/group_log.py):
+
+- ``{prefix}g:{Ab3}:t:<gseq>``    hash: a tracked message -- ``from``, ``id``, ``st`` ('1': seen tracked),
+  ``md`` / ``ms``: members still missing delivered / seen, and per member waited for ``d:<user>`` and (seen
+  tracked) ``s:<user>``, Redis ms or 0. Written by ``POST`` with the message; deleted once complete,
+  expires at the message's TTL.
+- ``{prefix}g:{Ab3}:i:<msg id>``  set of the gseqs tracked with that id (what a seen report names); an
+  expired message's gseq is dropped by the next look at it; expires with its latest message.
+- ``{prefix}g:{Ab3}:u:<sender>``  sorted set of gseqs (score = gseq): the sender's tracked messages in this group,
+  at most ``max_tracked`` (a new one forgets the oldest: ``groups.max_tracked_per_user`` per sender and
+  group in cluster mode, as a sender's messages to several groups are in several slots).
+- ``{prefix}g:{Ab3}:r:<token>``   a ``MARK`` reply, kept the replay time (storage/redis/queues.py "Retries").
+
+Times are Redis's (``TIME`` on the group's master): the members' marks of one message come from one clock.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bridge.cluster.group_store import Completed, Mark, MarkKind
+from bridge.messaging.group_receipts import TrackedRow
+
+# Part of ``POST`` (storage/redis/group_log.py), after the gseq is taken, with ``now``, ``gseq`` and
+# ``members`` set; ARGV[6] is the message's expiry, ARGV[9] its sender. ARGV[10..15]: msg id, tracking
+# prefix, index prefix, sender-set prefix, seen_max, max_tracked.
+TRACK = """
+local sender, msg_id, expires = ARGV[9], ARGV[10], tonumber(ARGV[6])
+local waited = {}
+for _, member in ipairs(members) do if member ~= sender then table.insert(waited, member) end end
+if #waited > 0 then
+  local seen_max = tonumber(ARGV[14])
+  local st = (seen_max > 0 and #members <= seen_max) and '1' or '0'
+  local fields = {'from', sender, 'id', msg_id, 'st', st, 'md', #waited, 'ms', st == '1' and #waited or 0}
+  for _, member in ipairs(waited) do
+    table.insert(fields, 'd:' .. member); table.insert(fields, 0)
+    if st == '1' then table.insert(fields, 's:' .. member); table.insert(fields, 0) end
+  end
+  local tracking = ARGV[11] .. gseq
+  redis.call('HSET', tracking, unpack(fields))
+  redis.call('PEXPIREAT', tracking, expires)
+  local index, mine = ARGV[12] .. msg_id, ARGV[13] .. sender
+  redis.call('SADD', index, gseq)
+  redis.call('ZADD', mine, gseq, gseq)
+  for _, key in ipairs({index, mine}) do
+    if redis.call('PEXPIRETIME', key) < expires then redis.call('PEXPIREAT', key, expires) end
+  end
+  for _ = 1, 64 do  -- the oldest may have expired (one TTL: they expire in gseq order)
+    local oldest = redis.call('ZRANGE', mine, 0, 0)[1]
+    if not oldest or redis.call('EXISTS', ARGV[11] .. oldest) == 1 then break end
+    redis.call('ZREM', mine, oldest)
+  end
+  local over = redis.call('ZCARD', mine) - tonumber(ARGV[15])
+  if over > 0 then
+    for i, old in ipairs(redis.call('ZPOPMIN', mine, over)) do
+      if i % 2 == 1 then
+        local id = redis.call('HGET', ARGV[11] .. old, 'id')
+        redis.call('DEL', ARGV[11] .. old)
+        if id then redis.call('SREM', ARGV[12] .. id, old) end
+      end
+    end
+  end
+end
+"""
+
+# KEYS: replay. ARGV: tracking prefix, index prefix, sender-set prefix, replay ms, then (kind, member,
+# gseq or msg id) per mark. Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
+MARK = """
+local done = redis.call('GET', KEYS[1])
+if done then return done end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local TP, IP, UP = ARGV[1], ARGV[2], ARGV[3]
+local out = {}
+local function mark(gseq, kind, user)
+  local key = TP .. gseq
+  local from, id, st, md, ms, d, s = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms',
+                                                       'd:' .. user, 's:' .. user))
+  if not from or not d or (kind == 's' and st ~= '1') then return end
+  local md0, ms0 = tonumber(md), tonumber(ms)
+  md, ms = md0, ms0
+  if kind == 'x' then
+    if d == '0' then md = md - 1 end
+    if s == '0' then ms = ms - 1 end
+    redis.call('HDEL', key, 'd:' .. user, 's:' .. user)
+  else
+    if d == '0' then md = md - 1; redis.call('HSET', key, 'd:' .. user, now) end
+    if kind == 's' and s == '0' then ms = ms - 1; redis.call('HSET', key, 's:' .. user, now) end
+  end
+  if md == 0 and (st ~= '1' or ms == 0) then  -- complete: forgotten
+    redis.call('DEL', key)
+    redis.call('SREM', IP .. id, gseq)
+    redis.call('ZREM', UP .. from, gseq)
+  else
+    redis.call('HSET', key, 'md', md, 'ms', ms)
+  end
+  local delivered, seen = md0 > 0 and md == 0, st == '1' and ms0 > 0 and ms == 0
+  if delivered or seen then
+    table.insert(out, {tonumber(gseq), from, id, delivered and 1 or 0, seen and 1 or 0})
+  end
+end
+for i = 5, #ARGV, 3 do
+  if ARGV[i] == 's' then
+    for _, gseq in ipairs(redis.call('SMEMBERS', IP .. ARGV[i + 2])) do
+      if redis.call('EXISTS', TP .. gseq) == 1 then mark(gseq, 's', ARGV[i + 1])
+      else redis.call('SREM', IP .. ARGV[i + 2], gseq) end  -- expired
+    end
+  else
+    mark(ARGV[i + 2], ARGV[i], ARGV[i + 1])
+  end
+end
+if #out == 0 then return '[]' end
+local reply = cjson.encode(out)
+redis.call('SET', KEYS[1], reply, 'PX', ARGV[4])
+return reply
+"""
+
+# KEYS: the index of a msg id. ARGV: tracking prefix. Returns {gseq, expiry ms, the hash flat, ...}.
+TRACKED = """
+local out = {}
+for _, gseq in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local fields = redis.call('HGETALL', ARGV[1] .. gseq)
+  if #fields > 0 then
+    table.insert(out, gseq); table.insert(out, redis.call('PEXPIRETIME', ARGV[1] .. gseq)); table.insert(out, fields)
+  end
+end
+return out
+"""
+
+
+def mark_args(marks: list[Mark]) -> list[str | int]:
+    args: list[str | int] = []
+    for mark in marks:
+        args += [mark.kind.value, mark.member, mark.msg_id if mark.kind == MarkKind.SEEN else mark.gseq]
+    return args
+
+
+def completed(reply: str) -> list[Completed]:
+    return [Completed(int(gseq), str(sender), str(msg_id), bool(delivered), bool(seen))
+            for gseq, sender, msg_id, delivered, seen in json.loads(reply)]
+
+
+def tracked_rows(group: str, rows: list[Any]) -> list[TrackedRow]:
+    """``TRACKED``'s reply as rows, oldest (lowest gseq) first."""
+    found = []
+    for gseq, expires, flat in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        marks = {name[2:]: (int(value), int(fields.get(f"s:{name[2:]}", 0)))
+                 for name, value in fields.items() if name.startswith("d:")}
+        found.append(TrackedRow(int(gseq), fields["from"], fields["id"], group, int(expires), tuple(sorted(marks)),
+                                fields["st"] == "1", marks))
+    return sorted(found, key=lambda row: row.mid)
