@@ -179,13 +179,17 @@ async def test_delivered_then_seen_complete_once_and_leave_nothing(stores: Store
     done = await stores.log.mark(gid, [Mark(D, "carol", gseq)], "b")
     assert done == [Completed(gseq, "alice", "m1", True, False)]
     assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "b") == done, "a retry answers the first run"
-    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c") == [], "reported once"
+    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c") == done, "pending: reported again"
+    await stores.log.receipted(gid, done)
+    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c2") == [], "its receipts staged: reported once"
     assert await stores.log.mark(gid, [Mark(S, "bob", msg_id="m1"), Mark(S, "bob", msg_id="nope")], "d") == []
     [row] = await stores.log.tracked(gid, "m1")
     assert row.marks["bob"][1] > 0 and row.marks["carol"][1] == 0
-    assert await stores.log.mark(gid, [Mark(S, "carol", msg_id="m1")], "e") == [Completed(gseq, "alice", "m1",
-                                                                                             False, True)]
-    assert await stores.log.tracked(gid, "m1") == []
+    seen = await stores.log.mark(gid, [Mark(S, "carol", msg_id="m1")], "e")
+    assert seen == [Completed(gseq, "alice", "m1", False, True)]
+    assert await stores.log.tracked(gid, "m1") == [], "complete: not tracked any more"
+    assert await stores.keys("g:*:t:*"), "kept until its receipts are staged"
+    await stores.log.receipted(gid, seen)
     assert [k for k in await stores.keys("g:*") if ":t:" in k or ":i:" in k or ":u:" in k] == []
 
 
@@ -198,6 +202,8 @@ async def test_a_seen_report_implies_delivered_and_names_every_sender_s_message(
         ("alice", True), ("bob", True)]
     done = await stores.log.mark(gid, [Mark(S, "bob", msg_id="same"), Mark(S, "alice", msg_id="same")], "b")
     assert done == [Completed(first, "alice", "same", True, True), Completed(second, "bob", "same", True, True)]
+    await stores.log.receipted(gid, done)
+    assert await stores.keys("g:*:t:*") == []
 
 
 async def test_seen_is_tracked_up_to_the_threshold_and_members_with_nothing_are_not_waited_for(

@@ -17,8 +17,10 @@ also starts tracking the message, in the group's slot and in the same script: th
 but the sender, each with a delivered and a seen time. ``mark`` records, in one script per group and
 call, members who acked (``DELIVERED``), reported seen (``SEEN``, by message id) or got no item at all
 (``GONE``: every device's queue full); it answers each message it *completed* (the last member had it,
-or saw it) exactly once, and a retry with the same token answers the first run's reply. A complete
-message is forgotten; an incomplete one at its expiry. ``tracked`` answers ``group.receipts``.
+or saw it), and a retry with the same token answers the first run's reply. A completion stays pending,
+answered again by every later ``mark`` of that message, until ``receipted`` says its receipts are staged:
+then a complete message is forgotten; an incomplete one at its expiry. ``tracked`` answers
+``group.receipts`` (complete messages are not tracked any more).
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class GroupLog(GroupStore, Protocol):
         """Record ``marks`` (in order); the messages they completed. A mark that changes nothing (a
         member marked already, not waited for, a message not tracked) is ignored. Run again with the
         same ``token`` (within the store's replay time), it answers the first run's reply."""
+
+    async def receipted(self, group: str, done: list[Completed]) -> None:
+        """The receipts of ``done`` (``mark``'s completions) are staged: a complete message is forgotten.
+        Until then every ``mark`` of it reports it again (a node that died before staging them)."""
 
     async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:
         """The group's tracked messages with id ``msg_id`` (any sender), oldest first; ``mid`` is the gseq."""

@@ -21,8 +21,11 @@ Decisions:
    members the fanout staged nothing for (every queue full: not waited for) are marked there, one script
    per group and call (``GroupLog.mark``); what that completes is staged as one ``delivered`` / ``seen``
    receipt per sender (``delivered`` first) to the sender's devices, through the one-to-one receipt path.
-   Mark and stage run as one step retried with fixed tokens until written: a retry answers the first
-   run's completions and stages each receipt once. ``group.receipts`` reads the group's slot.
+   Mark, stage and ``receipted`` run as one step retried until written; a completion stays pending in the
+   group's slot until ``receipted``, reported again by any later mark of the message, and each receipt's
+   stage token is its message's: staged once however often it is reported (within the replay time).
+   An ack is marked before the queue ack (bridge/cluster/messaging.py): a node dying in between leaves
+   the item, whose next ack marks again. ``group.receipts`` reads the group's slot.
 """
 
 from __future__ import annotations
@@ -247,18 +250,20 @@ class ClusterGroups:
         await self._messaging.retrying("group receipts", self._receipts_step(seen.to, marks))
 
     def _receipts_step(self, group: str, marks: list[Mark]) -> Callable[[], Awaitable[None]]:
-        """Mark, then stage what that completed (``delivered`` before ``seen``), with tokens drawn once: a
-        retry (``retrying``) answers the first run's completions and stages each receipt once."""
-        token, delivered_token, seen_token = (secrets.token_hex(8) for _ in range(3))
+        """Mark; stage what that completed, ``delivered`` before ``seen``; then say so (``receipted``). The mark's
+        token is drawn once (a retry by ``retrying`` answers the first run); each receipt's stage token is
+        its message's and status's, so a completion reported again (a retry, or a node that died before
+        ``receipted``) is staged once, in the sender's slot's replay time."""
+        token = secrets.token_hex(8)
 
         async def step() -> None:
-            completed = await self._log.mark(group, marks, token)
-            delivered = [MessageRef(c.sender, c.msg_id, group) for c in completed if c.delivered]
-            seen = [MessageRef(c.sender, c.msg_id, group) for c in completed if c.seen]
-            if delivered:
-                await self._messaging.stage_receipts(RECEIPT_DELIVERED, delivered, delivered_token)
-            if seen:
-                await self._messaging.stage_receipts(RECEIPT_SEEN, seen, seen_token)
+            done = await self._log.mark(group, marks, token)
+            for status, ready in ((RECEIPT_DELIVERED, [c for c in done if c.delivered]),
+                                  (RECEIPT_SEEN, [c for c in done if c.seen])):
+                for c in ready:
+                    await self._messaging.stage_receipts(status, [MessageRef(c.sender, c.msg_id, group)],
+                                                         f"{group}/{c.gseq}/{status}")
+            await self._log.receipted(group, done)
 
         return step
 

@@ -54,6 +54,7 @@ from chatproto import (
     DecodeError,
     ErrorCode,
     ErrorItem,
+    MsgItem,
     ReceiptItem,
     Seen,
     is_group_id,
@@ -445,14 +446,16 @@ class ClusterMessaging:
     async def _ack(self, client_id: str, seqs: list[int]) -> None:
         local, stored = self.windows.split_ack(client_id, seqs)  # (window rules 4 and 5)
         delivered = self._held.held_acked(client_id, local) if local else []
-        group_acks: list[GroupAck] = []
+        group_acks, late = self._group_acks(client_id, stored), []
+        if group_acks and self.groups is not None:  # before the queue ack: a node dying in between leaves the items
+            await self.groups.acked(group_acks)
         if local:
             self.apply(self.windows.acked(client_id, local, self._now()))
         if stored:
             try:
                 acked = await self._queues.ack(client_id, stored)
                 delivered += [ref for ref in acked if isinstance(ref, MessageRef)]
-                group_acks = [ref for ref in acked if isinstance(ref, GroupAck)]
+                late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in group_acks]
             except StoreError as exc:  # the items stay; the device gets them again and acks again
                 self._round_failed("ack", client_id, exc)
             else:
@@ -460,8 +463,14 @@ class ClusterMessaging:
                 self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
             await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
-        if group_acks and self.groups is not None:
-            await self.groups.acked(group_acks)
+        if late and self.groups is not None:  # acked items this link had not sent (an earlier link's)
+            await self.groups.acked(late)
+
+    def _group_acks(self, client_id: str, seqs: list[int]) -> list[GroupAck]:
+        """The group messages of another user among the items of ``seqs`` this link sent the device."""
+        user = client_id.partition(".")[0]
+        return [GroupAck(item.to, item.gseq, user) for queued in self.windows.sent_items(client_id, seqs)
+                if isinstance(item := queued.item, MsgItem) and item.gseq is not None and item.sender != user]
 
     async def retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried

@@ -151,6 +151,11 @@ class Windows:
         stored += [box.aliases[s] for s in local if s in box.aliases]
         return local, stored
 
+    def sent_items(self, client_id: str, seqs: list[int]) -> list[QueuedItem]:
+        """The items of ``seqs`` in flight to the device (what an ack of them acks, as far as this link sent it)."""
+        box = self._devices.get(client_id)
+        return [] if box is None else [box.inflight[seq][1] for seq in seqs if seq in box.inflight]
+
     def offline(self, client_id: str) -> None:
         if self._devices.pop(client_id, None) is not None:
             user = client_id.partition(".")[0]

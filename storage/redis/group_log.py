@@ -35,7 +35,16 @@ from bridge.groups.core import Decision, Group
 from bridge.messaging.group_receipts import TrackedRow
 from chatproto import GroupItem
 from storage.redis.client import RETRY_S, RedisStore
-from storage.redis.group_receipts import MARK, TRACK, TRACKED, completed, mark_args, tracked_rows
+from storage.redis.group_receipts import (
+    MARK,
+    RECEIPTED,
+    TRACK,
+    TRACKED,
+    completed,
+    mark_args,
+    receipted_args,
+    tracked_rows,
+)
 from storage.redis.groups import RedisGroupStore, tag_of
 from storage.redis.queue_scripts import COMMON
 
@@ -118,7 +127,8 @@ def decode_entry(group: str, raw: str) -> LogEntry:
 class RedisGroupLog(RedisGroupStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         **RedisGroupStore.SCRIPTS, "groups.post": POST, "groups.fanned": FANNED, "groups.release": RELEASE,
-        "groups.clear_hint": CLEAR_HINT, "groups.mark": MARK, "groups.tracked": TRACKED}
+        "groups.clear_hint": CLEAR_HINT, "groups.mark": MARK, "groups.tracked": TRACKED,
+        "groups.receipted": RECEIPTED}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -167,6 +177,12 @@ class RedisGroupLog(RedisGroupStore):
             return []
         args: list[str | int] = [*self._receipt_prefixes(group), self._replay_ms, *mark_args(marks)]
         return completed(await self.run("groups.mark", [self.key("g", tag_of(group), "r", token)], args))
+
+    async def receipted(self, group: str, done: list[Completed]) -> None:
+        if done:
+            # Its keys are named in ARGV: the group's key routes it to the slot.
+            await self.run("groups.receipted", [self.key("g", tag_of(group))],
+                           [*self._receipt_prefixes(group), *receipted_args(done)])
 
     async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:
         tracking, index, _ = self._receipt_prefixes(group)

@@ -3,8 +3,9 @@ docstring has the model; the rules are bridge/messaging/group_receipts.py's). Ke
 beside its log (storage/redis/group_log.py):
 
 - ``{prefix}g:{Ab3}:t:<gseq>``    hash: a tracked message -- ``from``, ``id``, ``st`` ('1': seen tracked),
-  ``md`` / ``ms``: members still missing delivered / seen, and per member waited for ``d:<user>`` and (seen
-  tracked) ``s:<user>``, Redis ms or 0. Written by ``POST`` with the message; deleted once complete,
+  ``md`` / ``ms``: members still missing delivered / seen, per member waited for ``d:<user>`` and (seen
+  tracked) ``s:<user>``, Redis ms or 0, and ``pd`` / ``ps`` while a completion's receipts may not be staged
+  yet. Written by ``POST`` with the message; deleted once complete and its receipts staged (``RECEIPTED``),
   expires at the message's TTL.
 - ``{prefix}g:{Ab3}:i:<msg id>``  set of the gseqs tracked with that id (what a seen report names); an
   expired message's gseq is dropped by the next look at it; expires with its latest message.
@@ -66,47 +67,58 @@ if #waited > 0 then
 end
 """
 
+# Shared: a tracked message is complete (every member has it and, if tracked, saw it).
+COMPLETE = """
+local function complete(st, md, ms) return tonumber(md) == 0 and (st ~= '1' or tonumber(ms) == 0) end
+"""
+
 # KEYS: replay. ARGV: tracking prefix, index prefix, sender-set prefix, replay ms, then (kind, member,
-# gseq or msg id) per mark. Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
-MARK = """
+# gseq or msg id) per mark. A completion is kept pending (``pd`` / ``ps``) until ``RECEIPTED``, and reported
+# again by any later mark of that message (its receipts may not be staged: their stage tokens make a second
+# staging answer the first). Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
+MARK = COMPLETE + """
 local done = redis.call('GET', KEYS[1])
 if done then return done end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local TP, IP, UP = ARGV[1], ARGV[2], ARGV[3]
-local out = {}
+local TP = ARGV[1]
+local out, at = {}, {}
 local function mark(gseq, kind, user)
   local key = TP .. gseq
-  local from, id, st, md, ms, d, s = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms',
-                                                       'd:' .. user, 's:' .. user))
-  if not from or not d or (kind == 's' and st ~= '1') then return end
-  local md0, ms0 = tonumber(md), tonumber(ms)
-  md, ms = md0, ms0
-  if kind == 'x' then
-    if d == '0' then md = md - 1 end
-    if s == '0' then ms = ms - 1 end
-    redis.call('HDEL', key, 'd:' .. user, 's:' .. user)
-  else
-    if d == '0' then md = md - 1; redis.call('HSET', key, 'd:' .. user, now) end
-    if kind == 's' and s == '0' then ms = ms - 1; redis.call('HSET', key, 's:' .. user, now) end
-  end
-  if md == 0 and (st ~= '1' or ms == 0) then  -- complete: forgotten
-    redis.call('DEL', key)
-    redis.call('SREM', IP .. id, gseq)
-    redis.call('ZREM', UP .. from, gseq)
-  else
+  local from, id, st, md, ms, d, s, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms',
+                                                               'd:' .. user, 's:' .. user, 'pd', 'ps'))
+  if not from then return end
+  local delivered, seen = pd == '1', ps == '1'
+  if d and not (kind == 's' and st ~= '1') then
+    local md0, ms0 = tonumber(md), tonumber(ms)
+    md, ms = md0, ms0
+    if kind == 'x' then
+      if d == '0' then md = md - 1 end
+      if s == '0' then ms = ms - 1 end
+      redis.call('HDEL', key, 'd:' .. user, 's:' .. user)
+    else
+      if d == '0' then md = md - 1; redis.call('HSET', key, 'd:' .. user, now) end
+      if kind == 's' and s == '0' then ms = ms - 1; redis.call('HSET', key, 's:' .. user, now) end
+    end
     redis.call('HSET', key, 'md', md, 'ms', ms)
+    if md0 > 0 and md == 0 then delivered = true; redis.call('HSET', key, 'pd', '1') end
+    if st == '1' and ms0 > 0 and ms == 0 then seen = true; redis.call('HSET', key, 'ps', '1') end
   end
-  local delivered, seen = md0 > 0 and md == 0, st == '1' and ms0 > 0 and ms == 0
   if delivered or seen then
-    table.insert(out, {tonumber(gseq), from, id, delivered and 1 or 0, seen and 1 or 0})
+    local n = at[gseq]
+    if not n then
+      table.insert(out, {tonumber(gseq), from, id, 0, 0}); n = #out; at[gseq] = n
+    end
+    if delivered then out[n][4] = 1 end
+    if seen then out[n][5] = 1 end
   end
 end
 for i = 5, #ARGV, 3 do
   if ARGV[i] == 's' then
-    for _, gseq in ipairs(redis.call('SMEMBERS', IP .. ARGV[i + 2])) do
+    local index = ARGV[2] .. ARGV[i + 2]
+    for _, gseq in ipairs(redis.call('SMEMBERS', index)) do
       if redis.call('EXISTS', TP .. gseq) == 1 then mark(gseq, 's', ARGV[i + 1])
-      else redis.call('SREM', IP .. ARGV[i + 2], gseq) end  -- expired
+      else redis.call('SREM', index, gseq) end  -- expired
     end
   else
     mark(ARGV[i + 2], ARGV[i], ARGV[i + 1])
@@ -118,12 +130,32 @@ redis.call('SET', KEYS[1], reply, 'PX', ARGV[4])
 return reply
 """
 
-# KEYS: the index of a msg id. ARGV: tracking prefix. Returns {gseq, expiry ms, the hash flat, ...}.
-TRACKED = """
+# ARGV: tracking prefix, index prefix, sender-set prefix, then (gseq, delivered 0/1, seen 0/1) of completions
+# whose receipts are staged: no longer pending; a complete message with nothing pending is forgotten.
+RECEIPTED = COMPLETE + """
+for i = 4, #ARGV, 3 do
+  local key = ARGV[1] .. ARGV[i]
+  if ARGV[i + 1] == '1' then redis.call('HDEL', key, 'pd') end
+  if ARGV[i + 2] == '1' then redis.call('HDEL', key, 'ps') end
+  local from, id, st, md, ms, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms', 'pd', 'ps'))
+  if from and not pd and not ps and complete(st, md, ms) then
+    redis.call('DEL', key)
+    redis.call('SREM', ARGV[2] .. id, ARGV[i])
+    redis.call('ZREM', ARGV[3] .. from, ARGV[i])
+  end
+end
+return 1
+"""
+
+# KEYS: the index of a msg id. ARGV: tracking prefix. Returns {gseq, expiry ms, the hash flat, ...} of the
+# messages still tracked (complete ones waiting for ``RECEIPTED`` are not).
+TRACKED = COMPLETE + """
 local out = {}
 for _, gseq in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local fields = redis.call('HGETALL', ARGV[1] .. gseq)
-  if #fields > 0 then
+  local key = ARGV[1] .. gseq
+  local st, md, ms = unpack(redis.call('HMGET', key, 'st', 'md', 'ms'))
+  if st and not complete(st, md, ms) then
+    local fields = redis.call('HGETALL', key)
     table.insert(out, gseq); table.insert(out, redis.call('PEXPIRETIME', ARGV[1] .. gseq)); table.insert(out, fields)
   end
 end
@@ -135,6 +167,13 @@ def mark_args(marks: list[Mark]) -> list[str | int]:
     args: list[str | int] = []
     for mark in marks:
         args += [mark.kind.value, mark.member, mark.msg_id if mark.kind == MarkKind.SEEN else mark.gseq]
+    return args
+
+
+def receipted_args(done: list[Completed]) -> list[str | int]:
+    args: list[str | int] = []
+    for c in done:
+        args += [c.gseq, int(c.delivered), int(c.seen)]
     return args
 
 
