@@ -252,8 +252,9 @@ class ClusterGroups:
     def _receipts_step(self, group: str, marks: list[Mark]) -> Callable[[], Awaitable[None]]:
         """Mark; stage what that completed, ``delivered`` before ``seen``; then say so (``receipted``). The mark's
         token is drawn once (a retry by ``retrying`` answers the first run); each receipt's stage token is
-        its message's and status's, so a completion reported again (a retry, or a node that died before
-        ``receipted``) is staged once, in the sender's slot's replay time."""
+        its message's and status's, so a completion reported again (a retry, another member's mark before
+        ``receipted``, a node that died before it) is staged once, in the sender's slot's replay time:
+        through Redis, never held in memory (a held receipt has no token)."""
         token = secrets.token_hex(8)
 
         async def step() -> None:
@@ -262,7 +263,7 @@ class ClusterGroups:
                                   (RECEIPT_SEEN, [c for c in done if c.seen])):
                 for c in ready:
                     await self._messaging.stage_receipts(status, [MessageRef(c.sender, c.msg_id, group)],
-                                                         f"{group}/{c.gseq}/{status}")
+                                                         f"{group}/{c.gseq}/{status}", hold=False)
             await self._log.receipted(group, done)
 
         return step

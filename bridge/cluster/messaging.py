@@ -427,15 +427,16 @@ class ClusterMessaging:
         failed WAIT answers the first run instead of staging each receipt again."""
         return functools.partial(self.stage_receipts, status, list(refs), secrets.token_hex(8))
 
-    async def stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str) -> None:
+    async def stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str, *, hold: bool = True) -> None:
         """A receipt per (sender, recipient) for ``refs``, to every device of the sender. Receipts are
-        not refused for a full queue (the sender's own devices are behind, not the sender)."""
+        not refused for a full queue (the sender's own devices are behind, not the sender). ``hold``
+        False: always through Redis, where a second stage with ``token`` answers the first."""
         by_pair: dict[tuple[str, str], list[str]] = {}
         for ref in refs:
             by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
         for n, ((sender, recipient), ids) in enumerate(by_pair.items()):
             stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31, token=f"{token}-{n}")
-            if await self._held.hold_receipts([stage]):
+            if hold and await self._held.hold_receipts([stage]):
                 continue
             await self._held.write_lane(self._held.receipt_lane(sender))
             result = await self._queues.stage(stage)
