@@ -25,6 +25,7 @@ then a complete message is forgotten; an incomplete one at its expiry. ``tracked
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -32,7 +33,7 @@ from typing import Protocol
 from bridge.groups.core import Decision, Group
 from bridge.groups.store import GroupStore
 from bridge.messaging.group_receipts import DEFAULT_MAX_PER_SENDER, DEFAULT_SEEN_MAX, TrackedRow
-from chatproto import GroupItem
+from chatproto import GroupItem, MsgItem
 
 
 class PostStatus(StrEnum):
@@ -88,6 +89,12 @@ class GroupAck:
     group: str
     gseq: int
     member: str
+
+
+def group_acks(user: str, items: Iterable[object]) -> list[GroupAck]:
+    """The group messages of another user among ``items`` that a device of ``user`` acked."""
+    return [GroupAck(item.to, item.gseq, user) for item in items
+            if isinstance(item, MsgItem) and item.gseq is not None and item.sender != user]
 
 
 class MarkKind(StrEnum):

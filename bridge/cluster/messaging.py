@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
-from bridge.cluster.group_store import GroupAck
+from bridge.cluster.group_store import GroupAck, group_acks
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
@@ -54,7 +54,6 @@ from chatproto import (
     DecodeError,
     ErrorCode,
     ErrorItem,
-    MsgItem,
     ReceiptItem,
     Seen,
     is_group_id,
@@ -447,16 +446,18 @@ class ClusterMessaging:
     async def _ack(self, client_id: str, seqs: list[int]) -> None:
         local, stored = self.windows.split_ack(client_id, seqs)  # (window rules 4 and 5)
         delivered = self._held.held_acked(client_id, local) if local else []
-        group_acks, late = self._group_acks(client_id, stored), []
-        if group_acks and self.groups is not None:  # before the queue ack: a node dying in between leaves the items
-            await self.groups.acked(group_acks)
+        marked = group_acks(client_id.partition(".")[0],
+                            [queued.item for queued in self.windows.sent_items(client_id, stored)])
+        late: list[GroupAck] = []
+        if marked and self.groups is not None:  # before the queue ack: a node dying in between leaves the items
+            await self.groups.acked(marked)
         if local:
             self.apply(self.windows.acked(client_id, local, self._now()))
         if stored:
             try:
                 acked = await self._queues.ack(client_id, stored)
                 delivered += [ref for ref in acked if isinstance(ref, MessageRef)]
-                late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in group_acks]
+                late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in marked]
             except StoreError as exc:  # the items stay; the device gets them again and acks again
                 self._round_failed("ack", client_id, exc)
             else:
@@ -466,12 +467,6 @@ class ClusterMessaging:
             await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
         if late and self.groups is not None:  # acked items this link had not sent (an earlier link's)
             await self.groups.acked(late)
-
-    def _group_acks(self, client_id: str, seqs: list[int]) -> list[GroupAck]:
-        """The group messages of another user among the items of ``seqs`` this link sent the device."""
-        user = client_id.partition(".")[0]
-        return [GroupAck(item.to, item.gseq, user) for queued in self.windows.sent_items(client_id, seqs)
-                if isinstance(item := queued.item, MsgItem) and item.gseq is not None and item.sender != user]
 
     async def retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried
