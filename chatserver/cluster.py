@@ -71,5 +71,6 @@ class ClusterStores:
         """Give up the lease and directory entries first (the others stop nudging us), then the client."""
         try:
             await self.bus.close()
+            await self.queues.flush()
         finally:
             await self.client.aclose()

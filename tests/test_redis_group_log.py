@@ -1,14 +1,15 @@
 """Cluster mode's group log (storage/redis/group_log.py) and its fanout step in the member slots
 (``RedisQueueStore.stage_group``) against a real Redis Cluster: one entry per change or message, the
 body once, repeats and non-members, a fanout run twice staging nothing twice, the body deleted with the
-last item, the lease and the hints. Each test has its own key prefix."""
+last item (acked, expired or its device removed), the lease, the hints and the node's body cache. Each
+test has its own key prefix."""
 
 from __future__ import annotations
 
-import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -116,6 +117,7 @@ async def test_the_body_goes_with_the_last_member_holding_it(stores: Stores) -> 
         await stores.queues.ack(client_id, [q.seq for q in items])
     assert await stores.keys("g:*:b:*")
     assert await stores.queues.remove_device("carol.*") == 2  # her addition, the message: a removal counts too
+    await stores.queues.flush()  # counted down in batches (or a delay later)
     assert await stores.keys("g:*:b:*") == []
     assert await stores.keys("qm:*") == []
 
@@ -209,14 +211,14 @@ async def test_a_seen_report_implies_delivered_and_names_every_sender_s_message(
 async def test_seen_is_tracked_up_to_the_threshold_and_members_with_nothing_are_not_waited_for(
         stores: Stores) -> None:
     gid = await stores.group("alice", "bob", "carol")
-    _, gseq = await stores.log.post(dataclasses.replace(stores.post(gid, "big"), seen_max=2))
+    _, gseq = await stores.log.post(replace(stores.post(gid, "big"), seen_max=2))
     [row] = await stores.log.tracked(gid, "big")
     assert row.seen_tracked is False
     assert await stores.log.mark(gid, [Mark(S, "bob", msg_id="big")], "a") == [], "ignored: no delivered either"
     assert await stores.log.mark(gid, [Mark(D, "bob", gseq)], "b") == []
     assert await stores.log.mark(gid, [Mark(X, "carol", gseq)], "c") == [Completed(gseq, "alice", "big", True, False)]
     assert await stores.log.tracked(gid, "big") == []
-    await stores.log.post(dataclasses.replace(stores.post(gid, "none"), seen_max=0))
+    await stores.log.post(replace(stores.post(gid, "none"), seen_max=0))
     assert (await stores.log.tracked(gid, "none"))[0].seen_tracked is False
     solo = await stores.group("alice")
     await stores.log.post(stores.post(solo, "x"))
@@ -225,7 +227,7 @@ async def test_seen_is_tracked_up_to_the_threshold_and_members_with_nothing_are_
 
 async def test_a_sender_keeps_at_most_max_tracked_per_group(stores: Stores) -> None:
     gid = await stores.group("alice", "bob")
-    gseqs = [(await stores.log.post(dataclasses.replace(stores.post(gid, f"m{n}"), max_tracked=2)))[1]
+    gseqs = [(await stores.log.post(replace(stores.post(gid, f"m{n}"), max_tracked=2)))[1]
              for n in range(4)]
     assert [bool(await stores.log.tracked(gid, f"m{n}")) for n in range(4)] == [False, False, True, True]
     assert await stores.log.mark(gid, [Mark(D, "bob", gseqs[0])], "a") == [], "forgotten: never completes"
@@ -243,3 +245,18 @@ async def test_an_ack_names_the_group_items_it_removed(stores: Stores) -> None:
     assert acked == [GroupAck(gid, gseq, "bob")], "the created event is no message; the message is"
     assert await stores.log.mark(gid, [Mark(D, a.member, a.gseq) for a in acked if isinstance(a, GroupAck)],
                                  "t") == [Completed(gseq, "alice", "m1", True, False)]
+
+
+async def test_expired_items_count_their_users_off_the_body(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob")
+    post = stores.post(gid, "m1", origin="alice.laptop")
+    soon = int(time.time() * 1000) + 3_600_000  # the body lives an hour past this: the sweep drops the items first
+    await stores.log.post(replace(post, expires_ms=soon))
+    entries = await stores.log.entries(gid, 10)
+    for user in ("alice", "bob"):
+        await stores.queues.stage_group(user, entries, 100)
+    assert len(await stores.keys("g:*:b:*")) == 1
+    swept = [await stores.queues.expire(client_id, soon) for client_id in ("alice.phone", "bob.phone")]
+    assert [s.items for s in swept] == [1, 1] and all(s.expired == [] for s in swept)  # no receipt: sent only
+    await stores.queues.flush()
+    assert await stores.keys("g:*:b:*") == [], "both users counted off by the expiry"

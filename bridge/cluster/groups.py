@@ -13,8 +13,9 @@ Decisions:
    can be staged after a later one. The lease is given up only with the log empty, so an entry appended
    meanwhile is fanned by the fanner that is running, or by the node that appended it.
 3. Nothing is stranded. A commit or post first hints the group (due ``lease_ms`` later); every node's
-   sweep (``sweep_s``) fans the groups whose hint is due and clears the hint once the log is empty. A
-   node that dies mid-fanout leaves its lease to run out and its hint to come due.
+   sweep (``sweep_s``) fans the groups whose hint is due and clears the hint once the log is empty and
+   the hint is ``HINT_KEEP_MS`` old (no write that hinted can still be in flight). A node that dies
+   mid-fanout leaves its lease to run out and its hint to come due.
 4. Not held (write-back): a group item is in Redis before any device gets it, as on one node.
 5. Receipts (PROTOCOL section 11, "Receipts"): the post starts tracking the message in the group's slot.
    Member devices' acks (``acked``, from ``QueueStore.ack``), seen reports naming the group (``seen``) and
@@ -89,6 +90,11 @@ SWEEP_S: Final = 5.0  # at most (staging.sweep_s is longer by default): a dead n
 FAN_BATCH: Final = 64  # log entries staged per round of a fanout
 PARALLEL: Final = 64  # member slots written at once
 SWEEP_BATCH: Final = 256  # hinted groups looked at per sweep
+HINT_KEEP_MS: Final = 30_000
+"""A due hint is cleared only this long after it came due (its group fanned again at each sweep until
+then): a post or commit that hinted may still be retrying its write through a failover (``retry_s``,
+each attempt bounded by the socket and WAIT timeouts), and its entry must not be appended after the
+last look at its hint."""
 
 
 async def each_user(users: list[str], call: Callable[[str], Awaitable[GroupFan]]) -> list[GroupFan]:
@@ -276,7 +282,8 @@ class ClusterGroups:
         """Fan the groups whose hint is due (a node died mid-fanout, or one just finished); returns how many
         were fanned to the end."""
         done = 0
-        for group, at_ms in await self._log.due(self._clock.wall_ms(), SWEEP_BATCH):
+        now_ms = self._clock.wall_ms()
+        for group, at_ms in await self._log.due(now_ms, SWEEP_BATCH):
             if group in self._fanning:
                 continue
             self._fanning[group] = False
@@ -287,8 +294,9 @@ class ClusterGroups:
             if again:
                 self.fan(group)
             if finished:
-                await self._log.clear_hint(group, at_ms)
                 done += 1
+                if at_ms <= now_ms - HINT_KEEP_MS:
+                    await self._log.clear_hint(group, at_ms)
         return done
 
     # --- requests -----------------------------------------------------------------------------------

@@ -493,9 +493,9 @@ class ClusterMessaging:
         except StoreError as exc:  # the periodic look at each node's queues delivers them
             log.warning("cannot locate %d device(s) to nudge: %s", len(remote), exc)
             return
-        for client_id, node in where.items():
-            if node != self._bus.node_id:
-                await self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+        # At once: a group's fanout wakes every member device on the other nodes.
+        await asyncio.gather(*(self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+                               for client_id, node in where.items() if node != self._bus.node_id))
 
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:

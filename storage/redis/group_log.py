@@ -53,15 +53,19 @@ BODY_GRACE_MS: Final = 3_600_000  # a body outlives its items' TTL by this: the 
 MAX_DEDUP: Final = 200_000  # dedup marks per group: settings.dedup.max_entries's default
 REPLAY_MARGIN_MS: Final = 10_000  # a ``mark`` reply outlives every retry of its script by this
 
-# Count one member user off a body (KEYS[1]); deleted at zero. Nothing if it is gone already.
+# Count n member users off a body; deleted at zero. Nothing if it is gone already.
 _UNHOLD = """
-local function unhold(body)
-  if redis.call('EXISTS', body) == 1 and redis.call('HINCRBY', body, 'refs', -1) <= 0 then
+local function unhold(body, n)
+  if redis.call('EXISTS', body) == 1 and redis.call('HINCRBY', body, 'refs', -n) <= 0 then
     redis.call('DEL', body)
   end
 end
 """
-UNHOLD = _UNHOLD + "unhold(KEYS[1])\nreturn 1"
+# KEYS: bodies of one group. ARGV: the users to count off each.
+UNHOLD = _UNHOLD + """
+for i, key in ipairs(KEYS) do unhold(key, tonumber(ARGV[i])) end
+return 1
+"""
 
 # KEYS: bodies of one group. Returns each one's wire ('' if gone).
 BODIES = """
@@ -92,7 +96,7 @@ return {'posted', gseq}
 FANNED = _UNHOLD + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 for i = 5, #ARGV do
-  if #redis.call('ZRANGE', KEYS[1], ARGV[i], ARGV[i], 'BYSCORE') > 0 then unhold(ARGV[4] .. ARGV[i]) end
+  if #redis.call('ZRANGE', KEYS[1], ARGV[i], ARGV[i], 'BYSCORE') > 0 then unhold(ARGV[4] .. ARGV[i], 1) end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])

@@ -60,6 +60,7 @@ or ``expire`` (the service expires a device's queue when it connects).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -111,6 +112,7 @@ log = logging.getLogger(__name__)
 EXPIRY_SHARDS: Final = 64
 DUE_BATCH: Final = 8  # expiry shards read at once by ``due``
 REPLAY_MARGIN_MS: Final = 10_000
+UNHOLD_DELAY_S: Final = 0.1  # group bodies are counted down in batches this often
 BODY_CACHE: Final = 4096  # group message bodies a node keeps (least recently read dropped first)
 MAX_DEDUP: Final = 200_000  # dedup marks per recipient user: settings.dedup.max_entries's default
 
@@ -225,6 +227,8 @@ class RedisQueueStore(RedisStore):
         self._replay_ms = int(2 * retry_s * 1000) + REPLAY_MARGIN_MS
         self._due_from = secrets.randbelow(EXPIRY_SHARDS)  # nodes start their sweeps on different shards
         self._bodies: OrderedDict[str, str] = OrderedDict()  # group message ref -> its wire
+        self._unholding: dict[str, int] = {}  # group message ref -> users counted off, not written yet
+        self._unhold_task: asyncio.Future[None] | None = None
 
     def _queue_keys(self, user: str, device: str) -> list[str]:
         return [self.key("q", user, device), self.key("qe", user, device)]
@@ -342,14 +346,43 @@ class RedisQueueStore(RedisStore):
             self._bodies.popitem(last=False)
         return found
 
-    async def _unhold(self, refs: list[str]) -> None:
-        """This user holds no item of these group messages any more: count the user off each body. A
-        failure leaves the body until its TTL (logged)."""
+    def _unhold(self, refs: list[str]) -> None:
+        """This user holds no item of these group messages any more: count the user off each body,
+        ``UNHOLD_DELAY_S`` later, with what other acks count off meanwhile (one script per group instead
+        of one per member and message). A node dying before that, or a failure (logged), leaves the body
+        until its TTL; nothing counts a body off early."""
         for ref in refs:
-            try:
-                await self.run("queues.unhold", [body_key(self, *ref.rsplit("/", 1))], [])
-            except StoreError as exc:
-                log.warning("group body %s not counted down (kept until its TTL): %s", ref, exc)
+            self._unholding[ref] = self._unholding.get(ref, 0) + 1
+        if refs and self._unhold_task is None:
+            self._unhold_task = asyncio.ensure_future(self._write_unholds(UNHOLD_DELAY_S))
+
+    async def _write_unholds(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        pending, self._unholding, self._unhold_task = self._unholding, {}, None
+        by_group: dict[str, list[tuple[str, int]]] = {}
+        for ref, count in pending.items():
+            group, _, gseq = ref.rpartition("/")
+            by_group.setdefault(group, []).append((body_key(self, group, gseq), count))
+        results = await asyncio.gather(*(self.run("queues.unhold", [key for key, _ in bodies],
+                                                  [count for _, count in bodies])
+                                          for bodies in by_group.values()), return_exceptions=True)
+        for group, result in zip(by_group, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("bodies of group %s not counted down (kept until their TTL): %s", group, result)
+
+    async def flush(self) -> None:
+        """Write now what is counted off group bodies (before the client closes)."""
+        task, self._unhold_task = self._unhold_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._unholding:
+            await self._write_unholds(0)
+
+    async def close(self) -> None:
+        await self.flush()
+        await super().close()
 
     async def stage_group(self, user: str, entries: list[LogEntry], max_queue: int) -> GroupFan:
         if not entries:
@@ -366,7 +399,9 @@ class RedisQueueStore(RedisStore):
         staged, unheld, skipped, again = await self.run_replicated("queues.stage_group", keys, args,
                                                                    self._replicas, self._wait_ms)
         targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(staged[::2], staged[1::2], strict=True))
-        await asyncio.gather(*(self._hint(client_id, entries[-1].expires_ms) for client_id, _ in targets))
+        earliest = min(entry.expires_ms for entry in entries)
+        await asyncio.gather(*(self._hint(client_id, earliest)
+                               for client_id in dict.fromkeys(client_id for client_id, _ in targets)))
         return GroupFan(targets, tuple(int(gseq) for gseq in unheld), int(skipped),
                         tuple(f"{user}.{device}" for device in again))
 
@@ -377,7 +412,7 @@ class RedisQueueStore(RedisStore):
         keys = [*self._queue_keys(user, device), self._replay_key(user)]
         _, *refs = json.loads(await self.run("queues.ack", keys,
                                              [user, device, self._records(user), self._replay_ms, *seqs]))
-        await self._unhold([ref[1:] for ref in refs if ref.startswith("~")])
+        self._unhold([ref[1:] for ref in refs if ref.startswith("~")])
         return [GroupAck(*group_gseq(ref[1:]), user) if ref.startswith("+") else message_ref(ref, user)
                 for ref in refs if not ref.startswith("~")]
 
@@ -393,7 +428,7 @@ class RedisQueueStore(RedisStore):
         user, device = split_client(client_id)
         await self._unhint(client_id)
         dropped, *released = await self.run("devices.remove", self._queue_keys(user, device), [self._records(user)])
-        await self._unhold([str(ref) for ref in released])
+        self._unhold([str(ref) for ref in released])
         return int(dropped)
 
     async def adopt_placeholder(self, user: str, client_id: str) -> int:
@@ -419,7 +454,7 @@ class RedisQueueStore(RedisStore):
         if first is not False:
             await self._hint(client_id, int(float(first)))
         pairs = list(zip(flat[::2], flat[1::2], strict=True))
-        await self._unhold([ref[1:] for ref, _ in pairs if ref.startswith("~")])
+        self._unhold([ref[1:] for ref, _ in pairs if ref.startswith("~")])
         return Swept([message_ref(ref, to) for ref, to in pairs if not ref.startswith("~")], int(dropped))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
