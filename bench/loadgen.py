@@ -667,11 +667,11 @@ def _set_done(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def worker_main(pipe: multiprocessing.connection.Connection, index: int) -> None:
+def worker_main(pipe: multiprocessing.connection.Connection, index: int, worker_class: type[Worker] = Worker) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    worker = Worker(pipe, index)
+    worker = worker_class(pipe, index)
     try:
         import uvloop  # noqa: PLC0415
 
@@ -686,15 +686,17 @@ def worker_main(pipe: multiprocessing.connection.Connection, index: int) -> None
 
 
 class LoadGen:
-    """``workers`` generator processes; ``call`` runs a command in some of them and gathers the answers."""
+    """``workers`` generator processes; ``call`` runs a command in some of them and gathers the answers.
+    ``worker_class``: a ``Worker`` subclass with more commands (e.g. ``bench.groupload``)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, worker_class: type[Worker] = Worker) -> None:
         context = multiprocessing.get_context("spawn")
         self._pipes: list[multiprocessing.connection.Connection] = []
         self._procs: list[multiprocessing.process.BaseProcess] = []
         for index in range(workers):
             parent, child = context.Pipe()
-            proc = context.Process(target=worker_main, args=(child, index), name=f"bench-gen-{index}", daemon=True)
+            proc = context.Process(target=worker_main, args=(child, index, worker_class),
+                                   name=f"bench-gen-{index}", daemon=True)
             proc.start()
             child.close()
             self._pipes.append(parent)

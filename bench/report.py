@@ -254,7 +254,7 @@ def _met(ok: bool) -> str:
 def summary_md(out_dir: Path) -> str:
     lines = ["# Benchmark summary", ""]
     sources = []
-    for name in ("compare", "idle", "drain", "restart", "clientcost", "scale"):
+    for name in ("compare", "idle", "drain", "restart", "clientcost", "scale", "groups"):
         data = _load(out_dir, name)
         if data:
             sources.append(f"- [{name}.md]({name}.md): `{data['command']}`, {machine_line(data['machine'])}"
@@ -285,4 +285,11 @@ def summary_md(out_dir: Path) -> str:
                   f" {restart['kill_to_ready_s']:.2f} s, first item delivered after"
                   f" {restart['kill_to_first_item_s']:.2f} s, all delivered after"
                   f" {restart['kill_to_all_delivered_s']:.2f} s."]
+    groups = _load(out_dir, "groups")
+    if groups:
+        from bench.groups import headline_rows  # noqa: PLC0415 (bench.groups imports the suite, which is heavier)
+
+        lines += ["", f"## Groups: one message to {groups['group_sizes']['members']} members against"
+                      f" {groups['recipients']} one-to-one sends", ""]
+        lines += md_table(["figure", "group", "one-to-one", "one-to-one / group"], headline_rows(groups), "lrrr")
     return "\n".join(lines) + "\n"

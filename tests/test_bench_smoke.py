@@ -66,3 +66,24 @@ def test_bench_scale_tiny(tmp_path: Path) -> None:
     assert cluster["staged"]["redis_bytes_per_item"] > 0
     assert "`q:{}`" in (out / "scale.md").read_text(encoding="utf-8")
     assert "## Scale" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_bench_groups_tiny(tmp_path: Path) -> None:
+    """``python -m bench groups --tiny``: a 16-member group against the same body sent one-to-one; every
+    unit reached every member once, in gseq order, and each figure of the table was measured."""
+    out = run_bench(["groups", "--tiny"], tmp_path, 100)
+    result = json.loads((out / "groups.json").read_text(encoding="utf-8"))
+    assert result["benchmark"] == "groups" and result["recipients"] == 15
+    kinds = {(p["mode"], p["kind"]) for p in result["phases"]}
+    assert kinds == {(m, k) for m in ("group", "direct") for k in ("latency", "throughput", "staged")}
+    for phase in result["phases"]:
+        assert (phase["missing_deliveries"], phase["repeats"], phase["order_errors"], phase["error_items"],
+                phase["missing_sent"]) == (0, 0, 0, 0, 0), phase
+        if phase["kind"] != "staged":
+            assert phase["complete_units"] == phase["units"]
+            assert phase["last_member"]["p99_ms"] >= phase["first_member"]["p50_ms"] > 0
+    group = next(p for p in result["phases"] if p["mode"] == "group" and p["kind"] == "staged")
+    direct = next(p for p in result["phases"] if p["mode"] == "direct" and p["kind"] == "staged")
+    # The body is stored once for a group message, once per recipient when sent one-to-one.
+    assert direct["bodies_payload_per_unit"] > 10 * group["bodies_payload_per_unit"] > 0
+    assert "| member deliveries/s |" in (out / "groups.md").read_text(encoding="utf-8")

@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 
 from testkit.redis_cluster import RedisCluster
-from tests.cluster_faults import linked, no_message, outcome, replica_of, send, stopped, writes_paused
+from tests.cluster_faults import (
+    answer,
+    linked,
+    messaging,
+    no_message,
+    outcome,
+    replica_of,
+    send,
+    stopped,
+    writes_paused,
+)
 from tests.deployment import ClusterDeployment
 from tests.helpers import Peer, eventually
 
@@ -95,3 +105,52 @@ def test_a_stage_its_replicas_did_not_confirm_is_delivered_and_holds_nothing(
     assert outcome(send(alice, "n1")) == "sent", "its re-send finds it staged"
     assert messages(bob, 1)[0]["id"] == "n2"
     assert no_message(bob, within=1.0), "n1 once"
+
+
+def waiting(node: Any, client_id: str) -> int:
+    """How many uplinks of the device wait in its lane on the node (the one being handled included)."""
+    async def read() -> int:
+        lane = getattr(messaging(node), "_lanes").get(client_id)  # noqa: B009 (the node's own lanes)
+        return 0 if lane is None else len(lane)
+    return int(node.call(read()))
+
+
+def test_a_full_lane_refuses_in_order_and_the_refused_come_back_in_theirs(
+        tmp_path: Path, redis_cluster: RedisCluster, deployments: list[ClusterDeployment], made: list[Peer]) -> None:
+    """Redis takes no writes while alice publishes l1..l6 with room for 3 uplinks in her lane: l1..l3
+    wait, l4 is refused ``rate_limited`` in its turn, and l5, l6 behind it ("re-send l4 first"). Her
+    re-sends go through in order; bob gets l1..l6 once each, in order."""
+    cluster = deploy(deployments, tmp_path, redis_cluster, {"cluster.max_waiting_uplinks": 3})
+    bob = cluster.peer(1, made, "bob")
+    alice = cluster.peer(0, made, "alice")
+    refs = [f"l{n}" for n in range(1, 7)]
+    with writes_paused(redis_cluster):
+        for ref in refs:
+            alice.publish("u/alice/out", {"id": ref, "to": "bob", "body": ref})
+        eventually(lambda: waiting(cluster.nodes[0], "alice.phone") == 6, what="all six in alice's lane")
+    answers = [answer(alice, ref) for ref in refs]
+    assert [outcome(a) for a in answers] == ["sent"] * 3 + ["rate_limited"] * 3
+    assert "re-send it before" not in answers[3]["detail"] and all("'l4'" in a["detail"] for a in answers[4:])
+    assert [outcome(send(alice, ref)) for ref in refs[3:]] == ["sent"] * 3
+    assert [item["id"] for item in messages(bob, 6)] == refs
+    assert no_message(bob, within=1.0)
+
+
+def test_a_copy_of_a_message_waiting_in_the_lane_is_not_queued_again(
+        tmp_path: Path, redis_cluster: RedisCluster, deployments: list[ClusterDeployment], made: list[Peer]) -> None:
+    """While Redis takes no writes alice publishes d1, d2 and d2 again (the SDK re-sends what is
+    unanswered after 10 s): the copy joins its original, so d2 is answered once and staged once."""
+    cluster = deploy(deployments, tmp_path, redis_cluster)
+    bob = cluster.peer(1, made, "bob")
+    alice = cluster.peer(0, made, "alice")
+    with writes_paused(redis_cluster):
+        for ref in ("d1", "d2", "d2"):
+            alice.publish("u/alice/out", {"id": ref, "to": "bob", "body": ref})
+        eventually(lambda: waiting(cluster.nodes[0], "alice.phone") == 2, what="d1 and d2 in alice's lane")
+        alice.publish("u/alice/out", {"id": "d3", "to": "bob", "body": "d3"})
+        eventually(lambda: waiting(cluster.nodes[0], "alice.phone") == 3, what="d3 behind them: the copy was not")
+    assert [outcome(answer(alice, ref)) for ref in ("d1", "d2", "d3")] == ["sent"] * 3
+    with pytest.raises(AssertionError):  # no second answer for d2
+        alice.expect(lambda i: i.get("kind") in ("receipt", "error") and "d2" in (*i.get("ids", ()), i.get("ref")),
+                     timeout=1.0)
+    assert [item["id"] for item in messages(bob, 3)] == ["d1", "d2", "d3"]

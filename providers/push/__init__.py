@@ -1,0 +1,1 @@
+"""Push providers (bridge/push/provider.py: ``PushProvider``): one module per platform."""
