@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import redis
 
+from bridge.cluster.group_store import Mark, MarkKind
 from broker import credentials
+from storage.redis.group_log import RedisGroupLog
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
@@ -368,3 +370,37 @@ def test_a_node_killed_while_members_ack_loses_and_doubles_no_group_receipt(tmp_
         traffic.close()
         for proc in procs:
             proc.stop()
+
+
+async def mark_and_die(redis_cluster: RedisCluster, prefix: str, group: str, marks: list[Mark]) -> None:
+    """What a node does before it stages the receipts of a seen report (the hint, the mark), and no more."""
+    log = await RedisGroupLog.open(redis_cluster.startup_nodes, prefix)
+    try:
+        await log.hint(group, 0)
+        await log.mark(group, marks, "died")
+    finally:
+        await log.close()
+
+
+def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """A node marked bob's seen report (completing m1) and died before staging its receipts: a sweep stages
+    ``delivered`` then ``seen`` for alice, once; bob's own ack and report after change nothing."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"staging.sweep_s": 0.5}, nodes=2).start()
+    try:
+        deployment.add_users({user: f"{user}-pw" for user in ("alice", "bob")})
+        alice, bob = deployment.peer(0, made, "alice"), deployment.peer(1, made, "bob")
+        group = ok(alice, "group.create", name="g", members=["bob"])["group"]
+        send(alice, group, "m1")
+        alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] == "sent")
+        copy = bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+        asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group,
+                                 [Mark(MarkKind.SEEN, "bob", msg_id="m1")]))
+        got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15)["status"] for _ in range(2)]
+        assert got == ["delivered", "seen"]
+        bob.publish("u/bob/ack", {"seqs": [copy["seq"]]})
+        bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
+        assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "staged once"
+        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tp]*") == {}, what="nothing left")
+    finally:
+        deployment.stop()

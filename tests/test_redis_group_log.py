@@ -182,7 +182,10 @@ async def test_delivered_then_seen_complete_once_and_leave_nothing(stores: Store
     assert done == [Completed(gseq, "alice", "m1", True, False)]
     assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "b") == done, "a retry answers the first run"
     assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c") == done, "pending: reported again"
+    assert await stores.log.pending(gid) == [gseq]
+    assert await stores.log.mark(gid, [Mark(MarkKind.PENDING, "", gseq)], "s") == done, "what a sweep finds"
     await stores.log.receipted(gid, done)
+    assert await stores.log.pending(gid) == []
     assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c2") == [], "its receipts staged: reported once"
     assert await stores.log.mark(gid, [Mark(S, "bob", msg_id="m1"), Mark(S, "bob", msg_id="nope")], "d") == []
     [row] = await stores.log.tracked(gid, "m1")

@@ -101,6 +101,7 @@ class MarkKind(StrEnum):
     DELIVERED = "d"  # a device of the member acked the message (``gseq``)
     SEEN = "s"  # the member reported ``msg_id`` seen: every tracked message of the group with that id
     GONE = "x"  # the member got no item of the message (``gseq``): not waited for
+    PENDING = "r"  # nobody marked: only the message's (``gseq``) pending completions, answered again
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,9 @@ class GroupLog(GroupStore, Protocol):
     async def receipted(self, group: str, done: list[Completed]) -> None:
         """The receipts of ``done`` (``mark``'s completions) are staged: a complete message is forgotten.
         Until then every ``mark`` of it reports it again (a node that died before staging them)."""
+
+    async def pending(self, group: str) -> list[int]:
+        """The gseqs with a completion not ``receipted`` yet (its node may have died before staging it)."""
 
     async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:
         """The group's tracked messages with id ``msg_id`` (any sender), oldest first; ``mid`` is the gseq."""

@@ -26,7 +26,9 @@ Decisions:
    group's slot until ``receipted``, reported again by any later mark of the message, and each receipt's
    stage token is its message's: staged once however often it is reported (within the replay time).
    An ack is marked before the queue ack (bridge/cluster/messaging.py): a node dying in between leaves
-   the item, whose next ack marks again. ``group.receipts`` reads the group's slot.
+   the item, whose next ack marks again. A seen report hints its group first: a node dying before the
+   receipts leaves the completion to the sweep, which stages a group's pending completions after fanning
+   it. ``group.receipts`` reads the group's slot.
 """
 
 from __future__ import annotations
@@ -253,6 +255,9 @@ class ClusterGroups:
                                                                    "sending too fast; retry later"))
             return
         marks = [Mark(MarkKind.SEEN, caller.user, msg_id=msg_id) for msg_id in dict.fromkeys(seen.ids)]
+        # Hinted first: if this node dies between the mark and its receipts, a sweep stages what it completed.
+        await self._messaging.retrying("group receipts", functools.partial(
+            self._log.hint, seen.to, self._clock.wall_ms() + self._lease_ms))
         await self._messaging.retrying("group receipts", self._receipts_step(seen.to, marks))
 
     def _receipts_step(self, group: str, marks: list[Mark]) -> Callable[[], Awaitable[None]]:
@@ -295,6 +300,8 @@ class ClusterGroups:
                 self.fan(group)
             if finished:
                 done += 1
+                pending = await self._log.pending(group)  # completions a node may have died before staging
+                await self._receipts_step(group, [Mark(MarkKind.PENDING, "", gseq) for gseq in pending])()
                 if at_ms <= now_ms - HINT_KEEP_MS:
                     await self._log.clear_hint(group, at_ms)
         return done

@@ -180,12 +180,18 @@ class RedisGroupLog(RedisGroupStore):
         if not marks:
             return []
         args: list[str | int] = [*self._receipt_prefixes(group), self._replay_ms, *mark_args(marks)]
-        return completed(await self.run("groups.mark", [self.key("g", tag_of(group), "r", token)], args))
+        keys = [self.key("g", tag_of(group), "r", token), self._pending_key(group)]
+        return completed(await self.run("groups.mark", keys, args))
+
+    def _pending_key(self, group: str) -> str:
+        return self.key("g", tag_of(group), "p")
+
+    async def pending(self, group: str) -> list[int]:
+        return sorted(int(gseq) for gseq in await self.command("groups.pending", "SMEMBERS", self._pending_key(group)))
 
     async def receipted(self, group: str, done: list[Completed]) -> None:
         if done:
-            # Its keys are named in ARGV: the group's key routes it to the slot.
-            await self.run("groups.receipted", [self.key("g", tag_of(group))],
+            await self.run("groups.receipted", [self._pending_key(group)],
                            [*self._receipt_prefixes(group), *receipted_args(done)])
 
     async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:

@@ -12,6 +12,8 @@ beside its log (storage/redis/group_log.py):
 - ``{prefix}g:{Ab3}:u:<sender>``  sorted set of gseqs (score = gseq): the sender's tracked messages in this group,
   at most ``max_tracked`` (a new one forgets the oldest: ``groups.max_tracked_per_user`` per sender and
   group in cluster mode, as a sender's messages to several groups are in several slots).
+- ``{prefix}g:{Ab3}:p``           set of the gseqs with a pending completion (receipts maybe not staged yet):
+  what a sweep reports again.
 - ``{prefix}g:{Ab3}:r:<token>``   a ``MARK`` reply, kept the replay time (storage/redis/queues.py "Retries").
 
 Times are Redis's (``TIME`` on the group's master): the members' marks of one message come from one clock.
@@ -72,10 +74,11 @@ COMPLETE = """
 local function complete(st, md, ms) return tonumber(md) == 0 and (st ~= '1' or tonumber(ms) == 0) end
 """
 
-# KEYS: replay. ARGV: tracking prefix, index prefix, sender-set prefix, replay ms, then (kind, member,
-# gseq or msg id) per mark. A completion is kept pending (``pd`` / ``ps``) until ``RECEIPTED``, and reported
-# again by any later mark of that message (its receipts may not be staged: their stage tokens make a second
-# staging answer the first). Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
+# KEYS: replay, the pending set. ARGV: tracking prefix, index prefix, unused, replay ms, then (kind, member,
+# gseq or msg id) per mark. A completion is kept pending (``pd`` / ``ps``, its gseq in the pending set) until
+# ``RECEIPTED``, and reported again by any later mark of that message ('r': only that, for a sweep; its
+# receipts may not be staged: their stage tokens make a second staging answer the first).
+# Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
 MARK = COMPLETE + """
 local done = redis.call('GET', KEYS[1])
 if done then return done end
@@ -87,7 +90,7 @@ local function mark(gseq, kind, user)
   local key = TP .. gseq
   local from, id, st, md, ms, d, s, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms',
                                                                'd:' .. user, 's:' .. user, 'pd', 'ps'))
-  if not from then return end
+  if not from then redis.call('SREM', KEYS[2], gseq); return end  -- expired (or forgotten)
   local delivered, seen = pd == '1', ps == '1'
   if d and not (kind == 's' and st ~= '1') then
     local md0, ms0 = tonumber(md), tonumber(ms)
@@ -103,6 +106,7 @@ local function mark(gseq, kind, user)
     redis.call('HSET', key, 'md', md, 'ms', ms)
     if md0 > 0 and md == 0 then delivered = true; redis.call('HSET', key, 'pd', '1') end
     if st == '1' and ms0 > 0 and ms == 0 then seen = true; redis.call('HSET', key, 'ps', '1') end
+    if delivered or seen then redis.call('SADD', KEYS[2], gseq) end
   end
   if delivered or seen then
     local n = at[gseq]
@@ -130,14 +134,16 @@ redis.call('SET', KEYS[1], reply, 'PX', ARGV[4])
 return reply
 """
 
-# ARGV: tracking prefix, index prefix, sender-set prefix, then (gseq, delivered 0/1, seen 0/1) of completions
-# whose receipts are staged: no longer pending; a complete message with nothing pending is forgotten.
+# KEYS: the pending set. ARGV: tracking prefix, index prefix, sender-set prefix, then (gseq, delivered 0/1,
+# seen 0/1) of completions whose receipts are staged: no longer pending; a complete message with nothing
+# pending is forgotten.
 RECEIPTED = COMPLETE + """
 for i = 4, #ARGV, 3 do
   local key = ARGV[1] .. ARGV[i]
   if ARGV[i + 1] == '1' then redis.call('HDEL', key, 'pd') end
   if ARGV[i + 2] == '1' then redis.call('HDEL', key, 'ps') end
   local from, id, st, md, ms, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms', 'pd', 'ps'))
+  if not pd and not ps then redis.call('SREM', KEYS[1], ARGV[i]) end
   if from and not pd and not ps and complete(st, md, ms) then
     redis.call('DEL', key)
     redis.call('SREM', ARGV[2] .. id, ARGV[i])
