@@ -44,10 +44,13 @@ class Alias(enum.Enum):
     GONE = "gone"  # the device left (or linked again): the store copy is for its next link
 
 
-def item_key(item: MsgItem | ReceiptItem) -> ItemKey:
-    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content."""
+def item_key(item: MsgItem | ReceiptItem | GroupItem) -> ItemKey:
+    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content, a
+    group item by its group and gseq (never held: no local item has that key)."""
+    if isinstance(item, GroupItem):
+        return ("group", item.group, str(item.gseq))
     if isinstance(item, MsgItem):
-        return ("msg", item.sender, item.id)
+        return ("msg", item.sender, item.id) if item.gseq is None else ("group", item.to, str(item.gseq))
     return ("receipt", item.status, item.peer, *item.ids)
 
 
