@@ -274,7 +274,9 @@ class BrokerApp:
 
         groups = ClusterGroups(messaging, stores.groups, stores.queues, stores.users, self._group_limits(),
                                clock=self.clock, supervisor=self.supervisor,
-                               sweep_s=min(settings.staging.sweep_s, GROUP_SWEEP_S))
+                               sweep_s=min(settings.staging.sweep_s, GROUP_SWEEP_S),
+                               seen_receipts=settings.groups.seen_receipts,
+                               max_tracked=settings.groups.max_tracked_per_user)
         messaging.groups = groups
         self._groups = groups
         await stores.bus.start(on_nudge)

@@ -1,8 +1,9 @@
 """Groups in cluster mode end to end (docs/PROTOCOL.md sections 10 and 11): broker nodes on a real Redis
 Cluster, members connected to different nodes on purpose. One gseq order of messages and events for
 every member, a removed member gets nothing after its removal, an offline member catches up, the body is
-stored once in Redis, and a node SIGKILLed mid-fanout loses, repeats and reorders nothing once another
-node's sweep has taken its fanouts over."""
+stored once in Redis, a node SIGKILLed mid-fanout loses, repeats and reorders nothing once another
+node's sweep has taken its fanouts over, and one SIGKILLed while members ack loses and doubles no group
+receipt (the rest of the receipts: tests/test_group_receipts.py, on both deployments)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from typing import Any
 import pytest
 import redis
 
+from bridge.cluster.group_store import Mark, MarkKind
 from broker import credentials
+from storage.redis.group_log import RedisGroupLog
 from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
@@ -159,6 +162,7 @@ class Traffic:
     def __init__(self) -> None:
         self.received: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.sent: dict[str, set[str]] = defaultdict(set)
+        self.receipts: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)  # other receipts, by seq
         self.lock = threading.Lock()
         self.clients: list[Peer] = []
 
@@ -174,6 +178,8 @@ class Traffic:
                     self.received[user].append(item)
                 elif item.get("kind") == "receipt" and item.get("status") == "sent":
                     self.sent[user].update(item["ids"])
+                elif item.get("kind") == "receipt":
+                    self.receipts[user][item["seq"]] = item  # a redelivery keeps its seq
                 elif item.get("kind") == "res":
                     peer.messages.put((msg.topic, msg.payload, False))
 
@@ -307,4 +313,94 @@ def test_a_redis_failover_of_the_group_loses_repeats_and_reorders_nothing(tmp_pa
         if killed is not None:
             redis_cluster.restart(killed)
         traffic.close()
+        deployment.stop()
+
+
+def test_a_node_killed_while_members_ack_loses_and_doubles_no_group_receipt(tmp_path: Path,
+                                                                          redis_cluster: RedisCluster) -> None:
+    """A sender on node 1 streams to eight members, half of them on node 0, all acking; node 0 is SIGKILLed
+    once the first ``delivered`` receipts came. Its members come back through node 1 (their unacked items
+    again). Then every member reports every message seen. The sender gets, per message, one ``delivered``
+    then one ``seen``, and Redis keeps no tracking after."""
+    prefix = f"r{uuid.uuid4().hex[:10]}:"
+    sender, members = "rsender", [f"r{i:02d}" for i in range(8)]
+    asyncio.run(add_users(redis_cluster, prefix, [sender, *members]))
+    base = {"cluster.redis": [f"127.0.0.1:{port}" for _, port in redis_cluster.startup_nodes],
+            "cluster.key_prefix": prefix, "cluster.lease_s": 2.0, "staging.sweep_s": 1.0,
+            "limits.send_burst": 100000, "limits.send_rate_per_s": 100000.0}
+    procs = [BrokerProcess(tmp_path / f"n{n}", {**base, "cluster.node_id": f"n{n}"}).start() for n in range(2)]
+    traffic = Traffic()
+
+    def statuses() -> dict[str, list[str]]:
+        with traffic.lock:
+            found = sorted(traffic.receipts[sender].items())
+        out: dict[str, list[str]] = defaultdict(list)
+        for _, item in found:
+            assert item["peer"] == group
+            for msg_id in item["ids"]:
+                out[msg_id].append(item["status"])
+        return out
+
+    try:
+        online = {sender: traffic.connect(sender, procs[1].port)}
+        online.update({user: traffic.connect(user, procs[n % 2].port) for n, user in enumerate(members)})
+        group = ok(online[sender], "group.create", name="receipts", members=members)["group"]
+        ids = [f"m{n:03d}" for n in range(120)]
+        thread = traffic.streaming(online[sender], group, ids)
+        eventually(lambda: len(statuses()) >= 5, what="the first delivered receipts")
+        killed = procs[0].proc
+        assert killed is not None
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(10)
+        procs[0].proc = None
+        thread.join(WAIT_S)
+        for user in members[::2]:  # node 0's members come back through node 1
+            online[user].close()
+            online[user] = traffic.connect(user, procs[1].port)
+        traffic.resend(sender, online[sender], group, ids)
+        eventually(lambda: set(statuses()) == set(ids), timeout=60, what="delivered to all, for every message")
+        for user in members:
+            for start in range(0, len(ids), 40):
+                online[user].publish(f"u/{user}/seen", {"to": group, "ids": ids[start:start + 40]})
+        eventually(lambda: all(s[-1:] == ["seen"] for s in statuses().values()), timeout=60, what="seen by all")
+        drain(online[sender], 1.0)
+        assert {msg_id: s for msg_id, s in statuses().items() if s != ["delivered", "seen"]} == {}, "once each"
+        eventually(lambda: redis_keys(redis_cluster, prefix, "g:*:t:*") == {}, what="no tracking left")
+    finally:
+        traffic.close()
+        for proc in procs:
+            proc.stop()
+
+
+async def mark_and_die(redis_cluster: RedisCluster, prefix: str, group: str, marks: list[Mark]) -> None:
+    """What a node does before it stages the receipts of a seen report (the hint, the mark), and no more."""
+    log = await RedisGroupLog.open(redis_cluster.startup_nodes, prefix)
+    try:
+        await log.hint(group, 0)
+        await log.mark(group, marks, "died")
+    finally:
+        await log.close()
+
+
+def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """A node marked bob's seen report (completing m1) and died before staging its receipts: a sweep stages
+    ``delivered`` then ``seen`` for alice, once; bob's own ack and report after change nothing."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"staging.sweep_s": 0.5}, nodes=2).start()
+    try:
+        deployment.add_users({user: f"{user}-pw" for user in ("alice", "bob")})
+        alice, bob = deployment.peer(0, made, "alice"), deployment.peer(1, made, "bob")
+        group = ok(alice, "group.create", name="g", members=["bob"])["group"]
+        send(alice, group, "m1")
+        alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] == "sent")
+        copy = bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+        asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group,
+                                 [Mark(MarkKind.SEEN, "bob", msg_id="m1")]))
+        got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15)["status"] for _ in range(2)]
+        assert got == ["delivered", "seen"]
+        bob.publish("u/bob/ack", {"seqs": [copy["seq"]]})
+        bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
+        assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "staged once"
+        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tp]*") == {}, what="nothing left")
+    finally:
         deployment.stop()

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bridge.cluster.group_store import GroupPost, PostStatus
+from bridge.cluster.group_store import Completed, GroupAck, GroupPost, Mark, MarkKind, PostStatus
 from bridge.groups.core import GroupLimits, create, decide, new_group_id
 from chatproto import GroupAdd, GroupCreate, GroupItem, GroupRemove, MsgItem
 from storage.redis.group_log import RedisGroupLog
@@ -23,6 +23,7 @@ from storage.redis.users import RedisUserStore
 from testkit.redis_cluster import RedisCluster
 
 FAR = 10**13
+D, S, X = MarkKind.DELIVERED, MarkKind.SEEN, MarkKind.GONE
 LIMITS = GroupLimits()
 
 
@@ -166,6 +167,87 @@ async def test_a_node_reads_a_body_once_for_all_its_member_devices(stores: Store
         bodies = [q.item.body for q in await stores.queues.read(client_id, 0, 10) if isinstance(q.item, MsgItem)]
         assert bodies == (["body of m1", "body of m2"] if client_id != "alice.phone" else [])
     assert reads == [2], "one script for both bodies of the group, then the node's cache"
+
+
+# --- receipts ---------------------------------------------------------------------------------------
+
+async def test_delivered_then_seen_complete_once_and_leave_nothing(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob", "carol")
+    _, gseq = await stores.log.post(stores.post(gid, "m1"))
+    [row] = await stores.log.tracked(gid, "m1")
+    assert (row.mid, row.sender, row.members, row.seen_tracked) == (gseq, "alice", ("bob", "carol"), True)
+    assert row.marks == {"bob": (0, 0), "carol": (0, 0)}
+    assert await stores.log.mark(gid, [Mark(D, "bob", gseq), Mark(D, "alice", gseq), Mark(D, "bob", gseq)], "a") == []
+    done = await stores.log.mark(gid, [Mark(D, "carol", gseq)], "b")
+    assert done == [Completed(gseq, "alice", "m1", True, False)]
+    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "b") == done, "a retry answers the first run"
+    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c") == done, "pending: reported again"
+    assert await stores.log.pending(gid) == [gseq]
+    assert await stores.log.mark(gid, [Mark(MarkKind.PENDING, "", gseq)], "s") == done, "what a sweep finds"
+    await stores.log.receipted(gid, done)
+    assert await stores.log.pending(gid) == []
+    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "c2") == [], "its receipts staged: reported once"
+    assert await stores.log.mark(gid, [Mark(S, "bob", msg_id="m1"), Mark(S, "bob", msg_id="nope")], "d") == []
+    [row] = await stores.log.tracked(gid, "m1")
+    assert row.marks["bob"][1] > 0 and row.marks["carol"][1] == 0
+    seen = await stores.log.mark(gid, [Mark(S, "carol", msg_id="m1")], "e")
+    assert seen == [Completed(gseq, "alice", "m1", False, True)]
+    assert await stores.log.tracked(gid, "m1") == [], "complete: not tracked any more"
+    assert await stores.keys("g:*:t:*"), "kept until its receipts are staged"
+    await stores.log.receipted(gid, seen)
+    assert [k for k in await stores.keys("g:*") if ":t:" in k or ":i:" in k or ":u:" in k] == []
+
+
+async def test_a_seen_report_implies_delivered_and_names_every_sender_s_message(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob", "carol")
+    _, first = await stores.log.post(stores.post(gid, "same"))
+    _, second = await stores.log.post(stores.post(gid, "same", "bob", "bob.phone"))
+    assert await stores.log.mark(gid, [Mark(S, "carol", msg_id="same")], "a") == []
+    assert [(r.sender, r.marks["carol"][0] > 0) for r in await stores.log.tracked(gid, "same")] == [
+        ("alice", True), ("bob", True)]
+    done = await stores.log.mark(gid, [Mark(S, "bob", msg_id="same"), Mark(S, "alice", msg_id="same")], "b")
+    assert done == [Completed(first, "alice", "same", True, True), Completed(second, "bob", "same", True, True)]
+    await stores.log.receipted(gid, done)
+    assert await stores.keys("g:*:t:*") == []
+
+
+async def test_seen_is_tracked_up_to_the_threshold_and_members_with_nothing_are_not_waited_for(
+        stores: Stores) -> None:
+    gid = await stores.group("alice", "bob", "carol")
+    _, gseq = await stores.log.post(replace(stores.post(gid, "big"), seen_max=2))
+    [row] = await stores.log.tracked(gid, "big")
+    assert row.seen_tracked is False
+    assert await stores.log.mark(gid, [Mark(S, "bob", msg_id="big")], "a") == [], "ignored: no delivered either"
+    assert await stores.log.mark(gid, [Mark(D, "bob", gseq)], "b") == []
+    assert await stores.log.mark(gid, [Mark(X, "carol", gseq)], "c") == [Completed(gseq, "alice", "big", True, False)]
+    assert await stores.log.tracked(gid, "big") == []
+    await stores.log.post(replace(stores.post(gid, "none"), seen_max=0))
+    assert (await stores.log.tracked(gid, "none"))[0].seen_tracked is False
+    solo = await stores.group("alice")
+    await stores.log.post(stores.post(solo, "x"))
+    assert await stores.log.tracked(solo, "x") == [], "nobody to wait for: not tracked"
+
+
+async def test_a_sender_keeps_at_most_max_tracked_per_group(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob")
+    gseqs = [(await stores.log.post(replace(stores.post(gid, f"m{n}"), max_tracked=2)))[1]
+             for n in range(4)]
+    assert [bool(await stores.log.tracked(gid, f"m{n}")) for n in range(4)] == [False, False, True, True]
+    assert await stores.log.mark(gid, [Mark(D, "bob", gseqs[0])], "a") == [], "forgotten: never completes"
+    await stores.log.post(stores.post(gid, "b1", "bob", "bob.phone"))  # another sender's count
+    assert await stores.log.tracked(gid, "m3") and await stores.log.tracked(gid, "b1")
+
+
+async def test_an_ack_names_the_group_items_it_removed(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob")
+    _, gseq = await stores.log.post(stores.post(gid, "m1"))
+    entries = await stores.log.entries(gid, 10)
+    await stores.queues.stage_group("bob", entries, 100)
+    items = await stores.queues.read("bob.phone", 0, 10)
+    acked = await stores.queues.ack("bob.phone", [q.seq for q in items])
+    assert acked == [GroupAck(gid, gseq, "bob")], "the created event is no message; the message is"
+    assert await stores.log.mark(gid, [Mark(D, a.member, a.gseq) for a in acked if isinstance(a, GroupAck)],
+                                 "t") == [Completed(gseq, "alice", "m1", True, False)]
 
 
 async def test_expired_items_count_their_users_off_the_body(stores: Stores) -> None:

@@ -17,7 +17,18 @@ Decisions:
    the hint is ``HINT_KEEP_MS`` old (no write that hinted can still be in flight). A node that dies
    mid-fanout leaves its lease to run out and its hint to come due.
 4. Not held (write-back): a group item is in Redis before any device gets it, as on one node.
-5. Receipts: a group message gets ``sent`` only in cluster mode (PROTOCOL section 10).
+5. Receipts (PROTOCOL section 11, "Receipts"): the post starts tracking the message in the group's slot.
+   Member devices' acks (``acked``, from ``QueueStore.ack``), seen reports naming the group (``seen``) and
+   members the fanout staged nothing for (every queue full: not waited for) are marked there, one script
+   per group and call (``GroupLog.mark``); what that completes is staged as one ``delivered`` / ``seen``
+   receipt per sender (``delivered`` first) to the sender's devices, through the one-to-one receipt path.
+   Mark, stage and ``receipted`` run as one step retried until written; a completion stays pending in the
+   group's slot until ``receipted``, reported again by any later mark of the message, and each receipt's
+   stage token is its message's: staged once however often it is reported (within the replay time).
+   An ack is marked before the queue ack (bridge/cluster/messaging.py): a node dying in between leaves
+   the item, whose next ack marks again. A seen report hints its group first: a node dying before the
+   receipts leaves the completion to the sweep, which stages a group's pending completions after fanning
+   it. ``group.receipts`` reads the group's slot.
 """
 
 from __future__ import annotations
@@ -31,19 +42,32 @@ from typing import Any, Final
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
-from bridge.cluster.group_store import GroupFan, GroupLog, GroupPost, LogEntry, PostStatus
+from bridge.cluster.group_store import (
+    GroupAck,
+    GroupFan,
+    GroupLog,
+    GroupPost,
+    LogEntry,
+    Mark,
+    MarkKind,
+    PostStatus,
+)
 from bridge.cluster.messaging import SEND_BUCKET, ClusterMessaging
-from bridge.cluster.store import QueueStore
+from bridge.cluster.store import MessageRef, QueueStore
 from bridge.groups import core
 from bridge.groups.core import Decision, Group, GroupLimits
 from bridge.groups.store import apply
 from bridge.messaging.admission import Holds, Refused
+from bridge.messaging.group_receipts import DEFAULT_MAX_PER_SENDER, DEFAULT_SEEN_MAX
+from bridge.messaging.group_receipts import GroupReceipts as ReceiptBook
 from bridge.messaging.store import UserLookup
 from bridge.requests import Op, OpError
 from bridge.store import NotReplicated, StoreError
 from chatproto import (
     GROUP_OPS,
     MEGOLM_TYPE,
+    RECEIPT_DELIVERED,
+    RECEIPT_SEEN,
     RECEIPT_SENT,
     Caller,
     ChatMessage,
@@ -57,6 +81,7 @@ from chatproto import (
     GroupReceipts,
     MsgItem,
     ReceiptItem,
+    Seen,
     parse_group_request,
 )
 
@@ -84,7 +109,8 @@ async def each_user(users: list[str], call: Callable[[str], Awaitable[GroupFan]]
 class ClusterGroups:
     def __init__(self, messaging: ClusterMessaging, log_store: GroupLog, queues: QueueStore, users: UserLookup,
                  limits: GroupLimits, *, clock: Clock, supervisor: Supervisor, sweep_s: float,
-                 lease_ms: int = LEASE_MS) -> None:
+                 lease_ms: int = LEASE_MS, seen_receipts: int = DEFAULT_SEEN_MAX,
+                 max_tracked: int = DEFAULT_MAX_PER_SENDER) -> None:
         self._messaging = messaging
         self._rules = messaging.rules
         self._log = log_store
@@ -95,6 +121,8 @@ class ClusterGroups:
         self._supervisor = supervisor
         self._sweep_s = sweep_s
         self._lease_ms = lease_ms
+        self._seen_max = seen_receipts  # groups.seen_receipts
+        self._max_tracked = max_tracked  # groups.max_tracked_per_user (per sender and group here)
         self._fanning: dict[str, bool] = {}  # group -> asked to fan again (while this node fans it)
         self._loops: list[asyncio.Task[None]] = []
 
@@ -125,7 +153,8 @@ class ClusterGroups:
                            origin.partition(".")[2]).encode().decode()
             await self._log.hint(message.to, now_ms + self._lease_ms)  # decision 3: before the append
             status, _ = await self._log.post(GroupPost(message.to, sender, origin, message.id, wire,
-                                                       now_ms + rules.ttl_ms, now_ms + rules.dedup_window_ms))
+                                                       now_ms + rules.ttl_ms, now_ms + rules.dedup_window_ms,
+                                                       self._seen_max, self._max_tracked))
             if status == PostStatus.FORBIDDEN:
                 await self._queues.refund(sender, SEND_BUCKET, rules.send_rate_per_s, rules.send_burst, now_ms)
                 raise Refused(ErrorItem(ErrorCode.FORBIDDEN, "you are not a member of this group", message.id))
@@ -186,22 +215,69 @@ class ClusterGroups:
                 if await self._log.release(group, token):
                     return True
                 continue  # appended since the read: fan that too
-            fans = await self._stage(entries)
+            users, fans = await self._stage(entries)
             self._messaging.counters.group_skipped += sum(fan.skipped for fan in fans)
+            # Members with no item of a message are not waited for: marked before the entries leave the log
+            # (a fanout run again reports no gseq twice, so a failure here leaves them waited for until the TTL).
+            await self._receipts_step(group, [Mark(MarkKind.GONE, user, gseq)
+                                              for user, fan in zip(users, fans, strict=True) for gseq in fan.unheld])()
             await self._messaging.wake([target for fan in fans for target in fan.targets] +
                                        [(client_id, 0) for fan in fans for client_id in fan.again])
             unheld = [gseq for fan in fans for gseq in fan.unheld]
             if not await self._log.fanned(group, token, entries[-1].gseq, unheld, self._lease_ms):
                 return False
 
-    async def _stage(self, entries: list[LogEntry]) -> list[GroupFan]:
-        """Each entry for its users: one script per user with all of that user's entries, in gseq order."""
+    async def _stage(self, entries: list[LogEntry]) -> tuple[list[str], list[GroupFan]]:
+        """Each entry for its users: one script per user with all of that user's entries, in gseq order.
+        Returns the users and what was staged for each."""
         per_user: dict[str, list[LogEntry]] = {}
         for entry in entries:
             for user in entry.users:
                 per_user.setdefault(user, []).append(entry)
         max_queue = self._rules.max_queue
-        return await each_user(list(per_user), lambda user: self._queues.stage_group(user, per_user[user], max_queue))
+        users = list(per_user)
+        return users, await each_user(users, lambda user: self._queues.stage_group(user, per_user[user], max_queue))
+
+    # --- receipts (decision 5) ----------------------------------------------------------------------
+
+    async def acked(self, acks: list[GroupAck]) -> None:
+        by_group: dict[str, list[Mark]] = {}
+        for ack in acks:
+            by_group.setdefault(ack.group, []).append(Mark(MarkKind.DELIVERED, ack.member, ack.gseq))
+        for group, marks in by_group.items():
+            await self._messaging.retrying("group receipts", self._receipts_step(group, marks))
+
+    async def seen(self, caller: Caller, seen: Seen) -> None:
+        """``caller.user`` displayed ``seen.ids`` of the group ``seen.to``: ids no tracked message of it waits
+        for are ignored (a non-member's, a group that does not exist). Costs a send token."""
+        if not await self._take_token(caller.user):
+            self._messaging.links.send(caller.client_id, ErrorItem(ErrorCode.RATE_LIMITED,
+                                                                   "sending too fast; retry later"))
+            return
+        marks = [Mark(MarkKind.SEEN, caller.user, msg_id=msg_id) for msg_id in dict.fromkeys(seen.ids)]
+        # Hinted first: if this node dies between the mark and its receipts, a sweep stages what it completed.
+        await self._messaging.retrying("group receipts", functools.partial(
+            self._log.hint, seen.to, self._clock.wall_ms() + self._lease_ms))
+        await self._messaging.retrying("group receipts", self._receipts_step(seen.to, marks))
+
+    def _receipts_step(self, group: str, marks: list[Mark]) -> Callable[[], Awaitable[None]]:
+        """Mark; stage what that completed, ``delivered`` before ``seen``; then say so (``receipted``). The mark's
+        token is drawn once (a retry by ``retrying`` answers the first run); each receipt's stage token is
+        its message's and status's, so a completion reported again (a retry, another member's mark before
+        ``receipted``, a node that died before it) is staged once, in the sender's slot's replay time:
+        through Redis, never held in memory (a held receipt has no token)."""
+        token = secrets.token_hex(8)
+
+        async def step() -> None:
+            done = await self._log.mark(group, marks, token)
+            for status, ready in ((RECEIPT_DELIVERED, [c for c in done if c.delivered]),
+                                  (RECEIPT_SEEN, [c for c in done if c.seen])):
+                for c in ready:
+                    await self._messaging.stage_receipts(status, [MessageRef(c.sender, c.msg_id, group)],
+                                                         f"{group}/{c.gseq}/{status}", hold=False)
+            await self._log.receipted(group, done)
+
+        return step
 
     async def _sweep_round(self) -> None:
         await asyncio.sleep(self._sweep_s)
@@ -224,6 +300,8 @@ class ClusterGroups:
                 self.fan(group)
             if finished:
                 done += 1
+                pending = await self._log.pending(group)  # completions a node may have died before staging
+                await self._receipts_step(group, [Mark(MarkKind.PENDING, "", gseq) for gseq in pending])()
                 if at_ms <= now_ms - HINT_KEEP_MS:
                     await self._log.clear_hint(group, at_ms)
         return done
@@ -243,7 +321,10 @@ class ClusterGroups:
             case GroupInfo():
                 return core.info(await self._log.load(request.group), actor)
             case GroupReceipts():
-                raise OpError(ErrorCode.UNSUPPORTED, "group receipts are not served in cluster mode yet")
+                book = ReceiptBook()
+                book.restore(await self._log.tracked(request.group, request.id))
+                return core.receipts(await self._log.load(request.group), actor, request,
+                                     book.find(request.group, request.id))
             case GroupCreate():
                 await self._check_users(request.members)
                 gid = core.new_group_id()

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
+from bridge.cluster.group_store import GroupAck, group_acks
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
@@ -107,6 +108,12 @@ class SharedClaimLimit:
 class GroupRoute(Protocol):
     async def submit(self, origin: str, sender: str, message: ChatMessage, holds: Holds) -> None:
         """A message to a group (bridge/cluster/groups.py), answered by it."""
+
+    async def acked(self, acks: list[GroupAck]) -> None:
+        """Member devices acked these group items (their receipts; retried until written)."""
+
+    async def seen(self, caller: Caller, seen: Seen) -> None:
+        """A seen report naming a group, answered by it."""
 
 
 class ClusterMessaging:
@@ -381,6 +388,9 @@ class ClusterMessaging:
         acking = self._acking.get(caller.client_id)
         if acking:  # acks sent before this report first: their 'delivered' goes before its 'seen' (rule 11)
             await asyncio.wait(set(acking))
+        if is_group_id(to_user) and self.groups is not None:
+            await self.groups.seen(caller, seen)
+            return
         try:
             if await self._users.user_devices(to_user) is None:
                 raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}"))
@@ -412,19 +422,20 @@ class ClusterMessaging:
                      receipt=ReceiptItem(status, tuple(ids), peer, now_ms))
 
     def _receipts_step(self, status: str, refs: Iterable[MessageRef]) -> Callable[[], Awaitable[None]]:
-        """``_stage_receipts`` with its replay tokens drawn once, for ``retrying``: a retry after a
+        """``stage_receipts`` with its replay tokens drawn once, for ``retrying``: a retry after a
         failed WAIT answers the first run instead of staging each receipt again."""
-        return functools.partial(self._stage_receipts, status, list(refs), secrets.token_hex(8))
+        return functools.partial(self.stage_receipts, status, list(refs), secrets.token_hex(8))
 
-    async def _stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str) -> None:
+    async def stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str, *, hold: bool = True) -> None:
         """A receipt per (sender, recipient) for ``refs``, to every device of the sender. Receipts are
-        not refused for a full queue (the sender's own devices are behind, not the sender)."""
+        not refused for a full queue (the sender's own devices are behind, not the sender). ``hold``
+        False: always through Redis, where a second stage with ``token`` answers the first."""
         by_pair: dict[tuple[str, str], list[str]] = {}
         for ref in refs:
             by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
         for n, ((sender, recipient), ids) in enumerate(by_pair.items()):
             stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31, token=f"{token}-{n}")
-            if await self._held.hold_receipts([stage]):
+            if hold and await self._held.hold_receipts([stage]):
                 continue
             await self._held.write_lane(self._held.receipt_lane(sender))
             result = await self._queues.stage(stage)
@@ -435,11 +446,18 @@ class ClusterMessaging:
     async def _ack(self, client_id: str, seqs: list[int]) -> None:
         local, stored = self.windows.split_ack(client_id, seqs)  # (window rules 4 and 5)
         delivered = self._held.held_acked(client_id, local) if local else []
+        marked = group_acks(client_id.partition(".")[0],
+                            [queued.item for queued in self.windows.sent_items(client_id, stored)])
+        late: list[GroupAck] = []
+        if marked and self.groups is not None:  # before the queue ack: a node dying in between leaves the items
+            await self.groups.acked(marked)
         if local:
             self.apply(self.windows.acked(client_id, local, self._now()))
         if stored:
             try:
-                delivered += await self._queues.ack(client_id, stored)
+                acked = await self._queues.ack(client_id, stored)
+                delivered += [ref for ref in acked if isinstance(ref, MessageRef)]
+                late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in marked]
             except StoreError as exc:  # the items stay; the device gets them again and acks again
                 self._round_failed("ack", client_id, exc)
             else:
@@ -447,6 +465,8 @@ class ClusterMessaging:
                 self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
             await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
+        if late and self.groups is not None:  # acked items this link had not sent (an earlier link's)
+            await self.groups.acked(late)
 
     async def retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried

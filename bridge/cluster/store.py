@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from bridge.cluster.group_store import GroupFan, LogEntry
+from bridge.cluster.group_store import GroupAck, GroupFan, LogEntry
 from chatproto import GroupItem, MsgItem, ReceiptItem
 
 SEQ_STRIDE = 1024
@@ -157,9 +157,11 @@ class QueueStore(Protocol):
     async def read(self, client_id: str, after_seq: int, limit: int) -> list[QueuedItem]:
         """Up to ``limit`` items of the device's queue with seq > ``after_seq``, in seq order."""
 
-    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
+    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef | GroupAck]:
         """Remove the items; returns the messages this ack delivers for the first time (items staged
-        with ``delivery``, acked by a device of their recipient). Unknown seqs are ignored."""
+        with ``delivery``, acked by a device of their recipient), and a ``GroupAck`` per group message
+        item removed (by a device, not the placeholder; each ack: the group's tracking keeps the first).
+        Unknown seqs are ignored."""
 
     async def mark_delivered(self, recipient: str, sender: str, msg_ids: list[str]) -> list[str]:
         """``recipient`` has seen these messages of ``sender``: those still recorded and not delivered

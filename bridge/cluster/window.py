@@ -45,12 +45,12 @@ class Alias(enum.Enum):
 
 
 def item_key(item: MsgItem | ReceiptItem | GroupItem) -> ItemKey:
-    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content,
-    a group event by its group and gseq."""
-    if isinstance(item, MsgItem):
-        return ("msg", item.sender, item.id)
+    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content, a
+    group item by its group and gseq (never held: no local item has that key)."""
     if isinstance(item, GroupItem):
         return ("group", item.group, str(item.gseq))
+    if isinstance(item, MsgItem):
+        return ("msg", item.sender, item.id) if item.gseq is None else ("group", item.to, str(item.gseq))
     return ("receipt", item.status, item.peer, *item.ids)
 
 
@@ -179,6 +179,11 @@ class Windows:
         stored = [s for s in seqs if s not in box.local]
         stored += [box.aliases[s] for s in local if s in box.aliases]
         return local, stored
+
+    def sent_items(self, client_id: str, seqs: list[int]) -> list[QueuedItem]:
+        """The items of ``seqs`` in flight to the device (what an ack of them acks, as far as this link sent it)."""
+        box = self._devices.get(client_id)
+        return [] if box is None else [box.inflight[seq][1] for seq in seqs if seq in box.inflight]
 
     def offline(self, client_id: str) -> None:
         if self._devices.pop(client_id, None) is not None:

@@ -17,6 +17,9 @@ group id -> the highest gseq staged for bob (the fanner's high-water mark), and 
 ``{prefix}qm:{bob}:g:Ab3/<gseq>`` whose ``refs`` counts bob's items of that message. The last of
 them acked or expired counts bob off the body (``UNHOLD``, a second call, in the group's slot): a
 node dying in between leaves the body until its TTL, never drops it early.
+
+Receipts (``t:<gseq>``, ``i:<id>``, ``u:<sender>``, ``r:<token>`` in the group's slot): storage/redis/group_receipts.py;
+``POST`` starts tracking a message in the script that posts it.
 """
 
 from __future__ import annotations
@@ -27,16 +30,28 @@ from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
-from bridge.cluster.group_store import GroupPost, LogEntry, PostStatus
+from bridge.cluster.group_store import Completed, GroupPost, LogEntry, Mark, PostStatus
 from bridge.groups.core import Decision, Group
+from bridge.messaging.group_receipts import TrackedRow
 from chatproto import GroupItem
 from storage.redis.client import RETRY_S, RedisStore
+from storage.redis.group_receipts import (
+    MARK,
+    RECEIPTED,
+    TRACK,
+    TRACKED,
+    completed,
+    mark_args,
+    receipted_args,
+    tracked_rows,
+)
 from storage.redis.groups import RedisGroupStore, tag_of
 from storage.redis.queue_scripts import COMMON
 
 HINT_SHARDS: Final = 16
 BODY_GRACE_MS: Final = 3_600_000  # a body outlives its items' TTL by this: the expiry sweep drops them first
 MAX_DEDUP: Final = 200_000  # dedup marks per group: settings.dedup.max_entries's default
+REPLAY_MARGIN_MS: Final = 10_000  # a ``mark`` reply outlives every retry of its script by this
 
 # Count n member users off a body; deleted at zero. Nothing if it is gone already.
 _UNHOLD = """
@@ -60,7 +75,7 @@ return out
 """
 
 # KEYS: meta, members, log, dedup marks. ARGV: ref, dedup until, max_dedup, body prefix, wire, expires_ms,
-# body expiry ms, origin, sender. Returns {status, gseq}.
+# body expiry ms, origin, sender, then TRACK's. Returns {status, gseq}.
 POST = COMMON + """
 local now = now_ms()
 if marked(KEYS[4], ARGV[1], now) then return {'duplicate', 0} end
@@ -72,6 +87,7 @@ local body = ARGV[4] .. gseq
 redis.call('HSET', body, 'wire', ARGV[5], 'refs', #members)
 redis.call('PEXPIREAT', body, ARGV[7])
 redis.call('ZADD', KEYS[3], gseq, cjson.encode({s = gseq, to = members, x = ARGV[8], e = tonumber(ARGV[6])}))
+""" + TRACK + """
 return {'posted', gseq}
 """
 
@@ -115,7 +131,8 @@ def decode_entry(group: str, raw: str) -> LogEntry:
 class RedisGroupLog(RedisGroupStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         **RedisGroupStore.SCRIPTS, "groups.post": POST, "groups.fanned": FANNED, "groups.release": RELEASE,
-        "groups.clear_hint": CLEAR_HINT}
+        "groups.clear_hint": CLEAR_HINT, "groups.mark": MARK, "groups.tracked": TRACKED,
+        "groups.receipted": RECEIPTED}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -123,6 +140,7 @@ class RedisGroupLog(RedisGroupStore):
         self._replicas = min_replicas_ack  # cluster.min_replicas_ack: a commit or post waits for that many
         self._wait_ms = wait_timeout_ms
         self._max_dedup = max_dedup
+        self._replay_ms = int(2 * retry_s * 1000) + REPLAY_MARGIN_MS
 
     def _log_keys(self, group: str) -> list[str]:
         """log, lease."""
@@ -148,9 +166,37 @@ class RedisGroupLog(RedisGroupStore):
         keys = [meta, members, log, self.key("g", tag_of(post.group), "d")]
         args: list[str | int] = [
             f"{post.sender}/{post.msg_id}", post.dedup_until_ms, self._max_dedup, body_key(self, post.group, ""),
-            post.wire, post.expires_ms, post.expires_ms + BODY_GRACE_MS, post.origin, post.sender]
+            post.wire, post.expires_ms, post.expires_ms + BODY_GRACE_MS, post.origin, post.sender,
+            post.msg_id, *self._receipt_prefixes(post.group), post.seen_max, post.max_tracked]
         status, gseq = await self.run_replicated("groups.post", keys, args, self._replicas, self._wait_ms)
         return PostStatus(status), int(gseq)
+
+    def _receipt_prefixes(self, group: str) -> list[str]:
+        """tracking, index, sender-set (storage/redis/group_receipts.py)."""
+        tag = tag_of(group)
+        return [self.key("g", tag, "t", ""), self.key("g", tag, "i", ""), self.key("g", tag, "u", "")]
+
+    async def mark(self, group: str, marks: list[Mark], token: str) -> list[Completed]:
+        if not marks:
+            return []
+        args: list[str | int] = [*self._receipt_prefixes(group), self._replay_ms, *mark_args(marks)]
+        keys = [self.key("g", tag_of(group), "r", token), self._pending_key(group)]
+        return completed(await self.run("groups.mark", keys, args))
+
+    def _pending_key(self, group: str) -> str:
+        return self.key("g", tag_of(group), "p")
+
+    async def pending(self, group: str) -> list[int]:
+        return sorted(int(gseq) for gseq in await self.command("groups.pending", "SMEMBERS", self._pending_key(group)))
+
+    async def receipted(self, group: str, done: list[Completed]) -> None:
+        if done:
+            await self.run("groups.receipted", [self._pending_key(group)],
+                           [*self._receipt_prefixes(group), *receipted_args(done)])
+
+    async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:
+        tracking, index, _ = self._receipt_prefixes(group)
+        return tracked_rows(group, await self.run("groups.tracked", [index + msg_id], [tracking]))
 
     async def entries(self, group: str, limit: int) -> list[LogEntry]:
         rows = await self.command("groups.entries", "ZRANGE", self._log_keys(group)[0], "0", str(limit - 1))

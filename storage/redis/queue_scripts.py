@@ -168,7 +168,8 @@ return out
 """
 
 # KEYS: queue, expiry, replay. ARGV: user, device, record prefix, replay ms, then seqs.
-# Returns JSON [items removed, ref delivered or '~' group ref released, ...].
+# Returns JSON [items removed, ref delivered, '+' group ref acked (by a device, not the placeholder) or
+# '~' group ref released, ...].
 ACK = COMMON + """
 local done = redis.call('GET', KEYS[3])
 if done then return done end
@@ -185,6 +186,7 @@ for i = 5, #ARGV do
         redis.call('HSET', record, 'delivered', '1')
         table.insert(reply, ref)
       end
+      if group_ref(ref) and ARGV[2] ~= '*' then table.insert(reply, '+' .. ref) end
       if release(record) and group_ref(ref) then table.insert(reply, '~' .. ref) end
     end
   end

@@ -71,7 +71,7 @@ from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
-from bridge.cluster.group_store import GroupFan, LogEntry
+from bridge.cluster.group_store import GroupAck, GroupFan, LogEntry
 from bridge.cluster.store import (
     SEQ_STRIDE,
     MessageEntry,
@@ -193,6 +193,12 @@ def message_key(stage: Stage) -> str:
 def message_ref(ref: str, recipient: str) -> MessageRef:
     sender, _, msg_id = ref.partition("/")
     return MessageRef(sender, msg_id, recipient)
+
+
+def group_gseq(ref: str) -> tuple[str, int]:
+    """(group, gseq) of a group message's ref ``g:Ab3/7``."""
+    group, _, gseq = ref.rpartition("/")
+    return group, int(gseq)
 
 
 def expiry_shard(client_id: str) -> int:
@@ -399,7 +405,7 @@ class RedisQueueStore(RedisStore):
         return GroupFan(targets, tuple(int(gseq) for gseq in unheld), int(skipped),
                         tuple(f"{user}.{device}" for device in again))
 
-    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
+    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef | GroupAck]:
         if not seqs:
             return []
         user, device = split_client(client_id)
@@ -407,7 +413,8 @@ class RedisQueueStore(RedisStore):
         _, *refs = json.loads(await self.run("queues.ack", keys,
                                              [user, device, self._records(user), self._replay_ms, *seqs]))
         self._unhold([ref[1:] for ref in refs if ref.startswith("~")])
-        return [message_ref(ref, user) for ref in refs if not ref.startswith("~")]
+        return [GroupAck(*group_gseq(ref[1:]), user) if ref.startswith("+") else message_ref(ref, user)
+                for ref in refs if not ref.startswith("~")]
 
     async def mark_delivered(self, recipient: str, sender: str, msg_ids: list[str]) -> list[str]:
         if not msg_ids:
