@@ -98,6 +98,7 @@ from chatproto.ops import (
     parse_user_list,
 )
 from chatproto.push import (
+    OP_PUSH_PENDING,
     OP_PUSH_REGISTER,
     OP_PUSH_UNREGISTER,
     PUSH_PLATFORMS,
@@ -167,6 +168,7 @@ __all__ = [
     "OP_KEYS_COUNT",
     "OP_KEYS_LIST",
     "OP_KEYS_PUBLISH",
+    "OP_PUSH_PENDING",
     "OP_PUSH_REGISTER",
     "OP_PUSH_UNREGISTER",
     "OP_RE",

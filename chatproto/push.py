@@ -1,6 +1,7 @@
 """Push requests on ``u/{me}/req`` (docs/PROTOCOL.md section 12, "Push"): ``push.register`` as one
 frozen dataclass with ``args()`` (what the SDK sends) and ``from_args`` (what the server reads;
-``DecodeError`` ``bad_envelope`` naming the fault), and ``push.unregister`` (no arguments).
+``DecodeError`` ``bad_envelope`` naming the fault); ``push.unregister`` and ``push.pending`` take
+no arguments.
 
 Rules:
 - ``platform`` is one of ``fcm``, ``apns``, ``webpush``, ``unifiedpush``; each takes its own
@@ -31,6 +32,7 @@ from chatproto.jsonwire import canonical_json
 
 OP_PUSH_REGISTER: Final = "push.register"
 OP_PUSH_UNREGISTER: Final = "push.unregister"
+OP_PUSH_PENDING: Final = "push.pending"
 PUSH_PLATFORMS: Final = ("fcm", "apns", "webpush", "unifiedpush")
 MAX_ENDPOINT_CHARS: Final = 2048
 MAX_FCM_TOKEN_CHARS: Final = 4096

@@ -7,7 +7,8 @@ so routing never waits for a provider or the disk. The round writes what changed
 then sends what is due (at most ``concurrency`` at once) and writes the answers: a wake-up
 queued before a crash is in the store and goes out after the restart.
 
-It also serves ``push.register`` and ``push.unregister`` (the caller's own device only).
+It also serves ``push.register``, ``push.unregister`` (the caller's own device only) and
+``push.pending`` (how many items wait for the caller's device: what ``fetch_pending`` drains).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,16 @@ from bridge.push.core import PushCore, QueuedWake, Settled
 from bridge.push.provider import Outcome, PushProvider, PushResult, PushTarget, WakeUp
 from bridge.push.store import PushStore
 from bridge.requests import Op, OpError, check_args
-from chatproto import OP_PUSH_REGISTER, OP_PUSH_UNREGISTER, Caller, DecodeError, ErrorCode, ErrorItem, PushRegister
+from chatproto import (
+    OP_PUSH_PENDING,
+    OP_PUSH_REGISTER,
+    OP_PUSH_UNREGISTER,
+    Caller,
+    DecodeError,
+    ErrorCode,
+    ErrorItem,
+    PushRegister,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +57,14 @@ class ProviderCounters:
 
 class PushService:
     def __init__(self, core: PushCore, store: PushStore, providers: Mapping[str, PushProvider], links: LinkRegistry,
-                 *, allow_loopback: bool, concurrency: int, clock: Clock, supervisor: Supervisor) -> None:
+                 pending: Callable[[str], int], *, allow_loopback: bool, concurrency: int, clock: Clock,
+                 supervisor: Supervisor) -> None:
         self.core = core
         self.providers = providers
         self.counters = {platform: ProviderCounters() for platform in providers}
         self._store = store
         self._links = links
+        self._pending = pending
         self._allow_loopback = allow_loopback
         self._concurrency = concurrency
         self._now_ms = clock.wall_ms
@@ -120,7 +132,7 @@ class PushService:
     # --- requests ---------------------------------------------------------------------------
 
     def ops(self) -> dict[str, Op]:
-        return {OP_PUSH_REGISTER: self._register, OP_PUSH_UNREGISTER: self._unregister}
+        return {OP_PUSH_REGISTER: self._register, OP_PUSH_UNREGISTER: self._unregister, OP_PUSH_PENDING: self._count}
 
     async def _register(self, caller: Caller, args: dict[str, Any]) -> Any:
         try:
@@ -141,6 +153,10 @@ class PushService:
         self.core.unregister(caller.client_id)
         self._changes.pop(caller.client_id, None)
         return {"removed": await self._store.unregister(caller.client_id)}
+
+    async def _count(self, caller: Caller, args: dict[str, Any]) -> Any:
+        check_args(args, set())
+        return {"items": self._pending(caller.client_id)}
 
     # --- the round ----------------------------------------------------------------------------
 
@@ -222,3 +238,12 @@ class PushService:
             await self._write_changes()
         for provider in self.providers.values():
             await provider.close()
+
+
+def unsupported_ops() -> dict[str, Op]:
+    """The ``push.*`` ops where push is off (``push.enabled: false``, or cluster mode)."""
+
+    async def unsupported(caller: Caller, args: dict[str, Any]) -> Any:
+        raise OpError(ErrorCode.UNSUPPORTED, "this server sends no push notifications")
+
+    return dict.fromkeys((OP_PUSH_REGISTER, OP_PUSH_UNREGISTER, OP_PUSH_PENDING), unsupported)

@@ -1,0 +1,94 @@
+"""Wiring of push (docs/PUSH.md): the configured providers, the push store and service.
+
+Each provider's module is imported only when its section of ``push:`` is present, by name, so a
+build without a provider's module (or its dependencies) runs without it; a section present whose
+module or class is missing, or whose class refuses its settings, stops the start with a
+``ConfigError`` saying which.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bridge.background import Supervisor
+from bridge.clock import Clock
+from bridge.links import LinkRegistry
+from bridge.messaging.core import Staging
+from bridge.push.core import PushCore, PushRules
+from bridge.push.provider import PushProvider
+from bridge.push.service import PushService
+from chatserver.config import ConfigError
+from chatserver.push_config import PushSettings
+from storage.sqlite.push import SqlitePushStore
+
+log = logging.getLogger(__name__)
+
+PROVIDER_MODULES = {platform: f"providers.push.{platform}" for platform in ("fcm", "apns", "webpush", "unifiedpush")}
+
+
+def provider_class(module: ModuleType, platform: str) -> type[Any]:
+    """The class in ``module`` whose ``platform`` is ``platform`` (the provider of that platform)."""
+    for value in vars(module).values():
+        if isinstance(value, type) and getattr(value, "platform", None) == platform and hasattr(value, "send"):
+            return value
+    raise ConfigError(f"push.{platform}: {module.__name__} has no provider class (with platform = {platform!r})")
+
+
+def build_providers(settings: PushSettings) -> dict[str, PushProvider]:
+    """One provider per configured platform; ConfigError naming the first that cannot be built."""
+    providers: dict[str, PushProvider] = {}
+    for platform, kwargs in settings.platforms().items():
+        name = PROVIDER_MODULES[platform]
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"push.{platform} is configured but {name} cannot be imported ({exc}); install "
+                              "chat-broker with the 'server' extra, or remove the section") from None
+        try:
+            providers[platform] = provider_class(module, platform)(**kwargs)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"push.{platform}: {exc}") from None
+    return providers
+
+
+def push_rules(settings: PushSettings) -> PushRules:
+    return PushRules(grace_ms=int(settings.grace_s * 1000), min_interval_ms=int(settings.min_interval_s * 1000),
+                     max_queue=settings.max_queue, retry_min_ms=int(settings.retry_min_s * 1000),
+                     retry_max_ms=int(settings.retry_max_s * 1000), max_attempts=settings.max_attempts,
+                     wake_ttl_ms=int(settings.wake_ttl_s * 1000))
+
+
+async def open_push(settings: PushSettings, data_dir: Path, devices: Iterable[str], links: LinkRegistry,
+                    staging: Staging, *, clock: Clock, supervisor: Supervisor) -> tuple[PushService, SqlitePushStore]:
+    """The push service on ``push.db``, started; ``devices``: the client ids users.db knows (a
+    registration of any other device is dropped: it was removed while the broker was down)."""
+
+    def pending(client_id: str) -> int:
+        box = staging.boxes.get(client_id)
+        return 0 if box is None else len(box.items)
+
+    providers = build_providers(settings)
+    store = await SqlitePushStore.open(data_dir)
+    try:
+        known = set(devices)
+        targets, _, gone = await store.load()
+        for client_id in {t.client_id for t in targets} | set(gone):
+            if client_id not in known:
+                await store.unregister(client_id)
+                log.info("push: device %s is gone from users.db: its registration is dropped", client_id)
+        service = PushService(PushCore(push_rules(settings)), store, providers, links, pending,
+                              allow_loopback=settings.allow_loopback_endpoints, concurrency=settings.concurrency,
+                              clock=clock, supervisor=supervisor)
+        await service.start()
+    except BaseException:
+        for provider in providers.values():
+            await provider.close()
+        await store.close()
+        raise
+    log.info("push: providers %s", ", ".join(sorted(providers)) or "none (push.register is refused)")
+    return service, store
