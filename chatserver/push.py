@@ -76,11 +76,14 @@ async def open_push(settings: PushSettings, data_dir: Path, devices: Iterable[st
     store = await SqlitePushStore.open(data_dir)
     try:
         known = set(devices)
-        targets, _, gone = await store.load()
-        for client_id in {t.client_id for t in targets} | set(gone):
+        targets, wakes, gone = await store.load()
+        registered = {t.client_id for t in targets}
+        for client_id in registered | set(gone):
             if client_id not in known:
                 await store.unregister(client_id)
                 log.info("push: device %s is gone from users.db: its registration is dropped", client_id)
+        # A wake-up written just as its device unregistered (the round and the request raced).
+        await store.delete_wakes([w.client_id for w in wakes if w.client_id not in registered & known])
         service = PushService(PushCore(push_rules(settings)), store, providers, links, pending,
                               allow_loopback=settings.allow_loopback_endpoints, concurrency=settings.concurrency,
                               clock=clock, supervisor=supervisor)

@@ -25,6 +25,7 @@ wake-up or connection (a receipt is not worth waking a phone for).
 from __future__ import annotations
 
 import enum
+import heapq
 from dataclasses import dataclass, field, replace
 
 from bridge.push.provider import Outcome, PushResult, PushTarget
@@ -64,6 +65,9 @@ class _Device:
     last_push_ms: int | None = None  # rule 3
 
 
+_GONE = _Device()  # what an unregistered device's deadline is compared with: none
+
+
 @dataclass(slots=True)
 class PushCore:
     rules: PushRules
@@ -72,6 +76,10 @@ class PushCore:
     _devices: dict[str, _Device] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # rule 7: devices to tell to register again
     _sending: set[str] = field(default_factory=set)
+    # (time, client id), earliest first; an entry no longer current (its wake-up or deadline changed
+    # or went) is skipped when it comes up, so nothing is ever searched for.
+    _due: list[tuple[int, str]] = field(default_factory=list)
+    _deadlines: list[tuple[int, str]] = field(default_factory=list)
     dropped: int = 0  # rule 5, for the metrics
 
     def restore(self, targets: list[PushTarget], queued: list[QueuedWake], gone: list[str]) -> None:
@@ -81,7 +89,7 @@ class PushCore:
             self.register(target)
         for wake in queued:
             if wake.client_id in self.targets:
-                self.queue[wake.client_id] = wake
+                self._queue(wake)
 
     # --- registrations ------------------------------------------------------------------------
 
@@ -122,6 +130,7 @@ class PushCore:
         device = self._devices.get(client_id)
         if device is not None and device.connected and device.deadline_ms is None:
             device.deadline_ms = now_ms + self.rules.grace_ms
+            heapq.heappush(self._deadlines, (device.deadline_ms, client_id))
 
     def acked(self, client_id: str) -> None:
         device = self._devices.get(client_id)
@@ -132,8 +141,10 @@ class PushCore:
     def overdue(self, now_ms: int) -> list[QueuedWake]:
         """Rule 2: the wake-ups of devices whose deliveries went unacked past the grace; store them."""
         queued = []
-        for client_id, device in self._devices.items():
-            if device.deadline_ms is not None and device.deadline_ms <= now_ms:
+        while self._deadlines and self._deadlines[0][0] <= now_ms:
+            deadline, client_id = heapq.heappop(self._deadlines)
+            device = self._devices.get(client_id)
+            if device is not None and device.deadline_ms == deadline:
                 device.deadline_ms = None
                 wake = self._enqueue(client_id, device, now_ms)
                 if wake is not None:
@@ -147,23 +158,36 @@ class PushCore:
             self.dropped += 1
             return None
         due = now_ms if device.last_push_ms is None else max(now_ms, device.last_push_ms + self.rules.min_interval_ms)
-        wake = self.queue[client_id] = QueuedWake(client_id, due, due + self.rules.wake_ttl_ms)
+        return self._queue(QueuedWake(client_id, due, due + self.rules.wake_ttl_ms))
+
+    def _queue(self, wake: QueuedWake) -> QueuedWake:
+        self.queue[wake.client_id] = wake
+        heapq.heappush(self._due, (wake.due_ms, wake.client_id))
         return wake
+
+    def _current(self, entry: tuple[int, str]) -> bool:
+        wake = self.queue.get(entry[1])
+        return wake is not None and wake.due_ms == entry[0] and entry[1] not in self._sending
 
     # --- sending ---------------------------------------------------------------------------
 
     def next_due_ms(self) -> int | None:
         """When the next wake-up or grace deadline falls due (None: nothing waits)."""
-        times = [w.due_ms for w in self.queue.values() if w.client_id not in self._sending]
-        times += [d.deadline_ms for d in self._devices.values() if d.deadline_ms is not None]
-        return min(times, default=None)
+        while self._due and not self._current(self._due[0]):
+            heapq.heappop(self._due)
+        while self._deadlines and self._devices.get(self._deadlines[0][1], _GONE).deadline_ms != self._deadlines[0][0]:
+            heapq.heappop(self._deadlines)
+        return min([heap[0][0] for heap in (self._due, self._deadlines) if heap], default=None)
 
     def take_due(self, now_ms: int, limit: int) -> list[tuple[QueuedWake, PushTarget]]:
         """Up to ``limit`` wake-ups due now, each with its target; each must be ``settle``d."""
-        due = sorted((w for w in self.queue.values() if w.due_ms <= now_ms and w.client_id not in self._sending),
-                     key=lambda w: w.due_ms)[:limit]
-        self._sending.update(w.client_id for w in due)
-        return [(w, self.targets[w.client_id]) for w in due]
+        taken: list[tuple[QueuedWake, PushTarget]] = []
+        while self._due and self._due[0][0] <= now_ms and len(taken) < limit:
+            entry = heapq.heappop(self._due)
+            if self._current(entry):
+                self._sending.add(entry[1])
+                taken.append((self.queue[entry[1]], self.targets[entry[1]]))
+        return taken
 
     def settle(self, wake: QueuedWake, target: PushTarget, result: PushResult, now_ms: int) -> Settled:
         """What the provider answered for ``wake`` sent to ``target`` (rules 3, 6, 7)."""
@@ -190,7 +214,7 @@ class PushCore:
         if due >= wake.expires_ms:
             del self.queue[client_id]
             return Settled.DONE
-        self.queue[client_id] = replace(wake, due_ms=due, attempts=attempts)
+        self._queue(replace(wake, due_ms=due, attempts=attempts))
         return Settled.RETRY
 
 

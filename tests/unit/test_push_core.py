@@ -152,3 +152,18 @@ def test_restore_keeps_only_wake_ups_of_registered_devices() -> None:
     assert list(c.queue) == ["bob.phone"] and c.gone == {"dave.phone"}
     assert c.take_due(5, 100) == [(QueuedWake("bob.phone", 5, 10), PHONE)]
     assert c.take_due(5, 100) == []  # in flight: not taken twice
+
+
+def test_due_wake_ups_go_earliest_first_and_at_most_limit_at_once() -> None:
+    rules = PushRules(5_000, 60_000, 100, 1_000, 8_000, 5, 600_000)
+    c = PushCore(rules)
+    for n in range(10):
+        c.register(PushTarget("fcm", f"t{n}", f"u{n}.d"))
+        c.staged(f"u{n}.d", 100 - n)
+    assert c.next_due_ms() == 91
+    first = c.take_due(1_000, 4)
+    assert [w.client_id for w, _ in first] == ["u9.d", "u8.d", "u7.d", "u6.d"]
+    assert c.next_due_ms() == 95
+    c.online("u5.d")  # its entry is skipped when it comes up
+    assert [w.client_id for w, _ in c.take_due(1_000, 100)] == ["u4.d", "u3.d", "u2.d", "u1.d", "u0.d"]
+    assert c.next_due_ms() is None
