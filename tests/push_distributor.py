@@ -30,6 +30,7 @@ class Distributor:
     _loop: asyncio.AbstractEventLoop | None = None
     _server: asyncio.Server | None = None
     _thread: threading.Thread | None = None
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     def endpoint(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/up/{name}"
@@ -68,6 +69,9 @@ class Distributor:
 
         async def close() -> None:
             server.close()
+            for task in self._handlers:  # keep-alive connections the broker left open
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(close(), loop).result(WAIT_S)
         loop.call_soon_threadsafe(loop.stop)
@@ -75,6 +79,9 @@ class Distributor:
         loop.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
         try:
             while True:  # keep-alive: one request after another
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -92,4 +99,5 @@ class Distributor:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self._handlers.discard(task)
             writer.close()

@@ -10,7 +10,6 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,10 +31,23 @@ def distributor() -> Iterator[Distributor]:
     running.stop()
 
 
-def start(tmp_path: Path, **overrides: Any) -> BrokerThread:
-    broker = BrokerThread(tmp_path / "data", {**PUSH, **overrides}).start()
-    broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
-    return broker
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerThread]:
+    running = BrokerThread(tmp_path / "data", PUSH).start()
+    try:
+        running.add_users({"alice": "alice-pw", "bob": "bob-pw"})
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def made(broker: BrokerThread) -> Iterator[list[Peer]]:
+    """Peers to close (before the broker stops)."""
+    peers: list[Peer] = []
+    yield peers
+    for peer in peers:
+        peer.close()
 
 
 def register(port: int, distributor: Distributor, user: str = "bob", device: str = "phone") -> None:
@@ -63,32 +75,24 @@ def content_free(request: Received) -> None:
 
 
 def test_an_away_phone_gets_one_push_for_a_burst_then_everything_on_fetch_pending(
-        tmp_path: Path, distributor: Distributor) -> None:
-    broker = start(tmp_path)
-    made: list[Peer] = []
-    try:
-        register(broker.port, distributor)
-        alice = online_peer(broker.port, made, "alice")
-        for n in range(50):
-            send(alice, f"m{n:02d}", f"secret body {n}")
-        [request] = distributor.wait(1)
-        content_free(request)
-        phone = Client("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
-        got: list[Message] = []
-        phone.on_message = got.append
-        assert phone.fetch_pending(timeout=WAIT_S) == 0
-        assert sorted(m.id for m in got) == [f"m{n:02d}" for n in range(50)]
-        assert len(distributor.requests) == 1  # the wake-up deferred by min_interval went when it connected
-        assert broker.app.push is not None and broker.app.push.counters["unifiedpush"].sent == 1
-    finally:
-        for peer in made:
-            peer.close()
-        broker.stop()
+        broker: BrokerThread, made: list[Peer], distributor: Distributor) -> None:
+    register(broker.port, distributor)
+    alice = online_peer(broker.port, made, "alice")
+    for n in range(50):
+        send(alice, f"m{n:02d}", f"secret body {n}")
+    [request] = distributor.wait(1)
+    content_free(request)
+    phone = Client("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
+    got: list[Message] = []
+    phone.on_message = got.append
+    assert phone.fetch_pending(timeout=WAIT_S) == 0
+    assert sorted(m.id for m in got) == [f"m{n:02d}" for n in range(50)]
+    assert len(distributor.requests) == 1  # the wake-up deferred by min_interval went when it connected
+    assert broker.app.push is not None and broker.app.push.counters["unifiedpush"].sent == 1
 
 
-def test_a_connected_phone_that_acks_gets_no_push(tmp_path: Path, distributor: Distributor) -> None:
-    broker = start(tmp_path)
-    made: list[Peer] = []
+def test_a_connected_phone_that_acks_gets_no_push(broker: BrokerThread, made: list[Peer],
+                                                  distributor: Distributor) -> None:
     phone = Client("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
     try:
         register(broker.port, distributor)
@@ -103,111 +107,80 @@ def test_a_connected_phone_that_acks_gets_no_push(tmp_path: Path, distributor: D
             distributor.wait(1, timeout=3 * GRACE_S)
     finally:
         phone.close()
-        for peer in made:
-            peer.close()
-        broker.stop()
 
 
-def test_a_connection_that_stops_acking_gets_one_push_after_the_grace(tmp_path: Path,
+def test_a_connection_that_stops_acking_gets_one_push_after_the_grace(broker: BrokerThread, made: list[Peer],
                                                                       distributor: Distributor) -> None:
-    broker = start(tmp_path)
-    made: list[Peer] = []
-    try:
-        register(broker.port, distributor)
-        silent = online_peer(broker.port, made, "bob")  # subscribed, never acks (a frozen app)
-        alice = online_peer(broker.port, made, "alice")
-        send(alice, "m1")
-        assert silent.expect(lambda item: item.get("kind") == "msg")["id"] == "m1"
-        [request] = distributor.wait(1)
-        content_free(request)
-    finally:
-        for peer in made:
-            peer.close()
-        broker.stop()
+    register(broker.port, distributor)
+    silent = online_peer(broker.port, made, "bob")  # subscribed, never acks (a frozen app)
+    alice = online_peer(broker.port, made, "alice")
+    send(alice, "m1")
+    assert silent.expect(lambda item: item.get("kind") == "msg")["id"] == "m1"
+    [request] = distributor.wait(1)
+    content_free(request)
 
 
-def test_429_and_5xx_are_retried_with_back_off_honouring_retry_after(tmp_path: Path,
+def test_429_and_5xx_are_retried_with_back_off_honouring_retry_after(broker: BrokerThread, made: list[Peer],
                                                                      distributor: Distributor) -> None:
     distributor.answer(429, Retry_After="1")
     distributor.answer(503)
     distributor.answer(500)
-    broker = start(tmp_path)
-    made: list[Peer] = []
-    try:
-        register(broker.port, distributor)
-        send(online_peer(broker.port, made, "alice"), "m1")
-        first, second, third, fourth = distributor.wait(4)
-        assert second.at - first.at >= 0.95  # Retry-After: 1
-        assert third.at - second.at >= 0.25  # retry_min_s 0.3 (timer slack), then doubling
-        assert fourth.at - third.at >= 0.55 and fourth.at - third.at > third.at - second.at
-        push = broker.app.push
-        assert push is not None
-        eventually(lambda: push.counters["unifiedpush"].sent == 1, what="sent")
-        assert push.counters["unifiedpush"].failed == {"retry": 3}
-        assert push.core.queue == {}
-    finally:
-        for peer in made:
-            peer.close()
-        broker.stop()
+    register(broker.port, distributor)
+    send(online_peer(broker.port, made, "alice"), "m1")
+    first, second, third, fourth = distributor.wait(4)
+    assert second.at - first.at >= 0.95  # Retry-After: 1
+    assert third.at - second.at >= 0.25  # retry_min_s 0.3 (timer slack), then doubling
+    assert fourth.at - third.at >= 0.55 and fourth.at - third.at > third.at - second.at
+    push = broker.app.push
+    assert push is not None
+    eventually(lambda: push.counters["unifiedpush"].sent == 1, what="sent")
+    assert push.counters["unifiedpush"].failed == {"retry": 3}
+    assert push.core.queue == {}
 
 
 @pytest.mark.parametrize("status", [404, 410])
-def test_a_gone_endpoint_is_dropped_and_the_device_told(tmp_path: Path, distributor: Distributor,
-                                                        status: int) -> None:
+def test_a_gone_endpoint_is_dropped_and_the_device_told(broker: BrokerThread, made: list[Peer],
+                                                        distributor: Distributor, status: int) -> None:
     distributor.answer(status)
-    broker = start(tmp_path)
-    made: list[Peer] = []
-    try:
-        register(broker.port, distributor)
-        alice = online_peer(broker.port, made, "alice")
-        send(alice, "m1")
-        distributor.wait(1)
-        push = broker.app.push
-        assert push is not None
-        eventually(lambda: not push.core.targets, what="registration dropped")
-        with sqlite3.connect(tmp_path / "data" / "push.db") as db:
-            eventually(lambda: db.execute("SELECT client_id FROM gone").fetchall() == [("bob.phone",)],
-                       what="gone mark stored")
-            assert db.execute("SELECT COUNT(*) FROM registrations").fetchone() == (0,)
-        send(alice, "m2")
-        phone = online_peer(broker.port, made, "bob")
-        assert phone.expect(lambda item: item.get("kind") == "error")["code"] == "push_gone"
-        assert len(distributor.requests) == 1
-    finally:
-        for peer in made:
-            peer.close()
-        broker.stop()
+    register(broker.port, distributor)
+    alice = online_peer(broker.port, made, "alice")
+    send(alice, "m1")
+    distributor.wait(1)
+    push = broker.app.push
+    assert push is not None
+    eventually(lambda: not push.core.targets, what="registration dropped")
+    with sqlite3.connect(broker.settings.data_path / "push.db") as db:
+        eventually(lambda: db.execute("SELECT client_id FROM gone").fetchall() == [("bob.phone",)],
+                   what="gone mark stored")
+        assert db.execute("SELECT COUNT(*) FROM registrations").fetchone() == (0,)
+    send(alice, "m2")
+    phone = online_peer(broker.port, made, "bob")
+    assert phone.expect(lambda item: item.get("kind") == "error")["code"] == "push_gone"
+    assert len(distributor.requests) == 1
 
 
-def test_registrations_are_per_device_and_removed_with_it(tmp_path: Path, distributor: Distributor) -> None:
-    broker = start(tmp_path)
-    made: list[Peer] = []
-    try:
-        register(broker.port, distributor)
-        push = broker.app.push
-        assert push is not None and set(push.core.targets) == {"bob.phone"}
-        tablet = online_peer(broker.port, made, "bob", "tablet")
-        alice = online_peer(broker.port, made, "alice")
-        for peer in (tablet, alice):
-            assert peer.request("push.unregister")["result"] == {"removed": False}
-        res = tablet.request("push.register", {"platform": "unifiedpush", "endpoint": distributor.endpoint("bob"),
-                                               "device": "phone"})
-        assert res["error"]["code"] == "bad_envelope"
-        assert tablet.request("push.unregister", {"device": "phone"})["error"]["code"] == "bad_envelope"
-        assert set(push.core.targets) == {"bob.phone"}
-        assert tablet.request("devices.remove", {"device": "phone"})["ok"]
-        eventually(lambda: not push.core.targets, what="registration removed with the device")
-        with sqlite3.connect(tmp_path / "data" / "push.db") as db:
-            eventually(lambda: db.execute("SELECT COUNT(*) FROM registrations").fetchone() == (0,),
-                       what="registration row removed")
-    finally:
-        for peer in made:
-            peer.close()
-        broker.stop()
+def test_registrations_are_per_device_and_removed_with_it(broker: BrokerThread, made: list[Peer],
+                                                          distributor: Distributor) -> None:
+    register(broker.port, distributor)
+    push = broker.app.push
+    assert push is not None and set(push.core.targets) == {"bob.phone"}
+    tablet = online_peer(broker.port, made, "bob", "tablet")
+    alice = online_peer(broker.port, made, "alice")
+    for peer in (tablet, alice):
+        assert peer.request("push.unregister")["result"] == {"removed": False}
+    res = tablet.request("push.register", {"platform": "unifiedpush", "endpoint": distributor.endpoint("bob"),
+                                           "device": "phone"})
+    assert res["error"]["code"] == "bad_envelope"
+    assert tablet.request("push.unregister", {"device": "phone"})["error"]["code"] == "bad_envelope"
+    assert set(push.core.targets) == {"bob.phone"}
+    assert tablet.request("devices.remove", {"device": "phone"})["ok"]
+    eventually(lambda: not push.core.targets, what="registration removed with the device")
+    with sqlite3.connect(broker.settings.data_path / "push.db") as db:
+        eventually(lambda: db.execute("SELECT COUNT(*) FROM registrations").fetchone() == (0,),
+                   what="registration row removed")
 
 
-def test_the_sdk_registers_and_unregisters_its_own_device(tmp_path: Path, distributor: Distributor) -> None:
-    broker = start(tmp_path)
+def test_the_sdk_registers_and_unregisters_its_own_device(broker: BrokerThread, distributor: Distributor) -> None:
     phone = Client("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
     try:
         phone.connect()
@@ -220,7 +193,6 @@ def test_the_sdk_registers_and_unregisters_its_own_device(tmp_path: Path, distri
         assert push.core.targets == {}
     finally:
         phone.close()
-        broker.stop()
 
 
 def test_a_wake_up_queued_at_a_sigkill_goes_out_after_the_restart(tmp_path: Path, distributor: Distributor) -> None:
