@@ -6,6 +6,7 @@ told; registrations per device, removed with it; a SIGKILL with a wake-up queued
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from client_sdk import Client
+from client_sdk import AsyncClient, Client
 from client_sdk.events import Message
 from tests.helpers import WAIT_S, BrokerProcess, BrokerThread, Peer, eventually, online_peer, register_offline
 from tests.push_distributor import Distributor, Received
@@ -89,6 +90,32 @@ def test_an_away_phone_gets_one_push_for_a_burst_then_everything_on_fetch_pendin
     assert sorted(m.id for m in got) == [f"m{n:02d}" for n in range(50)]
     assert len(distributor.requests) == 1  # the wake-up deferred by min_interval went when it connected
     assert broker.app.push is not None and broker.app.push.counters["unifiedpush"].sent == 1
+
+
+def test_the_async_face_fetches_pending_too(broker: BrokerThread, made: list[Peer],
+                                            distributor: Distributor) -> None:
+    register(broker.port, distributor)
+    alice = online_peer(broker.port, made, "alice")
+    for n in range(5):
+        send(alice, f"m{n}")
+    distributor.wait(1)
+
+    async def wake() -> tuple[int, list[str]]:
+        phone = AsyncClient("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
+        got: list[str] = []
+
+        async def read() -> None:
+            async for event in phone.events():
+                if isinstance(event, Message):
+                    got.append(event.id)
+
+        reader = asyncio.create_task(read())
+        left = await phone.fetch_pending(timeout=WAIT_S)
+        await reader
+        return left, got
+
+    left, got = asyncio.run(wake())
+    assert left == 0 and sorted(got) == [f"m{n}" for n in range(5)]
 
 
 def test_a_connected_phone_that_acks_gets_no_push(broker: BrokerThread, made: list[Peer],

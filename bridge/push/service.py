@@ -168,8 +168,12 @@ class PushService:
         await self._write_changes()
         due = self.core.take_due(now, self._concurrency)
         if due:
-            await asyncio.gather(*(self._send(wake, target) for wake, target in due))
+            results = await asyncio.gather(*(self._send(wake, target) for wake, target in due),
+                                           return_exceptions=True)
             await self._write_changes()
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:  # a gone mark not written: the supervisor reports it (kept in memory)
+                raise failed
             return
         self._wake.clear()
         next_ms = self.core.next_due_ms()
