@@ -97,3 +97,8 @@ def test_a_refused_connection_is_a_retry() -> None:
             await provider.close()
 
     assert asyncio.run(run()) is Outcome.RETRY
+
+
+def test_push_is_refused_in_cluster_mode() -> None:
+    with pytest.raises(ConfigError, match="not available in cluster mode"):
+        build_settings({"push": {"enabled": True}, "cluster": {"redis": ["127.0.0.1:7000"]}})
