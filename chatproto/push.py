@@ -8,8 +8,8 @@ Rules:
   argument and no other: ``fcm``: ``token`` (1-4096 of ``[A-Za-z0-9_:.-]``); ``apns``: ``token``
   (64-200 hex digits, an even number; kept lower-case); ``webpush``: ``subscription``
   ``{"endpoint", "keys": {"p256dh", "auth"}}`` as a browser's ``PushSubscription.toJSON()`` gives
-  it (``p256dh`` an uncompressed P-256 point, 65 bytes, ``auth`` 16 bytes, both base64url);
-  ``unifiedpush``: ``endpoint``.
+  it (its ``expirationTime``, null or ms, is taken and not kept; ``p256dh`` an uncompressed P-256
+  point, 65 bytes, ``auth`` 16 bytes, both base64url); ``unifiedpush``: ``endpoint``.
 - An endpoint is an absolute ``https`` URL of at most 2048 characters, without user name,
   password or fragment, whose host is not an IP address in a private, link-local, reserved or
   multicast range. A loopback host (``127.0.0.0/8``, ``::1``, ``localhost``) is refused unless the
@@ -99,8 +99,11 @@ def _b64url_bytes(value: object, name: str, size: int) -> str:
 
 
 def _subscription(value: object, allow_loopback: bool) -> str:
-    if not isinstance(value, dict) or set(value) != {"endpoint", "keys"}:
+    if not isinstance(value, dict) or not {"endpoint", "keys"} <= set(value) <= {"endpoint", "keys", "expirationTime"}:
         raise _bad("'subscription' must be {\"endpoint\", \"keys\": {\"p256dh\", \"auth\"}}")
+    expiry = value.get("expirationTime")
+    if expiry is not None and (not isinstance(expiry, int) or isinstance(expiry, bool)):
+        raise _bad("'subscription.expirationTime' must be null or a time in ms (it is not kept)")
     keys = value["keys"]
     if not isinstance(keys, dict) or set(keys) != {"p256dh", "auth"}:
         raise _bad("'subscription.keys' must be {\"p256dh\", \"auth\"}")

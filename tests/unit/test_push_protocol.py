@@ -27,6 +27,12 @@ def test_valid_registrations_round_trip(args: dict[str, Any]) -> None:
     assert request.args() == args
 
 
+def test_a_browsers_expiration_time_is_taken_and_not_kept() -> None:
+    for expiry in (None, 1732780800000):
+        request = PushRegister.from_args({"platform": "webpush", "subscription": {**SUB, "expirationTime": expiry}})
+        assert request.args() == {"platform": "webpush", "subscription": SUB}
+
+
 def test_apns_token_is_kept_lower_case() -> None:
     assert PushRegister.from_args({"platform": "apns", "token": "AB" * 32}).token == "ab" * 32
 
@@ -46,7 +52,8 @@ def test_apns_token_is_kept_lower_case() -> None:
     {"platform": "webpush", "subscription": {"endpoint": SUB["endpoint"]}},
     {"platform": "webpush", "subscription": {**SUB, "keys": {"p256dh": "A" * 87, "auth": AUTH}}},  # not 0x04
     {"platform": "webpush", "subscription": {**SUB, "keys": {"p256dh": P256DH, "auth": "A" * 21}}},
-    {"platform": "webpush", "subscription": {**SUB, "expirationTime": None}},
+    {"platform": "webpush", "subscription": {**SUB, "expirationTime": "soon"}},
+    {"platform": "webpush", "subscription": {**SUB, "extra": 1}},
     {"platform": "unifiedpush", "endpoint": "http://ntfy.sh/up"},
     {"platform": "unifiedpush", "endpoint": "ftp://ntfy.sh/up"},
     {"platform": "unifiedpush", "endpoint": "https://user:pw@ntfy.sh/up"},
