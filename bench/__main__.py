@@ -64,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers meaningless)")
     parser.add_argument("--targets", help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)});"
-                                           f" scale: {','.join(scale.TARGETS)}")
+                                           f" scale: {','.join(scale.TARGETS)} (also cluster1,cluster1-nowb)")
     parser.add_argument("--redis-replicas", type=int, default=0,
                         help="scale: replicas per Redis master (default 0: 3 masters without replicas)")
     parser.add_argument("--profile", action="store_true", help="sample our broker with py-spy during the runs")
     parser.add_argument("--pairs", type=int, help="override the number of online pairs")
     parser.add_argument("--inflight", type=int, help="override the messages each pair keeps on the way (max runs)")
     parser.add_argument("--idle-levels", help="override the idle levels of compare, e.g. 0,10000")
+    parser.add_argument("--rates", help="override the offered loads (msg/s) of the open-loop runs, e.g. 100,500"
+                                        " (scale runs the first)")
     parser.add_argument("--idle-counts", help="override the connection counts of idle, e.g. 10000 (-1: as many "
                                               "as the descriptor limit allows)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
@@ -94,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides["inflight"] = args.inflight
     if args.idle_levels:
         overrides["idle_levels"] = [int(v) for v in args.idle_levels.split(",")]
+    if args.rates:
+        overrides["rates"] = [int(v) for v in args.rates.split(",")]
     if args.idle_counts:
         overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
         sizes = dataclasses.replace(sizes, **overrides)
-    known = scale.TARGETS if args.scenario == "scale" else TARGETS
-    targets = [t.strip() for t in (args.targets or ",".join(known)).split(",") if t.strip()]
+    known, default = (scale.ALL_TARGETS, scale.TARGETS) if args.scenario == "scale" else (TARGETS, TARGETS)
+    targets = [t.strip() for t in (args.targets or ",".join(default)).split(",") if t.strip()]
     unknown = set(targets) - set(known)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")

@@ -157,6 +157,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free now on 127.0.0.1 (a worker's metrics: port + index)."""
+    while True:
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first + 1, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+
+
 def load_average() -> float | None:
     with contextlib.suppress(OSError):
         return os.getloadavg()[0]

@@ -31,15 +31,17 @@ from typing import Any, cast
 
 import redis
 
-from bench.common import BenchError, CpuMeter, fmt, md_table, rss_kib
+from bench.common import BenchError, CpuMeter, fmt, free_ports, md_table, rss_kib
 from bench.report import header, log_problems_md, phase_flags, top_rates
 from bench.suite import DRAIN_USERS, Suite, idle_user, pair_users
 from bench.targets import ClusterChatServer, Server
 from bench.users import seed_redis
+from bench.writeback import FLUSH_MS, VARIANTS, WORKERS, WritebackProbe
+from bench.writeback import markdown as writeback_md
 from testkit.redis_cluster import RedisCluster
 
-TARGETS = ("chat", "cluster", "mosquitto")
-WORKERS = 2
+TARGETS = ("chat", "cluster", "cluster-nowb", "mosquitto")  # the default run
+ALL_TARGETS = (*TARGETS, "cluster1", "cluster1-nowb")
 MASTERS = 3
 SETTLE_S = 3.0  # after the idle users connected, before RSS is read (like the idle scenario); tiny: less
 KEY_SAMPLE = 300  # keys of each kind whose MEMORY USAGE is read
@@ -110,19 +112,20 @@ class RedisProbe:
             client.close()
 
 
-def run(suite: Suite, replicas: int = 0, workers: int = WORKERS) -> dict[str, Any]:
+def run(suite: Suite, replicas: int = 0) -> dict[str, Any]:
     sizes = suite.sizes
     idle = max(sizes.idle_levels)
     rate = sizes.rates[0]
     results: dict[str, Any] = {}
     redis_info: dict[str, Any] = {}
     for name in suite.targets:
-        if name != "cluster":
+        variant = VARIANTS.get(name)
+        if variant is None:
             results[name] = _target(suite, suite.server(name), idle, rate)
             continue
         root = Path(tempfile.mkdtemp(prefix="redis-", dir=suite.workdir))
         cluster = RedisCluster(root, masters=MASTERS, replicas=replicas)
-        suite.log(f"[scale] starting a Redis Cluster: {MASTERS} masters, {replicas} replica(s) each ...")
+        suite.log(f"[scale] {name}: starting a Redis Cluster: {MASTERS} masters, {replicas} replica(s) each ...")
         cluster.start()
         probe = RedisProbe(cluster)
         try:
@@ -130,19 +133,25 @@ def run(suite: Suite, replicas: int = 0, workers: int = WORKERS) -> dict[str, An
             took = seed_redis(cluster.startup_nodes, [*names, *DRAIN_USERS])
             suite.log(f"  {len(names) + len(DRAIN_USERS):,} bench users written to Redis in {took:.1f} s")
             base_memory = probe.used_memory()
+            metrics_port = free_ports(variant.workers)
+            writeback = WritebackProbe(metrics_port, variant.workers)
             suite.extra_cpu_groups = {"redis": probe.pids()}
-            suite.window_counters = probe.counters
+            suite.window_counters = functools.partial(_window_counters, probe, writeback)
             # cluster.min_replicas_ack (default 1) waits for a replica: none without replicas.
-            durability = f"cluster:\n  min_replicas_ack: {min(replicas, 1)}\n"
-            server = ClusterChatServer(suite.workdir, [node.address for node in cluster.nodes], workers, durability)
+            config = f"cluster:\n  min_replicas_ack: {min(replicas, 1)}\n" + variant.config(metrics_port)
+            server = ClusterChatServer(suite.workdir, [node.address for node in cluster.nodes], variant.workers,
+                                       config, variant.label)
             server.fresh_data()
-            results[name] = _target(suite, server, idle, rate, probe, functools.partial(_staged_memory, suite,
-                                                                                    probe=probe))
+            # The rest and staged-memory steps only for the default variant: the others are about messages.
+            extras = name == "cluster"
+            results[name] = _target(suite, server, idle, rate, probe, functools.partial(
+                _staged_memory, suite, probe=probe) if extras else None, rest=extras)
+            results[name]["cluster"] = {"workers": variant.workers, "flush_ms": FLUSH_MS if variant.writeback else 0}
             first, second = probe.counters(), probe.counters()
             reading = second["net_in"] + second["net_out"] - first["net_in"] - first["net_out"]
             redis_info = {"probe_bytes_per_reading": reading, "masters": MASTERS,
-                          "replicas_per_master": replicas, "workers": workers,
-                          "used_memory_users_only": base_memory, "rss_kib_end": probe.rss_kib(),
+                          "replicas_per_master": replicas, "used_memory_users_only": base_memory,
+                          "rss_kib_end": probe.rss_kib(),
                           "appendonly": "yes (fsync everysec), as testkit/redis_cluster.py configures it"}
         finally:
             suite.extra_cpu_groups, suite.window_counters = {}, None
@@ -151,8 +160,12 @@ def run(suite: Suite, replicas: int = 0, workers: int = WORKERS) -> dict[str, An
     return {"idle": idle, "rate": rate, "targets": results, "redis": redis_info}
 
 
+def _window_counters(probe: RedisProbe, writeback: WritebackProbe) -> dict[str, float]:
+    return {**probe.counters(), **writeback.counters()}
+
+
 def _target(suite: Suite, server: Server, idle: int, rate: float, probe: RedisProbe | None = None,
-            after: Callable[[Server], dict[str, Any]] | None = None) -> dict[str, Any]:
+            after: Callable[[Server], dict[str, Any]] | None = None, rest: bool = False) -> dict[str, Any]:
     suite.log(f"[scale] {server.label}: starting ...")
     server.start()
     out: dict[str, Any] = {"label": server.label, "dialect": server.dialect, "phases": []}
@@ -182,7 +195,7 @@ def _target(suite: Suite, server: Server, idle: int, rate: float, probe: RedisPr
                 "redis_rss_before_kib": redis_rss0, "redis_rss_after_kib": probe.rss_kib()})
         suite.log(f"  {idle:,} idle connected: broker RSS {rss0 / 1024:.0f} -> {rss1 / 1024:.0f} MiB"
                   f" ({out['memory']['kib_per_connection']} KiB per connection)")
-        if probe is not None:
+        if probe is not None and rest:
             out["rest"] = _rest(suite, server, probe, idle)
         top = suite.run_pairs(server, "max")
         top["idle"] = idle
@@ -257,11 +270,13 @@ def per_message(phase: dict[str, Any], window: float) -> dict[str, float | None]
     for key in ("commands", "net_in", "net_out"):
         if key in counters:
             out[f"redis_{key}"] = round(counters[key] / delivered, 2)
+    if "net_in" in counters:
+        out["redis_bytes"] = round((counters["net_in"] + counters["net_out"]) / delivered, 1)
     return out
 
 
 def ratio_rows(result: dict[str, Any]) -> list[list[Any]]:
-    chat, cluster, mosq = (top_rates(result, name) for name in TARGETS)
+    chat, cluster, mosq = (top_rates(result, name) for name in ("chat", "cluster", "mosquitto"))
     rows = []
     for level in sorted(set(chat) | set(cluster)):
         a, b, m = chat.get(level), cluster.get(level), mosq.get(level)
@@ -276,12 +291,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"The suite's generator and phases (compare.md) against each target in turn, {sizes['pairs']} online pairs"
         f" (closed loop: {sizes['inflight']} on the way per pair; warm-up {sizes['warmup_s']} s, {sizes['measure_s']}"
         " s measured). **chat**: one `chat-broker run` process on SQLite. **cluster**: `chat-broker run --cluster"
-        f" ... --workers {r.get('workers', WORKERS)}`, the generator connecting to the one port the workers share"
+        f" ... --workers {WORKERS}`, the generator connecting to the one port the workers share"
         f" (SO_REUSEPORT), on a local Redis Cluster of {r.get('masters', MASTERS)} masters with"
         f" {r.get('replicas_per_master', 0)} replica(s) each (Debian's redis-server, AOF fsync everysec): a pair's"
         " two ends may sit on different workers (the message is written to Redis before `sent`, the other worker"
         " nudged over SPUBLISH) or on one (write-back: delivered from memory; acked within `staging.flush_ms`, only"
-        " its dedup mark reaches Redis). **mosquitto**: QoS 1 forwarding, nothing stored (the baseline of compare.md)."
+        " its dedup mark reaches Redis); **cluster-nowb**: the same with write-back off (`staging.flush_ms: 0`: every"
+        " message written to Redis before `sent`); **cluster1**, **cluster1-nowb**: both with `--workers 1` (every"
+        " pair on one node). Each cluster target on a fresh Redis Cluster. **mosquitto**: QoS 1 forwarding, nothing"
+        " stored (the baseline of compare.md)."
         " Everything shares the machine's cores: broker, Redis, generator."))
     lines += ["## Throughput (closed loop), same run", ""]
     lines += md_table(["idle users", "chat msg/s (A)", "cluster msg/s (B)", "mosquitto msg/s", "B / A",
@@ -314,11 +332,13 @@ def markdown(result: dict[str, Any]) -> str:
               " EVALSHA calls alone (one round trip each).", ""]
     lines += md_table(["target", "idle users", "load", "broker CPU µs", "Redis CPU µs", "Redis scripts",
                        "Redis commands", "Redis bytes in", "Redis bytes out"], rows, "lrlrrrrrr")
+    for name in VARIANTS:
+        top_cmds = _top_commands(result["targets"].get(name) or {})
+        if top_cmds:
+            lines += ["", f"Redis commands per message in the closed-loop run with idle users, {name}: "
+                      + ", ".join(f"{cmd} {value:.2f}" for cmd, value in top_cmds) + "."]
+    lines += writeback_md(result, sizes["measure_s"], per_message)
     cluster = result["targets"].get("cluster") or {}
-    top_cmds = _top_commands(cluster)
-    if top_cmds:
-        lines += ["", "Redis commands per message in the cluster's closed-loop run with idle users: "
-                  + ", ".join(f"{name} {value:.2f}" for name, value in top_cmds) + "."]
     rows = []
     for t in result["targets"].values():
         m = t.get("memory") or {}

@@ -211,11 +211,12 @@ class ClusterChatServer(ChatServer):
 
     name = "cluster"
 
-    def __init__(self, workdir: Path, redis_nodes: list[str], workers: int, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, redis_nodes: list[str], workers: int, extra_config: str = "",
+                 label: str = "") -> None:
         super().__init__(workdir, workdir, extra_config)
         self.redis_nodes = redis_nodes
         self.workers = workers
-        self.label = f"chat-broker cluster x{workers}"
+        self.label = label or f"chat-broker cluster x{workers}"
 
     def fresh_data(self) -> None:
         if self.data_dir.exists():

@@ -74,6 +74,10 @@ class BridgeCounters:
     commit_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     commit_rows: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     commit_failures: int = 0
+    writeback: dict[str, int] = field(default_factory=dict)
+    """Cluster write-back (bridge/cluster/holding.py): stages ``held:msg``, ``settled:receipt``, ... by
+    event (held from memory; settled: acked in time, never written; written: reached Redis after all)
+    and kind (msg, receipt)."""
 
     def count_downlink(self, item: DownlinkItem) -> None:
         self.downlink[item.KIND] = self.downlink.get(item.KIND, 0) + 1
@@ -81,6 +85,10 @@ class BridgeCounters:
             self._error(item.code)
         elif isinstance(item, ResItem) and not item.ok:
             self._error(item.error_code)
+
+    def count_writeback(self, event: str, message: bool) -> None:
+        key = f"{event}:{'msg' if message else 'receipt'}"
+        self.writeback[key] = self.writeback.get(key, 0) + 1
 
     def _error(self, code: str | None) -> None:
         key = str(code)

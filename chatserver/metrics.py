@@ -126,6 +126,8 @@ class ChatCollector(Collector):
         yield _histogram("chat_delivered_latency_seconds",
                          "Staging of a message -> first ack by a device of the recipient.", counters.delivered_latency)
         yield from self._staged()
+        if s.node_id:
+            yield from _writeback(counters.writeback)
         yield _histogram("chat_store_commit_seconds", "Duration of a staging group commit.", counters.commit_seconds)
         yield _histogram("chat_store_commit_rows", "Item rows written + deleted per group commit.",
                          counters.commit_rows)
@@ -194,6 +196,23 @@ def _push(push: PushService) -> Iterable[Metric]:
     yield from (sent, failed, latency, depth)
     yield CounterMetricFamily("chat_push_dropped", "Wake-ups dropped: the queue held push.max_queue devices.",
                               push.core.dropped)
+
+
+WRITEBACK_EVENTS = {
+    "held": "Stages (one message or receipt for one user's devices) held in memory: every target device connected "
+            "to this node and caught up (write-back, staging.flush_ms).",
+    "settled": "Held stages every target acked within staging.flush_ms: never written to Redis (a message leaves "
+               "its dedup mark).",
+    "written": "Held stages written to Redis after all (flush_ms up, a target left, or a later item of the lane "
+               "went to Redis).",
+}
+
+
+def _writeback(values: dict[str, int]) -> Iterable[Metric]:
+    """Cluster write-back, by kind (msg, receipt); the node is the chat_node series of the same scrape."""
+    for event, doc in WRITEBACK_EVENTS.items():
+        yield _counter(f"chat_writeback_{event}", doc, "kind", ("msg", "receipt"),
+                       {key.partition(":")[2]: n for key, n in values.items() if key.startswith(event + ":")})
 
 
 def _counter(name: str, doc: str, label: str, known: Iterable[str], values: dict[str, int]) -> CounterMetricFamily:

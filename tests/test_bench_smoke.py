@@ -62,8 +62,12 @@ def test_bench_scale_tiny(tmp_path: Path) -> None:
     cluster = result["targets"]["cluster"]
     assert cluster["memory"]["processes"] == 3  # the parent and two workers
     assert cluster["phases"][-1]["counters"]["commands"] > 0  # Redis INFO deltas over the window
+    counters = cluster["phases"][-1]["counters"]
+    assert counters["wb:uplink:out"] > 0 and "wb:held:msg" in counters  # read off the workers' /metrics
     assert cluster["phases"][-1]["cpu_cores"]["redis"] is not None
-    assert cluster["staged"]["redis_bytes_per_item"] > 0
+    # (measured, not checked for sign: at this size, keys expiring meanwhile -- script replies, pending
+    # marks -- can free more than 300 staged items take; seen once as -282 bytes per item)
+    assert cluster["staged"]["redis_used_memory_after"] > 0 and "redis_bytes_per_item" in cluster["staged"]
     assert "`q:{}`" in (out / "scale.md").read_text(encoding="utf-8")
     assert "## Scale" in (out / "summary.md").read_text(encoding="utf-8")
 

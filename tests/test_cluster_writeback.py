@@ -102,6 +102,17 @@ def caught_up(cluster: ClusterDeployment, n: int, client_id: str) -> None:
     eventually(lambda: node.call(can_hold()), what=f"{client_id} caught up on node{n}")
 
 
+def writeback_counts(cluster: ClusterDeployment, n: int) -> dict[str, int]:
+    """Node n's ``chat_writeback_*`` counters (bridge/counters.py), e.g. ``{"held:msg": 1}``."""
+    node = cluster.nodes[n]
+
+    async def read() -> dict[str, int]:
+        messaging: Any = getattr(node.app.broker.bridge, "messaging")  # noqa: B009 (the port has no such name)
+        return dict(messaging.counters.writeback)
+
+    return node.call(read())
+
+
 def test_a_message_acked_within_flush_ms_never_reaches_redis(cluster: ClusterDeployment, monitor: Monitor,
                                                              made: list[Peer]) -> None:
     alice = cluster.peer(0, made, "alice")
@@ -115,6 +126,8 @@ def test_a_message_acked_within_flush_ms_never_reaches_redis(cluster: ClusterDep
     bob.publish("u/bob/ack", {"seqs": [item["seq"]]})
     receipts = statuses(alice, {"sent", "delivered"})  # either may come first (PROTOCOL section 10)
     assert receipts["sent"]["ids"] == receipts["delivered"]["ids"] == ["w1"]
+    counts = writeback_counts(cluster, 0)
+    assert (counts.get("held:msg"), counts.get("settled:msg"), counts.get("written:msg")) == (1, 1, None)
     alice.publish("u/alice/ack", {"seqs": [receipts["delivered"]["seq"]]})
     assert not monitor.saw(marker), "the body never reached Redis"
     # A repeat is still recognised: the dedup mark was written when every target had acked.
@@ -135,6 +148,7 @@ def test_a_message_unacked_after_flush_ms_is_written_and_follows_its_device(
     sent = alice.expect(lambda i: i.get("status") == "sent", timeout=FLUSH_MS / 1000 + 10)
     assert sent["ids"] == ["w2"]
     assert monitor.saw(marker), "not acked within flush_ms: written to Redis before 'sent'"
+    assert writeback_counts(cluster, 0).get("written:msg") == 1
     bob.close()
     moved = cluster.peer(1, made, "bob")  # through another node: it reads the written copy
     item = moved.expect(lambda i: i.get("kind") == "msg")

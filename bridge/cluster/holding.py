@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from bridge.background import Supervisor
 from bridge.clock import Clock
 from bridge.cluster.store import MessageRef, QueuedItem, QueueStore, Stage, StageStatus
-from bridge.cluster.window import WindowOutcome, Windows
+from bridge.cluster.window import Alias, WindowOutcome, Windows
 from bridge.cluster.writeback import Held, WriteBack, item_for
 from bridge.links import LinkRegistry
 from bridge.messaging.admission import Holds, Refused
@@ -154,6 +154,7 @@ class Holding:
         now = self._now()
         links = {client_id: self._host.windows.link(client_id) or 0 for client_id in seqs}
         held = self._writeback.hold(stage, lane, seqs, links, now)
+        self.counters.count_writeback("held", stage.message is not None)
         for client_id, seq in seqs.items():
             item = item_for(stage, client_id, seq)
             if item is not None:  # (an olm target always has its ciphertext)
@@ -243,16 +244,16 @@ class Holding:
 
         await self._host.retrying("a held item", write)
         self._writeback.written(held)
+        self.counters.count_writeback("written", held.stage.message is not None)
         message = stage.message
         if message is not None and stage.delivery and held.reported:  # reported while being written: not again
             await self._host.retrying("its delivery record", functools.partial(
                 self._queues.mark_delivered, stage.user, message.sender, [message.msg_id]))
         for client_id, seq in staged:
-            if client_id in held.acked_while_writing:
+            aliased = self._host.windows.alias(client_id, held.links.get(client_id, 0), held.seqs[client_id], seq)
+            if client_id in held.acked_while_writing or aliased == Alias.ACKED:
                 ack = functools.partial(self._queues.ack, client_id, [seq])
                 await self._host.retrying("an ack of a held item", ack)
-            else:
-                self._host.windows.alias(client_id, held.links.get(client_id, 0), held.seqs[client_id], seq)
         await self._host.wake(staged)  # a device that left reads it wherever it is now
         self._held_done(held)
 
@@ -260,6 +261,7 @@ class Holding:
         """Rule 3: every target acked a held message; its dedup mark is all that is written."""
         if held.stage.message is not None:
             await self._host.retrying("a dedup mark", functools.partial(self._queues.settle, held.stage))
+        self.counters.count_writeback("settled", held.stage.message is not None)
         self._held_done(held)
 
     def _held_done(self, held: Held) -> None:

@@ -19,16 +19,36 @@ Rules (the single-node rule 6, over a queue that other nodes add to):
    were given since the last read moved the cursor, there is none left: the item goes through the
    store instead.
 5. A local item written to the store later has a store seq too (an *alias*): the store copy is not
-   sent again on this link, and the device's ack of the local seq acks the store copy.
+   sent again on this link, and the device's ack of the local seq acks the store copy. A read may
+   return the copy before the writer says so (``alias``): it is recognised by what it is (the
+   message's sender and id, or the receipt), and its seq stays known as an alias after the local
+   seq is acked, until the read cursor passes it (the store ack of the copy may not have landed
+   when the next read runs). Either way, sent twice it was (``bench scale``: 58 repeats).
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass, field
 
 from bridge.cluster.store import SEQ_STRIDE, QueuedItem
 from chatproto import MsgItem, ReceiptItem
+
+ItemKey = tuple[str, ...]
+
+
+class Alias(enum.Enum):
+    SET = "set"  # the device's ack of the local seq acks the store copy
+    ACKED = "acked"  # the device acked the local seq already: the caller acks the store copy
+    GONE = "gone"  # the device left (or linked again): the store copy is for its next link
+
+
+def item_key(item: MsgItem | ReceiptItem) -> ItemKey:
+    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content."""
+    if isinstance(item, MsgItem):
+        return ("msg", item.sender, item.id)
+    return ("receipt", item.status, item.peer, *item.ids)
 
 
 @dataclass(slots=True)
@@ -47,6 +67,8 @@ class DeviceWindow:
     local: set[int] = field(default_factory=set)  # local seqs buffered or in flight
     aliases: dict[int, int] = field(default_factory=dict)  # rule 5: local seq -> store seq
     aliased: set[int] = field(default_factory=set)  # store seqs that are aliases
+    local_keys: dict[ItemKey, int] = field(default_factory=dict)  # rule 5: what each local item is -> its seq
+    local_key_of: dict[int, ItemKey] = field(default_factory=dict)  # ... and back
 
 
 @dataclass(slots=True)
@@ -128,18 +150,22 @@ class Windows:
         """Rule 4: send a held item (its seq from ``local_seq``) after what is buffered."""
         box = self._devices[client_id]
         box.local.add(queued.seq)
+        key = item_key(queued.item)
+        box.local_keys[key] = queued.seq
+        box.local_key_of[queued.seq] = key
         box.buffer.append(queued)
         return self._pump(client_id, now)
 
-    def alias(self, client_id: str, link: int, local: int, stored: int) -> bool:
-        """Rule 5: the local item ``local`` of this link is in the store as ``stored``. False if the
-        device already acked it (or left): then nothing here will ack the store copy."""
+    def alias(self, client_id: str, link: int, local: int, stored: int) -> Alias:
+        """Rule 5: the local item ``local`` of this link is in the store as ``stored``."""
         box = self._devices.get(client_id)
-        if box is None or box.link != link or local not in box.local:
-            return False
-        box.aliases[local] = stored
+        if box is None or box.link != link:
+            return Alias.GONE
         box.aliased.add(stored)
-        return True
+        if local not in box.local:
+            return Alias.ACKED
+        box.aliases[local] = stored
+        return Alias.SET
 
     def split_ack(self, client_id: str, seqs: list[int]) -> tuple[list[int], list[int]]:
         """An ack's seqs: (local seqs, store seqs -- with aliases in place of their local seqs)."""
@@ -180,9 +206,14 @@ class Windows:
         box.reading = False
         for queued in items:
             if queued.seq > box.last_read:
+                local = box.local_keys.get(item_key(queued.item))
+                if local is not None and queued.seq not in box.aliased:  # rule 5: read before alias() said so
+                    box.aliases[local] = queued.seq
+                    box.aliased.add(queued.seq)
                 if queued.seq not in box.aliased:  # rule 5: here already under its local seq
                     box.buffer.append(queued)
                 box.last_read = queued.seq
+        box.aliased = {seq for seq in box.aliased if seq > box.last_read}  # never read again
         if len(items) >= limit:
             box.behind = True
         elif 0 <= box.caught_up_after < box.reads:
@@ -204,7 +235,10 @@ class Windows:
             box.inflight.pop(seq, None)
             if seq in box.local:
                 box.local.discard(seq)
-                box.aliased.discard(box.aliases.pop(seq, 0))
+                box.aliases.pop(seq, None)  # (its store seq stays in ``aliased``: rule 5)
+                key = box.local_key_of.pop(seq, None)
+                if key is not None and box.local_keys.get(key) == seq:
+                    del box.local_keys[key]
         if box.buffer and any(q.seq in seqs for q in box.buffer):  # acked while buffered (sent by an earlier link)
             box.buffer = deque(q for q in box.buffer if q.seq not in seqs)
         return self._pump(client_id, now)

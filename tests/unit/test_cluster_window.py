@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 from bridge.cluster.store import QueuedItem
-from bridge.cluster.window import Windows
+from bridge.cluster.window import Alias, Windows
 from chatproto import MsgItem
 
 
-def queued(seq: int) -> QueuedItem:
-    return QueuedItem(MsgItem(seq, f"m{seq}", "alice", "bob", "text", "hi", 0, "phone"), 10**13)
+def queued(seq: int, msg_id: str | None = None) -> QueuedItem:
+    return QueuedItem(MsgItem(seq, msg_id or f"m{seq}", "alice", "bob", "text", "hi", 0, "phone"), 10**13)
+
+
+def held_and_sent(windows: Windows, msg_id: str) -> tuple[int, int]:
+    """bob.phone caught up with a held item ``msg_id`` in flight: (its local seq, the link)."""
+    caught_up(windows, base=1024)
+    seq = windows.local_seq("bob.phone")
+    assert seq is not None
+    out = windows.push_local("bob.phone", queued(seq, msg_id), now=0)
+    assert [item.seq for _, item in out.sends] == [seq]
+    link = windows.link("bob.phone")
+    assert link is not None
+    return seq, link
+
+
+def test_a_store_copy_read_before_the_writer_said_so_is_recognised_and_not_sent_again() -> None:
+    windows = Windows(window=10, redeliver_after_s=30)
+    local, link = held_and_sent(windows, "x1")
+    windows.behind(["bob.phone"], now=0)
+    out = windows.read_done("bob.phone", 0, [queued(2048, "x1")], limit=10, now=0)
+    assert out.sends == [], "the copy of the item in flight, by its sender and id"
+    assert windows.split_ack("bob.phone", [local]) == ([local], [2048]), "the local ack acks the copy"
+    assert windows.alias("bob.phone", link, local, 2048) == Alias.SET, "the writer's word changes nothing"
+
+
+def test_a_store_copy_is_not_sent_again_after_the_local_ack_nor_when_written_after_it() -> None:
+    windows = Windows(window=10, redeliver_after_s=30)
+    local, link = held_and_sent(windows, "x1")
+    assert windows.alias("bob.phone", link, local, 2048) == Alias.SET
+    windows.acked("bob.phone", [local], now=0)  # the ack of the copy is on its way to the store
+    windows.behind(["bob.phone"], now=0)
+    assert windows.read_done("bob.phone", 0, [queued(2048, "x1")], limit=10, now=0).sends == []
+    second = windows.local_seq("bob.phone")
+    assert second is not None
+    windows.push_local("bob.phone", queued(second, "x2"), now=0)
+    windows.acked("bob.phone", [second], now=0)
+    assert windows.alias("bob.phone", link, second, 3072) == Alias.ACKED, "acked first: the writer acks the copy"
+    windows.behind(["bob.phone"], now=0)
+    assert windows.read_done("bob.phone", 2048, [queued(3072, "x2")], limit=10, now=0).sends == []
 
 
 def test_linking_reads_from_the_start_and_sends_at_most_a_window() -> None:
@@ -123,8 +161,8 @@ def test_a_held_item_goes_after_what_is_buffered_and_its_store_copy_is_not_sent_
     assert [item.seq for _, item in out.sends] == [3073]
     link = windows.link("bob.phone")
     assert link is not None
-    assert windows.alias("bob.phone", link, 3073, 4096), "written to the store as 4096"
-    assert not windows.alias("bob.phone", link + 1, 3073, 4096), "not for another link"
+    assert windows.alias("bob.phone", link, 3073, 4096) == Alias.SET, "written to the store as 4096"
+    assert windows.alias("bob.phone", link + 1, 3073, 4096) == Alias.GONE, "not for another link"
     windows.behind(["bob.phone"], now=0)
     out = windows.read_done("bob.phone", 3072, [queued(4096)], limit=10, now=0)
     assert out.sends == [], "the store copy of an item in flight is not sent again"
