@@ -1,9 +1,10 @@
 """Wiring of push (docs/PUSH.md): the configured providers, the push store and service.
 
 Each provider's module is imported only when its section of ``push:`` is present, by name, so a
-build without a provider's module (or its dependencies) runs without it; a section present whose
-module or class is missing, or whose class refuses its settings, stops the start with a
-``ConfigError`` saying which.
+build without a provider's module (or its dependencies) runs without it; the module's
+``from_settings(settings)`` builds the provider from the section's keys (docs/PUSH-PROVIDERS.md).
+A section present whose module is missing, or whose provider refuses its settings (a key file that
+cannot be read), stops the start with a ``ConfigError`` saying which.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import importlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from bridge.background import Supervisor
 from bridge.clock import Clock
@@ -31,14 +30,6 @@ log = logging.getLogger(__name__)
 PROVIDER_MODULES = {platform: f"providers.push.{platform}" for platform in ("fcm", "apns", "webpush", "unifiedpush")}
 
 
-def provider_class(module: ModuleType, platform: str) -> type[Any]:
-    """The class in ``module`` whose ``platform`` is ``platform`` (the provider of that platform)."""
-    for value in vars(module).values():
-        if isinstance(value, type) and getattr(value, "platform", None) == platform and hasattr(value, "send"):
-            return value
-    raise ConfigError(f"push.{platform}: {module.__name__} has no provider class (with platform = {platform!r})")
-
-
 def build_providers(settings: PushSettings) -> dict[str, PushProvider]:
     """One provider per configured platform; ConfigError naming the first that cannot be built."""
     providers: dict[str, PushProvider] = {}
@@ -49,8 +40,11 @@ def build_providers(settings: PushSettings) -> dict[str, PushProvider]:
         except ImportError as exc:
             raise ConfigError(f"push.{platform} is configured but {name} cannot be imported ({exc}); install "
                               "chat-broker with the 'server' extra, or remove the section") from None
+        build = getattr(module, "from_settings", None)
+        if build is None:
+            raise ConfigError(f"push.{platform}: {name} has no from_settings(settings)")
         try:
-            providers[platform] = provider_class(module, platform)(**kwargs)
+            providers[platform] = build(kwargs)
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"push.{platform}: {exc}") from None
     return providers

@@ -1,6 +1,6 @@
 """The ``push:`` section of the config (docs/PUSH.md): when devices are woken, and each provider's
-settings. A provider is on when its sub-section is present; its keys are handed to the provider's
-class as keyword arguments (chatserver/push.py), so they are the class's own parameters."""
+settings. A provider is on when its sub-section is present; its keys are what the provider's
+module's ``from_settings`` reads (chatserver/push.py, docs/PUSH-PROVIDERS.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class FcmSettings(_Section):
+class _ProviderSettings(_Section):
+    """What every provider takes (docs/PUSH-PROVIDERS.md)."""
+
+    timeout_s: float = Field(default=10.0, gt=0)
+    """Connect, read, write and pool timeout of a request; past it the wake-up is retried."""
+    verify: bool | str = True
+    """TLS verification: true (the system's CAs), or a CA bundle's path (a private service, tests)."""
+
+
+class FcmSettings(_ProviderSettings):
     """Firebase Cloud Messaging HTTP v1 (providers/push/fcm.py)."""
 
     project_id: str = Field(min_length=1)
@@ -19,11 +28,9 @@ class FcmSettings(_Section):
     """The service account's JSON key (from the Firebase console); read at start, never logged."""
     base_url: str | None = None
     """Instead of https://fcm.googleapis.com (tests)."""
-    token_url: str | None = None
-    """Instead of the token URL in the service account file (tests)."""
 
 
-class ApnsSettings(_Section):
+class ApnsSettings(_ProviderSettings):
     """Apple Push Notification service, token authentication (providers/push/apns.py)."""
 
     team_id: str = Field(min_length=1)
@@ -36,7 +43,7 @@ class ApnsSettings(_Section):
     """Instead of https://api.push.apple.com (api.sandbox.push.apple.com for development builds; tests)."""
 
 
-class WebPushSettings(_Section):
+class WebPushSettings(_ProviderSettings):
     """Web Push with VAPID (providers/push/webpush.py)."""
 
     vapid_private_key_file: str = Field(min_length=1)
@@ -44,10 +51,8 @@ class WebPushSettings(_Section):
     """A ``mailto:`` or ``https:`` contact for the push services (RFC 8292)."""
 
 
-class UnifiedPushSettings(_Section):
+class UnifiedPushSettings(_ProviderSettings):
     """UnifiedPush: a POST to the endpoint of the device's distributor (providers/push/unifiedpush.py)."""
-
-    timeout_s: float = Field(default=10.0, gt=0)
 
 
 class PushSettings(_Section):
@@ -86,7 +91,7 @@ class PushSettings(_Section):
         return self
 
     def platforms(self) -> dict[str, dict[str, object]]:
-        """The configured providers: platform -> the keyword arguments of its class."""
+        """The configured providers: platform -> the settings its ``from_settings`` reads."""
         sections = {"fcm": self.fcm, "apns": self.apns, "webpush": self.webpush, "unifiedpush": self.unifiedpush}
         return {name: section.model_dump(exclude_none=True) for name, section in sections.items()
                 if section is not None}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 PLATFORMS = ("fcm", "apns", "webpush", "unifiedpush")
@@ -55,17 +54,3 @@ class PushProvider(Protocol):
         """Deliver one wake-up; raises nothing but ``asyncio.CancelledError``."""
 
     async def close(self) -> None: ...
-
-
-def retry_after_s(value: str | None, now_s: float) -> float | None:
-    """An HTTP ``Retry-After`` (RFC 9110 10.2.3: seconds, or an HTTP date) as seconds from ``now_s``
-    (Unix time); None when absent or unreadable. For every provider's RETRY answers."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now_s)
-    except (TypeError, ValueError):
-        return None

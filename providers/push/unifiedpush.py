@@ -2,59 +2,52 @@
 (a self-hosted ntfy, NextPush, ...), RFC 8030-style.
 
 The request: ``POST <endpoint>`` with ``TTL`` (seconds the distributor may keep it), ``Urgency:
-high`` (a chat message; RFC 8030 5.3) and ``Topic`` (the collapse key: a newer wake-up replaces a
-waiting one, RFC 8030 5.4), and a body that says only "wake up" -- never a sender, a body or a
-group name; with ``push.include_preview``, the preview the client encrypted for its own device.
-Redirects are not followed (the endpoint was checked when it was registered, its redirect was not).
+high`` (a chat message; RFC 8030 5.3) and ``Topic`` (the collapse tag: a newer wake-up replaces a
+waiting one, RFC 8030 5.4), and the body every provider's app reads (``common.payload``): a
+wake-up -- never a sender, a body or a group name. Redirects are not followed (the endpoint was
+checked when it was registered, where it redirects to was not).
 
 Answers: 2xx sent; 404 and 410 gone (the distributor forgot the endpoint: the app was
-uninstalled or re-registered); 429 and 5xx, a timeout or a refused connection: retry, after the
-``Retry-After`` when given; any other answer: rejected.
+uninstalled or registered anew); 429 and 5xx, a timeout or a refused connection: retry, after
+the ``Retry-After`` when given; any other answer: rejected.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import httpx
-
-from bridge.push.provider import Outcome, PushResult, PushTarget, WakeUp, retry_after_s
-
-DEFAULT_TIMEOUT_S = 10.0
+from bridge.push.provider import PushResult, PushTarget, WakeUp
+from providers.push import common
 
 
 class UnifiedPushProvider:
     platform = "unifiedpush"
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, transport=transport,
-                                         headers={"User-Agent": "chat-broker push"})
+    def __init__(self, *, verify: bool | str = True, timeout_s: float = common.DEFAULT_TIMEOUT_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._client = common.make_client(verify=verify, timeout_s=timeout_s)
+        self._clock = clock
 
     async def send(self, target: PushTarget, wake: WakeUp) -> PushResult:
-        ttl = max(0, (wake.expires_at_ms - int(time.time() * 1000)) // 1000)
-        body = {"type": "wake"} if wake.preview is None else {"type": "wake", "preview": wake.preview}
-        try:
-            response = await self._client.post(
-                target.token, content=json.dumps(body, separators=(",", ":")).encode(),
-                headers={"TTL": str(ttl), "Urgency": "high", "Topic": wake.collapse_key,
-                         "Content-Type": "application/json"})
-        except httpx.HTTPError as exc:  # timeouts, refused connections, protocol errors: the network's fault
-            return PushResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc}")
-        return classify(response)
+        now = self._clock()
+        headers = {
+            "ttl": str(common.ttl_s(wake.expires_at_ms, now)),
+            "urgency": "high",
+            "topic": common.collapse_tag(wake.collapse_key),
+            "content-type": "application/json",
+        }
+        response = await common.post(self._client, target.token, headers=headers, content=common.payload(wake))
+        if isinstance(response, PushResult):
+            return response
+        status = response.status_code
+        return common.outcome(response, self._clock(), common.detail(response, response.reason_phrase),
+                              sent=200 <= status < 300, gone=status in (404, 410))
 
     async def close(self) -> None:
         await self._client.aclose()
 
 
-def classify(response: httpx.Response) -> PushResult:
-    """The outcome of a push service's HTTP answer (RFC 8030 semantics, also Web Push's)."""
-    status = response.status_code
-    detail = f"HTTP {status}"
-    if 200 <= status < 300:
-        return PushResult(Outcome.SENT, detail=detail)
-    if status in (404, 410):
-        return PushResult(Outcome.GONE, detail=detail)
-    if status == 429 or status >= 500:
-        return PushResult(Outcome.RETRY, retry_after_s(response.headers.get("Retry-After"), time.time()), detail)
-    return PushResult(Outcome.REJECTED, detail=f"{detail}: {response.text[:200]}")
+def from_settings(settings: Mapping[str, Any]) -> UnifiedPushProvider:
+    return UnifiedPushProvider(**common.client_settings(settings))
