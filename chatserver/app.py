@@ -11,12 +11,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypedDict
 
 from bridge.clock import Clock
+from bridge.cluster.groups import SWEEP_S as GROUP_SWEEP_S
+from bridge.cluster.groups import ClusterGroups
 from bridge.cluster.messaging import ClusterMessaging, ClusterRules
 from bridge.cluster.nodes import Nudge, NudgeKind
 from bridge.cluster.presence import ClusterPresence
 from bridge.directory import Directory
 from bridge.groups.core import GroupLimits
-from bridge.groups.service import GroupService, unsupported_ops
+from bridge.groups.service import GroupService
 from bridge.keys.core import KeyedDevices
 from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit
 from bridge.limits import RateLimiter, RecentIds
@@ -117,7 +119,7 @@ class BrokerApp:
         self._presence_store: SqlitePresenceStore | None = None
         self._key_store: SqliteKeyStore | None = None
         self._group_store: SqliteGroupStore | None = None
-        self._groups: GroupService | None = None
+        self._groups: GroupService | ClusterGroups | None = None
         self._presence: PresenceService | ClusterPresence | None = None
         self.push: PushService | None = None  # push.enabled (one process on SQLite)
         self._push_store: SqlitePushStore | None = None
@@ -192,9 +194,9 @@ class BrokerApp:
                 claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
                 close_device = self._close_session
             key_service = KeyService(keys, keyed, users, messaging, close_device, claims)
-            group_ops = self._groups.ops() if self._groups is not None else unsupported_ops()
+            assert self._groups is not None
             push_ops = self.push.ops() if self.push is not None else push_unsupported_ops()
-            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **group_ops,
+            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **self._groups.ops(),
                    **push_ops}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(broker_settings(settings), authenticator, bridge)
@@ -285,8 +287,16 @@ class BrokerApp:
             else:
                 messaging.on_nudge(nudge)
 
+        groups = ClusterGroups(messaging, stores.groups, stores.queues, stores.users, self._group_limits(),
+                               clock=self.clock, supervisor=self.supervisor,
+                               sweep_s=min(settings.staging.sweep_s, GROUP_SWEEP_S),
+                               seen_receipts=settings.groups.seen_receipts,
+                               max_tracked=settings.groups.max_tracked_per_user)
+        messaging.groups = groups
+        self._groups = groups
         await stores.bus.start(on_nudge)
         await messaging.start()
+        await groups.start()
         await presence.start()
         # Olm checks read the key store per message here (another node may have taken a publish):
         # the key service's in-memory copy is not used by cluster messaging.
@@ -349,12 +359,15 @@ class BrokerApp:
         """Groups on one process: their requests, and group messages through messaging (PROTOCOL section 11)."""
         assert self._group_store is not None
         settings = self.settings
-        limits = GroupLimits(settings.limits.max_group_members, settings.limits.max_groups_per_user)
-        groups = GroupService(self._group_store, messaging.staging, self.users, limits, messaging.carry_out,
-                              settings.staging.sweep_s, clock=self.clock, supervisor=self.supervisor)
+        groups = GroupService(self._group_store, messaging.staging, self.users, self._group_limits(),
+                              messaging.carry_out, settings.staging.sweep_s, clock=self.clock,
+                              supervisor=self.supervisor)
         await groups.start(await staging_store.group_gseqs())
         messaging.groups = groups
         self._groups = groups
+
+    def _group_limits(self) -> GroupLimits:
+        return GroupLimits(self.settings.limits.max_group_members, self.settings.limits.max_groups_per_user)
 
     async def _close_groups(self) -> None:
         if self._groups is not None:

@@ -14,6 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from chatserver.config import ClusterSettings, parse_bind
 from storage.redis.client import RedisStore, cluster_client
+from storage.redis.group_log import RedisGroupLog
 from storage.redis.keys import RedisKeyStore
 from storage.redis.nodes import RedisNodeBus
 from storage.redis.presence import RedisPresenceStore
@@ -35,6 +36,7 @@ class ClusterStores:
     queues: RedisQueueStore
     presence: RedisPresenceStore
     bus: RedisNodeBus
+    groups: RedisGroupLog
 
     @classmethod
     async def open(cls, cluster: ClusterSettings, node_id: str, max_dedup: int = MAX_DEDUP) -> ClusterStores:
@@ -54,7 +56,10 @@ class ClusterStores:
                      RedisQueueStore(client, cluster.key_prefix, cluster.retry_s,
                                      min_replicas_ack=cluster.min_replicas_ack,
                                      wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup),
-                     RedisPresenceStore(client, cluster.key_prefix, cluster.retry_s), bus)
+                     RedisPresenceStore(client, cluster.key_prefix, cluster.retry_s), bus,
+                     RedisGroupLog(client, cluster.key_prefix, cluster.retry_s,
+                                   min_replicas_ack=cluster.min_replicas_ack,
+                                   wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup))
         log.info("cluster: node %s on the Redis Cluster at %s", node_id, ", ".join(cluster.redis))
         return stores
 
@@ -66,5 +71,6 @@ class ClusterStores:
         """Give up the lease and directory entries first (the others stop nudging us), then the client."""
         try:
             await self.bus.close()
+            await self.queues.flush()
         finally:
             await self.client.aclose()

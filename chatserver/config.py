@@ -328,14 +328,15 @@ class PresenceSettings(_Section):
 
 
 class GroupsSettings(_Section):
-    """Group chat on one process (docs/PROTOCOL.md section 11); the size limits are in ``limits``."""
+    """Group chat (docs/PROTOCOL.md section 11), one process or cluster mode; the size limits are in ``limits``."""
 
     seen_receipts: int = Field(default=DEFAULT_SEEN_MAX, ge=0)
     """``seen`` is tracked per member only for groups of at most this many members (0: never); in a
     larger group a seen report is accepted and ignored, and the sender gets ``delivered`` only."""
     max_tracked_per_user: int = Field(default=DEFAULT_MAX_PER_SENDER, ge=1)
     """A user's group messages whose receipts are tracked at once; a new one forgets the oldest
-    (its ``delivered``/``seen`` never come). Bounds what one sender can make the server keep."""
+    (its ``delivered``/``seen`` never come). Bounds what one sender can make the server keep (in cluster
+    mode per sender and group)."""
 
 
 class GcSettings(_Section):

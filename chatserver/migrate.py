@@ -103,8 +103,8 @@ def plan_item(client_id: str, item: Item, body: str | None) -> Planned:
     only = None if device == PLACEHOLDER_DEVICE else (client_id,)
     message = item.message
     if item.event is not None or (message is not None and message.gseq is not None):
-        raise MigrateError(f"{client_id} has group items staged: cluster mode does not serve groups yet "
-                           "(docs/PROTOCOL.md section 10), so they cannot be migrated")
+        raise MigrateError(f"{client_id} has group items staged: migrate does not move groups yet "
+                           "(groups.db and their items), so they cannot be migrated")
     if message is None:
         receipt = item.receipt or {}
         wire = ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"])

@@ -1,6 +1,8 @@
-"""Group receipts through the real broker (one process on SQLite) over real sockets: ``delivered`` to all
-and ``seen`` by all for the sender, the ``group.receipts`` detail and who may ask, ``groups.seen_receipts``,
-a restart, and many members acking and reporting at once (docs/PROTOCOL.md section 11, "Receipts")."""
+"""Group receipts through the real broker over real sockets, on one process (SQLite) and on three cluster
+nodes behind HAProxy (members on different nodes): ``delivered`` to all and ``seen`` by all for the sender,
+the ``group.receipts`` detail and who may ask, ``groups.seen_receipts``, many members acking and reporting at
+once; a restart and the TTL on one process (docs/PROTOCOL.md section 11, "Receipts"; a node killed mid-way:
+tests/test_cluster_groups.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ from typing import Any
 
 import pytest
 
+from tests.deployment import ClusterDeployment, start_broker
 from tests.helpers import BrokerThread, Peer, eventually, online_peer
+from tests.test_cluster_groups import redis_keys
 from tests.test_groups import Collector, _add_users, drain, ok, refused, send
+
+DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: tests using `deployment` run on both
 
 
 def receipt(status: str, msg_id: str) -> Any:
@@ -49,15 +55,28 @@ def start(data: Path, new: bool = True, **overrides: Any) -> BrokerThread:
     return broker
 
 
+def start_on(deployment: str, root: Path, request: pytest.FixtureRequest, **overrides: Any) -> Any:
+    broker = start_broker(deployment, root, request, {"limits.send_burst": 5000, **overrides})
+    broker.add_users({name: f"{name}-pw" for name in ("alice", "bob", "carol", "dave", "erin")})
+    return broker
+
+
+def untracked(broker: Any, root: Path, request: pytest.FixtureRequest) -> bool:
+    """Nothing tracked any more: no row in staging.db (one process), no tracking hash in Redis (cluster)."""
+    if isinstance(broker, ClusterDeployment):
+        return redis_keys(request.getfixturevalue("redis_cluster"), broker.prefix, "g:*:t:*") == {}
+    return tracked_rows(root / "data") == (0, 0)
+
+
 @pytest.fixture
-def broker(tmp_path: Path) -> Any:
-    broker = start(tmp_path / "data")
+def broker(tmp_path: Path, deployment: str, request: pytest.FixtureRequest) -> Any:
+    broker = start_on(deployment, tmp_path, request)
     yield broker
     broker.stop()
 
 
 def test_delivered_to_all_after_the_last_ack_and_seen_by_all_after_the_last_report(
-        broker: BrokerThread, made: list[Peer], tmp_path: Path) -> None:
+        broker: BrokerThread, made: list[Peer], tmp_path: Path, request: pytest.FixtureRequest) -> None:
     alice, tablet = online_peer(broker.port, made, "alice"), online_peer(broker.port, made, "alice", "tablet")
     bob, carol, dave, erin = (online_peer(broker.port, made, u) for u in ("bob", "carol", "dave", "erin"))
     group = ok(alice, "group.create", name="g", members=["bob", "carol", "dave"])["group"]
@@ -89,7 +108,7 @@ def test_delivered_to_all_after_the_last_ack_and_seen_by_all_after_the_last_repo
         assert got["peer"] == group and got["ids"] == ["m1"]
     assert statuses(alice) == [], "each once"
     assert ok(alice, "group.receipts", group=group, id="m1") == {"group": group, "id": "m1", "tracked": False}
-    eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))  # nothing kept once complete
+    eventually(lambda: untracked(broker, tmp_path, request))  # nothing kept once complete
 
 
 def test_a_seen_report_before_the_ack_implies_delivered(broker: BrokerThread, made: list[Peer]) -> None:
@@ -103,8 +122,9 @@ def test_a_seen_report_before_the_ack_implies_delivered(broker: BrokerThread, ma
     assert statuses(alice, 1.0) == ["delivered", "seen"]
 
 
-def test_seen_receipts_are_off_above_the_threshold(tmp_path: Path, made: list[Peer]) -> None:
-    broker = start(tmp_path / "data", **{"groups.seen_receipts": 2})
+def test_seen_receipts_are_off_above_the_threshold(tmp_path: Path, made: list[Peer], deployment: str,
+                                                    request: pytest.FixtureRequest) -> None:
+    broker = start_on(deployment, tmp_path, request, **{"groups.seen_receipts": 2})
     try:
         alice, bob, carol = (online_peer(broker.port, made, u) for u in ("alice", "bob", "carol"))
         small = ok(alice, "group.create", name="two", members=["bob"])["group"]
@@ -161,9 +181,10 @@ def test_tracking_survives_a_restart(tmp_path: Path, made: list[Peer]) -> None:
 
 
 def test_many_members_acking_and_reporting_at_once_complete_each_message_once(
-        tmp_path: Path, made: list[Peer]) -> None:
+        tmp_path: Path, made: list[Peer], deployment: str, request: pytest.FixtureRequest) -> None:
     users = [f"u{i:02d}" for i in range(24)]
-    broker = BrokerThread(tmp_path / "data", {"limits.send_burst": 100_000, "limits.send_rate_per_s": 1e6}).start()
+    broker = start_broker(deployment, tmp_path, request, {"limits.send_burst": 100_000,
+                                                          "limits.send_rate_per_s": 1e6})
     try:
         broker.call(_add_users(broker, ["alice", *users]))
         alice = Peer(broker.port, "alice", "same-pw")
@@ -194,10 +215,10 @@ def test_many_members_acking_and_reporting_at_once_complete_each_message_once(
             assert item["peer"] == group
             for msg_id in item["ids"]:
                 got[msg_id].append(item["status"])
-        assert all(statuses == ["delivered", "seen"] for statuses in got.values()), got
+        assert {i: s for i, s in got.items() if s != ["delivered", "seen"]} == {}, "each once, in order"
         assert [i for i in drain(alice, 0.5) if i.get("kind") == "receipt" and i["status"] != "sent"] == []
         assert all(ok(alice, "group.receipts", group=group, id=i)["tracked"] is False for i in ids)
-        eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
+        eventually(lambda: untracked(broker, tmp_path, request))
     finally:
         broker.stop()
 

@@ -24,10 +24,11 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
+from bridge.cluster.group_store import GroupAck, group_acks
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
@@ -104,6 +105,17 @@ class SharedClaimLimit:
         return await self._queues.allow(claimer, f"claim:{peer}", self._rate, self._burst, self._now_ms())
 
 
+class GroupRoute(Protocol):
+    async def submit(self, origin: str, sender: str, message: ChatMessage, holds: Holds) -> None:
+        """A message to a group (bridge/cluster/groups.py), answered by it."""
+
+    async def acked(self, acks: list[GroupAck]) -> None:
+        """Member devices acked these group items (their receipts; retried until written)."""
+
+    async def seen(self, caller: Caller, seen: Seen) -> None:
+        """A seen report naming a group, answered by it."""
+
+
 class ClusterMessaging:
     def __init__(self, rules: ClusterRules, queues: QueueStore, bus: NodeBus, users: UserLookup, keys: KeyStore,
                  links: LinkRegistry, close_session: Callable[[str], Awaitable[None]], *, clock: Clock,
@@ -121,6 +133,7 @@ class ClusterMessaging:
         self.supervisor = supervisor
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
+        self.groups: GroupRoute | None = None  # set by the wiring: group messages are refused without it
         self._lanes: dict[str, Lane] = {}
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
@@ -258,6 +271,9 @@ class ClusterMessaging:
         except DecodeError as exc:
             self.links.send(origin, ErrorItem(exc.code, exc.detail, exc.ref))
             return
+        if is_group_id(message.to) and self.groups is not None:
+            await self.groups.submit(origin, sender, message, self._holds)
+            return
         now = self._now()
         try:
             stages = await self._admit(origin, sender, message, now)
@@ -289,8 +305,8 @@ class ClusterMessaging:
     async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
         """The stages of a new message (the sender's other devices first, then the recipient's);
         raises ``Refused``."""
-        if is_group_id(message.to):  # docs/PROTOCOL.md section 10
-            raise Refused(ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served in cluster mode yet", message.id))
+        if is_group_id(message.to):  # no ClusterGroups (a node built without them)
+            raise Refused(ErrorItem(ErrorCode.UNSUPPORTED, "groups are not served here", message.id))
         if await self._users.user_devices(message.to) is None:
             raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {message.to!r}", message.id))
         self._holds.check(origin, message.id, now)
@@ -372,6 +388,9 @@ class ClusterMessaging:
         acking = self._acking.get(caller.client_id)
         if acking:  # acks sent before this report first: their 'delivered' goes before its 'seen' (rule 11)
             await asyncio.wait(set(acking))
+        if is_group_id(to_user) and self.groups is not None:
+            await self.groups.seen(caller, seen)
+            return
         try:
             if await self._users.user_devices(to_user) is None:
                 raise Refused(ErrorItem(ErrorCode.UNKNOWN_RECIPIENT, f"no user {to_user!r}"))
@@ -403,19 +422,20 @@ class ClusterMessaging:
                      receipt=ReceiptItem(status, tuple(ids), peer, now_ms))
 
     def _receipts_step(self, status: str, refs: Iterable[MessageRef]) -> Callable[[], Awaitable[None]]:
-        """``_stage_receipts`` with its replay tokens drawn once, for ``retrying``: a retry after a
+        """``stage_receipts`` with its replay tokens drawn once, for ``retrying``: a retry after a
         failed WAIT answers the first run instead of staging each receipt again."""
-        return functools.partial(self._stage_receipts, status, list(refs), secrets.token_hex(8))
+        return functools.partial(self.stage_receipts, status, list(refs), secrets.token_hex(8))
 
-    async def _stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str) -> None:
+    async def stage_receipts(self, status: str, refs: Iterable[MessageRef], token: str, *, hold: bool = True) -> None:
         """A receipt per (sender, recipient) for ``refs``, to every device of the sender. Receipts are
-        not refused for a full queue (the sender's own devices are behind, not the sender)."""
+        not refused for a full queue (the sender's own devices are behind, not the sender). ``hold``
+        False: always through Redis, where a second stage with ``token`` answers the first."""
         by_pair: dict[tuple[str, str], list[str]] = {}
         for ref in refs:
             by_pair.setdefault((ref.sender, ref.recipient), []).append(ref.msg_id)
         for n, ((sender, recipient), ids) in enumerate(by_pair.items()):
             stage = replace(self._receipt_stage(sender, status, ids, recipient), max_queue=2**31, token=f"{token}-{n}")
-            if await self._held.hold_receipts([stage]):
+            if hold and await self._held.hold_receipts([stage]):
                 continue
             await self._held.write_lane(self._held.receipt_lane(sender))
             result = await self._queues.stage(stage)
@@ -426,11 +446,18 @@ class ClusterMessaging:
     async def _ack(self, client_id: str, seqs: list[int]) -> None:
         local, stored = self.windows.split_ack(client_id, seqs)  # (window rules 4 and 5)
         delivered = self._held.held_acked(client_id, local) if local else []
+        marked = group_acks(client_id.partition(".")[0],
+                            [queued.item for queued in self.windows.sent_items(client_id, stored)])
+        late: list[GroupAck] = []
+        if marked and self.groups is not None:  # before the queue ack: a node dying in between leaves the items
+            await self.groups.acked(marked)
         if local:
             self.apply(self.windows.acked(client_id, local, self._now()))
         if stored:
             try:
-                delivered += await self._queues.ack(client_id, stored)
+                acked = await self._queues.ack(client_id, stored)
+                delivered += [ref for ref in acked if isinstance(ref, MessageRef)]
+                late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in marked]
             except StoreError as exc:  # the items stay; the device gets them again and acks again
                 self._round_failed("ack", client_id, exc)
             else:
@@ -438,6 +465,8 @@ class ClusterMessaging:
                 self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
             await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
+        if late and self.groups is not None:  # acked items this link had not sent (an earlier link's)
+            await self.groups.acked(late)
 
     async def retrying(self, what: str, step: Callable[[], Awaitable[object]]) -> None:
         """A step that must happen once its cause is gone from Redis (an ack, an expiry): retried
@@ -464,9 +493,9 @@ class ClusterMessaging:
         except StoreError as exc:  # the periodic look at each node's queues delivers them
             log.warning("cannot locate %d device(s) to nudge: %s", len(remote), exc)
             return
-        for client_id, node in where.items():
-            if node != self._bus.node_id:
-                await self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+        # At once: a group's fanout wakes every member device on the other nodes.
+        await asyncio.gather(*(self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
+                               for client_id, node in where.items() if node != self._bus.node_id))
 
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:

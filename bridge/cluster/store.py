@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from chatproto import MsgItem, ReceiptItem
+from bridge.cluster.group_store import GroupAck, GroupFan, LogEntry
+from chatproto import GroupItem, MsgItem, ReceiptItem
 
 SEQ_STRIDE = 1024
 """Every seq the store gives a device is at least this much above the one before (and above the
@@ -102,7 +103,7 @@ class Reservation:
 class QueuedItem:
     """One staged item as its device gets it (``item.seq`` is its seq)."""
 
-    item: MsgItem | ReceiptItem
+    item: MsgItem | ReceiptItem | GroupItem
     expires_ms: int
 
     @property
@@ -156,9 +157,11 @@ class QueueStore(Protocol):
     async def read(self, client_id: str, after_seq: int, limit: int) -> list[QueuedItem]:
         """Up to ``limit`` items of the device's queue with seq > ``after_seq``, in seq order."""
 
-    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
+    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef | GroupAck]:
         """Remove the items; returns the messages this ack delivers for the first time (items staged
-        with ``delivery``, acked by a device of their recipient). Unknown seqs are ignored."""
+        with ``delivery``, acked by a device of their recipient), and a ``GroupAck`` per group message
+        item removed (by a device, not the placeholder; each ack: the group's tracking keeps the first).
+        Unknown seqs are ignored."""
 
     async def mark_delivered(self, recipient: str, sender: str, msg_ids: list[str]) -> list[str]:
         """``recipient`` has seen these messages of ``sender``: those still recorded and not delivered
@@ -180,6 +183,13 @@ class QueueStore(Protocol):
         the cluster, so no node scans every queue); ``expire`` clears them from it."""
 
     async def depth(self, client_id: str) -> int: ...
+
+    async def stage_group(self, user: str, entries: list[LogEntry], max_queue: int) -> GroupFan:
+        """Stage each of ``entries`` (one group's log, in gseq order) for every device of ``user`` (but a
+        message's sending device; the placeholder if the user has none), skipping a device whose queue
+        holds ``max_queue`` items, and only entries above the gseq this user was staged up to in that
+        group: run again (a fanner that died, two fanners), it stages nothing twice and never an
+        entry below one staged. A message's items refer to its body in the group's slot."""
 
     async def allow(self, user: str, bucket: str, rate_per_s: float, burst: int, now_ms: int) -> bool:
         """Take one token of ``user``'s bucket ``bucket`` (shared by every node): False if empty."""

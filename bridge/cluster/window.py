@@ -33,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bridge.cluster.store import SEQ_STRIDE, QueuedItem
-from chatproto import MsgItem, ReceiptItem
+from chatproto import GroupItem, MsgItem, ReceiptItem
 
 ItemKey = tuple[str, ...]
 
@@ -44,10 +44,13 @@ class Alias(enum.Enum):
     GONE = "gone"  # the device left (or linked again): the store copy is for its next link
 
 
-def item_key(item: MsgItem | ReceiptItem) -> ItemKey:
-    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content."""
+def item_key(item: MsgItem | ReceiptItem | GroupItem) -> ItemKey:
+    """What an item is, whichever seq it has: a message by its sender and id, a receipt by its content, a
+    group item by its group and gseq (never held: no local item has that key)."""
+    if isinstance(item, GroupItem):
+        return ("group", item.group, str(item.gseq))
     if isinstance(item, MsgItem):
-        return ("msg", item.sender, item.id)
+        return ("msg", item.sender, item.id) if item.gseq is None else ("group", item.to, str(item.gseq))
     return ("receipt", item.status, item.peer, *item.ids)
 
 
@@ -73,7 +76,7 @@ class DeviceWindow:
 
 @dataclass(slots=True)
 class WindowOutcome:
-    sends: list[tuple[str, MsgItem | ReceiptItem]] = field(default_factory=list)
+    sends: list[tuple[str, MsgItem | ReceiptItem | GroupItem]] = field(default_factory=list)
     reads: list[tuple[str, int]] = field(default_factory=list)  # (client id, after seq) to read now
 
 
@@ -176,6 +179,11 @@ class Windows:
         stored = [s for s in seqs if s not in box.local]
         stored += [box.aliases[s] for s in local if s in box.aliases]
         return local, stored
+
+    def sent_items(self, client_id: str, seqs: list[int]) -> list[QueuedItem]:
+        """The items of ``seqs`` in flight to the device (what an ack of them acks, as far as this link sent it)."""
+        box = self._devices.get(client_id)
+        return [] if box is None else [box.inflight[seq][1] for seq in seqs if seq in box.inflight]
 
     def offline(self, client_id: str) -> None:
         if self._devices.pop(client_id, None) is not None:

@@ -203,12 +203,3 @@ class GroupService:
                 del self._locks[group]  # nobody else holds or awaits it
             else:
                 self._locks[group] = (lock, users - 1)
-
-
-def unsupported_ops() -> dict[str, Op]:
-    """The ``group.*`` ops where groups are not served (cluster mode, for now: PROTOCOL section 10)."""
-
-    async def unsupported(caller: Caller, args: dict[str, Any]) -> Any:
-        raise OpError(ErrorCode.UNSUPPORTED, "groups are not served in cluster mode yet")
-
-    return dict.fromkeys(GROUP_OPS, unsupported)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from bridge.groups.core import Decision, Group
@@ -65,15 +65,18 @@ class LoggedGroupStore(GroupStore, Protocol):
 
 
 async def apply(store: GroupStore, group: str, decide: Callable[[Group | None], Decision],
-                max_groups_per_user: int) -> Decision:
+                max_groups_per_user: int,
+                commit: Callable[[Group | None, Decision], Awaitable[bool]] | None = None) -> Decision:
     """Load ``group``, ``decide`` what a request does to it (the core, which may raise a refusal) and
     commit that, again from a fresh load while another change wins the compare-and-set. A decision
-    without events changes nothing and is not written."""
+    without events changes nothing and is not written. ``commit`` replaces ``store.commit`` (cluster
+    mode's commit with the change's events, bridge/cluster/groups.py)."""
     for attempt in range(APPLY_ATTEMPTS):
         if attempt:
             await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, 0.001 * 2**attempt)))  # noqa: S311 (jitter, not a secret)
         before = await store.load(group)
         decision = decide(before)
-        if not decision.events or await store.commit(before, decision.after, max_groups_per_user):
+        if not decision.events or await (commit(before, decision) if commit is not None else
+                                         store.commit(before, decision.after, max_groups_per_user)):
             return decision
     raise StoreError(f"group {group}: changed by others {APPLY_ATTEMPTS} times during one change; try again")

@@ -7,6 +7,7 @@ is one slot and every change of it is one Lua script there (see storage/redis/cl
 - ``{prefix}g:{Ab3}``     hash ``name``, ``created_at``, ``gseq``
 - ``{prefix}g:{Ab3}:m``   sorted set of the members, score = join rank (bridge/groups/core.py ``joins``)
 - ``{prefix}g:{Ab3}:a``   set of the admins
+- ``{prefix}g:{Ab3}:log``, ``:d``, ``:b:<gseq>``, ``:lease``: cluster mode's group log (storage/redis/group_log.py)
 - ``{prefix}ug:{alice}``  hash group id -> ``p<ms>`` (an add in flight since that Redis time) or
                           ``c<gseq>`` (added at that gseq): alice's groups, in her own slot
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from typing import ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from bridge.groups.core import Group, GroupRefused, joins, leaves
 from storage.redis.client import RedisStore
@@ -43,22 +44,30 @@ if not meta[3] then return false end
 return {meta[1], meta[2], meta[3], redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('SMEMBERS', KEYS[3])}
 """
 
-# KEYS: meta, members, admins. ARGV: the gseq expected ('' = no group yet), the gseq after ('' = delete),
+# KEYS: meta, members, admins, log, dedup marks. ARGV: the gseq expected ('' = no group yet), the gseq
+# after ('' = delete), k, k (gseq, entry) pairs appended to the log (storage/redis/group_log.py), then
 # name, created_at, n, n (user, rank) pairs joining, r, r users leaving, then every admin after.
-# Returns 1, or 0 (nothing written) if the stored gseq is not the one expected.
+# Returns 1, or 0 (nothing written) if the stored gseq is not the one expected. A deleted group's log
+# stays: its last events still go out.
 COMMIT = """
 local current = redis.call('HGET', KEYS[1], 'gseq')
 if (current or '') ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-  return 1
-end
-redis.call('HSET', KEYS[1], 'gseq', ARGV[2], 'name', ARGV[3], 'created_at', ARGV[4])
-local i = 6
-for _ = 1, tonumber(ARGV[5]) do
-  redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  redis.call('ZADD', KEYS[4], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'gseq', ARGV[2], 'name', ARGV[i], 'created_at', ARGV[i + 1])
+i = i + 2
+for _ = 1, tonumber(ARGV[i]) do
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i + 1])
+  i = i + 2
+end
+i = i + 1
 local r = tonumber(ARGV[i])
 for j = i + 1, i + r do redis.call('ZREM', KEYS[2], ARGV[j]) end
 redis.call('DEL', KEYS[3])
@@ -113,6 +122,11 @@ return 0
 """
 
 
+def tag_of(group: str) -> str:
+    """The hash tag of a group's keys: its id without ``g:``."""
+    return group.removeprefix("g:")
+
+
 async def _each(items: Iterable[str], call: Callable[[str], Awaitable[T]]) -> list[T]:
     """``call`` for every item, ``PARALLEL`` at a time (each on its own slot), results in order."""
     listed = list(items)
@@ -131,7 +145,7 @@ class RedisGroupStore(RedisStore):
 
     def _keys(self, group: str) -> list[str]:
         """meta, members, admins of ``group``, tagged by its id without ``g:``."""
-        tag = group.removeprefix("g:")
+        tag = tag_of(group)
         return [self.key("g", tag), self.key("g", tag, "m"), self.key("g", tag, "a")]
 
     async def load(self, group: str) -> Group | None:
@@ -142,6 +156,11 @@ class RedisGroupStore(RedisStore):
         return Group(group, str(name), int(created_at), int(gseq), tuple(members), frozenset(admins))
 
     async def commit(self, before: Group | None, after: Group | None, max_groups_per_user: int) -> bool:
+        return await self._commit(before, after, max_groups_per_user, [])
+
+    async def _commit(self, before: Group | None, after: Group | None, max_groups_per_user: int,
+                      logged: list[tuple[int, str]]) -> bool:
+        """``commit``, appending ``logged`` (gseq, entry) to the group's log in the same script."""
         changed = after if after is not None else before
         if changed is None:
             raise ValueError("a commit needs a group before or after it")
@@ -153,20 +172,25 @@ class RedisGroupStore(RedisStore):
         if full:
             raise GroupRefused.too_many_groups(full, max_groups_per_user)
         removed = leaves(before, after)
-        args: list[str | int] = ["" if before is None else before.gseq]
-        if after is None:
-            args.append("")
-        else:
-            args += [after.gseq, after.name, after.created_at, len(added)]
+        args: list[str | int] = ["" if before is None else before.gseq, "" if after is None else after.gseq,
+                                 len(logged)]
+        for gseq, entry in logged:
+            args += [gseq, entry]
+        if after is not None:
+            args += [after.name, after.created_at, len(added)]
             for user, rank in added:
                 args += [user, rank]
             args += [len(removed), *removed, *sorted(after.admins)]
-        if not await self.run("groups.commit", self._keys(gid), args):
+        if not await self._run_commit([*self._keys(gid), self.key("g", tag_of(gid), "log"),
+                                       self.key("g", tag_of(gid), "d")], args):
             return False
         if after is not None:
             await _each(users, lambda user: self.run("groups.confirm", [self.key("ug", user)], [gid, after.gseq]))
         await _each(removed, lambda user: self._check(user, gid))
         return True
+
+    async def _run_commit(self, keys: list[str], args: list[str | int]) -> Any:
+        return await self.run("groups.commit", keys, args)
 
     async def _reserve(self, user: str, group: str, limit: int) -> bool:
         """Index ``group`` for ``user`` before she is added; False if she is in ``limit`` groups,

@@ -27,9 +27,16 @@ local function take(queue, expiry, seq)
   end
   return member
 end
+-- Count an item off its record; true when that was the last (the record is deleted). A group message's
+-- last item of this user is reported as '~<ref>': its body in the group's slot counts the user off.
 local function release(record)
-  if redis.call('HINCRBY', record, 'refs', -1) <= 0 then redis.call('DEL', record) end
+  if redis.call('HINCRBY', record, 'refs', -1) <= 0 then
+    redis.call('DEL', record)
+    return true
+  end
+  return false
 end
+local function group_ref(ref) return string.sub(ref, 1, 2) == 'g:' end
 local function tail(queue) return tonumber(redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')[2] or '0') end
 local function earliest(expiry) return redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')[2] or false end
 local function keep(replay, reply, ms)
@@ -152,14 +159,17 @@ READ = COMMON + """
 local out, wires = {}, {}
 for _, member in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. ARGV[1], '+inf', 'BYSCORE', 'LIMIT', 0, ARGV[2])) do
   local ref = ref_of(member)
-  if ref ~= '' and not wires[ref] then wires[ref] = redis.call('HGET', ARGV[3] .. ref, 'wire') or '' end
+  if ref ~= '' and not group_ref(ref) and not wires[ref] then
+    wires[ref] = redis.call('HGET', ARGV[3] .. ref, 'wire') or ''
+  end
   table.insert(out, member); table.insert(out, wires[ref] or '')
 end
 return out
 """
 
 # KEYS: queue, expiry, replay. ARGV: user, device, record prefix, replay ms, then seqs.
-# Returns JSON [items removed, ref delivered, ...].
+# Returns JSON [items removed, ref delivered, '+' group ref acked (by a device, not the placeholder) or
+# '~' group ref released, ...].
 ACK = COMMON + """
 local done = redis.call('GET', KEYS[3])
 if done then return done end
@@ -176,7 +186,8 @@ for i = 5, #ARGV do
         redis.call('HSET', record, 'delivered', '1')
         table.insert(reply, ref)
       end
-      release(record)
+      if group_ref(ref) and ARGV[2] ~= '*' then table.insert(reply, '+' .. ref) end
+      if release(record) and group_ref(ref) then table.insert(reply, '~' .. ref) end
     end
   end
 end
@@ -204,7 +215,7 @@ return keep(replay, reply, ARGV[2])
 """
 
 # KEYS: queue, expiry, replay. ARGV: now_ms, record prefix, replay ms.
-# Returns JSON [items dropped, earliest expiry left or false, ref, recipient, ...].
+# Returns JSON [items dropped, earliest expiry left or false, ref, recipient, ...] ('~' group ref, '': released).
 EXPIRE = COMMON + """
 local done = redis.call('GET', KEYS[3])
 if done then return done end
@@ -219,12 +230,54 @@ for _, seq in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE')) 
       redis.call('HSET', record, 'expired', '1')
       table.insert(reply, ref); table.insert(reply, to)
     end
-    release(record)
+    if release(record) and group_ref(ref) then table.insert(reply, '~' .. ref); table.insert(reply, '') end
   end
 end
 reply[2] = earliest(KEYS[2])
 if #reply == 2 then return cjson.encode(reply) end
 return keep(KEYS[3], reply, ARGV[3])
+"""
+
+# ``stage_group``. KEYS: the user's devices (users store), qs, the user's group high-water marks. ARGV:
+# queue prefix, expiry prefix, record prefix, group id, max_queue, then per entry (in gseq order): gseq,
+# expires_ms, payload JSON, the device left out ('' none), 'm' (a message) or 'e'.
+# Returns {{device, seq, ...}, {gseq of a message this user got no item of, ...}, devices skipped (full),
+# {the user's devices, if an entry was staged before (a second fanout: the first may have woken nobody)}}.
+STAGE_GROUP = COMMON + """
+local devices = redis.call('HKEYS', KEYS[1])
+if #devices == 0 then devices = {'*'} end
+table.sort(devices)
+local hwm = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
+local staged, unheld, skipped, again = {}, {}, 0, {}
+for i = 6, #ARGV, 5 do
+  local gseq = tonumber(ARGV[i])
+  if gseq <= hwm then again = devices
+  else
+    hwm = gseq
+    local ref = ''
+    if ARGV[i + 4] == 'm' then ref = ARGV[4] .. '/' .. ARGV[i] end
+    local n = 0
+    for _, device in ipairs(devices) do
+      if device ~= ARGV[i + 3] then
+        if redis.call('ZCARD', ARGV[1] .. device) < tonumber(ARGV[5]) then
+          local seq = redis.call('HINCRBY', KEYS[2], device, STRIDE)
+          local member = '[' .. seq .. ',' .. ARGV[i + 1] .. ',"' .. ref .. '",' .. ARGV[i + 2] .. ']'
+          redis.call('ZADD', ARGV[1] .. device, seq, member)
+          redis.call('ZADD', ARGV[2] .. device, ARGV[i + 1], seq)
+          table.insert(staged, device); table.insert(staged, seq)
+          n = n + 1
+        else
+          skipped = skipped + 1
+        end
+      end
+    end
+    if ref ~= '' then
+      if n > 0 then redis.call('HINCRBY', ARGV[3] .. ref, 'refs', n) else table.insert(unheld, gseq) end
+    end
+  end
+end
+redis.call('HSET', KEYS[3], ARGV[4], hwm)
+return {staged, unheld, skipped, again}
 """
 
 # KEYS: placeholder queue, placeholder expiry, device queue, device expiry, qs. ARGV: device.
@@ -241,15 +294,16 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return {#members, earliest(KEYS[4])}
 """
 
-# KEYS: queue, expiry. ARGV: record prefix. Returns the items dropped.
+# KEYS: queue, expiry. ARGV: record prefix. Returns {items dropped, group ref released, ...}.
 REMOVE = COMMON + """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local reply = {#members}
 for _, member in ipairs(members) do
   local ref = ref_of(member)
-  if ref ~= '' then release(ARGV[1] .. ref) end
+  if ref ~= '' and release(ARGV[1] .. ref) and group_ref(ref) then table.insert(reply, ref) end
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-return #members
+return reply
 """
 
 # KEYS: bucket. ARGV: rate per s, burst, now_ms. A bucket is full again after (burst - tokens) /

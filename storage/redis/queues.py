@@ -60,15 +60,18 @@ or ``expire`` (the service expires a device's queue when it connects).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import zlib
+from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
+from bridge.cluster.group_store import GroupAck, GroupFan, LogEntry
 from bridge.cluster.store import (
     SEQ_STRIDE,
     MessageEntry,
@@ -82,8 +85,9 @@ from bridge.cluster.store import (
 )
 from bridge.directory import PLACEHOLDER_DEVICE
 from bridge.store import NotReplicated, StoreError
-from chatproto import MsgItem, ReceiptItem
+from chatproto import GROUP_PREFIX, GroupItem, MsgItem, ReceiptItem, parse_downlink
 from storage.redis.client import RETRY_S, RedisStore
+from storage.redis.group_log import BODIES, UNHOLD, body_key
 from storage.redis.queue_scripts import (
     ACK,
     ADOPT,
@@ -98,6 +102,7 @@ from storage.redis.queue_scripts import (
     SEQ_FLOOR,
     SETTLE,
     STAGE,
+    STAGE_GROUP,
     TAILS,
 )
 from storage.redis.users import devices_key
@@ -107,6 +112,8 @@ log = logging.getLogger(__name__)
 EXPIRY_SHARDS: Final = 64
 DUE_BATCH: Final = 8  # expiry shards read at once by ``due``
 REPLAY_MARGIN_MS: Final = 10_000
+UNHOLD_DELAY_S: Final = 0.1  # group bodies are counted down in batches this often
+BODY_CACHE: Final = 4096  # group message bodies a node keeps (least recently read dropped first)
 MAX_DEDUP: Final = 200_000  # dedup marks per recipient user: settings.dedup.max_entries's default
 
 
@@ -154,17 +161,26 @@ def stage_candidates(stage: Stage, shared: str | None) -> list[tuple[str, str]] 
     return out
 
 
-def decode_item(member: str, wire: str) -> QueuedItem:
-    """The item of a queue member (and its record's wire, for a message)."""
-    seq, expires_ms, ref, payload = json.loads(member)
-    item: MsgItem | ReceiptItem
-    if ref:
+def decode_item(row: list[Any], wire: str) -> QueuedItem | None:
+    """The item of a queue member (decoded JSON) and its record's wire (for a group message: its body's,
+    "" if that is gone, and then None: the item is past its TTL)."""
+    seq, expires_ms, ref, payload = row
+    item: MsgItem | ReceiptItem | GroupItem
+    if ref.startswith(GROUP_PREFIX):
+        if not wire:
+            log.warning("redis queues.read: the body of %s is gone (expired): item %d not delivered", ref, seq)
+            return None
+        item = replace(MsgItem.decode(wire.encode()), seq=seq, gseq=int(ref.rpartition("/")[2]))
+    elif ref:
         if not wire:
             raise StoreError(f"redis queues.read: the record of {ref} is missing")
         message = MsgItem.decode(wire.encode())
         item = replace(message, seq=seq, body=message.body if payload is None else payload)
     else:
-        item = replace(ReceiptItem.decode(payload.encode()), seq=seq)
+        notice = parse_downlink(payload.encode())
+        if not isinstance(notice, ReceiptItem | GroupItem):
+            raise StoreError(f"redis queues.read: a queued {notice.KIND} item")
+        item = replace(notice, seq=seq)
     return QueuedItem(item, expires_ms)
 
 
@@ -179,6 +195,12 @@ def message_ref(ref: str, recipient: str) -> MessageRef:
     return MessageRef(sender, msg_id, recipient)
 
 
+def group_gseq(ref: str) -> tuple[str, int]:
+    """(group, gseq) of a group message's ref ``g:Ab3/7``."""
+    group, _, gseq = ref.rpartition("/")
+    return group, int(gseq)
+
+
 def expiry_shard(client_id: str) -> int:
     """The expiry index shard of a device (stable across processes, unlike ``hash``)."""
     return zlib.crc32(client_id.encode()) % EXPIRY_SHARDS
@@ -189,7 +211,8 @@ class RedisQueueStore(RedisStore):
         "queues.stage": STAGE, "queues.read": READ, "queues.ack": ACK, "queues.mark_delivered": MARK_DELIVERED,
         "queues.expire": EXPIRE, "queues.adopt": ADOPT, "devices.remove": REMOVE, "queues.allow": ALLOW,
         "queues.import_dedup": IMPORT_DEDUP, "queues.seq_floor": SEQ_FLOOR, "queues.seq_block": SEQ_BLOCK,
-        "queues.reserve": RESERVE, "queues.settle": SETTLE, "queues.tails": TAILS}
+        "queues.reserve": RESERVE, "queues.settle": SETTLE, "queues.tails": TAILS, "queues.stage_group": STAGE_GROUP,
+        "queues.unhold": UNHOLD, "queues.group_bodies": BODIES}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -203,6 +226,9 @@ class RedisQueueStore(RedisStore):
         # A reply must outlive every retry of its script.
         self._replay_ms = int(2 * retry_s * 1000) + REPLAY_MARGIN_MS
         self._due_from = secrets.randbelow(EXPIRY_SHARDS)  # nodes start their sweeps on different shards
+        self._bodies: OrderedDict[str, str] = OrderedDict()  # group message ref -> its wire
+        self._unholding: dict[str, int] = {}  # group message ref -> users counted off, not written yet
+        self._unhold_task: asyncio.Future[None] | None = None
 
     def _queue_keys(self, user: str, device: str) -> list[str]:
         return [self.key("q", user, device), self.key("qe", user, device)]
@@ -289,16 +315,106 @@ class RedisQueueStore(RedisStore):
             return []
         user, device = split_client(client_id)
         rows = await self.run("queues.read", [self.key("q", user, device)], [after_seq, limit, self._records(user)])
-        return [decode_item(member, wire) for member, wire in zip(rows[::2], rows[1::2], strict=True)]
+        members = [json.loads(member) for member in rows[::2]]
+        bodies = await self._group_bodies({row[2] for row in members if row[2].startswith(GROUP_PREFIX)})
+        found = [decode_item(row, bodies.get(row[2], wire)) for row, wire in zip(members, rows[1::2], strict=True)]
+        return [queued for queued in found if queued is not None]
 
-    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef]:
+    async def _group_bodies(self, refs: set[str]) -> dict[str, str]:
+        """The wire of each group message ``g:Ab3/<gseq>`` ("" if gone): from the node's cache, else read from
+        its group's slot, one script per group. A body never changes, and every member device reads the
+        same ones: without the cache a message to 100 members read its body 100 times."""
+        found: dict[str, str] = {}
+        missing: dict[str, list[str]] = {}
+        for ref in sorted(refs):
+            wire = self._bodies.get(ref)
+            if wire is None:
+                missing.setdefault(ref.rpartition("/")[0], []).append(ref)
+            else:
+                self._bodies.move_to_end(ref)
+                found[ref] = wire
+        groups = list(missing.values())
+        wires = await asyncio.gather(*(self.run("queues.group_bodies",
+                                                [body_key(self, *ref.rsplit("/", 1)) for ref in listed], [])
+                                       for listed in groups))
+        for listed, read in zip(groups, wires, strict=True):
+            for ref, wire in zip(listed, read, strict=True):
+                found[ref] = wire
+                if wire:
+                    self._bodies[ref] = wire
+        while len(self._bodies) > BODY_CACHE:
+            self._bodies.popitem(last=False)
+        return found
+
+    def _unhold(self, refs: list[str]) -> None:
+        """This user holds no item of these group messages any more: count the user off each body,
+        ``UNHOLD_DELAY_S`` later, with what other acks count off meanwhile (one script per group instead
+        of one per member and message). A node dying before that, or a failure (logged), leaves the body
+        until its TTL; nothing counts a body off early."""
+        for ref in refs:
+            self._unholding[ref] = self._unholding.get(ref, 0) + 1
+        if refs and self._unhold_task is None:
+            self._unhold_task = asyncio.ensure_future(self._write_unholds(UNHOLD_DELAY_S))
+
+    async def _write_unholds(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        pending, self._unholding, self._unhold_task = self._unholding, {}, None
+        by_group: dict[str, list[tuple[str, int]]] = {}
+        for ref, count in pending.items():
+            group, _, gseq = ref.rpartition("/")
+            by_group.setdefault(group, []).append((body_key(self, group, gseq), count))
+        results = await asyncio.gather(*(self.run("queues.unhold", [key for key, _ in bodies],
+                                                  [count for _, count in bodies])
+                                          for bodies in by_group.values()), return_exceptions=True)
+        for group, result in zip(by_group, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("bodies of group %s not counted down (kept until their TTL): %s", group, result)
+
+    async def flush(self) -> None:
+        """Write now what is counted off group bodies (before the client closes)."""
+        task, self._unhold_task = self._unhold_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._unholding:
+            await self._write_unholds(0)
+
+    async def close(self) -> None:
+        await self.flush()
+        await super().close()
+
+    async def stage_group(self, user: str, entries: list[LogEntry], max_queue: int) -> GroupFan:
+        if not entries:
+            return GroupFan((), (), 0, ())
+        args: list[str | int] = [self.key("q", user, ""), self.key("qe", user, ""), self._records(user),
+                                 entries[0].group, max_queue]
+        for entry in entries:
+            origin_user, origin_device = split_client(entry.origin)
+            payload = "null" if entry.event is None else json.dumps(entry.event.encode().decode())
+            args += [entry.gseq, entry.expires_ms, payload, origin_device if origin_user == user else "",
+                     "e" if entry.event is not None else "m"]
+        keys = [devices_key(self, user), self.key("qs", user), self.key("gw", user)]
+        # Replicated like a stage: the fanner drops the entries from the group's log after this.
+        staged, unheld, skipped, again = await self.run_replicated("queues.stage_group", keys, args,
+                                                                   self._replicas, self._wait_ms)
+        targets = tuple((f"{user}.{device}", int(seq)) for device, seq in zip(staged[::2], staged[1::2], strict=True))
+        earliest = min(entry.expires_ms for entry in entries)
+        await asyncio.gather(*(self._hint(client_id, earliest)
+                               for client_id in dict.fromkeys(client_id for client_id, _ in targets)))
+        return GroupFan(targets, tuple(int(gseq) for gseq in unheld), int(skipped),
+                        tuple(f"{user}.{device}" for device in again))
+
+    async def ack(self, client_id: str, seqs: list[int]) -> list[MessageRef | GroupAck]:
         if not seqs:
             return []
         user, device = split_client(client_id)
         keys = [*self._queue_keys(user, device), self._replay_key(user)]
         _, *refs = json.loads(await self.run("queues.ack", keys,
                                              [user, device, self._records(user), self._replay_ms, *seqs]))
-        return [message_ref(ref, user) for ref in refs]
+        self._unhold([ref[1:] for ref in refs if ref.startswith("~")])
+        return [GroupAck(*group_gseq(ref[1:]), user) if ref.startswith("+") else message_ref(ref, user)
+                for ref in refs if not ref.startswith("~")]
 
     async def mark_delivered(self, recipient: str, sender: str, msg_ids: list[str]) -> list[str]:
         if not msg_ids:
@@ -311,7 +427,9 @@ class RedisQueueStore(RedisStore):
     async def remove_device(self, client_id: str) -> int:
         user, device = split_client(client_id)
         await self._unhint(client_id)
-        return int(await self.run("devices.remove", self._queue_keys(user, device), [self._records(user)]))
+        dropped, *released = await self.run("devices.remove", self._queue_keys(user, device), [self._records(user)])
+        self._unhold([str(ref) for ref in released])
+        return int(dropped)
 
     async def adopt_placeholder(self, user: str, client_id: str) -> int:
         _, device = split_client(client_id)
@@ -335,7 +453,9 @@ class RedisQueueStore(RedisStore):
         dropped, first, *flat = json.loads(reply)
         if first is not False:
             await self._hint(client_id, int(float(first)))
-        return Swept([message_ref(ref, to) for ref, to in zip(flat[::2], flat[1::2], strict=True)], int(dropped))
+        pairs = list(zip(flat[::2], flat[1::2], strict=True))
+        self._unhold([ref[1:] for ref, _ in pairs if ref.startswith("~")])
+        return Swept([message_ref(ref, to) for ref, to in pairs if not ref.startswith("~")], int(dropped))
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         found: dict[str, None] = {}  # in order, once each

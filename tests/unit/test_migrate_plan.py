@@ -73,5 +73,5 @@ def test_group_items_are_not_migrated_to_a_cluster_that_does_not_serve_groups() 
     event = Item("bob.phone", 2, 800, 0.0, event={"group": "g:AAAA", "gseq": 1, "event": "created", "by": "alice",
                                                    "ts": 5})
     for staged in (item("bob.phone", 1, grouped), event):
-        with pytest.raises(MigrateError, match="does not serve groups"):
+        with pytest.raises(MigrateError, match="does not move groups"):
             plan_item("bob.phone", staged, "hi")

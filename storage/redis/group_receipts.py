@@ -1,0 +1,200 @@
+"""Group receipts in a Redis Cluster: the tracking half of ``bridge.cluster.group_store.GroupLog`` (its
+docstring has the model; the rules are bridge/messaging/group_receipts.py's). Keys, in the group's slot
+beside its log (storage/redis/group_log.py):
+
+- ``{prefix}g:{Ab3}:t:<gseq>``    hash: a tracked message -- ``from``, ``id``, ``st`` ('1': seen tracked),
+  ``md`` / ``ms``: members still missing delivered / seen, per member waited for ``d:<user>`` and (seen
+  tracked) ``s:<user>``, Redis ms or 0, and ``pd`` / ``ps`` while a completion's receipts may not be staged
+  yet. Written by ``POST`` with the message; deleted once complete and its receipts staged (``RECEIPTED``),
+  expires at the message's TTL.
+- ``{prefix}g:{Ab3}:i:<msg id>``  set of the gseqs tracked with that id (what a seen report names); an
+  expired message's gseq is dropped by the next look at it; expires with its latest message.
+- ``{prefix}g:{Ab3}:u:<sender>``  sorted set of gseqs (score = gseq): the sender's tracked messages in this group,
+  at most ``max_tracked`` (a new one forgets the oldest: ``groups.max_tracked_per_user`` per sender and
+  group in cluster mode, as a sender's messages to several groups are in several slots).
+- ``{prefix}g:{Ab3}:p``           set of the gseqs with a pending completion (receipts maybe not staged yet):
+  what a sweep reports again.
+- ``{prefix}g:{Ab3}:r:<token>``   a ``MARK`` reply, kept the replay time (storage/redis/queues.py "Retries").
+
+Times are Redis's (``TIME`` on the group's master): the members' marks of one message come from one clock.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bridge.cluster.group_store import Completed, Mark, MarkKind
+from bridge.messaging.group_receipts import TrackedRow
+
+# Part of ``POST`` (storage/redis/group_log.py), after the gseq is taken, with ``now``, ``gseq`` and
+# ``members`` set; ARGV[6] is the message's expiry, ARGV[9] its sender. ARGV[10..15]: msg id, tracking
+# prefix, index prefix, sender-set prefix, seen_max, max_tracked.
+TRACK = """
+local sender, msg_id, expires = ARGV[9], ARGV[10], tonumber(ARGV[6])
+local waited = {}
+for _, member in ipairs(members) do if member ~= sender then table.insert(waited, member) end end
+if #waited > 0 then
+  local seen_max = tonumber(ARGV[14])
+  local st = (seen_max > 0 and #members <= seen_max) and '1' or '0'
+  local fields = {'from', sender, 'id', msg_id, 'st', st, 'md', #waited, 'ms', st == '1' and #waited or 0}
+  for _, member in ipairs(waited) do
+    table.insert(fields, 'd:' .. member); table.insert(fields, 0)
+    if st == '1' then table.insert(fields, 's:' .. member); table.insert(fields, 0) end
+  end
+  local tracking = ARGV[11] .. gseq
+  redis.call('HSET', tracking, unpack(fields))
+  redis.call('PEXPIREAT', tracking, expires)
+  local index, mine = ARGV[12] .. msg_id, ARGV[13] .. sender
+  redis.call('SADD', index, gseq)
+  redis.call('ZADD', mine, gseq, gseq)
+  for _, key in ipairs({index, mine}) do
+    if redis.call('PEXPIRETIME', key) < expires then redis.call('PEXPIREAT', key, expires) end
+  end
+  for _ = 1, 64 do  -- the oldest may have expired (one TTL: they expire in gseq order)
+    local oldest = redis.call('ZRANGE', mine, 0, 0)[1]
+    if not oldest or redis.call('EXISTS', ARGV[11] .. oldest) == 1 then break end
+    redis.call('ZREM', mine, oldest)
+  end
+  local over = redis.call('ZCARD', mine) - tonumber(ARGV[15])
+  if over > 0 then
+    for i, old in ipairs(redis.call('ZPOPMIN', mine, over)) do
+      if i % 2 == 1 then
+        local id = redis.call('HGET', ARGV[11] .. old, 'id')
+        redis.call('DEL', ARGV[11] .. old)
+        if id then redis.call('SREM', ARGV[12] .. id, old) end
+      end
+    end
+  end
+end
+"""
+
+# Shared: a tracked message is complete (every member has it and, if tracked, saw it).
+COMPLETE = """
+local function complete(st, md, ms) return tonumber(md) == 0 and (st ~= '1' or tonumber(ms) == 0) end
+"""
+
+# KEYS: replay, the pending set. ARGV: tracking prefix, index prefix, unused, replay ms, then (kind, member,
+# gseq or msg id) per mark. A completion is kept pending (``pd`` / ``ps``, its gseq in the pending set) until
+# ``RECEIPTED``, and reported again by any later mark of that message ('r': only that, for a sweep; its
+# receipts may not be staged: their stage tokens make a second staging answer the first).
+# Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
+MARK = COMPLETE + """
+local done = redis.call('GET', KEYS[1])
+if done then return done end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local TP = ARGV[1]
+local out, at = {}, {}
+local function mark(gseq, kind, user)
+  local key = TP .. gseq
+  local from, id, st, md, ms, d, s, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms',
+                                                               'd:' .. user, 's:' .. user, 'pd', 'ps'))
+  if not from then redis.call('SREM', KEYS[2], gseq); return end  -- expired (or forgotten)
+  local delivered, seen = pd == '1', ps == '1'
+  if d and not (kind == 's' and st ~= '1') then
+    local md0, ms0 = tonumber(md), tonumber(ms)
+    md, ms = md0, ms0
+    if kind == 'x' then
+      if d == '0' then md = md - 1 end
+      if s == '0' then ms = ms - 1 end
+      redis.call('HDEL', key, 'd:' .. user, 's:' .. user)
+    else
+      if d == '0' then md = md - 1; redis.call('HSET', key, 'd:' .. user, now) end
+      if kind == 's' and s == '0' then ms = ms - 1; redis.call('HSET', key, 's:' .. user, now) end
+    end
+    redis.call('HSET', key, 'md', md, 'ms', ms)
+    if md0 > 0 and md == 0 then delivered = true; redis.call('HSET', key, 'pd', '1') end
+    if st == '1' and ms0 > 0 and ms == 0 then seen = true; redis.call('HSET', key, 'ps', '1') end
+    if delivered or seen then redis.call('SADD', KEYS[2], gseq) end
+  end
+  if delivered or seen then
+    local n = at[gseq]
+    if not n then
+      table.insert(out, {tonumber(gseq), from, id, 0, 0}); n = #out; at[gseq] = n
+    end
+    if delivered then out[n][4] = 1 end
+    if seen then out[n][5] = 1 end
+  end
+end
+for i = 5, #ARGV, 3 do
+  if ARGV[i] == 's' then
+    local index = ARGV[2] .. ARGV[i + 2]
+    for _, gseq in ipairs(redis.call('SMEMBERS', index)) do
+      if redis.call('EXISTS', TP .. gseq) == 1 then mark(gseq, 's', ARGV[i + 1])
+      else redis.call('SREM', index, gseq) end  -- expired
+    end
+  else
+    mark(ARGV[i + 2], ARGV[i], ARGV[i + 1])
+  end
+end
+if #out == 0 then return '[]' end
+local reply = cjson.encode(out)
+redis.call('SET', KEYS[1], reply, 'PX', ARGV[4])
+return reply
+"""
+
+# KEYS: the pending set. ARGV: tracking prefix, index prefix, sender-set prefix, then (gseq, delivered 0/1,
+# seen 0/1) of completions whose receipts are staged: no longer pending; a complete message with nothing
+# pending is forgotten.
+RECEIPTED = COMPLETE + """
+for i = 4, #ARGV, 3 do
+  local key = ARGV[1] .. ARGV[i]
+  if ARGV[i + 1] == '1' then redis.call('HDEL', key, 'pd') end
+  if ARGV[i + 2] == '1' then redis.call('HDEL', key, 'ps') end
+  local from, id, st, md, ms, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'st', 'md', 'ms', 'pd', 'ps'))
+  if not pd and not ps then redis.call('SREM', KEYS[1], ARGV[i]) end
+  if from and not pd and not ps and complete(st, md, ms) then
+    redis.call('DEL', key)
+    redis.call('SREM', ARGV[2] .. id, ARGV[i])
+    redis.call('ZREM', ARGV[3] .. from, ARGV[i])
+  end
+end
+return 1
+"""
+
+# KEYS: the index of a msg id. ARGV: tracking prefix. Returns {gseq, expiry ms, the hash flat, ...} of the
+# messages still tracked (complete ones waiting for ``RECEIPTED`` are not).
+TRACKED = COMPLETE + """
+local out = {}
+for _, gseq in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[1] .. gseq
+  local st, md, ms = unpack(redis.call('HMGET', key, 'st', 'md', 'ms'))
+  if st and not complete(st, md, ms) then
+    local fields = redis.call('HGETALL', key)
+    table.insert(out, gseq); table.insert(out, redis.call('PEXPIRETIME', ARGV[1] .. gseq)); table.insert(out, fields)
+  end
+end
+return out
+"""
+
+
+def mark_args(marks: list[Mark]) -> list[str | int]:
+    args: list[str | int] = []
+    for mark in marks:
+        args += [mark.kind.value, mark.member, mark.msg_id if mark.kind == MarkKind.SEEN else mark.gseq]
+    return args
+
+
+def receipted_args(done: list[Completed]) -> list[str | int]:
+    args: list[str | int] = []
+    for c in done:
+        args += [c.gseq, int(c.delivered), int(c.seen)]
+    return args
+
+
+def completed(reply: str) -> list[Completed]:
+    return [Completed(int(gseq), str(sender), str(msg_id), bool(delivered), bool(seen))
+            for gseq, sender, msg_id, delivered, seen in json.loads(reply)]
+
+
+def tracked_rows(group: str, rows: list[Any]) -> list[TrackedRow]:
+    """``TRACKED``'s reply as rows, oldest (lowest gseq) first."""
+    found = []
+    for gseq, expires, flat in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        marks = {name[2:]: (int(value), int(fields.get(f"s:{name[2:]}", 0)))
+                 for name, value in fields.items() if name.startswith("d:")}
+        found.append(TrackedRow(int(gseq), fields["from"], fields["id"], group, int(expires), tuple(sorted(marks)),
+                                fields["st"] == "1", marks))
+    return sorted(found, key=lambda row: row.mid)
