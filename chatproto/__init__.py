@@ -3,7 +3,7 @@
 Pure and stdlib-only, imported by the server (``bridge``, ``broker``) and by the
 SDK, so that the two can never disagree about a field. Nothing here does I/O.
 One module per job: ``ids``, ``topics``, ``errors``, ``limits``, ``jsonwire``,
-``ops`` (request names), ``groups`` (the ``group.*`` requests), ``uplink`` and
+``ops`` (request names), ``groups`` (the ``group.*`` requests), ``push`` (``push.register``), ``uplink`` and
 ``downlink`` (one frozen dataclass per item, with ``encode``/``decode``). Everything public is re-exported here.
 """
 
@@ -97,6 +97,14 @@ from chatproto.ops import (
     PRIVACY_NOBODY,
     parse_user_list,
 )
+from chatproto.push import (
+    OP_PUSH_PENDING,
+    OP_PUSH_REGISTER,
+    OP_PUSH_UNREGISTER,
+    PUSH_PLATFORMS,
+    PushRegister,
+    check_endpoint,
+)
 from chatproto.topics import (
     DOWNLINK,
     TOPIC_PREFIX,
@@ -160,6 +168,9 @@ __all__ = [
     "OP_KEYS_COUNT",
     "OP_KEYS_LIST",
     "OP_KEYS_PUBLISH",
+    "OP_PUSH_PENDING",
+    "OP_PUSH_REGISTER",
+    "OP_PUSH_UNREGISTER",
     "OP_RE",
     "PRIVACY_CHOICES",
     "PRIVACY_CONTACTS",
@@ -168,6 +179,7 @@ __all__ = [
     "PRIVACY_NOBODY",
     "PROTOCOL_VERSION",
     "PUBLIC_KEY_RE",
+    "PUSH_PLATFORMS",
     "RECEIPT_DELIVERED",
     "RECEIPT_EXPIRED",
     "RECEIPT_SEEN",
@@ -199,12 +211,14 @@ __all__ = [
     "Heartbeat",
     "MsgItem",
     "PresenceItem",
+    "PushRegister",
     "ReceiptItem",
     "Request",
     "ResItem",
     "Seen",
     "canonical_json",
     "chat_envelope_bytes",
+    "check_endpoint",
     "check_group_name",
     "client_id",
     "dumps",

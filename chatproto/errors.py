@@ -24,6 +24,7 @@ class ErrorCode:
     NOT_MEMBER: Final = "not_member"
     GROUP_FULL: Final = "group_full"
     TOO_MANY_GROUPS: Final = "too_many_groups"
+    PUSH_GONE: Final = "push_gone"
 
 
 class DecodeError(ValueError):

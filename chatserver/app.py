@@ -30,6 +30,8 @@ from bridge.messaging.service import Messaging
 from bridge.messaging.store import GroupReceiptStore
 from bridge.presence.core import PresenceCore, PresenceRules
 from bridge.presence.service import PresenceService
+from bridge.push.service import PushService
+from bridge.push.service import unsupported_ops as push_unsupported_ops
 from bridge.requests import build_ops
 from bridge.router import Bridge
 from bridge.store import StoreError
@@ -44,11 +46,13 @@ from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_nod
 from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import OpsServer
 from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
+from chatserver.push import open_push
 from chatserver.supervisor import Supervisor
 from storage.sqlite.groups import SqliteGroupStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
+from storage.sqlite.push import SqlitePushStore
 from storage.sqlite.users import SqliteUserStore, load_or_create_secret
 
 if TYPE_CHECKING:  # redis-py is imported in cluster mode only (one process on SQLite never loads it)
@@ -117,6 +121,8 @@ class BrokerApp:
         self._group_store: SqliteGroupStore | None = None
         self._groups: GroupService | ClusterGroups | None = None
         self._presence: PresenceService | ClusterPresence | None = None
+        self.push: PushService | None = None  # push.enabled (one process on SQLite)
+        self._push_store: SqlitePushStore | None = None
         self._broker: ChatBroker | None = None
         self._ops: OpsServer | None = None
         self._lag: LoopLag | None = None
@@ -189,7 +195,9 @@ class BrokerApp:
                 close_device = self._close_session
             key_service = KeyService(keys, keyed, users, messaging, close_device, claims)
             assert self._groups is not None
-            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **self._groups.ops()}
+            push_ops = self.push.ops() if self.push is not None else push_unsupported_ops()
+            ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **self._groups.ops(),
+                   **push_ops}
             bridge = Bridge(messaging.links, ops, messaging, presence, settings.limits.max_request_bytes)
             self._broker = ChatBroker(broker_settings(settings), authenticator, bridge)
             if settings.metrics.bind is not None:  # bound first: a busy port fails before MQTT is served
@@ -200,6 +208,7 @@ class BrokerApp:
             if self._presence is not None:
                 await self._presence.close()
             await self._close_groups()
+            await self._close_push()
             await self._close_stores()
             self._broker = None
             raise
@@ -237,6 +246,12 @@ class BrokerApp:
         for user, device in removed:
             messaging.remove_device(user, device)
         await self._start_groups(messaging, self._staging_store)
+        if self.settings.push.enabled:
+            devices = [f"{user}.{device}" for user, device in await users.all_devices() if device is not None]
+            self.push, self._push_store = await open_push(self.settings.push, self.settings.data_path, devices,
+                                                          messaging.links, messaging.staging, clock=self.clock,
+                                                          supervisor=self.supervisor)
+            messaging.watch = self.push
         presence = PresenceService(self._presence_core(), self._presence_store, messaging.links,
                                    self.settings.presence.persist_s, clock=self.clock, supervisor=self.supervisor)
         self._presence = presence
@@ -359,11 +374,20 @@ class BrokerApp:
             await self._groups.close()
             self._groups = None
 
+    async def _close_push(self) -> None:
+        """After the broker: what the last hooks queued is written before the store closes."""
+        if self.push is not None:
+            await self.push.close()
+            self.push = None
+        if self._push_store is not None:
+            await self._push_store.close()
+            self._push_store = None
+
     async def _start_ops(self, bind: str, authenticator: Authenticator, staging: StagingFigures,
                          links: LinkRegistry) -> None:
         self._lag = LoopLag()
         registry = build_registry(Sources(self.broker, authenticator, staging, links, self._lag,
-                                          self.supervisor, self.clock.wall_ms, self.node_id))
+                                          self.supervisor, self.clock.wall_ms, self.node_id, self.push))
         ops = OpsServer(bind, registry, self.readiness)
         try:
             await ops.start()
@@ -435,6 +459,7 @@ class BrokerApp:
         finally:  # the stores' threads would keep the process alive after "stopped"
             self._broker = None
             await self._close_groups()
+            await self._close_push()
             await self._close_stores()
 
     async def _close_stores(self) -> None:

@@ -24,6 +24,7 @@ from chatproto import (
     DEFAULT_MAX_GROUPS_PER_USER,
     chat_envelope_bytes,
 )
+from chatserver.push_config import PushSettings
 
 DEFAULT_MAX_DEVICES_PER_USER = 16
 
@@ -451,6 +452,7 @@ class Settings(_Section):
     mqtt: MqttSettings = MqttSettings()
     gc: GcSettings = GcSettings()
     groups: GroupsSettings = GroupsSettings()
+    push: PushSettings = PushSettings()
     cluster: ClusterSettings | None = None
     """Absent: one process on SQLite (the embedded default)."""
 
@@ -463,6 +465,8 @@ class Settings(_Section):
                 f"mqtt.max_packet_bytes ({self.mqtt.max_packet_bytes}) must be at least {need} "
                 "to carry a chat message of limits.max_body_bytes"
             )
+        if self.push.enabled and self.cluster is not None:
+            raise ValueError("push.enabled: push is not available in cluster mode yet (one process on SQLite only)")
         return self
 
     @property

@@ -30,6 +30,7 @@ from bridge.background import cancel
 from bridge.counters import LATENCY_BUCKETS, BridgeCounters, Histogram
 from bridge.links import LinkRegistry
 from bridge.messaging.records import Figures
+from bridge.push.service import PushService
 from broker.auth import Authenticator
 from broker.counters import LOGIN_RESULTS
 from broker.server import ChatBroker
@@ -89,6 +90,7 @@ class Sources:
     supervisor: Supervisor
     clock_ms: Callable[[], int]  # wall-clock ms, as message timestamps
     node_id: str = ""  # cluster mode: this node's id ("" for one process on SQLite)
+    push: PushService | None = None  # push.enabled
 
 
 class ChatCollector(Collector):
@@ -137,6 +139,8 @@ class ChatCollector(Collector):
         yield _histogram("chat_event_loop_lag_seconds", f"How late a {s.lag.interval}s timer fires on the broker loop.",
                          s.lag.histogram)
         yield GaugeMetricFamily("chat_event_loop_lag_last_seconds", "The last event-loop lag measured.", s.lag.last)
+        if s.push is not None:
+            yield from _push(s.push)
 
     def _connections(self) -> Iterable[Metric]:
         broker = self._s.broker
@@ -170,6 +174,28 @@ class ChatCollector(Collector):
                                          buckets=depth.cumulative(), gsum_value=depth.sum)
         yield GaugeMetricFamily("chat_device_queue_depth_max", "The longest queue of one device.",
                                 max(figures.depths, default=0))
+
+
+def _push(push: PushService) -> Iterable[Metric]:
+    """Per provider (platform): wake-ups sent, failed attempts by outcome, latency, queue depth."""
+    sent = CounterMetricFamily("chat_push_sent", "Wake-ups a push provider accepted.", labels=["platform"])
+    failed = CounterMetricFamily("chat_push_failed", "Push attempts that failed, by outcome (retry: 429, 5xx or "
+                                 "the network, tried again; gone: dead token, dropped; rejected: given up).",
+                                 labels=["platform", "outcome"])
+    latency = HistogramMetricFamily("chat_push_latency_seconds", "Duration of one push request to a provider.",
+                                    labels=["platform"])
+    for platform, counters in sorted(push.counters.items()):
+        sent.add_metric([platform], counters.sent)
+        for outcome in ("retry", "gone", "rejected"):
+            failed.add_metric([platform, outcome], counters.failed.get(outcome, 0))
+        latency.add_metric([platform], counters.latency.cumulative(), counters.latency.sum)
+    depth = GaugeMetricFamily("chat_push_queue_depth", "Wake-ups waiting to go out (due, deferred by "
+                              "push.min_interval_s, or backing off).", labels=["platform"])
+    for platform, count in sorted(push.queue_depth().items()):
+        depth.add_metric([platform], count)
+    yield from (sent, failed, latency, depth)
+    yield CounterMetricFamily("chat_push_dropped", "Wake-ups dropped: the queue held push.max_queue devices.",
+                              push.core.dropped)
 
 
 WRITEBACK_EVENTS = {

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar, Unpack, cast
 
-from chatproto import OP_DEVICES_REMOVE, ResItem
+from chatproto import OP_DEVICES_REMOVE, OP_PUSH_PENDING, OP_PUSH_REGISTER, OP_PUSH_UNREGISTER, ResItem
 from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ConnectTimeout, RequestTimeout
 from client_sdk.events import Event, Presence
@@ -53,6 +53,7 @@ from client_sdk.presence import (
     unwatch_steps,
     watch_steps,
 )
+from client_sdk.push import FETCH_POLL_S, items_left, register_args
 
 T = TypeVar("T")
 _Entry = tuple[Event, threading.Event] | None
@@ -278,6 +279,31 @@ class AsyncClient(EngineFront):
         start = time.monotonic()
         await self.request("ping", None, timeout)
         return time.monotonic() - start
+
+    # --- push (see Client) -------------------------------------------------------------
+
+    async def register_push(self, platform: str, timeout: float = 10.0,  # noqa: ASYNC109 (same API as Client)
+                            **registration: Any) -> None:
+        """Have the server wake this device through ``platform`` (see ``Client.register_push``)."""
+        await self.request(OP_PUSH_REGISTER, register_args(platform, registration), timeout)
+
+    async def unregister_push(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (same API as Client)
+        """No more wake-ups for this device; False if it had no registration."""
+        return bool((await self.request(OP_PUSH_UNREGISTER, None, timeout))["removed"])
+
+    async def fetch_pending(self, timeout: float = 20.0) -> int:  # noqa: ASYNC109 (same API as Client)
+        """Connect, take everything waiting, close (see ``Client.fetch_pending``); iterate ``events()``
+        in another task meanwhile: each is acked once the iteration goes on past it."""
+        deadline = time.monotonic() + timeout
+        try:
+            await self.connect(timeout)
+            while True:
+                left = items_left(await self.request(OP_PUSH_PENDING, None, max(0.1, deadline - time.monotonic())))
+                if not left or time.monotonic() >= deadline:
+                    return left
+                await asyncio.sleep(FETCH_POLL_S)
+        finally:
+            await self.close()
 
     # --- end-to-end encryption (see Client) ----------------------------------------
 

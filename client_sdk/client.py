@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar, Unpack, cast
 
-from chatproto import OP_DEVICES_REMOVE
+from chatproto import OP_DEVICES_REMOVE, OP_PUSH_PENDING, OP_PUSH_REGISTER, OP_PUSH_UNREGISTER
 from client_sdk.engine import Engine, EngineFront
 from client_sdk.errors import ConnectTimeout
 from client_sdk.events import (
@@ -54,6 +54,7 @@ from client_sdk.presence import (
     unwatch_steps,
     watch_steps,
 )
+from client_sdk.push import FETCH_POLL_S, items_left, register_args
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,36 @@ class Client(EngineFront):
         start = time.monotonic()
         self.request("ping", None, timeout)
         return time.monotonic() - start
+
+    # --- push --------------------------------------------------------------------------
+
+    def register_push(self, platform: str, timeout: float = 10.0, **registration: Any) -> None:
+        """Have the server wake this device through ``platform`` when it is away (docs/PUSH.md):
+        ``register_push("fcm", token=...)``, ``("apns", token=<hex>)``, ``("webpush", subscription=
+        <PushSubscription.toJSON()>)``, ``("unifiedpush", endpoint=<url>)``. Replaces an earlier
+        registration. Raises ``ValueError`` for a bad argument (before sending), ``RequestError``
+        ``unsupported`` if the server does not send that platform's pushes."""
+        self.request(OP_PUSH_REGISTER, register_args(platform, registration), timeout)
+
+    def unregister_push(self, timeout: float = 10.0) -> bool:
+        """No more wake-ups for this device; False if it had no registration."""
+        return bool(self.request(OP_PUSH_UNREGISTER, None, timeout)["removed"])
+
+    def fetch_pending(self, timeout: float = 20.0) -> int:
+        """After a wake-up: connect, take everything waiting for this device (handed to the callbacks
+        and acked), then close -- what a background task has seconds for. Set the callbacks first.
+        Returns the items still waiting when it stopped: 0, unless ``timeout`` ran out first (they
+        come with the next connection). Raises what ``connect`` raises."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.connect(timeout)
+            while True:
+                left = items_left(self.request(OP_PUSH_PENDING, None, max(0.1, deadline - time.monotonic())))
+                if not left or time.monotonic() >= deadline:
+                    return left
+                time.sleep(FETCH_POLL_S)
+        finally:
+            self.close()
 
     # --- hand-over (dispatcher thread) -------------------------------------------------
 

@@ -47,7 +47,8 @@ def alert_exprs() -> list[str]:
 
 @pytest.fixture(scope="module")
 def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    broker = BrokerThread(tmp_path_factory.mktemp("dash") / "data", {"metrics.bind": "127.0.0.1:0"}).start()
+    broker = BrokerThread(tmp_path_factory.mktemp("dash") / "data",
+                          {"metrics.bind": "127.0.0.1:0", "push.enabled": True, "push.unifiedpush": {}}).start()
     try:
         return set(scrape(broker).samples)
     finally:

@@ -224,6 +224,8 @@ class Staging:
         item.seq = self._new_seq(device)
         box.items[item.seq] = item
         self._volatile.append(item)
+        if item.message is not None:
+            out.staged.append(device)
         if box.online:
             box.queue(item.seq)
             self._pump(device, box, now, out)

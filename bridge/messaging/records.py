@@ -115,6 +115,7 @@ class StagingOutcome:
     notices: list[tuple[str, ReceiptItem | ErrorItem]] = field(default_factory=list)
     need_bodies: list[int] = field(default_factory=list)
     need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
+    staged: list[str] = field(default_factory=list)  # devices a message item was staged for (push: bridge/push/)
     flush_due: bool = False
 
 

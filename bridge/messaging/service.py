@@ -37,6 +37,7 @@ from chatproto import (
     DecodeError,
     ErrorCode,
     ErrorItem,
+    MsgItem,
     ReceiptItem,
     Seen,
     is_group_id,
@@ -57,6 +58,25 @@ class GroupRouting(Protocol):
 
     def settled(self, group: str) -> AbstractAsyncContextManager[tuple[str, ...]]:
         """Hold changes of ``group`` off while the message is staged; gives its members (none: no such group)."""
+
+
+class DeliveryWatch(Protocol):
+    """Who follows what happens to devices' items (push: bridge/push/service.py); never waits."""
+
+    def staged(self, client_id: str) -> None:
+        """A message item was staged for the device."""
+
+    def delivered(self, client_id: str) -> None:
+        """A message item was sent to the device's connection."""
+
+    def acked(self, client_id: str) -> None: ...
+
+    def online(self, client_id: str) -> None: ...
+
+    def offline(self, client_id: str) -> None: ...
+
+    def removed(self, client_id: str) -> None:
+        """``devices.remove``."""
 
 
 class Messaging:
@@ -95,6 +115,7 @@ class Messaging:
         self.supervisor = supervisor
         self._body_backoff = Backoff()
         self.groups: GroupRouting | None = None  # set by the wiring: group messages are refused without it
+        self.watch: DeliveryWatch | None = None  # set by the wiring when push is on
 
     async def start(self) -> None:
         spawn = self.supervisor.spawn
@@ -115,6 +136,8 @@ class Messaging:
         except DecodeError as exc:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
+        if self.watch is not None:
+            self.watch.acked(caller.client_id)
         self._apply(self.staging.ack(caller.client_id, ack.seqs, self._now_ms(), self._now()))
 
     def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
@@ -198,13 +221,19 @@ class Messaging:
     # --- devices --------------------------------------------------------------------------
 
     def device_online(self, client_id: str) -> None:
+        if self.watch is not None:
+            self.watch.online(client_id)
         self._apply(self.staging.device_online(client_id, self._now()))
 
     def device_offline(self, client_id: str) -> None:
+        if self.watch is not None:
+            self.watch.offline(client_id)
         self.staging.device_offline(client_id)
 
     def remove_device(self, user: str, device: str) -> None:
         """``devices.remove``: drop what is staged for the device; it is no target any more."""
+        if self.watch is not None:
+            self.watch.removed(f"{user}.{device}")
         self._apply(self.staging.remove_device(f"{user}.{device}"))
 
     def device_registered(self, user: str, device: str) -> None:
@@ -229,8 +258,14 @@ class Messaging:
             if isinstance(notice, ReceiptItem) and notice.status == RECEIPT_SENT:  # metrics: staged (ts) -> 'sent'
                 self.staging.counters.sent_latency.observe(max(0, self._now_ms() - notice.ts) / 1000)
             self.links.send(client_id, notice)
+        watch = self.watch
         for device, delivery in out.deliveries:
-            self.links.send(device, delivery)  # not connected: it waits, staged, for the next connection
+            # not connected: it waits, staged, for the next connection
+            if self.links.send(device, delivery) and watch is not None and isinstance(delivery, MsgItem):
+                watch.delivered(device)
+        if watch is not None:
+            for device in out.staged:
+                watch.staged(device)
         if out.need_bodies or out.need_item_bodies:
             self._spawn(self._load_bodies(out.need_bodies, out.need_item_bodies))
         if out.flush_due:

@@ -4,6 +4,7 @@ one POST that turns a transport failure into RETRY, Retry-After, and the collaps
 from __future__ import annotations
 
 import hashlib
+import json
 import ssl
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -11,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from bridge.push.provider import Outcome, PushResult
+from bridge.push.provider import Outcome, PushResult, WakeUp
 from providers.push.jws import b64url
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -78,6 +79,13 @@ def outcome(response: httpx.Response, now: float, said: str, *, sent: bool, gone
 
 def detail(response: httpx.Response, reason: str = "") -> str:
     return f"HTTP {response.status_code} {reason}".strip()[:DETAIL_CHARS]
+
+
+def payload(wake: WakeUp) -> bytes:
+    """The body the app reads (Web Push after decryption, UnifiedPush as it is): a wake-up, and the
+    preview only when the operator opted in."""
+    data: dict[str, Any] = {"wake": 1} if wake.preview is None else {"wake": 1, "preview": wake.preview}
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
 
 def collapse_tag(collapse_key: str) -> str:

@@ -91,12 +91,6 @@ def encrypt(
     return header + AESGCM(cek).encrypt(nonce, plaintext + b"\x02", None)
 
 
-def payload(wake: WakeUp) -> bytes:
-    """What the service worker reads: a wake-up, and the preview only when the operator opted in."""
-    data: dict[str, Any] = {"wake": 1} if wake.preview is None else {"wake": 1, "preview": wake.preview}
-    return json.dumps(data, separators=(",", ":")).encode("utf-8")
-
-
 def classify(response: httpx.Response, now: float) -> PushResult:
     # 413 (too large) and other 4xx (a VAPID fault) are REJECTED
     status = response.status_code
@@ -152,7 +146,7 @@ class WebPushProvider:
         subscription = Subscription.parse(target.token)
         if subscription is None:
             return PushResult(Outcome.REJECTED, detail="not a Web Push subscription (https endpoint, p256dh, auth)")
-        plaintext = payload(wake)
+        plaintext = common.payload(wake)
         if len(plaintext) > MAX_PLAINTEXT:
             return PushResult(Outcome.REJECTED, detail=f"payload of {len(plaintext)} bytes is over {MAX_PLAINTEXT}")
         now = self._clock()

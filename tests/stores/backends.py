@@ -19,6 +19,7 @@ from bridge.groups.store import GroupStore
 from bridge.keys.store import Accounts, KeyStore
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.presence.store import PresenceStore
+from bridge.push.store import PushStore
 from broker.users import UserStore
 from chatserver.user_admin import AccountStore
 from storage.redis.groups import RedisGroupStore
@@ -29,6 +30,7 @@ from storage.sqlite.groups import SqliteGroupStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
+from storage.sqlite.push import SqlitePushStore
 from storage.sqlite.users import SqliteUserStore
 
 BACKENDS = ["sqlite", "redis"]
@@ -55,6 +57,8 @@ class Backend(Protocol):
 
     async def groups(self) -> GroupStore: ...
 
+    async def push(self) -> PushStore: ...
+
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         """The users store, after adding the users of ``seed`` (name -> password hash): creating
         users is an admin operation, outside the Protocols under test."""
@@ -77,6 +81,9 @@ class SqliteBackend:
 
     async def groups(self) -> GroupStore:
         return await SqliteGroupStore.open(self.data_dir)
+
+    async def push(self) -> PushStore:
+        return await SqlitePushStore.open(self.data_dir)
 
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         store = await SqliteUserStore.open(self.data_dir)
@@ -103,6 +110,9 @@ class RedisBackend:
 
     async def groups(self) -> GroupStore:
         return await RedisGroupStore.open(self.startup_nodes, self.prefix)
+
+    async def push(self) -> PushStore:
+        raise NotImplementedError("push runs on one process only: no Redis push store yet (SQLITE_ONLY)")
 
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         store = await RedisUserStore.open(self.startup_nodes, self.prefix)

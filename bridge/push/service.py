@@ -1,0 +1,253 @@
+"""Push: the thin shell around the push core (bridge/push/core.py).
+
+Messaging tells it, synchronously and without waiting, what happens to a device's items
+(``DeliveryWatch``: staged, delivered, acked, connected, gone); the core decides, and the
+wake-ups it queues are written to the store and sent by one supervised round (``push``),
+so routing never waits for a provider or the disk. The round writes what changed first,
+then sends what is due (at most ``concurrency`` at once) and writes the answers: a wake-up
+queued before a crash is in the store and goes out after the restart.
+
+It also serves ``push.register``, ``push.unregister`` (the caller's own device only) and
+``push.pending`` (how many items wait for the caller's device: what ``fetch_pending`` drains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.background import Supervisor
+from bridge.clock import Clock
+from bridge.counters import LATENCY_BUCKETS, Histogram
+from bridge.links import LinkRegistry
+from bridge.push.core import PushCore, QueuedWake, Settled
+from bridge.push.provider import Outcome, PushProvider, PushResult, PushTarget, WakeUp
+from bridge.push.store import PushStore
+from bridge.requests import Op, OpError, check_args
+from chatproto import (
+    OP_PUSH_PENDING,
+    OP_PUSH_REGISTER,
+    OP_PUSH_UNREGISTER,
+    Caller,
+    DecodeError,
+    ErrorCode,
+    ErrorItem,
+    PushRegister,
+)
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0  # the longest the round sleeps: a failed round is seen working again this soon
+COLLAPSE_KEY = "wake"  # every wake-up says the same; never the user's or device's name (docs/PUSH.md)
+
+
+@dataclass(slots=True)
+class ProviderCounters:
+    """Per platform, read by chatserver.metrics at scrape time."""
+
+    sent: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # outcome (retry, gone, rejected) -> count
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+
+
+class PushService:
+    def __init__(self, core: PushCore, store: PushStore, providers: Mapping[str, PushProvider], links: LinkRegistry,
+                 pending: Callable[[str], int], *, allow_loopback: bool, concurrency: int, clock: Clock,
+                 supervisor: Supervisor) -> None:
+        self.core = core
+        self.providers = providers
+        self.counters = {platform: ProviderCounters() for platform in providers}
+        self._store = store
+        self._links = links
+        self._pending = pending
+        self._allow_loopback = allow_loopback
+        self._concurrency = concurrency
+        self._now_ms = clock.wall_ms
+        self._supervisor = supervisor
+        self._changes: dict[str, QueuedWake | None] = {}  # not written yet: client id -> wake-up (None: delete)
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # store writes of hooks, which cannot wait
+
+    async def start(self) -> None:
+        self.core.restore(*await self._store.load())
+        log.info("push: %d registration(s), %d queued wake-up(s) restored", len(self.core.targets),
+                 len(self.core.queue))
+        self._loop = self._supervisor.spawn("push", self._round)
+
+    # --- DeliveryWatch: what messaging reports (never waits) -----------------------------------
+
+    def staged(self, client_id: str) -> None:
+        self._queued(self.core.staged(client_id, self._now_ms()))
+
+    def delivered(self, client_id: str) -> None:
+        self.core.delivered(client_id, self._now_ms())
+        self._wake.set()  # a grace deadline may now be the next thing due
+
+    def acked(self, client_id: str) -> None:
+        self.core.acked(client_id)
+
+    def online(self, client_id: str) -> None:
+        if self.core.online(client_id):
+            self._change(client_id, None)
+        if client_id in self.core.gone:  # rule 7: told once, on its next connection
+            self.core.gone.discard(client_id)
+            self._links.send(client_id, ErrorItem(ErrorCode.PUSH_GONE, "the push service no longer accepts this "
+                                                  "device's registration: register again (push.register)"))
+            self._spawn_write(self._store.clear_gone(client_id))
+
+    def offline(self, client_id: str) -> None:
+        self.core.offline(client_id)
+
+    def removed(self, client_id: str) -> None:
+        """``devices.remove``: the registration goes with the device."""
+        self.core.unregister(client_id)
+        self.core.gone.discard(client_id)
+        self._changes.pop(client_id, None)
+        self._spawn_write(self._store.unregister(client_id))
+
+    def _queued(self, wake: QueuedWake | None) -> None:
+        if wake is not None:
+            self._change(wake.client_id, wake)
+
+    def _change(self, client_id: str, wake: QueuedWake | None) -> None:
+        self._changes[client_id] = wake
+        self._wake.set()
+
+    def _spawn_write(self, write: Awaitable[object]) -> None:
+        self._tasks.add(task := asyncio.ensure_future(self._write(write)))
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, write: Awaitable[object]) -> None:
+        try:
+            await write
+        except Exception as exc:  # the next start reconciles (an orphan registration is dropped then)
+            self._supervisor.failed("push", exc)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def ops(self) -> dict[str, Op]:
+        return {OP_PUSH_REGISTER: self._register, OP_PUSH_UNREGISTER: self._unregister, OP_PUSH_PENDING: self._count}
+
+    async def _register(self, caller: Caller, args: dict[str, Any]) -> Any:
+        try:
+            request = PushRegister.from_args(args, self._allow_loopback)
+        except DecodeError as exc:
+            raise OpError(exc.code, exc.detail) from None
+        if request.platform not in self.providers:
+            raise OpError(ErrorCode.UNSUPPORTED, f"this server does not send {request.platform} pushes")
+        target = PushTarget(request.platform, request.token, caller.client_id)
+        await self._store.register(target, self._now_ms())
+        self.core.register(target)
+        if self._links.get(caller.client_id) is not None:
+            self.core.online(caller.client_id)
+        return {"platform": request.platform}
+
+    async def _unregister(self, caller: Caller, args: dict[str, Any]) -> Any:
+        check_args(args, set())
+        self.core.unregister(caller.client_id)
+        self._changes.pop(caller.client_id, None)
+        return {"removed": await self._store.unregister(caller.client_id)}
+
+    async def _count(self, caller: Caller, args: dict[str, Any]) -> Any:
+        check_args(args, set())
+        return {"items": self._pending(caller.client_id)}
+
+    # --- the round ----------------------------------------------------------------------------
+
+    async def _round(self) -> None:
+        """Write what changed, queue the overdue, send what is due; else wait (at most a tick)."""
+        now = self._now_ms()
+        for wake in self.core.overdue(now):
+            self._changes[wake.client_id] = wake
+        await self._write_changes()
+        due = self.core.take_due(now, self._concurrency)
+        if due:
+            results = await asyncio.gather(*(self._send(wake, target) for wake, target in due),
+                                           return_exceptions=True)
+            await self._write_changes()
+            failed = next((r for r in results if isinstance(r, BaseException)), None)
+            if failed is not None:  # a gone mark not written: the supervisor reports it (kept in memory)
+                raise failed
+            return
+        self._wake.clear()
+        next_ms = self.core.next_due_ms()
+        timeout = TICK_S if next_ms is None else min(TICK_S, max(0.0, (next_ms - self._now_ms()) / 1000))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _write_changes(self) -> None:
+        changes, self._changes = self._changes, {}
+        try:
+            saves = [w for w in changes.values() if w is not None]
+            if saves:
+                await self._store.save_wakes(saves)
+            deletes = [c for c, w in changes.items() if w is None]
+            if deletes:
+                await self._store.delete_wakes(deletes)
+        except BaseException:
+            self._changes = {**changes, **self._changes}  # newer changes win; all are written again
+            raise
+
+    async def _send(self, wake: QueuedWake, target: PushTarget) -> None:
+        provider = self.providers.get(target.platform)
+        counters = self.counters.get(target.platform)
+        started = time.perf_counter()
+        if provider is None or counters is None:  # its provider is no longer configured: kept for a later start
+            result = PushResult(Outcome.RETRY, detail=f"no {target.platform} provider configured")
+        else:
+            try:
+                result = await provider.send(target, WakeUp(COLLAPSE_KEY, wake.expires_ms))
+            except Exception as exc:  # a provider must not raise; if it does, it is a retry, and a bug to log
+                log.exception("push provider %s raised", target.platform)
+                result = PushResult(Outcome.RETRY, detail=repr(exc))
+            counters.latency.observe(time.perf_counter() - started)
+            if result.outcome is Outcome.SENT:
+                counters.sent += 1
+            else:
+                counters.failed[result.outcome.value] = counters.failed.get(result.outcome.value, 0) + 1
+        settled = self.core.settle(wake, target, result, self._now_ms())
+        if result.outcome is not Outcome.SENT:
+            log.info("push to %s via %s: %s (%s)%s", target.client_id, target.platform, result.outcome.value,
+                     result.detail, "; retried" if settled is Settled.RETRY else "")
+        if settled is Settled.GONE:
+            self._changes.pop(wake.client_id, None)
+            await self._store.mark_gone(wake.client_id)
+        elif settled is Settled.RETRY:
+            self._changes[wake.client_id] = self.core.queue[wake.client_id]
+        elif wake.client_id not in self.core.queue:
+            self._changes.setdefault(wake.client_id, None)
+
+    def queue_depth(self) -> dict[str, int]:
+        """Queued wake-ups by platform (metrics)."""
+        depth = dict.fromkeys(self.providers, 0)
+        for client_id in self.core.queue:
+            platform = self.core.targets[client_id].platform
+            depth[platform] = depth.get(platform, 0) + 1
+        return depth
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+            self._loop = None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        with contextlib.suppress(Exception):
+            await self._write_changes()
+        for provider in self.providers.values():
+            await provider.close()
+
+
+def unsupported_ops() -> dict[str, Op]:
+    """The ``push.*`` ops where push is off (``push.enabled: false``, or cluster mode)."""
+
+    async def unsupported(caller: Caller, args: dict[str, Any]) -> Any:
+        raise OpError(ErrorCode.UNSUPPORTED, "this server sends no push notifications")
+
+    return dict.fromkeys((OP_PUSH_REGISTER, OP_PUSH_UNREGISTER, OP_PUSH_PENDING), unsupported)

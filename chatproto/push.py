@@ -1,0 +1,151 @@
+"""Push requests on ``u/{me}/req`` (docs/PROTOCOL.md section 12, "Push"): ``push.register`` as one
+frozen dataclass with ``args()`` (what the SDK sends) and ``from_args`` (what the server reads;
+``DecodeError`` ``bad_envelope`` naming the fault); ``push.unregister`` and ``push.pending`` take
+no arguments.
+
+Rules:
+- ``platform`` is one of ``fcm``, ``apns``, ``webpush``, ``unifiedpush``; each takes its own
+  argument and no other: ``fcm``: ``token`` (1-4096 of ``[A-Za-z0-9_:.-]``); ``apns``: ``token``
+  (64-200 hex digits, an even number; kept lower-case); ``webpush``: ``subscription``
+  ``{"endpoint", "keys": {"p256dh", "auth"}}`` as a browser's ``PushSubscription.toJSON()`` gives
+  it (its ``expirationTime``, null or ms, is taken and not kept; ``p256dh`` an uncompressed P-256
+  point, 65 bytes, ``auth`` 16 bytes, both base64url); ``unifiedpush``: ``endpoint``.
+- An endpoint is an absolute ``https`` URL of at most 2048 characters, without user name,
+  password or fragment, whose host is not an IP address in a private, link-local, reserved or
+  multicast range. A loopback host (``127.0.0.0/8``, ``::1``, ``localhost``) is refused unless the
+  server allows it (``push.allow_loopback_endpoints``, for tests), and then ``http`` is allowed too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Self
+from urllib.parse import urlsplit
+
+from chatproto.errors import DecodeError, ErrorCode
+from chatproto.jsonwire import canonical_json
+
+OP_PUSH_REGISTER: Final = "push.register"
+OP_PUSH_UNREGISTER: Final = "push.unregister"
+OP_PUSH_PENDING: Final = "push.pending"
+PUSH_PLATFORMS: Final = ("fcm", "apns", "webpush", "unifiedpush")
+MAX_ENDPOINT_CHARS: Final = 2048
+MAX_FCM_TOKEN_CHARS: Final = 4096
+
+_FCM_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
+_APNS_TOKEN_RE: Final = re.compile(r"(?:[0-9a-fA-F]{2}){32,100}")
+_B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_ARG: Final = {"fcm": "token", "apns": "token", "webpush": "subscription", "unifiedpush": "endpoint"}
+
+
+def _bad(detail: str) -> DecodeError:
+    return DecodeError(ErrorCode.BAD_ENVELOPE, detail)
+
+
+def check_endpoint(value: object, allow_loopback: bool, name: str = "endpoint") -> str:
+    """``value`` if it is an endpoint URL a push may be sent to (the rules above), else DecodeError."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ENDPOINT_CHARS or not value.isascii():
+        raise _bad(f"'{name}' must be a URL of 1-{MAX_ENDPOINT_CHARS} ASCII characters")
+    try:
+        url = urlsplit(value)
+        host, _port = url.hostname, url.port  # .port raises ValueError when it is not a number in range
+    except ValueError:
+        raise _bad(f"'{name}' is not a URL") from None
+    if not host or url.username is not None or url.password is not None or url.fragment or any(
+            c.isspace() or ord(c) < 0x21 for c in value):
+        raise _bad(f"'{name}' must be an absolute URL with a host, without user, password or fragment")
+    loopback = _is_loopback(host)
+    if loopback and not allow_loopback:
+        raise _bad(f"'{name}' must not point at this machine")
+    if not loopback and _is_internal(host):
+        raise _bad(f"'{name}' must not point at a private or reserved address")
+    if url.scheme != "https" and not (loopback and url.scheme == "http"):
+        raise _bad(f"'{name}' must be an https URL")
+    return value
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    ip = _ip(host)
+    return host.lower() == "localhost" if ip is None else ip.is_loopback
+
+
+def _is_internal(host: str) -> bool:
+    ip = _ip(host)
+    return ip is not None and (ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast
+                               or ip.is_unspecified)
+
+
+def _b64url_bytes(value: object, name: str, size: int) -> str:
+    if isinstance(value, str) and len(value) <= 128 and _B64URL_RE.fullmatch(value):
+        try:
+            raw = base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) == size and (size != 65 or raw[0] == 4):
+            return value
+    raise _bad(f"'{name}' must be {size} bytes in base64url")
+
+
+def _subscription(value: object, allow_loopback: bool) -> str:
+    if not isinstance(value, dict) or not {"endpoint", "keys"} <= set(value) <= {"endpoint", "keys", "expirationTime"}:
+        raise _bad("'subscription' must be {\"endpoint\", \"keys\": {\"p256dh\", \"auth\"}}")
+    expiry = value.get("expirationTime")
+    if expiry is not None and (not isinstance(expiry, int) or isinstance(expiry, bool)):
+        raise _bad("'subscription.expirationTime' must be null or a time in ms (it is not kept)")
+    keys = value["keys"]
+    if not isinstance(keys, dict) or set(keys) != {"p256dh", "auth"}:
+        raise _bad("'subscription.keys' must be {\"p256dh\", \"auth\"}")
+    return canonical_json({
+        "endpoint": check_endpoint(value["endpoint"], allow_loopback, "subscription.endpoint"),
+        "keys": {"p256dh": _b64url_bytes(keys["p256dh"], "subscription.keys.p256dh", 65),
+                 "auth": _b64url_bytes(keys["auth"], "subscription.keys.auth", 16)},
+    }).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class PushRegister:
+    """Wake this device through ``platform``. ``token`` is what the provider needs, in one string:
+    the FCM or APNs token, the UnifiedPush endpoint, or the Web Push subscription as canonical JSON."""
+
+    OP: ClassVar[str] = OP_PUSH_REGISTER
+    platform: str
+    token: str
+
+    def args(self) -> dict[str, Any]:
+        if self.platform == "webpush":
+            return {"platform": self.platform, "subscription": json.loads(self.token)}
+        return {"platform": self.platform, _ARG[self.platform]: self.token}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], allow_loopback: bool = False) -> Self:
+        platform = args.get("platform")
+        if not isinstance(platform, str) or platform not in _ARG:
+            raise _bad(f"'platform' must be one of {', '.join(PUSH_PLATFORMS)}")
+        name = _ARG[platform]
+        unknown = set(args) - {"platform", name}
+        if unknown:
+            raise _bad(f"unknown argument(s) for {platform}: {', '.join(sorted(map(str, unknown)))}")
+        value = args.get(name)
+        if platform == "fcm":
+            if not isinstance(value, str) or not _FCM_TOKEN_RE.fullmatch(value):
+                raise _bad(f"'token' must be 1-{MAX_FCM_TOKEN_CHARS} of [A-Za-z0-9_:.-]")
+            return cls(platform, value)
+        if platform == "apns":
+            if not isinstance(value, str) or not _APNS_TOKEN_RE.fullmatch(value):
+                raise _bad("'token' must be 64-200 hex digits")
+            return cls(platform, value.lower())
+        if platform == "webpush":
+            return cls(platform, _subscription(value, allow_loopback))
+        return cls(platform, check_endpoint(value, allow_loopback))

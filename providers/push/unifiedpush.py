@@ -1,0 +1,53 @@
+"""UnifiedPush (https://unifiedpush.org): a POST to the endpoint the device's distributor gave it
+(a self-hosted ntfy, NextPush, ...), RFC 8030-style.
+
+The request: ``POST <endpoint>`` with ``TTL`` (seconds the distributor may keep it), ``Urgency:
+high`` (a chat message; RFC 8030 5.3) and ``Topic`` (the collapse tag: a newer wake-up replaces a
+waiting one, RFC 8030 5.4), and the body every provider's app reads (``common.payload``): a
+wake-up -- never a sender, a body or a group name. Redirects are not followed (the endpoint was
+checked when it was registered, where it redirects to was not).
+
+Answers: 2xx sent; 404 and 410 gone (the distributor forgot the endpoint: the app was
+uninstalled or registered anew); 429 and 5xx, a timeout or a refused connection: retry, after
+the ``Retry-After`` when given; any other answer: rejected.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bridge.push.provider import PushResult, PushTarget, WakeUp
+from providers.push import common
+
+
+class UnifiedPushProvider:
+    platform = "unifiedpush"
+
+    def __init__(self, *, verify: bool | str = True, timeout_s: float = common.DEFAULT_TIMEOUT_S,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._client = common.make_client(verify=verify, timeout_s=timeout_s)
+        self._clock = clock
+
+    async def send(self, target: PushTarget, wake: WakeUp) -> PushResult:
+        now = self._clock()
+        headers = {
+            "ttl": str(common.ttl_s(wake.expires_at_ms, now)),
+            "urgency": "high",
+            "topic": common.collapse_tag(wake.collapse_key),
+            "content-type": "application/json",
+        }
+        response = await common.post(self._client, target.token, headers=headers, content=common.payload(wake))
+        if isinstance(response, PushResult):
+            return response
+        status = response.status_code
+        return common.outcome(response, self._clock(), common.detail(response, response.reason_phrase),
+                              sent=200 <= status < 300, gone=status in (404, 410))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def from_settings(settings: Mapping[str, Any]) -> UnifiedPushProvider:
+    return UnifiedPushProvider(**common.client_settings(settings))
