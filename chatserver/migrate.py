@@ -45,6 +45,7 @@ from storage.redis.presence import RedisPresenceStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.db import SqliteFile
+from storage.sqlite.groups import GROUPS_DB, SqliteGroupStore
 from storage.sqlite.keys import KEYS_DB, SqliteKeyStore
 from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
 from storage.sqlite.presence import PRESENCE_DB, SqlitePresenceStore
@@ -213,6 +214,13 @@ async def migrate(data_dir: Path, nodes: Sequence[tuple[str, int]], prefix: str 
 
 async def _run(data_dir: Path, target: Target, dry_run: bool, say: Callable[[str], None]) -> Report:
     report = Report()
+    if (data_dir / GROUPS_DB).is_file():  # refused before anything is written: nothing half moved
+        async with _opened(SqliteGroupStore, data_dir) as groups:
+            count = await groups.count()
+        if count:
+            raise MigrateError(f"{data_dir} has {count} group(s) in {GROUPS_DB}: migrate does not move groups yet, "
+                               "and moving the rest would leave their members without them. Keep this folder on "
+                               "one SQLite broker for now")
     await _secret(data_dir, target.users, dry_run, say)
     async with _opened(SqliteUserStore, data_dir) as users:
         devices = await _users(users, target.users, dry_run, report)

@@ -324,6 +324,24 @@ async def test_another_token_key_in_the_cluster_refuses(folder: Folder, cluster:
         await run(folder, cluster, dry_run=True)
 
 
+async def test_a_folder_with_groups_is_refused_before_anything_is_written(tmp_path: Path, cluster: Cluster) -> None:
+    """migrate does not move groups yet: moving the rest would leave their members without them."""
+    broker = BrokerThread(tmp_path / "data").start()
+    peers: list[Peer] = []
+    try:
+        broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
+        alice = connect(broker.port, peers, "alice", "phone")
+        created = alice.request("group.create", {"name": "Trip", "members": ["bob"]})
+        assert created["ok"] is True, created
+    finally:
+        for peer in peers:
+            peer.close()
+        broker.stop()
+    with pytest.raises(migration.MigrateError, match=r"has 1 group\(s\) in groups.db"):
+        await migration.migrate(tmp_path / "data", cluster.nodes, cluster.prefix, say=lambda _: None)
+    assert await cluster.snapshot() == {}
+
+
 def test_cluster_addresses() -> None:
     assert migration.parse_cluster("redis://a:7000,b:7001, redis://[::1]:7002") == [
         ("a", 7000), ("b", 7001), ("::1", 7002)]

@@ -64,6 +64,12 @@ class SqliteGroupStore(SqliteFile):
         async with writer_lock(self._db):
             return await self._load(group)
 
+    async def count(self) -> int:
+        """How many groups there are (``chat-broker migrate`` refuses a folder with any)."""
+        async with writer_lock(self._db):
+            row = await self._fetchone("SELECT COUNT(*) FROM groups", ())
+        return int(row[0])
+
     async def _load(self, group: str) -> Group | None:
         row = await self._fetchone("SELECT name, created_at, gseq FROM groups WHERE gid = ?", (group,))
         if row is None:
