@@ -49,6 +49,7 @@ from storage.sqlite.groups import GROUPS_DB, SqliteGroupStore
 from storage.sqlite.keys import KEYS_DB, SqliteKeyStore
 from storage.sqlite.messages import STAGING_DB, SqliteMessageStore
 from storage.sqlite.presence import PRESENCE_DB, SqlitePresenceStore
+from storage.sqlite.push import PUSH_DB, SqlitePushStore
 from storage.sqlite.users import SECRET_FILE, USERS_DB, SqliteUserStore
 
 NO_LIMIT = 2**31  # a migrated queue is never refused as full: it held these items already
@@ -241,6 +242,12 @@ async def _run(data_dir: Path, target: Target, dry_run: bool, say: Callable[[str
             await _presence(presence, target.presence, dry_run, report)
         say(f"presence: {report.counts['last_seen']} last-seen times, {report.counts['settings']} privacy settings, "
             f"{report.counts['contacts']} contacts")
+    if (data_dir / PUSH_DB).is_file():
+        async with _opened(SqlitePushStore, data_dir) as push:
+            registered = len((await push.load())[0])
+        if registered:
+            say(f"push: {registered} device registration(s) stay in {PUSH_DB}: push is not served in cluster mode "
+                "yet; those devices register again once it is")
     counts = report.counts
     verb = "would move" if dry_run else "moved"
     say(f"summary: {verb} {counts['users']} users, {counts['devices']} devices, {counts['keyed']} key sets, "

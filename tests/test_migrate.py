@@ -18,6 +18,7 @@ import pytest
 from bridge.cluster.store import MessageEntry, MessageRef, Stage, StageStatus
 from bridge.keys.core import OneTimeKey, Publish
 from bridge.messaging.records import SEQ_SPAN
+from bridge.push.provider import PushTarget
 from bridge.store import StoreError
 from broker import credentials
 from chatproto import MsgItem
@@ -30,6 +31,7 @@ from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
 from storage.sqlite.messages import SqliteMessageStore
+from storage.sqlite.push import SqlitePushStore
 from storage.sqlite.users import SECRET_FILE, SqliteUserStore
 from testkit.redis_cluster import RedisCluster
 from tests.helpers import BrokerThread, Peer
@@ -340,6 +342,23 @@ async def test_a_folder_with_groups_is_refused_before_anything_is_written(tmp_pa
     with pytest.raises(migration.MigrateError, match=r"has 1 group\(s\) in groups.db"):
         await migration.migrate(tmp_path / "data", cluster.nodes, cluster.prefix, say=lambda _: None)
     assert await cluster.snapshot() == {}
+
+
+async def test_push_registrations_are_said_to_stay_behind(tmp_path: Path, cluster: Cluster) -> None:
+    broker = BrokerThread(tmp_path / "data").start()
+    try:
+        broker.add_users({"alice": "alice-pw"})
+    finally:
+        broker.stop()
+    push = await SqlitePushStore.open(tmp_path / "data")
+    try:
+        await push.register(PushTarget("unifiedpush", "https://push.example/up/a1", "alice.phone"), 0)
+    finally:
+        await push.close()
+    lines: list[str] = []
+    report = await migration.migrate(tmp_path / "data", cluster.nodes, cluster.prefix, dry_run=True, say=lines.append)
+    assert not report.problems
+    assert any(line.startswith("push: 1 device registration(s) stay in push.db") for line in lines), lines
 
 
 def test_cluster_addresses() -> None:
