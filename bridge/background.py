@@ -27,6 +27,16 @@ class Supervisor(Protocol):
         """A round of ``task`` run outside ``spawn`` succeeded: it is no longer failing."""
 
 
+def raise_if_cancelled(exc: BaseException) -> None:
+    """For a loop that survives its rounds' errors: if this task was cancelled, end it. A library
+    can turn a cancellation into another error (redis-py's socket timeout, through Python 3.11's
+    asyncio.timeout, raises TimeoutError when the cancel and its deadline meet); the loop then went
+    on, cancelled but never told again, and a broker's stop waited for it for ever (CI)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 class Backoff:
     """The pause after failed rounds: doubles from ``low`` up to ``high``; a success resets it."""
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from bridge.background import Backoff
+from bridge.background import Backoff, raise_if_cancelled
 from bridge.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Supervisor:
             try:
                 await one_round()
             except Exception as exc:
+                raise_if_cancelled(exc)
                 self.failed(task, exc)
                 await asyncio.sleep(backoff.failed())
             else:

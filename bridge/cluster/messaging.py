@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from bridge.background import Supervisor, cancel
+from bridge.background import Supervisor, cancel, raise_if_cancelled
 from bridge.clock import Clock
 from bridge.cluster.group_store import GroupAck, group_acks
 from bridge.cluster.holding import Holding, being_delivered
@@ -400,6 +400,12 @@ class ClusterMessaging:
             ids = list(dict.fromkeys(seen.ids))
             delivered = self._held.report_seen(by_user, to_user, ids)
             delivered += await self._queues.mark_delivered(by_user, to_user, ids)
+            # An ack sent after this report may have marked some of them delivered first: its
+            # 'delivered' is staged before this 'seen' (rule 11; tests/test_receipts.py, cluster).
+            in_flight = {task for client_id, tasks in self._acking.items()
+                         if client_id.partition(".")[0] == by_user for task in tasks}
+            if in_flight:
+                await asyncio.wait(in_flight)
             stages = [self._receipt_stage(to_user, RECEIPT_DELIVERED, delivered, by_user)] if delivered else []
             stages.append(self._receipt_stage(to_user, RECEIPT_SEEN, ids, by_user))
             if await self._held.hold_receipts(stages):
@@ -476,6 +482,7 @@ class ClusterMessaging:
                 await step()
                 return
             except StoreError as exc:
+                raise_if_cancelled(exc)
                 log.error("%s not staged yet (%s); retrying", what, exc)
                 await asyncio.sleep(TICK_S)
 

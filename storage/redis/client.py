@@ -39,6 +39,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from bridge.background import raise_if_cancelled
 from bridge.store import NotReplicated, StoreError
 
 RETRY_S = 6.0
@@ -178,6 +179,7 @@ class RedisStore:
             try:
                 return await operation()
             except FAILOVER_ERRORS as exc:
+                raise_if_cancelled(exc)  # (a cancel redis-py's socket timeout turned into TimeoutError)
                 pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 if time.monotonic() + pause > deadline:
                     raise StoreError(f"redis {what}: {exc} (still failing after {self._retry_s:g} s)") from exc
@@ -185,4 +187,5 @@ class RedisStore:
                 self._reseed()
                 await asyncio.sleep(pause)
             except RedisError as exc:
+                raise_if_cancelled(exc)
                 raise StoreError(f"redis {what}: {exc}") from exc

@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisClusterException, RedisError
 
+from bridge.background import raise_if_cancelled
 from bridge.cluster.nodes import NodeInfo, Nudge, NudgeKind
 from bridge.store import StoreError
 from chatproto.ids import split_client_id
@@ -264,6 +265,7 @@ class RedisNodeBus(RedisStore):
             try:
                 await self._renew()
             except Exception as exc:
+                raise_if_cancelled(exc)
                 if not failing:
                     log.error("node %s: renewing its lease failed (%s): trying again", self._node_id, exc)
                 failing = True
@@ -439,6 +441,7 @@ class RedisNodeBus(RedisStore):
                 await self._listen(connection)
                 reason = "Redis ended the subscription (its slot moved)"
             except Exception as exc:
+                raise_if_cancelled(exc)
                 reason = f"{type(exc).__name__}: {exc}"
             finally:
                 if connection is not None:

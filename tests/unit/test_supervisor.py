@@ -97,3 +97,20 @@ def test_an_unwritable_message_is_dropped_its_sender_told_and_never_sent() -> No
     # A re-send of the dropped message is a new message (its id was not remembered), not 'sent'.
     again = s.submit("alice.phone", "alice", msg("bad"), 2000, 3.0)
     assert ("bob.phone", "msg", "bad") in kinds(again)
+
+
+async def test_a_round_whose_cancel_became_another_error_still_ends_the_loop() -> None:
+    """redis-py's socket timeout (Python 3.11's asyncio.timeout) can raise TimeoutError for a cancel
+    that met its deadline: the supervised loop must end all the same, or a broker's stop waits for
+    it for ever (seen in CI: a node's lease loop and a group sweep)."""
+    async def library_call() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise TimeoutError("the deadline and the cancel met") from None
+
+    task = Supervisor().spawn("lease", library_call)
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    assert task.done() and task.cancelled(), "the loop went on after its cancel"
