@@ -27,7 +27,7 @@ class Supervisor(Protocol):
         """A round of ``task`` run outside ``spawn`` succeeded: it is no longer failing."""
 
 
-def raise_if_cancelled(exc: BaseException) -> None:
+def raise_if_cancelled(exc: BaseException | None = None) -> None:
     """For a loop that survives its rounds' errors: if this task was cancelled, end it. A library
     can turn a cancellation into another error (redis-py's socket timeout, through Python 3.11's
     asyncio.timeout, raises TimeoutError when the cancel and its deadline meet); the loop then went

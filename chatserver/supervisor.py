@@ -75,4 +75,5 @@ class Supervisor:
             else:
                 self.succeeded(task)
                 backoff.succeeded()
+                raise_if_cancelled()  # a round that swallowed its cancel (a wait_for timing out with it)
 
