@@ -103,6 +103,7 @@ from chatproto.push import (
     OP_PUSH_UNREGISTER,
     PUSH_PLATFORMS,
     PushRegister,
+    address_refusal,
     check_endpoint,
 )
 from chatproto.topics import (
@@ -216,6 +217,7 @@ __all__ = [
     "Request",
     "ResItem",
     "Seen",
+    "address_refusal",
     "canonical_json",
     "chat_envelope_bytes",
     "check_endpoint",

@@ -11,9 +11,13 @@ Rules:
   it (its ``expirationTime``, null or ms, is taken and not kept; ``p256dh`` an uncompressed P-256
   point, 65 bytes, ``auth`` 16 bytes, both base64url); ``unifiedpush``: ``endpoint``.
 - An endpoint is an absolute ``https`` URL of at most 2048 characters, without user name,
-  password or fragment, whose host is not an IP address in a private, link-local, reserved or
-  multicast range. A loopback host (``127.0.0.0/8``, ``::1``, ``localhost``) is refused unless the
-  server allows it (``push.allow_loopback_endpoints``, for tests), and then ``http`` is allowed too.
+  password or fragment, whose host is not an IP address the server must not be made to connect
+  to (``address_refusal``: anything not globally routable, and multicast; an IPv4 address inside
+  IPv6 -- mapped, 6to4, NAT64, Teredo -- is judged as that IPv4 address). A loopback host
+  (``127.0.0.0/8``, ``::1``, ``localhost``) is refused unless the server allows it
+  (``push.allow_loopback_endpoints``, for tests), and then ``http`` is allowed too. A host name is
+  checked again, resolved, when a push is sent (providers/push/common.py): what it resolves to
+  then is what the rule applies to, and what the connection goes to.
 """
 
 from __future__ import annotations
@@ -76,15 +80,49 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+_NAT64: Final = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are an IPv4 address
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, 6to4, Teredo's server, NAT64), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[0]
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_refusal(address: str, allow_loopback: bool) -> str | None:
+    """Why the server must not connect to the IP address ``address`` for a push (None: it may):
+    loopback (unless ``allow_loopback``), private, link-local, shared (CGNAT), reserved,
+    unspecified, multicast -- anything not globally routable. A text that is no IP address is
+    refused too (the caller resolved it, so it must be one)."""
+    ip = _ip(address.split("%", 1)[0])  # a scoped IPv6 address (fe80::1%eth0) is link-local anyway
+    if ip is None:
+        return "not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = _embedded_ipv4(ip) or ip
+    if ip.is_loopback:
+        return None if allow_loopback else "a loopback address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if not ip.is_global:
+        return "a private, link-local, reserved or unspecified address"
+    return None
+
+
 def _is_loopback(host: str) -> bool:
-    ip = _ip(host)
-    return host.lower() == "localhost" if ip is None else ip.is_loopback
+    if host.lower() == "localhost":
+        return True
+    return _ip(host) is not None and address_refusal(host, False) == "a loopback address"
 
 
 def _is_internal(host: str) -> bool:
-    ip = _ip(host)
-    return ip is not None and (ip.is_private or ip.is_link_local or ip.is_reserved or ip.is_multicast
-                               or ip.is_unspecified)
+    return _ip(host) is not None and address_refusal(host, True) is not None
 
 
 def _b64url_bytes(value: object, name: str, size: int) -> str:

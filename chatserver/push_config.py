@@ -93,5 +93,9 @@ class PushSettings(_Section):
     def platforms(self) -> dict[str, dict[str, object]]:
         """The configured providers: platform -> the settings its ``from_settings`` reads."""
         sections = {"fcm": self.fcm, "apns": self.apns, "webpush": self.webpush, "unifiedpush": self.unifiedpush}
-        return {name: section.model_dump(exclude_none=True) for name, section in sections.items()
-                if section is not None}
+        platforms = {name: section.model_dump(exclude_none=True) for name, section in sections.items()
+                     if section is not None}
+        for name in ("webpush", "unifiedpush"):  # their URLs are clients' choice: checked at each connection
+            if name in platforms:
+                platforms[name]["allow_loopback_endpoints"] = self.allow_loopback_endpoints
+        return platforms
