@@ -314,7 +314,8 @@ class Client(EngineFront):
     def decrypt_preview(self, payload: Mapping[str, Any] | bytes | str) -> PushPreview | None:
         """The push preview in a wake-up, for the app's push handler (no connection needed):
         ``payload`` is FCM's data map, the APNs payload, or the Web Push / UnifiedPush body. None if
-        it carries none, or one this device cannot open or that is forged (docs/SDK.md)."""
+        it carries none, or one this device cannot open or that is forged (docs/SDK.md). Raises
+        ``ChatError`` if encryption is off."""
         return self._e2e().decrypt_preview(payload)
 
     def unregister_push(self, timeout: float = 10.0) -> bool:

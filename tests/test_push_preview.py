@@ -7,6 +7,7 @@ for a device not in ``bodies`` is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -17,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from chatproto import MAX_PREVIEW_CHARS, OP_PUSH_REGISTER, preview_key_object
-from client_sdk import Client
+from client_sdk import AsyncClient, Client, PushPreview
 from client_sdk import preview as P
 from client_sdk.crypto import Account
 from client_sdk.events import Message
@@ -178,3 +179,27 @@ def test_a_preview_too_large_or_for_a_device_not_in_bodies_is_refused(
     finally:
         for peer in made:
             peer.close()
+
+
+def test_the_async_face_registers_its_preview_key_and_opens_previews(
+        broker: BrokerThread, tmp_path: Path, distributor: Distributor) -> None:
+    async def register() -> None:
+        phone = AsyncClient("bob", "bob-pw", device="phone", port=broker.port, store=str(tmp_path / "bob-phone.db"))
+        try:
+            await phone.connect()
+            await phone.register_push("unifiedpush", endpoint=distributor.endpoint("bob-phone"))
+        finally:
+            await phone.close()
+
+    async def opened(body: bytes) -> PushPreview | None:
+        phone = AsyncClient("bob", "bob-pw", device="phone", port=broker.port, store=str(tmp_path / "bob-phone.db"))
+        try:
+            return await phone.decrypt_preview(body)
+        finally:
+            await phone.close()
+
+    asyncio.run(register())
+    mid = sent_by_alice(broker, tmp_path, "hi from the async test")
+    [request] = distributor.wait(1)
+    shown = asyncio.run(opened(request.body))
+    assert shown is not None and (shown.text, shown.message_id) == ("hi from the async test", mid)
