@@ -3,7 +3,7 @@
 the sender's SDK encrypted for the device, which the recipient's SDK opens to the sender's text,
 and nothing in it is plaintext; a preview key whose signature does not verify is ignored by the
 sender; with previews off no payload carries one and push.db keeps none; a preview too large or
-for a device not in ``bodies`` is refused."""
+for a device not in ``bodies`` is refused; Web Push carries it inside the browser's encryption."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from chatproto import MAX_PREVIEW_CHARS, OP_PUSH_REGISTER, preview_key_object
@@ -22,7 +23,11 @@ from client_sdk import AsyncClient, Client, PushPreview
 from client_sdk import preview as P
 from client_sdk.crypto import Account
 from client_sdk.events import Message
-from tests.helpers import WAIT_S, BrokerThread, Peer, online_peer
+from providers.push import webpush
+from testkit.https_server import HttpsServer, make_tls, pem
+from testkit.push_servers import Clock as PushClock
+from testkit.push_servers import FakeWebPush
+from tests.helpers import WAIT_S, BrokerThread, Peer, eventually, online_peer
 from tests.push_distributor import Distributor
 
 PUSH = {"push.enabled": True, "push.allow_loopback_endpoints": True, "push.unifiedpush": {},
@@ -203,3 +208,47 @@ def test_the_async_face_registers_its_preview_key_and_opens_previews(
     [request] = distributor.wait(1)
     shown = asyncio.run(opened(request.body))
     assert shown is not None and (shown.text, shown.message_id) == ("hi from the async test", mid)
+
+
+def test_web_push_carries_the_preview_inside_the_browser_s_encryption(tmp_path: Path) -> None:
+    """Through the broker to a local Web Push service that checks VAPID and decrypts each body with
+    the subscription's key (as the browser would). The endpoint names ``localhost``: the broker
+    resolves it, connects to the address it checked, and TLS still verifies the name."""
+    vapid, tls = ec.generate_private_key(ec.SECP256R1()), make_tls(tmp_path)
+    (tmp_path / "vapid.pem").write_bytes(pem(vapid))
+    fake = FakeWebPush(PushClock(), webpush.public_point(vapid))
+    broker = BrokerThread(tmp_path / "data", {
+        **PUSH, "push.include_preview": True,
+        "push.webpush": {"vapid_private_key_file": str(tmp_path / "vapid.pem"), "subject": "mailto:ops@example.org",
+                         "verify": str(tls.ca_file)}}).start()
+    loop = asyncio.new_event_loop()  # the service's own: it closes after the broker's connections to it
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(HttpsServer(fake.handle, tls).start(), loop).result(WAIT_S)
+    try:
+        broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
+        fake.origin = f"https://localhost:{server.port}"
+        browser = fake.subscribe("bob")
+        phone = client(broker, tmp_path, "bob")
+        try:
+            phone.connect()
+            phone.register_push("webpush", subscription=json.loads(browser.subscription()))
+        finally:
+            phone.close()
+        mid = sent_by_alice(broker, tmp_path, "the secret body", preview="Alice: web")
+        eventually(lambda: len(fake.received) == 1, what="a Web Push")
+        [(_headers, plaintext)] = fake.received
+        assert b"secret" not in server.requests[0].body and b"secret" not in plaintext
+        phone = client(broker, tmp_path, "bob")
+        try:
+            shown = phone.decrypt_preview(plaintext)  # what the service worker hands the app
+            assert shown is not None and (shown.text, shown.message_id) == ("Alice: web", mid)
+        finally:
+            phone.close()
+        assert fake.faults == []
+    finally:
+        broker.stop()
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(WAIT_S)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT_S)
+        loop.close()
