@@ -135,8 +135,10 @@ class PushCore:
             device.preview = preview
             queued = self.queue.get(client_id)
             if queued is not None and client_id not in self._sending and queued.preview != preview:
-                self.queue[client_id] = replace(queued, preview=preview)  # same due time: its heap entry holds
-                return self.queue[client_id]
+                # Same due time: its heap entry holds. (Built directly: replace() costs ~4 µs here.)
+                wake = self.queue[client_id] = QueuedWake(client_id, queued.due_ms, queued.expires_ms,
+                                                          queued.attempts, preview)
+                return wake
         return None if device.connected else self._enqueue(client_id, device, now_ms)
 
     def delivered(self, client_id: str, now_ms: int) -> None:
