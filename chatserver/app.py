@@ -193,7 +193,9 @@ class BrokerApp:
             else:
                 claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
                 close_device = self._close_session
-            key_service = KeyService(keys, keyed, users, messaging, close_device, claims)
+            # Senders learn preview keys with device keys when push previews are on.
+            previews = self.push if self.push is not None and self.push.include_preview else None
+            key_service = KeyService(keys, keyed, users, messaging, close_device, claims, previews)
             assert self._groups is not None
             push_ops = self.push.ops() if self.push is not None else push_unsupported_ops()
             ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **self._groups.ops(),

@@ -36,6 +36,7 @@ from client_sdk.events import (
 from client_sdk.groups import GroupInfo, GroupReceiptInfo, GroupSummary, MemberReceipt
 from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
+from client_sdk.preview import PushPreview
 
 __all__ = [
     "AsyncClient",
@@ -60,6 +61,7 @@ __all__ = [
     "NotConnected",
     "Presence",
     "Privacy",
+    "PushPreview",
     "Receipt",
     "RequestError",
     "RequestTimeout",
