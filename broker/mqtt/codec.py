@@ -80,6 +80,14 @@ def check_first_byte(first: int, kinds: frozenset[int] | None) -> None:
         raise ProtocolViolation(f"{_NAMES[kind]} with flags {first & 0x0F:#x}", _FLAG_RULES.get(kind, "MQTT-2.2.2-2"))
 
 
+def _first_byte_ok(first: int, kinds: frozenset[int] | None) -> bool:
+    try:
+        check_first_byte(first, kinds)
+    except ProtocolViolation:
+        return False
+    return True
+
+
 def check_size(size: int, limit: int, limit_name: str) -> None:
     if size > limit:
         what = "CONNECT" if limit_name == "mqtt.max_connect_bytes" else "packet"
@@ -95,7 +103,7 @@ class Decoder:
     both between packets.
     """
 
-    __slots__ = ("_buf", "_have", "_need", "_parts", "_pos", "kinds", "limit_name", "max_bytes")
+    __slots__ = ("_buf", "_firsts", "_have", "_kinds", "_need", "_parts", "_pos", "limit_name", "max_bytes")
 
     def __init__(self, kinds: frozenset[int] | None, max_bytes: int, limit_name: str = "mqtt.max_packet_bytes") -> None:
         self.kinds = kinds
@@ -106,6 +114,15 @@ class Decoder:
         self._parts: list[bytes] = []  # chunks received after it
         self._have = 0  # bytes not parsed yet: _buf[_pos:] and _parts
         self._need = 1  # bytes needed before a parse can get further
+
+    @property
+    def kinds(self) -> frozenset[int] | None:
+        return self._kinds
+
+    @kinds.setter
+    def kinds(self, kinds: frozenset[int] | None) -> None:
+        self._kinds = kinds
+        self._firsts = frozenset(first for first in range(256) if _first_byte_ok(first, kinds))
 
     @property
     def buffered(self) -> int:
@@ -131,7 +148,8 @@ class Decoder:
             self._buf = buf
         end = len(buf)
         first = buf[pos]
-        check_first_byte(first, self.kinds)
+        if first not in self._firsts:
+            check_first_byte(first, self._kinds)  # raises
         length, shift, index = 0, 0, pos + 1
         while True:  # section 2.2.3: seven bits a byte, at most four bytes
             if index >= end:
@@ -146,11 +164,12 @@ class Decoder:
             if shift == 28:
                 raise ProtocolViolation("remaining length longer than four bytes", "section 2.2.3")
         size = index - pos + length
-        check_size(size, self.max_bytes, self.limit_name)
+        if size > self.max_bytes:
+            check_size(size, self.max_bytes, self.limit_name)  # raises
         if pos + size > end:
             self._wait(pos, size)
             return None
-        packet = decode(first, buf, index, pos + size)
+        packet = _DECODERS[first >> 4](first & 0x0F, buf, index, pos + size)
         pos += size
         self._have = end - pos
         self._need = 1
@@ -285,13 +304,28 @@ def _publish(flags: int, buf: bytes, pos: int, end: int) -> Publish:
     dup = bool(flags & 0x08)
     if dup and not qos:
         raise ProtocolViolation("PUBLISH QoS 0 with DUP set", "MQTT-3.3.1-2")
-    topic, pos = _text(buf, pos, end, "topic name")  # [MQTT-3.3.2-1]
-    _topic_name(topic, "topic name")
-    packet_id = None
+    # The hot path: the topic read inline ([MQTT-3.3.2-1]; _text's rules, and _topic_name's).
+    if pos + 2 > end:
+        raise _overrun()
+    stop = pos + 2 + (buf[pos] << 8 | buf[pos + 1])
+    if stop > end:
+        raise _overrun()
+    try:
+        topic = buf[pos + 2:stop].decode()
+    except UnicodeDecodeError:
+        raise ProtocolViolation("topic name is not well-formed UTF-8", "MQTT-1.5.3-1") from None
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        if "\x00" in topic:
+            raise ProtocolViolation("topic name contains U+0000", "MQTT-1.5.3-2")
+        _topic_name(topic, "topic name")
     if qos:
-        packet_id = _packet_id(buf, pos, end)
-        pos += 2
-    return Publish(topic, buf[pos:end], qos, bool(flags & 0x01), dup, packet_id)
+        if stop + 2 > end:
+            raise _overrun()
+        packet_id = buf[stop] << 8 | buf[stop + 1]
+        if not packet_id:
+            raise ProtocolViolation("packet identifier 0", "MQTT-2.3.1-1")
+        return Publish(topic, buf[stop + 2:end], qos, bool(flags & 0x01), dup, packet_id)
+    return Publish(topic, buf[stop:end], qos, bool(flags & 0x01), dup, None)
 
 
 def _ack(make: Callable[[int], Packet]) -> Callable[[int, bytes, int, int], Packet]:

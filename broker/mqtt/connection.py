@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 
 from broker.mqtt.codec import FROM_CLIENT, MAX_PACKET_ID, SUBACK_FAILURE, Decoder, encode, encode_puback, encode_publish
 from broker.mqtt.errors import (
@@ -108,6 +109,7 @@ class ServerConnection:
         "_partial_since",
         "_subscribes",
         "_to_ack",
+        "_to_ack_ids",
         "_unsubscribes",
         "close_reason",
         "connect",
@@ -140,7 +142,8 @@ class ServerConnection:
         self._eof = False
         self._inflight: set[int] = set()  # our QoS 1 PUBLISHes awaiting PUBACK
         self._next_id = 0
-        self._to_ack: dict[int, None] = {}  # the client's QoS 1 PUBLISHes awaiting our PUBACK, in arrival order
+        self._to_ack: deque[int] = deque()  # the client's QoS 1 PUBLISHes awaiting our PUBACK, in arrival order
+        self._to_ack_ids: set[int] = set()
         self._subscribes: dict[int, tuple[int, ...]] = {}  # SUBSCRIBEs awaiting SUBACK: requested QoS per filter
         self._unsubscribes: set[int] = set()
 
@@ -227,11 +230,12 @@ class ServerConnection:
     def _on_publish(self, publish: Publish) -> Event | None:
         if publish.qos == 1:
             packet_id = publish.packet_id or 0  # QoS 1 has one
-            if packet_id in self._to_ack:
+            if packet_id in self._to_ack_ids:
                 if not publish.dup:
                     raise ProtocolViolation(f"packet identifier {packet_id} is still in use", "MQTT-2.3.1-2")
                 return None  # a re-send of one not acknowledged yet: the first copy is being handled
-            self._to_ack[packet_id] = None
+            self._to_ack.append(packet_id)
+            self._to_ack_ids.add(packet_id)
         elif publish.qos == 2:
             return NotHandled(publish)
         return publish
@@ -303,10 +307,12 @@ class ServerConnection:
         if self.state is not State.CONNECTED:
             self._refused_command("puback")
             return
-        first = next(iter(self._to_ack), None)
-        if first != packet_id:
-            raise LocalProtocolError(f"PUBACK {packet_id}: the next PUBLISH to acknowledge is {first}")
-        del self._to_ack[packet_id]
+        to_ack = self._to_ack
+        if not to_ack or to_ack[0] != packet_id:
+            raise LocalProtocolError(f"PUBACK {packet_id}: the next PUBLISH to acknowledge is "
+                                     f"{to_ack[0] if to_ack else None}")
+        to_ack.popleft()
+        self._to_ack_ids.discard(packet_id)
         self._out.append(encode_puback(packet_id))
 
     def suback(self, packet_id: int, codes: tuple[int, ...] | list[int]) -> None:
