@@ -70,14 +70,17 @@ def _connected() -> ServerConnection:
 
 # The core.
 
-def core_parse_publish(chunks: list[bytes], keep: list[object]) -> float:
-    conn = _connected()
+def _core_read(conn: ServerConnection, chunks: list[bytes], keep: list[object]) -> float:
     started = time.perf_counter()
     for chunk in chunks:
         conn.receive_data(chunk, 0.0)
         while (event := conn.next_event()) is not None:
             keep.append(event)
     return time.perf_counter() - started
+
+
+def core_parse_publish(chunks: list[bytes], keep: list[object]) -> float:
+    return _core_read(_connected(), chunks, keep)
 
 
 def core_encode_puback(ids: list[int]) -> float:
@@ -105,13 +108,7 @@ def core_parse_puback(payloads: list[bytes], keep: list[object]) -> float:
     conn = _connected()
     ids = [conn.publish(DOWNLINK, payload, 1) or 0 for payload in payloads]
     conn.data_to_send()
-    chunks = _chunks(b"".join(encode_puback(i) for i in ids))
-    started = time.perf_counter()
-    for chunk in chunks:
-        conn.receive_data(chunk, 0.0)
-        while (event := conn.next_event()) is not None:
-            keep.append(event)
-    return time.perf_counter() - started
+    return _core_read(conn, _chunks(b"".join(encode_puback(i) for i in ids)), keep)
 
 
 # amqtt 0.12.1.
@@ -168,6 +165,17 @@ def _held_bytes(parse: Callable[[list[object]], float], n: int) -> int:
     return round((after - before) / n)
 
 
+def idle_connection_bytes(n: int = 2000) -> int:
+    """Bytes tracemalloc sees per connected, idle ServerConnection (its CONNECT event included)."""
+    return _held_bytes(lambda keep: _idle_connections(n, keep), n)
+
+
+def _idle_connections(n: int, keep: list[object]) -> float:
+    for _ in range(n):
+        keep.append(_connected())
+    return 0.0
+
+
 def measure_body(body: int, n: int, rounds: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     payloads = _payloads(n, body)
     ids = _ids(n)
@@ -221,8 +229,10 @@ def run(size: str, echo: Callable[[str], None] = print) -> dict[str, Any]:
                      f" ratio {row['amqtt_over_core']}")
     finally:
         loop.close()
+    idle = idle_connection_bytes()
+    echo(f"[mqtt-core] an idle connected ServerConnection: {idle} bytes")
     return {"packets_per_round": n, "rounds": rounds, "chunk_bytes": CHUNK, "python": sys.version.split()[0],
-            "bodies": bodies}
+            "bodies": bodies, "idle_connection_bytes": idle}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -239,4 +249,6 @@ def markdown(result: dict[str, Any]) -> str:
                          row["amqtt_over_core"], row.get("core_held_bytes"), row.get("amqtt_held_bytes")])
     lines += md_table(["body", "operation", "core µs", "amqtt µs", "amqtt / core", "core held B",
                        "amqtt held B"], rows, "llrrrrr")
+    lines += ["", f"An idle connection's state in the core (a connected `ServerConnection` with its CONNECT event):"
+                  f" {result['idle_connection_bytes']:,} bytes (tracemalloc)."]
     return "\n".join([*lines, ""])

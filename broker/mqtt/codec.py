@@ -15,6 +15,7 @@ CONNACK return code), citing its rule; nothing else is raised for any input.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from broker.mqtt.errors import (
@@ -80,6 +81,12 @@ def check_first_byte(first: int, kinds: frozenset[int] | None) -> None:
         raise ProtocolViolation(f"{_NAMES[kind]} with flags {first & 0x0F:#x}", _FLAG_RULES.get(kind, "MQTT-2.2.2-2"))
 
 
+@functools.cache
+def _first_bytes(kinds: frozenset[int] | None) -> frozenset[int]:
+    """The first bytes check_first_byte lets through (one set per kind of sender, shared by every decoder)."""
+    return frozenset(first for first in range(256) if _first_byte_ok(first, kinds))
+
+
 def _first_byte_ok(first: int, kinds: frozenset[int] | None) -> bool:
     try:
         check_first_byte(first, kinds)
@@ -122,7 +129,7 @@ class Decoder:
     @kinds.setter
     def kinds(self, kinds: frozenset[int] | None) -> None:
         self._kinds = kinds
-        self._firsts = frozenset(first for first in range(256) if _first_byte_ok(first, kinds))
+        self._firsts = _first_bytes(kinds)
 
     @property
     def buffered(self) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
 
 from broker.mqtt.codec import FROM_CLIENT, MAX_PACKET_ID, SUBACK_FAILURE, Decoder, encode, encode_puback, encode_publish
 from broker.mqtt.errors import (
@@ -95,6 +94,7 @@ class ServerConnection:
     """The rules of docs/MQTT.md for one client connection; see the module's docstring for the driving loop."""
 
     __slots__ = (
+        "_ack_head",
         "_deadline_s",
         "_decoder",
         "_eof",
@@ -109,7 +109,6 @@ class ServerConnection:
         "_partial_since",
         "_subscribes",
         "_to_ack",
-        "_to_ack_ids",
         "_unsubscribes",
         "close_reason",
         "connect",
@@ -140,12 +139,13 @@ class ServerConnection:
         self._partial_since = math.inf  # when the first byte of an incomplete packet arrived
         self._deadline_s = 0  # keepalive_deadline of the CONNECT (0: off)
         self._eof = False
-        self._inflight: set[int] = set()  # our QoS 1 PUBLISHes awaiting PUBACK
+        # Dicts, not sets: an empty dict is 64 bytes, an empty set 216, and most connections sit idle.
+        self._inflight: dict[int, None] = {}  # our QoS 1 PUBLISHes awaiting PUBACK
         self._next_id = 0
-        self._to_ack: deque[int] = deque()  # the client's QoS 1 PUBLISHes awaiting our PUBACK, in arrival order
-        self._to_ack_ids: set[int] = set()
+        self._to_ack: list[int] = []  # the client's QoS 1 PUBLISHes awaiting our PUBACK, in arrival order,
+        self._ack_head = 0  # from this index on (a list, not a deque: 56 bytes empty, not 624)
         self._subscribes: dict[int, tuple[int, ...]] = {}  # SUBSCRIBEs awaiting SUBACK: requested QoS per filter
-        self._unsubscribes: set[int] = set()
+        self._unsubscribes: dict[int, None] = {}
 
     # Bytes in, events out.
 
@@ -196,7 +196,7 @@ class ServerConnection:
             return self._on_publish(packet)
         if isinstance(packet, PubAck):
             if packet.packet_id in self._inflight:
-                self._inflight.discard(packet.packet_id)
+                del self._inflight[packet.packet_id]
                 return packet
             return None  # not ours (e.g. of an earlier connection): nothing to complete
         if isinstance(packet, PingReq):
@@ -206,7 +206,7 @@ class ServerConnection:
             self._subscribes[packet.packet_id] = tuple(qos for _, qos in packet.filters)
             return packet
         if isinstance(packet, Unsubscribe):
-            self._unsubscribes.add(packet.packet_id)
+            self._unsubscribes[packet.packet_id] = None
             return packet
         if isinstance(packet, Disconnect):
             self.will = None  # [MQTT-3.1.2-10]: a DISCONNECT discards the will
@@ -229,13 +229,9 @@ class ServerConnection:
 
     def _on_publish(self, publish: Publish) -> Event | None:
         if publish.qos == 1:
-            packet_id = publish.packet_id or 0  # QoS 1 has one
-            if packet_id in self._to_ack_ids:
-                if not publish.dup:
-                    raise ProtocolViolation(f"packet identifier {packet_id} is still in use", "MQTT-2.3.1-2")
-                return None  # a re-send of one not acknowledged yet: the first copy is being handled
-            self._to_ack.append(packet_id)
-            self._to_ack_ids.add(packet_id)
+            # A PUBLISH that reuses an id we have not acknowledged yet (a re-send with DUP) is
+            # delivered again and acknowledged again: QoS 1 is at least once (section 4.3.2).
+            self._to_ack.append(publish.packet_id or 0)  # QoS 1 has one
         elif publish.qos == 2:
             return NotHandled(publish)
         return publish
@@ -287,7 +283,7 @@ class ServerConnection:
             if packet_id not in self._inflight:
                 break
         self._next_id = packet_id
-        self._inflight.add(packet_id)
+        self._inflight[packet_id] = None
         self._out.append(encode_publish(name, payload, 1, packet_id, retain))
         return packet_id
 
@@ -298,7 +294,7 @@ class ServerConnection:
             return
         if not 0 < packet_id <= MAX_PACKET_ID:
             raise LocalProtocolError(f"packet id {packet_id}")
-        self._inflight.add(packet_id)
+        self._inflight[packet_id] = None
         name = topic.encode() if isinstance(topic, str) else topic
         self._out.append(encode_publish(name, payload, 1, packet_id, retain, dup=True))
 
@@ -307,12 +303,15 @@ class ServerConnection:
         if self.state is not State.CONNECTED:
             self._refused_command("puback")
             return
-        to_ack = self._to_ack
-        if not to_ack or to_ack[0] != packet_id:
+        to_ack, head = self._to_ack, self._ack_head
+        if head >= len(to_ack) or to_ack[head] != packet_id:
             raise LocalProtocolError(f"PUBACK {packet_id}: the next PUBLISH to acknowledge is "
-                                     f"{to_ack[0] if to_ack else None}")
-        to_ack.popleft()
-        self._to_ack_ids.discard(packet_id)
+                                     f"{to_ack[head] if head < len(to_ack) else None}")
+        if head + 1 == len(to_ack):
+            to_ack.clear()
+            self._ack_head = 0
+        else:
+            self._ack_head = head + 1
         self._out.append(encode_puback(packet_id))
 
     def suback(self, packet_id: int, codes: tuple[int, ...] | list[int]) -> None:
@@ -337,7 +336,7 @@ class ServerConnection:
             return
         if packet_id not in self._unsubscribes:
             raise LocalProtocolError(f"UNSUBACK {packet_id} answers no UNSUBSCRIBE")
-        self._unsubscribes.discard(packet_id)
+        del self._unsubscribes[packet_id]
         self._out.append(encode(UnsubAck(packet_id)))
 
     def close(self, reason: str, rule: str = "") -> Closed | None:
