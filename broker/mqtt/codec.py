@@ -16,6 +16,7 @@ CONNACK return code), citing its rule; nothing else is raised for any input.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 
 from broker.mqtt.errors import (
@@ -151,7 +152,7 @@ class Decoder:
             # The common case, one chunk after the last whole packet, is used as it is: no copy.
             buf = parts[0] if pos == len(buf) and len(parts) == 1 else b"".join([buf[pos:], *parts])
             pos = 0
-            self._parts = []
+            parts.clear()
             self._buf = buf
         end = len(buf)
         first = buf[pos]
@@ -416,7 +417,9 @@ _DECODERS: tuple[Callable[[int, bytes, int, int], Packet], ...] = (
 def remaining_length(size: int) -> bytes:
     """Section 2.2.3: the variable-length size of what follows the fixed header."""
     if size < 128:
-        return bytes((size,))
+        return _BYTE[size]
+    if size < 16_384:
+        return bytes((size & 0x7F | 0x80, size >> 7))
     if size > MAX_REMAINING_LENGTH:
         raise LocalProtocolError(f"a packet body of {size} bytes is over MQTT's limit")
     out = bytearray()
@@ -427,18 +430,20 @@ def remaining_length(size: int) -> bytes:
             return bytes(out)
 
 
+_BYTE = tuple(bytes((value,)) for value in range(256))
+_U16 = struct.Struct(">H").pack
+
+
 def encode_publish(topic: bytes, payload: bytes, qos: int = 0, packet_id: int | None = None, retain: bool = False,
                    dup: bool = False) -> bytes:
     """A PUBLISH with a UTF-8 ``topic`` (section 3.3) and ``packet_id`` when ``qos`` > 0."""
-    first = 0x30 | qos << 1 | retain | dup << 3
+    first = _BYTE[0x30 | qos << 1 | retain | dup << 3]
     if qos:
         if not packet_id:
             raise LocalProtocolError("a QoS 1/2 PUBLISH needs a packet id")
-        size = len(topic) + len(payload) + 4
-        return b"".join((bytes((first,)), remaining_length(size), len(topic).to_bytes(2, "big"), topic,
-                         packet_id.to_bytes(2, "big"), payload))
-    size = len(topic) + len(payload) + 2
-    return b"".join((bytes((first,)), remaining_length(size), len(topic).to_bytes(2, "big"), topic, payload))
+        return b"".join((first, remaining_length(len(topic) + len(payload) + 4), _U16(len(topic)), topic,
+                         _U16(packet_id), payload))
+    return b"".join((first, remaining_length(len(topic) + len(payload) + 2), _U16(len(topic)), topic, payload))
 
 
 def encode_puback(packet_id: int) -> bytes:

@@ -162,7 +162,9 @@ class ServerConnection:
     def next_event(self) -> Event | None:
         """The next event, or None: more bytes are needed, or the shell must accept/refuse the CONNECT first."""
         state = self.state
-        if state is State.CONNECTING or state is State.CLOSED:
+        if state is State.CONNECTING:  # nothing is parsed until the shell answers the CONNECT
+            return self._closed("the client closed the connection", "MQTT-3.1.2-8") if self._eof else None
+        if state is State.CLOSED:
             return None
         try:
             while True:
@@ -245,7 +247,8 @@ class ServerConnection:
 
     def accept(self, session_present: bool = False) -> None:
         """Answer the CONNECT with CONNACK 0 [MQTT-3.2.2-1..3]; the packets after it come out of next_event."""
-        self._expect(State.CONNECTING, "accept")
+        if self._closed_already("accept"):
+            return
         connect: Connect = self.connect  # type: ignore[assignment]  # set in CONNECTING
         self._out.append(encode(ConnAck(ACCEPTED, session_present and not connect.clean_session)))
         self.state = State.CONNECTED
@@ -254,7 +257,8 @@ class ServerConnection:
 
     def refuse(self, code: int) -> None:
         """Answer the CONNECT with CONNACK ``code`` (1-5), then nothing more [MQTT-3.2.2-4, -5]."""
-        self._expect(State.CONNECTING, "refuse")
+        if self._closed_already("refuse"):
+            return
         if not 1 <= code <= 5:
             raise LocalProtocolError(f"CONNACK refusal code {code} (1..5)")
         self._out.append(encode(ConnAck(code)))
@@ -386,9 +390,14 @@ class ServerConnection:
         """Bytes received and not yet part of an event (what the client makes us hold)."""
         return self._decoder.buffered
 
-    def _expect(self, state: State, command: str) -> None:
-        if self.state is not state:
+    def _closed_already(self, command: str) -> bool:
+        """accept/refuse: True if the connection ended meanwhile (the client went, or a deadline passed, while
+        the shell was logging it in); only CONNECTING may be answered."""
+        if self.state is State.CLOSED:
+            return True
+        if self.state is not State.CONNECTING:
             raise LocalProtocolError(f"{command} in state {self.state.value}")
+        return False
 
     def _refused_command(self, command: str) -> None:
         """A command after the end is dropped (the shell may race with a close); before CONNACK it is a bug."""

@@ -91,6 +91,15 @@ def test_refuse_answers_connack_and_closes() -> None:
         fresh().refuse(0x05)  # no CONNECT to refuse
 
 
+def test_the_end_of_the_stream_while_logging_in() -> None:
+    conn = fresh(encode(Connect("alice.phone", will=WILL)))
+    conn.next_event()
+    conn.receive_data(b"", 1.0)
+    assert conn.next_event() == Closed("the client closed the connection", "MQTT-3.1.2-8", None)  # no will yet
+    conn.accept()  # the login finished after the client went: nothing happens
+    assert (conn.state, conn.data_to_send()) == (State.CLOSED, b"")
+
+
 def test_session_present_only_without_clean_session() -> None:
     for clean, expected in ((True, 0), (False, 1)):
         conn = fresh(encode(Connect("alice.phone", clean_session=clean)))
