@@ -241,7 +241,9 @@ def markdown(result: dict[str, Any]) -> str:
              f" turns), time per packet in one process (Python {result['python']}). The core is fed"
              f" {result['chunk_bytes']:,}-byte chunks; amqtt's reader reads from a StreamReader that already"
              " holds the whole stream. 'held' is what tracemalloc sees allocated per parsed packet while the"
-             " packets are kept.", ""]
+             f" packets are kept. The machine's load average was {result['machine']['load_average_1m']:.1f} at the"
+             f" start ({result['machine']['nproc']} cores): other work makes the figures noisier, the ratio less"
+             " so (the two run in turns).", ""]
     rows = []
     for body, data in result["bodies"].items():
         for op, row in data["ops"].items():
