@@ -211,3 +211,49 @@ def test_the_core_imports_no_io() -> None:
             "print(sorted(m for m in ('asyncio', 'amqtt', 'socket', 'selectors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+COMMANDS = st.lists(st.one_of(
+    st.tuples(st.just("publish"), st.integers(0, 1), DATA),
+    st.tuples(st.just("client"), FROM_CLIENT_PACKETS.filter(lambda p: not isinstance(p, Disconnect))),
+    st.tuples(st.just("ack"), st.integers(0, 5)),  # the client acknowledges our n-th PUBLISH in flight
+), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(COMMANDS, st.integers(1, 4))
+def test_what_the_core_sends_is_valid_mqtt(commands: list[tuple[object, ...]], cap: int) -> None:
+    """Whatever the client sends and we command, data_to_send parses as server packets; QoS 1 ids in flight
+    are unique and never more than the cap; every SUBSCRIBE / UNSUBSCRIBE / QoS 1 PUBLISH gets its answer."""
+    conn = ServerConnection(LIMITS, 0.0, max_unacked=cap)
+    conn.receive_data(encode(Connect("alice.phone")), 0.0)
+    conn.next_event()
+    conn.accept()
+    inflight: list[int] = []
+    client = Decoder(FROM_SERVER, 1 << 20)
+    for command in commands:
+        if command[0] == "publish":
+            packet_id = conn.publish("u/alice/in", command[2], command[1])  # type: ignore[arg-type]
+            if packet_id:
+                assert packet_id not in inflight
+                inflight.append(packet_id)
+            assert len(inflight) <= cap
+        elif command[0] == "ack" and inflight:
+            conn.receive_data(encode(PubAck(inflight.pop(command[1] % len(inflight)))), 0.0)  # type: ignore[operator]
+        elif command[0] == "client":
+            packet = command[1]
+            if isinstance(packet, PubAck) and packet.packet_id in inflight:
+                inflight.remove(packet.packet_id)
+            conn.receive_data(encode(packet), 0.0)  # type: ignore[arg-type]
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, Publish) and event.qos == 1:
+                conn.puback(event.packet_id or 0)
+            elif isinstance(event, Subscribe):
+                conn.suback(event.packet_id, [min(qos, 1) for _, qos in event.filters])
+            elif isinstance(event, Unsubscribe):
+                conn.unsuback(event.packet_id)
+        client.feed(conn.data_to_send())
+        while client.next_packet() is not None:
+            pass
+        assert client.buffered == 0  # whole packets only
+    assert conn.unacked == len(inflight)
