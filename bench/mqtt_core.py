@@ -33,8 +33,8 @@ from amqtt.mqtt.publish import PublishPacket
 
 from bench.common import md_table
 from bench.loadgen import message_parts
-from broker.mqtt.codec import encode, encode_puback, encode_publish
 from broker.mqtt.connection import ServerConnection
+from broker.mqtt.encoding import encode, encode_puback, encode_publish
 from broker.mqtt.events import Connect
 from broker.mqtt.limits import WireLimits
 

@@ -5,7 +5,7 @@ a ``drain`` and a 5 s ``wait_for`` on the PUBACK, per item (the profile in
 bench/results/analysis.md puts that at a third of the broker's CPU per message).
 A chat item needs none of it: the bridge's staging store, not the MQTT session,
 redelivers what a device has not acked (PROTOCOL.md rule 5), so the PUBACK only
-has to free its packet id. Here ``DownlinkWriter.send`` takes the encoded PUBLISH (broker/mqtt/codec.py),
+has to free its packet id. Here ``DownlinkWriter.send`` takes the encoded PUBLISH (broker/mqtt/encoding.py),
 appends it to a per-connection buffer and writes the buffer once per event-loop
 iteration (one ``send()`` for a burst such as a backlog window), in call order.
 

@@ -64,7 +64,7 @@ from broker.downlink import (
     streams_bytes,
 )
 from broker.lazy_queue import LazyEvent, LazyQueue
-from broker.mqtt.codec import encode_puback, encode_publish
+from broker.mqtt.encoding import encode_puback, encode_publish
 from broker.silence import SilenceWatch
 from broker.wire import PacketGate
 from chatproto import is_chat_topic

@@ -23,7 +23,8 @@ from __future__ import annotations
 import enum
 import math
 
-from broker.mqtt.codec import FROM_CLIENT, MAX_PACKET_ID, SUBACK_FAILURE, Decoder, encode, encode_puback, encode_publish
+from broker.mqtt.codec import FROM_CLIENT, MAX_PACKET_ID, SUBACK_FAILURE, Decoder
+from broker.mqtt.encoding import encode, encode_puback, encode_publish
 from broker.mqtt.errors import (
     ACCEPTED,
     IDENTIFIER_REJECTED,

@@ -1,4 +1,4 @@
-"""The task-free chat downlink (broker/downlink.py; the bytes by broker/mqtt/codec.py) writes the same bytes
+"""The task-free chat downlink (broker/downlink.py; the bytes by broker/mqtt/encoding.py) writes the same bytes
 amqtt would, and never reuses a packet id that is still in flight on either path."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from amqtt.mqtt.publish import PublishPacket
 
 from broker.downlink import DownlinkWriter, PacketIds
-from broker.mqtt.codec import encode_publish, remaining_length
+from broker.mqtt.encoding import encode_publish, remaining_length
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])

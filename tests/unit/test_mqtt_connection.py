@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from broker.mqtt.codec import encode
 from broker.mqtt.connection import ServerConnection, State, keepalive_deadline
+from broker.mqtt.encoding import encode
 from broker.mqtt.errors import ConnectRefused, LocalProtocolError, ProtocolViolation
 from broker.mqtt.events import (
     Closed,

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from bench.chaos.hostile import raw_connect
 from bench.common import connect_packet
-from broker.mqtt.codec import FROM_CLIENT, FROM_SERVER, Decoder, decode, encode
+from broker.mqtt.codec import FROM_CLIENT, FROM_SERVER, Decoder, decode
 from broker.mqtt.connection import ServerConnection, State
+from broker.mqtt.encoding import encode
 from broker.mqtt.errors import ProtocolViolation
 from broker.mqtt.events import (
     ConnAck,
