@@ -39,9 +39,9 @@ from broker.auth import Authenticator
 from broker.front import ListenerError
 from broker.login_guard import LoginGuard
 from broker.login_throttle import LoginThrottle, MemoryThrottle
+from broker.mqtt.limits import WireLimits
 from broker.server import ChatBroker
 from broker.settings import BrokerSettings, ListenerSettings
-from broker.wire import WireLimits
 from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_node_id
 from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import OpsServer
