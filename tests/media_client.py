@@ -117,6 +117,10 @@ class MediaClient:
         offset = start_offset
         while True:
             status, sealed = await self.patch(dev, upload, offset, min(size, offset + chunk))
+            if status == 409:  # a cut PATCH's bytes landed after the GET: go on from the stored offset
+                assert sealed is not None and sealed["error"] == "offset_mismatch", sealed
+                offset = int(sealed["offset"])
+                continue
             offset = min(size, offset + chunk)
             if status == 200:
                 assert sealed is not None
