@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from tests.helpers import BrokerThread
 from tests.media_client import Device, MediaClient, MiB, add_device, create_group, file_digest, media_broker
+from tests.test_listeners import make_cert
 
 SIZE = 50 * MiB
 
@@ -164,3 +166,32 @@ async def test_files_are_private(broker: BrokerThread, client: MediaClient) -> N
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
     assert stat.S_IMODE((broker.settings.data_path / "media.db").stat().st_mode) == 0o600
     assert any(p.name == sealed["sha256"] for p in root.rglob("*"))
+
+
+async def test_https_and_metrics(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    broker = media_broker(tmp_path / "data", **{"media.certfile": str(cert), "media.keyfile": str(key),
+                                                "metrics.bind": "127.0.0.1:0"})
+    try:
+        host, port = broker.address("media")
+        context = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
+            client = MediaClient(http, f"https://{host}:{port}/v1/media")
+            alice, bob = add_device(broker, "alice", "phone"), add_device(broker, "bob", "phone")
+            sealed = await client.upload(alice, "bob", 3 * MiB, chunk=MiB)
+            status, digest, _ = await client.download(bob, sealed["url"])
+            assert (status, digest) == (200, sealed["sha256"])
+            async with http.head(client.base + sealed["url"].removeprefix("/v1/media"), headers=bob.auth) as r:
+                assert r.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+                assert r.headers["ETag"] == f'"{sealed["sha256"]}"' and r.headers["Accept-Ranges"] == "bytes"
+            await client.create(alice, "bob", 10**12)
+        mhost, mport = broker.address("metrics")
+        async with aiohttp.ClientSession() as http, http.get(f"http://{mhost}:{mport}/metrics") as r:
+            scrape = await r.text()
+        for line in ("chat_media_stored_bytes 3.145728e+06", "chat_media_blobs 1.0", "chat_media_uploads 0.0",
+                     "chat_media_received_bytes_total 3.145728e+06", "chat_media_sent_bytes_total 3.145728e+06",
+                     'chat_media_refusals_total{code="too_large"} 1.0'):
+            assert line in scrape, line
+        assert 'chat_background_failures_total{task="media_sweep"} 0.0' in scrape
+    finally:
+        broker.stop()
