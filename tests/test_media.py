@@ -15,7 +15,17 @@ import aiohttp
 import pytest
 
 from tests.helpers import BrokerThread
-from tests.media_client import Device, MediaClient, MiB, add_device, create_group, file_digest, media_broker
+from tests.media_client import (
+    Device,
+    MediaClient,
+    MiB,
+    add_device,
+    charged,
+    connected,
+    create_group,
+    file_digest,
+    media_broker,
+)
 from tests.test_listeners import make_cert
 
 SIZE = 50 * MiB
@@ -30,16 +40,14 @@ def broker(tmp_path: Path) -> Iterator[BrokerThread]:
 
 @pytest.fixture
 async def client(broker: BrokerThread) -> AsyncIterator[MediaClient]:
-    host, port = broker.address("media")
-    async with aiohttp.ClientSession() as http:
-        yield MediaClient(http, f"http://{host}:{port}/v1/media")
+    async with connected(broker) as made:
+        yield made
 
 
 def metric(broker: BrokerThread, name: str) -> float:
-    service = broker.app.media.service if broker.app.media else None
-    assert service is not None
-    return float({"stored": service.counters.stored_bytes, "blobs": service.counters.blobs,
-                  "charged": sum(service._usage.charged.values())}[name])
+    assert broker.app.media is not None
+    counters = broker.app.media.service.counters
+    return float({"stored": counters.stored_bytes, "blobs": counters.blobs, "charged": charged(broker)}[name])
 
 
 async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, client: MediaClient) -> None:
@@ -111,9 +119,8 @@ async def test_refusals_are_clear(tmp_path: Path) -> None:
     broker = media_broker(tmp_path / "data", **{"media.max_bytes": 10 * MiB, "media.chunk_max_bytes": MiB,
                                                 "media.quota_bytes": 12 * MiB, "media.max_uploads": 2})
     try:
-        host, port = broker.address("media")
-        async with aiohttp.ClientSession() as http:
-            client = MediaClient(http, f"http://{host}:{port}/v1/media")
+        async with connected(broker) as client:
+            http = client.http
             alice = add_device(broker, "alice", "phone")
             add_device(broker, "bob", "phone")
             assert (await client.create(alice, "bob", 10 * MiB + 1))[1]["error"] == "too_large"
@@ -173,10 +180,8 @@ async def test_https_and_metrics(tmp_path: Path) -> None:
     broker = media_broker(tmp_path / "data", **{"media.certfile": str(cert), "media.keyfile": str(key),
                                                 "metrics.bind": "127.0.0.1:0"})
     try:
-        host, port = broker.address("media")
-        context = ssl.create_default_context(cafile=str(cert))
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
-            client = MediaClient(http, f"https://{host}:{port}/v1/media")
+        async with connected(broker, ssl.create_default_context(cafile=str(cert))) as client:
+            http = client.http
             alice, bob = add_device(broker, "alice", "phone"), add_device(broker, "bob", "phone")
             sealed = await client.upload(alice, "bob", 3 * MiB, chunk=MiB)
             status, digest, _ = await client.download(bob, sealed["url"])

@@ -8,10 +8,8 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
-from tests.helpers import BrokerThread, Peer
-from tests.media_client import Device, MediaClient, MiB, add_device, media_broker
+from tests.helpers import Peer
+from tests.media_client import Device, MiB, add_device, charged, connected, media_broker
 
 FAST = {"media.sweep_s": 0.05, "media.upload_ttl_s": 0.5, "media.ttl_days": 1.5 / 86_400}  # 1.5 s
 
@@ -24,17 +22,10 @@ async def wait_for(check: Callable[[], bool], what: str, within: float = 10.0) -
     raise AssertionError(f"{what}: not within {within}s")
 
 
-def charged(broker: BrokerThread) -> int:
-    assert broker.app.media is not None
-    return sum(broker.app.media.service._usage.charged.values())
-
-
 async def test_sweep_frees_abandoned_uploads_and_expired_blobs(tmp_path: Path) -> None:
     broker = media_broker(tmp_path / "data", **FAST)
     try:
-        host, port = broker.address("media")
-        async with aiohttp.ClientSession() as http:
-            client = MediaClient(http, f"http://{host}:{port}/v1/media")
+        async with connected(broker) as client:
             alice = add_device(broker, "alice", "phone")
             add_device(broker, "bob", "phone")
             _, body = await client.create(alice, "bob", 2 * MiB)
@@ -43,7 +34,7 @@ async def test_sweep_frees_abandoned_uploads_and_expired_blobs(tmp_path: Path) -
             assert staging.exists()
             await wait_for(lambda: charged(broker) == 0, "abandoned upload freed")
             assert not staging.exists()
-            async with http.get(f"{client.base}/uploads/{body['upload']}", headers=alice.auth) as r:
+            async with client.http.get(f"{client.base}/uploads/{body['upload']}", headers=alice.auth) as r:
                 assert r.status == 404
             sealed = await client.upload(alice, "bob", MiB)
             assert charged(broker) == MiB
@@ -57,9 +48,7 @@ async def test_sweep_frees_abandoned_uploads_and_expired_blobs(tmp_path: Path) -
 async def test_a_removed_device_is_not_waited_for(tmp_path: Path) -> None:
     broker = media_broker(tmp_path / "data")
     try:
-        host, port = broker.address("media")
-        async with aiohttp.ClientSession() as http:
-            client = MediaClient(http, f"http://{host}:{port}/v1/media")
+        async with connected(broker) as client:
             alice = add_device(broker, "alice", "phone")
             bob, _ = add_device(broker, "bob", "phone"), add_device(broker, "bob", "laptop")
             sealed = await client.upload(alice, "bob", MiB)
@@ -112,8 +101,7 @@ async def test_fuzzed_concurrent_bad_requests_never_stop_the_endpoint(tmp_path: 
     broker = media_broker(tmp_path / "data", **{"media.sweep_s": 0.05})
     try:
         address = broker.address("media")
-        async with aiohttp.ClientSession() as http:
-            client = MediaClient(http, f"http://{address[0]}:{address[1]}/v1/media")
+        async with connected(broker) as client:
             alice = add_device(broker, "alice", "phone")
             add_device(broker, "bob", "phone")
             _, body = await client.create(alice, "bob", MiB)
