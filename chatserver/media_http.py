@@ -183,6 +183,8 @@ def _refusal(service: MediaService, exc: MediaError) -> web.Response:
     if exc.offset is not None:
         body["offset"] = exc.offset
         headers["Upload-Offset"] = str(exc.offset)
+    if exc.size is not None:
+        headers["Content-Range"] = f"bytes */{exc.size}"  # RFC 9110 section 15.5.17
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
     if exc.code == "unauthorized":

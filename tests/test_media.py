@@ -73,6 +73,9 @@ async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, cli
     assert (status, length) == (206, 10 * MiB)
     parts = [await client.download(bob, url, a, b - 1) for a, b in ((0, 7), (7, SIZE))]
     assert [p[2] for p in parts] == [7, SIZE - 7]
+    async with client.http.get(client.base + url.removeprefix("/v1/media"), headers={**bob.auth,
+                                                                                      "Range": f"bytes={SIZE}-"}) as r:
+        assert (r.status, r.headers["Content-Range"]) == (416, f"bytes */{SIZE}")
     # A stranger sees nothing; the blob goes once bob's phone and alice's laptop said fetched.
     eve = add_device(broker, "eve", "phone")
     assert (await client.download(eve, url))[0] == 404

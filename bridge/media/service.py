@@ -258,6 +258,7 @@ class MediaService:
         for upload in core.abandoned(list(self._uploads.values()), busy, now, self.limits):
             await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
             await self._store.drop_upload(upload.id)
+            self._locks.pop(upload.id, None)  # not held: ``busy`` left it out
             if self._uploads.pop(upload.id, None) is not None:
                 self._usage.end_upload(upload.user, upload.size, keep_charge=False)
             log.info("media: upload %s of %s abandoned after %d s idle", upload.id, upload.user,
