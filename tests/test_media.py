@@ -56,13 +56,12 @@ async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, cli
     status, body = await client.create(alice, "bob", SIZE)
     assert status == 201 and body["offset"] == 0 and body["chunk_max"] == 8 * MiB
     upload = body["upload"]
-    # First 20 MiB, then a PATCH cut after 3 of its 8 MiB: the bytes that arrived are kept.
-    sealed = None
-    for start in (0, 8 * MiB):
+    # 24 MiB, then a PATCH cut after 2 of its 8 MiB (halfway through the file): what arrived is kept.
+    for start in (0, 8 * MiB, 16 * MiB):
         assert (await client.patch(alice, upload, start, start + 8 * MiB))[0] == 204
-    await client.cut_patch(broker.address("media"), alice, upload, 16 * MiB, 8 * MiB, 3 * MiB)
+    await client.cut_patch(broker.address("media"), alice, upload, 24 * MiB, 8 * MiB, 2 * MiB)
     offset = await _settled_offset(client, alice, upload)
-    assert 16 * MiB <= offset <= 19 * MiB
+    assert 24 * MiB <= offset <= 26 * MiB
     sealed = await client.upload(alice, "bob", SIZE, start_offset=offset, upload=upload)
     assert sealed["sha256"] == file_digest(SIZE) and sealed["size"] == SIZE
     assert (await client.offset(alice, upload))["url"] == sealed["url"]
