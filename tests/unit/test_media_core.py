@@ -8,6 +8,8 @@ import pytest
 
 from bridge.media import core
 from bridge.media.core import MediaError, MediaLimits, Upload, Usage
+from chatserver import media as media_wiring
+from chatserver.config import ConfigError, build_settings
 from storage.sqlite.media import SqliteMediaStore
 
 LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=150, max_uploads=2, upload_ttl_ms=1000, ttl_ms=5000)
@@ -139,3 +141,11 @@ async def test_sqlite_records(tmp_path: Path) -> None:
         assert await store.sealed("u1") is None
     finally:
         await store.close()
+
+
+async def test_an_s3_backend_without_its_module_stops_the_start(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(media_wiring, "S3_MODULE", "storage.media.no_such_module")
+    settings = build_settings({"media": {"backend": "s3", "s3": {"bucket": "b"}}}).media
+    with pytest.raises(ConfigError, match=r"media.backend is s3 but storage.media.no_such_module cannot be imported"):
+        await media_wiring.open_blobs(settings, tmp_path)
