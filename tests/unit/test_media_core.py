@@ -1,4 +1,4 @@
-"""bridge/media/core.py, the media rules, and storage/sqlite/media.py, their records."""
+"""bridge/media/core.py, the media rules; storage/sqlite/media.py, their records; the s3 wiring's refusal."""
 
 from __future__ import annotations
 
