@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from bridge.cluster.group_store import Mark, MarkKind
+from bridge.cluster.group_store import GroupExpiry, Mark, MarkKind
 from broker import credentials
 from storage.redis.group_log import RedisGroupLog
 from storage.redis.users import RedisUserStore
@@ -402,5 +402,82 @@ def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
         assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "staged once"
         eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tp]*") == {}, what="nothing left")
+    finally:
+        deployment.stop()
+
+
+async def expire_and_die(redis_cluster: RedisCluster, prefix: str, group: str, gseq: int) -> None:
+    """What a node does when a member's copy of ``gseq`` expires, before it stages the receipts (the hint, the
+    report to the group's slot), and no more."""
+    log = await RedisGroupLog.open(redis_cluster.startup_nodes, prefix)
+    try:
+        await log.hint(group, 0)
+        await log.expire(group, [GroupExpiry(group, gseq, False)], "died expiring")
+    finally:
+        await log.close()
+
+
+def test_an_expiry_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """Bob's ack completed m1 on a node that died before staging ``delivered``; then a device's copy expired on
+    a node that died before staging ``expired``. A sweep stages ``delivered`` then ``expired`` for alice,
+    once; bob's seen report after changes nothing, and nothing of m1 is left in Redis."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"staging.sweep_s": 0.5}, nodes=2).start()
+    try:
+        deployment.add_users({user: f"{user}-pw" for user in ("alice", "bob")})
+        alice, bob = deployment.peer(0, made, "alice"), deployment.peer(1, made, "bob")
+        group = ok(alice, "group.create", name="g", members=["bob"])["group"]
+        send(alice, group, "m1")
+        alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] == "sent")
+        copy = bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+        asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group, [Mark(MarkKind.DELIVERED, "bob", 2)]))
+        asyncio.run(expire_and_die(redis_cluster, deployment.prefix, group, copy["gseq"]))
+        got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15) for _ in range(2)]
+        assert [(i["status"], i["ids"], i["peer"]) for i in got] == [("delivered", ["m1"], group),
+                                                                      ("expired", ["m1"], group)]
+        bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
+        bob.publish("u/bob/ack", {"seqs": [copy["seq"]]})
+        assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "once, and nothing after"
+        assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
+        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpbx]*") == {}, what="nothing left")
+    finally:
+        deployment.stop()
+
+
+def test_a_member_s_high_water_mark_goes_after_leaving_and_a_rejoin_gets_only_new_items(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """Bob leaves a group: his high-water mark of it stays for the grace (a fanout run again must find it),
+    then a later fanout to him drops it; rejoined, he gets the group from his ``member_added`` on, nothing
+    of before again (docs/SCALING.md)."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"limits.send_burst": 5000}, nodes=2).start()
+    try:
+        deployment.add_users({"alice": "alice-pw", "bob": "same-pw"})  # (Collector logs in with same-pw)
+        alice = deployment.peer(0, made, "alice")
+        bob = Collector(deployment.nodes[1].port, made, "bob", None)
+        left, other = (ok(alice, "group.create", name=name, members=["bob"])["group"] for name in ("left", "other"))
+        send(alice, left, "m1")
+        eventually(lambda: bob.ids() == ["m1"], what="m1")
+        bob.peer.request("group.leave", {"group": left})
+        eventually(lambda: (3, "member_left") in bob.stream(), what="bob's own member_left")
+        prefix, host, port = deployment.prefix, *redis_cluster.startup_nodes[0]
+        marks = f"{prefix}gw:{{bob}}"
+        assert list(redis_keys(redis_cluster, prefix, "gwx:*").values()) == [[left]]
+        assert redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {left: "3", other: "1"}}, "kept for now"
+        client = redis.RedisCluster(host=host, port=port, decode_responses=True)
+        try:
+            client.zadd(f"{prefix}gwx:{{bob}}", {left: 0})  # the grace has passed
+        finally:
+            client.close()
+        send(alice, other, "o1")  # a fanout to bob, of any group, drops it
+        eventually(lambda: redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {other: "2"}},
+                   what="the mark of the group left dropped")
+        assert redis_keys(redis_cluster, prefix, "gwx:*") == {}
+        ok(alice, "group.add", group=left, members=["bob"])
+        send(alice, left, "m2")
+        eventually(lambda: bob.ids() == ["m1", "o1", "m2"], what="m2")
+        with bob.lock:  # every item bob got of the group, repeats included
+            got = [(i["gseq"], i.get("id") or i["event"]) for i in bob.items if left in (i.get("group"), i.get("to"))]
+        assert got == [(1, "created"), (2, "m1"), (3, "member_left"), (4, "member_added"), (5, "m2")]
+        assert redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {other: "2", left: "5"}}
     finally:
         deployment.stop()
