@@ -8,6 +8,7 @@ receipt (the rest of the receipts: tests/test_group_receipts.py, on both deploym
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -382,10 +383,10 @@ async def mark_and_die(redis_cluster: RedisCluster, prefix: str, group: str, mar
         await log.close()
 
 
-def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
-        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
-    """A node marked bob's seen report (completing m1) and died before staging its receipts: a sweep stages
-    ``delivered`` then ``seen`` for alice, once; bob's own ack and report after change nothing."""
+@contextlib.contextmanager
+def m1_to_bob(tmp_path: Path, redis_cluster: RedisCluster,
+              made: list[Any]) -> Iterator[tuple[ClusterDeployment, Peer, Peer, str, dict[str, Any]]]:
+    """Two nodes (sweeping every 0.5 s): alice on one sent m1 to a group with bob, on the other, who has it."""
     deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"staging.sweep_s": 0.5}, nodes=2).start()
     try:
         deployment.add_users({user: f"{user}-pw" for user in ("alice", "bob")})
@@ -393,7 +394,16 @@ def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         group = ok(alice, "group.create", name="g", members=["bob"])["group"]
         send(alice, group, "m1")
         alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] == "sent")
-        copy = bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+        yield deployment, alice, bob, group, bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+    finally:
+        deployment.stop()
+
+
+def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """A node marked bob's seen report (completing m1) and died before staging its receipts: a sweep stages
+    ``delivered`` then ``seen`` for alice, once; bob's own ack and report after change nothing."""
+    with m1_to_bob(tmp_path, redis_cluster, made) as (deployment, alice, bob, group, copy):
         asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group,
                                  [Mark(MarkKind.SEEN, "bob", msg_id="m1")]))
         got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15)["status"] for _ in range(2)]
@@ -402,8 +412,6 @@ def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
         assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "staged once"
         eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tp]*") == {}, what="nothing left")
-    finally:
-        deployment.stop()
 
 
 async def expire_and_die(redis_cluster: RedisCluster, prefix: str, group: str, gseq: int) -> None:
@@ -422,15 +430,9 @@ def test_an_expiry_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
     """Bob's ack completed m1 on a node that died before staging ``delivered``; then a device's copy expired on
     a node that died before staging ``expired``. A sweep stages ``delivered`` then ``expired`` for alice,
     once; bob's seen report after changes nothing, and nothing of m1 is left in Redis."""
-    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"staging.sweep_s": 0.5}, nodes=2).start()
-    try:
-        deployment.add_users({user: f"{user}-pw" for user in ("alice", "bob")})
-        alice, bob = deployment.peer(0, made, "alice"), deployment.peer(1, made, "bob")
-        group = ok(alice, "group.create", name="g", members=["bob"])["group"]
-        send(alice, group, "m1")
-        alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] == "sent")
-        copy = bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
-        asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group, [Mark(MarkKind.DELIVERED, "bob", 2)]))
+    with m1_to_bob(tmp_path, redis_cluster, made) as (deployment, alice, bob, group, copy):
+        acked = Mark(MarkKind.DELIVERED, "bob", copy["gseq"])
+        asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group, [acked]))
         asyncio.run(expire_and_die(redis_cluster, deployment.prefix, group, copy["gseq"]))
         got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15) for _ in range(2)]
         assert [(i["status"], i["ids"], i["peer"]) for i in got] == [("delivered", ["m1"], group),
@@ -440,8 +442,6 @@ def test_an_expiry_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "once, and nothing after"
         assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
         eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpbx]*") == {}, what="nothing left")
-    finally:
-        deployment.stop()
 
 
 def test_a_member_s_high_water_mark_goes_after_leaving_and_a_rejoin_gets_only_new_items(

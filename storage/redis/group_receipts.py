@@ -32,6 +32,7 @@ from typing import Any
 
 from bridge.cluster.group_store import Completed, GroupExpiry, Mark, MarkKind
 from bridge.messaging.group_receipts import TrackedRow
+from storage.redis.queue_scripts import COMMON
 
 # Part of ``POST`` (storage/redis/group_log.py), after the gseq is taken, with ``now``, ``gseq`` and
 # ``members`` set; ARGV[6] is the message's expiry, ARGV[9] its sender. ARGV[10..15]: msg id, tracking
@@ -85,11 +86,10 @@ local function complete(st, md, ms) return tonumber(md) == 0 and (st ~= '1' or t
 # ``RECEIPTED``, and reported again by any later mark of that message ('r': only that, for a sweep; its
 # receipts may not be staged: their stage tokens make a second staging answer the first).
 # Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
-MARK = COMPLETE + """
+MARK = COMMON + COMPLETE + """
 local done = redis.call('GET', KEYS[1])
 if done then return done end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 local TP = ARGV[1]
 local out, at = {}, {}
 local function mark(gseq, kind, user)
@@ -135,9 +135,7 @@ for i = 5, #ARGV, 3 do
   end
 end
 if #out == 0 then return '[]' end
-local reply = cjson.encode(out)
-redis.call('SET', KEYS[1], reply, 'PX', ARGV[4])
-return reply
+return keep(KEYS[1], out, ARGV[4])
 """
 
 # KEYS: the pending set. ARGV: tracking prefix, index prefix, sender-set prefix, then (gseq, delivered 0/1,
@@ -191,7 +189,7 @@ end
 # expiring and forgets its tracking (a pending completion kept on the body); each expiring message is answered
 # once.
 # Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1, 1], ...].
-EXPIRE_GROUP = UNHOLD_BODY + """
+EXPIRE_GROUP = COMMON + UNHOLD_BODY + """
 local done = redis.call('GET', KEYS[1])
 if done then return done end
 local out, answered = {}, {}
@@ -224,9 +222,7 @@ for i = 6, #ARGV, 2 do
   end
 end
 if #out == 0 then return '[]' end
-local reply = cjson.encode(out)
-redis.call('SET', KEYS[1], reply, 'PX', ARGV[5])
-return reply
+return keep(KEYS[1], out, ARGV[5])
 """
 
 # KEYS: the expiring set. ARGV: body prefix, then the gseqs whose ``expired`` receipt is staged.
