@@ -17,8 +17,9 @@ group id -> the highest gseq staged for bob (the fanner's high-water mark), kept
 ``GW_GRACE_MS`` after the entry that ends his membership is staged for him (``{prefix}gwx:{bob}``, sorted set
 group id -> when its mark goes: dropped by a later ``STAGE_GROUP`` for bob, any group's), and the record
 ``{prefix}qm:{bob}:g:Ab3/<gseq>`` whose ``refs`` counts bob's items of that message. The last of
-them acked or expired counts bob off the body (``UNHOLD``, a second call, in the group's slot): a
-node dying in between leaves the body until its TTL, never drops it early.
+them acked counts bob off the body (``UNHOLD``, a second call, in the group's slot), expired with the
+report of its expiry (``EXPIRE_GROUP``, storage/redis/group_receipts.py): a node dying in between
+leaves the body until its TTL, never drops it early.
 
 Receipts (``t:<gseq>``, ``i:<id>``, ``u:<sender>``, ``r:<token>``, ``xp`` in the group's slot):
 storage/redis/group_receipts.py; ``POST`` starts tracking a message in the script that posts it.
