@@ -481,3 +481,53 @@ def test_a_member_s_high_water_mark_goes_after_leaving_and_a_rejoin_gets_only_ne
         assert redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {other: "2", left: "5"}}
     finally:
         deployment.stop()
+
+
+def test_expiries_through_a_redis_failover_of_the_group_tell_the_sender_and_nothing_after(
+        tmp_path: Path, redis_cluster: RedisCluster) -> None:
+    """A sender's 60 messages to four members whose devices never ack expire (TTL 3 s); the master of the
+    group's slot is SIGKILLed once the first ``expired`` came. The sender gets ``expired`` for every
+    message (a second copy only if a failover lost the reply of its stage, which clients drop as a status
+    they have) and no ``delivered`` or ``seen``; nothing of the tracking or the expiries stays in Redis."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {
+        "limits.send_burst": 100000, "limits.send_rate_per_s": 100000.0, "cluster.min_replicas_ack": 1,
+        "staging.ttl_days": 3 / 86400, "staging.sweep_s": 0.2}, nodes=2).start()
+    sender, members = "xs", [f"x{i}" for i in range(4)]
+    deployment.add_users({user: "same-pw" for user in (sender, *members)})
+    traffic = Traffic()
+    killed = None
+    try:
+        for n, user in enumerate(members):  # a device each, offline from now on: its copies expire
+            peer = Peer(deployment.nodes[n % 2].port, user, "same-pw")
+            assert peer.connect() == 0
+            peer.close()
+        online = traffic.connect(sender, deployment.nodes[0].port)
+        group = ok(online, "group.create", name="expiring", members=members)["group"]
+        ids = [f"e{n:03d}" for n in range(60)]
+        traffic.streaming(online, group, ids).join(WAIT_S)
+        eventually(lambda: traffic.sent[sender] >= set(ids), what="sent for every message")
+
+        def statuses() -> dict[str, list[str]]:
+            with traffic.lock:
+                found = sorted(traffic.receipts[sender].items())
+            out: dict[str, list[str]] = defaultdict(list)
+            for _, item in found:
+                for msg_id in item["ids"]:
+                    out[msg_id].append(item["status"])
+            return out
+
+        eventually(lambda: len(statuses()) > 0, what="the first expired receipt")
+        tag = "{" + group.removeprefix("g:") + "}"
+        killed = redis_cluster.kill_master(tag)
+        redis_cluster.wait_promoted(tag, killed)
+        redis_cluster.restart(killed)
+        killed = None
+        eventually(lambda: set(statuses()) == set(ids), timeout=60, what="expired for every message")
+        drain(online, 1.0)
+        assert {msg_id: s for msg_id, s in statuses().items() if set(s) != {"expired"}} == {}
+        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpx]*") == {}, what="nothing left")
+    finally:
+        if killed is not None:
+            redis_cluster.restart(killed)
+        traffic.close()
+        deployment.stop()
