@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -25,6 +26,8 @@ from chatserver.binds import parse_bind
 
 READY_TIMEOUT_S = 5.0  # a guard: BrokerApp.readiness answers within ~1 s
 SHUTDOWN_S = 2.0  # how long a stop waits for requests in progress
+IDLE_S = 10.0  # a connection's wait for a request head (the operator's listener; media sets its own)
+MAX_CONNECTIONS = 64  # open at once (the operator's listener: a few scrapers and probes)
 TEXT = "text/plain"
 
 # Problems that make the broker not ready (empty: ready). Must not raise.
@@ -44,30 +47,93 @@ _server_log.addFilter(_NotClientErrors())
 
 
 class HttpServer:
-    """``app`` served on ``bind``. ``await start()`` (raises OSError if the port is taken), ``await close()``."""
+    """``app`` served on ``bind``. ``await start()`` (raises OSError if the port is taken), ``await close()``.
 
-    def __init__(self, app: web.Application, bind: str, ssl_context: ssl.SSLContext | None = None) -> None:
+    Bounds against a client that holds connections open (slowloris): a connection waiting for a
+    request's head (the first, or the next on a kept-alive connection) is closed after ``idle_s``
+    (aiohttp's keep-alive timer, which also runs before the first request); at most
+    ``max_connections`` are open at once, and one more is closed at once, before any byte is read.
+    A handler that streams a body bounds its own reads and writes (chatserver/media_http.py).
+    """
+
+    def __init__(self, app: web.Application, bind: str, ssl_context: ssl.SSLContext | None = None, *,
+                 idle_s: float = IDLE_S, max_connections: int = MAX_CONNECTIONS) -> None:
         self._host, self._port = parse_bind(bind)
         self._ssl = ssl_context
-        # access_log=None: one log line per request would swamp the broker's log.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S, logger=_server_log)
-        self._started = False
+        self._max_connections = max_connections
+        # access_log=None: one log line per request would swamp the broker's log. lingering_time: the
+        # unread rest of a body answered early is read for at most this long (aiohttp's 10 s held a
+        # stalled client's connection).
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S, logger=_server_log,
+                                     keepalive_timeout=idle_s, lingering_time=idle_s)
+        self._listener: asyncio.Server | None = None
+        self.refused = 0  # connections closed for max_connections
 
     async def start(self) -> None:
         await self._runner.setup()
-        self._started = True
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl, reuse_address=True)
-        await site.start()
+        server = self._runner.server
+        assert server is not None
+        live: weakref.WeakSet[_Counted] = weakref.WeakSet()
+
+        def protocol() -> asyncio.BaseProtocol:
+            # Counted from the accept, not from aiohttp's connection_made: accepts come in batches
+            # (and a TLS handshake comes first), so aiohttp's count lags the sockets held.
+            if len(live) >= self._max_connections:
+                self.refused += 1
+                return _Refused()
+            counted = _Counted(server(), live)
+            live.add(counted)
+            return counted
+
+        self._listener = await asyncio.get_running_loop().create_server(
+            protocol, self._host, self._port, ssl=self._ssl, reuse_address=True)
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._runner.addresses[0][:2]
+        assert self._listener is not None
+        host, port = self._listener.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def close(self) -> None:
-        if self._started:
-            self._started = False
+        if self._listener is not None:
+            self._listener.close()  # no new connections; those open are shut down by the runner
+            self._listener = None
             await self._runner.cleanup()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted in ``live`` until the connection is lost (or,
+    if it never was made -- a failed TLS handshake -- until the transport drops it: a weak set)."""
+
+    def __init__(self, inner: asyncio.Protocol, live: weakref.WeakSet[_Counted]) -> None:
+        self._inner = inner
+        self._live = live
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._live.discard(self)
+        self._inner.connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: closed before anything is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 def ops_app(registry: CollectorRegistry, ready: ReadyCheck) -> web.Application:

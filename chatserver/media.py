@@ -100,8 +100,9 @@ class MediaParts:
                                    clock=clock, supervisor=supervisor)
             await service.start(devices)
             stack.push_async_callback(service.close)
-            server = HttpServer(media_app(service, authenticator.device_token_ok, settings.public_cache),
-                                settings.bind, tls)
+            app = media_app(service, authenticator.device_token_ok, settings.public_cache, settings.idle_timeout_s)
+            server = HttpServer(app, settings.bind, tls, idle_s=settings.idle_timeout_s,
+                                max_connections=settings.max_connections)
             try:
                 await server.start()
             except OSError as exc:

@@ -57,6 +57,11 @@ class MediaSettings(_Section):
     """An upload with no PATCH for this long is abandoned: its bytes are dropped, its quota freed."""
     ttl_days: float = Field(default=30.0, gt=0)
     """A blob is deleted this long after its upload even if some recipient never fetched it."""
+    idle_timeout_s: float = Field(default=30.0, gt=0)
+    """A connection waiting this long for a request head, or a body or download making no progress
+    for this long, is closed (what was stored of a PATCH is kept: GET the upload to resume)."""
+    max_connections: int = Field(default=1024, ge=1)
+    """Connections open at once on the media endpoint; one more is closed at once."""
     public_cache: bool = False
     """``Cache-Control: public`` on downloads, so a shared cache (CDN) may keep blobs (docs/MEDIA.md)."""
     sweep_s: float = Field(default=60.0, gt=0)

@@ -13,7 +13,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -55,8 +55,9 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     return (client_id, token) if sep else None
 
 
-def media_app(service: MediaService, authenticate: Authenticate, public_cache: bool) -> web.Application:
-    handlers = _Handlers(service, authenticate, public_cache)
+def media_app(service: MediaService, authenticate: Authenticate, public_cache: bool,
+              idle_s: float) -> web.Application:
+    handlers = _Handlers(service, authenticate, public_cache, idle_s)
     app = web.Application(middlewares=[handlers.errors], client_max_size=MAX_JSON_BYTES)
     app.router.add_post(f"{PREFIX}/uploads", handlers.create)
     app.router.add_get(f"{PREFIX}/uploads/{{upload}}", handlers.status, allow_head=False)
@@ -67,8 +68,9 @@ def media_app(service: MediaService, authenticate: Authenticate, public_cache: b
 
 
 class _Handlers:
-    def __init__(self, service: MediaService, authenticate: Authenticate, public_cache: bool) -> None:
+    def __init__(self, service: MediaService, authenticate: Authenticate, public_cache: bool, idle_s: float) -> None:
         self._service = service
+        self._idle_s = idle_s
         self._authenticate = authenticate
         self._cache = f"{'public' if public_cache else 'private'}, max-age=31536000, immutable"
 
@@ -91,9 +93,12 @@ class _Handlers:
             if exc.status == 405:
                 response.headers["Allow"] = exc.headers.get("Allow", "")
             service.counters.refused(code)
-        except ConnectionError:  # the client went away (a cut upload: what arrived is kept)
-            log.debug("media: %s %s: connection lost", request.method, request.path)
-            return web.Response(status=400)
+        except (ConnectionError, TimeoutError) as exc:  # gone, or stalled: a cut upload keeps what arrived
+            log.debug("media: %s %s: %s", request.method, request.path,
+                      "stalled" if isinstance(exc, TimeoutError) else "connection lost")
+            response = web.Response(status=408 if isinstance(exc, TimeoutError) else 400)
+            response.force_close()
+            return response
         except StoreError as exc:
             log.error("media: %s %s failed: %s", request.method, request.path, exc)
             service.counters.refused("unavailable")
@@ -128,7 +133,8 @@ class _Handlers:
         if not offset_text.isdigit() or len(offset_text) > MAX_OFFSET_DIGITS:
             raise MediaError("bad_request", "Upload-Offset must be the stored offset (GET the upload to learn it)")
         offset, blob = await self._service.patch(user, device, request.match_info["upload"], int(offset_text),
-                                                 request.content_length, request.content.iter_chunked(BODY_CHUNK))
+                                                 request.content_length,
+                                                 _paced(request.content.iter_chunked(BODY_CHUNK), self._idle_s))
         if blob is None:
             return web.Response(status=204, headers={"Upload-Offset": str(offset)})
         return _json(200, {"url": f"{PREFIX}/blobs/{blob}", "sha256": blob, "size": offset},
@@ -149,7 +155,8 @@ class _Handlers:
             await response.prepare(request)
             if request.method != "HEAD":
                 async for chunk in found.chunks:
-                    await response.write(chunk)
+                    async with asyncio.timeout(self._idle_s):  # a reader that stopped reading
+                        await response.write(chunk)
             await response.write_eof()
         finally:
             await found.chunks.aclose()  # type: ignore[attr-defined]  # an async generator
@@ -159,6 +166,18 @@ class _Handlers:
         user, device = _CALLER.get()
         await self._service.fetched(user, device, request.match_info["blob"])
         return web.Response(status=204)
+
+
+async def _paced(chunks: AsyncIterator[bytes], idle_s: float) -> AsyncIterator[bytes]:
+    """``chunks``, each within ``idle_s`` of the last: a body that stops coming raises TimeoutError."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 async def _drained(request: web.Request) -> bool:
