@@ -1,0 +1,1 @@
+"""Implementations of ``bridge.media.blobs.BlobStore``: a local folder (``local``), S3 (``s3``)."""

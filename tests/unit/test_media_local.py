@@ -1,0 +1,112 @@
+"""storage/media/local.py: staging, cuts, sealing into content-addressed files, ranged reads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import pytest
+
+from bridge.media.blobs import BlobMissing, BlobStore
+from storage.media.local import READ_CHUNK, LocalBlobStore
+
+
+async def chunks(parts: Iterable[bytes], fail_after: int | None = None) -> AsyncIterator[bytes]:
+    for i, part in enumerate(parts):
+        if fail_after is not None and i == fail_after:
+            raise ConnectionResetError("cut")
+        yield part
+
+
+async def read_all(store: BlobStore, blob: str, start: int, end: int) -> bytes:
+    return b"".join([c async for c in store.read(blob, start, end)])
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_append_seal_read(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "media")
+    data = os.urandom(3 * READ_CHUNK + 17)
+    assert await store.staged_size("u1") == 0
+    assert await store.append("u1", 0, chunks([data[:1000]])) == 1000
+    assert await store.append("u1", 1000, chunks([data[1000:5000], data[5000:]])) == len(data)
+    assert await store.staged_size("u1") == len(data)
+    blob = await store.seal("u1")
+    assert blob == hashlib.sha256(data).hexdigest()
+    assert await store.staged_size("u1") == 0
+    assert await read_all(store, blob, 0, len(data)) == data
+    assert await read_all(store, blob, 5, READ_CHUNK + 9) == data[5 : READ_CHUNK + 9]
+    assert await read_all(store, blob, len(data) - 1, len(data) + 100) == data[-1:]
+    sizes = [len(c) async for c in store.read(blob, 0, len(data))]
+    assert max(sizes) <= READ_CHUNK
+    await store.delete(blob)
+    await store.delete(blob)  # twice is fine
+    with pytest.raises(BlobMissing):
+        await read_all(store, blob, 0, 1)
+
+
+async def test_cut_keeps_written_bytes_and_resume_rewrites_from_offset(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "media")
+    with pytest.raises(ConnectionResetError):
+        await store.append("u", 0, chunks([b"a" * 10, b"b" * 10, b"c" * 10], fail_after=2))
+    assert await store.staged_size("u") == 20
+    # A client that resumes from an earlier offset overwrites the tail.
+    assert await store.append("u", 15, chunks([b"X" * 5])) == 20
+    assert await store.append("u", 20, chunks([b"Y"])) == 21
+    blob = await store.seal("u")
+    assert await read_all(store, blob, 0, 21) == b"a" * 10 + b"b" * 5 + b"X" * 5 + b"Y"
+    with pytest.raises(ValueError, match="past"):
+        await store.append("v", 3, chunks([b"z"]))
+
+
+async def test_same_content_is_kept_once(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "media")
+    await store.append("a", 0, chunks([b"same"]))
+    await store.append("b", 0, chunks([b"same"]))
+    blob = await store.seal("a")
+    assert await store.seal("b") == blob
+    assert await read_all(store, blob, 0, 4) == b"same"
+    assert await store.staged_size("b") == 0
+
+
+async def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        store = LocalBlobStore(tmp_path / "media")
+        await store.append("u", 0, chunks([b"x" * 10]))
+        assert mode(tmp_path / "media" / "staging" / "u") == 0o600
+        blob = await store.seal("u")
+    finally:
+        os.umask(old)
+    path = store.blob_path(blob)
+    assert path.relative_to(tmp_path / "media") == Path("blobs", blob[:2], blob[2:4], blob)
+    assert mode(path) == 0o600
+    for folder in (path.parent, path.parent.parent, tmp_path / "media" / "blobs", tmp_path / "media"):
+        assert mode(folder) == 0o700
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 65, "é"])
+async def test_names_cannot_leave_the_folder(tmp_path: Path, name: str) -> None:
+    store = LocalBlobStore(tmp_path / "media")
+    with pytest.raises(ValueError):
+        await store.append(name, 0, chunks([b"x"]))
+    with pytest.raises(ValueError):
+        await store.staged_size(name)
+    with pytest.raises(ValueError):
+        await store.delete(name)
+    with pytest.raises(ValueError):
+        await store.delete("A" * 64)  # upper-case hex is not a blob id
+
+
+async def test_discard(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "media")
+    await store.append("u", 0, chunks([b"x"]))
+    await store.discard("u")
+    await store.discard("u")
+    assert await store.staged_size("u") == 0
+    await store.close()
