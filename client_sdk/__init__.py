@@ -34,6 +34,9 @@ from client_sdk.events import (
     Undecryptable,
 )
 from client_sdk.groups import GroupInfo, GroupReceiptInfo, GroupSummary, MemberReceipt
+from client_sdk.mediabody import MediaBody, MediaBodyError
+from client_sdk.mediacrypto import MediaCryptoError
+from client_sdk.mediahttp import MediaError
 from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
 
@@ -55,6 +58,10 @@ __all__ = [
     "GroupSummary",
     "IdentifierRejected",
     "IdentityChanged",
+    "MediaBody",
+    "MediaBodyError",
+    "MediaCryptoError",
+    "MediaError",
     "MemberReceipt",
     "Message",
     "NotConnected",
