@@ -44,7 +44,7 @@ from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
 from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_node_id
 from chatserver.data_dir import BrokerLock, make_private
-from chatserver.http import OpsServer
+from chatserver.http import HttpServer, ops_app
 from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
 from chatserver.push import open_push
 from chatserver.supervisor import Supervisor
@@ -124,7 +124,7 @@ class BrokerApp:
         self.push: PushService | None = None  # push.enabled (one process on SQLite)
         self._push_store: SqlitePushStore | None = None
         self._broker: ChatBroker | None = None
-        self._ops: OpsServer | None = None
+        self._ops: HttpServer | None = None
         self._lag: LoopLag | None = None
         self._probe: asyncio.Future[None] | None = None
         self._probe_started = 0.0
@@ -388,7 +388,7 @@ class BrokerApp:
         self._lag = LoopLag()
         registry = build_registry(Sources(self.broker, authenticator, staging, links, self._lag,
                                           self.supervisor, self.clock.wall_ms, self.node_id, self.push))
-        ops = OpsServer(bind, registry, self.readiness)
+        ops = HttpServer(ops_app(registry, self.readiness), bind)
         try:
             await ops.start()
         except OSError as exc:

@@ -98,8 +98,9 @@ async def _close_listener(broker: BrokerThread, name: str) -> None:
 
 
 @pytest.mark.parametrize(("raw", "status"), [
-    (b"GET /nope HTTP/1.1\r\n\r\n", b"404"),
-    (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"405"),
+    (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
+    (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"405"),
+    (b"GET /healthz HTTP/1.1\r\n\r\n", b"400"),  # HTTP/1.1 requires Host (RFC 9112 section 3.2)
     (b"garbage\r\n\r\n", b"400"),
     (b"GET /" + b"x" * 10000 + b" HTTP/1.1\r\n\r\n", b"400"),
 ])

@@ -1,18 +1,19 @@
 """The pure parts of observability: histogram buckets, the staging core's figures and counters,
-the metrics listener's request parsing, and the status view's parsing of a scrape."""
+the operator's HTTP app (served in-process on loopback), and the status view's parsing of a scrape."""
 
 from __future__ import annotations
 
 import json
 import math
 
-import pytest
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter
 from rich.console import Console
 
 from bridge.counters import BridgeCounters, Histogram
 from chatproto import ErrorItem, MsgItem, ResItem
 from chatserver.config import build_settings
-from chatserver.http import HttpError, parse_head, response
+from chatserver.http import HttpServer, ops_app
 from chatserver.status import DEFAULT_URL, Snapshot, render, url_from_settings
 from tests.unit.test_staging import core, msg
 
@@ -60,29 +61,37 @@ def test_delivered_latency_and_redeliveries_are_counted_by_the_core() -> None:
     assert s.figures().items == 2  # ... and now alice's 'delivered' receipt too
 
 
-@pytest.mark.parametrize(("head", "expected"), [
-    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", ("GET", "/metrics")),
-    (b"HEAD /readyz?x=1 HTTP/1.0\r\n\r\n", ("HEAD", "/readyz")),
-])
-def test_parse_head(head: bytes, expected: tuple[str, str]) -> None:
-    request = parse_head(head)
-    assert (request.method, request.path) == expected
+async def test_ops_app_answers_and_closes_each_connection() -> None:
+    registry = CollectorRegistry()
+    Counter("chat_probe", "a counter", registry=registry).inc(3)
+    problems: list[str] = []
 
+    async def ready() -> list[str]:
+        return problems
 
-@pytest.mark.parametrize(("head", "status"), [
-    (b"POST /metrics HTTP/1.1\r\n\r\n", 405), (b"GET /metrics\r\n\r\n", 400), (b"\xff\xfe HTTP/1.1\r\n\r\n", 400),
-])
-def test_parse_head_refusals(head: bytes, status: int) -> None:
-    with pytest.raises(HttpError) as info:
-        parse_head(head)
-    assert info.value.status == status
-
-
-def test_response_has_length_and_closes() -> None:
-    raw = response(503, b"not ready\n")
-    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
-    assert b"Content-Length: 10\r\n" in raw and b"Connection: close\r\n" in raw and raw.endswith(b"\r\n\r\nnot ready\n")
-    assert response(200, b"abc", head_only=True).endswith(b"\r\n\r\n")
+    server = HttpServer(ops_app(registry, ready), "127.0.0.1:0")
+    await server.start()
+    host, port = server.address
+    base = f"http://{host}:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/metrics") as r:
+                assert r.status == 200 and "chat_probe_total 3.0" in await r.text()
+                assert r.headers["Content-Type"].startswith("text/plain; version=")
+                assert r.headers["Cache-Control"] == "no-store" and r.headers["Connection"] == "close"
+            async with http.get(base + "/readyz?x=1") as r:
+                assert (r.status, await r.text()) == (200, "ready\n")
+            problems.append("store down")
+            async with http.get(base + "/readyz") as r:
+                assert (r.status, await r.text()) == (503, "not ready: store down\n")
+            async with http.head(base + "/healthz") as r:
+                assert r.status == 200 and await r.read() == b""
+            async with http.post(base + "/metrics") as r:
+                assert r.status == 405 and r.headers["Allow"] == "GET,HEAD"
+            async with http.get(base + "/nope") as r:
+                assert r.status == 404
+    finally:
+        await server.close()
 
 
 SCRAPE = """\
