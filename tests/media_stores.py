@@ -3,7 +3,6 @@ local moto server (the ``s3_server`` session fixture; a bucket of its own per te
 
 from __future__ import annotations
 
-import json
 import secrets
 from pathlib import Path
 
@@ -17,16 +16,21 @@ from testkit.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 BACKENDS = ["local", "s3"]
 
 
-def s3_settings(server: S3Server, root: Path) -> S3Settings:
-    """A new bucket on ``server`` and settings for it, with a 0600 credentials file under ``root``."""
+def s3_config(server: S3Server, root: Path) -> dict[str, str]:
+    """A new bucket on ``server`` and the ``media.s3`` config keys for it, with a 0600 secret
+    key file under ``root``."""
     bucket = f"media-{secrets.token_hex(6)}"
     server.make_bucket(bucket)
     root.mkdir(parents=True, exist_ok=True)
-    credentials = root / "s3-credentials.json"
-    credentials.write_text(json.dumps({"access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY}))
-    credentials.chmod(0o600)
-    return S3Settings(bucket=bucket, endpoint_url=server.endpoint, region=REGION, prefix="chat/",
-                      credentials_file=str(credentials), addressing_style="path")
+    secret = root / "s3-secret"
+    secret.write_text(SECRET_KEY + "\n")
+    secret.chmod(0o600)
+    return {"bucket": bucket, "endpoint_url": server.endpoint, "region": REGION, "prefix": "chat/",
+            "access_key_id": ACCESS_KEY, "secret_access_key_file": str(secret)}
+
+
+def s3_settings(server: S3Server, root: Path) -> S3Settings:
+    return S3Settings(**s3_config(server, root))
 
 
 async def open_store(request: pytest.FixtureRequest, root: Path) -> BlobStore:

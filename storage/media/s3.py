@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -39,48 +38,60 @@ if TYPE_CHECKING:
 
 PART_BYTES: Final = 8 * 1024 * 1024
 """Multipart part size (S3's minimum is 5 MiB, except for the last part); the memory one seal holds."""
+DEFAULT_REGION: Final = "us-east-1"
 MISSING: Final = frozenset({"NoSuchKey", "404", "NotFound"})
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class S3Settings:
-    """Where the blobs go. ``credentials_file`` is a JSON file ``{"access_key_id": ...,
-    "secret_access_key": ...}`` readable by its owner only (0600); None: botocore's own chain
-    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role)."""
+    """Where the blobs go: the keys of the config's ``media.s3`` section (docs/MEDIA.md).
+
+    ``access_key_id`` with ``secret_access_key_file`` (a file holding the secret key only,
+    readable by its owner alone: 0600); both None: botocore's own chain (``AWS_ACCESS_KEY_ID``/
+    ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role)."""
 
     bucket: str
     endpoint_url: str | None = None
     """Instead of AWS (MinIO, Ceph, a local test server)."""
-    region: str = "us-east-1"
+    region: str | None = None
+    """None: ``us-east-1``."""
     prefix: str = ""
     """Put before every key (``chat/`` keeps the blobs of one deployment apart in a shared bucket)."""
-    credentials_file: str | None = None
+    access_key_id: str | None = None
+    secret_access_key_file: str | None = None
     verify: bool | str = True
     """TLS verification: true (the system's CAs), false, or a CA bundle's path."""
     addressing_style: str = "auto"
-    """``path`` for servers without virtual-host buckets (MinIO, moto)."""
+    """``path`` for servers reached by a host name without virtual-host buckets (most MinIO set-ups)."""
     timeout_s: float = 30.0
 
 
-def read_credentials(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """The access key id and secret in ``path``; refuses a file others may read (as for every
-    secret file of the server) or one without both keys, naming the fix."""
+def read_secret(path: str | os.PathLike[str]) -> str:
+    """The secret in ``path`` (surrounding white space dropped); refuses a file that group or
+    others may read, or an empty one, naming the fix."""
     file = Path(path)
     try:
         mode = stat.S_IMODE(file.stat().st_mode)
-        data = json.loads(file.read_text())
-    except OSError as exc:
-        raise ValueError(f"media S3 credentials {file}: cannot read: {exc}") from exc
-    except ValueError as exc:
-        raise ValueError(f"media S3 credentials {file}: not JSON: {exc}") from exc
+        secret = file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"S3 secret key file {file}: cannot read: {exc}") from exc
     if mode & 0o077:
-        raise ValueError(f"media S3 credentials {file} has mode {mode:o}: run chmod 600 {file} "
+        raise ValueError(f"S3 secret key file {file} has mode {mode:o}: run chmod 600 {file} "
                          "(it holds a secret; group and others must not read it)")
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k]
-                                             for k in ("access_key_id", "secret_access_key")):
-        raise ValueError(f"media S3 credentials {file}: need string keys access_key_id and secret_access_key")
-    return data["access_key_id"], data["secret_access_key"]
+    if not secret:
+        raise ValueError(f"S3 secret key file {file} is empty")
+    return secret
+
+
+async def open_store(settings: Mapping[str, Any], staging: LocalBlobStore) -> S3BlobStore:
+    """The S3 store for the config's ``media.s3`` section (chatserver's wiring calls this);
+    raises ``ValueError`` naming what to fix when the settings, the secret file, the endpoint
+    or the bucket cannot be used."""
+    try:
+        return await S3BlobStore.open(staging, S3Settings(**settings))
+    except (TypeError, StoreError) as exc:
+        raise ValueError(str(exc)) from exc
 
 
 class S3BlobStore:
@@ -97,14 +108,17 @@ class S3BlobStore:
     @classmethod
     async def open(cls, staging: LocalBlobStore, settings: S3Settings) -> S3BlobStore:
         """Connect (lazily: the first request opens the HTTP connection) and check the bucket exists."""
-        key_id, secret = read_credentials(settings.credentials_file) if settings.credentials_file else (None, None)
+        if (settings.access_key_id is None) != (settings.secret_access_key_file is None):
+            raise ValueError("S3: access_key_id and secret_access_key_file go together")
+        secret = None if settings.secret_access_key_file is None else read_secret(settings.secret_access_key_file)
         config = AioConfig(connect_timeout=settings.timeout_s, read_timeout=settings.timeout_s,
                            retries={"max_attempts": 3, "mode": "standard"},
                            s3={"addressing_style": settings.addressing_style})
         stack = contextlib.AsyncExitStack()
         client = await stack.enter_async_context(get_session().create_client(
-            "s3", region_name=settings.region, endpoint_url=settings.endpoint_url, verify=settings.verify,
-            aws_access_key_id=key_id, aws_secret_access_key=secret, config=config))
+            "s3", region_name=settings.region or DEFAULT_REGION, endpoint_url=settings.endpoint_url,
+            verify=settings.verify, aws_access_key_id=settings.access_key_id, aws_secret_access_key=secret,
+            config=config))
         store = cls(staging, client, settings, stack.aclose)
         try:
             await store._call(f"bucket {settings.bucket}", client.head_bucket(Bucket=settings.bucket))

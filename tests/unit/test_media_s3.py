@@ -5,7 +5,6 @@ sealed but not yet put, and backend failures mapped to StoreError."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,9 +14,9 @@ from aiobotocore.session import get_session
 
 from bridge.store import StoreError
 from storage.media.local import LocalBlobStore
-from storage.media.s3 import PART_BYTES, S3BlobStore, S3Settings, read_credentials
+from storage.media.s3 import PART_BYTES, S3BlobStore, S3Settings, open_store, read_secret
 from testkit.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
-from tests.media_stores import s3_settings
+from tests.media_stores import s3_config, s3_settings
 
 
 async def one(data: bytes) -> AsyncIterator[bytes]:
@@ -65,29 +64,36 @@ async def test_a_blob_sealed_locally_but_not_put_is_still_served(s3_server: S3Se
         await store.close()
 
 
-def test_the_credentials_file_must_be_private_and_complete(tmp_path: Path) -> None:
-    path = tmp_path / "creds.json"
-    path.write_text(json.dumps({"access_key_id": "a", "secret_access_key": "b"}))
-    path.chmod(0o644)
+async def test_the_secret_file_must_be_private_and_not_empty(s3_server: S3Server, tmp_path: Path) -> None:
+    config = s3_config(s3_server, tmp_path / "s3")
+    secret = Path(config["secret_access_key_file"])
+    local = LocalBlobStore(tmp_path / "media")
+    os.chmod(secret, 0o640)
     with pytest.raises(ValueError, match="chmod 600"):
-        read_credentials(path)
-    path.chmod(0o600)
-    assert read_credentials(path) == ("a", "b")
-    path.write_text(json.dumps({"access_key_id": "a"}))
-    with pytest.raises(ValueError, match="secret_access_key"):
-        read_credentials(path)
-    path.write_text("key=value")
-    with pytest.raises(ValueError, match="not JSON"):
-        read_credentials(path)
+        await open_store(config, local)
+    os.chmod(secret, 0o600)
+    assert read_secret(secret) == SECRET_KEY
+    store = await open_store(config, local)  # the wiring's entry point
+    await store.close()
+    with open(secret, "w") as f:  # noqa: ASYNC230 (a test's tiny file)
+        f.write(" \n")
+    with pytest.raises(ValueError, match="empty"):
+        read_secret(secret)
     with pytest.raises(ValueError, match="cannot read"):
-        read_credentials(tmp_path / "missing.json")
+        read_secret(tmp_path / "missing")
+    with pytest.raises(ValueError, match="go together"):
+        await open_store({**config, "access_key_id": None}, local)
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        await open_store({**config, "colour": "blue"}, local)
 
 
 async def test_a_missing_bucket_or_endpoint_is_a_store_error(s3_server: S3Server, tmp_path: Path) -> None:
     good = s3_settings(s3_server, tmp_path / "s3")
     local = LocalBlobStore(tmp_path / "media")
-    with pytest.raises(StoreError, match="no-such-bucket"):
+    with pytest.raises(StoreError, match="no-such-bucket does not exist"):
         await S3BlobStore.open(local, S3Settings(**{**_fields(good), "bucket": "no-such-bucket"}))
+    with pytest.raises(ValueError, match="no-such-bucket does not exist"):
+        await open_store({**_fields(good), "bucket": "no-such-bucket"}, local)
     with pytest.raises(StoreError):
         await S3BlobStore.open(local, S3Settings(**{**_fields(good), "endpoint_url": "http://127.0.0.1:9",
                                                     "timeout_s": 2.0}))
