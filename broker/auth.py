@@ -108,6 +108,14 @@ class Authenticator:
             return await self._accept(username, device, keys, "password", address)
         return await self._fail(keys, "wrong password or token", username, address)
 
+    async def device_token_ok(self, client_id: str, token: str) -> tuple[str, str] | None:
+        """``(user, device)`` if ``token`` is the device token of ``client_id``, else None. A check
+        alone (no throttle, no login recorded): for the media endpoint, authenticated per request."""
+        parts = split_client_id(client_id)
+        if parts is None or not credentials.looks_like_token(token) or not await self._token_ok(*parts, token):
+            return None
+        return parts
+
     async def _token_ok(self, user: str, device: str, token: str) -> bool:
         info = await self._store.device(user, device)
         if info is None or info.token_digest is None:

@@ -193,9 +193,11 @@ def only_mqtt_path(connection: ServerConnection, request: Request) -> Response |
     return None
 
 
-def tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+def tls_context(listener: str, certfile: str | None, keyfile: str | None, section: str = "") -> ssl.SSLContext:
+    """``section``: the config section named in errors (default ``listeners.<listener>``)."""
+    section = section or f"listeners.{listener}"
     if not certfile or not keyfile:
-        raise ListenerError(f"listeners.{listener}: certfile and keyfile are both required for TLS")
+        raise ListenerError(f"{section}: certfile and keyfile are both required for TLS")
     # ssl's FileNotFoundError carries no file name (the CLI said "cannot read None"):
     # open each file first, so the message names the key and the file (tests/test_cli.py).
     for key, path in (("certfile", certfile), ("keyfile", keyfile)):
@@ -203,16 +205,16 @@ def tls_context(listener: str, certfile: str | None, keyfile: str | None) -> ssl
             with open(path, "rb"):
                 pass
         except OSError as exc:
-            raise ListenerError(f"listeners.{listener}.{key}: cannot read {path}: {exc.strerror or exc}") from None
+            raise ListenerError(f"{section}.{key}: cannot read {path}: {exc.strerror or exc}") from None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(certfile, keyfile)
     except FileNotFoundError as exc:
-        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: no such file") from None
+        raise ListenerError(f"{section}: cannot read {exc.filename}: no such file") from None
     except PermissionError as exc:
-        raise ListenerError(f"listeners.{listener}: cannot read {exc.filename}: permission denied") from None
+        raise ListenerError(f"{section}: cannot read {exc.filename}: permission denied") from None
     except (ssl.SSLError, OSError) as exc:
         raise ListenerError(
-            f"listeners.{listener}: certfile {certfile} / keyfile {keyfile} is not a usable PEM pair: {exc}"
+            f"{section}: certfile {certfile} / keyfile {keyfile} is not a usable PEM pair: {exc}"
         ) from None
     return context

@@ -20,7 +20,7 @@ from bridge.directory import Directory
 from bridge.groups.core import GroupLimits
 from bridge.groups.service import GroupService
 from bridge.keys.core import KeyedDevices
-from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit
+from bridge.keys.service import ClaimLimit, KeyService, LocalClaimLimit, StagedDevices
 from bridge.limits import RateLimiter, RecentIds
 from bridge.links import LinkRegistry
 from bridge.messaging.group_receipts import GroupReceipts
@@ -42,9 +42,11 @@ from broker.login_throttle import LoginThrottle, MemoryThrottle
 from broker.server import ChatBroker
 from broker.settings import BrokerSettings, ListenerSettings
 from broker.wire import WireLimits
-from chatserver.config import ClusterSettings, Settings, parse_bind, resolve_node_id
+from chatserver.binds import parse_bind
+from chatserver.config import ClusterSettings, Settings, resolve_node_id
 from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import HttpServer, ops_app
+from chatserver.media import AlsoMedia, MediaParts
 from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
 from chatserver.push import open_push
 from chatserver.supervisor import Supervisor
@@ -123,6 +125,7 @@ class BrokerApp:
         self._presence: PresenceService | ClusterPresence | None = None
         self.push: PushService | None = None  # push.enabled (one process on SQLite)
         self._push_store: SqlitePushStore | None = None
+        self.media: MediaParts | None = None  # media.bind (one process on SQLite)
         self._broker: ChatBroker | None = None
         self._ops: HttpServer | None = None
         self._lag: LoopLag | None = None
@@ -193,8 +196,9 @@ class BrokerApp:
             else:
                 claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
                 close_device = self._close_session
-            key_service = KeyService(keys, keyed, users, messaging, close_device, claims)
             assert self._groups is not None
+            key_service = KeyService(keys, keyed, users, await self._start_media(authenticator, messaging),
+                                     close_device, claims)
             push_ops = self.push.ops() if self.push is not None else push_unsupported_ops()
             ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **self._groups.ops(),
                    **push_ops}
@@ -205,6 +209,7 @@ class BrokerApp:
             await self._broker.start()
         except BaseException:
             await self._stop_ops()
+            await self._close_media()
             if self._presence is not None:
                 await self._presence.close()
             await self._close_groups()
@@ -374,6 +379,22 @@ class BrokerApp:
             await self._groups.close()
             self._groups = None
 
+    async def _start_media(self, authenticator: Authenticator, messaging: StagedDevices) -> StagedDevices:
+        """The media endpoint if ``media.bind`` is set (one process on SQLite: the config refuses it
+        with ``cluster``); what ``devices.remove`` must reach."""
+        users, groups, media = self._users, self._groups, self.settings.media
+        if media.bind is None or not isinstance(users, SqliteUserStore) or not isinstance(groups, GroupService):
+            return messaging
+        devices = {f"{user}.{device}" for user, device in await users.all_devices() if device is not None}
+        self.media = await MediaParts.open(media, self.settings.data_path, authenticator, users, groups, devices,
+                                           clock=self.clock, supervisor=self.supervisor)
+        return AlsoMedia(messaging, self.media.service)
+
+    async def _close_media(self) -> None:
+        if self.media is not None:
+            await self.media.close()
+            self.media = None
+
     async def _close_push(self) -> None:
         """After the broker: what the last hooks queued is written before the store closes."""
         if self.push is not None:
@@ -387,7 +408,8 @@ class BrokerApp:
                          links: LinkRegistry) -> None:
         self._lag = LoopLag()
         registry = build_registry(Sources(self.broker, authenticator, staging, links, self._lag,
-                                          self.supervisor, self.clock.wall_ms, self.node_id, self.push))
+                                          self.supervisor, self.clock.wall_ms, self.node_id, self.push,
+                                          self.media.service if self.media is not None else None))
         ops = HttpServer(ops_app(registry, self.readiness), bind)
         try:
             await ops.start()
@@ -448,11 +470,14 @@ class BrokerApp:
         addresses = self.broker.bound_addresses()
         if self._ops is not None:
             addresses["metrics"] = self._ops.address
+        if self.media is not None:
+            addresses["media"] = self.media.server.address
         return addresses
 
     async def stop(self) -> None:
         """Stop accepting, close every session, write what is staged in memory, close the stores."""
         await self._stop_ops()
+        await self._close_media()
         try:
             if self._broker is not None:
                 await self._broker.shutdown()

@@ -23,7 +23,8 @@ try:
     from broker.front import ListenerError
     from broker.logs import setup_logging
     from chatserver import user_admin
-    from chatserver.config import ConfigError, Settings, load_settings, parse_bind, parse_redis_nodes, resolve_node_id
+    from chatserver.binds import parse_bind
+    from chatserver.config import ConfigError, Settings, load_settings, parse_redis_nodes, resolve_node_id
     from chatserver.gc_policy import GcTuner
     from chatserver.status import DEFAULT_URL, StatusError
     from chatserver.workers import Workers, check_workers, reserve_port, worker_overrides

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from redis.asyncio.cluster import RedisCluster
 
-from chatserver.config import ClusterSettings, parse_bind
+from chatserver.binds import parse_bind
+from chatserver.config import ClusterSettings
 from storage.redis.client import RedisStore, cluster_client
 from storage.redis.group_log import RedisGroupLog
 from storage.redis.keys import RedisKeyStore

@@ -12,10 +12,10 @@ import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bridge.messaging.group_receipts import DEFAULT_MAX_PER_SENDER, DEFAULT_SEEN_MAX
 from chatproto import (
@@ -24,30 +24,11 @@ from chatproto import (
     DEFAULT_MAX_GROUPS_PER_USER,
     chat_envelope_bytes,
 )
+from chatserver.binds import Bind, parse_bind
+from chatserver.media_config import MediaSettings
 from chatserver.push_config import PushSettings
 
 DEFAULT_MAX_DEVICES_PER_USER = 16
-
-
-def parse_bind(value: str) -> tuple[str, int]:
-    """``"127.0.0.1:1883"`` -> ``("127.0.0.1", 1883)``; ``[::1]:1883`` works too."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"{value!r} is not HOST:PORT")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range")
-    return host.strip("[]"), port
-
-
-def _valid_bind(value: str | None) -> str | None:
-    if value is not None:
-        parse_bind(value)
-    return value
-
-
-Bind = Annotated[str | None, AfterValidator(_valid_bind)]
-"""A listener address ``HOST:PORT`` (checked like ``--bind``), or None: off."""
 
 
 class ConfigError(Exception):
@@ -453,6 +434,7 @@ class Settings(_Section):
     gc: GcSettings = GcSettings()
     groups: GroupsSettings = GroupsSettings()
     push: PushSettings = PushSettings()
+    media: MediaSettings = MediaSettings()
     cluster: ClusterSettings | None = None
     """Absent: one process on SQLite (the embedded default)."""
 
@@ -467,6 +449,9 @@ class Settings(_Section):
             )
         if self.push.enabled and self.cluster is not None:
             raise ValueError("push.enabled: push is not available in cluster mode yet (one process on SQLite only)")
+        if self.media.bind is not None and self.cluster is not None:
+            raise ValueError("media.bind: the media endpoint is not available in cluster mode yet (one process "
+                             "on SQLite only); unset media.bind or cluster")
         return self
 
     @property

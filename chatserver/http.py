@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from chatserver.config import parse_bind
+from chatserver.binds import parse_bind
 
 READY_TIMEOUT_S = 5.0  # a guard: BrokerApp.readiness answers within ~1 s
 SHUTDOWN_S = 2.0  # how long a stop waits for requests in progress

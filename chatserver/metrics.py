@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from bridge.background import cancel
 from bridge.counters import LATENCY_BUCKETS, BridgeCounters, Histogram
 from bridge.links import LinkRegistry
+from bridge.media.service import MediaService
 from bridge.messaging.records import Figures
 from bridge.push.service import PushService
 from broker.auth import Authenticator
@@ -91,6 +92,7 @@ class Sources:
     clock_ms: Callable[[], int]  # wall-clock ms, as message timestamps
     node_id: str = ""  # cluster mode: this node's id ("" for one process on SQLite)
     push: PushService | None = None  # push.enabled
+    media: MediaService | None = None  # media.bind
 
 
 class ChatCollector(Collector):
@@ -141,6 +143,8 @@ class ChatCollector(Collector):
         yield GaugeMetricFamily("chat_event_loop_lag_last_seconds", "The last event-loop lag measured.", s.lag.last)
         if s.push is not None:
             yield from _push(s.push)
+        if s.media is not None:
+            yield from _media(s.media)
 
     def _connections(self) -> Iterable[Metric]:
         broker = self._s.broker
@@ -174,6 +178,18 @@ class ChatCollector(Collector):
                                          buckets=depth.cumulative(), gsum_value=depth.sum)
         yield GaugeMetricFamily("chat_device_queue_depth_max", "The longest queue of one device.",
                                 max(figures.depths, default=0))
+
+
+def _media(media: MediaService) -> Iterable[Metric]:
+    """The media endpoint (docs/MEDIA.md)."""
+    c = media.counters
+    yield GaugeMetricFamily("chat_media_stored_bytes", "Bytes of the blobs stored (not deleted yet).", c.stored_bytes)
+    yield GaugeMetricFamily("chat_media_blobs", "Blobs stored.", c.blobs)
+    yield GaugeMetricFamily("chat_media_uploads", "Uploads in progress.", media.uploads_in_progress)
+    yield CounterMetricFamily("chat_media_received_bytes", "Bytes received in PATCH bodies.", c.bytes_in)
+    yield CounterMetricFamily("chat_media_sent_bytes", "Bytes of blobs sent in downloads.", c.bytes_out)
+    yield _counter("chat_media_refusals", "Media requests refused, by error code (docs/MEDIA.md).", "code",
+                   (), c.refusals)
 
 
 def _push(push: PushService) -> Iterable[Metric]:

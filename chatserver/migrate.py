@@ -37,7 +37,8 @@ from bridge.directory import PLACEHOLDER_DEVICE, is_placeholder
 from bridge.messaging.records import SEQ_SPAN, Item
 from bridge.store import StoreError
 from chatproto import MsgItem, ReceiptItem
-from chatserver.config import parse_bind, parse_redis_nodes
+from chatserver.binds import parse_bind
+from chatserver.config import parse_redis_nodes
 from chatserver.data_dir import BrokerLock
 from storage.redis.client import PREFIX_RE
 from storage.redis.keys import RedisKeyStore

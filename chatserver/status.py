@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.table import Table
 
-from chatserver.config import Settings, parse_bind
+from chatserver.binds import parse_bind
+from chatserver.config import Settings
 
 DEFAULT_URL = "http://127.0.0.1:9100/metrics"
 HINT = "is the broker running with metrics.bind set?"

@@ -25,7 +25,8 @@ from bridge.store import StoreError
 log = logging.getLogger(__name__)
 
 TASKS = ("flush", "redeliver", "sweep", "checkpoint", "body_read", "presence_persist", "presence_timer",
-         "presence_sync", "loop_lag", "gc", "ack", "queue_read", "queue_poll", "group_log", "push")
+         "presence_sync", "loop_lag", "gc", "ack", "queue_read", "queue_poll", "group_log", "push",
+         "media_sweep")
 """The broker's background tasks (the metric shows each, 0 until it fails)."""
 
 

@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatserver.config import ConfigError, Settings, parse_bind
+from chatserver.binds import parse_bind
+from chatserver.config import ConfigError, Settings
 
 log = logging.getLogger("chat-broker.workers")
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from chatserver.config import ConfigError, Settings, load_settings, parse_bind
+from chatserver.binds import parse_bind
+from chatserver.config import ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,269 @@
+"""The media service: the shell around ``bridge.media.core`` (the rules), a ``MediaStore`` (the
+records) and a ``BlobStore`` (the bytes). The HTTP handlers (chatserver/media_http.py) parse a
+request, call one method here with the authenticated caller, and map ``MediaError`` to a status.
+
+In memory: the uploads in progress (few: ``max_uploads`` per user), each user's charged bytes and a
+lock per upload (one PATCH at a time). Everything else is read from the store per request. One
+supervised loop (``media_sweep``) drops removed devices from waiting sets, abandoned uploads and
+expired blobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+from bridge.background import Supervisor, cancel
+from bridge.clock import Clock
+from bridge.media import core
+from bridge.media.blobs import BlobMissing, BlobStore, check_blob_id
+from bridge.media.core import Blob, MediaError, MediaLimits, Upload, Usage
+from bridge.media.store import MediaStore
+from bridge.messaging.store import UserLookup
+from chatproto import is_group_id
+
+log = logging.getLogger(__name__)
+
+LOCK_WAIT_S = 10.0  # a PATCH (or GET) waits this long for the PATCH writing the upload now
+Members = Callable[[str], Awaitable[tuple[str, ...]]]
+"""A group's members now (none: no such group)."""
+
+
+@dataclass(slots=True)
+class MediaCounters:
+    """For the metrics: bytes received and sent, refusals by code, what is stored now."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    stored_bytes: int = 0
+    blobs: int = 0
+
+    def refused(self, code: str) -> None:
+        self.refusals[code] = self.refusals.get(code, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    blob: Blob
+    start: int
+    end: int
+    partial: bool
+    chunks: AsyncIterator[bytes]
+
+
+class MediaService:
+    def __init__(self, store: MediaStore, blobs: BlobStore, users: UserLookup, members: Members,
+                 limits: MediaLimits, sweep_s: float, *, clock: Clock, supervisor: Supervisor) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._users = users
+        self._members = members
+        self.limits = limits
+        self._sweep_s = sweep_s
+        self._clock = clock
+        self._supervisor = supervisor
+        self._uploads: dict[str, Upload] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._usage = Usage()
+        self._removed: list[str] = []  # devices to drop from waiting sets (the sweep does it)
+        self._wake = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self.counters = MediaCounters()
+
+    @property
+    def uploads_in_progress(self) -> int:
+        return len(self._uploads)
+
+    async def start(self, devices: set[str]) -> None:
+        """Load the records; ``devices`` (every client id now) drops the devices removed meanwhile."""
+        uploads, owners, count = await self._store.load()
+        now = self._clock.wall_ms()
+        for upload in uploads:  # the time down does not count as idle
+            self._uploads[upload.id] = replace(upload, touched_ms=max(upload.touched_ms, now))
+            self._usage.start(upload.user, upload.size)
+        for owner, size in owners.items():
+            self._usage.charged[owner] = self._usage.charged.get(owner, 0) + size
+        self.counters.stored_bytes, self.counters.blobs = sum(owners.values()), count
+        self._removed = sorted(await self._store.waiting_devices() - devices)
+        self._loops = [self._supervisor.spawn("media_sweep", self._sweep_round)]
+        self._wake.set()
+
+    async def close(self) -> None:
+        await cancel(self._loops)
+
+    # --- requests (the caller is authenticated) ----------------------------------------------
+
+    async def create(self, user: str, device: str, body: object) -> Upload:
+        size, to = core.parse_new_upload(body, self.limits)
+        if is_group_id(to):
+            if user not in await self._members(to):
+                raise MediaError("not_member", f"you are not a member of {to}")
+        elif await self._users.user_devices(to) is None:
+            raise MediaError("not_found", f"no user {to}")
+        self._usage.admit(user, size, self.limits)
+        now = self._clock.wall_ms()
+        upload = Upload(secrets.token_urlsafe(16), user, device, to, size, now, now)
+        self._usage.start(user, size)  # before the await: a concurrent create sees the charge
+        try:
+            await self._store.add_upload(upload)
+        except BaseException:
+            self._usage.end_upload(user, size, keep_charge=False)
+            raise
+        self._uploads[upload.id] = upload
+        return upload
+
+    async def status(self, user: str, device: str, upload_id: str) -> tuple[int, int, str | None]:
+        """``(offset, size, blob)`` of the caller's upload (blob: once sealed)."""
+        upload = self._uploads.get(upload_id)
+        if upload is not None and (upload.user, upload.device) == (user, device):
+            async with self._locked(upload):
+                return await self._blobs.staged_size(upload_id), upload.size, None
+        found = await self._store.sealed(upload_id) if len(upload_id) <= 64 else None
+        if found is None or (found[0].user, found[0].device) != (user, device):
+            raise MediaError("not_found", "no such upload of this device (it may have expired)")
+        return found[0].size, found[0].size, found[1]
+
+    async def patch(self, user: str, device: str, upload_id: str, offset: int, length: int | None,
+                    chunks: AsyncIterator[bytes]) -> tuple[int, str | None]:
+        """Append the body; ``(new offset, blob once sealed)``. Bytes of a body cut midway are kept."""
+        upload = self._uploads.get(upload_id)
+        if upload is None or (upload.user, upload.device) != (user, device):
+            raise MediaError("not_found", "no such upload in progress for this device")
+        async with self._locked(upload):
+            core.check_patch(upload, offset, await self._blobs.staged_size(upload_id), length, self.limits)
+            try:
+                stored = await self._blobs.append(upload_id, offset, self._count_in(chunks))
+            finally:
+                self._uploads[upload_id] = replace(upload, touched_ms=self._clock.wall_ms())
+            await self._store.touch_upload(upload_id, self._clock.wall_ms())
+            if stored < upload.size:
+                return stored, None
+            return stored, await self._seal(upload)
+
+    async def download(self, user: str, sha256: str, range_header: str | None) -> Download:
+        blob = await self._readable(user, sha256)
+        span = core.parse_range(range_header, blob.size)
+        start, end = span if span is not None else (0, blob.size)
+        chunks = self._blobs.read(sha256, start, end)
+        try:
+            first = await anext(chunks)  # a missing file fails here, before any header is sent
+        except BlobMissing:
+            raise MediaError("gone", "the blob is no longer stored") from None
+        except StopAsyncIteration:
+            first = b""
+        return Download(blob, start, end, span is not None, self._count_out(first, chunks))
+
+    async def fetched(self, user: str, device: str, sha256: str) -> None:
+        """The device has the blob (and checked its digest): it is no longer waited for."""
+        try:
+            blob = await self._readable(user, sha256)
+        except MediaError as exc:
+            if exc.code == "gone":
+                return  # said again after the deletion: nothing to do
+            raise
+        done = await self._store.fetched(blob.sha256, f"{user}.{device}")
+        if done is not None:
+            await self._deleted([done])
+
+    def remove_device(self, user: str, device: str) -> None:
+        """``devices.remove``: the device leaves every waiting set (soon: the sweep does it)."""
+        self._removed.append(f"{user}.{device}")
+        self._wake.set()
+
+    # --- inside ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, upload: Upload) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(upload.id, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), LOCK_WAIT_S)
+        except TimeoutError:
+            raise MediaError("offset_mismatch", "another PATCH of this upload is in progress",
+                             offset=await self._blobs.staged_size(upload.id)) from None
+        try:
+            yield
+        finally:
+            lock.release()
+            if not lock.locked() and upload.id not in self._uploads:
+                self._locks.pop(upload.id, None)
+
+    async def _count_in(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.counters.bytes_in += len(chunk)
+            yield chunk
+
+    async def _count_out(self, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            self.counters.bytes_out += len(first)
+            yield first
+            async for chunk in chunks:
+                self.counters.bytes_out += len(chunk)
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # an async generator (BlobStore.read)
+
+    async def _seal(self, upload: Upload) -> str:
+        sha256 = await self._blobs.seal(upload.id)
+        if is_group_id(upload.to):
+            users = [m for m in await self._members(upload.to) if m != upload.user]
+        else:
+            users = [upload.to] if upload.to != upload.user else []
+        to_users = {u: await self._users.user_devices(u) or [] for u in users}
+        own = await self._users.user_devices(upload.user) or []
+        sealed = core.seal(upload, sha256, to_users, own, self._clock.wall_ms(), self.limits)
+        new = await self._store.seal(upload.id, sealed)
+        del self._uploads[upload.id]
+        self._usage.end_upload(upload.user, upload.size, keep_charge=new)
+        if new:
+            self.counters.stored_bytes += upload.size
+            self.counters.blobs += 1
+        log.info("media: upload %s of %s sealed as %s (%d bytes, %d devices waiting)", upload.id, upload.user,
+                 sha256, upload.size, len(sealed.waiting))
+        return sha256
+
+    async def _readable(self, user: str, sha256: str) -> Blob:
+        try:
+            check_blob_id(sha256)
+        except ValueError:
+            raise MediaError("not_found", "no such blob") from None
+        blob = await self._store.blob(sha256)
+        return core.readable(blob, blob is not None and await self._store.is_reader(sha256, user))
+
+    async def _deleted(self, blobs: list[Blob]) -> None:
+        """The blobs were marked deleted in the store: their files go, their charges are freed."""
+        for blob in blobs:
+            await self._blobs.delete(blob.sha256)
+            self._usage.free(blob.owner, blob.size)
+            self.counters.stored_bytes -= blob.size
+            self.counters.blobs -= 1
+
+    async def _sweep_round(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._sweep_s)
+        self._wake.clear()
+        removed, self._removed = self._removed, []
+        if removed:
+            try:
+                await self._deleted(await self._store.remove_devices(removed))
+            except BaseException:
+                self._removed.extend(removed)  # tried again next round
+                raise
+        now = self._clock.wall_ms()
+        busy = {upload for upload, lock in self._locks.items() if lock.locked()}
+        for upload in core.abandoned(list(self._uploads.values()), busy, now, self.limits):
+            await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
+            await self._store.drop_upload(upload.id)
+            if self._uploads.pop(upload.id, None) is not None:
+                self._usage.end_upload(upload.user, upload.size, keep_charge=False)
+            log.info("media: upload %s of %s abandoned after %d s idle", upload.id, upload.user,
+                     self.limits.upload_ttl_ms // 1000)
+        await self._deleted(await self._store.expire(now))
+        for upload_id in await self._store.sealed_uploads(now - self.limits.upload_ttl_ms):
+            await self._store.drop_upload(upload_id)
+        for sha256 in await self._store.forget(now - self.limits.ttl_ms):
+            await self._blobs.delete(sha256)  # again: a crash may have come between the mark and the delete
