@@ -55,6 +55,9 @@ class MediaBody:
 
     def encode(self) -> str:
         """The JSON body to send with ``type="media"``; checks the fields like ``parse`` does."""
+        if self.thumbnail is not None and len(self.thumbnail) > MAX_THUMBNAIL_BYTES:
+            raise MediaBodyError(f"media body: 'thumbnail' is {len(self.thumbnail)} bytes, "
+                                 f"at most {MAX_THUMBNAIL_BYTES}: make it smaller")
         fields: dict[str, Any] = {
             "v": BODY_VERSION, "url": self.url, "key": _b64(self.key.key), "nonce": _b64(self.key.prefix),
             "chunk": self.key.chunk, "sha256": self.sha256, "size": self.size, "mime": self.mime,

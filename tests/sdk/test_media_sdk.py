@@ -1,0 +1,192 @@
+"""Media through the real broker and media endpoint with SDK clients, on the local and the S3
+backend (moto's server on loopback): alice's SDK sends a 50 MB file to bob and to a group, the
+upload and the download are cut halfway (a TCP proxy resets the connection) and resumed from the
+server's offset, the received files are byte-identical; the stored blob holds no plaintext; the
+blob is gone after the last fetch; tampered bodies and plain mode are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client_sdk import Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
+from client_sdk.events import Message
+from client_sdk.mediabody import parse_media_body
+from client_sdk.mediacrypto import MediaKey, ciphertext_size
+from testkit.proxy import TcpProxy
+from testkit.s3_server import S3Server
+from tests.helpers import BrokerThread
+from tests.media_client import MiB, media_broker
+from tests.media_stores import BACKENDS, s3_config
+from tests.sdk.conftest import Collector
+
+SIZE = 50 * MiB
+MARKER = b"PLAINTEXT-MARKER-7f3a9c"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    if request.param == "local":
+        return {}
+    server: S3Server = request.getfixturevalue("s3_server")
+    return {"media.backend": "s3", "media.s3": s3_config(server, tmp_path / "s3")}
+
+
+@pytest.fixture
+def media(tmp_path: Path, backend: dict[str, Any]) -> Iterator[tuple[BrokerThread, TcpProxy]]:
+    """A broker with the media endpoint (8 MiB PATCHes) behind a proxy that tests can cut."""
+    broker = media_broker(tmp_path / "data", **{"media.quota_bytes": 400 * MiB, **backend})
+    for name in ("alice", "bob", "carol"):
+        broker.add_user(name, f"{name}-pw")
+    proxy = TcpProxy(broker.address("media")[1]).start()
+    yield broker, proxy
+    proxy.stop()
+    broker.stop()
+
+
+@pytest.fixture
+def clients(media: tuple[BrokerThread, TcpProxy], tmp_path: Path) -> Iterator[Callable[..., Collector]]:
+    broker, proxy = media
+    made: list[Client] = []
+
+    def online(user: str, **options: Any) -> Collector:
+        client = Client(user, f"{user}-pw", device="phone", port=broker.port, store=tmp_path / f"{user}.db",
+                        media_url=f"http://127.0.0.1:{proxy.port}", reconnect_delay=(0.1, 1.0), **options)
+        made.append(client)
+        collector = Collector(client)
+        client.connect()
+        return collector
+
+    yield online
+    for client in made:
+        client.close()
+
+
+def big_file(path: Path, size: int = SIZE) -> str:
+    """A file of random bytes with ``MARKER`` every MiB; returns its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for start in range(0, size, MiB):
+            block = (MARKER + os.urandom(MiB - len(MARKER)))[: size - start]
+            f.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class CutOnce:
+    """A progress callback that resets the proxied connection once ``done`` passes ``at``."""
+
+    def __init__(self, proxy: TcpProxy, at: int) -> None:
+        self.proxy, self.at = proxy, at
+        self.seen: list[int] = []
+        self.cut_at: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.seen.append(done)
+        if self.cut_at is None and done >= self.at:
+            self.cut_at = done
+            self.proxy.cut("refuse")  # resets the live connection mid-body
+            self.proxy.restore()      # the retry may connect again
+
+    def resumed_from(self) -> int:
+        """The lowest offset reported after the cut: where the resumed transfer went on."""
+        assert self.cut_at is not None, "the transfer was never cut"
+        after = self.seen[self.seen.index(self.cut_at) + 1:]
+        return min(after)
+
+
+def stored_blob(broker: BrokerThread, backend: dict[str, Any], sha: str) -> bytes:
+    if not backend:
+        (path,) = (broker.settings.data_path / "media" / "blobs").rglob(sha)
+        return path.read_bytes()
+    s3 = backend["media.s3"]
+    url = f"{s3['endpoint_url']}/{s3['bucket']}/{s3['prefix']}blobs/{sha}"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return bytes(answer.read())
+
+
+def media_message(collector: Collector) -> Message:
+    message: Message = collector.next(Message, where=lambda m: m.type == "media")
+    return message
+
+
+def test_50_mb_to_bob_cut_and_resumed_both_ways(media: tuple[BrokerThread, TcpProxy], backend: dict[str, Any],
+                                                clients: Callable[..., Collector], tmp_path: Path) -> None:
+    broker, proxy = media
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "video.mp4"
+    want = big_file(source)
+    total = ciphertext_size(SIZE)
+    up = CutOnce(proxy, total // 2)
+    mid = alice.client.send_media("bob", source, thumbnail=b"\xff\xd8thumb", progress=up)
+    assert up.resumed_from() >= total // 2 - 8 * MiB, "resumed from the server's offset, not from 0"
+    assert up.seen[-1] == total
+    message = media_message(bob)
+    assert message.id == mid and message.encrypted
+    blob = stored_blob(broker, backend, parse_media_body(message.body).sha256)
+    assert len(blob) == total and MARKER not in blob, "the server holds ciphertext only"
+    down = CutOnce(proxy, total // 2)
+    dest = tmp_path / "bob" / "video.mp4"
+    dest.parent.mkdir()
+    body = bob.client.download_media(message, dest, progress=down)
+    assert down.resumed_from() > 0, "the download resumed with a Range request"
+    assert (body.name, body.mime, body.size, body.thumbnail) == ("video.mp4", "video/mp4", SIZE, b"\xff\xd8thumb")
+    assert file_sha(dest) == want
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["video.mp4"], "no .part or temporary file left"
+    # bob's phone was the only recipient device: the blob is gone after its fetch.
+    with pytest.raises(MediaError) as gone:
+        bob.client.download_media(message, tmp_path / "bob" / "again.mp4")
+    assert gone.value.code == "gone" and gone.value.status == 410
+
+
+def test_to_a_group_each_member_gets_identical_bytes(media: tuple[BrokerThread, TcpProxy],
+                                                     clients: Callable[..., Collector], tmp_path: Path) -> None:
+    alice, bob, carol = clients("alice"), clients("bob"), clients("carol")
+    group = alice.client.create_group("team", ["bob", "carol"]).group
+    source = tmp_path / "notes.pdf"
+    want = big_file(source, 3 * MiB + 5)
+    with open(source, "rb") as f:  # a file object works as well as a path
+        alice.client.send_media(group, f, name="notes.pdf")
+    for member in (bob, carol):
+        message = media_message(member)
+        assert message.group == group
+        dest = tmp_path / f"{member.client.user}.pdf"
+        assert member.client.download_media(message, dest).mime == "application/pdf"
+        assert file_sha(dest) == want
+
+
+def test_refusals(media: tuple[BrokerThread, TcpProxy], clients: Callable[..., Collector], tmp_path: Path) -> None:
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"hello")
+    plain = clients("carol", encryption=False)
+    with pytest.raises(MediaError) as refused:
+        plain.client.send_media("bob", source)
+    assert refused.value.code == "encryption_required"
+    with pytest.raises(ValueError, match="not a user id"):
+        alice.client.send_media("no body", source)
+    with pytest.raises(MediaBodyError, match="thumbnail"):
+        alice.client.send_media("bob", source, thumbnail=b"x" * 100_000)
+    alice.client.send_media("bob", source)
+    message = media_message(bob)
+    # A hostile sender's body: a link that is not the digest's, a wrong key.
+    with pytest.raises(MediaBodyError, match="url"):
+        bob.client.download_media(message.body.replace("/v1/media/blobs/", "/v1/media/blobz/"), tmp_path / "x")
+    sent = parse_media_body(message.body)
+    other_key = MediaBody(sent.url, MediaKey.random(), sent.sha256, sent.size, sent.mime, sent.name)
+    with pytest.raises(MediaCryptoError):
+        bob.client.download_media(other_key, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert bob.client.download_media(message, tmp_path / "a.txt.copy").size == 5
+    assert (tmp_path / "a.txt.copy").read_bytes() == b"hello"
