@@ -21,7 +21,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -62,7 +62,7 @@ class S3Settings:
     secret_access_key_file: str | None = None
     verify: bool | str = True
     """TLS verification: true (the system's CAs), false, or a CA bundle's path."""
-    addressing_style: str = "auto"
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
     """``path`` for servers reached by a host name without virtual-host buckets (most MinIO set-ups)."""
     timeout_s: float = 30.0
 

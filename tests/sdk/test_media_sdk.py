@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from client_sdk import Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
+from client_sdk import AsyncClient, Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
 from client_sdk.events import Message
 from client_sdk.mediabody import parse_media_body
 from client_sdk.mediacrypto import MediaKey, ciphertext_size
@@ -190,3 +190,60 @@ def test_refusals(media: tuple[BrokerThread, TcpProxy], clients: Callable[..., C
     assert not (tmp_path / "x").exists()
     assert bob.client.download_media(message, tmp_path / "a.txt.copy").size == 5
     assert (tmp_path / "a.txt.copy").read_bytes() == b"hello"
+
+
+class Abort(Exception):
+    pass
+
+
+def test_a_download_stopped_by_the_app_resumes_from_its_part_file(
+        clients: Callable[..., Collector], tmp_path: Path) -> None:
+    """The app dies (here: its progress callback raises) halfway through a download; the next
+    download_media of the same message goes on from the .part file with a Range request."""
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "clip.bin"
+    want = big_file(source, 6 * MiB)
+    alice.client.send_media("bob", source)
+    message = media_message(bob)
+    dest = tmp_path / "got.bin"
+
+    def die_halfway(done: int, total: int) -> None:
+        if done >= total // 2:
+            raise Abort
+
+    with pytest.raises(Abort):
+        bob.client.download_media(message, dest, progress=die_halfway)
+    assert not dest.exists()
+    seen: list[int] = []
+    bob.client.download_media(message, dest, progress=lambda done, total: seen.append(done))
+    assert seen[0] > 3 * MiB, "resumed, not downloaded again from 0"
+    assert file_sha(dest) == want
+
+
+def test_an_upload_aborted_by_the_app_sends_nothing(clients: Callable[..., Collector], tmp_path: Path) -> None:
+    alice = clients("alice")
+    source = tmp_path / "clip.bin"
+    big_file(source, 2 * MiB)
+
+    def abort(done: int, total: int) -> None:
+        raise Abort
+
+    with pytest.raises(Abort):
+        alice.client.send_media("bob", source, progress=abort)
+    assert alice.client.outbox() == []
+
+
+async def test_async_client_sends_and_downloads(media: tuple[BrokerThread, TcpProxy], tmp_path: Path) -> None:
+    broker, proxy = media
+    options: dict[str, Any] = {"device": "phone", "port": broker.port, "media_url": f"http://127.0.0.1:{proxy.port}"}
+    source = tmp_path / "photo.jpg"
+    want = big_file(source, MiB + 3)
+    async with AsyncClient("alice", "alice-pw", store=tmp_path / "a.db", **options) as alice, \
+            AsyncClient("bob", "bob-pw", store=tmp_path / "b.db", **options) as bob:
+        mid = await alice.send_media("bob", source)
+        async for event in bob.events():
+            if isinstance(event, Message) and event.type == "media":
+                assert event.id == mid
+                body = await bob.download_media(event, tmp_path / "got.jpg")
+                break
+    assert body.mime == "image/jpeg" and file_sha(tmp_path / "got.jpg") == want

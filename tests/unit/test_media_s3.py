@@ -13,6 +13,9 @@ import pytest
 from aiobotocore.session import get_session
 
 from bridge.store import StoreError
+from chatserver.config import ConfigError
+from chatserver.media import open_blobs
+from chatserver.media_config import MediaSettings
 from storage.media.local import LocalBlobStore
 from storage.media.s3 import PART_BYTES, S3BlobStore, S3Settings, open_store, read_secret
 from testkit.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
@@ -101,3 +104,20 @@ async def test_a_missing_bucket_or_endpoint_is_a_store_error(s3_server: S3Server
 
 def _fields(settings: S3Settings) -> dict[str, object]:
     return {name: getattr(settings, name) for name in S3Settings.__slots__}
+
+
+async def test_the_config_wires_the_s3_backend_and_refuses_a_readable_secret(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    config = s3_config(s3_server, tmp_path / "s3")
+    settings = MediaSettings.model_validate({"backend": "s3", "s3": {**config, "addressing_style": "path"}})
+    store = await open_blobs(settings, tmp_path / "data")
+    try:
+        assert isinstance(store, S3BlobStore)
+        await store.append("u", 0, one(b"wired"))
+        blob = await store.seal("u")
+        assert await objects(s3_server, config["bucket"]) == {f"chat/blobs/{blob}": 5}
+    finally:
+        await store.close()
+    os.chmod(config["secret_access_key_file"], 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        await open_blobs(settings, tmp_path / "data")
