@@ -58,7 +58,7 @@ def pause(exc: MediaError, backoff: Backoff, stop: threading.Event | None) -> No
         raise exc
     delay = backoff.next()  # counts the try, also when the server says how long to wait
     wait = delay if exc.retry_after is None else min(exc.retry_after, backoff.maximum)
-    log.info("media: %s; retrying in %.1fs", exc, wait)
+    log.info("%s; retrying in %.1fs", exc, wait)
     if stop is None:
         time.sleep(wait)
     elif stop.wait(wait):

@@ -247,3 +247,44 @@ async def test_async_client_sends_and_downloads(media: tuple[BrokerThread, TcpPr
                 body = await bob.download_media(event, tmp_path / "got.jpg")
                 break
     assert body.mime == "image/jpeg" and file_sha(tmp_path / "got.jpg") == want
+
+
+def test_the_answer_to_the_last_patch_lost(media: tuple[BrokerThread, TcpProxy],
+                                          clients: Callable[..., Collector], tmp_path: Path) -> None:
+    """The connection is reset once every byte was sent: the SDK learns from GET that the upload
+    was sealed (or sends the rest), checks the digest, and sends the message once."""
+    _, proxy = media
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "clip.bin"
+    want = big_file(source, 3 * MiB + 1)
+    cut = CutOnce(proxy, ciphertext_size(3 * MiB + 1))
+    mid = alice.client.send_media("bob", source, progress=cut)
+    assert cut.cut_at is not None
+    message = media_message(bob)
+    assert message.id == mid
+    assert bob.client.download_media(message, tmp_path / "got.bin").size == 3 * MiB + 1
+    assert file_sha(tmp_path / "got.bin") == want
+
+
+def test_limits_and_quota_are_refused_clearly(tmp_path: Path) -> None:
+    broker = media_broker(tmp_path / "data", **{"media.max_bytes": 2 * MiB, "media.chunk_max_bytes": MiB,
+                                                "media.quota_bytes": 3 * MiB})
+    try:
+        for name in ("alice", "bob"):
+            broker.add_user(name, f"{name}-pw")
+        host, port = broker.address("media")
+        with Client("alice", "alice-pw", device="phone", port=broker.port, store=tmp_path / "a.db",
+                    media_url=f"http://{host}:{port}") as alice:
+            source = tmp_path / "f.bin"
+            big_file(source, 3 * MiB)
+            with pytest.raises(MediaError) as refused:
+                alice.send_media("bob", source)
+            assert (refused.value.code, refused.value.status) == ("too_large", 413)
+            big_file(source, MiB + MiB // 2)
+            alice.send_media("bob", source)  # in several PATCHes of at most chunk_max
+            with pytest.raises(MediaError) as refused:
+                alice.send_media("bob", source)
+            assert (refused.value.code, refused.value.status) == ("quota_exceeded", 413)
+            assert "quota" in refused.value.detail
+    finally:
+        broker.stop()
