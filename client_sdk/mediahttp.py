@@ -94,6 +94,10 @@ class MediaHTTP:
         try:
             conn.request(method, self._prefix + path, body=body or None, headers=sent)
             return conn.getresponse()
+        except ssl.SSLCertVerificationError as exc:  # not a cut: retrying cannot help
+            conn.close()
+            raise MediaError("tls_failed", f"the media endpoint's certificate does not verify ({exc.verify_message}): "
+                             "check media_url's host and media_tls") from exc
         except NetworkError as exc:
             conn.close()
             raise MediaError("network", f"{method} {path}: {exc or type(exc).__name__}") from exc

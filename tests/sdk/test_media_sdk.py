@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from client_sdk import AsyncClient, Client, MediaBody, MediaBodyError, MediaCryp
 from client_sdk.events import Message
 from client_sdk.mediabody import parse_media_body
 from client_sdk.mediacrypto import MediaKey, ciphertext_size
+from testkit.https_server import make_tls
 from testkit.proxy import TcpProxy
 from testkit.s3_server import S3Server
 from tests.helpers import BrokerThread
@@ -286,5 +288,28 @@ def test_limits_and_quota_are_refused_clearly(tmp_path: Path) -> None:
                 alice.send_media("bob", source)
             assert (refused.value.code, refused.value.status) == ("quota_exceeded", 413)
             assert "quota" in refused.value.detail
+    finally:
+        broker.stop()
+
+
+def test_over_https_with_a_private_ca(tmp_path: Path) -> None:
+    (tmp_path / "tls").mkdir()
+    tls = make_tls(tmp_path / "tls")
+    broker = media_broker(tmp_path / "data", **{"media.certfile": str(tls.cert_file),
+                                                "media.keyfile": str(tls.key_file)})
+    try:
+        for name in ("alice", "bob"):
+            broker.add_user(name, f"{name}-pw")
+        url = f"https://127.0.0.1:{broker.address('media')[1]}"
+        source = tmp_path / "f.bin"
+        big_file(source, MiB)
+        with Client("alice", "alice-pw", device="phone", port=broker.port, store=tmp_path / "a.db", media_url=url,
+                    media_tls=ssl.create_default_context(cafile=str(tls.ca_file))) as alice:
+            alice.send_media("bob", source)
+        with Client("bob", "bob-pw", device="phone", port=broker.port, store=tmp_path / "b.db",
+                    media_url=url) as bob:  # the system's CAs do not know this one: refused at once
+            with pytest.raises(MediaError) as refused:
+                bob.send_media("alice", source)
+            assert refused.value.code == "tls_failed"
     finally:
         broker.stop()
