@@ -13,10 +13,12 @@ the store's connection, which belongs to the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from chatserver.binds import parse_bind
@@ -29,6 +31,18 @@ TEXT = "text/plain"
 ReadyCheck = Callable[[], Awaitable[list[str]]]
 
 
+class _NotClientErrors(logging.Filter):
+    """aiohttp logs each malformed request (the client's fault) at ERROR with a traceback: anyone
+    could fill the log. Those records are dropped; a failing handler is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+_server_log = logging.getLogger("chatserver.http.server")
+_server_log.addFilter(_NotClientErrors())
+
+
 class HttpServer:
     """``app`` served on ``bind``. ``await start()`` (raises OSError if the port is taken), ``await close()``."""
 
@@ -36,7 +50,7 @@ class HttpServer:
         self._host, self._port = parse_bind(bind)
         self._ssl = ssl_context
         # access_log=None: one log line per request would swamp the broker's log.
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S, logger=_server_log)
         self._started = False
 
     async def start(self) -> None:

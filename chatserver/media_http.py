@@ -8,6 +8,7 @@ of ``BODY_CHUNK``, a download from the store to the socket in the store's chunks
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -29,6 +30,8 @@ MAX_JSON_BYTES = 4096
 UPLOAD_TYPE = "application/offset+octet-stream"
 PREFIX = "/v1/media"
 
+DRAIN_MAX_BYTES = 16 * 1024 * 1024  # a refused PATCH's body read to the end, up to this
+DRAIN_S = 10.0
 MAX_OFFSET_DIGITS = 19  # an int64
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Authenticate = Callable[[str, str], Awaitable[tuple[str, str] | None]]
@@ -81,21 +84,23 @@ class _Handlers:
             _CALLER.set(caller)
             return await handler(request)
         except MediaError as exc:
-            return _refusal(service, exc)
+            response = _refusal(service, exc)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
             code = {404: "not_found", 413: "too_large"}.get(exc.status, "bad_request")
             response = _json(exc.status, {"error": code, "detail": exc.reason})
             if exc.status == 405:
                 response.headers["Allow"] = exc.headers.get("Allow", "")
             service.counters.refused(code)
-            return response
         except ConnectionError:  # the client went away (a cut upload: what arrived is kept)
             log.debug("media: %s %s: connection lost", request.method, request.path)
             return web.Response(status=400)
         except StoreError as exc:
             log.error("media: %s %s failed: %s", request.method, request.path, exc)
             service.counters.refused("unavailable")
-            return _json(503, {"error": "unavailable", "detail": "storage failed; retry later"})
+            response = _json(503, {"error": "unavailable", "detail": "storage failed; retry later"})
+        if not await _drained(request):
+            response.force_close()
+        return response
 
     async def create(self, request: web.Request) -> web.Response:
         user, device = _CALLER.get()
@@ -156,6 +161,21 @@ class _Handlers:
         return web.Response(status=204)
 
 
+async def _drained(request: web.Request) -> bool:
+    """Read what is left of a refused request's body, so that the client reads the answer rather than
+    a reset (and no lingering read outlives the connection). False: too much or too slow, close."""
+    if not request.body_exists or request.content.at_eof():
+        return True
+    left = DRAIN_MAX_BYTES
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            while left >= 0 and (chunk := await request.content.readany()):
+                left -= len(chunk)
+    except (TimeoutError, ConnectionError):
+        return False
+    return left >= 0
+
+
 def _refusal(service: MediaService, exc: MediaError) -> web.Response:
     service.counters.refused(exc.code)
     body: dict[str, Any] = {"error": exc.code, "detail": exc.detail}
@@ -163,6 +183,8 @@ def _refusal(service: MediaService, exc: MediaError) -> web.Response:
     if exc.offset is not None:
         body["offset"] = exc.offset
         headers["Upload-Offset"] = str(exc.offset)
+    if exc.size is not None:
+        headers["Content-Range"] = f"bytes */{exc.size}"  # RFC 9110 section 15.5.17
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
     if exc.code == "unauthorized":

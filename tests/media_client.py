@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,22 @@ async def agen(pieces: Iterator[bytes]) -> AsyncIterator[bytes]:
         yield piece
 
 
+@contextlib.asynccontextmanager
+async def connected(broker: BrokerThread, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[MediaClient]:
+    """A client of ``broker``'s media endpoint (HTTPS with ``ssl_context``)."""
+    host, port = broker.address("media")
+    scheme = "https" if ssl_context is not None else "http"
+    connector = aiohttp.TCPConnector(ssl=ssl_context) if ssl_context is not None else None
+    async with aiohttp.ClientSession(connector=connector) as http:
+        yield MediaClient(http, f"{scheme}://{host}:{port}/v1/media")
+
+
+def charged(broker: BrokerThread) -> int:
+    """Bytes charged to every user's quota now."""
+    assert broker.app.media is not None
+    return sum(broker.app.media.service._usage.charged.values())
+
+
 class MediaClient:
     def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
         self.http = http
@@ -117,6 +135,10 @@ class MediaClient:
         offset = start_offset
         while True:
             status, sealed = await self.patch(dev, upload, offset, min(size, offset + chunk))
+            if status == 409:  # a cut PATCH's bytes landed after the GET: go on from the stored offset
+                assert sealed is not None and sealed["error"] == "offset_mismatch", sealed
+                offset = int(sealed["offset"])
+                continue
             offset = min(size, offset + chunk)
             if status == 200:
                 assert sealed is not None

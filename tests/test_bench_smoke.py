@@ -91,3 +91,15 @@ def test_bench_groups_tiny(tmp_path: Path) -> None:
     # The body is stored once for a group message, once per recipient when sent one-to-one.
     assert direct["bodies_payload_per_unit"] > 10 * group["bodies_payload_per_unit"] > 0
     assert "| member deliveries/s |" in (out / "groups.md").read_text(encoding="utf-8")
+
+
+def test_bench_media_tiny(tmp_path: Path) -> None:
+    """``python -m bench media --tiny``: 16 MiB up and down through the media endpoint, byte-identical
+    (the bench checks the digest), with a copy baseline and the broker's RSS."""
+    out = run_bench(["media", "--tiny"], tmp_path, 100)
+    result = json.loads((out / "media.json").read_text(encoding="utf-8"))
+    assert result["benchmark"] == "media" and result["bytes"] == 16 * 1024 * 1024
+    for key in ("copy_mb_s", "upload_mb_s", "download_mb_s"):
+        assert result[key] > 0
+    assert result["upload_rss_peak_kib"] >= result["rss_before_kib"] > 0
+    assert "| upload 16 MiB" in (out / "media.md").read_text(encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +15,18 @@ import aiohttp
 import pytest
 
 from tests.helpers import BrokerThread
-from tests.media_client import Device, MediaClient, MiB, add_device, create_group, file_digest, media_broker
+from tests.media_client import (
+    Device,
+    MediaClient,
+    MiB,
+    add_device,
+    charged,
+    connected,
+    create_group,
+    file_digest,
+    media_broker,
+)
+from tests.test_listeners import make_cert
 
 SIZE = 50 * MiB
 
@@ -28,16 +40,14 @@ def broker(tmp_path: Path) -> Iterator[BrokerThread]:
 
 @pytest.fixture
 async def client(broker: BrokerThread) -> AsyncIterator[MediaClient]:
-    host, port = broker.address("media")
-    async with aiohttp.ClientSession() as http:
-        yield MediaClient(http, f"http://{host}:{port}/v1/media")
+    async with connected(broker) as made:
+        yield made
 
 
 def metric(broker: BrokerThread, name: str) -> float:
-    service = broker.app.media.service if broker.app.media else None
-    assert service is not None
-    return float({"stored": service.counters.stored_bytes, "blobs": service.counters.blobs,
-                  "charged": sum(service._usage.charged.values())}[name])
+    assert broker.app.media is not None
+    counters = broker.app.media.service.counters
+    return float({"stored": counters.stored_bytes, "blobs": counters.blobs, "charged": charged(broker)}[name])
 
 
 async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, client: MediaClient) -> None:
@@ -46,13 +56,12 @@ async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, cli
     status, body = await client.create(alice, "bob", SIZE)
     assert status == 201 and body["offset"] == 0 and body["chunk_max"] == 8 * MiB
     upload = body["upload"]
-    # First 20 MiB, then a PATCH cut after 3 of its 8 MiB: the bytes that arrived are kept.
-    sealed = None
-    for start in (0, 8 * MiB):
+    # 24 MiB, then a PATCH cut after 2 of its 8 MiB (halfway through the file): what arrived is kept.
+    for start in (0, 8 * MiB, 16 * MiB):
         assert (await client.patch(alice, upload, start, start + 8 * MiB))[0] == 204
-    await client.cut_patch(broker.address("media"), alice, upload, 16 * MiB, 8 * MiB, 3 * MiB)
+    await client.cut_patch(broker.address("media"), alice, upload, 24 * MiB, 8 * MiB, 2 * MiB)
     offset = await _settled_offset(client, alice, upload)
-    assert 16 * MiB <= offset <= 19 * MiB
+    assert 24 * MiB <= offset <= 26 * MiB
     sealed = await client.upload(alice, "bob", SIZE, start_offset=offset, upload=upload)
     assert sealed["sha256"] == file_digest(SIZE) and sealed["size"] == SIZE
     assert (await client.offset(alice, upload))["url"] == sealed["url"]
@@ -63,6 +72,9 @@ async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, cli
     assert (status, length) == (206, 10 * MiB)
     parts = [await client.download(bob, url, a, b - 1) for a, b in ((0, 7), (7, SIZE))]
     assert [p[2] for p in parts] == [7, SIZE - 7]
+    async with client.http.get(client.base + url.removeprefix("/v1/media"), headers={**bob.auth,
+                                                                                      "Range": f"bytes={SIZE}-"}) as r:
+        assert (r.status, r.headers["Content-Range"]) == (416, f"bytes */{SIZE}")
     # A stranger sees nothing; the blob goes once bob's phone and alice's laptop said fetched.
     eve = add_device(broker, "eve", "phone")
     assert (await client.download(eve, url))[0] == 404
@@ -109,9 +121,8 @@ async def test_refusals_are_clear(tmp_path: Path) -> None:
     broker = media_broker(tmp_path / "data", **{"media.max_bytes": 10 * MiB, "media.chunk_max_bytes": MiB,
                                                 "media.quota_bytes": 12 * MiB, "media.max_uploads": 2})
     try:
-        host, port = broker.address("media")
-        async with aiohttp.ClientSession() as http:
-            client = MediaClient(http, f"http://{host}:{port}/v1/media")
+        async with connected(broker) as client:
+            http = client.http
             alice = add_device(broker, "alice", "phone")
             add_device(broker, "bob", "phone")
             assert (await client.create(alice, "bob", 10 * MiB + 1))[1]["error"] == "too_large"
@@ -164,3 +175,30 @@ async def test_files_are_private(broker: BrokerThread, client: MediaClient) -> N
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
     assert stat.S_IMODE((broker.settings.data_path / "media.db").stat().st_mode) == 0o600
     assert any(p.name == sealed["sha256"] for p in root.rglob("*"))
+
+
+async def test_https_and_metrics(tmp_path: Path) -> None:
+    cert, key = make_cert(tmp_path)
+    broker = media_broker(tmp_path / "data", **{"media.certfile": str(cert), "media.keyfile": str(key),
+                                                "metrics.bind": "127.0.0.1:0"})
+    try:
+        async with connected(broker, ssl.create_default_context(cafile=str(cert))) as client:
+            http = client.http
+            alice, bob = add_device(broker, "alice", "phone"), add_device(broker, "bob", "phone")
+            sealed = await client.upload(alice, "bob", 3 * MiB, chunk=MiB)
+            status, digest, _ = await client.download(bob, sealed["url"])
+            assert (status, digest) == (200, sealed["sha256"])
+            async with http.head(client.base + sealed["url"].removeprefix("/v1/media"), headers=bob.auth) as r:
+                assert r.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+                assert r.headers["ETag"] == f'"{sealed["sha256"]}"' and r.headers["Accept-Ranges"] == "bytes"
+            await client.create(alice, "bob", 10**12)
+        mhost, mport = broker.address("metrics")
+        async with aiohttp.ClientSession() as http, http.get(f"http://{mhost}:{mport}/metrics") as r:
+            scrape = await r.text()
+        for line in ("chat_media_stored_bytes 3.145728e+06", "chat_media_blobs 1.0", "chat_media_uploads 0.0",
+                     "chat_media_received_bytes_total 3.145728e+06", "chat_media_sent_bytes_total 3.145728e+06",
+                     'chat_media_refusals_total{code="too_large"} 1.0'):
+            assert line in scrape, line
+        assert 'chat_background_failures_total{task="media_sweep"} 0.0' in scrape
+    finally:
+        broker.stop()

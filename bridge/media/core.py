@@ -32,15 +32,18 @@ STATUS = {
 
 
 class MediaError(Exception):
-    """A refused request: ``code`` (a key of ``STATUS``), ``detail`` for the client, ``extra`` fields
-    for the JSON body (``offset``), ``retry_after_s`` for ``rate_limited``."""
+    """A refused request: ``code`` (a key of ``STATUS``), ``detail`` for the client; ``offset`` for
+    ``offset_mismatch``, ``retry_after_s`` for ``rate_limited``, ``size`` (the blob's) for
+    ``range_not_satisfiable``."""
 
-    def __init__(self, code: str, detail: str, *, offset: int | None = None, retry_after_s: int | None = None) -> None:
+    def __init__(self, code: str, detail: str, *, offset: int | None = None, retry_after_s: int | None = None,
+                 size: int | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.offset = offset
         self.retry_after_s = retry_after_s
+        self.size = size
 
     @property
     def status(self) -> int:
@@ -184,7 +187,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     found = _RANGE.fullmatch(header.strip())
     if found is None or found.group(1) == found.group(2) == "":
-        raise MediaError("range_not_satisfiable", "one range is served: Range: bytes=a-b, a- or -n")
+        raise MediaError("range_not_satisfiable", "one range is served: Range: bytes=a-b, a- or -n", size=size)
     first, last = found.group(1), found.group(2)
     if first == "":  # the last n bytes
         start, end = max(0, size - int(last)), size
@@ -192,5 +195,5 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         start = int(first)
         end = size if last == "" else min(size, int(last) + 1)
     if start >= size or start >= end:
-        raise MediaError("range_not_satisfiable", f"the blob has {size} bytes")
+        raise MediaError("range_not_satisfiable", f"the blob has {size} bytes", size=size)
     return start, end

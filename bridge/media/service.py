@@ -122,7 +122,8 @@ class MediaService:
         upload = self._uploads.get(upload_id)
         if upload is not None and (upload.user, upload.device) == (user, device):
             async with self._locked(upload):
-                return await self._blobs.staged_size(upload_id), upload.size, None
+                if upload_id in self._uploads:  # not sealed or abandoned while this waited
+                    return await self._blobs.staged_size(upload_id), upload.size, None
         found = await self._store.sealed(upload_id) if len(upload_id) <= 64 else None
         if found is None or (found[0].user, found[0].device) != (user, device):
             raise MediaError("not_found", "no such upload of this device (it may have expired)")
@@ -135,6 +136,8 @@ class MediaService:
         if upload is None or (upload.user, upload.device) != (user, device):
             raise MediaError("not_found", "no such upload in progress for this device")
         async with self._locked(upload):
+            if upload_id not in self._uploads:  # sealed or abandoned while this waited
+                raise MediaError("not_found", "the upload is no longer in progress: GET it to learn its url")
             core.check_patch(upload, offset, await self._blobs.staged_size(upload_id), length, self.limits)
             try:
                 stored = await self._blobs.append(upload_id, offset, self._count_in(chunks))
@@ -256,8 +259,12 @@ class MediaService:
         now = self._clock.wall_ms()
         busy = {upload for upload, lock in self._locks.items() if lock.locked()}
         for upload in core.abandoned(list(self._uploads.values()), busy, now, self.limits):
+            lock = self._locks.get(upload.id)
+            if self._uploads.get(upload.id) != upload or (lock is not None and lock.locked()):
+                continue  # a PATCH came meanwhile
             await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
             await self._store.drop_upload(upload.id)
+            self._locks.pop(upload.id, None)  # not held: ``busy`` left it out
             if self._uploads.pop(upload.id, None) is not None:
                 self._usage.end_upload(upload.user, upload.size, keep_charge=False)
             log.info("media: upload %s of %s abandoned after %d s idle", upload.id, upload.user,

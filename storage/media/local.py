@@ -5,6 +5,10 @@ Layout under ``root`` (0700 folders, 0600 files, whatever the umask)::
     staging/<upload>                 an upload in progress, written in place at its offset
     blobs/<h[0:2]>/<h[2:4]>/<h>      a sealed blob, named by the SHA-256 ``h`` of its bytes
 
+The SHA-256 of an upload is computed as its bytes are written (in memory, per upload in progress),
+so the seal does not read the file again; after a restart (the digest is lost) or a write that
+failed, the seal hashes the file.
+
 Durability: ``append`` fsyncs the staging file before it returns, also when its chunks fail
 midway (the bytes already written are kept: a resumed upload continues after them). ``seal``
 hashes the staging, fsyncs it, renames it into its fan-out folder (atomic on one filesystem)
@@ -22,6 +26,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from bridge.media.blobs import BlobMissing, check_blob_id, check_upload_id
 from bridge.store import StoreError
@@ -39,6 +44,7 @@ class LocalBlobStore:
         self._blobs = root / "blobs"
         for folder in (root, self._staging, self._blobs):
             ensure_private_dir(folder)
+        self._digests: dict[str, tuple[int, Any]] = {}  # upload -> (bytes hashed from 0, their SHA-256 so far)
 
     def _staged(self, upload: str) -> Path:
         return self._staging / check_upload_id(upload)
@@ -50,10 +56,19 @@ class LocalBlobStore:
 
     async def append(self, upload: str, offset: int, chunks: AsyncIterator[bytes]) -> int:
         fd = self._open_at(upload, offset)
+        # The digest follows the writes from offset 0, so that the seal need not read the file again.
+        hashed = self._digests.pop(upload, None)
+        digest = hashed[1] if hashed is not None and hashed[0] == offset else hashlib.sha256() if offset == 0 else None
         written = offset
         try:
             async for chunk in chunks:  # its errors (a cut) pass through unchanged
-                written += _write_all(fd, chunk, upload)
+                try:
+                    written += _write_all(fd, chunk, upload)
+                except StoreError:
+                    digest = None  # part of the chunk may be written: the seal reads the file
+                    raise
+                if digest is not None:
+                    digest.update(chunk)
         finally:
             try:  # also on a cut: what reached the file is kept and made durable
                 await asyncio.to_thread(os.fsync, fd)
@@ -61,6 +76,8 @@ class LocalBlobStore:
                 raise StoreError(f"cannot sync the staging of upload {upload}: {exc}") from exc
             finally:
                 os.close(fd)
+                if digest is not None:
+                    self._digests[upload] = (written, digest)
         return written
 
     def _open_at(self, upload: str, offset: int) -> int:
@@ -92,19 +109,23 @@ class LocalBlobStore:
 
     async def seal(self, upload: str) -> str:
         src = self._staged(upload)
+        hashed = self._digests.pop(upload, None)
         try:
-            return await asyncio.to_thread(self._seal, src)
+            return await asyncio.to_thread(self._seal, src, hashed)
         except OSError as exc:
             raise StoreError(f"cannot seal upload {upload}: {exc}") from exc
 
-    def _seal(self, src: Path) -> str:
-        digest = hashlib.sha256()
+    def _seal(self, src: Path, hashed: tuple[int, Any] | None) -> str:
         with open(src, "rb", buffering=0) as f:
-            buf = bytearray(READ_CHUNK)
-            while n := f.readinto(buf):
-                digest.update(memoryview(buf)[:n])
+            if hashed is not None and hashed[0] == os.fstat(f.fileno()).st_size:
+                blob = str(hashed[1].hexdigest())
+            else:  # the digest was lost (a restart) or broken off: read the file again
+                digest = hashlib.sha256()
+                buf = bytearray(READ_CHUNK)
+                while n := f.readinto(buf):
+                    digest.update(memoryview(buf)[:n])
+                blob = digest.hexdigest()
             os.fsync(f.fileno())
-        blob = digest.hexdigest()
         dest = self.blob_path(blob)
         for folder in (dest.parent.parent, dest.parent):
             if not folder.is_dir():
@@ -119,6 +140,7 @@ class LocalBlobStore:
         return blob
 
     async def discard(self, upload: str) -> None:
+        self._digests.pop(upload, None)
         with contextlib.suppress(FileNotFoundError):
             self._staged(upload).unlink()
 

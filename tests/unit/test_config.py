@@ -1,11 +1,12 @@
 """Settings: embedded defaults, the shipped YAML, and one-line errors naming the key."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from chatserver.binds import parse_bind
-from chatserver.config import ConfigError, Settings, load_settings
+from chatserver.config import ConfigError, Settings, build_settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +59,23 @@ def test_parse_bind() -> None:
     for bad in ("1883", ":1883", "host:", "host:70000", "host:x"):
         with pytest.raises(ValueError):
             parse_bind(bad)
+
+
+@pytest.mark.parametrize(("media", "message"), [
+    ({"bind": "127.0.0.1:0", "certfile": "c.pem"}, "media: certfile and keyfile go together"),
+    ({"backend": "s3"}, "media.backend is s3: the media.s3 section (bucket, ...) is required"),
+    ({"s3": {"bucket": "b", "access_key_id": "k"}}, "media.s3: access_key_id and secret_access_key_file go together"),
+    ({"chunk_max_bytes": 11, "max_bytes": 10}, "media.chunk_max_bytes must be at most media.max_bytes"),
+    ({"bind": "nowhere"}, "is not HOST:PORT"),
+    ({"quota": 1}, "unknown key"),
+])
+def test_media_settings_are_checked(media: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_settings({"media": media})
+
+
+def test_media_is_refused_in_cluster_mode() -> None:
+    with pytest.raises(ConfigError, match="media endpoint is not available in cluster mode"):
+        build_settings({"media": {"bind": "127.0.0.1:0"}, "cluster": {"redis": ["127.0.0.1:7000"]}})
+    s3 = build_settings({"media": {"backend": "s3", "s3": {"bucket": "b", "prefix": "chat/"}}}).media.s3
+    assert s3 is not None and (s3.bucket, s3.prefix, s3.endpoint_url) == ("b", "chat/", None)

@@ -115,3 +115,12 @@ async def test_discard(store: BlobStore) -> None:
     await store.discard("u")
     await store.discard("u")
     assert await store.staged_size("u") == 0
+
+
+async def test_the_seal_hashes_the_file_after_a_restart(tmp_path: Path) -> None:
+    data = os.urandom(READ_CHUNK + 5)
+    before = LocalBlobStore(tmp_path / "media")
+    await before.append("u", 0, chunks([data[:100]]))
+    after = LocalBlobStore(tmp_path / "media")  # the digest so far was in the old process's memory
+    await after.append("u", 100, chunks([data[100:]]))
+    assert await after.seal("u") == hashlib.sha256(data).hexdigest()
