@@ -40,7 +40,8 @@ RETRIES: Final = 8
 PATCH_MAX: Final = 8 * 1024 * 1024
 """At most this many bytes per PATCH whatever the server allows: a cut repeats at most this much."""
 Progress = Callable[[int, int], None]
-"""``progress(done, total)`` in ciphertext bytes; raising from it aborts the transfer."""
+"""``progress(done, total)`` in ciphertext bytes (after a resume ``done`` may step back to where
+the server's bytes end); raising from it aborts the transfer."""
 T = TypeVar("T")
 
 
@@ -115,13 +116,14 @@ class Upload:
     def _status(self, path: str) -> tuple[int, tuple[str, str] | None]:
         """Rule 3: the server's durable offset, and the blob if the upload was sealed already."""
         data = self._http.call("GET", path).data
-        offset, url = (data or {}).get("offset"), (data or {}).get("url")
+        fields = data if isinstance(data, dict) else {}
+        offset, url = fields.get("offset"), fields.get("url")
         if not isinstance(offset, int) or not 0 <= offset <= self.total:
             raise MediaError("bad_response", f"GET {path}: unexpected answer {data!r:.200}")
-        if isinstance(url, str):
-            self._rehash(offset)
-            return offset, (url, url.removeprefix(BLOB_PATH_PREFIX))
-        return offset, None
+        if url is None:
+            return offset, None
+        self._rehash(offset)
+        return offset, _blob(f"GET {path}", url, url.removeprefix(BLOB_PATH_PREFIX) if isinstance(url, str) else None)
 
     def _rehash(self, until: int) -> None:
         """Hash (without sending) what the server holds before ``until`` and this digest lacks."""
@@ -150,15 +152,23 @@ class Upload:
     def _patch(self, path: str, offset: int, length: int) -> tuple[int, tuple[str, str] | None]:
         headers = {"Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"}
         reply = self._http.call("PATCH", path, body=self._pieces(offset, length), headers=headers, length=length)
-        if reply.status == 200 and isinstance(reply.data, dict):
-            url, sha = reply.data.get("url"), reply.data.get("sha256")
-            if isinstance(url, str) and isinstance(sha, str) and SHA256_RE.fullmatch(sha):
-                return offset + length, (url, sha)
+        if reply.status == 200:
+            fields = reply.data if isinstance(reply.data, dict) else {}
+            return offset + length, _blob(f"PATCH {path}", fields.get("url"), fields.get("sha256"))
         acked = reply.headers.get("Upload-Offset", "")
         if not acked.isdigit() or int(acked) != offset + length:
             raise MediaError("bad_response", f"PATCH {path}: Upload-Offset {acked!r}, expected {offset + length}")
         self._digest.mark()  # rule 2: the server holds everything hashed so far
         return offset + length, None
+
+
+def _blob(what: str, url: object, sha: object) -> tuple[str, str]:
+    """A sealed upload's ``(url, sha256)`` as the server named them; ``bad_response`` unless it is
+    ``/v1/media/blobs/<sha256>`` (what a receiver accepts)."""
+    if not isinstance(sha, str) or SHA256_RE.fullmatch(sha) is None or url != BLOB_PATH_PREFIX + sha:
+        raise MediaError("bad_response", f"{what}: the sealed upload's url {url!r:.100} "
+                         f"is not {BLOB_PATH_PREFIX}<sha256>")
+    return BLOB_PATH_PREFIX + sha, sha
 
 
 def download(http: MediaHTTP, body: MediaBody, dest: Path, progress: Progress | None = None,
