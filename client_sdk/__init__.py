@@ -2,7 +2,8 @@
 ``AsyncClient`` (asyncio). Depends on paho-mqtt, vodozemac (end-to-end
 encryption, on by default) and cryptography (the local store sealed at rest).
 
-``ClientOptions`` holds a client's settings (also accepted as keywords).
+``ClientOptions`` holds a client's settings (also accepted as keywords). Files go with
+``send_media``/``download_media`` (encrypted here, uploaded over HTTP: docs/SDK.md, *Media*).
 ``chatproto`` is the wire contract shared with the server; see docs/SDK.md for
 the guide and docs/PROTOCOL.md for the wire format.
 """

@@ -193,10 +193,10 @@ class AsyncClient(EngineFront):
         own; ``progress`` is called in that thread. Cancelling stops the transfer."""
         return await _in_thread(send_media, self._engine, to, file, mime, name, thumbnail, progress)
 
-    async def download_media(self, message: Message | MediaBody | str, dest: str | os.PathLike[str],
+    async def download_media(self, message_or_body: Message | MediaBody | str, dest: str | os.PathLike[str],
                              progress: Progress | None = None) -> MediaBody:
         """Download, verify and decrypt a media message's file into ``dest`` (see ``Client.download_media``)."""
-        return await _in_thread(download_media, self._engine, message, dest, progress)
+        return await _in_thread(download_media, self._engine, message_or_body, dest, progress)
 
     # --- presence (see Client for the details) -------------------------------------
 

@@ -172,15 +172,15 @@ class Client(EngineFront):
         """
         return send_media(self._engine, to, file, mime, name, thumbnail, progress)
 
-    def download_media(self, message: Message | MediaBody | str, dest: str | os.PathLike[str],
+    def download_media(self, message_or_body: Message | MediaBody | str, dest: str | os.PathLike[str],
                        progress: Progress | None = None) -> MediaBody:
-        """Download the file of a media ``message`` (or its body) into ``dest``: resumed after
+        """Download the file of a media ``Message`` (or its body) into ``dest``: resumed after
         cuts (a ``.part`` file beside ``dest``), SHA-256 checked, decrypted into a temporary file
         renamed to ``dest``; then the server is told this device has it. Returns the parsed body
         (``mime``, ``name``, ``size``, ``thumbnail``). Raises ``MediaBodyError`` for a malformed
         body, ``MediaError`` (``not_found``, ``gone``, ``digest_mismatch``, ...), ``MediaCryptoError``.
         """
-        return download_media(self._engine, message, dest, progress)
+        return download_media(self._engine, message_or_body, dest, progress)
 
     def heartbeat(self, away: bool = False) -> None:
         """Say the app is in the foreground (call at least every 30 s) or went ``away``; dropped while offline."""
