@@ -6,9 +6,11 @@ blob is gone after the last fetch; tampered bodies and plain mode are refused.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,13 +20,14 @@ from typing import Any
 import pytest
 
 from client_sdk import AsyncClient, Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
+from client_sdk.aio import _in_thread
 from client_sdk.events import Message
 from client_sdk.mediabody import parse_media_body
 from client_sdk.mediacrypto import MediaKey, ciphertext_size
 from testkit.https_server import make_tls
 from testkit.proxy import TcpProxy
 from testkit.s3_server import S3Server
-from tests.helpers import BrokerThread
+from tests.helpers import WAIT_S, BrokerThread
 from tests.media_client import MiB, media_broker
 from tests.media_stores import BACKENDS, s3_config
 from tests.sdk.conftest import Collector
@@ -323,3 +326,21 @@ def test_over_https_with_a_private_ca(tmp_path: Path) -> None:
             assert refused.value.code == "tls_failed"
     finally:
         broker.stop()
+
+
+async def test_cancelling_an_async_transfer_stops_its_thread() -> None:
+    """AsyncClient runs a transfer in a thread and sets its ``stop`` when the task is cancelled;
+    the transfer checks it between pieces (and while it waits to retry)."""
+    started, saw_stop = threading.Event(), threading.Event()
+
+    def transfer(stop: threading.Event) -> None:
+        started.set()
+        if stop.wait(WAIT_S):
+            saw_stop.set()
+
+    task = asyncio.create_task(_in_thread(transfer))
+    assert await asyncio.to_thread(started.wait, WAIT_S)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(saw_stop.wait, WAIT_S)
