@@ -76,6 +76,9 @@ def media_body(message_or_body: Message | MediaBody | str) -> MediaBody:
     if isinstance(message_or_body, Message):
         if message_or_body.type != MEDIA_TYPE:
             raise ValueError(f"message {message_or_body.id} is of type {message_or_body.type!r}, not 'media'")
+        if not message_or_body.encrypted:  # a plain-mode sender: the key went through the server
+            raise MediaError("encryption_required", f"media message {message_or_body.id} arrived without "
+                             "end-to-end encryption: its key passed through the server in plaintext")
         return parse_media_body(message_or_body.body)
     return parse_media_body(message_or_body)
 

@@ -7,6 +7,7 @@ blob is gone after the last fetch; tampered bodies and plain mode are refused.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import ssl
@@ -344,3 +345,16 @@ async def test_cancelling_an_async_transfer_stops_its_thread() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await asyncio.to_thread(saw_stop.wait, WAIT_S)
+
+
+def test_a_media_message_that_arrived_unencrypted_is_refused(clients: Callable[..., Collector],
+                                                              tmp_path: Path) -> None:
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"hello")
+    alice.client.send_media("bob", source)
+    message = media_message(bob)
+    plain = dataclasses.replace(message, encrypted=False)
+    with pytest.raises(MediaError) as refused:
+        bob.client.download_media(plain, tmp_path / "x")
+    assert refused.value.code == "encryption_required"
