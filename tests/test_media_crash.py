@@ -1,5 +1,6 @@
 """SIGKILL of the broker process in the middle of an upload: no acknowledged byte is lost, the
-upload resumes from GET's offset after the restart, and the blob is byte-identical."""
+upload resumes from GET's offset after the restart, and the blob is byte-identical; SIGKILL after
+the seal: the blob's reader and waiting device survive (bob downloads it, and his fetch deletes it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.helpers import BrokerProcess, Peer, register_offline
+from tests.helpers import BrokerProcess, Peer
 from tests.media_client import Device, MediaClient, MiB, file_bytes, file_digest
 
 SIZE = 40 * MiB
@@ -25,14 +26,7 @@ async def test_sigkill_mid_upload_loses_no_acknowledged_byte(tmp_path: Path) -> 
     data = tmp_path / "data"
     broker, base = start(data)
     broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
-    register_offline(broker.port, "bob")
-    peer = Peer(broker.port, "alice", "alice-pw")
-    try:
-        assert peer.connect() == 0
-        assert peer.subscribe() == [1]
-        alice = Device("alice", "phone", peer.request("auth.token")["result"]["token"])
-    finally:
-        peer.close()
+    alice, bob = (device_with_token(broker, user) for user in ("alice", "bob"))
     async with aiohttp.ClientSession() as http:
         client = MediaClient(http, base)
         status, body = await client.create(alice, "bob", SIZE)
@@ -67,4 +61,27 @@ async def test_sigkill_mid_upload_loses_no_acknowledged_byte(tmp_path: Path) -> 
             sealed = await client.upload(alice, "bob", SIZE, start_offset=state["offset"], upload=upload)
             assert sealed["sha256"] == file_digest(SIZE)
     finally:
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGKILL)
+        broker.proc.wait(10)
+
+    broker, base = start(data)
+    try:
+        async with aiohttp.ClientSession() as http:
+            client = MediaClient(http, base)
+            assert await client.download(bob, sealed["url"]) == (200, sealed["sha256"], SIZE)
+            assert await client.fetched(bob, sealed["url"]) == 204
+            assert (await client.download(bob, sealed["url"]))[0] == 410  # bob's phone was the one waited for
+    finally:
         broker.stop()
+
+
+def device_with_token(broker: BrokerProcess, user: str) -> Device:
+    """``user``'s phone logged in once (a recipient from now on), with its device token."""
+    peer = Peer(broker.port, user, f"{user}-pw")
+    try:
+        assert peer.connect() == 0
+        assert peer.subscribe() == [1]
+        return Device(user, "phone", peer.request("auth.token")["result"]["token"])
+    finally:
+        peer.close()

@@ -8,6 +8,7 @@ import pytest
 
 from bridge.media import core
 from bridge.media.core import MediaError, MediaLimits, Upload, Usage
+from broker.front import ListenerError, tls_context
 from chatserver import media as media_wiring
 from chatserver.config import ConfigError, build_settings
 from storage.sqlite.media import SqliteMediaStore
@@ -149,3 +150,8 @@ async def test_an_s3_backend_without_its_module_stops_the_start(tmp_path: Path,
     settings = build_settings({"media": {"backend": "s3", "s3": {"bucket": "b"}}}).media
     with pytest.raises(ConfigError, match=r"media.backend is s3 but storage.media.no_such_module cannot be imported"):
         await media_wiring.open_blobs(settings, tmp_path)
+
+
+def test_a_bad_media_certificate_names_its_key(tmp_path: Path) -> None:
+    with pytest.raises(ListenerError, match=r"^media\.certfile: cannot read .*nope\.pem"):
+        tls_context("media", str(tmp_path / "nope.pem"), str(tmp_path / "nope.key"), section="media")
