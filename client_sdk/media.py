@@ -229,6 +229,8 @@ def _fetch(http: MediaHTTP, body: MediaBody, part: Path, have: int, total: int,
                     done += len(piece)
                     if progress is not None:
                         progress(done, total)
+                if done < total:  # http.client returns b"" at a premature end instead of raising
+                    raise MediaError("network", f"GET {body.url}: the connection ended after {done} of {total} bytes")
             finally:
                 out.flush()
                 os.fsync(out.fileno())
