@@ -126,6 +126,8 @@ def read_reply(response: http.client.HTTPResponse, what: str) -> Reply:
         raw = response.read(MAX_JSON_BYTES + 1)
     except NetworkError as exc:
         raise MediaError("network", f"{what}: {exc or type(exc).__name__}") from exc
+    if response.length and len(raw) <= MAX_JSON_BYTES:  # ended early: http.client does not raise
+        raise MediaError("network", f"{what}: the connection ended {response.length} bytes before the answer's end")
     try:
         data = json.loads(raw) if raw else None
     except ValueError:
