@@ -9,6 +9,7 @@
     python -m bench chaos [--cluster] [--scenario X] [--full]   # faults, floods, hostile input (bench/chaos)
     python -m bench scale --quick       # one process on SQLite vs cluster mode on Redis, with mosquitto
     python -m bench groups              # a 256-member group, all online, against 255 one-to-one sends
+    python -m bench mqtt-core           # parse + encode per PUBLISH/PUBACK: the sans-IO core against amqtt
     python -m bench media               # media upload/download MB/s vs a file copy, broker RSS (1 GiB)
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
@@ -16,8 +17,10 @@ latency, baselines), idle (memory per connection, CPU at rest), drain (offline
 drain), restart (SIGKILL with staged items), clientcost (paho vs asyncio for the
 generator), metrics-cost (the metrics endpoint on vs off), scale (cluster mode
 on a local Redis Cluster against one process), groups (a 256-member group
-against the same body sent one-to-one), media (the media endpoint's MB/s
-against a plain file copy, and broker memory during a 1 GiB transfer). Results:
+against the same body sent one-to-one), mqtt-core (the sans-IO MQTT core's
+parse and encode cost per packet against amqtt's packet classes), media (the
+media endpoint's MB/s against a plain file copy, and broker memory during a
+1 GiB transfer). Results:
 bench/results/{scenario}.json and .md (metrics_cost.*), and summary.md.
 """
 
@@ -36,16 +39,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import groups, media, metrics_cost, report, scale
+from bench import groups, media, metrics_cost, mqtt_core, report, scale
 from bench.common import RESULTS, BenchError, fd_hard_limit, machine_info, raise_fd_limit, write_results
 from bench.suite import SIZES, TARGETS, Suite, sizes_dict
 from bench.targets import mosquitto_available
 
-SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost", "scale", "groups", "media")
+SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost", "scale", "groups", "mqtt-core",
+             "media")
 MARKDOWN: dict[str, Callable[[dict[str, Any]], str]] = {
     "compare": report.compare_md, "idle": report.idle_md, "drain": report.drain_md,
     "restart": report.restart_md, "clientcost": report.clientcost_md, "metrics-cost": metrics_cost.markdown,
-    "scale": scale.markdown, "groups": groups.markdown, "media": media.markdown,
+    "scale": scale.markdown, "groups": groups.markdown, "mqtt-core": mqtt_core.markdown,
+    "media": media.markdown,
 }
 
 
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 data = scale.run(suite, args.redis_replicas)
             elif scenario == "groups":
                 data = groups.run(suite)
+            elif scenario == "mqtt-core":
+                data = mqtt_core.run(sizes.name)
             elif scenario == "media":
                 data = media.run(sizes.name, workdir)
             else:

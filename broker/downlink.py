@@ -5,7 +5,7 @@ a ``drain`` and a 5 s ``wait_for`` on the PUBACK, per item (the profile in
 bench/results/analysis.md puts that at a third of the broker's CPU per message).
 A chat item needs none of it: the bridge's staging store, not the MQTT session,
 redelivers what a device has not acked (PROTOCOL.md rule 5), so the PUBACK only
-has to free its packet id. Here ``DownlinkWriter.send`` encodes the PUBLISH,
+has to free its packet id. Here ``DownlinkWriter.send`` takes the encoded PUBLISH (broker/mqtt/encoding.py),
 appends it to a per-connection buffer and writes the buffer once per event-loop
 iteration (one ``send()`` for a burst such as a backlog window), in call order.
 
@@ -22,36 +22,7 @@ from dataclasses import dataclass
 from amqtt.adapters import StreamWriterAdapter, WriterAdapter
 
 from broker.counters import BrokerCounters
-
-# First bytes of the fixed header (packet type << 4 | flags); broker.wire names the types.
-PUBLISH_BYTE = 0x30  # flags (DUP, QoS, RETAIN) are or-ed in
-PUBACK_BYTE = 0x40
-MAX_PACKET_ID = 65535
-
-
-def remaining_length(size: int) -> bytes:
-    """MQTT 3.1.1 section 2.2.3: the variable-length size of what follows the fixed header."""
-    out = bytearray()
-    while True:
-        size, digit = divmod(size, 128)
-        out.append(digit | 0x80 if size else digit)
-        if not size:
-            return bytes(out)
-
-
-def encode_publish(topic: bytes, payload: bytes, qos: int, packet_id: int | None) -> bytes:
-    """A PUBLISH packet (DUP 0, RETAIN 0) with a UTF-8 ``topic`` and ``packet_id`` when ``qos`` > 0."""
-    variable = len(topic).to_bytes(2, "big") + topic
-    if qos:
-        if packet_id is None:
-            raise ValueError("a QoS 1/2 PUBLISH needs a packet id")
-        variable += packet_id.to_bytes(2, "big")
-    return bytes((PUBLISH_BYTE | qos << 1,)) + remaining_length(len(variable) + len(payload)) + variable + payload
-
-
-def encode_puback(packet_id: int) -> bytes:
-    return bytes((PUBACK_BYTE, 2)) + packet_id.to_bytes(2, "big")
-
+from broker.mqtt.codec import MAX_PACKET_ID
 
 WRITE_BUFFER_HIGH = 256 * 1024
 """Bytes waiting to go to a client above which its connection is not read until they have gone."""

@@ -4,7 +4,7 @@ amqtt 0.12.1 reads with a timeout of the keepalive but its broker handler
 ignores the timeout (``handle_read_timeout`` is a no-op): a phone that lost its
 network stays "connected" forever and its will is never sent. MQTT 3.1.1
 section 3.1.2.10 says the server must disconnect a client that sends nothing
-for one and a half times its keepalive; ``keepalive_deadline`` gives that
+for one and a half times its keepalive; ``keepalive_deadline`` (broker/mqtt/connection.py) gives that
 figure and ``handle_read_timeout`` ends the connection, which then takes the
 abnormal-disconnect path (will published, bridge told the device left).
 The silence is watched by one timer for all connections (``watch_silence``,
@@ -61,11 +61,10 @@ from broker.downlink import (
     DownlinkWriter,
     PacketIds,
     close_writer,
-    encode_puback,
-    encode_publish,
     streams_bytes,
 )
 from broker.lazy_queue import LazyEvent, LazyQueue
+from broker.mqtt.encoding import encode_puback, encode_publish
 from broker.silence import SilenceWatch
 from broker.wire import PacketGate
 from chatproto import is_chat_topic
@@ -97,11 +96,6 @@ _HANDLERS = {
 }
 # Cancelled, or the end of the stream (as amqtt's read_or_raise counts it): the loop ends quietly.
 _LOOP_ENDS = (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)
-
-
-def keepalive_deadline(keepalive_s: int) -> int:
-    """Seconds of silence after which a client is dropped (0: keepalive off)."""
-    return math.ceil(keepalive_s * 1.5) if keepalive_s > 0 else 0
 
 
 class ChatProtocolHandler(BrokerProtocolHandler):

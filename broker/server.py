@@ -63,16 +63,18 @@ from broker.front import (
     start_proxied_server,
     tls_context,
 )
-from broker.handler import ChatProtocolHandler, keepalive_deadline
+from broker.handler import ChatProtocolHandler
 from broker.link import SessionLink
 from broker.logs import WS_LOG, bind_client, bind_connection
+from broker.mqtt.connection import keepalive_deadline
+from broker.mqtt.errors import ConnectRefused, ProtocolViolation
 from broker.port import ChatPort
 from broker.proxy_protocol import Address, TrustedProxies
 from broker.session_states import lighten, set_aside
 from broker.settings import BrokerSettings
 from broker.silence import SilenceWatch
 from broker.streams import start_server
-from broker.wire import ConnectRefused, PacketGate, ProtocolViolation
+from broker.wire import PacketGate
 from chatproto import Caller, inbox_topic, is_chat_topic, may_subscribe, split_client_id, uplink_kind
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.acl import RuleLike
-from broker.wire import WireLimits
+from broker.mqtt.limits import WireLimits
 
 
 @dataclass(frozen=True, slots=True)

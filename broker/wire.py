@@ -15,7 +15,9 @@ past CONNECT, publishes the will (section 3.1.2.5: protocol error). A CONNECT
 the server refuses in a way the spec names a return code for raises
 ``ConnectRefused``: the broker answers CONNACK with that code, then closes.
 
-Each check cites its rule; the conformance tests in tests/mqtt/ cite the same.
+The checks are the sans-IO core's (broker/mqtt/codec.py, broker/mqtt/connection.py), read
+here from amqtt's stream; each cites its rule, and the conformance tests in tests/mqtt/ cite
+the same.
 """
 
 from __future__ import annotations
@@ -24,59 +26,20 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, WriterAdapter
 
-from broker.acl import is_valid_topic_name
 from broker.downlink import wait_writable
+from broker.mqtt.codec import CONNECT_BYTE, FROM_CLIENT, PUBLISH, check_first_byte, check_size, decode
+from broker.mqtt.connection import check_keepalive
+from broker.mqtt.errors import ProtocolViolation
+from broker.mqtt.events import Connect
+from broker.mqtt.limits import WireLimits
 
 log = logging.getLogger(__name__)
 
-# Packet types (section 2.2.1: the high nibble of the first byte); a whole first byte is named *_BYTE.
-CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 3, 4, 5, 6, 7
-SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = 8, 10, 12, 14
-CONNECT_BYTE = 0x10  # type 1, flags 0 [MQTT-2.2.2-2]
 OVER_UNACKED_READ_S = 0.05
 """Pause before each packet read from a connection over ``limits.max_unacked_downlinks``."""
-
-UNACCEPTABLE_PROTOCOL_VERSION = 0x01
-IDENTIFIER_REJECTED = 0x02
-NO_KEEPALIVE_LIMIT = 65535
-
-
-class ProtocolViolation(Exception):
-    """The client broke MQTT 3.1.1: close the connection without an answer.
-
-    Not an amqtt ``MQTTError`` on purpose: amqtt's reader loop logs those and
-    reads on, while any other exception ends the connection.
-    """
-
-    def __init__(self, reason: str, rule: str) -> None:
-        super().__init__(f"{reason} [{rule}]")
-        self.reason = reason
-        self.rule = rule
-
-
-class ConnectRefused(ProtocolViolation):
-    """A CONNECT refused with a CONNACK return code (section 3.2.2.3), then closed."""
-
-    def __init__(self, code: int, reason: str, rule: str) -> None:
-        super().__init__(reason, rule)
-        self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class WireLimits:
-    max_packet_bytes: int
-    keepalive_min_s: int = 0
-    keepalive_max_s: int = NO_KEEPALIVE_LIMIT
-    publishes_per_s: float = 0.0  # per connection; 0: unpaced
-    publish_burst: int = 1
-    max_connect_bytes: int = 65536
-    """Largest CONNECT: refused on its fixed header, so an unauthenticated client holds little memory."""
-    packet_deadline_s: float = 30.0
-    """Time to complete a packet once its first byte arrived (an incomplete one is buffered meanwhile)."""
 
 
 class Pacer:
@@ -95,201 +58,12 @@ class Pacer:
         return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectFacts:
-    """What the gate read in the CONNECT (amqtt parses the same bytes again)."""
-
-    client_id: str
-    clean_session: bool
-    keepalive: int
-    username: str | None
-    will_topic: str | None
-
-
-class _Fields:
-    """A cursor over one packet's body; running past its end is a malformed packet."""
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def _take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise ProtocolViolation("a field runs past the packet's remaining length", "section 2.2.3, 4.8")
-        chunk = self.data[self.pos:end]
-        self.pos = end
-        return chunk
-
-    def u8(self) -> int:
-        return self._take(1)[0]
-
-    def u16(self) -> int:
-        return int.from_bytes(self._take(2), "big")
-
-    def binary(self) -> bytes:
-        return self._take(self.u16())
-
-    def text(self, what: str) -> str:
-        raw = self.binary()
-        try:
-            value = raw.decode("utf-8")  # strict: refuses overlong forms and surrogates too
-        except UnicodeDecodeError:
-            raise ProtocolViolation(f"{what} is not well-formed UTF-8", "MQTT-1.5.3-1") from None
-        if "\x00" in value:
-            raise ProtocolViolation(f"{what} contains U+0000", "MQTT-1.5.3-2")
-        return value
-
-    @property
-    def done(self) -> bool:
-        return self.pos == len(self.data)
-
-
-def check_connect(body: bytes, limits: WireLimits) -> ConnectFacts:
+def check_connect(body: bytes, limits: WireLimits) -> Connect:
     """Section 3.1: a whole CONNECT body; raises ProtocolViolation / ConnectRefused."""
-    fields = _Fields(body)
-    name = fields.text("protocol name")
-    level = fields.u8()
-    if name == "MQIsdp":
-        raise ConnectRefused(UNACCEPTABLE_PROTOCOL_VERSION, "MQTT 3.1 (MQIsdp) is not supported", "MQTT-3.1.2-2")
-    if name != "MQTT":
-        raise ProtocolViolation(f"protocol name {name!r}", "MQTT-3.1.2-1")
-    if level != 4:
-        raise ConnectRefused(UNACCEPTABLE_PROTOCOL_VERSION, f"protocol level {level} (only 4)", "MQTT-3.1.2-2")
-    flags = fields.u8()
-    keepalive = fields.u16()
-    _check_connect_flags(flags)
-    will, has_username, has_password = bool(flags & 0x04), bool(flags & 0x80), bool(flags & 0x40)
-    client_id = fields.text("client id")  # [MQTT-3.1.3-4]
-    will_topic = None
-    if will:
-        # [MQTT-3.1.2-9]: the will topic and message MUST be present; the will topic
-        # is published like a PUBLISH topic name, so it must be one (section 4.7.3).
-        will_topic = fields.text("will topic")
-        if not is_valid_topic_name(will_topic):
-            raise ProtocolViolation(f"will topic {will_topic!r} is empty or has a wildcard", "MQTT-3.1.2-9, 4.7.3-1")
-        fields.binary()  # will message
-    username = fields.text("user name") if has_username else None  # [MQTT-3.1.3-11]
-    if has_password:
-        fields.binary()
-    if not fields.done:
-        raise ProtocolViolation("bytes after the last field the CONNECT flags announce", "section 3.1.3, 4.8")
-    if not client_id and not (flags & 0x02):
-        raise ConnectRefused(IDENTIFIER_REJECTED, "empty client id with clean_session=0", "MQTT-3.1.3-8")
-    _check_keepalive(keepalive, limits)
-    return ConnectFacts(client_id, bool(flags & 0x02), keepalive, username, will_topic)
-
-
-def _check_connect_flags(flags: int) -> None:
-    """Section 3.1.2.3: the connect flags byte."""
-    if flags & 0x01:
-        raise ProtocolViolation("CONNECT reserved flag is set", "MQTT-3.1.2-3")
-    will, will_qos, will_retain = bool(flags & 0x04), (flags >> 3) & 0x03, bool(flags & 0x20)
-    if not will and will_qos:
-        raise ProtocolViolation("will QoS without will flag", "MQTT-3.1.2-13")
-    if not will and will_retain:
-        raise ProtocolViolation("will retain without will flag", "MQTT-3.1.2-15")
-    if will_qos == 3:
-        raise ProtocolViolation("will QoS 3", "MQTT-3.1.2-14")
-    if flags & 0x40 and not flags & 0x80:
-        raise ProtocolViolation("password flag without user name flag", "MQTT-3.1.2-22")
-
-
-def _check_keepalive(keepalive: int, limits: WireLimits) -> None:
-    # MQTT 3.1.1 has no way for a server to impose another keepalive (MQTT 5 has
-    # "server keep alive"), and enforcing a shorter one than the client's would drop
-    # well-behaved clients, a longer one breaks [MQTT-3.1.2-24]. So a value outside
-    # the configured bounds is refused, with 0x02 like mosquitto's max_keepalive.
-    if keepalive == 0:
-        if limits.keepalive_max_s < NO_KEEPALIVE_LIMIT:
-            raise ConnectRefused(IDENTIFIER_REJECTED, "keepalive 0 (never time out) exceeds mqtt.keepalive_max_s",
-                                 "section 3.1.2.10")
-        return
-    if keepalive > limits.keepalive_max_s or keepalive < limits.keepalive_min_s:
-        raise ConnectRefused(
-            IDENTIFIER_REJECTED,
-            f"keepalive {keepalive}s outside mqtt.keepalive_min_s..keepalive_max_s "
-            f"({limits.keepalive_min_s}..{limits.keepalive_max_s})",
-            "section 3.1.2.10",
-        )
-
-
-def check_packet(first: int, body: bytes) -> None:
-    """Any packet after CONNECT (section 2.2 fixed header, section 3 per type)."""
-    kind, flags = first >> 4, first & 0x0F
-    if kind == PUBLISH:
-        _check_publish(flags, body)
-    elif kind in (PUBACK, PUBREC, PUBCOMP, PUBREL):
-        expected = 0x02 if kind == PUBREL else 0x00
-        if flags != expected:
-            raise ProtocolViolation(f"packet type {kind} with flags {flags:#x}",
-                                    "MQTT-3.6.1-1" if kind == PUBREL else "MQTT-2.2.2-2")
-        if len(body) != 2:
-            raise ProtocolViolation(f"packet type {kind} with remaining length {len(body)}, not 2", "section 3.4-3.7")
-    elif kind == SUBSCRIBE:
-        _check_subscribe(flags, body)
-    elif kind == UNSUBSCRIBE:
-        _check_unsubscribe(flags, body)
-    elif kind in (PINGREQ, DISCONNECT):
-        if flags or body:
-            raise ProtocolViolation(f"packet type {kind} with flags or a body", "MQTT-2.2.2-2, section 3.12, 3.14")
-    elif kind == CONNECT:
-        raise ProtocolViolation("a second CONNECT", "MQTT-3.1.0-2")
-    else:
-        # CONNACK, SUBACK, UNSUBACK, PINGRESP go to clients only; 0 and 15 are reserved.
-        raise ProtocolViolation(f"packet type {kind} is not one a client may send", "section 2.2.1, 4.8")
-
-
-def _check_publish(flags: int, body: bytes) -> None:
-    qos = (flags >> 1) & 0x03
-    if qos == 3:
-        raise ProtocolViolation("PUBLISH with QoS 3", "MQTT-3.3.1-4")
-    if qos == 0 and flags & 0x08:
-        raise ProtocolViolation("PUBLISH QoS 0 with DUP set", "MQTT-3.3.1-2")
-    fields = _Fields(body)
-    topic = fields.text("topic name")  # [MQTT-3.3.2-1]
-    if not topic:
-        raise ProtocolViolation("empty topic name", "MQTT-4.7.3-1")
-    if "+" in topic or "#" in topic:
-        raise ProtocolViolation(f"wildcard in topic name {topic!r}", "MQTT-3.3.2-2")
-    if qos and fields.u16() == 0:
-        raise ProtocolViolation("packet identifier 0", "MQTT-2.3.1-1")
-
-
-def _check_subscribe(flags: int, body: bytes) -> None:
-    if flags != 0x02:
-        raise ProtocolViolation(f"SUBSCRIBE with flags {flags:#x}", "MQTT-3.8.1-1")
-    fields = _Fields(body)
-    if fields.u16() == 0:
-        raise ProtocolViolation("packet identifier 0", "MQTT-2.3.1-1")
-    count = 0
-    while not fields.done:
-        topic_filter = fields.text("topic filter")  # [MQTT-3.8.3-1]
-        if not topic_filter:
-            raise ProtocolViolation("empty topic filter", "MQTT-4.7.3-1")
-        options = fields.u8()
-        if options & 0xFC or options & 0x03 == 3:
-            raise ProtocolViolation(f"requested QoS byte {options:#x}", "MQTT-3-8.3-4")
-        count += 1
-    if not count:
-        raise ProtocolViolation("SUBSCRIBE without a topic filter", "MQTT-3.8.3-3")
-
-
-def _check_unsubscribe(flags: int, body: bytes) -> None:
-    if flags != 0x02:
-        raise ProtocolViolation(f"UNSUBSCRIBE with flags {flags:#x}", "MQTT-3.10.1-1")
-    fields = _Fields(body)
-    if fields.u16() == 0:
-        raise ProtocolViolation("packet identifier 0", "MQTT-2.3.1-1")
-    count = 0
-    while not fields.done:
-        if not fields.text("topic filter"):
-            raise ProtocolViolation("empty topic filter", "MQTT-4.7.3-1")
-        count += 1
-    if not count:
-        raise ProtocolViolation("UNSUBSCRIBE without a topic filter", "MQTT-3.10.3-2")
+    connect = decode(CONNECT_BYTE, body, 0, len(body))
+    assert isinstance(connect, Connect)  # decode gives the packet of the type it was given
+    check_keepalive(connect.keepalive, limits)
+    return connect
 
 
 class PacketGate(ReaderAdapter):
@@ -312,7 +86,7 @@ class PacketGate(ReaderAdapter):
         self._writer = writer
         self._buffer = b""
         self._pos = 0
-        self.connect: ConnectFacts | None = None
+        self.connect: Connect | None = None
         self._pacer: Pacer | None = None
         self.last_read = asyncio.get_running_loop().time()
         """Loop time at which the last whole packet was read (the keepalive watch, broker/handler.py)."""
@@ -406,12 +180,12 @@ class PacketGate(ReaderAdapter):
         return data
 
     async def _read_packet(self, head: bytes) -> bytes:
-        """The rest of the packet whose first byte is ``head``, checked."""
+        """The rest of the packet whose first byte is ``head``, checked (broker/mqtt/codec.py: the same rules
+        as the sans-IO core's)."""
         first = head[0]
-        if self.connect is None and first != CONNECT_BYTE:
-            # Refused on its first byte: nothing more is read from a client that did
-            # not start with CONNECT [MQTT-3.1.0-1] (a CONNECT has flags 0, MQTT-2.2.2-2).
-            raise ProtocolViolation(f"first packet is type {first >> 4}, not CONNECT", "MQTT-3.1.0-1")
+        # A first packet that is not CONNECT is refused on its first byte [MQTT-3.1.0-1], a type or flags a
+        # client may not send too: nothing more is read.
+        check_first_byte(first, FROM_CLIENT if self.connect is not None else None)
         length, multiplier = 0, 1
         for _ in range(4):  # section 2.2.3: at most four bytes
             digit = (await self._exactly(1))[0]
@@ -422,21 +196,12 @@ class PacketGate(ReaderAdapter):
             multiplier *= 128
         else:
             raise ProtocolViolation("remaining length longer than four bytes", "section 2.2.3")
-        if self.connect is None and len(head) + length > self._limits.max_connect_bytes:
-            # Before authentication, a client may make the broker buffer only this much.
-            raise ProtocolViolation(
-                f"CONNECT of {len(head) + length} bytes exceeds mqtt.max_connect_bytes "
-                f"({self._limits.max_connect_bytes})",
-                "section 2.2.3, mqtt.max_connect_bytes",
-            )
-        if len(head) + length > self._limits.max_packet_bytes:
-            raise ProtocolViolation(
-                f"packet of {len(head) + length} bytes exceeds mqtt.max_packet_bytes ({self._limits.max_packet_bytes})",
-                "section 2.2.3, mqtt.max_packet_bytes",
-            )
+        if self.connect is None:  # before authentication, a client may make the broker buffer only this much
+            check_size(len(head) + length, self._limits.max_connect_bytes, "mqtt.max_connect_bytes")
+        check_size(len(head) + length, self._limits.max_packet_bytes, "mqtt.max_packet_bytes")
         body = await self._exactly(length) if length else b""
         if self.connect is None:
             self.connect = check_connect(body, self._limits)
         else:
-            check_packet(first, body)
+            decode(first, body, 0, len(body))
         return head + body

@@ -19,6 +19,8 @@ OP_RE: Final = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 TYPE_RE: Final = re.compile(r"[a-z0-9_.-]{1,32}")
 """A message ``type``."""
 PUBLIC_KEY_RE: Final = re.compile(r"[A-Za-z0-9+/=_-]{1,256}")
+PREVIEW_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+"""An encrypted push preview: unpadded base64url (its length is checked apart: ``too_large``)."""
 """A public key or a signature on the wire: base64 (standard or URL-safe, padded or not)."""
 GROUP_PREFIX: Final = "g:"
 """A ``to`` of this form names a group (reserved: answered ``unknown_recipient`` today)."""

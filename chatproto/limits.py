@@ -24,6 +24,9 @@ MAX_MEMBERS_PER_GROUP_REQUEST: Final = 1024
 """Users named in one ``group.*`` request (about 35 KB of ids, within ``limits.max_request_bytes``)."""
 MAX_GROUP_NAME_CHARS: Final = 100
 
+MAX_PREVIEW_CHARS: Final = 1024
+"""A push preview in a message's ``previews`` (base64url): the SDK's are 578 characters, so push
+payloads stay far below APNs's and FCM's 4 KB (docs/PROTOCOL.md section 12)."""
 MAX_ACK_BYTES: Final = 64 * 1024
 MAX_SEEN_BYTES: Final = 128 * 1024
 MAX_HEARTBEAT_BYTES: Final = 1024

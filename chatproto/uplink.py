@@ -3,6 +3,8 @@
 Rules (docs/PROTOCOL.md):
 - ``ChatMessage`` on ``u/{me}/out`` (section 4; encrypted form: section 9): an ``id``,
   a ``to``, exactly one of ``body`` and ``bodies``; ``from`` is added by the server.
+  ``previews`` (with ``bodies`` only, section 12): client ids of ``bodies`` -> a push preview
+  encrypted for that device, base64url, at most ``MAX_PREVIEW_CHARS``.
 - ``Ack`` on ``u/{me}/ack`` (section 6 rule 4): ``{"seqs":[...]}``, 1-1000 positive ints.
 - ``Seen`` on ``u/{me}/seen`` (section 6 rule 6): ``{"to":user,"ids":[...]}``, 1-1000 ids.
 - ``Heartbeat`` on ``u/{me}/hb`` (section 8, "Online and last seen"): ``{}`` or
@@ -22,6 +24,7 @@ from chatproto.errors import DecodeError, ErrorCode
 from chatproto.ids import (
     MESSAGE_ID_RE,
     OP_RE,
+    PREVIEW_RE,
     PUBLIC_KEY_RE,
     REQUEST_ID_RE,
     TYPE_RE,
@@ -35,11 +38,12 @@ from chatproto.limits import (
     MAX_ACK_BYTES,
     MAX_HEARTBEAT_BYTES,
     MAX_IDS_PER_ITEM,
+    MAX_PREVIEW_CHARS,
     MAX_SEEN_BYTES,
     chat_envelope_bytes,
 )
 
-MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "bodies", "keys", "type", "ts"})
+MESSAGE_FIELDS: Final = frozenset({"id", "to", "body", "bodies", "keys", "previews", "type", "ts"})
 OLM_TYPE: Final = "olm"
 """``type`` of an end-to-end encrypted message: uplink with ``bodies``, downlink ``body`` = this device's ciphertext."""
 MEGOLM_TYPE: Final = "megolm"
@@ -60,6 +64,7 @@ class ChatMessage:
     ``keys`` (olm only, optional on the wire): client id -> the Curve25519 identity
     key that device's ciphertext was encrypted to, for exactly the ids of ``bodies``;
     the server refuses a message whose key for a device is not its current one.
+    ``previews`` (olm only, optional): client id (some of ``bodies``) -> an encrypted push preview.
     """
 
     id: str
@@ -69,6 +74,7 @@ class ChatMessage:
     ts: int | None = None
     bodies: dict[str, str] | None = None
     keys: dict[str, str] | None = None
+    previews: dict[str, str] | None = None
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"id": self.id, "to": self.to, "type": self.type}
@@ -76,6 +82,8 @@ class ChatMessage:
             obj["bodies"] = self.bodies
             if self.keys is not None:
                 obj["keys"] = self.keys
+            if self.previews:
+                obj["previews"] = self.previews
         else:
             obj["body"] = self.body
         if self.ts is not None:
@@ -118,7 +126,8 @@ class ChatMessage:
         if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
             raise DecodeError(ErrorCode.BAD_ENVELOPE, "'ts' must be a non-negative integer (ms)", msg_id)
         keys = _keys(obj["keys"], bodies, msg_id) if "keys" in obj else None
-        return cls(msg_id, to, body, kind, ts, bodies, keys)
+        previews = _previews(obj["previews"], bodies, msg_id) if "previews" in obj else None
+        return cls(msg_id, to, body, kind, ts, bodies, keys, previews)
 
 
 def _body_size(body: str, max_body_bytes: int, msg_id: str, what: str) -> None:
@@ -148,6 +157,20 @@ def _keys(value: object, bodies: dict[str, str] | None, msg_id: str) -> dict[str
             or not all(isinstance(k, str) and PUBLIC_KEY_RE.fullmatch(k) for k in value.values())):
         raise DecodeError(ErrorCode.BAD_ENVELOPE, "'keys' must map exactly the client ids of 'bodies' to "
                                                   "Curve25519 keys (base64, 1-256 characters)", msg_id)
+    return dict(value)
+
+
+def _previews(value: object, bodies: dict[str, str] | None, msg_id: str) -> dict[str, str]:
+    if bodies is None:
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'previews' goes with 'bodies' only", msg_id)
+    if (not isinstance(value, dict) or not set(value) <= set(bodies)
+            or not all(isinstance(v, str) and PREVIEW_RE.fullmatch(v) for v in value.values())):
+        raise DecodeError(ErrorCode.BAD_ENVELOPE, "'previews' must map client ids of 'bodies' to push previews "
+                                                  "(non-empty base64url)", msg_id)
+    for key, preview in value.items():
+        if len(preview) > MAX_PREVIEW_CHARS:
+            raise DecodeError(ErrorCode.TOO_LARGE, f"preview for {key} is {len(preview)} characters, "
+                                                   f"limit is {MAX_PREVIEW_CHARS}", msg_id)
     return dict(value)
 
 

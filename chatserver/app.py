@@ -39,9 +39,9 @@ from broker.auth import Authenticator
 from broker.front import ListenerError
 from broker.login_guard import LoginGuard
 from broker.login_throttle import LoginThrottle, MemoryThrottle
+from broker.mqtt.limits import WireLimits
 from broker.server import ChatBroker
 from broker.settings import BrokerSettings, ListenerSettings
-from broker.wire import WireLimits
 from chatserver.binds import parse_bind
 from chatserver.config import ClusterSettings, Settings, resolve_node_id
 from chatserver.data_dir import BrokerLock, make_private
@@ -188,17 +188,9 @@ class BrokerApp:
                 messaging, presence, keyed = await self._start_single_services()
             else:
                 messaging, presence, keyed = await self._start_cluster_services(self._cluster)
-            limits = settings.limits
-            claim_rate, claim_burst = limits.claims_per_peer_per_min / 60, limits.claims_per_peer_burst
-            if isinstance(messaging, ClusterMessaging):  # limits and removals reach every node
-                claims: ClaimLimit = messaging.claim_limit(claim_rate, claim_burst)
-                close_device = messaging.close_device
-            else:
-                claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
-                close_device = self._close_session
             assert self._groups is not None
-            key_service = KeyService(keys, keyed, users, await self._start_media(authenticator, messaging),
-                                     close_device, claims)
+            key_service = self._key_service(keys, keyed, users, messaging,
+                                            await self._start_media(authenticator, messaging))
             push_ops = self.push.ops() if self.push is not None else push_unsupported_ops()
             ops = {**build_ops(authenticator, self.clock), **presence.ops(), **key_service.ops(), **self._groups.ops(),
                    **push_ops}
@@ -217,6 +209,22 @@ class BrokerApp:
             await self._close_stores()
             self._broker = None
             raise
+
+    def _key_service(self, keys: SqliteKeyStore | RedisKeyStore, keyed: KeyedDevices,
+                     users: SqliteUserStore | RedisUserStore, messaging: Messaging | ClusterMessaging,
+                     removals: StagedDevices) -> KeyService:
+        """The key directory; ``removals`` is told of removed devices (messaging, and media if on)."""
+        limits = self.settings.limits
+        claim_rate, claim_burst = limits.claims_per_peer_per_min / 60, limits.claims_per_peer_burst
+        if isinstance(messaging, ClusterMessaging):  # limits and removals reach every node
+            claims: ClaimLimit = messaging.claim_limit(claim_rate, claim_burst)
+            close_device = messaging.close_device
+        else:
+            claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
+            close_device = self._close_session
+        # Senders learn preview keys with device keys when push previews are on.
+        previews = self.push if self.push is not None and self.push.include_preview else None
+        return KeyService(keys, keyed, users, removals, close_device, claims, previews)
 
     async def _open_files(self) -> tuple[SqliteUserStore, SqliteKeyStore, bytes]:
         """One process on SQLite files in ``data_dir`` (the embedded default)."""

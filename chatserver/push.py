@@ -80,7 +80,7 @@ async def open_push(settings: PushSettings, data_dir: Path, devices: Iterable[st
         await store.delete_wakes([w.client_id for w in wakes if w.client_id not in registered & known])
         service = PushService(PushCore(push_rules(settings)), store, providers, links, pending,
                               allow_loopback=settings.allow_loopback_endpoints, concurrency=settings.concurrency,
-                              clock=clock, supervisor=supervisor)
+                              clock=clock, supervisor=supervisor, include_preview=settings.include_preview)
         await service.start()
     except BaseException:
         for provider in providers.values():

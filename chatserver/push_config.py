@@ -64,7 +64,8 @@ class PushSettings(_Section):
     min_interval_s: float = Field(default=60.0, ge=0)
     """At most one wake-up per device this often while it stays away (an ack ends the wait)."""
     include_preview: bool = False
-    """Put a preview in the push: not available yet (the protocol has no preview the client encrypts for it)."""
+    """Carry the preview a sender's SDK encrypted for the device in its wake-up (docs/PUSH.md "Privacy");
+    off: previews are dropped on arrival and preview keys are not handed out."""
     max_queue: int = Field(default=100_000, ge=1)
     """Devices with a wake-up waiting to go out; more are dropped (``chat_push_dropped``)."""
     retry_min_s: float = Field(default=1.0, gt=0)
@@ -84,8 +85,6 @@ class PushSettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> PushSettings:
-        if self.include_preview:
-            raise ValueError("push.include_preview is not available yet: clients cannot send an encrypted preview")
         if self.retry_max_s < self.retry_min_s:
             raise ValueError("push.retry_max_s must be at least push.retry_min_s")
         return self
@@ -93,5 +92,9 @@ class PushSettings(_Section):
     def platforms(self) -> dict[str, dict[str, object]]:
         """The configured providers: platform -> the settings its ``from_settings`` reads."""
         sections = {"fcm": self.fcm, "apns": self.apns, "webpush": self.webpush, "unifiedpush": self.unifiedpush}
-        return {name: section.model_dump(exclude_none=True) for name, section in sections.items()
-                if section is not None}
+        platforms = {name: section.model_dump(exclude_none=True) for name, section in sections.items()
+                     if section is not None}
+        for name in ("webpush", "unifiedpush"):  # their URLs are clients' choice: checked at each connection
+            if name in platforms:
+                platforms[name]["allow_loopback_endpoints"] = self.allow_loopback_endpoints
+        return platforms

@@ -40,6 +40,7 @@ from client_sdk.mediacrypto import MediaCryptoError
 from client_sdk.mediahttp import MediaError
 from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
+from client_sdk.preview import PushPreview
 
 __all__ = [
     "AsyncClient",
@@ -68,6 +69,7 @@ __all__ = [
     "NotConnected",
     "Presence",
     "Privacy",
+    "PushPreview",
     "Receipt",
     "RequestError",
     "RequestTimeout",

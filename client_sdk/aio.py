@@ -21,7 +21,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, TypeVar, Unpack, cast
@@ -57,6 +57,7 @@ from client_sdk.presence import (
     unwatch_steps,
     watch_steps,
 )
+from client_sdk.preview import PushPreview
 from client_sdk.push import FETCH_POLL_S, items_left, register_args
 
 T = TypeVar("T")
@@ -174,9 +175,9 @@ class AsyncClient(EngineFront):
 
     # --- messaging -----------------------------------------------------------------
 
-    async def send(self, to: str, body: str, type: str = "text") -> str:
+    async def send(self, to: str, body: str, type: str = "text", preview: str | None = None) -> str:
         """Store a message in the outbox and return its id (see ``Client.send``)."""
-        return await self._blocking(self._engine.send, to, body, type)
+        return await self._blocking(self._engine.send, to, body, type, preview)
 
     async def mark_seen(self, peer: str, ids: list[str]) -> None:
         """Tell ``peer`` that these messages from them were displayed."""
@@ -311,9 +312,14 @@ class AsyncClient(EngineFront):
     # --- push (see Client) -------------------------------------------------------------
 
     async def register_push(self, platform: str, timeout: float = 10.0,  # noqa: ASYNC109 (same API as Client)
-                            **registration: Any) -> None:
+                            previews: bool = True, **registration: Any) -> None:
         """Have the server wake this device through ``platform`` (see ``Client.register_push``)."""
-        await self.request(OP_PUSH_REGISTER, register_args(platform, registration), timeout)
+        preview_key = await self._blocking(self._preview_key, previews)
+        await self.request(OP_PUSH_REGISTER, register_args(platform, registration, preview_key), timeout)
+
+    async def decrypt_preview(self, payload: Mapping[str, Any] | bytes | str) -> PushPreview | None:
+        """The push preview in a wake-up (see ``Client.decrypt_preview``)."""
+        return await self._blocking(self._e2e().decrypt_preview, payload)
 
     async def unregister_push(self, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 (same API as Client)
         """No more wake-ups for this device; False if it had no registration."""

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, Unpack, cast
 
@@ -58,6 +58,7 @@ from client_sdk.presence import (
     unwatch_steps,
     watch_steps,
 )
+from client_sdk.preview import PushPreview
 from client_sdk.push import FETCH_POLL_S, items_left, register_args
 
 log = logging.getLogger(__name__)
@@ -144,15 +145,18 @@ class Client(EngineFront):
 
     # --- messaging -----------------------------------------------------------------
 
-    def send(self, to: str, body: str, type: str = "text") -> str:
+    def send(self, to: str, body: str, type: str = "text", preview: str | None = None) -> str:
         """Store a message in the outbox and return its id; it is published when connected.
 
         ``to`` is a user id, or a group id (``g:...``: the message goes to every member, end-to-end
         encrypted with this device's sender key when encryption is on). Works offline. The message
         is re-published (same id) until the server confirms ``sent``; a permanent refusal arrives
         as an ``ErrorEvent`` with ``ref`` = the id. Raises ValueError for a malformed ``to``/``type``.
+        ``preview``: the text a recipient's push notification may show, encrypted for each of its
+        devices that registered a preview key, where the server carries previews (docs/SDK.md "Push
+        previews"); None: the body of a ``text`` message; "": none. Not for groups.
         """
-        return self._engine.send(to, body, type)
+        return self._engine.send(to, body, type, preview)
 
     def mark_seen(self, peer: str, ids: list[str]) -> None:
         """Tell ``peer`` that these messages from them were displayed."""
@@ -325,13 +329,22 @@ class Client(EngineFront):
 
     # --- push --------------------------------------------------------------------------
 
-    def register_push(self, platform: str, timeout: float = 10.0, **registration: Any) -> None:
+    def register_push(self, platform: str, timeout: float = 10.0, previews: bool = True, **registration: Any) -> None:
         """Have the server wake this device through ``platform`` when it is away (docs/PUSH.md):
         ``register_push("fcm", token=...)``, ``("apns", token=<hex>)``, ``("webpush", subscription=
         <PushSubscription.toJSON()>)``, ``("unifiedpush", endpoint=<url>)``. Replaces an earlier
-        registration. Raises ``ValueError`` for a bad argument (before sending), ``RequestError``
-        ``unsupported`` if the server does not send that platform's pushes."""
-        self.request(OP_PUSH_REGISTER, register_args(platform, registration), timeout)
+        registration. ``previews``: also register this device's preview key (encryption on), so
+        senders can put an encrypted preview in its wake-ups where the server allows it
+        (``decrypt_preview``). Raises ``ValueError`` for a bad argument (before sending),
+        ``RequestError`` ``unsupported`` if the server does not send that platform's pushes."""
+        self.request(OP_PUSH_REGISTER, register_args(platform, registration, self._preview_key(previews)), timeout)
+
+    def decrypt_preview(self, payload: Mapping[str, Any] | bytes | str) -> PushPreview | None:
+        """The push preview in a wake-up, for the app's push handler (no connection needed):
+        ``payload`` is FCM's data map, the APNs payload, or the Web Push / UnifiedPush body. None if
+        it carries none, or one this device cannot open or that is forged (docs/SDK.md). Raises
+        ``ChatError`` if encryption is off."""
+        return self._e2e().decrypt_preview(payload)
 
     def unregister_push(self, timeout: float = 10.0) -> bool:
         """No more wake-ups for this device; False if it had no registration."""

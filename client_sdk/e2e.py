@@ -40,10 +40,12 @@ from chatproto import (
     ErrorCode,
     MsgItem,
     client_id,
+    preview_key_object,
     split_client_id,
 )
 from client_sdk import keys as K
-from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session
+from client_sdk import preview as P
+from client_sdk.crypto import PRE_KEY, Account, Ciphertext, CryptoError, Session, verify
 from client_sdk.errors import RequestError, StoreError, UnknownDevice
 from client_sdk.events import Event, IdentityChanged
 from client_sdk.inbox import opened_row, stored_event, undecryptable_row
@@ -77,15 +79,18 @@ class Sealed:
     bodies: dict[str, str]
     keys: dict[str, str] | None
     """None only for a message sealed by an SDK older than ``keys`` (sent without them)."""
+    previews: dict[str, str] | None = None
+    """Push previews for the recipient's devices that have a preview key (``preview``)."""
 
     def to_json(self) -> str:
-        return json.dumps({"bodies": self.bodies, "keys": self.keys})
+        return json.dumps({"bodies": self.bodies, "keys": self.keys, "previews": self.previews})
 
     @classmethod
     def from_json(cls, text: str) -> Sealed:
         obj = json.loads(text)
         if isinstance(obj.get("bodies"), dict):  # a client id always has a dot: never "bodies"
-            return cls(dict(obj["bodies"]), dict(obj["keys"]) if isinstance(obj.get("keys"), dict) else None)
+            return cls(dict(obj["bodies"]), dict(obj["keys"]) if isinstance(obj.get("keys"), dict) else None,
+                       dict(obj["previews"]) if isinstance(obj.get("previews"), dict) else None)
         return cls(dict(obj), None)  # the older form: the bodies alone
 
 
@@ -167,7 +172,8 @@ class E2E:
 
     def refresh(self, user: str) -> K.ListedDevices:
         """Fetch ``user``'s device list, apply it to the cache (rule 3); the trusted and refused devices."""
-        listed = K.read_device_list(user, self._call(OP_KEYS_LIST, {"user": user}))
+        result = self._call(OP_KEYS_LIST, {"user": user})
+        listed = K.read_device_list(user, result)
         for device in listed.refused:
             log.warning("%s: refusing the keys of %s.%s: the signature does not verify", self.user, user, device)
         warnings: list[IdentityChanged] = []
@@ -184,6 +190,7 @@ class E2E:
                 warnings.append(IdentityChanged(user, new.device, K.fingerprint(old.ed25519),
                                                 K.fingerprint(new.ed25519)))
             self._store.set_list_fresh(user, True)
+            P.set_peer_keys(self._store, user, K.read_preview_keys(user, result, listed.devices))
         for warning in warnings:
             log.warning("%s: the identity key of %s.%s changed", self.user, warning.user, warning.device)
             self._warn(warning)
@@ -262,9 +269,47 @@ class E2E:
                 keys[cid] = record.curve25519
                 self._store.put_session(SessionRecord(record.user, record.device, session.id,
                                                       session.pickle(self._key)), now_ms())
-            sealed = Sealed(bodies, keys)
+            sealed = Sealed(bodies, keys, self._previews(message, bodies) or None)
             self._store.set_outbox_bodies(message.id, sealed.to_json())
         return sealed
+
+    def _previews(self, message: OutMessage, bodies: dict[str, str]) -> dict[str, str]:
+        """A push preview for each device of the recipient that has a trusted preview key (``preview``
+        rule 2): the app's text, by default the body of a ``text`` message (docs/SDK.md)."""
+        text = message.preview if message.preview is not None else message.body if message.type == "text" else ""
+        if not text or message.to == self.user:
+            return {}
+        previews: dict[str, str] = {}
+        for device, key in P.peer_keys(self._store, message.to).items():
+            cid = client_id(message.to, device)
+            if cid in bodies:
+                try:
+                    previews[cid] = P.seal(key, cid, message.id, self.user, self.device, text, self._account.sign)
+                except ValueError:  # not an X25519 key, though signed: no preview for that device
+                    log.warning("%s: the preview key of %s is not usable", self.user, cid)
+        return previews
+
+    def preview_registration(self) -> dict[str, str]:
+        """``preview_key`` and ``preview_sig`` for ``push.register`` (``preview`` rule 1)."""
+        key = P.public_key(P.own_key(self._store))
+        with self._lock:
+            signed = self._account.sign(preview_key_object(self.user, self.device, key))
+        return {"preview_key": key, "preview_sig": signed["signature"]}
+
+    def decrypt_preview(self, payload: Any) -> P.PushPreview | None:
+        """The preview in a wake-up's payload, opened and checked (``preview`` rule 5), or None."""
+        preview = P.payload_preview(payload)
+        if preview is None or self._store.get_meta(P.META) is None:
+            return None
+        inner = P.open_inner(P.own_key(self._store), client_id(self.user, self.device), preview)
+        if inner is None:
+            return None
+        record = self._store.devices_of(inner["from"]).get(inner["dev"])
+        if record is not None and not verify(inner, record.ed25519):
+            log.warning("%s: a push preview claiming %s.%s is not signed by it: dropped", self.user, inner["from"],
+                        inner["dev"])
+            return None
+        return P.PushPreview(inner["text"], inner["id"], inner["from"], inner["dev"], record is not None)
 
     def _payload(self, message: OutMessage, record: DeviceRecord) -> bytes:
         return json.dumps({

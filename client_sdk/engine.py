@@ -447,7 +447,7 @@ class Engine:
 
     # --- uplink ----------------------------------------------------------------------
 
-    def send(self, to: str, body: str, kind: str = "text") -> str:
+    def send(self, to: str, body: str, kind: str = "text", preview: str | None = None) -> str:
         """Store the message in the outbox (works offline) and return its id."""
         self.check_open()
         if to.startswith(GROUP_PREFIX) and not is_group_id(to):
@@ -455,7 +455,7 @@ class Engine:
         if isinstance(kind, str) and kind.startswith(SDK_TYPE_PREFIX):
             raise ValueError(f"message types starting {SDK_TYPE_PREFIX!r} are the SDK's own")
         try:
-            message = self.outbox.add(to, body, kind)
+            message = self.outbox.add(to, body, kind, preview)
         except sqlite3.Error as exc:
             self.check_open()
             raise StoreError(f"{self.cid}: cannot store the message: {exc}") from exc
@@ -690,6 +690,10 @@ class EngineFront:
     def outbox(self) -> list[str]:
         """Ids of messages not yet confirmed ``sent``, oldest first."""
         return self._engine.outbox.ids()
+
+    def _preview_key(self, wanted: bool) -> dict[str, str]:
+        """``push.register``'s preview key arguments: none without encryption or when not ``wanted``."""
+        return self._engine.e2e.preview_registration() if wanted and self._engine.e2e is not None else {}
 
     def _e2e(self) -> E2E:
         """The engine's E2E state; raises ChatError when encryption is off."""

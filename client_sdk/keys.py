@@ -15,6 +15,10 @@ Rules:
 4. One-time keys: top up when the server holds fewer than half the account's
    maximum; generate only what brings (server + unpublished) back to the
    maximum, so no key the server still hands out is ever discarded locally.
+5. A push preview key (``previews`` of a ``keys.list`` answer, servers with
+   previews on) is used only for a device trusted by rule 1 and only if its
+   ``sig`` verifies with that device's Ed25519 key over
+   ``chatproto.preview_key_object``; any other is ignored (no preview for it).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from chatproto import MAX_ONE_TIME_KEYS_PER_PUBLISH, is_device_id
+from chatproto import MAX_ONE_TIME_KEYS_PER_PUBLISH, is_device_id, preview_key_object
 from client_sdk.crypto import valid_curve_key, verify
 from client_sdk.localstore import DeviceRecord
 
@@ -63,6 +67,20 @@ def read_device_list(user: str, result: object) -> ListedDevices:
         else:
             devices[record.device] = record
     return ListedDevices(devices, tuple(sorted(refused)))
+
+
+def read_preview_keys(user: str, result: object, trusted: dict[str, DeviceRecord]) -> dict[str, str]:
+    """Rule 5: device -> preview key, for the devices whose key is signed by their trusted Ed25519 key."""
+    listed = result.get("previews") if isinstance(result, dict) else None
+    keys: dict[str, str] = {}
+    for device, entry in (listed.items() if isinstance(listed, dict) else ()):
+        record = trusted.get(str(device))
+        if record is None or not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            continue
+        if verify({**preview_key_object(user, record.device, entry["key"]), "signature": entry.get("sig")},
+                  record.ed25519):
+            keys[record.device] = entry["key"]
+    return keys
 
 
 def check_claimed_key(record: DeviceRecord, claimed: object) -> str | None:

@@ -145,6 +145,17 @@ MIGRATIONS: Final = (
         gseq      INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    # Push previews (``preview``): the text a sent message's preview is made of (sealed; NULL: the
+    # default), and peers' devices' preview keys whose signature verified (``keys`` rule 5).
+    """
+    ALTER TABLE outbox ADD COLUMN preview TEXT;
+    CREATE TABLE preview_keys (
+        user    TEXT NOT NULL,
+        device  TEXT NOT NULL,
+        key     TEXT NOT NULL,
+        PRIMARY KEY (user, device)
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -171,6 +182,8 @@ class OutMessage:
     body: str
     type: str
     ts: int
+    preview: str | None = None
+    """The push preview's text as the app gave it (None: the SDK's default; docs/SDK.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,16 +413,19 @@ class LocalStore:
     # --- outbox -----------------------------------------------------------------------
 
     def outbox_add(self, message: OutMessage) -> None:
+        preview = None if message.preview is None else self._seal(message.preview, f"outbox-preview:{message.id}")
         with self.lock:
             self._db.execute(
-                "INSERT INTO outbox (id, recipient, body, type, ts) VALUES (?, ?, ?, ?, ?)",
-                (message.id, message.to, self._seal(message.body, f"outbox:{message.id}"), message.type, message.ts))
+                "INSERT INTO outbox (id, recipient, body, type, ts, preview) VALUES (?, ?, ?, ?, ?, ?)",
+                (message.id, message.to, self._seal(message.body, f"outbox:{message.id}"), message.type, message.ts,
+                 preview))
 
     def outbox_all(self) -> list[OutMessage]:
         """Every message in the outbox, oldest first."""
         with self.lock:
-            rows = self._db.execute("SELECT id, recipient, body, type, ts FROM outbox ORDER BY pos").fetchall()
-            return [OutMessage(str(r[0]), str(r[1]), self._open(str(r[2]), f"outbox:{r[0]}"), str(r[3]), int(r[4]))
+            rows = self._db.execute("SELECT id, recipient, body, type, ts, preview FROM outbox ORDER BY pos").fetchall()
+            return [OutMessage(str(r[0]), str(r[1]), self._open(str(r[2]), f"outbox:{r[0]}"), str(r[3]), int(r[4]),
+                               None if r[5] is None else self._open(str(r[5]), f"outbox-preview:{r[0]}"))
                     for r in rows]
 
     def outbox_bodies(self, msg_id: str) -> str | None:

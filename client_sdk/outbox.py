@@ -181,20 +181,20 @@ class Outbox:
         message = self.message(msg_id)
         return message.to if message is not None else None
 
-    def add(self, to: str, body: str, kind: str = "text") -> OutMessage:
+    def add(self, to: str, body: str, kind: str = "text", preview: str | None = None) -> OutMessage:
         """Rule 1: store a new message; it is due for publishing at once."""
         with self._lock:
-            message = self.new(to, body, kind)
+            message = self.new(to, body, kind, preview=preview)
             self._store.outbox_add(message)
             self._entries[message.id] = _Entry(message, self._clock())
         return message
 
-    def new(self, to: str, body: str, kind: str, id_prefix: str = "") -> OutMessage:
+    def new(self, to: str, body: str, kind: str, id_prefix: str = "", preview: str | None = None) -> OutMessage:
         """A new message (its id after ``id_prefix``), not stored: the caller stores it
         (``LocalStore.outbox_add``) in its own transaction and then calls ``track``. Takes no
         lock (callable inside a store transaction)."""
         check_message(to, body, kind)
-        return OutMessage(id_prefix + new_message_id(), to, body, kind, self._clock_ms())
+        return OutMessage(id_prefix + new_message_id(), to, body, kind, self._clock_ms(), preview)
 
     def track(self, messages: list[OutMessage], sending: bool = False) -> None:
         """Messages the caller stored: in the outbox from now on (due now, or, when ``sending``

@@ -63,7 +63,8 @@ class Preparer:
         except (RequestTimeout, ClientClosed, NotConnected) as exc:
             log.info("%s: message %s: %s; encrypting later", self._cid, message.id, exc)
             return Unsent.LATER
-        return [ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys)]
+        return [ChatMessage(message.id, message.to, "", OLM_TYPE, message.ts, sealed.bodies, sealed.keys,
+                            sealed.previews)]
 
     def share_failed(self, message: OutMessage | None) -> bool:
         """A key share message was refused for good: shared again with the next message, not reported."""

@@ -12,9 +12,10 @@ from chatproto import PushRegister
 FETCH_POLL_S = 0.05  # between two push.pending questions while items are still being taken
 
 
-def register_args(platform: str, registration: dict[str, Any]) -> dict[str, Any]:
-    """The ``push.register`` arguments; raises ``DecodeError`` (a ``ValueError``) naming a bad one."""
-    return PushRegister.from_args({"platform": platform, **registration}, allow_loopback=True).args()
+def register_args(platform: str, registration: dict[str, Any], preview_key: dict[str, str]) -> dict[str, Any]:
+    """The ``push.register`` arguments (``preview_key``: the preview key and its signature, or {});
+    raises ``DecodeError`` (a ``ValueError``) naming a bad one."""
+    return PushRegister.from_args({"platform": platform, **registration, **preview_key}, allow_loopback=True).args()
 
 
 def items_left(result: Any) -> int:

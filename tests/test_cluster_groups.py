@@ -8,6 +8,7 @@ receipt (the rest of the receipts: tests/test_group_receipts.py, on both deploym
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from bridge.cluster.group_store import Mark, MarkKind
+from bridge.cluster.group_store import GroupExpiry, Mark, MarkKind
 from broker import credentials
 from storage.redis.group_log import RedisGroupLog
 from storage.redis.users import RedisUserStore
@@ -382,10 +383,10 @@ async def mark_and_die(redis_cluster: RedisCluster, prefix: str, group: str, mar
         await log.close()
 
 
-def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
-        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
-    """A node marked bob's seen report (completing m1) and died before staging its receipts: a sweep stages
-    ``delivered`` then ``seen`` for alice, once; bob's own ack and report after change nothing."""
+@contextlib.contextmanager
+def m1_to_bob(tmp_path: Path, redis_cluster: RedisCluster,
+              made: list[Any]) -> Iterator[tuple[ClusterDeployment, Peer, Peer, str, dict[str, Any]]]:
+    """Two nodes (sweeping every 0.5 s): alice on one sent m1 to a group with bob, on the other, who has it."""
     deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"staging.sweep_s": 0.5}, nodes=2).start()
     try:
         deployment.add_users({user: f"{user}-pw" for user in ("alice", "bob")})
@@ -393,7 +394,16 @@ def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         group = ok(alice, "group.create", name="g", members=["bob"])["group"]
         send(alice, group, "m1")
         alice.expect(lambda i: i.get("kind") == "receipt" and i["status"] == "sent")
-        copy = bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+        yield deployment, alice, bob, group, bob.expect(lambda i: i.get("kind") == "msg" and i["id"] == "m1")
+    finally:
+        deployment.stop()
+
+
+def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """A node marked bob's seen report (completing m1) and died before staging its receipts: a sweep stages
+    ``delivered`` then ``seen`` for alice, once; bob's own ack and report after change nothing."""
+    with m1_to_bob(tmp_path, redis_cluster, made) as (deployment, alice, bob, group, copy):
         asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group,
                                  [Mark(MarkKind.SEEN, "bob", msg_id="m1")]))
         got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15)["status"] for _ in range(2)]
@@ -402,5 +412,122 @@ def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
         assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "staged once"
         eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tp]*") == {}, what="nothing left")
+
+
+async def expire_and_die(redis_cluster: RedisCluster, prefix: str, group: str, gseq: int) -> None:
+    """What a node does when a member's copy of ``gseq`` expires, before it stages the receipts (the hint, the
+    report to the group's slot), and no more."""
+    log = await RedisGroupLog.open(redis_cluster.startup_nodes, prefix)
+    try:
+        await log.hint(group, 0)
+        await log.expire(group, [GroupExpiry(group, gseq, False)], "died expiring")
     finally:
+        await log.close()
+
+
+def test_an_expiry_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """Bob's ack completed m1 on a node that died before staging ``delivered``; then a device's copy expired on
+    a node that died before staging ``expired``. A sweep stages ``delivered`` then ``expired`` for alice,
+    once; bob's seen report after changes nothing, and nothing of m1 is left in Redis."""
+    with m1_to_bob(tmp_path, redis_cluster, made) as (deployment, alice, bob, group, copy):
+        acked = Mark(MarkKind.DELIVERED, "bob", copy["gseq"])
+        asyncio.run(mark_and_die(redis_cluster, deployment.prefix, group, [acked]))
+        asyncio.run(expire_and_die(redis_cluster, deployment.prefix, group, copy["gseq"]))
+        got = [alice.expect(lambda i: i.get("kind") == "receipt", timeout=15) for _ in range(2)]
+        assert [(i["status"], i["ids"], i["peer"]) for i in got] == [("delivered", ["m1"], group),
+                                                                      ("expired", ["m1"], group)]
+        bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
+        bob.publish("u/bob/ack", {"seqs": [copy["seq"]]})
+        assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "once, and nothing after"
+        assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
+        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpbx]*") == {}, what="nothing left")
+
+
+def test_a_member_s_high_water_mark_goes_after_leaving_and_a_rejoin_gets_only_new_items(
+        tmp_path: Path, redis_cluster: RedisCluster, made: list[Any]) -> None:
+    """Bob leaves a group: his high-water mark of it stays for the grace (a fanout run again must find it),
+    then a later fanout to him drops it; rejoined, he gets the group from his ``member_added`` on, nothing
+    of before again (docs/SCALING.md)."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {"limits.send_burst": 5000}, nodes=2).start()
+    try:
+        deployment.add_users({"alice": "alice-pw", "bob": "same-pw"})  # (Collector logs in with same-pw)
+        alice = deployment.peer(0, made, "alice")
+        bob = Collector(deployment.nodes[1].port, made, "bob", None)
+        left, other = (ok(alice, "group.create", name=name, members=["bob"])["group"] for name in ("left", "other"))
+        send(alice, left, "m1")
+        eventually(lambda: bob.ids() == ["m1"], what="m1")
+        bob.peer.request("group.leave", {"group": left})
+        eventually(lambda: (3, "member_left") in bob.stream(), what="bob's own member_left")
+        prefix, host, port = deployment.prefix, *redis_cluster.startup_nodes[0]
+        marks = f"{prefix}gw:{{bob}}"
+        assert list(redis_keys(redis_cluster, prefix, "gwx:*").values()) == [[left]]
+        assert redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {left: "3", other: "1"}}, "kept for now"
+        client = redis.RedisCluster(host=host, port=port, decode_responses=True)
+        try:
+            client.zadd(f"{prefix}gwx:{{bob}}", {left: 0})  # the grace has passed
+        finally:
+            client.close()
+        send(alice, other, "o1")  # a fanout to bob, of any group, drops it
+        eventually(lambda: redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {other: "2"}},
+                   what="the mark of the group left dropped")
+        assert redis_keys(redis_cluster, prefix, "gwx:*") == {}
+        ok(alice, "group.add", group=left, members=["bob"])
+        send(alice, left, "m2")
+        eventually(lambda: bob.ids() == ["m1", "o1", "m2"], what="m2")
+        with bob.lock:  # every item bob got of the group, repeats included
+            got = [(i["gseq"], i.get("id") or i["event"]) for i in bob.items if left in (i.get("group"), i.get("to"))]
+        assert got == [(1, "created"), (2, "m1"), (3, "member_left"), (4, "member_added"), (5, "m2")]
+        assert redis_keys(redis_cluster, prefix, "gw:{bob}") == {marks: {other: "2", left: "5"}}
+    finally:
+        deployment.stop()
+
+
+def test_expiries_through_a_redis_failover_of_the_group_tell_the_sender_and_nothing_after(
+        tmp_path: Path, redis_cluster: RedisCluster) -> None:
+    """A sender's 60 messages to four members whose devices never ack expire (TTL 3 s); the master of the
+    group's slot is SIGKILLed once the first ``expired`` came. The sender gets ``expired`` for every
+    message (a second copy only if a failover lost the reply of its stage, which clients drop as a status
+    they have) and no ``delivered`` or ``seen``; nothing of the tracking or the expiries stays in Redis."""
+    deployment = ClusterDeployment(tmp_path / "c", redis_cluster, {
+        "limits.send_burst": 100000, "limits.send_rate_per_s": 100000.0, "cluster.min_replicas_ack": 1,
+        "staging.ttl_days": 3 / 86400, "staging.sweep_s": 0.2}, nodes=2).start()
+    sender, members = "xs", [f"x{i}" for i in range(4)]
+    deployment.add_users({user: "same-pw" for user in (sender, *members)})
+    traffic = Traffic()
+    killed = None
+    try:
+        for n, user in enumerate(members):  # a device each, offline from now on: its copies expire
+            peer = Peer(deployment.nodes[n % 2].port, user, "same-pw")
+            assert peer.connect() == 0
+            peer.close()
+        online = traffic.connect(sender, deployment.nodes[0].port)
+        group = ok(online, "group.create", name="expiring", members=members)["group"]
+        ids = [f"e{n:03d}" for n in range(60)]
+        traffic.streaming(online, group, ids).join(WAIT_S)
+        eventually(lambda: traffic.sent[sender] >= set(ids), what="sent for every message")
+
+        def statuses() -> dict[str, list[str]]:
+            with traffic.lock:
+                found = sorted(traffic.receipts[sender].items())
+            out: dict[str, list[str]] = defaultdict(list)
+            for _, item in found:
+                for msg_id in item["ids"]:
+                    out[msg_id].append(item["status"])
+            return out
+
+        eventually(lambda: len(statuses()) > 0, what="the first expired receipt")
+        tag = "{" + group.removeprefix("g:") + "}"
+        killed = redis_cluster.kill_master(tag)
+        redis_cluster.wait_promoted(tag, killed)
+        redis_cluster.restart(killed)
+        killed = None
+        eventually(lambda: set(statuses()) == set(ids), timeout=60, what="expired for every message")
+        drain(online, 1.0)
+        assert {msg_id: s for msg_id, s in statuses().items() if set(s) != {"expired"}} == {}
+        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpx]*") == {}, what="nothing left")
+    finally:
+        if killed is not None:
+            redis_cluster.restart(killed)
+        traffic.close()
         deployment.stop()

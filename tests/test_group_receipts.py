@@ -223,17 +223,26 @@ def test_many_members_acking_and_reporting_at_once_complete_each_message_once(
         broker.stop()
 
 
-def test_tracking_ends_at_the_ttl(tmp_path: Path, made: list[Peer]) -> None:
-    broker = start(tmp_path / "data", **{"staging.ttl_days": 1.5 / 86400, "staging.sweep_s": 0.2})
+def test_tracking_ends_at_the_ttl(tmp_path: Path, made: list[Peer], deployment: str,
+                                  request: pytest.FixtureRequest) -> None:
+    broker = start_on(deployment, tmp_path, request, **{"staging.ttl_days": 1.5 / 86400, "staging.sweep_s": 0.2})
     try:
         alice, bob = online_peer(broker.port, made, "alice"), online_peer(broker.port, made, "bob")
         online_peer(broker.port, made, "carol").close()  # known, offline: never acks
+        online_peer(broker.port, made, "carol", "laptop").close()  # both of her devices' copies expire
         group = ok(alice, "group.create", name="g", members=["bob", "carol"])["group"]
         send(alice, group, "m1")
+        alice.expect(receipt("sent", "m1"))
         ack(bob, bob.expect(msg("m1")))
-        assert alice.expect(receipt("expired", "m1"))["peer"] == group  # carol's copy expired
-        eventually(lambda: tracked_rows(tmp_path / "data") == (0, 0))
+        got = alice.expect(receipt("expired", "m1"))  # carol's copies expired
+        assert got["peer"] == group and got["ids"] == ["m1"]
+        eventually(lambda: untracked(broker, tmp_path, request))
         assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
-        assert statuses(alice) == []  # no delivered or seen after it
+        seen(bob, group, "m1")  # too late: nothing is tracked
+        assert statuses(alice, 1.0) == [], "expired once, no delivered or seen after it"
+        if isinstance(broker, ClusterDeployment):  # the body and the expiring set are gone too
+            redis_cluster = request.getfixturevalue("redis_cluster")
+            eventually(lambda: {**redis_keys(redis_cluster, broker.prefix, "g:*:b:*"),
+                                **redis_keys(redis_cluster, broker.prefix, "g:*:xp")} == {})
     finally:
         broker.stop()

@@ -6,6 +6,7 @@ test has its own key prefix."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bridge.cluster.group_store import Completed, GroupAck, GroupPost, Mark, MarkKind, PostStatus
+from bridge.cluster.group_store import Completed, GroupAck, GroupExpiry, GroupPost, Mark, MarkKind, PostStatus
 from bridge.groups.core import GroupLimits, create, decide, new_group_id
 from chatproto import GroupAdd, GroupCreate, GroupItem, GroupRemove, MsgItem
 from storage.redis.group_log import RedisGroupLog
@@ -250,8 +251,10 @@ async def test_an_ack_names_the_group_items_it_removed(stores: Stores) -> None:
                                  "t") == [Completed(gseq, "alice", "m1", True, False)]
 
 
-async def test_expired_items_count_their_users_off_the_body(stores: Stores) -> None:
+async def test_expired_items_are_reported_to_the_group_once_and_count_their_users_off_the_body(
+        stores: Stores) -> None:
     gid = await stores.group("alice", "bob")
+    await stores.users.record_login("bob", "laptop")
     post = stores.post(gid, "m1", origin="alice.laptop")
     soon = int(time.time() * 1000) + 3_600_000  # the body lives an hour past this: the sweep drops the items first
     await stores.log.post(replace(post, expires_ms=soon))
@@ -259,7 +262,60 @@ async def test_expired_items_count_their_users_off_the_body(stores: Stores) -> N
     for user in ("alice", "bob"):
         await stores.queues.stage_group(user, entries, 100)
     assert len(await stores.keys("g:*:b:*")) == 1
-    swept = [await stores.queues.expire(client_id, soon) for client_id in ("alice.phone", "bob.phone")]
-    assert [s.items for s in swept] == [1, 1] and all(s.expired == [] for s in swept)  # no receipt: sent only
+    swept = {c: await stores.queues.expire(c, soon) for c in ("alice.phone", "bob.phone", "bob.laptop")}
+    assert [s.items for s in swept.values()] == [1, 1, 1] and all(s.expired == [] for s in swept.values())
+    # alice's history copy was her last item of it, bob's phone's not (the laptop still had it)
+    assert [s.groups for s in swept.values()] == [[GroupExpiry(gid, 2, True)], [GroupExpiry(gid, 2, False)],
+                                                  [GroupExpiry(gid, 2, True)]]
+    expiring = Completed(2, "alice", "m1", False, False, True)
+    assert await stores.log.expire(gid, swept["bob.phone"].groups, "t1") == [expiring]
+    assert await stores.log.expire(gid, swept["bob.phone"].groups, "t1") == [expiring], "a retry: the same"
+    assert await stores.log.expire(gid, swept["alice.phone"].groups + swept["bob.laptop"].groups, "t2") == [expiring]
+    assert await stores.log.expiring(gid) == [2]
     await stores.queues.flush()
-    assert await stores.keys("g:*:b:*") == [], "both users counted off by the expiry"
+    assert len(await stores.keys("g:*:b:*")) == 1, "counted off, but kept until its receipt is staged"
+    await stores.log.expired_done(gid, [2])
+    assert await stores.log.expiring(gid) == [] and await stores.keys("g:*:b:*") == []
+    assert await stores.log.expire(gid, [GroupExpiry(gid, 2, False)], "t3") == [], "nothing after it"
+
+
+async def test_an_expiry_forgets_the_tracking_and_answers_its_pending_completion_first(stores: Stores) -> None:
+    gid = await stores.group("alice", "bob", "carol")
+    _, gseq = await stores.log.post(stores.post(gid, "m1"))
+    await stores.log.mark(gid, [Mark(D, "bob", gseq)], "t0")
+    assert await stores.log.mark(gid, [Mark(D, "carol", gseq)], "t1") == [Completed(gseq, "alice", "m1", True, False)]
+    # its node died before staging 'delivered': it is pending when a device's copy expires
+    assert await stores.log.expire(gid, [GroupExpiry(gid, gseq, False)], "t2") == [
+        Completed(gseq, "alice", "m1", True, False, True)]
+    assert await stores.log.tracked(gid, "m1") == [] and await stores.log.pending(gid) == []
+    assert await stores.keys("g:*:[tiu]:*") == [], "the tracking is forgotten"
+    assert await stores.log.mark(gid, [Mark(S, "bob", msg_id="m1"), Mark(S, "carol", msg_id="m1")], "t3") == []
+    assert await stores.log.expire(gid, [GroupExpiry(gid, gseq, False)], "t4") == [
+        Completed(gseq, "alice", "m1", True, False, True)], "answered again until its receipts are staged"
+    await stores.log.expired_done(gid, [gseq])
+    assert await stores.log.expire(gid, [GroupExpiry(gid, gseq, False)], "t5") == []
+
+
+async def test_the_high_water_mark_of_a_group_left_goes_after_the_grace(stores: Stores) -> None:
+    queues = RedisQueueStore(stores.log._client, stores.prefix, gw_grace_ms=300)
+    gid, other = await stores.group("alice", "bob"), await stores.group("alice", "bob")
+    for change in (GroupRemove(gid, ("bob",)), GroupAdd(gid, ("bob",))):
+        decision = decide(await stores.log.load(gid), "alice", change, LIMITS, 2)
+        assert await stores.log.commit_logged(await stores.log.load(gid), decision, LIMITS.max_groups_per_user, FAR)
+    created, removed, added = await stores.log.entries(gid, 10)
+    marks = stores.prefix + "gw:{bob}"
+    client = stores.log._client
+    await queues.stage_group("bob", [created, removed], 100)
+    assert (await queues.stage_group("bob", [created, removed], 100)).targets == (), "kept: a fanout run again"
+    assert await client.hget(marks, gid) == "2"
+    await asyncio.sleep(0.4)
+    await queues.stage_group("bob", (await stores.log.entries(other, 10))[:1], 100)  # any group's fanout drops it
+    assert await client.hgetall(marks) == {other: "1"} and await stores.keys("gwx:*") == []
+    assert (await queues.stage_group("bob", [added], 100)).targets != (), "rejoined"
+    assert (await queues.stage_group("bob", [created, removed], 100)).targets == (), "never below the rejoin"
+    await queues.stage_group("bob", [removed], 100)
+    assert await stores.keys("gwx:*") == [], "a member again: the entry of the old removal changes nothing"
+    # left and back within the grace: the mark stays
+    await stores.queues.stage_group("carol", [created, removed], 100)
+    await stores.queues.stage_group("carol", [added], 100)
+    assert await stores.keys("gwx:*") == []

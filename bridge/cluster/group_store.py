@@ -21,6 +21,19 @@ or saw it), and a retry with the same token answers the first run's reply. A com
 answered again by every later ``mark`` of that message, until ``receipted`` says its receipts are staged:
 then a complete message is forgotten; an incomplete one at its expiry. ``tracked`` answers
 ``group.receipts`` (complete messages are not tracked any more).
+
+Expiry (section 6 rule 10, as bridge/messaging/core.py rule 7 on one process): a device's item of a message
+that expires unacked (``Swept.groups``) is reported to the group's slot (``expire``, which also counts its
+user off the body). The first report of a message forgets its tracking and keeps the message *expiring* on
+its body (and in the group's expiring set) until ``expired_done`` says its ``expired`` receipt is staged:
+each later report, a retry or a sweep (``expiring``) answers it again, and nothing answers it after that.
+A completion still pending when it expires (its ``delivered`` / ``seen`` perhaps not staged) is answered
+with it, to be staged first; no mark completes anything after it (the tracking is gone).
+
+High-water marks (``stage_group``): a user's mark for a group is kept while a fanout may still stage the
+group's old entries for the user; the entry that ends the user's membership (``ends_membership``) drops it
+``GW_GRACE_MS`` later (storage/redis/queue_scripts.py), unless a later entry is staged for the user first
+(a rejoin).
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from typing import Protocol
 from bridge.groups.core import Decision, Group
 from bridge.groups.store import GroupStore
 from bridge.messaging.group_receipts import DEFAULT_MAX_PER_SENDER, DEFAULT_SEEN_MAX, TrackedRow
-from chatproto import GroupItem, MsgItem
+from chatproto import GROUP_MEMBER_LEFT, GROUP_MEMBER_REMOVED, GroupItem, MsgItem
 
 
 class PostStatus(StrEnum):
@@ -91,6 +104,21 @@ class GroupAck:
     member: str
 
 
+def ends_membership(event: GroupItem, user: str) -> bool:
+    """``event`` is the one that takes ``user`` out of the group (removed, left; the last to leave deletes it)."""
+    return event.event in (GROUP_MEMBER_REMOVED, GROUP_MEMBER_LEFT) and user in event.users
+
+
+@dataclass(frozen=True, slots=True)
+class GroupExpiry:
+    """A device's item of the group message ``gseq`` of ``group`` expired unacked (``QueueStore.expire``);
+    ``released``: it was its user's last item of the message (the user is counted off its body)."""
+
+    group: str
+    gseq: int
+    released: bool
+
+
 def group_acks(user: str, items: Iterable[object]) -> list[GroupAck]:
     """The group messages of another user among ``items`` that a device of ``user`` acked."""
     return [GroupAck(item.to, item.gseq, user) for item in items
@@ -114,13 +142,15 @@ class Mark:
 
 @dataclass(frozen=True, slots=True)
 class Completed:
-    """A message ``mark`` completed: ``delivered`` (every member has it) and/or ``seen`` (every one saw it)."""
+    """A message ``mark`` completed: ``delivered`` (every member has it) and/or ``seen`` (every one saw it);
+    or that ``expire`` found expiring: ``expired``, after the ``delivered`` / ``seen`` it had pending."""
 
     gseq: int
     sender: str
     msg_id: str
     delivered: bool
     seen: bool
+    expired: bool = False
 
 
 class GroupLog(GroupStore, Protocol):
@@ -149,6 +179,17 @@ class GroupLog(GroupStore, Protocol):
 
     async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:
         """The group's tracked messages with id ``msg_id`` (any sender), oldest first; ``mid`` is the gseq."""
+
+    async def expire(self, group: str, expiries: list[GroupExpiry], token: str) -> list[Completed]:
+        """Device items of these messages expired unacked: count the released ones' users off the bodies;
+        the messages expiring (``expired`` set, above), the first report of each forgetting its tracking.
+        Run again with the same ``token`` (within the store's replay time), it answers the first run's reply."""
+
+    async def expiring(self, group: str) -> list[int]:
+        """The gseqs whose ``expired`` receipt may not be staged yet (its node may have died first)."""
+
+    async def expired_done(self, group: str, gseqs: list[int]) -> None:
+        """The ``expired`` receipts of ``gseqs`` are staged: no report answers them again."""
 
     async def entries(self, group: str, limit: int) -> list[LogEntry]:
         """The first ``limit`` entries of the log, in gseq order."""

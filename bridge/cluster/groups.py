@@ -29,6 +29,13 @@ Decisions:
    the item, whose next ack marks again. A seen report hints its group first: a node dying before the
    receipts leaves the completion to the sweep, which stages a group's pending completions after fanning
    it. ``group.receipts`` reads the group's slot.
+6. Expiry (section 6 rule 10): a member device's item that expires unacked (the queue sweep, ``expired``) is
+   reported to the group's slot, hinted first, as a seen report is; the first report of a message forgets
+   its tracking and keeps it expiring there until its ``expired`` receipt is staged (token
+   ``<group>/<gseq>/expired``, after any ``delivered`` / ``seen`` still pending; then ``expired_done``), so
+   the sender gets ``expired`` once, and no ``delivered`` or ``seen`` after it; a sweep stages what a dead
+   node left expiring. A node dying between the queue's expiry and its report loses that report, as for a
+   one-to-one ``expired`` (another device's expiry of the message still reports it).
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from typing import Any, Final
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.cluster.group_store import (
+    Completed,
     GroupAck,
+    GroupExpiry,
     GroupFan,
     GroupLog,
     GroupPost,
@@ -67,6 +76,7 @@ from chatproto import (
     GROUP_OPS,
     MEGOLM_TYPE,
     RECEIPT_DELIVERED,
+    RECEIPT_EXPIRED,
     RECEIPT_SEEN,
     RECEIPT_SENT,
     Caller,
@@ -270,12 +280,41 @@ class ClusterGroups:
 
         async def step() -> None:
             done = await self._log.mark(group, marks, token)
-            for status, ready in ((RECEIPT_DELIVERED, [c for c in done if c.delivered]),
-                                  (RECEIPT_SEEN, [c for c in done if c.seen])):
-                for c in ready:
-                    await self._messaging.stage_receipts(status, [MessageRef(c.sender, c.msg_id, group)],
-                                                         f"{group}/{c.gseq}/{status}", hold=False)
+            await self._stage_receipts(group, done)
             await self._log.receipted(group, done)
+
+        return step
+
+    async def _stage_receipts(self, group: str, done: list[Completed]) -> None:
+        """The receipts of ``done``: ``delivered``, then ``seen``, then ``expired`` (decision 6), each with its
+        message's and status's stage token."""
+        for status, ready in ((RECEIPT_DELIVERED, [c for c in done if c.delivered]),
+                              (RECEIPT_SEEN, [c for c in done if c.seen]),
+                              (RECEIPT_EXPIRED, [c for c in done if c.expired])):
+            for c in ready:
+                await self._messaging.stage_receipts(status, [MessageRef(c.sender, c.msg_id, group)],
+                                                     f"{group}/{c.gseq}/{status}", hold=False)
+
+    async def expired(self, expiries: list[GroupExpiry]) -> None:
+        """Device items of group messages expired unacked (``QueueStore.expire``): their senders' ``expired``."""
+        by_group: dict[str, list[GroupExpiry]] = {}
+        for expiry in expiries:
+            by_group.setdefault(expiry.group, []).append(expiry)
+        for group, listed in by_group.items():
+            # Hinted first: if this node dies before the receipts, a sweep stages what is expiring.
+            await self._messaging.retrying("group receipts", functools.partial(
+                self._log.hint, group, self._clock.wall_ms() + self._lease_ms))
+            await self._messaging.retrying("group receipts", self._expiry_step(group, listed))
+
+    def _expiry_step(self, group: str, expiries: list[GroupExpiry]) -> Callable[[], Awaitable[None]]:
+        """Report the expiries (the token drawn once, as ``_receipts_step``); stage the ``expired`` receipts
+        of what is expiring, after any ``delivered`` / ``seen`` it had pending; then say so."""
+        token = secrets.token_hex(8)
+
+        async def step() -> None:
+            done = await self._log.expire(group, expiries, token)
+            await self._stage_receipts(group, done)
+            await self._log.expired_done(group, [c.gseq for c in done])
 
         return step
 
@@ -302,6 +341,8 @@ class ClusterGroups:
                 done += 1
                 pending = await self._log.pending(group)  # completions a node may have died before staging
                 await self._receipts_step(group, [Mark(MarkKind.PENDING, "", gseq) for gseq in pending])()
+                expiring = await self._log.expiring(group)  # ... and expiries
+                await self._expiry_step(group, [GroupExpiry(group, gseq, False) for gseq in expiring])()
                 if at_ms <= now_ms - HINT_KEEP_MS:
                     await self._log.clear_hint(group, at_ms)
         return done

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel, raise_if_cancelled
 from bridge.clock import Clock
-from bridge.cluster.group_store import GroupAck, group_acks
+from bridge.cluster.group_store import GroupAck, GroupExpiry, group_acks
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
@@ -114,6 +114,9 @@ class GroupRoute(Protocol):
 
     async def seen(self, caller: Caller, seen: Seen) -> None:
         """A seen report naming a group, answered by it."""
+
+    async def expired(self, expiries: list[GroupExpiry]) -> None:
+        """Member devices' group items expired unacked (their senders' ``expired``; retried until written)."""
 
 
 class ClusterMessaging:
@@ -663,6 +666,8 @@ class ClusterMessaging:
             dropped += swept.items
             if swept.expired:
                 await self.retrying("expired receipts", self._receipts_step(RECEIPT_EXPIRED, swept.expired))
+            if swept.groups and self.groups is not None:
+                await self.groups.expired(swept.groups)
         return dropped
 
     # --- limits shared by the nodes ----------------------------------------------------------------

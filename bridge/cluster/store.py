@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from bridge.cluster.group_store import GroupAck, GroupFan, LogEntry
+from bridge.cluster.group_store import GroupAck, GroupExpiry, GroupFan, LogEntry
 from chatproto import GroupItem, MsgItem, ReceiptItem
 
 SEQ_STRIDE = 1024
@@ -126,6 +126,7 @@ class MessageRef:
 class Swept:
     expired: list[MessageRef] = field(default_factory=list)  # messages whose sender gets 'expired' (once each)
     items: int = 0  # items dropped
+    groups: list[GroupExpiry] = field(default_factory=list)  # group message items (their receipts: the group's)
 
 
 class QueueStore(Protocol):

@@ -50,15 +50,22 @@ class LocalClaimLimit:
         return self._limiter.allow(f"{claimer}\0{peer}", self._now())
 
 
+class PreviewKeys(Protocol):
+    def preview_key(self, client_id: str) -> dict[str, str] | None:
+        """``{"key", "sig"}`` of the device's push preview key (docs/PROTOCOL.md section 12), or None."""
+
+
 class KeyService:
     def __init__(self, store: KeyStore, keyed: KeyedDevices, accounts: Accounts, staged: StagedDevices,
-                 close_session: Callable[[str], Awaitable[None]], claims: ClaimLimit | None = None) -> None:
+                 close_session: Callable[[str], Awaitable[None]], claims: ClaimLimit | None = None,
+                 previews: PreviewKeys | None = None) -> None:
         self._claims = claims
         self._store = store
         self._keyed = keyed
         self._accounts = accounts
         self._staged = staged
         self._close_session = close_session
+        self._previews = previews  # push preview keys, when push previews are on
 
     def ops(self) -> dict[str, Op]:
         return {
@@ -83,7 +90,11 @@ class KeyService:
 
     async def _list(self, caller: Caller, args: dict[str, Any]) -> Any:
         user = await self._known(parse_user(args, {"user"}))
-        return {"user": user, "devices": await self._store.device_keys(user)}
+        devices = await self._store.device_keys(user)
+        if self._previews is None:
+            return {"user": user, "devices": devices}
+        keys = {device: self._previews.preview_key(f"{user}.{device}") for device in devices}
+        return {"user": user, "devices": devices, "previews": {d: k for d, k in keys.items() if k is not None}}
 
     async def _claim(self, caller: Caller, args: dict[str, Any]) -> Any:
         user, devices = parse_claim(args)

@@ -63,8 +63,8 @@ class GroupRouting(Protocol):
 class DeliveryWatch(Protocol):
     """Who follows what happens to devices' items (push: bridge/push/service.py); never waits."""
 
-    def staged(self, client_id: str) -> None:
-        """A message item was staged for the device."""
+    def staged(self, client_id: str, preview: str | None = None) -> None:
+        """A message item was staged for the device (with the push preview its sender encrypted for it)."""
 
     def delivered(self, client_id: str) -> None:
         """A message item was sent to the device's connection."""
@@ -176,10 +176,10 @@ class Messaging:
         if not looked_up and not self.staging.directory.exists(peer):
             return peer
         if isinstance(item, ChatMessage):
-            outcome = self.staging.submit(caller.client_id, caller.user, item, self._now_ms(), self._now())
+            self._apply(self.staging.submit(caller.client_id, caller.user, item, self._now_ms(), self._now()),
+                        item.previews)
         else:
-            outcome = self.staging.seen(caller.user, peer, item.ids, caller.client_id, self._now_ms(), self._now())
-        self._apply(outcome)
+            self._apply(self.staging.seen(caller.user, peer, item.ids, caller.client_id, self._now_ms(), self._now()))
         return None
 
     def _to_group(self, caller: Caller, message: ChatMessage, members: tuple[str, ...] | None) -> str | None:
@@ -250,7 +250,7 @@ class Messaging:
         """Send what ``out`` says and wake the commit (for the group service's staged events)."""
         self._apply(out)
 
-    def _apply(self, out: StagingOutcome) -> None:
+    def _apply(self, out: StagingOutcome, previews: dict[str, str] | None = None) -> None:
         # Notices first: when the recipient acks before the flush, one outcome
         # holds both 'sent' (a notice) and 'delivered' (a delivery) for the
         # sender, who must see them in that order (found by tests/sdk).
@@ -264,8 +264,8 @@ class Messaging:
             if self.links.send(device, delivery) and watch is not None and isinstance(delivery, MsgItem):
                 watch.delivered(device)
         if watch is not None:
-            for device in out.staged:
-                watch.staged(device)
+            for device in out.staged:  # previews: of the message just submitted (push decides whether to keep them)
+                watch.staged(device, previews.get(device) if previews else None)
         if out.need_bodies or out.need_item_bodies:
             self._spawn(self._load_bodies(out.need_bodies, out.need_item_bodies))
         if out.flush_due:

@@ -24,13 +24,17 @@ class PushTarget:
     platform: str
     token: str
     client_id: str  # the device it wakes (logs and metrics; never sent)
+    # The device's X25519 key for push previews and its Ed25519 signature of it (``push.register``):
+    # handed to senders in the key directory when previews are on; never sent to a push service.
+    preview_key: str | None = None
+    preview_sig: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class WakeUp:
     collapse_key: str  # the same for every wake-up of one device: the provider keeps only the latest
     expires_at_ms: int  # after this the provider need not deliver it (the items' expiry)
-    preview: str | None = None  # only with ``push.include_preview``: what the client encrypted for it
+    preview: str | None = None  # only with ``push.include_preview``: what a sender's SDK encrypted for the device
 
 
 class Outcome(enum.Enum):

@@ -8,7 +8,9 @@ then sends what is due (at most ``concurrency`` at once) and writes the answers:
 queued before a crash is in the store and goes out after the restart.
 
 It also serves ``push.register``, ``push.unregister`` (the caller's own device only) and
-``push.pending`` (how many items wait for the caller's device: what ``fetch_pending`` drains).
+``push.pending`` (how many items wait for the caller's device: what ``fetch_pending`` drains),
+and, when previews are on (``include_preview``), each device's preview key to the key directory.
+With previews off, a preview messaging reports is dropped here: never queued, stored nor sent.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.background import Supervisor
@@ -58,7 +60,7 @@ class ProviderCounters:
 class PushService:
     def __init__(self, core: PushCore, store: PushStore, providers: Mapping[str, PushProvider], links: LinkRegistry,
                  pending: Callable[[str], int], *, allow_loopback: bool, concurrency: int, clock: Clock,
-                 supervisor: Supervisor) -> None:
+                 supervisor: Supervisor, include_preview: bool = False) -> None:
         self.core = core
         self.providers = providers
         self.counters = {platform: ProviderCounters() for platform in providers}
@@ -66,6 +68,7 @@ class PushService:
         self._links = links
         self._pending = pending
         self._allow_loopback = allow_loopback
+        self.include_preview = include_preview
         self._concurrency = concurrency
         self._now_ms = clock.wall_ms
         self._supervisor = supervisor
@@ -75,15 +78,18 @@ class PushService:
         self._tasks: set[asyncio.Task[None]] = set()  # store writes of hooks, which cannot wait
 
     async def start(self) -> None:
-        self.core.restore(*await self._store.load())
+        targets, queued, gone = await self._store.load()
+        if not self.include_preview:  # turned off since they were queued: none goes out
+            queued = [replace(wake, preview=None) for wake in queued]
+        self.core.restore(targets, queued, gone)
         log.info("push: %d registration(s), %d queued wake-up(s) restored", len(self.core.targets),
                  len(self.core.queue))
         self._loop = self._supervisor.spawn("push", self._round)
 
     # --- DeliveryWatch: what messaging reports (never waits) -----------------------------------
 
-    def staged(self, client_id: str) -> None:
-        self._queued(self.core.staged(client_id, self._now_ms()))
+    def staged(self, client_id: str, preview: str | None = None) -> None:
+        self._queued(self.core.staged(client_id, self._now_ms(), preview if self.include_preview else None))
 
     def delivered(self, client_id: str) -> None:
         self.core.delivered(client_id, self._now_ms())
@@ -141,12 +147,21 @@ class PushService:
             raise OpError(exc.code, exc.detail) from None
         if request.platform not in self.providers:
             raise OpError(ErrorCode.UNSUPPORTED, f"this server does not send {request.platform} pushes")
-        target = PushTarget(request.platform, request.token, caller.client_id)
+        target = PushTarget(request.platform, request.token, caller.client_id, request.preview_key,
+                            request.preview_sig)
         await self._store.register(target, self._now_ms())
         self.core.register(target)
         if self._links.get(caller.client_id) is not None:
             self.core.online(caller.client_id)
         return {"platform": request.platform}
+
+    def preview_key(self, client_id: str) -> dict[str, str] | None:
+        """``{"key", "sig"}``: the device's preview key as it registered it (the key directory hands it
+        to senders, whose SDK checks the signature), or None."""
+        target = self.core.targets.get(client_id)
+        if target is None or target.preview_key is None or target.preview_sig is None:
+            return None
+        return {"key": target.preview_key, "sig": target.preview_sig}
 
     async def _unregister(self, caller: Caller, args: dict[str, Any]) -> Any:
         check_args(args, set())
@@ -202,7 +217,7 @@ class PushService:
             result = PushResult(Outcome.RETRY, detail=f"no {target.platform} provider configured")
         else:
             try:
-                result = await provider.send(target, WakeUp(COLLAPSE_KEY, wake.expires_ms))
+                result = await provider.send(target, WakeUp(COLLAPSE_KEY, wake.expires_ms, wake.preview))
             except Exception as exc:  # a provider must not raise; if it does, it is a retry, and a bug to log
                 log.exception("push provider %s raised", target.platform)
                 result = PushResult(Outcome.RETRY, detail=repr(exc))

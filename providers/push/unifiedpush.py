@@ -4,8 +4,10 @@
 The request: ``POST <endpoint>`` with ``TTL`` (seconds the distributor may keep it), ``Urgency:
 high`` (a chat message; RFC 8030 5.3) and ``Topic`` (the collapse tag: a newer wake-up replaces a
 waiting one, RFC 8030 5.4), and the body every provider's app reads (``common.payload``): a
-wake-up -- never a sender, a body or a group name. Redirects are not followed (the endpoint was
-checked when it was registered, where it redirects to was not).
+wake-up -- never a sender, a body or a group name. The endpoint is a URL a client chose: the
+connection goes only to an address checked when it is made (``common.EndpointGuard``: no
+loopback, private, link-local, ... address, however the name resolves), and redirects are not
+followed (where one points was checked by no one).
 
 Answers: 2xx sent; 404 and 410 gone (the distributor forgot the endpoint: the app was
 uninstalled or registered anew); 429 and 5xx, a timeout or a refused connection: retry, after
@@ -26,8 +28,9 @@ class UnifiedPushProvider:
     platform = "unifiedpush"
 
     def __init__(self, *, verify: bool | str = True, timeout_s: float = common.DEFAULT_TIMEOUT_S,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._client = common.make_client(verify=verify, timeout_s=timeout_s)
+                 clock: Callable[[], float] = time.time, allow_loopback_endpoints: bool = False) -> None:
+        self._client = common.make_client(verify=verify, timeout_s=timeout_s,
+                                          guard=common.EndpointGuard(allow_loopback_endpoints))
         self._clock = clock
 
     async def send(self, target: PushTarget, wake: WakeUp) -> PushResult:
@@ -50,4 +53,5 @@ class UnifiedPushProvider:
 
 
 def from_settings(settings: Mapping[str, Any]) -> UnifiedPushProvider:
-    return UnifiedPushProvider(**common.client_settings(settings))
+    return UnifiedPushProvider(allow_loopback_endpoints=common.loopback_allowed(settings),
+                               **common.client_settings(settings))

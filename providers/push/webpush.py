@@ -120,13 +120,16 @@ class WebPushProvider:
         verify: bool | str = True,
         timeout_s: float = common.DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
+        allow_loopback_endpoints: bool = False,
     ) -> None:
         if not subject.startswith(("mailto:", "https:")):
             raise ValueError("the VAPID subject must be a mailto: or https: URI (RFC 8292 2.1)")
         self._key = load_vapid_key(vapid_private_key_file)
         self.public_key = jws.b64url(public_point(self._key))  # the applicationServerKey browsers need
         self._subject = subject
-        self._client = common.make_client(verify=verify, timeout_s=timeout_s)
+        # The endpoint is a URL a client chose: connections go only to checked addresses.
+        self._client = common.make_client(verify=verify, timeout_s=timeout_s,
+                                          guard=common.EndpointGuard(allow_loopback_endpoints))
         self._clock = clock
         self._jwts: dict[str, tuple[str, float]] = {}  # origin -> (JWT, its exp)
 
@@ -172,5 +175,6 @@ def from_settings(settings: Mapping[str, Any]) -> WebPushProvider:
     return WebPushProvider(
         vapid_private_key_file=common.setting(settings, "vapid_private_key_file", str),
         subject=common.setting(settings, "subject", str),
+        allow_loopback_endpoints=common.loopback_allowed(settings),
         **common.client_settings(settings),
     )

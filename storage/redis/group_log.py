@@ -13,13 +13,16 @@ has the model). Keys, in the group's slot (tag: its id without ``g:``, as storag
   (untagged, spread over the slots like the queues' expiry index)
 
 In each member's slot (storage/redis/queue_scripts.py ``STAGE_GROUP``): ``{prefix}gw:{bob}``, hash
-group id -> the highest gseq staged for bob (the fanner's high-water mark), and the record
+group id -> the highest gseq staged for bob (the fanner's high-water mark), kept while bob is a member and
+``GW_GRACE_MS`` after the entry that ends his membership is staged for him (``{prefix}gwx:{bob}``, sorted set
+group id -> when its mark goes: dropped by a later ``STAGE_GROUP`` for bob, any group's), and the record
 ``{prefix}qm:{bob}:g:Ab3/<gseq>`` whose ``refs`` counts bob's items of that message. The last of
-them acked or expired counts bob off the body (``UNHOLD``, a second call, in the group's slot): a
-node dying in between leaves the body until its TTL, never drops it early.
+them acked counts bob off the body (``UNHOLD``, a second call, in the group's slot), expired with the
+report of its expiry (``EXPIRE_GROUP``, storage/redis/group_receipts.py): a node dying in between
+leaves the body until its TTL, never drops it early.
 
-Receipts (``t:<gseq>``, ``i:<id>``, ``u:<sender>``, ``r:<token>`` in the group's slot): storage/redis/group_receipts.py;
-``POST`` starts tracking a message in the script that posts it.
+Receipts (``t:<gseq>``, ``i:<id>``, ``u:<sender>``, ``r:<token>``, ``xp`` in the group's slot):
+storage/redis/group_receipts.py; ``POST`` starts tracking a message in the script that posts it.
 """
 
 from __future__ import annotations
@@ -30,17 +33,21 @@ from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
-from bridge.cluster.group_store import Completed, GroupPost, LogEntry, Mark, PostStatus
+from bridge.cluster.group_store import Completed, GroupExpiry, GroupPost, LogEntry, Mark, PostStatus
 from bridge.groups.core import Decision, Group
 from bridge.messaging.group_receipts import TrackedRow
 from chatproto import GroupItem
 from storage.redis.client import RETRY_S, RedisStore
 from storage.redis.group_receipts import (
+    EXPIRE_GROUP,
+    EXPIRED_DONE,
     MARK,
     RECEIPTED,
     TRACK,
     TRACKED,
+    UNHOLD_BODY,
     completed,
+    expiry_args,
     mark_args,
     receipted_args,
     tracked_rows,
@@ -53,16 +60,8 @@ BODY_GRACE_MS: Final = 3_600_000  # a body outlives its items' TTL by this: the 
 MAX_DEDUP: Final = 200_000  # dedup marks per group: settings.dedup.max_entries's default
 REPLAY_MARGIN_MS: Final = 10_000  # a ``mark`` reply outlives every retry of its script by this
 
-# Count n member users off a body; deleted at zero. Nothing if it is gone already.
-_UNHOLD = """
-local function unhold(body, n)
-  if redis.call('EXISTS', body) == 1 and redis.call('HINCRBY', body, 'refs', -n) <= 0 then
-    redis.call('DEL', body)
-  end
-end
-"""
 # KEYS: bodies of one group. ARGV: the users to count off each.
-UNHOLD = _UNHOLD + """
+UNHOLD = UNHOLD_BODY + """
 for i, key in ipairs(KEYS) do unhold(key, tonumber(ARGV[i])) end
 return 1
 """
@@ -93,7 +92,7 @@ return {'posted', gseq}
 
 # KEYS: log, lease. ARGV: token, lease ms, upto, body prefix, then a gseq per member user who got no item
 # of it. Returns 1, or 0 (nothing done) if the lease is not the token's.
-FANNED = _UNHOLD + """
+FANNED = UNHOLD_BODY + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 for i = 5, #ARGV do
   if #redis.call('ZRANGE', KEYS[1], ARGV[i], ARGV[i], 'BYSCORE') > 0 then unhold(ARGV[4] .. ARGV[i], 1) end
@@ -132,7 +131,7 @@ class RedisGroupLog(RedisGroupStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         **RedisGroupStore.SCRIPTS, "groups.post": POST, "groups.fanned": FANNED, "groups.release": RELEASE,
         "groups.clear_hint": CLEAR_HINT, "groups.mark": MARK, "groups.tracked": TRACKED,
-        "groups.receipted": RECEIPTED}
+        "groups.receipted": RECEIPTED, "groups.expire": EXPIRE_GROUP, "groups.expired_done": EXPIRED_DONE}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
                  min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
@@ -193,6 +192,25 @@ class RedisGroupLog(RedisGroupStore):
         if done:
             await self.run("groups.receipted", [self._pending_key(group)],
                            [*self._receipt_prefixes(group), *receipted_args(done)])
+
+    def _expiring_key(self, group: str) -> str:
+        return self.key("g", tag_of(group), "xp")
+
+    async def expire(self, group: str, expiries: list[GroupExpiry], token: str) -> list[Completed]:
+        if not expiries:
+            return []
+        keys = [self.key("g", tag_of(group), "r", token), self._expiring_key(group), self._pending_key(group)]
+        args: list[str | int] = [body_key(self, group, ""), *self._receipt_prefixes(group), self._replay_ms,
+                                 *expiry_args(expiries)]
+        return completed(await self.run("groups.expire", keys, args))
+
+    async def expiring(self, group: str) -> list[int]:
+        return sorted(int(gseq) for gseq in await self.command("groups.expiring", "SMEMBERS",
+                                                               self._expiring_key(group)))
+
+    async def expired_done(self, group: str, gseqs: list[int]) -> None:
+        if gseqs:
+            await self.run("groups.expired_done", [self._expiring_key(group)], [body_key(self, group, ""), *gseqs])
 
     async def tracked(self, group: str, msg_id: str) -> list[TrackedRow]:
         tracking, index, _ = self._receipt_prefixes(group)

@@ -14,7 +14,13 @@ beside its log (storage/redis/group_log.py):
   group in cluster mode, as a sender's messages to several groups are in several slots).
 - ``{prefix}g:{Ab3}:p``           set of the gseqs with a pending completion (receipts maybe not staged yet):
   what a sweep reports again.
-- ``{prefix}g:{Ab3}:r:<token>``   a ``MARK`` reply, kept the replay time (storage/redis/queues.py "Retries").
+- ``{prefix}g:{Ab3}:r:<token>``   a ``MARK`` or ``EXPIRE_GROUP`` reply, kept the replay time (storage/redis/queues.py
+  "Retries").
+- ``{prefix}g:{Ab3}:xp``          set of the gseqs *expiring*: a device's item expired unacked, the ``expired``
+  receipt maybe not staged yet (what a sweep reports again). On the message's body (``g:{Ab3}:b:<gseq>``,
+  storage/redis/group_log.py): ``x`` '1' while expiring, '2' once its receipt is staged (later expiries
+  of its items report nothing); ``xd`` / ``xs``: a ``delivered`` / ``seen`` completion that was pending when
+  it expired. An expiring body is kept (its count at 0 or not) until its receipt is staged, or its own expiry.
 
 Times are Redis's (``TIME`` on the group's master): the members' marks of one message come from one clock.
 """
@@ -24,8 +30,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bridge.cluster.group_store import Completed, Mark, MarkKind
+from bridge.cluster.group_store import Completed, GroupExpiry, Mark, MarkKind
 from bridge.messaging.group_receipts import TrackedRow
+from storage.redis.queue_scripts import COMMON
 
 # Part of ``POST`` (storage/redis/group_log.py), after the gseq is taken, with ``now``, ``gseq`` and
 # ``members`` set; ARGV[6] is the message's expiry, ARGV[9] its sender. ARGV[10..15]: msg id, tracking
@@ -79,11 +86,10 @@ local function complete(st, md, ms) return tonumber(md) == 0 and (st ~= '1' or t
 # ``RECEIPTED``, and reported again by any later mark of that message ('r': only that, for a sweep; its
 # receipts may not be staged: their stage tokens make a second staging answer the first).
 # Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1], ...].
-MARK = COMPLETE + """
+MARK = COMMON + COMPLETE + """
 local done = redis.call('GET', KEYS[1])
 if done then return done end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = now_ms()
 local TP = ARGV[1]
 local out, at = {}, {}
 local function mark(gseq, kind, user)
@@ -129,9 +135,7 @@ for i = 5, #ARGV, 3 do
   end
 end
 if #out == 0 then return '[]' end
-local reply = cjson.encode(out)
-redis.call('SET', KEYS[1], reply, 'PX', ARGV[4])
-return reply
+return keep(KEYS[1], out, ARGV[4])
 """
 
 # KEYS: the pending set. ARGV: tracking prefix, index prefix, sender-set prefix, then (gseq, delivered 0/1,
@@ -169,6 +173,73 @@ return out
 """
 
 
+# Count n member users off a body; deleted at zero, but while expiring (its sender is read from it). Nothing
+# if it is gone already.
+UNHOLD_BODY = """
+local function unhold(body, n)
+  if redis.call('EXISTS', body) == 1 and redis.call('HINCRBY', body, 'refs', -n) <= 0
+     and redis.call('HGET', body, 'x') ~= '1' then
+    redis.call('DEL', body)
+  end
+end
+"""
+
+# KEYS: replay, the expiring set, the pending set. ARGV: body prefix, tracking prefix, index prefix, sender-set
+# prefix, replay ms, then (gseq, users to count off) per expired item. The first expiry of a message starts it
+# expiring and forgets its tracking (a pending completion kept on the body); each expiring message is answered
+# once.
+# Returns JSON [[gseq, sender, msg id, delivered 0/1, seen 0/1, 1], ...].
+EXPIRE_GROUP = COMMON + UNHOLD_BODY + """
+local done = redis.call('GET', KEYS[1])
+if done then return done end
+local out, answered = {}, {}
+for i = 6, #ARGV, 2 do
+  local gseq, body = ARGV[i], ARGV[1] .. ARGV[i]
+  local x = redis.call('HGET', body, 'x')
+  if not x and redis.call('EXISTS', body) == 1 then
+    x = '1'
+    redis.call('HSET', body, 'x', '1')
+    redis.call('SADD', KEYS[2], gseq)
+    local key = ARGV[2] .. gseq
+    local from, id, pd, ps = unpack(redis.call('HMGET', key, 'from', 'id', 'pd', 'ps'))
+    if from then  -- still tracked (clocks apart): forgotten now, so that no mark completes it after this
+      if pd then redis.call('HSET', body, 'xd', '1') end
+      if ps then redis.call('HSET', body, 'xs', '1') end
+      redis.call('DEL', key)
+      redis.call('SREM', ARGV[3] .. id, gseq)
+      redis.call('ZREM', ARGV[4] .. from, gseq)
+      redis.call('SREM', KEYS[3], gseq)
+    end
+  end
+  if ARGV[i + 1] ~= '0' then unhold(body, tonumber(ARGV[i + 1])) end
+  if x == '1' and not answered[gseq] then
+    answered[gseq] = true
+    local wire = cjson.decode(redis.call('HGET', body, 'wire'))
+    local xd, xs = unpack(redis.call('HMGET', body, 'xd', 'xs'))
+    table.insert(out, {tonumber(gseq), wire['from'], wire['id'], xd and 1 or 0, xs and 1 or 0, 1})
+  elseif x ~= '1' then
+    redis.call('SREM', KEYS[2], gseq)  -- its receipt is staged, or the body is gone (past its own expiry)
+  end
+end
+if #out == 0 then return '[]' end
+return keep(KEYS[1], out, ARGV[5])
+"""
+
+# KEYS: the expiring set. ARGV: body prefix, then the gseqs whose ``expired`` receipt is staged.
+EXPIRED_DONE = """
+for i = 2, #ARGV do
+  local body = ARGV[1] .. ARGV[i]
+  if redis.call('HGET', body, 'x') == '1' then
+    redis.call('HSET', body, 'x', '2')
+    redis.call('HDEL', body, 'xd', 'xs')
+    if tonumber(redis.call('HGET', body, 'refs') or '0') <= 0 then redis.call('DEL', body) end
+  end
+  redis.call('SREM', KEYS[1], ARGV[i])
+end
+return 1
+"""
+
+
 def mark_args(marks: list[Mark]) -> list[str | int]:
     args: list[str | int] = []
     for mark in marks:
@@ -183,9 +254,17 @@ def receipted_args(done: list[Completed]) -> list[str | int]:
     return args
 
 
+def expiry_args(expiries: list[GroupExpiry]) -> list[str | int]:
+    args: list[str | int] = []
+    for expiry in expiries:
+        args += [expiry.gseq, int(expiry.released)]
+    return args
+
+
 def completed(reply: str) -> list[Completed]:
-    return [Completed(int(gseq), str(sender), str(msg_id), bool(delivered), bool(seen))
-            for gseq, sender, msg_id, delivered, seen in json.loads(reply)]
+    """``MARK``'s or ``EXPIRE_GROUP``'s reply (the latter's rows end with ``expired``)."""
+    return [Completed(int(gseq), str(sender), str(msg_id), bool(delivered), bool(seen), bool(expired and expired[0]))
+            for gseq, sender, msg_id, delivered, seen, *expired in json.loads(reply)]
 
 
 def tracked_rows(group: str, rows: list[Any]) -> list[TrackedRow]:

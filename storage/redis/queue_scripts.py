@@ -8,6 +8,11 @@ from typing import Final
 from bridge.cluster.store import SEQ_STRIDE
 
 DEDUP_TRIM: Final = 64  # dedup marks dropped at most per write (expired, or beyond the bound)
+GW_GRACE_MS: Final = 3_600_000
+"""A user's high-water mark of a group they left is kept this long (``STAGE_GROUP``): a fanout that staged
+the group's old entries for them and died before dropping them from the log is run again within seconds
+(the lease), and must find the mark, or the user would get those entries again (and, rejoined, below
+newer ones). An hour covers a group's master failing over many times in between."""
 
 # Shared by the scripts below. An item's ref ("<sender>/<id>" or "") is its third JSON field; ids
 # are [A-Za-z0-9_-] (chatproto/ids.py), so a pattern finds it without decoding the payload.
@@ -215,7 +220,8 @@ return keep(replay, reply, ARGV[2])
 """
 
 # KEYS: queue, expiry, replay. ARGV: now_ms, record prefix, replay ms.
-# Returns JSON [items dropped, earliest expiry left or false, ref, recipient, ...] ('~' group ref, '': released).
+# Returns JSON [items dropped, earliest expiry left or false, ref, recipient, ...]; a group message's item:
+# '!' group ref, '1' if it was its user's last item of it (the group's slot counts the user off), else '0'.
 EXPIRE = COMMON + """
 local done = redis.call('GET', KEYS[3])
 if done then return done end
@@ -230,7 +236,8 @@ for _, seq in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', ARGV[1], 'BYSCORE')) 
       redis.call('HSET', record, 'expired', '1')
       table.insert(reply, ref); table.insert(reply, to)
     end
-    if release(record) and group_ref(ref) then table.insert(reply, '~' .. ref); table.insert(reply, '') end
+    local last = release(record)
+    if group_ref(ref) then table.insert(reply, '!' .. ref); table.insert(reply, last and '1' or '0') end
   end
 end
 reply[2] = earliest(KEYS[2])
@@ -238,9 +245,12 @@ if #reply == 2 then return cjson.encode(reply) end
 return keep(KEYS[3], reply, ARGV[3])
 """
 
-# ``stage_group``. KEYS: the user's devices (users store), qs, the user's group high-water marks. ARGV:
-# queue prefix, expiry prefix, record prefix, group id, max_queue, then per entry (in gseq order): gseq,
-# expires_ms, payload JSON, the device left out ('' none), 'm' (a message) or 'e'.
+# ``stage_group``. KEYS: the user's devices (users store), qs, the user's group high-water marks, their
+# drop times. ARGV: queue prefix, expiry prefix, record prefix, group id, max_queue, grace ms (GW_GRACE_MS),
+# then per entry (in gseq order): gseq, expires_ms, payload JSON, the device left out ('' none), 'm' (a
+# message), 'r' (the event that ends the user's membership) or 'e'. The mark of a group the user left is
+# dropped the grace after (unless an entry of it is staged for the user again first), by this script run
+# for the user then or later.
 # Returns {{device, seq, ...}, {gseq of a message this user got no item of, ...}, devices skipped (full),
 # {the user's devices, if an entry was staged before (a second fanout: the first may have woken nobody)}}.
 STAGE_GROUP = COMMON + """
@@ -248,12 +258,13 @@ local devices = redis.call('HKEYS', KEYS[1])
 if #devices == 0 then devices = {'*'} end
 table.sort(devices)
 local hwm = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
-local staged, unheld, skipped, again = {}, {}, 0, {}
-for i = 6, #ARGV, 5 do
+local staged, unheld, skipped, again, left = {}, {}, 0, {}, nil
+for i = 7, #ARGV, 5 do
   local gseq = tonumber(ARGV[i])
   if gseq <= hwm then again = devices
   else
     hwm = gseq
+    left = ARGV[i + 4] == 'r'
     local ref = ''
     if ARGV[i + 4] == 'm' then ref = ARGV[4] .. '/' .. ARGV[i] end
     local n = 0
@@ -277,6 +288,14 @@ for i = 6, #ARGV, 5 do
   end
 end
 redis.call('HSET', KEYS[3], ARGV[4], hwm)
+local now = now_ms()
+if left then redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[4])
+elseif left == false then redis.call('ZREM', KEYS[4], ARGV[4]) end  -- a member again
+local old = redis.call('ZRANGE', KEYS[4], '-inf', now, 'BYSCORE', 'LIMIT', 0, TRIM)
+if #old > 0 then
+  redis.call('HDEL', KEYS[3], unpack(old))
+  redis.call('ZREM', KEYS[4], unpack(old))
+end
 return {staged, unheld, skipped, again}
 """
 

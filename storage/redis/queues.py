@@ -71,7 +71,7 @@ from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
-from bridge.cluster.group_store import GroupAck, GroupFan, LogEntry
+from bridge.cluster.group_store import GroupAck, GroupExpiry, GroupFan, LogEntry, ends_membership
 from bridge.cluster.store import (
     SEQ_STRIDE,
     MessageEntry,
@@ -93,6 +93,7 @@ from storage.redis.queue_scripts import (
     ADOPT,
     ALLOW,
     EXPIRE,
+    GW_GRACE_MS,
     IMPORT_DEDUP,
     MARK_DELIVERED,
     READ,
@@ -215,9 +216,11 @@ class RedisQueueStore(RedisStore):
         "queues.unhold": UNHOLD, "queues.group_bodies": BODIES}
 
     def __init__(self, client: RedisCluster, prefix: str = "", retry_s: float = RETRY_S, *,
-                 min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP) -> None:
+                 min_replicas_ack: int = 0, wait_timeout_ms: int = 1000, max_dedup: int = MAX_DEDUP,
+                 gw_grace_ms: int = GW_GRACE_MS) -> None:
         super().__init__(client, prefix, retry_s)
         self._max_dedup = max_dedup  # settings.dedup.max_entries: dedup marks kept per recipient user
+        self._gw_grace_ms = gw_grace_ms  # a left group's high-water mark is kept this long (STAGE_GROUP)
         # cluster.min_replicas_ack: a stage is answered once that many replicas hold it (Redis WAIT).
         # Every stage writes (its reply key, even a duplicate's), so the WAIT after a duplicate
         # also covers the first stage of that message, which a failed WAIT may have left unconfirmed.
@@ -388,13 +391,13 @@ class RedisQueueStore(RedisStore):
         if not entries:
             return GroupFan((), (), 0, ())
         args: list[str | int] = [self.key("q", user, ""), self.key("qe", user, ""), self._records(user),
-                                 entries[0].group, max_queue]
+                                 entries[0].group, max_queue, self._gw_grace_ms]
         for entry in entries:
             origin_user, origin_device = split_client(entry.origin)
             payload = "null" if entry.event is None else json.dumps(entry.event.encode().decode())
-            args += [entry.gseq, entry.expires_ms, payload, origin_device if origin_user == user else "",
-                     "e" if entry.event is not None else "m"]
-        keys = [devices_key(self, user), self.key("qs", user), self.key("gw", user)]
+            kind = "m" if entry.event is None else "r" if ends_membership(entry.event, user) else "e"
+            args += [entry.gseq, entry.expires_ms, payload, origin_device if origin_user == user else "", kind]
+        keys = [devices_key(self, user), self.key("qs", user), self.key("gw", user), self.key("gwx", user)]
         # Replicated like a stage: the fanner drops the entries from the group's log after this.
         staged, unheld, skipped, again = await self.run_replicated("queues.stage_group", keys, args,
                                                                    self._replicas, self._wait_ms)
@@ -454,8 +457,8 @@ class RedisQueueStore(RedisStore):
         if first is not False:
             await self._hint(client_id, int(float(first)))
         pairs = list(zip(flat[::2], flat[1::2], strict=True))
-        self._unhold([ref[1:] for ref, _ in pairs if ref.startswith("~")])
-        return Swept([message_ref(ref, to) for ref, to in pairs if not ref.startswith("~")], int(dropped))
+        return Swept([message_ref(ref, to) for ref, to in pairs if not ref.startswith("!")], int(dropped),
+                     [GroupExpiry(*group_gseq(ref[1:]), last == "1") for ref, last in pairs if ref.startswith("!")])
 
     async def due(self, now_ms: int, limit: int) -> list[str]:
         found: dict[str, None] = {}  # in order, once each

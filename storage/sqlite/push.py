@@ -32,6 +32,13 @@ MIGRATIONS = (
         attempts    INTEGER NOT NULL
     ) WITHOUT ROWID
     """,
+    # Push previews (docs/PROTOCOL.md section 12): the device's preview key and its signature, and the
+    # encrypted preview a queued wake-up carries (only with push.include_preview; NULL otherwise).
+    """
+    ALTER TABLE registrations ADD COLUMN preview_key TEXT;
+    ALTER TABLE registrations ADD COLUMN preview_sig TEXT;
+    ALTER TABLE wakes ADD COLUMN preview TEXT
+    """,
 )
 
 
@@ -42,8 +49,9 @@ class SqlitePushStore(SqliteFile):
     async def register(self, target: PushTarget, now_ms: int) -> None:
         async with transaction(self._db, "push.register"):
             await self._db.execute(
-                "INSERT OR REPLACE INTO registrations (client_id, platform, token, created_ms) VALUES (?, ?, ?, ?)",
-                (target.client_id, target.platform, target.token, now_ms))
+                "INSERT OR REPLACE INTO registrations (client_id, platform, token, created_ms, preview_key, "
+                "preview_sig) VALUES (?, ?, ?, ?, ?, ?)",
+                (target.client_id, target.platform, target.token, now_ms, target.preview_key, target.preview_sig))
             await self._db.execute("DELETE FROM gone WHERE client_id = ?", (target.client_id,))
 
     async def unregister(self, client_id: str) -> bool:
@@ -66,8 +74,9 @@ class SqlitePushStore(SqliteFile):
     async def save_wakes(self, wakes: list[QueuedWake]) -> None:
         async with transaction(self._db, "push.queue"):
             await self._db.executemany(
-                "INSERT OR REPLACE INTO wakes (client_id, due_ms, expires_ms, attempts) VALUES (?, ?, ?, ?)",
-                [(w.client_id, w.due_ms, w.expires_ms, w.attempts) for w in wakes])
+                "INSERT OR REPLACE INTO wakes (client_id, due_ms, expires_ms, attempts, preview) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(w.client_id, w.due_ms, w.expires_ms, w.attempts, w.preview) for w in wakes])
 
     async def delete_wakes(self, client_ids: list[str]) -> None:
         async with transaction(self._db, "push.dequeue"):
@@ -75,11 +84,17 @@ class SqlitePushStore(SqliteFile):
 
     async def load(self) -> tuple[list[PushTarget], list[QueuedWake], list[str]]:
         try:
-            targets = [PushTarget(str(r[1]), str(r[2]), str(r[0])) for r in await self._fetchall(
-                "SELECT client_id, platform, token FROM registrations", ())]
-            wakes = [QueuedWake(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in await self._fetchall(
-                "SELECT client_id, due_ms, expires_ms, attempts FROM wakes", ())]
+            targets = [PushTarget(str(r[1]), str(r[2]), str(r[0]), _text(r[3]), _text(r[4]))
+                       for r in await self._fetchall(
+                           "SELECT client_id, platform, token, preview_key, preview_sig FROM registrations", ())]
+            wakes = [QueuedWake(str(r[0]), int(r[1]), int(r[2]), int(r[3]), _text(r[4]))
+                     for r in await self._fetchall(
+                         "SELECT client_id, due_ms, expires_ms, attempts, preview FROM wakes", ())]
             gone = [str(r[0]) for r in await self._fetchall("SELECT client_id FROM gone", ())]
         except aiosqlite.Error as exc:
             raise StoreError(f"cannot read {PUSH_DB}: {exc}") from exc
         return targets, wakes, gone
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)

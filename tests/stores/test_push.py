@@ -5,12 +5,15 @@ SQLite only: push runs on one process (no Redis push store yet)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from bridge.push.core import QueuedWake
 from bridge.push.provider import PushTarget
 from bridge.push.store import PushStore
+from storage.sqlite.db import open_database
+from storage.sqlite.push import MIGRATIONS, PUSH_DB, SqlitePushStore
 from tests.stores.backends import SQLITE_ONLY, Backend
 
 STORE_BACKENDS = SQLITE_ONLY
@@ -88,3 +91,32 @@ async def test_everything_is_kept_across_a_restart(backend: Backend) -> None:
         assert await loaded(again) == ([PHONE], [QueuedWake("bob.phone", 5, 10, 2)], ["bob.tablet"])
     finally:
         await again.close()
+
+
+async def test_preview_keys_and_a_wake_up_s_preview_are_kept(backend: Backend) -> None:
+    keyed = PushTarget("fcm", "tok:2", "bob.laptop", "k" * 43, "s" * 86)
+    first = await backend.push()
+    try:
+        await first.register(keyed, 1)
+        await first.save_wakes([QueuedWake("bob.laptop", 5, 10, preview="c2VhbGVk")])
+    finally:
+        await first.close()
+    again = await backend.push()
+    try:
+        assert await loaded(again) == ([keyed], [QueuedWake("bob.laptop", 5, 10, preview="c2VhbGVk")], [])
+    finally:
+        await again.close()
+
+
+async def test_a_push_db_of_schema_1_is_upgraded_in_place(tmp_path: Path) -> None:
+    """The previews migration only adds columns: what an older broker wrote loads without them."""
+    db = await open_database(tmp_path / PUSH_DB, MIGRATIONS[:1])
+    await db.execute("INSERT INTO registrations VALUES ('bob.phone', 'unifiedpush', 'https://ntfy.example/up1', 1)")
+    await db.execute("INSERT INTO wakes VALUES ('bob.phone', 5, 10, 2)")
+    await db.commit()
+    await db.close()
+    store = await SqlitePushStore.open(tmp_path)
+    try:
+        assert await loaded(store) == ([PHONE], [QueuedWake("bob.phone", 5, 10, 2)], [])
+    finally:
+        await store.close()

@@ -1,5 +1,5 @@
-"""The task-free chat downlink (broker/downlink.py) writes the same bytes amqtt would,
-and never reuses a packet id that is still in flight on either path."""
+"""The task-free chat downlink (broker/downlink.py; the bytes by broker/mqtt/encoding.py) writes the same bytes
+amqtt would, and never reuses a packet id that is still in flight on either path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import asyncio
 import pytest
 from amqtt.mqtt.publish import PublishPacket
 
-from broker.downlink import DownlinkWriter, PacketIds, encode_publish, remaining_length
+from broker.downlink import DownlinkWriter, PacketIds
+from broker.mqtt.encoding import encode_publish, remaining_length
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])

@@ -167,3 +167,28 @@ def test_due_wake_ups_go_earliest_first_and_at_most_limit_at_once() -> None:
     c.online("u5.d")  # its entry is skipped when it comes up
     assert [w.client_id for w, _ in c.take_due(1_000, 100)] == ["u4.d", "u3.d", "u2.d", "u1.d", "u0.d"]
     assert c.next_due_ms() is None
+
+
+def test_rule8_a_queued_wake_up_carries_the_newest_preview_until_it_is_being_sent() -> None:
+    c = core()
+    assert c.staged("bob.phone", 0, "p1") == QueuedWake("bob.phone", 0, 600_000, preview="p1")
+    assert c.staged("bob.phone", 1, "p2") == QueuedWake("bob.phone", 0, 600_000, preview="p2")  # rewritten
+    assert c.staged("bob.phone", 2, None) is None  # a message without one leaves it
+    [(wake, target)] = c.take_due(10, 100)
+    assert wake.preview == "p2"
+    assert c.staged("bob.phone", 11, "p3") is None  # in flight: not changed under the provider
+    assert c.settle(wake, target, RETRY, 12) is Settled.RETRY
+    assert c.queue["bob.phone"].preview == "p3"  # the retry takes the newest
+
+
+def test_rule8_a_later_wake_up_takes_the_newest_preview_since_the_last_ack() -> None:
+    c = core()
+    c.online("bob.phone")
+    c.staged("bob.phone", 0, "old")
+    c.acked("bob.phone")  # fetched: that preview is history
+    c.delivered("bob.phone", 1)
+    assert c.overdue(10_000)[0].preview is None
+    c.online("bob.phone")
+    c.staged("bob.phone", 20_000, "new")
+    c.delivered("bob.phone", 20_000)
+    assert [w.preview for w in c.overdue(30_000)] == ["new"]  # rule 2's wake-up carries it

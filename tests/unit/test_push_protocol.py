@@ -68,6 +68,16 @@ def test_apns_token_is_kept_lower_case() -> None:
     {"platform": "unifiedpush", "endpoint": "https://10.0.0.1/up"},
     {"platform": "unifiedpush", "endpoint": "https://169.254.169.254/latest"},
     {"platform": "unifiedpush", "endpoint": "https://0.0.0.0/up"},
+    {"platform": "unifiedpush", "endpoint": "https://[::ffff:127.0.0.1]/up"},
+    {"platform": "unifiedpush", "endpoint": "https://[::ffff:192.168.0.1]/up"},
+    {"platform": "unifiedpush", "endpoint": "https://[64:ff9b::a9fe:a9fe]/up"},
+    {"platform": "unifiedpush", "endpoint": "https://[2002:a00:1::]/up"},
+    {"platform": "unifiedpush", "endpoint": "https://[fe80::1]/up"},
+    {"platform": "unifiedpush", "endpoint": "https://[ff02::1]/up"},
+    {"platform": "unifiedpush", "endpoint": "https://100.64.0.1/up"},
+    {"platform": "unifiedpush", "endpoint": "https://224.0.0.1/up"},
+    {"platform": "unifiedpush", "endpoint": "https://240.0.0.1/up"},
+    {"platform": "webpush", "subscription": {**SUB, "endpoint": "https://10.0.0.1/push"}},
     {"platform": "unifiedpush", "endpoint": 5},
 ])
 def test_bad_registrations_are_refused(args: dict[str, Any]) -> None:
@@ -79,6 +89,8 @@ def test_bad_registrations_are_refused(args: dict[str, Any]) -> None:
 def test_loopback_only_when_allowed_and_then_http_too() -> None:
     args = {"platform": "unifiedpush", "endpoint": "http://127.0.0.1:8080/up"}
     assert PushRegister.from_args(args, allow_loopback=True).token == args["endpoint"]
+    mapped = {"platform": "unifiedpush", "endpoint": "http://[::ffff:127.0.0.1]:8080/up"}
+    assert PushRegister.from_args(mapped, allow_loopback=True).token == mapped["endpoint"]
     with pytest.raises(DecodeError):
         PushRegister.from_args({"platform": "unifiedpush", "endpoint": "http://10.0.0.1/up"}, allow_loopback=True)
 

@@ -70,9 +70,15 @@ def test_a_module_without_from_settings_is_named(monkeypatch: pytest.MonkeyPatch
         build_providers(settings)
 
 
-def test_include_preview_is_refused_until_clients_can_send_one() -> None:
-    with pytest.raises(ConfigError, match="include_preview"):
-        push_settings(include_preview=True)
+def test_include_preview_is_taken_and_only_client_chosen_urls_get_the_loopback_setting() -> None:
+    settings = push_settings(include_preview=True, allow_loopback_endpoints=True, unifiedpush={}, webpush={
+        "vapid_private_key_file": "/v.pem", "subject": "mailto:a@b"}, fcm={"project_id": "p",
+                                                                           "service_account_file": "/sa.json"})
+    assert settings.include_preview
+    platforms = settings.platforms()
+    assert platforms["unifiedpush"]["allow_loopback_endpoints"] is True
+    assert platforms["webpush"]["allow_loopback_endpoints"] is True
+    assert "allow_loopback_endpoints" not in platforms["fcm"]  # the operator's own URL
 
 
 def test_push_is_refused_in_cluster_mode() -> None:
