@@ -360,3 +360,24 @@ def test_a_media_message_that_arrived_unencrypted_is_refused(clients: Callable[.
     with pytest.raises(MediaError) as refused:
         bob.client.download_media(plain, tmp_path / "x")
     assert refused.value.code == "encryption_required"
+
+
+def test_an_upload_cut_three_times_still_arrives_whole(media: tuple[BrokerThread, TcpProxy],
+                                                      clients: Callable[..., Collector], tmp_path: Path) -> None:
+    _, proxy = media
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "clip.bin"
+    want = big_file(source, 20 * MiB + 123)
+    total = ciphertext_size(20 * MiB + 123)
+    cuts = [CutOnce(proxy, total * k // 4) for k in (1, 2, 3)]
+
+    def progress(done: int, size: int) -> None:
+        for cut in cuts:
+            cut(done, size)
+
+    with LogWatch("client_sdk.media", "network: PATCH") as cut_log:
+        alice.client.send_media("bob", source, progress=progress)
+    assert cut_log.count >= 3
+    dest = tmp_path / "got.bin"
+    bob.client.download_media(media_message(bob), dest)
+    assert file_sha(dest) == want
