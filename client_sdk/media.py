@@ -193,8 +193,10 @@ def download(http: MediaHTTP, body: MediaBody, dest: Path, progress: Progress | 
         part.unlink()
         raise MediaError("digest_mismatch", f"the downloaded blob's SHA-256 is {digest}, the message says "
                          f"{body.sha256}: the stored blob is not the sender's (downloaded again next time)")
-    _decrypt_into(body, part, dest)
-    part.unlink()
+    try:
+        _decrypt_into(body, part, dest)
+    finally:  # a ciphertext that does not open with this key never will: no stray file
+        part.unlink()
     with contextlib.suppress(MediaError):  # the blob then stays until media.ttl_days
         retrying(lambda: http.call("POST", f"{body.url}/fetched"), Backoff(), stop)
 

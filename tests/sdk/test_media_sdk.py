@@ -23,7 +23,7 @@ import pytest
 from client_sdk import AsyncClient, Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
 from client_sdk.aio import _in_thread
 from client_sdk.events import Message
-from client_sdk.mediabody import parse_media_body
+from client_sdk.mediabody import MAX_THUMBNAIL_BYTES, parse_media_body
 from client_sdk.mediacrypto import MediaKey, ciphertext_size
 from testkit.https_server import make_tls
 from testkit.proxy import TcpProxy
@@ -196,6 +196,10 @@ def test_refusals(media: tuple[BrokerThread, TcpProxy], clients: Callable[..., C
         alice.client.send_media("no body", source)
     with pytest.raises(MediaBodyError, match="thumbnail"):
         alice.client.send_media("bob", source, thumbnail=b"x" * 100_000)
+    # The largest thumbnail and a long name that JSON escapes still fit an encrypted message.
+    alice.client.send_media("bob", source, name="é" * 255, thumbnail=b"\xff" * MAX_THUMBNAIL_BYTES)
+    largest = parse_media_body(media_message(bob).body)
+    assert (largest.thumbnail, largest.name) == (b"\xff" * MAX_THUMBNAIL_BYTES, "é" * 255)
     alice.client.send_media("bob", source)
     message = media_message(bob)
     # A hostile sender's body: a link that is not the digest's, a wrong key.
@@ -205,7 +209,7 @@ def test_refusals(media: tuple[BrokerThread, TcpProxy], clients: Callable[..., C
     other_key = MediaBody(sent.url, MediaKey.random(), sent.sha256, sent.size, sent.mime, sent.name)
     with pytest.raises(MediaCryptoError):
         bob.client.download_media(other_key, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*")), "no stray file"
     assert bob.client.download_media(message, tmp_path / "a.txt.copy").size == 5
     assert (tmp_path / "a.txt.copy").read_bytes() == b"hello"
 
