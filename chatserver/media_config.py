@@ -29,6 +29,12 @@ class S3Settings(_Section):
     """A file holding the secret key (read at start, never logged)."""
     prefix: str = ""
     """Put before every object key (``blobs/<sha256>``), e.g. ``chat/``."""
+    verify: bool | str = True
+    """TLS verification of ``endpoint_url``: true (the system's CAs), false, or a CA bundle's path."""
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    """``path`` for a server reached by host name without virtual-host buckets (most MinIO set-ups)."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Connect and read timeout of one S3 request (botocore retries it up to 3 times)."""
 
     @model_validator(mode="after")
     def _check(self) -> S3Settings:

@@ -2,7 +2,8 @@
 ``AsyncClient`` (asyncio). Depends on paho-mqtt, vodozemac (end-to-end
 encryption, on by default) and cryptography (the local store sealed at rest).
 
-``ClientOptions`` holds a client's settings (also accepted as keywords).
+``ClientOptions`` holds a client's settings (also accepted as keywords). Files go with
+``send_media``/``download_media`` (encrypted here, uploaded over HTTP: docs/SDK.md, *Media*).
 ``chatproto`` is the wire contract shared with the server; see docs/SDK.md for
 the guide and docs/PROTOCOL.md for the wire format.
 """
@@ -34,6 +35,9 @@ from client_sdk.events import (
     Undecryptable,
 )
 from client_sdk.groups import GroupInfo, GroupReceiptInfo, GroupSummary, MemberReceipt
+from client_sdk.mediabody import MediaBody, MediaBodyError
+from client_sdk.mediacrypto import MediaCryptoError
+from client_sdk.mediahttp import MediaError
 from client_sdk.options import ClientOptions
 from client_sdk.presence import Privacy
 from client_sdk.preview import PushPreview
@@ -56,6 +60,10 @@ __all__ = [
     "GroupSummary",
     "IdentifierRejected",
     "IdentityChanged",
+    "MediaBody",
+    "MediaBodyError",
+    "MediaCryptoError",
+    "MediaError",
     "MemberReceipt",
     "Message",
     "NotConnected",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
@@ -28,7 +29,7 @@ from typing import Any, TypeVar, Unpack, cast
 from chatproto import OP_DEVICES_REMOVE, OP_PUSH_PENDING, OP_PUSH_REGISTER, OP_PUSH_UNREGISTER, ResItem
 from client_sdk.engine import Engine, EngineFront, result_of
 from client_sdk.errors import ConnectTimeout, RequestTimeout
-from client_sdk.events import Event, Presence
+from client_sdk.events import Event, Message, Presence
 from client_sdk.groups import (
     GroupInfo,
     GroupReceiptInfo,
@@ -42,6 +43,9 @@ from client_sdk.groups import (
     receipts_steps,
     rename_steps,
 )
+from client_sdk.media import Progress
+from client_sdk.mediabody import MediaBody
+from client_sdk.mediaclient import MediaFile, download_media, send_media
 from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
     Privacy,
@@ -58,6 +62,17 @@ from client_sdk.push import FETCH_POLL_S, items_left, register_args
 
 T = TypeVar("T")
 _Entry = tuple[Event, threading.Event] | None
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args, stop)`` in a thread of its own (a transfer must not hold up the client's
+    one worker); a cancel sets ``stop``, which the transfer checks between pieces."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(function, *args, stop)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
 
 
 def _settle(future: asyncio.Future[T], value: T) -> None:
@@ -170,6 +185,19 @@ class AsyncClient(EngineFront):
 
     async def heartbeat(self, away: bool = False) -> None:
         self._engine.heartbeat(away)
+
+    # --- media (see Client) ------------------------------------------------------------
+
+    async def send_media(self, to: str, file: MediaFile, mime: str | None = None, name: str | None = None,
+                         thumbnail: bytes | None = None, progress: Progress | None = None) -> str:
+        """Encrypt, upload and send ``file`` to ``to`` (see ``Client.send_media``), in a thread of its
+        own; ``progress`` is called in that thread. Cancelling stops the transfer."""
+        return await _in_thread(send_media, self._engine, to, file, mime, name, thumbnail, progress)
+
+    async def download_media(self, message_or_body: Message | MediaBody | str, dest: str | os.PathLike[str],
+                             progress: Progress | None = None) -> MediaBody:
+        """Download, verify and decrypt a media message's file into ``dest`` (see ``Client.download_media``)."""
+        return await _in_thread(download_media, self._engine, message_or_body, dest, progress)
 
     # --- presence (see Client for the details) -------------------------------------
 

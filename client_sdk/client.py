@@ -11,6 +11,7 @@ over (one bad message must not block the rest).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,9 @@ from client_sdk.groups import (
     receipts_steps,
     rename_steps,
 )
+from client_sdk.media import Progress
+from client_sdk.mediabody import MediaBody
+from client_sdk.mediaclient import MediaFile, download_media, send_media
 from client_sdk.options import ClientOptions, ClientSettings
 from client_sdk.presence import (
     Privacy,
@@ -157,6 +161,30 @@ class Client(EngineFront):
     def mark_seen(self, peer: str, ids: list[str]) -> None:
         """Tell ``peer`` that these messages from them were displayed."""
         self._engine.mark_seen(peer, list(ids))
+
+    # --- media (docs/SDK.md, "Media") ------------------------------------------------
+
+    def send_media(self, to: str, file: MediaFile, mime: str | None = None, name: str | None = None,
+                   thumbnail: bytes | None = None, progress: Progress | None = None) -> str:
+        """Encrypt ``file`` (a path or a seekable binary file) with a new key, upload the ciphertext
+        to ``media_url`` (streamed; resumed after cuts) and send the key and link to ``to`` in an
+        end-to-end encrypted ``type="media"`` message, whose id is returned. Blocks until uploaded.
+
+        ``progress(done, total)`` gets ciphertext bytes sent; an exception from it aborts. Raises
+        ``MediaError`` (``.code``: ``encryption_required``, ``not_configured``, ``too_large``,
+        ``quota_exceeded``, ``not_member``, ``network`` after the retries, ...), ``ValueError``.
+        """
+        return send_media(self._engine, to, file, mime, name, thumbnail, progress)
+
+    def download_media(self, message_or_body: Message | MediaBody | str, dest: str | os.PathLike[str],
+                       progress: Progress | None = None) -> MediaBody:
+        """Download the file of a media ``Message`` (or its body) into ``dest``: resumed after
+        cuts (a ``.part`` file beside ``dest``), SHA-256 checked, decrypted into a temporary file
+        renamed to ``dest``; then the server is told this device has it. Returns the parsed body
+        (``mime``, ``name``, ``size``, ``thumbnail``). Raises ``MediaBodyError`` for a malformed
+        body, ``MediaError`` (``not_found``, ``gone``, ``digest_mismatch``, ...), ``MediaCryptoError``.
+        """
+        return download_media(self._engine, message_or_body, dest, progress)
 
     def heartbeat(self, away: bool = False) -> None:
         """Say the app is in the foreground (call at least every 30 s) or went ``away``; dropped while offline."""

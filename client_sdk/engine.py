@@ -137,6 +137,7 @@ class Engine:
         device, store = options.device, options.store
         validate_identity(user, device)
         self.user, self.device = user, device
+        self.options = options
         self.cid = client_id(user, device)
         self.store = LocalStore(store, user, device)
         try:

@@ -14,7 +14,10 @@
     ├── NotConnected              request() before connect() was ever called
     ├── ClientClosed              the client was closed (before or during the call)
     ├── StoreError                the local store cannot be used
-    └── UnknownDevice             no published keys for that device (fingerprints, safety numbers)
+    ├── UnknownDevice             no published keys for that device (fingerprints, safety numbers)
+    ├── MediaError                a media transfer failed or was refused (client_sdk.mediahttp)
+    ├── MediaBodyError            a media message's body is malformed (client_sdk.mediabody)
+    └── MediaCryptoError          a media file does not decrypt (client_sdk.mediacrypto)
 
 Foreign errors (``OSError``, ``sqlite3.Error``) are mapped at the boundary with
 ``raise ... from exc``, so the original stays available as ``__cause__``.

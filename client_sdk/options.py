@@ -13,6 +13,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Final, Literal, TypedDict
+from urllib.parse import urlsplit
 
 from client_sdk.presence import DEFAULT_HEARTBEAT_INTERVAL_S
 
@@ -53,12 +54,22 @@ class ClientOptions:
     ``<store>.key`` beside the store file."""
     hold_retry: tuple[float, float] = (2.0, 120.0)
     """(first, longest) wait between checks whether a recipient without keys has a device now."""
+    media_url: str | None = None
+    """The server's media endpoint, ``http(s)://host:port`` (its ``media.bind``); None: no media."""
+    media_tls: ssl.SSLContext | None = None
+    """Verifies an ``https`` media endpoint (None: the system's CAs), like ``tls`` for MQTT."""
+    media_timeout: float = 30.0
+    """Seconds a media request may wait for the server before it counts as cut (and is retried)."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be positive")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
+        if self.media_url is not None and urlsplit(self.media_url).scheme not in ("http", "https"):
+            raise ValueError(f"media_url must start http:// or https://, not {self.media_url!r}")
+        if self.media_timeout <= 0:
+            raise ValueError("media_timeout must be positive")
         for name in ("reconnect_delay", "hold_retry"):
             first, longest = getattr(self, name)
             if not 0 < first <= longest:
@@ -91,3 +102,6 @@ class ClientSettings(TypedDict, total=False):
     encryption: bool
     store_secret: str | bytes | None
     hold_retry: tuple[float, float]
+    media_url: str | None
+    media_tls: ssl.SSLContext | None
+    media_timeout: float

@@ -9,6 +9,7 @@ import pytest
 
 from testkit.packets import RawClient
 from testkit.redis_cluster import RedisCluster
+from testkit.s3_server import S3Server
 from tests.deployment import start_broker
 from tests.helpers import BrokerThread, Peer
 
@@ -77,3 +78,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A local S3 API server (moto, testkit/s3_server.py), started once per session on first use;
+    each test makes a bucket of its own."""
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()

@@ -26,14 +26,17 @@ from tests.media_client import (
     file_digest,
     media_broker,
 )
+from tests.media_stores import BACKENDS, backend_settings, stored_blobs
 from tests.test_listeners import make_cert
 
 SIZE = 50 * MiB
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    b = media_broker(tmp_path / "data", **{"media.quota_bytes": 200 * MiB})
+@pytest.fixture(params=BACKENDS)
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerThread]:
+    """On each blob backend: the local folder, and S3 (moto's server on loopback)."""
+    backend = backend_settings(request, tmp_path / "s3")
+    b = media_broker(tmp_path / "data", **{"media.quota_bytes": 200 * MiB, **backend})
     yield b
     b.stop()
 
@@ -86,7 +89,7 @@ async def test_alice_to_bob_cut_resumed_ranged_fetched(broker: BrokerThread, cli
     assert (await client.download(bob, url))[0] == 410
     assert await client.fetched(bob, url) == 204  # said again: harmless
     assert metric(broker, "charged") == 0 and metric(broker, "blobs") == 0
-    assert not list((broker.settings.data_path / "media" / "blobs").rglob(sealed["sha256"]))
+    assert sealed["sha256"] not in await stored_blobs(broker.settings)
 
 
 async def _settled_offset(client: MediaClient, dev: Device, upload: str) -> int:
@@ -101,8 +104,7 @@ async def test_group_upload_is_stored_once_for_all_members(broker: BrokerThread,
     sealed = await client.upload(devices["alice"], group, SIZE)
     url = sealed["url"]
     assert metric(broker, "blobs") == 1 and metric(broker, "stored") == SIZE
-    blobs = [p for p in (broker.settings.data_path / "media" / "blobs").rglob("*") if p.is_file()]
-    assert len(blobs) == 1 and blobs[0].stat().st_size == SIZE
+    assert await stored_blobs(broker.settings) == {sealed["sha256"]: SIZE}
 
     async def member(name: str) -> None:
         assert await client.download(devices[name], url) == (200, sealed["sha256"], SIZE)
@@ -174,7 +176,7 @@ async def test_files_are_private(broker: BrokerThread, client: MediaClient) -> N
         expected = 0o700 if path.is_dir() else 0o600
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
     assert stat.S_IMODE((broker.settings.data_path / "media.db").stat().st_mode) == 0o600
-    assert any(p.name == sealed["sha256"] for p in root.rglob("*"))
+    assert sealed["sha256"] in await stored_blobs(broker.settings)
 
 
 async def test_https_and_metrics(tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
-"""storage/media/local.py: staging, cuts, sealing into content-addressed files, ranged reads."""
+"""storage/media/local.py: staging, cuts, sealing into content-addressed files, ranged reads.
+
+The store contract tests take the ``store`` fixture and run against every backend: the local
+folder and S3 (storage/media/s3.py on a local moto server, its staging in a local folder)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,14 @@ import pytest
 
 from bridge.media.blobs import BlobMissing, BlobStore
 from storage.media.local import READ_CHUNK, LocalBlobStore
+from tests.media_stores import BACKENDS, open_store
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    opened = await open_store(request, tmp_path / "media")
+    yield opened
+    await opened.close()
 
 
 async def chunks(parts: Iterable[bytes], fail_after: int | None = None) -> AsyncIterator[bytes]:
@@ -29,8 +40,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-async def test_append_seal_read(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path / "media")
+async def test_append_seal_read(store: BlobStore) -> None:
     data = os.urandom(3 * READ_CHUNK + 17)
     assert await store.staged_size("u1") == 0
     assert await store.append("u1", 0, chunks([data[:1000]])) == 1000
@@ -50,8 +60,7 @@ async def test_append_seal_read(tmp_path: Path) -> None:
         await read_all(store, blob, 0, 1)
 
 
-async def test_cut_keeps_written_bytes_and_resume_rewrites_from_offset(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path / "media")
+async def test_cut_keeps_written_bytes_and_resume_rewrites_from_offset(store: BlobStore) -> None:
     with pytest.raises(ConnectionResetError):
         await store.append("u", 0, chunks([b"a" * 10, b"b" * 10, b"c" * 10], fail_after=2))
     assert await store.staged_size("u") == 20
@@ -64,8 +73,7 @@ async def test_cut_keeps_written_bytes_and_resume_rewrites_from_offset(tmp_path:
         await store.append("v", 3, chunks([b"z"]))
 
 
-async def test_same_content_is_kept_once(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path / "media")
+async def test_same_content_is_kept_once(store: BlobStore) -> None:
     await store.append("a", 0, chunks([b"same"]))
     await store.append("b", 0, chunks([b"same"]))
     blob = await store.seal("a")
@@ -91,8 +99,7 @@ async def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 65, "é"])
-async def test_names_cannot_leave_the_folder(tmp_path: Path, name: str) -> None:
-    store = LocalBlobStore(tmp_path / "media")
+async def test_names_cannot_leave_the_folder(store: BlobStore, name: str) -> None:
     with pytest.raises(ValueError):
         await store.append(name, 0, chunks([b"x"]))
     with pytest.raises(ValueError):
@@ -103,13 +110,11 @@ async def test_names_cannot_leave_the_folder(tmp_path: Path, name: str) -> None:
         await store.delete("A" * 64)  # upper-case hex is not a blob id
 
 
-async def test_discard(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path / "media")
+async def test_discard(store: BlobStore) -> None:
     await store.append("u", 0, chunks([b"x"]))
     await store.discard("u")
     await store.discard("u")
     assert await store.staged_size("u") == 0
-    await store.close()
 
 
 async def test_the_seal_hashes_the_file_after_a_restart(tmp_path: Path) -> None:

@@ -1,0 +1,229 @@
+"""``BlobStore`` on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, ...) with aiobotocore.
+
+Uploads in progress are staged in a local folder by a ``LocalBlobStore`` (composition: its
+fsynced appends, offsets and cuts are the local store's), and sealing is the local store's too:
+it hashes the staging and moves it under its SHA-256. The sealed file is then put as the object
+``<prefix>blobs/<sha256>`` (multipart, one ``PART_BYTES`` part in memory at a time; a single put
+below that) and the local copy removed. A crash between the two leaves the local copy, which
+``read`` serves and the next ``seal`` of the same bytes (or ``delete``) clears.
+
+Reads are ranged GetObjects streamed in ``READ_CHUNK`` pieces; ``delete`` is DeleteObject.
+Every botocore error is mapped to ``StoreError`` (``BlobMissing`` for a missing object) at the
+boundary, with the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from bridge.media.blobs import BlobMissing, check_blob_id
+from bridge.store import StoreError
+from storage.media.local import READ_CHUNK, LocalBlobStore
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+PART_BYTES: Final = 8 * 1024 * 1024
+"""Multipart part size (S3's minimum is 5 MiB, except for the last part); the memory one seal holds."""
+DEFAULT_REGION: Final = "us-east-1"
+MISSING: Final = frozenset({"NoSuchKey", "404", "NotFound"})
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    """Where the blobs go: the keys of the config's ``media.s3`` section (docs/MEDIA.md).
+
+    ``access_key_id`` with ``secret_access_key_file`` (a file holding the secret key only,
+    readable by its owner alone: 0600); both None: botocore's own chain (``AWS_ACCESS_KEY_ID``/
+    ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role)."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    """Instead of AWS (MinIO, Ceph, a local test server)."""
+    region: str | None = None
+    """None: ``us-east-1``."""
+    prefix: str = ""
+    """Put before every key (``chat/`` keeps the blobs of one deployment apart in a shared bucket)."""
+    access_key_id: str | None = None
+    secret_access_key_file: str | None = None
+    verify: bool | str = True
+    """TLS verification: true (the system's CAs), false, or a CA bundle's path."""
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
+    """``path`` for servers reached by a host name without virtual-host buckets (most MinIO set-ups)."""
+    timeout_s: float = 30.0
+
+
+def read_secret(path: str | os.PathLike[str]) -> str:
+    """The secret in ``path`` (surrounding white space dropped); refuses a file that group or
+    others may read, or an empty one, naming the fix."""
+    file = Path(path)
+    try:
+        mode = stat.S_IMODE(file.stat().st_mode)
+        secret = file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"S3 secret key file {file}: cannot read: {exc}") from exc
+    if mode & 0o077:
+        raise ValueError(f"S3 secret key file {file} has mode {mode:o}: run chmod 600 {file} "
+                         "(it holds a secret; group and others must not read it)")
+    if not secret:
+        raise ValueError(f"S3 secret key file {file} is empty")
+    return secret
+
+
+async def open_store(settings: Mapping[str, Any], staging: LocalBlobStore) -> S3BlobStore:
+    """The S3 store for the config's ``media.s3`` section (chatserver's wiring calls this);
+    raises ``ValueError`` naming what to fix when the settings, the secret file, the endpoint
+    or the bucket cannot be used."""
+    try:
+        return await S3BlobStore.open(staging, S3Settings(**settings))
+    except (TypeError, StoreError) as exc:
+        raise ValueError(str(exc)) from exc
+
+
+class S3BlobStore:
+    """Blobs in ``settings.bucket``; uploads staged by ``staging``. Make it with ``open()``."""
+
+    def __init__(self, staging: LocalBlobStore, client: S3Client, settings: S3Settings,
+                 close: Callable[[], Awaitable[Any]]) -> None:
+        self._local = staging
+        self._s3 = client
+        self._bucket = settings.bucket
+        self._prefix = settings.prefix
+        self._close = close
+
+    @classmethod
+    async def open(cls, staging: LocalBlobStore, settings: S3Settings) -> S3BlobStore:
+        """Connect (lazily: the first request opens the HTTP connection) and check the bucket exists."""
+        if (settings.access_key_id is None) != (settings.secret_access_key_file is None):
+            raise ValueError("S3: access_key_id and secret_access_key_file go together")
+        secret = None if settings.secret_access_key_file is None else read_secret(settings.secret_access_key_file)
+        config = AioConfig(connect_timeout=settings.timeout_s, read_timeout=settings.timeout_s,
+                           retries={"max_attempts": 3, "mode": "standard"},
+                           s3={"addressing_style": settings.addressing_style})
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(get_session().create_client(
+            "s3", region_name=settings.region or DEFAULT_REGION, endpoint_url=settings.endpoint_url,
+            verify=settings.verify, aws_access_key_id=settings.access_key_id, aws_secret_access_key=secret,
+            config=config))
+        store = cls(staging, client, settings, stack.aclose)
+        try:
+            await store._call(f"bucket {settings.bucket}", client.head_bucket(Bucket=settings.bucket))
+        except BlobMissing as exc:
+            await stack.aclose()
+            raise StoreError(f"S3: bucket {settings.bucket} does not exist at {settings.endpoint_url or 'AWS'}: "
+                             "create it (the server does not)") from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        return store
+
+    def _key(self, blob: str) -> str:
+        return f"{self._prefix}blobs/{check_blob_id(blob)}"
+
+    async def _call(self, what: str, request: Awaitable[T]) -> T:
+        try:
+            return await request
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in MISSING:
+                raise BlobMissing(f"{what} is not stored") from exc
+            raise StoreError(f"S3: {what}: {code or exc}") from exc
+        except BotoCoreError as exc:  # unreachable endpoint, timeouts, bad credentials file
+            raise StoreError(f"S3: {what}: {exc}") from exc
+
+    # --- staging: the local store's ---------------------------------------------------
+
+    async def append(self, upload: str, offset: int, chunks: AsyncIterator[bytes]) -> int:
+        return await self._local.append(upload, offset, chunks)
+
+    async def staged_size(self, upload: str) -> int:
+        return await self._local.staged_size(upload)
+
+    async def discard(self, upload: str) -> None:
+        await self._local.discard(upload)
+
+    # --- blobs -------------------------------------------------------------------------
+
+    async def seal(self, upload: str) -> str:
+        blob = await self._local.seal(upload)  # hashed, fsynced, moved under its digest
+        path = self._local.blob_path(blob)
+        if not await self._exists(blob):
+            await self._put(blob, path)
+        await self._local.delete(blob)
+        return blob
+
+    async def _exists(self, blob: str) -> bool:
+        try:
+            await self._call(f"blob {blob}", self._s3.head_object(Bucket=self._bucket, Key=self._key(blob)))
+        except BlobMissing:
+            return False
+        return True
+
+    async def _put(self, blob: str, path: Path) -> None:
+        key, what = self._key(blob), f"put blob {blob}"
+        f = await asyncio.to_thread(open, path, "rb")
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= PART_BYTES:
+                data = await asyncio.to_thread(f.read)
+                await self._call(what, self._s3.put_object(Bucket=self._bucket, Key=key, Body=data))
+                return
+            started = await self._call(what, self._s3.create_multipart_upload(Bucket=self._bucket, Key=key))
+            upload_id = started["UploadId"]
+            try:
+                parts: list[CompletedPartTypeDef] = []
+                number = 1
+                while data := await asyncio.to_thread(f.read, PART_BYTES):
+                    part = await self._call(what, self._s3.upload_part(
+                        Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))
+                    parts.append({"ETag": part["ETag"], "PartNumber": number})
+                    number += 1
+                await self._call(what, self._s3.complete_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
+            except BaseException:
+                with contextlib.suppress(StoreError):  # else the parts stay billed until a lifecycle rule
+                    await self._call(what, self._s3.abort_multipart_upload(
+                        Bucket=self._bucket, Key=key, UploadId=upload_id))
+                raise
+
+    async def read(self, blob: str, start: int, end: int) -> AsyncIterator[bytes]:
+        if self._local.blob_path(blob).exists():  # sealed, not yet put (a crash between the two)
+            async for piece in self._local.read(blob, start, end):
+                yield piece
+            return
+        if start >= end:
+            await self._call(f"blob {blob}", self._s3.head_object(Bucket=self._bucket, Key=self._key(blob)))
+            return
+        answer = await self._call(f"blob {blob}", self._s3.get_object(
+            Bucket=self._bucket, Key=self._key(blob), Range=f"bytes={start}-{end - 1}"))
+        async with answer["Body"] as body:
+            while True:
+                try:
+                    piece = await body.read(READ_CHUNK)
+                except (TimeoutError, BotoCoreError, OSError, aiohttp.ClientError) as exc:
+                    raise StoreError(f"S3: reading blob {blob}: {exc}") from exc
+                if not piece:
+                    return
+                yield piece
+
+    async def delete(self, blob: str) -> None:
+        await self._local.delete(blob)
+        await self._call(f"delete blob {blob}", self._s3.delete_object(Bucket=self._bucket, Key=self._key(blob)))
+
+    async def close(self) -> None:
+        await self._close()
+        await self._local.close()
