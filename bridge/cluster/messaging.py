@@ -519,6 +519,8 @@ class ClusterMessaging:
 
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:
+            if self.watch is not None and nudge.target not in self.windows:  # it left before the directory said so
+                self.watch.staged(nudge.target)
             self.apply(self.windows.behind([nudge.target], self._now()))
         elif nudge.kind == NudgeKind.RESYNC:  # nudges may have been lost while the channel was down
             self.apply(self.windows.behind(self.windows.clients(), self._now()))
