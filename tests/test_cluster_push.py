@@ -17,21 +17,20 @@ from typing import Any
 import pytest
 import redis
 
-from client_sdk import Client
-from client_sdk.events import Message
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
 from tests.helpers import WAIT_S, BrokerProcess, Peer, eventually, online_peer
 from tests.push_distributor import Distributor
 from tests.test_cluster import add_users
-from tests.test_push import GRACE_S, PUSH, content_free, register, send
-
-
-@pytest.fixture
-def distributor() -> Iterator[Distributor]:
-    running = Distributor().start()
-    yield running
-    running.stop()
+from tests.test_push import (
+    PUSH,
+    acking_phone_gets_none,
+    away_phone_gets_one_push_for_a_burst,
+    fetch,
+    register,
+    send,
+    silent_connection_gets_one,
+)
 
 
 @pytest.fixture
@@ -42,24 +41,8 @@ def two(tmp_path: Path, redis_cluster: RedisCluster) -> Iterator[ClusterDeployme
     deployment.stop()
 
 
-@pytest.fixture
-def made() -> Iterator[list[Peer]]:
-    peers: list[Peer] = []
-    yield peers
-    for peer in peers:
-        peer.close()
-
-
 def sent(deployment: ClusterDeployment) -> int:
     return sum(node.app.push.counters["unifiedpush"].sent for node in deployment.nodes)
-
-
-def fetch(port: int) -> list[str]:
-    phone = Client("bob", "bob-pw", device="phone", port=port, encryption=False)
-    got: list[Message] = []
-    phone.on_message = got.append
-    assert phone.fetch_pending(timeout=WAIT_S) == 0
-    return sorted(m.id for m in got)
 
 
 def record(redis_cluster: RedisCluster, prefix: str, client_id: str) -> dict[str, str]:
@@ -76,14 +59,8 @@ def record(redis_cluster: RedisCluster, prefix: str, client_id: str) -> dict[str
 def test_an_away_phone_gets_one_push_for_a_burst_on_another_node_then_everything(
         two: ClusterDeployment, made: list[Peer], distributor: Distributor) -> None:
     a, b = two.nodes
-    register(b.port, distributor)
-    alice = online_peer(a.port, made, "alice")
-    for n in range(50):
-        send(alice, f"m{n:02d}", f"secret body {n}")
-    [request] = distributor.wait(1)
-    content_free(request)
-    assert fetch(b.port) == [f"m{n:02d}" for n in range(50)]
-    assert len(distributor.requests) == 1 and sent(two) == 1
+    away_phone_gets_one_push_for_a_burst(b.port, a.port, made, distributor)
+    assert sent(two) == 1
 
 
 def test_senders_on_both_nodes_wake_the_phone_once(two: ClusterDeployment, made: list[Peer],
@@ -102,31 +79,13 @@ def test_senders_on_both_nodes_wake_the_phone_once(two: ClusterDeployment, made:
 def test_a_connected_phone_that_acks_gets_no_push(two: ClusterDeployment, made: list[Peer],
                                                   distributor: Distributor) -> None:
     a, b = two.nodes
-    register(b.port, distributor)
-    phone = Client("bob", "bob-pw", device="phone", port=b.port, encryption=False)
-    try:
-        got: list[Message] = []
-        phone.on_message = got.append
-        phone.connect()
-        alice = online_peer(a.port, made, "alice")
-        for n in range(20):
-            send(alice, f"m{n:02d}")
-        eventually(lambda: len(got) == 20, what="20 messages")
-        with pytest.raises(AssertionError):
-            distributor.wait(1, timeout=3 * GRACE_S)
-    finally:
-        phone.close()
+    acking_phone_gets_none(b.port, a.port, made, distributor)
 
 
 def test_a_connection_that_stops_acking_gets_one_push_after_the_grace(two: ClusterDeployment, made: list[Peer],
                                                                       distributor: Distributor) -> None:
     a, b = two.nodes
-    register(b.port, distributor)
-    silent = online_peer(b.port, made, "bob")  # subscribed, never acks (a frozen app)
-    send(online_peer(a.port, made, "alice"), "m1")
-    assert silent.expect(lambda item: item.get("kind") == "msg")["id"] == "m1"
-    [request] = distributor.wait(1)
-    content_free(request)
+    silent_connection_gets_one(b.port, a.port, made, distributor)
 
 
 def test_a_gone_endpoint_is_dropped_and_the_device_told_on_another_node(

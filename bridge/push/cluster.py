@@ -186,12 +186,11 @@ class ClusterPush:
     async def _round(self) -> None:
         """Queue the overdue (rule 2), take and send what is due in the shards to look at; else wait."""
         now = self._now_ms()
-        overdue = self.core.overdue(now)
-        for wake in overdue:
+        for wake in self.core.overdue(now):
             self.core.queue.pop(wake.client_id, None)  # queued in the store instead
             if self._links.get(wake.client_id) is not None:
                 self._held.add(wake.client_id)
-        await asyncio.gather(*(self._queue(wake.client_id, Why.GRACE) for wake in overdue))
+            self._spawn(self._queue(wake.client_id, Why.GRACE))
         for client_id, left_ms in list(self._left.items()):
             if left_ms + self.rules.grace_ms < now:
                 del self._left[client_id]
