@@ -142,3 +142,14 @@ def test_a_wake_up_queued_on_a_node_killed_is_sent_by_the_other(tmp_path: Path, 
             peer.close()
         for proc in procs:
             proc.stop()
+
+
+def test_a_registration_is_removed_with_its_device_from_any_node(
+        two: ClusterDeployment, made: list[Peer], distributor: Distributor, redis_cluster: RedisCluster) -> None:
+    a, b = two.nodes
+    register(b.port, distributor)
+    assert "reg" in record(redis_cluster, two.prefix, "bob.phone")
+    tablet = online_peer(a.port, made, "bob", "tablet")
+    assert tablet.request("push.unregister")["result"] == {"removed": False}
+    assert tablet.request("devices.remove", {"device": "phone"})["ok"]
+    eventually(lambda: record(redis_cluster, two.prefix, "bob.phone") == {}, what="registration removed")

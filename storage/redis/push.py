@@ -169,6 +169,10 @@ class RedisPushStore(RedisStore):
         reg, gone, held = await self.run("push.online", self._keys(client_id), [client_id])
         return Arrival(decode(PushTarget, reg) if reg else None, bool(gone), bool(held))
 
+    async def import_gone(self, client_id: str) -> None:
+        """A gone mark from a SQLite data folder (``chat-broker migrate``)."""
+        await self.command("push.import_gone", "HSET", self._record(client_id), "gone", "1")
+
     async def acked(self, client_id: str) -> None:
         await self.command("push.acked", "HDEL", self._record(client_id), "hold")
 
