@@ -164,20 +164,25 @@ def silent_connection_gets_one(phone_port: int, sender_port: int, made: list[Pee
 
 def test_429_and_5xx_are_retried_with_back_off_honouring_retry_after(broker: BrokerThread, made: list[Peer],
                                                                      distributor: Distributor) -> None:
-    distributor.answer(429, Retry_After="1")
-    distributor.answer(503)
-    distributor.answer(500)
-    register(broker.port, distributor)
-    send(online_peer(broker.port, made, "alice"), "m1")
-    first, second, third, fourth = distributor.wait(4)
-    assert second.at - first.at >= 0.95  # Retry-After: 1
-    assert third.at - second.at >= 0.25  # retry_min_s 0.3 (timer slack), then doubling
-    assert fourth.at - third.at >= 0.55 and fourth.at - third.at > third.at - second.at
+    retried_with_back_off(broker.port, broker.port, made, distributor)
     push = broker.app.push
     assert push is not None
     eventually(lambda: push.counters["unifiedpush"].sent == 1, what="sent")
     assert push.counters["unifiedpush"].failed == {"retry": 3}
     assert push.core.queue == {}
+
+
+def retried_with_back_off(phone_port: int, sender_port: int, made: list[Peer], distributor: Distributor) -> None:
+    """The distributor answers 429 (Retry-After: 1), 503, 500, then 201: four requests, spaced so."""
+    distributor.answer(429, Retry_After="1")
+    distributor.answer(503)
+    distributor.answer(500)
+    register(phone_port, distributor)
+    send(online_peer(sender_port, made, "alice"), "m1")
+    first, second, third, fourth = distributor.wait(4)
+    assert second.at - first.at >= 0.95  # Retry-After: 1
+    assert third.at - second.at >= 0.25  # retry_min_s 0.3 (timer slack), then doubling
+    assert fourth.at - third.at >= 0.55 and fourth.at - third.at > third.at - second.at
 
 
 @pytest.mark.parametrize("status", [404, 410])
