@@ -12,9 +12,9 @@ Who learns what (docs/PUSH.md, "Cluster mode"):
   wake-up itself): what it takes is leased to it, sent, and settled with the core's rule 6
   (``retried``). A node that dies with a wake-up leased leaves it to the sweep after the lease; one
   that dies with it queued or backing off leaves it due in the index: another node sends it.
-A wake-up queued because the device was away is dropped, not sent, if the device is connected
-somewhere when it is taken (it connected meanwhile: rule 4); one queued for a delivery not acked is
-sent (the connection is dead, or the app frozen).
+A wake-up queued because the device was away (or had left when its grace ran out) is dropped, not
+sent, if the device is connected somewhere when it is taken (it connected meanwhile: rule 4); one
+queued for a connection that did not ack is sent (the connection is dead, or the app frozen).
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ class ClusterPush:
             self._spawn(self._queue(client_id, Why.STAGED))
 
     def delivered(self, client_id: str) -> None:
-        self.core.delivered(client_id, self._now_ms())
-        self._wake.set()
+        if client_id in self.core.targets:
+            self.core.delivered(client_id, self._now_ms())
+            self._wake.set()  # its grace deadline may be the next thing due
 
     def acked(self, client_id: str) -> None:
         self.core.acked(client_id)
@@ -188,16 +189,18 @@ class ClusterPush:
         now = self._now_ms()
         for wake in self.core.overdue(now):
             self.core.queue.pop(wake.client_id, None)  # queued in the store instead
-            if self._links.get(wake.client_id) is not None:
+            here = self._links.get(wake.client_id) is not None
+            if here:
                 self._held.add(wake.client_id)
-            self._spawn(self._queue(wake.client_id, Why.GRACE))
-        for client_id, left_ms in list(self._left.items()):
-            if left_ms + self.rules.grace_ms < now:
-                del self._left[client_id]
-                self.core.unregister(client_id)
+            # One that left may be connected elsewhere by the time it is taken: then it is not woken.
+            self._spawn(self._queue(wake.client_id, Why.GRACE if here else Why.STAGED))
         shards = [shard for shard, due in self._soon.items() if due <= now]
         if now >= self._next_sweep_ms:
             shards, self._next_sweep_ms = list(range(self._store.shards)), now + self._sweep_ms
+            for client_id, left_ms in list(self._left.items()):
+                if left_ms + self.rules.grace_ms < now:  # its deadline, if any, has passed (overdue above)
+                    del self._left[client_id]
+                    self.core.unregister(client_id)
         for shard in shards:
             self._soon.pop(shard, None)
             taken, self._depths[shard] = await self._store.take(shard, now, self._concurrency, self._lease_ms,

@@ -21,8 +21,10 @@ from bridge.push.provider import PushTarget
 
 
 class Why(enum.StrEnum):
-    STAGED = "staged"  # rule 1: a message staged while the device was connected nowhere
-    GRACE = "grace"  # rule 2: a delivery its connection did not ack within the grace
+    # Rule 1: a message staged while the device was connected nowhere (or rule 2 for one that left
+    # since): not sent if the device is connected somewhere when the wake-up is taken.
+    STAGED = "staged"
+    GRACE = "grace"  # rule 2: a delivery the device's connection did not ack within the grace: sent
 
 
 class Queued(enum.StrEnum):
