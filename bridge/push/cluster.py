@@ -84,8 +84,9 @@ class ClusterPush:
 
     # --- DeliveryWatch: what messaging reports (never waits) -----------------------------------
 
-    def staged(self, client_id: str) -> None:
-        """A message was staged for the device while it was connected nowhere (rule 1)."""
+    def staged(self, client_id: str, preview: str | None = None) -> None:
+        """A message was staged for the device while it was connected nowhere (rule 1). Previews are
+        not carried in cluster mode (the config refuses ``push.include_preview`` with ``cluster:``)."""
         if client_id not in self._queueing:
             self._queueing.add(client_id)
             self._spawn(self._queue(client_id, Why.STAGED))
