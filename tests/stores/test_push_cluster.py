@@ -125,6 +125,6 @@ async def test_a_full_shard_drops_the_wake_up(store: RedisPushStore) -> None:
 
 def test_records_are_read_by_field_name() -> None:
     """A field a newer writer added is ignored; one an older writer lacked takes its default."""
-    raw = '{"client_id":"a.b","due_ms":1.0,"expires_ms":2,"preview":"x"}'
+    raw = '{"client_id":"a.b","due_ms":1.0,"expires_ms":2,"later_field":"x"}'
     assert decode(QueuedWake, raw) == QueuedWake("a.b", 1, 2)
     assert decode(QueuedWake, encode(QueuedWake("a.b", 1, 2, 3))) == QueuedWake("a.b", 1, 2, 3)
