@@ -30,6 +30,7 @@ from bridge.messaging.service import Messaging
 from bridge.messaging.store import GroupReceiptStore
 from bridge.presence.core import PresenceCore, PresenceRules
 from bridge.presence.service import PresenceService
+from bridge.push.cluster import ClusterPush
 from bridge.push.service import PushService
 from bridge.push.service import unsupported_ops as push_unsupported_ops
 from bridge.requests import build_ops
@@ -48,7 +49,7 @@ from chatserver.data_dir import BrokerLock, make_private
 from chatserver.http import HttpServer, ops_app
 from chatserver.media import AlsoMedia, MediaParts
 from chatserver.metrics import LoopLag, Sources, StagingFigures, build_registry
-from chatserver.push import open_push
+from chatserver.push import open_cluster_push, open_push
 from chatserver.supervisor import Supervisor
 from storage.sqlite.groups import SqliteGroupStore
 from storage.sqlite.keys import SqliteKeyStore
@@ -123,7 +124,7 @@ class BrokerApp:
         self._group_store: SqliteGroupStore | None = None
         self._groups: GroupService | ClusterGroups | None = None
         self._presence: PresenceService | ClusterPresence | None = None
-        self.push: PushService | None = None  # push.enabled (one process on SQLite)
+        self.push: PushService | ClusterPush | None = None  # push.enabled
         self._push_store: SqlitePushStore | None = None
         self.media: MediaParts | None = None  # media.bind (one process on SQLite)
         self._broker: ChatBroker | None = None
@@ -222,8 +223,8 @@ class BrokerApp:
         else:
             claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
             close_device = self._close_session
-        # Senders learn preview keys with device keys when push previews are on.
-        previews = self.push if self.push is not None and self.push.include_preview else None
+        # Senders learn preview keys with device keys when push previews are on (one process only).
+        previews = self.push if isinstance(self.push, PushService) and self.push.include_preview else None
         return KeyService(keys, keyed, users, removals, close_device, claims, previews)
 
     async def _open_files(self) -> tuple[SqliteUserStore, SqliteKeyStore, bytes]:
@@ -307,6 +308,10 @@ class BrokerApp:
                                max_tracked=settings.groups.max_tracked_per_user)
         messaging.groups = groups
         self._groups = groups
+        if settings.push.enabled:
+            self.push = await open_cluster_push(settings.push, stores.push, links, stores.bus.locate,
+                                                stores.queues.depth, clock=self.clock, supervisor=self.supervisor)
+            messaging.watch = self.push
         await stores.bus.start(on_nudge)
         await messaging.start()
         await groups.start()

@@ -19,6 +19,7 @@ from storage.redis.group_log import RedisGroupLog
 from storage.redis.keys import RedisKeyStore
 from storage.redis.nodes import RedisNodeBus
 from storage.redis.presence import RedisPresenceStore
+from storage.redis.push import RedisPushStore
 from storage.redis.queues import MAX_DEDUP, RedisQueueStore
 from storage.redis.users import RedisUserStore
 
@@ -38,6 +39,7 @@ class ClusterStores:
     presence: RedisPresenceStore
     bus: RedisNodeBus
     groups: RedisGroupLog
+    push: RedisPushStore
 
     @classmethod
     async def open(cls, cluster: ClusterSettings, node_id: str, max_dedup: int = MAX_DEDUP) -> ClusterStores:
@@ -60,7 +62,8 @@ class ClusterStores:
                      RedisPresenceStore(client, cluster.key_prefix, cluster.retry_s), bus,
                      RedisGroupLog(client, cluster.key_prefix, cluster.retry_s,
                                    min_replicas_ack=cluster.min_replicas_ack,
-                                   wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup))
+                                   wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup),
+                     RedisPushStore(client, cluster.key_prefix, cluster.retry_s))
         log.info("cluster: node %s on the Redis Cluster at %s", node_id, ", ".join(cluster.redis))
         return stores
 

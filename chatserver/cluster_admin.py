@@ -5,8 +5,9 @@ The users, devices and tokens are ``RedisUserStore``'s. Removing a device also t
 mode keeps of it elsewhere in Redis, with the scripts the nodes run for ``devices.remove``
 (bridge/keys/service.py): its keys (``RedisKeyStore.remove_device``), its account and token, its
 staged queue (``RedisQueueStore.remove_device``), in that order, each one Lua script on the user's
-slot. Deleting a user deletes the account first (no login, no message to them from then on), then
-closes their connections, then drops each device's keys and queue, and the held queue of a user
+slot, then its push registration (``RedisPushStore.unregister``). Deleting a user deletes the
+account first (no login, no message to them from then on), then closes their connections, then
+drops each device's keys, queue and push registration, and the held queue of a user
 without devices (``user.*``): closed first, a connection cannot publish keys again behind them.
 
 Connections: the command is no node. It looks the devices up in the device -> node directory and
@@ -77,6 +78,7 @@ class ClusterAccounts:
         await stores.keys.remove_device(user, device)
         existed = await stores.users.delete_device(user, device)
         await stores.queues.remove_device(f"{user}.{device}")
+        await stores.push.unregister(f"{user}.{device}")
         await self._close_connections([f"{user}.{device}"])
         return existed
 
@@ -90,6 +92,7 @@ class ClusterAccounts:
         for device in sorted({d.device for d in devices} | set(keyed)):
             await stores.keys.remove_device(name, device)
             await stores.queues.remove_device(f"{name}.{device}")
+            await stores.push.unregister(f"{name}.{device}")
         await stores.queues.remove_device(f"{name}.{PLACEHOLDER_DEVICE}")
 
     async def _close_connections(self, client_ids: list[str]) -> None:

@@ -31,6 +31,7 @@ from bridge.counters import LATENCY_BUCKETS, BridgeCounters, Histogram
 from bridge.links import LinkRegistry
 from bridge.media.service import MediaService
 from bridge.messaging.records import Figures
+from bridge.push.cluster import ClusterPush
 from bridge.push.service import PushService
 from broker.auth import Authenticator
 from broker.counters import LOGIN_RESULTS
@@ -91,7 +92,7 @@ class Sources:
     supervisor: Supervisor
     clock_ms: Callable[[], int]  # wall-clock ms, as message timestamps
     node_id: str = ""  # cluster mode: this node's id ("" for one process on SQLite)
-    push: PushService | None = None  # push.enabled
+    push: PushService | ClusterPush | None = None  # push.enabled
     media: MediaService | None = None  # media.bind
 
 
@@ -192,7 +193,7 @@ def _media(media: MediaService) -> Iterable[Metric]:
                    (), c.refusals)
 
 
-def _push(push: PushService) -> Iterable[Metric]:
+def _push(push: PushService | ClusterPush) -> Iterable[Metric]:
     """Per provider (platform): wake-ups sent, failed attempts by outcome, latency, queue depth."""
     sent = CounterMetricFamily("chat_push_sent", "Wake-ups a push provider accepted.", labels=["platform"])
     failed = CounterMetricFamily("chat_push_failed", "Push attempts that failed, by outcome (retry: 429, 5xx or "

@@ -1,6 +1,8 @@
 """``chat-broker migrate``: move a SQLite data folder (the embedded default) into a Redis Cluster,
 nothing lost: the device-token key, users with their devices and token digests, the key directory,
-every staged item in its device's order with the delivered flags, and the dedup marks.
+every staged item in its device's order with the delivered flags, the dedup marks, and the push
+registrations and gone marks of the devices it moves (a queued wake-up is not moved: the device's
+next message queues one).
 
 The data folder's broker must be stopped: its ``BrokerLock`` is held for the whole run, so it
 cannot start meanwhile. Each phase is safe to run again, so a second run, or one resumed after a
@@ -12,7 +14,7 @@ failure, ends in the same state:
   is there must be the first of them, in order (each stage is atomic, so a failure leaves such a
   prefix), and only the rest is staged. Anything else refuses that device: a cluster broker
   already took items from it;
-- delivered flags and dedup marks: setting them again changes nothing.
+- delivered flags, dedup marks, push registrations and gone marks: setting them again changes nothing.
 
 Seqs are renumbered: a device's cluster seqs start above every seq the SQLite broker gave it
 (``(last boot + 1) * SEQ_SPAN``), because the SDK drops as a repeat any item whose seq is not
@@ -43,6 +45,7 @@ from chatserver.data_dir import BrokerLock
 from storage.redis.client import PREFIX_RE
 from storage.redis.keys import RedisKeyStore
 from storage.redis.presence import RedisPresenceStore
+from storage.redis.push import RedisPushStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.db import SqliteFile
@@ -173,19 +176,20 @@ class Target:
     keys: RedisKeyStore
     queues: RedisQueueStore
     presence: RedisPresenceStore
+    push: RedisPushStore
 
     @classmethod
     async def open(cls, nodes: Sequence[tuple[str, int]], prefix: str) -> Target:
         users = await RedisUserStore.open(nodes, prefix)
         try:  # one client each: the stores register their own scripts
             return cls(users, await RedisKeyStore.open(nodes, prefix), await RedisQueueStore.open(nodes, prefix),
-                       await RedisPresenceStore.open(nodes, prefix))
+                       await RedisPresenceStore.open(nodes, prefix), await RedisPushStore.open(nodes, prefix))
         except BaseException:
             await users.close()
             raise
 
     async def close(self) -> None:
-        for store in (self.users, self.keys, self.queues, self.presence):
+        for store in (self.users, self.keys, self.queues, self.presence, self.push):
             await store.close()
 
 
@@ -245,10 +249,8 @@ async def _run(data_dir: Path, target: Target, dry_run: bool, say: Callable[[str
             f"{report.counts['contacts']} contacts")
     if (data_dir / PUSH_DB).is_file():
         async with _opened(SqlitePushStore, data_dir) as push:
-            registered = len((await push.load())[0])
-        if registered:
-            say(f"push: {registered} device registration(s) stay in {PUSH_DB}: push is not served in cluster mode "
-                "yet; those devices register again once it is")
+            await _push(push, target.push, devices, dry_run, report)
+        say(f"push: {report.counts['registrations']} device registration(s), {report.counts['gone']} gone mark(s)")
     counts = report.counts
     verb = "would move" if dry_run else "moved"
     say(f"summary: {verb} {counts['users']} users, {counts['devices']} devices, {counts['keyed']} key sets, "
@@ -315,6 +317,24 @@ async def _users(source: SqliteUserStore, target: RedisUserStore, dry_run: bool,
             report.problems.append(f"user {info.name} exists in the cluster with another password: not migrated "
                                    "(delete it there, or migrate into a fresh --key-prefix)")
     return devices
+
+
+async def _push(source: SqlitePushStore, target: RedisPushStore, devices: dict[str, list[str]], dry_run: bool,
+                report: Report) -> None:
+    """The registrations and gone marks of devices moved (one of a device removed is dropped, as a
+    restart of the SQLite broker would)."""
+    targets, _, gone = await source.load()
+    known = {f"{user}.{device}" for user, ids in devices.items() for device in ids}
+    for push_target in targets:
+        if push_target.client_id in known:
+            report.counts.update(registrations=1)
+            if not dry_run:
+                await target.register(push_target)
+    for client_id in gone:
+        if client_id in known:
+            report.counts.update(gone=1)
+            if not dry_run:
+                await target.import_gone(client_id)
 
 
 async def _presence(source: SqlitePresenceStore, target: RedisPresenceStore, dry_run: bool, report: Report) -> None:

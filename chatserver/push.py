@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from bridge.background import Supervisor
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.messaging.core import Staging
+from bridge.push.cluster import ClusterPush
+from bridge.push.cluster_store import ClusterPushStore
 from bridge.push.core import PushCore, PushRules
 from bridge.push.provider import PushProvider
 from bridge.push.service import PushService
@@ -89,3 +91,17 @@ async def open_push(settings: PushSettings, data_dir: Path, devices: Iterable[st
         raise
     log.info("push: providers %s", ", ".join(sorted(providers)) or "none (push.register is refused)")
     return service, store
+
+
+async def open_cluster_push(settings: PushSettings, store: ClusterPushStore, links: LinkRegistry,
+                            locate: Callable[[list[str]], Awaitable[dict[str, str]]],
+                            pending: Callable[[str], Awaitable[int]], *, clock: Clock,
+                            supervisor: Supervisor) -> ClusterPush:
+    """Push on a cluster node, over the shared store (the store's client is the node's: not closed here)."""
+    providers = build_providers(settings)
+    push = ClusterPush(push_rules(settings), store, providers, links, locate, pending,
+                       allow_loopback=settings.allow_loopback_endpoints, concurrency=settings.concurrency,
+                       clock=clock, supervisor=supervisor)
+    await push.start()
+    log.info("push: providers %s", ", ".join(sorted(providers)) or "none (push.register is refused)")
+    return push

@@ -56,7 +56,7 @@ class UnifiedPushSettings(_ProviderSettings):
 
 
 class PushSettings(_Section):
-    """Wake-ups for devices that are away (docs/PUSH.md). One process on SQLite only, for now."""
+    """Wake-ups for devices that are away (docs/PUSH.md): on one process, and in cluster mode."""
 
     enabled: bool = False
     grace_s: float = Field(default=10.0, gt=0)

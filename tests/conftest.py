@@ -12,6 +12,7 @@ from testkit.redis_cluster import RedisCluster
 from testkit.s3_server import S3Server
 from tests.deployment import start_broker
 from tests.helpers import BrokerThread, Peer
+from tests.push_distributor import Distributor
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -59,6 +60,14 @@ def made() -> Iterator[list[Any]]:
     if clients:  # at once: a client whose broker is gone waits out a reconnect delay to stop (~0.6 s each)
         with ThreadPoolExecutor(max_workers=min(32, len(clients))) as pool:
             list(pool.map(lambda client: client.close(), clients))
+
+
+@pytest.fixture
+def distributor() -> Iterator[Distributor]:
+    """A UnifiedPush distributor on 127.0.0.1 (tests/push_distributor.py), for the push tests."""
+    running = Distributor().start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture

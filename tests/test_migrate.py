@@ -18,6 +18,7 @@ import pytest
 from bridge.cluster.store import MessageEntry, MessageRef, Stage, StageStatus
 from bridge.keys.core import OneTimeKey, Publish
 from bridge.messaging.records import SEQ_SPAN
+from bridge.push.cluster_store import Arrival
 from bridge.push.provider import PushTarget
 from bridge.store import StoreError
 from broker import credentials
@@ -27,6 +28,7 @@ from chatserver.cli import main
 from chatserver.data_dir import BrokerLock, DataDirInUseError
 from storage.redis.keys import RedisKeyStore
 from storage.redis.presence import RedisPresenceStore
+from storage.redis.push import RedisPushStore
 from storage.redis.queues import RedisQueueStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.keys import SqliteKeyStore
@@ -34,7 +36,7 @@ from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.push import SqlitePushStore
 from storage.sqlite.users import SECRET_FILE, SqliteUserStore
 from testkit.redis_cluster import RedisCluster
-from tests.helpers import BrokerThread, Peer
+from tests.helpers import BrokerThread, Peer, register_offline
 from tests.test_olm_routing import FOR_BOB, ack, connect, is_msg, is_receipt, publish_keys, send_olm, until_fence
 
 FALLBACK = {"id": "FB", "key": "ZmFsbGJhY2s", "signature": "c2ln"}
@@ -344,21 +346,33 @@ async def test_a_folder_with_groups_is_refused_before_anything_is_written(tmp_pa
     assert await cluster.snapshot() == {}
 
 
-async def test_push_registrations_are_said_to_stay_behind(tmp_path: Path, cluster: Cluster) -> None:
+async def test_push_registrations_and_gone_marks_move_with_their_devices(tmp_path: Path, cluster: Cluster) -> None:
     broker = BrokerThread(tmp_path / "data").start()
     try:
         broker.add_users({"alice": "alice-pw"})
+        register_offline(broker.port, "alice", "phone")
+        register_offline(broker.port, "alice", "tablet")
     finally:
         broker.stop()
+    phone = PushTarget("unifiedpush", "https://push.example/up/a1", "alice.phone")
     push = await SqlitePushStore.open(tmp_path / "data")
     try:
-        await push.register(PushTarget("unifiedpush", "https://push.example/up/a1", "alice.phone"), 0)
+        await push.register(phone, 0)
+        await push.register(PushTarget("unifiedpush", "https://push.example/up/x", "alice.gone-device"), 0)
+        await push.mark_gone("alice.tablet")
     finally:
         await push.close()
     lines: list[str] = []
-    report = await migration.migrate(tmp_path / "data", cluster.nodes, cluster.prefix, dry_run=True, say=lines.append)
+    report = await migration.migrate(tmp_path / "data", cluster.nodes, cluster.prefix, say=lines.append)
     assert not report.problems
-    assert any(line.startswith("push: 1 device registration(s) stay in push.db") for line in lines), lines
+    assert "push: 1 device registration(s), 1 gone mark(s)" in lines, lines
+    store = await RedisPushStore.open(cluster.nodes, cluster.prefix)
+    try:
+        assert await store.online("alice.phone") == Arrival(phone, False, False)
+        assert await store.online("alice.tablet") == Arrival(None, True, False)
+        assert await store.online("alice.gone-device") == Arrival(None, False, False)
+    finally:
+        await store.close()
 
 
 def test_cluster_addresses() -> None:

@@ -27,13 +27,6 @@ PUSH = {"push.enabled": True, "push.allow_loopback_endpoints": True, "push.unifi
 
 
 @pytest.fixture
-def distributor() -> Iterator[Distributor]:
-    running = Distributor().start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture
 def broker(tmp_path: Path) -> Iterator[BrokerThread]:
     running = BrokerThread(tmp_path / "data", PUSH).start()
     try:
@@ -78,19 +71,31 @@ def content_free(request: Received) -> None:
 
 def test_an_away_phone_gets_one_push_for_a_burst_then_everything_on_fetch_pending(
         broker: BrokerThread, made: list[Peer], distributor: Distributor) -> None:
-    register(broker.port, distributor)
-    alice = online_peer(broker.port, made, "alice")
+    away_phone_gets_one_push_for_a_burst(broker.port, broker.port, made, distributor)
+    assert broker.app.push is not None and broker.app.push.counters["unifiedpush"].sent == 1
+
+
+def away_phone_gets_one_push_for_a_burst(phone_port: int, sender_port: int, made: list[Peer],
+                                         distributor: Distributor) -> None:
+    """bob.phone registers through ``phone_port`` and goes; alice sends 50 through ``sender_port``: one
+    content-free push, then ``fetch_pending()`` through ``phone_port`` takes all 50."""
+    register(phone_port, distributor)
+    alice = online_peer(sender_port, made, "alice")
     for n in range(50):
         send(alice, f"m{n:02d}", f"secret body {n}")
     [request] = distributor.wait(1)
     content_free(request)
-    phone = Client("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
+    assert fetch(phone_port) == [f"m{n:02d}" for n in range(50)]
+    assert len(distributor.requests) == 1  # the wake-up deferred by min_interval went when it connected
+
+
+def fetch(port: int) -> list[str]:
+    """What bob.phone's ``fetch_pending()`` takes (ids, sorted); it leaves nothing."""
+    phone = Client("bob", "bob-pw", device="phone", port=port, encryption=False)
     got: list[Message] = []
     phone.on_message = got.append
     assert phone.fetch_pending(timeout=WAIT_S) == 0
-    assert sorted(m.id for m in got) == [f"m{n:02d}" for n in range(50)]
-    assert len(distributor.requests) == 1  # the wake-up deferred by min_interval went when it connected
-    assert broker.app.push is not None and broker.app.push.counters["unifiedpush"].sent == 1
+    return sorted(m.id for m in got)
 
 
 def test_the_async_face_fetches_pending_too(broker: BrokerThread, made: list[Peer],
@@ -121,13 +126,18 @@ def test_the_async_face_fetches_pending_too(broker: BrokerThread, made: list[Pee
 
 def test_a_connected_phone_that_acks_gets_no_push(broker: BrokerThread, made: list[Peer],
                                                   distributor: Distributor) -> None:
-    phone = Client("bob", "bob-pw", device="phone", port=broker.port, encryption=False)
+    acking_phone_gets_none(broker.port, broker.port, made, distributor)
+
+
+def acking_phone_gets_none(phone_port: int, sender_port: int, made: list[Peer], distributor: Distributor) -> None:
+    """bob.phone registered and connected through ``phone_port`` acks 20 messages from alice: no push."""
+    phone = Client("bob", "bob-pw", device="phone", port=phone_port, encryption=False)
     try:
-        register(broker.port, distributor)
+        register(phone_port, distributor)
         got: list[Message] = []
         phone.on_message = got.append
         phone.connect()
-        alice = online_peer(broker.port, made, "alice")
+        alice = online_peer(sender_port, made, "alice")
         for n in range(20):
             send(alice, f"m{n:02d}")
         eventually(lambda: len(got) == 20, what="20 messages")
@@ -139,10 +149,14 @@ def test_a_connected_phone_that_acks_gets_no_push(broker: BrokerThread, made: li
 
 def test_a_connection_that_stops_acking_gets_one_push_after_the_grace(broker: BrokerThread, made: list[Peer],
                                                                       distributor: Distributor) -> None:
-    register(broker.port, distributor)
-    silent = online_peer(broker.port, made, "bob")  # subscribed, never acks (a frozen app)
-    alice = online_peer(broker.port, made, "alice")
-    send(alice, "m1")
+    silent_connection_gets_one(broker.port, broker.port, made, distributor)
+
+
+def silent_connection_gets_one(phone_port: int, sender_port: int, made: list[Peer], distributor: Distributor) -> None:
+    """bob.phone connected through ``phone_port`` never acks a message from alice: one push after the grace."""
+    register(phone_port, distributor)
+    silent = online_peer(phone_port, made, "bob")  # subscribed, never acks (a frozen app)
+    send(online_peer(sender_port, made, "alice"), "m1")
     assert silent.expect(lambda item: item.get("kind") == "msg")["id"] == "m1"
     [request] = distributor.wait(1)
     content_free(request)
@@ -150,20 +164,25 @@ def test_a_connection_that_stops_acking_gets_one_push_after_the_grace(broker: Br
 
 def test_429_and_5xx_are_retried_with_back_off_honouring_retry_after(broker: BrokerThread, made: list[Peer],
                                                                      distributor: Distributor) -> None:
-    distributor.answer(429, Retry_After="1")
-    distributor.answer(503)
-    distributor.answer(500)
-    register(broker.port, distributor)
-    send(online_peer(broker.port, made, "alice"), "m1")
-    first, second, third, fourth = distributor.wait(4)
-    assert second.at - first.at >= 0.95  # Retry-After: 1
-    assert third.at - second.at >= 0.25  # retry_min_s 0.3 (timer slack), then doubling
-    assert fourth.at - third.at >= 0.55 and fourth.at - third.at > third.at - second.at
+    retried_with_back_off(broker.port, broker.port, made, distributor)
     push = broker.app.push
     assert push is not None
     eventually(lambda: push.counters["unifiedpush"].sent == 1, what="sent")
     assert push.counters["unifiedpush"].failed == {"retry": 3}
     assert push.core.queue == {}
+
+
+def retried_with_back_off(phone_port: int, sender_port: int, made: list[Peer], distributor: Distributor) -> None:
+    """The distributor answers 429 (Retry-After: 1), 503, 500, then 201: four requests, spaced so."""
+    distributor.answer(429, Retry_After="1")
+    distributor.answer(503)
+    distributor.answer(500)
+    register(phone_port, distributor)
+    send(online_peer(sender_port, made, "alice"), "m1")
+    first, second, third, fourth = distributor.wait(4)
+    assert second.at - first.at >= 0.95  # Retry-After: 1
+    assert third.at - second.at >= 0.25  # retry_min_s 0.3 (timer slack), then doubling
+    assert fourth.at - third.at >= 0.55 and fourth.at - third.at > third.at - second.at
 
 
 @pytest.mark.parametrize("status", [404, 410])

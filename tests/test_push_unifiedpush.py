@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,13 +16,6 @@ from providers.push import common
 from providers.push.unifiedpush import from_settings
 from tests.helpers import free_port
 from tests.push_distributor import Distributor
-
-
-@pytest.fixture
-def distributor() -> Iterator[Distributor]:
-    running = Distributor().start()
-    yield running
-    running.stop()
 
 
 def push(endpoint: str, wake: WakeUp | None = None, allow_loopback: bool = True) -> PushResult:

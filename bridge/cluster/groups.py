@@ -232,7 +232,8 @@ class ClusterGroups:
             await self._receipts_step(group, [Mark(MarkKind.GONE, user, gseq)
                                               for user, fan in zip(users, fans, strict=True) for gseq in fan.unheld])()
             await self._messaging.wake([target for fan in fans for target in fan.targets] +
-                                       [(client_id, 0) for fan in fans for client_id in fan.again])
+                                       [(client_id, 0) for fan in fans for client_id in fan.again],
+                                       messages=any(entry.event is None for entry in entries))
             unheld = [gseq for fan in fans for gseq in fan.unheld]
             if not await self._log.fanned(group, token, entries[-1].gseq, unheld, self._lease_ms):
                 return False

@@ -40,6 +40,7 @@ from bridge.keys.store import KeyStore
 from bridge.links import LinkRegistry
 from bridge.messaging.admission import Holds, Refused, olm_targets
 from bridge.messaging.records import Figures
+from bridge.messaging.service import DeliveryWatch
 from bridge.messaging.store import UserLookup
 from bridge.store import NotReplicated, StoreError
 from chatproto import (
@@ -54,6 +55,7 @@ from chatproto import (
     DecodeError,
     ErrorCode,
     ErrorItem,
+    MsgItem,
     ReceiptItem,
     Seen,
     is_group_id,
@@ -137,6 +139,7 @@ class ClusterMessaging:
         self.windows = Windows(rules.window, rules.redeliver_after_s)
         self._holds = Holds()
         self.groups: GroupRoute | None = None  # set by the wiring: group messages are refused without it
+        self.watch: DeliveryWatch | None = None  # push (bridge/push/cluster.py), set by the wiring when on
         self._lanes: dict[str, Lane] = {}
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
@@ -174,6 +177,8 @@ class ClusterMessaging:
         except DecodeError as exc:
             self.links.send(caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
             return
+        if self.watch is not None:
+            self.watch.acked(caller.client_id)
         task = self.spawn(self._ack(caller.client_id, list(ack.seqs)))
         acking = self._acking.setdefault(caller.client_id, set())
         acking.add(task)
@@ -303,7 +308,7 @@ class ClusterMessaging:
         self.counters.sent_latency.observe(max(0, ts - message_ts) / 1000)
         self._holds.answered(origin, message.id, self._now())
         self.links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, ts))
-        await self.wake(staged)
+        await self.wake(staged, messages=True)
 
     async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
         """The stages of a new message (the sender's other devices first, then the recipient's);
@@ -489,8 +494,9 @@ class ClusterMessaging:
                 log.error("%s not staged yet (%s); retrying", what, exc)
                 await asyncio.sleep(TICK_S)
 
-    async def wake(self, targets: list[tuple[str, int]]) -> None:
-        """Devices with new items: read now if connected here, else nudge the node that holds them."""
+    async def wake(self, targets: list[tuple[str, int]], *, messages: bool = False) -> None:
+        """Devices with new items: read now if connected here, else nudge the node that holds them.
+        ``messages``: the items are messages, and push is told of the devices connected nowhere."""
         clients = list(dict.fromkeys(client_id for client_id, _ in targets))
         local = [c for c in clients if c in self.windows]
         if local:
@@ -503,12 +509,18 @@ class ClusterMessaging:
         except StoreError as exc:  # the periodic look at each node's queues delivers them
             log.warning("cannot locate %d device(s) to nudge: %s", len(remote), exc)
             return
+        if messages and self.watch is not None:
+            for client_id in remote:
+                if client_id not in where:
+                    self.watch.staged(client_id)
         # At once: a group's fanout wakes every member device on the other nodes.
         await asyncio.gather(*(self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
                                for client_id, node in where.items() if node != self._bus.node_id))
 
     def on_nudge(self, nudge: Nudge) -> None:
         if nudge.kind == NudgeKind.ITEMS:
+            if self.watch is not None and nudge.target not in self.windows:  # it left before the directory said so
+                self.watch.staged(nudge.target)
             self.apply(self.windows.behind([nudge.target], self._now()))
         elif nudge.kind == NudgeKind.RESYNC:  # nudges may have been lost while the channel was down
             self.apply(self.windows.behind(self.windows.clients(), self._now()))
@@ -538,7 +550,8 @@ class ClusterMessaging:
 
     def apply(self, out: WindowOutcome) -> None:
         for client_id, item in out.sends:
-            self.links.send(client_id, item)
+            if self.links.send(client_id, item) and self.watch is not None and isinstance(item, MsgItem):
+                self.watch.delivered(client_id)
         for client_id, after in out.reads:
             self.spawn(self._read(client_id, after))
 
@@ -559,6 +572,8 @@ class ClusterMessaging:
         # A new connection re-sends everything not 'sent' yet, oldest first: refusals on the old
         # one no longer say what must come first (its uplinks still waiting are dropped, _run_lane).
         self._holds.forget(client_id)
+        if self.watch is not None:
+            self.watch.online(client_id)
         self.apply(self.windows.online(client_id, self._now()))
         self.spawn(self._register(client_id, self.windows.link(client_id) or 0))
 
@@ -602,6 +617,8 @@ class ClusterMessaging:
         self.supervisor.succeeded(task)
 
     def device_offline(self, client_id: str) -> None:
+        if self.watch is not None:
+            self.watch.offline(client_id)
         self.windows.offline(client_id)
         self._held.gone(client_id)
         for task, devices in self._failing.items():
@@ -623,6 +640,8 @@ class ClusterMessaging:
     def remove_device(self, user: str, device: str) -> None:
         client_id = f"{user}.{device}"
         self._holds.forget(client_id)
+        if self.watch is not None:
+            self.watch.removed(client_id)
         self.spawn(self.retrying(f"removal of {client_id}'s queue", lambda: self._drop_queue(client_id)))
 
     async def _drop_queue(self, client_id: str) -> None:

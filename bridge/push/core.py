@@ -222,18 +222,25 @@ class PushCore:
                 device.last_push_ms = now_ms
             del self.queue[client_id]
             return Settled.DONE
-        attempts = wake.attempts + 1
-        if result.outcome is Outcome.REJECTED or attempts >= self.rules.max_attempts:
-            del self.queue[client_id]
-            return Settled.DONE
-        due = now_ms + retry_delay_ms(self.rules, attempts, result.retry_after_s)
-        if due >= wake.expires_ms:
+        again = retried(self.rules, wake, result, now_ms)
+        if again is None:
             del self.queue[client_id]
             return Settled.DONE
         device = self._devices.get(client_id)
-        newest = device.preview if device is not None and device.preview is not None else wake.preview  # rule 8
-        self._queue(replace(wake, due_ms=due, attempts=attempts, preview=newest))
+        if device is not None and device.preview is not None:  # rule 8: the newest preview
+            again = replace(again, preview=device.preview)
+        self._queue(again)
         return Settled.RETRY
+
+
+def retried(rules: PushRules, wake: QueuedWake, result: PushResult, now_ms: int) -> QueuedWake | None:
+    """Rule 6: ``wake`` queued again after an attempt that was not SENT (a GONE whose device registered
+    again since is retried to the new registration), or None: given up."""
+    attempts = wake.attempts + 1
+    if result.outcome is Outcome.REJECTED or attempts >= rules.max_attempts:
+        return None
+    due = now_ms + retry_delay_ms(rules, attempts, result.retry_after_s)
+    return None if due >= wake.expires_ms else replace(wake, due_ms=due, attempts=attempts)
 
 
 def retry_delay_ms(rules: PushRules, attempts: int, retry_after_s: float | None) -> int:

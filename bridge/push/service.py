@@ -18,17 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from bridge.background import Supervisor
 from bridge.clock import Clock
-from bridge.counters import LATENCY_BUCKETS, Histogram
 from bridge.links import LinkRegistry
+from bridge.push.common import ProviderCounters, attempt, gone_error, log_failure, registration
 from bridge.push.core import PushCore, QueuedWake, Settled
-from bridge.push.provider import Outcome, PushProvider, PushResult, PushTarget, WakeUp
+from bridge.push.provider import PushProvider, PushTarget
 from bridge.push.store import PushStore
 from bridge.requests import Op, OpError, check_args
 from chatproto import (
@@ -36,25 +35,12 @@ from chatproto import (
     OP_PUSH_REGISTER,
     OP_PUSH_UNREGISTER,
     Caller,
-    DecodeError,
     ErrorCode,
-    ErrorItem,
-    PushRegister,
 )
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0  # the longest the round sleeps: a failed round is seen working again this soon
-COLLAPSE_KEY = "wake"  # every wake-up says the same; never the user's or device's name (docs/PUSH.md)
-
-
-@dataclass(slots=True)
-class ProviderCounters:
-    """Per platform, read by chatserver.metrics at scrape time."""
-
-    sent: int = 0
-    failed: dict[str, int] = field(default_factory=dict)  # outcome (retry, gone, rejected) -> count
-    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
 
 
 class PushService:
@@ -103,8 +89,7 @@ class PushService:
             self._change(client_id, None)
         if client_id in self.core.gone:  # rule 7: told once, on its next connection
             self.core.gone.discard(client_id)
-            self._links.send(client_id, ErrorItem(ErrorCode.PUSH_GONE, "the push service no longer accepts this "
-                                                  "device's registration: register again (push.register)"))
+            self._links.send(client_id, gone_error())
             self._spawn_write(self._store.clear_gone(client_id))
 
     def offline(self, client_id: str) -> None:
@@ -141,19 +126,12 @@ class PushService:
         return {OP_PUSH_REGISTER: self._register, OP_PUSH_UNREGISTER: self._unregister, OP_PUSH_PENDING: self._count}
 
     async def _register(self, caller: Caller, args: dict[str, Any]) -> Any:
-        try:
-            request = PushRegister.from_args(args, self._allow_loopback)
-        except DecodeError as exc:
-            raise OpError(exc.code, exc.detail) from None
-        if request.platform not in self.providers:
-            raise OpError(ErrorCode.UNSUPPORTED, f"this server does not send {request.platform} pushes")
-        target = PushTarget(request.platform, request.token, caller.client_id, request.preview_key,
-                            request.preview_sig)
+        target = registration(caller, args, self.providers, self._allow_loopback)
         await self._store.register(target, self._now_ms())
         self.core.register(target)
         if self._links.get(caller.client_id) is not None:
             self.core.online(caller.client_id)
-        return {"platform": request.platform}
+        return {"platform": target.platform}
 
     def preview_key(self, client_id: str) -> dict[str, str] | None:
         """``{"key", "sig"}``: the device's preview key as it registered it (the key directory hands it
@@ -210,26 +188,9 @@ class PushService:
             raise
 
     async def _send(self, wake: QueuedWake, target: PushTarget) -> None:
-        provider = self.providers.get(target.platform)
-        counters = self.counters.get(target.platform)
-        started = time.perf_counter()
-        if provider is None or counters is None:  # its provider is no longer configured: kept for a later start
-            result = PushResult(Outcome.RETRY, detail=f"no {target.platform} provider configured")
-        else:
-            try:
-                result = await provider.send(target, WakeUp(COLLAPSE_KEY, wake.expires_ms, wake.preview))
-            except Exception as exc:  # a provider must not raise; if it does, it is a retry, and a bug to log
-                log.exception("push provider %s raised", target.platform)
-                result = PushResult(Outcome.RETRY, detail=repr(exc))
-            counters.latency.observe(time.perf_counter() - started)
-            if result.outcome is Outcome.SENT:
-                counters.sent += 1
-            else:
-                counters.failed[result.outcome.value] = counters.failed.get(result.outcome.value, 0) + 1
+        result = await attempt(self.providers, self.counters, wake, target)
         settled = self.core.settle(wake, target, result, self._now_ms())
-        if result.outcome is not Outcome.SENT:
-            log.info("push to %s via %s: %s (%s)%s", target.client_id, target.platform, result.outcome.value,
-                     result.detail, "; retried" if settled is Settled.RETRY else "")
+        log_failure(target, result, settled is Settled.RETRY)
         if settled is Settled.GONE:
             self._changes.pop(wake.client_id, None)
             await self._store.mark_gone(wake.client_id)

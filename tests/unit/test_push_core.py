@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.push.core import PushCore, PushRules, QueuedWake, Settled, retry_delay_ms
+from bridge.push.core import PushCore, PushRules, QueuedWake, Settled, retried, retry_delay_ms
 from bridge.push.provider import Outcome, PushResult, PushTarget
 
 RULES = PushRules(grace_ms=5_000, min_interval_ms=60_000, max_queue=3, retry_min_ms=1_000, retry_max_ms=8_000,
@@ -192,3 +192,13 @@ def test_rule8_a_later_wake_up_takes_the_newest_preview_since_the_last_ack() -> 
     c.staged("bob.phone", 20_000, "new")
     c.delivered("bob.phone", 20_000)
     assert [w.preview for w in c.overdue(30_000)] == ["new"]  # rule 2's wake-up carries it
+
+
+def test_retried_is_rule6_alone_as_cluster_mode_settles_with_it() -> None:
+    wake = QueuedWake("bob.phone", 1_000, 601_000)
+    assert retried(RULES, wake, PushResult(Outcome.RETRY, retry_after_s=7), 2_000) == QueuedWake(
+        "bob.phone", 9_000, 601_000, 1)
+    assert retried(RULES, wake, RETRY, 2_000) == QueuedWake("bob.phone", 3_000, 601_000, 1)
+    assert retried(RULES, wake, PushResult(Outcome.REJECTED), 2_000) is None
+    assert retried(RULES, QueuedWake("bob.phone", 1_000, 601_000, RULES.max_attempts - 1), RETRY, 2_000) is None
+    assert retried(RULES, wake, RETRY, 600_000) is None  # due past its expiry
