@@ -86,7 +86,10 @@ class ClusterDeployment:
 
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """A started ``BrokerThread`` (``single``) or ``ClusterDeployment`` (``cluster``) under ``root``."""
+    """A started ``BrokerThread`` (``single``; ``lean``: with ``mqtt.lean_sessions``, chat sessions on the
+    sans-IO core) or ``ClusterDeployment`` (``cluster``) under ``root``."""
     if deployment == "cluster":
         return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
+    if deployment == "lean":
+        return BrokerThread(root / "data", {"mqtt.lean_sessions": True, **(overrides or {})}).start()
     return BrokerThread(root / "data", overrides).start()

@@ -1,0 +1,328 @@
+"""One chat device's connection on the lean path: an ``asyncio.Protocol`` over the sans-IO core.
+
+``data_received`` feeds ``broker.mqtt.ServerConnection``; its events drive everything else,
+and what it answers is written through the transport at the end of each call (a downlink
+burst from the bridge is written once per loop iteration). No task per packet, no queue:
+the core's buffer is the only one, and reading stops (``pause_reading``) while the client
+does not read what it is sent (``pause_writing``), while it is logged in, while it publishes
+faster than ``limits.publishes_per_s``, and while it leaves ``limits.max_unacked_downlinks``
+downlinks without PUBACK (then it is read slowly). Keepalive, the packet deadline and the
+CONNECT deadline are the core's ``deadline()``, watched by the broker's one ``SilenceWatch``.
+
+The session is also the device's inbox link (``broker.port.InboxLink``): the bridge calls
+``send`` once the device has subscribed to ``u/{me}/in``. Login, takeover, routing and the
+hand-off of a CONNECT that is not a chat session are the hub's (``broker.lean.LeanSessions``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from broker.chat_rules import grant, hand_uplink
+from broker.downlink import CLOSE_FLUSH_S, WRITE_BUFFER_HIGH
+from broker.mqtt.connection import ServerConnection, State
+from broker.mqtt.errors import ConnectRefused, ProtocolViolation
+from broker.mqtt.events import (
+    Closed,
+    Connect,
+    Disconnect,
+    Event,
+    NotHandled,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    Will,
+)
+from broker.pacing import Pacer
+from broker.wire import OVER_UNACKED_READ_S
+from chatproto import Caller, inbox_topic
+
+if TYPE_CHECKING:
+    from broker.lean import LeanSessions
+
+log = logging.getLogger(__name__)
+
+# Why reading is stopped (bits of ChatSession._holds).
+WRITING = 1  # the transport's buffer is over WRITE_BUFFER_HIGH
+LOGIN = 2  # the CONNECT is being checked
+PACING = 4  # too many publishes, or too many downlinks unacked: a pause
+NOT_PARSED = WRITING | PACING  # holds under which buffered packets are not parsed either
+
+
+class ChatSession(asyncio.Protocol):
+    __slots__ = (
+        "_flush_at",
+        "_holds",
+        "_hub",
+        "_inbox",
+        "_pacer",
+        "_qos",
+        "_resume",
+        "caller",
+        "conn",
+        "eof",
+        "head",
+        "listener",
+        "peer",
+        "transport",
+    )
+
+    def __init__(self, hub: LeanSessions, listener: str) -> None:
+        self._hub = hub
+        self.listener = listener
+        self.eof = False
+        self.transport: asyncio.Transport | None = None
+        self.peer = ("", 0)
+        self.conn: ServerConnection | None = None
+        self.head: list[bytes] | None = []
+        """The bytes received until the CONNECT is routed: what amqtt gets on a hand-off."""
+        self.caller: Caller | None = None
+        self._inbox = b""  # the inbox topic once linked (the bridge sends through ``send``)
+        self._qos = 1
+        self._holds = 0
+        self._flush_at: asyncio.Handle | None = None
+        self._resume: asyncio.TimerHandle | None = None
+        self._pacer: Pacer | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream server's
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        hub = self._hub
+        self.conn = ServerConnection(hub.limits, hub.now(), connect_timeout_s=hub.connect_timeout_s,
+                                     max_unacked=hub.max_unacked)
+        if not hub.opened(self):
+            self.conn.close("refused at accept")
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if self.head is not None:
+            self.head.append(data)
+        conn.receive_data(data, self._hub.now())
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.conn is not None:
+            self.conn.receive_data(b"", self._hub.now())
+            self._pump()
+        return True  # the close is ours to make (after what is queued is flushed)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None and (closed := self.conn.close("the connection was lost", "MQTT-3.1.2-8")):
+            self._end(closed.will, closed.reason)
+        self._hub.lost(self)
+
+    def pause_writing(self) -> None:
+        self._hold(WRITING)
+
+    def resume_writing(self) -> None:
+        self._release(WRITING)
+
+    # --- the inbox link (broker.port.InboxLink) -----------------------------------
+
+    @property
+    def client_id(self) -> str:
+        return self.caller.client_id if self.caller is not None else ""
+
+    def send(self, payload: bytes) -> None:
+        """A downlink item for the device's inbox (the bridge's ``DeviceLink.send``), in call order."""
+        conn = self.conn
+        if conn is None or conn.state is not State.CONNECTED or not self._inbox:
+            return  # gone: a staged item is redelivered on its next connection
+        if conn.publish(self._inbox, payload, self._qos) is None:
+            self._hub.dropped(self)
+            return
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_soon(self._flush)
+
+    # --- what the core says ---------------------------------------------------------
+
+    def _pump(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        while not self._holds & NOT_PARSED:
+            try:
+                event = conn.next_event()
+            except ConnectRefused as exc:
+                log.info("%s:%d refused: %s", *self.peer, exc)
+                self._end(None, str(exc))
+                return
+            except ProtocolViolation as exc:
+                log.info("%s:%d: closing the connection: %s", *self.peer, exc)
+                self._end(conn.will, str(exc))
+                return
+            if event is None:
+                break
+            if not self._on_event(event):
+                return
+        self._flush()
+
+    def _on_event(self, event: Event) -> bool:
+        """Act on one event; False: stop here (the session ended or was handed off)."""
+        if isinstance(event, Publish):
+            if self.caller is not None:
+                hand_uplink(self._hub.bridge, self._hub.counters, self.caller, event.topic, event.payload)
+            if event.qos == 1:
+                self.conn.puback(event.packet_id or 0)  # type: ignore[union-attr]  # set while pumping
+            self._pace()
+        elif isinstance(event, Subscribe):
+            self._subscribe(event)
+        elif isinstance(event, Unsubscribe):
+            if self._inbox and inbox_topic(self.caller.user) in event.filters:  # type: ignore[union-attr]
+                self._unlink()
+            self.conn.unsuback(event.packet_id)  # type: ignore[union-attr]
+        elif isinstance(event, Connect):
+            return self._hub.route(self, event)
+        elif isinstance(event, Disconnect):
+            self._end(None, "DISCONNECT")
+            return False
+        elif isinstance(event, Closed):
+            self._end(event.will, event.reason)
+            return False
+        elif isinstance(event, NotHandled):  # QoS 2: chat devices never use it (PROTOCOL.md)
+            closed = self.conn.close("QoS 2 on a chat session")  # type: ignore[union-attr]
+            self._end(closed.will if closed else None, "QoS 2 on a chat session")
+            return False
+        elif self.conn is not None and self.conn.over_unacked:  # a PUBACK, while over the cap
+            self._pause(OVER_UNACKED_READ_S)
+        return True
+
+    def _subscribe(self, event: Subscribe) -> None:
+        caller, conn = self.caller, self.conn
+        assert caller is not None and conn is not None
+        codes = [grant(caller, topic_filter, qos) for topic_filter, qos in event.filters]
+        conn.suback(event.packet_id, codes)
+        for (topic_filter, _), code in zip(event.filters, codes, strict=True):
+            if code <= 1:
+                self.link(code)
+                self._hub.remember_inbox(self, code)
+            else:
+                log.info("%s may not subscribe to %r", caller.client_id, topic_filter)
+
+    def _pace(self) -> None:
+        hub = self._hub
+        if hub.limits.publishes_per_s > 0:
+            now = hub.now()
+            if self._pacer is None:
+                self._pacer = Pacer(hub.limits.publishes_per_s, hub.limits.publish_burst, now)
+            delay = self._pacer.wait_s(now)
+            if delay > 0:
+                self._pause(delay)
+                return
+        if self.conn is not None and self.conn.over_unacked:
+            self._pause(OVER_UNACKED_READ_S)
+
+    # --- the hub's commands ----------------------------------------------------------
+
+    def accepted(self, caller: Caller, session_present: bool, inbox_qos: int | None) -> bool:
+        """The login succeeded: CONNACK, then what the client sent after CONNECT; False if it had gone."""
+        conn = self.conn
+        assert conn is not None
+        conn.accept(session_present)
+        if conn.state is not State.CONNECTED:
+            return False
+        self.caller = caller
+        if inbox_qos is not None:  # a resumed session keeps its inbox subscription [MQTT-3.1.2-4]
+            self.link(inbox_qos)
+        self._release(LOGIN)
+        self._pump()
+        return True
+
+    def refused(self, code: int, reason: str) -> None:
+        if self.conn is not None:
+            self.conn.refuse(code)
+        self._end(None, reason)
+
+    def link(self, qos: int) -> None:
+        """The inbox is subscribed at ``qos``: the bridge sends through this session (again: only the QoS)."""
+        self._qos = qos
+        if not self._inbox and self.caller is not None:
+            self._inbox = inbox_topic(self.caller.user).encode()
+            self._hub.bridge.device_online(self.caller.user, self)
+
+    def _unlink(self) -> None:
+        if self._inbox and self.caller is not None:
+            self._inbox = b""
+            self._hub.bridge.device_offline(self.caller.user, self)
+
+    def end(self, reason: str) -> None:
+        """Our side ends it (a takeover, a removed device, shutdown): as an abnormal disconnect."""
+        if self.conn is not None and (closed := self.conn.close(reason)) is not None:
+            self._end(closed.will, reason)
+
+    def handle_read_timeout(self) -> None:
+        """``SilenceWatch``: a deadline has passed (keepalive, packet, CONNECT)."""
+        if self.conn is not None and (closed := self.conn.check_time(self._hub.now())) is not None:
+            log.info("%s:%d %s: %s", *self.peer, self.client_id, closed.reason)
+            self._end(closed.will, closed.reason)
+
+    def overdue_at(self) -> float:
+        return self.conn.deadline() if self.conn is not None else 0.0
+
+    def hold(self) -> None:
+        """Stop reading while the CONNECT is checked."""
+        self._hold(LOGIN)
+
+    # --- the end ---------------------------------------------------------------------
+
+    def _end(self, will: Will | None, reason: str) -> None:
+        """The connection ends: the link goes, the will is published, what is queued is flushed."""
+        if self.transport is None:
+            return
+        log.debug("%s:%d %s ended: %s", *self.peer, self.client_id, reason)
+        self._unlink()
+        self._hub.ended(self)
+        if will is not None and self.caller is not None:  # [MQTT-3.1.2-8]; checked at login (chat_rules.may_will)
+            hand_uplink(self._hub.bridge, self._hub.counters, self.caller, will.topic, will.message)
+        for handle in (self._flush_at, self._resume):
+            if handle is not None:
+                handle.cancel()
+        self._flush_at = self._resume = None
+        self._flush()
+        transport, self.transport = self.transport, None
+        if transport.get_write_buffer_size():
+            transport.close()  # flushes what is queued, for at most CLOSE_FLUSH_S
+            asyncio.get_running_loop().call_later(CLOSE_FLUSH_S, transport.abort)
+        else:
+            transport.close()
+
+    # --- reading and writing ------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        transport, conn = self.transport, self.conn
+        if transport is not None and conn is not None and (data := conn.data_to_send()):
+            transport.write(data)
+
+    def _hold(self, why: int) -> None:
+        if not self._holds and self.transport is not None:
+            self.transport.pause_reading()
+        self._holds |= why
+
+    def _release(self, why: int) -> None:
+        if not self._holds & why:
+            return
+        self._holds &= ~why
+        if not self._holds and self.transport is not None:
+            self.transport.resume_reading()
+            self._pump()
+
+    def _pause(self, delay_s: float) -> None:
+        if self._holds & PACING:
+            return
+        self._hold(PACING)
+        self._resume = asyncio.get_running_loop().call_later(delay_s, self._paused_enough)
+
+    def _paused_enough(self) -> None:
+        self._resume = None
+        self._release(PACING)
