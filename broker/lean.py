@@ -143,6 +143,7 @@ class LeanSessions:
         self._give(session)
         if session.accepted(caller, present, inbox) and session.transport is not None:
             self._live[client_id] = session
+            self._silence().watch(session)  # its keepalive may fall due before the CONNECT deadline it waited for
             if not connect.clean_session:
                 self._persistent.setdefault(client_id, None)
 

@@ -90,6 +90,9 @@ def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
     sans-IO core) or ``ClusterDeployment`` (``cluster``) under ``root``."""
     if deployment == "cluster":
         return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
-    if deployment == "lean":
-        return BrokerThread(root / "data", {"mqtt.lean_sessions": True, **(overrides or {})}).start()
-    return BrokerThread(root / "data", overrides).start()
+    return BrokerThread(root / "data", settings_of(deployment, overrides)).start()
+
+
+def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config overrides of a one-process deployment (``single``, ``lean``), plus ``overrides``."""
+    return {**({"mqtt.lean_sessions": True} if deployment == "lean" else {}), **(overrides or {})}
