@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from broker.chat_rules import grant, hand_uplink
 from broker.downlink import CLOSE_FLUSH_S, WRITE_BUFFER_HIGH
@@ -89,17 +89,16 @@ class ChatSession(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream server's
-        self.transport = transport
+        self.transport = cast("asyncio.Transport", transport)  # a stream server's (uvloop's is no subclass)
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         hub = self._hub
         self.conn = ServerConnection(hub.limits, hub.now(), connect_timeout_s=hub.connect_timeout_s,
                                      max_unacked=hub.max_unacked)
         if not hub.opened(self):
             self.conn.close("refused at accept")
-            transport.abort()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
