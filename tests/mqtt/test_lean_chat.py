@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from testkit.packets import PINGREQ, connect_packet, publish_packet, subscribe_packet
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
@@ -25,10 +26,12 @@ from tests.mqtt.conftest import USERS, Target
 from tests.mqtt.test_malformed import AFTER_CONNACK, ALSO_STOCK_AFTER
 
 
-@pytest.fixture
-def lean_broker(tmp_path: Path) -> Iterator[BrokerThread]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def lean_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerThread]:
+    """A lean broker on asyncio's loop and on uvloop's (``chat-broker run``'s: its transports differ)."""
+    loop = uvloop.new_event_loop() if request.param == "uvloop" else None
     chat = BrokerThread(tmp_path / "data", {"mqtt": {"lean_sessions": True, "allow_anonymous": True},
-                                            "listeners.ws.bind": "127.0.0.1:0"}).start()
+                                            "listeners.ws.bind": "127.0.0.1:0"}, loop).start()
     for name, password in USERS.items():
         chat.add_user(name, password)
     yield chat
