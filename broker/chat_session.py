@@ -114,11 +114,14 @@ class ChatSession(asyncio.Protocol):
         if self.conn is not None:
             self.conn.receive_data(b"", self._hub.now())
             self._pump()
-        return True  # the close is ours to make (after what is queued is flushed)
+        # TCP: the close is ours to make, once the packets before the end are handled (reading may be
+        # paused). TLS closes on its own after this (and warns if told otherwise).
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None and (closed := self.conn.close("the connection was lost", "MQTT-3.1.2-8")):
-            self._end(closed.will, closed.reason)
+            self._end(closed.will, closed.reason, lost=True)
+        self.transport = None
         self._hub.lost(self)
 
     def pause_writing(self) -> None:
@@ -274,8 +277,9 @@ class ChatSession(asyncio.Protocol):
 
     # --- the end ---------------------------------------------------------------------
 
-    def _end(self, will: Will | None, reason: str) -> None:
-        """The connection ends: the link goes, the will is published, what is queued is flushed."""
+    def _end(self, will: Will | None, reason: str, lost: bool = False) -> None:
+        """The connection ends: the link goes, the will is published, what is queued is flushed (unless the
+        transport is ``lost``: a write to a closed uvloop transport raises)."""
         if self.transport is None:
             return
         log.debug("%s:%d %s ended: %s", *self.peer, self.client_id, reason)
@@ -287,6 +291,9 @@ class ChatSession(asyncio.Protocol):
             if handle is not None:
                 handle.cancel()
         self._flush_at = self._resume = None
+        if lost:
+            self.transport = None
+            return
         self._flush()
         transport, self.transport = self.transport, None
         if transport.get_write_buffer_size():

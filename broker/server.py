@@ -137,7 +137,7 @@ class ChatBroker(ConformantBroker):
     async def _open_listeners(self) -> None:
         if self.settings.lean_sessions:
             self.lean = LeanSessions(self.settings, self._auth, self.bridge, self.counters, self._unauthenticated,
-                                     self._silence_watch, self._take_over, self._lean_handed_off)
+                                     self._silence_watch, self._take_over, self.stream_connected)
         for listener in self.settings.listeners:
             name, host, port = listener.name, listener.host, listener.port
             tls = tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
@@ -190,11 +190,6 @@ class ChatBroker(ConformantBroker):
                 host, port = sockets[0].getsockname()[:2]
                 result[name] = (str(host), int(port))
         return result
-
-    async def _lean_handed_off(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               listener_name: str) -> None:
-        """A connection of a lean listener whose CONNECT is not a chat session's (broker/lean.py)."""
-        await self.stream_connected(reader, writer, listener_name)
 
     # --- behind a load balancer (broker/front.py) ---------------------------------
 
