@@ -11,16 +11,17 @@ CONNECT deadline are the core's ``deadline()``, watched by the broker's one ``Si
 
 The session is also the device's inbox link (``broker.port.InboxLink``): the bridge calls
 ``send`` once the device has subscribed to ``u/{me}/in``. Login, takeover, routing and the
-hand-off of a CONNECT that is not a chat session are the hub's (``broker.lean.LeanSessions``).
+hand-off of a CONNECT that is not a chat session are the hub's (``SessionHub``: ``broker.lean.LeanSessions``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from broker.chat_rules import grant, hand_uplink
+from broker.counters import BrokerCounters
 from broker.downlink import CLOSE_FLUSH_S, WRITE_BUFFER_HIGH
 from broker.mqtt.connection import ServerConnection, State
 from broker.mqtt.errors import ConnectRefused, ProtocolViolation
@@ -35,12 +36,11 @@ from broker.mqtt.events import (
     Unsubscribe,
     Will,
 )
+from broker.mqtt.limits import WireLimits
 from broker.pacing import Pacer
+from broker.port import ChatPort
 from broker.wire import OVER_UNACKED_READ_S
 from chatproto import Caller, inbox_topic
-
-if TYPE_CHECKING:
-    from broker.lean import LeanSessions
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,33 @@ WRITING = 1  # the transport's buffer is over WRITE_BUFFER_HIGH
 LOGIN = 2  # the CONNECT is being checked
 PACING = 4  # too many publishes, or too many downlinks unacked: a pause
 NOT_PARSED = WRITING | PACING  # holds under which buffered packets are not parsed either
+
+
+class SessionHub(Protocol):
+    """What a session needs of the broker's lean layer (``broker.lean.LeanSessions``)."""
+
+    limits: WireLimits
+    connect_timeout_s: float
+    max_unacked: int
+    bridge: ChatPort
+    counters: BrokerCounters
+
+    def now(self) -> float: ...
+
+    def opened(self, session: ChatSession) -> bool:
+        """A connection was accepted; False: close it at once."""
+
+    def route(self, session: ChatSession, connect: Connect) -> bool:
+        """The CONNECT came: True if this session serves it (a login starts), False if it was handed off."""
+
+    def remember_inbox(self, session: ChatSession, qos: int) -> None: ...
+
+    def dropped(self, session: ChatSession) -> None:
+        """A downlink was not sent: the unacked cap."""
+
+    def ended(self, session: ChatSession) -> None: ...
+
+    def lost(self, session: ChatSession) -> None: ...
 
 
 class ChatSession(asyncio.Protocol):
@@ -69,7 +96,7 @@ class ChatSession(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, hub: LeanSessions, listener: str) -> None:
+    def __init__(self, hub: SessionHub, listener: str) -> None:
         self._hub = hub
         self.listener = listener
         self.eof = False
