@@ -82,7 +82,8 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
     # clients log in as ever new devices: the device limit is not tested here either.
     overrides = {"limits.send_rate_per_s": 1e6, "limits.send_burst": 1_000_000,
                  "limits.max_devices_per_message": 1000, "limits.max_devices_per_user": 1000}
-    running = BrokerThread(Path(tmp_path_factory.mktemp("fuzz")) / "data", settings_of(request.param, overrides)).start()
+    home = Path(tmp_path_factory.mktemp("fuzz"))
+    running = BrokerThread(home / "data", settings_of(request.param, overrides)).start()
     made: list[Peer] = []
     try:
         for name in ("alice", "bob", "mallory"):
