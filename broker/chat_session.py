@@ -93,15 +93,18 @@ class ChatSession(asyncio.Protocol):
         "head",
         "listener",
         "peer",
+        "proxied",
         "transport",
     )
 
-    def __init__(self, hub: SessionHub, listener: str) -> None:
+    def __init__(self, hub: SessionHub, listener: str, client: tuple[str, int] | None = None) -> None:
+        """``client``: the address a PROXY header named (broker/front.py), in place of the socket's peer."""
         self._hub = hub
         self.listener = listener
         self.eof = False
         self.transport: asyncio.Transport | None = None
-        self.peer = ("", 0)
+        self.proxied = client is not None
+        self.peer = client or ("", 0)
         self.conn: ServerConnection | None = None
         self.head: list[bytes] | None = []
         """The bytes received until the CONNECT is routed: what amqtt gets on a hand-off."""
@@ -118,7 +121,8 @@ class ChatSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)  # a stream server's (uvloop's is no subclass)
         peer = transport.get_extra_info("peername")
-        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
+        if not self.proxied:
+            self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         hub = self._hub
         self.conn = ServerConnection(hub.limits, hub.now(), connect_timeout_s=hub.connect_timeout_s,

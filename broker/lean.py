@@ -1,6 +1,6 @@
 """The lean connection layer (``mqtt.lean_sessions``): chat sessions on the sans-IO core, the rest on amqtt.
 
-With the setting on, the tcp and tls listeners (not behind a PROXY header) serve every
+With the setting on, the tcp and tls listeners serve every
 connection with a ``ChatSession`` (broker/chat_session.py), an ``asyncio.Protocol`` over
 ``broker.mqtt.ServerConnection``. Its first CONNECT decides the path
 (``chat_rules.lean_caller``):
@@ -14,8 +14,9 @@ connection with a ``ChatSession`` (broker/chat_session.py), an ``asyncio.Protoco
   protocol (``broker.streams.stream_protocol``), which is given the bytes read so far, and
   ``ChatBroker.stream_connected`` serves it from the start, as if it had just connected.
 
-WebSocket listeners and listeners behind a PROXY header stay on amqtt's path in this step
-(docs/AMQTT.md, "Two connection paths").
+Listeners behind a PROXY header take the same path, with the header's client as the peer
+(``proxied``); WebSocket listeners stay on amqtt's path in this step (docs/AMQTT.md, "Two
+connection paths").
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from broker.counters import BrokerCounters
 from broker.mqtt.events import Connect
 from broker.mqtt.limits import WireLimits
 from broker.port import ChatPort
+from broker.proxy_protocol import Address
 from broker.settings import BrokerSettings
 from broker.silence import SilenceWatch
 from broker.streams import stream_protocol
@@ -43,6 +45,7 @@ from chatproto import Caller
 log = logging.getLogger(__name__)
 
 StreamConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
+ProxiedConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Address, str], Awaitable[None]]
 
 
 class LeanSessions:
@@ -50,7 +53,8 @@ class LeanSessions:
 
     def __init__(self, settings: BrokerSettings, auth: Authenticator, bridge: ChatPort, counters: BrokerCounters,
                  unauthenticated: AddressSlots, silence: Callable[[], SilenceWatch],
-                 take_over_amqtt: Callable[[str], Awaitable[None]], stream_connected: StreamConnected) -> None:
+                 take_over_amqtt: Callable[[str], Awaitable[None]], stream_connected: StreamConnected,
+                 proxied_connected: ProxiedConnected) -> None:
         self.limits: WireLimits = settings.wire
         self.connect_timeout_s = settings.connect_timeout_s
         self.max_unacked = settings.max_unacked_downlinks
@@ -63,6 +67,7 @@ class LeanSessions:
         self._silence = silence
         self._take_over_amqtt = take_over_amqtt
         self._stream_connected = stream_connected
+        self._proxied_connected = proxied_connected
         self.servers: dict[str, Server] = {}
         self._open: dict[ChatSession, str | None] = {}  # every session open here -> its address while not logged in
         self._live: dict[str, ChatSession] = {}  # client id -> its logged-in session
@@ -77,6 +82,10 @@ class LeanSessions:
     async def listen(self, name: str, host: str, port: int, **kwargs: Any) -> asyncio.Server:
         """A tcp or tls listener whose connections are ``ChatSession``s (kwargs: ``create_server``'s)."""
         return await self._loop.create_server(lambda: ChatSession(self, name), host, port, **kwargs)
+
+    def proxied(self, name: str) -> Callable[[Address], Callable[[], ChatSession]]:
+        """For a listener behind a PROXY header (``ProxiedServer``): sessions whose peer is the header's client."""
+        return lambda client: lambda: ChatSession(self, name, client)
 
     # --- a session's life -----------------------------------------------------------------
 
@@ -213,7 +222,14 @@ class LeanSessions:
         self.lost(session)
         self.counters.accepted[name] -= 1  # amqtt's path counts it again
         session.transport = None
-        stream = stream_protocol(lambda reader, writer: self._stream_connected(reader, writer, name))()
+        client = session.peer
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
+            if session.proxied:
+                return self._proxied_connected(reader, writer, client, name)
+            return self._stream_connected(reader, writer, name)
+
+        stream = stream_protocol(connected)()
         transport.set_protocol(stream)
         stream.connection_made(transport)
         if head:

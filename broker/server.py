@@ -137,7 +137,8 @@ class ChatBroker(ConformantBroker):
     async def _open_listeners(self) -> None:
         if self.settings.lean_sessions:
             self.lean = LeanSessions(self.settings, self._auth, self.bridge, self.counters, self._unauthenticated,
-                                     self._silence_watch, self._take_over, self.stream_connected)
+                                     self._silence_watch, self._take_over, self.stream_connected,
+                                     self.proxied_connected)
         for listener in self.settings.listeners:
             name, host, port = listener.name, listener.host, listener.port
             tls = tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
@@ -147,7 +148,7 @@ class ChatBroker(ConformantBroker):
                     instance = await start_proxied_server(
                         name, partial(self.proxied_connected, listener_name=name), host, port, trusted=self._trusted,
                         deadline_s=self.settings.connect_timeout_s, tls=tls, reuse_port=listener.reuse_port,
-                        counters=self.counters,
+                        counters=self.counters, protocol_for=self.lean.proxied(name) if self.lean else None,
                     )
                 elif name in ("tcp", "tls") and self.lean is not None:
                     instance = await self.lean.listen(name, host, port, ssl=tls, reuse_address=True,
