@@ -68,7 +68,7 @@ class SessionHub(Protocol):
     def route(self, session: ChatSession, connect: Connect) -> bool:
         """The CONNECT came: True if this session serves it (a login starts), False if it was handed off."""
 
-    def remember_inbox(self, session: ChatSession, qos: int) -> None: ...
+    def remember_inbox(self, session: ChatSession, qos: int | None) -> None: ...
 
     def dropped(self, session: ChatSession) -> None:
         """A downlink was not sent: the unacked cap."""
@@ -213,6 +213,7 @@ class ChatSession(asyncio.Protocol):
         elif isinstance(event, Unsubscribe):
             if self._inbox and inbox_topic(self.caller.user) in event.filters:  # type: ignore[union-attr]
                 self._unlink()
+                self._hub.remember_inbox(self, None)
             self.conn.unsuback(event.packet_id)  # type: ignore[union-attr]
         elif isinstance(event, Connect):
             return self._hub.route(self, event)

@@ -150,6 +150,9 @@ class LeanSessions:
             self._persistent.pop(client_id, None)  # [MQTT-3.1.2-6]
         inbox = self._persistent.get(client_id) if present else None
         self._give(session)
+        # Again, with no await before the registration below: a login of the same id may have
+        # registered while the takeover of an amqtt connection was awaited.
+        self.end_live(client_id, "taken over by a new connection")
         if session.accepted(caller, present, inbox) and session.transport is not None:
             self._live[client_id] = session
             self._silence().watch(session)  # its keepalive may fall due before the CONNECT deadline it waited for
@@ -172,8 +175,9 @@ class LeanSessions:
         """Nothing of ``client_id`` is resumed (a removed device)."""
         self._persistent.pop(client_id, None)
 
-    def remember_inbox(self, session: ChatSession, qos: int) -> None:
-        """A persistent session's inbox subscription, linked again when it resumes [MQTT-3.1.2-4]."""
+    def remember_inbox(self, session: ChatSession, qos: int | None) -> None:
+        """A persistent session's inbox subscription (None: unsubscribed), linked again when it resumes
+        [MQTT-3.1.2-4]."""
         if session.client_id in self._persistent:
             self._persistent[session.client_id] = qos
 

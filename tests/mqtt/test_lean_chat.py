@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from testkit.packets import PINGREQ, connect_packet, publish_packet, subscribe_packet
+from testkit.packets import PINGREQ, connect_packet, publish_packet, subscribe_packet, unsubscribe_packet
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.mqtt.conftest import USERS, Target
 from tests.mqtt.test_malformed import AFTER_CONNACK, ALSO_STOCK_AFTER
@@ -167,3 +167,16 @@ def test_anonymous_chat_client_id_is_refused(lean: Target) -> None:
     raw = lean.raw()
     raw.send(connect_packet("alice.phone"))
     assert raw.connack() == 0x02
+
+
+def test_unsubscribed_inbox_is_not_resumed(lean_broker: BrokerThread, lean: Target) -> None:
+    old, _ = lean.connect("alice.phone", "alice", clean=False)
+    old.send(subscribe_packet(1, "u/alice/in"))
+    assert old.suback(1) == [1]
+    old.send(unsubscribe_packet(2, "u/alice/in"))
+    assert old.expect(11).packet_id == 2  # UNSUBACK
+    assert not _linked(lean_broker, "alice.phone")
+    old.close()
+    _, present = lean.connect("alice.phone", "alice", clean=False)
+    assert present is True  # the session, without its subscription [MQTT-3.2.2-2]
+    assert not _linked(lean_broker, "alice.phone")
