@@ -196,25 +196,26 @@ class ChatSession(asyncio.Protocol):
                 return
             if event is None:
                 break
-            if not self._on_event(event):
+            if not self._on_event(conn, event):
                 return
         self._flush()
 
-    def _on_event(self, event: Event) -> bool:
+    def _on_event(self, conn: ServerConnection, event: Event) -> bool:
         """Act on one event; False: stop here (the session ended or was handed off)."""
+        caller = self.caller
         if isinstance(event, Publish):
-            if self.caller is not None:
-                hand_uplink(self._hub.bridge, self._hub.counters, self.caller, event.topic, event.payload)
+            if caller is not None:
+                hand_uplink(self._hub.bridge, self._hub.counters, caller, event.topic, event.payload)
             if event.qos == 1:
-                self.conn.puback(event.packet_id or 0)  # type: ignore[union-attr]  # set while pumping
-            self._pace()
-        elif isinstance(event, Subscribe):
-            self._subscribe(event)
-        elif isinstance(event, Unsubscribe):
-            if self._inbox and inbox_topic(self.caller.user) in event.filters:  # type: ignore[union-attr]
+                conn.puback(event.packet_id or 0)  # QoS 1 has one
+            self._pace(conn, published=True)
+        elif isinstance(event, Subscribe) and caller is not None:
+            self._subscribe(conn, caller, event)
+        elif isinstance(event, Unsubscribe) and caller is not None:
+            if self._inbox and inbox_topic(caller.user) in event.filters:
                 self._unlink()
                 self._hub.remember_inbox(self, None)
-            self.conn.unsuback(event.packet_id)  # type: ignore[union-attr]
+            conn.unsuback(event.packet_id)
         elif isinstance(event, Connect):
             return self._hub.route(self, event)
         elif isinstance(event, Disconnect):
@@ -224,16 +225,14 @@ class ChatSession(asyncio.Protocol):
             self._end(event.will, event.reason)
             return False
         elif isinstance(event, NotHandled):  # QoS 2: chat devices never use it (PROTOCOL.md)
-            closed = self.conn.close("QoS 2 on a chat session")  # type: ignore[union-attr]
+            closed = conn.close("QoS 2 on a chat session")
             self._end(closed.will if closed else None, "QoS 2 on a chat session")
             return False
-        elif self.conn is not None and self.conn.over_unacked:  # a PUBACK, while over the cap
-            self._pause(OVER_UNACKED_READ_S)
+        else:  # a PUBACK
+            self._pace(conn, published=False)
         return True
 
-    def _subscribe(self, event: Subscribe) -> None:
-        caller, conn = self.caller, self.conn
-        assert caller is not None and conn is not None
+    def _subscribe(self, conn: ServerConnection, caller: Caller, event: Subscribe) -> None:
         codes = [grant(caller, topic_filter, qos) for topic_filter, qos in event.filters]
         conn.suback(event.packet_id, codes)
         for (topic_filter, _), code in zip(event.filters, codes, strict=True):
@@ -243,17 +242,19 @@ class ChatSession(asyncio.Protocol):
             else:
                 log.info("%s may not subscribe to %r", caller.client_id, topic_filter)
 
-    def _pace(self) -> None:
-        hub = self._hub
-        if hub.limits.publishes_per_s > 0:
-            now = hub.now()
+    def _pace(self, conn: ServerConnection, published: bool) -> None:
+        """Read more slowly: past ``limits.publishes_per_s``, and while over the unacked cap (its PUBACKs may
+        be queued behind its own publishes, so it is read, slowly)."""
+        limits = self._hub.limits
+        if published and limits.publishes_per_s > 0:
+            now = self._hub.now()
             if self._pacer is None:
-                self._pacer = Pacer(hub.limits.publishes_per_s, hub.limits.publish_burst, now)
+                self._pacer = Pacer(limits.publishes_per_s, limits.publish_burst, now)
             delay = self._pacer.wait_s(now)
             if delay > 0:
                 self._pause(delay)
                 return
-        if self.conn is not None and self.conn.over_unacked:
+        if conn.over_unacked:
             self._pause(OVER_UNACKED_READ_S)
 
     # --- the hub's commands ----------------------------------------------------------
