@@ -41,7 +41,7 @@ from typing import Any
 
 from bench import groups, media, metrics_cost, mqtt_core, report, scale
 from bench.common import RESULTS, BenchError, fd_hard_limit, machine_info, raise_fd_limit, write_results
-from bench.suite import SIZES, TARGETS, Suite, sizes_dict
+from bench.suite import MORE_TARGETS, SIZES, TARGETS, Suite, sizes_dict
 from bench.targets import mosquitto_available
 
 SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost", "scale", "groups", "mqtt-core",
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     size.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; numbers meaningless)")
-    parser.add_argument("--targets", help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)});"
+    parser.add_argument("--targets", help=f"brokers for compare/idle, comma-separated (default {','.join(TARGETS)};"
+                                           f" also {','.join(MORE_TARGETS)});"
                                            f" scale: {','.join(scale.TARGETS)} (also cluster1,cluster1-nowb)")
     parser.add_argument("--redis-replicas", type=int, default=0,
                         help="scale: replicas per Redis master (default 0: 3 masters without replicas)")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
         sizes = dataclasses.replace(sizes, **overrides)
-    known, default = (scale.ALL_TARGETS, scale.TARGETS) if args.scenario == "scale" else (TARGETS, TARGETS)
+    known, default = ((scale.ALL_TARGETS, scale.TARGETS) if args.scenario == "scale"
+                      else ((*TARGETS, *MORE_TARGETS), TARGETS))
     targets = [t.strip() for t in (args.targets or ",".join(default)).split(",") if t.strip()]
     unknown = set(targets) - set(known)
     if unknown:

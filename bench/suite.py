@@ -28,7 +28,7 @@ from typing import Any
 from bench.common import BenchError, CpuMeter, fd_hard_limit, rss_kib, summarise
 from bench.loadgen import LoadGen, samples
 from bench.profiling import Profiler
-from bench.targets import AmqttServer, ChatServer, MosquittoServer, Server
+from bench.targets import AmqttServer, ChatServer, LeanChatServer, MosquittoServer, Server
 from bench.users import make_template
 
 PAIR_WORKERS = (0, 1)
@@ -65,6 +65,7 @@ SIZES = {
 }
 
 TARGETS = ("chat", "amqtt", "mosquitto")
+MORE_TARGETS = ("chat-lean",)  # by name only (--targets): ours with mqtt.lean_sessions
 
 
 def idle_user(i: int) -> str:
@@ -185,8 +186,9 @@ class Suite:
             self._gen = None
 
     def server(self, name: str, extra_config: str = "") -> Server:
-        if name == "chat":
-            server: Server = ChatServer(self.workdir, self.template(), extra_config)
+        if name in ("chat", "chat-lean"):
+            kind = ChatServer if name == "chat" else LeanChatServer
+            server: Server = kind(self.workdir, self.template(), extra_config)
             assert isinstance(server, ChatServer)
             server.fresh_data()
             return server

@@ -204,6 +204,17 @@ class ChatServer(Server):
         return READY
 
 
+class LeanChatServer(ChatServer):
+    """Our broker with ``mqtt.lean_sessions``: chat sessions on the sans-IO core (broker/lean.py)."""
+
+    name = "chat-lean"
+    label = "chat-broker (lean sessions)"
+
+    def __init__(self, workdir: Path, template: Path, extra_config: str = "") -> None:
+        super().__init__(workdir, template, "mqtt:\n  lean_sessions: true\n" + extra_config)
+        self.data_dir = workdir / "chat-lean-data"
+
+
 class ClusterChatServer(ChatServer):
     """Our broker in cluster mode: ``--cluster URL --node-id bench --workers N`` (one node per worker,
     sharing the port with SO_REUSEPORT). Users live in Redis (``bench.users.seed_redis``): the data

@@ -53,6 +53,8 @@ class ListenerError(Exception):
 
 
 ProxiedConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Address], Awaitable[None]]
+ProtocolFor = Callable[[Address], Callable[[], asyncio.BaseProtocol]]
+"""The client a PROXY header named -> the protocol factory for its connection (the lean path, broker/lean.py)."""
 
 
 class ClientWriter(StreamWriterAdapter):
@@ -108,10 +110,12 @@ class ProxiedServer:
     ``asyncio.Server`` the broker uses: ``sockets``, ``is_serving``, ``close``, ``wait_closed``)."""
 
     def __init__(self, name: str, sock: socket.socket, connected: ProxiedConnected, trusted: TrustedProxies,
-                 deadline_s: float, tls: ssl.SSLContext | None, counters: BrokerCounters) -> None:
+                 deadline_s: float, tls: ssl.SSLContext | None, counters: BrokerCounters,
+                 protocol_for: ProtocolFor | None = None) -> None:
         self.name = name
         self.sockets = [sock]
         self._connected = connected
+        self._protocol_for = protocol_for
         self._trusted = trusted
         self._deadline_s = deadline_s
         self._tls = tls
@@ -164,7 +168,9 @@ class ProxiedServer:
         log.debug("%s:%d is %s:%d (PROXY header)", *peer, *client)
         try:
             # The transport owns the socket from here, and closes it if the TLS handshake fails.
-            factory = stream_protocol(lambda reader, writer: self._connected(reader, writer, client))
+            factory: Callable[[], asyncio.BaseProtocol] = (
+                self._protocol_for(client) if self._protocol_for is not None
+                else stream_protocol(lambda reader, writer: self._connected(reader, writer, client)))
             handshake_s = self._deadline_s if self._tls else None
             await loop.connect_accepted_socket(factory, sock, ssl=self._tls, ssl_handshake_timeout=handshake_s)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
@@ -177,13 +183,14 @@ class ProxiedServer:
 
 async def start_proxied_server(name: str, connected: ProxiedConnected, host: str, port: int, *,
                                trusted: TrustedProxies, deadline_s: float, tls: ssl.SSLContext | None,
-                               reuse_port: bool, counters: BrokerCounters) -> ProxiedServer:
+                               reuse_port: bool, counters: BrokerCounters,
+                               protocol_for: ProtocolFor | None = None) -> ProxiedServer:
     """Listen on ``host:port`` (its first address) for connections that start with a PROXY header."""
     family, _, _, _, address = (await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0]
     sock = socket.create_server(address[:2], family=family, backlog=BACKLOG, reuse_port=reuse_port)
     sock.setblocking(False)  # SO_REUSEADDR: create_server sets it
-    return ProxiedServer(name, sock, connected, trusted, deadline_s, tls, counters)
+    return ProxiedServer(name, sock, connected, trusted, deadline_s, tls, counters, protocol_for)
 
 
 def only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:

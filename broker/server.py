@@ -51,6 +51,7 @@ from websockets.asyncio.server import ServerConnection
 from broker.acl import NO_ACCESS, TopicAcl
 from broker.admission import AddressSlots
 from broker.auth import ACCEPTED, BAD_CREDENTIALS, IDENTIFIER_REJECTED, Authenticator, LoginResult
+from broker.chat_rules import hand_uplink, refuse_publish
 from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
@@ -64,6 +65,7 @@ from broker.front import (
     tls_context,
 )
 from broker.handler import ChatProtocolHandler
+from broker.lean import LeanSessions
 from broker.link import SessionLink
 from broker.logs import WS_LOG, bind_client, bind_connection
 from broker.mqtt.connection import keepalive_deadline
@@ -119,6 +121,7 @@ class ChatBroker(ConformantBroker):
         self._silence: SilenceWatch | None = None  # made in the broker's loop, at the first keepalive
         self.counters = BrokerCounters()  # read by chatserver.metrics at scrape time
         self._downlink_policy = DownlinkPolicy(settings.max_unacked_downlinks, self.counters)
+        self.lean: LeanSessions | None = None  # mqtt.lean_sessions: chat sessions on the sans-IO core (broker/lean.py)
 
     # --- listeners --------------------------------------------------------------
 
@@ -132,6 +135,10 @@ class ChatBroker(ConformantBroker):
         """amqtt's hook; our listeners are already open (see ``start``)."""
 
     async def _open_listeners(self) -> None:
+        if self.settings.lean_sessions:
+            self.lean = LeanSessions(self.settings, self._auth, self.bridge, self.counters, self._unauthenticated,
+                                     self._silence_watch, self._take_over, self.stream_connected,
+                                     self.proxied_connected)
         for listener in self.settings.listeners:
             name, host, port = listener.name, listener.host, listener.port
             tls = tls_context(name, listener.certfile, listener.keyfile) if name in ("tls", "wss") else None
@@ -141,8 +148,11 @@ class ChatBroker(ConformantBroker):
                     instance = await start_proxied_server(
                         name, partial(self.proxied_connected, listener_name=name), host, port, trusted=self._trusted,
                         deadline_s=self.settings.connect_timeout_s, tls=tls, reuse_port=listener.reuse_port,
-                        counters=self.counters,
+                        counters=self.counters, protocol_for=self.lean.proxied(name) if self.lean else None,
                     )
+                elif name in ("tcp", "tls") and self.lean is not None:
+                    instance = await self.lean.listen(name, host, port, ssl=tls, reuse_address=True,
+                                                      reuse_port=listener.reuse_port)
                 elif name in ("tcp", "tls"):
                     instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True,
@@ -160,6 +170,8 @@ class ChatBroker(ConformantBroker):
                     f"listeners.{name}.bind: cannot listen on {listener.bind}: {exc.strerror or exc}"
                 ) from None
             self._servers[name] = Server(name, instance, listener.max_connections)
+            if self.lean is not None:
+                self.lean.servers[name] = self._servers[name]
             log.info("listening: %s on %s", name, self.bound_addresses()[name])
 
     def open_connections(self) -> dict[str, int]:
@@ -282,7 +294,9 @@ class ChatBroker(ConformantBroker):
         return handler, self._session_for(incoming)
 
     async def _take_over(self, client_id: str) -> None:
-        """MQTT-3.1.4-2: a new authenticated connection closes the old one first."""
+        """MQTT-3.1.4-2: a new authenticated connection closes the old one first (on either path)."""
+        if self.lean is not None:
+            self.lean.end_live(client_id, "taken over by a new connection")
         old_task = self._live.get(client_id)
         if old_task is None or old_task.done():
             return
@@ -294,6 +308,9 @@ class ChatBroker(ConformantBroker):
 
     async def close_session(self, client_id: str) -> None:
         """Disconnect ``client_id`` if it is connected (``devices.remove``); its session is discarded."""
+        if self.lean is not None:
+            self.lean.forget(client_id)
+            self.lean.end_live(client_id, "the device was removed")
         entry = self._sessions.get(client_id)
         task = self._live.get(client_id)
         if entry is None or task is None or task.done():
@@ -534,18 +551,10 @@ class ChatBroker(ConformantBroker):
 
     def _chat_uplink(self, session: Session, caller: Caller, topic: str, data: bytes) -> None:
         """A chat device's publish on ``u/...`` (also ChatProtocolHandler.handle_publish's fast path)."""
-        kind = uplink_kind(caller.user, topic)
-        if kind is None:
-            self._refuse_publish(session, caller, topic)
-            return
-        self.counters.publish(kind)
-        self.bridge.on_uplink(caller, kind, data)
+        hand_uplink(self.bridge, self.counters, caller, topic, data)
 
     def _refuse_publish(self, session: Session, caller: Caller | None, topic: str) -> None:
-        self.counters.publish("forbidden")
-        log.info("%s may not publish to %r", session.client_id, topic)
-        if caller is not None:
-            self.bridge.refuse_topic(caller, topic)
+        refuse_publish(self.bridge, self.counters, session.client_id or "", caller, topic)
 
     async def _dispatch(self, session: Session, topic: str, data: bytes, qos: int | None, retain: bool) -> None:
         caller = _chat_identity(session)
@@ -591,6 +600,8 @@ class ChatBroker(ConformantBroker):
             instance = server.instance
             if instance is not None:
                 instance.close()
+        if self.lean is not None:
+            self.lean.close_all()
         await super().shutdown()
         await self.bridge.close()
 

@@ -35,27 +35,12 @@ from broker.mqtt.connection import check_keepalive
 from broker.mqtt.errors import ProtocolViolation
 from broker.mqtt.events import Connect
 from broker.mqtt.limits import WireLimits
+from broker.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
 OVER_UNACKED_READ_S = 0.05
 """Pause before each packet read from a connection over ``limits.max_unacked_downlinks``."""
-
-
-class Pacer:
-    """A token bucket that says how long to wait instead of refusing (pure: the caller passes the time)."""
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._stamp = now
-
-    def wait_s(self, now: float) -> float:
-        """Take one token; the seconds to wait before using it (0: at once)."""
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate) - 1.0
-        self._stamp = now
-        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 def check_connect(body: bytes, limits: WireLimits) -> Connect:

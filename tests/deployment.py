@@ -86,7 +86,13 @@ class ClusterDeployment:
 
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """A started ``BrokerThread`` (``single``) or ``ClusterDeployment`` (``cluster``) under ``root``."""
+    """A started ``BrokerThread`` (``single``; ``lean``: with ``mqtt.lean_sessions``, chat sessions on the
+    sans-IO core) or ``ClusterDeployment`` (``cluster``) under ``root``."""
     if deployment == "cluster":
         return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
-    return BrokerThread(root / "data", overrides).start()
+    return BrokerThread(root / "data", settings_of(deployment, overrides)).start()
+
+
+def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config overrides of a one-process deployment (``single``, ``lean``), plus ``overrides``."""
+    return {**({"mqtt.lean_sessions": True} if deployment == "lean" else {}), **(overrides or {})}

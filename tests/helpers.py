@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class BrokerThread:
-    def __init__(self, data_dir: Path, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, data_dir: Path, overrides: dict[str, Any] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the event loop to run on (default a new asyncio one; ``chat-broker run`` uses uvloop's)."""
         config: dict[str, Any] = {"data_dir": str(data_dir), "listeners": {"tcp": {"bind": "127.0.0.1:0"}}}
         for key, value in (overrides or {}).items():
             node = config
@@ -46,7 +48,7 @@ class BrokerThread:
                 node = node.setdefault(part, {})
             node[leaf] = value
         self.settings: Settings = build_settings(config)
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop or asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="broker", daemon=True)
         self.app = BrokerApp(self.settings)
 

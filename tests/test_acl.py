@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.helpers import BrokerThread, Peer, connack_code
 
 SUBACK_FAILURE = 0x80
+DEPLOYMENTS = ("single", "lean")  # tests/conftest.py: amqtt's path, and chat sessions on the sans-IO core
 PAHO_NOT_AUTHORIZED = 135  # CONNACK 0x05 as paho 2.x reports it (see test_auth.py)
 MARKER = "acl-marker-7f3a"  # in every payload that must not reach anyone
 
@@ -64,7 +65,9 @@ def items_until_ping(peer: Peer) -> list[dict[str, Any]]:
 
 
 async def _subscription_filters(broker: BrokerThread) -> list[str]:
-    return sorted(broker.app.broker._subscriptions)
+    chat = broker.app.broker  # amqtt's subscriptions, and the inboxes of lean sessions (broker/chat_session.py)
+    lean = [session._inbox.decode() for session in chat.lean._live.values() if session._inbox] if chat.lean else []
+    return sorted([*chat._subscriptions, *lean])
 
 
 async def _retained_topics(broker: BrokerThread) -> list[str]:

@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from testkit.packets import connect_packet
+from tests.deployment import settings_of
 from tests.helpers import WAIT_S, BrokerThread, Peer, connack_code
 
 # paho 2.x reports an MQTT 3.1.1 CONNACK return code as an MQTT 5 reason code:
@@ -40,6 +41,7 @@ CONNACK_ACCEPTED = 0x00
 CONNACK_BAD_PROTOCOL = 0x01
 CONNACK_IDENTIFIER_REJECTED = 0x02
 CONNACK_NOT_AUTHORISED = 0x05
+DEPLOYMENTS = ("single", "lean")  # tests/conftest.py: amqtt's path, and chat sessions on the sans-IO core
 
 
 def test_paho_reason_codes_are_what_this_file_assumes() -> None:
@@ -183,8 +185,9 @@ THROTTLE_S = 1.5  # long enough that the attempt right after the last failure fa
 
 
 @pytest.fixture
-def throttled_broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    running = BrokerThread(tmp_path / "data", {"auth.free_failures": 2, "auth.base_delay_s": THROTTLE_S}).start()
+def throttled_broker(tmp_path: Path, deployment: str) -> Iterator[BrokerThread]:
+    overrides = settings_of(deployment, {"auth.free_failures": 2, "auth.base_delay_s": THROTTLE_S})
+    running = BrokerThread(tmp_path / "data", overrides).start()
     running.add_user("alice", "alice-pw")
     yield running
     running.stop()

@@ -4,6 +4,7 @@ about a device after it leaves (cleanly or not)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,10 +14,12 @@ from typing import Any, TypeVar
 import pytest
 
 from broker.lazy_queue import LazyEvent
+from tests.deployment import settings_of
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.stock_amqtt import PINGREQ, PINGRESP, RawClient, connect_packet, subscribe_packet
 
 T = TypeVar("T")
+DEPLOYMENTS = ("single", "lean")  # tests/conftest.py: amqtt's path, and chat sessions on the sans-IO core
 
 
 def inspect(broker: BrokerThread, fn: Callable[[Any], T]) -> T:
@@ -100,7 +103,8 @@ def test_session_present_resumes_without_resubscribe(broker: BrokerThread, peers
 # --- what an idle connection holds (bench/results/probe-memory.md) ----------------------------
 
 
-def test_an_idle_chat_connection_holds_no_spare_parts(broker: BrokerThread, peers: list[Peer]) -> None:
+def test_an_idle_chat_connection_holds_no_spare_parts(broker: BrokerThread, peers: list[Peer],
+                                                     deployment: str) -> None:
     """At 10,000 idle phones every part counts: after login and SUBSCRIBE, with nothing pending, the
     connection waits for its next packet in four coroutine frames (amqtt's loop: eleven) and holds
     no finished handler task, no empty deque (events, drain waiters, the bridge's send queue) and
@@ -109,6 +113,12 @@ def test_an_idle_chat_connection_holds_no_spare_parts(broker: BrokerThread, peer
     peers.append(peer)
     assert peer.connect() == 0 and peer.subscribe() == [1]
     eventually(lambda: linked(broker, "alice.phone"), what="inbox linked")
+    if deployment == "lean":
+        assert inspect(broker, lean_footprint) == {
+            "session": "ChatSession", "timers": [None, None], "buffered": 0, "unacked": 0, "holds": 0,
+            "send queue": None, "tasks": [],
+        }
+        return
 
     def footprint(b: Any) -> dict[str, Any]:
         session, handler = b.sessions["alice.phone"]
@@ -129,6 +139,20 @@ def test_an_idle_chat_connection_holds_no_spare_parts(broker: BrokerThread, peer
     assert inspect(broker, footprint) == {
         "reader frames": 4, "packet tasks": None, "event deques": [], "drain deque": False, "send queue": None,
         "states": "SessionStates",
+    }
+
+
+def lean_footprint(b: Any) -> dict[str, Any]:
+    """An idle lean chat session (broker/chat_session.py): the protocol object and its core, no task, no timer."""
+    session = b.lean._live["alice.phone"]
+    return {
+        "session": type(session).__name__,
+        "timers": [session._flush_at, session._resume],
+        "buffered": session.conn.buffered,
+        "unacked": session.conn.unacked,
+        "holds": session._holds,
+        "send queue": b.bridge.messaging.staging.boxes["alice.phone"].unsent,
+        "tasks": [t for t in asyncio.all_tasks() if "ChatSession" in repr(t.get_coro()) or "_login" in repr(t)],
     }
 
 
@@ -167,8 +191,8 @@ def test_pinging_client_stays_connected(broker: BrokerThread, raws: list[RawClie
 
 
 @pytest.fixture
-def quick_broker(tmp_path: Path) -> Iterator[BrokerThread]:
-    running = BrokerThread(tmp_path / "data", {"limits.connect_timeout_s": 0.5}).start()
+def quick_broker(tmp_path: Path, deployment: str) -> Iterator[BrokerThread]:
+    running = BrokerThread(tmp_path / "data", settings_of(deployment, {"limits.connect_timeout_s": 0.5})).start()
     running.add_user("alice", "alice-pw")
     yield running
     running.stop()

@@ -26,9 +26,11 @@ from testkit.packets import (
     publish_packet,
     subscribe_packet,
 )
+from tests.deployment import settings_of
 from tests.helpers import BrokerThread, eventually
 
 REQUESTS = 40
+DEPLOYMENTS = ("single", "lean")  # tests/conftest.py: amqtt's path, and chat sessions on the sans-IO core
 
 
 def _online(broker: BrokerThread, user: str = "alice") -> RawClient:
@@ -102,16 +104,16 @@ def test_unacked_downlink_ids_are_not_reused(broker: BrokerThread) -> None:
         raw.close()
 
 
-def _started(tmp_path: Path, overrides: dict[str, Any]) -> BrokerThread:
-    running = BrokerThread(tmp_path / "data", overrides).start()
+def _started(tmp_path: Path, deployment: str, overrides: dict[str, Any]) -> BrokerThread:
+    running = BrokerThread(tmp_path / "data", settings_of(deployment, overrides)).start()
     running.add_user("alice", "alice-pw")
     return running
 
 
-def test_a_fast_publisher_is_paced_not_refused(tmp_path: Path) -> None:
+def test_a_fast_publisher_is_paced_not_refused(tmp_path: Path, deployment: str) -> None:
     """limits.publishes_per_s: past the burst the broker reads the connection at the rate (TCP
     backpressure); every publish is still read and answered, in order."""
-    running = _started(tmp_path, {"limits.publishes_per_s": 50.0, "limits.publish_burst": 10})
+    running = _started(tmp_path, deployment, {"limits.publishes_per_s": 50.0, "limits.publish_burst": 10})
     raw = _online(running)
     try:
         began = time.monotonic()
@@ -124,10 +126,10 @@ def test_a_fast_publisher_is_paced_not_refused(tmp_path: Path) -> None:
         running.stop()
 
 
-def test_a_client_that_does_not_read_is_not_read(tmp_path: Path) -> None:
+def test_a_client_that_does_not_read_is_not_read(tmp_path: Path, deployment: str) -> None:
     """The chat paths write without awaiting a drain: a client that publishes and never reads
     must not make the broker buffer its answers without bound (broker/downlink.py WRITE_BUFFER_HIGH)."""
-    running = _started(tmp_path, {"limits.publishes_per_s": 0})
+    running = _started(tmp_path, deployment, {"limits.publishes_per_s": 0})
     raw = _online(running)
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
@@ -141,7 +143,10 @@ def test_a_client_that_does_not_read_is_not_read(tmp_path: Path) -> None:
 
         def buffered() -> int:
             async def size() -> int:
-                _, handler = running.app.broker.sessions["alice.raw"]
+                chat = running.app.broker
+                if chat.lean is not None:  # broker/chat_session.py: the session's own transport
+                    return int(chat.lean._live["alice.raw"].transport.get_write_buffer_size())
+                _, handler = chat.sessions["alice.raw"]
                 return int(handler.writer._writer.transport.get_write_buffer_size())
             return running.call(size())
 
@@ -158,10 +163,10 @@ def _dropped(running: BrokerThread) -> int:
     return running.call(count())
 
 
-def test_a_client_that_never_pubacks_is_capped(tmp_path: Path) -> None:
+def test_a_client_that_never_pubacks_is_capped(tmp_path: Path, deployment: str) -> None:
     """Answers beyond the cap are not written (best effort, counted); acknowledging lets them flow again.
     Before the cap a client that never PUBACKed made each further item search 65,535 packet ids."""
-    running = _started(tmp_path, {"limits.max_unacked_downlinks": 30})
+    running = _started(tmp_path, deployment, {"limits.max_unacked_downlinks": 30})
     raw = _online(running)
     try:
         raw.send(_pings(100))  # forty requests, no PUBACK for their answers
@@ -178,10 +183,10 @@ def test_a_client_that_never_pubacks_is_capped(tmp_path: Path) -> None:
         running.stop()
 
 
-def test_staged_items_past_the_cap_are_redelivered(tmp_path: Path) -> None:
+def test_staged_items_past_the_cap_are_redelivered(tmp_path: Path, deployment: str) -> None:
     """A recipient over the cap loses nothing: the items not written stay staged, come again, in order.
     (bob never PUBACKs either: seven of his twelve 'sent' receipts are not written.)"""
-    running = _started(tmp_path, {"limits.max_unacked_downlinks": 5, "delivery.window": 3,
+    running = _started(tmp_path, deployment, {"limits.max_unacked_downlinks": 5, "delivery.window": 3,
                                   "delivery.redeliver_after_s": 0.3})
     running.add_user("bob", "bob-pw")
     alice, bob = _online(running), _online(running, "bob")

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from testkit.packets import connect_packet, packet, publish_packet, utf8
+from tests.deployment import settings_of
 from tests.helpers import WAIT_S, BrokerThread, Peer, is_text
 
 UPLINK_KINDS = ("out", "ack", "seen", "hb", "req")
@@ -72,15 +73,17 @@ class Fuzz:
         return f"{prefix}{self.made}"
 
 
-@pytest.fixture(scope="module")
-def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
-    """One broker and two connected, subscribed devices for the whole module."""
+@pytest.fixture(scope="module", params=["single", "lean"])
+def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Fuzz]:
+    """One broker and two connected, subscribed devices for the whole module; on amqtt's path and on the
+    lean one (``mqtt.lean_sessions``, tests/deployment.py)."""
     # The fuzzer publishes hundreds of items a second: the send rate limit is not
     # what this file tests, so it must not turn an answer into "rate_limited". Its raw
     # clients log in as ever new devices: the device limit is not tested here either.
     overrides = {"limits.send_rate_per_s": 1e6, "limits.send_burst": 1_000_000,
                  "limits.max_devices_per_message": 1000, "limits.max_devices_per_user": 1000}
-    running = BrokerThread(Path(tmp_path_factory.mktemp("fuzz")) / "data", overrides).start()
+    home = Path(tmp_path_factory.mktemp("fuzz"))
+    running = BrokerThread(home / "data", settings_of(request.param, overrides)).start()
     made: list[Peer] = []
     try:
         for name in ("alice", "bob", "mallory"):

@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from testkit.packets import connect_packet
+from tests.deployment import settings_of
 from tests.helpers import BrokerThread, Peer
 
 IO_S = 10.0
@@ -74,16 +76,17 @@ class Listeners:
         return self.broker.address(listener)[1]
 
 
-@pytest.fixture(scope="module")
-def listeners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listeners]:
-    """One ChatBroker with tcp, tls, ws and wss listeners on free ports; users alice and bob."""
+@pytest.fixture(scope="module", params=["single", "lean"])
+def listeners(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Listeners]:
+    """One ChatBroker with tcp, tls, ws and wss listeners on free ports; users alice and bob. ``lean``: chat
+    sessions on tcp and tls run on the sans-IO core (``mqtt.lean_sessions``, broker/lean.py)."""
     home = tmp_path_factory.mktemp("listeners")
     cert, key = make_cert(home)
     overrides = {"listeners.ws.bind": "127.0.0.1:0"}
     for name in ("tls", "wss"):
         overrides |= {f"listeners.{name}.bind": "127.0.0.1:0", f"listeners.{name}.certfile": str(cert),
                       f"listeners.{name}.keyfile": str(key)}
-    broker = BrokerThread(home / "data", overrides).start()
+    broker = BrokerThread(home / "data", settings_of(request.param, overrides)).start()
     try:
         for name in ("alice", "bob"):
             broker.add_user(name, f"{name}-pw")
@@ -131,6 +134,15 @@ def _mqtt_connect_packet(client_id: str, user: str, password: str) -> bytes:
 
     body = field("MQTT") + bytes([4, 0xC2]) + (60).to_bytes(2, "big") + field(client_id) + field(user) + field(password)
     return bytes([0x10, len(body)]) + body
+
+
+def test_tls_client_that_is_no_chat_device_is_answered(listeners: Listeners) -> None:
+    """A CONNECT without user name over TLS: amqtt's path (handed over from the lean one) refuses it with 0x05."""
+    context = ssl.create_default_context(cafile=str(listeners.cert))
+    with socket.create_connection(("127.0.0.1", listeners.port("tls")), timeout=IO_S) as plain, \
+            context.wrap_socket(plain, server_hostname="localhost") as sock:
+        sock.sendall(connect_packet("no-user"))
+        assert sock.recv(4) == b"\x20\x02\x00\x05"
 
 
 def test_plain_mqtt_on_the_tls_port_gets_no_connack(listeners: Listeners) -> None:

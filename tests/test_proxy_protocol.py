@@ -58,11 +58,13 @@ class Setup:
         return self.broker.call(get())
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+@pytest.fixture(scope="module", params=["single", "lean"])
+def setup(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Setup]:
+    """``lean``: chat sessions on tcp/tls on the sans-IO core (broker/lean.py), behind the header too."""
     home = tmp_path_factory.mktemp("proxied")
     cert, key = make_cert(home)
     broker = BrokerThread(home / "data", {
+        "mqtt.lean_sessions": request.param == "lean",
         "listeners.trusted_proxies": ["127.0.0.1/32"],
         "listeners.tcp.proxy_protocol": True,
         "listeners.tls": {"bind": "127.0.0.1:0", "certfile": str(cert), "keyfile": str(key), "proxy_protocol": True},
@@ -159,6 +161,9 @@ def test_a_failed_login_flood_does_not_slow_another_address(setup: Setup, caplog
 
 def session_address(setup: Setup, client_id: str) -> str | None:
     def address(broker: Any) -> str | None:
+        lean = broker.lean._live.get(client_id) if broker.lean is not None else None
+        if lean is not None:  # broker/chat_session.py
+            return str(lean.peer[0])
         entry = broker._sessions.get(client_id)
         return entry[0].remote_address if entry is not None and client_id in broker._live else None
 

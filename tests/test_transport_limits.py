@@ -29,12 +29,14 @@ CHUNK = b"x" * 60_000
 CLOSED_AT_ONCE_S = 3.0  # well under the CONNECT deadline (10 s) and the keepalive (60 s)
 
 
-@pytest.fixture
+@pytest.fixture(params=["single", "lean"])
 def open_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerThread]:
     """A ChatBroker with every generic topic open (config/open-mqtt.yaml), plus a test's
-    ``@pytest.mark.broker_config({...})`` settings."""
+    ``@pytest.mark.broker_config({...})`` settings; ``lean``: with ``mqtt.lean_sessions``, where what
+    comes before CONNECT is the sans-IO core's (broker/chat_session.py) and these clients are handed to amqtt."""
     marker = request.node.get_closest_marker("broker_config")
-    running = BrokerThread(tmp_path / "data", {"mqtt": open_mqtt_section(), **(marker.args[0] if marker else {})})
+    section = {**open_mqtt_section(), "lean_sessions": request.param == "lean"}
+    running = BrokerThread(tmp_path / "data", {"mqtt": section, **(marker.args[0] if marker else {})})
     running.start()
     yield running
     running.stop()

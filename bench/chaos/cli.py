@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.chaos import report, workload
+from bench.chaos import broker, report, workload
 from bench.chaos.scenarios import MountFailed, Scenario, all_scenarios
 from bench.common import RESULTS, BenchError, machine_info, write_results
 
@@ -47,6 +47,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--settle-s", type=float, default=workload.SETTLE_S,
                         help="how long every delivery may take to arrive after the faults (default %(default)s)")
     parser.add_argument("--render", action="store_true", help="only re-render chaos.md and the table from chaos.json")
+    parser.add_argument("--lean-sessions", action="store_true",
+                        help="chat devices on the lean connection layer (mqtt.lean_sessions; use with --out and --doc)")
     args = parser.parse_args(argv)
     if args.render:
         result = json.loads((args.out / f"{results}.json").read_text(encoding="utf-8"))
@@ -58,6 +60,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     size = "full" if args.full else "ci"
     workload.SETTLE_S = args.settle_s
+    broker.LEAN_SESSIONS = args.lean_sessions
     shown = [a for a, before in zip(argv, ["", *argv[:-1]], strict=True) if a != "--note" and before != "--note"]
     command = "python -m bench chaos " + " ".join(shlex.quote(a) for a in shown)
     workdir = Path(tempfile.mkdtemp(prefix="chat-chaos-"))

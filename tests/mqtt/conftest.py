@@ -82,16 +82,18 @@ class Target:
             raw.close()
 
 
-@pytest.fixture(params=["chatbroker", pytest.param("stock", marks=STOCK_FAILS)],
-                ids=["chatbroker-conforms", "stock-amqtt-fails"])
+@pytest.fixture(params=["chatbroker", "lean", pytest.param("stock", marks=STOCK_FAILS)],
+                ids=["chatbroker-conforms", "lean-conforms", "stock-amqtt-fails"])
 def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Target]]:
     """``launch(mqtt=...)`` starts this run's broker; ``mqtt`` is the ChatBroker's ``mqtt:`` section
     (default: config/open-mqtt.yaml's; ``{}`` for the embedded defaults). Stock amqtt ignores it."""
     stops: list[Callable[[], None]] = []
 
     def start(mqtt: dict[str, Any] | None = None) -> Target:
-        if request.param == "chatbroker":
+        if request.param in ("chatbroker", "lean"):
             section = open_mqtt_section() if mqtt is None else mqtt
+            if request.param == "lean":  # chat sessions on the sans-IO core, the rest handed to amqtt (broker/lean.py)
+                section = {**section, "lean_sessions": True}
             chat = BrokerThread(tmp_path / "data", {"mqtt": section}).start()
             stops.append(chat.stop)
             for name, password in USERS.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.wire import Pacer
+from broker.pacing import Pacer
 
 
 def test_burst_then_waits_at_the_rate() -> None:
