@@ -6,7 +6,10 @@ the other node opens; with previews off nothing of a preview reaches Redis or a 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,16 @@ from typing import Any
 import pytest
 import redis
 
+from bridge.clock import Clock
+from bridge.links import LinkRegistry
+from bridge.push.cluster import ClusterPush
+from bridge.push.core import PushRules
+from bridge.push.provider import PushTarget
 from client_sdk import PushPreview
+from storage.redis.push import RedisPushStore
 from testkit.redis_cluster import RedisCluster
 from tests.deployment import ClusterDeployment
-from tests.helpers import Peer, eventually, online_peer
+from tests.helpers import WAIT_S, Peer, eventually, online_peer
 from tests.push_distributor import Distributor
 from tests.test_cluster_push import record
 from tests.test_push_preview import (
@@ -123,3 +132,51 @@ def test_with_previews_off_nothing_of_a_preview_reaches_redis_or_the_payload(
             "keys.list", {"user": "bob"})["result"]
     finally:
         off.stop()
+
+
+class Failures:
+    """The ``Supervisor`` of a ``ClusterPush`` whose round is not started: only failures are told."""
+
+    def __init__(self) -> None:
+        self.failed_with: list[BaseException] = []
+
+    def spawn(self, task: str, one_round: Any) -> asyncio.Task[None]:
+        raise AssertionError("the round is not started here")
+
+    def failed(self, task: str, exc: BaseException) -> None:
+        self.failed_with.append(exc)
+
+    def succeeded(self, task: str) -> None:
+        pass
+
+
+async def test_previews_staged_while_a_queue_call_is_in_flight_leave_the_newest(redis_cluster: RedisCluster) -> None:
+    """One queue call per device at a time (ClusterPush.staged): the newest preview of the messages
+    staged meanwhile follows it, so none is lost and the newest is the one kept."""
+    prefix = f"p{uuid.uuid4().hex[:10]}:"
+    store = await RedisPushStore.open(redis_cluster.startup_nodes, prefix)
+    supervisor = Failures()
+    rules = PushRules(grace_ms=5_000, min_interval_ms=60_000, max_queue=1_000, retry_min_ms=1_000,
+                      retry_max_ms=10_000, max_attempts=3, wake_ttl_ms=600_000)
+
+    async def nowhere(client_ids: list[str]) -> dict[str, str]:
+        return {}
+
+    async def nothing(client_id: str) -> int:
+        return 0
+
+    push = ClusterPush(rules, store, {}, LinkRegistry(), nowhere, nothing, allow_loopback=True, concurrency=1,
+                       clock=Clock(), supervisor=supervisor, include_preview=True)
+    try:
+        await store.register(PushTarget("unifiedpush", "http://127.0.0.1:1/up", "bob.phone"))
+        for preview in ("p1", "p2", "p3"):  # one after another, without waiting: the first call is in flight
+            push.staged("bob.phone", preview)
+        deadline = time.monotonic() + WAIT_S
+        while record(redis_cluster, prefix, "bob.phone").get("preview") != "p3":
+            assert time.monotonic() < deadline, record(redis_cluster, prefix, "bob.phone")
+            await asyncio.sleep(0.02)
+        [taken], _ = await store.take(store.shard("bob.phone"), int(time.time() * 1000), 10, 60_000, "t")
+        assert taken.wake.preview == "p3" and supervisor.failed_with == []
+    finally:
+        await push.close()
+        await store.close()

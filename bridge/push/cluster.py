@@ -98,7 +98,7 @@ class ClusterPush:
                 self._queueing[client_id] = preview
             return
         self._queueing[client_id] = None
-        self._spawn(self._queue(client_id, Why.STAGED, preview))
+        self._spawn(self._queue_staged(client_id, preview))
 
     def delivered(self, client_id: str) -> None:
         if client_id in self.core.targets:
@@ -143,14 +143,17 @@ class ClusterPush:
             if arrival.held:
                 self._held.add(client_id)
 
-    async def _queue(self, client_id: str, why: Why, preview: str | None = None) -> None:
-        now = self._now_ms()
+    async def _queue_staged(self, client_id: str, preview: str | None) -> None:
         try:
-            status, wake = await self._store.queue(
-                QueuedWake(client_id, now, now + self.rules.wake_ttl_ms, preview=preview), why, self._per_shard)
+            await self._queue(client_id, Why.STAGED, preview)
         finally:
             if (newer := self._queueing.pop(client_id, None)) is not None:
                 self.staged(client_id, newer)
+
+    async def _queue(self, client_id: str, why: Why, preview: str | None = None) -> None:
+        now = self._now_ms()
+        status, wake = await self._store.queue(
+            QueuedWake(client_id, now, now + self.rules.wake_ttl_ms, preview=preview), why, self._per_shard)
         if status is Queued.FULL:
             self.core.dropped += 1
         elif wake is not None:
