@@ -223,8 +223,8 @@ class BrokerApp:
         else:
             claims = LocalClaimLimit(RateLimiter(claim_rate, claim_burst, limits.max_rate_keys), self.clock)
             close_device = self._close_session
-        # Senders learn preview keys with device keys when push previews are on (one process only).
-        previews = self.push if isinstance(self.push, PushService) and self.push.include_preview else None
+        # Senders learn preview keys with device keys when push previews are on.
+        previews = self.push if self.push is not None and self.push.include_preview else None
         return KeyService(keys, keyed, users, removals, close_device, claims, previews)
 
     async def _open_files(self) -> tuple[SqliteUserStore, SqliteKeyStore, bytes]:

@@ -450,9 +450,6 @@ class Settings(_Section):
                 f"mqtt.max_packet_bytes ({self.mqtt.max_packet_bytes}) must be at least {need} "
                 "to carry a chat message of limits.max_body_bytes"
             )
-        if self.push.enabled and self.push.include_preview and self.cluster is not None:
-            raise ValueError("push.include_preview: push previews are not available in cluster mode yet (push is); "
-                             "unset push.include_preview or cluster")
         if self.media.bind is not None and self.cluster is not None:
             raise ValueError("media.bind: the media endpoint is not available in cluster mode yet (one process "
                              "on SQLite only); unset media.bind or cluster")

@@ -101,7 +101,7 @@ async def open_cluster_push(settings: PushSettings, store: ClusterPushStore, lin
     providers = build_providers(settings)
     push = ClusterPush(push_rules(settings), store, providers, links, locate, pending,
                        allow_loopback=settings.allow_loopback_endpoints, concurrency=settings.concurrency,
-                       clock=clock, supervisor=supervisor)
+                       clock=clock, supervisor=supervisor, include_preview=settings.include_preview)
     await push.start()
     log.info("push: providers %s", ", ".join(sorted(providers)) or "none (push.register is refused)")
     return push

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -54,13 +55,13 @@ def broker(tmp_path: Path) -> Iterator[BrokerThread]:
     running.stop()
 
 
-def client(broker: BrokerThread, tmp_path: Path, user: str, device: str = "phone") -> Client:
-    return Client(user, f"{user}-pw", device=device, port=broker.port, store=str(tmp_path / f"{user}-{device}.db"))
+def client(port: int, tmp_path: Path, user: str, device: str = "phone") -> Client:
+    return Client(user, f"{user}-pw", device=device, port=port, store=str(tmp_path / f"{user}-{device}.db"))
 
 
-def register_away(broker: BrokerThread, tmp_path: Path, distributor: Distributor, device: str = "phone") -> None:
+def register_away(port: int, tmp_path: Path, distributor: Distributor, device: str = "phone") -> None:
     """bob's ``device`` publishes its keys, registers for push (with its preview key) and goes away."""
-    phone = client(broker, tmp_path, "bob", device)
+    phone = client(port, tmp_path, "bob", device)
     try:
         phone.connect()
         phone.register_push("unifiedpush", endpoint=distributor.endpoint(f"bob-{device}"))
@@ -68,29 +69,37 @@ def register_away(broker: BrokerThread, tmp_path: Path, distributor: Distributor
         phone.close()
 
 
-def sent_by_alice(broker: BrokerThread, tmp_path: Path, body: str, preview: str | None = None) -> str:
-    alice = client(broker, tmp_path, "alice")
+def sent_by_alice(port: int, tmp_path: Path, *bodies: str, preview: str | None = None) -> list[str]:
+    """The ids of ``bodies`` alice sent bob, each with ``preview`` (None: the SDK's default, the body)."""
+    alice = client(port, tmp_path, "alice")
     try:
         alice.connect()
-        sent = threading.Event()
-        alice.on_receipt = lambda receipt: sent.set() if receipt.status == "sent" else None
-        mid = alice.send("bob", body, preview=preview)
-        assert sent.wait(WAIT_S), "no 'sent' receipt"
-        return mid
+        sent = threading.Semaphore(0)
+        alice.on_receipt = lambda receipt: sent.release() if receipt.status == "sent" else None
+        ids = []
+        for body in bodies:
+            ids.append(alice.send("bob", body, preview=preview))
+            assert sent.acquire(timeout=WAIT_S), "no 'sent' receipt"
+        return ids
     finally:
         alice.close()
 
 
 def test_the_recipient_opens_the_preview_the_sender_wrote_and_nothing_is_plaintext(
         broker: BrokerThread, tmp_path: Path, distributor: Distributor) -> None:
-    register_away(broker, tmp_path, distributor)
-    mid = sent_by_alice(broker, tmp_path, "the secret body", preview="Alice: see you at 8")
+    recipient_opens_the_preview(broker.port, broker.port, tmp_path, distributor)
+
+
+def recipient_opens_the_preview(phone_port: int, sender_port: int, tmp_path: Path, distributor: Distributor) -> None:
+    """bob's phone registers through ``phone_port`` and goes away; alice sends through ``sender_port``."""
+    register_away(phone_port, tmp_path, distributor)
+    [mid] = sent_by_alice(sender_port, tmp_path, "the secret body", preview="Alice: see you at 8")
     [request] = distributor.wait(1)
     payload = json.loads(request.body)
     assert set(payload) == {"wake", "preview"} and len(payload["preview"]) <= MAX_PREVIEW_CHARS
     for plain in (b"secret", b"see you", b"alice", b"Alice", mid.encode()):
         assert plain not in request.body
-    phone = client(broker, tmp_path, "bob")
+    phone = client(phone_port, tmp_path, "bob")
     try:
         first = phone.decrypt_preview(request.body)  # bob's phone does not know alice's device yet
         assert first is not None and (first.text, first.message_id, first.sender, first.sender_device,
@@ -101,13 +110,13 @@ def test_the_recipient_opens_the_preview_the_sender_wrote_and_nothing_is_plainte
         assert [(m.id, m.body) for m in got] == [(mid, "the secret body")]
     finally:
         phone.close()
-    phone = client(broker, tmp_path, "bob")
+    phone = client(phone_port, tmp_path, "bob")
     try:
         again = phone.decrypt_preview(request.body)  # now it knows alice's device: the signature is checked
         assert again is not None and again.verified and again.text == "Alice: see you at 8"
     finally:
         phone.close()
-    laptop = client(broker, tmp_path, "bob", "laptop")  # another device of bob's: not its preview
+    laptop = client(phone_port, tmp_path, "bob", "laptop")  # another device of bob's: not its preview
     try:
         assert laptop.decrypt_preview(request.body) is None
     finally:
@@ -116,8 +125,8 @@ def test_the_recipient_opens_the_preview_the_sender_wrote_and_nothing_is_plainte
 
 def test_a_preview_key_with_a_forged_signature_is_ignored_by_the_sender(
         broker: BrokerThread, tmp_path: Path, distributor: Distributor) -> None:
-    register_away(broker, tmp_path, distributor, "laptop")  # honest: the default preview (the body)
-    phone = client(broker, tmp_path, "bob")
+    register_away(broker.port, tmp_path, distributor, "laptop")  # honest: the default preview (the body)
+    phone = client(broker.port, tmp_path, "bob")
     try:
         phone.connect()
         key = P.public_key(X25519PrivateKey.generate())
@@ -126,10 +135,10 @@ def test_a_preview_key_with_a_forged_signature_is_ignored_by_the_sender(
                                          "preview_key": key, "preview_sig": forged})
     finally:
         phone.close()
-    sent_by_alice(broker, tmp_path, "hello bob")
+    sent_by_alice(broker.port, tmp_path, "hello bob")
     requests = {r.path: json.loads(r.body) for r in distributor.wait(2)}
     assert requests["/up/bob-phone"] == {"wake": 1}
-    laptop = client(broker, tmp_path, "bob", "laptop")
+    laptop = client(broker.port, tmp_path, "bob", "laptop")
     try:
         opened = laptop.decrypt_preview(requests["/up/bob-laptop"])
         assert opened is not None and opened.text == "hello bob"
@@ -142,12 +151,8 @@ def test_with_previews_off_no_payload_carries_one_and_push_db_keeps_none(
     broker = start(tmp_path, include_preview=False)
     made: list[Peer] = []
     try:
-        register_away(broker, tmp_path, distributor)
-        mark = "PREVIEWMARK" + "A" * 40
-        alice = online_peer(broker.port, made, "alice")  # a raw client: previews the server must drop
-        alice.publish("u/alice/out", {"id": "m1", "to": "bob", "type": "olm", "bodies": {"bob.phone": "Zm9v"},
-                                      "previews": {"bob.phone": mark}})
-        alice.expect(lambda item: item.get("kind") == "receipt" and item.get("status") == "sent")
+        register_away(broker.port, tmp_path, distributor)
+        mark = sent_with_a_preview_to_drop(broker.port, made)
         [request] = distributor.wait(1)
         assert json.loads(request.body) == {"wake": 1}
         assert broker.app.push is not None
@@ -165,6 +170,17 @@ def test_with_previews_off_no_payload_carries_one_and_push_db_keeps_none(
         broker.stop()
 
 
+def sent_with_a_preview_to_drop(port: int, made: list[Peer]) -> str:
+    """alice, a raw client (an SDK would not write a preview for a device without a preview key),
+    sends bob's phone a message with a preview the server must drop; returns the preview."""
+    mark = "PREVIEWMARK" + secrets.token_hex(20)
+    alice = online_peer(port, made, "alice")
+    alice.publish("u/alice/out", {"id": "m1", "to": "bob", "type": "olm", "bodies": {"bob.phone": "Zm9v"},
+                                  "previews": {"bob.phone": mark}})
+    alice.expect(lambda item: item.get("kind") == "receipt" and item.get("status") == "sent")
+    return mark
+
+
 @pytest.mark.parametrize(("previews", "code"), [
     ({"bob.phone": "A" * (MAX_PREVIEW_CHARS + 1)}, "too_large"),
     ({"bob.laptop": "AAAA"}, "bad_envelope"),  # not a device of 'bodies'
@@ -173,7 +189,7 @@ def test_with_previews_off_no_payload_carries_one_and_push_db_keeps_none(
 ])
 def test_a_preview_too_large_or_for_a_device_not_in_bodies_is_refused(
         broker: BrokerThread, tmp_path: Path, distributor: Distributor, previews: dict[str, str], code: str) -> None:
-    register_away(broker, tmp_path, distributor)
+    register_away(broker.port, tmp_path, distributor)
     made: list[Peer] = []
     try:
         alice = online_peer(broker.port, made, "alice")
@@ -204,7 +220,7 @@ def test_the_async_face_registers_its_preview_key_and_opens_previews(
             await phone.close()
 
     asyncio.run(register())
-    mid = sent_by_alice(broker, tmp_path, "hi from the async test")
+    [mid] = sent_by_alice(broker.port, tmp_path, "hi from the async test")
     [request] = distributor.wait(1)
     shown = asyncio.run(opened(request.body))
     assert shown is not None and (shown.text, shown.message_id) == ("hi from the async test", mid)
@@ -229,17 +245,17 @@ def test_web_push_carries_the_preview_inside_the_browser_s_encryption(tmp_path: 
         broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
         fake.origin = f"https://localhost:{server.port}"
         browser = fake.subscribe("bob")
-        phone = client(broker, tmp_path, "bob")
+        phone = client(broker.port, tmp_path, "bob")
         try:
             phone.connect()
             phone.register_push("webpush", subscription=json.loads(browser.subscription()))
         finally:
             phone.close()
-        mid = sent_by_alice(broker, tmp_path, "the secret body", preview="Alice: web")
+        [mid] = sent_by_alice(broker.port, tmp_path, "the secret body", preview="Alice: web")
         eventually(lambda: len(fake.received) == 1, what="a Web Push")
         [(_headers, plaintext)] = fake.received
         assert b"secret" not in server.requests[0].body and b"secret" not in plaintext
-        phone = client(broker, tmp_path, "bob")
+        phone = client(broker.port, tmp_path, "bob")
         try:
             shown = phone.decrypt_preview(plaintext)  # what the service worker hands the app
             assert shown is not None and (shown.text, shown.message_id) == ("Alice: web", mid)

@@ -308,7 +308,7 @@ class ClusterMessaging:
         self.counters.sent_latency.observe(max(0, ts - message_ts) / 1000)
         self._holds.answered(origin, message.id, self._now())
         self.links.send(origin, ReceiptItem(RECEIPT_SENT, (message.id,), message.to, ts))
-        await self.wake(staged, messages=True)
+        await self.wake(staged, messages=True, previews=message.previews)
 
     async def _admit(self, origin: str, sender: str, message: ChatMessage, now: float) -> list[Stage]:
         """The stages of a new message (the sender's other devices first, then the recipient's);
@@ -494,9 +494,11 @@ class ClusterMessaging:
                 log.error("%s not staged yet (%s); retrying", what, exc)
                 await asyncio.sleep(TICK_S)
 
-    async def wake(self, targets: list[tuple[str, int]], *, messages: bool = False) -> None:
+    async def wake(self, targets: list[tuple[str, int]], *, messages: bool = False,
+                   previews: dict[str, str] | None = None) -> None:
         """Devices with new items: read now if connected here, else nudge the node that holds them.
-        ``messages``: the items are messages, and push is told of the devices connected nowhere."""
+        ``messages``: the items are messages, and push is told of the devices connected nowhere
+        (with the push preview of each in ``previews``: push decides whether to keep it)."""
         clients = list(dict.fromkeys(client_id for client_id, _ in targets))
         local = [c for c in clients if c in self.windows]
         if local:
@@ -512,7 +514,7 @@ class ClusterMessaging:
         if messages and self.watch is not None:
             for client_id in remote:
                 if client_id not in where:
-                    self.watch.staged(client_id)
+                    self.watch.staged(client_id, previews.get(client_id) if previews else None)
         # At once: a group's fanout wakes every member device on the other nodes.
         await asyncio.gather(*(self._bus.send(node, Nudge(NudgeKind.ITEMS, client_id, self._bus.node_id))
                                for client_id, node in where.items() if node != self._bus.node_id))

@@ -51,8 +51,9 @@ class LocalClaimLimit:
 
 
 class PreviewKeys(Protocol):
-    def preview_key(self, client_id: str) -> dict[str, str] | None:
-        """``{"key", "sig"}`` of the device's push preview key (docs/PROTOCOL.md section 12), or None."""
+    async def preview_keys(self, client_ids: list[str]) -> dict[str, dict[str, str]]:
+        """Client id -> ``{"key", "sig"}`` of the push preview key of each of those devices that
+        registered one (docs/PROTOCOL.md section 12)."""
 
 
 class KeyService:
@@ -93,8 +94,9 @@ class KeyService:
         devices = await self._store.device_keys(user)
         if self._previews is None:
             return {"user": user, "devices": devices}
-        keys = {device: self._previews.preview_key(f"{user}.{device}") for device in devices}
-        return {"user": user, "devices": devices, "previews": {d: k for d, k in keys.items() if k is not None}}
+        keys = await self._previews.preview_keys([f"{user}.{device}" for device in devices])
+        previews = {device: keys[f"{user}.{device}"] for device in devices if f"{user}.{device}" in keys}
+        return {"user": user, "devices": devices, "previews": previews}
 
     async def _claim(self, caller: Caller, args: dict[str, Any]) -> Any:
         user, devices = parse_claim(args)

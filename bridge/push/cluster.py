@@ -31,7 +31,7 @@ from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.push.cluster_store import ClusterPushStore, Queued, Settlement, Taken, Why
-from bridge.push.common import ProviderCounters, attempt, gone_error, log_failure, registration
+from bridge.push.common import ProviderCounters, attempt, gone_error, log_failure, preview_key, registration
 from bridge.push.core import PushCore, PushRules, QueuedWake, retried
 from bridge.push.provider import Outcome, PushProvider
 from bridge.requests import Op, check_args
@@ -51,7 +51,8 @@ class ClusterPush:
     def __init__(self, rules: PushRules, store: ClusterPushStore, providers: Mapping[str, PushProvider],
                  links: LinkRegistry, locate: Callable[[list[str]], Awaitable[dict[str, str]]],
                  pending: Callable[[str], Awaitable[int]], *, allow_loopback: bool, concurrency: int, clock: Clock,
-                 supervisor: Supervisor, sweep_s: float = SWEEP_S, lease_ms: int = LEASE_MS) -> None:
+                 supervisor: Supervisor, include_preview: bool = False, sweep_s: float = SWEEP_S,
+                 lease_ms: int = LEASE_MS) -> None:
         self.rules = rules
         # This node's connected (and lately connected) registered devices, for rule 2 only: its own
         # queue is never used (wake-ups are queued in the store), so it is not bounded here.
@@ -63,6 +64,7 @@ class ClusterPush:
         self._locate = locate
         self._pending = pending
         self._allow_loopback = allow_loopback
+        self.include_preview = include_preview
         self._concurrency = concurrency
         self._per_shard = max(1, -(-rules.max_queue // store.shards))
         self._now_ms = clock.wall_ms
@@ -74,7 +76,9 @@ class ClusterPush:
         self._depths: dict[int, int] = {}  # shard -> wake-ups it held at its last sweep
         self._held: set[str] = set()  # connected here, woken since their last ack: that ack is told (rule 3)
         self._left: dict[str, int] = {}  # registered devices that left: forgotten once their grace has passed
-        self._queueing: set[str] = set()  # a queue call in flight answers for a message staged meanwhile
+        # A queue call in flight answers for a message staged meanwhile; the newest preview of those
+        # (if any) follows it in a queue call of its own (rule 8).
+        self._queueing: dict[str, str | None] = {}
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -85,11 +89,16 @@ class ClusterPush:
     # --- DeliveryWatch: what messaging reports (never waits) -----------------------------------
 
     def staged(self, client_id: str, preview: str | None = None) -> None:
-        """A message was staged for the device while it was connected nowhere (rule 1). Previews are
-        not carried in cluster mode (the config refuses ``push.include_preview`` with ``cluster:``)."""
-        if client_id not in self._queueing:
-            self._queueing.add(client_id)
-            self._spawn(self._queue(client_id, Why.STAGED))
+        """A message was staged for the device while it was connected nowhere (rule 1), with the
+        preview its sender encrypted for it (dropped here unless ``include_preview``)."""
+        if not self.include_preview:
+            preview = None
+        if client_id in self._queueing:
+            if preview is not None:
+                self._queueing[client_id] = preview
+            return
+        self._queueing[client_id] = None
+        self._spawn(self._queue_staged(client_id, preview))
 
     def delivered(self, client_id: str) -> None:
         if client_id in self.core.targets:
@@ -134,13 +143,17 @@ class ClusterPush:
             if arrival.held:
                 self._held.add(client_id)
 
-    async def _queue(self, client_id: str, why: Why) -> None:
-        now = self._now_ms()
+    async def _queue_staged(self, client_id: str, preview: str | None) -> None:
         try:
-            status, wake = await self._store.queue(QueuedWake(client_id, now, now + self.rules.wake_ttl_ms), why,
-                                                   self._per_shard)
+            await self._queue(client_id, Why.STAGED, preview)
         finally:
-            self._queueing.discard(client_id)
+            if (newer := self._queueing.pop(client_id, None)) is not None:
+                self.staged(client_id, newer)
+
+    async def _queue(self, client_id: str, why: Why, preview: str | None = None) -> None:
+        now = self._now_ms()
+        status, wake = await self._store.queue(
+            QueuedWake(client_id, now, now + self.rules.wake_ttl_ms, preview=preview), why, self._per_shard)
         if status is Queued.FULL:
             self.core.dropped += 1
         elif wake is not None:
@@ -161,6 +174,11 @@ class ClusterPush:
             self._supervisor.failed("push", exc)
 
     # --- requests ---------------------------------------------------------------------------
+
+    async def preview_keys(self, client_ids: list[str]) -> dict[str, dict[str, str]]:
+        """The key directory's ``PreviewKeys``: read from the store (one round trip per shard)."""
+        return {client_id: key for client_id, target in (await self._store.registrations(client_ids)).items()
+                if (key := preview_key(target)) is not None}
 
     def ops(self) -> dict[str, Op]:
         return {OP_PUSH_REGISTER: self._register, OP_PUSH_UNREGISTER: self._unregister, OP_PUSH_PENDING: self._count}

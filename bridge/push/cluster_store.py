@@ -4,10 +4,11 @@ One process loads every registration at start (``bridge/push/store.py``); a node
 not: it holds in memory only the registrations of the devices connected to it, and asks the store
 about any other device when something happens to it. Each device has at most one record: its
 registration, its gone mark, its queued wake-up (with why it was queued and the lease of the node
-sending it), and the time before which no new wake-up is due (rule 3). Queued wake-ups are indexed
-by due time in ``SHARDS`` shards that every node sweeps; taking a wake-up leases it to the taker,
-so exactly one node sends it, and one that died with it leased leaves it to the next sweep after
-the lease. Each operation is atomic. A failing backend raises ``bridge.store.StoreError``.
+sending it, and the newest preview when previews are on), and the time before which no new wake-up
+is due (rule 3). Queued wake-ups are indexed by due time in ``SHARDS`` shards that every node
+sweeps; taking a wake-up leases it to the taker, so exactly one node sends it, and one that died
+with it leased leaves it to the next sweep after the lease. Each operation is atomic. A failing
+backend raises ``bridge.store.StoreError``.
 """
 
 from __future__ import annotations
@@ -83,10 +84,15 @@ class ClusterPushStore(Protocol):
     async def acked(self, client_id: str) -> None:
         """The device acked since a wake-up: the next one is due at once (rule 3)."""
 
+    async def registrations(self, client_ids: list[str]) -> dict[str, PushTarget]:
+        """The registrations of those devices that have one (``keys.list``'s preview keys)."""
+
     async def queue(self, wake: QueuedWake, why: Why, max_per_shard: int) -> tuple[Queued, QueuedWake | None]:
         """Queue ``wake`` (due now) if the device is registered and has none queued, due no sooner
         than its interval allows (rule 3: ``due_ms`` and ``expires_ms`` move by the same); a
-        ``GRACE`` finding one queued marks it ``GRACE``. Returns the wake-up as queued."""
+        ``GRACE`` finding one queued marks it ``GRACE``. Returns the wake-up as queued. Its
+        ``preview``, if any, replaces the queued wake-up's (rule 8; also one being sent: its retry
+        carries it); ``take`` hands out the newest, and it goes with the wake-up."""
 
     async def take(self, shard: int, now_ms: int, limit: int, lease_ms: int, lease: str) -> tuple[list[Taken], int]:
         """Up to ``limit`` wake-ups of the shard due by ``now_ms`` (also those whose lease ran out),

@@ -1,6 +1,7 @@
 """What the push shells share (one process: bridge/push/service.py; cluster mode:
 bridge/push/cluster.py): one attempt of a wake-up through its device's provider, counted per
-provider; what a ``push.register`` asks for; what a device with a dead token is told."""
+provider; what a ``push.register`` asks for and the preview key it registered; what a device with
+a dead token is told."""
 
 from __future__ import annotations
 
@@ -73,3 +74,11 @@ def registration(caller: Caller, args: dict[str, Any], providers: Mapping[str, P
     if request.platform not in providers:
         raise OpError(ErrorCode.UNSUPPORTED, f"this server does not send {request.platform} pushes")
     return PushTarget(request.platform, request.token, caller.client_id, request.preview_key, request.preview_sig)
+
+
+def preview_key(target: PushTarget | None) -> dict[str, str] | None:
+    """``{"key", "sig"}``: the device's preview key as it registered it (the key directory hands it to
+    senders, whose SDK checks the signature), or None."""
+    if target is None or target.preview_key is None or target.preview_sig is None:
+        return None
+    return {"key": target.preview_key, "sig": target.preview_sig}

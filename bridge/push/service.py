@@ -25,7 +25,7 @@ from typing import Any
 from bridge.background import Supervisor
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
-from bridge.push.common import ProviderCounters, attempt, gone_error, log_failure, registration
+from bridge.push.common import ProviderCounters, attempt, gone_error, log_failure, preview_key, registration
 from bridge.push.core import PushCore, QueuedWake, Settled
 from bridge.push.provider import PushProvider, PushTarget
 from bridge.push.store import PushStore
@@ -133,13 +133,10 @@ class PushService:
             self.core.online(caller.client_id)
         return {"platform": target.platform}
 
-    def preview_key(self, client_id: str) -> dict[str, str] | None:
-        """``{"key", "sig"}``: the device's preview key as it registered it (the key directory hands it
-        to senders, whose SDK checks the signature), or None."""
-        target = self.core.targets.get(client_id)
-        if target is None or target.preview_key is None or target.preview_sig is None:
-            return None
-        return {"key": target.preview_key, "sig": target.preview_sig}
+    async def preview_keys(self, client_ids: list[str]) -> dict[str, dict[str, str]]:
+        """The key directory's ``PreviewKeys`` (every registration is in memory)."""
+        return {client_id: key for client_id in client_ids
+                if (key := preview_key(self.core.targets.get(client_id))) is not None}
 
     async def _unregister(self, caller: Caller, args: dict[str, Any]) -> Any:
         check_args(args, set())

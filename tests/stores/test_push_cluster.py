@@ -123,6 +123,38 @@ async def test_a_full_shard_drops_the_wake_up(store: RedisPushStore) -> None:
     assert await store.queue(wake(1_000, same[1]), Why.STAGED, 1) == (Queued.FULL, None)
 
 
+async def test_a_queued_wake_up_carries_the_newest_preview_until_it_goes(store: RedisPushStore) -> None:
+    """Rule 8: each newer preview replaces the queued one's, also while it is being sent (its retry
+    carries the newest); it goes with the wake-up (sent, or the device connected)."""
+    await store.register(PHONE)
+    first = dataclasses.replace(wake(1_000), preview="p1")
+    assert await store.queue(first, Why.STAGED, 100) == (Queued.QUEUED, wake(1_000))
+    assert await store.queue(dataclasses.replace(wake(1_100), preview="p2"), Why.STAGED, 100) == (Queued.KEPT, None)
+    assert await store.queue(wake(1_200), Why.STAGED, 100) == (Queued.KEPT, None)  # none: the newest stays
+    [taken], _ = await store.take(store.shard("bob.phone"), 2_000, 10, LEASE, "n")
+    assert taken.wake == dataclasses.replace(wake(1_000), preview="p2")
+    await store.queue(dataclasses.replace(wake(2_100), preview="p3"), Why.STAGED, 100)  # while it is sent
+    await store.settle(taken, Settlement(again=dataclasses.replace(taken.wake, due_ms=5_000, attempts=1)))
+    [retry], _ = await store.take(store.shard("bob.phone"), 5_000, 10, LEASE, "n")
+    assert retry.wake.preview == "p3"
+    await store.settle(retry, Settlement(sent=True, hold_until_ms=5_000))
+    assert await store.queue(wake(6_000), Why.STAGED, 100) == (Queued.QUEUED, wake(6_000))
+    assert await take(store, "bob.phone", 6_000) == [wake(6_000)]  # the sent one's preview went with it
+    await store.queue(dataclasses.replace(wake(7_000), preview="p4"), Why.STAGED, 100)
+    await store.online("bob.phone")
+    assert await store.queue(wake(8_000), Why.STAGED, 100) == (Queued.QUEUED, wake(8_000))
+    assert await take(store, "bob.phone", 8_000 + LEASE) == [wake(8_000)]
+
+
+async def test_registrations_are_read_for_many_devices_at_once(store: RedisPushStore) -> None:
+    devices = [f"bob.d{n}" for n in range(40)]  # over every shard
+    keyed = [dataclasses.replace(PHONE, client_id=c, preview_key=f"k{c}", preview_sig=f"s{c}") for c in devices[::2]]
+    for target in keyed:
+        await store.register(target)
+    assert await store.registrations([*devices, "carol.phone"]) == {t.client_id: t for t in keyed}
+    assert await store.registrations([]) == {}
+
+
 def test_records_are_read_by_field_name() -> None:
     """A field a newer writer added is ignored; one an older writer lacked takes its default."""
     raw = '{"client_id":"a.b","due_ms":1.0,"expires_ms":2,"later_field":"x"}'

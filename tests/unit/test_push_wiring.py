@@ -81,8 +81,9 @@ def test_include_preview_is_taken_and_only_client_chosen_urls_get_the_loopback_s
     assert "allow_loopback_endpoints" not in platforms["fcm"]  # the operator's own URL
 
 
-def test_push_is_taken_in_cluster_mode() -> None:
+def test_push_and_its_previews_are_taken_in_cluster_mode() -> None:
     settings = build_settings({"push": {"enabled": True}, "cluster": {"redis": ["127.0.0.1:7000"]}})
     assert settings.push.enabled and settings.cluster is not None
-    with pytest.raises(ConfigError, match="push previews are not available in cluster mode"):
-        build_settings({"push": {"enabled": True, "include_preview": True}, "cluster": {"redis": ["127.0.0.1:7000"]}})
+    settings = build_settings({"push": {"enabled": True, "include_preview": True},
+                               "cluster": {"redis": ["127.0.0.1:7000"]}})
+    assert settings.push.include_preview and settings.cluster is not None
