@@ -21,7 +21,7 @@ import pytest
 from client_sdk import AsyncClient, Client, Presence, Privacy, RequestError
 from testkit.proxy import MqttProxy
 from tests.deployment import start_broker
-from tests.helpers import BrokerThread
+from tests.helpers import BrokerThread, eventually
 from tests.sdk.conftest import Collector, Factory
 
 DEPLOYMENTS = ("single", "cluster")  # tests/conftest.py: each broker test runs on both
@@ -144,7 +144,10 @@ def test_privacy_contacts_and_presence_requests(make_client: Factory) -> None:
     assert alice.add_contacts(["bob", "mallory", "bob"]) == 2
     assert alice.privacy() == Privacy("contacts", ("bob", "mallory"))
     alice.set_foreground(True)  # the first heartbeat is published before this returns ...
-    alice.request("ping")  # ... so the server has handled it once this is answered (one connection, in order)
+    alice.request("ping")  # ... so alice's node has handled it once this is answered (one connection, in order)
+    # In cluster mode bob may be on another node, which learns it a Redis write later (PROTOCOL
+    # section 8, "Cluster mode"): on one process the first answer already says online.
+    eventually(lambda: bob.presence(["alice"])["alice"].online is True, what="alice online for bob")
 
     # bob is in alice's list, but his default ("contacts", empty list) hides his own from her:
     shown = bob.presence(["alice", "zoe"])
