@@ -9,10 +9,11 @@ failure to ``/readyz``), so the bridge never imports the application around it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
+RECANCEL_S = 1.0
 
 
 class Supervisor(Protocol):
@@ -54,8 +55,15 @@ class Backoff:
         self._next = self.low
 
 
-async def cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Stop supervised tasks and wait until they have ended."""
+async def cancel(tasks: Sequence[asyncio.Future[None]]) -> None:
+    """Stop tasks and wait until they have ended. A task whose round swallowed its cancel (a library
+    caught it and returned) would wait at its next sleep for ever, and a broker's stop with it (CI:
+    a node's lease loop): each still running is cancelled again every ``RECANCEL_S``."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
     for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure at stop is not logged as "never retrieved"

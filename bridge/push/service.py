@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from bridge.background import Supervisor
+from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
 from bridge.links import LinkRegistry
 from bridge.push.common import ProviderCounters, attempt, gone_error, log_failure, preview_key, registration
@@ -206,8 +206,7 @@ class PushService:
 
     async def close(self) -> None:
         if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+            await cancel([self._loop])
             self._loop = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)

@@ -34,7 +34,6 @@ also reads its devices' queues periodically.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import secrets
@@ -45,7 +44,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisClusterException, RedisError
 
-from bridge.background import raise_if_cancelled
+from bridge.background import cancel, raise_if_cancelled
 from bridge.cluster.nodes import NodeInfo, Nudge, NudgeKind
 from bridge.store import StoreError
 from chatproto.ids import split_client_id
@@ -233,11 +232,7 @@ class RedisNodeBus(RedisStore):
 
     async def _stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(tasks)
         if not tasks:
             return
         try:
@@ -270,6 +265,7 @@ class RedisNodeBus(RedisStore):
                     log.error("node %s: renewing its lease failed (%s): trying again", self._node_id, exc)
                 failing = True
             else:
+                raise_if_cancelled()  # a renewal that swallowed its cancel
                 if failing:
                     log.warning("node %s: lease renewed again", self._node_id)
                 failing = False
@@ -439,6 +435,7 @@ class RedisNodeBus(RedisStore):
                     self._deliver(Nudge(NudgeKind.RESYNC, "", self._node_id))  # what was sent meanwhile is lost
                 lost_at, attempt = None, 0
                 await self._listen(connection)
+                raise_if_cancelled()  # a listen that swallowed its cancel
                 reason = "Redis ended the subscription (its slot moved)"
             except Exception as exc:
                 raise_if_cancelled(exc)

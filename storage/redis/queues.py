@@ -60,7 +60,6 @@ or ``expire`` (the service expires a device's queue when it connects).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -71,6 +70,7 @@ from typing import Any, ClassVar, Final
 
 from redis.asyncio.cluster import RedisCluster
 
+from bridge.background import cancel
 from bridge.cluster.group_store import GroupAck, GroupExpiry, GroupFan, LogEntry, ends_membership
 from bridge.cluster.store import (
     SEQ_STRIDE,
@@ -377,9 +377,7 @@ class RedisQueueStore(RedisStore):
         """Write now what is counted off group bodies (before the client closes)."""
         task, self._unhold_task = self._unhold_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel([task])
         if self._unholding:
             await self._write_unholds(0)
 

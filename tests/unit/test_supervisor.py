@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from bridge.background import Backoff
+from bridge.background import Backoff, cancel
 from bridge.store import StoreError
 from chatserver.supervisor import Supervisor
 from tests.unit.test_staging import core, kinds, msg
@@ -114,3 +114,25 @@ async def test_a_round_whose_cancel_became_another_error_still_ends_the_loop() -
     task.cancel()
     await asyncio.wait({task}, timeout=2)
     assert task.done() and task.cancelled(), "the loop went on after its cancel"
+
+
+async def test_cancel_ends_a_task_whose_round_swallowed_its_cancel() -> None:
+    """A library that catches the cancel and returns leaves the task cancelling at its next sleep,
+    where nothing would tell it again: a node's stop waited for its lease loop for ever (CI).
+    ``cancel`` tells it again until it ends."""
+    swallowed = 0
+
+    async def loop() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1  # a round that returned instead
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(cancel([task]), 5)
+    assert task.cancelled() and swallowed == 1
