@@ -14,6 +14,9 @@ Upload rules (docs/MEDIA.md, HTTP API):
 4. Transient failures (cuts, 429, 5xx) are retried with backoff, at most ``RETRIES`` times in
    a row without progress; anything else raises ``MediaError`` at once.
 5. The last PATCH seals the upload: the server's SHA-256 must be the one hashed on the way.
+6. An upload that fails for good before its seal (a refusal, retries exhausted, a cancel, the
+   file unreadable, ``progress`` raising) is deleted (``DELETE /uploads/<id>``, one try), so
+   that it stops counting against the quota and ``media.max_uploads`` at once.
 """
 
 from __future__ import annotations
@@ -95,6 +98,22 @@ class Upload:
         except (TypeError, KeyError, ValueError):
             raise MediaError("bad_response", f"POST {UPLOADS}: unexpected answer {created!r:.200}") from None
         path = f"{UPLOADS}/{upload}"
+        try:
+            return self._send(path, offset, chunk_max)
+        except Exception as exc:
+            if not isinstance(exc, MediaError) or exc.code != "digest_mismatch":  # sealed: DELETE is refused
+                self._abandon(path)
+            raise
+
+    def _abandon(self, path: str) -> None:
+        """Rule 6: delete the upload this failed one leaves; best effort (else ``upload_ttl_s`` frees it)."""
+        try:
+            self._http.call("DELETE", path)
+        except MediaError as exc:
+            log.info("%s not deleted (%s): the server drops it after media.upload_ttl_s", path, exc)
+
+    def _send(self, path: str, offset: int, chunk_max: int) -> tuple[str, str]:
+        """Rules 2-5 from ``offset``: ``(url, sha256)`` of the sealed upload."""
         step = min(max(1, chunk_max), PATCH_MAX)
         sealed: tuple[str, str] | None = None
         while sealed is None:

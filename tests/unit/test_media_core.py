@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from chatserver import media as media_wiring
 from chatserver.config import ConfigError, build_settings
 from storage.sqlite.media import SqliteMediaStore
 
-LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=150, max_uploads=2, upload_ttl_ms=1000, ttl_ms=5000)
+LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=150, max_uploads=2, upload_ttl_ms=1000, ttl_ms=5000,
+                     min_charge=20, uploads_per_minute=6, uploads_burst=3)
 UP = Upload("u1", "alice", "phone", "bob", 25, 0, 0)
 
 
@@ -37,22 +39,48 @@ def test_new_upload_bodies(body: object, expected: str) -> None:
 
 
 def test_quota_and_uploads_in_progress() -> None:
-    usage = Usage()
-    usage.admit("alice", 100, LIMITS)
-    usage.start("alice", 100)
+    usage = Usage(LIMITS)
+    assert usage.admit("alice", 100, 0.0) == 100
     with pytest.raises(MediaError) as info:
-        usage.admit("alice", 51, LIMITS)
+        usage.admit("alice", 51, 0.0)
     assert code(info) == "quota_exceeded" and info.value.status == 413
-    usage.start("alice", 50)
+    assert usage.admit("alice", 50, 0.0) == 50
     with pytest.raises(MediaError) as info:
-        usage.admit("alice", 1, LIMITS)
+        usage.admit("alice", 1, 0.0)
     assert code(info) == "rate_limited" and info.value.retry_after_s == 60
     usage.end_upload("alice", 100, keep_charge=True)  # sealed: the blob keeps its charge
     usage.end_upload("alice", 50, keep_charge=False)  # abandoned
     assert usage.charged == {"alice": 100} and usage.uploads == {"alice": 0}
     usage.free("alice", 100)
     assert usage.charged == {}
-    usage.admit("bob", 150, LIMITS)  # each user has their own quota
+    usage.admit("bob", 150, 0.0)  # each user has their own quota
+
+
+def test_every_upload_is_charged_at_least_the_minimum() -> None:
+    usage = Usage(replace(LIMITS, max_uploads=100, uploads_burst=100))
+    assert [usage.admit("alice", 1, 0.0) for _ in range(7)] == [20] * 7  # 1-byte files cost 20 each
+    with pytest.raises(MediaError) as info:
+        usage.admit("alice", 1, 0.0)  # 140 + 20 > 150: a quota of Q holds at most Q / min_charge files
+    assert code(info) == "quota_exceeded" and "at least 20 per file" in info.value.detail
+    assert usage.charged == {"alice": 140} and usage.uploads == {"alice": 7}
+    assert core.charge(25, LIMITS) == 25 and core.charge(0, replace(LIMITS, min_charge=0)) == 0
+    sealed = core.seal(replace(UP, size=3), "s" * 64, {}, [], 0, LIMITS)
+    assert sealed.blob.charge == 20  # the blob keeps the upload's charge
+
+
+def test_upload_creation_rate_per_user() -> None:
+    usage = Usage(replace(LIMITS, max_uploads=100, quota_bytes=10**6))
+    for _ in range(3):  # the burst
+        usage.admit("alice", 1, 100.0)
+    with pytest.raises(MediaError) as info:
+        usage.admit("alice", 1, 100.0)
+    assert code(info) == "rate_limited" and info.value.status == 429 and info.value.retry_after_s == 10
+    assert "6 a minute" in info.value.detail
+    assert usage.charged == {"alice": 60} and usage.uploads == {"alice": 3}  # a refusal charges nothing
+    usage.admit("bob", 1, 100.0)  # another user is not limited by alice
+    usage.admit("alice", 1, 110.0)  # 6 a minute: one more after 10 s
+    with pytest.raises(MediaError):
+        usage.admit("alice", 1, 115.0)
 
 
 def test_patch_rules() -> None:
@@ -77,11 +105,11 @@ def test_seal_fixes_readers_and_waiting_devices() -> None:
 
 
 def test_who_may_read() -> None:
-    blob = core.Blob("s" * 64, "alice", 5, 0, 10)
+    blob = core.Blob("s" * 64, "alice", 5, 0, 10, 20)
     assert core.readable(blob, True) is blob
     for found, reader, expected in ((blob, False, "not_found"), (None, True, "not_found"),
-                                    (core.Blob("s" * 64, "alice", 5, 0, 10, deleted=True), True, "gone"),
-                                    (core.Blob("s" * 64, "alice", 5, 0, 10, deleted=True), False, "not_found")):
+                                    (core.Blob("s" * 64, "alice", 5, 0, 10, 20, deleted=True), True, "gone"),
+                                    (core.Blob("s" * 64, "alice", 5, 0, 10, 20, deleted=True), False, "not_found")):
         with pytest.raises(MediaError) as info:
             core.readable(found, reader)
         assert code(info) == expected
@@ -121,8 +149,7 @@ async def test_sqlite_records(tmp_path: Path) -> None:
         assert await store.is_reader("a" * 64, "carol") and not await store.is_reader("a" * 64, "eve")
         found = await store.sealed("u1")
         assert found is not None and found[1] == "a" * 64
-        uploads, owners, count = await store.load()
-        assert (uploads, owners, count) == ([], {"alice": 25}, 1)
+        assert await store.load() == ([], {"alice": 25}, 1, 25)
         assert await store.waiting_devices() == {"bob.phone", "bob.laptop", "bob.tv"}
         assert await store.fetched("a" * 64, "bob.phone") is None
         assert await store.fetched("a" * 64, "bob.phone") is None  # again: nothing
