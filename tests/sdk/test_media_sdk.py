@@ -28,7 +28,7 @@ from client_sdk.mediacrypto import MediaKey, ciphertext_size
 from testkit.https_server import make_tls
 from testkit.proxy import TcpProxy
 from tests.helpers import WAIT_S, BrokerThread
-from tests.media_client import MiB, media_broker
+from tests.media_client import MiB, charged, media_broker
 from tests.media_stores import BACKENDS, backend_settings
 from tests.sdk.conftest import Collector, LogWatch
 
@@ -248,17 +248,46 @@ def test_a_download_stopped_by_the_app_resumes_from_its_part_file(
     assert file_sha(dest) == want
 
 
-def test_an_upload_aborted_by_the_app_sends_nothing(clients: Callable[..., Collector], tmp_path: Path) -> None:
+def test_an_upload_aborted_by_the_app_sends_nothing(media: tuple[BrokerThread, TcpProxy],
+                                                    clients: Callable[..., Collector], tmp_path: Path) -> None:
+    """The SDK deletes the upload it leaves: the server frees it at once, not after upload_ttl_s."""
+    broker, _ = media
     alice = clients("alice")
     source = tmp_path / "clip.bin"
     big_file(source, 2 * MiB)
 
     def abort(done: int, total: int) -> None:
-        raise Abort
+        if done > MiB:
+            raise Abort
 
     with pytest.raises(Abort):
         alice.client.send_media("bob", source, progress=abort)
     assert alice.client.outbox() == []
+    assert (charged(broker), in_progress(broker)) == (0, 0)
+
+
+def test_an_upload_whose_file_shrinks_is_deleted(media: tuple[BrokerThread, TcpProxy],
+                                                 clients: Callable[..., Collector], tmp_path: Path) -> None:
+    """A failure the SDK cannot resume from (the file lost its end midway): the upload is deleted."""
+    broker, _ = media
+    alice = clients("alice")
+    source = tmp_path / "clip.bin"
+    big_file(source, 20 * MiB)
+
+    def truncate(done: int, total: int) -> None:
+        if done > 9 * MiB and source.stat().st_size > MiB:  # past the first PATCH: bytes are stored
+            os.truncate(source, MiB)
+
+    with LogWatch("client_sdk.media", "not deleted") as kept, pytest.raises(ValueError, match="shorter"):
+        alice.client.send_media("bob", source, progress=truncate)
+    assert kept.count == 0
+    assert (charged(broker), in_progress(broker)) == (0, 0)
+    assert not list((broker.settings.data_path / "media" / "staging").iterdir())
+
+
+def in_progress(broker: BrokerThread) -> int:
+    assert broker.app.media is not None
+    return broker.app.media.service.uploads_in_progress
 
 
 async def test_async_client_sends_and_downloads(media: tuple[BrokerThread, TcpProxy], tmp_path: Path) -> None:
