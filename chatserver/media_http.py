@@ -116,8 +116,8 @@ class _Handlers:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
             raise MediaError("bad_request", "the body is not JSON") from None
-        upload = await self._service.create(user, device, body)
-        return _json(201, {"upload": upload.id, "offset": 0, "chunk_max": self._service.limits.chunk_max},
+        upload, offset = await self._service.create(user, device, body, request.headers.get("Idempotency-Key"))
+        return _json(201, {"upload": upload.id, "offset": offset, "chunk_max": self._service.limits.chunk_max},
                      Location=f"{PREFIX}/uploads/{upload.id}")
 
     async def status(self, request: web.Request) -> web.Response:

@@ -4,7 +4,8 @@ download with resume, verify, decrypt. Blocking; ``Client`` calls these in the c
 
 Upload rules (docs/MEDIA.md, HTTP API):
 1. ``POST /uploads`` with the ciphertext's size reserves the upload; its ``chunk_max`` bounds
-   each ``PATCH``.
+   each ``PATCH``. Its ``Idempotency-Key`` makes a POST retried after a lost answer name the
+   same upload, not leave an orphan.
 2. Each PATCH streams the next ``min(chunk_max, left)`` ciphertext bytes, encrypted from the file
    as they are sent; the server's ``Upload-Offset`` acknowledges them, and the running digest
    is marked there.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -91,7 +93,8 @@ class Upload:
         self._backoff = Backoff()
 
     def run(self) -> tuple[str, str]:
-        created = retrying(lambda: self._http.call("POST", UPLOADS, {"size": self.total, "to": self._to}),
+        key = {"Idempotency-Key": secrets.token_urlsafe(24)}  # rule 1: a POST repeated names the same upload
+        created = retrying(lambda: self._http.call("POST", UPLOADS, {"size": self.total, "to": self._to}, headers=key),
                            self._backoff, self._stop).data
         try:
             upload, offset, chunk_max = str(created["upload"]), int(created["offset"]), int(created["chunk_max"])

@@ -203,3 +203,53 @@ async def test_fuzzed_deletes_offsets_and_sizes_never_crash(tmp_path: Path) -> N
         assert broker.call(broker.app.readiness()) == []
     finally:
         broker.stop()
+
+
+async def test_a_post_repeated_with_its_idempotency_key_names_the_same_upload(tmp_path: Path) -> None:
+    """The answer to a POST is lost (sent on a raw socket, never parsed); the client asks again with
+    the same key: the same upload, charged once, and no orphan left."""
+    broker = media_broker(tmp_path / "data")
+    try:
+        async with connected(broker) as client:
+            http = client.http
+            alice, laptop = add_device(broker, "alice", "phone"), add_device(broker, "alice", "laptop")
+            add_device(broker, "bob", "phone")
+            key = {"Idempotency-Key": "k" * 32}
+            body = b'{"size": 1048576, "to": "bob"}'
+            await send_raw(broker.address("media"), (
+                f"POST /v1/media/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: {alice.auth['Authorization']}\r\n"
+                f"Idempotency-Key: {'k' * 32}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+            assert in_progress(broker) == 1
+            answers = await asyncio.gather(*(http.post(client.base + "/uploads", json={"size": MiB, "to": "bob"},
+                                                       headers={**alice.auth, **key}) for _ in range(5)))
+            ids = set()
+            for r in answers:
+                assert r.status == 201
+                ids.add((await r.json())["upload"])
+                r.release()
+            assert len(ids) == 1 and in_progress(broker) == 1 and charged(broker) == MiB
+            upload = ids.pop()
+            assert (await client.patch(alice, upload, 0, MiB // 2))[0] == 204
+            async with http.post(client.base + "/uploads", json={"size": MiB, "to": "bob"},
+                                 headers={**alice.auth, **key}) as r:
+                assert (r.status, (await r.json())["offset"]) == (201, MiB // 2)  # where to go on
+            for wrong in ({"size": 2 * MiB, "to": "bob"}, {"size": MiB, "to": "alice"}):
+                async with http.post(client.base + "/uploads", json=wrong, headers={**alice.auth, **key}) as r:
+                    answer = await r.json()
+                    assert (r.status, answer["error"]) == (400, "bad_request") and "new key" in answer["detail"]
+            for bad in ("short", "k" * 65, "k" * 31 + "/"):
+                async with http.post(client.base + "/uploads", json={"size": 1, "to": "bob"},
+                                     headers={**alice.auth, "Idempotency-Key": bad}) as r:
+                    assert (r.status, (await r.json())["error"]) == (400, "bad_request")
+            # The same key from another device is another upload.
+            async with http.post(client.base + "/uploads", json={"size": MiB, "to": "bob"},
+                                 headers={**laptop.auth, **key}) as r:
+                assert r.status == 201 and (await r.json())["upload"] != upload
+            sealed = await client.upload(alice, "bob", MiB, start_offset=MiB // 2, upload=upload)
+            async with http.post(client.base + "/uploads", json={"size": MiB, "to": "bob"},
+                                 headers={**alice.auth, **key}) as r:
+                answer = await r.json()
+                assert (r.status, answer["error"], answer["url"]) == (409, "sealed", sealed["url"])
+    finally:
+        broker.stop()

@@ -19,10 +19,15 @@ Rules:
 7. An upload idle (no PATCH) for ``upload_ttl`` is abandoned: its staging goes, its charge is freed.
    Its device may delete it sooner (``DELETE``), the same; a sealed upload is not deleted
    (``sealed``): its blob may be read already, and is shared by every upload of the same bytes.
+8. A POST with an ``Idempotency-Key`` (the client's random string) names the upload by a digest
+   of the caller's device and the key: repeated after a lost answer, it answers the same upload
+   (same size and ``to``, else ``bad_request``) and charges nothing again.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -170,6 +175,24 @@ class Usage:
             self.charged[user] = left
         else:
             self.charged.pop(user, None)
+
+
+_KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def keyed_upload_id(user: str, device: str, key: str) -> str:
+    """Rule 8: the upload id an ``Idempotency-Key`` names for this device (not guessable without the key)."""
+    if _KEY.fullmatch(key) is None:
+        raise MediaError("bad_request", "Idempotency-Key must be 16 to 64 characters of A-Z, a-z, 0-9, _ and -")
+    digest = hashlib.sha256(f"{user}.{device}\n{key}".encode()).digest()
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
+def check_replay(upload: Upload, size: int, to: str) -> None:
+    """Rule 8: a repeated POST must ask for what the first one did."""
+    if (upload.size, upload.to) != (size, to):
+        raise MediaError("bad_request", f"this Idempotency-Key names an upload of {upload.size} bytes to "
+                         f"{upload.to}: use a new key for each file")
 
 
 def check_patch(upload: Upload, offset: int, stored: int, length: int | None, limits: MediaLimits) -> None:

@@ -99,23 +99,32 @@ class MediaService:
 
     # --- requests (the caller is authenticated) ----------------------------------------------
 
-    async def create(self, user: str, device: str, body: object) -> Upload:
+    async def create(self, user: str, device: str, body: object, key: str | None = None) -> tuple[Upload, int]:
+        """A new upload, or the one ``key`` (``Idempotency-Key``) made already: ``(upload, offset)``."""
         size, to = core.parse_new_upload(body, self.limits)
+        upload_id = secrets.token_urlsafe(16) if key is None else core.keyed_upload_id(user, device, key)
         if is_group_id(to):
             if user not in await self._members(to):
                 raise MediaError("not_member", f"you are not a member of {to}")
         elif await self._users.user_devices(to) is None:
             raise MediaError("not_found", f"no user {to}")
-        cost = self._usage.admit(user, size, self._clock.monotonic())  # before the await: a concurrent create sees it
+        if key is not None and (found := await self._store.sealed(upload_id)) is not None:
+            raise MediaError("sealed", "this Idempotency-Key's upload is complete", blob=found[1])
+        # From here to the first await: checked and recorded at once, so concurrent POSTs see each other.
+        if (same := self._uploads.get(upload_id)) is not None:
+            core.check_replay(same, size, to)
+            return same, await self._blobs.staged_size(upload_id)
+        cost = self._usage.admit(user, size, self._clock.monotonic())
         now = self._clock.wall_ms()
-        upload = Upload(secrets.token_urlsafe(16), user, device, to, size, now, now)
+        upload = Upload(upload_id, user, device, to, size, now, now)
+        self._uploads[upload_id] = upload
         try:
             await self._store.add_upload(upload)
         except BaseException:
-            self._usage.end_upload(user, cost, keep_charge=False)
+            if self._uploads.pop(upload_id, None) is not None:
+                self._usage.end_upload(user, cost, keep_charge=False)
             raise
-        self._uploads[upload.id] = upload
-        return upload
+        return upload, 0
 
     async def status(self, user: str, device: str, upload_id: str) -> tuple[int, int, str | None]:
         """``(offset, size, blob)`` of the caller's upload (blob: once sealed)."""

@@ -23,8 +23,10 @@ import pytest
 from client_sdk import AsyncClient, Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
 from client_sdk.aio import _in_thread
 from client_sdk.events import Message
+from client_sdk.media import UPLOADS
 from client_sdk.mediabody import MAX_THUMBNAIL_BYTES, parse_media_body
 from client_sdk.mediacrypto import MediaKey, ciphertext_size
+from client_sdk.mediahttp import MediaHTTP
 from testkit.https_server import make_tls
 from testkit.proxy import TcpProxy
 from tests.helpers import WAIT_S, BrokerThread
@@ -283,6 +285,30 @@ def test_an_upload_whose_file_shrinks_is_deleted(media: tuple[BrokerThread, TcpP
     assert kept.count == 0
     assert (charged(broker), in_progress(broker)) == (0, 0)
     assert not list((broker.settings.data_path / "media" / "staging").iterdir())
+
+
+def test_the_answer_to_the_post_lost(media: tuple[BrokerThread, TcpProxy], clients: Callable[..., Collector],
+                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server creates the upload but its answer never arrives: the SDK's retried POST (same
+    Idempotency-Key) names the same upload, so none is left behind holding quota."""
+    broker, _ = media
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "clip.bin"
+    want = big_file(source, MiB)
+    real, lost = MediaHTTP.call, []
+
+    def losing(self: MediaHTTP, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        reply = real(self, method, path, *args, **kwargs)
+        if method == "POST" and path == UPLOADS and not lost:
+            lost.append(reply.data["upload"])
+            raise MediaError("network", "POST: the connection ended before the answer")  # as a cut would
+        return reply
+
+    monkeypatch.setattr(MediaHTTP, "call", losing)
+    alice.client.send_media("bob", source)
+    assert lost and (charged(broker), in_progress(broker)) == (ciphertext_size(MiB), 0)
+    bob.client.download_media(media_message(bob), tmp_path / "got.bin")
+    assert file_sha(tmp_path / "got.bin") == want
 
 
 def in_progress(broker: BrokerThread) -> int:

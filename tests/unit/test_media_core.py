@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from bridge.media.core import MediaError, MediaLimits, Upload, Usage
 from broker.front import ListenerError, tls_context
 from chatserver import media as media_wiring
 from chatserver.config import ConfigError, build_settings
-from storage.sqlite.media import SqliteMediaStore
+from storage.sqlite.media import MEDIA_DB, MIGRATIONS, SqliteMediaStore
 
 LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=150, max_uploads=2, upload_ttl_ms=1000, ttl_ms=5000,
                      min_charge=20, uploads_per_minute=6, uploads_burst=3)
@@ -81,6 +82,23 @@ def test_upload_creation_rate_per_user() -> None:
     usage.admit("alice", 1, 110.0)  # 6 a minute: one more after 10 s
     with pytest.raises(MediaError):
         usage.admit("alice", 1, 115.0)
+
+
+def test_an_idempotency_key_names_one_upload_per_device() -> None:
+    key = "k" * 22
+    first = core.keyed_upload_id("alice", "phone", key)
+    assert first == core.keyed_upload_id("alice", "phone", key) and len(first) == 22
+    assert len({first, core.keyed_upload_id("alice", "laptop", key), core.keyed_upload_id("bob", "phone", key),
+                core.keyed_upload_id("alice", "phone", "j" * 22)}) == 4
+    for bad in ("k" * 15, "k" * 65, "k" * 20 + "/.", "k" * 20 + "é"):
+        with pytest.raises(MediaError) as info:
+            core.keyed_upload_id("alice", "phone", bad)
+        assert code(info) == "bad_request"
+    core.check_replay(UP, 25, "bob")
+    for size, to in ((26, "bob"), (25, "carol")):
+        with pytest.raises(MediaError) as info:
+            core.check_replay(UP, size, to)
+        assert code(info) == "bad_request"
 
 
 def test_patch_rules() -> None:
@@ -161,9 +179,13 @@ async def test_sqlite_records(tmp_path: Path) -> None:
         assert await store.forget(blob.expires_ms) == []
         assert await store.forget(blob.expires_ms + 1) == ["a" * 64]
         assert await store.blob("a" * 64) is None
+        tiny = core.seal(replace(UP, size=3), "c" * 64, {"bob": ["phone"]}, [], 0, LIMITS)
+        assert await store.seal("u1", tiny)  # charged the minimum, 20: a restart sums that, not 3
+        assert (await store.load())[1:] == ({"alice": 20}, 1, 3)
+        assert await store.blob("c" * 64) == tiny.blob
         other = core.seal(UP, "b" * 64, {"bob": ["phone"]}, [], 0, LIMITS)
         await store.seal("u1", other)
-        assert [b.sha256 for b in await store.expire(other.blob.expires_ms)] == ["b" * 64]
+        assert sorted(b.sha256 for b in await store.expire(other.blob.expires_ms)) == ["b" * 64, "c" * 64]
         assert await store.sealed_uploads(10**6) == ["u1", "u2"]
         await store.drop_upload("u1")
         assert await store.sealed("u1") is None
@@ -182,3 +204,14 @@ async def test_an_s3_backend_without_its_module_stops_the_start(tmp_path: Path,
 def test_a_bad_media_certificate_names_its_key(tmp_path: Path) -> None:
     with pytest.raises(ListenerError, match=r"^media\.certfile: cannot read .*nope\.pem"):
         tls_context("media", str(tmp_path / "nope.pem"), str(tmp_path / "nope.key"), section="media")
+
+
+async def test_a_media_db_of_before_the_minimum_charge_keeps_charging_sizes(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / MEDIA_DB) as db:
+        db.executescript(MIGRATIONS[0] + ";PRAGMA user_version=1")
+        db.execute("INSERT INTO blobs VALUES (?, 'alice', 3, 0, 10, 0)", ("a" * 64,))
+    store = await SqliteMediaStore.open(tmp_path)
+    try:
+        assert await store.load() == ([], {"alice": 3}, 1, 3)  # what was charged then
+    finally:
+        await store.close()
