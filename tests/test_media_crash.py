@@ -18,7 +18,16 @@ import pytest
 
 from chatserver.config import build_settings
 from tests.helpers import BrokerProcess, Peer
-from tests.media_client import Device, MediaClient, MiB, file_bytes, file_digest
+from tests.media_client import (
+    Device,
+    MediaClient,
+    MiB,
+    add_device,
+    connected,
+    file_bytes,
+    file_digest,
+    media_broker,
+)
 from tests.media_stores import BACKENDS, backend_settings, stored_blobs
 
 SIZE = 40 * MiB
@@ -100,3 +109,29 @@ def device_with_token(broker: BrokerProcess, user: str) -> Device:
         return Device(user, "phone", peer.request("auth.token")["result"]["token"])
     finally:
         peer.close()
+
+
+async def test_a_death_between_the_last_byte_and_the_seal(tmp_path: Path, backend: dict[str, Any]) -> None:
+    """Every byte was made durable but the process died before the seal (hashing a large file
+    takes seconds): GET after the restart seals it and names the blob, rather than saying "all
+    stored" with no url, which a client could neither finish nor resume."""
+    data, size = tmp_path / "data", 3 * MiB + 5
+    broker = media_broker(data, **backend)
+    async with connected(broker) as client:
+        alice, bob = add_device(broker, "alice", "phone"), add_device(broker, "bob", "phone")
+        status, body = await client.create(alice, "bob", size)
+        assert status == 201
+        upload = body["upload"]
+        assert (await client.patch(alice, upload, 0, size - 1))[0] == 204
+    broker.stop()
+    staged = data / "media" / "staging" / upload
+    staged.write_bytes(staged.read_bytes() + b"".join(file_bytes(size - 1, size)))  # the last byte, unsealed
+    broker = media_broker(data, **backend)
+    try:
+        async with connected(broker) as client:
+            state = await client.offset(alice, upload)
+            assert state == {"offset": size, "size": size, "url": f"/v1/media/blobs/{file_digest(size)}"}
+            assert await client.download(bob, state["url"]) == (200, file_digest(size), size)
+            assert (await client.offset(alice, upload))["url"] == state["url"]  # sealed once
+    finally:
+        broker.stop()

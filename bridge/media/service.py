@@ -132,7 +132,12 @@ class MediaService:
         if upload is not None and (upload.user, upload.device) == (user, device):
             async with self._locked(upload):
                 if upload_id in self._uploads:  # not sealed or abandoned while this waited
-                    return await self._blobs.staged_size(upload_id), upload.size, None
+                    stored = await self._blobs.staged_size(upload_id)
+                    if stored < upload.size:
+                        return stored, upload.size, None
+                    # Every byte stored but not sealed: the process died between the two. Seal now, or
+                    # the client (told "all stored, no url") could neither finish nor resume.
+                    return stored, upload.size, await self._seal(upload)
         upload, blob = await self._sealed(user, device, upload_id)
         return upload.size, upload.size, blob
 
