@@ -250,39 +250,27 @@ def test_a_download_stopped_by_the_app_resumes_from_its_part_file(
     assert file_sha(dest) == want
 
 
-def test_an_upload_aborted_by_the_app_sends_nothing(media: tuple[BrokerThread, TcpProxy],
-                                                    clients: Callable[..., Collector], tmp_path: Path) -> None:
-    """The SDK deletes the upload it leaves: the server frees it at once, not after upload_ttl_s."""
-    broker, _ = media
-    alice = clients("alice")
-    source = tmp_path / "clip.bin"
-    big_file(source, 2 * MiB)
-
-    def abort(done: int, total: int) -> None:
-        if done > MiB:
-            raise Abort
-
-    with pytest.raises(Abort):
-        alice.client.send_media("bob", source, progress=abort)
-    assert alice.client.outbox() == []
-    assert (charged(broker), in_progress(broker)) == (0, 0)
-
-
-def test_an_upload_whose_file_shrinks_is_deleted(media: tuple[BrokerThread, TcpProxy],
-                                                 clients: Callable[..., Collector], tmp_path: Path) -> None:
-    """A failure the SDK cannot resume from (the file lost its end midway): the upload is deleted."""
+@pytest.mark.parametrize("failure", ["abort", "shrink"])
+def test_an_upload_that_fails_for_good_is_deleted(media: tuple[BrokerThread, TcpProxy], failure: str,
+                                                  clients: Callable[..., Collector], tmp_path: Path) -> None:
+    """The app aborts (its progress callback raises), or the file loses its end midway (a failure
+    the SDK cannot resume from), past the first PATCH: nothing is sent, and the SDK deletes the
+    upload it leaves, so the server frees it at once (not after upload_ttl_s)."""
     broker, _ = media
     alice = clients("alice")
     source = tmp_path / "clip.bin"
     big_file(source, 20 * MiB)
 
-    def truncate(done: int, total: int) -> None:
-        if done > 9 * MiB and source.stat().st_size > MiB:  # past the first PATCH: bytes are stored
+    def fail(done: int, total: int) -> None:
+        if done > 9 * MiB and failure == "abort":
+            raise Abort
+        if done > 9 * MiB and source.stat().st_size > MiB:
             os.truncate(source, MiB)
 
-    with LogWatch("client_sdk.media", "not deleted") as kept, pytest.raises(ValueError, match="shorter"):
-        alice.client.send_media("bob", source, progress=truncate)
-    assert kept.count == 0
+    raised = pytest.raises(Abort) if failure == "abort" else pytest.raises(ValueError, match="shorter")
+    with LogWatch("client_sdk.media", "not deleted") as kept, raised:
+        alice.client.send_media("bob", source, progress=fail)
+    assert kept.count == 0 and alice.client.outbox() == []
     assert (charged(broker), in_progress(broker)) == (0, 0)
     assert not list((broker.settings.data_path / "media" / "staging").iterdir())
 
