@@ -9,6 +9,7 @@ itself, for tests that write frames by hand (``frame``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -16,7 +17,7 @@ import struct
 import time
 
 from websockets.client import ClientProtocol
-from websockets.frames import OP_BINARY, OP_CLOSE, OP_CONT, Frame
+from websockets.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PONG, Close, Frame
 from websockets.http11 import Response
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
@@ -53,6 +54,7 @@ class WsSocket:
         self._open = False
         self.close_code: int | None = None
         """The code of the broker's close frame, once one came."""
+        self.pongs: list[bytes] = []
         deadline = time.monotonic() + timeout
         while not self._open:
             if self._ended:
@@ -63,6 +65,8 @@ class WsSocket:
 
     def _read(self) -> None:
         self._feed(self.sock.recv(READ_BYTES))
+        with contextlib.suppress(OSError):  # a close frame echoed to a broker that has closed
+            self._flush()
         for event in self.ws.events_received():
             if isinstance(event, Response):
                 if event.status_code != 101 or self.ws.handshake_exc is not None:
@@ -70,9 +74,11 @@ class WsSocket:
                 self._open = True
             elif isinstance(event, Frame) and event.opcode in (OP_BINARY, OP_CONT):
                 self._buffer += event.data
+            elif isinstance(event, Frame) and event.opcode is OP_PONG:
+                self.pongs.append(bytes(event.data))
             elif isinstance(event, Frame) and event.opcode is OP_CLOSE:
                 self._ended = True
-                self.close_code = self.ws.close_code
+                self.close_code = Close.parse(event.data).code
 
     def _feed(self, data: bytes) -> None:
         if data:
@@ -80,7 +86,6 @@ class WsSocket:
         else:
             self.ws.receive_eof()
             self._ended = True
-        self._flush()
 
     def _flush(self) -> None:
         for data in self.ws.data_to_send():
