@@ -78,7 +78,7 @@ class WsSocket:
                 self.pongs.append(bytes(event.data))
             elif isinstance(event, Frame) and event.opcode is OP_CLOSE:
                 self._ended = True
-                self.close_code = Close.parse(event.data).code
+                self.close_code = Close.parse(bytes(event.data)).code
 
     def _feed(self, data: bytes) -> None:
         if data:
