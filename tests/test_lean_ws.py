@@ -187,62 +187,44 @@ def test_a_ping_gets_its_pong(lean: Lean) -> None:
         raw.close()
 
 
-def test_an_oversized_message_is_closed_with_1009(lean: Lean) -> None:
+@pytest.fixture
+def alice(lean: Lean) -> Iterator[WsSocket]:
+    """alice.phone logged in over ws on the lean path: its WebSocket, to write frames to by hand."""
     raw = lean.raw()
     ws = raw.sock
     assert isinstance(ws, WsSocket)
-    login(raw)
-    # Fragments count together: 1 MiB - 4 bytes more after 10 are too many (the payload is never sent).
-    ws.sock.sendall(frame(OP_BINARY, PINGREQ * 5, fin=False) + b"\x80\xff" + (2**20 - 4).to_bytes(8, "big"))
-    assert closed_with(ws, 1009)
+    try:
+        login(raw)
+        assert lean.on_lean_path("alice.phone")
+        yield ws
+    finally:
+        raw.close()
+
+
+HALF_A_PUBLISH = publish_packet("u/alice/req", ping_request("cut"), 1, 3)[:20]
+CLOSED_WITH = {
+    # Fragments count together: 1 MiB - 4 bytes more after 10 are too many (that payload is never sent).
+    "oversized message": (frame(OP_BINARY, PINGREQ * 5, fin=False) + b"\x80\xff" + (2**20 - 4).to_bytes(8, "big"),
+                          1009),
+    "1 TiB frame header": (b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"mask", 1009),
+    "text frame": (frame(OP_TEXT, PINGREQ), 1003),  # [MQTT-6.0.0-1]
+    "close frame mid-packet": (frame(OP_BINARY, HALF_A_PUBLISH) + frame(OP_CLOSE, (1000).to_bytes(2, "big")), 1000),
+}
+
+
+@pytest.mark.parametrize(("data", "code"), list(CLOSED_WITH.values()), ids=list(CLOSED_WITH))
+def test_the_session_ends_with_a_close_code(lean: Lean, alice: WsSocket, data: bytes, code: int) -> None:
+    alice.sock.sendall(data)
+    assert closed_with(alice, code)
     eventually(lambda: not lean.on_lean_path("alice.phone"), what="the session ended")
-    raw.close()
 
 
-def test_an_oversized_frame_header_is_closed_at_once(lean: Lean) -> None:
-    raw = lean.raw()
-    ws = raw.sock
-    assert isinstance(ws, WsSocket)
-    login(raw)
-    ws.sock.sendall(b"\x82\xff" + (1 << 40).to_bytes(8, "big") + b"mask")  # 1 TiB announced, nothing sent
-    assert closed_with(ws, 1009)
-    raw.close()
-
-
-def test_a_text_frame_is_closed_with_1003(lean: Lean) -> None:
-    raw = lean.raw()
-    ws = raw.sock
-    assert isinstance(ws, WsSocket)
-    login(raw)
-    ws.sock.sendall(frame(OP_TEXT, b"\xc0\x00"))  # a PINGREQ, in a text frame [MQTT-6.0.0-1]
-    assert closed_with(ws, 1003)
-    raw.close()
-
-
-def test_a_close_frame_in_the_middle_of_a_packet_ends_the_session(lean: Lean) -> None:
-    raw = lean.raw()
-    ws = raw.sock
-    assert isinstance(ws, WsSocket)
-    login(raw)
-    assert lean.on_lean_path("alice.phone")
-    half = publish_packet("u/alice/req", ping_request("cut"), 1, 3)
-    ws.sock.sendall(frame(OP_BINARY, half[: len(half) // 2]) + frame(OP_CLOSE, (1000).to_bytes(2, "big")))
-    assert closed_with(ws, 1000)  # the close handshake is echoed
-    eventually(lambda: not lean.on_lean_path("alice.phone"), what="the session ended")
-    raw.close()
-
-
-def test_eof_in_the_middle_of_a_frame_ends_the_session(lean: Lean) -> None:
-    raw = lean.raw()
-    ws = raw.sock
-    assert isinstance(ws, WsSocket)
-    login(raw)
-    ws.sock.sendall(frame(OP_BINARY, PINGREQ * 50)[:40])
-    ws.sock.shutdown(socket.SHUT_WR)
-    while ws.recv(65536):
+def test_eof_in_the_middle_of_a_frame_ends_the_session(lean: Lean, alice: WsSocket) -> None:
+    alice.sock.sendall(frame(OP_BINARY, PINGREQ * 50)[:40])
+    alice.sock.shutdown(socket.SHUT_WR)
+    while alice.recv(65536):
         pass
     eventually(lambda: not lean.on_lean_path("alice.phone"), what="the session ended")
-    raw.close()
 
 
 # --- the upgrade --------------------------------------------------------------------------------
