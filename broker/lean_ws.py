@@ -149,6 +149,9 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
                 self._sent()  # the 101 and the close frame, then the socket closes
                 self._close_socket()
                 return
+        # websockets' parse generator keeps the request in a local for the connection's life: its
+        # headers, no longer needed, would be half of the WebSocket layer's memory (2.2 of 4.3 KiB).
+        request.headers.clear()
         session = listener.session(client)
         self._inner = session
         session.connection_made(self)
