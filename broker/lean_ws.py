@@ -90,7 +90,8 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
     def eof_received(self) -> bool:
         self._ws.receive_eof()
         self._received()
-        return True  # closed by _sent (websockets says when); TLS ignores this and closes itself
+        # TCP: _sent closes it (websockets says when). TLS closes on its own (and warns if told otherwise).
+        return self._sock is not None and self._sock.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

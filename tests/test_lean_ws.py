@@ -334,3 +334,17 @@ def test_random_frames_never_break_the_broker(lean: Lean, after_login: bool, par
         login(after, "alice.after")
     finally:
         after.close()
+
+
+def test_a_wss_client_closing_tls_ends_the_session_quietly(lean: Lean, caplog: pytest.LogCaptureFixture) -> None:
+    ws = WsSocket(lean.wss, tls=ssl.create_default_context(cafile=str(lean.cert)))
+    try:
+        ws.sendall(connect_packet("alice.tls", "alice", "alice-pw"))
+        assert ws.recv(4) == b"\x20\x02\x00\x00"
+        assert lean.on_lean_path("alice.tls")
+        assert isinstance(ws.sock, ssl.SSLSocket)
+        ws.sock.unwrap()  # close_notify: the end of the stream under TLS
+        eventually(lambda: not lean.on_lean_path("alice.tls"), what="the session ended")
+    finally:
+        ws.close()
+    assert not [r for r in caplog.records if "eof_received" in r.getMessage()]  # asyncio's warning for TLS
