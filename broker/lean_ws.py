@@ -120,13 +120,13 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
                 self._upgrade(event)
             elif not isinstance(event, Frame) or self._inner is None:
                 continue  # no Response comes to a server; after a refused upgrade websockets discards the rest
-            elif event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:  # CONT: a text message failed first
+            elif event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:  # (a text message ends at its start)
                 payload.append(event.data)
             elif event.opcode is Opcode.TEXT:
                 log.info("%s: closing a WebSocket that sent a text frame [MQTT-6.0.0-1]", self._listener.name)
                 self._ws.fail(CloseCode.UNSUPPORTED_DATA, "MQTT is sent in binary frames")
                 break
-        if payload and self._inner is not None:
+        if payload and self._inner is not None and not self._closing:  # not after the session's end
             self._inner.data_received(b"".join(payload))  # one item: that bytes object itself
         self._sent()
 
