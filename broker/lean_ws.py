@@ -13,7 +13,7 @@ What it keeps of the ws listener on amqtt's path (``websockets.serve``, broker/s
 - the upgrade on ``/mqtt`` only (HTTP 404 otherwise, ``front.mqtt_path_refusal``), subprotocol
   ``mqtt`` (a request without it gets HTTP 400), websockets' own request checks and limits (8 KiB
   per line, 128 headers), the handshake within ``connect_timeout_s`` (websockets' ``open_timeout``
-  is the same 10 s by default) or the socket is dropped;
+  is the same 10 s by default) or the socket is dropped; here also at most ``MAX_UPGRADE_BYTES``;
 - ``forwarded_for``: the handshake completes, then a peer that is no trusted proxy, or names no
   client, is closed with 1008 (``front.forwarded_address``); the client it names is the session's peer;
 - messages of at most ``WS_MAX_MESSAGE`` (1009 otherwise), pings answered, the close handshake
@@ -47,6 +47,10 @@ from broker.proxy_protocol import Address, TrustedProxies
 
 log = logging.getLogger(__name__)
 
+MAX_UPGRADE_BYTES = 32 * 1024
+"""The upgrade request and anything sent with it: websockets alone allows 128 headers of 8 KiB (1 MiB held
+for the deadline). A browser's, cookies included, is a few KiB."""
+
 SessionFactory = Callable[[Address | None], asyncio.Protocol]
 """The forwarded client (None: the socket's peer) -> the connection's MQTT session."""
 
@@ -66,7 +70,7 @@ class WsListener:
 class WsLink(asyncio.Protocol, asyncio.Transport):
     """The socket's protocol, and the transport of the MQTT session above it."""
 
-    __slots__ = ("_closing", "_inner", "_listener", "_sock", "_timer", "_ws")
+    __slots__ = ("_closing", "_inner", "_listener", "_sock", "_timer", "_upgrade_bytes", "_ws")
 
     def __init__(self, listener: WsListener) -> None:
         # asyncio.BaseTransport's __init__ is not called: its ``_extra`` dict would go unused.
@@ -75,6 +79,7 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
         self._ws = ServerProtocol(subprotocols=[WS_SUBPROTOCOL], max_size=WS_MAX_MESSAGE, logger=WS_LOG)
         self._inner: asyncio.Protocol | None = None  # the session, from the upgrade on
         self._timer: asyncio.TimerHandle | None = None  # the handshake's deadline
+        self._upgrade_bytes = 0  # received before the upgrade was answered
         self._closing = False
 
     # --- the socket's side (asyncio.Protocol) -------------------------------------------
@@ -84,6 +89,12 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
         self._timer = asyncio.get_running_loop().call_later(self._listener.handshake_s, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
+        if self._timer is not None:  # the upgrade is not answered yet
+            self._upgrade_bytes += len(data)
+            if self._upgrade_bytes > MAX_UPGRADE_BYTES:
+                log.info("%s: an upgrade request over %d bytes: closing", self._listener.name, MAX_UPGRADE_BYTES)
+                self.abort()
+                return
         self._ws.receive_data(data)
         self._received()
 

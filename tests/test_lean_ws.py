@@ -268,6 +268,8 @@ BAD_UPGRADES = {
     "a 9 KiB header line": (upgrade(X_Junk="x" * 9000), b""),
     "200 headers": (upgrade().replace(b"\r\n\r\n", b"".join(b"\r\nX-%d: y" % n for n in range(200)) + b"\r\n\r\n"),
                     b""),
+    "40 KiB of headers": (upgrade().replace(b"\r\n\r\n", b"".join(b"\r\nX-%d: %s" % (n, b"y" * 400)
+                                                                 for n in range(100)) + b"\r\n\r\n"), b""),
     "garbage": (bytes(range(256)) * 4, b""),
     "MQTT on the ws port": (connect_packet("alice.raw", "alice", "alice-pw"), b""),
 }
