@@ -29,6 +29,7 @@ from amqtt.adapters import StreamWriterAdapter, WebSocketsWriter
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from broker.counters import BrokerCounters
 from broker.proxy_protocol import (
@@ -44,6 +45,10 @@ from broker.streams import stream_protocol
 log = logging.getLogger(__name__)
 
 WS_PATH = "/mqtt"
+WS_SUBPROTOCOL = Subprotocol("mqtt")
+WS_MAX_MESSAGE = 2**20
+"""The largest WebSocket message (fragments counted together) on either path: websockets' default. An MQTT
+packet may span messages: its own limit is ``limits.max_packet_bytes``."""
 ACCEPT_BACKOFF_S = 1.0  # after EMFILE and the like, as asyncio's own server
 BACKLOG = 100  # asyncio's default
 
@@ -81,11 +86,16 @@ class ForwardedWriter(WebSocketsWriter):
 
 def forwarded_peer(connection: ServerConnection, trusted: TrustedProxies, listener: str) -> Address | None:
     """The client of a WebSocket connection from a trusted proxy, by X-Forwarded-For; None: refuse it."""
-    peer = connection.remote_address[0]
     request = connection.request
+    return forwarded_address(connection.remote_address[0], request.headers if request else None, trusted, listener)
+
+
+def forwarded_address(peer: str, headers: Headers | None, trusted: TrustedProxies, listener: str) -> Address | None:
+    """The client that the upgrade request's ``headers`` name, if ``peer`` is a trusted proxy (port 0: not
+    forwarded); None: refuse it. Both WebSocket paths (amqtt's and broker/lean_ws.py) decide here."""
     if peer not in trusted:
         reason = "not in listeners.trusted_proxies"
-    elif request is None or (client := forwarded_client(request.headers.get_all("X-Forwarded-For"), trusted)) is None:
+    elif headers is None or (client := forwarded_client(headers.get_all("X-Forwarded-For"), trusted)) is None:
         reason = "no valid X-Forwarded-For header"
     else:
         log.debug("%s is %s (X-Forwarded-For)", peer, client)
@@ -195,6 +205,11 @@ async def start_proxied_server(name: str, connected: ProxiedConnected, host: str
 
 def only_mqtt_path(connection: ServerConnection, request: Request) -> Response | None:
     """websockets' ``process_request``: MQTT is served on ``/mqtt`` only (others get HTTP 404)."""
+    return mqtt_path_refusal(request)
+
+
+def mqtt_path_refusal(request: Request) -> Response | None:
+    """HTTP 404 for an upgrade request on any path but ``/mqtt``; None: go on with the handshake."""
     if request.path.split("?", 1)[0] != WS_PATH:
         return Response(404, "Not Found", Headers({"Content-Type": "text/plain"}), b"MQTT is served on /mqtt\n")
     return None

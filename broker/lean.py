@@ -1,6 +1,6 @@
 """The lean connection layer (``mqtt.lean_sessions``): chat sessions on the sans-IO core, the rest on amqtt.
 
-With the setting on, the tcp and tls listeners serve every
+With the setting on, every listener (tcp, tls, ws, wss) serves every
 connection with a ``ChatSession`` (broker/chat_session.py), an ``asyncio.Protocol`` over
 ``broker.mqtt.ServerConnection``. Its first CONNECT decides the path
 (``chat_rules.lean_caller``):
@@ -15,8 +15,11 @@ connection with a ``ChatSession`` (broker/chat_session.py), an ``asyncio.Protoco
   ``ChatBroker.stream_connected`` serves it from the start, as if it had just connected.
 
 Listeners behind a PROXY header take the same path, with the header's client as the peer
-(``proxied``); WebSocket listeners stay on amqtt's path in this step (docs/AMQTT.md, "Two
-connection paths").
+(``proxied``). On ws and wss a ``WsLink`` (broker/lean_ws.py) does the WebSocket upgrade and is the
+session's transport, so the session reads and writes the MQTT stream inside the binary frames; a
+hand-off swaps amqtt's stream protocol in above the same ``WsLink``, and amqtt serves the connection
+as a plain MQTT stream (``forwarded_for``: with X-Forwarded-For's client as its peer, as ``proxied``).
+docs/AMQTT.md, "Two connection paths".
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from broker.auth import BAD_CREDENTIALS, Authenticator
 from broker.chat_rules import lean_caller, may_will
 from broker.chat_session import ChatSession
 from broker.counters import BrokerCounters
+from broker.lean_ws import WsLink, WsListener
 from broker.mqtt.events import Connect
 from broker.mqtt.limits import WireLimits
 from broker.port import ChatPort
-from broker.proxy_protocol import Address
+from broker.proxy_protocol import Address, TrustedProxies
 from broker.settings import BrokerSettings
 from broker.silence import SilenceWatch
 from broker.streams import stream_protocol
@@ -82,6 +86,14 @@ class LeanSessions:
     async def listen(self, name: str, host: str, port: int, **kwargs: Any) -> asyncio.Server:
         """A tcp or tls listener whose connections are ``ChatSession``s (kwargs: ``create_server``'s)."""
         return await self._loop.create_server(lambda: ChatSession(self, name), host, port, **kwargs)
+
+    async def listen_ws(self, name: str, host: str, port: int, trusted: TrustedProxies | None,
+                        **kwargs: Any) -> asyncio.Server:
+        """A ws or wss listener: the WebSocket layer (broker/lean_ws.py) under a ``ChatSession`` each.
+        ``trusted``: ``forwarded_for``'s proxies, whose X-Forwarded-For names the session's peer."""
+        listener = WsListener(name, lambda client: ChatSession(self, name, client), trusted, self.connect_timeout_s,
+                              self.counters)
+        return await self._loop.create_server(lambda: WsLink(listener), host, port, **kwargs)
 
     def proxied(self, name: str) -> Callable[[Address], Callable[[], ChatSession]]:
         """For a listener behind a PROXY header (``ProxiedServer``): sessions whose peer is the header's client."""

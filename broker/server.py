@@ -56,6 +56,8 @@ from broker.conformant import RESUMING, SUBACK_FAILURE, ConformantBroker
 from broker.counters import BrokerCounters
 from broker.downlink import DownlinkPolicy, close_writer
 from broker.front import (
+    WS_MAX_MESSAGE,
+    WS_SUBPROTOCOL,
     ClientWriter,
     ForwardedWriter,
     ListenerError,
@@ -158,12 +160,16 @@ class ChatBroker(ConformantBroker):
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True,
                         reuse_port=listener.reuse_port,
                     )
+                elif self.lean is not None:
+                    instance = await self.lean.listen_ws(name, host, port, self._trusted if listener.forwarded_for
+                                                         else None, ssl=tls, reuse_address=True,
+                                                         reuse_port=listener.reuse_port)
                 else:
                     connected = self.forwarded_connected if listener.forwarded_for else self.ws_connected
                     instance = await websockets.serve(
                         partial(connected, listener_name=name), host, port, ssl=tls,
-                        subprotocols=[websockets.Subprotocol("mqtt")], process_request=only_mqtt_path, logger=WS_LOG,
-                        reuse_port=listener.reuse_port,
+                        subprotocols=[WS_SUBPROTOCOL], process_request=only_mqtt_path, logger=WS_LOG,
+                        max_size=WS_MAX_MESSAGE, reuse_port=listener.reuse_port,
                     )
             except OSError as exc:
                 raise ListenerError(

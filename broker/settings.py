@@ -47,4 +47,4 @@ class BrokerSettings:
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of the load balancers that may name the client (``proxy_protocol``, ``forwarded_for``)."""
     lean_sessions: bool = False
-    """Chat sessions on tcp/tls run on the sans-IO core, one asyncio.Protocol each (broker/lean.py)."""
+    """Chat sessions on every listener run on the sans-IO core, one asyncio.Protocol each (broker/lean.py)."""

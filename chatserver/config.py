@@ -260,8 +260,8 @@ class MqttSettings(_Section):
     anonymous_acl: list[AclRule] = Field(default_factory=list)
     """Generic topics anonymous clients may read/write (``%u`` rules never apply to them)."""
     lean_sessions: bool = False
-    """Serve chat devices on tcp/tls with the lean connection layer (the sans-IO MQTT core, one
-    asyncio.Protocol per connection) instead of amqtt; other clients stay on amqtt. docs/AMQTT.md."""
+    """Serve chat devices on every listener (tcp, tls, ws, wss) with the lean connection layer (the sans-IO
+    MQTT core, one asyncio.Protocol per connection) instead of amqtt; other clients stay on amqtt. docs/AMQTT.md."""
 
     @model_validator(mode="after")
     def _check_keepalive(self) -> MqttSettings:

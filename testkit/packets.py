@@ -12,6 +12,8 @@ import socket
 import time
 from dataclasses import dataclass
 
+from testkit.ws_socket import WsSocket
+
 WAIT_S = 10.0
 
 # Section 2.2.1 packet types, as the first byte with the flags section 2.2.2 requires.
@@ -129,10 +131,12 @@ def parse_publish(got: Packet) -> Publish:
 
 
 class RawClient:
-    """One TCP connection to a broker, driven byte by byte."""
+    """One TCP (or WebSocket) connection to a broker, driven byte by byte."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=WAIT_S)
+    def __init__(self, port: int, host: str = "127.0.0.1", websocket: bool = False) -> None:
+        """``websocket``: MQTT over WebSocket on ``/mqtt`` (testkit/ws_socket.py), the same packets."""
+        self.sock: socket.socket | WsSocket = (
+            WsSocket(port, host) if websocket else socket.create_connection((host, port), timeout=WAIT_S))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.close_s = WAIT_S
         """How long ``closed()`` and ``answer_before_close()`` wait for the broker to close."""

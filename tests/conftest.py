@@ -19,7 +19,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test module with ``DEPLOYMENTS = ("single", "cluster", "lean")`` runs each test that uses the
     ``deployment`` fixture (the ``broker`` fixture does) on each: one process on SQLite, three
     cluster nodes on a Redis Cluster behind HAProxy, and one process with ``mqtt.lean_sessions``
-    (chat sessions on the sans-IO core; tests/deployment.py)."""
+    (chat sessions on the sans-IO core; tests/deployment.py); ``lean-ws``: the same, the test's paho
+    Peers over WebSocket (broker/lean_ws.py)."""
     deployments = getattr(metafunc.module, "DEPLOYMENTS", None)
     if deployments and "deployment" in metafunc.fixturenames:
         metafunc.parametrize("deployment", deployments, indirect=True)

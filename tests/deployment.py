@@ -17,7 +17,7 @@ import pytest
 
 from testkit.haproxy import HAProxy
 from testkit.redis_cluster import RedisCluster
-from tests.helpers import BrokerThread, Peer, online_peer
+from tests.helpers import WEBSOCKET_FOR, BrokerThread, Peer, online_peer
 
 NODES = 3
 
@@ -87,12 +87,21 @@ class ClusterDeployment:
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
     """A started ``BrokerThread`` (``single``; ``lean``: with ``mqtt.lean_sessions``, chat sessions on the
-    sans-IO core) or ``ClusterDeployment`` (``cluster``) under ``root``."""
+    sans-IO core; ``lean-ws``: the same, the tests' Peers over WebSocket) or ``ClusterDeployment``
+    (``cluster``) under ``root``."""
     if deployment == "cluster":
         return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
-    return BrokerThread(root / "data", settings_of(deployment, overrides)).start()
+    broker = BrokerThread(root / "data", settings_of(deployment, overrides)).start()
+    if deployment == "lean-ws":  # the tests' Peers connect over WebSocket (helpers.WEBSOCKET_FOR)
+        tcp = broker.port
+        WEBSOCKET_FOR[tcp] = broker.address("ws")[1]
+        request.addfinalizer(lambda: WEBSOCKET_FOR.pop(tcp, None))
+    return broker
 
 
 def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config overrides of a one-process deployment (``single``, ``lean``), plus ``overrides``."""
-    return {**({"mqtt.lean_sessions": True} if deployment == "lean" else {}), **(overrides or {})}
+    """The config overrides of a one-process deployment (``single``, ``lean``, ``lean-ws``: lean with a ws
+    listener, the Peers on it), plus ``overrides``."""
+    lean = {"mqtt.lean_sessions": True} if deployment in ("lean", "lean-ws") else {}
+    ws = {"listeners.ws.bind": "127.0.0.1:0"} if deployment == "lean-ws" else {}
+    return {**lean, **ws, **(overrides or {})}

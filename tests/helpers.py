@@ -169,6 +169,11 @@ async def _addresses(app: BrokerApp) -> dict[str, tuple[str, int]]:
     return app.addresses()
 
 
+WEBSOCKET_FOR: dict[int, int] = {}
+"""A ``lean-ws`` deployment's tcp port -> its ws port: a Peer made for that tcp port connects over WebSocket
+(tests/deployment.py), so the chat suites run over ws unchanged; raw-packet clients stay on tcp."""
+
+
 class Peer:
     """A paho client that records what arrives, for tests."""
 
@@ -177,6 +182,8 @@ class Peer:
         client_id: str | None = None, clean_session: bool = True, keepalive: int = 60,
         host: str = "127.0.0.1", transport: str = "tcp",
     ) -> None:
+        if transport == "tcp" and port in WEBSOCKET_FOR:
+            port, transport = WEBSOCKET_FOR[port], "websockets"
         self.user = user
         self.client_id = client_id if client_id is not None else f"{user}.{device}"
         self.client = mqtt.Client(

@@ -1,9 +1,10 @@
 """Targets of the conformance tests: the ChatBroker, and stock amqtt 0.12.1 that must fail them.
 
-Every test in tests/mqtt/ that takes ``target`` or ``launch`` runs twice:
-``chatbroker-conforms`` must pass; ``stock-amqtt-fails`` runs the very same bytes
-against an unmodified ``amqtt.broker.Broker`` (default plugins: anyone may connect)
-and is a strict xfail: if stock amqtt ever passed, the suite would fail, because
+Every test in tests/mqtt/ that takes ``target`` or ``launch`` runs on each target:
+``chatbroker-conforms`` must pass, so must ``lean-conforms`` (``mqtt.lean_sessions``) and
+``lean-ws-conforms`` (the same, every packet sent and read over WebSocket: testkit/ws_socket.py);
+``stock-amqtt-fails`` runs the very same bytes against an unmodified ``amqtt.broker.Broker``
+(default plugins: anyone may connect) and is a strict xfail: if stock amqtt ever passed, the suite would fail, because
 the test would no longer prove anything about the broker layer's fixes. Only a
 failed assertion or a socket error/timeout counts as the expected failure.
 
@@ -50,6 +51,8 @@ class Target:
 
     name: str
     port: int
+    websocket: bool = False
+    """MQTT over WebSocket on ``/mqtt`` (``port`` is a ws listener's)."""
     raws: list[RawClient] = field(default_factory=list)
 
     @property
@@ -57,7 +60,7 @@ class Target:
         return self.name == "chatbroker"
 
     def raw(self) -> RawClient:
-        made = RawClient(self.port)
+        made = RawClient(self.port, websocket=self.websocket)
         made.close_s = CHAT_CLOSE_S if self.is_chatbroker else STOCK_CLOSE_S
         self.raws.append(made)
         return made
@@ -82,23 +85,25 @@ class Target:
             raw.close()
 
 
-@pytest.fixture(params=["chatbroker", "lean", pytest.param("stock", marks=STOCK_FAILS)],
-                ids=["chatbroker-conforms", "lean-conforms", "stock-amqtt-fails"])
+@pytest.fixture(params=["chatbroker", "lean", "lean-ws", pytest.param("stock", marks=STOCK_FAILS)],
+                ids=["chatbroker-conforms", "lean-conforms", "lean-ws-conforms", "stock-amqtt-fails"])
 def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Target]]:
     """``launch(mqtt=...)`` starts this run's broker; ``mqtt`` is the ChatBroker's ``mqtt:`` section
     (default: config/open-mqtt.yaml's; ``{}`` for the embedded defaults). Stock amqtt ignores it."""
     stops: list[Callable[[], None]] = []
 
     def start(mqtt: dict[str, Any] | None = None) -> Target:
-        if request.param in ("chatbroker", "lean"):
+        if request.param in ("chatbroker", "lean", "lean-ws"):
             section = open_mqtt_section() if mqtt is None else mqtt
-            if request.param == "lean":  # chat sessions on the sans-IO core, the rest handed to amqtt (broker/lean.py)
+            if request.param != "chatbroker":  # chat sessions on the sans-IO core, the rest on amqtt (broker/lean.py)
                 section = {**section, "lean_sessions": True}
-            chat = BrokerThread(tmp_path / "data", {"mqtt": section}).start()
+            websocket = request.param == "lean-ws"  # the same bytes inside WebSocket frames (broker/lean_ws.py)
+            ws = {"listeners.ws.bind": "127.0.0.1:0"} if websocket else {}
+            chat = BrokerThread(tmp_path / "data", {"mqtt": section, **ws}).start()
             stops.append(chat.stop)
             for name, password in USERS.items():
                 chat.add_user(name, password)
-            target = Target("chatbroker", chat.port)
+            target = Target("chatbroker", chat.address("ws")[1] if websocket else chat.port, websocket)
         else:
             stock = StockBroker().start()
             stops.append(stock.stop)

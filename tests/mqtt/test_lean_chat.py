@@ -4,9 +4,9 @@ The other files of tests/mqtt/ run on a lean broker too (``lean-conforms``), but
 config/open-mqtt.yaml, whose generic ACL keeps every client on amqtt's path (reached by the
 hand-off). Here the ``mqtt`` section opens no generic topic, so a chat device's CONNECT stays
 on the sans-IO core, and the rules of docs/MQTT.md are checked on it: malformed input closes,
-keepalive with the will, takeover (also of a connection on amqtt's path, over WebSocket),
+keepalive with the will, takeover (also of a connection on amqtt's path),
 session present, QoS 2 closes, the inbox QoS, PINGREQ; and a client that is not a chat
-device is served by amqtt on the same listener.
+device is served by amqtt on the same listener. Each runs over tcp and over WebSocket (ws).
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ def lean_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Brok
     chat.stop()
 
 
-@pytest.fixture
-def lean(lean_broker: BrokerThread) -> Iterator[Target]:
-    target = Target("chatbroker", lean_broker.port)
+@pytest.fixture(params=["tcp", "ws"])
+def lean(lean_broker: BrokerThread, request: pytest.FixtureRequest) -> Iterator[Target]:
+    """Raw connections to the lean broker over tcp, and over WebSocket (broker/lean_ws.py)."""
+    websocket = request.param == "ws"
+    target = Target("chatbroker", lean_broker.address("ws")[1] if websocket else lean_broker.port, websocket)
     yield target
     target.close()
 
@@ -126,16 +128,20 @@ def test_second_login_takes_over_and_session_present(lean: Target, clean: bool) 
 
 
 def test_takeover_across_the_two_paths(lean_broker: BrokerThread, lean: Target) -> None:
-    """A device on amqtt's path (WebSocket) and the same device on the lean path take each other over."""
+    """A device on amqtt's path (a QoS 2 will keeps it there, over WebSocket) and the same device on the lean
+    path take each other over."""
     ws_port = lean_broker.address("ws")[1]
     web = Peer(ws_port, "alice", "alice-pw", transport="websockets")
     web.client._reconnect_on_failure = False  # paho has no setter
+    web.client.will_set("u/alice/req", b"{}", qos=2)
     try:
         assert web.connect() == 0 and web.subscribe() == [1]
+        assert not _on_lean_path(lean_broker, "alice.phone")
         raw = lean.client("alice.phone", "alice")
         assert web.disconnected.wait(WAIT_S), "the amqtt connection is closed by the lean login"
         assert _on_lean_path(lean_broker, "alice.phone")
         again = Peer(ws_port, "alice", "alice-pw", transport="websockets")
+        again.client.will_set("u/alice/req", b"{}", qos=2)
         try:
             assert again.connect() == 0
             assert raw.closed_within(WAIT_S), "the lean connection is closed by the amqtt login"
@@ -155,7 +161,7 @@ def test_other_clients_are_handed_to_amqtt(lean_broker: BrokerThread, lean: Targ
     chat.send(PINGREQ)
     assert chat.read_exact(2) == b"\xd0\x00"
     counts: Any = lean_broker.call(_open(lean_broker))
-    assert counts == {"tcp": 2, "ws": 0}
+    assert counts == {"tcp": 0, "ws": 0} | {("ws" if lean.websocket else "tcp"): 2}
 
 
 async def _open(broker: BrokerThread) -> dict[str, int]:
