@@ -123,3 +123,31 @@ async def test_the_operators_side(store: Users) -> None:
     assert [u.name async for u in store.iter_users()] == ["bob"]
     with pytest.raises(StoreError, match="no user 'alice'"):
         await store.delete_user("alice")
+
+
+async def test_a_token_login_touches_only_a_known_device(backend: Backend, store: Users) -> None:
+    await store.record_login("alice", "phone")
+    await store.record_login("alice", "tab")
+    first = (await store.device("alice", "phone")).last_login_ms  # type: ignore[union-attr]
+    await asyncio.sleep(0.005)
+    await store.touch_login("alice", "phone")
+    assert await store.delete_device("alice", "tab")
+    await store.touch_login("alice", "tab")
+    await store.close()  # a store that writes the stamps later writes them by its close
+    again = await backend.users()
+    try:
+        assert (await again.device("alice", "phone")).last_login_ms > first  # type: ignore[union-attr]
+        assert await again.device("alice", "tab") is None, "a removed device stays removed"
+    finally:
+        await again.close()
+
+
+async def test_lookups_at_once_each_get_their_device(store: Users) -> None:
+    for device in ("phone", "tab"):
+        await store.record_login("alice", device)
+        await store.set_token_digest("alice", device, f"digest-{device}")
+    asked = [("alice", "phone"), ("alice", "tab"), ("alice", "nope"), ("bob", "phone"), ("alice", "phone")]
+    found = await asyncio.gather(*(store.device(user, device) for user, device in asked))
+    assert [None if info is None else (info.user, info.device, info.token_digest) for info in found] == [
+        ("alice", "phone", "digest-phone"), ("alice", "tab", "digest-tab"), None, None,
+        ("alice", "phone", "digest-phone")]
