@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.common import fmt, machine_line, md_table
+from bench.common import IDLE_GOAL, fmt, machine_line, md_table
 
 TARGET_RATIO_AMQTT = 5.0
 TARGET_RATIO_MOSQUITTO = 0.25
@@ -17,7 +17,7 @@ TARGET_DRAIN_S = 15.0
 TARGET_IDLE = 10_000
 
 
-def _mib(kib: int | None) -> float | None:
+def _mib(kib: float | None) -> float | None:
     return None if kib is None else kib / 1024
 
 
@@ -133,16 +133,66 @@ def idle_md(result: dict[str, Any]) -> str:
         " keepalive period of silence (as paho does). RSS per connection = (RSS with N connected - RSS at start) / N."
         f" CPU at rest: the broker's CPU over {result['sizes']['rest_s']} s with all N connected and nothing sent."
         f" The ceiling is the descriptor limit of one process (hard RLIMIT_NOFILE {result['rlimit_nofile_hard']})."))
-    rows = []
+    rows, fits = [], []
     for _name, t in result["targets"].items():
-        rows.append([t["label"], 0, None, _mib(t["base_rss_kib"]), None, (t.get("base_cpu") or {}).get("broker")])
+        base_cpu = t.get("base_cpu") or {}
+        rows.append([t["label"], 0, None, _mib(t["base_rss_kib"]), None, base_cpu.get("broker"),
+                     base_cpu.get("generator"), base_cpu.get("others")])
         for s in t["steps"]:
+            cpu = s["cpu_rest"]
             rows.append([t["label"], s["idle"], s["connect_per_s"], _mib(s["rss_kib"]), s["kib_per_connection"],
-                         s["cpu_rest"].get("broker")])
+                         cpu.get("broker"), cpu.get("generator"), cpu.get("others")])
+        fit = idle_fit(t)
+        if fit is not None:
+            fits.append([t["label"], len(t["steps"]), fit["kib_per_connection"], fit["cpu_per_10k"],
+                         _mib(fit["rss_kib_at_goal"]), fit["cpu_at_goal"]])
     lines += md_table(["broker", "idle connections", "connects/s", "broker RSS MiB", "KiB per connection",
-                       "broker CPU at rest (cores)"], rows)
+                       "broker CPU at rest (cores)", "generator CPU", "other CPU"], rows)
+    lines += _fd_limit_md(result.get("fd_limit"))
+    if fits:
+        lines += ["", f"Linear fit over the measured steps (least squares on RSS and CPU at rest against"
+                  f" connections), and **extrapolated to {IDLE_GOAL:,} connections: not measured** (one process may"
+                  " hold no more descriptors than its limit above):", ""]
+        lines += md_table(["broker", "steps", "KiB per connection (slope)", "CPU at rest per 10,000 (cores)",
+                           f"RSS at {IDLE_GOAL:,} MiB (extrapolated)", f"CPU at rest at {IDLE_GOAL:,} (extrapolated)"],
+                          fits)
     lines += log_problems_md({t["label"]: t.get("broker_log_problems") for t in result["targets"].values()})
     return "\n".join(lines) + "\n"
+
+
+def idle_fit(target: dict[str, Any]) -> dict[str, float] | None:
+    """RSS and CPU at rest as lines through the steps (and the start): slope per connection, and the lines'
+    values at ``IDLE_GOAL`` connections. None with fewer than two steps."""
+    steps = target["steps"]
+    if len(steps) < 2:
+        return None
+    xs = [0, *(s["idle"] for s in steps)]
+    rss = [target["base_rss_kib"], *(s["rss_kib"] for s in steps)]
+    cpu = [(target.get("base_cpu") or {}).get("broker") or 0.0, *(s["cpu_rest"].get("broker") or 0.0 for s in steps)]
+    rss_slope, rss_at0 = _line(xs, rss)
+    cpu_slope, cpu_at0 = _line(xs, cpu)
+    return {"kib_per_connection": round(rss_slope, 2), "cpu_per_10k": round(cpu_slope * 10_000, 4),
+            "rss_kib_at_goal": rss_at0 + rss_slope * IDLE_GOAL,
+            "cpu_at_goal": round(cpu_at0 + cpu_slope * IDLE_GOAL, 3)}
+
+
+def _line(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept."""
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+             / sum((x - mean_x) ** 2 for x in xs))
+    return slope, mean_y - slope * mean_x
+
+
+def _fd_limit_md(facts: dict[str, Any] | None) -> list[str]:
+    if not facts:
+        return []
+    if facts["hard"] >= facts["wanted"]:
+        return ["", f"The descriptor limit was raised to {facts['hard']:,} for this run."]
+    return ["", f"The bench asked for a descriptor limit of {facts['wanted']:,} and got {facts['hard']:,}:"
+            f" {facts.get('refused', 'refused')} (CAP_SYS_RESOURCE in the effective set:"
+            f" {facts.get('cap_sys_resource')}; fs.nr_open {facts.get('nr_open')}). Root without that capability"
+            " cannot raise a hard limit, and several listener processes would not be one process."]
 
 
 def drain_md(result: dict[str, Any]) -> str:
