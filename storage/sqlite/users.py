@@ -92,7 +92,7 @@ class SqliteUserStore(SqliteFile):
         self._stamps_due: asyncio.Task[None] | None = None
         # device() lookups asked while one query runs go together in the next: a login storm's token checks
         # cost a trip to the SQLite thread per batch, not per login.
-        self._lookups: dict[tuple[str, str], asyncio.Future[DeviceInfo | None]] = {}
+        self._lookups: dict[tuple[str, str], list[asyncio.Future[DeviceInfo | None]]] = {}
         self._lookup_task: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -178,16 +178,15 @@ class SqliteUserStore(SqliteFile):
         return str(row[0]) if row else None
 
     async def device(self, user: str, device: str) -> DeviceInfo | None:
-        key = (user, device)
-        found = self._lookups.get(key)
-        if found is None:
-            found = self._lookups[key] = asyncio.get_running_loop().create_future()
-            if self._lookup_task is None:
-                self._lookup_task = asyncio.get_running_loop().create_task(self._look_up())
-        return await asyncio.shield(found)  # shared: one caller cancelled must not cancel the others
+        loop = asyncio.get_running_loop()
+        found: asyncio.Future[DeviceInfo | None] = loop.create_future()  # one per caller: each may be cancelled
+        self._lookups.setdefault((user, device), []).append(found)
+        if self._lookup_task is None:
+            self._lookup_task = loop.create_task(self._look_up())
+        return await found
 
     async def _look_up(self) -> None:
-        batch: dict[tuple[str, str], asyncio.Future[DeviceInfo | None]] = {}
+        batch: dict[tuple[str, str], list[asyncio.Future[DeviceInfo | None]]] = {}
         try:
             while self._lookups:
                 batch, self._lookups = self._lookups, {}
@@ -197,21 +196,26 @@ class SqliteUserStore(SqliteFile):
         finally:
             self._lookup_task = None
             for waiting in (*batch.values(), *self._lookups.values()):
-                waiting.cancel()  # only those still pending: closed meanwhile
+                for found in waiting:
+                    found.cancel()  # only those still pending: closed meanwhile
             self._lookups = {}
 
     async def _look_up_some(self, keys: list[tuple[str, str]],
-                            batch: dict[tuple[str, str], asyncio.Future[DeviceInfo | None]]) -> None:
+                            batch: dict[tuple[str, str], list[asyncio.Future[DeviceInfo | None]]]) -> None:
         try:
             rows = await self._db.execute_fetchall(DEVICE_ROWS.format(rows=",".join(["(?, ?)"] * len(keys))),
                                                    [value for key in keys for value in key])
         except aiosqlite.Error as exc:
             for key in keys:
-                batch[key].set_exception(exc)
+                for found in batch[key]:
+                    if not found.done():
+                        found.set_exception(exc)
             return
-        found = {(str(r[0]), str(r[1])): DeviceInfo(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4])) for r in rows}
+        infos = {(str(r[0]), str(r[1])): DeviceInfo(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4])) for r in rows}
         for key in keys:
-            batch[key].set_result(found.get(key))
+            for found in batch[key]:
+                if not found.done():  # its caller was cancelled
+                    found.set_result(infos.get(key))
 
     async def devices(self, user: str) -> list[DeviceInfo]:
         query = (

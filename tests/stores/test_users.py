@@ -151,3 +151,13 @@ async def test_lookups_at_once_each_get_their_device(store: Users) -> None:
     assert [None if info is None else (info.user, info.device, info.token_digest) for info in found] == [
         ("alice", "phone", "digest-phone"), ("alice", "tab", "digest-tab"), None, None,
         ("alice", "phone", "digest-phone")]
+
+
+async def test_a_cancelled_lookup_leaves_the_others_theirs(store: Users) -> None:
+    await store.record_login("alice", "phone")
+    first = asyncio.ensure_future(store.device("alice", "phone"))
+    second = asyncio.ensure_future(store.device("alice", "phone"))
+    await asyncio.sleep(0)
+    first.cancel()
+    info = await second
+    assert info is not None and info.device == "phone"
