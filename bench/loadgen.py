@@ -224,6 +224,7 @@ class _LoginWindow:
     open: int = 0  # logins started, not settled
     last_connack: float = 0.0
     last_ready: float = 0.0
+    last_report: float = 0.0  # the last progress line (``progress``)
 
 
 @dataclass
@@ -347,34 +348,14 @@ class Worker:
     async def cmd_connect_idle(self, dialect: str, host: str, port: int, users: Sequence[str],
                                sources: Sequence[str], per_source: int, keepalive: int,
                                parallel: int = CONNECT_PARALLEL) -> dict[str, Any]:
-        self.keepalive = keepalive
-        slots = asyncio.Semaphore(parallel)
+        """Idle users log in as in a login storm (``cmd_run_logins``, with progress) and stay connected."""
         started = perf()
-        done = 0
-        last_report = started
-        failures: list[str] = []
-
-        async def one(i: int, user: str) -> None:
-            nonlocal done, last_report
-            async with slots:
-                try:
-                    conn = await self._open(dialect, user, host, port, sources[i // per_source], _ignore)
-                except (OSError, BenchError, TimeoutError) as exc:
-                    failures.append(f"{user}: {exc!r}")
-                    return
-            self.idle.append(conn)
-            done += 1
-            now = perf()
-            if now - last_report >= 1.0:
-                last_report = now
-                self.progress("connected", done)
-
-        await asyncio.gather(*(one(i, user) for i, user in enumerate(users)))
-        gc.collect()
-        gc.freeze()  # the generator's own collector must not scan 10,000 connections during runs
-        if failures:
-            raise BenchError(f"{len(failures)} of {len(users)} connections failed, e.g. {failures[:3]}")
-        return {"connected": done, "seconds": perf() - started, "total_idle": len(self.idle)}
+        await self.cmd_prepare_logins(dialect, users, sources, per_source, keepalive)
+        result = await self.cmd_run_logins(dialect, host, port, parallel, progress=True)
+        if result["failures"]:
+            raise BenchError(f"{result['failures']} of {len(users)} connections failed, e.g."
+                             f" {result['failure_samples']}")
+        return {"connected": result["logins"], "seconds": perf() - started, "total_idle": len(self.idle)}
 
     # --- login storms (bench/logins.py)
     async def cmd_prepare_logins(self, dialect: str, users: Sequence[str], sources: Sequence[str],
@@ -389,7 +370,8 @@ class Worker:
         self._login_plan = plan
         return {"prepared": len(plan)}
 
-    async def cmd_run_logins(self, dialect: str, host: str, port: int, parallel: int) -> dict[str, Any]:
+    async def cmd_run_logins(self, dialect: str, host: str, port: int, parallel: int,
+                             progress: bool = False) -> dict[str, Any]:
         """The prepared logins, ``parallel`` at a time, each one a new connection: TCP connect, CONNECT,
         CONNACK, SUBSCRIBE ``u/{me}/in``, SUBACK (a phone's reconnect). The connections stay (``idle``).
 
@@ -440,6 +422,9 @@ class Worker:
                     state.last_connack = max(state.last_connack, conn.connacked)
                     state.last_ready = now
                     self.idle.append(conn)
+                    if progress and now - state.last_report >= 1.0:
+                        state.last_report = now
+                        self.progress("connected", len(to_ready))
                 settled()
 
             conn.ready.add_done_callback(ready)
@@ -448,10 +433,10 @@ class Worker:
         for _ in range(min(parallel, len(plan))):
             start_next()
         try:
-            await asyncio.wait_for(finished, REPLY_TIMEOUT_S + len(plan) / 100)
+            await asyncio.wait_for(finished, REPLY_TIMEOUT_S + len(plan) / 10)  # plain amqtt: ~40/s a process
         finally:
             gc.collect()
-            gc.freeze()
+            gc.freeze()  # the generator's own collector must not scan 10,000 connections during runs
         return {"logins": len(to_ready), "failures": len(failures), "failure_samples": failures[:3],
                 "started": started, "last_connack": state.last_connack, "last_ready": state.last_ready,
                 "connack_ms": to_connack.tobytes(), "ready_ms": to_ready.tobytes()}

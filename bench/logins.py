@@ -21,14 +21,13 @@ from typing import Any
 from bench.common import BenchError, CpuMeter, md_table, summarise
 from bench.loadgen import samples
 from bench.profiling import Profiler
-from bench.report import header, log_problems_md
+from bench.report import TARGET_LOGINS_PER_S, header, log_problems_md
 from bench.suite import PER_SOURCE, WORKERS, Suite, idle_user
 
 TARGETS = ("chat", "chat-lean")
 PARALLEL = 64  # logins in flight per generator process
 ROUNDS = 3
 SETTLE_S = 3.0  # after closing a round's connections: the broker ends their sessions before the next
-TARGET_LOGINS_PER_S = 5000  # issue #20
 
 
 def run(suite: Suite) -> dict[str, Any]:

@@ -15,6 +15,8 @@ TARGET_P99_RATE = 500
 TARGET_KIB_PER_CONN = 20.0
 TARGET_DRAIN_S = 15.0
 TARGET_IDLE = 10_000
+TARGET_LEAN_KIB = 6.0  # issue #20
+TARGET_LOGINS_PER_S = 5000  # issue #20
 
 
 def _mib(kib: float | None) -> float | None:
@@ -289,11 +291,46 @@ def targets_rows(out_dir: Path) -> list[list[Any]]:
             s = near[0]
             rows.append([f"broker memory per idle connection <= 20 KiB ({s['idle']:,} connected)",
                          f"{s['kib_per_connection']:.1f} KiB", _met(s["kib_per_connection"] <= TARGET_KIB_PER_CONN)])
+    rows += lean_rows(out_dir)
     drain = _load(out_dir, "drain")
     if drain:
         seconds = drain["drain"]["all_acked_s"]
         rows.append([f"offline drain of {drain['messages']:,} staged messages <= 15 s", f"{seconds:.1f} s",
                      _met(seconds <= TARGET_DRAIN_S) + ("" if drain["messages"] >= 100_000 else " (smaller size)")])
+    return rows
+
+
+def lean_rows(out_dir: Path) -> list[list[Any]]:
+    """The targets of issue #20 on the lean path: idle connections (``idle.json``, else ``lean/idle.json``: the
+    series up to the descriptor limit) and logins (``logins.json``)."""
+    rows: list[list[Any]] = []
+    idle = next((d for d in (_load(out_dir, "idle"), _load(out_dir / "lean", "idle"))
+                 if d and "chat-lean" in d["targets"]), None)
+    if idle:
+        target = idle["targets"]["chat-lean"]
+        near = [s for s in target["steps"] if s["idle"] >= TARGET_IDLE] or target["steps"]
+        if near:
+            s = near[0]
+            rows.append([f"lean: broker memory per idle chat connection <= {TARGET_LEAN_KIB:g} KiB"
+                         f" ({s['idle']:,} connected)", f"{s['kib_per_connection']:.1f} KiB",
+                         _met(s["kib_per_connection"] <= TARGET_LEAN_KIB)])
+        if target["steps"]:
+            top = max(target["steps"], key=lambda step: step["idle"])
+            fit = idle_fit(target)
+            extrapolated = (f"; extrapolated, not measured: {fit['rss_kib_at_goal'] / 1024:,.0f} MiB and"
+                            f" {fit['cpu_at_goal']} cores at rest at {IDLE_GOAL:,}") if fit else ""
+            rows.append([f"lean: {IDLE_GOAL:,} idle chat connections in one process",
+                         f"{top['idle']:,} held (descriptor limit {idle['rlimit_nofile_hard']:,}), CPU at rest"
+                         f" {top['cpu_rest'].get('broker')} cores{extrapolated}", _met(top["idle"] >= IDLE_GOAL)])
+    logins = _load(out_dir, "logins")
+    lean = (logins or {}).get("targets", {}).get("chat-lean")
+    if lean and lean["phases"]:
+        rates = [p["logins_per_s"] or 0.0 for p in lean["phases"]]
+        cpu = [p["broker_us_per_login"] for p in lean["phases"] if p["broker_us_per_login"] is not None]
+        rows.append([f"lean: logins with device tokens >= {TARGET_LOGINS_PER_S:,}/s",
+                     f"{max(rates):,.0f}/s (rounds {', '.join(f'{r:,.0f}' for r in rates)});"
+                     f" broker {min(cpu, default=0):.0f}-{max(cpu, default=0):.0f} µs per login",
+                     _met(max(rates) >= TARGET_LOGINS_PER_S)])
     return rows
 
 
@@ -304,7 +341,7 @@ def _met(ok: bool) -> str:
 def summary_md(out_dir: Path) -> str:
     lines = ["# Benchmark summary", ""]
     sources = []
-    for name in ("compare", "idle", "drain", "restart", "clientcost", "scale", "groups"):
+    for name in ("compare", "idle", "lean/idle", "logins", "drain", "restart", "clientcost", "scale", "groups"):
         data = _load(out_dir, name)
         if data:
             sources.append(f"- [{name}.md]({name}.md): `{data['command']}`, {machine_line(data['machine'])}"
@@ -335,6 +372,13 @@ def summary_md(out_dir: Path) -> str:
                   f" {restart['kill_to_ready_s']:.2f} s, first item delivered after"
                   f" {restart['kill_to_first_item_s']:.2f} s, all delivered after"
                   f" {restart['kill_to_all_delivered_s']:.2f} s."]
+    logins = _load(out_dir, "logins")
+    if logins:
+        lines += ["", "## Logins with device tokens", ""]
+        lines += md_table(["broker", "round", "logins/s (CONNACK)", "broker µs per login", "broker CPU", "other CPU"],
+                          [[t["label"], p["round"], p["logins_per_s"], p["broker_us_per_login"],
+                            p["cpu_cores"].get("broker"), p["cpu_cores"].get("others")]
+                           for t in logins["targets"].values() for p in t["phases"]])
     groups = _load(out_dir, "groups")
     if groups:
         from bench.groups import headline_rows  # noqa: PLC0415 (bench.groups imports the suite, which is heavier)
