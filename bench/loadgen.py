@@ -65,11 +65,15 @@ perf = time.perf_counter
 class Conn(asyncio.Protocol):
     """One MQTT client connection (QoS 1 both ways, one subscription)."""
 
-    def __init__(self, worker: Worker, user: str, connect: bytes, topic_in: str, chat: bool) -> None:
-        """``connect``: the CONNECT packet (``connect_packet``), made before: a login storm measures the broker."""
+    def __init__(self, worker: Worker, user: str, connect: bytes, topic_in: str, chat: bool,
+                 pipelined: bool = False) -> None:
+        """``connect``: the CONNECT packet (``connect_packet``), made before: a login storm measures the broker.
+        ``pipelined``: SUBSCRIBE goes with the CONNECT (MQTT 3.1.4 lets a client send before its CONNACK);
+        otherwise after the CONNACK, as paho does."""
         self.worker = worker
         self.user = user
-        self._connect = connect
+        self._connect = connect + subscribe_packet(1, topic_in) if pipelined else connect
+        self._pipelined = pipelined
         self._topic_in = topic_in
         self.connacked = 0.0  # when the CONNACK came (perf_counter)
         self.transport: asyncio.Transport | None = None
@@ -132,7 +136,7 @@ class Conn(asyncio.Protocol):
                 self.connacked = perf()
                 if code != 0:
                     self._fail(f"{self.user}: CONNACK return code {code}")
-                else:
+                elif not self._pipelined:
                     self.send(subscribe_packet(1, self._topic_in))
             elif kind == 9 and not self.ready.done():  # SUBACK
                 if buf[i + 2:end] in (b"\x01", b"\x00"):
@@ -371,7 +375,7 @@ class Worker:
         return {"prepared": len(plan)}
 
     async def cmd_run_logins(self, dialect: str, host: str, port: int, parallel: int,
-                             progress: bool = False) -> dict[str, Any]:
+                             progress: bool = False, pipelined: bool = False) -> dict[str, Any]:
         """The prepared logins, ``parallel`` at a time, each one a new connection: TCP connect, CONNECT,
         CONNACK, SUBSCRIBE ``u/{me}/in``, SUBACK (a phone's reconnect). The connections stay (``idle``).
 
@@ -405,8 +409,8 @@ class Worker:
         async def one(user: str, source: str, connect: bytes, topic: str) -> None:
             began = perf()
             try:
-                _, conn = await loop.create_connection(lambda: Conn(self, user, connect, topic, chat), host, port,
-                                                       local_addr=(source, 0))
+                _, conn = await loop.create_connection(lambda: Conn(self, user, connect, topic, chat, pipelined),
+                                                       host, port, local_addr=(source, 0))
             except OSError as exc:
                 failures.append(f"{user}: {exc!r}")
                 settled()
