@@ -7,6 +7,7 @@ devices."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -161,3 +162,15 @@ async def test_a_cancelled_lookup_leaves_the_others_theirs(store: Users) -> None
     first.cancel()
     info = await second
     assert info is not None and info.device == "phone"
+
+
+async def test_a_touched_login_time_is_written_without_a_close(store: Users) -> None:
+    await store.record_login("alice", "phone")
+    first = (await store.device("alice", "phone")).last_login_ms  # type: ignore[union-attr]
+    await asyncio.sleep(0.005)
+    await store.touch_login("alice", "phone")
+
+    deadline = time.monotonic() + 5.0  # SQLite writes the stamps within a second
+    while (await store.device("alice", "phone")).last_login_ms == first:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the last-login time was not written"
+        await asyncio.sleep(0.05)
