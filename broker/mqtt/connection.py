@@ -252,7 +252,7 @@ class ServerConnection:
         if self._closed_already("accept"):
             return
         connect: Connect = self.connect  # type: ignore[assignment]  # set in CONNECTING
-        self.connect = None  # ~280 bytes per idle connection, the device token among them
+        self.connect = None  # not kept for the connection's life: ~100 bytes, the device token among them
         self._out.append(encode(ConnAck(ACCEPTED, session_present and not connect.clean_session)))
         self.state = State.CONNECTED
         self.will = connect.will
