@@ -11,6 +11,7 @@
     python -m bench groups              # a 256-member group, all online, against 255 one-to-one sends
     python -m bench mqtt-core           # parse + encode per PUBLISH/PUBACK: the sans-IO core against amqtt
     python -m bench media               # media upload/download MB/s vs a file copy, broker RSS (1 GiB)
+    python -m bench logins              # device-token logins/s and broker CPU per login, both chat paths
 
 Scenarios: compare (1:1 throughput/latency with 0/1k/10k idle users, fixed-load
 latency, baselines), idle (memory per connection, CPU at rest), drain (offline
@@ -20,7 +21,8 @@ on a local Redis Cluster against one process), groups (a 256-member group
 against the same body sent one-to-one), mqtt-core (the sans-IO MQTT core's
 parse and encode cost per packet against amqtt's packet classes), media (the
 media endpoint's MB/s against a plain file copy, and broker memory during a
-1 GiB transfer). Results:
+1 GiB transfer), logins (device-token logins per second, amqtt's path and the
+lean path). Results:
 bench/results/{scenario}.json and .md (metrics_cost.*), and summary.md.
 """
 
@@ -39,18 +41,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import groups, media, metrics_cost, mqtt_core, report, scale
-from bench.common import RESULTS, BenchError, fd_hard_limit, machine_info, raise_fd_limit, write_results
-from bench.suite import MORE_TARGETS, SIZES, TARGETS, Suite, sizes_dict
+from bench import groups, logins, media, metrics_cost, mqtt_core, report, scale
+from bench.common import (
+    IDLE_GOAL,
+    RESULTS,
+    BenchError,
+    fd_hard_limit,
+    machine_info,
+    raise_fd_limit,
+    try_raise_fd_hard_limit,
+    write_results,
+)
+from bench.suite import FD_RESERVE, MORE_TARGETS, SIZES, TARGETS, Suite, sizes_dict
 from bench.targets import mosquitto_available
 
 SCENARIOS = ("compare", "idle", "drain", "restart", "clientcost", "metrics-cost", "scale", "groups", "mqtt-core",
-             "media")
+             "media", "logins")
 MARKDOWN: dict[str, Callable[[dict[str, Any]], str]] = {
     "compare": report.compare_md, "idle": report.idle_md, "drain": report.drain_md,
     "restart": report.restart_md, "clientcost": report.clientcost_md, "metrics-cost": metrics_cost.markdown,
     "scale": scale.markdown, "groups": groups.markdown, "mqtt-core": mqtt_core.markdown,
-    "media": media.markdown,
+    "media": media.markdown, "logins": logins.markdown,
 }
 
 
@@ -81,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-levels", help="override the idle levels of compare, e.g. 0,10000")
     parser.add_argument("--rates", help="override the offered loads (msg/s) of the open-loop runs, e.g. 100,500"
                                         " (scale runs the first)")
+    parser.add_argument("--logins", type=int, help="override the users logging in at once (logins)")
     parser.add_argument("--idle-counts", help="override the connection counts of idle, e.g. 10000 (-1: as many "
                                               "as the descriptor limit allows)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
@@ -106,12 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides["idle_levels"] = [int(v) for v in args.idle_levels.split(",")]
     if args.rates:
         overrides["rates"] = [int(v) for v in args.rates.split(",")]
+    if args.logins:
+        overrides["logins"] = args.logins
     if args.idle_counts:
         overrides["idle_counts"] = [int(v) for v in args.idle_counts.split(",")]
     if overrides:
         sizes = dataclasses.replace(sizes, **overrides)
     known, default = ((scale.ALL_TARGETS, scale.TARGETS) if args.scenario == "scale"
-                      else ((*TARGETS, *MORE_TARGETS), TARGETS))
+                      else ((*TARGETS, *MORE_TARGETS), logins.TARGETS if args.scenario == "logins" else TARGETS))
     targets = [t.strip() for t in (args.targets or ",".join(default)).split(",") if t.strip()]
     unknown = set(targets) - set(known)
     if unknown:
@@ -129,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(sizes, workdir, out_dir, targets, args.profile)
     started = time.monotonic()
     try:
+        # The idle target is 100,000 connections in one process: ask for that much (it needs CAP_SYS_RESOURCE
+        # when the hard limit is lower), and record what the machine allowed.
+        fd_facts = try_raise_fd_hard_limit(IDLE_GOAL + FD_RESERVE) if "idle" in scenarios else None
         raise_fd_limit(fd_hard_limit())
         print(f"bench: sizes {sizes.name}, targets {', '.join(targets)}, workdir {workdir}", flush=True)
         for scenario in scenarios:
@@ -148,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
                 data = mqtt_core.run(sizes.name)
             elif scenario == "media":
                 data = media.run(sizes.name, workdir)
+            elif scenario == "logins":
+                data = logins.run(suite)
             else:
                 data = getattr(suite, scenario)()
             result = {"benchmark": scenario, "command": command, "sizes": sizes_dict(sizes), "machine": machine,
                       "profiled": args.profile, "rlimit_nofile_hard": fd_hard_limit(),
                       "seconds": round(time.monotonic() - began, 1), **data}
+            if scenario == "idle":
+                result["fd_limit"] = fd_facts
             json_path, md_path = write_results(result_name(scenario), result, MARKDOWN[scenario](result), out_dir)
             print(f"[{scenario}] done in {result['seconds']:.0f} s: {json_path} {md_path}", flush=True)
         print(write_summary(out_dir))

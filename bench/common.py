@@ -26,6 +26,7 @@ from testkit import packets
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 READY = "chat-broker ready:"
+IDLE_GOAL = 100_000  # idle connections one process should hold (issue #20): the idle scenario asks for the limit
 
 
 class BenchError(Exception):
@@ -144,6 +145,31 @@ def raise_fd_limit(needed: int) -> int:
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def try_raise_fd_hard_limit(wanted: int) -> dict[str, Any]:
+    """Raise RLIMIT_NOFILE's hard limit to ``wanted`` (root needs CAP_SYS_RESOURCE for that; a container
+    often lacks it): what was there, what was tried, what it is now."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    facts: dict[str, Any] = {"wanted": wanted, "hard_before": fd_hard_limit(), "cap_sys_resource": _has_capability(24)}
+    with contextlib.suppress(OSError, ValueError):
+        facts["nr_open"] = int(Path("/proc/sys/fs/nr_open").read_text())
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        except (OSError, ValueError) as exc:
+            facts["refused"] = f"setrlimit(RLIMIT_NOFILE, {wanted}): {exc}"
+    facts["hard"] = fd_hard_limit()
+    return facts
+
+
+def _has_capability(bit: int) -> bool | None:
+    """Whether this process has capability ``bit`` in its effective set (None: unknown)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return None
 
 
 def fd_hard_limit() -> int:

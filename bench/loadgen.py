@@ -65,12 +65,17 @@ perf = time.perf_counter
 class Conn(asyncio.Protocol):
     """One MQTT client connection (QoS 1 both ways, one subscription)."""
 
-    def __init__(self, worker: Worker, user: str, client_id: str, username: str | None, password: str | None,
-                 topic_in: str, keepalive: int, chat: bool) -> None:
+    def __init__(self, worker: Worker, user: str, connect: bytes, topic_in: str, chat: bool,
+                 pipelined: bool = False) -> None:
+        """``connect``: the CONNECT packet (``connect_packet``), made before: a login storm measures the broker.
+        ``pipelined``: SUBSCRIBE goes with the CONNECT (MQTT 3.1.4 lets a client send before its CONNACK);
+        otherwise after the CONNACK, as paho does."""
         self.worker = worker
         self.user = user
-        self._connect = connect_packet(client_id, username, password, keepalive)
+        self._connect = connect + subscribe_packet(1, topic_in) if pipelined else connect
+        self._pipelined = pipelined
         self._topic_in = topic_in
+        self.connacked = 0.0  # when the CONNACK came (perf_counter)
         self.transport: asyncio.Transport | None = None
         self._buf = b""
         self._wbuf: list[bytes] = []
@@ -128,9 +133,10 @@ class Conn(asyncio.Protocol):
                     self.worker.record_puback(sent)
             elif kind == 2:  # CONNACK
                 code = buf[i + 1]
+                self.connacked = perf()
                 if code != 0:
                     self._fail(f"{self.user}: CONNACK return code {code}")
-                else:
+                elif not self._pipelined:
                     self.send(subscribe_packet(1, self._topic_in))
             elif kind == 9 and not self.ready.done():  # SUBACK
                 if buf[i + 2:end] in (b"\x01", b"\x00"):
@@ -216,6 +222,15 @@ class Pair:
     inflight: int = 0
 
 
+@dataclass(slots=True)
+class _LoginWindow:
+    next: int = 0  # the next login of the plan to start
+    open: int = 0  # logins started, not settled
+    last_connack: float = 0.0
+    last_ready: float = 0.0
+    last_report: float = 0.0  # the last progress line (``progress``)
+
+
 @dataclass
 class RunState:
     mode: str = "max"
@@ -254,6 +269,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stage: dict[str, Any] = {}
         self.drain: dict[str, Any] = {}
+        self._login_plan: list[tuple[str, str, bytes, str]] = []  # (user, source address, CONNECT, inbox topic)
 
     # --- command loop
     async def serve(self) -> None:
@@ -315,9 +331,10 @@ class Worker:
                     on_message: Callable[[Conn, bytes], None]) -> Conn:
         client_id, username, password, topic = identity(dialect, user)
         loop = asyncio.get_running_loop()
+        connect = connect_packet(client_id, username, password, self.keepalive)
 
         def factory() -> Conn:
-            conn = Conn(self, user, client_id, username, password, topic, self.keepalive, dialect == "chat")
+            conn = Conn(self, user, connect, topic, dialect == "chat")
             conn.on_message = on_message
             return conn
 
@@ -335,34 +352,98 @@ class Worker:
     async def cmd_connect_idle(self, dialect: str, host: str, port: int, users: Sequence[str],
                                sources: Sequence[str], per_source: int, keepalive: int,
                                parallel: int = CONNECT_PARALLEL) -> dict[str, Any]:
-        self.keepalive = keepalive
-        slots = asyncio.Semaphore(parallel)
+        """Idle users log in as in a login storm (``cmd_run_logins``, with progress) and stay connected."""
         started = perf()
-        done = 0
-        last_report = started
+        await self.cmd_prepare_logins(dialect, users, sources, per_source, keepalive)
+        result = await self.cmd_run_logins(dialect, host, port, parallel, progress=True)
+        if result["failures"]:
+            raise BenchError(f"{result['failures']} of {len(users)} connections failed, e.g."
+                             f" {result['failure_samples']}")
+        return {"connected": result["logins"], "seconds": perf() - started, "total_idle": len(self.idle)}
+
+    # --- login storms (bench/logins.py)
+    async def cmd_prepare_logins(self, dialect: str, users: Sequence[str], sources: Sequence[str],
+                                 per_source: int, keepalive: int) -> dict[str, Any]:
+        """What each login sends, made before the measured window: the token (an HMAC here) and the CONNECT."""
+        self.keepalive = keepalive
+        plan = []
+        for i, user in enumerate(users):
+            client_id, username, password, topic = identity(dialect, user)
+            plan.append((user, sources[i // per_source], connect_packet(client_id, username, password, keepalive),
+                         topic))
+        self._login_plan = plan
+        return {"prepared": len(plan)}
+
+    async def cmd_run_logins(self, dialect: str, host: str, port: int, parallel: int,
+                             progress: bool = False, pipelined: bool = False) -> dict[str, Any]:
+        """The prepared logins, ``parallel`` at a time, each one a new connection: TCP connect, CONNECT,
+        CONNACK, SUBSCRIBE ``u/{me}/in``, SUBACK (a phone's reconnect). The connections stay (``idle``).
+
+        No task or timer per login beyond ``create_connection``'s: a login that completes starts the next.
+        Returns the window (perf_counter: one clock for all workers) and per-login latencies."""
+        loop = asyncio.get_running_loop()
+        plan, self._login_plan = self._login_plan, []
+        chat = dialect == "chat"
+        to_connack, to_ready = array("d"), array("d")
         failures: list[str] = []
+        finished = loop.create_future()
+        state = _LoginWindow()
+        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(i: int, user: str) -> None:
-            nonlocal done, last_report
-            async with slots:
-                try:
-                    conn = await self._open(dialect, user, host, port, sources[i // per_source], _ignore)
-                except (OSError, BenchError, TimeoutError) as exc:
-                    failures.append(f"{user}: {exc!r}")
-                    return
-            self.idle.append(conn)
-            done += 1
-            now = perf()
-            if now - last_report >= 1.0:
-                last_report = now
-                self.progress("connected", done)
+        def start_next() -> None:
+            k = state.next
+            if k >= len(plan):
+                if not state.open and not finished.done():
+                    finished.set_result(None)
+                return
+            state.next = k + 1
+            state.open += 1
+            task = loop.create_task(one(*plan[k]))
+            tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(tasks.discard)
 
-        await asyncio.gather(*(one(i, user) for i, user in enumerate(users)))
-        gc.collect()
-        gc.freeze()  # the generator's own collector must not scan 10,000 connections during runs
-        if failures:
-            raise BenchError(f"{len(failures)} of {len(users)} connections failed, e.g. {failures[:3]}")
-        return {"connected": done, "seconds": perf() - started, "total_idle": len(self.idle)}
+        def settled() -> None:
+            state.open -= 1
+            start_next()
+
+        async def one(user: str, source: str, connect: bytes, topic: str) -> None:
+            began = perf()
+            try:
+                _, conn = await loop.create_connection(lambda: Conn(self, user, connect, topic, chat, pipelined),
+                                                       host, port, local_addr=(source, 0))
+            except OSError as exc:
+                failures.append(f"{user}: {exc!r}")
+                settled()
+                return
+
+            def ready(future: asyncio.Future[None]) -> None:
+                if future.exception() is not None:
+                    failures.append(f"{user}: {future.exception()!r}")
+                else:
+                    now = perf()
+                    to_connack.append((conn.connacked - began) * 1000)
+                    to_ready.append((now - began) * 1000)
+                    state.last_connack = max(state.last_connack, conn.connacked)
+                    state.last_ready = now
+                    self.idle.append(conn)
+                    if progress and now - state.last_report >= 1.0:
+                        state.last_report = now
+                        self.progress("connected", len(to_ready))
+                settled()
+
+            conn.ready.add_done_callback(ready)
+
+        started = perf()
+        for _ in range(min(parallel, len(plan))):
+            start_next()
+        try:
+            await asyncio.wait_for(finished, REPLY_TIMEOUT_S + len(plan) / 10)  # plain amqtt: ~40/s a process
+        finally:
+            gc.collect()
+            gc.freeze()  # the generator's own collector must not scan 10,000 connections during runs
+        return {"logins": len(to_ready), "failures": len(failures), "failure_samples": failures[:3],
+                "started": started, "last_connack": state.last_connack, "last_ready": state.last_ready,
+                "connack_ms": to_connack.tobytes(), "ready_ms": to_ready.tobytes()}
 
     async def cmd_close_idle(self) -> dict[str, Any]:
         count = len(self.idle)

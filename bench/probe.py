@@ -47,7 +47,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadGen
 from bench.suite import IDLE_WORKERS, PER_SOURCE, SIZES, Sources, Suite, idle_user, pair_users
-from bench.targets import ChatServer
+from bench.targets import LEAN_CONFIG, ChatServer
 from bench.users import make_template
 
 POLL_S = 0.2
@@ -127,8 +127,8 @@ def serve(argv: list[str], control: Path, trace_frames: int) -> int:
 class ProbedChatServer(ChatServer):
     name = "chat-probed"
 
-    def __init__(self, workdir: Path, template: Path, trace_frames: int = 0) -> None:
-        super().__init__(workdir, template)
+    def __init__(self, workdir: Path, template: Path, trace_frames: int = 0, lean: bool = False) -> None:
+        super().__init__(workdir, template, LEAN_CONFIG if lean else "")
         self.control = workdir / "probe"
         self.control.mkdir(exist_ok=True)
         self._trace_frames = trace_frames
@@ -204,10 +204,10 @@ def _connect(gen: LoadGen, server: ChatServer, sources: Sources, users: list[str
              timeout=3600)
 
 
-def run_memory(idle: int, frames: int, workdir: Path) -> dict[str, Any]:
+def run_memory(idle: int, frames: int, workdir: Path, lean: bool) -> dict[str, Any]:
     template = workdir / "users-template"
     make_template(template, [idle_user(i) for i in range(idle)])
-    server = ProbedChatServer(workdir, template, frames)
+    server = ProbedChatServer(workdir, template, frames, lean)
     server.fresh_data()
     gen = LoadGen(4)
     sources = Sources()
@@ -228,15 +228,17 @@ def run_memory(idle: int, frames: int, workdir: Path) -> dict[str, Any]:
     finally:
         gen.close()
         server.stop()
-    return {"rss_kib_per_connection": round((rss_after - rss_before) / (idle - 1), 1),
+    return {"rss_kib_per_connection": round((rss_after - rss_before) / (idle - 1), 1), "lean_sessions": lean,
             "diff": memory_diff(before, after, idle - 1)}
 
 
 def memory_md(result: dict[str, Any]) -> str:
     d = result["diff"]
+    path = "the lean path (`mqtt.lean_sessions`)" if result.get("lean_sessions") else "amqtt's path"
     lines = ["# Broker memory per idle connection, by allocation site (tracemalloc)", "",
              f"`{result['command']}` on {machine_line(result['machine'])}.", "",
-             f"{d['connections']:,} idle users connected (device-token login, SUBSCRIBE `u/{{me}}/in`). Python"
+             f"{d['connections']:,} idle users connected (device-token login, SUBSCRIBE `u/{{me}}/in`), on"
+             f" {path}. Python"
              f" allocations grew by **{d['total_bytes_per_connection'] / 1024:.1f} KiB per connection**; RSS grew by"
              f" {result['rss_kib_per_connection']:.1f} KiB per connection in this run (tracemalloc's own bookkeeping"
              " included; see idle.md for RSS without it).", "", "## By the innermost frame of amqtt or this project",
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--frames", type=int, default=8, help="tracemalloc frames kept (memory)")
     parser.add_argument("--quick", action="store_true", help="shorter runs (gc)")
+    parser.add_argument("--lean", action="store_true",
+                        help="memory: the broker with mqtt.lean_sessions (results: probe-memory-lean.*)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     raise_fd_limit(args.idle + 1000)
@@ -320,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.probe " + " ".join(argv)
     try:
         if args.what == "memory":
-            result = {"command": command, "machine": machine_info(), **run_memory(args.idle, args.frames, workdir)}
+            result = {"command": command, "machine": machine_info(),
+                      **run_memory(args.idle, args.frames, workdir, args.lean)}
             text = memory_md(result)
         else:
             result = {"command": command, "machine": machine_info(),
@@ -328,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             text = gc_md(result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    write_text_atomic(args.out / f"probe-{args.what}.md", text)
-    write_text_atomic(args.out / f"probe-{args.what}.json", json.dumps(result, indent=2) + "\n")
+    stem = f"probe-{args.what}" + ("-lean" if args.lean and args.what == "memory" else "")
+    write_text_atomic(args.out / f"{stem}.md", text)
+    write_text_atomic(args.out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
     print(text)
     return 0
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.common import fmt, machine_line, md_table
+from bench.common import IDLE_GOAL, fmt, machine_line, md_table
 
 TARGET_RATIO_AMQTT = 5.0
 TARGET_RATIO_MOSQUITTO = 0.25
@@ -15,9 +15,11 @@ TARGET_P99_RATE = 500
 TARGET_KIB_PER_CONN = 20.0
 TARGET_DRAIN_S = 15.0
 TARGET_IDLE = 10_000
+TARGET_LEAN_KIB = 6.0  # issue #20
+TARGET_LOGINS_PER_S = 5000  # issue #20
 
 
-def _mib(kib: int | None) -> float | None:
+def _mib(kib: float | None) -> float | None:
     return None if kib is None else kib / 1024
 
 
@@ -133,16 +135,66 @@ def idle_md(result: dict[str, Any]) -> str:
         " keepalive period of silence (as paho does). RSS per connection = (RSS with N connected - RSS at start) / N."
         f" CPU at rest: the broker's CPU over {result['sizes']['rest_s']} s with all N connected and nothing sent."
         f" The ceiling is the descriptor limit of one process (hard RLIMIT_NOFILE {result['rlimit_nofile_hard']})."))
-    rows = []
+    rows, fits = [], []
     for _name, t in result["targets"].items():
-        rows.append([t["label"], 0, None, _mib(t["base_rss_kib"]), None, (t.get("base_cpu") or {}).get("broker")])
+        base_cpu = t.get("base_cpu") or {}
+        rows.append([t["label"], 0, None, _mib(t["base_rss_kib"]), None, base_cpu.get("broker"),
+                     base_cpu.get("generator"), base_cpu.get("others")])
         for s in t["steps"]:
+            cpu = s["cpu_rest"]
             rows.append([t["label"], s["idle"], s["connect_per_s"], _mib(s["rss_kib"]), s["kib_per_connection"],
-                         s["cpu_rest"].get("broker")])
+                         cpu.get("broker"), cpu.get("generator"), cpu.get("others")])
+        fit = idle_fit(t)
+        if fit is not None:
+            fits.append([t["label"], len(t["steps"]), fit["kib_per_connection"], fit["cpu_per_10k"],
+                         _mib(fit["rss_kib_at_goal"]), fit["cpu_at_goal"]])
     lines += md_table(["broker", "idle connections", "connects/s", "broker RSS MiB", "KiB per connection",
-                       "broker CPU at rest (cores)"], rows)
+                       "broker CPU at rest (cores)", "generator CPU", "other CPU"], rows)
+    lines += _fd_limit_md(result.get("fd_limit"))
+    if fits:
+        lines += ["", f"Linear fit over the measured steps (least squares on RSS and CPU at rest against"
+                  f" connections), and **extrapolated to {IDLE_GOAL:,} connections: not measured** (one process may"
+                  " hold no more descriptors than its limit above):", ""]
+        lines += md_table(["broker", "steps", "KiB per connection (slope)", "CPU at rest per 10,000 (cores)",
+                           f"RSS at {IDLE_GOAL:,} MiB (extrapolated)", f"CPU at rest at {IDLE_GOAL:,} (extrapolated)"],
+                          fits)
     lines += log_problems_md({t["label"]: t.get("broker_log_problems") for t in result["targets"].values()})
     return "\n".join(lines) + "\n"
+
+
+def idle_fit(target: dict[str, Any]) -> dict[str, float] | None:
+    """RSS and CPU at rest as lines through the steps (and the start): slope per connection, and the lines'
+    values at ``IDLE_GOAL`` connections. None with fewer than two steps."""
+    steps = target["steps"]
+    if len(steps) < 2:
+        return None
+    xs = [0, *(s["idle"] for s in steps)]
+    rss = [target["base_rss_kib"], *(s["rss_kib"] for s in steps)]
+    cpu = [(target.get("base_cpu") or {}).get("broker") or 0.0, *(s["cpu_rest"].get("broker") or 0.0 for s in steps)]
+    rss_slope, rss_at0 = _line(xs, rss)
+    cpu_slope, cpu_at0 = _line(xs, cpu)
+    return {"kib_per_connection": round(rss_slope, 2), "cpu_per_10k": round(cpu_slope * 10_000, 4),
+            "rss_kib_at_goal": rss_at0 + rss_slope * IDLE_GOAL,
+            "cpu_at_goal": round(cpu_at0 + cpu_slope * IDLE_GOAL, 3)}
+
+
+def _line(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept."""
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+             / sum((x - mean_x) ** 2 for x in xs))
+    return slope, mean_y - slope * mean_x
+
+
+def _fd_limit_md(facts: dict[str, Any] | None) -> list[str]:
+    if not facts:
+        return []
+    if facts["hard"] >= facts["wanted"]:
+        return ["", f"The descriptor limit was raised to {facts['hard']:,} for this run."]
+    return ["", f"The bench asked for a descriptor limit of {facts['wanted']:,} and got {facts['hard']:,}:"
+            f" {facts.get('refused', 'refused')} (CAP_SYS_RESOURCE in the effective set:"
+            f" {facts.get('cap_sys_resource')}; fs.nr_open {facts.get('nr_open')}). Root without that capability"
+            " cannot raise a hard limit, and several listener processes would not be one process."]
 
 
 def drain_md(result: dict[str, Any]) -> str:
@@ -239,11 +291,48 @@ def targets_rows(out_dir: Path) -> list[list[Any]]:
             s = near[0]
             rows.append([f"broker memory per idle connection <= 20 KiB ({s['idle']:,} connected)",
                          f"{s['kib_per_connection']:.1f} KiB", _met(s["kib_per_connection"] <= TARGET_KIB_PER_CONN)])
+    rows += lean_rows(out_dir)
     drain = _load(out_dir, "drain")
     if drain:
         seconds = drain["drain"]["all_acked_s"]
         rows.append([f"offline drain of {drain['messages']:,} staged messages <= 15 s", f"{seconds:.1f} s",
                      _met(seconds <= TARGET_DRAIN_S) + ("" if drain["messages"] >= 100_000 else " (smaller size)")])
+    return rows
+
+
+def lean_rows(out_dir: Path) -> list[list[Any]]:
+    """The targets of issue #20 on the lean path: idle connections (``idle.json``, else ``lean/idle.json``: the
+    series up to the descriptor limit) and logins (``logins.json``)."""
+    rows: list[list[Any]] = []
+    idle = next((d for d in (_load(out_dir, "idle"), _load(out_dir / "lean", "idle"))
+                 if d and "chat-lean" in d["targets"]), None)
+    if idle:
+        target = idle["targets"]["chat-lean"]
+        near = [s for s in target["steps"] if s["idle"] >= TARGET_IDLE] or target["steps"]
+        if near:
+            s = near[0]
+            rows.append([f"lean: broker memory per idle chat connection <= {TARGET_LEAN_KIB:g} KiB"
+                         f" ({s['idle']:,} connected)", f"{s['kib_per_connection']:.1f} KiB",
+                         _met(s["kib_per_connection"] <= TARGET_LEAN_KIB)])
+        if target["steps"]:
+            top = max(target["steps"], key=lambda step: step["idle"])
+            fit = idle_fit(target)
+            extrapolated = (f"; extrapolated, not measured: {fit['rss_kib_at_goal'] / 1024:,.0f} MiB and"
+                            f" {fit['cpu_at_goal']} cores at rest at {IDLE_GOAL:,}") if fit else ""
+            rows.append([f"lean: {IDLE_GOAL:,} idle chat connections in one process",
+                         f"{top['idle']:,} held (descriptor limit {idle['rlimit_nofile_hard']:,}), CPU at rest"
+                         f" {top['cpu_rest'].get('broker')} cores{extrapolated}", _met(top["idle"] >= IDLE_GOAL)])
+    logins = _load(out_dir, "logins")
+    lean = (logins or {}).get("targets", {}).get("chat-lean")
+    if lean and lean["phases"]:
+        rates = [p["logins_per_s"] or 0.0 for p in lean["phases"]]
+        cpu = [p["broker_us_per_login"] for p in lean["phases"] if p["broker_us_per_login"] is not None]
+        rounds = ", ".join(f"{p['logins_per_s'] or 0:,.0f}{' (SUBSCRIBE pipelined)' if p.get('pipelined') else ''}"
+                           for p in lean["phases"])
+        rows.append([f"lean: logins with device tokens >= {TARGET_LOGINS_PER_S:,}/s",
+                     f"{max(rates):,.0f}/s (rounds {rounds});"
+                     f" broker {min(cpu, default=0):.0f}-{max(cpu, default=0):.0f} µs per login",
+                     _met(max(rates) >= TARGET_LOGINS_PER_S)])
     return rows
 
 
@@ -254,7 +343,7 @@ def _met(ok: bool) -> str:
 def summary_md(out_dir: Path) -> str:
     lines = ["# Benchmark summary", ""]
     sources = []
-    for name in ("compare", "idle", "drain", "restart", "clientcost", "scale", "groups"):
+    for name in ("compare", "idle", "lean/idle", "logins", "drain", "restart", "clientcost", "scale", "groups"):
         data = _load(out_dir, name)
         if data:
             sources.append(f"- [{name}.md]({name}.md): `{data['command']}`, {machine_line(data['machine'])}"
@@ -285,6 +374,16 @@ def summary_md(out_dir: Path) -> str:
                   f" {restart['kill_to_ready_s']:.2f} s, first item delivered after"
                   f" {restart['kill_to_first_item_s']:.2f} s, all delivered after"
                   f" {restart['kill_to_all_delivered_s']:.2f} s."]
+    logins = _load(out_dir, "logins")
+    if logins:
+        lines += ["", "## Logins with device tokens", "", f"{logins['logins']:,} at once, each a new connection"
+                  " (CONNECT with the token to SUBACK); *p*: SUBSCRIBE sent with the CONNECT ([logins.md](logins.md)).",
+                  ""]
+        lines += md_table(["broker", "round", "logins/s (CONNACK)", "broker µs per login", "broker CPU", "other CPU"],
+                          [[t["label"], f"{p['round']}{'p' if p.get('pipelined') else ''}", p["logins_per_s"],
+                            p["broker_us_per_login"],
+                            p["cpu_cores"].get("broker"), p["cpu_cores"].get("others")]
+                           for t in logins["targets"].values() for p in t["phases"]])
     groups = _load(out_dir, "groups")
     if groups:
         from bench.groups import headline_rows  # noqa: PLC0415 (bench.groups imports the suite, which is heavier)

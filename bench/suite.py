@@ -50,6 +50,7 @@ class Sizes:
     drain_messages: int
     idle_counts: list[int]  # -1: as many as the descriptor limit allows
     rest_s: float
+    logins: int  # users logging in at once (bench/logins.py)
     body_bytes: int = 100
     keepalive: int = 60
     stage_window: int = 1000
@@ -57,11 +58,14 @@ class Sizes:
 
 SIZES = {
     "full": Sizes("full", pairs=100, inflight=2, idle_levels=[0, 1000, 10000], rates=[500, 2000], warmup_s=3,
-                  measure_s=10, drain_messages=100_000, idle_counts=[10000, -1], rest_s=65),
+                  measure_s=10, drain_messages=100_000, idle_counts=[10000, -1], rest_s=65,
+                  logins=10_000),
     "quick": Sizes("quick", pairs=50, inflight=2, idle_levels=[0, 1000], rates=[500, 2000], warmup_s=2,
-                   measure_s=5, drain_messages=10_000, idle_counts=[2000], rest_s=10),
+                   measure_s=5, drain_messages=10_000, idle_counts=[2000], rest_s=10,
+                   logins=5000),
     "tiny": Sizes("tiny", pairs=4, inflight=4, idle_levels=[0, 20], rates=[200], warmup_s=0.5, measure_s=1.5,
-                  drain_messages=300, idle_counts=[50], rest_s=1.5, stage_window=100),
+                  drain_messages=300, idle_counts=[50], rest_s=1.5, logins=100,
+                  stage_window=100),
 }
 
 TARGETS = ("chat", "amqtt", "mosquitto")
@@ -157,7 +161,7 @@ class Suite:
     # --- setup -----------------------------------------------------------------------
 
     def idle_total(self) -> int:
-        counts = [*self.sizes.idle_levels, *self.sizes.idle_counts]
+        counts = [*self.sizes.idle_levels, *self.sizes.idle_counts, self.sizes.logins]
         return max(max_idle() if c < 0 else c for c in counts)
 
     def template(self) -> Path:

@@ -41,6 +41,8 @@ delivery:
   max_queue: 200000
 """
 
+LEAN_CONFIG = "mqtt:\n  lean_sessions: true\n"  # added to CHAT_CONFIG: chat sessions on the lean path (broker/lean.py)
+
 MOSQUITTO_CONFIG = """\
 # Benchmark configuration (bench/targets.py)
 listener {port} 127.0.0.1
@@ -211,7 +213,7 @@ class LeanChatServer(ChatServer):
     label = "chat-broker (lean sessions)"
 
     def __init__(self, workdir: Path, template: Path, extra_config: str = "") -> None:
-        super().__init__(workdir, template, "mqtt:\n  lean_sessions: true\n" + extra_config)
+        super().__init__(workdir, template, LEAN_CONFIG + extra_config)
         self.data_dir = workdir / "chat-lean-data"
 
 

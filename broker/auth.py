@@ -97,7 +97,9 @@ class Authenticator:
         # cheap to check, and its success leaves the throttle as it is.
         is_token = secret is not None and credentials.looks_like_token(secret)
         if is_token and await self._token_ok(username, device, secret):  # type: ignore[arg-type]  # not None here
-            return await self._accept(username, device, [], "device token", address)
+            # A known device (its token matched): only its last-login time to note, no device to add.
+            await self._store.touch_login(username, device)
+            return self._accepted(username, device, "device token", False)
         wait = await self._guard.begin(keys, self._clock())
         if wait > 0:
             return self._refuse(BAD_CREDENTIALS, f"throttled for {wait:.1f}s after failed logins", username, address,
@@ -129,6 +131,7 @@ class Authenticator:
         return ok and stored is not None
 
     async def _accept(self, user: str, device: str, keys: list[str], how: str, address: str) -> LoginResult:
+        """A password login: the throttle's keys released, the device added if it is new (the device limit)."""
         # The address keeps its earlier failures (one good account must not unlock guessing);
         # only this attempt's reserved failure is taken back.
         await self._guard.succeeded(keys[:1], keys[1:])
@@ -137,6 +140,9 @@ class Authenticator:
         except TooManyDevicesError as exc:
             return self._refuse(BAD_CREDENTIALS, f"new device {device!r} refused: {exc}; remove one first",
                                 user, address, "too_many_devices")
+        return self._accepted(user, device, how, new_device)
+
+    def _accepted(self, user: str, device: str, how: str, new_device: bool) -> LoginResult:
         self.count("ok")
         log.info("login ok: %s.%s by %s%s", user, device, how, " (new device)" if new_device else "")
         return LoginResult(ACCEPTED, user, device, how, new_device)

@@ -41,6 +41,11 @@ class UserStore(Protocol):
         """Note a successful login; True when the device is new (its first login). A new device
         is added only while the user has fewer than ``max_devices``, else TooManyDevicesError."""
 
+    async def touch_login(self, user: str, device: str) -> None:
+        """A known device logged in again (its token checked): note its last-login time. A store may write
+        it a moment later, with others (a record for the operator; no decision reads it). A device removed
+        meanwhile stays removed."""
+
     async def set_token_digest(self, user: str, device: str, digest: str) -> None: ...
 
     async def revoke_tokens(self, user: str, device: str | None = None) -> int:

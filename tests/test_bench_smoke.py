@@ -103,3 +103,17 @@ def test_bench_media_tiny(tmp_path: Path) -> None:
         assert result[key] > 0
     assert result["upload_rss_peak_kib"] >= result["rss_before_kib"] > 0
     assert "| upload 16 MiB" in (out / "media.md").read_text(encoding="utf-8")
+
+
+def test_bench_logins_tiny(tmp_path: Path) -> None:
+    """``python -m bench logins --tiny``: 100 device-token logins (CONNECT to SUBACK) on both chat paths, SUBSCRIBE
+    sent after the CONNACK and then with the CONNECT."""
+    out = run_bench(["logins", "--tiny"], tmp_path, 120)
+    result = json.loads((out / "logins.json").read_text(encoding="utf-8"))
+    assert result["benchmark"] == "logins" and set(result["targets"]) == {"chat", "chat-lean"}
+    for target in result["targets"].values():
+        assert [p["pipelined"] for p in target["phases"]] == [False, True]  # SUBSCRIBE after CONNACK, then with it
+        for phase in target["phases"]:
+            assert phase["logins"] == 100 and phase["failures"] == 0, phase["failure_samples"]
+            assert phase["logins_per_s"] > 0 and phase["connack"]["count"] == 100
+    assert "| chat-broker (lean sessions) | 1 | 100 |" in (out / "logins.md").read_text(encoding="utf-8")

@@ -132,6 +132,7 @@ class ServerConnection:
             self._decoder = Decoder(None, limits.max_packet_bytes)
         self.state = State.AWAIT_CONNECT
         self.connect: Connect | None = None
+        """The CONNECT while it is being answered; dropped once accepted (its credentials are not kept)."""
         self.will: Will | None = None
         """The will to publish if the connection ends now (set by accept(), dropped by DISCONNECT)."""
         self.close_reason: str | None = None
@@ -251,6 +252,7 @@ class ServerConnection:
         if self._closed_already("accept"):
             return
         connect: Connect = self.connect  # type: ignore[assignment]  # set in CONNECTING
+        self.connect = None  # not kept for the connection's life: ~100 bytes, the device token among them
         self._out.append(encode(ConnAck(ACCEPTED, session_present and not connect.clean_session)))
         self.state = State.CONNECTED
         self.will = connect.will

@@ -57,6 +57,12 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ' ' .. ARGV[2])
 return 1
 """
 
+TOUCH_LOGIN = """
+local times = redis.call('HGET', KEYS[1], ARGV[1])
+if times then redis.call('HSET', KEYS[1], ARGV[1], string.match(times, '^%d+') .. ' ' .. ARGV[2]) end
+return 0
+"""
+
 SET_DIGEST = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -130,7 +136,8 @@ class RedisUserStore(RedisStore):
     admin side the tests seed with."""
 
     SCRIPTS: ClassVar[dict[str, str]] = {"users.add": ADD_USER, "users.devices": USER_DEVICES, "users.device": DEVICE,
-               "users.record_login": RECORD_LOGIN, "users.set_token": SET_DIGEST,
+               "users.record_login": RECORD_LOGIN, "users.touch_login": TOUCH_LOGIN,
+               "users.set_token": SET_DIGEST,
                "users.revoke_tokens": REVOKE_ALL, "devices.remove": DELETE_DEVICE,
                "users.import": IMPORT_USER,
                "users.set_password": SET_PW_HASH, "users.delete": DELETE_USER, "users.info": USER_INFO,
@@ -219,6 +226,10 @@ class RedisUserStore(RedisStore):
         if result == -2:
             raise StoreError(f"no user {user!r}")
         return bool(result == 1)
+
+    async def touch_login(self, user: str, device: str) -> None:
+        """The last-login time of a known device (one script: nothing to batch, Redis does not fsync per write)."""
+        await self.run("users.touch_login", [devices_key(self, user)], [device, now_ms()])
 
     async def set_token_digest(self, user: str, device: str, digest: str) -> None:
         _, devices, tokens = self._keys(user)

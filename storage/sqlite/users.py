@@ -7,6 +7,8 @@ token (never the token itself). See ``credentials`` for the formats.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +25,13 @@ log = logging.getLogger(__name__)
 
 USERS_DB = "users.db"
 SECRET_FILE = "server.key"  # noqa: S105 (a file name, not a secret)
+STAMPS_AFTER_S = 1.0  # token logins' last-login times are written this long after the first, together
+STAMPS_PER_STATEMENT = 300  # 3 parameters each: under SQLite's oldest limit of 999
+LOOKUPS_PER_QUERY = 400  # 2 parameters each
+DEVICE_ROWS = ("SELECT user, device, token_digest, created_ms, last_login_ms FROM devices "
+               "WHERE (user, device) IN (VALUES {rows})")
+TOUCH = ("UPDATE devices SET last_login_ms = stamps.column3 FROM (VALUES {rows}) AS stamps "
+         "WHERE devices.user = stamps.column1 AND devices.device = stamps.column2")
 
 MIGRATIONS = (
     """
@@ -75,6 +84,28 @@ class SqliteUserStore(SqliteFile):
 
     FILE = USERS_DB
     MIGRATIONS = MIGRATIONS
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        super().__init__(db)
+        # A commit per token login (fsynced) held logins to ~800/s; the stamps wait a second instead.
+        self._stamps: dict[tuple[str, str], int] = {}
+        self._stamps_due: asyncio.Task[None] | None = None
+        # device() lookups asked while one query runs go together in the next: a login storm's token checks
+        # cost a trip to the SQLite thread per batch, not per login.
+        self._lookups: dict[tuple[str, str], list[asyncio.Future[DeviceInfo | None]]] = {}
+        self._lookup_task: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._lookup_task is not None:
+            self._lookup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lookup_task
+        if self._stamps_due is not None:
+            self._stamps_due.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stamps_due
+        await self.flush_logins()
+        await super().close()
 
     async def add_user(self, name: str, pw_hash: str) -> None:
         try:
@@ -147,15 +178,44 @@ class SqliteUserStore(SqliteFile):
         return str(row[0]) if row else None
 
     async def device(self, user: str, device: str) -> DeviceInfo | None:
-        query = (
-            "SELECT user, device, token_digest, created_ms, last_login_ms FROM devices "
-            "WHERE user = ? AND device = ?"
-        )
-        async with self._db.execute(query, (user, device)) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
-            return None
-        return DeviceInfo(str(row[0]), str(row[1]), row[2], int(row[3]), int(row[4]))
+        loop = asyncio.get_running_loop()
+        found: asyncio.Future[DeviceInfo | None] = loop.create_future()  # one per caller: each may be cancelled
+        self._lookups.setdefault((user, device), []).append(found)
+        if self._lookup_task is None:
+            self._lookup_task = loop.create_task(self._look_up())
+        return await found
+
+    async def _look_up(self) -> None:
+        batch: dict[tuple[str, str], list[asyncio.Future[DeviceInfo | None]]] = {}
+        try:
+            while self._lookups:
+                batch, self._lookups = self._lookups, {}
+                keys = list(batch)
+                for start in range(0, len(keys), LOOKUPS_PER_QUERY):
+                    await self._look_up_some(keys[start:start + LOOKUPS_PER_QUERY], batch)
+        finally:
+            self._lookup_task = None
+            for waiting in (*batch.values(), *self._lookups.values()):
+                for found in waiting:
+                    found.cancel()  # only those still pending: closed meanwhile
+            self._lookups = {}
+
+    async def _look_up_some(self, keys: list[tuple[str, str]],
+                            batch: dict[tuple[str, str], list[asyncio.Future[DeviceInfo | None]]]) -> None:
+        try:
+            rows = await self._db.execute_fetchall(DEVICE_ROWS.format(rows=",".join(["(?, ?)"] * len(keys))),
+                                                   [value for key in keys for value in key])
+        except aiosqlite.Error as exc:
+            for key in keys:
+                for found in batch[key]:
+                    if not found.done():
+                        found.set_exception(exc)
+            return
+        infos = {(str(r[0]), str(r[1])): DeviceInfo(str(r[0]), str(r[1]), r[2], int(r[3]), int(r[4])) for r in rows}
+        for key in keys:
+            for found in batch[key]:
+                if not found.done():  # its caller was cancelled
+                    found.set_result(infos.get(key))
 
     async def devices(self, user: str) -> list[DeviceInfo]:
         query = (
@@ -202,6 +262,31 @@ class SqliteUserStore(SqliteFile):
                 raise
             log.warning("last login of %s.%s not recorded: %s", user, device, exc)
         return False
+
+    async def touch_login(self, user: str, device: str) -> None:
+        """The last-login time of a known device, written within ``STAMPS_AFTER_S`` with the others due."""
+        self._stamps[(user, device)] = now_ms()
+        if self._stamps_due is None:
+            self._stamps_due = asyncio.get_running_loop().create_task(self._stamps_later())
+
+    async def _stamps_later(self) -> None:
+        try:
+            await asyncio.sleep(STAMPS_AFTER_S)
+        finally:
+            self._stamps_due = None
+        await self.flush_logins()
+
+    async def flush_logins(self) -> None:
+        """Write the last-login times noted so far: one statement per ``STAMPS_PER_STATEMENT`` devices
+        (each atomic on its own: no transaction spans awaits on the shared connection)."""
+        stamps, self._stamps = list(self._stamps.items()), {}
+        for start in range(0, len(stamps), STAMPS_PER_STATEMENT):
+            chunk = stamps[start:start + STAMPS_PER_STATEMENT]
+            params = [value for (user, device), ms in chunk for value in (user, device, ms)]
+            try:
+                await self._db.execute(TOUCH.format(rows=",".join(["(?, ?, ?)"] * len(chunk))), params)
+            except aiosqlite.Error as exc:  # disk full, read-only: a stamp is not worth failing anything for
+                log.warning("last login of %d device(s) not recorded: %s", len(chunk), exc)
 
     async def set_token_digest(self, user: str, device: str, digest: str) -> None:
         cursor = await self._db.execute(

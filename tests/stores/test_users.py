@@ -7,6 +7,7 @@ devices."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -123,3 +124,53 @@ async def test_the_operators_side(store: Users) -> None:
     assert [u.name async for u in store.iter_users()] == ["bob"]
     with pytest.raises(StoreError, match="no user 'alice'"):
         await store.delete_user("alice")
+
+
+async def test_a_token_login_touches_only_a_known_device(backend: Backend, store: Users) -> None:
+    await store.record_login("alice", "phone")
+    await store.record_login("alice", "tab")
+    first = (await store.device("alice", "phone")).last_login_ms  # type: ignore[union-attr]
+    await asyncio.sleep(0.005)
+    await store.touch_login("alice", "phone")
+    assert await store.delete_device("alice", "tab")
+    await store.touch_login("alice", "tab")
+    await store.close()  # a store that writes the stamps later writes them by its close
+    again = await backend.users()
+    try:
+        assert (await again.device("alice", "phone")).last_login_ms > first  # type: ignore[union-attr]
+        assert await again.device("alice", "tab") is None, "a removed device stays removed"
+    finally:
+        await again.close()
+
+
+async def test_lookups_at_once_each_get_their_device(store: Users) -> None:
+    for device in ("phone", "tab"):
+        await store.record_login("alice", device)
+        await store.set_token_digest("alice", device, f"digest-{device}")
+    asked = [("alice", "phone"), ("alice", "tab"), ("alice", "nope"), ("bob", "phone"), ("alice", "phone")]
+    found = await asyncio.gather(*(store.device(user, device) for user, device in asked))
+    assert [None if info is None else (info.user, info.device, info.token_digest) for info in found] == [
+        ("alice", "phone", "digest-phone"), ("alice", "tab", "digest-tab"), None, None,
+        ("alice", "phone", "digest-phone")]
+
+
+async def test_a_cancelled_lookup_leaves_the_others_theirs(store: Users) -> None:
+    await store.record_login("alice", "phone")
+    first = asyncio.ensure_future(store.device("alice", "phone"))
+    second = asyncio.ensure_future(store.device("alice", "phone"))
+    await asyncio.sleep(0)
+    first.cancel()
+    info = await second
+    assert info is not None and info.device == "phone"
+
+
+async def test_a_touched_login_time_is_written_without_a_close(store: Users) -> None:
+    await store.record_login("alice", "phone")
+    first = (await store.device("alice", "phone")).last_login_ms  # type: ignore[union-attr]
+    await asyncio.sleep(0.005)
+    await store.touch_login("alice", "phone")
+
+    deadline = time.monotonic() + 5.0  # SQLite writes the stamps within a second
+    while (await store.device("alice", "phone")).last_login_ms == first:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the last-login time was not written"
+        await asyncio.sleep(0.05)
