@@ -20,6 +20,8 @@ Rules:
 from __future__ import annotations
 
 import re
+import secrets
+import zlib
 from dataclasses import dataclass, field
 
 from chatproto import is_group_id, is_user_id
@@ -89,6 +91,17 @@ class Sealed:
     blob: Blob
     readers: frozenset[str]
     waiting: frozenset[str]
+
+
+def user_shard(user: str) -> str:
+    """The uploader's shard, one hex digit: the first character of each of its upload ids, so that
+    a store partitioned by uploader (storage/redis/media.py) finds an upload from its id alone."""
+    return format(zlib.crc32(user.encode()) % 16, "x")
+
+
+def new_upload_id(user: str) -> str:
+    """A new unguessable upload id of ``user``'s (128 random bits after its shard)."""
+    return user_shard(user) + secrets.token_urlsafe(16)
 
 
 def parse_new_upload(body: object, limits: MediaLimits) -> tuple[int, str]:

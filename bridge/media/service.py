@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -105,24 +104,17 @@ class MediaService:
                 raise MediaError("not_member", f"you are not a member of {to}")
         elif await self._users.user_devices(to) is None:
             raise MediaError("not_found", f"no user {to}")
-        self._usage.admit(user, size, self.limits)
         now = self._clock.wall_ms()
-        upload = Upload(secrets.token_urlsafe(16), user, device, to, size, now, now)
-        self._usage.start(user, size)  # before the await: a concurrent create sees the charge
-        try:
-            await self._store.add_upload(upload)
-        except BaseException:
-            self._usage.end_upload(user, size, keep_charge=False)
-            raise
-        self._uploads[upload.id] = upload
+        upload = Upload(core.new_upload_id(user), user, device, to, size, now, now)
+        await self._begin(upload)
         return upload
 
     async def status(self, user: str, device: str, upload_id: str) -> tuple[int, int, str | None]:
         """``(offset, size, blob)`` of the caller's upload (blob: once sealed)."""
-        upload = self._uploads.get(upload_id)
-        if upload is not None and (upload.user, upload.device) == (user, device):
+        upload = await self._in_progress(user, device, upload_id)
+        if upload is not None:
             async with self._locked(upload):
-                if upload_id in self._uploads:  # not sealed or abandoned while this waited
+                if await self._in_progress(user, device, upload_id):  # not sealed or abandoned while this waited
                     return await self._blobs.staged_size(upload_id), upload.size, None
         found = await self._store.sealed(upload_id) if len(upload_id) <= 64 else None
         if found is None or (found[0].user, found[0].device) != (user, device):
@@ -132,11 +124,11 @@ class MediaService:
     async def patch(self, user: str, device: str, upload_id: str, offset: int, length: int | None,
                     chunks: AsyncIterator[bytes]) -> tuple[int, str | None]:
         """Append the body; ``(new offset, blob once sealed)``. Bytes of a body cut midway are kept."""
-        upload = self._uploads.get(upload_id)
-        if upload is None or (upload.user, upload.device) != (user, device):
+        upload = await self._in_progress(user, device, upload_id)
+        if upload is None:
             raise MediaError("not_found", "no such upload in progress for this device")
         async with self._locked(upload):
-            if upload_id not in self._uploads:  # sealed or abandoned while this waited
+            if not await self._in_progress(user, device, upload_id):  # sealed or abandoned while this waited
                 raise MediaError("not_found", "the upload is no longer in progress: GET it to learn its url")
             core.check_patch(upload, offset, await self._blobs.staged_size(upload_id), length, self.limits)
             try:
@@ -180,6 +172,22 @@ class MediaService:
 
     # --- inside ------------------------------------------------------------------------------
 
+    async def _begin(self, upload: Upload) -> None:
+        """Admit the new upload against its user's limits, charge it and record it."""
+        self._usage.admit(upload.user, upload.size, self.limits)
+        self._usage.start(upload.user, upload.size)  # before the await: a concurrent create sees the charge
+        try:
+            await self._store.add_upload(upload)
+        except BaseException:
+            self._usage.end_upload(upload.user, upload.size, keep_charge=False)
+            raise
+        self._uploads[upload.id] = upload
+
+    async def _in_progress(self, user: str, device: str, upload_id: str) -> Upload | None:
+        """The caller's upload if it is in progress."""
+        upload = self._uploads.get(upload_id)
+        return upload if upload is not None and (upload.user, upload.device) == (user, device) else None
+
     @contextlib.asynccontextmanager
     async def _locked(self, upload: Upload) -> AsyncIterator[None]:
         lock = self._locks.setdefault(upload.id, asyncio.Lock())
@@ -220,7 +228,7 @@ class MediaService:
         own = await self._users.user_devices(upload.user) or []
         sealed = core.seal(upload, sha256, to_users, own, self._clock.wall_ms(), self.limits)
         new = await self._store.seal(upload.id, sealed)
-        del self._uploads[upload.id]
+        self._uploads.pop(upload.id, None)
         self._usage.end_upload(upload.user, upload.size, keep_charge=new)
         if new:
             self.counters.stored_bytes += upload.size
@@ -257,6 +265,15 @@ class MediaService:
                 self._removed.extend(removed)  # tried again next round
                 raise
         now = self._clock.wall_ms()
+        await self._abandon(now)
+        await self._deleted(await self._store.expire(now))
+        for upload_id in await self._store.sealed_uploads(now - self.limits.upload_ttl_ms):
+            await self._store.drop_upload(upload_id)
+        for sha256 in await self._store.forget(now - self.limits.ttl_ms):
+            await self._blobs.delete(sha256)  # again: a crash may have come between the mark and the delete
+
+    async def _abandon(self, now: int) -> None:
+        """Rule 7: drop the uploads idle too long."""
         busy = {upload for upload, lock in self._locks.items() if lock.locked()}
         for upload in core.abandoned(list(self._uploads.values()), busy, now, self.limits):
             lock = self._locks.get(upload.id)
@@ -269,8 +286,3 @@ class MediaService:
                 self._usage.end_upload(upload.user, upload.size, keep_charge=False)
             log.info("media: upload %s of %s abandoned after %d s idle", upload.id, upload.user,
                      self.limits.upload_ttl_ms // 1000)
-        await self._deleted(await self._store.expire(now))
-        for upload_id in await self._store.sealed_uploads(now - self.limits.upload_ttl_ms):
-            await self._store.drop_upload(upload_id)
-        for sha256 in await self._store.forget(now - self.limits.ttl_ms):
-            await self._blobs.delete(sha256)  # again: a crash may have come between the mark and the delete

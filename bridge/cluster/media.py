@@ -1,0 +1,85 @@
+"""The media service of a cluster node (docs/MEDIA.md, "Cluster mode"): ``MediaService`` whose
+uploads in progress and per-user usage live in the shared store instead of one process's memory, so
+that any node serves any request -- an upload begun on node A is resumed on node B, a blob sealed on
+A is fetched (and then deleted) through B. The bytes must be where every node reads them: S3, with
+uploads staged in the bucket (storage/media/s3_staging.py).
+
+What changes against one process:
+- an upload starts in one store script that checks the user's quota and uploads in progress and
+  charges it (``SharedMediaStore.admit``), whichever node the user's uploads went to;
+- each request reads its upload from the store (and touches it), so a seal or an abandonment on
+  another node is seen at once; the lock per upload stays per node (a second node writing the same
+  offsets at once is harmless: the staging keeps what each acknowledged, see s3_staging.py);
+- every node sweeps: idle uploads end in one script per shard (a second node finds nothing), their
+  stagings are discarded, and the figures of the metrics are the cluster's, read each round.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from bridge.media.core import MediaError, Upload, Usage
+from bridge.media.service import MediaService
+from bridge.media.store import MediaStore
+
+
+class SharedMediaStore(MediaStore, Protocol):
+    """What a store shared by the nodes adds (storage/redis/media.py); its ``seal``, ``fetched``,
+    ``remove_devices`` and ``expire`` keep the owners' charges themselves."""
+
+    async def admit(self, upload: Upload, quota_bytes: int, max_uploads: int) -> tuple[str, int] | None:
+        """Record and charge the upload unless its user has ``max_uploads`` in progress or it passes
+        ``quota_bytes``: then ``(code, uploads in progress or bytes in use)``."""
+
+    async def upload(self, upload: str, now_ms: int) -> Upload | None:
+        """The upload in progress, now touched; None if it is not in progress."""
+
+    async def abandon(self, before_ms: int) -> list[str]:
+        """End the uploads in progress idle since ``before_ms`` (charges freed); the ids whose staging
+        is still to discard (``drop_upload`` each once done)."""
+
+    async def stats(self) -> tuple[int, int, int]:
+        """Bytes and count of the live blobs, uploads in progress: the whole cluster's."""
+
+
+class ClusterMediaService(MediaService):
+    _store: SharedMediaStore
+    _uploads_now = 0  # the cluster's uploads in progress, as of the last sweep
+
+    async def start(self, devices: set[str]) -> None:
+        """Nothing to load (the store is the truth); ``devices`` is not used: a device removed while no
+        node ran is not known, and its blobs wait until their ttl (docs/MEDIA.md)."""
+        await self._refresh()
+        self._loops = [self._supervisor.spawn("media_sweep", self._sweep_round)]
+
+    @property
+    def uploads_in_progress(self) -> int:
+        return self._uploads_now
+
+    async def _refresh(self) -> None:
+        self.counters.stored_bytes, self.counters.blobs, self._uploads_now = await self._store.stats()
+
+    async def _begin(self, upload: Upload) -> None:
+        refused = await self._store.admit(upload, self.limits.quota_bytes, self.limits.max_uploads)
+        if refused is not None:
+            code, figure = refused
+            usage = Usage(uploads={upload.user: figure} if code == "rate_limited" else {},
+                          charged={upload.user: figure} if code == "quota_exceeded" else {})
+            usage.admit(upload.user, upload.size, self.limits)  # the core's refusal, with its words
+            raise MediaError(code, "refused by the shared usage record; try again")  # (it changed meanwhile)
+
+    async def _in_progress(self, user: str, device: str, upload_id: str) -> Upload | None:
+        upload = await self._store.upload(upload_id, self._clock.wall_ms())
+        return upload if upload is not None and (upload.user, upload.device) == (user, device) else None
+
+    async def _abandon(self, now: int) -> None:
+        for upload_id in await self._store.abandon(now - self.limits.upload_ttl_ms):
+            await self._blobs.discard(upload_id)
+            await self._store.drop_upload(upload_id)
+        # The uploads this node met are read from the store again by the next request: forget them.
+        for upload_id in list(self._uploads):
+            lock = self._locks.get(upload_id)
+            if lock is None or not lock.locked():
+                del self._uploads[upload_id]
+                self._locks.pop(upload_id, None)
+        await self._refresh()

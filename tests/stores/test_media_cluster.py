@@ -1,0 +1,124 @@
+"""What the shared media store of cluster mode adds (``bridge.cluster.media.SharedMediaStore``,
+storage/redis/media.py): the quota and uploads in progress checked where the upload is recorded,
+charges moved and freed across the uploader's and the blob's shards exactly once (a retried script, a
+crash between two), idle uploads ended once whichever node sweeps."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+
+from bridge.media import core
+from bridge.media.core import Upload
+from storage.redis import media as redis_media
+from storage.redis.media import RedisMediaStore
+from tests.stores.backends import Backend, RedisBackend
+from tests.stores.test_media import LIMITS, A, B, upload
+
+STORE_BACKENDS = ["redis"]
+QUOTA, MAX_UPLOADS = 100, 2
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[RedisMediaStore]:
+    redis = cast(RedisBackend, backend)
+    opened = await RedisMediaStore.open(redis.startup_nodes, redis.prefix)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def admit(store: RedisMediaStore, u: Upload) -> tuple[str, int] | None:
+    return await store.admit(u, QUOTA, MAX_UPLOADS)
+
+
+async def in_use(store: RedisMediaStore, user: str = "alice") -> int:
+    """Bytes charged to ``user``, as a refusal tells them (an upload of the whole quota asked for)."""
+    probe = upload(user, size=QUOTA + 1)
+    refused = await store.admit(probe, QUOTA, 0)
+    assert refused is not None and refused[0] == "quota_exceeded"
+    return refused[1]
+
+
+async def test_quota_and_uploads_in_progress_are_checked_where_recorded(store: RedisMediaStore) -> None:
+    first, second = upload(size=40), upload(size=40)
+    assert await admit(store, first) is None
+    assert await admit(store, first) is None  # a retry: recorded once, charged once
+    assert await admit(store, upload(size=70)) == ("quota_exceeded", 40)
+    assert await admit(store, second) is None
+    assert await admit(store, upload(size=1)) == ("rate_limited", 2)
+    assert await admit(store, upload("carol", size=100)) is None  # per user
+    assert (await store.stats())[2] == 3
+    with pytest.raises(ValueError, match="shard"):
+        await store.admit(Upload("zz", "alice", "phone", "bob", 1, 0, 0), QUOTA, MAX_UPLOADS)
+
+
+async def test_charges_move_to_the_blob_and_are_freed_once(store: RedisMediaStore) -> None:
+    first, twin = upload(size=30), upload(size=30)
+    await admit(store, first)
+    await admit(store, twin)
+    found = await store.upload(first.id, 55)
+    assert found is not None and found.touched_ms == 55 and await store.upload(first.id[:-1], 55) is None
+    assert await store.seal(first.id, core.seal(first, A, {"bob": ["phone"]}, [], 100, LIMITS))
+    assert await store.seal(first.id, core.seal(first, A, {"bob": ["phone"]}, [], 100, LIMITS))  # a retry
+    assert await store.upload(first.id, 56) is None  # sealed: no longer in progress
+    assert not await store.seal(twin.id, core.seal(twin, A, {"bob": ["tv"]}, [], 200, LIMITS))  # stored once
+    assert await in_use(store) == 30
+    assert await store.stats() == (30, 1, 0)
+    assert await store.fetched(A, "bob.phone") is None
+    assert await store.fetched(A, "bob.tv") is not None
+    assert await in_use(store) == 0 and await store.stats() == (0, 0, 0)
+    assert await store.fetched(A, "bob.tv") is None
+
+
+async def test_a_release_cut_off_by_a_crash_is_finished_by_a_later_sweep(store: RedisMediaStore,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    first = upload(size=30)
+    await admit(store, first)
+    await store.seal(first.id, core.seal(first, A, {"bob": ["phone"]}, [], 100, LIMITS))
+
+    async def crashed(blob: object) -> None:
+        raise ConnectionError("the node died between the two scripts")
+
+    monkeypatch.setattr(store, "_release", crashed)
+    with pytest.raises(ConnectionError):
+        await store.fetched(A, "bob.phone")
+    monkeypatch.undo()
+    assert await in_use(store) == 30  # the blob is deleted, its charge still held
+    assert await store.expire(0) == []
+    assert await in_use(store) == 30  # not before the grace
+    monkeypatch.setattr(redis_media, "RELEASE_GRACE_MS", 0)
+    await store.expire(0)
+    assert await in_use(store) == 0
+    await store.expire(0)  # once
+    assert await in_use(store) == 0
+
+
+async def test_idle_uploads_end_once_and_are_given_until_dropped(store: RedisMediaStore) -> None:
+    idle, busy = upload(touched=0), upload(touched=0)
+    await admit(store, idle)
+    await admit(store, busy)
+    await store.touch_upload(busy.id, 5_000)
+    assert await store.abandon(1_000) == [idle.id]
+    assert await store.abandon(1_000) == [idle.id]  # its staging is not discarded yet
+    assert await store.upload(idle.id, 2_000) is None
+    await store.drop_upload(idle.id)
+    assert await store.abandon(1_000) == []
+    assert await in_use(store) == 25  # busy's
+    assert await store.abandon(5_000) == [busy.id]
+    await store.drop_upload(busy.id)
+    assert await in_use(store) == 0 and (await store.stats())[2] == 0
+
+
+async def test_a_removed_device_is_not_waited_for_in_any_shard(store: RedisMediaStore) -> None:
+    first, second = upload(size=10), upload(size=10)
+    for u, sha in ((first, A), (second, B)):
+        await admit(store, u)
+        await store.seal(u.id, core.seal(u, sha, {"bob": ["phone", "tv"]}, [], 0, LIMITS))
+    assert await store.remove_devices(["bob.tv"]) == []
+    done = await store.remove_devices(["bob.phone"])
+    assert sorted(b.sha256 for b in done) == [A, B]
+    assert await in_use(store) == 0 and await store.waiting_devices() == set()
