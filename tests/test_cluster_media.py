@@ -1,0 +1,131 @@
+"""Media in cluster mode (docs/MEDIA.md, "Cluster mode"): two broker nodes on the session's Redis
+Cluster, blobs and upload stagings in S3 (moto's server on loopback), SDK clients. alice's upload
+through node A is cut and resumed through node B (a proxy re-pointed at B: a load balancer choosing
+another node); bob downloads through node B; the blob goes after the last recipient device fetched
+it through B; a stranger is refused; the quota is one for the user whichever node is asked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from client_sdk import Client, MediaError
+from client_sdk.mediabody import parse_media_body
+from client_sdk.mediacrypto import ciphertext_size
+from testkit.proxy import TcpProxy
+from testkit.redis_cluster import RedisCluster
+from testkit.s3_server import S3Server
+from tests.deployment import ClusterDeployment
+from tests.helpers import BrokerThread
+from tests.media_client import MiB
+from tests.media_stores import s3_config
+from tests.sdk.conftest import Collector, LogWatch
+from tests.sdk.test_media_sdk import big_file, file_sha, media_message, stored_blob
+
+SIZE = 12 * MiB
+QUOTA = 20 * MiB
+
+
+@pytest.fixture
+def two(tmp_path: Path, redis_cluster: RedisCluster, s3_server: S3Server) -> Iterator[ClusterDeployment]:
+    s3 = s3_config(s3_server, tmp_path / "s3")
+    deployment = ClusterDeployment(tmp_path / "cluster", redis_cluster, {
+        "media.bind": "127.0.0.1:0", "media.chunk_max_bytes": 2 * MiB, "media.quota_bytes": QUOTA,
+        "media.backend": "s3", "media.s3": s3}, nodes=2).start()
+    deployment.add_users({name: f"{name}-pw" for name in ("alice", "bob", "carol")})
+    deployment.s3 = {"media.s3": s3}  # type: ignore[attr-defined]  # for stored_blob
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
+def clients(tmp_path: Path) -> Iterator[Callable[..., Collector]]:
+    made: list[Client] = []
+
+    def online(user: str, device: str, node: BrokerThread, media_port: int) -> Collector:
+        client = Client(user, f"{user}-pw", device=device, port=node.port, store=tmp_path / f"{user}.{device}.db",
+                        media_url=f"http://127.0.0.1:{media_port}", reconnect_delay=(0.1, 1.0))
+        made.append(client)
+        collector = Collector(client)
+        client.connect()
+        return collector
+
+    yield online
+    for client in made:
+        client.close()
+
+
+class MoveOnCut:
+    """A progress callback: once ``at`` bytes are sent, the proxy's live connection is reset and new
+    ones go to ``port`` (another node) -- again every MiB until the SDK logged a cut."""
+
+    def __init__(self, proxy: TcpProxy, at: int, port: int, watch: LogWatch) -> None:
+        self.proxy, self.at, self.port, self.watch = proxy, at, port, watch
+        self.cut_at: int | None = None
+        self.seen: list[int] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.seen.append(done)
+        again = self.cut_at is not None and self.watch.count == 0 and done >= self.cut_at + MiB
+        if (self.cut_at is None and done >= self.at) or again:
+            self.cut_at = done
+            self.proxy.target_port = self.port
+            self.proxy.cut("refuse")
+            self.proxy.restore()
+
+
+def received(node: BrokerThread) -> int:
+    assert node.app.media is not None
+    return int(node.app.media.service.counters.bytes_in)
+
+
+def test_an_upload_cut_on_one_node_resumes_on_another_and_the_blob_lives_until_the_last_fetch(
+        two: ClusterDeployment, clients: Callable[..., Collector], tmp_path: Path) -> None:
+    a, b = two.nodes
+    port_a, port_b = a.address("media")[1], b.address("media")[1]
+    proxy = TcpProxy(port_a).start()
+    try:
+        alice = clients("alice", "phone", a, proxy.port)
+        laptop = clients("alice", "laptop", b, port_b)
+        bob = clients("bob", "phone", b, port_b)
+        carol = clients("carol", "phone", a, port_a)
+        source = tmp_path / "video.mp4"
+        want = big_file(source, SIZE)
+        total = ciphertext_size(SIZE)
+        with LogWatch("client_sdk.media", "network: PATCH") as cut:
+            move = MoveOnCut(proxy, total // 2, port_b, cut)
+            alice.client.send_media("bob", source, progress=move)
+        assert cut.count >= 1, "the upload was cut"
+        assert min(move.seen[move.seen.index(move.cut_at or 0) + 1:]) >= total // 2 - 2 * MiB, \
+            "resumed from the offset node B read, not from 0"
+        assert received(a) >= total // 2 - 2 * MiB and received(b) >= total // 2 - 2 * MiB, "both nodes took part"
+        message = media_message(bob)
+        sha = parse_media_body(message.body).sha256
+        blob = stored_blob(a, two.s3, sha)  # type: ignore[attr-defined]
+        assert blob is not None and len(blob) == total
+        del blob
+
+        with pytest.raises(MediaError) as stranger:  # carol is no reader: the blob does not exist for her
+            carol.client.download_media(message.body, tmp_path / "carol.mp4")
+        assert (stranger.value.code, stranger.value.status) == ("not_found", 404)
+        with pytest.raises(MediaError) as over:  # node B knows what node A charged
+            laptop.client.send_media("carol", source)
+        assert (over.value.code, over.value.status) == ("quota_exceeded", 413)
+        assert "quota" in str(over.value)
+
+        bob.client.download_media(message, tmp_path / "bob.mp4")
+        assert file_sha(tmp_path / "bob.mp4") == want
+        assert stored_blob(a, two.s3, sha) is not None, "alice's laptop has not fetched it yet"  # type: ignore[attr-defined]
+        laptop.client.download_media(message.body, tmp_path / "laptop.mp4")
+        assert file_sha(tmp_path / "laptop.mp4") == want
+        assert stored_blob(a, two.s3, sha) is None, "deleted after the last recipient device's fetch"  # type: ignore[attr-defined]
+        with pytest.raises(MediaError) as gone:
+            bob.client.download_media(message, tmp_path / "again.mp4")
+        assert gone.value.code == "gone"
+        # The quota is free again, on either node.
+        laptop.client.send_media("carol", source)
+        assert file_sha(source) == want
+    finally:
+        proxy.stop()
