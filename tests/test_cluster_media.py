@@ -6,6 +6,7 @@ it through B; a stranger is refused; the quota is one for the user whichever nod
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from testkit.proxy import TcpProxy
 from testkit.redis_cluster import RedisCluster
 from testkit.s3_server import S3Server
 from tests.deployment import ClusterDeployment
-from tests.helpers import BrokerThread
+from tests.helpers import WAIT_S, BrokerThread
 from tests.media_client import MiB
 from tests.media_stores import s3_config
 from tests.sdk.conftest import Collector, LogWatch
@@ -129,3 +130,44 @@ def test_an_upload_cut_on_one_node_resumes_on_another_and_the_blob_lives_until_t
         assert file_sha(source) == want
     finally:
         proxy.stop()
+
+
+@pytest.fixture
+def short_lived(tmp_path: Path, redis_cluster: RedisCluster, s3_server: S3Server) -> Iterator[ClusterDeployment]:
+    """Blobs live 0.5 s (``media.ttl_days``) and every node sweeps every 0.1 s."""
+    s3 = s3_config(s3_server, tmp_path / "s3")
+    deployment = ClusterDeployment(tmp_path / "cluster", redis_cluster, {
+        "media.bind": "127.0.0.1:0", "media.quota_bytes": QUOTA, "media.ttl_days": 0.5 / 86_400,
+        "media.sweep_s": 0.1, "media.backend": "s3", "media.s3": s3}, nodes=2).start()
+    deployment.add_users({name: f"{name}-pw" for name in ("alice", "bob", "carol")})
+    deployment.s3 = {"media.s3": s3}  # type: ignore[attr-defined]
+    yield deployment
+    deployment.stop()
+
+
+def test_a_group_upload_is_stored_once_and_every_node_sweeps_expired_blobs(
+        short_lived: ClusterDeployment, clients: Callable[..., Collector], tmp_path: Path) -> None:
+    a, b = short_lived.nodes
+    port_a, port_b = a.address("media")[1], b.address("media")[1]
+    alice = clients("alice", "phone", a, port_a)
+    bob, carol = clients("bob", "phone", b, port_b), clients("carol", "phone", a, port_a)
+    group = alice.client.create_group("team", ["bob", "carol"]).group
+    source = tmp_path / "big.bin"
+    big_file(source, QUOTA - MiB)  # most of the quota
+    alice.client.send_media(group, source)
+    for member in (bob, carol):
+        message = media_message(member)
+        assert message.group == group
+    sha = parse_media_body(message.body).sha256
+    # Nobody fetched it: the ttl sweep of whichever node comes first deletes it, once, and frees the quota.
+    deadline = time.monotonic() + WAIT_S
+    while stored_blob(a, short_lived.s3, sha) is not None:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the expired blob was not deleted"
+        time.sleep(0.05)
+    with pytest.raises(MediaError) as gone:
+        bob.client.download_media(message, tmp_path / "late.bin")
+    assert gone.value.code == "gone"
+    while any(node.app.media.service.counters.stored_bytes for node in (a, b)):  # each node reads the totals
+        assert time.monotonic() < deadline, "the nodes' figures never came back to 0 (deleted twice, or never)"
+        time.sleep(0.05)
+    alice.client.send_media("bob", source)  # the quota was freed, once

@@ -76,7 +76,9 @@ class ClusterMediaService(MediaService):
         for upload_id in await self._store.abandon(now - self.limits.upload_ttl_ms):
             await self._blobs.discard(upload_id)
             await self._store.drop_upload(upload_id)
-        # The uploads this node met are read from the store again by the next request: forget them.
+        # The uploads this node met are read from the store again by the next request: forget them, and
+        # the one-process usage the base class keeps on seals (unused here: the store holds the usage).
+        self._usage = Usage()
         for upload_id in list(self._uploads):
             lock = self._locks.get(upload_id)
             if lock is None or not lock.locked():
