@@ -12,6 +12,10 @@ local function K(kind, part)
   if part then return P .. kind .. ':' .. T .. ':' .. part end
   return P .. kind .. ':' .. T
 end
+-- A usage figure changes; one back at 0 goes (a user who has nothing stored costs nothing).
+local function add(usage, field, by)
+  if redis.call('HINCRBY', usage, field, by) == 0 then redis.call('HDEL', usage, field) end
+end
 """
 
 # --- the uploader's shard (tag mu<c>) ---------------------------------------------------------
@@ -32,9 +36,9 @@ redis.call('HSET', rec, 'user', user, 'device', ARGV[5], 'to', ARGV[6], 'size', 
            'touched', ARGV[9])
 redis.call('ZADD', K('mui'), ARGV[9], id)
 redis.call('HSET', K('muc', user), 'u:' .. id, size)
-redis.call('HINCRBY', usage, user .. ':n', 1)
-redis.call('HINCRBY', usage, user .. ':u', size)
-redis.call('HINCRBY', usage, 'n', 1)
+add(usage, user .. ':n', 1)
+add(usage, user .. ':u', size)
+add(usage, 'n', 1)
 return {'ok'}
 """
 
@@ -60,9 +64,9 @@ local function end_upload(id, user, size)
   redis.call('ZREM', K('mui'), id)
   if redis.call('HDEL', K('muc', user), 'u:' .. id) == 1 then
     local usage = K('muq')
-    redis.call('HINCRBY', usage, user .. ':n', -1)
-    redis.call('HINCRBY', usage, user .. ':u', -size)
-    redis.call('HINCRBY', usage, 'n', -1)
+    add(usage, user .. ':n', -1)
+    add(usage, user .. ':u', -size)
+    add(usage, 'n', -1)
   end
 end
 """
@@ -107,7 +111,7 @@ end_upload(id, user, size)
 redis.call('HSET', rec, 'blob', ARGV[4], 'touched', ARGV[7])
 redis.call('ZADD', K('mus'), ARGV[7], id)
 if ARGV[5] == '1' and redis.call('HSETNX', K('muc', user), ARGV[6], size) == 1 then
-  redis.call('HINCRBY', K('muq'), user .. ':b', size)
+  add(K('muq'), user .. ':b', size)
 end
 return 1
 """
@@ -119,7 +123,7 @@ local charges = K('muc', owner)
 local size = redis.call('HGET', charges, ARGV[4])
 if not size then return 0 end
 redis.call('HDEL', charges, ARGV[4])
-redis.call('HINCRBY', K('muq'), owner .. ':b', -tonumber(size))
+add(K('muq'), owner .. ':b', -tonumber(size))
 return 1
 """
 
