@@ -1,7 +1,9 @@
 """``BlobStore`` on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, ...) with aiobotocore.
 
 Uploads in progress are staged in a local folder by a ``LocalBlobStore`` (composition: its
-fsynced appends, offsets and cuts are the local store's), and sealing is the local store's too:
+fsynced appends, offsets and cuts are the local store's) -- or, ``shared`` (cluster mode), in the
+bucket by ``S3Staging`` (storage/media/s3_staging.py), whose seal streams the staged segments into
+the blob's object. Locally staged, sealing is the local store's too:
 it hashes the staging and moves it under its SHA-256. The sealed file is then put as the object
 ``<prefix>blobs/<sha256>`` (multipart, one ``PART_BYTES`` part in memory at a time; a single put
 below that) and the local copy removed. A crash between the two leaves the local copy, which

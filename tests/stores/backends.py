@@ -100,7 +100,7 @@ class SqliteBackend:
 
 
 class RedisBackend:
-    """Users, keys, presence and groups in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
+    """Users, keys, presence, groups and media records in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
     prefix of this test's own; the keys stay until the session's cluster stops."""
 
     def __init__(self, startup_nodes: list[tuple[str, int]]) -> None:
