@@ -40,11 +40,13 @@ the pending entry: a crash between is finished by the next ``expire`` of any nod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Final, TypeVar
 
 from bridge.media.core import Blob, Sealed, Upload, user_shard
+from bridge.store import StoreError
 from storage.redis import media_scripts as lua
 from storage.redis.client import RedisStore
 
@@ -199,10 +201,13 @@ class RedisMediaStore(RedisStore):
         return blobs
 
     async def _release(self, blob: Blob) -> None:
-        """Free the deleted blob's charge on its owner's shard, then drop its pending release."""
-        await self._run("media.release", f"mu{user_shard(blob.owner)}", "mui", blob.owner, _charge(blob))
-        await self.command("media.released", "ZREM", self.key("mbp", self._blob_tag(blob.sha256)),
-                           f"{blob.sha256}:{blob.created_ms}:{blob.owner}")
+        """Free the deleted blob's charge on its owner's shard, then drop its pending release. A failure
+        is left to the pending release (finished by a later ``expire``): the deletion it follows has
+        happened, and the caller must still delete the blob's bytes."""
+        with contextlib.suppress(StoreError):
+            await self._run("media.release", f"mu{user_shard(blob.owner)}", "mui", blob.owner, _charge(blob))
+            await self.command("media.released", "ZREM", self.key("mbp", self._blob_tag(blob.sha256)),
+                               f"{blob.sha256}:{blob.created_ms}:{blob.owner}")
 
     async def forget(self, before_ms: int) -> list[str]:
         found = await self._each_shard("mb", lambda tag: self._run("media.forget", tag, "mbx", before_ms,

@@ -100,8 +100,8 @@ class SqliteBackend:
 
 
 class RedisBackend:
-    """Users, keys, presence, groups and media records in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
-    prefix of this test's own; the keys stay until the session's cluster stops."""
+    """Users, keys, presence, groups and media records in the session's Redis Cluster (the ``redis_cluster``
+    fixture), under a key prefix of this test's own; the keys stay until the session's cluster stops."""
 
     def __init__(self, startup_nodes: list[tuple[str, int]]) -> None:
         self.startup_nodes = startup_nodes

@@ -12,6 +12,7 @@ import pytest
 
 from bridge.media import core
 from bridge.media.core import Upload
+from bridge.store import StoreError
 from storage.redis import media as redis_media
 from storage.redis.media import RedisMediaStore
 from tests.stores.backends import Backend, RedisBackend
@@ -122,3 +123,25 @@ async def test_a_removed_device_is_not_waited_for_in_any_shard(store: RedisMedia
     done = await store.remove_devices(["bob.phone"])
     assert sorted(b.sha256 for b in done) == [A, B]
     assert await in_use(store) == 0 and await store.waiting_devices() == set()
+
+
+async def test_a_release_refused_by_redis_still_deletes_and_is_finished_later(store: RedisMediaStore,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    first = upload(size=30)
+    await admit(store, first)
+    await store.seal(first.id, core.seal(first, A, {"bob": ["phone"]}, [], 100, LIMITS))
+    run = store.run
+
+    async def failing(name: str, keys: list[str], args: list[str | int]) -> object:
+        if name == "media.release":
+            raise StoreError("redis media.release: still failing after 6 s")
+        return await run(name, keys, args)
+
+    monkeypatch.setattr(store, "run", failing)
+    done = await store.fetched(A, "bob.phone")
+    assert done is not None and done.sha256 == A, "the caller still learns of the deletion (to delete the bytes)"
+    monkeypatch.undo()
+    assert await in_use(store) == 30
+    monkeypatch.setattr(redis_media, "RELEASE_GRACE_MS", 0)
+    await store.expire(0)
+    assert await in_use(store) == 0
