@@ -2,14 +2,22 @@
 Cluster, blobs and upload stagings in S3 (moto's server on loopback), SDK clients. alice's upload
 through node A is cut and resumed through node B (a proxy re-pointed at B: a load balancer choosing
 another node); bob downloads through node B; the blob goes after the last recipient device fetched
-it through B; a stranger is refused; the quota is one for the user whichever node is asked."""
+it through B; a stranger is refused; the quota is one for the user whichever node is asked. A group
+upload is stored once and expired once by the sweeps of both nodes; a node SIGKILLed mid-upload
+loses no acknowledged byte: the other node finishes the upload."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from client_sdk import Client, MediaError
@@ -19,11 +27,13 @@ from testkit.proxy import TcpProxy
 from testkit.redis_cluster import RedisCluster
 from testkit.s3_server import S3Server
 from tests.deployment import ClusterDeployment
-from tests.helpers import WAIT_S, BrokerThread
-from tests.media_client import MiB
+from tests.helpers import WAIT_S, BrokerProcess, BrokerThread
+from tests.media_client import MediaClient, MiB, file_bytes, file_digest
 from tests.media_stores import s3_config
 from tests.sdk.conftest import Collector, LogWatch
 from tests.sdk.test_media_sdk import big_file, file_sha, media_message, stored_blob
+from tests.test_cluster import add_users
+from tests.test_media_crash import device_with_token
 
 SIZE = 12 * MiB
 QUOTA = 20 * MiB
@@ -171,3 +181,53 @@ def test_a_group_upload_is_stored_once_and_every_node_sweeps_expired_blobs(
         assert time.monotonic() < deadline, "the nodes' figures never came back to 0 (deleted twice, or never)"
         time.sleep(0.05)
     alice.client.send_media("bob", source)  # the quota was freed, once
+
+
+async def test_a_node_sigkilled_mid_upload_loses_no_acknowledged_byte_and_another_node_finishes_it(
+        tmp_path: Path, redis_cluster: RedisCluster, s3_server: S3Server) -> None:
+    """Nodes as their own processes: node A is SIGKILLed while a third PATCH streams in; node B reads the
+    offset A acknowledged (the staging is in the bucket), takes the rest, and serves the blob."""
+    prefix = f"m{uuid.uuid4().hex[:10]}:"
+    await add_users(redis_cluster, prefix, ("alice", "bob"))
+    base: dict[str, Any] = {
+        "cluster.redis": [f"127.0.0.1:{port}" for _, port in redis_cluster.startup_nodes],
+        "cluster.key_prefix": prefix, "cluster.lease_s": 2.0, "media.bind": "127.0.0.1:0",
+        "media.chunk_max_bytes": 8 * MiB, "media.backend": "s3", "media.s3": s3_config(s3_server, tmp_path / "s3")}
+    procs = [BrokerProcess(tmp_path / f"n{n}", {**base, "cluster.node_id": f"n{n}"}).start() for n in range(2)]
+    a, b = procs
+    size = 24 * MiB
+    try:
+        alice, bob = device_with_token(a, "alice"), device_with_token(b, "bob")
+        async with aiohttp.ClientSession() as http:
+            on_a = MediaClient(http, f"http://127.0.0.1:{a.ports['media']}/v1/media")
+            on_b = MediaClient(http, f"http://127.0.0.1:{b.ports['media']}/v1/media")
+            status, body = await on_a.create(alice, "bob", size)
+            assert status == 201
+            upload = body["upload"]
+            for start_at in (0, 8 * MiB):
+                assert (await on_a.patch(alice, upload, start_at, start_at + 8 * MiB))[0] == 204
+            acknowledged = 16 * MiB
+            _, writer = await asyncio.open_connection("127.0.0.1", a.ports["media"])
+            writer.write((f"PATCH /v1/media/uploads/{upload} HTTP/1.1\r\nHost: x\r\n"
+                          f"Authorization: {alice.auth['Authorization']}\r\nUpload-Offset: {acknowledged}\r\n"
+                          f"Content-Type: application/offset+octet-stream\r\nContent-Length: {8 * MiB}\r\n\r\n"
+                          ).encode())
+            for piece in file_bytes(acknowledged, acknowledged + 5 * MiB):
+                writer.write(piece)
+                await writer.drain()
+            assert a.proc is not None
+            os.kill(a.proc.pid, signal.SIGKILL)
+            a.proc.wait(WAIT_S)
+            a.proc = None
+            writer.transport.abort()
+
+            state = await on_b.offset(alice, upload)
+            assert acknowledged <= state["offset"] <= acknowledged + 5 * MiB and state["url"] is None
+            sealed = await on_b.upload(alice, "bob", size, start_offset=state["offset"], upload=upload)
+            assert sealed["sha256"] == file_digest(size)
+            assert await on_b.download(bob, sealed["url"]) == (200, sealed["sha256"], size)
+            assert await on_b.fetched(bob, sealed["url"]) == 204
+            assert (await on_b.download(bob, sealed["url"]))[0] == 410
+    finally:
+        for proc in procs:
+            proc.stop()
