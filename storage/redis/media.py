@@ -151,7 +151,8 @@ class RedisMediaStore(RedisStore):
 
     async def sealed_uploads(self, before_ms: int) -> list[str]:
         found = await self._each_shard("mu", lambda tag: self.command(
-            "media.sealed_uploads", "ZRANGE", self.key("mus", tag), "-inf", f"({before_ms}", "BYSCORE"))
+            "media.sealed_uploads", "ZRANGE", self.key("mus", tag), "-inf", f"({before_ms}", "BYSCORE", "LIMIT", "0",
+            str(SHARD_LIMIT)))
         return [str(upload) for shard in found for upload in shard]
 
     # --- blobs -------------------------------------------------------------------------------
