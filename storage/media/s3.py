@@ -33,7 +33,7 @@ from botocore.exceptions import BotoCoreError
 from bridge.media.blobs import BlobMissing, check_blob_id
 from bridge.store import StoreError
 from storage.media.local import READ_CHUNK, LocalBlobStore
-from storage.media.s3_staging import S3Staging, s3_call
+from storage.media.s3_staging import S3Staging, Segment, chain, copyable, s3_call
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -160,7 +160,11 @@ class S3BlobStore:
         if self._shared is not None:  # hashed (in memory, or read again), then copied into its object
             blob = await self._shared.digest(upload)
             if not await self._exists(blob):
-                await self._put(blob, self._shared.staged(upload))
+                pieces = chain(await self._shared.segments(upload))
+                if copyable(pieces):  # inside S3: no byte passes through this node
+                    await self._multipart(blob, lambda upload_id: self._copy_parts(blob, upload_id, pieces))
+                else:
+                    await self._put(blob, self._shared.staged(upload))
             await self._shared.discard(upload)
             return blob
         blob = await self._local.seal(upload)  # hashed, fsynced, moved under its digest
@@ -179,28 +183,43 @@ class S3BlobStore:
     async def _put(self, blob: str, pieces: AsyncIterator[bytes]) -> None:
         """``pieces`` become the blob's object: one put up to ``PART_BYTES``, else a multipart upload
         (one part in memory at a time)."""
-        key, what = self._key(blob), f"put blob {blob}"
         first = await _gather(pieces, PART_BYTES)
         if len(first) < PART_BYTES:
-            await s3_call(what, self._s3.put_object(Bucket=self._bucket, Key=key, Body=first))
+            await s3_call(f"put blob {blob}", self._s3.put_object(Bucket=self._bucket, Key=self._key(blob), Body=first))
             return
+        await self._multipart(blob, lambda upload_id: self._upload_parts(blob, upload_id, first, pieces))
+
+    async def _multipart(self, blob: str, send: Callable[[str], AsyncIterator[CompletedPartTypeDef]]) -> None:
+        """A multipart upload of the blob's object whose parts ``send(upload id)`` sends, in order."""
+        key, what = self._key(blob), f"put blob {blob}"
         started = await s3_call(what, self._s3.create_multipart_upload(Bucket=self._bucket, Key=key))
         upload_id = started["UploadId"]
         try:
-            parts: list[CompletedPartTypeDef] = []
-            data = first
-            while data:
-                number = len(parts) + 1
-                part = await s3_call(what, self._s3.upload_part(
-                    Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data))
-                parts.append({"ETag": part["ETag"], "PartNumber": number})
-                data = await _gather(pieces, PART_BYTES)
+            parts = [part async for part in send(upload_id)]
             await s3_call(what, self._s3.complete_multipart_upload(
                 Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}))
         except BaseException:
             with contextlib.suppress(StoreError):  # else the parts stay billed until a lifecycle rule
                 await s3_call(what, self._s3.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id))
             raise
+
+    async def _upload_parts(self, blob: str, upload_id: str, first: bytes,
+                            pieces: AsyncIterator[bytes]) -> AsyncIterator[CompletedPartTypeDef]:
+        data, number = first, 1
+        while data:
+            part = await s3_call(f"put blob {blob}", self._s3.upload_part(
+                Bucket=self._bucket, Key=self._key(blob), UploadId=upload_id, PartNumber=number, Body=data))
+            yield {"ETag": part["ETag"], "PartNumber": number}
+            data, number = await _gather(pieces, PART_BYTES), number + 1
+
+    async def _copy_parts(self, blob: str, upload_id: str,
+                          pieces: list[tuple[Segment, int, int]]) -> AsyncIterator[CompletedPartTypeDef]:
+        for number, (segment, start, end) in enumerate(pieces, 1):
+            part = await s3_call(f"put blob {blob}", self._s3.upload_part_copy(
+                Bucket=self._bucket, Key=self._key(blob), UploadId=upload_id, PartNumber=number,
+                CopySource={"Bucket": self._bucket, "Key": segment.key},
+                CopySourceRange=f"bytes={start - segment.start}-{end - segment.start - 1}"))
+            yield {"ETag": part["CopyPartResult"]["ETag"], "PartNumber": number}
 
     async def read(self, blob: str, start: int, end: int) -> AsyncIterator[bytes]:
         if self._local.blob_path(blob).exists():  # sealed, not yet put (a crash between the two)

@@ -11,7 +11,10 @@ past it (segments after it go; one that spans it is cut by a copy of its head).
 
 A PutObject returns once S3 stored the object durably: that is the fsync of the local staging. A body
 cut midway keeps what arrived (put as a last segment). The digest is followed in memory while one node
-receives an upload from offset 0; otherwise the seal reads the chain once more to hash it.
+receives an upload from offset 0; otherwise the seal reads the chain once more to hash it. The blob's
+object is then assembled inside S3 by a multipart copy of the segments when they are large enough
+(``copyable``: what full PATCHes of ``media.chunk_max_bytes`` >= 5 MiB write), else streamed through
+the node (s3.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 SEGMENT_BYTES: Final = 8 * 1024 * 1024
+MIN_PART_BYTES: Final = 5 * 1024 * 1024  # S3's smallest part of a multipart upload but the last
+MAX_PARTS: Final = 10_000
 READ_BYTES: Final = 256 * 1024
 MISSING: Final = frozenset({"NoSuchKey", "404", "NotFound"})
 T = TypeVar("T")
@@ -68,6 +73,12 @@ def chain(segments: list[Segment]) -> list[tuple[Segment, int, int]]:
         best = max(covering, key=lambda s: s.end)
         pieces.append((best, pos, best.end))
         pos = best.end
+
+
+def copyable(pieces: list[tuple[Segment, int, int]]) -> bool:
+    """Whether the pieces can be the parts of a multipart copy inside S3: every part but the last at
+    least ``MIN_PART_BYTES`` (S3's rule), at most ``MAX_PARTS``. Writes of full 8 MiB PATCHes are."""
+    return 0 < len(pieces) <= MAX_PARTS and all(end - start >= MIN_PART_BYTES for _, start, end in pieces[:-1])
 
 
 class S3Staging:
