@@ -9,7 +9,7 @@ it hashes the staging and moves it under its SHA-256. The sealed file is then pu
 below that) and the local copy removed. A crash between the two leaves the local copy, which
 ``read`` serves and the next ``seal`` of the same bytes (or ``delete``) clears.
 
-Reads are ranged GetObjects streamed in ``READ_CHUNK`` pieces; ``delete`` is DeleteObject.
+Reads are ranged GetObjects streamed in ``READ_CHUNK`` pieces (``s3_staging.s3_read``); ``delete`` is DeleteObject.
 Every botocore error is mapped to ``StoreError`` (``BlobMissing`` for a missing object) at the
 boundary, with the original as ``__cause__``.
 """
@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError
 
 from bridge.media.blobs import BlobMissing, check_blob_id
 from bridge.store import StoreError
 from storage.media.local import READ_CHUNK, LocalBlobStore
-from storage.media.s3_staging import S3Staging, Segment, chain, copyable, s3_call
+from storage.media.s3_staging import S3Staging, Segment, chain, copyable, s3_call, s3_read
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -229,17 +227,8 @@ class S3BlobStore:
         if start >= end:
             await s3_call(f"blob {blob}", self._s3.head_object(Bucket=self._bucket, Key=self._key(blob)))
             return
-        answer = await s3_call(f"blob {blob}", self._s3.get_object(
-            Bucket=self._bucket, Key=self._key(blob), Range=f"bytes={start}-{end - 1}"))
-        async with answer["Body"] as body:
-            while True:
-                try:
-                    piece = await body.read(READ_CHUNK)
-                except (TimeoutError, BotoCoreError, OSError, aiohttp.ClientError) as exc:
-                    raise StoreError(f"S3: reading blob {blob}: {exc}") from exc
-                if not piece:
-                    return
-                yield piece
+        async for piece in s3_read(self._s3, self._bucket, self._key(blob), start, end, f"blob {blob}"):
+            yield piece
 
     async def delete(self, blob: str) -> None:
         await self._local.delete(blob)

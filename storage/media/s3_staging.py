@@ -29,6 +29,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bridge.media.blobs import BlobMissing, check_upload_id
 from bridge.store import StoreError
+from storage.media.local import READ_CHUNK
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 SEGMENT_BYTES: Final = 8 * 1024 * 1024
 MIN_PART_BYTES: Final = 5 * 1024 * 1024  # S3's smallest part of a multipart upload but the last
 MAX_PARTS: Final = 10_000
-READ_BYTES: Final = 256 * 1024
 MISSING: Final = frozenset({"NoSuchKey", "404", "NotFound"})
 T = TypeVar("T")
 
@@ -52,6 +52,20 @@ async def s3_call(what: str, request: Awaitable[T]) -> T:
         raise StoreError(f"S3: {what}: {code or exc}") from exc
     except BotoCoreError as exc:  # unreachable endpoint, timeouts, bad credentials file
         raise StoreError(f"S3: {what}: {exc}") from exc
+
+
+async def s3_read(client: S3Client, bucket: str, key: str, start: int, end: int, what: str) -> AsyncIterator[bytes]:
+    """Bytes ``[start, end)`` (``end > start``) of the object ``key``, streamed in ``READ_CHUNK`` pieces."""
+    answer = await s3_call(what, client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}"))
+    async with answer["Body"] as body:
+        while True:
+            try:
+                piece = await body.read(READ_CHUNK)
+            except (TimeoutError, BotoCoreError, OSError, aiohttp.ClientError) as exc:
+                raise StoreError(f"S3: reading {what}: {exc}") from exc
+            if not piece:
+                return
+            yield piece
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +163,9 @@ class S3Staging:
             if segment.end > offset:
                 await self._delete(segment.key)
 
-    async def _read(self, segment: Segment, start: int, end: int) -> AsyncIterator[bytes]:
+    def _read(self, segment: Segment, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` of the segment object (offsets within it)."""
-        answer = await s3_call(f"segment {segment.key}", self._s3.get_object(
-            Bucket=self._bucket, Key=segment.key, Range=f"bytes={start}-{end - 1}"))
-        async with answer["Body"] as body:
-            while True:
-                try:
-                    piece = await body.read(READ_BYTES)
-                except (TimeoutError, BotoCoreError, OSError, aiohttp.ClientError) as exc:
-                    raise StoreError(f"S3: reading segment {segment.key}: {exc}") from exc
-                if not piece:
-                    return
-                yield piece
+        return s3_read(self._s3, self._bucket, segment.key, start, end, f"segment {segment.key}")
 
     async def staged(self, upload: str) -> AsyncIterator[bytes]:
         """Every staged byte, in order."""
