@@ -3,7 +3,9 @@ records) and a ``BlobStore`` (the bytes). The HTTP handlers (chatserver/media_ht
 request, call one method here with the authenticated caller, and map ``MediaError`` to a status.
 
 In memory: the uploads in progress (few: ``max_uploads`` per user), each user's charged bytes and a
-lock per upload (one PATCH at a time). Everything else is read from the store per request. One
+lock per upload (one PATCH at a time); in cluster mode ``bridge/cluster/media.py`` overrides the
+hooks ``_begin``, ``_in_progress`` and ``_abandon`` to keep them in the shared store instead.
+Everything else is read from the store per request. One
 supervised loop (``media_sweep``) drops removed devices from waiting sets, abandoned uploads and
 expired blobs.
 """
