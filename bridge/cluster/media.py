@@ -21,6 +21,7 @@ from typing import Protocol
 from bridge.media.core import MediaError, Upload, Usage
 from bridge.media.service import MediaService
 from bridge.media.store import MediaStore
+from chatproto import client_id
 
 
 class SharedMediaStore(MediaStore, Protocol):
@@ -31,8 +32,9 @@ class SharedMediaStore(MediaStore, Protocol):
         """Record and charge the upload unless its user has ``max_uploads`` in progress or it passes
         ``quota_bytes``: then ``(code, uploads in progress or bytes in use)``."""
 
-    async def upload(self, upload: str, now_ms: int) -> Upload | None:
-        """The upload in progress, now touched; None if it is not in progress."""
+    async def upload(self, upload: str, client_id: str, now_ms: int) -> Upload | None:
+        """The upload in progress of the device ``client_id`` (``{user}.{device}``), now touched; None if
+        there is none (another device's upload is not touched)."""
 
     async def abandon(self, before_ms: int) -> list[str]:
         """End the uploads in progress idle since ``before_ms`` (charges freed); the ids whose staging
@@ -69,8 +71,7 @@ class ClusterMediaService(MediaService):
             raise MediaError(code, "refused by the shared usage record; try again")  # (it changed meanwhile)
 
     async def _in_progress(self, user: str, device: str, upload_id: str) -> Upload | None:
-        upload = await self._store.upload(upload_id, self._clock.wall_ms())
-        return upload if upload is not None and (upload.user, upload.device) == (user, device) else None
+        return await self._store.upload(upload_id, client_id(user, device), self._clock.wall_ms())
 
     async def _abandon(self, now: int) -> None:
         for upload_id in await self._store.abandon(now - self.limits.upload_ttl_ms):

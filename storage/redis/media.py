@@ -107,18 +107,18 @@ class RedisMediaStore(RedisStore):
                                 upload.size, upload.created_ms, upload.touched_ms, quota_bytes, max_uploads)
         return None if reply[0] == "ok" else (str(reply[0]), int(reply[1]))
 
-    async def _record(self, upload: str, now_ms: int, sealed: bool) -> tuple[Upload, str] | None:
+    async def _record(self, upload: str, now_ms: int, sealed: bool, client_id: str = "") -> tuple[Upload, str] | None:
         tag = self._upload_tag(upload)
         if tag is None:
             return None
-        r = await self._run("media.upload", tag, "mui", upload, now_ms, int(sealed))
+        r = await self._run("media.upload", tag, "mui", upload, now_ms, int(sealed), client_id)
         if r is None:
             return None
         return Upload(upload, r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])), str(r[6])
 
-    async def upload(self, upload: str, now_ms: int) -> Upload | None:
-        """The upload in progress, now touched (``now_ms``); None if it is not in progress."""
-        found = await self._record(upload, now_ms, False)
+    async def upload(self, upload: str, client_id: str, now_ms: int) -> Upload | None:
+        """The upload in progress of the device ``client_id``, now touched; None if there is none."""
+        found = await self._record(upload, now_ms, False, client_id)
         return found[0] if found is not None else None
 
     async def touch_upload(self, upload: str, now_ms: int) -> None:

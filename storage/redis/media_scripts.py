@@ -42,13 +42,15 @@ add(usage, 'n', 1)
 return {'ok'}
 """
 
-# ARGV: p, t, id, now (0: do not touch), sealed 0/1 (1: a sealed upload's record, else one in progress).
-# Returns the record {user, device, to, size, created, touched, blob or ''} or nil.
+# ARGV: p, t, id, now (0: do not touch), sealed 0/1 (1: a sealed upload's record, else one in progress),
+# client id ('': anyone's). Returns the record {user, device, to, size, created, touched, blob or ''} or
+# nil; only the uploading device's request touches it.
 UPLOAD = _HEAD + """
 local rec = K('mup', ARGV[3])
 local r = redis.call('HMGET', rec, 'user', 'device', 'to', 'size', 'created', 'touched', 'blob')
 if not r[1] then return nil end
 if (r[7] and '1' or '0') ~= ARGV[5] then return nil end
+if ARGV[6] ~= '' and ARGV[6] ~= r[1] .. '.' .. r[2] then return nil end
 if ARGV[4] ~= '0' and not r[7] then
   redis.call('HSET', rec, 'touched', ARGV[4])
   redis.call('ZADD', K('mui'), ARGV[4], ARGV[3])

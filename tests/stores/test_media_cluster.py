@@ -61,11 +61,13 @@ async def test_charges_move_to_the_blob_and_are_freed_once(store: RedisMediaStor
     first, twin = upload(size=30), upload(size=30)
     await admit(store, first)
     await admit(store, twin)
-    found = await store.upload(first.id, 55)
-    assert found is not None and found.touched_ms == 55 and await store.upload(first.id[:-1], 55) is None
+    found = await store.upload(first.id, "alice.phone", 55)
+    assert found is not None and found.touched_ms == 55 and await store.upload(first.id[:-1], "alice.phone", 55) is None
+    assert await store.upload(first.id, "alice.laptop", 99) is None  # another device's: neither read nor touched
+    assert {u.id: u.touched_ms for u in (await store.load())[0]}[first.id] == 55
     assert await store.seal(first.id, core.seal(first, A, {"bob": ["phone"]}, [], 100, LIMITS))
     assert await store.seal(first.id, core.seal(first, A, {"bob": ["phone"]}, [], 100, LIMITS))  # a retry
-    assert await store.upload(first.id, 56) is None  # sealed: no longer in progress
+    assert await store.upload(first.id, "alice.phone", 56) is None  # sealed: no longer in progress
     assert not await store.seal(twin.id, core.seal(twin, A, {"bob": ["tv"]}, [], 200, LIMITS))  # stored once
     assert await in_use(store) == 30
     assert await store.stats() == (30, 1, 0)
@@ -105,7 +107,7 @@ async def test_idle_uploads_end_once_and_are_given_until_dropped(store: RedisMed
     await store.touch_upload(busy.id, 5_000)
     assert await store.abandon(1_000) == [idle.id]
     assert await store.abandon(1_000) == [idle.id]  # its staging is not discarded yet
-    assert await store.upload(idle.id, 2_000) is None
+    assert await store.upload(idle.id, "alice.phone", 2_000) is None
     await store.drop_upload(idle.id)
     assert await store.abandon(1_000) == []
     assert await in_use(store) == 25  # busy's
