@@ -42,7 +42,9 @@ S3_MODULE = "storage.media.s3"
 def media_limits(settings: MediaSettings) -> MediaLimits:
     return MediaLimits(max_bytes=settings.max_bytes, chunk_max=settings.chunk_max_bytes,
                        quota_bytes=settings.quota_bytes, max_uploads=settings.max_uploads,
-                       upload_ttl_ms=int(settings.upload_ttl_s * 1000), ttl_ms=int(settings.ttl_days * 86_400_000))
+                       upload_ttl_ms=int(settings.upload_ttl_s * 1000), ttl_ms=int(settings.ttl_days * 86_400_000),
+                       min_charge=settings.min_charge_bytes, uploads_per_minute=settings.uploads_per_minute,
+                       uploads_burst=settings.uploads_burst)
 
 
 async def open_blobs(settings: MediaSettings, data_dir: Path, shared: bool = False) -> BlobStore:

@@ -61,6 +61,14 @@ class MediaSettings(_Section):
     """Bytes a user may have stored (blobs not fetched by every recipient yet, uploads in progress)."""
     max_uploads: int = Field(default=4, ge=1)
     """Uploads in progress per user; one more is refused (``rate_limited``)."""
+    min_charge_bytes: int = Field(default=64 * 1024, ge=0)
+    """Every upload and blob is charged at least this much of ``quota_bytes``: a tiny file costs a
+    record and a file all the same, so a quota of Q holds at most Q / min_charge_bytes of them."""
+    uploads_per_minute: float = Field(default=60.0, gt=0)
+    """Uploads a user may create per minute once ``uploads_burst`` is used; more are refused
+    (``rate_limited``, ``Retry-After``)."""
+    uploads_burst: int = Field(default=30, ge=1)
+    """Uploads a user may create back to back (an album) before ``uploads_per_minute`` applies."""
     upload_ttl_s: float = Field(default=86_400.0, gt=0)
     """An upload with no PATCH for this long is abandoned: its bytes are dropped, its quota freed."""
     ttl_days: float = Field(default=30.0, gt=0)

@@ -62,6 +62,7 @@ def media_app(service: MediaService, authenticate: Authenticate, public_cache: b
     app.router.add_post(f"{PREFIX}/uploads", handlers.create)
     app.router.add_get(f"{PREFIX}/uploads/{{upload}}", handlers.status, allow_head=False)
     app.router.add_patch(f"{PREFIX}/uploads/{{upload}}", handlers.patch)
+    app.router.add_delete(f"{PREFIX}/uploads/{{upload}}", handlers.delete)
     app.router.add_get(f"{PREFIX}/blobs/{{blob}}", handlers.download)
     app.router.add_post(f"{PREFIX}/blobs/{{blob}}/fetched", handlers.fetched)
     return app
@@ -115,8 +116,8 @@ class _Handlers:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
             raise MediaError("bad_request", "the body is not JSON") from None
-        upload = await self._service.create(user, device, body)
-        return _json(201, {"upload": upload.id, "offset": 0, "chunk_max": self._service.limits.chunk_max},
+        upload, offset = await self._service.create(user, device, body, request.headers.get("Idempotency-Key"))
+        return _json(201, {"upload": upload.id, "offset": offset, "chunk_max": self._service.limits.chunk_max},
                      Location=f"{PREFIX}/uploads/{upload.id}")
 
     async def status(self, request: web.Request) -> web.Response:
@@ -139,6 +140,11 @@ class _Handlers:
             return web.Response(status=204, headers={"Upload-Offset": str(offset)})
         return _json(200, {"url": f"{PREFIX}/blobs/{blob}", "sha256": blob, "size": offset},
                      **{"Upload-Offset": str(offset)})
+
+    async def delete(self, request: web.Request) -> web.Response:
+        user, device = _CALLER.get()
+        await self._service.delete(user, device, request.match_info["upload"])
+        return web.Response(status=204)
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         user, _ = _CALLER.get()
@@ -202,6 +208,8 @@ def _refusal(service: MediaService, exc: MediaError) -> web.Response:
     if exc.offset is not None:
         body["offset"] = exc.offset
         headers["Upload-Offset"] = str(exc.offset)
+    if exc.blob is not None:
+        body["url"] = f"{PREFIX}/blobs/{exc.blob}"
     if exc.size is not None:
         headers["Content-Range"] = f"bytes */{exc.size}"  # RFC 9110 section 15.5.17
     if exc.retry_after_s is not None:

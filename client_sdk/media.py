@@ -4,7 +4,8 @@ download with resume, verify, decrypt. Blocking; ``Client`` calls these in the c
 
 Upload rules (docs/MEDIA.md, HTTP API):
 1. ``POST /uploads`` with the ciphertext's size reserves the upload; its ``chunk_max`` bounds
-   each ``PATCH``.
+   each ``PATCH``. Its ``Idempotency-Key`` makes a POST retried after a lost answer name the
+   same upload, not leave an orphan.
 2. Each PATCH streams the next ``min(chunk_max, left)`` ciphertext bytes, encrypted from the file
    as they are sent; the server's ``Upload-Offset`` acknowledges them, and the running digest
    is marked there.
@@ -14,6 +15,9 @@ Upload rules (docs/MEDIA.md, HTTP API):
 4. Transient failures (cuts, 429, 5xx) are retried with backoff, at most ``RETRIES`` times in
    a row without progress; anything else raises ``MediaError`` at once.
 5. The last PATCH seals the upload: the server's SHA-256 must be the one hashed on the way.
+6. An upload that fails for good before its seal (a refusal, retries exhausted, a cancel, the
+   file unreadable, ``progress`` raising) is deleted (``DELETE /uploads/<id>``, one try), so
+   that it stops counting against the quota and ``media.max_uploads`` at once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -88,13 +93,30 @@ class Upload:
         self._backoff = Backoff()
 
     def run(self) -> tuple[str, str]:
-        created = retrying(lambda: self._http.call("POST", UPLOADS, {"size": self.total, "to": self._to}),
+        key = {"Idempotency-Key": secrets.token_urlsafe(24)}  # rule 1: a POST repeated names the same upload
+        created = retrying(lambda: self._http.call("POST", UPLOADS, {"size": self.total, "to": self._to}, headers=key),
                            self._backoff, self._stop).data
         try:
             upload, offset, chunk_max = str(created["upload"]), int(created["offset"]), int(created["chunk_max"])
         except (TypeError, KeyError, ValueError):
             raise MediaError("bad_response", f"POST {UPLOADS}: unexpected answer {created!r:.200}") from None
         path = f"{UPLOADS}/{upload}"
+        try:
+            return self._send(path, offset, chunk_max)
+        except Exception as exc:
+            if not isinstance(exc, MediaError) or exc.code != "digest_mismatch":  # sealed: DELETE is refused
+                self._abandon(path)
+            raise
+
+    def _abandon(self, path: str) -> None:
+        """Rule 6: delete the upload this failed one leaves; best effort (else ``upload_ttl_s`` frees it)."""
+        try:
+            self._http.call("DELETE", path)
+        except MediaError as exc:
+            log.info("%s not deleted (%s): the server drops it after media.upload_ttl_s", path, exc)
+
+    def _send(self, path: str, offset: int, chunk_max: int) -> tuple[str, str]:
+        """Rules 2-5 from ``offset``: ``(url, sha256)`` of the sealed upload."""
         step = min(max(1, chunk_max), PATCH_MAX)
         sealed: tuple[str, str] | None = None
         while sealed is None:

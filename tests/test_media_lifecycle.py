@@ -108,7 +108,9 @@ async def test_fuzzed_concurrent_bad_requests_never_stop_the_endpoint(tmp_path: 
             requests = fuzz_requests(random.Random(19), alice, body["upload"])
             for start in range(0, len(requests), 40):
                 await asyncio.gather(*(send_raw(address, raw) for raw in requests[start:start + 40]))
-            # Concurrent PATCHes of one upload: one writes, the others are told the offset.
+            # Concurrent PATCHes of one upload: one writes, the others are told the offset. (A new
+            # upload: a fuzzed DELETE may have deleted the first.)
+            _, body = await client.create(alice, "bob", MiB)
             results = await asyncio.gather(*(client.patch(alice, body["upload"], 0, MiB // 2) for _ in range(5)))
             assert sorted(status for status, _ in results).count(204) >= 1
             state = await client.offset(alice, body["upload"])

@@ -5,8 +5,10 @@ A is fetched (and then deleted) through B. The bytes must be where every node re
 uploads staged in the bucket (storage/media/s3_staging.py).
 
 What changes against one process:
-- an upload starts in one store script that checks the user's quota and uploads in progress and
-  charges it (``SharedMediaStore.admit``), whichever node the user's uploads went to;
+- an upload starts in one store script that checks the user's uploads in progress, quota and creation
+  rate and charges them (``SharedMediaStore.admit``), whichever node the user's uploads went to; an
+  ``Idempotency-Key`` names an id on the user's shard, so a repeat on any node finds the upload;
+- a DELETE drops the record (its charge freed in the store) after discarding the staging in S3;
 - each request reads its upload from the store (and touches it), so a seal or an abandonment on
   another node is seen at once; the lock per upload stays per node (a second node writing the same
   offsets at once is harmless: the staging keeps what each acknowledged, see s3_staging.py);
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from bridge.media.core import MediaError, Upload, Usage
+from bridge.media import core
+from bridge.media.core import MediaLimits, Upload, Usage
 from bridge.media.service import MediaService
 from bridge.media.store import MediaStore
 from chatproto import client_id
@@ -28,9 +31,9 @@ class SharedMediaStore(MediaStore, Protocol):
     """What a store shared by the nodes adds (storage/redis/media.py); its ``seal``, ``fetched``,
     ``remove_devices`` and ``expire`` keep the owners' charges themselves."""
 
-    async def admit(self, upload: Upload, quota_bytes: int, max_uploads: int) -> tuple[str, int] | None:
-        """Record and charge the upload unless its user has ``max_uploads`` in progress or it passes
-        ``quota_bytes``: then ``(code, uploads in progress or bytes in use)``."""
+    async def admit(self, upload: Upload, cost: int, limits: MediaLimits | None) -> Upload | tuple[str, int]:
+        """Record the upload charged ``cost`` unless a limit of ``limits`` refuses it: then ``(limit,
+        bytes in use)`` (``core.refusal``'s names). An id recorded already answers its upload instead."""
 
     async def upload(self, upload: str, client_id: str, now_ms: int) -> Upload | None:
         """The upload in progress of the device ``client_id`` (``{user}.{device}``), now touched; None if
@@ -61,14 +64,13 @@ class ClusterMediaService(MediaService):
     async def _refresh(self) -> None:
         self.counters.stored_bytes, self.counters.blobs, self._uploads_now = await self._store.stats()
 
-    async def _begin(self, upload: Upload) -> None:
-        refused = await self._store.admit(upload, self.limits.quota_bytes, self.limits.max_uploads)
-        if refused is not None:
-            code, figure = refused
-            usage = Usage(uploads={upload.user: figure} if code == "rate_limited" else {},
-                          charged={upload.user: figure} if code == "quota_exceeded" else {})
-            usage.admit(upload.user, upload.size, self.limits)  # the core's refusal, with its words
-            raise MediaError(code, "refused by the shared usage record; try again")  # (it changed meanwhile)
+    async def _begin(self, upload: Upload) -> Upload:
+        cost = core.charge(upload.size, self.limits)
+        found = await self._store.admit(upload, cost, self.limits)
+        if isinstance(found, Upload):
+            return found
+        limit, used = found
+        raise core.refusal(limit, cost, used, self.limits)
 
     async def _in_progress(self, user: str, device: str, upload_id: str) -> Upload | None:
         return await self._store.upload(upload_id, client_id(user, device), self._clock.wall_ms())
@@ -79,7 +81,7 @@ class ClusterMediaService(MediaService):
             await self._store.drop_upload(upload_id)
         # The uploads this node met are read from the store again by the next request: forget them, and
         # the one-process usage the base class keeps on seals (unused here: the store holds the usage).
-        self._usage = Usage()
+        self._usage = Usage(self.limits)
         for upload_id in list(self._uploads):
             lock = self._locks.get(upload_id)
             if lock is None or not lock.locked():

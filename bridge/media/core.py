@@ -2,9 +2,11 @@
 
 Rules:
 1. An upload declares its size N and its recipient ``to`` (a user, or a group of the caller's) at
-   creation; N must be at most ``max_bytes``. N is charged to the uploader's quota at once (what
-   may still arrive counts) and stays charged while the blob lives.
-2. A user has at most ``max_uploads`` uploads in progress and ``quota_bytes`` charged.
+   creation; N must be at most ``max_bytes``. ``max(N, min_charge)`` is charged to the uploader's
+   quota at once (what may still arrive counts; a tiny file costs a record and a file all the
+   same) and stays charged while the blob lives.
+2. A user has at most ``max_uploads`` uploads in progress and ``quota_bytes`` charged, and creates
+   at most ``uploads_burst`` uploads at once, then ``uploads_per_minute``.
 3. A PATCH writes at the offset stored now (else ``offset_mismatch``, telling the stored offset),
    at most ``chunk_max`` bytes, never past N. The PATCH that reaches N seals the upload.
 4. At the seal the blob's readers (the uploader, ``to`` or every member of group ``to``) and its
@@ -14,38 +16,49 @@ Rules:
    or ``ttl`` after its seal, whichever comes first; a blob sealed with nobody waiting lives until
    its ttl. Its size is then given back to the uploader's quota. A deleted blob answers ``gone``
    to its readers until it is forgotten (another ttl later).
-7. An upload idle (no PATCH) for ``upload_ttl`` is abandoned: its staging goes, its size is freed.
+7. An upload idle (no PATCH) for ``upload_ttl`` is abandoned: its staging goes, its charge is freed.
+   Its device may delete it sooner (``DELETE``), the same; a sealed upload is not deleted
+   (``sealed``): its blob may be read already, and is shared by every upload of the same bytes.
+8. A POST with an ``Idempotency-Key`` (the client's random string) names the upload by a digest
+   of the caller's device and the key: repeated after a lost answer, it answers the same upload
+   (same size and ``to``, else ``bad_request``) and charges nothing again.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import math
 import re
 import secrets
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from bridge.limits import RateLimiter
 from chatproto import is_group_id, is_user_id
 
 # Error codes (docs/MEDIA.md) and their HTTP status.
 STATUS = {
     "bad_request": 400, "unauthorized": 401, "not_member": 403, "not_found": 404, "offset_mismatch": 409,
+    "busy": 409, "sealed": 409,
     "gone": 410, "too_large": 413, "quota_exceeded": 413, "range_not_satisfiable": 416, "rate_limited": 429,
 }
 
 
 class MediaError(Exception):
     """A refused request: ``code`` (a key of ``STATUS``), ``detail`` for the client; ``offset`` for
-    ``offset_mismatch``, ``retry_after_s`` for ``rate_limited``, ``size`` (the blob's) for
-    ``range_not_satisfiable``."""
+    ``offset_mismatch``, ``retry_after_s`` for ``rate_limited`` and ``busy``, ``size`` (the blob's) for
+    ``range_not_satisfiable``, ``blob`` for ``sealed``."""
 
     def __init__(self, code: str, detail: str, *, offset: int | None = None, retry_after_s: int | None = None,
-                 size: int | None = None) -> None:
+                 size: int | None = None, blob: str | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.offset = offset
         self.retry_after_s = retry_after_s
         self.size = size
+        self.blob = blob
 
     @property
     def status(self) -> int:
@@ -60,7 +73,15 @@ class MediaLimits:
     max_uploads: int
     upload_ttl_ms: int
     ttl_ms: int
+    min_charge: int
+    uploads_per_minute: float
+    uploads_burst: int
     retry_after_s: int = 60
+
+
+def charge(size: int, limits: MediaLimits) -> int:
+    """Rule 1: the quota bytes an upload (then its blob) of ``size`` costs."""
+    return max(size, limits.min_charge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +102,8 @@ class Blob:
     size: int
     created_ms: int
     expires_ms: int
+    charge: int
+    """Bytes charged to the owner's quota while the blob lives (rule 1, fixed at the seal)."""
     deleted: bool = False
 
 
@@ -118,39 +141,82 @@ def parse_new_upload(body: object, limits: MediaLimits) -> tuple[int, str]:
     return size, to
 
 
-@dataclass(slots=True)
+def refusal(limit: str, cost: int, used: int, limits: MediaLimits) -> MediaError:
+    """Rule 2: the error of a creation refused by ``limit`` (checked in this order: ``uploads`` in
+    progress, ``quota``, creation ``rate``); ``cost`` its charge, ``used`` the bytes charged already."""
+    if limit == "uploads":
+        return MediaError("rate_limited", f"{limits.max_uploads} uploads are in progress already: finish "
+                          "one, DELETE one, or let it expire", retry_after_s=limits.retry_after_s)
+    if limit == "quota":
+        return MediaError("quota_exceeded", f"{cost} more bytes (at least {limits.min_charge} per file) "
+                          f"would take you past your quota of {limits.quota_bytes} bytes ({used} in use); "
+                          "they are freed as recipients fetch")
+    return MediaError("rate_limited", f"more than {limits.uploads_burst} uploads created at once, or "
+                      f"{limits.uploads_per_minute:g} a minute: slow down",
+                      retry_after_s=math.ceil(60 / limits.uploads_per_minute))
+
+
 class Usage:
-    """Per user: bytes charged (uploads in progress and live blobs) and uploads in progress (rules 1, 2)."""
+    """Per user: bytes charged (uploads in progress and live blobs), uploads in progress and the
+    rate of upload creation (rules 1, 2)."""
 
-    charged: dict[str, int] = field(default_factory=dict)
-    uploads: dict[str, int] = field(default_factory=dict)
+    def __init__(self, limits: MediaLimits) -> None:
+        self.limits = limits
+        self.charged: dict[str, int] = {}
+        self.uploads: dict[str, int] = {}
+        self._rate = RateLimiter(limits.uploads_per_minute / 60, limits.uploads_burst)
 
-    def admit(self, user: str, size: int, limits: MediaLimits) -> None:
-        """Raise ``rate_limited`` or ``quota_exceeded`` if ``user`` may not start an upload of ``size``."""
+    def admit(self, user: str, size: int, now_s: float) -> int:
+        """Charge a new upload of ``size`` to ``user`` and return the charge, or raise ``rate_limited``
+        or ``quota_exceeded`` (charging nothing). Checked and charged at once: no await between, so
+        concurrent creations cannot pass a limit together."""
+        limits = self.limits
+        cost, used = charge(size, limits), self.charged.get(user, 0)
         if self.uploads.get(user, 0) >= limits.max_uploads:
-            raise MediaError("rate_limited", f"{limits.max_uploads} uploads are in progress already: finish "
-                             "one or let it expire", retry_after_s=limits.retry_after_s)
-        used = self.charged.get(user, 0)
-        if used + size > limits.quota_bytes:
-            raise MediaError("quota_exceeded", f"{size} more bytes would take you past your quota of "
-                             f"{limits.quota_bytes} bytes ({used} in use); they are freed as recipients fetch")
+            raise refusal("uploads", cost, used, limits)
+        if used + cost > limits.quota_bytes:
+            raise refusal("quota", cost, used, limits)
+        if not self._rate.allow(user, now_s):
+            raise refusal("rate", cost, used, limits)
+        self.start(user, cost)
+        return cost
 
-    def start(self, user: str, size: int) -> None:
-        self.charged[user] = self.charged.get(user, 0) + size
+    def start(self, user: str, cost: int) -> None:
+        """An upload in progress charged ``cost`` (admitted, or loaded at start)."""
+        self.charged[user] = self.charged.get(user, 0) + cost
         self.uploads[user] = self.uploads.get(user, 0) + 1
 
-    def end_upload(self, user: str, size: int, *, keep_charge: bool) -> None:
-        """An upload sealed (its blob keeps the charge, unless it was stored already) or abandoned."""
+    def end_upload(self, user: str, cost: int, *, keep_charge: bool) -> None:
+        """An upload sealed (its blob keeps the charge, unless it was stored already), abandoned or deleted."""
         self.uploads[user] = max(0, self.uploads.get(user, 0) - 1)
         if not keep_charge:
-            self.free(user, size)
+            self.free(user, cost)
 
-    def free(self, user: str, size: int) -> None:
-        left = self.charged.get(user, 0) - size
+    def free(self, user: str, cost: int) -> None:
+        left = self.charged.get(user, 0) - cost
         if left > 0:
             self.charged[user] = left
         else:
             self.charged.pop(user, None)
+
+
+_KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def keyed_upload_id(user: str, device: str, key: str) -> str:
+    """Rule 8: the upload id an ``Idempotency-Key`` names for this device (not guessable without the key),
+    after the user's shard as ``new_upload_id``'s."""
+    if _KEY.fullmatch(key) is None:
+        raise MediaError("bad_request", "Idempotency-Key must be 16 to 64 characters of A-Z, a-z, 0-9, _ and -")
+    digest = hashlib.sha256(f"{user}.{device}\n{key}".encode()).digest()
+    return user_shard(user) + base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+
+def check_replay(upload: Upload, size: int, to: str) -> None:
+    """Rule 8: a repeated POST must ask for what the first one did."""
+    if (upload.size, upload.to) != (size, to):
+        raise MediaError("bad_request", f"this Idempotency-Key names an upload of {upload.size} bytes to "
+                         f"{upload.to}: use a new key for each file")
 
 
 def check_patch(upload: Upload, offset: int, stored: int, length: int | None, limits: MediaLimits) -> None:
@@ -172,7 +238,7 @@ def seal(upload: Upload, sha256: str, to_users: dict[str, list[str]], own_device
     readers = frozenset({upload.user, *to_users})
     waiting = {f"{user}.{device}" for user, devices in to_users.items() for device in devices}
     waiting.update(f"{upload.user}.{device}" for device in own_devices if device != upload.device)
-    blob = Blob(sha256, upload.user, upload.size, now_ms, now_ms + limits.ttl_ms)
+    blob = Blob(sha256, upload.user, upload.size, now_ms, now_ms + limits.ttl_ms, charge(upload.size, limits))
     return Sealed(blob, readers, frozenset(waiting))
 
 

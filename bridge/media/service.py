@@ -2,10 +2,10 @@
 records) and a ``BlobStore`` (the bytes). The HTTP handlers (chatserver/media_http.py) parse a
 request, call one method here with the authenticated caller, and map ``MediaError`` to a status.
 
-In memory: the uploads in progress (few: ``max_uploads`` per user), each user's charged bytes and a
-lock per upload (one PATCH at a time); in cluster mode ``bridge/cluster/media.py`` overrides the
-hooks ``_begin``, ``_in_progress`` and ``_abandon`` to keep them in the shared store instead.
-Everything else is read from the store per request. One
+In memory: the uploads in progress (few: ``max_uploads`` per user), each user's charged bytes and
+upload-creation rate, and a lock per upload (one PATCH, or the DELETE, at a time); in cluster mode
+``bridge/cluster/media.py`` overrides the hooks ``_begin``, ``_in_progress`` and ``_abandon`` to keep
+them in the shared store instead. Everything else is read from the store per request. One
 supervised loop (``media_sweep``) drops removed devices from waiting sets, abandoned uploads and
 expired blobs.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -70,7 +71,7 @@ class MediaService:
         self._supervisor = supervisor
         self._uploads: dict[str, Upload] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._usage = Usage()
+        self._usage = Usage(limits)
         self._removed: list[str] = []  # devices to drop from waiting sets (the sweep does it)
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
@@ -82,14 +83,14 @@ class MediaService:
 
     async def start(self, devices: set[str]) -> None:
         """Load the records; ``devices`` (every client id now) drops the devices removed meanwhile."""
-        uploads, owners, count = await self._store.load()
+        uploads, owners, count, stored = await self._store.load()
         now = self._clock.wall_ms()
         for upload in uploads:  # the time down does not count as idle
             self._uploads[upload.id] = replace(upload, touched_ms=max(upload.touched_ms, now))
-            self._usage.start(upload.user, upload.size)
-        for owner, size in owners.items():
-            self._usage.charged[owner] = self._usage.charged.get(owner, 0) + size
-        self.counters.stored_bytes, self.counters.blobs = sum(owners.values()), count
+            self._usage.start(upload.user, core.charge(upload.size, self.limits))
+        for owner, cost in owners.items():
+            self._usage.charged[owner] = self._usage.charged.get(owner, 0) + cost
+        self.counters.stored_bytes, self.counters.blobs = stored, count
         self._removed = sorted(await self._store.waiting_devices() - devices)
         self._loops = [self._supervisor.spawn("media_sweep", self._sweep_round)]
         self._wake.set()
@@ -99,17 +100,23 @@ class MediaService:
 
     # --- requests (the caller is authenticated) ----------------------------------------------
 
-    async def create(self, user: str, device: str, body: object) -> Upload:
+    async def create(self, user: str, device: str, body: object, key: str | None = None) -> tuple[Upload, int]:
+        """A new upload, or the one ``key`` (``Idempotency-Key``) made already: ``(upload, offset)``."""
         size, to = core.parse_new_upload(body, self.limits)
+        upload_id = core.new_upload_id(user) if key is None else core.keyed_upload_id(user, device, key)
         if is_group_id(to):
             if user not in await self._members(to):
                 raise MediaError("not_member", f"you are not a member of {to}")
         elif await self._users.user_devices(to) is None:
             raise MediaError("not_found", f"no user {to}")
+        if key is not None and (found := await self._store.sealed(upload_id)) is not None:
+            raise MediaError("sealed", "this Idempotency-Key's upload is complete", blob=found[1])
         now = self._clock.wall_ms()
-        upload = Upload(core.new_upload_id(user), user, device, to, size, now, now)
-        await self._begin(upload)
-        return upload
+        new = Upload(upload_id, user, device, to, size, now, now)
+        if (upload := await self._begin(new)) is new:
+            return new, 0
+        core.check_replay(upload, size, to)  # a repeat: the key's upload exists
+        return upload, await self._blobs.staged_size(upload_id)
 
     async def status(self, user: str, device: str, upload_id: str) -> tuple[int, int, str | None]:
         """``(offset, size, blob)`` of the caller's upload (blob: once sealed)."""
@@ -117,11 +124,28 @@ class MediaService:
         if upload is not None:
             async with self._locked(upload):
                 if await self._in_progress(user, device, upload_id):  # not sealed or abandoned while this waited
-                    return await self._blobs.staged_size(upload_id), upload.size, None
-        found = await self._store.sealed(upload_id) if len(upload_id) <= 64 else None
-        if found is None or (found[0].user, found[0].device) != (user, device):
-            raise MediaError("not_found", "no such upload of this device (it may have expired)")
-        return found[0].size, found[0].size, found[1]
+                    stored = await self._blobs.staged_size(upload_id)
+                    if stored < upload.size:
+                        return stored, upload.size, None
+                    # Every byte stored but not sealed: the process died between the two. Seal now, or
+                    # the client (told "all stored, no url") could neither finish nor resume.
+                    return stored, upload.size, await self._seal(upload)
+        upload, blob = await self._sealed(user, device, upload_id)
+        return upload.size, upload.size, blob
+
+    async def delete(self, user: str, device: str, upload_id: str) -> None:
+        """Rule 7: the caller's upload in progress goes at once (its staging, its charge); a sealed
+        one is refused (``sealed``, naming its blob)."""
+        upload = await self._in_progress(user, device, upload_id)
+        if upload is not None:
+            async with self._locked(upload, busy="a PATCH of this upload is in progress: retry once it ended"):
+                if await self._in_progress(user, device, upload_id):  # not sealed or abandoned while this waited
+                    await self._drop(upload)
+                    log.info("media: upload %s of %s deleted by its device", upload_id, user)
+                    return
+        _, blob = await self._sealed(user, device, upload_id)
+        raise MediaError("sealed", f"the upload is complete: its blob {blob} is deleted once every recipient "
+                         "fetched it, or after media.ttl_days", blob=blob)
 
     async def patch(self, user: str, device: str, upload_id: str, offset: int, length: int | None,
                     chunks: AsyncIterator[bytes]) -> tuple[int, str | None]:
@@ -174,28 +198,44 @@ class MediaService:
 
     # --- inside ------------------------------------------------------------------------------
 
-    async def _begin(self, upload: Upload) -> None:
-        """Admit the new upload against its user's limits, charge it and record it."""
-        self._usage.admit(upload.user, upload.size, self.limits)
-        self._usage.start(upload.user, upload.size)  # before the await: a concurrent create sees the charge
+    async def _begin(self, upload: Upload) -> Upload:
+        """Admit the new upload against its user's limits, charge it and record it; if its id is
+        recorded already (an ``Idempotency-Key`` repeated), that upload instead, charging nothing."""
+        # From here to the first await: checked and recorded at once, so concurrent POSTs see each other.
+        if (same := self._uploads.get(upload.id)) is not None:
+            return same
+        cost = self._usage.admit(upload.user, upload.size, self._clock.monotonic())
+        self._uploads[upload.id] = upload
         try:
             await self._store.add_upload(upload)
         except BaseException:
-            self._usage.end_upload(upload.user, upload.size, keep_charge=False)
+            if self._uploads.pop(upload.id, None) is not None:
+                self._usage.end_upload(upload.user, cost, keep_charge=False)
             raise
-        self._uploads[upload.id] = upload
+        return upload
 
     async def _in_progress(self, user: str, device: str, upload_id: str) -> Upload | None:
         """The caller's upload if it is in progress."""
         upload = self._uploads.get(upload_id)
         return upload if upload is not None and (upload.user, upload.device) == (user, device) else None
 
+    async def _sealed(self, user: str, device: str, upload_id: str) -> tuple[Upload, str]:
+        """The caller's sealed upload and its blob, else ``not_found``."""
+        found = await self._store.sealed(upload_id) if len(upload_id) <= 64 else None
+        if found is None or (found[0].user, found[0].device) != (user, device):
+            raise MediaError("not_found", "no such upload of this device (it may have expired or been deleted)")
+        return found
+
     @contextlib.asynccontextmanager
-    async def _locked(self, upload: Upload) -> AsyncIterator[None]:
+    async def _locked(self, upload: Upload, busy: str | None = None) -> AsyncIterator[None]:
+        """Hold the upload's lock; waiting too long raises ``offset_mismatch`` (a PATCH learns where to
+        go on), or ``busy`` with that detail."""
         lock = self._locks.setdefault(upload.id, asyncio.Lock())
         try:
             await asyncio.wait_for(lock.acquire(), LOCK_WAIT_S)
         except TimeoutError:
+            if busy is not None:
+                raise MediaError("busy", busy, retry_after_s=math.ceil(LOCK_WAIT_S)) from None
             raise MediaError("offset_mismatch", "another PATCH of this upload is in progress",
                              offset=await self._blobs.staged_size(upload.id)) from None
         try:
@@ -231,7 +271,7 @@ class MediaService:
         sealed = core.seal(upload, sha256, to_users, own, self._clock.wall_ms(), self.limits)
         new = await self._store.seal(upload.id, sealed)
         self._uploads.pop(upload.id, None)
-        self._usage.end_upload(upload.user, upload.size, keep_charge=new)
+        self._usage.end_upload(upload.user, sealed.blob.charge, keep_charge=new)
         if new:
             self.counters.stored_bytes += upload.size
             self.counters.blobs += 1
@@ -251,9 +291,16 @@ class MediaService:
         """The blobs were marked deleted in the store: their files go, their charges are freed."""
         for blob in blobs:
             await self._blobs.delete(blob.sha256)
-            self._usage.free(blob.owner, blob.size)
+            self._usage.free(blob.owner, blob.charge)
             self.counters.stored_bytes -= blob.size
             self.counters.blobs -= 1
+
+    async def _drop(self, upload: Upload) -> None:
+        """An upload in progress goes (abandoned or deleted), its charge freed."""
+        await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
+        await self._store.drop_upload(upload.id)
+        if self._uploads.pop(upload.id, None) is not None:
+            self._usage.end_upload(upload.user, core.charge(upload.size, self.limits), keep_charge=False)
 
     async def _sweep_round(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -281,10 +328,7 @@ class MediaService:
             lock = self._locks.get(upload.id)
             if self._uploads.get(upload.id) != upload or (lock is not None and lock.locked()):
                 continue  # a PATCH came meanwhile
-            await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
-            await self._store.drop_upload(upload.id)
+            await self._drop(upload)
             self._locks.pop(upload.id, None)  # not held: ``busy`` left it out
-            if self._uploads.pop(upload.id, None) is not None:
-                self._usage.end_upload(upload.user, upload.size, keep_charge=False)
             log.info("media: upload %s of %s abandoned after %d s idle", upload.id, upload.user,
                      self.limits.upload_ttl_ms // 1000)

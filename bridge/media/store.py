@@ -25,7 +25,8 @@ class MediaStore(Protocol):
     async def seal(self, upload: str, sealed: Sealed) -> bool:
         """The upload now names its blob; store the blob, its readers and waiting devices. If the
         blob is stored and live already (the same bytes), its readers and waiting devices grow and
-        False is returned (the upload's charge is not kept); else True."""
+        False is returned (the upload's charge is not kept); else True. ``Blob.charge`` is stored
+        as given (the core computes it) and returned with the blob."""
 
     async def sealed(self, upload: str) -> tuple[Upload, str] | None:
         """A sealed upload and the blob it became (None: not sealed, or no such upload)."""
@@ -52,8 +53,9 @@ class MediaStore(Protocol):
     async def forget(self, before_ms: int) -> list[str]:
         """Drop the records of blobs deleted whose expiry is before ``before_ms``; their ids."""
 
-    async def load(self) -> tuple[list[Upload], dict[str, int], int]:
-        """At start: the uploads in progress, each owner's bytes in live blobs, the live blobs' count."""
+    async def load(self) -> tuple[list[Upload], dict[str, int], int, int]:
+        """At start: the uploads in progress, each owner's summed ``Blob.charge`` of live blobs, the
+        live blobs' count and their summed ``size``."""
 
     async def waiting_devices(self) -> set[str]:
         """Every device some live blob waits for (at start, to drop removed devices)."""

@@ -5,8 +5,8 @@ Two kinds of shard, 16 of each, so every operation is one script on one slot:
 
 - the uploader's shard ``mu<c>`` (c = ``core.user_shard(user)``, also the first character of each of
   the user's upload ids, so an id alone finds its record): an upload and the uploader's usage change
-  together when an upload starts (the quota and the count of uploads in progress are checked there),
-  is sealed or is abandoned.
+  together when an upload starts (the count of uploads in progress, the quota and the creation rate
+  are checked and charged there, atomically for every node), is sealed, abandoned or deleted.
 - the blob's shard ``mb<c>`` (c = the first hex digit of its SHA-256): a blob, its readers, the
   devices it waits for and the shard's indexes change together on a seal, a ``fetched``, a device
   removal or an expiry.
@@ -17,11 +17,15 @@ Keys (``{prefix}`` the cluster's key prefix):
 - ``{prefix}mui:{mu<c>}``           sorted set: uploads in progress -> touched (ms), to find idle ones
 - ``{prefix}mus:{mu<c>}``           sorted set: sealed uploads -> sealed at, to forget their answer
 - ``{prefix}mud:{mu<c>}``           set: abandoned uploads whose staging is not yet discarded
-- ``{prefix}muq:{mu<c>}``           hash: ``<user>:n`` uploads in progress, ``<user>:u`` their bytes,
-  ``<user>:b`` bytes of live blobs, ``n`` the shard's uploads in progress
-- ``{prefix}muc:{mu<c>}:<user>``    hash: each charge of the user, ``u:<upload>`` or
-  ``b:<sha>:<created>`` -> bytes; a charge is freed once (the field goes), so freeing twice is harmless
-- ``{prefix}mb:{mb<c>}:<sha>``      hash: owner, size, created, expires, deleted 0/1, upload (its maker)
+- ``{prefix}muq:{mu<c>}``           hash: ``<user>:n`` uploads in progress, ``<user>:u`` their charges,
+  ``<user>:b`` charges of live blobs, ``n`` the shard's uploads in progress
+- ``{prefix}muc:{mu<c>}:<user>``    hash: each charge of the user (``core.charge``: at least
+  ``min_charge``), ``u:<upload>`` or ``b:<sha>:<created>`` -> bytes; a charge is freed once (the field
+  goes), so freeing twice is harmless
+- ``{prefix}mur:{mu<c>}:<user>``    hash: the user's creation-rate bucket, tokens and stamp (ms, Redis's
+  clock); it expires once full again, so an idle user has none
+- ``{prefix}mb:{mb<c>}:<sha>``      hash: owner, size, created, expires, deleted 0/1, upload (its maker),
+  charge
 - ``{prefix}mbr:{mb<c>}:<sha>``     set: readers (users); ``mbw:...:<sha>`` set: devices still to fetch
 - ``{prefix}mbd:{mb<c>}:<client>``  set: the shard's blobs the device must fetch; ``mbv:{mb<c>}`` set:
   devices with some
@@ -45,7 +49,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Final, TypeVar
 
-from bridge.media.core import Blob, Sealed, Upload, user_shard
+from bridge.media.core import Blob, MediaLimits, Sealed, Upload, user_shard
 from bridge.store import StoreError
 from storage.redis import media_scripts as lua
 from storage.redis.client import RedisStore
@@ -58,8 +62,8 @@ T = TypeVar("T")
 
 
 def _blob(fields: Sequence[str]) -> Blob:
-    sha, owner, size, created, expires = fields[:5]
-    return Blob(sha, owner, int(size), int(created), int(expires), True)
+    sha, owner, size, created, expires, cost = fields[:6]
+    return Blob(sha, owner, int(size), int(created), int(expires), int(cost), True)
 
 
 def _charge(blob: Blob) -> str:
@@ -95,17 +99,25 @@ class RedisMediaStore(RedisStore):
     # --- uploads -----------------------------------------------------------------------------
 
     async def add_upload(self, upload: Upload) -> None:
-        await self.admit(upload, 0, 0)
+        await self.admit(upload, upload.size, None)
 
-    async def admit(self, upload: Upload, quota_bytes: int, max_uploads: int) -> tuple[str, int] | None:
-        """Record the upload and charge it, unless the user has ``max_uploads`` in progress or it would
-        pass ``quota_bytes`` (0: no limit): then ``(code, uploads in progress or bytes in use)``."""
+    async def admit(self, upload: Upload, cost: int, limits: MediaLimits | None) -> Upload | tuple[str, int]:
+        """Record the upload charged ``cost`` unless a limit refuses it (core.refusal's order: uploads in
+        progress, quota, then a token of the creation rate, taken only if the rest passed): then
+        ``(limit, bytes in use)``. An id recorded already answers its upload instead, charging nothing.
+        ``limits`` None: no limit."""
         tag = self._upload_tag(upload.id)
         if tag != f"mu{user_shard(upload.user)}":
             raise ValueError(f"upload id {upload.id!r} does not name the shard of {upload.user} (core.new_upload_id)")
-        reply = await self._run("media.add_upload", tag, "mui", upload.id, upload.user, upload.device, upload.to,
-                                upload.size, upload.created_ms, upload.touched_ms, quota_bytes, max_uploads)
-        return None if reply[0] == "ok" else (str(reply[0]), int(reply[1]))
+        bounds = (0, 0, 0, "0") if limits is None else (
+            limits.quota_bytes, limits.max_uploads, limits.uploads_burst, repr(limits.uploads_per_minute / 60_000))
+        r = await self._run("media.add_upload", tag, "mui", upload.id, upload.user, upload.device, upload.to,
+                            upload.size, cost, upload.created_ms, upload.touched_ms, *bounds)
+        if r[0] == "ok":
+            return upload
+        if r[0] == "exists":
+            return Upload(upload.id, r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
+        return str(r[0]), int(r[1])
 
     async def _record(self, upload: str, now_ms: int, sealed: bool, client_id: str = "") -> tuple[Upload, str] | None:
         tag = self._upload_tag(upload)
@@ -140,10 +152,10 @@ class RedisMediaStore(RedisStore):
         new, created = await self._run(
             "media.seal_blob", self._blob_tag(blob.sha256), "mbx", blob.sha256, blob.owner, blob.size,
             blob.created_ms, blob.expires_ms, upload, json.dumps(sorted(sealed.readers)),
-            json.dumps(sorted(sealed.waiting)))
+            json.dumps(sorted(sealed.waiting)), blob.charge)
         if (tag := self._upload_tag(upload)) is not None:
             await self._run("media.seal_upload", tag, "mui", upload, blob.sha256, new,
-                            f"b:{blob.sha256}:{created}", blob.created_ms)
+                            f"b:{blob.sha256}:{created}", blob.created_ms, blob.charge)
         return bool(new)
 
     async def sealed(self, upload: str) -> tuple[Upload, str] | None:
@@ -160,10 +172,10 @@ class RedisMediaStore(RedisStore):
     async def blob(self, sha256: str) -> Blob | None:
         tag = self._blob_tag(sha256)
         r = await self.command("media.blob", "HMGET", self.key("mb", tag, sha256), "owner", "size", "created",
-                               "expires", "deleted")
+                               "expires", "deleted", "charge")
         if r[0] is None:
             return None
-        return Blob(sha256, r[0], int(r[1]), int(r[2]), int(r[3]), r[4] == "1")
+        return Blob(sha256, r[0], int(r[1]), int(r[2]), int(r[3]), int(r[5] or r[1]), r[4] == "1")
 
     async def is_reader(self, sha256: str, user: str) -> bool:
         key = self.key("mbr", self._blob_tag(sha256), sha256)
@@ -192,11 +204,11 @@ class RedisMediaStore(RedisStore):
         for shard in pending:
             for member in shard:
                 sha, created, owner = str(member).split(":")
-                await self._release(Blob(sha, owner, 0, int(created), 0, True))
+                await self._release(Blob(sha, owner, 0, int(created), 0, 0, True))
         return expired
 
     async def _released(self, replies: list[Any]) -> list[Blob]:
-        blobs = [_blob(reply[i:i + 5]) for reply in replies for i in range(0, len(reply), 5)]
+        blobs = [_blob(reply[i:i + 6]) for reply in replies for i in range(0, len(reply), 6)]
         for blob in blobs:
             await self._release(blob)
         return blobs
@@ -217,13 +229,14 @@ class RedisMediaStore(RedisStore):
 
     # --- whole views -------------------------------------------------------------------------
 
-    async def load(self) -> tuple[list[Upload], dict[str, int], int]:
+    async def load(self) -> tuple[list[Upload], dict[str, int], int, int]:
         rows = await self._each_shard("mu", lambda tag: self._run("media.uploads", tag, "mui"))
         uploads = [Upload(r[i], r[i + 1], r[i + 2], r[i + 3], int(r[i + 4]), int(r[i + 5]), int(r[i + 6]))
                    for r in rows for i in range(0, len(r), 7)]
         usage = await self._each_shard("mu", lambda tag: self._run("media.usage", tag, "mui"))
         owners = {str(u[i]): int(u[i + 1]) for u in usage for i in range(1, len(u), 2)}
-        return uploads, owners, (await self.stats())[1]
+        stored, count, _ = await self.stats()
+        return uploads, owners, count, stored
 
     async def stats(self) -> tuple[int, int, int]:
         """Bytes and count of the live blobs, and the uploads in progress, over the whole cluster."""

@@ -20,24 +20,47 @@ end
 
 # --- the uploader's shard (tag mu<c>) ---------------------------------------------------------
 
-# ARGV: p, t, id, user, device, to, size, created, touched, quota (0: none), max uploads (0: none).
-# Returns {'ok'} or {'rate_limited', n} or {'quota_exceeded', bytes in use}.
-ADD_UPLOAD = _HEAD + """
-local id, user, size = ARGV[3], ARGV[4], tonumber(ARGV[7])
+# Takes a token of the user's creation bucket (by Redis's clock: one for every node), false if it is
+# empty. The bucket is a hash {tokens, stamp (ms)} that expires once it would be full again, so an idle
+# user has none (a missing bucket is a full one).
+_TAKE = """
+local function take(bucket, burst, per_ms)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local b = redis.call('HMGET', bucket, 'tokens', 'stamp')
+  local tokens = burst
+  if b[1] then tokens = math.min(burst, tonumber(b[1]) + (now - tonumber(b[2])) * per_ms) end
+  if tokens < 1 then return false end
+  tokens = tokens - 1
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'stamp', now)
+  redis.call('PEXPIRE', bucket, math.max(1, math.ceil((burst - tokens) / per_ms)))
+  return true
+end
+"""
+
+# ARGV: p, t, id, user, device, to, size, charge, created, touched, quota (0: none), max uploads (0: none),
+# burst (0: no rate), rate (uploads per ms). Checks the uploads in progress, the quota, then takes a
+# token of the creation rate, and records the upload charged ``charge``. Returns {'ok'}, or
+# {'exists', user, device, to, size, created, touched, blob or ''} if the id is recorded already (an
+# Idempotency-Key repeated, or a retry), or the limit refused {'uploads' | 'quota' | 'rate', bytes in use}.
+ADD_UPLOAD = _HEAD + _TAKE + """
+local id, user, cost = ARGV[3], ARGV[4], tonumber(ARGV[8])
 local rec = K('mup', id)
-if redis.call('EXISTS', rec) == 1 then return {'ok'} end
+local r = redis.call('HMGET', rec, 'user', 'device', 'to', 'size', 'created', 'touched', 'blob')
+if r[1] then return {'exists', r[1], r[2], r[3], r[4], r[5], r[6], r[7] or ''} end
 local usage = K('muq')
 local u = redis.call('HMGET', usage, user .. ':n', user .. ':u', user .. ':b')
 local n, used = tonumber(u[1] or '0'), tonumber(u[2] or '0') + tonumber(u[3] or '0')
-local quota, max_uploads = tonumber(ARGV[10]), tonumber(ARGV[11])
-if max_uploads > 0 and n >= max_uploads then return {'rate_limited', n} end
-if quota > 0 and used + size > quota then return {'quota_exceeded', used} end
-redis.call('HSET', rec, 'user', user, 'device', ARGV[5], 'to', ARGV[6], 'size', size, 'created', ARGV[8],
-           'touched', ARGV[9])
-redis.call('ZADD', K('mui'), ARGV[9], id)
-redis.call('HSET', K('muc', user), 'u:' .. id, size)
+local quota, max_uploads, burst = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+if max_uploads > 0 and n >= max_uploads then return {'uploads', used} end
+if quota > 0 and used + cost > quota then return {'quota', used} end
+if burst > 0 and not take(K('mur', user), burst, tonumber(ARGV[14])) then return {'rate', used} end
+redis.call('HSET', rec, 'user', user, 'device', ARGV[5], 'to', ARGV[6], 'size', ARGV[7], 'created', ARGV[9],
+           'touched', ARGV[10])
+redis.call('ZADD', K('mui'), ARGV[10], id)
+redis.call('HSET', K('muc', user), 'u:' .. id, cost)
 add(usage, user .. ':n', 1)
-add(usage, user .. ':u', size)
+add(usage, user .. ':u', cost)
 add(usage, 'n', 1)
 return {'ok'}
 """
@@ -60,14 +83,17 @@ r[7] = r[7] or ''
 return r
 """
 
-# An upload in progress ends (sealed or abandoned): its charge, its count and its index entry go.
+# An upload in progress ends (sealed, abandoned or deleted): its charge, its count and its index entry go.
 _END_UPLOAD = """
-local function end_upload(id, user, size)
+local function end_upload(id, user)
   redis.call('ZREM', K('mui'), id)
-  if redis.call('HDEL', K('muc', user), 'u:' .. id) == 1 then
+  local charges = K('muc', user)
+  local cost = redis.call('HGET', charges, 'u:' .. id)
+  if cost then
+    redis.call('HDEL', charges, 'u:' .. id)
     local usage = K('muq')
     add(usage, user .. ':n', -1)
-    add(usage, user .. ':u', -size)
+    add(usage, user .. ':u', -tonumber(cost))
     add(usage, 'n', -1)
   end
 end
@@ -77,8 +103,8 @@ end
 DROP_UPLOAD = _HEAD + _END_UPLOAD + """
 local id = ARGV[3]
 local rec = K('mup', id)
-local r = redis.call('HMGET', rec, 'user', 'size', 'blob')
-if r[1] and not r[3] then end_upload(id, r[1], tonumber(r[2])) end
+local r = redis.call('HMGET', rec, 'user', 'blob')
+if r[1] and not r[2] then end_upload(id, r[1]) end
 redis.call('DEL', rec)
 redis.call('ZREM', K('mus'), id)
 redis.call('SREM', K('mud'), id)
@@ -92,8 +118,8 @@ ABANDON = _HEAD + _END_UPLOAD + """
 local idle = redis.call('ZRANGE', K('mui'), '-inf', ARGV[3], 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[4]))
 for _, id in ipairs(idle) do
   local rec = K('mup', id)
-  local r = redis.call('HMGET', rec, 'user', 'size')
-  if r[1] then end_upload(id, r[1], tonumber(r[2])) else redis.call('ZREM', K('mui'), id) end
+  local user = redis.call('HGET', rec, 'user')
+  if user then end_upload(id, user) else redis.call('ZREM', K('mui'), id) end
   redis.call('DEL', rec)
   redis.call('SADD', K('mud'), id)
 end
@@ -101,19 +127,19 @@ return redis.call('SMEMBERS', K('mud'))
 """
 
 # ARGV: p, t, id, blob, kept 0/1 (the blob is new: it keeps the charge), charge field ('b:<sha>:<created>'),
-# now. The upload names its blob; its charge moves to the blob or goes. Returns 1, or 0 if there was
-# nothing to seal (sealed already, or abandoned).
+# now, the blob's charge. The upload names its blob; its charge ends and the blob's is taken, or none.
+# Returns 1, or 0 if there was nothing to seal (sealed already, or abandoned).
 SEAL_UPLOAD = _HEAD + _END_UPLOAD + """
 local id = ARGV[3]
 local rec = K('mup', id)
-local r = redis.call('HMGET', rec, 'user', 'size', 'blob')
-if not r[1] or r[3] then return 0 end
-local user, size = r[1], tonumber(r[2])
-end_upload(id, user, size)
+local r = redis.call('HMGET', rec, 'user', 'blob')
+if not r[1] or r[2] then return 0 end
+local user, cost = r[1], tonumber(ARGV[8])
+end_upload(id, user)
 redis.call('HSET', rec, 'blob', ARGV[4], 'touched', ARGV[7])
 redis.call('ZADD', K('mus'), ARGV[7], id)
-if ARGV[5] == '1' and redis.call('HSETNX', K('muc', user), ARGV[6], size) == 1 then
-  add(K('muq'), user .. ':b', size)
+if ARGV[5] == '1' and redis.call('HSETNX', K('muc', user), ARGV[6], cost) == 1 then
+  add(K('muq'), user .. ':b', cost)
 end
 return 1
 """
@@ -160,7 +186,7 @@ return out
 
 # A live blob becomes deleted: nobody waits any more, its charge joins the releases pending (member
 # '<sha>:<created>:<owner>', stamped with Redis's clock), its record stays (answering gone) until
-# forgotten. Returns its fields.
+# forgotten. Returns its fields: sha, owner, size, created, expires, charge.
 _DELETE = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -168,7 +194,7 @@ local function now_ms()
 end
 local function delete_blob(sha)
   local blob = K('mb', sha)
-  local b = redis.call('HMGET', blob, 'owner', 'size', 'created', 'expires', 'deleted')
+  local b = redis.call('HMGET', blob, 'owner', 'size', 'created', 'expires', 'deleted', 'charge')
   if not b[1] or b[5] == '1' then return nil end
   redis.call('HSET', blob, 'deleted', '1')
   local waiting = K('mbw', sha)
@@ -183,11 +209,11 @@ local function delete_blob(sha)
   redis.call('ZADD', K('mbp'), now_ms(), sha .. ':' .. b[3] .. ':' .. b[1])
   redis.call('HINCRBY', K('mbt'), 'bytes', -tonumber(b[2]))
   redis.call('HINCRBY', K('mbt'), 'blobs', -1)
-  return {sha, b[1], b[2], b[3], b[4]}
+  return {sha, b[1], b[2], b[3], b[4], b[6] or b[2]}
 end
 """
 
-# ARGV: p, t, sha, owner, size, created, expires, upload, readers (JSON), waiting (JSON).
+# ARGV: p, t, sha, owner, size, created, expires, upload, readers (JSON), waiting (JSON), charge.
 # Returns {1, created} if this upload's blob is new (or was made by this upload already: a retry),
 # else {0, created of the live blob}.
 SEAL_BLOB = _HEAD + """
@@ -199,7 +225,7 @@ if b[1] == '0' then
   if b[2] ~= ARGV[8] then new = 0 end
 else
   redis.call('HSET', blob, 'owner', ARGV[4], 'size', ARGV[5], 'created', ARGV[6], 'expires', ARGV[7],
-             'deleted', '0', 'upload', ARGV[8])
+             'deleted', '0', 'upload', ARGV[8], 'charge', ARGV[11])
   redis.call('ZADD', K('mbx'), ARGV[7], sha)
   redis.call('ZREM', K('mbg'), sha)
   redis.call('HINCRBY', K('mbt'), 'bytes', tonumber(ARGV[5]))
@@ -215,7 +241,7 @@ end
 return {new, b[3]}
 """
 
-# ARGV: p, t, sha, client id. Returns the blob deleted (DELETE's fields) or nil.
+# ARGV: p, t, sha, client id. Returns the blob deleted (delete_blob's fields) or nil.
 FETCHED = _HEAD + _DELETE + """
 local sha, device = ARGV[3], ARGV[4]
 local waiting = K('mbw', sha)
@@ -227,7 +253,7 @@ if redis.call('SCARD', waiting) > 0 then return nil end
 return delete_blob(sha)
 """
 
-# ARGV: p, t, client ids... Returns the blobs deleted, 5 fields each.
+# ARGV: p, t, client ids... Returns the blobs deleted, 6 fields each.
 REMOVE_DEVICES = _HEAD + _DELETE + """
 local out = {}
 for i = 3, #ARGV do
@@ -247,7 +273,7 @@ end
 return out
 """
 
-# ARGV: p, t, now, limit. The live blobs expired by ``now`` are deleted; returns them, 5 fields each.
+# ARGV: p, t, now, limit. The live blobs expired by ``now`` are deleted; returns them, 6 fields each.
 EXPIRE = _HEAD + _DELETE + """
 local out = {}
 for _, sha in ipairs(redis.call('ZRANGE', K('mbx'), '-inf', ARGV[3], 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[4]))) do

@@ -42,12 +42,12 @@ MIGRATIONS = (
     CREATE TABLE waiting (sha256 TEXT NOT NULL, device TEXT NOT NULL, PRIMARY KEY (sha256, device)) WITHOUT ROWID;
     CREATE INDEX waiting_device ON waiting (device)
     """,
+    # The quota charge of a blob (at least media.min_charge_bytes); a blob of before was charged its size.
+    "ALTER TABLE blobs ADD COLUMN charge INTEGER NOT NULL DEFAULT 0; UPDATE blobs SET charge = size",
 )
 
-_BLOB = "SELECT sha256, owner, size, created_ms, expires_ms, deleted FROM blobs"
-
-
-_UNWAITED = ("SELECT sha256, owner, size, created_ms, expires_ms, deleted FROM blobs WHERE sha256 = ? AND deleted = 0"
+_BLOB = "SELECT sha256, owner, size, created_ms, expires_ms, charge, deleted FROM blobs"
+_UNWAITED = (_BLOB + " WHERE sha256 = ? AND deleted = 0"  # noqa: S608 (constants only)
              " AND NOT EXISTS (SELECT 1 FROM waiting WHERE waiting.sha256 = blobs.sha256)")
 _EXPIRED = _BLOB + " WHERE deleted = 0 AND expires_ms <= ?"
 _UPLOAD = "SELECT id, user, device, to_id, size, created_ms, touched_ms, blob FROM uploads"
@@ -58,7 +58,7 @@ def _upload(row: Any) -> Upload:
 
 
 def _blob(row: Any) -> Blob:
-    return Blob(str(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]), bool(row[5]))
+    return Blob(str(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]), int(row[5]), bool(row[6]))
 
 
 class SqliteMediaStore(SqliteFile):
@@ -90,8 +90,9 @@ class SqliteMediaStore(SqliteFile):
             new = row is None or bool(row[0])
             if new:  # unknown, or deleted and uploaded again: a fresh blob
                 await self._db.execute(
-                    "INSERT OR REPLACE INTO blobs (sha256, owner, size, created_ms, expires_ms, deleted) "
-                    "VALUES (?, ?, ?, ?, ?, 0)", (blob.sha256, blob.owner, blob.size, blob.created_ms, blob.expires_ms))
+                    "INSERT OR REPLACE INTO blobs (sha256, owner, size, created_ms, expires_ms, charge, deleted) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 0)",
+                    (blob.sha256, blob.owner, blob.size, blob.created_ms, blob.expires_ms, blob.charge))
             await self._db.executemany("INSERT OR IGNORE INTO readers (sha256, user) VALUES (?, ?)",
                                        [(blob.sha256, user) for user in sealed.readers])
             await self._db.executemany("INSERT OR IGNORE INTO waiting (sha256, device) VALUES (?, ?)",
@@ -157,12 +158,12 @@ class SqliteMediaStore(SqliteFile):
                 await self._db.execute("DELETE FROM waiting WHERE sha256 = ?", (sha,))
         return gone
 
-    async def load(self) -> tuple[list[Upload], dict[str, int], int]:
+    async def load(self) -> tuple[list[Upload], dict[str, int], int, int]:
         uploads = [_upload(r) for r in await self._read(_UPLOAD + " WHERE blob IS NULL", ())]
         owners = {str(r[0]): int(r[1]) for r in await self._read(
-            "SELECT owner, SUM(size) FROM blobs WHERE deleted = 0 GROUP BY owner", ())}
-        count = await self._read("SELECT COUNT(*) FROM blobs WHERE deleted = 0", ())
-        return uploads, owners, int(count[0][0])
+            "SELECT owner, SUM(charge) FROM blobs WHERE deleted = 0 GROUP BY owner", ())}
+        count, stored = (await self._read("SELECT COUNT(*), TOTAL(size) FROM blobs WHERE deleted = 0", ()))[0]
+        return uploads, owners, int(count), int(stored)
 
     async def sealed_uploads(self, before_ms: int) -> list[str]:
         return [str(r[0]) for r in await self._read(

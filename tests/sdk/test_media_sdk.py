@@ -23,12 +23,14 @@ import pytest
 from client_sdk import AsyncClient, Client, MediaBody, MediaBodyError, MediaCryptoError, MediaError
 from client_sdk.aio import _in_thread
 from client_sdk.events import Message
+from client_sdk.media import UPLOADS
 from client_sdk.mediabody import MAX_THUMBNAIL_BYTES, parse_media_body
 from client_sdk.mediacrypto import MediaKey, ciphertext_size
+from client_sdk.mediahttp import MediaHTTP
 from testkit.https_server import make_tls
 from testkit.proxy import TcpProxy
 from tests.helpers import WAIT_S, BrokerThread
-from tests.media_client import MiB, media_broker
+from tests.media_client import MiB, charged, media_broker
 from tests.media_stores import BACKENDS, backend_settings
 from tests.sdk.conftest import Collector, LogWatch
 
@@ -248,17 +250,58 @@ def test_a_download_stopped_by_the_app_resumes_from_its_part_file(
     assert file_sha(dest) == want
 
 
-def test_an_upload_aborted_by_the_app_sends_nothing(clients: Callable[..., Collector], tmp_path: Path) -> None:
+@pytest.mark.parametrize("failure", ["abort", "shrink"])
+def test_an_upload_that_fails_for_good_is_deleted(media: tuple[BrokerThread, TcpProxy], failure: str,
+                                                  clients: Callable[..., Collector], tmp_path: Path) -> None:
+    """The app aborts (its progress callback raises), or the file loses its end midway (a failure
+    the SDK cannot resume from), past the first PATCH: nothing is sent, and the SDK deletes the
+    upload it leaves, so the server frees it at once (not after upload_ttl_s)."""
+    broker, _ = media
     alice = clients("alice")
     source = tmp_path / "clip.bin"
-    big_file(source, 2 * MiB)
+    big_file(source, 20 * MiB)
 
-    def abort(done: int, total: int) -> None:
-        raise Abort
+    def fail(done: int, total: int) -> None:
+        if done > 9 * MiB and failure == "abort":
+            raise Abort
+        if done > 9 * MiB and source.stat().st_size > MiB:
+            os.truncate(source, MiB)
 
-    with pytest.raises(Abort):
-        alice.client.send_media("bob", source, progress=abort)
-    assert alice.client.outbox() == []
+    raised = pytest.raises(Abort) if failure == "abort" else pytest.raises(ValueError, match="shorter")
+    with LogWatch("client_sdk.media", "not deleted") as kept, raised:
+        alice.client.send_media("bob", source, progress=fail)
+    assert kept.count == 0 and alice.client.outbox() == []
+    assert (charged(broker), in_progress(broker)) == (0, 0)
+    assert not list((broker.settings.data_path / "media" / "staging").iterdir())
+
+
+def test_the_answer_to_the_post_lost(media: tuple[BrokerThread, TcpProxy], clients: Callable[..., Collector],
+                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server creates the upload but its answer never arrives: the SDK's retried POST (same
+    Idempotency-Key) names the same upload, so none is left behind holding quota."""
+    broker, _ = media
+    alice, bob = clients("alice"), clients("bob")
+    source = tmp_path / "clip.bin"
+    want = big_file(source, MiB)
+    real, lost = MediaHTTP.call, []
+
+    def losing(self: MediaHTTP, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        reply = real(self, method, path, *args, **kwargs)
+        if method == "POST" and path == UPLOADS and not lost:
+            lost.append(reply.data["upload"])
+            raise MediaError("network", "POST: the connection ended before the answer")  # as a cut would
+        return reply
+
+    monkeypatch.setattr(MediaHTTP, "call", losing)
+    alice.client.send_media("bob", source)
+    assert lost and (charged(broker), in_progress(broker)) == (ciphertext_size(MiB), 0)
+    bob.client.download_media(media_message(bob), tmp_path / "got.bin")
+    assert file_sha(tmp_path / "got.bin") == want
+
+
+def in_progress(broker: BrokerThread) -> int:
+    assert broker.app.media is not None
+    return broker.app.media.service.uploads_in_progress
 
 
 async def test_async_client_sends_and_downloads(media: tuple[BrokerThread, TcpProxy], tmp_path: Path) -> None:

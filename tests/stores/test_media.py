@@ -13,7 +13,8 @@ from bridge.media.core import MediaLimits, Upload
 from bridge.media.store import MediaStore
 from tests.stores.backends import Backend
 
-LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=100, max_uploads=2, upload_ttl_ms=1000, ttl_ms=10_000)
+LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=100, max_uploads=2, upload_ttl_ms=1000, ttl_ms=10_000,
+                     min_charge=20, uploads_per_minute=60, uploads_burst=5)
 A, B = "a" * 64, "b" * 64
 
 
@@ -35,9 +36,9 @@ async def test_uploads_seal_into_one_blob_per_content(store: MediaStore, backend
     await store.add_upload(first)
     await store.add_upload(second)
     await store.touch_upload(first.id, 7)
-    uploads, owners, count = await store.load()
+    uploads, owners, count, stored = await store.load()
     assert sorted((u.id, u.touched_ms) for u in uploads) == sorted([(first.id, 7), (second.id, 0)])
-    assert (owners, count) == ({}, 0)
+    assert (owners, count, stored) == ({}, 0, 0)
     assert await store.seal(first.id, core.seal(first, A, {"bob": ["phone", "laptop"]}, ["phone", "tv"], 100, LIMITS))
     # The same bytes from carol: one blob, more readers and waiting devices; carol's charge is not kept.
     assert not await store.seal(second.id, core.seal(second, A, {"bob": ["ipad"]}, [], 200, LIMITS))
@@ -49,7 +50,7 @@ async def test_uploads_seal_into_one_blob_per_content(store: MediaStore, backend
     assert await store.sealed("0nosuchupload") is None and await store.sealed("..") is None
     again = await backend.media()  # another handle (a restart, another node) sees the same records
     try:
-        assert await again.load() == ([], {"alice": 25}, 1)
+        assert await again.load() == ([], {"alice": 25}, 1, 25)
         assert await again.waiting_devices() == {"bob.phone", "bob.laptop", "bob.ipad", "alice.tv"}
     finally:
         await again.close()
@@ -69,7 +70,7 @@ async def test_deleted_after_the_last_fetch_or_device_removal(store: MediaStore)
     assert blob is not None and blob.deleted  # answers gone until forgotten
     assert await store.fetched(A, "bob.laptop") is None
     assert await store.waiting_devices() == set()
-    assert await store.load() == ([], {}, 0)
+    assert await store.load() == ([], {}, 0, 0)
     assert await store.forget(blob.expires_ms) == []
     assert await store.forget(blob.expires_ms + 1) == [A]
     assert await store.blob(A) is None and not await store.is_reader(A, "bob")
@@ -103,7 +104,7 @@ async def test_a_deleted_blob_uploaded_again_is_a_new_blob(store: MediaStore) ->
     blob = await store.blob(A)
     assert blob is not None and (blob.owner, blob.created_ms, blob.deleted) == ("carol", 50, False)
     assert await store.forget(10**9) == []  # live again: not forgotten
-    assert (await store.load())[1:] == ({"carol": 25}, 1)
+    assert (await store.load())[1:] == ({"carol": 25}, 1, 25)
 
 
 async def test_a_dropped_upload_in_progress_is_gone(store: MediaStore) -> None:
@@ -111,5 +112,16 @@ async def test_a_dropped_upload_in_progress_is_gone(store: MediaStore) -> None:
     await store.add_upload(first)
     await store.drop_upload(first.id)
     await store.drop_upload(first.id)  # twice is fine
-    assert await store.load() == ([], {}, 0)
+    assert await store.load() == ([], {}, 0, 0)
     assert await store.sealed(first.id) is None
+
+
+async def test_a_blob_keeps_its_charge(store: MediaStore) -> None:
+    tiny = upload(size=5)
+    await store.add_upload(tiny)
+    await store.seal(tiny.id, core.seal(tiny, A, {"bob": ["phone"]}, [], 0, LIMITS))
+    blob = await store.blob(A)
+    assert blob is not None and (blob.size, blob.charge) == (5, LIMITS.min_charge)
+    assert await store.load() == ([], {"alice": LIMITS.min_charge}, 1, 5)
+    [done] = await store.remove_devices(["bob.phone"])
+    assert done.charge == LIMITS.min_charge

@@ -1,17 +1,19 @@
 """What the shared media store of cluster mode adds (``bridge.cluster.media.SharedMediaStore``,
-storage/redis/media.py): the quota and uploads in progress checked where the upload is recorded,
+storage/redis/media.py): the uploads in progress, quota and creation rate checked where the upload is
+recorded,
 charges moved and freed across the uploader's and the blob's shards exactly once (a retried script, a
 crash between two), idle uploads ended once whichever node sweeps."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import cast
 
 import pytest
 
 from bridge.media import core
-from bridge.media.core import Upload
+from bridge.media.core import MediaLimits, Upload
 from bridge.store import StoreError
 from storage.redis import media as redis_media
 from storage.redis.media import RedisMediaStore
@@ -19,7 +21,8 @@ from tests.stores.backends import Backend, RedisBackend
 from tests.stores.test_media import LIMITS, A, B, upload
 
 STORE_BACKENDS = ["redis"]
-QUOTA, MAX_UPLOADS = 100, 2
+QUOTA = 100
+SHARED = replace(LIMITS, quota_bytes=QUOTA, min_charge=0, uploads_burst=100)
 
 
 @pytest.fixture
@@ -32,15 +35,16 @@ async def store(backend: Backend) -> AsyncIterator[RedisMediaStore]:
         await opened.close()
 
 
-async def admit(store: RedisMediaStore, u: Upload) -> tuple[str, int] | None:
-    return await store.admit(u, QUOTA, MAX_UPLOADS)
+async def admit(store: RedisMediaStore, u: Upload, limits: MediaLimits = SHARED) -> tuple[str, int] | None:
+    """None if ``u`` is recorded (now or before), else the refusal."""
+    found = await store.admit(u, core.charge(u.size, limits), limits)
+    return None if isinstance(found, Upload) else found
 
 
 async def in_use(store: RedisMediaStore, user: str = "alice") -> int:
     """Bytes charged to ``user``, as a refusal tells them (an upload of the whole quota asked for)."""
-    probe = upload(user, size=QUOTA + 1)
-    refused = await store.admit(probe, QUOTA, 0)
-    assert refused is not None and refused[0] == "quota_exceeded"
+    refused = await admit(store, upload(user, size=QUOTA + 1), replace(SHARED, max_uploads=0))
+    assert refused is not None and refused[0] == "quota"
     return refused[1]
 
 
@@ -48,13 +52,13 @@ async def test_quota_and_uploads_in_progress_are_checked_where_recorded(store: R
     first, second = upload(size=40), upload(size=40)
     assert await admit(store, first) is None
     assert await admit(store, first) is None  # a retry: recorded once, charged once
-    assert await admit(store, upload(size=70)) == ("quota_exceeded", 40)
+    assert await admit(store, upload(size=70)) == ("quota", 40)
     assert await admit(store, second) is None
-    assert await admit(store, upload(size=1)) == ("rate_limited", 2)
+    assert await admit(store, upload(size=1)) == ("uploads", 80)
     assert await admit(store, upload("carol", size=100)) is None  # per user
     assert (await store.stats())[2] == 3
     with pytest.raises(ValueError, match="shard"):
-        await store.admit(Upload("zz", "alice", "phone", "bob", 1, 0, 0), QUOTA, MAX_UPLOADS)
+        await store.admit(Upload("zz", "alice", "phone", "bob", 1, 0, 0), 1, SHARED)
 
 
 async def test_charges_move_to_the_blob_and_are_freed_once(store: RedisMediaStore) -> None:
@@ -147,3 +151,37 @@ async def test_a_release_refused_by_redis_still_deletes_and_is_finished_later(st
     monkeypatch.setattr(redis_media, "RELEASE_GRACE_MS", 0)
     await store.expire(0)
     assert await in_use(store) == 0
+
+
+async def test_a_recorded_id_answers_its_upload_charging_nothing(store: RedisMediaStore) -> None:
+    first = upload(size=30)
+    assert await store.admit(first, 30, SHARED) is first
+    again = Upload(first.id, "alice", "phone", "carol", 99, 5, 5)  # an Idempotency-Key repeated
+    assert await store.admit(again, 99, SHARED) == first
+    assert await in_use(store) == 30 and (await store.stats())[2] == 1
+
+
+async def test_the_minimum_charge_is_taken_kept_by_the_blob_and_freed(store: RedisMediaStore) -> None:
+    limits = replace(SHARED, min_charge=20)
+    tiny, other = upload(size=5), upload(size=5)
+    assert await admit(store, tiny, limits) is None
+    assert await admit(store, other, limits) is None
+    assert await in_use(store) == 40
+    await store.seal(tiny.id, core.seal(tiny, A, {"bob": ["phone"]}, [], 0, limits))
+    assert await in_use(store) == 40 and await store.stats() == (5, 1, 1)  # the blob holds tiny's charge
+    await store.drop_upload(other.id)  # deleted by its device
+    assert await in_use(store) == 20
+    assert await store.fetched(A, "bob.phone") is not None
+    assert await in_use(store) == 0
+
+
+async def test_the_creation_rate_is_one_bucket_per_user_that_expires_full(store: RedisMediaStore) -> None:
+    limits = replace(SHARED, uploads_burst=3, uploads_per_minute=6, max_uploads=10, quota_bytes=1000)
+    for _ in range(3):
+        assert await admit(store, upload(size=1), limits) is None
+    assert await admit(store, upload(size=1), limits) == ("rate", 3)
+    assert await admit(store, upload("carol", size=1), limits) is None  # per user
+    assert await admit(store, upload(size=2000), replace(limits, uploads_burst=100)) == ("quota", 3)
+    bucket = store.key("mur", f"mu{core.user_shard('alice')}", "alice")
+    ttl = int(await store.command("test.pttl", "PTTL", bucket))
+    assert 29_000 < ttl <= 30_000  # 3 tokens at 6 a minute: full (so gone) in 30 s

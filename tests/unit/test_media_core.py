@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,10 @@ from bridge.media.core import MediaError, MediaLimits, Upload, Usage
 from broker.front import ListenerError, tls_context
 from chatserver import media as media_wiring
 from chatserver.config import ConfigError, build_settings
-from storage.sqlite.media import SqliteMediaStore
+from storage.sqlite.media import MEDIA_DB, MIGRATIONS, SqliteMediaStore
 
-LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=150, max_uploads=2, upload_ttl_ms=1000, ttl_ms=5000)
+LIMITS = MediaLimits(max_bytes=100, chunk_max=10, quota_bytes=150, max_uploads=2, upload_ttl_ms=1000, ttl_ms=5000,
+                     min_charge=20, uploads_per_minute=6, uploads_burst=3)
 UP = Upload("u1", "alice", "phone", "bob", 25, 0, 0)
 
 
@@ -37,22 +40,66 @@ def test_new_upload_bodies(body: object, expected: str) -> None:
 
 
 def test_quota_and_uploads_in_progress() -> None:
-    usage = Usage()
-    usage.admit("alice", 100, LIMITS)
-    usage.start("alice", 100)
+    usage = Usage(LIMITS)
+    assert usage.admit("alice", 100, 0.0) == 100
     with pytest.raises(MediaError) as info:
-        usage.admit("alice", 51, LIMITS)
+        usage.admit("alice", 51, 0.0)
     assert code(info) == "quota_exceeded" and info.value.status == 413
-    usage.start("alice", 50)
+    assert usage.admit("alice", 50, 0.0) == 50
     with pytest.raises(MediaError) as info:
-        usage.admit("alice", 1, LIMITS)
+        usage.admit("alice", 1, 0.0)
     assert code(info) == "rate_limited" and info.value.retry_after_s == 60
     usage.end_upload("alice", 100, keep_charge=True)  # sealed: the blob keeps its charge
     usage.end_upload("alice", 50, keep_charge=False)  # abandoned
     assert usage.charged == {"alice": 100} and usage.uploads == {"alice": 0}
     usage.free("alice", 100)
     assert usage.charged == {}
-    usage.admit("bob", 150, LIMITS)  # each user has their own quota
+    usage.admit("bob", 150, 0.0)  # each user has their own quota
+
+
+def test_every_upload_is_charged_at_least_the_minimum() -> None:
+    usage = Usage(replace(LIMITS, max_uploads=100, uploads_burst=100))
+    assert [usage.admit("alice", 1, 0.0) for _ in range(7)] == [20] * 7  # 1-byte files cost 20 each
+    with pytest.raises(MediaError) as info:
+        usage.admit("alice", 1, 0.0)  # 140 + 20 > 150: a quota of Q holds at most Q / min_charge files
+    assert code(info) == "quota_exceeded" and "at least 20 per file" in info.value.detail
+    assert usage.charged == {"alice": 140} and usage.uploads == {"alice": 7}
+    assert core.charge(25, LIMITS) == 25 and core.charge(0, replace(LIMITS, min_charge=0)) == 0
+    sealed = core.seal(replace(UP, size=3), "s" * 64, {}, [], 0, LIMITS)
+    assert sealed.blob.charge == 20  # the blob keeps the upload's charge
+
+
+def test_upload_creation_rate_per_user() -> None:
+    usage = Usage(replace(LIMITS, max_uploads=100, quota_bytes=10**6))
+    for _ in range(3):  # the burst
+        usage.admit("alice", 1, 100.0)
+    with pytest.raises(MediaError) as info:
+        usage.admit("alice", 1, 100.0)
+    assert code(info) == "rate_limited" and info.value.status == 429 and info.value.retry_after_s == 10
+    assert "6 a minute" in info.value.detail
+    assert usage.charged == {"alice": 60} and usage.uploads == {"alice": 3}  # a refusal charges nothing
+    usage.admit("bob", 1, 100.0)  # another user is not limited by alice
+    usage.admit("alice", 1, 110.0)  # 6 a minute: one more after 10 s
+    with pytest.raises(MediaError):
+        usage.admit("alice", 1, 115.0)
+
+
+def test_an_idempotency_key_names_one_upload_per_device() -> None:
+    key = "k" * 22
+    first = core.keyed_upload_id("alice", "phone", key)
+    assert first == core.keyed_upload_id("alice", "phone", key) and len(first) == 23
+    assert first[0] == core.user_shard("alice") == core.new_upload_id("alice")[0]  # the uploader's shard first
+    assert len({first, core.keyed_upload_id("alice", "laptop", key), core.keyed_upload_id("bob", "phone", key),
+                core.keyed_upload_id("alice", "phone", "j" * 22)}) == 4
+    for bad in ("k" * 15, "k" * 65, "k" * 20 + "/.", "k" * 20 + "é"):
+        with pytest.raises(MediaError) as info:
+            core.keyed_upload_id("alice", "phone", bad)
+        assert code(info) == "bad_request"
+    core.check_replay(UP, 25, "bob")
+    for size, to in ((26, "bob"), (25, "carol")):
+        with pytest.raises(MediaError) as info:
+            core.check_replay(UP, size, to)
+        assert code(info) == "bad_request"
 
 
 def test_patch_rules() -> None:
@@ -77,11 +124,11 @@ def test_seal_fixes_readers_and_waiting_devices() -> None:
 
 
 def test_who_may_read() -> None:
-    blob = core.Blob("s" * 64, "alice", 5, 0, 10)
+    blob = core.Blob("s" * 64, "alice", 5, 0, 10, 20)
     assert core.readable(blob, True) is blob
     for found, reader, expected in ((blob, False, "not_found"), (None, True, "not_found"),
-                                    (core.Blob("s" * 64, "alice", 5, 0, 10, deleted=True), True, "gone"),
-                                    (core.Blob("s" * 64, "alice", 5, 0, 10, deleted=True), False, "not_found")):
+                                    (core.Blob("s" * 64, "alice", 5, 0, 10, 20, deleted=True), True, "gone"),
+                                    (core.Blob("s" * 64, "alice", 5, 0, 10, 20, deleted=True), False, "not_found")):
         with pytest.raises(MediaError) as info:
             core.readable(found, reader)
         assert code(info) == expected
@@ -121,8 +168,7 @@ async def test_sqlite_records(tmp_path: Path) -> None:
         assert await store.is_reader("a" * 64, "carol") and not await store.is_reader("a" * 64, "eve")
         found = await store.sealed("u1")
         assert found is not None and found[1] == "a" * 64
-        uploads, owners, count = await store.load()
-        assert (uploads, owners, count) == ([], {"alice": 25}, 1)
+        assert await store.load() == ([], {"alice": 25}, 1, 25)
         assert await store.waiting_devices() == {"bob.phone", "bob.laptop", "bob.tv"}
         assert await store.fetched("a" * 64, "bob.phone") is None
         assert await store.fetched("a" * 64, "bob.phone") is None  # again: nothing
@@ -134,9 +180,13 @@ async def test_sqlite_records(tmp_path: Path) -> None:
         assert await store.forget(blob.expires_ms) == []
         assert await store.forget(blob.expires_ms + 1) == ["a" * 64]
         assert await store.blob("a" * 64) is None
+        tiny = core.seal(replace(UP, size=3), "c" * 64, {"bob": ["phone"]}, [], 0, LIMITS)
+        assert await store.seal("u1", tiny)  # charged the minimum, 20: a restart sums that, not 3
+        assert (await store.load())[1:] == ({"alice": 20}, 1, 3)
+        assert await store.blob("c" * 64) == tiny.blob
         other = core.seal(UP, "b" * 64, {"bob": ["phone"]}, [], 0, LIMITS)
         await store.seal("u1", other)
-        assert [b.sha256 for b in await store.expire(other.blob.expires_ms)] == ["b" * 64]
+        assert sorted(b.sha256 for b in await store.expire(other.blob.expires_ms)) == ["b" * 64, "c" * 64]
         assert await store.sealed_uploads(10**6) == ["u1", "u2"]
         await store.drop_upload("u1")
         assert await store.sealed("u1") is None
@@ -155,3 +205,14 @@ async def test_an_s3_backend_without_its_module_stops_the_start(tmp_path: Path,
 def test_a_bad_media_certificate_names_its_key(tmp_path: Path) -> None:
     with pytest.raises(ListenerError, match=r"^media\.certfile: cannot read .*nope\.pem"):
         tls_context("media", str(tmp_path / "nope.pem"), str(tmp_path / "nope.key"), section="media")
+
+
+async def test_a_media_db_of_before_the_minimum_charge_keeps_charging_sizes(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / MEDIA_DB) as db:
+        db.executescript(MIGRATIONS[0] + ";PRAGMA user_version=1")
+        db.execute("INSERT INTO blobs VALUES (?, 'alice', 3, 0, 10, 0)", ("a" * 64,))
+    store = await SqliteMediaStore.open(tmp_path)
+    try:
+        assert await store.load() == ([], {"alice": 3}, 1, 3)  # what was charged then
+    finally:
+        await store.close()
