@@ -4,22 +4,28 @@ through node A is cut and resumed through node B (a proxy re-pointed at B: a loa
 another node); bob downloads through node B; the blob goes after the last recipient device fetched
 it through B; a stranger is refused; the quota is one for the user whichever node is asked. A group
 upload is stored once and expired once by the sweeps of both nodes; a node SIGKILLed mid-upload
-loses no acknowledged byte: the other node finishes the upload."""
+loses no acknowledged byte: the other node finishes the upload. The limits are the cluster's: a flood
+split across both nodes passes the user's burst once, the minimum charge of node A's files counts on
+node B, an upload is deleted (its charge and its staging freed) and found by its Idempotency-Key
+through either node, and a GET on node B seals what node A stored whole but died before sealing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from bridge.media.core import user_shard
 from client_sdk import Client, MediaError
 from client_sdk.mediabody import parse_media_body
 from client_sdk.mediacrypto import ciphertext_size
@@ -28,7 +34,7 @@ from testkit.redis_cluster import RedisCluster
 from testkit.s3_server import S3Server
 from tests.deployment import ClusterDeployment
 from tests.helpers import WAIT_S, BrokerProcess, BrokerThread
-from tests.media_client import MediaClient, MiB, file_bytes, file_digest
+from tests.media_client import MediaClient, MiB, add_device, file_bytes, file_digest
 from tests.media_stores import s3_config
 from tests.sdk.conftest import Collector, LogWatch
 from tests.sdk.test_media_sdk import big_file, file_sha, media_message, stored_blob
@@ -231,3 +237,142 @@ async def test_a_node_sigkilled_mid_upload_loses_no_acknowledged_byte_and_anothe
     finally:
         for proc in procs:
             proc.stop()
+
+
+# --- the limits of docs/MEDIA.md, shared by the nodes --------------------------------------------
+
+KiB = 1024
+MIN = 64 * KiB  # media.min_charge_bytes by default
+BURST = 12
+
+
+@pytest.fixture
+def limited(tmp_path: Path, redis_cluster: RedisCluster, s3_server: S3Server) -> Iterator[ClusterDeployment]:
+    s3 = s3_config(s3_server, tmp_path / "s3")
+    deployment = ClusterDeployment(tmp_path / "cluster", redis_cluster, {
+        "media.bind": "127.0.0.1:0", "media.quota_bytes": 16 * MIN, "media.uploads_burst": BURST,
+        "media.uploads_per_minute": 1, "media.max_uploads": 100, "media.backend": "s3", "media.s3": s3},
+        nodes=2).start()
+    deployment.s3 = s3  # type: ignore[attr-defined]
+    yield deployment
+    deployment.stop()
+
+
+def charged_to(node: BrokerThread, user: str) -> int:
+    """Bytes charged to ``user``'s quota in the shared store (uploads in progress and live blobs)."""
+    assert node.app.media is not None
+    store = node.app.media.service._store
+    key = store.key("muq", f"mu{user_shard(user)}")
+    return sum(int(v or 0) for v in node.call(store.command("test.charged", "HMGET", key, f"{user}:u", f"{user}:b")))
+
+
+def staged_keys(s3: dict[str, str], upload: str) -> int:
+    """Objects of the upload's staging in the bucket (moto on loopback checks no auth)."""
+    url = f"{s3['endpoint_url']}/{s3['bucket']}?list-type=2&prefix={s3['prefix']}staging/{upload}/"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return int(answer.read().count(b"<Key>"))
+
+
+@contextlib.asynccontextmanager
+async def on_both(limited: ClusterDeployment) -> AsyncIterator[tuple[MediaClient, MediaClient]]:
+    async with aiohttp.ClientSession() as http:
+        yield tuple(MediaClient(http, f"http://127.0.0.1:{node.address('media')[1]}/v1/media")  # type: ignore[misc]
+                    for node in limited.nodes)
+
+
+async def test_a_flood_split_across_nodes_passes_the_shared_burst_and_the_min_charge_counts_everywhere(
+        limited: ClusterDeployment) -> None:
+    a, b = limited.nodes
+    alice, carol = add_device(a, "alice", "phone"), add_device(a, "carol", "phone")
+    add_device(a, "bob", "phone")
+    async with on_both(limited) as (on_a, on_b):
+        made = await asyncio.gather(*((on_a, on_b)[n % 2].create(alice, "bob", 1) for n in range(40)))
+        # One bucket for both nodes: a bucket per node would have passed twice the burst.
+        assert sorted(status for status, _ in made) == [201] * BURST + [429] * (40 - BURST)
+        assert {body["error"] for status, body in made if status == 429} == {"rate_limited"}
+        assert charged_to(b, "alice") == BURST * MIN  # 1-byte files, charged the minimum each
+        async with on_b.http.post(on_b.base + "/uploads", json={"size": 1, "to": "bob"}, headers=alice.auth) as r:
+            assert (r.status, r.headers["Retry-After"]) == (429, "60")
+        # The minimum charge on node A counts on node B: 10 files of 8 bytes hold 10 * MIN of 16 * MIN.
+        for _ in range(10):
+            assert (await on_a.create(carol, "bob", 8))[0] == 201
+        status, body = await on_b.create(carol, "bob", 6 * MIN + 1)
+        assert (status, body["error"]) == (413, "quota_exceeded") and f"({10 * MIN} in use)" in body["detail"]
+        assert (await on_b.create(carol, "bob", 6 * MIN))[0] == 201
+        status, body = await on_a.create(carol, "bob", 8)
+        assert (status, body["error"]) == (413, "quota_exceeded") and f"at least {MIN} per file" in body["detail"]
+        assert charged_to(a, "carol") == 16 * MIN
+
+
+async def test_delete_on_another_node_frees_the_quota_and_the_staging(limited: ClusterDeployment) -> None:
+    a, _ = limited.nodes
+    alice, bob = add_device(a, "alice", "phone"), add_device(a, "bob", "phone")
+    async with on_both(limited) as (on_a, on_b):
+        upload = (await on_a.create(alice, "bob", 15 * MIN))[1]["upload"]
+        assert (await on_a.patch(alice, upload, 0, 4 * MIN))[0] == 204
+        assert staged_keys(limited.s3, upload) >= 1  # type: ignore[attr-defined]
+        assert (await on_b.create(alice, "bob", 2 * MIN))[0] == 413
+        async with on_b.http.delete(f"{on_b.base}/uploads/{upload}", headers=bob.auth) as r:
+            assert r.status == 404  # not bob's
+        async with on_b.http.delete(f"{on_b.base}/uploads/{upload}", headers=alice.auth) as r:
+            assert r.status == 204
+        assert staged_keys(limited.s3, upload) == 0  # type: ignore[attr-defined]
+        assert charged_to(a, "alice") == 0
+        assert (await on_a.patch(alice, upload, 4 * MIN, 5 * MIN))[0] == 404
+        async with on_a.http.get(f"{on_a.base}/uploads/{upload}", headers=alice.auth) as r:
+            assert r.status == 404
+        status, body = await on_b.create(alice, "bob", 15 * MIN)
+        assert status == 201  # the quota is whole again
+        sealed = await on_b.upload(alice, "bob", 15 * MIN, upload=body["upload"])
+        async with on_a.http.delete(f"{on_a.base}/uploads/{body['upload']}", headers=alice.auth) as r:
+            answer = await r.json()
+            assert (r.status, answer["error"], answer["url"]) == (409, "sealed", sealed["url"])
+
+
+async def test_an_idempotency_key_repeated_on_another_node_answers_the_same_upload(limited: ClusterDeployment) -> None:
+    a, b = limited.nodes
+    alice = add_device(a, "alice", "phone")
+    add_device(a, "bob", "phone")
+    key = {**alice.auth, "Idempotency-Key": "k" * 32}
+    async with on_both(limited) as (on_a, on_b):
+        async with on_a.http.post(on_a.base + "/uploads", json={"size": 4 * MIN, "to": "bob"}, headers=key) as r:
+            assert r.status == 201
+            upload = (await r.json())["upload"]
+        assert (await on_a.patch(alice, upload, 0, MIN))[0] == 204
+        answers = await asyncio.gather(*(on_b.http.post(on_b.base + "/uploads", json={"size": 4 * MIN, "to": "bob"},
+                                                        headers=key) for _ in range(3)))
+        for r in answers:
+            answer = await r.json()
+            assert (r.status, answer["upload"], answer["offset"]) == (201, upload, MIN)
+            r.release()
+        assert charged_to(b, "alice") == 4 * MIN  # charged once
+        async with on_b.http.post(on_b.base + "/uploads", json={"size": MIN, "to": "bob"}, headers=key) as r:
+            assert (r.status, (await r.json())["error"]) == (400, "bad_request")
+        sealed = await on_b.upload(alice, "bob", 4 * MIN, start_offset=MIN, upload=upload)
+        async with on_a.http.post(on_a.base + "/uploads", json={"size": 4 * MIN, "to": "bob"}, headers=key) as r:
+            answer = await r.json()
+            assert (r.status, answer["error"], answer["url"]) == (409, "sealed", sealed["url"])
+
+
+async def test_an_upload_stored_whole_but_unsealed_is_sealed_by_a_get_on_another_node(
+        limited: ClusterDeployment) -> None:
+    a, _ = limited.nodes
+    alice, bob = add_device(a, "alice", "phone"), add_device(a, "bob", "phone")
+    assert a.app.media is not None
+    service = a.app.media.service
+
+    async def died(upload: object) -> str:
+        raise ConnectionError("node A died between the last byte and the seal")
+
+    service._seal = died  # type: ignore[method-assign]
+    async with on_both(limited) as (on_a, on_b):
+        upload = (await on_a.create(alice, "bob", 2 * MIN))[1]["upload"]
+        headers = {**alice.auth, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+        async with on_a.http.patch(f"{on_a.base}/uploads/{upload}", data=b"".join(file_bytes(0, 2 * MIN)),
+                                   headers=headers) as r:
+            assert r.status not in (200, 204)  # every byte stored, no seal
+        state = await on_b.offset(alice, upload)
+        assert state["offset"] == 2 * MIN and state["url"] is not None
+        assert (await on_b.download(bob, state["url"]))[1:] == (file_digest(2 * MIN), 2 * MIN)
+        assert (await on_a.offset(alice, upload))["url"] == state["url"]  # sealed once
+        assert charged_to(a, "alice") == 2 * MIN  # now the blob's
