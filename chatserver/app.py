@@ -126,7 +126,7 @@ class BrokerApp:
         self._presence: PresenceService | ClusterPresence | None = None
         self.push: PushService | ClusterPush | None = None  # push.enabled
         self._push_store: SqlitePushStore | None = None
-        self.media: MediaParts | None = None  # media.bind (one process on SQLite)
+        self.media: MediaParts | None = None  # media.bind
         self._broker: ChatBroker | None = None
         self._ops: HttpServer | None = None
         self._lag: LoopLag | None = None
@@ -393,13 +393,27 @@ class BrokerApp:
             self._groups = None
 
     async def _start_media(self, authenticator: Authenticator, messaging: StagedDevices) -> StagedDevices:
-        """The media endpoint if ``media.bind`` is set (one process on SQLite: the config refuses it
-        with ``cluster``); what ``devices.remove`` must reach."""
-        users, groups, media = self._users, self._groups, self.settings.media
-        if media.bind is None or not isinstance(users, SqliteUserStore) or not isinstance(groups, GroupService):
+        """The media endpoint if ``media.bind`` is set (in cluster mode its records in Redis, its bytes in
+        S3: the config refuses another backend); what ``devices.remove`` must reach."""
+        users, groups, media, cluster = self._users, self._groups, self.settings.media, self._cluster
+        if media.bind is None or users is None:
             return messaging
+        if cluster is not None:
+            async def members(group: str) -> tuple[str, ...]:
+                found = await cluster.groups.load(group)
+                return found.members if found is not None else ()
+
+            self.media = await MediaParts.open(media, self.settings.data_path, authenticator, users, members, set(),
+                                               clock=self.clock, supervisor=self.supervisor, shared=cluster.media)
+            return AlsoMedia(messaging, self.media.service)
+        assert isinstance(users, SqliteUserStore) and isinstance(groups, GroupService)
         devices = {f"{user}.{device}" for user, device in await users.all_devices() if device is not None}
-        self.media = await MediaParts.open(media, self.settings.data_path, authenticator, users, groups, devices,
+
+        async def settled(group: str) -> tuple[str, ...]:
+            async with groups.settled(group) as found:
+                return found
+
+        self.media = await MediaParts.open(media, self.settings.data_path, authenticator, users, settled, devices,
                                            clock=self.clock, supervisor=self.supervisor)
         return AlsoMedia(messaging, self.media.service)
 

@@ -17,6 +17,7 @@ from chatserver.config import ClusterSettings
 from storage.redis.client import RedisStore, cluster_client
 from storage.redis.group_log import RedisGroupLog
 from storage.redis.keys import RedisKeyStore
+from storage.redis.media import RedisMediaStore
 from storage.redis.nodes import RedisNodeBus
 from storage.redis.presence import RedisPresenceStore
 from storage.redis.push import RedisPushStore
@@ -40,6 +41,7 @@ class ClusterStores:
     bus: RedisNodeBus
     groups: RedisGroupLog
     push: RedisPushStore
+    media: RedisMediaStore
 
     @classmethod
     async def open(cls, cluster: ClusterSettings, node_id: str, max_dedup: int = MAX_DEDUP) -> ClusterStores:
@@ -63,7 +65,8 @@ class ClusterStores:
                      RedisGroupLog(client, cluster.key_prefix, cluster.retry_s,
                                    min_replicas_ack=cluster.min_replicas_ack,
                                    wait_timeout_ms=cluster.wait_timeout_ms, max_dedup=max_dedup),
-                     RedisPushStore(client, cluster.key_prefix, cluster.retry_s))
+                     RedisPushStore(client, cluster.key_prefix, cluster.retry_s),
+                     RedisMediaStore(client, cluster.key_prefix, cluster.retry_s))
         log.info("cluster: node %s on the Redis Cluster at %s", node_id, ", ".join(cluster.redis))
         return stores
 

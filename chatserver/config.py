@@ -450,9 +450,10 @@ class Settings(_Section):
                 f"mqtt.max_packet_bytes ({self.mqtt.max_packet_bytes}) must be at least {need} "
                 "to carry a chat message of limits.max_body_bytes"
             )
-        if self.media.bind is not None and self.cluster is not None:
-            raise ValueError("media.bind: the media endpoint is not available in cluster mode yet (one process "
-                             "on SQLite only); unset media.bind or cluster")
+        if self.media.bind is not None and self.cluster is not None and self.media.backend != "s3":
+            raise ValueError("media.backend: in cluster mode every node must serve every blob and resume every "
+                             "upload, so blobs cannot stay in a node's data_dir: set media.backend: s3 and a "
+                             "media.s3 section (a bucket every node reaches), or unset media.bind")
         return self
 
     @property

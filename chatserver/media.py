@@ -1,9 +1,11 @@
-"""Wiring of media (docs/MEDIA.md): the blob store of ``media.backend``, ``media.db``, the service
-and its HTTP listener on ``media.bind``. ``MediaParts.open`` builds and starts them all (or
-nothing); ``close`` stops them in reverse order.
+"""Wiring of media (docs/MEDIA.md): the blob store of ``media.backend``, the records (``media.db``,
+or in cluster mode the Redis store the app passes), the service and its HTTP listener on
+``media.bind``. ``MediaParts.open`` builds and starts them all (or nothing); ``close`` stops them in
+reverse order.
 
-The s3 backend's module (``storage.media.s3``) is imported by name only when configured; it
-provides ``async open_store(settings: dict[str, object], staging: LocalBlobStore) -> BlobStore``.
+The s3 backend's module (``storage.media.s3``) is imported by name only when configured; it provides
+``async open_store(settings: dict[str, object], staging: LocalBlobStore, shared: bool) -> BlobStore``
+(``shared``: uploads staged in the bucket, for cluster mode).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from pathlib import Path
 
 from bridge.background import Supervisor
 from bridge.clock import Clock
-from bridge.groups.service import GroupService
+from bridge.cluster.media import ClusterMediaService, SharedMediaStore
 from bridge.keys.service import StagedDevices
 from bridge.media.blobs import BlobStore
 from bridge.media.core import MediaLimits
-from bridge.media.service import MediaService
+from bridge.media.service import MediaService, Members
 from bridge.messaging.store import UserLookup
 from broker.auth import Authenticator
 from broker.front import ListenerError, tls_context
@@ -45,7 +47,8 @@ def media_limits(settings: MediaSettings) -> MediaLimits:
                        uploads_burst=settings.uploads_burst)
 
 
-async def open_blobs(settings: MediaSettings, data_dir: Path) -> BlobStore:
+async def open_blobs(settings: MediaSettings, data_dir: Path, shared: bool = False) -> BlobStore:
+    """``shared`` (cluster mode): uploads staged in the bucket too, so that any node resumes them."""
     local = LocalBlobStore(data_dir / MEDIA_DIR)
     if settings.backend == "local" or settings.s3 is None:
         return local
@@ -54,7 +57,7 @@ async def open_blobs(settings: MediaSettings, data_dir: Path) -> BlobStore:
     except ImportError as exc:
         raise ConfigError(f"media.backend is s3 but {S3_MODULE} cannot be imported ({exc})") from None
     try:
-        store: BlobStore = await module.open_store(settings.s3.model_dump(), local)
+        store: BlobStore = await module.open_store(settings.s3.model_dump(), local, shared)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"media.s3: {exc}") from None
     return store
@@ -73,7 +76,7 @@ class AlsoMedia:
 
 
 class MediaParts:
-    def __init__(self, service: MediaService, store: SqliteMediaStore, blobs: BlobStore,
+    def __init__(self, service: MediaService, store: SqliteMediaStore | None, blobs: BlobStore,
                  server: HttpServer) -> None:
         self.service = service
         self._store = store
@@ -82,24 +85,27 @@ class MediaParts:
 
     @classmethod
     async def open(cls, settings: MediaSettings, data_dir: Path, authenticator: Authenticator, users: UserLookup,
-                   groups: GroupService, devices: set[str], *, clock: Clock, supervisor: Supervisor) -> MediaParts:
-        """Started: the service (``devices``: every client id users.db knows) and its listener."""
+                   members: Members, devices: set[str], *, clock: Clock, supervisor: Supervisor,
+                   shared: SharedMediaStore | None = None) -> MediaParts:
+        """Started: the service (``devices``: every client id users.db knows) and its listener. ``shared``
+        (cluster mode): the records in Redis (the app's client; not closed here), blobs and stagings in S3."""
         assert settings.bind is not None
         tls = None
         if settings.certfile is not None:
             tls = tls_context("media", settings.certfile, settings.keyfile, section="media")
-
-        async def members(group: str) -> tuple[str, ...]:
-            async with groups.settled(group) as found:
-                return found
-
         async with _closing_on_error() as stack:
-            blobs = await open_blobs(settings, data_dir)
+            blobs = await open_blobs(settings, data_dir, shared=shared is not None)
             stack.push_async_callback(blobs.close)
-            store = await SqliteMediaStore.open(data_dir)
-            stack.push_async_callback(store.close)
-            service = MediaService(store, blobs, users, members, media_limits(settings), settings.sweep_s,
-                                   clock=clock, supervisor=supervisor)
+            limits = media_limits(settings)
+            own: SqliteMediaStore | None = None
+            if shared is None:
+                own = await SqliteMediaStore.open(data_dir)
+                stack.push_async_callback(own.close)
+                service = MediaService(own, blobs, users, members, limits, settings.sweep_s, clock=clock,
+                                       supervisor=supervisor)
+            else:
+                service = ClusterMediaService(shared, blobs, users, members, limits, settings.sweep_s, clock=clock,
+                                              supervisor=supervisor)
             await service.start(devices)
             stack.push_async_callback(service.close)
             app = media_app(service, authenticator.device_token_ok, settings.public_cache, settings.idle_timeout_s)
@@ -112,12 +118,13 @@ class MediaParts:
             host, port = server.address
             log.info("media: %s://%s:%d/v1/media (%s backend)", "https" if tls else "http", host, port,
                      settings.backend)
-        return cls(service, store, blobs, server)
+        return cls(service, own, blobs, server)
 
     async def close(self) -> None:
         await self.server.close()
         await self.service.close()
-        await self._store.close()
+        if self._store is not None:
+            await self._store.close()
         await self._blobs.close()
 
 

@@ -17,7 +17,8 @@ class _Section(BaseModel):
 
 
 class S3Settings(_Section):
-    """S3-compatible object storage (storage/media/s3.py); uploads are staged in the data directory."""
+    """S3-compatible object storage (storage/media/s3.py); uploads are staged in the data directory
+    (one process) or in the bucket (cluster mode)."""
 
     endpoint_url: str | None = None
     """Instead of AWS's endpoint for ``region`` (MinIO, Ceph, a test server)."""
@@ -44,7 +45,8 @@ class S3Settings(_Section):
 
 
 class MediaSettings(_Section):
-    """Encrypted attachments over HTTP (docs/MEDIA.md). One process on SQLite only, for now."""
+    """Encrypted attachments over HTTP (docs/MEDIA.md). In cluster mode only with ``backend: s3``
+    (checked by ``Settings``: every node must reach every blob and staged upload)."""
 
     bind: Bind = None
     """``HOST:PORT`` of the media endpoint; off when unset."""

@@ -17,6 +17,8 @@ from storage.media.s3 import S3BlobStore, S3Settings
 from testkit.s3_server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 
 BACKENDS = ["local", "s3"]
+BLOB_STORES = [*BACKENDS, "s3-shared"]
+"""The blob store contract: also S3 with its uploads staged in the bucket (cluster mode)."""
 
 
 def s3_config(server: S3Server, root: Path) -> dict[str, str]:
@@ -42,7 +44,7 @@ async def open_store(request: pytest.FixtureRequest, root: Path) -> BlobStore:
     if request.param == "local":
         return local
     server: S3Server = request.getfixturevalue("s3_server")
-    return await S3BlobStore.open(local, s3_settings(server, root.parent / "s3"))
+    return await S3BlobStore.open(local, s3_settings(server, root.parent / "s3"), request.param == "s3-shared")
 
 
 

@@ -30,6 +30,8 @@ import base64
 import hashlib
 import math
 import re
+import secrets
+import zlib
 from dataclasses import dataclass
 
 from bridge.limits import RateLimiter
@@ -114,6 +116,17 @@ class Sealed:
     waiting: frozenset[str]
 
 
+def user_shard(user: str) -> str:
+    """The uploader's shard, one hex digit: the first character of each of its upload ids, so that
+    a store partitioned by uploader (storage/redis/media.py) finds an upload from its id alone."""
+    return format(zlib.crc32(user.encode()) % 16, "x")
+
+
+def new_upload_id(user: str) -> str:
+    """A new unguessable upload id of ``user``'s (128 random bits after its shard)."""
+    return user_shard(user) + secrets.token_urlsafe(16)
+
+
 def parse_new_upload(body: object, limits: MediaLimits) -> tuple[int, str]:
     """``(size, to)`` of a ``POST /uploads`` body, or ``bad_request`` / ``too_large``."""
     if not isinstance(body, dict) or set(body) != {"size", "to"}:
@@ -126,6 +139,21 @@ def parse_new_upload(body: object, limits: MediaLimits) -> tuple[int, str]:
     if size > limits.max_bytes:
         raise MediaError("too_large", f"size {size} is over the limit of {limits.max_bytes} bytes")
     return size, to
+
+
+def refusal(limit: str, cost: int, used: int, limits: MediaLimits) -> MediaError:
+    """Rule 2: the error of a creation refused by ``limit`` (checked in this order: ``uploads`` in
+    progress, ``quota``, creation ``rate``); ``cost`` its charge, ``used`` the bytes charged already."""
+    if limit == "uploads":
+        return MediaError("rate_limited", f"{limits.max_uploads} uploads are in progress already: finish "
+                          "one, DELETE one, or let it expire", retry_after_s=limits.retry_after_s)
+    if limit == "quota":
+        return MediaError("quota_exceeded", f"{cost} more bytes (at least {limits.min_charge} per file) "
+                          f"would take you past your quota of {limits.quota_bytes} bytes ({used} in use); "
+                          "they are freed as recipients fetch")
+    return MediaError("rate_limited", f"more than {limits.uploads_burst} uploads created at once, or "
+                      f"{limits.uploads_per_minute:g} a minute: slow down",
+                      retry_after_s=math.ceil(60 / limits.uploads_per_minute))
 
 
 class Usage:
@@ -143,18 +171,13 @@ class Usage:
         or ``quota_exceeded`` (charging nothing). Checked and charged at once: no await between, so
         concurrent creations cannot pass a limit together."""
         limits = self.limits
-        if self.uploads.get(user, 0) >= limits.max_uploads:
-            raise MediaError("rate_limited", f"{limits.max_uploads} uploads are in progress already: finish "
-                             "one, DELETE one, or let it expire", retry_after_s=limits.retry_after_s)
         cost, used = charge(size, limits), self.charged.get(user, 0)
+        if self.uploads.get(user, 0) >= limits.max_uploads:
+            raise refusal("uploads", cost, used, limits)
         if used + cost > limits.quota_bytes:
-            raise MediaError("quota_exceeded", f"{cost} more bytes (at least {limits.min_charge} per file) "
-                             f"would take you past your quota of {limits.quota_bytes} bytes ({used} in use); "
-                             "they are freed as recipients fetch")
+            raise refusal("quota", cost, used, limits)
         if not self._rate.allow(user, now_s):
-            raise MediaError("rate_limited", f"more than {limits.uploads_burst} uploads created at once, or "
-                             f"{limits.uploads_per_minute:g} a minute: slow down",
-                             retry_after_s=math.ceil(60 / limits.uploads_per_minute))
+            raise refusal("rate", cost, used, limits)
         self.start(user, cost)
         return cost
 
@@ -181,11 +204,12 @@ _KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 def keyed_upload_id(user: str, device: str, key: str) -> str:
-    """Rule 8: the upload id an ``Idempotency-Key`` names for this device (not guessable without the key)."""
+    """Rule 8: the upload id an ``Idempotency-Key`` names for this device (not guessable without the key),
+    after the user's shard as ``new_upload_id``'s."""
     if _KEY.fullmatch(key) is None:
         raise MediaError("bad_request", "Idempotency-Key must be 16 to 64 characters of A-Z, a-z, 0-9, _ and -")
     digest = hashlib.sha256(f"{user}.{device}\n{key}".encode()).digest()
-    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+    return user_shard(user) + base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
 
 
 def check_replay(upload: Upload, size: int, to: str) -> None:

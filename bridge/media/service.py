@@ -3,9 +3,11 @@ records) and a ``BlobStore`` (the bytes). The HTTP handlers (chatserver/media_ht
 request, call one method here with the authenticated caller, and map ``MediaError`` to a status.
 
 In memory: the uploads in progress (few: ``max_uploads`` per user), each user's charged bytes and
-upload-creation rate, and a lock per upload (one PATCH, or the DELETE, at a time). Everything else
-is read from the store per request. One supervised loop (``media_sweep``) drops removed devices
-from waiting sets, abandoned uploads and expired blobs.
+upload-creation rate, and a lock per upload (one PATCH, or the DELETE, at a time); in cluster mode
+``bridge/cluster/media.py`` overrides the hooks ``_begin``, ``_in_progress`` and ``_abandon`` to keep
+them in the shared store instead. Everything else is read from the store per request. One
+supervised loop (``media_sweep``) drops removed devices from waiting sets, abandoned uploads and
+expired blobs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
@@ -102,7 +103,7 @@ class MediaService:
     async def create(self, user: str, device: str, body: object, key: str | None = None) -> tuple[Upload, int]:
         """A new upload, or the one ``key`` (``Idempotency-Key``) made already: ``(upload, offset)``."""
         size, to = core.parse_new_upload(body, self.limits)
-        upload_id = secrets.token_urlsafe(16) if key is None else core.keyed_upload_id(user, device, key)
+        upload_id = core.new_upload_id(user) if key is None else core.keyed_upload_id(user, device, key)
         if is_group_id(to):
             if user not in await self._members(to):
                 raise MediaError("not_member", f"you are not a member of {to}")
@@ -110,28 +111,19 @@ class MediaService:
             raise MediaError("not_found", f"no user {to}")
         if key is not None and (found := await self._store.sealed(upload_id)) is not None:
             raise MediaError("sealed", "this Idempotency-Key's upload is complete", blob=found[1])
-        # From here to the first await: checked and recorded at once, so concurrent POSTs see each other.
-        if (same := self._uploads.get(upload_id)) is not None:
-            core.check_replay(same, size, to)
-            return same, await self._blobs.staged_size(upload_id)
-        cost = self._usage.admit(user, size, self._clock.monotonic())
         now = self._clock.wall_ms()
-        upload = Upload(upload_id, user, device, to, size, now, now)
-        self._uploads[upload_id] = upload
-        try:
-            await self._store.add_upload(upload)
-        except BaseException:
-            if self._uploads.pop(upload_id, None) is not None:
-                self._usage.end_upload(user, cost, keep_charge=False)
-            raise
-        return upload, 0
+        new = Upload(upload_id, user, device, to, size, now, now)
+        if (upload := await self._begin(new)) is new:
+            return new, 0
+        core.check_replay(upload, size, to)  # a repeat: the key's upload exists
+        return upload, await self._blobs.staged_size(upload_id)
 
     async def status(self, user: str, device: str, upload_id: str) -> tuple[int, int, str | None]:
         """``(offset, size, blob)`` of the caller's upload (blob: once sealed)."""
-        upload = self._uploads.get(upload_id)
-        if upload is not None and (upload.user, upload.device) == (user, device):
+        upload = await self._in_progress(user, device, upload_id)
+        if upload is not None:
             async with self._locked(upload):
-                if upload_id in self._uploads:  # not sealed or abandoned while this waited
+                if await self._in_progress(user, device, upload_id):  # not sealed or abandoned while this waited
                     stored = await self._blobs.staged_size(upload_id)
                     if stored < upload.size:
                         return stored, upload.size, None
@@ -144,10 +136,10 @@ class MediaService:
     async def delete(self, user: str, device: str, upload_id: str) -> None:
         """Rule 7: the caller's upload in progress goes at once (its staging, its charge); a sealed
         one is refused (``sealed``, naming its blob)."""
-        upload = self._uploads.get(upload_id)
-        if upload is not None and (upload.user, upload.device) == (user, device):
+        upload = await self._in_progress(user, device, upload_id)
+        if upload is not None:
             async with self._locked(upload, busy="a PATCH of this upload is in progress: retry once it ended"):
-                if upload_id in self._uploads:  # not sealed or abandoned while this waited
+                if await self._in_progress(user, device, upload_id):  # not sealed or abandoned while this waited
                     await self._drop(upload)
                     log.info("media: upload %s of %s deleted by its device", upload_id, user)
                     return
@@ -158,11 +150,11 @@ class MediaService:
     async def patch(self, user: str, device: str, upload_id: str, offset: int, length: int | None,
                     chunks: AsyncIterator[bytes]) -> tuple[int, str | None]:
         """Append the body; ``(new offset, blob once sealed)``. Bytes of a body cut midway are kept."""
-        upload = self._uploads.get(upload_id)
-        if upload is None or (upload.user, upload.device) != (user, device):
+        upload = await self._in_progress(user, device, upload_id)
+        if upload is None:
             raise MediaError("not_found", "no such upload in progress for this device")
         async with self._locked(upload):
-            if upload_id not in self._uploads:  # sealed or abandoned while this waited
+            if not await self._in_progress(user, device, upload_id):  # sealed or abandoned while this waited
                 raise MediaError("not_found", "the upload is no longer in progress: GET it to learn its url")
             core.check_patch(upload, offset, await self._blobs.staged_size(upload_id), length, self.limits)
             try:
@@ -205,6 +197,27 @@ class MediaService:
         self._wake.set()
 
     # --- inside ------------------------------------------------------------------------------
+
+    async def _begin(self, upload: Upload) -> Upload:
+        """Admit the new upload against its user's limits, charge it and record it; if its id is
+        recorded already (an ``Idempotency-Key`` repeated), that upload instead, charging nothing."""
+        # From here to the first await: checked and recorded at once, so concurrent POSTs see each other.
+        if (same := self._uploads.get(upload.id)) is not None:
+            return same
+        cost = self._usage.admit(upload.user, upload.size, self._clock.monotonic())
+        self._uploads[upload.id] = upload
+        try:
+            await self._store.add_upload(upload)
+        except BaseException:
+            if self._uploads.pop(upload.id, None) is not None:
+                self._usage.end_upload(upload.user, cost, keep_charge=False)
+            raise
+        return upload
+
+    async def _in_progress(self, user: str, device: str, upload_id: str) -> Upload | None:
+        """The caller's upload if it is in progress."""
+        upload = self._uploads.get(upload_id)
+        return upload if upload is not None and (upload.user, upload.device) == (user, device) else None
 
     async def _sealed(self, user: str, device: str, upload_id: str) -> tuple[Upload, str]:
         """The caller's sealed upload and its blob, else ``not_found``."""
@@ -257,7 +270,7 @@ class MediaService:
         own = await self._users.user_devices(upload.user) or []
         sealed = core.seal(upload, sha256, to_users, own, self._clock.wall_ms(), self.limits)
         new = await self._store.seal(upload.id, sealed)
-        del self._uploads[upload.id]
+        self._uploads.pop(upload.id, None)
         self._usage.end_upload(upload.user, sealed.blob.charge, keep_charge=new)
         if new:
             self.counters.stored_bytes += upload.size
@@ -301,6 +314,15 @@ class MediaService:
                 self._removed.extend(removed)  # tried again next round
                 raise
         now = self._clock.wall_ms()
+        await self._abandon(now)
+        await self._deleted(await self._store.expire(now))
+        for upload_id in await self._store.sealed_uploads(now - self.limits.upload_ttl_ms):
+            await self._store.drop_upload(upload_id)
+        for sha256 in await self._store.forget(now - self.limits.ttl_ms):
+            await self._blobs.delete(sha256)  # again: a crash may have come between the mark and the delete
+
+    async def _abandon(self, now: int) -> None:
+        """Rule 7: drop the uploads idle too long."""
         busy = {upload for upload, lock in self._locks.items() if lock.locked()}
         for upload in core.abandoned(list(self._uploads.values()), busy, now, self.limits):
             lock = self._locks.get(upload.id)
@@ -310,8 +332,3 @@ class MediaService:
             self._locks.pop(upload.id, None)  # not held: ``busy`` left it out
             log.info("media: upload %s of %s abandoned after %d s idle", upload.id, upload.user,
                      self.limits.upload_ttl_ms // 1000)
-        await self._deleted(await self._store.expire(now))
-        for upload_id in await self._store.sealed_uploads(now - self.limits.upload_ttl_ms):
-            await self._store.drop_upload(upload_id)
-        for sha256 in await self._store.forget(now - self.limits.ttl_ms):
-            await self._blobs.delete(sha256)  # again: a crash may have come between the mark and the delete

@@ -17,6 +17,7 @@ import pytest
 
 from bridge.groups.store import GroupStore
 from bridge.keys.store import Accounts, KeyStore
+from bridge.media.store import MediaStore
 from bridge.messaging.store import MessageStore, UserLookup
 from bridge.presence.store import PresenceStore
 from bridge.push.store import PushStore
@@ -24,10 +25,12 @@ from broker.users import UserStore
 from chatserver.user_admin import AccountStore
 from storage.redis.groups import RedisGroupStore
 from storage.redis.keys import RedisKeyStore
+from storage.redis.media import RedisMediaStore
 from storage.redis.presence import RedisPresenceStore
 from storage.redis.users import RedisUserStore
 from storage.sqlite.groups import SqliteGroupStore
 from storage.sqlite.keys import SqliteKeyStore
+from storage.sqlite.media import SqliteMediaStore
 from storage.sqlite.messages import SqliteMessageStore
 from storage.sqlite.presence import SqlitePresenceStore
 from storage.sqlite.push import SqlitePushStore
@@ -59,6 +62,8 @@ class Backend(Protocol):
 
     async def push(self) -> PushStore: ...
 
+    async def media(self) -> MediaStore: ...
+
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         """The users store, after adding the users of ``seed`` (name -> password hash): creating
         users is an admin operation, outside the Protocols under test."""
@@ -85,6 +90,9 @@ class SqliteBackend:
     async def push(self) -> PushStore:
         return await SqlitePushStore.open(self.data_dir)
 
+    async def media(self) -> MediaStore:
+        return await SqliteMediaStore.open(self.data_dir)
+
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         store = await SqliteUserStore.open(self.data_dir)
         await store.add_users((seed or {}).items())
@@ -92,8 +100,8 @@ class SqliteBackend:
 
 
 class RedisBackend:
-    """Users, keys, presence and groups in the session's Redis Cluster (the ``redis_cluster`` fixture), under a key
-    prefix of this test's own; the keys stay until the session's cluster stops."""
+    """Users, keys, presence, groups and media records in the session's Redis Cluster (the ``redis_cluster``
+    fixture), under a key prefix of this test's own; the keys stay until the session's cluster stops."""
 
     def __init__(self, startup_nodes: list[tuple[str, int]]) -> None:
         self.startup_nodes = startup_nodes
@@ -113,6 +121,9 @@ class RedisBackend:
 
     async def push(self) -> PushStore:
         raise NotImplementedError("push runs on one process only: no Redis push store yet (SQLITE_ONLY)")
+
+    async def media(self) -> MediaStore:
+        return await RedisMediaStore.open(self.startup_nodes, self.prefix)
 
     async def users(self, seed: dict[str, str] | None = None) -> Users:
         store = await RedisUserStore.open(self.startup_nodes, self.prefix)

@@ -74,8 +74,12 @@ def test_media_settings_are_checked(media: dict[str, object], message: str) -> N
         build_settings({"media": media})
 
 
-def test_media_is_refused_in_cluster_mode() -> None:
-    with pytest.raises(ConfigError, match="media endpoint is not available in cluster mode"):
-        build_settings({"media": {"bind": "127.0.0.1:0"}, "cluster": {"redis": ["127.0.0.1:7000"]}})
+def test_media_in_cluster_mode_needs_s3() -> None:
+    cluster = {"redis": ["127.0.0.1:7000"]}
+    with pytest.raises(ConfigError, match=r"set media\.backend: s3"):
+        build_settings({"media": {"bind": "127.0.0.1:0"}, "cluster": cluster})
+    media = {"bind": "127.0.0.1:0", "backend": "s3", "s3": {"bucket": "chat"}}
+    assert build_settings({"media": media, "cluster": cluster}).media.backend == "s3"
+    assert build_settings({"media": {"backend": "local"}, "cluster": cluster}).media.bind is None  # no endpoint: fine
     s3 = build_settings({"media": {"backend": "s3", "s3": {"bucket": "b", "prefix": "chat/"}}}).media.s3
     assert s3 is not None and (s3.bucket, s3.prefix, s3.endpoint_url) == ("b", "chat/", None)

@@ -87,7 +87,8 @@ def test_upload_creation_rate_per_user() -> None:
 def test_an_idempotency_key_names_one_upload_per_device() -> None:
     key = "k" * 22
     first = core.keyed_upload_id("alice", "phone", key)
-    assert first == core.keyed_upload_id("alice", "phone", key) and len(first) == 22
+    assert first == core.keyed_upload_id("alice", "phone", key) and len(first) == 23
+    assert first[0] == core.user_shard("alice") == core.new_upload_id("alice")[0]  # the uploader's shard first
     assert len({first, core.keyed_upload_id("alice", "laptop", key), core.keyed_upload_id("bob", "phone", key),
                 core.keyed_upload_id("alice", "phone", "j" * 22)}) == 4
     for bad in ("k" * 15, "k" * 65, "k" * 20 + "/.", "k" * 20 + "é"):

@@ -1,7 +1,8 @@
 """storage/media/local.py: staging, cuts, sealing into content-addressed files, ranged reads.
 
 The store contract tests take the ``store`` fixture and run against every backend: the local
-folder and S3 (storage/media/s3.py on a local moto server, its staging in a local folder)."""
+folder and S3 (storage/media/s3.py on a local moto server, its staging in a local folder, or in
+the bucket: storage/media/s3_staging.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import pytest
 
 from bridge.media.blobs import BlobMissing, BlobStore
 from storage.media.local import READ_CHUNK, LocalBlobStore
-from tests.media_stores import BACKENDS, open_store
+from tests.media_stores import BLOB_STORES, open_store
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BLOB_STORES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
     opened = await open_store(request, tmp_path / "media")
     yield opened
