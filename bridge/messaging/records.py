@@ -116,6 +116,7 @@ class StagingOutcome:
     need_bodies: list[int] = field(default_factory=list)
     need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
     staged: list[str] = field(default_factory=list)  # devices a message item was staged for (push: bridge/push/)
+    folded: list[ReceiptItem] = field(default_factory=list)  # 'sent' notices a 'delivered' delivery stands for
     flush_due: bool = False
 
 
