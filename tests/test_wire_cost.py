@@ -90,7 +90,13 @@ def cost(broker: BrokerThread, recorder: Recorder, made: list[Peer], qos: int) -
         statuses = one_message(alice, bob, f"m{n}", qos)
     assert alice.nothing_arrives(0.3) and bob.nothing_arrives(0.1)  # nothing late (a PUBACK, a receipt)
     seen = recorder.take()
-    names = Counter(f"{d} {'PUBACK' if k == PUBACK else t}" for d, k, t, _ in seen)
+    names: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for direction, kind, topic, size in seen:
+        name = f"{direction} {'PUBACK' if kind == PUBACK else topic}"
+        names[name] += 1
+        sizes[name] += size
+    print(f"\nQoS {qos}, per message:", {name: (names[name] // MESSAGES, sizes[name] // MESSAGES) for name in names})
     return Counter({name: count // MESSAGES for name, count in names.items()}), sum(s for *_, s in seen) // MESSAGES, \
         statuses
 

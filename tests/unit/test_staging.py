@@ -54,23 +54,24 @@ def test_online_delivery_is_immediate_and_sent_waits_for_the_ack_or_the_disk() -
     assert [(r.status, r.ids) for r in done.folded] == [("sent", ("m1",))]
 
 
+def acked_at_once(s: Staging, msg_id: str, now_ms: int) -> StagingOutcome:
+    """``msg_id`` from alice.phone, acked by both of bob's devices before its flush: the last ack's outcome."""
+    seqs = {device: item.seq for device, item in s.submit("alice.phone", "alice", msg(msg_id), now_ms, 0.0).deliveries}
+    s.ack("bob.phone", [seqs["bob.phone"]], now_ms + 1, 0.01)
+    return s.ack("bob.laptop", [seqs["bob.laptop"]], now_ms + 2, 0.02)
+
+
 def test_sent_is_folded_into_a_delivered_that_goes_out_now_and_only_then() -> None:
     s = core()
     for device in ("alice.phone", "bob.phone", "bob.laptop"):
         s.device_online(device, 0.0)
-    out = s.submit("alice.phone", "alice", msg("m1"), 1000, 0.0)
-    seqs = {device: item.seq for device, item in out.deliveries}
-    s.ack("bob.phone", [seqs["bob.phone"]], 1001, 0.01)
-    out = s.ack("bob.laptop", [seqs["bob.laptop"]], 1002, 0.02)  # every target acked before the flush
+    out = acked_at_once(s, "m1", 1000)
     assert kinds(out) == [("alice.phone", "delivered", ["m1"])]
     assert [(r.status, r.ids) for r in out.folded] == [("sent", ("m1",))]
     # alice.phone's window (2) is full, with that 'delivered' and a 'seen' unacked: the next 'delivered'
     # waits, so 'sent' goes out at once, as before
     assert kinds(s.seen("bob", "alice", ["x"], "bob.phone", 1003, 0.03)) == [("alice.phone", "seen", ["x"])]
-    out = s.submit("alice.phone", "alice", msg("m2"), 1004, 0.04)
-    seqs = {device: item.seq for device, item in out.deliveries}
-    s.ack("bob.phone", [seqs["bob.phone"]], 1005, 0.05)
-    out = s.ack("bob.laptop", [seqs["bob.laptop"]], 1006, 0.06)
+    out = acked_at_once(s, "m2", 1004)
     assert kinds(out) == [("alice.phone", "sent", ["m2"])] and out.folded == []
 
 
