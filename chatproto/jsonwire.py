@@ -9,10 +9,10 @@ taken only where they are the standard library's exactly; anything else goes the
 library's way, so the semantics are one (tests/unit/test_jsonwire_fast.py checks them side by
 side on fuzzed input):
 - reading: orjson refuses everything the standard path refuses here (NaN, Infinity, 1e999,
-  lone surrogates, invalid UTF-8, a BOM, control characters, nesting past its limit) and a
-  refusal is read again the standard way (same error, same ``ref``); it reads an integer past
-  64 bits as a float, so a payload with a run of 19 digits is read the standard way too;
-  duplicate keys keep the last value in both;
+  lone surrogates, invalid UTF-8, a BOM, control characters) and a refusal is read again the
+  standard way (same error, same ``ref``); it reads an integer past 64 bits as a float, so a
+  payload with a run of 19 digits is read the standard way too, and so is one with more
+  brackets than the depth limit; duplicate keys keep the last value in both;
 - writing (``dumps_plain``, the hot items only: their values are str, int, None and lists of
   str): the same bytes, escapes included; a lone surrogate or an integer past 64 bits
   (orjson refuses both) is written the standard way.
@@ -56,11 +56,7 @@ def loads_object(payload: bytes, max_bytes: int, ref: tuple[str, re.Pattern[str]
     if len(payload) > max_bytes:
         raise DecodeError(ErrorCode.TOO_LARGE, f"payload is {len(payload)} bytes, limit is {max_bytes}")
     fast = _fast_loads(payload)
-    if isinstance(fast, dict):  # valid text by orjson's own checks: no lone surrogate to look for
-        # No deeper than the brackets it holds (counted in C): most payloads need no walk.
-        brackets = payload.count(b"{") + payload.count(b"[")
-        if brackets > MAX_JSON_DEPTH and _nested_deeper_than(fast, MAX_JSON_DEPTH):
-            raise DecodeError(ErrorCode.BAD_JSON, f"payload is nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(fast, dict):  # text by orjson's own checks, and no deeper than its brackets: all checked
         return fast
     try:
         value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
@@ -89,8 +85,12 @@ _LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
 
 
 def _fast_loads(payload: bytes) -> Any:
-    """orjson's reading of ``payload`` where it is the standard library's; None: read it the standard way."""
-    if orjson is None or _LONG_DIGITS.search(payload) is not None:
+    """orjson's reading of ``payload`` where it is the standard library's; None: read it the standard way.
+
+    Only for payloads with at most ``MAX_JSON_DEPTH`` brackets (counted in C), which cannot nest deeper:
+    how deep nesting fails the standard way depends on the interpreter's recursion limit."""
+    if orjson is None or payload.count(b"{") + payload.count(b"[") > MAX_JSON_DEPTH \
+            or _LONG_DIGITS.search(payload) is not None:
         return None
     try:
         return orjson.loads(payload)
