@@ -10,7 +10,7 @@ Rules (PROTOCOL.md "Delivery rules"):
 3. ``receipt sent`` goes to the publishing device once every item of the
    message is written or acked (it then survives a crash); a ``delivered``
    receipt that reaches that device in the same outcome stands for it instead
-   (``_fold_sent``). A repeat of a known (from, id) is not staged again; it is
+   (``StagingOutcome.fold_sent``). A repeat of a known (from, id) is not staged again; it is
    answered ``sent`` once settled.
 4. The first ack of a message by a device of the recipient stages a
    ``receipt delivered`` for each device of the sender.
@@ -308,7 +308,7 @@ class Staging:
             if ids:
                 self._stage_receipt(sender, RECEIPT_DELIVERED, ids, recipient, now_ms, now, out)
         self._pump(device, box, now, out)
-        _fold_sent(out)
+        out.fold_sent()
         return out
 
     def _mark_delivered(self, message: StagedMessage, now_ms: int, now: float, ids: list[str]) -> None:
@@ -633,7 +633,7 @@ class Staging:
             if item.message is not None:
                 item.message.writing -= 1
                 self._maybe_forget(item.message, out)
-        _fold_sent(out)
+        out.fold_sent()
         return out
 
     def flush_failed(self, batch: FlushBatch) -> StagingOutcome:
@@ -705,28 +705,6 @@ class Staging:
         heads = [next(iter(box.items.values())).expires_ms for box in self.boxes.values() if box.items]
         oldest = min(heads) - self.rules.ttl_ms if heads else None
         return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths)
-
-
-def _fold_sent(out: StagingOutcome) -> None:
-    """Rule 11: ``delivered`` implies ``sent``. A ``sent`` notice whose ids all reach its device in a
-    ``delivered`` receipt of the same outcome is left out (``out.folded``): that receipt, sent right
-    where ``sent`` would have gone, stands for both -- two packets fewer per message that every target
-    acked before its flush, the common case. A ``delivered`` that waits (the window, a backlog) folds
-    nothing: ``sent`` goes out at once as before."""
-    if not out.notices or not out.deliveries:
-        return
-    covered = {(device, msg_id) for device, item in out.deliveries
-               if isinstance(item, ReceiptItem) and item.status == RECEIPT_DELIVERED for msg_id in item.ids}
-    if not covered:
-        return
-    kept: list[tuple[str, ReceiptItem | ErrorItem]] = []
-    for device, notice in out.notices:
-        if (isinstance(notice, ReceiptItem) and notice.status == RECEIPT_SENT
-                and all((device, msg_id) in covered for msg_id in notice.ids)):
-            out.folded.append(notice)
-        else:
-            kept.append((device, notice))
-    out.notices = kept
 
 
 def _utf8_len(text: str) -> int:
