@@ -14,7 +14,7 @@ from client_sdk import Client
 from client_sdk.events import Message, Receipt
 from testkit.proxy import DOWN, PUBLISH, UP, MqttProxy, Packet
 from tests.deployment import settings_of
-from tests.helpers import BrokerThread, eventually
+from tests.helpers import BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector
 
 DEPLOYMENTS = ("single", "lean")
@@ -122,3 +122,37 @@ def test_a_stream_cut_again_and_again_on_a_qos0_inbox_loses_and_repeats_nothing(
     finally:
         alice.close()
         bob.close()
+
+
+def qos0_peer(port: int, user: str) -> Peer:
+    peer = Peer(port, user, f"{user}-pw")
+    assert peer.connect() == 0
+    peer.client.subscribe(f"u/{user}/in", qos=0)
+    assert peer.subacks.get(timeout=10) == [0]
+    return peer
+
+
+def test_a_qos0_inbox_gets_again_what_it_did_not_ack_on_a_live_connection_and_after_a_takeover(
+    tmp_path: Path, deployment: str
+) -> None:
+    broker = BrokerThread(tmp_path / "d", settings_of(deployment, {"delivery.redeliver_after_s": 0.5})).start()
+    peers: list[Peer] = []
+    try:
+        broker.add_users({"alice": "alice-pw", "bob": "bob-pw"})
+        alice = qos0_peer(broker.port, "alice")
+        bob = qos0_peer(broker.port, "bob")
+        peers += [alice, bob]
+        alice.publish("u/alice/out", {"id": "m1", "to": "bob", "body": "hi"})
+        is_m1 = lambda i: i.get("kind") == "msg" and i.get("id") == "m1"  # noqa: E731
+        first = bob.expect(is_m1)
+        assert bob.expect(is_m1)["seq"] == first["seq"], "not acked: sent again on the live connection (rule 8)"
+        again = qos0_peer(broker.port, "bob")  # same client id: takes the first connection over
+        peers.append(again)
+        assert again.expect(is_m1)["seq"] == first["seq"], "not acked: sent again to the new connection"
+        again.publish("u/bob/ack", {"seqs": [first["seq"]]})
+        assert alice.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "delivered")["ids"] == ["m1"]
+        assert again.nothing_arrives(1.0), "acked: never sent again"
+    finally:
+        for peer in peers:
+            peer.close()
+        broker.stop()
