@@ -52,6 +52,11 @@ def publish_packet(topic: bytes, packet_id: int, payload: bytes) -> bytes:
     return packets.publish_packet(topic, payload, 1, packet_id)
 
 
+def ack_publish(topic: bytes, payload: bytes) -> bytes:
+    """A QoS 0 PUBLISH: the chat dialect's ``u/{me}/ack`` (PROTOCOL.md section 3)."""
+    return packets.publish_packet(topic, payload, 0)
+
+
 # --- processes, /proc ---------------------------------------------------------------------------
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")

@@ -59,7 +59,7 @@ class GroupWorker(Worker):
         kind = item.get("kind")
         if kind == "msg":
             self._arrived(conn.user, item, now)
-        elif kind == "receipt" and item.get("status") == "sent":
+        elif kind == "receipt" and item.get("status") in ("sent", "delivered"):  # rule 11: it may stand for 'sent'
             for mid in item["ids"]:
                 published = self.sent_wait.pop(mid, None)
                 if published is not None:

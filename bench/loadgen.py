@@ -10,10 +10,12 @@ against paho in threads).
 Two dialects, the same traffic shape:
 
 - ``chat``: PROTOCOL.md, as a real client speaks it. CONNECT ``{user}.bench`` with
-  the device token, SUBSCRIBE ``u/{me}/in`` (QoS 1); a message is a JSON chat
-  message on ``u/{me}/out``; the recipient PUBACKs each item and acks the ``seq``s
-  of ``msg`` and staged ``receipt`` items it received in one read with one
-  ``u/{me}/ack {"seqs":[...]}``; the sender also gets ``receipt sent``.
+  the device token, SUBSCRIBE ``u/{me}/in`` at QoS 0 (the recommended mode, PROTOCOL.md
+  section 3: the app-level ack and the server's redelivery make PUBACKs redundant); a
+  message is a JSON chat message on ``u/{me}/out`` at QoS 1; the recipient acks the
+  ``seq``s of ``msg`` and staged ``receipt`` items it received in one read with one
+  ``u/{me}/ack {"seqs":[...]}`` at QoS 0; the sender gets ``receipt sent``, or only
+  ``delivered`` when that stands for it (rule 11).
 - ``mqtt``: plain MQTT, the baselines. CONNECT with client id ``{user}`` (no
   credentials), SUBSCRIBE ``bench/{me}`` (QoS 1); a message is the same JSON bytes
   published with QoS 1 to ``bench/{peer}``; the recipient PUBACKs it.
@@ -46,6 +48,7 @@ from bench.common import (
     DISCONNECT_BYTES,
     PINGREQ_BYTES,
     BenchError,
+    ack_publish,
     connect_packet,
     publish_packet,
     subscribe_packet,
@@ -63,16 +66,18 @@ perf = time.perf_counter
 
 
 class Conn(asyncio.Protocol):
-    """One MQTT client connection (QoS 1 both ways, one subscription)."""
+    """One MQTT client connection with one subscription (its QoS: ``chat`` below)."""
 
     def __init__(self, worker: Worker, user: str, connect: bytes, topic_in: str, chat: bool,
                  pipelined: bool = False) -> None:
         """``connect``: the CONNECT packet (``connect_packet``), made before: a login storm measures the broker.
         ``pipelined``: SUBSCRIBE goes with the CONNECT (MQTT 3.1.4 lets a client send before its CONNACK);
-        otherwise after the CONNACK, as paho does."""
+        otherwise after the CONNACK, as paho does. ``chat``: the inbox at QoS 0 and acks at QoS 0
+        (PROTOCOL.md section 3); otherwise QoS 1 both ways."""
         self.worker = worker
         self.user = user
-        self._connect = connect + subscribe_packet(1, topic_in) if pipelined else connect
+        self._subscribe = subscribe_packet(1, topic_in, 0 if chat else 1)
+        self._connect = connect + self._subscribe if pipelined else connect
         self._pipelined = pipelined
         self._topic_in = topic_in
         self.connacked = 0.0  # when the CONNACK came (perf_counter)
@@ -137,7 +142,7 @@ class Conn(asyncio.Protocol):
                 if code != 0:
                     self._fail(f"{self.user}: CONNACK return code {code}")
                 elif not self._pipelined:
-                    self.send(subscribe_packet(1, self._topic_in))
+                    self.send(self._subscribe)
             elif kind == 9 and not self.ready.done():  # SUBACK
                 if buf[i + 2:end] in (b"\x01", b"\x00"):
                     self.ready.set_result(None)
@@ -146,7 +151,8 @@ class Conn(asyncio.Protocol):
             pos = end
         self._buf = buf[pos:] if pos < n else b""
         if self.seqs:
-            self.publish(self._ack_topic or b"", b'{"seqs":[' + ",".join(map(str, self.seqs)).encode() + b"]}")
+            seqs = ",".join(map(str, self.seqs)).encode()
+            self.send(ack_publish(self._ack_topic or b"", b'{"seqs":[' + seqs + b"]}"))
             self.seqs.clear()
 
     def _fail(self, reason: str) -> None:
@@ -544,7 +550,7 @@ class Worker:
             else:
                 self._delivered(item["id"], now)
         elif kind == "receipt":
-            if item.get("status") == "sent":
+            if item.get("status") in ("sent", "delivered"):  # 'delivered' stands for 'sent' (rule 11)
                 for mid in item["ids"]:
                     sent = self.waiting_sent.pop(mid, None)
                     if sent is not None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Final, Self
 
 from chatproto.errors import DecodeError, ErrorCode
 from chatproto.ids import is_device_id
-from chatproto.jsonwire import dumps, loads_object
+from chatproto.jsonwire import dumps, dumps_plain, loads_object
 from chatproto.limits import MAX_DOWNLINK_BYTES
 
 RECEIPT_SENT: Final = "sent"
@@ -81,7 +81,7 @@ class MsgItem(Downlink):
             obj["dev"] = self.dev
         if self.gseq is not None:
             obj["gseq"] = self.gseq
-        return dumps(obj)
+        return dumps_plain(obj)
 
     @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:
@@ -111,7 +111,7 @@ class ReceiptItem(Downlink):
                                "ts": self.ts}
         if self.seq is not None:
             obj["seq"] = self.seq
-        return dumps(obj)
+        return dumps_plain(obj)
 
     @classmethod
     def _from_object(cls, obj: dict[str, Any]) -> Self:

@@ -1,11 +1,16 @@
 """One MQTT connection to the chat server, kept up by a network thread.
 
-The thread runs paho's network loop (MQTT 3.1.1, QoS 1, client id
-``{user}.{device}``, clean session), with a fresh paho client for every
+The thread runs paho's network loop (MQTT 3.1.1, client id ``{user}.{device}``,
+clean session), with a fresh paho client for every
 connection attempt, and reconnects after a drop with exponential backoff and
 jitter. All socket writes happen in this thread. A session is *ready* once the server has
 granted the subscription to ``u/{me}/in``: only then are uplink items that
 expect an answer published (the server answers only subscribed devices).
+
+QoS (docs/PROTOCOL.md section 3, "QoS"): the inbox is subscribed at QoS 0 and acks go
+at QoS 0 -- an item stays staged on the server until its app-level ack, and is sent
+again on the next connection, so a PUBACK would add a packet each way and no safety;
+everything else is published at QoS 1.
 
 Refusals: bad credentials go through ``LoginPlan`` (a refused device token
 falls back to the password once; a refused password is final); an identifier
@@ -43,6 +48,7 @@ from client_sdk.login import LoginPlan, Refusal, Secret
 log = logging.getLogger(__name__)
 
 SUBACK_FAILURE = 0x80
+INBOX_QOS = 0
 # No inflight limit: publishes then go on the wire in exactly the order they
 # were made (the outbox order, rule 2 of ``outbox``), never held back in
 # paho's own queue and released later.
@@ -110,7 +116,7 @@ class Connection:
         self._transport: Literal["tcp", "websockets"] = transport
         self._tls = tls
         self._connect_timeout = connect_timeout
-        self._held: deque[tuple[str, bytes]] = deque(maxlen=MAX_HELD)
+        self._held: deque[tuple[str, bytes, int]] = deque(maxlen=MAX_HELD)
         self._mqtt = self._new_client()
 
     def _new_client(self) -> mqtt.Client:
@@ -188,8 +194,8 @@ class Connection:
             thread.join(timeout)
         self._set_state(State.STOPPED)
 
-    def publish(self, topic: str, payload: bytes, hold: bool) -> None:
-        """Publish at QoS 1 now if a session is ready.
+    def publish(self, topic: str, payload: bytes, hold: bool, qos: int = 1) -> None:
+        """Publish at ``qos`` now if a session is ready.
 
         Otherwise, with ``hold`` the item waits (in memory, the newest
         ``MAX_HELD``) and goes out first thing in the next session; without it
@@ -199,11 +205,11 @@ class Connection:
         with self._lock:
             if self._state is not State.READY:
                 if hold:
-                    self._held.append((topic, payload))
+                    self._held.append((topic, payload, qos))
                 return
             client = self._mqtt
         try:
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, payload, qos=qos)
         except OSError:  # waking the network thread failed (socket pair closed); the packet is queued
             log.debug("%s: publish wake-up failed", self._cid, exc_info=True)
 
@@ -292,7 +298,7 @@ class Connection:
                 self._refusal = int(reason.value)
                 client.disconnect()
                 return
-            result, mid = client.subscribe(self._topic, qos=1)
+            result, mid = client.subscribe(self._topic, qos=INBOX_QOS)
             self._sub_mid = mid
             if result != mqtt.MQTT_ERR_SUCCESS:
                 log.info("%s: subscribe failed to go out (%s)", self._cid, result)
@@ -312,8 +318,8 @@ class Connection:
                 return
             with self._lock:  # held items go first, before anything published from now on
                 while self._held:
-                    topic, payload = self._held.popleft()
-                    client.publish(topic, payload, qos=1)
+                    topic, payload, qos = self._held.popleft()
+                    client.publish(topic, payload, qos=qos)
                 self._state = State.READY
             self._backoff.reset()
             self._listener.on_ready(secret)

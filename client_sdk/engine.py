@@ -535,7 +535,8 @@ class Engine:
         return now + self._hb_interval
 
     def _publish_acks(self, seqs: list[int]) -> None:
-        self._conn.publish(uplink_topic(self.user, "ack"), Ack(tuple(seqs)).encode(), hold=True)
+        # QoS 0: a lost ack leaves the item staged, sent again and acked again (connection.py, "QoS")
+        self._conn.publish(uplink_topic(self.user, "ack"), Ack(tuple(seqs)).encode(), hold=True, qos=0)
 
     # --- the outbox thread -------------------------------------------------------------
 

@@ -57,13 +57,17 @@ def test_a_chat_moves_the_counters_by_exactly_what_was_sent(metered: BrokerThrea
     peers.append(wrong)
     assert wrong.connect() not in (0, -1)  # refused (paho reports 0x05 as reason 135)
     alice, bob = online(metered, peers, "alice"), online(metered, peers, "bob")
+    alone = 0  # 'sent' receipts of their own: only for a message the flush wrote before bob's ack came
     for i in range(MESSAGES):
         alice.publish("u/alice/out", {"id": f"m{i}", "to": "bob", "body": f"body {i}"})
         (item,) = receive(bob, 1)
         assert item["kind"] == "msg" and item["id"] == f"m{i}"
         bob.publish("u/bob/ack", {"seqs": [item["seq"]]})
-        receipts = {r["status"]: r for r in receive(alice, 2)}
-        assert set(receipts) == {"sent", "delivered"}
+        receipts = {r["status"]: r for r in receive(alice, 1)}
+        if "sent" in receipts:
+            alone += 1
+            receipts.update((r["status"], r) for r in receive(alice, 1))
+        assert set(receipts) <= {"sent", "delivered"} and "delivered" in receipts  # it stands for 'sent' too
         alice.publish("u/alice/ack", {"seqs": [receipts["delivered"]["seq"]]})
     alice.publish("u/alice/out", {"id": "x", "to": "nobody", "body": "lost"})
     alice.publish("u/bob/out", {"id": "y", "to": "bob", "body": "as bob"})
@@ -82,7 +86,7 @@ def test_a_chat_moves_the_counters_by_exactly_what_was_sent(metered: BrokerThrea
     assert delta(after, before, "chat_uplink_total", kind="ack") == 2 * MESSAGES
     assert delta(after, before, "chat_uplink_total", kind="forbidden") == 1
     assert delta(after, before, "chat_downlink_total", kind="msg") == MESSAGES
-    assert delta(after, before, "chat_downlink_total", kind="receipt") == 2 * MESSAGES
+    assert delta(after, before, "chat_downlink_total", kind="receipt") == MESSAGES + alone
     assert delta(after, before, "chat_downlink_total", kind="error") == 2
     assert delta(after, before, "chat_errors_total", code="unknown_recipient") == 1
     assert delta(after, before, "chat_errors_total", code="forbidden") == 1

@@ -20,7 +20,7 @@ from tests.test_readme import python_blocks
 ROOT = Path(__file__).resolve().parents[1]
 # What the server needs and the SDK must not: its dependencies, and our modules that import them.
 SERVER_ONLY = ("amqtt", "aiosqlite", "yaml", "pydantic", "rich", "prometheus_client", "redis", "httpx", "h2",
-               "aiohttp", "aiobotocore", "broker.server", "storage.sqlite.db", "chatserver.app")
+               "aiohttp", "aiobotocore", "orjson", "broker.server", "storage.sqlite.db", "chatserver.app")
 
 
 @pytest.fixture(scope="module")

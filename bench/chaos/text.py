@@ -89,7 +89,7 @@ def refused(item: dict[str, Any]) -> bool:
 
 def accepted(item: dict[str, Any]) -> bool:
     return (item.get("kind") == "res" and item.get("ok") is True) or \
-        (item.get("kind") == "receipt" and item.get("status") == "sent")
+        (item.get("kind") == "receipt" and item.get("status") in ("sent", "delivered"))  # rule 11
 
 
 def run(port: int, seconds: float, user: str, password: str, victim: str) -> dict[str, Any]:

@@ -8,8 +8,10 @@ Rules (PROTOCOL.md "Delivery rules"):
 2. An item still unacked ``flush_ms`` after it was staged is written to disk
    with everything else that is due (one transaction: group commit).
 3. ``receipt sent`` goes to the publishing device once every item of the
-   message is written or acked (it then survives a crash). A repeat of a
-   known (from, id) is not staged again; it is answered ``sent`` once settled.
+   message is written or acked (it then survives a crash); a ``delivered``
+   receipt that reaches that device in the same outcome stands for it instead
+   (``StagingOutcome.fold_sent``). A repeat of a known (from, id) is not staged again; it is
+   answered ``sent`` once settled.
 4. The first ack of a message by a device of the recipient stages a
    ``receipt delivered`` for each device of the sender.
 5. When every target device acked, the message is forgotten: memory now, and
@@ -306,6 +308,7 @@ class Staging:
             if ids:
                 self._stage_receipt(sender, RECEIPT_DELIVERED, ids, recipient, now_ms, now, out)
         self._pump(device, box, now, out)
+        out.fold_sent()
         return out
 
     def _mark_delivered(self, message: StagedMessage, now_ms: int, now: float, ids: list[str]) -> None:
@@ -630,6 +633,7 @@ class Staging:
             if item.message is not None:
                 item.message.writing -= 1
                 self._maybe_forget(item.message, out)
+        out.fold_sent()
         return out
 
     def flush_failed(self, batch: FlushBatch) -> StagingOutcome:

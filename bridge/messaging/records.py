@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from bridge.messaging.group_receipts import ReceiptWrites
-from chatproto import ErrorItem, GroupItem, MsgItem, ReceiptItem
+from chatproto import RECEIPT_DELIVERED, RECEIPT_SENT, ErrorItem, GroupItem, MsgItem, ReceiptItem
 
 SEQ_SPAN = 1_000_000_000
 """Seqs are ``boot * SEQ_SPAN + n``: every boot starts above all seqs of earlier boots."""
@@ -116,7 +116,29 @@ class StagingOutcome:
     need_bodies: list[int] = field(default_factory=list)
     need_item_bodies: list[tuple[str, int]] = field(default_factory=list)  # olm ciphertexts, by (device, seq)
     staged: list[str] = field(default_factory=list)  # devices a message item was staged for (push: bridge/push/)
+    folded: list[ReceiptItem] = field(default_factory=list)  # 'sent' notices a 'delivered' delivery stands for
     flush_due: bool = False
+
+    def fold_sent(self) -> None:
+        """Rule 11: ``delivered`` implies ``sent``. A ``sent`` notice whose ids all reach its device in a
+        ``delivered`` receipt of this outcome is left out (into ``folded``): that receipt, sent right where
+        ``sent`` would have gone, stands for both -- two packets fewer per message that every target acked
+        before its flush, the common case. A ``delivered`` that waits (the window, a backlog) folds nothing:
+        ``sent`` goes out at once as before."""
+        if not self.notices or not self.deliveries:
+            return
+        covered = {(device, msg_id) for device, item in self.deliveries
+                   if isinstance(item, ReceiptItem) and item.status == RECEIPT_DELIVERED for msg_id in item.ids}
+        if not covered:
+            return
+        kept: list[tuple[str, ReceiptItem | ErrorItem]] = []
+        for device, notice in self.notices:
+            if (isinstance(notice, ReceiptItem) and notice.status == RECEIPT_SENT
+                    and all((device, msg_id) in covered for msg_id in notice.ids)):
+                self.folded.append(notice)
+            else:
+                kept.append((device, notice))
+        self.notices = kept
 
 
 @dataclass(slots=True)

@@ -251,13 +251,15 @@ class Messaging:
         self._apply(out)
 
     def _apply(self, out: StagingOutcome, previews: dict[str, str] | None = None) -> None:
-        # Notices first: when the recipient acks before the flush, one outcome
-        # holds both 'sent' (a notice) and 'delivered' (a delivery) for the
-        # sender, who must see them in that order (found by tests/sdk).
+        # Notices first: one outcome can hold both 'sent' (a notice) and 'delivered'
+        # (a delivery) for the sender, who must see them in that order (found by
+        # tests/sdk); when the 'delivered' goes out now, the core folds 'sent' into it.
         for client_id, notice in out.notices:
-            if isinstance(notice, ReceiptItem) and notice.status == RECEIPT_SENT:  # metrics: staged (ts) -> 'sent'
-                self.staging.counters.sent_latency.observe(max(0, self._now_ms() - notice.ts) / 1000)
+            if isinstance(notice, ReceiptItem) and notice.status == RECEIPT_SENT:
+                self._sent(notice)
             self.links.send(client_id, notice)
+        for folded in out.folded:  # 'sent' all the same, told by the 'delivered' among the deliveries
+            self._sent(folded)
         watch = self.watch
         for device, delivery in out.deliveries:
             # not connected: it waits, staged, for the next connection
@@ -270,6 +272,10 @@ class Messaging:
             self._spawn(self._load_bodies(out.need_bodies, out.need_item_bodies))
         if out.flush_due:
             self._wake.set()
+
+    def _sent(self, notice: ReceiptItem) -> None:
+        """Metrics: staged (the notice's ts) -> 'sent'."""
+        self.staging.counters.sent_latency.observe(max(0, self._now_ms() - notice.ts) / 1000)
 
     async def _load_bodies(self, mids: list[int], keys: list[tuple[str, int]]) -> None:
         try:

@@ -49,8 +49,30 @@ def test_online_delivery_is_immediate_and_sent_waits_for_the_ack_or_the_disk() -
     batch = s.take_flush(1.0)
     assert batch is not None and [i.device for i in batch.items] == ["bob.laptop"]
     assert [m.msg_id for m in batch.bodies] == ["m1"]
-    done = kinds(s.flush_done(batch))  # notices ('sent') go out before deliveries ('delivered')
-    assert ("alice.phone", "sent", ["m1"]) in done and ("alice.phone", "delivered", ["m1"]) in done
+    done = s.flush_done(batch)  # 'delivered' goes out now: it stands for 'sent' too (rule 11)
+    assert ("alice.phone", "delivered", ["m1"]) in kinds(done) and ("alice.phone", "sent", ["m1"]) not in kinds(done)
+    assert [(r.status, r.ids) for r in done.folded] == [("sent", ("m1",))]
+
+
+def acked_at_once(s: Staging, msg_id: str, now_ms: int) -> StagingOutcome:
+    """``msg_id`` from alice.phone, acked by both of bob's devices before its flush: the last ack's outcome."""
+    seqs = {device: item.seq for device, item in s.submit("alice.phone", "alice", msg(msg_id), now_ms, 0.0).deliveries}
+    s.ack("bob.phone", [seqs["bob.phone"]], now_ms + 1, 0.01)
+    return s.ack("bob.laptop", [seqs["bob.laptop"]], now_ms + 2, 0.02)
+
+
+def test_sent_is_folded_into_a_delivered_that_goes_out_now_and_only_then() -> None:
+    s = core()
+    for device in ("alice.phone", "bob.phone", "bob.laptop"):
+        s.device_online(device, 0.0)
+    out = acked_at_once(s, "m1", 1000)
+    assert kinds(out) == [("alice.phone", "delivered", ["m1"])]
+    assert [(r.status, r.ids) for r in out.folded] == [("sent", ("m1",))]
+    # alice.phone's window (2) is full, with that 'delivered' and a 'seen' unacked: the next 'delivered'
+    # waits, so 'sent' goes out at once, as before
+    assert kinds(s.seen("bob", "alice", ["x"], "bob.phone", 1003, 0.03)) == [("alice.phone", "seen", ["x"])]
+    out = acked_at_once(s, "m2", 1004)
+    assert kinds(out) == [("alice.phone", "sent", ["m2"])] and out.folded == []
 
 
 def test_everything_acked_before_the_deadline_is_never_written() -> None:
