@@ -86,13 +86,14 @@ class ClusterDeployment:
 
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """A started ``BrokerThread`` (``single``; ``lean``: with ``mqtt.lean_sessions``, chat sessions on the
-    sans-IO core) or ``ClusterDeployment`` (``cluster``) under ``root``."""
+    """A started ``BrokerThread`` (``single``: the default config, chat sessions on the lean path;
+    ``amqtt-path``: ``mqtt.lean_sessions`` off, every client on amqtt) or ``ClusterDeployment`` (``cluster``)
+    under ``root``."""
     if deployment == "cluster":
         return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
     return BrokerThread(root / "data", settings_of(deployment, overrides)).start()
 
 
 def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config overrides of a one-process deployment (``single``, ``lean``), plus ``overrides``."""
-    return {**({"mqtt.lean_sessions": True} if deployment == "lean" else {}), **(overrides or {})}
+    """The config overrides of a one-process deployment (``single``, ``amqtt-path``), plus ``overrides``."""
+    return {**({"mqtt.lean_sessions": False} if deployment == "amqtt-path" else {}), **(overrides or {})}

@@ -41,7 +41,7 @@ CONNACK_ACCEPTED = 0x00
 CONNACK_BAD_PROTOCOL = 0x01
 CONNACK_IDENTIFIER_REJECTED = 0x02
 CONNACK_NOT_AUTHORISED = 0x05
-DEPLOYMENTS = ("single", "lean")  # tests/conftest.py: amqtt's path, and chat sessions on the sans-IO core
+DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path (the default), and amqtt's
 
 
 def test_paho_reason_codes_are_what_this_file_assumes() -> None:

@@ -1,6 +1,6 @@
 from tests.helpers import BrokerThread, Peer
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: each broker test runs on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: each broker test runs on each
 
 
 def test_ping_roundtrip(broker: BrokerThread, peers: list[Peer]) -> None:

@@ -1,7 +1,9 @@
 """Targets of the conformance tests: the ChatBroker, and stock amqtt 0.12.1 that must fail them.
 
-Every test in tests/mqtt/ that takes ``target`` or ``launch`` runs twice:
-``chatbroker-conforms`` must pass; ``stock-amqtt-fails`` runs the very same bytes
+Every test in tests/mqtt/ that takes ``target`` or ``launch`` runs three times:
+``chatbroker-conforms`` (the default config: chat sessions on the lean path, the rest handed to amqtt)
+and ``amqtt-path-conforms`` (``mqtt.lean_sessions`` off: every client on amqtt) must pass;
+``stock-amqtt-fails`` runs the very same bytes
 against an unmodified ``amqtt.broker.Broker`` (default plugins: anyone may connect)
 and is a strict xfail: if stock amqtt ever passed, the suite would fail, because
 the test would no longer prove anything about the broker layer's fixes. Only a
@@ -82,18 +84,18 @@ class Target:
             raw.close()
 
 
-@pytest.fixture(params=["chatbroker", "lean", pytest.param("stock", marks=STOCK_FAILS)],
-                ids=["chatbroker-conforms", "lean-conforms", "stock-amqtt-fails"])
+@pytest.fixture(params=["chatbroker", "amqtt-path", pytest.param("stock", marks=STOCK_FAILS)],
+                ids=["chatbroker-conforms", "amqtt-path-conforms", "stock-amqtt-fails"])
 def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Target]]:
     """``launch(mqtt=...)`` starts this run's broker; ``mqtt`` is the ChatBroker's ``mqtt:`` section
     (default: config/open-mqtt.yaml's; ``{}`` for the embedded defaults). Stock amqtt ignores it."""
     stops: list[Callable[[], None]] = []
 
     def start(mqtt: dict[str, Any] | None = None) -> Target:
-        if request.param in ("chatbroker", "lean"):
+        if request.param in ("chatbroker", "amqtt-path"):
             section = open_mqtt_section() if mqtt is None else mqtt
-            if request.param == "lean":  # chat sessions on the sans-IO core, the rest handed to amqtt (broker/lean.py)
-                section = {**section, "lean_sessions": True}
+            if request.param == "amqtt-path":  # every client on amqtt; by default chat sessions take the lean path
+                section = {**section, "lean_sessions": False}
             chat = BrokerThread(tmp_path / "data", {"mqtt": section}).start()
             stops.append(chat.stop)
             for name, password in USERS.items():
