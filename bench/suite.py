@@ -28,7 +28,7 @@ from typing import Any
 from bench.common import BenchError, CpuMeter, fd_hard_limit, rss_kib, summarise
 from bench.loadgen import LoadGen, samples
 from bench.profiling import Profiler
-from bench.targets import AmqttServer, ChatServer, LeanChatServer, MosquittoServer, Server
+from bench.targets import AmqttPathChatServer, AmqttServer, ChatServer, LeanChatServer, MosquittoServer, Server
 from bench.users import make_template
 
 PAIR_WORKERS = (0, 1)
@@ -69,7 +69,10 @@ SIZES = {
 }
 
 TARGETS = ("chat", "amqtt", "mosquitto")
-MORE_TARGETS = ("chat-lean",)  # by name only (--targets): ours with mqtt.lean_sessions
+# By name only (--targets): ours with mqtt.lean_sessions pinned on or off (``chat`` follows the default, on).
+MORE_TARGETS = ("chat-lean", "chat-amqtt")
+CHAT_KINDS: dict[str, type[ChatServer]] = {"chat": ChatServer, "chat-lean": LeanChatServer,
+                                           "chat-amqtt": AmqttPathChatServer}
 
 
 def idle_user(i: int) -> str:
@@ -190,10 +193,8 @@ class Suite:
             self._gen = None
 
     def server(self, name: str, extra_config: str = "") -> Server:
-        if name in ("chat", "chat-lean"):
-            kind = ChatServer if name == "chat" else LeanChatServer
-            server: Server = kind(self.workdir, self.template(), extra_config)
-            assert isinstance(server, ChatServer)
+        if (kind := CHAT_KINDS.get(name)) is not None:
+            server = kind(self.workdir, self.template(), extra_config)
             server.fresh_data()
             return server
         if name == "amqtt":

@@ -206,15 +206,31 @@ class ChatServer(Server):
         return READY
 
 
-class LeanChatServer(ChatServer):
-    """Our broker with ``mqtt.lean_sessions``: chat sessions on the sans-IO core (broker/lean.py)."""
+class PathChatServer(ChatServer):
+    """Our broker with ``mqtt.lean_sessions`` pinned, whatever the default (``chat`` follows it), so
+    that the two connection paths can be compared in one run."""
+
+    lean: bool
+
+    def __init__(self, workdir: Path, template: Path, extra_config: str = "") -> None:
+        super().__init__(workdir, template, f"mqtt:\n  lean_sessions: {str(self.lean).lower()}\n" + extra_config)
+        self.data_dir = workdir / f"{self.name}-data"
+
+
+class LeanChatServer(PathChatServer):
+    """Chat sessions on the sans-IO core (broker/lean.py)."""
 
     name = "chat-lean"
     label = "chat-broker (lean sessions)"
+    lean = True
 
-    def __init__(self, workdir: Path, template: Path, extra_config: str = "") -> None:
-        super().__init__(workdir, template, LEAN_CONFIG + extra_config)
-        self.data_dir = workdir / "chat-lean-data"
+
+class AmqttPathChatServer(PathChatServer):
+    """Every client on amqtt's path (``mqtt.lean_sessions: false``)."""
+
+    name = "chat-amqtt"
+    label = "chat-broker (amqtt's path)"
+    lean = False
 
 
 class ClusterChatServer(ChatServer):

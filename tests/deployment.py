@@ -86,9 +86,9 @@ class ClusterDeployment:
 
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """A started ``BrokerThread`` (``single``; ``lean``: with ``mqtt.lean_sessions``, chat sessions on the
-    sans-IO core; ``lean-ws``: the same, the tests' Peers over WebSocket) or ``ClusterDeployment``
-    (``cluster``) under ``root``."""
+    """A started ``BrokerThread`` (``single``: the default config, chat sessions on the lean path;
+    ``amqtt-path``: ``mqtt.lean_sessions`` off, every client on amqtt; ``lean-ws``: the default with a ws
+    listener, the tests' Peers over WebSocket) or ``ClusterDeployment`` (``cluster``) under ``root``."""
     if deployment == "cluster":
         return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
     broker = BrokerThread(root / "data", settings_of(deployment, overrides)).start()
@@ -100,8 +100,8 @@ def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
 
 
 def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config overrides of a one-process deployment (``single``, ``lean``, ``lean-ws``: lean with a ws
+    """The config overrides of a one-process deployment (``single``, ``amqtt-path``, ``lean-ws``: a ws
     listener, the Peers on it), plus ``overrides``."""
-    lean = {"mqtt.lean_sessions": True} if deployment in ("lean", "lean-ws") else {}
+    path = {"mqtt.lean_sessions": False} if deployment == "amqtt-path" else {}
     ws = {"listeners.ws.bind": "127.0.0.1:0"} if deployment == "lean-ws" else {}
-    return {**lean, **ws, **(overrides or {})}
+    return {**path, **ws, **(overrides or {})}

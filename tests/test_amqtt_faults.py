@@ -5,6 +5,9 @@ where the attack must fail (``chatbroker-is-fixed``), and against a stock
 ``amqtt.broker.Broker`` (``stock-amqtt-is-vulnerable``), where the very same attack must
 succeed. The stock run proves that the attack is real and that the test would fail if
 the fix regressed (or if a new amqtt release changed the internals the fix relies on).
+The faults are amqtt's, so the ChatBroker runs with ``mqtt.lean_sessions: false`` (every client
+on amqtt's path); the lean path's login and takeover: tests/mqtt/test_lean_chat.py, and the
+suites that run on both paths (tests/deployment.py).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     def start(stock: StockConfig = "passwords", chat_overrides: dict[str, Any] | None = None) -> Target:
         target: Target
         if request.param == "chatbroker":
-            chat = BrokerThread(tmp_path / "data", chat_overrides).start()
+            chat = BrokerThread(tmp_path / "data", {"mqtt.lean_sessions": False, **(chat_overrides or {})}).start()
             stops.append(chat.stop)
             for name, pw in USERS.items():
                 chat.add_user(name, pw)
@@ -282,9 +285,10 @@ def test_failed_logins_leave_no_session(launch: Callable[..., Target]) -> None:
 
     Stock amqtt registers the session before authenticating and never removes it: each
     failed login is a "connected" session forever. The ChatBroker's login throttle is
-    opened up here so that every attempt goes through the full password check.
+    opened up here so that every attempt goes through the full password check, and its CONNECT
+    deadline raised: 50 scrypt checks queued behind 2 slots passed 10 s on a loaded machine.
     """
-    target = launch(stock="passwords", chat_overrides={"auth.free_failures": 10_000})
+    target = launch(stock="passwords", chat_overrides={"auth.free_failures": 10_000, "limits.connect_timeout_s": 60})
     before = target.inspect(lambda b: len(b.sessions))
     clients = [target.raw() for _ in range(FAILED_LOGINS)]
     for n, raw in enumerate(clients):

@@ -30,7 +30,7 @@ from tests.deployment import settings_of
 from tests.helpers import BrokerThread, eventually
 
 REQUESTS = 40
-DEPLOYMENTS = ("single", "lean")  # tests/conftest.py: amqtt's path, and chat sessions on the sans-IO core
+DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path (the default), and amqtt's
 
 
 def _online(broker: BrokerThread, user: str = "alice") -> RawClient:

@@ -73,10 +73,10 @@ class Fuzz:
         return f"{prefix}{self.made}"
 
 
-@pytest.fixture(scope="module", params=["single", "lean"])
+@pytest.fixture(scope="module", params=["single", "amqtt-path"])
 def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Fuzz]:
-    """One broker and two connected, subscribed devices for the whole module; on amqtt's path and on the
-    lean one (``mqtt.lean_sessions``, tests/deployment.py)."""
+    """One broker and two connected, subscribed devices for the whole module; on the lean path (the default)
+    and on amqtt's (``mqtt.lean_sessions`` off, tests/deployment.py)."""
     # The fuzzer publishes hundreds of items a second: the send rate limit is not
     # what this file tests, so it must not turn an answer into "rate_limited". Its raw
     # clients log in as ever new devices: the device limit is not tested here either.

@@ -19,7 +19,7 @@ from tests.helpers import BrokerThread, Peer, eventually, online_peer
 from tests.test_cluster_groups import redis_keys
 from tests.test_groups import Collector, _add_users, drain, ok, refused, send
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: tests using `deployment` run on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: tests using `deployment` run on each
 
 
 def receipt(status: str, msg_id: str) -> Any:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import BrokerThread, Peer
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: each broker test runs on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: each broker test runs on each
 
 
 def device_keys(user: str, device: str, curve: str = "Q1VSVkU") -> dict[str, Any]:

@@ -76,10 +76,11 @@ class Listeners:
         return self.broker.address(listener)[1]
 
 
-@pytest.fixture(scope="module", params=["single", "lean"])
+@pytest.fixture(scope="module", params=["single", "amqtt-path"])
 def listeners(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Listeners]:
-    """One ChatBroker with tcp, tls, ws and wss listeners on free ports; users alice and bob. ``lean``: chat
-    sessions on tcp and tls run on the sans-IO core (``mqtt.lean_sessions``, broker/lean.py)."""
+    """One ChatBroker with tcp, tls, ws and wss listeners on free ports; users alice and bob. ``single``: chat
+    sessions on tcp and tls run on the sans-IO core (the default, broker/lean.py); ``amqtt-path``: on amqtt
+    (``mqtt.lean_sessions`` off)."""
     home = tmp_path_factory.mktemp("listeners")
     cert, key = make_cert(home)
     overrides = {"listeners.ws.bind": "127.0.0.1:0"}

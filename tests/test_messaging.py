@@ -17,7 +17,7 @@ from tests.deployment import start_broker
 from tests.helpers import BrokerProcess, Peer
 
 USERS = ("alice", "bob", "carol")
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: tests using `deployment` run on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: tests using `deployment` run on each
 
 
 def start(path: Path, **overrides: Any) -> BrokerProcess:

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.helpers import BrokerProcess, BrokerThread, Peer, connack_code
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: each broker test runs on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: each broker test runs on each
 
 PAHO_NOT_AUTHORIZED = 135  # CONNACK 0x05 as paho 2.x reports it
 OLD_DEVICES = {"bob": ("phone", "laptop"), "alice": ("phone", "tab")}

@@ -26,7 +26,7 @@ import pytest
 from testkit.packets import RawClient, connect_packet, subscribe_packet
 from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: each broker test runs on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: each broker test runs on each
 
 USERS = ("alice", "bob", "carol", "mallory")
 FAST = {"presence.coalesce_ms": 100}  # most tests look at two changes in a row

@@ -58,13 +58,14 @@ class Setup:
         return self.broker.call(get())
 
 
-@pytest.fixture(scope="module", params=["single", "lean"])
+@pytest.fixture(scope="module", params=["single", "amqtt-path"])
 def setup(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Setup]:
-    """``lean``: chat sessions on tcp/tls on the sans-IO core (broker/lean.py), behind the header too."""
+    """``single``: chat sessions on tcp/tls on the sans-IO core (the default, broker/lean.py), behind the header
+    too; ``amqtt-path``: every client on amqtt (``mqtt.lean_sessions`` off)."""
     home = tmp_path_factory.mktemp("proxied")
     cert, key = make_cert(home)
     broker = BrokerThread(home / "data", {
-        "mqtt.lean_sessions": request.param == "lean",
+        "mqtt.lean_sessions": request.param != "amqtt-path",
         "listeners.trusted_proxies": ["127.0.0.1/32"],
         "listeners.tcp.proxy_protocol": True,
         "listeners.tls": {"bind": "127.0.0.1:0", "certfile": str(cert), "keyfile": str(key), "proxy_protocol": True},

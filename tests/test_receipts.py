@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import BrokerProcess, Peer
 from tests.test_messaging import ack, drain, is_msg, online, send, start, start_on
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: tests using `deployment` run on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: tests using `deployment` run on each
 
 
 def statuses_until(peer: Peer, msg_id: str, last: str) -> list[str]:

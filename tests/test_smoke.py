@@ -1,6 +1,6 @@
 from tests.helpers import BrokerThread, Peer
 
-DEPLOYMENTS = ("single", "cluster", "lean", "lean-ws")  # tests/conftest.py: each broker test runs on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path", "lean-ws")  # tests/conftest.py: each broker test runs on each
 
 
 def test_ping_roundtrip(broker: BrokerThread, peers: list[Peer]) -> None:

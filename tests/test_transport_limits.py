@@ -29,13 +29,14 @@ CHUNK = b"x" * 60_000
 CLOSED_AT_ONCE_S = 3.0  # well under the CONNECT deadline (10 s) and the keepalive (60 s)
 
 
-@pytest.fixture(params=["single", "lean"])
+@pytest.fixture(params=["single", "amqtt-path"])
 def open_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerThread]:
     """A ChatBroker with every generic topic open (config/open-mqtt.yaml), plus a test's
-    ``@pytest.mark.broker_config({...})`` settings; ``lean``: with ``mqtt.lean_sessions``, where what
-    comes before CONNECT is the sans-IO core's (broker/chat_session.py) and these clients are handed to amqtt."""
+    ``@pytest.mark.broker_config({...})`` settings; ``single``: ``mqtt.lean_sessions`` (the default), where
+    what comes before CONNECT is the sans-IO core's (broker/chat_session.py) and these clients are handed to
+    amqtt; ``amqtt-path``: with it off."""
     marker = request.node.get_closest_marker("broker_config")
-    section = {**open_mqtt_section(), "lean_sessions": request.param == "lean"}
+    section = {**open_mqtt_section(), "lean_sessions": request.param != "amqtt-path"}
     running = BrokerThread(tmp_path / "data", {"mqtt": section, **(marker.args[0] if marker else {})})
     running.start()
     yield running

@@ -12,7 +12,7 @@ from typing import Any
 
 from tests.helpers import WAIT_S, BrokerThread, Peer, online_peer
 
-DEPLOYMENTS = ("single", "cluster", "lean")  # tests/conftest.py: each broker test runs on each
+DEPLOYMENTS = ("single", "cluster", "amqtt-path")  # tests/conftest.py: each broker test runs on each
 
 GHOST, NEWCOMER = "ghost", "carol"  # carol exists but has no device and no keys
 

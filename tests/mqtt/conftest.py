@@ -1,8 +1,9 @@
 """Targets of the conformance tests: the ChatBroker, and stock amqtt 0.12.1 that must fail them.
 
 Every test in tests/mqtt/ that takes ``target`` or ``launch`` runs on each target:
-``chatbroker-conforms`` must pass, so must ``lean-conforms`` (``mqtt.lean_sessions``) and
-``lean-ws-conforms`` (the same, every packet sent and read over WebSocket: testkit/ws_socket.py);
+``chatbroker-conforms`` (the default config: chat sessions on the lean path, the rest handed to amqtt),
+``lean-ws-conforms`` (the same, every packet sent and read over WebSocket: testkit/ws_socket.py)
+and ``amqtt-path-conforms`` (``mqtt.lean_sessions`` off: every client on amqtt) must pass;
 ``stock-amqtt-fails`` runs the very same bytes against an unmodified ``amqtt.broker.Broker``
 (default plugins: anyone may connect) and is a strict xfail: if stock amqtt ever passed, the suite would fail, because
 the test would no longer prove anything about the broker layer's fixes. Only a
@@ -85,18 +86,18 @@ class Target:
             raw.close()
 
 
-@pytest.fixture(params=["chatbroker", "lean", "lean-ws", pytest.param("stock", marks=STOCK_FAILS)],
-                ids=["chatbroker-conforms", "lean-conforms", "lean-ws-conforms", "stock-amqtt-fails"])
+@pytest.fixture(params=["chatbroker", "lean-ws", "amqtt-path", pytest.param("stock", marks=STOCK_FAILS)],
+                ids=["chatbroker-conforms", "lean-ws-conforms", "amqtt-path-conforms", "stock-amqtt-fails"])
 def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Target]]:
     """``launch(mqtt=...)`` starts this run's broker; ``mqtt`` is the ChatBroker's ``mqtt:`` section
     (default: config/open-mqtt.yaml's; ``{}`` for the embedded defaults). Stock amqtt ignores it."""
     stops: list[Callable[[], None]] = []
 
     def start(mqtt: dict[str, Any] | None = None) -> Target:
-        if request.param in ("chatbroker", "lean", "lean-ws"):
+        if request.param in ("chatbroker", "lean-ws", "amqtt-path"):
             section = open_mqtt_section() if mqtt is None else mqtt
-            if request.param != "chatbroker":  # chat sessions on the sans-IO core, the rest on amqtt (broker/lean.py)
-                section = {**section, "lean_sessions": True}
+            if request.param == "amqtt-path":  # every client on amqtt; by default chat sessions take the lean path
+                section = {**section, "lean_sessions": False}
             websocket = request.param == "lean-ws"  # the same bytes inside WebSocket frames (broker/lean_ws.py)
             ws = {"listeners.ws.bind": "127.0.0.1:0"} if websocket else {}
             chat = BrokerThread(tmp_path / "data", {"mqtt": section, **ws}).start()

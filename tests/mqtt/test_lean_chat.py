@@ -1,6 +1,6 @@
 """Chat sessions on the lean path (``mqtt.lean_sessions``: broker/lean.py, broker/chat_session.py), raw packets.
 
-The other files of tests/mqtt/ run on a lean broker too (``lean-conforms``), but under
+The other files of tests/mqtt/ run on a lean broker too (``chatbroker-conforms``, the default), but under
 config/open-mqtt.yaml, whose generic ACL keeps every client on amqtt's path (reached by the
 hand-off). Here the ``mqtt`` section opens no generic topic, so a chat device's CONNECT stays
 on the sans-IO core, and the rules of docs/MQTT.md are checked on it: malformed input closes,
