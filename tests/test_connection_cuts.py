@@ -106,7 +106,8 @@ def test_a_stream_cut_again_and_again_on_a_qos0_inbox_loses_and_repeats_nothing(
 
     try:
         ids: list[str] = []
-        cuts = [(3, DOWN, b'"kind":"msg"'), (2, UP, b'"seqs"'), (5, DOWN, b'"kind":"msg"'), (1, UP, b'"seqs"')]
+        # An ack cut comes at the first ack: the SDK acks per read, so 15 items may take a single ack.
+        cuts = [(3, DOWN, b'"kind":"msg"'), (1, UP, b'"seqs"'), (5, DOWN, b'"kind":"msg"'), (1, UP, b'"seqs"')]
         for n, (count, direction, what) in enumerate(cuts, 1):
             after(count, direction, what)
             ids += [alice.send("bob", f"m{len(ids) + i}") for i in range(15)]
