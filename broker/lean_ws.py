@@ -105,7 +105,8 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
         return self._sock is not None and self._sock.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
+        if self._timer is not None:  # gone before its upgrade: a load balancer's TCP health check, say
+            log.debug("%s: connection closed before the WebSocket handshake", self._listener.name)
             self._timer.cancel()
             self._timer = None
         self._closing = True
@@ -146,7 +147,7 @@ class WsLink(asyncio.Protocol, asyncio.Transport):
         response = mqtt_path_refusal(request) or ws.accept(request)
         ws.send_response(response)
         if response.status_code != 101:  # websockets ends the stream: _sent closes the socket
-            log.debug("%s: WebSocket upgrade refused: %d", listener.name, response.status_code)
+            log.debug("%s: WebSocket handshake refused: HTTP %d", listener.name, response.status_code)
             return
         if self._timer is not None:
             self._timer.cancel()

@@ -110,7 +110,7 @@ def test_bench_logins_tiny(tmp_path: Path) -> None:
     sent after the CONNACK and then with the CONNECT."""
     out = run_bench(["logins", "--tiny"], tmp_path, 120)
     result = json.loads((out / "logins.json").read_text(encoding="utf-8"))
-    assert result["benchmark"] == "logins" and set(result["targets"]) == {"chat", "chat-lean"}
+    assert result["benchmark"] == "logins" and set(result["targets"]) == {"chat-amqtt", "chat-lean"}
     for target in result["targets"].values():
         assert [p["pipelined"] for p in target["phases"]] == [False, True]  # SUBSCRIBE after CONNACK, then with it
         for phase in target["phases"]:

@@ -25,6 +25,7 @@ from tests.test_cluster import add_users
 from tests.test_push import (
     PUSH,
     acking_phone_gets_none,
+    all_sent,
     away_phone_gets_one_push_for_a_burst,
     fetch,
     register,
@@ -55,13 +56,6 @@ def record(redis_cluster: RedisCluster, prefix: str, client_id: str) -> dict[str
         return {k: v for key in keys for k, v in client.hgetall(key).items()}  # type: ignore[union-attr]
     finally:
         client.close()
-
-
-def all_sent(peer: Peer, ids: set[str]) -> None:
-    """Waits for the ``sent`` receipts of ``ids``: each message staged."""
-    left = set(ids)
-    while left:
-        left -= set(peer.expect(lambda i: i.get("kind") == "receipt" and i.get("status") == "sent")["ids"])
 
 
 def test_an_away_phone_gets_one_push_for_a_burst_on_another_node_then_everything(
