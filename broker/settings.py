@@ -46,5 +46,5 @@ class BrokerSettings:
     max_unacked_downlinks: int
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of the load balancers that may name the client (``proxy_protocol``, ``forwarded_for``)."""
-    lean_sessions: bool = True
+    lean_sessions: bool = False
     """Chat sessions on every listener run on the sans-IO core, one asyncio.Protocol each (broker/lean.py)."""

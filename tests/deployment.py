@@ -86,11 +86,12 @@ class ClusterDeployment:
 
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """A started ``BrokerThread`` (``single``: the default config, chat sessions on the lean path;
-    ``amqtt-path``: ``mqtt.lean_sessions`` off, every client on amqtt; ``lean-ws``: the default with a ws
+    """A started ``BrokerThread`` (``single``: chat sessions on the lean path (pinned: off by default);
+    ``amqtt-path``: ``mqtt.lean_sessions`` off, every client on amqtt; ``lean-ws``: the lean path with a ws
     listener, the tests' Peers over WebSocket) or ``ClusterDeployment`` (``cluster``) under ``root``."""
     if deployment == "cluster":
-        return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"), overrides).start()
+        return ClusterDeployment(root / "cluster", request.getfixturevalue("redis_cluster"),
+                                 settings_of(deployment, overrides)).start()
     broker = BrokerThread(root / "data", settings_of(deployment, overrides)).start()
     if deployment == "lean-ws":  # the tests' Peers connect over WebSocket (helpers.WEBSOCKET_FOR)
         tcp = broker.port
@@ -100,8 +101,8 @@ def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
 
 
 def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config overrides of a one-process deployment (``single``, ``amqtt-path``, ``lean-ws``: a ws
-    listener, the Peers on it), plus ``overrides``."""
-    path = {"mqtt.lean_sessions": False} if deployment == "amqtt-path" else {}
+    """The config overrides of a deployment (``single``, ``cluster`` and ``lean-ws`` (a ws listener, the Peers
+    on it) on the lean path, ``amqtt-path`` on amqtt's), plus ``overrides``."""
+    path = {"mqtt.lean_sessions": deployment != "amqtt-path"}  # pinned: the lean path is off by default
     ws = {"listeners.ws.bind": "127.0.0.1:0"} if deployment == "lean-ws" else {}
     return {**path, **ws, **(overrides or {})}

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tests.helpers import BrokerThread, Peer, connack_code
 
 SUBACK_FAILURE = 0x80
-DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path (the default), and amqtt's
+DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path, and amqtt's
 PAHO_NOT_AUTHORIZED = 135  # CONNACK 0x05 as paho 2.x reports it (see test_auth.py)
 MARKER = "acl-marker-7f3a"  # in every payload that must not reach anyone
 

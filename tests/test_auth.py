@@ -41,7 +41,7 @@ CONNACK_ACCEPTED = 0x00
 CONNACK_BAD_PROTOCOL = 0x01
 CONNACK_IDENTIFIER_REJECTED = 0x02
 CONNACK_NOT_AUTHORISED = 0x05
-DEPLOYMENTS = ("single", "amqtt-path", "lean-ws")  # tests/conftest.py: lean (the default) over tcp and ws, amqtt's
+DEPLOYMENTS = ("single", "amqtt-path", "lean-ws")  # tests/conftest.py: lean over tcp and ws, amqtt's
 
 
 def test_paho_reason_codes_are_what_this_file_assumes() -> None:

@@ -17,7 +17,7 @@ from tests.deployment import settings_of
 from tests.helpers import BrokerThread, Peer, eventually
 from tests.sdk.conftest import Collector
 
-DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path (the default), and amqtt's
+DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path, and amqtt's
 
 
 @pytest.fixture

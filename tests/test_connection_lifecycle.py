@@ -19,7 +19,7 @@ from tests.helpers import WAIT_S, BrokerThread, Peer, eventually
 from tests.stock_amqtt import PINGREQ, PINGRESP, RawClient, connect_packet, subscribe_packet
 
 T = TypeVar("T")
-DEPLOYMENTS = ("single", "amqtt-path", "lean-ws")  # tests/conftest.py: lean (the default) over tcp and ws, amqtt's
+DEPLOYMENTS = ("single", "amqtt-path", "lean-ws")  # tests/conftest.py: lean over tcp and ws, amqtt's
 
 
 def inspect(broker: BrokerThread, fn: Callable[[Any], T]) -> T:
@@ -113,7 +113,7 @@ def test_an_idle_chat_connection_holds_no_spare_parts(broker: BrokerThread, peer
     peers.append(peer)
     assert peer.connect() == 0 and peer.subscribe() == [1]
     eventually(lambda: linked(broker, "alice.phone"), what="inbox linked")
-    if deployment != "amqtt-path":  # the default: chat sessions on the lean path
+    if deployment != "amqtt-path":  # chat sessions on the lean path
         assert inspect(broker, lean_footprint) == {
             "session": "ChatSession", "timers": [None, None], "buffered": 0, "unacked": 0, "holds": 0,
             "send queue": None, "tasks": [],

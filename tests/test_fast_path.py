@@ -30,7 +30,7 @@ from tests.deployment import settings_of
 from tests.helpers import BrokerThread, eventually
 
 REQUESTS = 40
-DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path (the default), and amqtt's
+DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path, and amqtt's
 
 
 def _online(broker: BrokerThread, user: str = "alice") -> RawClient:

@@ -75,7 +75,7 @@ class Fuzz:
 
 @pytest.fixture(scope="module", params=["single", "amqtt-path"])
 def fuzz(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Fuzz]:
-    """One broker and two connected, subscribed devices for the whole module; on the lean path (the default)
+    """One broker and two connected, subscribed devices for the whole module; on the lean path
     and on amqtt's (``mqtt.lean_sessions`` off, tests/deployment.py)."""
     # The fuzzer publishes hundreds of items a second: the send rate limit is not
     # what this file tests, so it must not turn an answer into "rate_limited". Its raw

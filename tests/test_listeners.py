@@ -79,7 +79,7 @@ class Listeners:
 @pytest.fixture(scope="module", params=["single", "amqtt-path"])
 def listeners(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Listeners]:
     """One ChatBroker with tcp, tls, ws and wss listeners on free ports; users alice and bob. ``single``: chat
-    sessions on tcp and tls run on the sans-IO core (the default, broker/lean.py); ``amqtt-path``: on amqtt
+    sessions on every listener run on the sans-IO core (broker/lean.py); ``amqtt-path``: on amqtt
     (``mqtt.lean_sessions`` off)."""
     home = tmp_path_factory.mktemp("listeners")
     cert, key = make_cert(home)

@@ -3,7 +3,7 @@ serves a chat (messages, a device token, a wrong password, a password typed as u
 and no metric label or value contains a body, a password or the token. JSON lines parse, and lines
 about a connection carry its connection id and client id: fields that amqtt's path sets (a lean session
 names its peer and client id in the message, docs/AMQTT.md), so the JSON run is on amqtt's path
-(``mqtt.lean_sessions: false``) and the text run on the default, the lean path."""
+(``mqtt.lean_sessions: false``) and the text run on the lean path."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def chat(broker: LoggedBroker) -> list[str]:
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_no_secret_in_logs_or_metrics(tmp_path: Path, log_format: str) -> None:
-    path = {"mqtt": {"lean_sessions": False}} if log_format == "json" else {}
+    path = {"mqtt": {"lean_sessions": log_format != "json"}}
     broker = LoggedBroker(tmp_path / "data", ["--log-format", log_format], {"log": {"level": "debug"}, **path})
     broker.add_users(PASSWORDS)
     broker.start()

@@ -60,7 +60,7 @@ class Setup:
 
 @pytest.fixture(scope="module", params=["single", "amqtt-path"])
 def setup(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Setup]:
-    """``single``: chat sessions on tcp/tls on the sans-IO core (the default, broker/lean.py), behind the header
+    """``single``: chat sessions on tcp/tls on the sans-IO core (broker/lean.py), behind the header
     too; ``amqtt-path``: every client on amqtt (``mqtt.lean_sessions`` off)."""
     home = tmp_path_factory.mktemp("proxied")
     cert, key = make_cert(home)

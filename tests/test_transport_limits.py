@@ -32,7 +32,7 @@ CLOSED_AT_ONCE_S = 3.0  # well under the CONNECT deadline (10 s) and the keepali
 @pytest.fixture(params=["single", "amqtt-path"])
 def open_broker(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[BrokerThread]:
     """A ChatBroker with every generic topic open (config/open-mqtt.yaml), plus a test's
-    ``@pytest.mark.broker_config({...})`` settings; ``single``: ``mqtt.lean_sessions`` (the default), where
+    ``@pytest.mark.broker_config({...})`` settings; ``single``: ``mqtt.lean_sessions`` on, where
     what comes before CONNECT is the sans-IO core's (broker/chat_session.py) and these clients are handed to
     amqtt; ``amqtt-path``: with it off."""
     marker = request.node.get_closest_marker("broker_config")

@@ -19,7 +19,7 @@ import pytest
 from testkit.proxy import PUBLISH, MqttProxy, Packet
 from tests.helpers import BrokerThread, Peer
 
-DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path (the default), and amqtt's
+DEPLOYMENTS = ("single", "amqtt-path")  # tests/conftest.py: the lean path, and amqtt's
 PUBACK = 4
 MESSAGES = 20
 

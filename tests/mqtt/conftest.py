@@ -1,7 +1,7 @@
 """Targets of the conformance tests: the ChatBroker, and stock amqtt 0.12.1 that must fail them.
 
 Every test in tests/mqtt/ that takes ``target`` or ``launch`` runs on each target:
-``chatbroker-conforms`` (the default config: chat sessions on the lean path, the rest handed to amqtt),
+``chatbroker-conforms`` (``mqtt.lean_sessions`` on: chat sessions on the lean path, the rest handed to amqtt),
 ``lean-ws-conforms`` (the same, every packet sent and read over WebSocket: testkit/ws_socket.py)
 and ``amqtt-path-conforms`` (``mqtt.lean_sessions`` off: every client on amqtt) must pass;
 ``stock-amqtt-fails`` runs the very same bytes against an unmodified ``amqtt.broker.Broker``
@@ -96,8 +96,8 @@ def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     def start(mqtt: dict[str, Any] | None = None) -> Target:
         if request.param in ("chatbroker", "lean-ws", "amqtt-path"):
             section = open_mqtt_section() if mqtt is None else mqtt
-            if request.param == "amqtt-path":  # every client on amqtt; by default chat sessions take the lean path
-                section = {**section, "lean_sessions": False}
+            # pinned: chat sessions on the lean path (off by default), or every client on amqtt
+            section = {**section, "lean_sessions": request.param != "amqtt-path"}
             websocket = request.param == "lean-ws"  # the same bytes inside WebSocket frames (broker/lean_ws.py)
             ws = {"listeners.ws.bind": "127.0.0.1:0"} if websocket else {}
             chat = BrokerThread(tmp_path / "data", {"mqtt": section, **ws}).start()
