@@ -175,8 +175,7 @@ class ChatSession(asyncio.Protocol):
         if conn.publish(self._inbox, payload, self._qos) is None:
             self._hub.dropped(self)
             return
-        if self._flush_at is None:
-            self._flush_at = asyncio.get_running_loop().call_soon(self._flush)
+        self._flush_soon()
 
     # --- what the core says ---------------------------------------------------------
 
@@ -198,7 +197,7 @@ class ChatSession(asyncio.Protocol):
                 break
             if not self._on_event(conn, event):
                 return
-        self._flush()
+        self._flush_soon()
 
     def _on_event(self, conn: ServerConnection, event: Event) -> bool:
         """Act on one event; False: stop here (the session ended or was handed off)."""
@@ -336,6 +335,12 @@ class ChatSession(asyncio.Protocol):
             transport.close()
 
     # --- reading and writing ------------------------------------------------------------
+
+    def _flush_soon(self) -> None:
+        """Write once the loop has run the callbacks it has ready: the PUBACKs of every read this round and
+        what the bridge sends from them leave in one write per connection (each write is a syscall)."""
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_at = None
