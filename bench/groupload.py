@@ -35,7 +35,7 @@ class GroupWorker(Worker):
         self._reset("", 0, 0)
 
     def _reset(self, tag: str, units: int, want: int) -> None:
-        self.prefix = f"{tag}-"
+        self.tag, self.prefix = tag, f"{tag}-"
         self.units: dict[str, list[float]] = {}  # unit -> [deliveries, first arrival, last arrival]
         self.want, self.expected_units, self.complete_units = want, units, 0
         self.complete = asyncio.Event()
@@ -130,11 +130,17 @@ class GroupWorker(Worker):
             raise BenchError(f"{op} refused: {answer}")
         return dict(answer["result"])
 
-    async def cmd_phase(self, tag: str, units: int, want: int, timeout_s: float,
-                        send: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Wait until each of ``units`` units reached ``want`` of this worker's members (and publish them
-        first if ``send``); what arrived, and for the sender the publish times and 'sent' latencies."""
+    async def cmd_arm(self, tag: str, units: int, want: int) -> dict[str, Any]:
+        """Count arrivals of phase ``tag`` from now on. Every worker is armed before the sender's worker
+        gets ``phase``: armed by ``phase`` itself, a worker whose command came a few ms after the sender's
+        took the first unit's arrivals for late ones of the previous phase and dropped them."""
         self._reset(tag, units, want)
+        return {}
+
+    async def cmd_phase(self, timeout_s: float, send: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Wait until each unit of the armed phase (``arm``) reached ``want`` of this worker's members (and
+        publish them first if ``send``); what arrived, and for the sender the publish times and 'sent' latencies."""
+        tag, units = self.tag, self.expected_units
         published: list[float] = []
         lag_ms: list[float] = []
         if send is not None:

@@ -158,8 +158,9 @@ class Bench:
                 "body_bytes": sizes.body_bytes, "interval_s": sizes.interval_s if kind == "latency" else 0.0,
                 "window": sizes.window}
         wants = [0 if kind == "staged" else len([u for u in held if u != self.sender]) for held in self.held]
-        args: list[dict[str, Any]] = [{"tag": tag, "units": units, "want": want, "timeout_s": PHASE_TIMEOUT_S}
-                                      for want in wants]
+        gen.call(range(sizes.workers), "arm", [{"tag": tag, "units": units, "want": want} for want in wants],
+                 timeout=SETTLE_TIMEOUT_S)
+        args: list[dict[str, Any]] = [{"timeout_s": PHASE_TIMEOUT_S} for _ in wants]
         args[0]["send"] = send  # worker 0 holds the sender
         before = stored_bytes(server.data_dir) if kind == "staged" else {}
         meter = CpuMeter({"broker": [server.pid], "generator": list(gen.pids)}, self_group="generator")
