@@ -262,7 +262,7 @@ class MqttSettings(_Section):
     lean_sessions: bool = False
     """Serve chat devices on every listener (tcp, tls, ws, wss) with the lean connection layer (the sans-IO
     MQTT core, one asyncio.Protocol per connection) instead of amqtt; other clients stay on amqtt. Off by
-    default until a delivery stall under load is fixed (docs/AMQTT.md, "Two connection paths")."""
+    default until its full-size chaos run and benchmarks (docs/AMQTT.md, "Two connection paths")."""
 
     @model_validator(mode="after")
     def _check_keepalive(self) -> MqttSettings:
