@@ -12,6 +12,7 @@ import hashlib
 import os
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -117,6 +118,9 @@ class CutOnce:
         return min(self.seen[first + 1:])
 
 
+MOTO_RETRIES = 20
+
+
 def stored_blob(broker: BrokerThread, backend: dict[str, Any], sha: str) -> bytes | None:
     """The blob's bytes as the backend holds them (None: not stored)."""
     if not backend:
@@ -124,13 +128,19 @@ def stored_blob(broker: BrokerThread, backend: dict[str, Any], sha: str) -> byte
         return found[0].read_bytes() if found else None
     s3 = backend["media.s3"]
     url = f"{s3['endpoint_url']}/{s3['bucket']}/{s3['prefix']}blobs/{sha}"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as answer:  # moto on loopback checks no auth
-            return bytes(answer.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return None
-        raise
+    for attempt in range(MOTO_RETRIES):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as answer:  # moto on loopback checks no auth
+                return bytes(answer.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            # moto's server answers 500 to a GET that races the DELETE of the same object (CI: a
+            # cluster node's ttl sweep deleting a 63 MiB blob while the test polled it): ask again.
+            if exc.code != 500 or attempt == MOTO_RETRIES - 1:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def media_message(collector: Collector) -> Message:
