@@ -146,6 +146,22 @@ def _cut_once(proxy: MqttProxy, rule: Callable[[Packet], bool], timeout: float =
 # --- 3. clients killed with unsent outboxes -------------------------------------------------------
 
 
+FILL_WAIT_S = 15.0
+"""clients: how long a stalled round waits for some child's outbox to hold a message before its kills."""
+
+
+def wait_for_outbox(work: Any, timeout_s: float) -> Any:
+    """A child whose outbox holds an accepted message without ``sent``, polled until ``timeout_s``; else None."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for child in work.children:
+            if work.ledger.unsent(child.user):
+                return child
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
 def run_clients(size: str, workdir: Path, progress: Progress) -> Row:
     kills = 3 if ci(size) else 15
     plan = Plan(pairs=2 if ci(size) else 4, per_sender=100 if ci(size) else 500, rate=20.0,
@@ -163,7 +179,10 @@ def run_clients(size: str, workdir: Path, progress: Progress) -> Row:
                 time.sleep(rng.uniform(0.5, 1.5))
                 proxy.stall()  # nothing gets 'sent' now: the outboxes fill up
                 time.sleep(rng.uniform(0.3, 1.0))
+                filled = wait_for_outbox(work, FILL_WAIT_S)  # children started late (a loaded machine) sent nothing
                 victims = rng.sample(work.children, max(1, len(work.children) // 2))
+                if filled is not None and filled not in victims:
+                    victims[0] = filled  # at least one kill hits a non-empty outbox
                 for child in victims:
                     child.kill()
                 outbox_at_kill += sum(work.ledger.unsent(c.user) for c in victims)
