@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, BenchError, rss_kib
-from bench.loadgen import Worker, message_parts
+from bench.conn import message_parts
+from bench.loadgen import Worker
 from bench.targets import MosquittoServer
 
 INFLIGHT = 4

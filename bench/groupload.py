@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from bench.common import BenchError
-from bench.loadgen import CONNECT_PARALLEL, REPLY_TIMEOUT_S, Conn, Worker
+from bench.conn import Conn
+from bench.loadgen import CONNECT_PARALLEL, REPLY_TIMEOUT_S, Worker
 
 perf = time.perf_counter
 

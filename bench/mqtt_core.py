@@ -32,7 +32,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 
 from bench.common import md_table
-from bench.loadgen import message_parts
+from bench.conn import message_parts
 from broker.mqtt.connection import ServerConnection
 from broker.mqtt.encoding import encode, encode_puback, encode_publish
 from broker.mqtt.events import Connect
