@@ -37,7 +37,7 @@ from tests.helpers import WAIT_S, BrokerProcess, BrokerThread
 from tests.media_client import MediaClient, MiB, add_device, file_bytes, file_digest
 from tests.media_stores import s3_config
 from tests.sdk.conftest import Collector, LogWatch
-from tests.sdk.test_media_sdk import big_file, file_sha, media_message, stored_blob
+from tests.sdk.test_media_sdk import big_file, file_sha, media_client, media_message, stored_blob
 from tests.test_cluster import add_users
 from tests.test_media_crash import device_with_token
 
@@ -62,12 +62,7 @@ def clients(tmp_path: Path) -> Iterator[Callable[..., Collector]]:
     made: list[Client] = []
 
     def online(user: str, device: str, node: BrokerThread, media_port: int) -> Collector:
-        client = Client(user, f"{user}-pw", device=device, port=node.port, store=tmp_path / f"{user}.{device}.db",
-                        media_url=f"http://127.0.0.1:{media_port}", reconnect_delay=(0.1, 1.0))
-        made.append(client)
-        collector = Collector(client)
-        client.connect()
-        return collector
+        return media_client(made, user, device, node.port, media_port, tmp_path / f"{user}.{device}.db")
 
     yield online
     for client in made:

@@ -62,16 +62,22 @@ def clients(media: tuple[BrokerThread, TcpProxy], tmp_path: Path) -> Iterator[Ca
     made: list[Client] = []
 
     def online(user: str, **options: Any) -> Collector:
-        client = Client(user, f"{user}-pw", device="phone", port=broker.port, store=tmp_path / f"{user}.db",
-                        media_url=f"http://127.0.0.1:{proxy.port}", reconnect_delay=(0.1, 1.0), **options)
-        made.append(client)
-        collector = Collector(client)
-        client.connect()
-        return collector
+        return media_client(made, user, "phone", broker.port, proxy.port, tmp_path / f"{user}.db", **options)
 
     yield online
     for client in made:
         client.close()
+
+
+def media_client(made: list[Client], user: str, device: str, port: int, media_port: int, store: Path,
+                 **options: Any) -> Collector:
+    """``user``'s SDK client on ``device``, connected, its media over ``media_port``; added to ``made``."""
+    client = Client(user, f"{user}-pw", device=device, port=port, store=store,
+                    media_url=f"http://127.0.0.1:{media_port}", reconnect_delay=(0.1, 1.0), **options)
+    made.append(client)
+    collector = Collector(client)
+    client.connect()
+    return collector
 
 
 def big_file(path: Path, size: int = SIZE) -> str:
