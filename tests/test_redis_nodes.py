@@ -239,6 +239,7 @@ async def test_the_subscription_follows_its_slot_to_a_new_master(
         assert await inbox.next() == Nudge(NudgeKind.RESYNC, "", "a"), "told that nudges may have been lost"
         await a.send("a", Nudge(NudgeKind.ITEMS, "after", "a"))
         assert (await inbox.next()).target == "after"
+        await asyncio.to_thread(redis_cluster.wait_ok)  # every node's view agrees before asking one
         assert redis_cluster.master_of(slot) is not old
     finally:
         await asyncio.to_thread(redis_cluster.wait_ok)
