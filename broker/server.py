@@ -150,26 +150,27 @@ class ChatBroker(ConformantBroker):
                     instance = await start_proxied_server(
                         name, partial(self.proxied_connected, listener_name=name), host, port, trusted=self._trusted,
                         deadline_s=self.settings.connect_timeout_s, tls=tls, reuse_port=listener.reuse_port,
+                        backlog=listener.backlog,
                         counters=self.counters, protocol_for=self.lean.proxied(name) if self.lean else None,
                     )
                 elif name in ("tcp", "tls") and self.lean is not None:
                     instance = await self.lean.listen(name, host, port, ssl=tls, reuse_address=True,
-                                                      reuse_port=listener.reuse_port)
+                                                      reuse_port=listener.reuse_port, backlog=listener.backlog)
                 elif name in ("tcp", "tls"):
                     instance = await start_server(
                         partial(self.stream_connected, listener_name=name), host, port, ssl=tls, reuse_address=True,
-                        reuse_port=listener.reuse_port,
+                        reuse_port=listener.reuse_port, backlog=listener.backlog,
                     )
                 elif self.lean is not None:
                     instance = await self.lean.listen_ws(name, host, port, self._trusted if listener.forwarded_for
                                                          else None, ssl=tls, reuse_address=True,
-                                                         reuse_port=listener.reuse_port)
+                                                         reuse_port=listener.reuse_port, backlog=listener.backlog)
                 else:
                     connected = self.forwarded_connected if listener.forwarded_for else self.ws_connected
                     instance = await websockets.serve(
                         partial(connected, listener_name=name), host, port, ssl=tls,
                         subprotocols=[WS_SUBPROTOCOL], process_request=only_mqtt_path, logger=WS_LOG,
-                        max_size=WS_MAX_MESSAGE, reuse_port=listener.reuse_port,
+                        max_size=WS_MAX_MESSAGE, reuse_port=listener.reuse_port, backlog=listener.backlog,
                     )
             except OSError as exc:
                 raise ListenerError(

@@ -29,6 +29,8 @@ class ListenerSettings:
     """tcp, tls: every connection starts with a PROXY header from a trusted proxy (broker/front.py)."""
     forwarded_for: bool = False
     """ws, wss: every connection comes from a trusted proxy, the client named by X-Forwarded-For."""
+    backlog: int = 1024
+    """``listen()``'s backlog: connections queued by the kernel until the broker accepts them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ def broker_settings(settings: Settings) -> BrokerSettings:
     mqtt, limits, lst = settings.mqtt, settings.limits, settings.listeners
     listeners = tuple(
         ListenerSettings(name, bind, *parse_bind(bind), conf.max_connections, certfile, keyfile, lst.reuse_port,
-                         conf.proxy_protocol, conf.forwarded_for)
+                         conf.proxy_protocol, conf.forwarded_for, lst.backlog)
         for name, conf, certfile, keyfile in (
             ("tcp", lst.tcp, None, None),
             ("tls", lst.tls, lst.tls.certfile, lst.tls.keyfile),

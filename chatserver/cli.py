@@ -22,7 +22,7 @@ try:
     from bridge.store import StoreError
     from broker.front import ListenerError
     from broker.logs import setup_logging
-    from chatserver import user_admin
+    from chatserver import open_files, user_admin
     from chatserver.binds import parse_bind
     from chatserver.config import ConfigError, Settings, load_settings, parse_redis_nodes, resolve_node_id
     from chatserver.gc_policy import GcTuner
@@ -391,6 +391,9 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with _startup_logs_held():
+        lst = settings.listeners
+        open_files.raise_limit([conf.max_connections for conf in (lst.tcp, lst.tls, lst.ws, lst.wss)
+                                if conf.bind is not None])
         await app.start()
     tuner = GcTuner(settings.gc.check_s) if settings.gc.freeze else None
     if tuner is not None:

@@ -62,6 +62,10 @@ class ListenersSettings(_Section):
     reuse_port: bool = False
     """Bind with SO_REUSEPORT, so several broker processes share the ports and the kernel spreads
     new connections over them (``chat-broker run --workers N`` sets it for its workers)."""
+    backlog: int = Field(default=1024, ge=1, le=65535)
+    """Connections the kernel queues for each listener before the broker accepts them (``listen()``'s
+    backlog, capped by ``net.core.somaxconn``). A full queue drops new SYNs, which clients retry after
+    a second: asyncio's default of 100 made a reconnect storm of a few hundred phones wait that second."""
     tcp: ListenerSettings = ListenerSettings(bind="127.0.0.1:1883")
     tls: TlsListenerSettings = TlsListenerSettings()
     ws: ListenerSettings = ListenerSettings()

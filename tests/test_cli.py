@@ -89,12 +89,13 @@ class Running:
 
 
 @contextlib.contextmanager
-def broker_process(*args: str, cwd: Path) -> Iterator[Running]:
-    """``python -m chatserver run ARGS``; yields once the ready line is read (with a deadline)."""
+def broker_process(*args: str, cwd: Path, prefix: tuple[str, ...] = ()) -> Iterator[Running]:
+    """``python -m chatserver run ARGS``; yields once the ready line is read (with a deadline); ``prefix``
+    wraps the command."""
     log = cwd / f"broker-{time.monotonic_ns()}.log"
     with log.open("w") as err:  # a file, not a pipe: the broker's log must never block it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "chatserver", "run", *args], cwd=cwd, env=_env(), text=True,
+            [*prefix, sys.executable, "-m", "chatserver", "run", *args], cwd=cwd, env=_env(), text=True,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
         )
     lines: queue.Queue[str | None] = queue.Queue()

@@ -10,9 +10,14 @@ is refused with HTTP 404; all listeners serve at once next to plain TCP.
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
+import queue
+import select
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +195,76 @@ def test_websocket_handshake_on_another_path_is_404(listeners: Listeners, path: 
 def test_websocket_handshake_on_mqtt_path_is_accepted(listeners: Listeners) -> None:
     # The same raw request on /mqtt switches protocols: the 404s above are about the path.
     assert _ws_handshake_status(listeners.port("ws"), "/mqtt") == "HTTP/1.1 101 Switching Protocols"
+
+
+
+def _handshakes_completed(port: int, count: int, wait_s: float) -> int:
+    """Open ``count`` connections at once; how many handshakes the kernel completed within ``wait_s``
+    (a SYN that meets a full accept queue is dropped, and its client sends it again only after a second)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        poller = select.poll()
+        for s in sockets:
+            s.setblocking(False)
+            assert s.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+            poller.register(s, select.POLLOUT)
+        done: set[int] = set()
+        deadline = time.monotonic() + wait_s
+        while len(done) < count and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(left * 1000):
+                poller.unregister(fd)
+                done.add(fd)
+        return sum(1 for s in sockets if s.fileno() in done and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _logs_in_soon(port: int) -> None:
+    """alice logs in within ``IO_S``: the storm's connections (all from 127.0.0.1, closed by now) hold the
+    address's unauthenticated slots until the broker has read their EOF (amqtt's path: about a second)."""
+    deadline = time.monotonic() + IO_S
+    while True:
+        peer = Peer(port, "alice", "alice-pw")
+        peer.client.connect(peer.host, port)
+        peer.client.loop_start()
+        try:
+            if peer.connack.get(timeout=1.0) == 0:
+                break
+        except queue.Empty:
+            assert time.monotonic() < deadline, "no login within the deadline after the storm"
+        finally:
+            peer.close()
+    ping(Peer(port, "alice", "alice-pw"))
+
+
+@pytest.mark.parametrize("deployment", ["single", "amqtt-path"])
+def test_a_reconnect_storm_waits_in_the_listen_backlog_while_the_broker_is_busy(
+        tmp_path: Path, deployment: str) -> None:
+    """300 phones reconnect while the broker's loop is busy: with the default ``listeners.backlog`` (1024) the
+    kernel completes every handshake on tcp and ws, and each logs in once the loop is free; a backlog of 20
+    (asyncio's default of 100 did the same to a few hundred) leaves the rest to retry a second later."""
+    storm = 300
+    for backlog in (None, 20):
+        overrides = {"listeners.ws.bind": "127.0.0.1:0"} | ({"listeners.backlog": backlog} if backlog else {})
+        broker = BrokerThread(tmp_path / f"data-{backlog}", settings_of(deployment, overrides)).start()
+        blocked, release = threading.Event(), threading.Event()
+
+        def busy(blocked: threading.Event = blocked, release: threading.Event = release) -> None:
+            blocked.set()
+            release.wait(IO_S)
+        try:
+            broker.add_user("alice", "alice-pw")
+            ports = {name: broker.address(name)[1] for name in ("tcp", "ws")}
+            broker.loop.call_soon_threadsafe(busy)
+            assert blocked.wait(IO_S)
+            completed = {name: _handshakes_completed(port, storm, 0.8) for name, port in ports.items()}
+            release.set()
+            if backlog is None:
+                assert completed == {"tcp": storm, "ws": storm}, "every handshake done while the loop was busy"
+                _logs_in_soon(broker.port)
+            else:
+                assert all(n <= 2 * backlog + 2 for n in completed.values()), completed
+        finally:
+            release.set()
+            broker.stop()
