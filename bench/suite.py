@@ -69,7 +69,7 @@ SIZES = {
 }
 
 TARGETS = ("chat", "amqtt", "mosquitto")
-# By name only (--targets): ours with mqtt.lean_sessions pinned on or off (``chat`` follows the default, off).
+# By name only (--targets): ours with mqtt.lean_sessions pinned on or off (``chat`` follows the default, on).
 MORE_TARGETS = ("chat-lean", "chat-amqtt")
 CHAT_KINDS: dict[str, type[ChatServer]] = {"chat": ChatServer, "chat-lean": LeanChatServer,
                                            "chat-amqtt": AmqttPathChatServer}

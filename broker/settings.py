@@ -48,5 +48,5 @@ class BrokerSettings:
     max_unacked_downlinks: int
     trusted_proxies: tuple[str, ...] = ()
     """CIDRs of the load balancers that may name the client (``proxy_protocol``, ``forwarded_for``)."""
-    lean_sessions: bool = False
+    lean_sessions: bool = True
     """Chat sessions on every listener run on the sans-IO core, one asyncio.Protocol each (broker/lean.py)."""

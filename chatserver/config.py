@@ -263,10 +263,10 @@ class MqttSettings(_Section):
     """Generic topics authenticated users may read/write (chat topics follow PROTOCOL.md only)."""
     anonymous_acl: list[AclRule] = Field(default_factory=list)
     """Generic topics anonymous clients may read/write (``%u`` rules never apply to them)."""
-    lean_sessions: bool = False
+    lean_sessions: bool = True
     """Serve chat devices on every listener (tcp, tls, ws, wss) with the lean connection layer (the sans-IO
-    MQTT core, one asyncio.Protocol per connection) instead of amqtt; other clients stay on amqtt. Off by
-    default until its full-size chaos run and benchmarks (docs/AMQTT.md, "Two connection paths")."""
+    MQTT core, one asyncio.Protocol per connection) instead of amqtt; other clients stay on amqtt. ``false``:
+    every client on amqtt, as before the lean layer (docs/AMQTT.md, "Two connection paths")."""
 
     @model_validator(mode="after")
     def _check_keepalive(self) -> MqttSettings:

@@ -18,8 +18,8 @@ from tests.push_distributor import Distributor
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A test module with ``DEPLOYMENTS = ("single", "cluster", "amqtt-path")`` runs each test that uses the
     ``deployment`` fixture (the ``broker`` fixture does) on each: one process on SQLite, three
-    cluster nodes on a Redis Cluster behind HAProxy (both with chat sessions on the lean path, pinned:
-    it is off by default), and one process with ``mqtt.lean_sessions`` off (every client on amqtt; tests/deployment.py);
+    cluster nodes on a Redis Cluster behind HAProxy (both with chat sessions on the lean path, pinned,
+    as is the default), and one process with ``mqtt.lean_sessions`` off (every client on amqtt; tests/deployment.py);
     ``lean-ws``: the lean path with a ws listener, the test's paho Peers over WebSocket
     (broker/lean_ws.py)."""
     deployments = getattr(metafunc.module, "DEPLOYMENTS", None)

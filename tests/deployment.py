@@ -86,7 +86,7 @@ class ClusterDeployment:
 
 def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """A started ``BrokerThread`` (``single``: chat sessions on the lean path (pinned: off by default);
+    """A started ``BrokerThread`` (``single``: chat sessions on the lean path (pinned, as is the default);
     ``amqtt-path``: ``mqtt.lean_sessions`` off, every client on amqtt; ``lean-ws``: the lean path with a ws
     listener, the tests' Peers over WebSocket) or ``ClusterDeployment`` (``cluster``) under ``root``."""
     if deployment == "cluster":
@@ -103,6 +103,6 @@ def start_broker(deployment: str, root: Path, request: pytest.FixtureRequest,
 def settings_of(deployment: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config overrides of a deployment (``single``, ``cluster`` and ``lean-ws`` (a ws listener, the Peers
     on it) on the lean path, ``amqtt-path`` on amqtt's), plus ``overrides``."""
-    path = {"mqtt.lean_sessions": deployment != "amqtt-path"}  # pinned: the lean path is off by default
+    path = {"mqtt.lean_sessions": deployment != "amqtt-path"}  # pinned both ways, whatever the default
     ws = {"listeners.ws.bind": "127.0.0.1:0"} if deployment == "lean-ws" else {}
     return {**path, **ws, **(overrides or {})}

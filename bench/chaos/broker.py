@@ -23,9 +23,9 @@ from bench.common import READY, REPO, BenchError, free_port, rss_kib
 # The honest workload and the SDK's resends must not be rate limited by the defaults
 # (20 msg/s per user); the flood scenario sets its own limits back to the defaults.
 FAST = {"limits": {"send_burst": 1000000, "send_rate_per_s": 1000000.0}, "staging": {"flush_ms": 20}}
-LEAN_SESSIONS = False
-"""``--lean-sessions``: every broker of the run serves chat devices on the lean path (``mqtt.lean_sessions``, off
-by default)."""
+AMQTT_PATH = False
+"""``--amqtt-path``: every broker of the run serves chat devices on amqtt's path (``mqtt.lean_sessions`` off; the
+default is the lean path)."""
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -47,8 +47,8 @@ class ChaosBroker:
         self.metrics_port = free_port()
         metrics = {"metrics": {"bind": f"127.0.0.1:{self.metrics_port}"}}  # login counts for the floods
         self.config = deep_merge(deep_merge(FAST, metrics), config or {})
-        if LEAN_SESSIONS:
-            self.config = deep_merge(self.config, {"mqtt": {"lean_sessions": True}})
+        if AMQTT_PATH:
+            self.config = deep_merge(self.config, {"mqtt": {"lean_sessions": False}})
         self.config_path.write_text(json.dumps(self.config))  # JSON is YAML
         self.log_path = workdir / "broker.log"
         self.port = free_port()

@@ -47,8 +47,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--settle-s", type=float, default=workload.SETTLE_S,
                         help="how long every delivery may take to arrive after the faults (default %(default)s)")
     parser.add_argument("--render", action="store_true", help="only re-render chaos.md and the table from chaos.json")
-    parser.add_argument("--lean-sessions", action="store_true",
-                        help="chat devices on the lean path (mqtt.lean_sessions, off by default;"
+    parser.add_argument("--amqtt-path", action="store_true",
+                        help="chat devices on amqtt's path, not the default lean one (mqtt.lean_sessions off;"
                              " use with --out and --doc)")
     args = parser.parse_args(argv)
     if args.render:
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     size = "full" if args.full else "ci"
     workload.SETTLE_S = args.settle_s
-    broker.LEAN_SESSIONS = args.lean_sessions
+    broker.AMQTT_PATH = args.amqtt_path
     shown = [a for a, before in zip(argv, ["", *argv[:-1]], strict=True) if a != "--note" and before != "--note"]
     command = "python -m bench chaos " + " ".join(shlex.quote(a) for a in shown)
     workdir = Path(tempfile.mkdtemp(prefix="chat-chaos-"))

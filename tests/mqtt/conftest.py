@@ -96,7 +96,7 @@ def launch(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
     def start(mqtt: dict[str, Any] | None = None) -> Target:
         if request.param in ("chatbroker", "lean-ws", "amqtt-path"):
             section = open_mqtt_section() if mqtt is None else mqtt
-            # pinned: chat sessions on the lean path (off by default), or every client on amqtt
+            # pinned: chat sessions on the lean path (the default), or every client on amqtt
             section = {**section, "lean_sessions": request.param != "amqtt-path"}
             websocket = request.param == "lean-ws"  # the same bytes inside WebSocket frames (broker/lean_ws.py)
             ws = {"listeners.ws.bind": "127.0.0.1:0"} if websocket else {}
