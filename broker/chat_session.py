@@ -7,7 +7,7 @@ the core's buffer is the only one, and reading stops (``pause_reading``) while t
 does not read what it is sent (``pause_writing``), while it is logged in, while it publishes
 faster than ``limits.publishes_per_s``, and while it leaves ``limits.max_unacked_downlinks``
 downlinks without PUBACK (then it is read slowly). While it does not read, downlinks are written at once
-and dropped past ``UNREAD_DOWNLINK_MAX`` bytes waiting for it (a QoS 0 inbox has no PUBACK to cap).
+and dropped past ``limits.max_unread_downlink_bytes`` waiting for it (a QoS 0 inbox has no PUBACK to cap).
 Keepalive, the packet deadline and the CONNECT deadline are the core's ``deadline()``, watched by the
 broker's one ``SilenceWatch``.
 
@@ -24,7 +24,7 @@ from typing import Literal, Protocol, cast
 
 from broker.chat_rules import grant, hand_uplink
 from broker.counters import BrokerCounters
-from broker.downlink import CLOSE_FLUSH_S, UNREAD_DOWNLINK_MAX, WRITE_BUFFER_HIGH
+from broker.downlink import CLOSE_FLUSH_S, WRITE_BUFFER_HIGH
 from broker.mqtt.connection import ServerConnection, State
 from broker.mqtt.errors import ConnectRefused, ProtocolViolation
 from broker.mqtt.events import (
@@ -53,8 +53,8 @@ PACING = 4  # too many publishes, or too many downlinks unacked: a pause
 NOT_PARSED = WRITING | PACING  # holds under which buffered packets are not parsed either
 
 Dropped = Literal["unacked", "unread"]
-"""Why a downlink was not sent: ``max_unacked`` left without PUBACK; or over ``UNREAD_DOWNLINK_MAX`` bytes
-wait for a client that does not read."""
+"""Why a downlink was not sent: ``max_unacked`` left without PUBACK; or over ``max_unread`` bytes wait for a
+client that does not read."""
 
 
 class SessionHub(Protocol):
@@ -63,6 +63,8 @@ class SessionHub(Protocol):
     limits: WireLimits
     connect_timeout_s: float
     max_unacked: int
+    max_unread: int
+    """Bytes that may wait for a client that does not read (``limits.max_unread_downlink_bytes``)."""
     bridge: ChatPort
     counters: BrokerCounters
 
@@ -188,11 +190,11 @@ class ChatSession(asyncio.Protocol):
 
     def _send_unread(self, conn: ServerConnection, payload: bytes) -> None:
         """``send`` while the client does not read what it is sent (the transport paused writing): dropped
-        past ``UNREAD_DOWNLINK_MAX`` bytes waiting for it, else written at once, so that the transport's
-        buffer holds all that waits (the core keeps nothing back to count) -- no syscall: that buffer is not
-        empty, the bytes are only appended to it."""
+        past ``max_unread`` bytes waiting for it (broker/downlink.py ``UNREAD_DOWNLINK_MAX`` says why), else
+        written at once, so that the transport's buffer holds all that waits (the core keeps nothing back to
+        count) -- no syscall: that buffer is not empty, the bytes are only appended to it."""
         transport = self.transport
-        if transport is None or transport.get_write_buffer_size() > UNREAD_DOWNLINK_MAX:
+        if transport is None or transport.get_write_buffer_size() > self._hub.max_unread:
             self._hub.dropped(self, "unread")
             return
         if conn.publish(self._inbox, payload, self._qos) is None:

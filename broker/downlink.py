@@ -28,8 +28,9 @@ WRITE_BUFFER_HIGH = 256 * 1024
 """Bytes waiting to go to a client above which its connection is not read until they have gone."""
 
 UNREAD_DOWNLINK_MAX = 1024 * 1024
-"""Bytes waiting for a chat device that does not read (its transport has paused writing) above which
-further downlinks to it are dropped, on the lean path (broker/chat_session.py).
+"""Default of ``limits.max_unread_downlink_bytes``: bytes waiting for a chat device that does not read (its
+transport has paused writing) above which further downlinks to it are dropped, on the lean path
+(broker/chat_session.py).
 
 A QoS 1 inbox is bounded by ``limits.max_unacked_downlinks``; a QoS 0 one has no PUBACK to count, and
 the bridge's window bounds only its staged items, not the ephemeral ones other users cause (``presence``,

@@ -36,7 +36,6 @@ from broker.auth import BAD_CREDENTIALS, Authenticator
 from broker.chat_rules import lean_caller, may_will
 from broker.chat_session import ChatSession, Dropped
 from broker.counters import BrokerCounters
-from broker.downlink import UNREAD_DOWNLINK_MAX
 from broker.lean_ws import WsLink, WsListener
 from broker.mqtt.events import Connect
 from broker.mqtt.limits import WireLimits
@@ -63,6 +62,7 @@ class LeanSessions:
         self.limits: WireLimits = settings.wire
         self.connect_timeout_s = settings.connect_timeout_s
         self.max_unacked = settings.max_unacked_downlinks
+        self.max_unread = settings.max_unread_downlink_bytes
         self._generic = bool(settings.acl)
         self._settings = settings
         self._auth = auth
@@ -196,7 +196,7 @@ class LeanSessions:
 
     def dropped(self, session: ChatSession, why: Dropped) -> None:
         """A downlink not sent: the session leaves ``max_unacked`` without PUBACK, or does not read what waits
-        for it (``UNREAD_DOWNLINK_MAX``, broker/downlink.py)."""
+        for it (``max_unread``: ``limits.max_unread_downlink_bytes``, broker/downlink.py)."""
         self.counters.downlink_dropped += 1
         warned = (session.client_id, why)
         if warned in self._warned:  # once per device and reason: it may be hostile, and log lines cost too
@@ -205,7 +205,7 @@ class LeanSessions:
         if why == "unread":
             log.warning("%s does not read what it is sent (over %d bytes wait for it): further deliveries are not "
                         "sent until it reads (staged items are redelivered later)", session.client_id,
-                        UNREAD_DOWNLINK_MAX)
+                        self.max_unread)
         else:
             log.warning("%s leaves %d deliveries without PUBACK: further ones are not sent until it acknowledges "
                         "(staged items are redelivered later)", session.client_id, self.max_unacked)

@@ -4,9 +4,10 @@
 A QoS 0 inbox has no PUBACK for ``limits.max_unacked_downlinks`` to count: before the cap,
 every item for such a device was appended to its transport's buffer for as long as it stayed
 connected. Now, while its transport has paused writing, the bytes waiting for it stay under
-the cap plus one item, what is not written is counted as dropped (and logged as a device
-that does not read, not as one without PUBACK), other devices are served meanwhile, and the
-staged items all come, once each and in order, when the device reads again on a new connection.
+the cap (``limits.max_unread_downlink_bytes``) plus one item, what is not written is counted as
+dropped (and logged as a device that does not read, not as one without PUBACK), other devices
+are served meanwhile, and the staged items all come, once each and in order, when the device
+reads again on a new connection.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 import pytest
 import uvloop
 
-from broker.downlink import UNREAD_DOWNLINK_MAX
 from testkit.packets import (
     PUBACK,
     PUBLISH,
@@ -42,6 +42,8 @@ OVERRIDES = {
     "limits.send_burst": MESSAGES + 50,  # bob sends them all without being rate limited
     "staging.flush_ms": 0,  # 'sent' once the message is on disk: at once, not after a 50 ms group commit
 }
+CAP = 512 * 1024  # limits.max_unread_downlink_bytes, not the default 1 MiB: the setting is the one applied
+OVERRIDES["limits.max_unread_downlink_bytes"] = CAP
 
 
 def _online(running: BrokerThread, user: str, keepalive: int = 60, listener: str = "tcp") -> RawClient:
@@ -129,12 +131,12 @@ def test_a_qos0_device_that_does_not_read_is_capped_and_loses_nothing(
             _send(bob, "alice", n)
         eventually(lambda: _dropped(running) > 0, what="downlinks to alice past the cap counted as dropped")
         item = len(_message("alice", 0)) + 1024  # one more item (its envelope, seq, ts, ...) may pass the check
-        assert _sent_to_alice(running) <= UNREAD_DOWNLINK_MAX + item
+        assert _sent_to_alice(running) <= CAP + item
 
         for n in range(5):  # a device that reads is served meanwhile
             _send(bob, "carol", n)
         assert [m["body"][:5] for m in _items(carol, 5)] == [f"{n:05d}" for n in range(5)]
-        assert _sent_to_alice(running) <= UNREAD_DOWNLINK_MAX + item
+        assert _sent_to_alice(running) <= CAP + item
 
         warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("alice.raw ")]
         assert len(warnings) == 1 and "does not read" in warnings[0], warnings

@@ -59,6 +59,7 @@ class Hub:
         self.limits = WireLimits(max_packet_bytes=1 << 20)
         self.connect_timeout_s = 10.0
         self.max_unacked = max_unacked
+        self.max_unread = UNREAD_DOWNLINK_MAX
         self.bridge = cast("ChatPort", Bridge())  # the two calls linking an inbox make
         self.counters = BrokerCounters()
         self.drops: list[Dropped] = []
