@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from testkit.packets import (
 from testkit.ws_socket import WsSocket
 from tests.deployment import settings_of
 from tests.helpers import BrokerThread, eventually
+from tests.test_listeners import make_cert
 
 MESSAGES = 200
 BODY = 40_000  # characters per message body (limits.max_body_bytes is 65,536): 8 MB in all, over every buffer
@@ -46,9 +48,12 @@ CAP = 512 * 1024  # limits.max_unread_downlink_bytes, not the default 1 MiB: the
 OVERRIDES["limits.max_unread_downlink_bytes"] = CAP
 
 
-def _online(running: BrokerThread, user: str, keepalive: int = 60, listener: str = "tcp") -> RawClient:
+def _online(running: BrokerThread, user: str, keepalive: int = 60, listener: str = "tcp",
+            tls: ssl.SSLContext | None = None) -> RawClient:
     """``user``'s device ``{user}.raw``, its inbox subscribed at QoS 0 (the recommended mode)."""
     raw = RawClient(running.address(listener)[1], websocket=listener == "ws")
+    if isinstance(raw.sock, socket.socket) and tls is not None:
+        raw.sock = tls.wrap_socket(raw.sock, server_hostname="127.0.0.1")
     if isinstance(raw.sock, WsSocket):  # a backlog is one write, so one frame: 8 MB here (websockets' cap: 1 MiB)
         raw.sock.ws.max_size = None
     raw.send(connect_packet(f"{user}.raw", user, f"{user}-pw", keepalive=keepalive))
@@ -108,20 +113,23 @@ def _sent_to_alice(running: BrokerThread) -> int:
     return running.call(size())
 
 
-@pytest.mark.parametrize("listener", ["tcp", "ws"])
+@pytest.mark.parametrize("listener", ["tcp", "ws", "tls"])
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # chat-broker run's; its transports count differently
 def test_a_qos0_device_that_does_not_read_is_capped_and_loses_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, loop: str, listener: str
 ) -> None:
     caplog.set_level(logging.WARNING, logger="broker.lean")
-    running = BrokerThread(tmp_path / "data", settings_of("lean-ws", OVERRIDES),
+    cert, key = make_cert(tmp_path)
+    tls = {"listeners.tls": {"bind": "127.0.0.1:0", "certfile": str(cert), "keyfile": str(key)}}
+    running = BrokerThread(tmp_path / "data", settings_of("lean-ws", {**OVERRIDES, **tls}),
                            uvloop.new_event_loop() if loop == "uvloop" else None).start()
+    context = ssl.create_default_context(cafile=str(cert)) if listener == "tls" else None
     for name in ("alice", "bob", "carol"):
         running.add_user(name, f"{name}-pw")
     clients: list[RawClient] = []
     try:
         # alice never reads (no keepalive: her silence does not close her), carol reads, bob sends.
-        alice = _online(running, "alice", keepalive=0, listener=listener)
+        alice = _online(running, "alice", keepalive=0, listener=listener, tls=context)
         alice.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         clients.append(alice)
         carol = _online(running, "carol")
@@ -142,7 +150,7 @@ def test_a_qos0_device_that_does_not_read_is_capped_and_loses_nothing(
         assert len(warnings) == 1 and "does not read" in warnings[0], warnings
 
         alice.abort()  # she comes back on a new connection and reads: every message, once, in order
-        again = _online(running, "alice", listener=listener)
+        again = _online(running, "alice", listener=listener, tls=context)
         clients.append(again)
         bodies = [m["body"][:5] for m in _items(again, MESSAGES)]
         assert bodies == [f"{n:05d}" for n in range(MESSAGES)]
