@@ -6,8 +6,10 @@ burst from the bridge is written once per loop iteration). No task per packet, n
 the core's buffer is the only one, and reading stops (``pause_reading``) while the client
 does not read what it is sent (``pause_writing``), while it is logged in, while it publishes
 faster than ``limits.publishes_per_s``, and while it leaves ``limits.max_unacked_downlinks``
-downlinks without PUBACK (then it is read slowly). Keepalive, the packet deadline and the
-CONNECT deadline are the core's ``deadline()``, watched by the broker's one ``SilenceWatch``.
+downlinks without PUBACK (then it is read slowly). While it does not read, downlinks are written at once
+and dropped past ``limits.max_unread_downlink_bytes`` waiting for it (a QoS 0 inbox has no PUBACK to cap).
+Keepalive, the packet deadline and the CONNECT deadline are the core's ``deadline()``, watched by the
+broker's one ``SilenceWatch``.
 
 The session is also the device's inbox link (``broker.port.InboxLink``): the bridge calls
 ``send`` once the device has subscribed to ``u/{me}/in``. Login, takeover, routing and the
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 
 from broker.chat_rules import grant, hand_uplink
 from broker.counters import BrokerCounters
@@ -50,6 +52,10 @@ LOGIN = 2  # the CONNECT is being checked
 PACING = 4  # too many publishes, or too many downlinks unacked: a pause
 NOT_PARSED = WRITING | PACING  # holds under which buffered packets are not parsed either
 
+Dropped = Literal["unacked", "unread"]
+"""Why a downlink was not sent: ``max_unacked`` left without PUBACK; or over ``max_unread`` bytes wait for a
+client that does not read."""
+
 
 class SessionHub(Protocol):
     """What a session needs of the broker's lean layer (``broker.lean.LeanSessions``)."""
@@ -57,6 +63,8 @@ class SessionHub(Protocol):
     limits: WireLimits
     connect_timeout_s: float
     max_unacked: int
+    max_unread: int
+    """Bytes that may wait for a client that does not read (``limits.max_unread_downlink_bytes``)."""
     bridge: ChatPort
     counters: BrokerCounters
 
@@ -70,8 +78,8 @@ class SessionHub(Protocol):
 
     def remember_inbox(self, session: ChatSession, qos: int | None) -> None: ...
 
-    def dropped(self, session: ChatSession) -> None:
-        """A downlink was not sent: the unacked cap."""
+    def dropped(self, session: ChatSession, why: Dropped) -> None:
+        """A downlink was not sent: the unacked cap, or the unread one."""
 
     def ended(self, session: ChatSession) -> None: ...
 
@@ -172,10 +180,27 @@ class ChatSession(asyncio.Protocol):
         conn = self.conn
         if conn is None or conn.state is not State.CONNECTED or not self._inbox:
             return  # gone: a staged item is redelivered on its next connection
+        if self._holds & WRITING:
+            self._send_unread(conn, payload)
+            return
         if conn.publish(self._inbox, payload, self._qos) is None:
-            self._hub.dropped(self)
+            self._hub.dropped(self, "unacked")
             return
         self._flush_soon()
+
+    def _send_unread(self, conn: ServerConnection, payload: bytes) -> None:
+        """``send`` while the client does not read what it is sent (the transport paused writing): dropped
+        past ``max_unread`` bytes waiting for it (broker/downlink.py ``UNREAD_DOWNLINK_MAX`` says why), else
+        written at once, so that the transport's buffer holds all that waits (the core keeps nothing back to
+        count) -- no syscall: that buffer is not empty, the bytes are only appended to it."""
+        transport = self.transport
+        if transport is None or transport.get_write_buffer_size() > self._hub.max_unread:
+            self._hub.dropped(self, "unread")
+            return
+        if conn.publish(self._inbox, payload, self._qos) is None:
+            self._hub.dropped(self, "unacked")
+            return
+        transport.write(conn.data_to_send())
 
     # --- what the core says ---------------------------------------------------------
 

@@ -17,7 +17,8 @@ class BrokerCounters:
     uplink: dict[str, int] = field(default_factory=dict)
     """Publishes received, by kind: the five chat uplinks, ``forbidden`` (refused topic), ``generic``."""
     downlink_dropped: int = 0
-    """Chat downlinks not sent to a connection that left ``MAX_CHAT_INFLIGHT`` of them without PUBACK."""
+    """Chat downlinks not sent to a connection that left ``MAX_CHAT_INFLIGHT`` of them without PUBACK, or (lean
+    path) that does not read while over ``limits.max_unread_downlink_bytes`` wait for it."""
     refused_unauthenticated: int = 0
     """Connections closed at once: their address had ``limits.max_unauthenticated_per_address`` not logged in."""
     refused_proxy: int = 0

@@ -27,6 +27,22 @@ from broker.mqtt.codec import MAX_PACKET_ID
 WRITE_BUFFER_HIGH = 256 * 1024
 """Bytes waiting to go to a client above which its connection is not read until they have gone."""
 
+UNREAD_DOWNLINK_MAX = 1024 * 1024
+"""Default of ``limits.max_unread_downlink_bytes``: bytes waiting for a chat device that does not read (its
+transport has paused writing) above which further downlinks to it are dropped, on the lean path
+(broker/chat_session.py).
+
+A QoS 1 inbox is bounded by ``limits.max_unacked_downlinks``; a QoS 0 one has no PUBACK to count, and
+the bridge's window bounds only its staged items, not the ephemeral ones other users cause (``presence``,
+``sent``, answers, errors) nor the window sent again every ``delivery.redeliver_after_s``: without a
+bound a device that stopped reading let others grow the broker's memory for as long as it stayed
+connected. 1 MiB is four times WRITE_BUFFER_HIGH and sixteen windows of 1 KiB messages: a device
+that reads, even slowly, never reaches it; one that gets a window of the largest bodies
+(``limits.max_body_bytes``) over a slow link may, and then gets the rest on redelivery. Dropping is
+safe: a staged item stays staged and comes again (``delivery.redeliver_after_s``, or on the next
+connection); an ephemeral one is best effort by the protocol (docs/PROTOCOL.md, section 3).
+"""
+
 
 async def wait_writable(writer: WriterAdapter) -> None:
     """Wait while more than WRITE_BUFFER_HIGH bytes wait to be sent to this client (TCP, TLS)."""

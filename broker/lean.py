@@ -34,7 +34,7 @@ from amqtt.broker import Server
 from broker.admission import AddressSlots
 from broker.auth import BAD_CREDENTIALS, Authenticator
 from broker.chat_rules import lean_caller, may_will
-from broker.chat_session import ChatSession
+from broker.chat_session import ChatSession, Dropped
 from broker.counters import BrokerCounters
 from broker.lean_ws import WsLink, WsListener
 from broker.mqtt.events import Connect
@@ -62,6 +62,7 @@ class LeanSessions:
         self.limits: WireLimits = settings.wire
         self.connect_timeout_s = settings.connect_timeout_s
         self.max_unacked = settings.max_unacked_downlinks
+        self.max_unread = settings.max_unread_downlink_bytes
         self._generic = bool(settings.acl)
         self._settings = settings
         self._auth = auth
@@ -78,7 +79,7 @@ class LeanSessions:
         self._persistent: dict[str, int | None] = {}  # clean_session=0 client ids -> granted inbox QoS (None: none)
         self._logins: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
-        self._warned: set[str] = set()
+        self._warned: set[tuple[str, Dropped]] = set()
 
     def now(self) -> float:
         return self._loop.time()
@@ -193,11 +194,19 @@ class LeanSessions:
         if session.client_id in self._persistent:
             self._persistent[session.client_id] = qos
 
-    def dropped(self, session: ChatSession) -> None:
-        """A downlink not sent: the session leaves ``max_unacked`` without PUBACK (broker/downlink.py)."""
+    def dropped(self, session: ChatSession, why: Dropped) -> None:
+        """A downlink not sent: the session leaves ``max_unacked`` without PUBACK, or does not read what waits
+        for it (``max_unread``: ``limits.max_unread_downlink_bytes``, broker/downlink.py)."""
         self.counters.downlink_dropped += 1
-        if session.client_id not in self._warned:  # once per device: it may be hostile, and log lines cost too
-            self._warned.add(session.client_id)
+        warned = (session.client_id, why)
+        if warned in self._warned:  # once per device and reason: it may be hostile, and log lines cost too
+            return
+        self._warned.add(warned)
+        if why == "unread":
+            log.warning("%s does not read what it is sent (over %d bytes wait for it): further deliveries are not "
+                        "sent until it reads (staged items are redelivered later)", session.client_id,
+                        self.max_unread)
+        else:
             log.warning("%s leaves %d deliveries without PUBACK: further ones are not sent until it acknowledges "
                         "(staged items are redelivered later)", session.client_id, self.max_unacked)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.acl import RuleLike
+from broker.downlink import UNREAD_DOWNLINK_MAX
 from broker.mqtt.limits import WireLimits
 
 
@@ -50,3 +51,5 @@ class BrokerSettings:
     """CIDRs of the load balancers that may name the client (``proxy_protocol``, ``forwarded_for``)."""
     lean_sessions: bool = True
     """Chat sessions on every listener run on the sans-IO core, one asyncio.Protocol each (broker/lean.py)."""
+    max_unread_downlink_bytes: int = UNREAD_DOWNLINK_MAX
+    """Lean path: bytes waiting for a chat device that does not read past which its downlinks are dropped."""

@@ -106,7 +106,7 @@ def broker_settings(settings: Settings) -> BrokerSettings:
     return BrokerSettings(
         listeners, wire, mqtt.max_queued_messages, mqtt.allow_anonymous, tuple(mqtt.acl), tuple(mqtt.anonymous_acl),
         limits.max_unauthenticated_per_address, limits.connect_timeout_s, limits.max_unacked_downlinks,
-        tuple(lst.trusted_proxies), mqtt.lean_sessions,
+        tuple(lst.trusted_proxies), mqtt.lean_sessions, limits.max_unread_downlink_bytes,
     )
 
 

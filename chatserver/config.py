@@ -142,6 +142,10 @@ class LimitsSettings(_Section):
     max_unacked_downlinks: int = Field(default=8192, ge=1, le=32768)
     """Chat deliveries a connection may leave without PUBACK; beyond, further ones are not written
     (staged items are redelivered later, ephemeral ones are best effort): see broker/downlink.py."""
+    max_unread_downlink_bytes: int = Field(default=1024 * 1024, ge=65536)
+    """Bytes that may wait for a chat device that does not read (lean path: its socket stopped taking
+    them); beyond, further deliveries are not written, as past ``max_unacked_downlinks``: the bound of a
+    QoS 0 inbox, which has no PUBACK to count (broker/downlink.py, ``UNREAD_DOWNLINK_MAX``)."""
     max_devices_per_message: int = Field(default=DEFAULT_MAX_DEVICES_PER_MESSAGE, ge=1)
     """Entries allowed in an olm message's ``bodies`` (recipient's plus sender's other devices)."""
     max_devices_per_user: int = Field(default=DEFAULT_MAX_DEVICES_PER_USER, ge=1)

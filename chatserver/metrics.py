@@ -122,7 +122,8 @@ class ChatCollector(Collector):
         yield CounterMetricFamily("chat_group_skipped", "Member devices a group message was not staged for "
                                   "(their queue was full).", counters.group_skipped)
         yield CounterMetricFamily("chat_downlink_dropped", "Items not sent to a connection that left "
-                                  "limits.max_unacked_downlinks deliveries without PUBACK (staged ones come again).",
+                                  "limits.max_unacked_downlinks deliveries without PUBACK, or that does not read "
+                                  "while over limits.max_unread_downlink_bytes wait for it (staged ones come again).",
                                   s.broker.counters.downlink_dropped)
         yield _histogram("chat_sent_latency_seconds", "Staging of a message -> its receipt 'sent'.",
                          counters.sent_latency)
