@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import gc
 
-from chatserver.gc_policy import FREEZE_MIN_OBJECTS, FULL_FLOOR, Action, GcTuner, Heap, decide
+from chatserver.gc_policy import (
+    FREEZE_MIN_OBJECTS,
+    FULL_FLOOR,
+    FULL_GROWTH,
+    MAX_GROWTH,
+    Action,
+    GcTuner,
+    Heap,
+    decide,
+    next_growth,
+)
 
 
 def test_few_survivors_are_left_alone() -> None:
@@ -51,5 +61,33 @@ def test_frozen_cycles_are_reclaimed_by_the_full_collection() -> None:
         assert gc.collect() == 0  # frozen: the collector does not see them
         assert tuner.step() is Action.COLLECT  # a quarter more than survived the last full pass
         assert gc.get_freeze_count() < before + count  # the cycles are gone
+    finally:
+        gc.unfreeze()
+
+
+def test_fruitless_full_collections_space_out_the_next_ones() -> None:
+    growth = FULL_GROWTH
+    for expected in (0.5, 1.0, 2.0, MAX_GROWTH, MAX_GROWTH):
+        growth = next_growth(growth, found=0, kept=250_000)  # the lean path: nothing unreachable
+        assert growth == expected
+    assert next_growth(growth, found=2_500, kept=250_000) == FULL_GROWTH, "cycles found: back to a quarter"
+    assert next_growth(0.5, found=2_499, kept=250_000) == 1.0
+    base = 4 * FULL_FLOOR
+    assert decide(Heap(old=0, added=base, frozen_after_collect=base), growth=1.0) is Action.NOTHING
+    assert decide(Heap(old=0, added=base + 1, frozen_after_collect=base), growth=1.0) is Action.COLLECT
+
+
+def test_the_tuner_backs_off_after_a_collection_that_finds_nothing() -> None:
+    tuner = GcTuner(full_floor=0)
+    try:
+        gc.collect()  # nothing left for the tuner's own pass to find
+        tuner.collect_and_freeze()
+        assert tuner.growth == 2 * FULL_GROWTH
+        pairs = [(_Node(), _Node()) for _ in range(max(FREEZE_MIN_OBJECTS, gc.get_freeze_count() // 10))]
+        for a, b in pairs:
+            a.peer, b.peer = b, a
+        del pairs, a, b
+        tuner.collect_and_freeze()  # the cycles are found: a quarter again
+        assert tuner.growth == FULL_GROWTH
     finally:
         gc.unfreeze()
