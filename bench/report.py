@@ -17,6 +17,10 @@ TARGET_DRAIN_S = 15.0
 TARGET_IDLE = 10_000
 TARGET_LEAN_KIB = 6.0  # issue #20
 TARGET_LOGINS_PER_S = 5000  # issue #20
+TARGET_LEAN_RATE = 3 * 3939  # issue #20: 3x the msg/s with 10,000 idle before it
+TARGET_LEAN_CPU_RATIO = 4.0  # issue #20: broker CPU per message against mosquitto's
+TARGET_LEAN_P99_MS = 1.0  # issue #20: at 500 msg/s with 10,000 idle
+LEAN_IDLE_LEVELS = (2_000, 10_000)
 
 
 def _mib(kib: float | None) -> float | None:
@@ -119,8 +123,13 @@ def top_rates(result: dict[str, Any], name: str) -> dict[int, float]:
     return {p["idle"]: p["msgs_per_s"] for p in phases if p["mode"] == "max"}
 
 
+def ours_name(result: dict[str, Any]) -> str:
+    """Our broker on its default path in a result: ``chat``, else ``chat-lean`` (the default since #20)."""
+    return "chat" if "chat" in result["targets"] else "chat-lean"
+
+
 def ratio_rows(result: dict[str, Any]) -> list[list[Any]]:
-    ours, amqtt, mosq = (top_rates(result, name) for name in ("chat", "amqtt", "mosquitto"))
+    ours, amqtt, mosq = (top_rates(result, name) for name in (ours_name(result), "amqtt", "mosquitto"))
     rows = []
     for level in sorted(ours):
         a, m = amqtt.get(level), mosq.get(level)
@@ -276,7 +285,7 @@ def targets_rows(out_dir: Path) -> list[list[Any]]:
             if r_m is not None:
                 rows.append([f"1:1 rate with {level:,} idle >= 25% of mosquitto", f"{ours:,.0f} vs {mosq:,.0f} msg/s"
                              f" = {100 * r_m:.0f}%", _met(r_m >= TARGET_RATIO_MOSQUITTO)])
-        chat = compare["targets"].get("chat")
+        chat = compare["targets"].get(ours_name(compare))
         for p in (chat or {}).get("phases", []):
             if p["mode"] == "rate" and p.get("offered_per_s") == TARGET_P99_RATE and "deliver" in p:
                 p99 = p["deliver"].get("p99_ms")
@@ -322,6 +331,9 @@ def lean_rows(out_dir: Path) -> list[list[Any]]:
             rows.append([f"lean: {IDLE_GOAL:,} idle chat connections in one process",
                          f"{top['idle']:,} held (descriptor limit {idle['rlimit_nofile_hard']:,}), CPU at rest"
                          f" {top['cpu_rest'].get('broker')} cores{extrapolated}", _met(top["idle"] >= IDLE_GOAL)])
+    compare = _load(out_dir, "compare")
+    if compare and "chat-lean" in compare["targets"]:
+        rows += lean_compare_rows(compare)
     logins = _load(out_dir, "logins")
     lean = (logins or {}).get("targets", {}).get("chat-lean")
     if lean and lean["phases"]:
@@ -333,6 +345,36 @@ def lean_rows(out_dir: Path) -> list[list[Any]]:
                      f"{max(rates):,.0f}/s (rounds {rounds});"
                      f" broker {min(cpu, default=0):.0f}-{max(cpu, default=0):.0f} µs per login",
                      _met(max(rates) >= TARGET_LOGINS_PER_S)])
+    return rows
+
+
+def cpu_us_per_message(result: dict[str, Any], name: str) -> dict[int, float]:
+    """Idle users -> broker CPU µs per message in the closed loop of target ``name``."""
+    phases = result["targets"].get(name, {}).get("phases", [])
+    return {p["idle"]: 1e6 * p["cpu_cores"]["broker"] / p["msgs_per_s"] for p in phases
+            if p["mode"] == "max" and p["msgs_per_s"] and p["cpu_cores"].get("broker") is not None}
+
+
+def lean_compare_rows(compare: dict[str, Any]) -> list[list[Any]]:
+    """The targets of issue #20 that ``compare`` measures: the lean path beside mosquitto in one run."""
+    rows: list[list[Any]] = []
+    lean, mosq = cpu_us_per_message(compare, "chat-lean"), cpu_us_per_message(compare, "mosquitto")
+    for level in LEAN_IDLE_LEVELS:
+        if level in lean and level in mosq:
+            ratio = lean[level] / mosq[level]
+            rows.append([f"lean: broker CPU per message <= {TARGET_LEAN_CPU_RATIO:g}x mosquitto's ({level:,} idle)",
+                         f"{lean[level]:.0f} vs {mosq[level]:.1f} µs = {ratio:.1f}x",
+                         _met(ratio <= TARGET_LEAN_CPU_RATIO)])
+    rate = top_rates(compare, "chat-lean").get(TARGET_IDLE)
+    if rate is not None:
+        rows.append([f"lean: msg/s with {TARGET_IDLE:,} idle >= 3x 3,939 ({TARGET_LEAN_RATE:,})", f"{rate:,.0f} msg/s",
+                     _met(rate >= TARGET_LEAN_RATE)])
+    for p in compare["targets"]["chat-lean"]["phases"]:
+        if (p["mode"] == "rate" and p.get("offered_per_s") == TARGET_P99_RATE and p["idle"] == TARGET_IDLE
+                and p.get("deliver", {}).get("p99_ms") is not None):
+            p99 = p["deliver"]["p99_ms"]
+            rows.append([f"lean: p99 publish -> recipient <= {TARGET_LEAN_P99_MS:g} ms at {TARGET_P99_RATE} msg/s"
+                         f" ({TARGET_IDLE:,} idle)", f"{p99:.2f} ms", _met(p99 <= TARGET_LEAN_P99_MS)])
     return rows
 
 

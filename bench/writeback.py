@@ -94,7 +94,9 @@ def _nodes(counters: dict[str, float]) -> list[str]:
 def markdown(result: dict[str, Any], window: float, per_message: PerMessage) -> list[str]:
     """The write-back section of scale.md: the held share of each phase, and on against off."""
     targets = result["targets"]
-    present = [name for name in VARIANTS if name in targets]
+    # A result from before the write-back counters were collected gets no section (it would be all zeros).
+    present = [name for name in VARIANTS if name in targets
+               and any(_nodes(p.get("counters") or {}) for p in targets[name]["phases"])]
     if not present:
         return []
     lines = ["", "## Write-back: what stayed out of Redis", "",
