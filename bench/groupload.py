@@ -43,7 +43,7 @@ class GroupWorker(Worker):
         if want == 0 or units == 0:
             self.complete.set()
         self.seen: set[tuple[str, str]] = set()
-        self.repeats = self.order_errors = 0
+        self.repeats = self.order_errors = self.late = 0  # late: arrivals of an earlier phase, seen in this one
         self.last_gseq: dict[str, int] = {}
         self.problems: list[str] = []
         self.sent_wait: dict[str, float] = {}  # message id -> publish time, until its 'sent'
@@ -86,7 +86,8 @@ class GroupWorker(Worker):
                 self.order_errors += 1
             self.last_gseq[user] = gseq
         if not mid.startswith(self.prefix):
-            return  # a late arrival of an earlier phase
+            self.late += 1  # a late arrival of an earlier phase: counted (a stall would show here), not timed
+            return
         unit = mid.split("_", 1)[0]
         entry = self.units.get(unit)
         if entry is None:
@@ -150,6 +151,7 @@ class GroupWorker(Worker):
             await asyncio.wait_for(self.complete.wait(), timeout_s)
         return {"units": self.units, "published": published, "lag_ms": lag_ms, "sent_ms": self.sent_ms,
                 "missing_sent": len(self.sent_wait), "repeats": self.repeats, "order_errors": self.order_errors,
+                "late": self.late,
                 "problems": self.problems[:5], "problem_count": len(self.problems)}
 
     async def _send(self, tag: str, units: int, user: str, to: list[str], body_bytes: int, interval_s: float,

@@ -16,7 +16,7 @@ the same body in front of the same 255 devices, on the same broker in the same r
    pages in use in the data folder's SQLite files (``dbstat``) before and after, per unit.
 
 Every member checks what it gets: repeats, and for group messages gseq order; a unit not received by
-every member is counted missing.
+every member is counted missing, and what arrives of an earlier phase during a phase is counted (not timed).
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def merge(tag: str, results: list[dict[str, Any]], recipients: int) -> dict[str,
         "units": len(published), "complete_units": len(last_ms), "deliveries": deliveries,
         "missing_deliveries": len(published) * recipients - deliveries,
         "repeats": sum(r["repeats"] for r in results), "order_errors": sum(r["order_errors"] for r in results),
+        "late_arrivals": sum(r.get("late", 0) for r in results),
         "missing_sent": results[0]["missing_sent"], "error_items": sum(r["problem_count"] for r in results),
         "error_samples": [p for r in results for p in r["problems"]][:5],
         "last_member": summarise(last_ms), "first_member": summarise(first_ms),
@@ -281,12 +282,12 @@ def markdown(result: dict[str, Any]) -> str:
     for p in result["phases"]:
         cpu = p["cpu_cores"]
         rows.append([p["mode"], p["kind"], p["units"], p["complete_units"], p["missing_deliveries"], p["repeats"],
-                     p["order_errors"], p["error_items"], p["last_member"].get("p50_ms"),
+                     p["order_errors"], p.get("late_arrivals"), p["error_items"], p["last_member"].get("p50_ms"),
                      p["last_member"].get("p99_ms"), p["wall_s"], cpu.get("broker"), cpu.get("generator"),
                      cpu.get("others")])
     lines += md_table(["mode", "phase", "units", "complete", "missing deliveries", "repeats", "gseq order errors",
-                       "error items", "last member p50 ms", "p99 ms", "seconds", "broker CPU", "generator CPU",
-                       "other CPU"], rows, "llrrrrrrrrrrrr")
+                       "earlier phases' arrivals", "error items", "last member p50 ms", "p99 ms", "seconds",
+                       "broker CPU", "generator CPU", "other CPU"], rows, "llrrrrrrrrrrrrr")
     for mode in MODES:
         staged = _phase(result, mode, "staged")
         parts = ", ".join(f"`{k}` {pages:,} ({payload:,})"

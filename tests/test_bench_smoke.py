@@ -83,6 +83,7 @@ def test_bench_groups_tiny(tmp_path: Path) -> None:
     for phase in result["phases"]:
         assert (phase["missing_deliveries"], phase["repeats"], phase["order_errors"], phase["error_items"],
                 phase["missing_sent"]) == (0, 0, 0, 0, 0), phase
+        assert isinstance(phase["late_arrivals"], int), "an earlier phase's arrivals are counted"
         if phase["kind"] != "staged":
             assert phase["complete_units"] == phase["units"]
             assert phase["last_member"]["p99_ms"] >= phase["first_member"]["p50_ms"] > 0
