@@ -31,8 +31,13 @@ class Plan:
     """The soft limit to set (the current one when nothing changes)."""
     wanted: int
     """Descriptors the listeners may need, with ``RESERVED``."""
-    fit: int
-    """Connections the new soft limit leaves room for."""
+
+    @property
+    def fit(self) -> int:
+        """Connections the soft limit leaves room for."""
+        if self.soft == resource.RLIM_INFINITY:
+            return self.wanted - RESERVED
+        return max(self.soft - RESERVED, 0)
 
     @property
     def short(self) -> bool:
@@ -44,9 +49,7 @@ def plan(soft: int, hard: int, max_connections: Sequence[int]) -> Plan:
     current ``soft`` and ``hard`` limits (``resource.RLIM_INFINITY``: none)."""
     wanted = sum(UNLIMITED_WANTS if n == 0 else n for n in max_connections) + RESERVED
     ceiling = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
-    new = soft if soft == resource.RLIM_INFINITY else max(soft, ceiling)
-    fit = wanted - RESERVED if new == resource.RLIM_INFINITY else max(new - RESERVED, 0)
-    return Plan(new, wanted, fit)
+    return Plan(soft if soft == resource.RLIM_INFINITY else max(soft, ceiling), wanted)
 
 
 def raise_limit(max_connections: Sequence[int]) -> Plan:
