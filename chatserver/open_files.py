@@ -41,7 +41,7 @@ class Plan:
 
     @property
     def short(self) -> bool:
-        return self.soft < self.wanted
+        return self.soft != resource.RLIM_INFINITY and self.soft < self.wanted
 
 
 def plan(soft: int, hard: int, max_connections: Sequence[int]) -> Plan:

@@ -34,6 +34,7 @@ def test_a_short_hard_limit_says_how_many_connections_fit() -> None:
     assert short.short and short.fit == 20_000 - RESERVED and short.wanted == 100_000 + RESERVED
     assert not plan(1024, 524_288, [100_000]).short
     assert plan(1024, INF, [0]).wanted == UNLIMITED_WANTS + RESERVED
+    assert not plan(INF, INF, [1_000]).short, "no limit is never short (RLIM_INFINITY is -1)"
 
 
 HELD = 600
