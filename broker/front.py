@@ -50,7 +50,6 @@ WS_MAX_MESSAGE = 2**20
 """The largest WebSocket message (fragments counted together) on either path: websockets' default. An MQTT
 packet may span messages: its own limit is ``limits.max_packet_bytes``."""
 ACCEPT_BACKOFF_S = 1.0  # after EMFILE and the like, as asyncio's own server
-BACKLOG = 1024  # listeners.backlog's default (asyncio's is 100)
 
 
 class ListenerError(Exception):
@@ -193,9 +192,10 @@ class ProxiedServer:
 
 async def start_proxied_server(name: str, connected: ProxiedConnected, host: str, port: int, *,
                                trusted: TrustedProxies, deadline_s: float, tls: ssl.SSLContext | None,
-                               reuse_port: bool, counters: BrokerCounters, backlog: int = BACKLOG,
+                               reuse_port: bool, backlog: int, counters: BrokerCounters,
                                protocol_for: ProtocolFor | None = None) -> ProxiedServer:
-    """Listen on ``host:port`` (its first address) for connections that start with a PROXY header."""
+    """Listen on ``host:port`` (its first address) for connections that start with a PROXY header;
+    ``backlog``: ``listen()``'s (``listeners.backlog``)."""
     family, _, _, _, address = (await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE))[0]
     sock = socket.create_server(address[:2], family=family, backlog=backlog, reuse_port=reuse_port)

@@ -47,7 +47,8 @@ async def echo_server(tls: ssl.SSLContext | None, trusted: str = "127.0.0.1/32",
         writer.close()
 
     server = await start_proxied_server("tcp", connected, "127.0.0.1", 0, trusted=TrustedProxies([trusted]),
-                                        deadline_s=deadline_s, tls=tls, reuse_port=False, counters=counters)
+                                        deadline_s=deadline_s, tls=tls, reuse_port=False, backlog=16,
+                                        counters=counters)
     return server, counters, clients
 
 
