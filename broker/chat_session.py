@@ -180,27 +180,21 @@ class ChatSession(asyncio.Protocol):
         conn = self.conn
         if conn is None or conn.state is not State.CONNECTED or not self._inbox:
             return  # gone: a staged item is redelivered on its next connection
-        if self._holds & WRITING:
-            self._send_unread(conn, payload)
-            return
-        if conn.publish(self._inbox, payload, self._qos) is None:
-            self._hub.dropped(self, "unacked")
-            return
-        self._flush_soon()
-
-    def _send_unread(self, conn: ServerConnection, payload: bytes) -> None:
-        """``send`` while the client does not read what it is sent (the transport paused writing): dropped
-        past ``max_unread`` bytes waiting for it (broker/downlink.py ``UNREAD_DOWNLINK_MAX`` says why), else
-        written at once, so that the transport's buffer holds all that waits (the core keeps nothing back to
-        count) -- no syscall: that buffer is not empty, the bytes are only appended to it."""
-        transport = self.transport
-        if transport is None or transport.get_write_buffer_size() > self._hub.max_unread:
+        # While the client does not read what it is sent (the transport paused writing), an item is dropped past
+        # ``max_unread`` bytes waiting for it (broker/downlink.py ``UNREAD_DOWNLINK_MAX`` says why), else written
+        # at once, so that the transport's buffer holds all that waits (the core keeps nothing back to count):
+        # no syscall, that buffer is not empty and the bytes are only appended to it.
+        unread = self.transport if self._holds & WRITING else None
+        if unread is not None and unread.get_write_buffer_size() > self._hub.max_unread:
             self._hub.dropped(self, "unread")
             return
         if conn.publish(self._inbox, payload, self._qos) is None:
             self._hub.dropped(self, "unacked")
             return
-        transport.write(conn.data_to_send())
+        if unread is not None:
+            unread.write(conn.data_to_send())
+        else:
+            self._flush_soon()
 
     # --- what the core says ---------------------------------------------------------
 
