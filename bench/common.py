@@ -57,6 +57,37 @@ def ack_publish(topic: bytes, payload: bytes) -> bytes:
     return packets.publish_packet(topic, payload, 0)
 
 
+def split_packets(buf: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """The whole packets at the start of ``buf`` (the load generator's clients read with it): each as
+    ``(first byte, where its body starts, where it ends)``, and how many bytes they take; the rest waits
+    for more. Not the broker's codec: the generator must not share the code it measures."""
+    found: list[tuple[int, int, int]] = []
+    pos, n = 0, len(buf)
+    while n - pos >= 2:
+        length, mult, i, complete = 0, 1, pos + 1, False
+        while i < n:
+            byte = buf[i]
+            length += (byte & 0x7F) * mult
+            mult <<= 7
+            i += 1
+            if not byte & 0x80:
+                complete = True
+                break
+        if not complete or i + length > n:
+            break
+        found.append((buf[pos], i, i + length))
+        pos = i + length
+    return found, pos
+
+
+def publish_parts(buf: bytes, first: int, start: int, end: int) -> tuple[bytes, bytes]:
+    """A PUBLISH found by ``split_packets``: its packet id (b"" at QoS 0) and its payload."""
+    at = start + 2 + ((buf[start] << 8) | buf[start + 1])
+    if first & 0x06:
+        return buf[at:at + 2], buf[at + 2:end]
+    return b"", buf[at:end]
+
+
 # --- processes, /proc ---------------------------------------------------------------------------
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")

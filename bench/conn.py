@@ -10,7 +10,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from bench.common import DISCONNECT_BYTES, BenchError, ack_publish, publish_packet, subscribe_packet
+from bench.common import (
+    DISCONNECT_BYTES,
+    BenchError,
+    ack_publish,
+    publish_packet,
+    publish_parts,
+    split_packets,
+    subscribe_packet,
+)
 from bench.users import DEVICE, token_for
 
 if TYPE_CHECKING:
@@ -65,30 +73,14 @@ class Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        n = len(buf)
-        pos = 0
-        while n - pos >= 2:
-            first = buf[pos]
-            length, mult, i = 0, 1, pos + 1
-            complete = False
-            while i < n:
-                byte = buf[i]
-                length += (byte & 0x7F) * mult
-                mult <<= 7
-                i += 1
-                if not byte & 0x80:
-                    complete = True
-                    break
-            if not complete or i + length > n:
-                break
-            end = i + length
+        found, pos = split_packets(buf)
+        for first, i, end in found:
             kind = first >> 4
             if kind == 3:  # PUBLISH
-                start = i + 2 + ((buf[i] << 8) | buf[i + 1])
-                if first & 0x06:
-                    self.send(b"\x40\x02" + buf[start:start + 2])
-                    start += 2
-                self.on_message(self, buf[start:end])
+                packet_id, payload = publish_parts(buf, first, i, end)
+                if packet_id:
+                    self.send(b"\x40\x02" + packet_id)
+                self.on_message(self, payload)
             elif kind == 4:  # PUBACK
                 sent = self.puback_wait.pop((buf[i] << 8) | buf[i + 1], None)
                 if sent is not None:
@@ -105,8 +97,7 @@ class Conn(asyncio.Protocol):
                     self.ready.set_result(None)
                 else:
                     self._fail(f"{self.user}: SUBACK {buf[i + 2:end].hex()} for {self._topic_in}")
-            pos = end
-        self._buf = buf[pos:] if pos < n else b""
+        self._buf = buf[pos:] if pos < len(buf) else b""
         if self.seqs:
             seqs = ",".join(map(str, self.seqs)).encode()
             self.send(ack_publish(self._ack_topic or b"", b'{"seqs":[' + seqs + b"]}"))

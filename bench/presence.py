@@ -73,8 +73,10 @@ from bench.common import (
     md_table,
     mqtt_str,
     packet,
+    publish_parts,
     raise_fd_limit,
     rss_kib,
+    split_packets,
     subscribe_packet,
     summarise,
     write_results,
@@ -120,27 +122,14 @@ class Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        pos, n = 0, len(buf)
-        while n - pos >= 2:
-            length, mult, i, complete = 0, 1, pos + 1, False
-            while i < n:
-                byte = buf[i]
-                length += (byte & 0x7F) * mult
-                mult <<= 7
-                i += 1
-                if not byte & 0x80:
-                    complete = True
-                    break
-            if not complete or i + length > n:
-                break
-            first, end = buf[pos], i + length
+        found, pos = split_packets(buf)
+        for first, i, end in found:
             kind = first >> 4
             if kind == 3:  # PUBLISH
-                start = i + 2 + ((buf[i] << 8) | buf[i + 1])
-                if first & 0x06:
-                    self.write(b"\x40\x02" + buf[start:start + 2])
-                    start += 2
-                self._item(json.loads(buf[start:end]))
+                packet_id, payload = publish_parts(buf, first, i, end)
+                if packet_id:
+                    self.write(b"\x40\x02" + packet_id)
+                self._item(json.loads(payload))
             elif kind == 2:  # CONNACK
                 if buf[i + 1] != 0:
                     self.ready.set_exception(ConnectionError(f"{self.user}: CONNACK {buf[i + 1]}"))
@@ -148,8 +137,7 @@ class Conn(asyncio.Protocol):
                     self.write(subscribe_packet(1, f"u/{self.user}/in"))
             elif kind == 9 and not self.ready.done():  # SUBACK
                 self.ready.set_result(None)
-            pos = end
-        self._buf = buf[pos:] if pos < n else b""
+        self._buf = buf[pos:] if pos < len(buf) else b""
 
     def _item(self, item: dict[str, Any]) -> None:
         if item.get("kind") == "res":
