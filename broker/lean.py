@@ -48,6 +48,10 @@ from chatproto import Caller
 
 log = logging.getLogger(__name__)
 
+WARNED_MAX = 10_000
+"""(device, reason) pairs remembered so that a device that keeps being dropped is warned about once; past this
+many the memory starts over (at worst a device is warned about once more)."""
+
 StreamConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
 ProxiedConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Address, str], Awaitable[None]]
 
@@ -201,6 +205,8 @@ class LeanSessions:
         warned = (session.client_id, why)
         if warned in self._warned:  # once per device and reason: it may be hostile, and log lines cost too
             return
+        if len(self._warned) >= WARNED_MAX:  # a user may remove devices and add new ones: keep this bounded
+            self._warned.clear()
         self._warned.add(warned)
         if why == "unread":
             log.warning("%s does not read what it is sent (over %d bytes wait for it): further deliveries are not "

@@ -7,8 +7,13 @@ has the real one)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
+
+from broker import lean
 from broker.chat_session import ChatSession, Dropped
 from broker.counters import BrokerCounters
 from broker.downlink import UNREAD_DOWNLINK_MAX
@@ -16,6 +21,8 @@ from broker.mqtt.events import Connect
 from broker.mqtt.limits import WireLimits
 from broker.port import ChatPort
 from chatproto import Caller
+from chatserver.app import broker_settings
+from chatserver.config import Settings
 from testkit.packets import connect_packet
 
 
@@ -142,3 +149,22 @@ def test_the_unacked_cap_keeps_its_reason_while_paused() -> None:
             session.send(b"x")
         assert hub.drops == ["unacked"] and len(transport.written) == 2
     asyncio.run(main())
+
+
+def test_the_once_per_device_warnings_are_remembered_within_a_bound(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``LeanSessions.dropped`` warns once per device and reason; the devices it remembers for that are
+    bounded (a user can remove devices and add new ones for ever): past the bound it starts over."""
+    monkeypatch.setattr(lean, "WARNED_MAX", 2)
+    caplog.set_level(logging.WARNING, logger="broker.lean")
+
+    async def drops() -> list[str]:
+        counters = BrokerCounters()
+        hub = lean.LeanSessions(broker_settings(Settings()), cast(Any, None), cast(Any, None), counters,
+                                *(cast(Any, None),) * 5)
+        for device in ("a", "a", "b", "b", "c", "a"):  # c fills the memory: a is warned about again
+            hub.dropped(cast(ChatSession, SimpleNamespace(client_id=f"alice.{device}")), "unread")
+        assert counters.downlink_dropped == 6
+        return [r.getMessage().split()[0] for r in caplog.records]
+
+    assert asyncio.run(drops()) == ["alice.a", "alice.b", "alice.c", "alice.a"]
