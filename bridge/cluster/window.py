@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from bridge.cluster.store import SEQ_STRIDE, QueuedItem
+from bridge.inflight import Sending
 from chatproto import GroupItem, MsgItem, ReceiptItem
 
 ItemKey = tuple[str, ...]
@@ -85,6 +86,7 @@ class Windows:
         self.window = window
         self.redeliver_after_s = redeliver_after_s
         self._devices: dict[str, DeviceWindow] = {}
+        self._sending = Sending()  # devices with items in flight, for ``redeliver``
         self._per_user: dict[str, int] = {}  # user -> devices linked here
         self._links = 0
         self.redeliveries = 0
@@ -254,7 +256,8 @@ class Windows:
     def redeliver(self, now: float) -> WindowOutcome:
         """Rule 2: items unacked too long go again, in the order they were sent."""
         out = WindowOutcome()
-        for client_id, box in self._devices.items():
+        for client_id in self._sending.waiting(self._in_flight):
+            box = self._devices[client_id]
             stale = [seq for seq, (sent, _) in box.inflight.items() if now - sent >= self.redeliver_after_s]
             for seq in stale:
                 _, queued = box.inflight.pop(seq)
@@ -262,6 +265,10 @@ class Windows:
                 self.redeliveries += 1
                 out.sends.append((client_id, queued.item))
         return out
+
+    def _in_flight(self, client_id: str) -> dict[int, tuple[float, QueuedItem]] | None:
+        box = self._devices.get(client_id)
+        return box.inflight if box is not None else None
 
     def depth(self, client_id: str) -> int:
         """Items read and not acked yet (a lower bound of the device's queue)."""
@@ -274,6 +281,7 @@ class Windows:
         while box.buffer and len(box.inflight) < self.window:
             queued = box.buffer.popleft()
             box.inflight[queued.seq] = (now, queued)
+            self._sending.add(client_id)
             out.sends.append((client_id, queued.item))
         if box.behind and not box.reading and len(box.buffer) + len(box.inflight) < self.window:
             box.reading, box.behind = True, False

@@ -50,6 +50,7 @@ from collections.abc import Iterable
 
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
+from bridge.inflight import Sending
 from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.admission import Holds, Refused, olm_targets
@@ -99,6 +100,7 @@ class Staging:
         self.live: dict[tuple[str, str], StagedMessage] = {}
         self._by_mid: dict[int, StagedMessage] = {}
         self._waiting_bodies: set[str] = set()
+        self._sending = Sending()  # devices with items in flight, for ``redeliver``
         self._volatile: deque[Item] = deque()  # in creation order: flush deadlines ascend
         self._pending = FlushBatch()  # deletions and flags waiting for the next commit
         self._pending_due: float | None = None
@@ -470,6 +472,7 @@ class Staging:
                 return
             unsent.popleft()
             box.inflight[seq] = now
+            self._sending.add(device)
             out.deliveries.append((device, self._wire(item)))
         if unsent is not None and not unsent:
             box.unsent = None
@@ -541,9 +544,8 @@ class Staging:
 
     def redeliver(self, now: float) -> StagingOutcome:
         out = StagingOutcome()
-        for device, box in self.boxes.items():
-            if not box.online:
-                continue
+        for device in self._sending.waiting(self._in_flight):
+            box = self.boxes[device]
             stale = [seq for seq, sent in box.inflight.items() if now - sent >= self.rules.redeliver_after_s]
             for seq in stale:
                 item = box.items.get(seq)
@@ -554,6 +556,10 @@ class Staging:
                 self.counters.redeliveries += 1
                 out.deliveries.append((device, self._wire(item)))
         return out
+
+    def _in_flight(self, device: str) -> dict[int, float] | None:
+        box = self.boxes.get(device)
+        return box.inflight if box is not None and box.online else None
 
     def expire(self, now_ms: int, now: float) -> StagingOutcome:
         """Drop items past their TTL (rule 7) and forget old remembered ids."""
