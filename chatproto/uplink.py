@@ -189,12 +189,12 @@ class Ack:
     @classmethod
     def decode(cls, payload: bytes) -> Self:
         obj = loads_object(payload, MAX_ACK_BYTES)
-        if set(obj) != {"seqs"}:
+        if len(obj) != 1 or "seqs" not in obj:
             raise DecodeError(ErrorCode.BAD_ENVELOPE, "an ack is exactly {\"seqs\": [...]}")
         seqs = obj["seqs"]
         if (
             not isinstance(seqs, list) or not seqs or len(seqs) > MAX_IDS_PER_ITEM
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in seqs)
+            or not all(type(v) is int and v > 0 for v in seqs)  # type(): not a bool, and one check (hot)
         ):
             raise DecodeError(ErrorCode.BAD_ENVELOPE,
                               f"'seqs' must be a list of 1-{MAX_IDS_PER_ITEM} positive integers")

@@ -91,10 +91,11 @@ class GroupStaging(Staging):
         mids = [] if box is None else [item.message.mid for seq in seqs if (item := box.items.get(seq)) is not None
                                        and item.message is not None and item.message.gseq is not None]
         out = super().ack(device, seqs, now_ms, now)
-        member = device.partition(".")[0]
-        writes = self._pending.receipts
-        self._report([step for mid in mids if (step := self.receipts.delivered(mid, member, now_ms, writes))],
-                     now_ms, now, out)
+        if mids:  # a group message among them (one-to-one ones: nothing more to do)
+            member = device.partition(".")[0]
+            writes = self._pending.receipts
+            self._report([step for mid in mids if (step := self.receipts.delivered(mid, member, now_ms, writes))],
+                         now_ms, now, out)
         return out
 
     def seen_group(self, by_user: str, group: str, ids: Iterable[str], origin: str, now_ms: int,
