@@ -337,8 +337,9 @@ class GcSettings(_Section):
 
     freeze: bool = True
     """Move surviving objects out of the collector's way (``chat-broker run`` only: the GC is process-wide)."""
-    check_s: float = Field(default=5.0, gt=0)
-    """How often survivors are frozen, and the need for a full collection is checked."""
+    check_s: float = Field(default=1.0, gt=0)
+    """How often survivors are frozen, and the need for a full collection is checked (each check ~0.3 ms
+    per 5 million memory blocks in use): soon after the heap grew, not seconds later under load."""
 
 
 def parse_redis_nodes(value: str) -> list[str]:
