@@ -1,10 +1,11 @@
-"""Which devices have items on the way: what a redelivery round looks at (pure).
+"""Which devices a periodic round has to look at (pure).
 
-A round used to walk every connected device's box once a second to find the few with
-unacked items: with 10,000 idle phones that was 3-8 ms of the event loop every second,
-during which nothing was delivered (bench/results/lean/profiles.md, ``Staging.redeliver``),
-and it grows with the connections, not with the traffic. ``Sending`` holds the devices an
-item was sent to since the last round; a round keeps those still waiting for an ack.
+The redelivery round (each second) and the expiry sweep (each minute) used to walk every
+device's box to find the few with something to do: with 10,000 idle phones the
+redelivery round held the event loop 3-8 ms every second and the sweep several ms
+more, whatever the traffic, and both grow with the connections, not with the traffic
+(bench/results/lean/profiles.md). ``BusyDevices`` holds the devices marked since the last
+round (an item sent, an item staged); a round keeps those that still have something.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sized
 
 
-class Sending:
-    """Devices an item was sent to, until a redelivery round finds nothing of theirs in flight."""
+class BusyDevices:
+    """Devices marked since the last round, until a round finds nothing of theirs left."""
 
     __slots__ = ("_devices",)
 
@@ -26,13 +27,15 @@ class Sending:
     def add(self, device: str) -> None:
         self._devices.add(device)
 
-    def waiting(self, in_flight: Callable[[str], Sized | None]) -> list[str]:
-        """The devices with items in flight (``in_flight``: a device's unacked items, None: it is gone or
-        offline); the others are dropped, so the next round does not look at them again."""
+    def discard(self, device: str) -> None:
+        self._devices.discard(device)
+
+    def still(self, what: Callable[[str], Sized | None]) -> list[str]:
+        """The devices for which ``what`` (their items in flight, their staged items; None: gone) is not
+        empty; the others are dropped, so the next round does not look at them again."""
         busy = []
         for device in self._devices:
-            unacked = in_flight(device)
-            if unacked:
+            if what(device):
                 busy.append(device)
         self._devices = set(busy)
         return busy

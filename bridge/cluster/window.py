@@ -32,8 +32,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+from bridge.busy import BusyDevices
 from bridge.cluster.store import SEQ_STRIDE, QueuedItem
-from bridge.inflight import Sending
 from chatproto import GroupItem, MsgItem, ReceiptItem
 
 ItemKey = tuple[str, ...]
@@ -86,7 +86,7 @@ class Windows:
         self.window = window
         self.redeliver_after_s = redeliver_after_s
         self._devices: dict[str, DeviceWindow] = {}
-        self._sending = Sending()  # devices with items in flight, for ``redeliver``
+        self._sending = BusyDevices()  # devices with items in flight, for ``redeliver``
         self._per_user: dict[str, int] = {}  # user -> devices linked here
         self._links = 0
         self.redeliveries = 0
@@ -256,7 +256,7 @@ class Windows:
     def redeliver(self, now: float) -> WindowOutcome:
         """Rule 2: items unacked too long go again, in the order they were sent."""
         out = WindowOutcome()
-        for client_id in self._sending.waiting(self._in_flight):
+        for client_id in self._sending.still(self._in_flight):
             box = self._devices[client_id]
             stale = [seq for seq, (sent, _) in box.inflight.items() if now - sent >= self.redeliver_after_s]
             for seq in stale:

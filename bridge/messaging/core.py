@@ -48,9 +48,9 @@ import itertools
 from collections import deque
 from collections.abc import Iterable
 
+from bridge.busy import BusyDevices
 from bridge.counters import BridgeCounters
 from bridge.directory import Directory, is_placeholder, placeholder
-from bridge.inflight import Sending
 from bridge.keys.core import KeyedDevices
 from bridge.limits import RateLimiter, RecentIds
 from bridge.messaging.admission import Holds, Refused, olm_targets
@@ -100,7 +100,8 @@ class Staging:
         self.live: dict[tuple[str, str], StagedMessage] = {}
         self._by_mid: dict[int, StagedMessage] = {}
         self._waiting_bodies: set[str] = set()
-        self._sending = Sending()  # devices with items in flight, for ``redeliver``
+        self._sending = BusyDevices()  # devices with items in flight, for ``redeliver``
+        self._holding = BusyDevices()  # devices with staged items, for ``expire``
         self._volatile: deque[Item] = deque()  # in creation order: flush deadlines ascend
         self._pending = FlushBatch()  # deletions and flags waiting for the next commit
         self._pending_due: float | None = None
@@ -124,6 +125,7 @@ class Staging:
                 item.message = by_mid.get(item.message.mid, item.message)
                 item.message.targets.add(item.device)
             self._box(item.device).items[item.seq] = item
+            self._holding.add(item.device)
 
     def remember_ids(self, rows: Iterable[tuple[str, str, int]]) -> None:
         for sender, msg_id, expires in rows:
@@ -134,6 +136,11 @@ class Staging:
         if box is None:
             box = self.boxes[device] = DeviceBox()
         return box
+
+    def _queued(self, device: str) -> int:
+        """Items staged for ``device`` (a box is made only for an item: an empty offline one is never swept)."""
+        box = self.boxes.get(device)
+        return len(box.items) if box is not None else 0
 
     def _new_seq(self, device: str) -> int:
         count = self._counters.get(device, 0) + 1
@@ -218,7 +225,7 @@ class Staging:
     def _check_room(self, sender: str, targets: list[str], to: str, ref: str | None, now: float) -> None:
         """Raises ``Refused`` for an uplink that stages items for ``targets`` (a message, a seen report)
         if it may not: the target queues' bound first (no token spent then), then the sender's send rate."""
-        if any(len(self._box(t).items) >= self.rules.max_queue for t in targets):
+        if any(self._queued(t) >= self.rules.max_queue for t in targets):
             raise Refused(ErrorItem(ErrorCode.QUEUE_FULL, f"{to} has too many undelivered items", ref))
         if not self._rate.allow(sender, now):
             raise Refused(ErrorItem(ErrorCode.RATE_LIMITED, "sending too fast; retry later", ref))
@@ -227,6 +234,7 @@ class Staging:
         box = self._box(device)
         item.seq = self._new_seq(device)
         box.items[item.seq] = item
+        self._holding.add(device)
         self._volatile.append(item)
         if item.message is not None:
             out.staged.append(device)
@@ -544,7 +552,7 @@ class Staging:
 
     def redeliver(self, now: float) -> StagingOutcome:
         out = StagingOutcome()
-        for device in self._sending.waiting(self._in_flight):
+        for device in self._sending.still(self._in_flight):
             box = self.boxes[device]
             stale = [seq for seq, sent in box.inflight.items() if now - sent >= self.rules.redeliver_after_s]
             for seq in stale:
@@ -557,6 +565,10 @@ class Staging:
                 out.deliveries.append((device, self._wire(item)))
         return out
 
+    def _staged(self, device: str) -> dict[int, Item] | None:
+        box = self.boxes.get(device)
+        return box.items if box is not None else None
+
     def _in_flight(self, device: str) -> dict[int, float] | None:
         box = self.boxes.get(device)
         return box.inflight if box is not None and box.online else None
@@ -565,7 +577,8 @@ class Staging:
         """Drop items past their TTL (rule 7) and forget old remembered ids."""
         out = StagingOutcome()
         expired: dict[tuple[str, str], list[str]] = {}
-        for device, box in list(self.boxes.items()):
+        for device in self._holding.still(self._staged):
+            box = self.boxes[device]
             while box.items:
                 seq, item = next(iter(box.items.items()))
                 if item.expires_ms > now_ms:

@@ -74,7 +74,7 @@ class GroupStaging(Staging):
         self._mark_gseq(message.to, gseq)
         targets = []
         for device in (d for member in members for d in self.directory.targets(member) if d != origin):
-            if len(self._box(device).items) < self.rules.max_queue:
+            if self._queued(device) < self.rules.max_queue:
                 targets.append(device)
             else:  # a member's full queue must not cost the others their message: that device misses it
                 self.counters.group_skipped += 1

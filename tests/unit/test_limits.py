@@ -3,7 +3,7 @@ resets a bucket that is still limiting (issue 14, item 5)."""
 
 from __future__ import annotations
 
-from bridge.limits import RateLimiter
+from bridge.limits import RateLimiter, RecentIds
 
 KEYS = 104_000
 
@@ -41,3 +41,20 @@ def test_only_full_buckets_are_forgotten() -> None:
     assert limiter.allow("c", 1.0), "b is full again and forgotten"
     assert limiter.allow("a", 1.0), "a, one token refilled, was kept"
     assert len(limiter) == 2
+
+
+def test_recent_ids_forget_the_expired_ones_from_the_oldest_on() -> None:
+    recent = RecentIds(10)
+    recent.add(("alice", "m1"), 100)
+    recent.add(("alice", "m2"), 300)
+    recent.add(("alice", "m3"), 200)  # added late with an earlier expiry: waits behind m2
+    recent.add(("alice", "m4"), 400)
+    recent.prune(250)
+    assert len(recent) == 3  # m1 forgotten; m3 waits behind m2 until that expires
+    assert not recent.contains(("alice", "m3"), 250), "expired all the same"
+    assert recent.contains(("alice", "m2"), 250)
+    recent.prune(300)
+    assert len(recent) == 1
+    assert recent.contains(("alice", "m4"), 300)
+    recent.prune(10**9)
+    assert len(recent) == 0
