@@ -32,6 +32,7 @@ from bridge.cluster.group_store import GroupAck, GroupExpiry, group_acks
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
+from bridge.cluster.poll import PollCycle
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
@@ -150,6 +151,8 @@ class ClusterMessaging:
         # those are gone no later round can report success (a node cut off from Redis loses all its
         # connections), so it is reported then, or /readyz would fail for good (tests/test_cluster_cutoff.py).
         self._failing: dict[str, set[str]] = {"ack": set(), "queue_read": set()}
+        self._poll_tick_s = min(TICK_S, self.rules.poll_s)  # the periodic look, a slice each tick
+        self._poll = PollCycle(self.rules.poll_s, self._poll_tick_s)
 
     @property
     def staging(self) -> ClusterMessaging:
@@ -666,8 +669,8 @@ class ClusterMessaging:
         self.apply(out)
 
     async def _poll_round(self) -> None:
-        await asyncio.sleep(self.rules.poll_s)
-        self.apply(self.windows.behind(self.windows.clients(), self._now()))
+        await asyncio.sleep(self._poll_tick_s)
+        self.apply(self.windows.behind(self._poll.due(self.windows.clients), self._now()))
 
     async def _sweep_round(self) -> None:
         await asyncio.sleep(self.rules.sweep_s)
