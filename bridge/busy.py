@@ -27,15 +27,9 @@ class BusyDevices:
     def add(self, device: str) -> None:
         self._devices.add(device)
 
-    def discard(self, device: str) -> None:
-        self._devices.discard(device)
-
     def still(self, what: Callable[[str], Sized | None]) -> list[str]:
         """The devices for which ``what`` (their items in flight, their staged items; None: gone) is not
         empty; the others are dropped, so the next round does not look at them again."""
-        busy = []
-        for device in self._devices:
-            if what(device):
-                busy.append(device)
+        busy = [device for device in self._devices if what(device)]
         self._devices = set(busy)
         return busy
