@@ -137,6 +137,15 @@ async def test_a_node_that_lost_its_lease_takes_it_again_with_its_devices(connec
     assert await c_inbox.next() == Nudge(NudgeKind.TAKEOVER, "carol.tab", "a"), "c drops its stale connection"
 
 
+async def test_a_node_that_lost_its_lease_reads_its_queues_again(connect: Connect) -> None:
+    a, _ = await started(connect, "a")
+    c, c_inbox = await started(connect, "c", lease_s=0.6)
+    await c.register("carol.phone")
+    await a.command("test.expire", "DEL", a.key("n", "c"))  # the lease ran out while c was cut off
+    assert await a.locate(["carol.phone"]) == {}, "no one nudges c for carol meanwhile"
+    assert await c_inbox.next() == Nudge(NudgeKind.RESYNC, "", "c"), "c reads its devices' queues again"
+
+
 async def test_a_second_start_with_a_live_node_id_is_refused(connect: Connect) -> None:
     a, _ = await started(connect, "a")
     twin = await connect("a")

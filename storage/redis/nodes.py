@@ -278,6 +278,9 @@ class RedisNodeBus(RedisStore):
             log.warning("node %s: its lease had run out (cut off from Redis?): taken again, "
                         "registering its %d devices again", self._node_id, len(self._held))
             await self._reregister()
+            # While the lease was out, other nodes saw this one dead and nudged no one for its devices: what
+            # they staged meanwhile would wait for the periodic look (cluster.poll_s). Look again now.
+            self._deliver(Nudge(NudgeKind.RESYNC, "", self._node_id))
         # Every time, not only on start: a ``nodes()`` that saw the lease gone may have removed it.
         await self.command("nodes.join", "SADD", self._registry_key(), self._node_id)
 
