@@ -58,6 +58,20 @@ def redis_keys(redis_cluster: RedisCluster, prefix: str, pattern: str) -> dict[s
         client.close()
 
 
+def wait_none_left(redis_cluster: RedisCluster, prefix: str, pattern: str, what: str = "nothing left") -> None:
+    """Wait until no key of ``prefix`` matches ``pattern``; fail showing the keys still there."""
+    left: dict[str, Any] = {}
+
+    def none_left() -> bool:
+        nonlocal left
+        left = redis_keys(redis_cluster, prefix, pattern)
+        return not left
+    try:
+        eventually(none_left, what=what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; left: {left}") from None
+
+
 def check_one_order(streams: dict[str, list[tuple[int, str]]]) -> dict[int, str]:
     """Each member's stream is in gseq order without repeats, and a gseq is the same item for everyone."""
     order: dict[int, str] = {}
@@ -143,7 +157,7 @@ def test_an_offline_member_catches_up_and_the_body_is_stored_once(two: ClusterDe
               for device in ("phone", "laptop") if (user, device) != ("bob", "phone")]
     for member in others:
         eventually(lambda m=member: len(m.stream()) == 4, what=f"{member.peer.client_id}'s backlog")
-    eventually(lambda: redis_keys(redis_cluster, prefix, "g:*:b:*") == {}, what="the bodies gone after the last ack")
+    wait_none_left(redis_cluster, prefix, "g:*:b:*", "the bodies gone after the last ack")
 
 
 async def add_users(redis_cluster: RedisCluster, prefix: str, names: list[str]) -> None:
@@ -366,7 +380,7 @@ def test_a_node_killed_while_members_ack_loses_and_doubles_no_group_receipt(tmp_
         eventually(lambda: all(s[-1:] == ["seen"] for s in statuses().values()), timeout=60, what="seen by all")
         drain(online[sender], 1.0)
         assert {msg_id: s for msg_id, s in statuses().items() if s != ["delivered", "seen"]} == {}, "once each"
-        eventually(lambda: redis_keys(redis_cluster, prefix, "g:*:t:*") == {}, what="no tracking left")
+        wait_none_left(redis_cluster, prefix, "g:*:t:*", "no tracking left")
     finally:
         traffic.close()
         for proc in procs:
@@ -411,7 +425,7 @@ def test_a_completion_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         bob.publish("u/bob/ack", {"seqs": [copy["seq"]]})
         bob.publish("u/bob/seen", {"to": group, "ids": ["m1"]})
         assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "staged once"
-        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tp]*") == {}, what="nothing left")
+        wait_none_left(redis_cluster, deployment.prefix, "g:*:[tp]*", "nothing left")
 
 
 async def expire_and_die(redis_cluster: RedisCluster, prefix: str, group: str, gseq: int) -> None:
@@ -441,7 +455,7 @@ def test_an_expiry_whose_node_died_before_its_receipt_is_staged_by_a_sweep(
         bob.publish("u/bob/ack", {"seqs": [copy["seq"]]})
         assert [i for i in drain(alice, 1.0) if i.get("kind") == "receipt"] == [], "once, and nothing after"
         assert ok(alice, "group.receipts", group=group, id="m1")["tracked"] is False
-        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpbx]*") == {}, what="nothing left")
+        wait_none_left(redis_cluster, deployment.prefix, "g:*:[tpbx]*", "nothing left")
 
 
 def test_a_member_s_high_water_mark_goes_after_leaving_and_a_rejoin_gets_only_new_items(
@@ -525,7 +539,7 @@ def test_expiries_through_a_redis_failover_of_the_group_tell_the_sender_and_noth
         eventually(lambda: set(statuses()) == set(ids), timeout=60, what="expired for every message")
         drain(online, 1.0)
         assert {msg_id: s for msg_id, s in statuses().items() if set(s) != {"expired"}} == {}
-        eventually(lambda: redis_keys(redis_cluster, deployment.prefix, "g:*:[tpx]*") == {}, what="nothing left")
+        wait_none_left(redis_cluster, deployment.prefix, "g:*:[tpx]*", "nothing left")
     finally:
         if killed is not None:
             redis_cluster.restart(killed)

@@ -123,6 +123,35 @@ async def test_the_body_goes_with_the_last_member_holding_it(stores: Stores) -> 
     assert await stores.keys("qm:*") == []
 
 
+async def test_a_fanout_run_again_reports_the_members_with_no_item_again(stores: Stores) -> None:
+    """A fanout that stopped between staging and ``fanned`` (a node died, a Redis call failed, its lease
+    ran out) is run again by a sweep: the members who got no item (bob sent m1 from his only device) are
+    reported again, so the body is counted down to nothing once the others ack; a batch after that forgets
+    them."""
+    gid = await stores.group("alice", "bob")
+    _, m1 = await stores.log.post(stores.post(gid, "m1", "bob", "bob.phone"))
+    entries = await stores.log.entries(gid, 10)
+    first = await stores.queues.stage_group("bob", entries, 100)
+    assert first.unheld == (m1,)
+    await stores.queues.stage_group("alice", entries, 100)
+    # ... the fanner stops here; the sweep's fanout stages the same entries again
+    again = {user: await stores.queues.stage_group(user, entries, 100) for user in ("alice", "bob")}
+    assert again["bob"].unheld == (m1,) and again["bob"].targets == (), "reported again, nothing staged twice"
+    assert again["alice"].unheld == ()
+    assert await stores.log.take_lease(gid, "t", 10_000)
+    assert await stores.log.fanned(gid, "t", entries[-1].gseq, [m1], 10_000)
+    items = await stores.queues.read("alice.phone", 0, 10) + await stores.queues.read("alice.laptop", 0, 10)
+    for client_id in ("alice.phone", "alice.laptop"):
+        await stores.queues.ack(client_id, [q.seq for q in await stores.queues.read(client_id, 0, 10)])
+    assert len(items) == 4, "the created event and m1 on both of alice's devices"
+    await stores.queues.flush()
+    assert await stores.keys("g:*:b:*") == [], "bob counted off once, alice once she acked"
+    _, m2 = await stores.log.post(stores.post(gid, "m2", "bob", "bob.phone"))
+    later = await stores.queues.stage_group("bob", await stores.log.entries(gid, 10), 100)
+    assert later.unheld == (m2,)
+    assert (await stores.queues.stage_group("bob", entries, 100)).unheld == (), "m1 left the log: not again"
+
+
 async def test_the_lease_is_not_released_while_entries_remain(stores: Stores) -> None:
     gid = await stores.group("alice", "bob")
     assert await stores.log.take_lease(gid, "t", 10_000)

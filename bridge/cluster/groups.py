@@ -228,7 +228,7 @@ class ClusterGroups:
             users, fans = await self._stage(entries)
             self._messaging.counters.group_skipped += sum(fan.skipped for fan in fans)
             # Members with no item of a message are not waited for: marked before the entries leave the log
-            # (a fanout run again reports no gseq twice, so a failure here leaves them waited for until the TTL).
+            # (a fanout run again after a failure reports them again, until ``fanned`` drops the entries).
             await self._receipts_step(group, [Mark(MarkKind.GONE, user, gseq)
                                               for user, fan in zip(users, fans, strict=True) for gseq in fan.unheld])()
             await self._messaging.wake([target for fan in fans for target in fan.targets] +

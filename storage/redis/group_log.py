@@ -13,7 +13,8 @@ has the model). Keys, in the group's slot (tag: its id without ``g:``, as storag
   (untagged, spread over the slots like the queues' expiry index)
 
 In each member's slot (storage/redis/queue_scripts.py ``STAGE_GROUP``): ``{prefix}gw:{bob}``, hash
-group id -> the highest gseq staged for bob (the fanner's high-water mark), kept while bob is a member and
+group id -> the highest gseq staged for bob (the fanner's high-water mark; with the messages still logged
+that bob got no item of, reported again by a fanout run again), kept while bob is a member and
 ``GW_GRACE_MS`` after the entry that ends his membership is staged for him (``{prefix}gwx:{bob}``, sorted set
 group id -> when its mark goes: dropped by a later ``STAGE_GROUP`` for bob, any group's), and the record
 ``{prefix}qm:{bob}:g:Ab3/<gseq>`` whose ``refs`` counts bob's items of that message. The last of

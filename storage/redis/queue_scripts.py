@@ -250,18 +250,30 @@ return keep(KEYS[3], reply, ARGV[3])
 # then per entry (in gseq order): gseq, expires_ms, payload JSON, the device left out ('' none), 'm' (a
 # message), 'r' (the event that ends the user's membership) or 'e'. The mark of a group the user left is
 # dropped the grace after (unless an entry of it is staged for the user again first), by this script run
-# for the user then or later.
+# for the user then or later. The mark is '<hwm>' or '<hwm>:<gseq>,...': the messages up to it this user got
+# no item of, kept while they may still be in the group's log (a fanout that stopped before ``FANNED`` is run
+# again and must count the user off their bodies again: ``FANNED`` counts once, what is still logged); one
+# below a call's first entry has left the log, and is forgotten.
 # Returns {{device, seq, ...}, {gseq of a message this user got no item of, ...}, devices skipped (full),
 # {the user's devices, if an entry was staged before (a second fanout: the first may have woken nobody)}}.
 STAGE_GROUP = COMMON + """
 local devices = redis.call('HKEYS', KEYS[1])
 if #devices == 0 then devices = {'*'} end
 table.sort(devices)
-local hwm = tonumber(redis.call('HGET', KEYS[3], ARGV[4]) or '0')
+local hwm, listed = string.match(redis.call('HGET', KEYS[3], ARGV[4]) or '0', '^(%d+):?(.*)$')
+hwm = tonumber(hwm)
+local none, first = {}, tonumber(ARGV[7])
+for g in string.gmatch(listed, '%d+') do
+  if tonumber(g) >= first then table.insert(none, tonumber(g)) end
+end
+local was_none = {}
+for _, g in ipairs(none) do was_none[g] = true end
 local staged, unheld, skipped, again, left = {}, {}, 0, {}, nil
 for i = 7, #ARGV, 5 do
   local gseq = tonumber(ARGV[i])
-  if gseq <= hwm then again = devices
+  if gseq <= hwm then
+    again = devices
+    if was_none[gseq] then table.insert(unheld, gseq) end
   else
     hwm = gseq
     left = ARGV[i + 4] == 'r'
@@ -283,11 +295,12 @@ for i = 7, #ARGV, 5 do
       end
     end
     if ref ~= '' then
-      if n > 0 then redis.call('HINCRBY', ARGV[3] .. ref, 'refs', n) else table.insert(unheld, gseq) end
+      if n > 0 then redis.call('HINCRBY', ARGV[3] .. ref, 'refs', n)
+      else table.insert(unheld, gseq); table.insert(none, gseq) end
     end
   end
 end
-redis.call('HSET', KEYS[3], ARGV[4], hwm)
+redis.call('HSET', KEYS[3], ARGV[4], #none == 0 and hwm or (hwm .. ':' .. table.concat(none, ',')))
 local now = now_ms()
 if left then redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), ARGV[4])
 elseif left == false then redis.call('ZREM', KEYS[4], ARGV[4]) end  -- a member again
