@@ -39,6 +39,7 @@ from bridge.directory import Directory
 from bridge.groups import core
 from bridge.groups.core import Decision, Group, GroupLimits
 from bridge.groups.store import LoggedGroupStore
+from bridge.locks import KeyedLocks
 from bridge.messaging.groups import GroupStaging
 from bridge.messaging.records import StagingOutcome
 from bridge.messaging.store import UserLookup
@@ -73,7 +74,7 @@ class GroupService:
         self._clock = clock
         self._supervisor = supervisor
         self._groups: dict[str, Group] = {}  # as stored (gseq: the last change's; messages' are in staging)
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # group -> its lock, tasks holding or awaiting it
+        self._locks = KeyedLocks()  # one per group
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self, written: dict[str, int]) -> None:
@@ -111,7 +112,7 @@ class GroupService:
     @contextlib.asynccontextmanager
     async def settled(self, group: str) -> AsyncIterator[tuple[str, ...]]:
         """Hold changes of ``group`` off; yields its members (none: no such group)."""
-        async with self._hold(group):
+        async with self._locks.hold(group):
             found = await self._load(group)
             yield found.members if found is not None else ()
 
@@ -144,7 +145,7 @@ class GroupService:
                     self._lifted(before), caller.user, change, self._limits, self._clock.wall_ms()))
 
     async def _change(self, group: str, actor: str, decide: Callable[[Group | None], Decision]) -> Any:
-        async with self._hold(group):
+        async with self._locks.hold(group):
             before = await self._load(group)
             decision = decide(before)
             if not decision.events:
@@ -189,17 +190,3 @@ class GroupService:
     def _lifted(self, group: Group | None) -> Group | None:
         """``group`` with its gseq after the messages staged since its last change (decision 2)."""
         return group and replace(group, gseq=max(group.gseq, self._staging.gseqs.get(group.id, 0)))
-
-    @contextlib.asynccontextmanager
-    async def _hold(self, group: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(group, (asyncio.Lock(), 0))
-        self._locks[group] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[group]
-            if users == 1:
-                del self._locks[group]  # nobody else holds or awaits it
-            else:
-                self._locks[group] = (lock, users - 1)
