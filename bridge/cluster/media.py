@@ -13,7 +13,10 @@ What changes against one process:
   another node is seen at once; the lock per upload stays per node (a second node writing the same
   offsets at once is harmless: the staging keeps what each acknowledged, see s3_staging.py);
 - every node sweeps: idle uploads end in one script per shard (a second node finds nothing), their
-  stagings are discarded, and the figures of the metrics are the cluster's, read each round.
+  stagings are discarded (and the blob object a seal cut off left, as ``MediaService._drop`` does),
+  and the figures of the metrics are the cluster's, read each round;
+- the lock per content that keeps a seal and such a deletion of the same bytes apart is per node: a
+  seal of the very same ciphertext on another node at that moment may lose its object (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ class SharedMediaStore(MediaStore, Protocol):
         """The upload in progress of the device ``client_id`` (``{user}.{device}``), now touched; None if
         there is none (another device's upload is not touched)."""
 
-    async def abandon(self, before_ms: int) -> list[str]:
+    async def abandon(self, before_ms: int) -> list[tuple[str, str | None]]:
         """End the uploads in progress idle since ``before_ms`` (charges freed); the ids whose staging
-        is still to discard (``drop_upload`` each once done)."""
+        is still to discard (``drop_upload`` each once done), each with its ``Upload.sealing``."""
 
     async def stats(self) -> tuple[int, int, int]:
         """Bytes and count of the live blobs, uploads in progress: the whole cluster's."""
@@ -76,8 +79,10 @@ class ClusterMediaService(MediaService):
         return await self._store.upload(upload_id, client_id(user, device), self._clock.wall_ms())
 
     async def _abandon(self, now: int) -> None:
-        for upload_id in await self._store.abandon(now - self.limits.upload_ttl_ms):
+        for upload_id, sealing in await self._store.abandon(now - self.limits.upload_ttl_ms):
             await self._blobs.discard(upload_id)
+            if sealing is not None:  # before the drop: until then the store names the bytes to check
+                await self._unsealed(sealing)
             await self._store.drop_upload(upload_id)
         # The uploads this node met are read from the store again by the next request: forget them, and
         # the one-process usage the base class keeps on seals (unused here: the store holds the usage).

@@ -53,6 +53,10 @@ class BlobStore(Protocol):
     async def staged_size(self, upload: str) -> int:
         """Bytes durably staged (0: none, or no such upload)."""
 
+    async def digest(self, upload: str) -> str:
+        """The SHA-256 hex of the complete staging: the name ``seal`` gives its blob next (kept, so that
+        the seal does not hash the bytes again). The service records it before the seal moves them."""
+
     async def seal(self, upload: str) -> str:
         """The complete staging becomes a blob named by its SHA-256 hex, which is returned; the
         staging goes. Sealing content already stored as a blob keeps the one copy."""

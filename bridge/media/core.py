@@ -19,6 +19,9 @@ Rules:
 7. An upload idle (no PATCH) for ``upload_ttl`` is abandoned: its staging goes, its charge is freed.
    Its device may delete it sooner (``DELETE``), the same; a sealed upload is not deleted
    (``sealed``): its blob may be read already, and is shared by every upload of the same bytes.
+   An upload whose bytes were moved under their digest but whose seal was never recorded (the
+   process died between the two) takes those bytes with it, unless a live blob is made of them
+   (``orphaned``).
 8. A POST with an ``Idempotency-Key`` (the client's random string) names the upload by a digest
    of the caller's device and the key: repeated after a lost answer, it answers the same upload
    (same size and ``to``, else ``bad_request``) and charges nothing again.
@@ -93,6 +96,8 @@ class Upload:
     size: int
     created_ms: int
     touched_ms: int
+    sealing: str | None = None
+    """The SHA-256 its seal moves the bytes under, recorded before they move (None: no seal began)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +254,12 @@ def readable(blob: Blob | None, is_reader: bool) -> Blob:
     if blob.deleted:
         raise MediaError("gone", "the blob was deleted: every recipient fetched it, or it expired")
     return blob
+
+
+def orphaned(blob: Blob | None) -> bool:
+    """Rule 7: whether the bytes a dropped upload's seal moved under a digest may go, ``blob`` being
+    that digest's record now: yes unless a live blob (the same bytes sealed by another upload) keeps them."""
+    return blob is None or blob.deleted
 
 
 def abandoned(uploads: list[Upload], busy: set[str], now_ms: int, limits: MediaLimits) -> list[Upload]:

@@ -3,11 +3,11 @@ records) and a ``BlobStore`` (the bytes). The HTTP handlers (chatserver/media_ht
 request, call one method here with the authenticated caller, and map ``MediaError`` to a status.
 
 In memory: the uploads in progress (few: ``max_uploads`` per user), each user's charged bytes and
-upload-creation rate, and a lock per upload (one PATCH, or the DELETE, at a time); in cluster mode
-``bridge/cluster/media.py`` overrides the hooks ``_begin``, ``_in_progress`` and ``_abandon`` to keep
-them in the shared store instead. Everything else is read from the store per request. One
-supervised loop (``media_sweep``) drops removed devices from waiting sets, abandoned uploads and
-expired blobs.
+upload-creation rate, a lock per upload (one PATCH, or the DELETE, at a time) and one per content
+being sealed (``_seal``); in cluster mode ``bridge/cluster/media.py`` overrides the hooks ``_begin``,
+``_in_progress`` and ``_abandon`` to keep them in the shared store instead. Everything else is read
+from the store per request. One supervised loop (``media_sweep``) drops removed devices from waiting
+sets, abandoned uploads and expired blobs.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from dataclasses import dataclass, field, replace
 
 from bridge.background import Supervisor, cancel
 from bridge.clock import Clock
+from bridge.locks import KeyedLocks
 from bridge.media import core
 from bridge.media.blobs import BlobMissing, BlobStore, check_blob_id
 from bridge.media.core import Blob, MediaError, MediaLimits, Upload, Usage
 from bridge.media.store import MediaStore
 from bridge.messaging.store import UserLookup
+from bridge.store import StoreError
 from chatproto import is_group_id
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class MediaService:
         self._supervisor = supervisor
         self._uploads: dict[str, Upload] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # sha256 -> a lock: a seal moves and records the bytes holding it, a drop decides whether they go
+        # (``_unsealed``), so the two never interleave in this process.
+        self._contents = KeyedLocks()
         self._usage = Usage(limits)
         self._removed: list[str] = []  # devices to drop from waiting sets (the sweep does it)
         self._wake = asyncio.Event()
@@ -261,15 +266,29 @@ class MediaService:
             await chunks.aclose()  # type: ignore[attr-defined]  # an async generator (BlobStore.read)
 
     async def _seal(self, upload: Upload) -> str:
-        sha256 = await self._blobs.seal(upload.id)
+        """Two steps that no transaction spans: the staging becomes the blob's bytes, then the store
+        records the blob. The digest is written on the upload first, so that a death between the two
+        leaves a record naming the bytes: dropping the upload deletes them (``_drop``)."""
+        sha256 = await self._blobs.digest(upload.id)
+        if upload.sealing not in (None, sha256):  # a seal cut off before, of other bytes: those are not kept
+            await self._unsealed(upload.sealing)
+        await self._store.sealing(upload.id, sha256)
+        upload = self._began_sealing(upload, sha256)
         if is_group_id(upload.to):
             users = [m for m in await self._members(upload.to) if m != upload.user]
         else:
             users = [upload.to] if upload.to != upload.user else []
         to_users = {u: await self._users.user_devices(u) or [] for u in users}
         own = await self._users.user_devices(upload.user) or []
-        sealed = core.seal(upload, sha256, to_users, own, self._clock.wall_ms(), self.limits)
-        new = await self._store.seal(upload.id, sealed)
+        async with self._contents.hold(sha256):
+            if (moved := await self._blobs.seal(upload.id)) != sha256:
+                # The staging changed since it was hashed (not while this holds the upload's lock): the
+                # record names what was moved, so the drop or the next seal of this upload deletes it.
+                await self._store.sealing(upload.id, moved)
+                self._began_sealing(upload, moved)
+                raise StoreError(f"upload {upload.id} changed while it was sealed: send it again")
+            sealed = core.seal(upload, sha256, to_users, own, self._clock.wall_ms(), self.limits)
+            new = await self._store.seal(upload.id, sealed)
         self._uploads.pop(upload.id, None)
         self._usage.end_upload(upload.user, sealed.blob.charge, keep_charge=new)
         if new:
@@ -278,6 +297,23 @@ class MediaService:
         log.info("media: upload %s of %s sealed as %s (%d bytes, %d devices waiting)", upload.id, upload.user,
                  sha256, upload.size, len(sealed.waiting))
         return sha256
+
+    def _began_sealing(self, upload: Upload, sha256: str) -> Upload:
+        """The upload as it is now recorded: its seal moves the bytes under ``sha256``."""
+        upload = replace(upload, sealing=sha256)
+        if upload.id in self._uploads:  # one process: dropped later from here
+            self._uploads[upload.id] = upload
+        return upload
+
+    async def _unsealed(self, sha256: str) -> None:
+        """A seal began moving bytes under ``sha256`` for an upload that goes without its seal recorded
+        (the process died between, or the upload was sent again as other bytes): the bytes go, unless a
+        live blob is made of them (the same bytes sealed by another upload). In cluster mode another
+        node sealing the same bytes at this moment is not seen (docs/ARCHITECTURE.md)."""
+        async with self._contents.hold(sha256):
+            if core.orphaned(await self._store.blob(sha256)):
+                await self._blobs.delete(sha256)
+                log.info("media: blob %s deleted: a seal of it was cut off, and no blob record names it", sha256)
 
     async def _readable(self, user: str, sha256: str) -> Blob:
         try:
@@ -296,8 +332,11 @@ class MediaService:
             self.counters.blobs -= 1
 
     async def _drop(self, upload: Upload) -> None:
-        """An upload in progress goes (abandoned or deleted), its charge freed."""
+        """An upload in progress goes (abandoned or deleted), its charge freed, and the bytes a seal
+        of it cut off left (``Upload.sealing``)."""
         await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
+        if upload.sealing is not None:  # before the row, which names the bytes until they are checked
+            await self._unsealed(upload.sealing)
         await self._store.drop_upload(upload.id)
         if self._uploads.pop(upload.id, None) is not None:
             self._usage.end_upload(upload.user, core.charge(upload.size, self.limits), keep_charge=False)

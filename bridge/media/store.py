@@ -2,7 +2,8 @@
 ``storage/sqlite/media.py`` implements it. A failing backend raises ``bridge.store.StoreError``.
 
 Each operation is one transaction, so a crash leaves each record before or after it: an upload
-row is written before its first byte is accepted, and a seal moves the upload to its blob (with
+row is written before its first byte is accepted, the digest its seal moves the bytes under is
+written on it before they move (``sealing``), and a seal moves the upload to its blob (with
 readers and waiting devices) at once.
 """
 
@@ -21,6 +22,11 @@ class MediaStore(Protocol):
 
     async def drop_upload(self, upload: str) -> None:
         """Forget the upload (abandoned, or its sealed answer kept long enough)."""
+
+    async def sealing(self, upload: str, sha256: str) -> None:
+        """The upload in progress is about to be sealed as the blob ``sha256``: recorded (``Upload.sealing``,
+        also by ``load``) before the bytes move, so that a death before ``seal`` leaves a record naming
+        them, and dropping the upload deletes them."""
 
     async def seal(self, upload: str, sealed: Sealed) -> bool:
         """The upload now names its blob; store the blob, its readers and waiting devices. If the

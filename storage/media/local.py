@@ -7,7 +7,7 @@ Layout under ``root`` (0700 folders, 0600 files, whatever the umask)::
 
 The SHA-256 of an upload is computed as its bytes are written (in memory, per upload in progress),
 so the seal does not read the file again; after a restart (the digest is lost) or a write that
-failed, the seal hashes the file.
+failed, ``digest`` (or the seal) hashes the file, once: ``digest`` keeps what it computed for the seal.
 
 Durability: ``append`` fsyncs the staging file before it returns, also when its chunks fail
 midway (the bytes already written are kept: a resumed upload continues after them). ``seal``
@@ -107,6 +107,15 @@ class LocalBlobStore:
         except FileNotFoundError:
             return 0
 
+    async def digest(self, upload: str) -> str:
+        src = self._staged(upload)
+        try:
+            hashed = await asyncio.to_thread(_hash, src, self._digests.get(upload))
+        except OSError as exc:
+            raise StoreError(f"cannot hash upload {upload}: {exc}") from exc
+        self._digests[upload] = hashed  # the seal that follows uses it
+        return str(hashed[1].hexdigest())
+
     async def seal(self, upload: str) -> str:
         src = self._staged(upload)
         hashed = self._digests.pop(upload, None)
@@ -116,15 +125,8 @@ class LocalBlobStore:
             raise StoreError(f"cannot seal upload {upload}: {exc}") from exc
 
     def _seal(self, src: Path, hashed: tuple[int, Any] | None) -> str:
+        blob = str(_hash(src, hashed)[1].hexdigest())
         with open(src, "rb", buffering=0) as f:
-            if hashed is not None and hashed[0] == os.fstat(f.fileno()).st_size:
-                blob = str(hashed[1].hexdigest())
-            else:  # the digest was lost (a restart) or broken off: read the file again
-                digest = hashlib.sha256()
-                buf = bytearray(READ_CHUNK)
-                while n := f.readinto(buf):
-                    digest.update(memoryview(buf)[:n])
-                blob = digest.hexdigest()
             os.fsync(f.fileno())
         dest = self.blob_path(blob)
         for folder in (dest.parent.parent, dest.parent):
@@ -170,6 +172,20 @@ class LocalBlobStore:
 
     async def close(self) -> None:
         """Nothing is held open between calls."""
+
+
+def _hash(src: Path, hashed: tuple[int, Any] | None) -> tuple[int, Any]:
+    """``(size, SHA-256)`` of the staging ``src``: ``hashed`` if it covers the whole file, else the
+    file read again (the digest was lost in a restart, or broken off by a failed write)."""
+    with open(src, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if hashed is not None and hashed[0] == size:
+            return hashed
+        digest = hashlib.sha256()
+        buf = bytearray(READ_CHUNK)
+        while n := f.readinto(buf):
+            digest.update(memoryview(buf)[:n])
+        return size, digest
 
 
 def _write_all(fd: int, chunk: bytes, upload: str) -> int:

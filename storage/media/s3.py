@@ -154,6 +154,11 @@ class S3BlobStore:
 
     # --- blobs -------------------------------------------------------------------------
 
+    async def digest(self, upload: str) -> str:
+        if self._shared is not None:
+            return await self._shared.digest(upload)
+        return await self._local.digest(upload)
+
     async def seal(self, upload: str) -> str:
         if self._shared is not None:  # hashed (in memory, or read again), then copied into its object
             blob = await self._shared.digest(upload)

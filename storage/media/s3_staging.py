@@ -174,15 +174,16 @@ class S3Staging:
                 yield piece
 
     async def digest(self, upload: str) -> str:
-        """SHA-256 hex of the staged bytes: followed in memory, else read again."""
+        """SHA-256 hex of the staged bytes: followed in memory, else read again (and then kept, so the
+        seal that follows does not read them a third time; ``discard`` forgets it)."""
         size = await self.staged_size(upload)
-        hashed = self._digests.pop(upload, None)
-        if hashed is not None and hashed[0] == size:
-            return str(hashed[1].hexdigest())
-        digest = hashlib.sha256()
-        async for piece in self.staged(upload):
-            digest.update(piece)
-        return digest.hexdigest()
+        hashed = self._digests.get(upload)
+        if hashed is None or hashed[0] != size:
+            digest = hashlib.sha256()
+            async for piece in self.staged(upload):
+                digest.update(piece)
+            hashed = self._digests[upload] = (size, digest)
+        return str(hashed[1].hexdigest())
 
     async def discard(self, upload: str) -> None:
         self._digests.pop(upload, None)

@@ -13,10 +13,12 @@ Two kinds of shard, 16 of each, so every operation is one script on one slot:
 
 Keys (``{prefix}`` the cluster's key prefix):
 
-- ``{prefix}mup:{mu<c>}:<upload>``  hash: user, device, to, size, created, touched, blob (once sealed)
+- ``{prefix}mup:{mu<c>}:<upload>``  hash: user, device, to, size, created, touched, sealing (the digest its
+  seal moves the bytes under, written first), blob (once sealed)
 - ``{prefix}mui:{mu<c>}``           sorted set: uploads in progress -> touched (ms), to find idle ones
 - ``{prefix}mus:{mu<c>}``           sorted set: sealed uploads -> sealed at, to forget their answer
 - ``{prefix}mud:{mu<c>}``           set: abandoned uploads whose staging is not yet discarded
+- ``{prefix}muh:{mu<c>}``           hash: those of them whose seal began -> its ``sealing`` digest
 - ``{prefix}muq:{mu<c>}``           hash: ``<user>:n`` uploads in progress, ``<user>:u`` their charges,
   ``<user>:b`` charges of live blobs, ``n`` the shard's uploads in progress
 - ``{prefix}muc:{mu<c>}:<user>``    hash: each charge of the user (``core.charge``: at least
@@ -73,7 +75,8 @@ def _charge(blob: Blob) -> str:
 class RedisMediaStore(RedisStore):
     SCRIPTS: ClassVar[dict[str, str]] = {
         "media.add_upload": lua.ADD_UPLOAD, "media.upload": lua.UPLOAD, "media.drop_upload": lua.DROP_UPLOAD,
-        "media.abandon": lua.ABANDON, "media.seal_upload": lua.SEAL_UPLOAD, "media.release": lua.RELEASE,
+        "media.abandon": lua.ABANDON, "media.sealing": lua.SEALING, "media.seal_upload": lua.SEAL_UPLOAD,
+        "media.release": lua.RELEASE,
         "media.usage": lua.USAGE, "media.uploads": lua.UPLOADS, "media.seal_blob": lua.SEAL_BLOB,
         "media.fetched": lua.FETCHED, "media.remove_devices": lua.REMOVE_DEVICES, "media.expire": lua.EXPIRE,
         "media.forget": lua.FORGET, "media.pending": lua.PENDING}
@@ -126,7 +129,7 @@ class RedisMediaStore(RedisStore):
         r = await self._run("media.upload", tag, "mui", upload, now_ms, int(sealed), client_id)
         if r is None:
             return None
-        return Upload(upload, r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])), str(r[6])
+        return Upload(upload, r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), r[7] or None), str(r[6])
 
     async def upload(self, upload: str, client_id: str, now_ms: int) -> Upload | None:
         """The upload in progress of the device ``client_id``, now touched; None if there is none."""
@@ -140,12 +143,17 @@ class RedisMediaStore(RedisStore):
         if (tag := self._upload_tag(upload)) is not None:
             await self._run("media.drop_upload", tag, "mui", upload)
 
-    async def abandon(self, before_ms: int) -> list[str]:
+    async def abandon(self, before_ms: int) -> list[tuple[str, str | None]]:
         """Uploads in progress last touched at or before ``before_ms`` end, their charges freed; returns
-        them and those abandoned before whose staging was not discarded yet (``drop_upload`` each after)."""
+        them and those abandoned before whose staging was not discarded yet (``drop_upload`` each after),
+        each with its ``Upload.sealing``."""
         found = await self._each_shard("mu", lambda tag: self._run("media.abandon", tag, "mui", before_ms,
                                                                    SHARD_LIMIT))
-        return [str(upload) for shard in found for upload in shard]
+        return [(str(r[i]), str(r[i + 1]) or None) for r in found for i in range(0, len(r), 2)]
+
+    async def sealing(self, upload: str, sha256: str) -> None:
+        if (tag := self._upload_tag(upload)) is not None:
+            await self._run("media.sealing", tag, "mui", upload, sha256)
 
     async def seal(self, upload: str, sealed: Sealed) -> bool:
         blob = sealed.blob
@@ -231,8 +239,8 @@ class RedisMediaStore(RedisStore):
 
     async def load(self) -> tuple[list[Upload], dict[str, int], int, int]:
         rows = await self._each_shard("mu", lambda tag: self._run("media.uploads", tag, "mui"))
-        uploads = [Upload(r[i], r[i + 1], r[i + 2], r[i + 3], int(r[i + 4]), int(r[i + 5]), int(r[i + 6]))
-                   for r in rows for i in range(0, len(r), 7)]
+        uploads = [Upload(r[i], r[i + 1], r[i + 2], r[i + 3], int(r[i + 4]), int(r[i + 5]), int(r[i + 6]),
+                          r[i + 7] or None) for r in rows for i in range(0, len(r), 8)]
         usage = await self._each_shard("mu", lambda tag: self._run("media.usage", tag, "mui"))
         owners = {str(u[i]): int(u[i + 1]) for u in usage for i in range(1, len(u), 2)}
         stored, count, _ = await self.stats()

@@ -66,11 +66,11 @@ return {'ok'}
 """
 
 # ARGV: p, t, id, now (0: do not touch), sealed 0/1 (1: a sealed upload's record, else one in progress),
-# client id ('': anyone's). Returns the record {user, device, to, size, created, touched, blob or ''} or
-# nil; only the uploading device's request touches it.
+# client id ('': anyone's). Returns the record {user, device, to, size, created, touched, blob or '',
+# sealing or ''} or nil; only the uploading device's request touches it.
 UPLOAD = _HEAD + """
 local rec = K('mup', ARGV[3])
-local r = redis.call('HMGET', rec, 'user', 'device', 'to', 'size', 'created', 'touched', 'blob')
+local r = redis.call('HMGET', rec, 'user', 'device', 'to', 'size', 'created', 'touched', 'blob', 'sealing')
 if not r[1] then return nil end
 if (r[7] and '1' or '0') ~= ARGV[5] then return nil end
 if ARGV[6] ~= '' and ARGV[6] ~= r[1] .. '.' .. r[2] then return nil end
@@ -80,6 +80,7 @@ if ARGV[4] ~= '0' and not r[7] then
   r[6] = ARGV[4]
 end
 r[7] = r[7] or ''
+r[8] = r[8] or ''
 return r
 """
 
@@ -99,6 +100,16 @@ local function end_upload(id, user)
 end
 """
 
+# ARGV: p, t, id, sha. The upload in progress is about to be sealed as the blob ``sha``: recorded before
+# the bytes move (field 'sealing'). Returns 1, or 0 if it is not in progress.
+SEALING = _HEAD + """
+local rec = K('mup', ARGV[3])
+local r = redis.call('HMGET', rec, 'user', 'blob')
+if not r[1] or r[2] then return 0 end
+redis.call('HSET', rec, 'sealing', ARGV[4])
+return 1
+"""
+
 # ARGV: p, t, id. Forgets the upload: in progress, its charge is freed; sealed, its answer goes.
 DROP_UPLOAD = _HEAD + _END_UPLOAD + """
 local id = ARGV[3]
@@ -108,22 +119,30 @@ if r[1] and not r[2] then end_upload(id, r[1]) end
 redis.call('DEL', rec)
 redis.call('ZREM', K('mus'), id)
 redis.call('SREM', K('mud'), id)
+redis.call('HDEL', K('muh'), id)
 return 1
 """
 
 # ARGV: p, t, before, limit. Uploads in progress last touched at or before ``before`` end (their charge
-# is freed) and join the set of stagings to discard; returns that whole set (ids): the caller discards
-# each staging, then drops the id (DROP_UPLOAD), so a crash between the two is finished next round.
+# is freed) and join the set of stagings to discard, their 'sealing' digest kept aside (``muh``); returns
+# that whole set, {id, sealing or ''} each: the caller discards each staging and the bytes a seal cut
+# off left, then drops the id (DROP_UPLOAD), so a crash between is finished next round.
 ABANDON = _HEAD + _END_UPLOAD + """
 local idle = redis.call('ZRANGE', K('mui'), '-inf', ARGV[3], 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[4]))
 for _, id in ipairs(idle) do
   local rec = K('mup', id)
-  local user = redis.call('HGET', rec, 'user')
-  if user then end_upload(id, user) else redis.call('ZREM', K('mui'), id) end
+  local r = redis.call('HMGET', rec, 'user', 'sealing')
+  if r[1] then end_upload(id, r[1]) else redis.call('ZREM', K('mui'), id) end
+  if r[2] then redis.call('HSET', K('muh'), id, r[2]) end
   redis.call('DEL', rec)
   redis.call('SADD', K('mud'), id)
 end
-return redis.call('SMEMBERS', K('mud'))
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', K('mud'))) do
+  table.insert(out, id)
+  table.insert(out, redis.call('HGET', K('muh'), id) or '')
+end
+return out
 """
 
 # ARGV: p, t, id, blob, kept 0/1 (the blob is new: it keeps the charge), charge field ('b:<sha>:<created>'),
@@ -169,12 +188,14 @@ end
 return out
 """
 
-# ARGV: p, t. Returns the records of the uploads in progress, 8 fields each (id first, as UPLOAD's).
+# ARGV: p, t. Returns the records of the uploads in progress, 8 fields each: id, user, device, to, size,
+# created, touched, sealing or ''.
 UPLOADS = _HEAD + """
 local out = {}
 for _, id in ipairs(redis.call('ZRANGE', K('mui'), 0, -1)) do
-  local r = redis.call('HMGET', K('mup', id), 'user', 'device', 'to', 'size', 'created', 'touched')
+  local r = redis.call('HMGET', K('mup', id), 'user', 'device', 'to', 'size', 'created', 'touched', 'sealing')
   if r[1] then
+    r[7] = r[7] or ''
     table.insert(out, id)
     for _, v in ipairs(r) do table.insert(out, v) end
   end

@@ -44,17 +44,20 @@ MIGRATIONS = (
     """,
     # The quota charge of a blob (at least media.min_charge_bytes); a blob of before was charged its size.
     "ALTER TABLE blobs ADD COLUMN charge INTEGER NOT NULL DEFAULT 0; UPDATE blobs SET charge = size",
+    # The digest a seal moves the upload's bytes under, written before they move (Upload.sealing).
+    "ALTER TABLE uploads ADD COLUMN sealing TEXT",
 )
 
 _BLOB = "SELECT sha256, owner, size, created_ms, expires_ms, charge, deleted FROM blobs"
 _UNWAITED = (_BLOB + " WHERE sha256 = ? AND deleted = 0"  # noqa: S608 (constants only)
              " AND NOT EXISTS (SELECT 1 FROM waiting WHERE waiting.sha256 = blobs.sha256)")
 _EXPIRED = _BLOB + " WHERE deleted = 0 AND expires_ms <= ?"
-_UPLOAD = "SELECT id, user, device, to_id, size, created_ms, touched_ms, blob FROM uploads"
+_UPLOAD = "SELECT id, user, device, to_id, size, created_ms, touched_ms, blob, sealing FROM uploads"
 
 
 def _upload(row: Any) -> Upload:
-    return Upload(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]), int(row[6]))
+    return Upload(str(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), int(row[5]), int(row[6]),
+                  None if row[8] is None else str(row[8]))
 
 
 def _blob(row: Any) -> Blob:
@@ -79,6 +82,10 @@ class SqliteMediaStore(SqliteFile):
     async def drop_upload(self, upload: str) -> None:
         async with transaction(self._db, "media.drop_upload"):
             await self._db.execute("DELETE FROM uploads WHERE id = ?", (upload,))
+
+    async def sealing(self, upload: str, sha256: str) -> None:
+        async with transaction(self._db, "media.sealing"):
+            await self._db.execute("UPDATE uploads SET sealing = ? WHERE id = ? AND blob IS NULL", (sha256, upload))
 
     async def seal(self, upload: str, sealed: Sealed) -> bool:
         blob = sealed.blob

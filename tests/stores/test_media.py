@@ -116,6 +116,22 @@ async def test_a_dropped_upload_in_progress_is_gone(store: MediaStore) -> None:
     assert await store.sealed(first.id) is None
 
 
+async def test_the_digest_of_a_seal_begun_is_loaded_with_its_upload(store: MediaStore, backend: Backend) -> None:
+    first = upload()
+    await store.add_upload(first)
+    await store.sealing(first.id, A)
+    await store.sealing(first.id, B)  # sent again as other bytes: the last digest
+    again = await backend.media()  # a restart finds it
+    try:
+        assert [u.sealing for u in (await again.load())[0]] == [B]
+    finally:
+        await again.close()
+    await store.seal(first.id, core.seal(first, B, {"bob": ["phone"]}, [], 0, LIMITS))
+    await store.sealing(first.id, A)  # sealed: not in progress any more, nothing changes
+    found = await store.sealed(first.id)
+    assert found is not None and found[1] == B and (await store.load())[0] == []
+
+
 async def test_a_blob_keeps_its_charge(store: MediaStore) -> None:
     tiny = upload(size=5)
     await store.add_upload(tiny)

@@ -109,14 +109,17 @@ async def test_idle_uploads_end_once_and_are_given_until_dropped(store: RedisMed
     await admit(store, idle)
     await admit(store, busy)
     await store.touch_upload(busy.id, 5_000)
-    assert await store.abandon(1_000) == [idle.id]
-    assert await store.abandon(1_000) == [idle.id]  # its staging is not discarded yet
+    await store.sealing(busy.id, A)  # its seal began, then was cut off
+    assert await store.abandon(1_000) == [(idle.id, None)]
+    assert await store.abandon(1_000) == [(idle.id, None)]  # its staging is not discarded yet
     assert await store.upload(idle.id, "alice.phone", 2_000) is None
     await store.drop_upload(idle.id)
     assert await store.abandon(1_000) == []
     assert await in_use(store) == 25  # busy's
-    assert await store.abandon(5_000) == [busy.id]
+    assert await store.abandon(5_000) == [(busy.id, A)]
+    assert await store.abandon(5_000) == [(busy.id, A)]  # the digest stays until the drop, its bytes to check
     await store.drop_upload(busy.id)
+    assert await store.abandon(5_000) == []
     assert await in_use(store) == 0 and (await store.stats())[2] == 0
 
 

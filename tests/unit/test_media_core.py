@@ -139,6 +139,13 @@ def test_abandoned_uploads() -> None:
     assert core.abandoned([old, fresh, busy], {"busy"}, 1000, LIMITS) == [old]
 
 
+def test_the_bytes_of_a_cut_off_seal_go_unless_a_live_blob_is_made_of_them() -> None:
+    live = core.Blob("a" * 64, "bob", 5, 0, 10, 20)
+    assert core.orphaned(None)  # no record: nobody sealed these bytes
+    assert core.orphaned(replace(live, deleted=True))  # deleted: its bytes are to go anyway
+    assert not core.orphaned(live)  # another upload of the same bytes made this blob
+
+
 @pytest.mark.parametrize(("header", "expected"), [
     (None, None), ("bytes=0-", (0, 10)), ("bytes=2-4", (2, 5)), ("bytes=-3", (7, 10)), ("bytes=5-100", (5, 10)),
     ("bytes=-20", (0, 10)), (" bytes=9-9 ", (9, 10)),

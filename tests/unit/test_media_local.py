@@ -11,10 +11,12 @@ import os
 import stat
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bridge.media.blobs import BlobMissing, BlobStore
+from storage.media import local as local_store
 from storage.media.local import READ_CHUNK, LocalBlobStore
 from tests.media_stores import BLOB_STORES, open_store
 
@@ -116,6 +118,29 @@ async def test_discard(store: BlobStore) -> None:
     await store.discard("u")
     await store.discard("u")
     assert await store.staged_size("u") == 0
+
+
+async def test_the_digest_names_the_blob_the_seal_makes(store: BlobStore) -> None:
+    data = os.urandom(READ_CHUNK + 5)
+    await store.append("u", 0, chunks([data[:100], data[100:]]))
+    assert await store.digest("u") == hashlib.sha256(data).hexdigest()
+    assert await store.seal("u") == hashlib.sha256(data).hexdigest()
+    assert await read_all(store, hashlib.sha256(data).hexdigest(), 0, len(data)) == data
+
+
+async def test_a_digest_after_a_restart_hashes_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(READ_CHUNK + 5)
+    await LocalBlobStore(tmp_path / "media").append("u", 0, chunks([data]))
+    after = LocalBlobStore(tmp_path / "media")  # the digest was in the old process's memory
+    made: list[object] = []
+
+    def sha256() -> object:
+        made.append(hashlib.sha256())
+        return made[-1]
+
+    monkeypatch.setattr(local_store, "hashlib", SimpleNamespace(sha256=sha256))
+    assert await after.digest("u") == await after.seal("u") == hashlib.sha256(data).hexdigest()
+    assert len(made) == 1  # the seal used what the digest read
 
 
 async def test_the_seal_hashes_the_file_after_a_restart(tmp_path: Path) -> None:
