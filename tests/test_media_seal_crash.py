@@ -5,8 +5,9 @@ on the same data (the same folder, media.db or Redis prefix, and bucket), as aft
 
 Whatever comes next, the bytes are kept once and only while needed: the upload abandoned or deleted
 takes them with it; the client coming back seals them once; the same bytes sealed by another upload
-keep them, also when that seal is under way as the drop decides. Through the real service and
-stores: SQLite with the local folder or S3, and Redis (cluster mode) with S3 staging in the bucket.
+keep them, also when that seal is under way as the drop decides, or as a blob of those bytes is
+deleted. Through the real service and stores: SQLite with the local folder or S3, and Redis (cluster
+mode) with S3 staging in the bucket.
 """
 
 from __future__ import annotations
@@ -177,6 +178,21 @@ async def died_mid_seal(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> tuple[
     return new.id, SHA
 
 
+def hold_the_record(node: Node, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """The next seals' records (the bytes moved already) wait: ``recording`` is set once one waits, and
+    they go on once ``release`` is."""
+    recording, release = asyncio.Event(), asyncio.Event()
+    record = node.store.seal
+
+    async def held(upload_id: str, sealed: Sealed) -> bool:
+        recording.set()
+        await release.wait()
+        return await record(upload_id, sealed)
+
+    monkeypatch.setattr(node.store, "seal", held)
+    return recording, release
+
+
 async def assert_nothing_kept(node: Node, upload_id: str, sha256: str) -> None:
     assert not await stored(node.blobs, sha256)
     assert await node.store.blob(sha256) is None
@@ -235,15 +251,7 @@ async def test_a_drop_waits_for_a_seal_of_the_same_bytes_under_way(
     stack = Stack("sqlite+local", tmp_path, ManualClock(), None, [])  # the lock is the service's: one stack
     upload_id, sha256 = await died_mid_seal(stack, monkeypatch)
     async with stack.node() as node:
-        recording, release = asyncio.Event(), asyncio.Event()
-        record = node.store.seal
-
-        async def held(upload: str, sealed: Sealed) -> bool:  # bob's seal: bytes moved, record not yet written
-            recording.set()
-            await release.wait()
-            return await record(upload, sealed)
-
-        monkeypatch.setattr(node.store, "seal", held)
+        recording, release = hold_the_record(node, monkeypatch)  # bob's seal: bytes moved, record not yet written
         bobs = asyncio.create_task(upload(node, "bob", "alice"))
         await asyncio.wait_for(recording.wait(), WAIT_S)
         delete = asyncio.create_task(node.service.delete("alice", "phone", upload_id))
@@ -252,4 +260,22 @@ async def test_a_drop_waits_for_a_seal_of_the_same_bytes_under_way(
         release.set()
         await asyncio.wait_for(bobs, WAIT_S)
         await asyncio.wait_for(delete, WAIT_S)
+        assert await read(node, "alice", sha256) == DATA
+
+
+async def test_a_blob_deleted_while_a_seal_of_the_same_bytes_records_keeps_its_bytes(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bob fetches the blob alice sent him, its last waiting device (so it is deleted), while his own upload
+    of the same bytes is sealed: it kept the one copy there was, and records a live blob of it. The
+    deletion decides under the seal's lock, after that record: the bytes stay, for alice to read."""
+    async with stack.node() as node:
+        _, sha256 = await upload(node, "alice", "bob")
+        recording, release = hold_the_record(node, monkeypatch)  # bob's seal: bytes moved, record not yet written
+        bobs = asyncio.create_task(upload(node, "bob", "alice"))
+        await asyncio.wait_for(recording.wait(), WAIT_S)
+        fetched = asyncio.create_task(node.service.fetched("bob", "phone", sha256))
+        await asyncio.wait({fetched}, timeout=1.0)  # without the lock, the bytes went here
+        release.set()
+        assert (await asyncio.wait_for(bobs, WAIT_S))[1] == sha256
+        await asyncio.wait_for(fetched, WAIT_S)
         assert await read(node, "alice", sha256) == DATA

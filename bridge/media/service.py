@@ -305,15 +305,23 @@ class MediaService:
             self._uploads[upload.id] = upload
         return upload
 
+    async def _delete_unless_live(self, sha256: str) -> bool:
+        """The bytes of ``sha256`` go unless a live blob is made of them, checked under the lock a seal holds
+        while it moves and records them: a blob marked deleted (or forgotten) as a seal of the same bytes
+        kept the one copy there was and recorded a live blob keeps them. True if they went."""
+        async with self._contents.hold(sha256):
+            if not core.orphaned(await self._store.blob(sha256)):
+                return False
+            await self._blobs.delete(sha256)
+            return True
+
     async def _unsealed(self, sha256: str) -> None:
         """A seal began moving bytes under ``sha256`` for an upload that goes without its seal recorded
         (the process died between, or the upload was sent again as other bytes): the bytes go, unless a
         live blob is made of them (the same bytes sealed by another upload). In cluster mode another
         node sealing the same bytes at this moment is not seen (docs/ARCHITECTURE.md)."""
-        async with self._contents.hold(sha256):
-            if core.orphaned(await self._store.blob(sha256)):
-                await self._blobs.delete(sha256)
-                log.info("media: blob %s deleted: a seal of it was cut off, and no blob record names it", sha256)
+        if await self._delete_unless_live(sha256):
+            log.info("media: blob %s deleted: a seal of it was cut off, and no blob record names it", sha256)
 
     async def _readable(self, user: str, sha256: str) -> Blob:
         try:
@@ -326,7 +334,7 @@ class MediaService:
     async def _deleted(self, blobs: list[Blob]) -> None:
         """The blobs were marked deleted in the store: their files go, their charges are freed."""
         for blob in blobs:
-            await self._blobs.delete(blob.sha256)
+            await self._delete_unless_live(blob.sha256)
             self._usage.free(blob.owner, blob.charge)
             self.counters.stored_bytes -= blob.size
             self.counters.blobs -= 1
@@ -358,7 +366,7 @@ class MediaService:
         for upload_id in await self._store.sealed_uploads(now - self.limits.upload_ttl_ms):
             await self._store.drop_upload(upload_id)
         for sha256 in await self._store.forget(now - self.limits.ttl_ms):
-            await self._blobs.delete(sha256)  # again: a crash may have come between the mark and the delete
+            await self._delete_unless_live(sha256)  # again: a crash may have come between the mark and the delete
 
     async def _abandon(self, now: int) -> None:
         """Rule 7: drop the uploads idle too long."""
