@@ -10,7 +10,7 @@ round (an item sent, an item staged); a round keeps those that still have someth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
 
 
 class BusyDevices:
@@ -23,6 +23,10 @@ class BusyDevices:
 
     def __len__(self) -> int:
         return len(self._devices)
+
+    def __iter__(self) -> Iterator[str]:
+        """The devices marked (a superset of those with something), without dropping any."""
+        return iter(self._devices)
 
     def add(self, device: str) -> None:
         self._devices.add(device)

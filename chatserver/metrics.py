@@ -174,6 +174,7 @@ class ChatCollector(Collector):
         yield GaugeMetricFamily("chat_staged_oldest_age_seconds",
                                 "Age of the oldest staged item (0 when nothing is staged).", age)
         depth = Histogram(DEPTH_BUCKETS)
+        depth.observe_many(0, figures.devices - len(figures.depths))
         for n in figures.depths:
             depth.observe(n)
         yield GaugeHistogramMetricFamily("chat_device_queue_depth", "Devices by number of items queued for them.",

@@ -704,8 +704,8 @@ class ClusterMessaging:
     def figures(self) -> Figures:
         """This node's part: items read for its connected devices and not acked yet (the queues
         themselves are in Redis: ``chat-broker cluster status``)."""
-        depths = [self.windows.depth(c) for c in self.windows.clients()]
-        return Figures(sum(depths), 0, 0, None, depths)
+        depths = self.windows.depths()
+        return Figures(sum(depths), 0, 0, None, depths, self.windows.linked())
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

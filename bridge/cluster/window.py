@@ -275,6 +275,15 @@ class Windows:
         box = self._devices.get(client_id)
         return 0 if box is None else len(box.buffer) + len(box.inflight)
 
+    def depths(self) -> list[int]:
+        """``depth`` of each device that has any: only devices with items in flight can (``_pump`` fills
+        the flight before it leaves anything in the buffer), so idle devices cost nothing."""
+        return [n for client_id in self._sending if (n := self.depth(client_id))]
+
+    def linked(self) -> int:
+        """Devices linked here."""
+        return len(self._devices)
+
     def _pump(self, client_id: str, now: float, out: WindowOutcome | None = None) -> WindowOutcome:
         out = out if out is not None else WindowOutcome()
         box = self._devices[client_id]

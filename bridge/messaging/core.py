@@ -718,12 +718,15 @@ class Staging:
         return sum(len(box.items) for box in self.boxes.values())
 
     def figures(self) -> Figures:
-        """What is staged now, for the metrics: O(devices + messages), read at scrape time only."""
-        depths = [len(box.items) for box in self.boxes.values()]
+        """What is staged now, for the metrics: O(devices with staged items + messages), read at scrape
+        time only (every device with items is marked in ``_holding``)."""
+        queues = [box.items for device in self._holding if (box := self.boxes.get(device)) is not None and box.items]
+        depths = [len(items) for items in queues]
         # A queue's head is its oldest item (seq order), but for items a first device adopted.
-        heads = [next(iter(box.items.values())).expires_ms for box in self.boxes.values() if box.items]
+        heads = [next(iter(items.values())).expires_ms for items in queues]
         oldest = min(heads) - self.rules.ttl_ms if heads else None
-        return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths)
+        return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths,
+                       len(self.boxes))
 
 
 def _utf8_len(text: str) -> int:

@@ -186,7 +186,10 @@ class Figures:
     oldest_ms: int | None
     """Server time (ms) at which the oldest queued item was staged; None when nothing is staged."""
     depths: list[int]
-    """Items queued per device (devices with a queue or online)."""
+    """Items queued per device that has any (read from the devices marked busy, not from every box: a
+    scrape costs what is queued, not what is connected)."""
+    devices: int
+    """Devices with a queue or online: those not in ``depths`` have nothing queued."""
 
 
 def event_row(event: GroupItem) -> dict[str, Any]:

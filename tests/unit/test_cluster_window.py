@@ -94,6 +94,10 @@ def test_unacked_items_go_again_in_send_order() -> None:
     assert [item.seq for _, item in out.sends] == [1, 3]
     assert windows.redeliveries == 2
     assert windows.depth("bob.phone") == 2
+    windows.online("bob.tablet", now=5)
+    assert (windows.depths(), windows.linked()) == ([2], 2), "only devices with items have a depth"
+    windows.acked("bob.phone", [1, 3], now=6)
+    assert windows.depths() == []
     windows.offline("bob.phone")
     assert windows.depth("bob.phone") == 0 and "bob.phone" not in windows
 

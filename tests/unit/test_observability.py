@@ -24,6 +24,9 @@ def test_histogram_buckets_follow_prometheus_le() -> None:
         h.observe(value)
     assert h.cumulative() == [("0.1", 2), ("1.0", 4), ("+Inf", 5)]
     assert h.count == 5 and math.isclose(h.sum, 8.65)
+    h.observe_many(0.5, 3)
+    assert h.cumulative() == [("0.1", 2), ("1.0", 7), ("+Inf", 8)]
+    assert h.count == 8 and math.isclose(h.sum, 10.15)
 
 
 def test_downlink_counting_by_kind_and_error_code() -> None:
@@ -39,10 +42,15 @@ def test_figures_count_items_bytes_age_and_depths() -> None:
     s = core()
     s.submit("alice.phone", "alice", msg("m1", body="héllo"), 1_000, 0.0)  # bob has two devices, both offline
     s.submit("alice.phone", "alice", msg("m2", to="alice", body="abc"), 4_000, 0.0)
+    s.device_online("carol.phone", 0.0)  # online, nothing queued
     f = s.figures()
     assert (f.items, f.messages, f.body_bytes) == (3, 2, len("héllo".encode()) + 3)
     assert f.oldest_ms == 1_000
-    assert sorted(f.depths) == [1, 1, 1]
+    assert sorted(f.depths) == [1, 1, 1] and f.devices == 4, "depths of the devices with items; every device counted"
+    s.expire(10**12, 0.0)  # bob's copies expire; alice.phone gets the ``expired`` receipts
+    f = s.figures()
+    assert (f.items, f.depths, f.devices) == (2, [2], 2)  # carol's box, alice's; bob's emptied offline ones went
+    assert f.depths == [len(box.items) for box in s.boxes.values() if box.items]
 
 
 def test_delivered_latency_and_redeliveries_are_counted_by_the_core() -> None:
