@@ -26,7 +26,7 @@ import pytest
 from bridge.clock import Clock
 from bridge.cluster.media import ClusterMediaService
 from bridge.media.blobs import BlobMissing, BlobStore
-from bridge.media.core import MediaLimits, Sealed
+from bridge.media.core import MediaError, MediaLimits, Sealed
 from bridge.media.service import MediaService
 from bridge.media.store import MediaStore
 from storage.media.local import LocalBlobStore
@@ -41,6 +41,7 @@ LIMITS = MediaLimits(max_bytes=1 << 20, chunk_max=1 << 20, quota_bytes=1 << 24, 
 DATA = os.urandom(100_000)
 SHA = hashlib.sha256(DATA).hexdigest()
 DEVICES = {"alice": ["phone"], "bob": ["phone"]}
+KEY = "alice-key-0000001"  # an Idempotency-Key
 STACKS = ["sqlite+local", "sqlite+s3", "redis+s3-shared"]
 
 
@@ -279,3 +280,23 @@ async def test_a_blob_deleted_while_a_seal_of_the_same_bytes_records_keeps_its_b
         assert (await asyncio.wait_for(bobs, WAIT_S))[1] == sha256
         await asyncio.wait_for(fetched, WAIT_S)
         assert await read(node, "alice", sha256) == DATA
+
+
+async def test_a_post_repeated_while_its_upload_is_sealed_answers_sealed(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """alice's app repeats its POST (same ``Idempotency-Key``) while her last PATCH is sealing the upload:
+    the answer waits for that PATCH and says ``sealed`` with the blob (it told her offset 0 of an upload
+    that was ending, whose next PATCH then got ``not_found``)."""
+    async with stack.node() as node:
+        post = {"size": len(DATA), "to": "bob"}
+        new, _ = await node.service.create("alice", "phone", post, key=KEY)
+        recording, release = hold_the_record(node, monkeypatch)
+        sealing = asyncio.create_task(node.service.patch("alice", "phone", new.id, 0, len(DATA), body(DATA)))
+        await asyncio.wait_for(recording.wait(), WAIT_S)
+        again = asyncio.create_task(node.service.create("alice", "phone", post, key=KEY))
+        await asyncio.wait({again}, timeout=0.5)
+        release.set()
+        assert await asyncio.wait_for(sealing, WAIT_S) == (len(DATA), SHA)
+        with pytest.raises(MediaError) as answer:
+            await asyncio.wait_for(again, WAIT_S)
+        assert (answer.value.code, answer.value.blob) == ("sealed", SHA)

@@ -114,14 +114,30 @@ class MediaService:
                 raise MediaError("not_member", f"you are not a member of {to}")
         elif await self._users.user_devices(to) is None:
             raise MediaError("not_found", f"no user {to}")
-        if key is not None and (found := await self._store.sealed(upload_id)) is not None:
-            raise MediaError("sealed", "this Idempotency-Key's upload is complete", blob=found[1])
+        if key is not None:
+            await self._answer_if_sealed(upload_id)
         now = self._clock.wall_ms()
         new = Upload(upload_id, user, device, to, size, now, now)
-        if (upload := await self._begin(new)) is new:
+        try:
+            upload = await self._begin(new)
+        except StoreError:
+            if key is not None:  # its row is there: sealed since the look above
+                await self._answer_if_sealed(upload_id)
+            raise
+        if upload is new:
             return new, 0
         core.check_replay(upload, size, to)  # a repeat: the key's upload exists
-        return upload, await self._blobs.staged_size(upload_id)
+        # A PATCH may be sealing it now (the staging moving away): answer from what that PATCH left.
+        async with self._locked(upload, busy="a PATCH of this upload is in progress: retry once it ended"):
+            if await self._in_progress(user, device, upload_id) is not None:
+                return upload, await self._blobs.staged_size(upload_id)
+        await self._answer_if_sealed(upload_id)
+        raise MediaError("not_found", "the upload was abandoned meanwhile: POST it again")
+
+    async def _answer_if_sealed(self, upload_id: str) -> None:
+        """Rule 8: a repeated POST whose upload is sealed is answered ``sealed``, naming its blob."""
+        if (found := await self._store.sealed(upload_id)) is not None:
+            raise MediaError("sealed", "this Idempotency-Key's upload is complete", blob=found[1])
 
     async def status(self, user: str, device: str, upload_id: str) -> tuple[int, int, str | None]:
         """``(offset, size, blob)`` of the caller's upload (blob: once sealed)."""
