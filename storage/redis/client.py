@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -48,7 +49,46 @@ SOCKET_TIMEOUT_S = 2.0
 it a Redis node that stops answering without closing (a partition, a host powered off) held a call for
 as long as TCP takes to give up, minutes, and ``retry_s`` bounded nothing (bench/chaos cluster-cutoff)."""
 BACKOFF_S = (0.05, 0.1, 0.2, 0.4)  # then 0.4 s between attempts
+IN_FLIGHT_PER_NODE = 64
+"""Calls one cluster client has in flight to one Redis node at most; the next wait for one to end.
+redis-py opens a connection per concurrent command and keeps it open for good: a burst of 3,000
+calls (a RESYNC, a wave of phones reconnecting) left ~1,000 connections open on each master, each a
+file descriptor of the broker's and of Redis's (``maxclients``, 10,000 by default, shared by every
+node). 64 connections of 5,000-10,000 round trips a second each are more than one broker process sends
+a node. Per node, so that a node that stopped answering holds up only the calls waiting for it."""
 PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]*")
+
+
+class InFlight:
+    """``IN_FLIGHT_PER_NODE`` calls at a time per Redis node, for every store sharing one cluster client."""
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+        self._nodes: dict[str, asyncio.Semaphore] = {}
+
+    def slot(self, key: str | None) -> asyncio.Semaphore:
+        """The semaphore of the node serving ``key`` (as the client knows the layout now); calls without
+        a key, or before the layout is known, share one."""
+        try:
+            node = self._client.get_node_from_key(key) if key is not None else None
+        except (RedisError, RedisClusterException):  # the layout is being read again (a failover)
+            node = None
+        name = "" if node is None else node.name
+        semaphore = self._nodes.get(name)
+        if semaphore is None:
+            semaphore = self._nodes[name] = asyncio.Semaphore(IN_FLIGHT_PER_NODE)
+        return semaphore
+
+
+_IN_FLIGHT: weakref.WeakKeyDictionary[RedisCluster, InFlight] = weakref.WeakKeyDictionary()
+
+
+def in_flight(client: RedisCluster) -> InFlight:
+    """The one ``InFlight`` of ``client``."""
+    found = _IN_FLIGHT.get(client)
+    if found is None:
+        found = _IN_FLIGHT[client] = InFlight(client)
+    return found
 
 
 class SlotMoved(Exception):
@@ -88,6 +128,7 @@ class RedisStore:
         self._prefix = prefix
         self._retry_s = retry_s
         self._seeds = dict(client.nodes_manager.startup_nodes)  # name -> node, given or discovered so far
+        self._in_flight = in_flight(client)
         # redis-py sends a script by its SHA and loads it on a node that lacks it (a promoted replica).
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in self.SCRIPTS.items()}  # type: ignore[misc]
@@ -114,7 +155,7 @@ class RedisStore:
     async def run(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         """Run the script ``name`` on the slot of ``keys`` (all of one user), with ``call``'s retries."""
         script = self._scripts[name]
-        return await self.call(name, lambda: script(keys=list(keys), args=list(args)))
+        return await self.call(name, lambda: script(keys=list(keys), args=list(args)), keys[0] if keys else None)
 
     async def run_replicated(self, name: str, keys: Sequence[str], args: Sequence[str | int], replicas: int,
                              timeout_ms: int) -> Any:
@@ -151,11 +192,11 @@ class RedisStore:
                                     f"{timeout_ms} ms (cluster.min_replicas_ack)", result)
             return result
 
-        return await self.call(name, once)
+        return await self.call(name, once, keys[0])
 
     async def command(self, what: str, *args: str) -> Any:
-        """One Redis command (on the slot of its key), with ``call``'s retries."""
-        return await self.call(what, lambda: self._client.execute_command(*args))
+        """One Redis command (on the slot of its key, the second word), with ``call``'s retries."""
+        return await self.call(what, lambda: self._client.execute_command(*args), args[1] if len(args) > 1 else None)
 
     async def probe(self, name: str) -> None:
         """A small write that must succeed for the store to count as writable (``/readyz``)."""
@@ -170,14 +211,16 @@ class RedisStore:
         for name, node in self._seeds.items():
             startup.setdefault(name, node)
 
-    async def call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run ``operation``, again on a failover error until ``retry_s`` has passed; any redis
-        error that is left becomes ``StoreError`` naming ``what``."""
+    async def call(self, what: str, operation: Callable[[], Awaitable[T]], key: str | None = None) -> T:
+        """Run ``operation`` (on the node of ``key``: one of its ``IN_FLIGHT_PER_NODE``), again on a
+        failover error until ``retry_s`` has passed; any redis error that is left becomes ``StoreError``
+        naming ``what``."""
         deadline = time.monotonic() + self._retry_s
         attempt = 0
         while True:
             try:
-                return await operation()
+                async with self._in_flight.slot(key):
+                    return await operation()
             except FAILOVER_ERRORS as exc:
                 raise_if_cancelled(exc)  # (a cancel redis-py's socket timeout turned into TimeoutError)
                 pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
