@@ -66,7 +66,7 @@ from bridge.messaging.records import (
     Rules,
     StagedMessage,
     StagingOutcome,
-    event_item,
+    wire_item,
 )
 from chatproto import (
     MAX_IDS_PER_ITEM,
@@ -77,8 +77,6 @@ from chatproto import (
     ChatMessage,
     ErrorCode,
     ErrorItem,
-    GroupItem,
-    MsgItem,
     ReceiptItem,
 )
 
@@ -481,7 +479,7 @@ class Staging:
             unsent.popleft()
             box.inflight[seq] = now
             self._sending.add(device)
-            out.deliveries.append((device, self._wire(item)))
+            out.deliveries.append((device, wire_item(item)))
         if unsent is not None and not unsent:
             box.unsent = None
 
@@ -537,17 +535,6 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
-    def _wire(self, item: Item) -> MsgItem | ReceiptItem | GroupItem:
-        message = item.message
-        if message is not None:
-            body = item.body if message.olm else message.body
-            return MsgItem(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                           body or "", message.ts, message.dev, message.gseq)
-        if item.event is not None:
-            return event_item(item.seq, item.event)
-        receipt = item.receipt or {}
-        return ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"], item.seq)
-
     # --- time-driven -------------------------------------------------------------------
 
     def redeliver(self, now: float) -> StagingOutcome:
@@ -562,7 +549,7 @@ class Staging:
                     continue
                 box.inflight[seq] = now  # to the end: in-flight order is send order
                 self.counters.redeliveries += 1
-                out.deliveries.append((device, self._wire(item)))
+                out.deliveries.append((device, wire_item(item)))
         return out
 
     def _staged(self, device: str) -> dict[int, Item] | None:
