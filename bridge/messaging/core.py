@@ -1,6 +1,7 @@
 """The staging core: messages and receipts waiting for devices. Pure: no I/O,
 the caller passes the time; every method returns a ``StagingOutcome`` saying what to
-send, and ``take_flush`` / ``flush_done`` say what to write.
+send, and ``take_flush`` / ``flush_done`` say what to write. Its state and the bookkeeping no
+rule decides are ``StagingState`` (bridge/messaging/state.py), its base class.
 
 Rules (PROTOCOL.md "Delivery rules"):
 1. An accepted message gets one item per target device, each with that
