@@ -1,6 +1,7 @@
 """The staging core: messages and receipts waiting for devices. Pure: no I/O,
 the caller passes the time; every method returns a ``StagingOutcome`` saying what to
-send, and ``take_flush`` / ``flush_done`` say what to write.
+send, and ``take_flush`` / ``flush_done`` say what to write. Its state and the bookkeeping no
+rule decides are ``StagingState`` (bridge/messaging/state.py), its base class.
 
 Rules (PROTOCOL.md "Delivery rules"):
 1. An accepted message gets one item per target device, each with that
@@ -48,26 +49,19 @@ import itertools
 from collections import deque
 from collections.abc import Iterable
 
-from bridge.busy import BusyDevices
-from bridge.counters import BridgeCounters
-from bridge.directory import Directory, is_placeholder, placeholder
-from bridge.keys.core import KeyedDevices
-from bridge.limits import RateLimiter, RecentIds
-from bridge.messaging.admission import Holds, Refused, olm_targets
+from bridge.directory import is_placeholder, placeholder
+from bridge.messaging.admission import Refused, olm_targets
 from bridge.messaging.records import (
     DURABLE,
-    SEQ_SPAN,
     VOLATILE,
-    WRITING,
     DeviceBox,
-    Figures,
     FlushBatch,
     Item,
-    Rules,
     StagedMessage,
     StagingOutcome,
-    event_item,
+    wire_item,
 )
+from bridge.messaging.state import StagingState
 from chatproto import (
     MAX_IDS_PER_ITEM,
     RECEIPT_DELIVERED,
@@ -77,80 +71,13 @@ from chatproto import (
     ChatMessage,
     ErrorCode,
     ErrorItem,
-    GroupItem,
-    MsgItem,
     ReceiptItem,
 )
 
 BODY_PREFETCH = 256  # bodies read back per store query when a device drains a backlog
 
 
-class Staging:
-    def __init__(self, rules: Rules, boot: int, directory: Directory, rate: RateLimiter, recent: RecentIds,
-                 keyed: KeyedDevices | None = None) -> None:
-        self.rules = rules
-        self.directory = directory
-        self.keyed = keyed if keyed is not None else KeyedDevices()
-        self._rate = rate
-        self._recent = recent
-        self._seq_base = boot * SEQ_SPAN
-        self._next_mid = boot * SEQ_SPAN
-        self.boxes: dict[str, DeviceBox] = {}
-        self._counters: dict[str, int] = {}  # per device, for this boot; never reset (seqs must not repeat)
-        self.live: dict[tuple[str, str], StagedMessage] = {}
-        self._by_mid: dict[int, StagedMessage] = {}
-        self._waiting_bodies: set[str] = set()
-        self._sending = BusyDevices()  # devices with items in flight, for ``redeliver``
-        self._holding = BusyDevices()  # devices with staged items, for ``expire``
-        self._volatile: deque[Item] = deque()  # in creation order: flush deadlines ascend
-        self._pending = FlushBatch()  # deletions and flags waiting for the next commit
-        self._pending_due: float | None = None
-        # origin -> (id of its message refused for a transient reason, until): later messages of that
-        # device are refused too until it re-sends that one, so a retry cannot land behind newer ones.
-        self._holds = Holds()
-        self.counters = BridgeCounters()  # read by chatserver.metrics at scrape time
-
-    # --- restore -----------------------------------------------------------------
-
-    def restore(self, messages: Iterable[StagedMessage], items: Iterable[Item]) -> None:
-        """Load what the store holds (all durable) after a restart."""
-        by_mid = {}
-        for message in messages:
-            message.state, message.sent_notified = DURABLE, True
-            by_mid[message.mid] = message
-            self._remember(message)
-        for item in items:
-            item.state, item.settled = DURABLE, True
-            if item.message is not None:
-                item.message = by_mid.get(item.message.mid, item.message)
-                item.message.targets.add(item.device)
-            self._box(item.device).items[item.seq] = item
-            self._holding.add(item.device)
-
-    def remember_ids(self, rows: Iterable[tuple[str, str, int]]) -> None:
-        for sender, msg_id, expires in rows:
-            self._recent.add((sender, msg_id), expires)
-
-    def _box(self, device: str) -> DeviceBox:
-        box = self.boxes.get(device)
-        if box is None:
-            box = self.boxes[device] = DeviceBox()
-        return box
-
-    def _queued(self, device: str) -> int:
-        """Items staged for ``device`` (a box is made only for an item: an empty offline one is never swept)."""
-        box = self.boxes.get(device)
-        return len(box.items) if box is not None else 0
-
-    def _new_seq(self, device: str) -> int:
-        count = self._counters.get(device, 0) + 1
-        self._counters[device] = count
-        return self._seq_base + count
-
-    def _remember(self, message: StagedMessage) -> None:
-        self.live[(message.sender, message.msg_id)] = message
-        self._by_mid[message.mid] = message
-
+class Staging(StagingState):
     # --- messages ------------------------------------------------------------------
 
     def submit(self, origin: str, sender: str, message: ChatMessage, now_ms: int, now: float) -> StagingOutcome:
@@ -455,12 +382,6 @@ class Staging:
         out.flush_due = True
         return out
 
-    def _online(self, device: str) -> bool:
-        return (box := self.boxes.get(device)) is not None and box.online
-
-    def _wanted_online(self, message: StagedMessage) -> bool:
-        return any(box.online for box in (self.boxes.get(t) for t in message.targets) if box is not None)
-
     def _pump(self, device: str, box: DeviceBox, now: float, out: StagingOutcome) -> None:
         if not box.online:
             return
@@ -481,7 +402,7 @@ class Staging:
             unsent.popleft()
             box.inflight[seq] = now
             self._sending.add(device)
-            out.deliveries.append((device, self._wire(item)))
+            out.deliveries.append((device, wire_item(item)))
         if unsent is not None and not unsent:
             box.unsent = None
 
@@ -537,17 +458,6 @@ class Staging:
             self._pump(device, box, now, out)
         return out
 
-    def _wire(self, item: Item) -> MsgItem | ReceiptItem | GroupItem:
-        message = item.message
-        if message is not None:
-            body = item.body if message.olm else message.body
-            return MsgItem(item.seq, message.msg_id, message.sender, message.recipient, message.type,
-                           body or "", message.ts, message.dev, message.gseq)
-        if item.event is not None:
-            return event_item(item.seq, item.event)
-        receipt = item.receipt or {}
-        return ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"], item.seq)
-
     # --- time-driven -------------------------------------------------------------------
 
     def redeliver(self, now: float) -> StagingOutcome:
@@ -562,7 +472,7 @@ class Staging:
                     continue
                 box.inflight[seq] = now  # to the end: in-flight order is send order
                 self.counters.redeliveries += 1
-                out.deliveries.append((device, self._wire(item)))
+                out.deliveries.append((device, wire_item(item)))
         return out
 
     def _staged(self, device: str) -> dict[int, Item] | None:
@@ -597,43 +507,7 @@ class Staging:
         self._recent.prune(now_ms)
         return out
 
-    def next_flush_at(self, now: float) -> float | None:
-        """When the next commit is due (None: nothing waits). Deletions wait up to ``flush_s`` too,
-        so that acks are deleted in groups rather than one commit each."""
-        while self._volatile and (self._volatile[0].acked or self._volatile[0].state != VOLATILE):
-            self._volatile.popleft()
-        due = self._volatile[0].due if self._volatile else None
-        if not self._pending.empty():
-            if self._pending_due is None:
-                self._pending_due = now + self.rules.flush_s
-            due = self._pending_due if due is None else min(due, self._pending_due)
-        return due
-
     # --- flushing ----------------------------------------------------------------------
-
-    def take_flush(self, now: float) -> FlushBatch | None:
-        """Everything due for the disk now (all of it if ``now`` is infinite)."""
-        batch, self._pending = self._pending, FlushBatch()
-        self._pending_due = None
-        keep: deque[Item] = deque()
-        # Scan them all: an adopted item is due at once although staged behind
-        # others, and must commit with the deletion of the row it replaces.
-        for item in self._volatile:
-            if item.acked or item.state != VOLATILE:
-                continue
-            if item.due > now:
-                keep.append(item)
-                continue
-            item.state = WRITING
-            batch.items.append(item)
-            message = item.message
-            if message is not None:
-                message.writing += 1
-                if message.state == VOLATILE:
-                    message.state = WRITING
-                    batch.bodies.append(message)
-        self._volatile = keep
-        return None if batch.empty() else batch
 
     def flush_done(self, batch: FlushBatch) -> StagingOutcome:
         out = StagingOutcome()
@@ -673,60 +547,6 @@ class Staging:
         self._volatile = deque(sorted([*batch.items, *self._volatile], key=lambda i: i.due))
         self._pend_again(batch)
         return out
-
-    def _pend_again(self, batch: FlushBatch) -> None:
-        """The deletions and marks of an unwritten ``batch`` wait for the next commit, ahead of newer ones
-        (``GroupStaging`` adds the groups' marks)."""
-        self._pending.deleted_items[:0] = batch.deleted_items
-        self._pending.deleted_bodies[:0] = batch.deleted_bodies
-        self._pending.delivered[:0] = batch.delivered
-        self._pending.dedup[:0] = batch.dedup
-
-    def drop_unwritable(self, part: FlushBatch) -> StagingOutcome:
-        """A part of a commit (``FlushBatch.parts``) that failed on its own again and again -- what
-        it holds, not the disk: its items leave their queues rather than hold back every later
-        commit. A message is forgotten without ``sent`` and without remembering its id (a re-send
-        is taken anew); its sender gets ``internal``. The part's deletions and marks stay pending."""
-        out = StagingOutcome()
-        for message in part.bodies:
-            for device in list(message.targets):  # items of it not in this part too
-                box = self.boxes.get(device)
-                for item in list(box.items.values()) if box is not None else ():
-                    if item.message is message and item not in part.items:
-                        part.items.append(item)
-        for item in part.items:
-            item.acked, item.body = True, None
-            box = self.boxes.get(item.device)
-            if box is not None and box.items.get(item.seq) is item:
-                del box.items[item.seq]
-                box.inflight.pop(item.seq, None)
-        for message in part.bodies:
-            message.targets.clear()
-            message.writing, message.body = 0, None
-            if self.live.get((message.sender, message.msg_id)) is message:
-                del self.live[(message.sender, message.msg_id)]
-            self._by_mid.pop(message.mid, None)
-            out.notices.append((message.origin, ErrorItem(
-                ErrorCode.INTERNAL, "the server could not store this message and dropped it; send it again",
-                message.msg_id)))
-        self._pend_again(part)
-        return out
-
-    # --- figures --------------------------------------------------------------------------
-
-    def staged_count(self) -> int:
-        return sum(len(box.items) for box in self.boxes.values())
-
-    def figures(self) -> Figures:
-        """What is staged now, for the metrics: O(devices with staged items + messages), read at scrape
-        time only (every device with items is marked in ``_holding``)."""
-        queues = [box.items for device in self._holding if (box := self.boxes.get(device)) is not None and box.items]
-        depths = [len(items) for items in queues]
-        # A queue's head is its oldest item (seq order), but for items a first device adopted.
-        heads = [next(iter(items.values())).expires_ms for items in queues]
-        oldest = min(heads) - self.rules.ttl_ms if heads else None
-        return Figures(sum(depths), len(self._by_mid), sum(m.size for m in self._by_mid.values()), oldest, depths,
-                       len(self.boxes))
 
 
 def _utf8_len(text: str) -> int:

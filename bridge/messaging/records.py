@@ -202,3 +202,16 @@ def event_item(seq: int, row: dict[str, Any]) -> GroupItem:
     """The GroupItem a device gets for a staged event ``row`` (``event_row``) under its ``seq``."""
     values: dict[str, Any] = {key: tuple(v) if isinstance(v, list) else v for key, v in row.items()}
     return GroupItem(seq, **values)
+
+
+def wire_item(item: Item) -> MsgItem | ReceiptItem | GroupItem:
+    """What a device gets for a staged ``item``, under the item's seq."""
+    message = item.message
+    if message is not None:
+        body = item.body if message.olm else message.body
+        return MsgItem(item.seq, message.msg_id, message.sender, message.recipient, message.type,
+                       body or "", message.ts, message.dev, message.gseq)
+    if item.event is not None:
+        return event_item(item.seq, item.event)
+    receipt = item.receipt or {}
+    return ReceiptItem(receipt["status"], tuple(receipt["ids"]), receipt["peer"], receipt["ts"], item.seq)
