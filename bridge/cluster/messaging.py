@@ -23,7 +23,7 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel, raise_if_cancelled
@@ -33,6 +33,7 @@ from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.poll import PollCycle
+from bridge.cluster.rules import SEND_BUCKET, ClusterRules, SharedClaimLimit, busy_error
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
@@ -45,7 +46,6 @@ from bridge.messaging.service import DeliveryWatch
 from bridge.messaging.store import UserLookup
 from bridge.store import NotReplicated, StoreError
 from chatproto import (
-    DEFAULT_MAX_DEVICES_PER_MESSAGE,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
     RECEIPT_SEEN,
@@ -66,46 +66,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 SWEEP_BATCH = 1000  # queues expired per sweep step
-SEND_BUCKET = "send"
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterRules:
-    ttl_ms: int
-    window: int
-    redeliver_after_s: float
-    max_queue: int
-    dedup_window_ms: int
-    send_rate_per_s: float
-    send_burst: int
-    max_body_bytes: int
-    max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE
-    require_encryption: bool = False
-    poll_s: float = 300.0
-    sweep_s: float = 60.0
-    max_lane: int = 1024  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
-    flush_ms: int = 50  # write-back: 0 writes everything to Redis first
-    # A reserved message's pending mark lasts flush_ms + this: long enough for its node to write or
-    # settle it, short enough that a re-send after that node died (or lost Redis) is not refused for
-    # long. Its only job is to spare devices a second copy (the SDK drops one by (from, id) anyway).
-    pending_hold_ms: int = 1000
-
-
-def busy_error(ref: str | None) -> ErrorItem:
-    return ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; retry later", ref)
-
-
-class SharedClaimLimit:
-    """``bridge.keys.service.ClaimLimit`` held across nodes: a bucket per claimer and peer in Redis."""
-
-    def __init__(self, queues: QueueStore, rate_per_s: float, burst: int, now_ms: Callable[[], int]) -> None:
-        self._queues = queues
-        self._rate = rate_per_s
-        self._burst = burst
-        self._now_ms = now_ms
-
-    async def allow(self, claimer: str, peer: str) -> bool:
-        return await self._queues.allow(claimer, f"claim:{peer}", self._rate, self._burst, self._now_ms())
 
 
 class GroupRoute(Protocol):
