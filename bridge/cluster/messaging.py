@@ -28,11 +28,13 @@ from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel, raise_if_cancelled
 from bridge.clock import Clock
+from bridge.cluster.devices import Devices
 from bridge.cluster.group_store import GroupAck, GroupExpiry, group_acks
 from bridge.cluster.holding import Holding, being_delivered
 from bridge.cluster.lanes import Lane, Uplink
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.poll import PollCycle
+from bridge.cluster.round_health import RoundHealth
 from bridge.cluster.rules import SEND_BUCKET, ClusterRules, SharedClaimLimit, busy_error
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
 from bridge.cluster.window import WindowOutcome, Windows
@@ -107,10 +109,9 @@ class ClusterMessaging:
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        # Per-device rounds reported to the supervisor, and the devices whose last one failed: once
-        # those are gone no later round can report success (a node cut off from Redis loses all its
-        # connections), so it is reported then, or /readyz would fail for good (tests/test_cluster_cutoff.py).
-        self._failing: dict[str, set[str]] = {"ack": set(), "queue_read": set()}
+        self._health = RoundHealth(supervisor, self.windows)
+        self._devices = Devices(self, bus, queues, links, self._holds, self._held, self._health, close_session,
+                                flush_ms=rules.flush_ms, clock=clock)
         self._poll_tick_s = min(TICK_S, self.rules.poll_s)  # the periodic look, a slice each tick
         self._poll = PollCycle(self.rules.poll_s, self._poll_tick_s)
 
@@ -436,9 +437,9 @@ class ClusterMessaging:
                 delivered += [ref for ref in acked if isinstance(ref, MessageRef)]
                 late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in marked]
             except StoreError as exc:  # the items stay; the device gets them again and acks again
-                self._round_failed("ack", client_id, exc)
+                self._health.failed("ack", client_id, exc)
             else:
-                self._round_succeeded("ack")
+                self._health.succeeded("ack")
                 self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
             await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
@@ -490,28 +491,9 @@ class ClusterMessaging:
         elif nudge.kind == NudgeKind.RESYNC:  # nudges may have been lost while the channel was down
             self.apply(self.windows.behind(self.windows.clients(), self._now()))
         elif nudge.kind == NudgeKind.TAKEOVER:
-            self.spawn(self._taken_over(nudge))
+            self.spawn(self._devices.taken_over(nudge))
         elif nudge.kind == NudgeKind.CLOSE and self.links.get(nudge.target) is not None:
             self.spawn(self._close_session(nudge.target))
-
-    async def close_device(self, client_id: str) -> None:
-        """Close the device's connection on whichever node holds it (``devices.remove``)."""
-        if self.links.get(client_id) is not None:
-            await self._close_session(client_id)
-            return
-        node = (await self._bus.locate([client_id])).get(client_id)
-        if node is not None and node != self._bus.node_id:
-            await self._bus.send(node, Nudge(NudgeKind.CLOSE, client_id, self._bus.node_id))
-
-    async def _taken_over(self, nudge: Nudge) -> None:
-        """The device connected to another node: close our connection of it, unless the directory
-        says it is here again (a late nudge must not close a newer connection)."""
-        if self.links.get(nudge.target) is None:
-            return
-        where = await self._bus.locate([nudge.target])
-        if where.get(nudge.target) != self._bus.node_id:
-            log.info("%s connected through node %s: closing its connection here", nudge.target, nudge.origin)
-            await self._close_session(nudge.target)
 
     def apply(self, out: WindowOutcome) -> None:
         for client_id, item in out.sends:
@@ -525,100 +507,30 @@ class ClusterMessaging:
         try:
             items = await self._queues.read(client_id, after, limit)
         except StoreError as exc:
-            self._round_failed("queue_read", client_id, exc)
+            self._health.failed("queue_read", client_id, exc)
             self.windows.read_failed(client_id)
             return
-        self._round_succeeded("queue_read")
+        self._health.succeeded("queue_read")
         self.apply(self.windows.read_done(client_id, after, items, limit, self._now()))
 
-    # --- devices --------------------------------------------------------------------------
+    # --- devices (bridge/cluster/devices.py) -----------------------------------------------------
 
     def device_online(self, client_id: str) -> None:
-        # A new connection re-sends everything not 'sent' yet, oldest first: refusals on the old
-        # one no longer say what must come first (its uplinks still waiting are dropped, _run_lane).
-        self._holds.forget(client_id)
-        if self.watch is not None:
-            self.watch.online(client_id)
-        self.apply(self.windows.online(client_id, self._now()))
-        self.spawn(self._register(client_id, self.windows.link(client_id) or 0))
-
-    async def _register(self, client_id: str, link: int) -> None:
-        try:
-            before = await self._bus.register(client_id)
-        except StoreError as exc:
-            log.error("cannot register %s in the node directory: %s", client_id, exc)
-            return
-        self._bus.report(len(self.windows))
-        # The old node closes its connection first of all: until it does, that connection's uplinks
-        # still run there beside this one's, and may overtake what this one re-sends (a takeover
-        # sent after the seq block below waited out a failing WAIT: bench chaos --cluster).
-        if before is not None:
-            await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
-        # Read again: an item staged after the first read but before the directory named this node
-        # had no one to nudge (found by tests/test_messaging.py on the cluster deployment). With a
-        # block of local seqs first, so that read catches the device up for write-back (window rule 4).
-        if self.rules.flush_ms > 0:
-            try:
-                base = await self._queues.seq_block(client_id)
-            except StoreError as exc:  # this link gets everything through Redis
-                log.warning("no write-back for %s: %s", client_id, exc)
-            else:
-                self.apply(self.windows.set_base(client_id, link, base, self._now()))
-        self.apply(self.windows.behind([client_id], self._now()))
-        try:  # its queue may have missed the expiry index (a node died between a stage and its hint)
-            await self._expire_queues([client_id], self._now_ms())
-        except StoreError as exc:  # the next sweep or connection does it
-            log.warning("cannot expire the queue of %s: %s", client_id, exc)
-
-    def _round_failed(self, task: str, client_id: str, exc: StoreError) -> None:
-        self.supervisor.failed(task, exc)
-        if client_id in self.windows:
-            self._failing[task].add(client_id)
-        elif not self._failing[task]:  # it left while its round waited on Redis: failing for nobody
-            self.supervisor.succeeded(task)
-
-    def _round_succeeded(self, task: str) -> None:
-        self._failing[task].clear()
-        self.supervisor.succeeded(task)
+        self._devices.online(client_id)
 
     def device_offline(self, client_id: str) -> None:
-        if self.watch is not None:
-            self.watch.offline(client_id)
-        self.windows.offline(client_id)
-        self._held.gone(client_id)
-        for task, devices in self._failing.items():
-            if client_id in devices:
-                devices.discard(client_id)
-                if not devices:  # failing for nobody now; the store's own probe tells whether Redis answers
-                    self.supervisor.succeeded(task)
-        self.spawn(self._unregister(client_id))
-
-    async def _unregister(self, client_id: str) -> None:
-        if client_id in self.windows:
-            return  # linked again meanwhile
-        try:
-            await self._bus.unregister(client_id)
-        except StoreError as exc:  # the entry dies with this node's lease, or the next register replaces it
-            log.warning("cannot unregister %s: %s", client_id, exc)
-        self._bus.report(len(self.windows))
+        self._devices.offline(client_id)
 
     def remove_device(self, user: str, device: str) -> None:
-        client_id = f"{user}.{device}"
-        self._holds.forget(client_id)
-        if self.watch is not None:
-            self.watch.removed(client_id)
-        self.spawn(self.retrying(f"removal of {client_id}'s queue", lambda: self._drop_queue(client_id)))
-
-    async def _drop_queue(self, client_id: str) -> None:
-        await self._queues.remove_device(client_id)
+        self._devices.removed(user, device)
 
     def device_registered(self, user: str, device: str) -> None:
         """A device logged in for the first time: a user's first device takes what was held for them."""
-        self.spawn(self.retrying(f"adoption by {user}.{device}", lambda: self._adopt(user, f"{user}.{device}")))
+        self._devices.registered(user, device)
 
-    async def _adopt(self, user: str, client_id: str) -> None:
-        if await self._queues.adopt_placeholder(user, client_id):
-            await self.wake([(client_id, 0)])
+    async def close_device(self, client_id: str) -> None:
+        """Close the device's connection on whichever node holds it (``devices.remove``)."""
+        await self._devices.close(client_id)
 
     # --- background rounds -------------------------------------------------------------------
 
@@ -641,9 +553,9 @@ class ClusterMessaging:
         """Drop what expired in queues the expiry index names (any node may; each message's
         ``expired`` receipt is staged once); returns the items dropped."""
         now_ms = self._now_ms()
-        return await self._expire_queues(await self._queues.due(now_ms, SWEEP_BATCH), now_ms)
+        return await self.expire_queues(await self._queues.due(now_ms, SWEEP_BATCH), now_ms)
 
-    async def _expire_queues(self, client_ids: list[str], now_ms: int) -> int:
+    async def expire_queues(self, client_ids: list[str], now_ms: int) -> int:
         dropped = 0
         for client_id in client_ids:
             swept = await self._queues.expire(client_id, now_ms)
