@@ -11,9 +11,11 @@ these differences (docs/PROTOCOL.md, "Cluster mode"):
   ``sent`` on the sender's devices except when another node delivers and acks faster than this
   node sends ``sent`` (under a millisecond apart; the SDK keeps the highest status anyway);
 - ``seen`` receipts are not merged in the queue (rule 9's coalescing is single-node only).
-Each device's uplinks run in order in a lane of their own (every step awaits Redis); acks, reads
-and the background rounds (redelivery, the TTL sweep, the periodic look at every local queue,
-which bounds what a lost nudge can delay) run beside them.
+Each device's uplinks run in order in a lane of their own (every step awaits Redis:
+bridge/cluster/uplinks.py); acks, reads and the background rounds (redelivery, the TTL sweep, the
+periodic look at every local queue, which bounds what a lost nudge can delay) run beside them.
+Devices linking and leaving, and the node directory, are bridge/cluster/devices.py; the rules and
+the limits the nodes share, bridge/cluster/rules.py.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from bridge.clock import Clock
 from bridge.cluster.devices import Devices
 from bridge.cluster.group_store import GroupAck, GroupExpiry, group_acks
 from bridge.cluster.holding import Holding, being_delivered
-from bridge.cluster.lanes import Lane, Uplink
+from bridge.cluster.lanes import Lane
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.poll import PollCycle
 from bridge.cluster.round_health import RoundHealth
-from bridge.cluster.rules import SEND_BUCKET, ClusterRules, SharedClaimLimit, busy_error
+from bridge.cluster.rules import SEND_BUCKET, ClusterRules, SharedClaimLimit
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
+from bridge.cluster.uplinks import Uplinks
 from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
@@ -103,12 +106,14 @@ class ClusterMessaging:
         self._holds = Holds()
         self.groups: GroupRoute | None = None  # set by the wiring: group messages are refused without it
         self.watch: DeliveryWatch | None = None  # push (bridge/push/cluster.py), set by the wiring when on
-        self._lanes: dict[str, Lane] = {}
+        self._lanes: dict[str, Lane] = {}  # per device: its uplinks waiting for Redis (bridge/cluster/uplinks.py)
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._uplinks = Uplinks(self._lanes, links, self._holds, rules, self._submit, self._seen, self.spawn,
+                                clock=clock)
         self._health = RoundHealth(supervisor, self.windows)
         self._devices = Devices(self, bus, queues, links, self._holds, self._held, self._health, close_session,
                                 flush_ms=rules.flush_ms, clock=clock)
@@ -130,10 +135,10 @@ class ClusterMessaging:
     # --- uplinks ---------------------------------------------------------------------
 
     def on_out(self, caller: Caller, payload: bytes) -> None:
-        self._enter_lane("out", caller, payload)
+        self._uplinks.enter("out", caller, payload)
 
     def on_seen(self, caller: Caller, payload: bytes) -> None:
-        self._enter_lane("seen", caller, payload)
+        self._uplinks.enter("seen", caller, payload)
 
     def on_ack(self, caller: Caller, payload: bytes) -> None:
         try:
@@ -154,87 +159,6 @@ class ClusterMessaging:
             acking.discard(task)
             if not acking:
                 del self._acking[client_id]
-
-    def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
-        uplink = Uplink(kind, caller, payload, self.links.get(caller.client_id))
-        lane = self._lanes.get(caller.client_id)
-        if lane is None:
-            self._lanes[caller.client_id] = lane = Lane()
-            lane.push(uplink)
-            self.spawn(self._run_lane(caller.client_id))
-            return
-        if kind == "out":  # a lane is waiting: a copy of a message waiting in it is not queued again
-            uplink = replace(uplink, ref=self._message_id(payload))
-            if lane.waiting(uplink):
-                return
-        if len(lane) >= self.rules.max_lane:
-            self._refuse_busy(lane, uplink)
-            return
-        lane.push(uplink)
-
-    def _message_id(self, payload: bytes) -> str | None:
-        try:
-            return ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message).id
-        except DecodeError:  # answered in its turn
-            return None
-
-    def _refuse_busy(self, lane: Lane, uplink: Uplink) -> None:
-        """The device's lane is full (Redis is slow, or the device floods): the uplink is refused
-        ``rate_limited``. The refusal takes its place in the lane as a small ``busy`` entry holding
-        the message id only (the payload is dropped), so it is answered -- and holds the device's later
-        messages -- in order with the answers to the uplinks ahead of it, as a refusal for the send
-        rate is (answered on arrival, a refusal let later messages overtake: tests/test_cluster.py).
-        Such an entry is the id only; how fast they come is bounded by ``limits.publishes_per_s``."""
-        item: ChatMessage | Seen
-        try:
-            item = (ChatMessage.decode(uplink.payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
-                    if uplink.kind == "out" else Seen.decode(uplink.payload))
-        except DecodeError as exc:
-            self.links.send(uplink.caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
-            return
-        ref = item.id if isinstance(item, ChatMessage) else None
-        lane.push(replace(uplink, kind="busy", payload=(ref or "").encode(), ref=ref))
-
-    def _refuse_in_order(self, client_id: str, ref: str | None) -> None:
-        """Refuse a device's uplink as ``rate_limited``, as a refusal for the send rate is: behind the
-        device's messages refused before it (if any), else first of a new hold. A copy of a message
-        answered ``sent`` meanwhile (the original was ahead of it in the lane) is not answered."""
-        if ref is not None and self._holds.was_answered(client_id, ref, self._now()):
-            return
-        if ref is not None:
-            try:
-                self._holds.check(client_id, ref, self._now())
-            except Refused as refused:  # others come first: it waits behind them
-                self.links.send(client_id, refused.item)
-                return
-            self._holds.hold(client_id, ref, ErrorCode.RATE_LIMITED, self._now())
-        self.links.send(client_id, busy_error(ref))
-
-    async def _run_lane(self, client_id: str) -> None:
-        lane = self._lanes[client_id]
-        try:
-            while lane:
-                kind, caller, payload = lane.head().kind, lane.head().caller, lane.head().payload
-                if self.links.get(client_id) is not lane.head().link:
-                    # Its connection is gone: nobody hears the answer, and the device re-sends what
-                    # was not 'sent' on its new connection, in order. Staging it now could put it
-                    # behind, or its refusal could hold (ADMISSION rule 4), what that round sends
-                    # first (found by `bench chaos --cluster`: a stale hold stalled a device for a
-                    # minute, and what it sent next overtook the held messages).
-                    lane.pop()
-                    continue
-                if kind == "busy":  # refused on arrival (the lane was full), answered here in order
-                    self._refuse_in_order(client_id, payload.decode() or None)
-                    lane.pop()
-                    continue
-                try:
-                    await (self._submit(caller, payload) if kind == "out" else self._seen(caller, payload))
-                except Exception:
-                    log.exception("%s uplink of %s failed", kind, client_id)
-                    self.links.send(client_id, ErrorItem(ErrorCode.INTERNAL, "the server failed to handle this item"))
-                lane.pop()
-        finally:
-            del self._lanes[client_id]
 
     async def _submit(self, caller: Caller, payload: bytes) -> None:
         origin, sender = caller.client_id, caller.user
