@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, TypedDict
 from bridge.clock import Clock
 from bridge.cluster.groups import SWEEP_S as GROUP_SWEEP_S
 from bridge.cluster.groups import ClusterGroups
-from bridge.cluster.messaging import ClusterMessaging, ClusterRules
+from bridge.cluster.messaging import ClusterMessaging
 from bridge.cluster.nodes import Nudge, NudgeKind
 from bridge.cluster.presence import ClusterPresence
+from bridge.cluster.rules import ClusterRules
 from bridge.directory import Directory
 from bridge.groups.core import GroupLimits
 from bridge.groups.service import GroupService

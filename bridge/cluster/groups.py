@@ -61,7 +61,8 @@ from bridge.cluster.group_store import (
     MarkKind,
     PostStatus,
 )
-from bridge.cluster.messaging import SEND_BUCKET, ClusterMessaging
+from bridge.cluster.messaging import ClusterMessaging
+from bridge.cluster.rules import SEND_BUCKET
 from bridge.cluster.store import MessageRef, QueueStore
 from bridge.groups import core
 from bridge.groups.core import Decision, Group, GroupLimits

@@ -1,5 +1,5 @@
 """A device's lane in cluster mode: its uplinks (``out`` and ``seen``) waiting for Redis, handled one
-at a time in the order they came (bridge/cluster/messaging.py). Pure.
+at a time in the order they came (bridge/cluster/uplinks.py). Pure.
 
 A copy of a message whose earlier copy still waits in the lane, from the same connection, is not
 queued again: the earlier copy's answer (``sent`` or an error) answers both. The SDK re-sends what is

@@ -11,9 +11,11 @@ these differences (docs/PROTOCOL.md, "Cluster mode"):
   ``sent`` on the sender's devices except when another node delivers and acks faster than this
   node sends ``sent`` (under a millisecond apart; the SDK keeps the highest status anyway);
 - ``seen`` receipts are not merged in the queue (rule 9's coalescing is single-node only).
-Each device's uplinks run in order in a lane of their own (every step awaits Redis); acks, reads
-and the background rounds (redelivery, the TTL sweep, the periodic look at every local queue,
-which bounds what a lost nudge can delay) run beside them.
+Each device's uplinks run in order in a lane of their own (every step awaits Redis:
+bridge/cluster/uplinks.py); acks, reads and the background rounds (redelivery, the TTL sweep, the
+periodic look at every local queue, which bounds what a lost nudge can delay) run beside them.
+Devices linking and leaving, and the node directory, are bridge/cluster/devices.py; the rules and
+the limits the nodes share, bridge/cluster/rules.py.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 from bridge.background import Supervisor, cancel, raise_if_cancelled
 from bridge.clock import Clock
+from bridge.cluster.devices import Devices
 from bridge.cluster.group_store import GroupAck, GroupExpiry, group_acks
 from bridge.cluster.holding import Holding, being_delivered
-from bridge.cluster.lanes import Lane, Uplink
+from bridge.cluster.lanes import Lane
 from bridge.cluster.nodes import NodeBus, Nudge, NudgeKind
 from bridge.cluster.poll import PollCycle
+from bridge.cluster.round_health import RoundHealth
+from bridge.cluster.rules import SEND_BUCKET, ClusterRules, SharedClaimLimit
 from bridge.cluster.store import MessageEntry, MessageRef, QueueStore, Stage, StageResult, StageStatus
+from bridge.cluster.uplinks import Uplinks
 from bridge.cluster.window import WindowOutcome, Windows
 from bridge.counters import BridgeCounters
 from bridge.keys.core import KeyedDevices
@@ -45,7 +51,6 @@ from bridge.messaging.service import DeliveryWatch
 from bridge.messaging.store import UserLookup
 from bridge.store import NotReplicated, StoreError
 from chatproto import (
-    DEFAULT_MAX_DEVICES_PER_MESSAGE,
     RECEIPT_DELIVERED,
     RECEIPT_EXPIRED,
     RECEIPT_SEEN,
@@ -66,46 +71,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 SWEEP_BATCH = 1000  # queues expired per sweep step
-SEND_BUCKET = "send"
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterRules:
-    ttl_ms: int
-    window: int
-    redeliver_after_s: float
-    max_queue: int
-    dedup_window_ms: int
-    send_rate_per_s: float
-    send_burst: int
-    max_body_bytes: int
-    max_devices_per_message: int = DEFAULT_MAX_DEVICES_PER_MESSAGE
-    require_encryption: bool = False
-    poll_s: float = 300.0
-    sweep_s: float = 60.0
-    max_lane: int = 1024  # uplinks of one device waiting for Redis; beyond, refused (memory per device stays bounded)
-    flush_ms: int = 50  # write-back: 0 writes everything to Redis first
-    # A reserved message's pending mark lasts flush_ms + this: long enough for its node to write or
-    # settle it, short enough that a re-send after that node died (or lost Redis) is not refused for
-    # long. Its only job is to spare devices a second copy (the SDK drops one by (from, id) anyway).
-    pending_hold_ms: int = 1000
-
-
-def busy_error(ref: str | None) -> ErrorItem:
-    return ErrorItem(ErrorCode.RATE_LIMITED, "too many items waiting to be stored; retry later", ref)
-
-
-class SharedClaimLimit:
-    """``bridge.keys.service.ClaimLimit`` held across nodes: a bucket per claimer and peer in Redis."""
-
-    def __init__(self, queues: QueueStore, rate_per_s: float, burst: int, now_ms: Callable[[], int]) -> None:
-        self._queues = queues
-        self._rate = rate_per_s
-        self._burst = burst
-        self._now_ms = now_ms
-
-    async def allow(self, claimer: str, peer: str) -> bool:
-        return await self._queues.allow(claimer, f"claim:{peer}", self._rate, self._burst, self._now_ms())
 
 
 class GroupRoute(Protocol):
@@ -141,16 +106,17 @@ class ClusterMessaging:
         self._holds = Holds()
         self.groups: GroupRoute | None = None  # set by the wiring: group messages are refused without it
         self.watch: DeliveryWatch | None = None  # push (bridge/push/cluster.py), set by the wiring when on
-        self._lanes: dict[str, Lane] = {}
+        self._lanes: dict[str, Lane] = {}  # per device: its uplinks waiting for Redis (bridge/cluster/uplinks.py)
         self._held = Holding(self, queues, users, links, self._holds, flush_ms=rules.flush_ms,
                              pending_hold_ms=rules.pending_hold_ms, clock=clock, supervisor=supervisor)
         self._acking: dict[str, set[asyncio.Task[None]]] = {}  # per device: acks still being handled
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        # Per-device rounds reported to the supervisor, and the devices whose last one failed: once
-        # those are gone no later round can report success (a node cut off from Redis loses all its
-        # connections), so it is reported then, or /readyz would fail for good (tests/test_cluster_cutoff.py).
-        self._failing: dict[str, set[str]] = {"ack": set(), "queue_read": set()}
+        self._uplinks = Uplinks(self._lanes, links, self._holds, rules, self._submit, self._seen, self.spawn,
+                                clock=clock)
+        self._health = RoundHealth(supervisor, self.windows)
+        self._devices = Devices(self, bus, queues, links, self._holds, self._held, self._health, close_session,
+                                flush_ms=rules.flush_ms, clock=clock)
         self._poll_tick_s = min(TICK_S, self.rules.poll_s)  # the periodic look, a slice each tick
         self._poll = PollCycle(self.rules.poll_s, self._poll_tick_s)
 
@@ -169,10 +135,10 @@ class ClusterMessaging:
     # --- uplinks ---------------------------------------------------------------------
 
     def on_out(self, caller: Caller, payload: bytes) -> None:
-        self._enter_lane("out", caller, payload)
+        self._uplinks.enter("out", caller, payload)
 
     def on_seen(self, caller: Caller, payload: bytes) -> None:
-        self._enter_lane("seen", caller, payload)
+        self._uplinks.enter("seen", caller, payload)
 
     def on_ack(self, caller: Caller, payload: bytes) -> None:
         try:
@@ -193,87 +159,6 @@ class ClusterMessaging:
             acking.discard(task)
             if not acking:
                 del self._acking[client_id]
-
-    def _enter_lane(self, kind: str, caller: Caller, payload: bytes) -> None:
-        uplink = Uplink(kind, caller, payload, self.links.get(caller.client_id))
-        lane = self._lanes.get(caller.client_id)
-        if lane is None:
-            self._lanes[caller.client_id] = lane = Lane()
-            lane.push(uplink)
-            self.spawn(self._run_lane(caller.client_id))
-            return
-        if kind == "out":  # a lane is waiting: a copy of a message waiting in it is not queued again
-            uplink = replace(uplink, ref=self._message_id(payload))
-            if lane.waiting(uplink):
-                return
-        if len(lane) >= self.rules.max_lane:
-            self._refuse_busy(lane, uplink)
-            return
-        lane.push(uplink)
-
-    def _message_id(self, payload: bytes) -> str | None:
-        try:
-            return ChatMessage.decode(payload, self.rules.max_body_bytes, self.rules.max_devices_per_message).id
-        except DecodeError:  # answered in its turn
-            return None
-
-    def _refuse_busy(self, lane: Lane, uplink: Uplink) -> None:
-        """The device's lane is full (Redis is slow, or the device floods): the uplink is refused
-        ``rate_limited``. The refusal takes its place in the lane as a small ``busy`` entry holding
-        the message id only (the payload is dropped), so it is answered -- and holds the device's later
-        messages -- in order with the answers to the uplinks ahead of it, as a refusal for the send
-        rate is (answered on arrival, a refusal let later messages overtake: tests/test_cluster.py).
-        Such an entry is the id only; how fast they come is bounded by ``limits.publishes_per_s``."""
-        item: ChatMessage | Seen
-        try:
-            item = (ChatMessage.decode(uplink.payload, self.rules.max_body_bytes, self.rules.max_devices_per_message)
-                    if uplink.kind == "out" else Seen.decode(uplink.payload))
-        except DecodeError as exc:
-            self.links.send(uplink.caller.client_id, ErrorItem(exc.code, exc.detail, exc.ref))
-            return
-        ref = item.id if isinstance(item, ChatMessage) else None
-        lane.push(replace(uplink, kind="busy", payload=(ref or "").encode(), ref=ref))
-
-    def _refuse_in_order(self, client_id: str, ref: str | None) -> None:
-        """Refuse a device's uplink as ``rate_limited``, as a refusal for the send rate is: behind the
-        device's messages refused before it (if any), else first of a new hold. A copy of a message
-        answered ``sent`` meanwhile (the original was ahead of it in the lane) is not answered."""
-        if ref is not None and self._holds.was_answered(client_id, ref, self._now()):
-            return
-        if ref is not None:
-            try:
-                self._holds.check(client_id, ref, self._now())
-            except Refused as refused:  # others come first: it waits behind them
-                self.links.send(client_id, refused.item)
-                return
-            self._holds.hold(client_id, ref, ErrorCode.RATE_LIMITED, self._now())
-        self.links.send(client_id, busy_error(ref))
-
-    async def _run_lane(self, client_id: str) -> None:
-        lane = self._lanes[client_id]
-        try:
-            while lane:
-                kind, caller, payload = lane.head().kind, lane.head().caller, lane.head().payload
-                if self.links.get(client_id) is not lane.head().link:
-                    # Its connection is gone: nobody hears the answer, and the device re-sends what
-                    # was not 'sent' on its new connection, in order. Staging it now could put it
-                    # behind, or its refusal could hold (ADMISSION rule 4), what that round sends
-                    # first (found by `bench chaos --cluster`: a stale hold stalled a device for a
-                    # minute, and what it sent next overtook the held messages).
-                    lane.pop()
-                    continue
-                if kind == "busy":  # refused on arrival (the lane was full), answered here in order
-                    self._refuse_in_order(client_id, payload.decode() or None)
-                    lane.pop()
-                    continue
-                try:
-                    await (self._submit(caller, payload) if kind == "out" else self._seen(caller, payload))
-                except Exception:
-                    log.exception("%s uplink of %s failed", kind, client_id)
-                    self.links.send(client_id, ErrorItem(ErrorCode.INTERNAL, "the server failed to handle this item"))
-                lane.pop()
-        finally:
-            del self._lanes[client_id]
 
     async def _submit(self, caller: Caller, payload: bytes) -> None:
         origin, sender = caller.client_id, caller.user
@@ -476,9 +361,9 @@ class ClusterMessaging:
                 delivered += [ref for ref in acked if isinstance(ref, MessageRef)]
                 late = [ref for ref in acked if isinstance(ref, GroupAck) and ref not in marked]
             except StoreError as exc:  # the items stay; the device gets them again and acks again
-                self._round_failed("ack", client_id, exc)
+                self._health.failed("ack", client_id, exc)
             else:
-                self._round_succeeded("ack")
+                self._health.succeeded("ack")
                 self.apply(self.windows.acked(client_id, [s for s in seqs if s not in local], self._now()))
         if delivered:
             await self.retrying("delivered receipts", self._receipts_step(RECEIPT_DELIVERED, delivered))
@@ -530,28 +415,9 @@ class ClusterMessaging:
         elif nudge.kind == NudgeKind.RESYNC:  # nudges may have been lost while the channel was down
             self.apply(self.windows.behind(self.windows.clients(), self._now()))
         elif nudge.kind == NudgeKind.TAKEOVER:
-            self.spawn(self._taken_over(nudge))
+            self.spawn(self._devices.taken_over(nudge))
         elif nudge.kind == NudgeKind.CLOSE and self.links.get(nudge.target) is not None:
             self.spawn(self._close_session(nudge.target))
-
-    async def close_device(self, client_id: str) -> None:
-        """Close the device's connection on whichever node holds it (``devices.remove``)."""
-        if self.links.get(client_id) is not None:
-            await self._close_session(client_id)
-            return
-        node = (await self._bus.locate([client_id])).get(client_id)
-        if node is not None and node != self._bus.node_id:
-            await self._bus.send(node, Nudge(NudgeKind.CLOSE, client_id, self._bus.node_id))
-
-    async def _taken_over(self, nudge: Nudge) -> None:
-        """The device connected to another node: close our connection of it, unless the directory
-        says it is here again (a late nudge must not close a newer connection)."""
-        if self.links.get(nudge.target) is None:
-            return
-        where = await self._bus.locate([nudge.target])
-        if where.get(nudge.target) != self._bus.node_id:
-            log.info("%s connected through node %s: closing its connection here", nudge.target, nudge.origin)
-            await self._close_session(nudge.target)
 
     def apply(self, out: WindowOutcome) -> None:
         for client_id, item in out.sends:
@@ -565,100 +431,30 @@ class ClusterMessaging:
         try:
             items = await self._queues.read(client_id, after, limit)
         except StoreError as exc:
-            self._round_failed("queue_read", client_id, exc)
+            self._health.failed("queue_read", client_id, exc)
             self.windows.read_failed(client_id)
             return
-        self._round_succeeded("queue_read")
+        self._health.succeeded("queue_read")
         self.apply(self.windows.read_done(client_id, after, items, limit, self._now()))
 
-    # --- devices --------------------------------------------------------------------------
+    # --- devices (bridge/cluster/devices.py) -----------------------------------------------------
 
     def device_online(self, client_id: str) -> None:
-        # A new connection re-sends everything not 'sent' yet, oldest first: refusals on the old
-        # one no longer say what must come first (its uplinks still waiting are dropped, _run_lane).
-        self._holds.forget(client_id)
-        if self.watch is not None:
-            self.watch.online(client_id)
-        self.apply(self.windows.online(client_id, self._now()))
-        self.spawn(self._register(client_id, self.windows.link(client_id) or 0))
-
-    async def _register(self, client_id: str, link: int) -> None:
-        try:
-            before = await self._bus.register(client_id)
-        except StoreError as exc:
-            log.error("cannot register %s in the node directory: %s", client_id, exc)
-            return
-        self._bus.report(len(self.windows))
-        # The old node closes its connection first of all: until it does, that connection's uplinks
-        # still run there beside this one's, and may overtake what this one re-sends (a takeover
-        # sent after the seq block below waited out a failing WAIT: bench chaos --cluster).
-        if before is not None:
-            await self._bus.send(before, Nudge(NudgeKind.TAKEOVER, client_id, self._bus.node_id))
-        # Read again: an item staged after the first read but before the directory named this node
-        # had no one to nudge (found by tests/test_messaging.py on the cluster deployment). With a
-        # block of local seqs first, so that read catches the device up for write-back (window rule 4).
-        if self.rules.flush_ms > 0:
-            try:
-                base = await self._queues.seq_block(client_id)
-            except StoreError as exc:  # this link gets everything through Redis
-                log.warning("no write-back for %s: %s", client_id, exc)
-            else:
-                self.apply(self.windows.set_base(client_id, link, base, self._now()))
-        self.apply(self.windows.behind([client_id], self._now()))
-        try:  # its queue may have missed the expiry index (a node died between a stage and its hint)
-            await self._expire_queues([client_id], self._now_ms())
-        except StoreError as exc:  # the next sweep or connection does it
-            log.warning("cannot expire the queue of %s: %s", client_id, exc)
-
-    def _round_failed(self, task: str, client_id: str, exc: StoreError) -> None:
-        self.supervisor.failed(task, exc)
-        if client_id in self.windows:
-            self._failing[task].add(client_id)
-        elif not self._failing[task]:  # it left while its round waited on Redis: failing for nobody
-            self.supervisor.succeeded(task)
-
-    def _round_succeeded(self, task: str) -> None:
-        self._failing[task].clear()
-        self.supervisor.succeeded(task)
+        self._devices.online(client_id)
 
     def device_offline(self, client_id: str) -> None:
-        if self.watch is not None:
-            self.watch.offline(client_id)
-        self.windows.offline(client_id)
-        self._held.gone(client_id)
-        for task, devices in self._failing.items():
-            if client_id in devices:
-                devices.discard(client_id)
-                if not devices:  # failing for nobody now; the store's own probe tells whether Redis answers
-                    self.supervisor.succeeded(task)
-        self.spawn(self._unregister(client_id))
-
-    async def _unregister(self, client_id: str) -> None:
-        if client_id in self.windows:
-            return  # linked again meanwhile
-        try:
-            await self._bus.unregister(client_id)
-        except StoreError as exc:  # the entry dies with this node's lease, or the next register replaces it
-            log.warning("cannot unregister %s: %s", client_id, exc)
-        self._bus.report(len(self.windows))
+        self._devices.offline(client_id)
 
     def remove_device(self, user: str, device: str) -> None:
-        client_id = f"{user}.{device}"
-        self._holds.forget(client_id)
-        if self.watch is not None:
-            self.watch.removed(client_id)
-        self.spawn(self.retrying(f"removal of {client_id}'s queue", lambda: self._drop_queue(client_id)))
-
-    async def _drop_queue(self, client_id: str) -> None:
-        await self._queues.remove_device(client_id)
+        self._devices.removed(user, device)
 
     def device_registered(self, user: str, device: str) -> None:
         """A device logged in for the first time: a user's first device takes what was held for them."""
-        self.spawn(self.retrying(f"adoption by {user}.{device}", lambda: self._adopt(user, f"{user}.{device}")))
+        self._devices.registered(user, device)
 
-    async def _adopt(self, user: str, client_id: str) -> None:
-        if await self._queues.adopt_placeholder(user, client_id):
-            await self.wake([(client_id, 0)])
+    async def close_device(self, client_id: str) -> None:
+        """Close the device's connection on whichever node holds it (``devices.remove``)."""
+        await self._devices.close(client_id)
 
     # --- background rounds -------------------------------------------------------------------
 
@@ -681,9 +477,9 @@ class ClusterMessaging:
         """Drop what expired in queues the expiry index names (any node may; each message's
         ``expired`` receipt is staged once); returns the items dropped."""
         now_ms = self._now_ms()
-        return await self._expire_queues(await self._queues.due(now_ms, SWEEP_BATCH), now_ms)
+        return await self.expire_queues(await self._queues.due(now_ms, SWEEP_BATCH), now_ms)
 
-    async def _expire_queues(self, client_ids: list[str], now_ms: int) -> int:
+    async def expire_queues(self, client_ids: list[str], now_ms: int) -> int:
         dropped = 0
         for client_id in client_ids:
             swept = await self._queues.expire(client_id, now_ms)
