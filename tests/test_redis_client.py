@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
+from bridge.store import StoreError
 from storage.redis.client import IN_FLIGHT_PER_NODE, SOCKET_TIMEOUT_S, RedisStore
 from storage.redis.queues import RedisQueueStore
 from testkit.redis_cluster import RedisCluster, RedisNode
@@ -82,3 +84,33 @@ async def test_a_master_that_stops_answering_holds_up_only_its_own_calls(redis_c
     finally:
         cli(paused, "CLIENT", "UNPAUSE")
     assert await asyncio.wait_for(asyncio.gather(*waiting), 30) == [True] * len(waiting)
+
+
+async def test_calls_queued_behind_a_master_that_stopped_answering_fail_within_retry_s(
+        redis_cluster: RedisCluster) -> None:
+    """Four times ``IN_FLIGHT_PER_NODE`` calls to a master whose writes are paused: the 64 in flight fail
+    once redis-py's own attempts time out (~8 s: four of ``SOCKET_TIMEOUT_S``), and the others, queued
+    behind them, by ``retry_s``: waiting for a slot counts against it. Without that, each batch of 64
+    waited for the one before, ~8 s each."""
+    retry_s = 1.0
+    store = await RedisStore.open(redis_cluster.startup_nodes, PREFIX, retry_s=retry_s)
+    by_master = keys_by_master(redis_cluster, f"{PREFIX}q", 2000)
+    paused_port = next(iter(by_master))
+    paused = next(node for node in redis_cluster.nodes if node.port == paused_port)
+    failed_after: list[float] = []
+
+    async def write(key: str) -> None:
+        with pytest.raises(StoreError):
+            await store.command("paused", "SET", key, "1")
+        failed_after.append(time.monotonic() - began)
+
+    cli(paused, "CLIENT", "PAUSE", "30000", "WRITE")
+    try:
+        began = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(write(key) for key in by_master[paused_port][:4 * IN_FLIGHT_PER_NODE])),
+                               60)
+    finally:
+        cli(paused, "CLIENT", "UNPAUSE")
+        await store.close()
+    queued = sorted(failed_after)[:3 * IN_FLIGHT_PER_NODE]
+    assert queued[-1] < retry_s + SOCKET_TIMEOUT_S, f"a queued call failed after {queued[-1]:.1f} s"

@@ -18,6 +18,7 @@ so a key can be lost, never handed out twice).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import re
 import time
@@ -214,13 +215,25 @@ class RedisStore:
     async def call(self, what: str, operation: Callable[[], Awaitable[T]], key: str | None = None) -> T:
         """Run ``operation`` (on the node of ``key``: one of its ``IN_FLIGHT_PER_NODE``), again on a
         failover error until ``retry_s`` has passed; any redis error that is left becomes ``StoreError``
-        naming ``what``."""
+        naming ``what``. Waiting for a slot counts against ``retry_s`` too: behind a node that stopped
+        answering, a queue of calls would otherwise wait 2 s (a socket timeout) per 64 ahead of it."""
         deadline = time.monotonic() + self._retry_s
         attempt = 0
         while True:
+            slot = self._in_flight.slot(key)
+            if slot.locked():
+                try:
+                    await asyncio.wait_for(slot.acquire(), max(0.0, deadline - time.monotonic()))
+                except builtins.TimeoutError:
+                    raise StoreError(f"redis {what}: its Redis node had {IN_FLIGHT_PER_NODE} calls in flight for "
+                                     f"{self._retry_s:g} s (it is slow or not answering)") from None
+            else:
+                await slot.acquire()  # free: at once
             try:
-                async with self._in_flight.slot(key):
+                try:
                     return await operation()
+                finally:
+                    slot.release()  # before any pause: a call backing off holds no slot
             except FAILOVER_ERRORS as exc:
                 raise_if_cancelled(exc)  # (a cancel redis-py's socket timeout turned into TimeoutError)
                 pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
