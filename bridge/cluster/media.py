@@ -80,10 +80,7 @@ class ClusterMediaService(MediaService):
 
     async def _abandon(self, now: int) -> None:
         for upload_id, sealing in await self._store.abandon(now - self.limits.upload_ttl_ms):
-            await self._blobs.discard(upload_id)
-            if sealing is not None:  # before the drop: until then the store names the bytes to check
-                await self._unsealed(sealing)
-            await self._store.drop_upload(upload_id)
+            await self._drop_stored(upload_id, sealing)
         # The uploads this node met are read from the store again by the next request: forget them, and
         # the one-process usage the base class keeps on seals (unused here: the store holds the usage).
         self._usage = Usage(self.limits)

@@ -358,12 +358,16 @@ class MediaService:
     async def _drop(self, upload: Upload) -> None:
         """An upload in progress goes (abandoned or deleted), its charge freed, and the bytes a seal
         of it cut off left (``Upload.sealing``)."""
-        await self._blobs.discard(upload.id)  # first: a crash leaves a row whose staging is gone, dropped later
-        if upload.sealing is not None:  # before the row, which names the bytes until they are checked
-            await self._unsealed(upload.sealing)
-        await self._store.drop_upload(upload.id)
+        await self._drop_stored(upload.id, upload.sealing)
         if self._uploads.pop(upload.id, None) is not None:
             self._usage.end_upload(upload.user, core.charge(upload.size, self.limits), keep_charge=False)
+
+    async def _drop_stored(self, upload_id: str, sealing: str | None) -> None:
+        """The upload's staging, the bytes a seal of it cut off left, then its row, in that order."""
+        await self._blobs.discard(upload_id)  # first: a crash leaves a row whose staging is gone, dropped later
+        if sealing is not None:  # before the row, which names the bytes until they are checked
+            await self._unsealed(sealing)
+        await self._store.drop_upload(upload_id)
 
     async def _sweep_round(self) -> None:
         with contextlib.suppress(TimeoutError):

@@ -262,12 +262,11 @@ if #devices == 0 then devices = {'*'} end
 table.sort(devices)
 local hwm, listed = string.match(redis.call('HGET', KEYS[3], ARGV[4]) or '0', '^(%d+):?(.*)$')
 hwm = tonumber(hwm)
-local none, first = {}, tonumber(ARGV[7])
+local none, was_none, first = {}, {}, tonumber(ARGV[7])
 for g in string.gmatch(listed, '%d+') do
-  if tonumber(g) >= first then table.insert(none, tonumber(g)) end
+  g = tonumber(g)
+  if g >= first then table.insert(none, g); was_none[g] = true end
 end
-local was_none = {}
-for _, g in ipairs(none) do was_none[g] = true end
 local staged, unheld, skipped, again, left = {}, {}, 0, {}, nil
 for i = 7, #ARGV, 5 do
   local gseq = tonumber(ARGV[i])
